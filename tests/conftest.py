@@ -1,0 +1,66 @@
+"""Test set-up: Triton kernels run in the CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any kernel is defined, i.e. before xrayforge.ops is
+imported, which is why it happens here at collection time.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from xrayforge.ops import _backend  # noqa: E402
+
+
+def _has_extension() -> bool:
+    try:
+        _backend.cuda_extension()
+        return True
+    except ImportError:
+        return False
+
+
+def kernel_params():
+    """(backend, device) pairs to test: the fused backends wherever they can run here."""
+    params = []
+    if _backend.triton_interpreter_active():
+        params.append(pytest.param(("triton", "cpu"), id="triton-cpu"))
+    if HAS_CUDA:
+        params.append(pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu))
+        if _has_extension():
+            params.append(pytest.param(("cuda", "cuda"), id="cuda-cuda", marks=pytest.mark.gpu))
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_as_accurate_as_eager(ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, dtype,
+                                scale: float | None = None) -> None:
+    """The op contract's tolerance: our error against float64 is at most twice eager PyTorch's
+    at the same precision, plus one unit in the last place of ``scale`` so that an exactly
+    rounded eager result does not demand bit-identical output. ``scale`` is the size of the
+    terms the result is made of (default: the result's largest value); pass it where the
+    result is a difference of larger terms, as in a gradient that nearly cancels."""
+    if scale is None:
+        scale = exact.abs().max().item() if exact.numel() else 0.0
+    ulp = torch.finfo(dtype).eps * scale
+    assert torch.isfinite(ours).all() or not torch.isfinite(exact).all(), "non-finite values"
+    err, err_eager = max_err(ours, exact), max_err(eager, exact)
+    if math.isnan(err_eager):  # eager overflowed (e.g. 1e-8 underflows in float16): any finite error beats it
+        err_eager = math.inf
+    assert err <= 2 * err_eager + ulp, f"error {err:.3g} vs eager {err_eager:.3g} (ulp {ulp:.3g})"

@@ -1,0 +1,29 @@
+import subprocess
+import sys
+
+from xrayforge import cli
+
+
+def test_help_lists_commands(capsys):
+    try:
+        cli.main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    assert "info" in out and "usage: xrayforge" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "usage: xrayforge" in capsys.readouterr().out
+
+
+def test_info_reports_backends(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel_norm" in out and "auto -> torch" in out
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "xrayforge", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("xrayforge ")

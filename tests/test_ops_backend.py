@@ -1,0 +1,79 @@
+import logging
+
+import pytest
+import torch
+
+from xrayforge import ops
+from xrayforge.ops import _backend
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend(monkeypatch):
+    monkeypatch.delenv("XRAYFORGE_BACKEND", raising=False)
+    ops.set_backend(None)
+    _backend._warned.clear()
+    yield
+    ops.set_backend(None)
+
+
+def test_default_is_auto_and_auto_uses_torch_on_cpu():
+    assert ops.get_backend() == "auto"
+    assert _backend.resolve("pixel_norm", torch.zeros(1, 2)) == "torch"
+
+
+def test_set_backend_and_environment(monkeypatch):
+    monkeypatch.setenv("XRAYFORGE_BACKEND", "torch")
+    assert ops.get_backend() == "torch"
+    ops.set_backend("auto")
+    assert ops.get_backend() == "auto"  # set_backend wins over the environment
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        ops.set_backend("fast")
+    ops.set_backend(None)
+    monkeypatch.setenv("XRAYFORGE_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="XRAYFORGE_BACKEND='cudnn'"):
+        ops.get_backend()
+
+
+def test_explicit_backend_unavailable_says_why():
+    x = torch.randn(2, 3)
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' is not available: .*CUDA"):
+        ops.pixel_norm(x, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.pixel_norm(x, backend="cudnn")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        ops.minibatch_stddev(torch.randn(4, 2, 4, 4), backend="triton")
+
+
+def test_set_backend_applies_to_calls(monkeypatch):
+    ops.set_backend("cuda")
+    with pytest.raises(ops.BackendUnavailableError):
+        ops.pixel_norm(torch.randn(2, 3))
+    ops.set_backend("torch")
+    ops.pixel_norm(torch.randn(2, 3))
+
+
+def test_auto_fallback_on_gpu_is_logged_once(monkeypatch, caplog):
+    # Pretend Triton cannot run on a CUDA device: auto must fall back to torch and say so once.
+    real = _backend.unavailable_reason
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda name, op, device: "pretend it is missing" if name == "triton" else real(name, op, device))
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        for _ in range(3):
+            assert _backend.resolve_for_device("pixel_norm", torch.device("cuda"), "auto") == "torch"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "'torch'" in warnings[0].getMessage() and "pretend it is missing" in warnings[0].getMessage()
+
+
+def test_auto_on_gpu_prefers_triton_and_never_picks_unvalidated_cuda_kernels():
+    for op, order in _backend.AUTO_ORDER_CUDA.items():
+        assert order[0] == "triton" and "cuda" not in order, op
+
+
+def test_available_backends_on_cpu():
+    names = ops.available_backends("pixel_norm", "cpu")
+    assert "torch" in names and "cuda" not in names

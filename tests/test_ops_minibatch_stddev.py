@@ -1,0 +1,158 @@
+import importlib
+import math
+
+import pytest
+import torch
+
+from xrayforge import ops
+
+from conftest import assert_as_accurate_as_eager, kernel_params
+
+mbstd = importlib.import_module("xrayforge.ops.minibatch_stddev")  # the module; the package exports the function
+
+
+# ---------------------------------------------------------------- the formula itself
+def test_hand_computed_strided_groups():
+    # N=4, group size 2 -> M=2 groups; sample i is in group i % 2: {0, 2} and {1, 3}.
+    x = torch.tensor([0.0, 10.0, 2.0, 10.0]).view(4, 1, 1, 1)
+    out = mbstd.reference(x, group_size=2)
+    # group {0, 2}: values 0, 2 -> biased var 1 -> sqrt(1 + 1e-8); group {1, 3}: var 0 -> 1e-4
+    expected = torch.tensor([math.sqrt(1 + 1e-8), 1e-4, math.sqrt(1 + 1e-8), 1e-4])
+    torch.testing.assert_close(out[:, 1, 0, 0], expected)
+    torch.testing.assert_close(out[:, :1], x)  # the input passes through unchanged
+
+
+def test_hand_computed_mean_over_channels_and_pixels():
+    # one group of 2: per-element stddev over the pair, averaged over C, H, W.
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[1.0, 4.0], [3.0, 0.0]])
+    x = torch.stack([a, b]).view(2, 1, 2, 2).repeat(1, 2, 1, 1)
+    x[:, 1] *= 3  # second channel: three times the spread
+    sd = torch.sqrt(((a - b) / 2).square() + 1e-8)  # biased: |a - b| / 2
+    expected = (sd.mean() + torch.sqrt((3 * (a - b) / 2).square() + 1e-8).mean()) / 2
+    out = mbstd.reference(x)
+    assert out.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(out[:, 2], expected.expand(2, 2, 2))
+
+
+def test_num_channels_splits_the_statistic():
+    x = torch.randn(4, 6, 3, 3)
+    out = mbstd.reference(x, num_channels=2)
+    assert out.shape == (4, 8, 3, 3)
+    first = mbstd.reference(x[:, :3])[:, 3]
+    second = mbstd.reference(x[:, 3:])[:, 3]
+    torch.testing.assert_close(out[:, 6], first)
+    torch.testing.assert_close(out[:, 7], second)
+
+
+def test_group_size_is_capped_by_the_batch():
+    x = torch.randn(3, 2, 2, 2)  # group size 4 > N=3 -> one group of 3
+    out = mbstd.reference(x, group_size=4)
+    sd = (x.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+    torch.testing.assert_close(out[:, 2], sd.expand(3, 2, 2))
+
+
+# ---------------------------------------------------------------- kernels against the reference
+SHAPES = [((1, 3, 4, 4), 4, 1), ((8, 6, 3, 5), 4, 1), ((6, 4, 2, 3), 2, 2), ((12, 512, 4, 4), 4, 1),
+          ((4, 5, 1, 1), 4, 1), ((9, 7, 4, 4), 3, 1)]
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("case", SHAPES, ids=str)
+def test_kernel_matches_reference(kb, dtype, layout, case):
+    backend, device = kb
+    shape, gs, nc = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(shape[:3] + (shape[3] * 2,), generator=g)[..., ::2]
+    x = x.to(device=device, dtype=dtype)
+    dout = torch.randn((shape[0], shape[1] + nc) + shape[2:], generator=g).to(device=device, dtype=dtype)
+
+    def run(b, x_):
+        x_ = x_.detach().requires_grad_(True)
+        y = ops.minibatch_stddev(x_, gs, nc, backend=b)
+        (dx,) = torch.autograd.grad(y, x_, dout.to(y.dtype))
+        return y, dx
+
+    ours, eager, exact = run(backend, x), run("torch", x), run("torch", x.double())
+    assert ours[0].shape == exact[0].shape and ours[0].dtype == dtype
+    for o, e, ex in zip(ours, eager, exact):
+        assert_as_accurate_as_eager(o, e, ex, dtype, scale=max(ex.abs().max().item(), dout.abs().max().item()))
+
+
+@pytest.mark.parametrize("kb", [pytest.param(("torch", "cpu"), id="torch")] + kernel_params())
+@pytest.mark.parametrize("case", [((4, 3, 2, 2), 4, 1), ((6, 4, 2, 1), 3, 2), ((1, 2, 2, 2), 4, 1)], ids=str)
+def test_gradcheck_and_gradgradcheck(kb, case):
+    backend, device = kb
+    fast = backend == "triton" and device == "cpu"  # the interpreter is slow; random projections suffice
+    shape, gs, nc = case
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    x.requires_grad_(True)
+    fn = lambda x_: ops.minibatch_stddev(x_, gs, nc, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=fast)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_wgan_gp_style_double_backward_matches_reference(kb):
+    """The penalty's gradient w.r.t. a weight in front of the op, fused vs reference."""
+    backend, device = kb
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    w = torch.randn(4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+
+    def penalty(b):
+        score = (ops.minibatch_stddev(x * w.view(1, -1, 1, 1), backend=b) ** 2).sum()
+        (gx,) = torch.autograd.grad(score, x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), w)[0]
+
+    torch.testing.assert_close(penalty(backend), penalty("torch"))
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bad_input(backend):
+    with pytest.raises(ValueError, match="batch size 6 is not divisible by the group size 4"):
+        ops.minibatch_stddev(torch.randn(6, 3, 4, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\).*\(6, 3\)"):
+        ops.minibatch_stddev(torch.randn(6, 3), backend=backend)
+    with pytest.raises(TypeError, match="torch.int32"):
+        ops.minibatch_stddev(torch.ones(4, 3, 2, 2, dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="3 channels cannot be split into 2"):
+        ops.minibatch_stddev(torch.randn(4, 3, 2, 2), num_channels=2, backend=backend)
+    with pytest.raises(ValueError, match="empty"):
+        ops.minibatch_stddev(torch.randn(0, 3, 2, 2), backend=backend)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_torch_compile_traces_the_custom_ops(kb):
+    backend, device = kb
+    torch._dynamo.reset()
+    fn = lambda x: ops.minibatch_stddev(x, backend=backend).square().sum()  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    x = torch.randn(8, 5, 4, 4, device=device, requires_grad=True)
+    torch.testing.assert_close(compiled(x), fn(x))
+    torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0], torch.autograd.grad(fn(x), x)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_full_size_on_gpu(backend, dtype):
+    if backend == "cuda" and "cuda" not in ops.available_backends("minibatch_stddev", "cuda"):
+        pytest.skip("CUDA extension not built")
+    x = torch.randn(64, 512, 4, 4, device="cuda", dtype=dtype)
+    dout = torch.randn(64, 513, 4, 4, device="cuda", dtype=dtype)
+    for xl in (x, x.contiguous(memory_format=torch.channels_last)):
+        res = []
+        for b, xx in ((backend, xl), ("torch", xl), ("torch", xl.double())):
+            xx = xx.detach().requires_grad_(True)
+            y = ops.minibatch_stddev(xx, backend=b)
+            res.append((y, torch.autograd.grad(y, xx, dout.to(y.dtype))[0]))
+        for o, e, ex in zip(*res):
+            assert_as_accurate_as_eager(o, e, ex, dtype, scale=max(ex.abs().max().item(), dout.abs().max().item()))

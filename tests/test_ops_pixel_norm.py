@@ -1,0 +1,190 @@
+import importlib
+import math
+
+import pytest
+import torch
+
+from xrayforge import ops
+
+from conftest import assert_as_accurate_as_eager, kernel_params
+
+pn = importlib.import_module("xrayforge.ops.pixel_norm")  # the module; the package exports the function
+
+SHAPES = [(1, 1), (5, 3), (1, 7, 5, 3), (3, 13, 4, 1), (2, 16, 6, 6), (2, 512, 4, 4)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(shape, layout, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":  # every other channel of a wider tensor: not dense in any layout
+        wide = torch.randn((shape[0], shape[1] * 2) + tuple(shape[2:]), generator=g)
+        x = wide[:, ::2]
+    else:
+        x = torch.randn(shape, generator=g)
+        if layout == "channels_last" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- the formula itself
+def test_reference_on_hand_computed_values():
+    x = torch.tensor([[3.0, 4.0]])
+    expected = torch.tensor([[3.0, 4.0]]) / math.sqrt(12.5 + 1e-8)
+    torch.testing.assert_close(pn.reference(x), expected)
+    # bias + leaky ReLU first: a = [-0.5, 1] -> [-0.1, 1] -> mean square 0.505
+    y = pn.reference_bias_lrelu(torch.tensor([[-1.0, 2.0]]), torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(y, torch.tensor([[-0.1, 1.0]]) / math.sqrt(0.505 + 1e-8))
+
+
+def test_reference_normalises_over_channels_only():
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    y = pn.reference(x)
+    torch.testing.assert_close(y.square().mean(dim=1), torch.ones(2, 3, 4, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_kernels_on_hand_computed_values(kb):
+    backend, device = kb
+    x = torch.tensor([[3.0, 4.0], [0.0, -2.0]], device=device)
+    # root mean square over channels: sqrt(12.5) and sqrt(2)
+    expected = torch.tensor([[3.0 / math.sqrt(12.5), 4.0 / math.sqrt(12.5)], [0.0, -math.sqrt(2.0)]])
+    torch.testing.assert_close(ops.pixel_norm(x, eps=0.0, backend=backend).cpu(), expected)
+    y = ops.bias_lrelu_pixel_norm(torch.tensor([[-1.0, 2.0]], device=device), torch.tensor([0.5, -1.0], device=device),
+                                  backend=backend)
+    torch.testing.assert_close(y.cpu(), torch.tensor([[-0.1, 1.0]]) / math.sqrt(0.505 + 1e-8))
+
+
+# ---------------------------------------------------------------- kernels against the reference
+@pytest.mark.parametrize("kb", kernel_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["pixel_norm", "bias_lrelu_pixel_norm"])
+def test_kernel_matches_reference(kb, dtype, layout, shape, with_bias):
+    backend, device = kb
+    if layout == "channels_last" and len(shape) == 2:
+        pytest.skip("no channels_last for 2-D tensors")
+    x = make(shape, layout, dtype, device)
+    dy = make(shape, "contiguous", dtype, device, seed=1)
+    bias = torch.randn(shape[1], generator=torch.Generator().manual_seed(2)).to(device)  # fp32, as in autocast
+
+    def run(fn_backend, x_, b_):
+        x_ = x_.detach().requires_grad_(True)
+        b_ = b_.detach().requires_grad_(True)
+        if with_bias:
+            y = ops.bias_lrelu_pixel_norm(x_, b_, backend=fn_backend)
+            dx, db = torch.autograd.grad(y, (x_, b_), dy.to(y.dtype))
+        else:
+            y = ops.pixel_norm(x_, backend=fn_backend)
+            (dx,), db = torch.autograd.grad(y, (x_,), dy.to(y.dtype)), None
+        return y, dx, db
+
+    ours = run(backend, x, bias)
+    eager = run("torch", x, bias)
+    exact = run("torch", x.double(), bias.double())
+    assert ours[0].dtype == dtype and ours[0].shape == x.shape
+    if layout != "strided":
+        assert ours[0].stride() == x.stride(), "the output keeps the input's layout"
+    # dx = r*dy - h*r^3*mean(dy*h) is a difference of terms of size r*|dy|; db sums dx over pixels
+    h = exact[0] if not with_bias else torch.nn.functional.leaky_relu(
+        x.double() + bias.double().view((1, -1) + (1,) * (x.dim() - 2)), 0.2)
+    term = (dy.double().abs() * torch.rsqrt(h.square().mean(1, keepdim=True) + 1e-8))
+    scales = [None, term.max().item(), term.sum(dim=[d for d in range(x.dim()) if d != 1]).max().item()]
+    for o, e, ex, sc in zip(ours, eager, exact, scales):
+        if o is not None:
+            assert_as_accurate_as_eager(o, e, ex, dtype, scale=sc)
+
+
+# ---------------------------------------------------------------- gradients in float64
+@pytest.mark.parametrize("kb", [pytest.param(("torch", "cpu"), id="torch")] + kernel_params())
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 2, 3)], ids=str)
+def test_gradcheck_and_gradgradcheck(kb, shape):
+    backend, device = kb
+    fast = backend == "triton" and device == "cpu"  # the interpreter is slow; random projections suffice
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    pn_fn = lambda x_: ops.pixel_norm(x_, backend=backend)  # noqa: E731
+    ep_fn = lambda x_, b_: ops.bias_lrelu_pixel_norm(x_, b_, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(pn_fn, (x,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(pn_fn, (x,), fast_mode=fast)
+    assert torch.autograd.gradcheck(ep_fn, (x, b), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(ep_fn, (x, b), fast_mode=fast)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_bad_input(backend):
+    with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, H, W\).*\(2, 3, 4\)"):
+        ops.pixel_norm(torch.randn(2, 3, 4), backend=backend)
+    with pytest.raises(TypeError, match="torch.int64"):
+        ops.pixel_norm(torch.ones(2, 3, dtype=torch.long), backend=backend)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.pixel_norm([[1.0, 2.0]], backend=backend)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        ops.bias_lrelu_pixel_norm(torch.randn(2, 3, 4, 4), torch.zeros(4), backend=backend)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_empty_batch(kb):
+    backend, device = kb
+    x = torch.randn(0, 4, 3, 3, device=device)
+    assert ops.pixel_norm(x, backend=backend).shape == x.shape
+
+
+# ---------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("kb", kernel_params())
+def test_torch_compile_traces_the_custom_ops(kb):
+    backend, device = kb
+    torch._dynamo.reset()
+
+    def block(x, b):
+        return ops.pixel_norm(ops.bias_lrelu_pixel_norm(x, b, backend=backend), backend=backend).sum()
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    out = compiled(x, b)
+    gx, gb = torch.autograd.grad(out, (x, b))
+    ex, eb = torch.autograd.grad(block(x, b), (x, b))
+    torch.testing.assert_close(out, block(x, b))
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gb, eb)
+
+
+# ---------------------------------------------------------------- full size on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape", [(8, 16, 1024, 1024), (16, 64, 256, 256), (64, 512, 4, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_full_size_on_gpu(backend, shape, dtype):
+    if backend == "cuda" and "cuda" not in ops.available_backends("pixel_norm", "cuda"):
+        pytest.skip("CUDA extension not built")
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    bias = torch.randn(shape[1], device="cuda")
+    for layout_x in (x, x.contiguous(memory_format=torch.channels_last)):
+        for fn, args in ((ops.pixel_norm, ()), (ops.bias_lrelu_pixel_norm, (bias,))):
+            ours = fn(layout_x, *args, backend=backend)
+            eager = fn(layout_x, *args, backend="torch")
+            exact = fn(layout_x.double(), *(a.double() for a in args), backend="torch")
+            assert_as_accurate_as_eager(ours, eager, exact, dtype)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_double_backward_with_output_dependent_grad_matches_reference(kb):
+    """d/dw |d(sum y^2)/dx|^2 — the incoming gradient depends on the output, as in WGAN-GP."""
+    backend, device = kb
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    w = torch.randn(4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    b = torch.randn(4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+
+    def penalty(be):
+        y = ops.bias_lrelu_pixel_norm(x * w.view(1, -1, 1, 1), b, backend=be)
+        y = ops.pixel_norm(y * w.view(1, -1, 1, 1), backend=be)
+        (gx,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (w, b))
+
+    for ours, ref in zip(penalty(backend), penalty("torch")):
+        torch.testing.assert_close(ours, ref)

@@ -1,0 +1,12 @@
+"""Fused PGGAN ops. Each has a torch reference, Triton kernels and (some) CUDA kernels.
+
+Pick the backend per call (``backend=``), per process (:func:`set_backend`) or with the
+``XRAYFORGE_BACKEND`` environment variable: ``auto`` (default), ``cuda``, ``triton``, ``torch``.
+"""
+from ._backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
+                       set_backend)
+from .minibatch_stddev import minibatch_stddev
+from .pixel_norm import bias_lrelu_pixel_norm, pixel_norm
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
+           "pixel_norm", "bias_lrelu_pixel_norm", "minibatch_stddev"]

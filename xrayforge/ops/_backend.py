@@ -1,0 +1,138 @@
+"""Backend selection shared by every op: ``auto | cuda | triton | torch``.
+
+The backend comes from the op's ``backend=`` argument, else from :func:`set_backend`, else
+from ``XRAYFORGE_BACKEND``, else ``auto``. An explicit backend that cannot run raises
+:class:`BackendUnavailableError` saying why; ``auto`` picks the fastest backend that can
+run on the tensor's device and logs once, at WARNING, when it has to fall back.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("xrayforge.ops")
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+# Backends `auto` may pick on a CUDA device, fastest first, per op. A backend enters this
+# list only after its tests have passed on a real GPU: the CUDA extension kernels have not
+# yet (they are reachable by naming backend="cuda").
+AUTO_ORDER_CUDA = {
+    "pixel_norm": ("triton", "torch"),
+    "bias_lrelu_pixel_norm": ("triton", "torch"),
+    "minibatch_stddev": ("triton", "torch"),
+}
+
+_selected: str | None = None
+_warned: set[tuple[str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for by name and cannot run here."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (``None`` returns to ``XRAYFORGE_BACKEND``/auto)."""
+    global _selected
+    _selected = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend used when an op is called without ``backend=``."""
+    if _selected is not None:
+        return _selected
+    env = os.environ.get("XRAYFORGE_BACKEND", "auto").strip().lower() or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"XRAYFORGE_BACKEND={env!r} is not one of {', '.join(BACKENDS)}")
+    return env
+
+
+def triton_interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:  # pragma: no cover - triton is a declared dependency
+        return f"Triton is not installed ({exc})"
+    if device.type == "cuda" or triton_interpreter_active():
+        return None
+    return (f"Triton kernels need a CUDA tensor (got one on {device.type}); "
+            "set TRITON_INTERPRET=1 to run them in the CPU interpreter")
+
+
+def cuda_extension():
+    """The compiled extension ``xrayforge._C``, or raise ImportError saying why it is missing."""
+    try:
+        return importlib.import_module("xrayforge._C")
+    except ImportError as exc:
+        raise ImportError(
+            "the CUDA extension xrayforge._C is not built (" + str(exc) + "); reinstall with nvcc "
+            "and pybind11 present, e.g. XRAYFORGE_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+        ) from exc
+
+
+def _cuda_reason(device: torch.device, op: str) -> str | None:
+    try:
+        ext = cuda_extension()
+    except ImportError as exc:
+        return str(exc)
+    if op not in getattr(ext, "OPS", ()):
+        return f"the CUDA extension has no kernel for {op}"
+    if device.type != "cuda":
+        return f"CUDA kernels need a CUDA tensor (got one on {device.type})"
+    return None
+
+
+def unavailable_reason(name: str, op: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run ``op`` on ``device``; ``None`` when it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        return _triton_reason(device)
+    if name == "cuda":
+        return _cuda_reason(device, op)
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if unavailable_reason(b, op, device) is None]
+
+
+def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
+    """The concrete backend (``cuda``, ``triton`` or ``torch``) that runs ``op`` on ``x``."""
+    return resolve_for_device(op, x.device, backend)
+
+
+# torch.compile evaluates the choice once while tracing and keeps the answer as a constant
+@torch.compiler.assume_constant_result
+def resolve_for_device(op: str, device: torch.device, backend: str | None = None) -> str:
+    name = _check_name(backend) if backend is not None else get_backend()
+    if name != "auto":
+        why = unavailable_reason(name, op, device)
+        if why is not None:
+            raise BackendUnavailableError(f"{op}: backend {name!r} is not available: {why}")
+        return name
+    if device.type != "cuda":
+        return "torch"  # the reference is the fast path off the GPU
+    reasons = []
+    for candidate in AUTO_ORDER_CUDA[op]:
+        why = unavailable_reason(candidate, op, device)
+        if why is None:
+            if reasons and (op, candidate) not in _warned:
+                _warned.add((op, candidate))
+                log.warning("%s: auto backend fell back to %r (%s)", op, candidate, "; ".join(reasons))
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    raise BackendUnavailableError(f"{op}: no backend available: {'; '.join(reasons)}")  # pragma: no cover

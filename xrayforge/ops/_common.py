@@ -1,0 +1,68 @@
+"""Helpers shared by the op modules: input checks, memory layouts, higher-order gradients."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is contiguous or channels_last-contiguous, else a contiguous copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+def like_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` with the same strides as the dense tensor ``x`` (copied only when they differ)."""
+    if t.stride() == x.stride():
+        return t
+    fmt = torch.channels_last if (x.dim() == 4 and not x.is_contiguous()) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def channel_view(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Describe a dense (N, C) or (N, C, H, W) tensor as (B, C, P) rows of channels.
+
+    Returns ``(B, C, P, stride_b, stride_c, stride_p)``: element (b, c, p) lives at
+    ``b*stride_b + c*stride_c + p*stride_p``. A 2-D (N, C) tensor is one batch of N
+    "pixels", which keeps the channel reduction the same kernel in every layout.
+    """
+    if x.dim() == 2:
+        n, c = x.shape
+        return 1, c, n, 0, x.stride(1), x.stride(0)
+    n, c, h, w = x.shape
+    # dense 4-D: H and W always merge into one pixel axis of stride stride(3)
+    return n, c, h * w, x.stride(0), x.stride(1), x.stride(3)
+
+
+def reference_double_backward(
+    reference: Callable[..., torch.Tensor],
+    primals: Sequence[torch.Tensor],
+    grad_out: torch.Tensor,
+    grad_grads: Sequence[torch.Tensor | None],
+) -> tuple[torch.Tensor, ...]:
+    """Gradient of a fused backward, taken through the differentiable reference.
+
+    The fused backward computes ``g = vjp(reference, primals)(grad_out)``; this returns the
+    vector-Jacobian product of that map with ``grad_grads`` with respect to
+    ``(*primals, grad_out)``. These are partial derivatives: ``grad_out`` usually depends on
+    the primals itself (e.g. the gradient of ``D(x)**2``), and autograd adds that path on its
+    own. torch.func keeps them partial and still differentiable, so any order works.
+    """
+    def fused_backward(*args):
+        _, vjp = torch.func.vjp(reference, *args[:-1])
+        return vjp(args[-1])
+
+    (grads, vjp_of_backward) = torch.func.vjp(fused_backward, *primals, grad_out)
+    cotangents = tuple(torch.zeros_like(g) if gg is None else gg for g, gg in zip(grads, grad_grads))
+    return vjp_of_backward(cotangents)
