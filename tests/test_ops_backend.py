@@ -57,7 +57,8 @@ def test_set_backend_applies_to_calls(monkeypatch):
 
 
 def test_auto_fallback_on_gpu_is_logged_once(monkeypatch, caplog):
-    # Pretend Triton cannot run on a CUDA device: auto must fall back to torch and say so once.
+    # Pretend Triton was validated on GPUs but cannot run here: auto falls back to torch, once loudly.
+    monkeypatch.setitem(_backend.GPU_VALIDATED, "pixel_norm", ("triton",))
     real = _backend.unavailable_reason
     monkeypatch.setattr(_backend, "unavailable_reason",
                         lambda name, op, device: "pretend it is missing" if name == "triton" else real(name, op, device))
@@ -69,9 +70,11 @@ def test_auto_fallback_on_gpu_is_logged_once(monkeypatch, caplog):
     assert "'torch'" in warnings[0].getMessage() and "pretend it is missing" in warnings[0].getMessage()
 
 
-def test_auto_on_gpu_prefers_triton_and_never_picks_unvalidated_cuda_kernels():
-    for op, order in _backend.AUTO_ORDER_CUDA.items():
-        assert order[0] == "triton" and "cuda" not in order, op
+def test_auto_on_gpu_picks_only_validated_kernels(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None)
+    for op, validated in _backend.GPU_VALIDATED.items():
+        chosen = _backend.resolve_for_device(op, torch.device("cuda"), "auto")
+        assert chosen in validated + ("torch",), op
 
 
 def test_available_backends_on_cpu():

@@ -29,7 +29,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "CPU"
         print(f"{dev} ({name}): default backend {ops.get_backend()!r}")
-        for op in _backend.AUTO_ORDER_CUDA:
+        for op in _backend.GPU_VALIDATED:
             x = torch.empty(0, device=dev)
             print(f"  {op:24s} available {', '.join(ops.available_backends(op, dev))}; "
                   f"auto -> {_backend.resolve(op, x, 'auto')}")

@@ -5,8 +5,9 @@ Pick the backend per call (``backend=``), per process (:func:`set_backend`) or w
 """
 from ._backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                        set_backend)
+from .bias_lrelu import bias_lrelu
 from .minibatch_stddev import minibatch_stddev
 from .pixel_norm import bias_lrelu_pixel_norm, pixel_norm
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
-           "pixel_norm", "bias_lrelu_pixel_norm", "minibatch_stddev"]
+           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"]

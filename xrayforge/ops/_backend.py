@@ -17,14 +17,21 @@ log = logging.getLogger("xrayforge.ops")
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
-# Backends `auto` may pick on a CUDA device, fastest first, per op. A backend enters this
-# list only after its tests have passed on a real GPU: the CUDA extension kernels have not
-# yet (they are reachable by naming backend="cuda").
-AUTO_ORDER_CUDA = {
-    "pixel_norm": ("triton", "torch"),
-    "bias_lrelu_pixel_norm": ("triton", "torch"),
-    "minibatch_stddev": ("triton", "torch"),
+# The fused backends `auto` may pick on a CUDA device, fastest first, per op. A backend
+# enters this table only after its `gpu`-marked tests have passed on a real GPU; until then
+# it is reachable by naming it (backend="triton" / "cuda") and auto uses the torch reference.
+# No GPU run has validated the kernels yet.
+GPU_VALIDATED: dict[str, tuple[str, ...]] = {
+    "pixel_norm": (),
+    "bias_lrelu_pixel_norm": (),
+    "bias_lrelu": (),
+    "minibatch_stddev": (),
 }
+
+
+def auto_order_cuda(op: str) -> tuple[str, ...]:
+    return GPU_VALIDATED.get(op, ()) + ("torch",)
+
 
 _selected: str | None = None
 _warned: set[tuple[str, str]] = set()
@@ -127,7 +134,7 @@ def resolve_for_device(op: str, device: torch.device, backend: str | None = None
     if device.type != "cuda":
         return "torch"  # the reference is the fast path off the GPU
     reasons = []
-    for candidate in AUTO_ORDER_CUDA[op]:
+    for candidate in auto_order_cuda(op):
         why = unavailable_reason(candidate, op, device)
         if why is None:
             if reasons and (op, candidate) not in _warned:

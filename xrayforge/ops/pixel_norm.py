@@ -42,10 +42,6 @@ def reference_bias_lrelu(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2
     return reference(F.leaky_relu(x + bias.to(x.dtype).view(shape), slope), eps)
 
 
-def _reference_any(x, bias, slope, eps):
-    return reference(x, eps) if bias is None else reference_bias_lrelu(x, bias, slope, eps)
-
-
 # --------------------------------------------------------------------------- triton
 if triton is not None:
 
@@ -58,9 +54,10 @@ if triton is not None:
             return 1.0 / tl.sqrt_rn(v)
 
     @triton.jit
-    def _pixel_norm_fwd_kernel(x_ptr, b_ptr, y_ptr, C, P, stride_b, stride_c, stride_p, slope, eps,
-                               HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr,
-                               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _epilogue_fwd_kernel(x_ptr, b_ptr, y_ptr, C, P, stride_b, stride_c, stride_p, slope, eps,
+                             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
+                             ACC_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """y = [pixel_norm]([leaky_relu](x [+ bias])) over (B, C, P) rows of channels."""
         acc_t = tl.float64 if ACC_F64 else tl.float32
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
@@ -73,17 +70,25 @@ if triton is not None:
         if HAS_BIAS:
             b = tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(acc_t)
             h = h + b[None, :]
+        if ACT:
             h = tl.where(h > 0, h, h * slope)
-        ms = tl.sum(h * h, axis=1) / C
-        r = _inv_sqrt(ms + eps, ACC_F64)
-        tl.store(y_ptr + offs, (h * r[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        if NORMALIZE:
+            ms = tl.sum(h * h, axis=1) / C
+            h = h * _inv_sqrt(ms + eps, ACC_F64)[:, None]
+        tl.store(y_ptr + offs, h.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _pixel_norm_bwd_kernel(x_ptr, b_ptr, dy_ptr, dx_ptr, db_ptr, C, P, stride_b, stride_c,
-                               stride_p, slope, eps,
-                               HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr,
-                               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        # y = h * r with r = (mean_c h^2 + eps)^-1/2  =>  dh = r * dy - h * r^3 * mean_c(dy * h)
+    def _epilogue_bwd_kernel(x_ptr, b_ptr, dy_ptr, dx_ptr, db_ptr, C, P, stride_b, stride_c,
+                             stride_p, slope, eps,
+                             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
+                             BIAS_GRAD: tl.constexpr, ACC_F64: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """dx (and per-block bias-gradient partial sums) of the forward above.
+
+        y = h * r with r = (mean_c h^2 + eps)^-1/2  =>  dh = r * dy - h * r^3 * mean_c(dy * h);
+        the leaky ReLU's slope applies where its input was not positive (the sign of its input
+        and its output agree, so x may be either).
+        """
         acc_t = tl.float64 if ACC_F64 else tl.float32
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1)
@@ -91,18 +96,22 @@ if triton is not None:
         offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = (offs_p[:, None] < P) & (offs_c[None, :] < C)
         offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
-        h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        dh = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if HAS_BIAS:
             b = tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(acc_t)
-            a = h + b[None, :]
-            h = tl.where(a > 0, a, a * slope)
-        ms = tl.sum(h * h, axis=1) / C
-        r = _inv_sqrt(ms + eps, ACC_F64)
-        proj = tl.sum(dy * h, axis=1) / C
-        dh = r[:, None] * dy - h * (r * r * r * proj)[:, None]
-        if HAS_BIAS:
+            a = a + b[None, :]
+        if NORMALIZE:
+            h = a
+            if ACT:
+                h = tl.where(a > 0, a, a * slope)
+            ms = tl.sum(h * h, axis=1) / C
+            r = _inv_sqrt(ms + eps, ACC_F64)
+            proj = tl.sum(dh * h, axis=1) / C
+            dh = r[:, None] * dh - h * (r * r * r * proj)[:, None]
+        if ACT:
             dh = tl.where(a > 0, dh, dh * slope)
+        if BIAS_GRAD:
             partial = tl.sum(dh, axis=0)  # this block's share of the bias gradient
             row = pid_b * tl.num_programs(0) + pid_p
             tl.store(db_ptr + row * C + offs_c, partial.to(db_ptr.dtype.element_ty), mask=offs_c < C)
@@ -120,6 +129,7 @@ def _triton_blocks(C: int, P: int) -> tuple[int, int, int]:
 
 
 def _cuda_launch_args(x: torch.Tensor):
+    """The extension module and the current stream, for backend='cuda' launches."""
     ext = _backend.cuda_extension()
     stream = torch.cuda.current_stream(x.device).cuda_stream
     return ext, stream
@@ -130,9 +140,16 @@ def _dtype_code(t: torch.Tensor) -> int:
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("xrayforge::pixel_norm_fwd", mutates_args=())
-def _pixel_norm_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, eps: float,
-                    backend: str) -> torch.Tensor:
+# One pair of ops serves every per-channel epilogue: pixel_norm (normalize), the generator's
+# bias + leaky ReLU + pixel norm (bias, act, normalize) and the discriminator's bias + leaky
+# ReLU (bias, act; see bias_lrelu.py). The CUDA extension implements the normalizing ones.
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("xrayforge::channel_epilogue_fwd", mutates_args=())
+def _epilogue_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, eps: float, act: bool,
+                  normalize: bool, backend: str) -> torch.Tensor:
     y = torch.empty_like(x)
     B, C, P, sb, sc, sp = channel_view(x)
     if x.numel() == 0:
@@ -141,72 +158,74 @@ def _pixel_norm_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float,
     if backend == "triton":
         block_c, block_p, num_warps = _triton_blocks(C, P)
         grid = (triton.cdiv(P, block_p), B)
-        _pixel_norm_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp,
-                                     float(slope), float(eps), HAS_BIAS=bias is not None,
-                                     ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c,
-                                     BLOCK_P=block_p, num_warps=num_warps)
-    elif backend == "cuda":
+        _epilogue_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp, float(slope),
+                                   float(eps), HAS_BIAS=bias is not None, ACT=act, NORMALIZE=normalize,
+                                   ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
+                                   num_warps=num_warps)
+    elif backend == "cuda" and normalize and act == (bias is not None):
         ext, stream = _cuda_launch_args(x)
         ext.pixel_norm_forward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
                                _dtype_code(bias) if bias is not None else -1, y.data_ptr(),
                                _dtype_code(x), B, C, P, sb, sc, sp, float(slope), float(eps), stream)
     else:
-        raise ValueError(f"pixel_norm_fwd: no fused kernel for backend {backend!r}")
+        raise ValueError(f"channel_epilogue_fwd: no fused kernel for backend {backend!r} "
+                         f"(act={act}, normalize={normalize})")
     return y
 
 
-@_pixel_norm_fwd.register_fake
-def _(x, bias, slope, eps, backend):
+@_epilogue_fwd.register_fake
+def _(x, bias, slope, eps, act, normalize, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("xrayforge::pixel_norm_bwd", mutates_args=())
-def _pixel_norm_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], slope: float,
-                    eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("xrayforge::channel_epilogue_bwd", mutates_args=())
+def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, eps: float,
+                  act: bool, normalize: bool, bias_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, db): db is summed in float32 (float64 for float64 x), empty unless bias_grad."""
     dy = like_layout(dy, x)
     dx = torch.empty_like(x)
     B, C, P, sb, sc, sp = channel_view(x)
-    has_bias = bias is not None
-    bias = bias.contiguous() if has_bias else None
+    bias = bias.contiguous() if bias is not None else None
     if backend == "triton":
         block_c, block_p, num_warps = _triton_blocks(C, P)
         grid = (triton.cdiv(P, block_p), B)
-        partial = torch.empty((grid[0] * grid[1] if has_bias else 0, C), device=x.device,
-                              dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        partial = torch.zeros((grid[0] * grid[1] if bias_grad else 0, C), device=x.device, dtype=_acc_dtype(x))
         if x.numel():
-            _pixel_norm_bwd_kernel[grid](x, bias if has_bias else x, dy, dx, partial, C, P, sb, sc, sp,
-                                         float(slope), float(eps), HAS_BIAS=has_bias,
-                                         ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c,
-                                         BLOCK_P=block_p, num_warps=num_warps)
-    elif backend == "cuda":
+            _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
+                                       float(slope), float(eps), HAS_BIAS=bias is not None, ACT=act,
+                                       NORMALIZE=normalize, BIAS_GRAD=bias_grad, ACC_F64=x.dtype == torch.float64,
+                                       BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+    elif backend == "cuda" and normalize and act == (bias is not None) and bias_grad == act:
         ext, stream = _cuda_launch_args(x)
-        rows = ext.pixel_norm_partial_rows(B, P) if has_bias else 0
-        partial = torch.empty((rows, C), device=x.device,
-                              dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        partial = torch.zeros((ext.pixel_norm_partial_rows(B, P) if bias_grad else 0, C), device=x.device,
+                              dtype=_acc_dtype(x))
         if x.numel():
-            ext.pixel_norm_backward(x.data_ptr(), bias.data_ptr() if has_bias else 0,
-                                    _dtype_code(bias) if has_bias else -1, dy.data_ptr(), dx.data_ptr(),
-                                    partial.data_ptr() if has_bias else 0, _dtype_code(x),
+            ext.pixel_norm_backward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                                    _dtype_code(bias) if bias is not None else -1, dy.data_ptr(), dx.data_ptr(),
+                                    partial.data_ptr() if bias_grad else 0, _dtype_code(x),
                                     B, C, P, sb, sc, sp, float(slope), float(eps), stream)
     else:
-        raise ValueError(f"pixel_norm_bwd: no fused kernel for backend {backend!r}")
-    db = partial.sum(0).to(bias.dtype) if has_bias else x.new_empty(0)
+        raise ValueError(f"channel_epilogue_bwd: no fused kernel for backend {backend!r} "
+                         f"(act={act}, normalize={normalize})")
+    db = partial.sum(0) if bias_grad else x.new_empty(0, dtype=_acc_dtype(x))
     return dx, db
 
 
-@_pixel_norm_bwd.register_fake
-def _(dy, x, bias, slope, eps, backend):
-    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
-    return torch.empty_like(x), db
+@_epilogue_bwd.register_fake
+def _(dy, x, bias, slope, eps, act, normalize, bias_grad, backend):
+    n = x.shape[1] if bias_grad else 0
+    return torch.empty_like(x), x.new_empty(n, dtype=_acc_dtype(x))
 
 
 # --------------------------------------------------------------------------- autograd
 class _PixelNormFunction(torch.autograd.Function):
+    """pixel_norm (bias None) or bias_lrelu_pixel_norm, fused forward and backward."""
+
     @staticmethod
     def forward(ctx, x, bias, slope, eps, backend):
         ctx.save_for_backward(x, bias)
         ctx.cfg = (slope, eps, backend)
-        return torch.ops.xrayforge.pixel_norm_fwd(x, bias, slope, eps, backend)
+        return torch.ops.xrayforge.channel_epilogue_fwd(x, bias, slope, eps, bias is not None, True, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -222,7 +241,9 @@ class _PixelNormBackward(torch.autograd.Function):
     def forward(ctx, dy, x, bias, slope, eps, backend):
         ctx.save_for_backward(dy, x, bias)
         ctx.cfg = (slope, eps)
-        return torch.ops.xrayforge.pixel_norm_bwd(dy, x, bias, slope, eps, backend)
+        has_bias = bias is not None
+        dx, db = torch.ops.xrayforge.channel_epilogue_bwd(dy, x, bias, slope, eps, has_bias, True, has_bias, backend)
+        return dx, (db.to(bias.dtype) if has_bias else db)
 
     @staticmethod
     def backward(ctx, ddx, ddb):

@@ -1,0 +1,114 @@
+"""Benchmark plumbing shared by every suite: timing, device limits, JSON results.
+
+Suites (``xrayforge.bench.ops``, ...) time the fast path and the eager baseline in the same
+process on the same inputs and report the ratio and the fraction of the hardware limit.
+``benchmarks/<name>.py`` are thin scripts over them; ``xrayforge bench`` runs them all.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Published peak figures: HBM bandwidth (GB/s) and dense bf16 / fp32 (non-tensor) TFLOP/s.
+# Matched by substring of torch.cuda.get_device_name(); the first match wins.
+DEVICE_LIMITS = [
+    ("H200", 4800.0, 989.0, 67.0),
+    ("H100 PCIe", 2000.0, 756.0, 51.0),
+    ("H100", 3350.0, 989.0, 67.0),
+    ("A100-SXM4-80GB", 2039.0, 312.0, 19.5),
+    ("A100", 1555.0, 312.0, 19.5),
+    ("L40S", 864.0, 362.0, 91.6),
+    ("RTX 4090", 1008.0, 165.0, 82.6),
+]
+
+
+@dataclass
+class DeviceInfo:
+    name: str
+    hbm_gbps: float | None
+    bf16_tflops: float | None
+    fp32_tflops: float | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type != "cuda":
+        return DeviceInfo(platform.processor() or platform.machine() or "cpu", None, None, None)
+    name = torch.cuda.get_device_name(device)
+    for key, bw, bf16, fp32 in DEVICE_LIMITS:
+        if key in name:
+            return DeviceInfo(name, bw, bf16, fp32)
+    return DeviceInfo(name, None, None, None)
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 20,
+            min_seconds: float = 0.2) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start_all = time.perf_counter()
+        while len(times) < reps or (time.perf_counter() - start_all < min_seconds and len(times) < 10 * reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        start_all = time.perf_counter()
+        while len(times) < reps or (time.perf_counter() - start_all < min_seconds and len(times) < 10 * reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or into ``out_dir``)."""
+    out = Path(out_dir) if out_dir else Path.cwd() / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    dev = payload.get("device", {}).get("name", "cpu")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in dev).strip("-").lower() or "cpu"
+    path = out / f"{name}-{slug}-{_dt.date.today().isoformat()}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows`` with (key, header) columns; floats to 3 significant digits."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
