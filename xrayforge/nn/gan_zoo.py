@@ -1,0 +1,195 @@
+"""Load pytorch_GAN_zoo (facebookresearch) PGGAN checkpoints into xrayforge networks.
+
+Their checkpoint is a dict with ``netG``, ``netD``, ``avgG`` state dicts and a pickled
+``config`` object. The file is read with a restricted unpickler: tensors and containers
+are rebuilt, every other class or function named in the pickle becomes an inert
+placeholder that only records the data it was given, so no code from the file runs (the
+``alpha`` of their config is read from that data).
+
+Their conventions differ from the official network, and the conversion bridges each:
+- ``ConstrainedLayer`` multiplies the layer output, bias included, by He's constant
+  ``sqrt(2 / fan_in)``: the bias is rescaled, and weights are rescaled for our gains
+  (toRGB 1 and the first dense layer √2/4 where they use √2 everywhere);
+- the first dense layer has one bias per output feature, not per channel
+  (``latent_bias_per_feature``);
+- the discriminator pools after the activation (``pool_after_activation``) and its
+  minibatch stddev uses consecutive groups and the unbiased variance (``mbstd_mode``);
+- their fade-in weight runs from 1 (old path) to 0, ours from 0 to 1: ``alpha = 1 - theirs``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import types
+
+import torch
+
+from .networks import Discriminator, Generator, NetworkConfig
+
+_ALLOWED = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"), ("torch", "device"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "object"), ("copyreg", "_reconstructor"),
+}
+
+
+class Opaque:
+    """Stands in for any class or function the checkpoint names that is not plain data."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def attribute(self, name, default=None):
+        """An attribute of the pickled object, read from its recorded state."""
+        state = self.state[1] if isinstance(self.state, tuple) and len(self.state) == 2 else self.state
+        if isinstance(state, tuple) and state and isinstance(state[0], dict):
+            state = state[0]
+        return state.get(name, default) if isinstance(state, dict) else default
+
+
+def _placeholder(module: str, name: str) -> type:
+    return type(name, (Opaque,), {"__module__": f"opaque:{module}"})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        return _placeholder(module, name)
+
+
+_restricted_pickle = types.ModuleType("xrayforge_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()
+_restricted_pickle.__name__ = "xrayforge_restricted_pickle"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's dict, with nothing but tensors and plain containers instantiated."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such pytorch_GAN_zoo checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    except Exception as exc:  # a torch file is a zip of pickles; anything else lands here
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or not {"netG", "netD"} <= set(ckpt):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not a pytorch_GAN_zoo PGGAN checkpoint (expected netG, netD, avgG; got {keys})")
+    return ckpt
+
+
+def _he(fan_in: int) -> float:
+    return math.sqrt(2.0 / fan_in)
+
+
+def _strip_module(sd: dict) -> dict:
+    """avgG is saved from a DataParallel wrapper in some versions: drop a leading 'module.'."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def _count(sd: dict, prefix: str) -> int:
+    idx = {int(m.group(1)) for k in sd for m in [re.match(re.escape(prefix) + r"(\d+)\.", k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def _depths(sd_g: dict) -> list[int]:
+    depths = [sd_g["groupScale0.0.module.weight"].shape[0]]
+    for s in range(_count(sd_g, "scaleLayers.")):
+        depths.append(sd_g[f"scaleLayers.{s}.0.module.weight"].shape[0])
+    return depths
+
+
+def _copy_layer(dst, w, b, their_fan_in: int):
+    """Rewrite their (W, b) so that our layer computes what theirs does."""
+    dst.weight.data.copy_(w * (math.sqrt(2.0) / dst.gain))
+    dst.bias.data.copy_(b * _he(their_fan_in))
+
+
+def _layer(sd, name):
+    w, b = sd[f"{name}.module.weight"], sd[f"{name}.module.bias"]
+    return w, b, w[0].numel()
+
+
+def _config_from_weights(sd_g: dict, sd_d: dict | None) -> NetworkConfig:
+    depths = _depths(sd_g)
+    latent = sd_g["formatLayer.module.weight"].shape[1]
+    channels_out = sd_g["toRGBLayers.0.module.weight"].shape[0]
+    mbstd = 4
+    if sd_d is not None:
+        if sd_d["decisionLayer.module.weight"].shape[0] != 1:
+            raise ValueError("only unconditional checkpoints are supported (decision layer of size 1)")
+        mbstd = 4 if sd_d["groupScaleZero.0.module.weight"].shape[1] == depths[0] + 1 else 1
+    return NetworkConfig(resolution=4 << (len(depths) - 1), latent_dim=latent, image_channels=channels_out,
+                         channels=depths, latent_bias_per_feature=True, pool_after_activation=True,
+                         mbstd_mode="gan_zoo", mbstd_group_size=mbstd)
+
+
+def _dtype(sd: dict) -> torch.dtype:
+    return next(iter(sd.values())).dtype
+
+
+def convert_generator(sd: dict, config: NetworkConfig) -> Generator:
+    """Our Generator, in the state dict's dtype, computing what their GNet computes."""
+    sd = _strip_module(sd)
+    g = Generator(config).to(_dtype(sd))
+    w, b, fan = _layer(sd, "formatLayer")
+    g.dense.weight.data.copy_(w * (math.sqrt(2.0) / g.dense.gain))
+    g.dense.bias.data.copy_(b * _he(fan))
+    _copy_layer(g.conv0, *_layer(sd, "groupScale0.0"))
+    for level in range(1, config.num_levels):
+        for i in (0, 1):
+            _copy_layer(g.blocks[level][i], *_layer(sd, f"scaleLayers.{level - 1}.{i}"))
+    for level in range(config.num_levels):
+        _copy_layer(g.to_rgb[level], *_layer(sd, f"toRGBLayers.{level}"))
+    return g
+
+
+def convert_discriminator(sd: dict, config: NetworkConfig) -> Discriminator:
+    """Our Discriminator, in the state dict's dtype, computing what their DNet computes."""
+    sd = _strip_module(sd)
+    d = Discriminator(config).to(_dtype(sd))
+    for level in range(config.num_levels):
+        _copy_layer(d.from_rgb[level], *_layer(sd, f"fromRGBLayers.{level}"))
+    for level in range(1, config.num_levels):
+        _copy_layer(d.blocks[level].conv, *_layer(sd, f"scaleLayers.{level - 1}.0"))
+        _copy_layer(d.blocks[level].conv_down, *_layer(sd, f"scaleLayers.{level - 1}.1"))
+    _copy_layer(d.final_conv, *_layer(sd, "groupScaleZero.0"))
+    _copy_layer(d.final_dense, *_layer(sd, "groupScaleZero.1"))
+    _copy_layer(d.out, *_layer(sd, "decisionLayer"))
+    return d
+
+
+def load_pytorch_gan_zoo(path: str | os.PathLike) -> dict:
+    """{'G', 'D', 'G_ema'} from a pytorch_GAN_zoo PGGAN checkpoint, at its level and alpha.
+
+    The architecture (scales, channel depths, latent size, image channels, minibatch
+    stddev) is inferred from the weight shapes.
+    """
+    ckpt = read_checkpoint(path)
+    sd_g, sd_d = _strip_module(ckpt["netG"]), _strip_module(ckpt["netD"])
+    try:
+        config = _config_from_weights(sd_g, sd_d)
+        nets = {"G": convert_generator(sd_g, config), "D": convert_discriminator(sd_d, config)}
+        if "avgG" in ckpt:
+            nets["G_ema"] = convert_generator(ckpt["avgG"], config)
+    except KeyError as exc:
+        raise ValueError(f"{path}: missing weight {exc} for a PGGAN of this shape") from exc
+    their_alpha = 0.0
+    cfg = ckpt.get("config")
+    if isinstance(cfg, Opaque):
+        their_alpha = float(cfg.attribute("alpha", 0.0) or 0.0)
+    elif isinstance(cfg, dict):
+        their_alpha = float(cfg.get("alpha", 0.0) or 0.0)
+    level = config.num_levels - 1
+    for name, net in nets.items():
+        alpha = 1.0 - their_alpha
+        if level == 0 or (name == "D" and level == 1):
+            alpha = 1.0  # their DNet only blends once it has two or more scales
+        net.set_level(level, alpha)
+    return nets

@@ -1,0 +1,131 @@
+"""Equalized-learning-rate layers with fused epilogues and fused resampling.
+
+Weights are stored N(0, 1) and multiplied at run time by ``gain / sqrt(fan_in)`` (Karras et
+al. 2018, section 4.1); biases are not scaled. Each layer ends in one of three epilogues:
+``linear`` (bias only), ``lrelu`` (bias + leaky ReLU 0.2: the discriminator) or ``lrelu_pn``
+(bias + leaky ReLU + pixel norm: the generator), run by the fused ops of ``xrayforge.ops``.
+
+Resampling convolutions: nearest ×2 upsampling followed by a 3×3 convolution equals one
+stride-2 transposed convolution whose 4×4 kernel is the 3×3 kernel padded by one and summed
+over its four shifts; a 3×3 convolution followed by 2×2 average pooling equals one stride-2
+convolution with the same 4×4 kernel × 0.25. The fused forms read and write a quarter of
+the pixels the plain forms do, which is what the official code does at ≥ 128 px.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+SQRT2 = math.sqrt(2.0)
+ACTIVATIONS = ("linear", "lrelu", "lrelu_pn")
+LRELU_SLOPE = 0.2
+
+
+def apply_epilogue(y: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """Bias, then the activation, over the channel dimension 1 of y."""
+    if activation == "lrelu_pn":
+        return ops.bias_lrelu_pixel_norm(y, bias, LRELU_SLOPE)
+    if activation == "lrelu":
+        return ops.bias_lrelu(y, bias, LRELU_SLOPE)
+    if bias is None:
+        return y
+    return y + bias.to(y.dtype).view((1, -1) + (1,) * (y.dim() - 2))
+
+
+def _summed_4x4(w: torch.Tensor) -> torch.Tensor:
+    """The 3×3 kernel padded to 5×5 and summed over its four 4×4 windows: [w0, w0+w1, w1+w2, w2]."""
+    w = F.pad(w, (1, 1, 1, 1))
+    return w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
+
+
+def upsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``conv_transpose2d(x, K, stride=2, padding=1)`` == ``conv2d(up2(x), w, padding=1)``.
+
+    ``w`` is (out, in, 3, 3); K is (in, out, 4, 4). Transposed convolution scatters with the
+    kernel flipped relative to conv2d's gather, hence the flip.
+    """
+    return _summed_4x4(w).flip(2, 3).transpose(0, 1)
+
+
+def downsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``conv2d(x, K, stride=2, padding=1)`` == ``avg_pool2d(conv2d(x, w, padding=1), 2)``."""
+    return _summed_4x4(w) * 0.25
+
+
+class EqualizedLinear(nn.Module):
+    """Dense layer with equalized learning rate and a fused epilogue.
+
+    ``bias_per_feature=False`` leaves the bias out so that a caller can apply a per-channel
+    bias after reshaping (the generator's first layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, gain: float = SQRT2, activation: str = "linear",
+                 bias: bool = True):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.in_features, self.out_features, self.activation, self.gain = in_features, out_features, activation, gain
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = gain / math.sqrt(in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.scale
+        if self.activation == "linear":
+            return F.linear(x, w, self.bias)
+        return apply_epilogue(F.linear(x, w), self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, gain={self.gain:.4g}, activation={self.activation}"
+
+
+class EqualizedConv2d(nn.Module):
+    """Convolution with equalized learning rate, optional ×2 resampling and a fused epilogue.
+
+    ``resample``: None, ``"up"`` (nearest ×2 before the conv) or ``"down"`` (2×2 average after
+    it, before bias and activation). ``fused`` chooses the single strided (transposed)
+    convolution for resampling; both forms compute the same function.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, gain: float = SQRT2,
+                 activation: str = "linear", resample: str | None = None, fused: bool = False):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if resample not in (None, "up", "down"):
+            raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}")
+        if resample is not None and kernel_size != 3:
+            raise ValueError("resampling convolutions are 3×3")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.activation, self.resample, self.fused, self.gain = activation, resample, fused, gain
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * kernel_size * kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.scale
+        pad = self.kernel_size // 2
+        if self.resample == "up":
+            if self.fused:
+                y = F.conv_transpose2d(x, upsample_conv_kernel(w), stride=2, padding=1)
+            else:
+                y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=pad)
+        elif self.resample == "down":
+            if self.fused:
+                y = F.conv2d(x, downsample_conv_kernel(w), stride=2, padding=1)
+            else:
+                y = F.avg_pool2d(F.conv2d(x, w, padding=pad), 2)
+        elif self.activation == "linear":
+            return F.conv2d(x, w, self.bias, padding=pad)  # cuDNN adds the bias itself
+        else:
+            y = F.conv2d(x, w, padding=pad)
+        return apply_epilogue(y, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, gain={self.gain:.4g}, "
+                f"activation={self.activation}, resample={self.resample}, fused={self.fused}")
