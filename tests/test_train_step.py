@@ -1,0 +1,70 @@
+import copy
+
+import pytest
+import torch
+
+from xrayforge.nn import Discriminator, Generator, NetworkConfig
+from xrayforge.train import PGGANStep, StepConfig, discriminator_loss, ema_update, gradient_penalty, make_adam
+
+TINY = NetworkConfig(resolution=16, latent_dim=8, fmap_base=64, fmap_max=8)
+
+
+class LinearCritic(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x, level=None, alpha=None):
+        return (x * self.w).flatten(1).sum(1, keepdim=True)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    w = torch.full((1, 2, 2), 0.25)  # |grad| = |w| = 0.5 everywhere -> (0.5 - 1)^2
+    d = LinearCritic(w)
+    gp = gradient_penalty(d, torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2))
+    assert gp.item() == pytest.approx(0.25)
+    gp.backward()  # d/dw (|w| - 1)^2 = 2 (|w| - 1) w / |w|
+    torch.testing.assert_close(d.w.grad, 2 * (0.5 - 1) * w / 0.5)
+
+
+def test_discriminator_loss_formula():
+    real, fake = torch.tensor([[1.0], [3.0]]), torch.tensor([[-1.0], [0.0]])
+    loss = discriminator_loss(real, fake, torch.tensor(0.5), gp_weight=10, drift=0.001)
+    assert loss.item() == pytest.approx(-0.5 - 2.0 + 5.0 + 0.001 * 5.0)
+
+
+def test_adam_settings():
+    opt = make_adam([torch.nn.Parameter(torch.zeros(2))])
+    group = opt.param_groups[0]
+    assert group["lr"] == 1e-3 and group["betas"] == (0.0, 0.99) and group["eps"] == 1e-8
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters())]
+    a.level = b.level = 0
+    b._alpha_value = 1.0
+    ema_update(a, b, beta=0.9)
+    for p, e in zip(a.parameters(), expected):
+        torch.testing.assert_close(p, e)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_step_updates_both_networks_and_the_ema(amp, accumulation):
+    torch.manual_seed(0)
+    G, D = Generator(TINY), Discriminator(TINY)
+    G_ema = copy.deepcopy(G)
+    before = {n: copy.deepcopy(m.state_dict()) for n, m in (("G", G), ("D", D), ("E", G_ema))}
+    step = PGGANStep(G, D, G_ema, make_adam(G.parameters()), make_adam(D.parameters()),
+                     StepConfig(amp_dtype=amp, accumulation=accumulation))
+    out = step(torch.randn(8, 1, 16, 16), 2, 0.5)
+    assert set(out) >= {"d_loss", "g_loss", "gp", "real_score", "fake_score"}
+    assert all(torch.isfinite(v) for v in out.values())
+    for name, net in (("G", G), ("D", D), ("E", G_ema)):
+        changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[name][k])]
+        assert changed, name
+    assert all(p.requires_grad for p in D.parameters())
+    # EMA moved 0.1% of the way towards G
+    k = "conv0.weight"
+    torch.testing.assert_close(G_ema.state_dict()[k], before["E"][k] + 0.001 * (G.state_dict()[k] - before["E"][k]))

@@ -1,0 +1,100 @@
+"""One PGGAN training step (D then G, WGAN-GP), shared by the trainer and the benchmarks."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .losses import discriminator_loss, generator_loss, gradient_penalty
+
+try:
+    import nvtx
+    _range = nvtx.annotate
+except ImportError:  # optional: ranges only matter under Nsight Systems
+    def _range(message=None, **kwargs):
+        return contextlib.nullcontext()
+
+
+def make_adam(params, lr: float = 1e-3) -> torch.optim.Adam:
+    """Adam as in PGGAN: lr 1e-3, betas (0, 0.99), eps 1e-8 (fused on CUDA)."""
+    params = [p for p in params if p.requires_grad]
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float = 0.999) -> None:
+    """ema <- beta * ema + (1 - beta) * model, for every floating parameter and buffer."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1.0 - beta)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+    ema.level = model.level
+    ema._alpha_value = model._alpha_value
+
+
+@dataclass
+class StepConfig:
+    gp_weight: float = 10.0
+    drift: float = 0.001
+    ema_beta: float = 0.999
+    amp_dtype: torch.dtype | None = None   # torch.bfloat16 for mixed precision
+    accumulation: int = 1                  # micro-batches per optimiser step
+
+
+class PGGANStep:
+    """Runs D's update then G's on one minibatch of real images; returns loss tensors (no host sync)."""
+
+    def __init__(self, G, D, G_ema, opt_g, opt_d, config: StepConfig | None = None):
+        self.G, self.D, self.G_ema, self.opt_g, self.opt_d = G, D, G_ema, opt_g, opt_d
+        self.config = config or StepConfig()
+
+    def _autocast(self, device: torch.device):
+        dtype = self.config.amp_dtype
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def _latents(self, n: int, device, generator):
+        return torch.randn(n, self.G.config.latent_dim, device=device, generator=generator)
+
+    def __call__(self, real: torch.Tensor, level: int, alpha, generator: torch.Generator | None = None) -> dict:
+        cfg, device = self.config, real.device
+        chunks = real.chunk(cfg.accumulation)
+        out = {}
+        with _range("D step"):
+            self.opt_d.zero_grad(set_to_none=True)
+            d_total = torch.zeros((), device=device)
+            for chunk in chunks:
+                with self._autocast(device):
+                    with torch.no_grad():
+                        fake = self.G(self._latents(chunk.shape[0], device, generator), level, alpha)
+                    real_scores = self.D(chunk, level, alpha)
+                    fake_scores = self.D(fake, level, alpha)
+                    penalty = gradient_penalty(self.D, chunk, fake, level, alpha, generator)
+                    loss = discriminator_loss(real_scores, fake_scores, penalty, cfg.gp_weight, cfg.drift)
+                (loss / len(chunks)).backward()
+                d_total = d_total + loss.detach() / len(chunks)
+                out["gp"] = penalty.detach()
+                out["real_score"] = real_scores.detach().float().mean()
+                out["fake_score"] = fake_scores.detach().float().mean()
+            self.opt_d.step()
+            out["d_loss"] = d_total
+        with _range("G step"):
+            self.opt_g.zero_grad(set_to_none=True)
+            self.D.requires_grad_(False)
+            g_total = torch.zeros((), device=device)
+            try:
+                for chunk in chunks:
+                    with self._autocast(device):
+                        loss = generator_loss(self.D(self.G(self._latents(chunk.shape[0], device, generator),
+                                                            level, alpha), level, alpha))
+                    (loss / len(chunks)).backward()
+                    g_total = g_total + loss.detach() / len(chunks)
+            finally:
+                self.D.requires_grad_(True)
+            self.opt_g.step()
+            out["g_loss"] = g_total
+        with _range("EMA"):
+            ema_update(self.G_ema, self.G, cfg.ema_beta)
+        return out
