@@ -47,9 +47,10 @@ class StepConfig:
 class PGGANStep:
     """Runs D's update then G's on one minibatch of real images; returns loss tensors (no host sync)."""
 
-    def __init__(self, G, D, G_ema, opt_g, opt_d, config: StepConfig | None = None):
+    def __init__(self, G, D, G_ema, opt_g, opt_d, config: StepConfig | None = None, grad_sync=None):
         self.G, self.D, self.G_ema, self.opt_g, self.opt_d = G, D, G_ema, opt_g, opt_d
         self.config = config or StepConfig()
+        self.grad_sync = grad_sync  # e.g. an all-reduce of the gradients across processes
 
     def _autocast(self, device: torch.device):
         dtype = self.config.amp_dtype
@@ -78,6 +79,8 @@ class PGGANStep:
                 out["gp"] = penalty.detach()
                 out["real_score"] = real_scores.detach().float().mean()
                 out["fake_score"] = fake_scores.detach().float().mean()
+            if self.grad_sync is not None:
+                self.grad_sync(self.D)
             self.opt_d.step()
             out["d_loss"] = d_total
         with _range("G step"):
@@ -93,6 +96,8 @@ class PGGANStep:
                     g_total = g_total + loss.detach() / len(chunks)
             finally:
                 self.D.requires_grad_(True)
+            if self.grad_sync is not None:
+                self.grad_sync(self.G)
             self.opt_g.step()
             out["g_loss"] = g_total
         with _range("EMA"):

@@ -1,0 +1,160 @@
+import csv
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xrayforge.cli import main as cli
+from xrayforge.data.archive import Archive, box_pyramid, quantize
+from xrayforge.data.labels import FINDINGS
+from xrayforge.data.phantom import PHANTOM_FINDINGS, label_vector, render
+from xrayforge.data.prepare import NoUsableImages, prepare
+
+from dicom_factory import write_image, write_rt_plan
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_phantom_is_deterministic_and_labelled():
+    a, have_a = render(32, 7)
+    b, have_b = render(32, 7)
+    np.testing.assert_array_equal(a, b)
+    assert have_a == have_b and set(have_a) == set(PHANTOM_FINDINGS)
+    assert a.dtype == np.float32 and a.shape == (32, 32) and 0 <= a.min() and a.max() <= 1
+    big, have_big = render(128, 7)
+    assert have_big == have_a  # the same patient at any resolution
+    forced, have = render(32, 7, {"Cardiomegaly": True, "Mass": False})
+    assert have["Cardiomegaly"] and not have["Mass"]
+    with pytest.raises(ValueError, match="no 'Hernia'"):
+        render(32, 1, {"Hernia": True})
+
+
+def test_phantom_findings_change_the_image():
+    plain, _ = render(64, 3, {name: False for name in PHANTOM_FINDINGS})
+    for name in PHANTOM_FINDINGS:
+        img, _ = render(64, 3, {**{n: False for n in PHANTOM_FINDINGS}, name: True})
+        assert np.abs(img - plain).mean() > 1e-3, name
+
+
+def test_phantom_archive_round_trip(tmp_path):
+    res = prepare("phantom:12", tmp_path / "arch", resolution=32, workers=2, progress=False)
+    assert (res.included, res.skipped) == (12, 0)
+    arc = Archive(tmp_path / "arch")
+    assert len(arc) == 12 and arc.resolutions == [4, 8, 16, 32] and arc.dtype == np.uint8
+    for i in (0, 5, 11):
+        img, have = render(32, i)
+        levels = box_pyramid(img)
+        for r in arc.resolutions:
+            np.testing.assert_array_equal(arc.images([i], r)[0], quantize(levels[r], np.uint8))
+        assert list(arc.labels[i]) == label_vector(have)
+    assert {s for s in arc.splits} == {"train", "test"}
+    assert not (tmp_path / "arch.partial").exists()
+
+
+def test_sixteen_bit_archive(tmp_path):
+    prepare("phantom:2", tmp_path / "arch", resolution=8, bits=16, workers=1, progress=False)
+    arc = Archive(tmp_path / "arch")
+    assert arc.dtype == np.uint16
+    np.testing.assert_array_equal(arc.images([1], 8)[0], quantize(render(8, 1)[0], np.uint16))
+
+
+def make_chestxray14(root):
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["00000001_000.png", "00000001_001.png", "00000002_000.png"]
+    for n in names:
+        Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(images / n)
+    with open(root / "Data_Entry_2017.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age"])
+        w.writerow([names[0], "Cardiomegaly|Effusion", 0, 1, 50])
+        w.writerow([names[1], "No Finding", 1, 1, 51])
+        w.writerow([names[2], "Hernia", 0, 2, 60])
+    (root / "train_val_list.txt").write_text(f"{names[0]}\n{names[1]}\n")
+    (root / "test_list.txt").write_text(f"{names[2]}\n")
+    return names
+
+
+def test_folder_with_labels_and_bad_files(tmp_path):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    write_image(src / "images" / "extra.dcm", np.full((16, 16), 2048, dtype=np.uint16))
+    write_rt_plan(src / "images" / "plan.dcm")
+    (src / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    (src / "images" / "truncated.dcm").write_bytes((src / "images" / "extra.dcm").read_bytes()[:300])
+    assert cli(["prepare", str(src), str(tmp_path / "out"), "--resolution", "16", "--workers", "2", "-q"]) == 0
+    manifest = read_csv(tmp_path / "out" / "manifest.csv")
+    by_name = {m["source"].split("/")[-1]: m for m in manifest}
+    assert set(by_name) == set(names) | {"extra.dcm"}
+    assert by_name[names[0]]["finding_labels"] == "Cardiomegaly|Effusion"
+    assert by_name[names[0]]["Cardiomegaly"] == "1" and by_name[names[0]]["Mass"] == "0"
+    assert by_name[names[2]]["Hernia"] == "1" and by_name[names[2]]["split"] == "test"
+    assert by_name[names[0]]["patient_id"] == by_name[names[1]]["patient_id"] == "1"
+    assert by_name["extra.dcm"]["patient_id"] == "P001"
+    skipped = {s["source"].split("/")[-1]: s["reason"] for s in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert set(skipped) == {"plan.dcm", "broken.png", "truncated.dcm"}
+    assert "no pixel data" in skipped["plan.dcm"]
+    arc = Archive(tmp_path / "out")
+    assert len(arc) == 4 and arc.labels.shape == (4, len(FINDINGS))
+
+
+def test_square_crop_and_pad(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    img = np.zeros((8, 16), dtype=np.uint8)
+    img[:, :4] = 255  # a bright left quarter: gone after a centre crop, kept (scaled) with padding
+    Image.fromarray(img).save(src / "wide.png")
+    prepare(str(src), tmp_path / "crop", resolution=8, workers=1, progress=False)
+    prepare(str(src), tmp_path / "pad", resolution=8, square="pad", workers=1, progress=False)
+    crop, pad = Archive(tmp_path / "crop").images([0], 8)[0], Archive(tmp_path / "pad").images([0], 8)[0]
+    assert crop.max() == 0
+    assert pad[0].max() == 0 and pad[3, 0] == 255 and pad[3, 4] == 0
+
+
+def test_nothing_usable_is_an_error(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_text("x")
+    assert cli(["prepare", str(src), str(tmp_path / "out"), "-q"]) == 1
+    assert "none of the 1 files could be used" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli(["prepare", str(tmp_path / "empty"), str(tmp_path / "out4"), "-q"]) == 1
+    assert "no image files found" in capsys.readouterr().err
+    with pytest.raises(NoUsableImages):
+        prepare(str(tmp_path / "src"), tmp_path / "out2", workers=1, progress=False)
+    assert cli(["prepare", str(tmp_path / "missing"), str(tmp_path / "out3"), "-q"]) == 1
+
+
+def test_existing_archive_is_not_overwritten(tmp_path):
+    prepare("phantom:2", tmp_path / "a", resolution=8, workers=1, progress=False)
+    with pytest.raises(FileExistsError, match="already a prepared archive"):
+        prepare("phantom:2", tmp_path / "a", resolution=8, workers=1, progress=False)
+
+
+def test_killed_prepare_resumes_to_the_same_archive(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "xrayforge", "prepare", "phantom:300", str(out), "--resolution", "64",
+           "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd)
+    progress = tmp_path / "killed.partial" / "progress.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not progress.exists() or len(progress.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    done_before = len(progress.read_text().splitlines())
+    assert 20 <= done_before < 300, "the run should have been killed part-way"
+    assert not out.exists()
+    assert subprocess.run(cmd).returncode == 0
+    prepare("phantom:300", tmp_path / "whole", resolution=64, workers=2, progress=False)
+    a, b = Archive(out), Archive(tmp_path / "whole")
+    assert a.records == [dict(r, source=r["source"]) for r in b.records]
+    for r in a.resolutions:
+        np.testing.assert_array_equal(a.array(r), b.array(r))

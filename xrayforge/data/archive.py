@@ -1,0 +1,121 @@
+"""The packed multi-resolution archive written by `xrayforge prepare`.
+
+Layout of an archive folder::
+
+    archive.json      {"format": "xrayforge-archive", "version": 1, "resolution": 1024,
+                       "resolutions": [4, ..., 1024], "dtype": "uint8", "count": N, "capacity": M,
+                       "square": "crop", "findings": [...], "source": "..."}
+    images_<R>.npy    (M, R, R) uint8/uint16, one per resolution, memory-mapped (np.load mmap_mode="r")
+    manifest.csv      one row per included image: row (its index in the arrays), source, patient_id,
+                      study_id, split, finding_labels, the 14 finding columns, sha1 of the full-size pixels
+    skipped.csv       one row per file left out: source, reason
+
+Rows are written in the order of the candidate files; ``capacity`` rows are allocated and the
+rows of skipped files stay unused (the manifest lists the used ones). Every lower resolution
+is a 2×2 box filter of the one above it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .labels import FINDINGS
+
+FORMAT = "xrayforge-archive"
+VERSION = 1
+MANIFEST_FIELDS = ["row", "source", "patient_id", "study_id", "split", "finding_labels", *FINDINGS, "sha1"]
+
+
+def pyramid_resolutions(resolution: int) -> list[int]:
+    if resolution < 4 or resolution & (resolution - 1):
+        raise ValueError(f"resolution must be a power of two >= 4, got {resolution}")
+    out, r = [], 4
+    while r <= resolution:
+        out.append(r)
+        r *= 2
+    return out
+
+
+def box_pyramid(img: np.ndarray) -> dict[int, np.ndarray]:
+    """{R: image at R} for R = size, size/2, ..., 4 by repeated 2×2 averaging (float64)."""
+    out = {img.shape[0]: img}
+    cur = img.astype(np.float64)
+    while cur.shape[0] > 4:
+        cur = 0.25 * (cur[0::2, 0::2] + cur[1::2, 0::2] + cur[0::2, 1::2] + cur[1::2, 1::2])
+        out[cur.shape[0]] = cur
+    return out
+
+
+def quantize(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    top = np.iinfo(dtype).max
+    return np.clip(np.rint(np.asarray(x, dtype=np.float64) * top), 0, top).astype(dtype)
+
+
+class Archive:
+    """Read access to a prepared archive (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta_path = self.path / "archive.json"
+        if not meta_path.is_file():
+            hint = " (an interrupted prepare leaves OUT.partial; run prepare again to finish it)" \
+                if Path(str(self.path) + ".partial").exists() else ""
+            raise FileNotFoundError(f"{self.path}: not an xrayforge archive (no archive.json){hint}")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r} is not {FORMAT!r}")
+        if self.meta.get("version", 0) > VERSION:
+            raise ValueError(f"{meta_path}: archive version {self.meta['version']} is newer than this xrayforge")
+        self.resolutions = list(self.meta["resolutions"])
+        self.resolution = int(self.meta["resolution"])
+        self.findings = list(self.meta.get("findings", FINDINGS))
+        with open(self.path / "manifest.csv", newline="") as fh:
+            self.records = list(csv.DictReader(fh))
+        self.rows = np.array([int(r["row"]) for r in self.records], dtype=np.int64)
+        self.labels = np.array([[int(r[f]) for f in self.findings] for r in self.records], dtype=np.int8
+                               ).reshape(len(self.records), len(self.findings))
+        self.patient_ids = [r["patient_id"] for r in self.records]
+        self.splits = [r["split"] for r in self.records]
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    def array(self, resolution: int) -> np.ndarray:
+        """The (capacity, R, R) memory-mapped array at ``resolution`` (index it with ``rows``)."""
+        if resolution not in self.resolutions:
+            raise ValueError(f"{self.path}: no {resolution}-px images; it has {self.resolutions}")
+        if resolution not in self._arrays:
+            self._arrays[resolution] = np.load(self.path / f"images_{resolution}.npy", mmap_mode="r")
+        return self._arrays[resolution]
+
+    def images(self, indices, resolution: int) -> np.ndarray:
+        """Images ``indices`` (positions in the manifest) at ``resolution``, as a new array."""
+        return self.array(resolution)[self.rows[np.asarray(indices)]]
+
+    def as_float(self, images: np.ndarray) -> np.ndarray:
+        """Stored integers -> float32 in [0, 1]."""
+        return images.astype(np.float32) / float(np.iinfo(self.dtype).max)
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

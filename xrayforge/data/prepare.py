@@ -1,0 +1,274 @@
+"""`xrayforge prepare SRC OUT`: radiographs -> the packed multi-resolution archive.
+
+SRC is a folder (walked recursively; PNG, JPEG, DICOM with or without a suffix), a single
+file, or ``phantom:N`` for N images of the built-in chest phantom. Images are made square by
+centre crop (default; ``square="pad"`` pads with black instead, keeping the whole field),
+resized to the target resolution with a box (area) filter, and box-filtered down to 4 px.
+
+Labels: ``labels`` names a ChestX-ray14 ``Data_Entry_2017.csv`` (found automatically in SRC
+or its parent); its ``train_val_list.txt`` / ``test_list.txt`` beside it give the split.
+
+The run is resumable and atomic: everything is written under ``OUT.partial`` (a plan, the
+preallocated arrays, a progress log appended as each image finishes) and renamed to OUT when
+complete; running the same command again after a crash continues where it stopped. A file
+that cannot be used never stops the run: it goes to skipped.csv with the reason.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, pyramid_resolutions, quantize, write_csv,
+                      write_json)
+from .labels import FINDINGS, format_finding_labels, parse_finding_labels
+from .readers import SkipImage, find_images, read_radiograph
+
+
+class NoUsableImages(RuntimeError):
+    """Raised when a prepare run found nothing it could use."""
+
+
+@dataclass
+class PrepareResult:
+    path: Path
+    included: int
+    skipped: int
+
+
+# --------------------------------------------------------------------------- candidates
+def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
+    """{image file name: (patient id, finding labels)} and {file name: split}."""
+    entries = {}
+    with open(labels_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"Image Index", "Finding Labels"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{labels_csv}: not a ChestX-ray14 label file (missing columns {sorted(missing)})")
+        for row in reader:
+            labels = row["Finding Labels"]
+            parse_finding_labels(labels, f"{labels_csv}, image {row['Image Index']}")
+            entries[row["Image Index"]] = (row.get("Patient ID", "") or "", labels)
+    splits = {}
+    for split, name in (("train", "train_val_list.txt"), ("test", "test_list.txt")):
+        p = labels_csv.parent / name
+        if p.is_file():
+            for line in p.read_text().split():
+                splits[line.strip()] = split
+    return entries, splits
+
+
+def _find_labels(src: Path) -> Path | None:
+    for folder in (src, src.parent):
+        p = folder / "Data_Entry_2017.csv"
+        if p.is_file():
+            return p
+    return None
+
+
+def phantom_split(index: int) -> str:
+    return "test" if index % 5 == 0 else "train"
+
+
+def plan_candidates(src: str, labels: str | None = None) -> list[dict]:
+    if src.startswith("phantom:"):
+        try:
+            n = int(src.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"phantom source must be phantom:N with an integer N, got {src!r}") from None
+        if n < 1:
+            raise ValueError(f"phantom:N needs N >= 1, got {n}")
+        return [{"source": f"phantom:{i}", "seed": i, "patient_id": f"phantom-{i:07d}", "split": phantom_split(i)}
+                for i in range(n)]
+    root = Path(src)
+    files = find_images(root)
+    labels_csv = Path(labels) if labels else (_find_labels(root) if root.is_dir() else None)
+    entries, splits = _load_chestxray14(labels_csv) if labels_csv else ({}, {})
+    if labels and not labels_csv.is_file():
+        raise FileNotFoundError(f"{labels}: label file not found")
+    out = []
+    for f in files:
+        if f.name in ("Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt"):
+            continue
+        patient, finding = entries.get(f.name, ("", None))
+        out.append({"source": str(f), "patient_id": patient, "finding_labels": finding, "split": splits.get(f.name, "")})
+    return out
+
+
+# --------------------------------------------------------------------------- worker
+_W: dict = {}
+
+
+def _init_worker(folder: str, resolutions: list[int], dtype: str):
+    _W["arrays"] = {r: np.load(Path(folder) / f"images_{r}.npy", mmap_mode="r+") for r in resolutions}
+    _W["resolution"], _W["dtype"] = max(resolutions), np.dtype(dtype)
+
+
+def square_image(x: np.ndarray, how: str) -> np.ndarray:
+    h, w = x.shape
+    if h == w:
+        return x
+    if how == "crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return x[top:top + s, left:left + s]
+    s = max(h, w)
+    out = np.zeros((s, s), dtype=x.dtype)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[top:top + h, left:left + w] = x
+    return out
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Box (area) filter down, bilinear up; float in, float64 out."""
+    if x.shape[0] == size:
+        return x.astype(np.float64)
+    from PIL import Image
+    im = Image.fromarray(x.astype(np.float32), mode="F")
+    filt = Image.Resampling.BOX if x.shape[0] > size else Image.Resampling.BILINEAR
+    return np.asarray(im.resize((size, size), filt), dtype=np.float64)
+
+
+def _process(task: tuple[int, dict, str]) -> dict:
+    i, cand, square = task
+    res, dtype = _W["resolution"], _W["dtype"]
+    meta = {"i": i}
+    try:
+        if "seed" in cand:
+            from .phantom import label_vector, render
+            img, have = render(res, cand["seed"])
+            meta["finding_labels"] = format_finding_labels(label_vector(have))
+        else:
+            rad = read_radiograph(cand["source"])
+            if min(rad.pixels.shape) < 4:
+                raise SkipImage(f"image is only {rad.pixels.shape[1]}×{rad.pixels.shape[0]} pixels")
+            img = resize(square_image(rad.pixels, square), res)
+            meta["patient_id"] = cand.get("patient_id") or rad.patient_id
+            meta["study_id"] = rad.study_id
+    except SkipImage as exc:
+        return {"i": i, "ok": False, "reason": str(exc)}
+    except Exception as exc:  # a decoder bug or a file we did not foresee must not stop the run
+        if "seed" in cand:
+            raise
+        return {"i": i, "ok": False, "reason": f"unexpected error while reading ({type(exc).__name__}: {exc})"}
+    levels = box_pyramid(np.clip(img, 0.0, 1.0))
+    for r, arr in _W["arrays"].items():
+        q = quantize(levels[r], dtype)
+        arr[i] = q
+        if r == res:
+            meta["sha1"] = hashlib.sha1(q.tobytes()).hexdigest()
+    return {"ok": True, **meta}
+
+
+# --------------------------------------------------------------------------- driver
+def _read_progress(path: Path) -> dict[int, dict]:
+    done = {}
+    if path.exists():
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the crash: that image is simply redone
+                done[rec["i"]] = rec
+    return done
+
+
+def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: str | None = None,
+            workers: int | None = None, square: str = "crop", bits: int = 8, progress: bool = True) -> PrepareResult:
+    """Build (or finish building) the archive OUT from SRC; see the module docstring."""
+    if square not in ("crop", "pad"):
+        raise ValueError(f"square must be 'crop' or 'pad', got {square!r}")
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    resolutions = pyramid_resolutions(resolution)
+    out = Path(out)
+    if (out / "archive.json").exists():
+        raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
+    partial = out.with_name(out.name + ".partial")
+    dtype = "uint8" if bits == 8 else "uint16"
+    settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels}
+    plan_path = partial / "plan.json"
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        if plan["settings"] != settings:
+            raise ValueError(f"{partial} holds an unfinished prepare with other settings {plan['settings']}; "
+                             f"delete it to start again")
+        candidates = plan["candidates"]
+    else:
+        candidates = plan_candidates(str(src), labels)
+        if not candidates:
+            raise NoUsableImages(f"{src}: no image files found")
+        partial.mkdir(parents=True, exist_ok=True)
+        for r in resolutions:
+            np.lib.format.open_memmap(partial / f"images_{r}.npy", mode="w+", dtype=dtype,
+                                      shape=(len(candidates), r, r))
+        write_json(plan_path, {"settings": settings, "candidates": candidates})
+    progress_path = partial / "progress.jsonl"
+    done = _read_progress(progress_path)
+    todo = [(i, c, square) for i, c in enumerate(candidates) if i not in done]
+    workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(candidates), initial=len(done), unit="img", desc=f"prepare {out.name}",
+               disable=not progress, dynamic_ncols=True)
+    with open(progress_path, "a") as log:
+        def record(res):
+            log.write(json.dumps(res) + "\n")
+            log.flush()
+            done[res["i"]] = res
+            bar.update(1)
+
+        if todo and workers > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(partial), resolutions, dtype)) as pool:
+                for res in pool.imap_unordered(_process, todo, chunksize=4):
+                    record(res)
+        else:
+            _init_worker(str(partial), resolutions, dtype)
+            for task in todo:
+                record(_process(task))
+            _W.clear()
+    bar.close()
+
+    manifest, skipped = [], []
+    for i, cand in enumerate(candidates):
+        rec = done[i]
+        if not rec["ok"]:
+            skipped.append({"source": cand["source"], "reason": rec["reason"]})
+            continue
+        finding = rec.get("finding_labels") or cand.get("finding_labels") or ""
+        vec = parse_finding_labels(finding) if finding else [0] * len(FINDINGS)
+        row = {"row": i, "source": cand["source"], "patient_id": rec.get("patient_id") or cand.get("patient_id", ""),
+               "study_id": rec.get("study_id", ""), "split": cand.get("split", ""),
+               "finding_labels": finding, "sha1": rec["sha1"]}
+        row.update({f: v for f, v in zip(FINDINGS, vec)})
+        manifest.append(row)
+    write_csv(partial / "skipped.csv", ["source", "reason"], skipped)
+    if not manifest:
+        raise NoUsableImages(f"{src}: none of the {len(candidates)} files could be used; "
+                             f"reasons in {partial / 'skipped.csv'}")
+    write_csv(partial / "manifest.csv", MANIFEST_FIELDS, manifest)
+    write_json(partial / "archive.json", {
+        "format": FORMAT, "version": VERSION, "resolution": resolution, "resolutions": resolutions, "dtype": dtype,
+        "count": len(manifest), "capacity": len(candidates), "square": square, "findings": list(FINDINGS),
+        "source": str(src), "labelled": any(r["finding_labels"] for r in manifest)})
+    plan_path.unlink()
+    progress_path.unlink()
+    if out.exists():  # an empty folder the user made for us
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
+        out.rmdir()
+    os.replace(partial, out)
+    return PrepareResult(out, len(manifest), len(skipped))
+
+
+def remove_partial(out: str | os.PathLike) -> None:
+    shutil.rmtree(Path(str(out) + ".partial"), ignore_errors=True)

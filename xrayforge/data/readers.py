@@ -1,0 +1,187 @@
+"""Read radiographs into float32 arrays in [0, 1] (0 = black, as displayed).
+
+DICOM (pydicom): the Modality LUT (Rescale Slope / Intercept, or a Modality LUT Sequence),
+then the VOI LUT Sequence or the first Window Center / Width (DICOM PS3.3 C.11.2.1.2 linear
+function), then MONOCHROME1 is inverted. Without a VOI transform, values are scaled over the
+range that Bits Stored allows (no per-image contrast stretch). Multi-frame images and
+objects without pixel data (RT plans, structured reports, ...) are skipped with a reason.
+PNG / JPEG (Pillow): 8-bit scaled by 255, 16-bit by 65535 (never clipped to 8 bits); colour
+images are converted to luminance.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ""}
+
+
+class SkipImage(Exception):
+    """A file that is not (or not only) a single radiograph; the message is the reason."""
+
+
+@dataclass
+class Radiograph:
+    pixels: np.ndarray               # float32, (H, W), [0, 1]
+    source: str
+    patient_id: str = ""
+    study_id: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM's 'LINEAR' VOI function onto [0, 1]."""
+    if width < 1:
+        raise SkipImage(f"Window Width {width} is below 1")
+    lo = center - 0.5 - (width - 1) / 2
+    hi = center - 0.5 + (width - 1) / 2
+    y = (x - (center - 0.5)) / (width - 1) + 0.5
+    return np.where(x <= lo, 0.0, np.where(x > hi, 1.0, y))
+
+
+def _apply_lut(values: np.ndarray, item) -> np.ndarray:
+    """A VOI LUT Sequence item onto [0, 1] (PS3.3 C.11.2.1.1): values below the first mapped
+    value take the first entry, above the last the last entry."""
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536  # 0 means 2^16 entries
+    raw = item.LUTData
+    lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
+        if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
+    if len(lut) < n:
+        raise SkipImage(f"VOI LUT has {len(lut)} entries, its descriptor says {n}")
+    idx = np.clip(np.rint(values).astype(np.int64) - first, 0, n - 1)
+    return lut[idx].astype(np.float64) / (2 ** bits - 1)
+
+
+def _first(value):
+    """Window Center / Width may be multi-valued: the first pair is the default view."""
+    if value is None:
+        return None
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def read_dicom(path: str | os.PathLike) -> Radiograph:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise SkipImage(f"not a DICOM file ({exc})") from exc
+    except Exception as exc:  # truncated or corrupt header
+        raise SkipImage(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        kind = getattr(ds, "Modality", "") or str(getattr(ds, "SOPClassUID", "unknown class"))
+        raise SkipImage(f"no pixel data (a {kind} object, not an image)")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise SkipImage(f"multi-frame image ({frames} frames)")
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # unsupported transfer syntax, missing handler, truncated data
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        name = getattr(ts, "name", str(ts))
+        raise SkipImage(f"pixel data could not be decoded (transfer syntax {name}: {exc})") from exc
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if stored.ndim == 3 and stored.shape[-1] == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+            from pydicom.pixels import convert_color_space
+            rgb = convert_color_space(stored, photometric, "RGB") if photometric != "RGB" else stored
+            bits = int(ds.BitsStored)
+            gray = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            return Radiograph(np.clip(gray / (2 ** bits - 1), 0, 1).astype(np.float32), str(path),
+                              str(getattr(ds, "PatientID", "")), str(getattr(ds, "StudyInstanceUID", "")),
+                              {"photometric": photometric})
+        raise SkipImage(f"unsupported Photometric Interpretation {photometric}")
+    if stored.ndim != 2:
+        raise SkipImage(f"expected a 2-D image, pixel data has shape {stored.shape}")
+    values = apply_modality_lut(stored, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        x = _apply_lut(values, ds.VOILUTSequence[0])
+        how = "VOI LUT"
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        x = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+        how = "window"
+    else:
+        bits = int(ds.BitsStored)
+        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+        smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
+        x = (values - lo) / (hi - lo)
+        how = "bits stored"
+    x = np.clip(x, 0.0, 1.0)
+    if photometric == "MONOCHROME1":
+        x = 1.0 - x
+    return Radiograph(x.astype(np.float32), str(path), str(getattr(ds, "PatientID", "")),
+                      str(getattr(ds, "StudyInstanceUID", "")),
+                      {"photometric": photometric, "voi": how, "bits_stored": int(ds.BitsStored)})
+
+
+def read_pillow(path: str | os.PathLike) -> Radiograph:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im).astype(np.float64)
+                if arr.min() < 0 or arr.max() > 65535:
+                    raise SkipImage(f"32-bit integer image with values outside 0..65535 ({mode})")
+                x = arr / 65535.0
+            elif mode == "F":
+                raise SkipImage("floating-point image files are not supported")
+            else:
+                if mode not in ("L", "1"):
+                    im = im.convert("L")
+                x = np.asarray(im, dtype=np.float64) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise SkipImage(f"unreadable image ({type(exc).__name__}: {exc})") from exc
+    return Radiograph(x.astype(np.float32), str(path), meta={"mode": mode})
+
+
+def read_radiograph(path: str | os.PathLike) -> Radiograph:
+    """Read one file; raises SkipImage with the reason when it is not a usable radiograph."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".dcm", ".dicom", ".dic") or is_dicom(path):
+            return read_dicom(path)
+    except OSError as exc:
+        raise SkipImage(f"cannot read file ({exc})") from exc
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        return read_pillow(path)
+    raise SkipImage(f"unsupported file type {path.suffix or '(no suffix)'}")
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every candidate file below ``root`` (recursively), sorted; hidden files skipped."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or directory")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() in (".tif", ".tiff", ".bmp"):
+                out.append(p)
+    return out

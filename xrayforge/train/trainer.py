@@ -1,0 +1,347 @@
+"""`xrayforge train ARCHIVE --out RUN`: progressive WGAN-GP training that never loses work.
+
+One process per GPU (torchrun for several; gradients all-reduced after every backward, data
+sharded by rank, rank 0 alone writes). Per tick: a JSONL log line, a sample grid from the
+EMA generator on fixed latents, the loss curve, and (every few ticks, at the end, and on
+SIGINT / SIGTERM) an atomic checkpoint. ``resume=True`` continues the same run exactly:
+level, alpha, images seen, optimiser and EMA state, and the random number generators.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..data.archive import Archive
+from ..data.loader import BatchStream, Prefetcher, to_unit_range
+from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
+from .schedule import DEFAULT_BATCH, ProgressiveSchedule
+from .step import PGGANStep, StepConfig, make_adam
+
+
+@dataclass
+class TrainConfig:
+    archive: str
+    out: str
+    resolution: int | None = None           # final resolution (default: the archive's)
+    start_resolution: int = 4
+    fade_images: int = 600_000
+    stable_images: int = 600_000
+    batch: dict = field(default_factory=dict)  # {resolution: per-GPU batch}; missing ones: DEFAULT_BATCH
+    auto_batch: bool = False                 # find the largest batch that fits (CUDA)
+    lr: float = 1e-3
+    amp: str | None = None                   # "bf16" for bfloat16 autocast
+    accumulation: int = 1
+    checkpoint_min_res: int | None = None
+    ema_beta: float = 0.999
+    latent_dim: int = 512
+    fmap_base: int = 8192
+    fmap_max: int = 512
+    mirror: bool = False                     # radiographs are not left-right symmetric
+    tick_images: int = 10_000
+    checkpoint_ticks: int = 5
+    keep_checkpoints: int = 3
+    grid_size: int = 16
+    seed: int = 0
+    device: str | None = None
+    max_images: int | None = None            # stop (with a checkpoint) after this many images
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _log2(x: int) -> int:
+    return int(math.log2(x))
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg, self.progress = config, progress
+        self.out = Path(config.out)
+        self.rank, self.world = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                                                     if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.archive = Archive(config.archive)
+        final = config.resolution or self.archive.resolution
+        if final > self.archive.resolution:
+            raise ValueError(f"{config.archive} goes up to {self.archive.resolution} px; cannot train at {final}")
+        self.net_config = NetworkConfig(resolution=final, latent_dim=config.latent_dim, fmap_base=config.fmap_base,
+                                        fmap_max=config.fmap_max, checkpoint_min_res=config.checkpoint_min_res)
+        self.schedule = ProgressiveSchedule(_log2(config.start_resolution) - 2, _log2(final) - 2,
+                                            config.fade_images, config.stable_images)
+        self.total = min(self.schedule.total_images, config.max_images or self.schedule.total_images)
+        self.stream = BatchStream(self.archive, seed=config.seed, rank=self.rank, world=self.world)
+        self.max_value = int(np.iinfo(self.archive.dtype).max)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.log_path = self.out / "log.jsonl"
+        self._stop_signal = None
+        self._auto_batches: dict[int, int] = {}
+        self._build(resume)
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self, resume: bool):
+        torch.manual_seed(self.cfg.seed)
+        self.G = Generator(self.net_config).to(self.device)
+        self.D = Discriminator(self.net_config).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 1000 + 7 + self.rank)
+        self.images_seen, self.tick = 0, 0
+        self.level = None
+        self.history: list[dict] = []
+        state = None
+        if resume:
+            path = self.latest_checkpoint()
+            if path is None:
+                raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from")
+            nets = load_networks(path, map_location=self.device)
+            for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
+                net.load_state_dict(nets[name].state_dict())
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
+            self.gen.set_state(state["latent_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if self.device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            if self.log_path.exists():
+                self.history = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+                self.history = [h for h in self.history if h["images"] <= self.images_seen]
+        elif self.rank == 0 and self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
+            raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
+                                  "or choose a new --out")
+        if self.world > 1:
+            for net in (self.G, self.D, self.G_ema):
+                for t in list(net.parameters()) + list(net.buffers()):
+                    dist.broadcast(t.data, 0)
+        self._enter_level(self.schedule.at(self.images_seen).level, state)
+        g = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        self.grid_latents = torch.randn(self.cfg.grid_size, self.net_config.latent_dim, generator=g).to(self.device)
+
+    def batch_for(self, level: int) -> int:
+        res = self.net_config.resolution_at(level)
+        given = self.cfg.batch.get(res, self.cfg.batch.get(str(res)))
+        if given is not None:
+            return int(given)
+        if self.cfg.auto_batch and self.device.type == "cuda":
+            if level not in self._auto_batches:
+                self._auto_batches[level] = self._largest_batch(level)
+            return self._auto_batches[level]
+        return DEFAULT_BATCH.get(res, 16)
+
+    def _largest_batch(self, level: int, limit: int = 512) -> int:
+        """Largest power-of-two batch (a multiple of the accumulation) whose step fits in GPU
+        memory, found on throwaway copies of the networks; agreed across ranks (the minimum)."""
+        res = self.net_config.resolution_at(level)
+        G, D = copy.deepcopy(self.G), copy.deepcopy(self.D)
+        probe = PGGANStep(G, D, copy.deepcopy(self.G_ema), make_adam(G.parameters()), make_adam(D.parameters()),
+                          StepConfig(amp_dtype=torch.bfloat16 if self.cfg.amp else None,
+                                     accumulation=self.cfg.accumulation))
+        best, n = self.cfg.accumulation, self.cfg.accumulation
+        while n <= limit:
+            try:
+                probe(torch.zeros(n, self.net_config.image_channels, res, res, device=self.device), level, 1.0)
+                torch.cuda.synchronize(self.device)
+                best, n = n, n * 2
+            except torch.cuda.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.empty_cache()
+        del G, D, probe
+        torch.cuda.empty_cache()
+        if self.world > 1:
+            t = torch.tensor([best], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            best = int(t.item())
+        return best
+
+    def _enter_level(self, level: int, state: dict | None = None):
+        """New level: fresh Adam state (as in PGGAN), unless restoring a checkpoint of this level."""
+        self.level = level
+        self.opt_g, self.opt_d = make_adam(self.G.parameters(), self.cfg.lr), make_adam(self.D.parameters(), self.cfg.lr)
+        if state is not None and int(state["level"]) == level:
+            self.opt_g.load_state_dict(state["opt_g"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        amp = torch.bfloat16 if self.cfg.amp in ("bf16", "bfloat16") else None
+        self.step = PGGANStep(self.G, self.D, self.G_ema, self.opt_g, self.opt_d,
+                              StepConfig(ema_beta=self.cfg.ema_beta, amp_dtype=amp,
+                                         accumulation=self.cfg.accumulation),
+                              grad_sync=self._allreduce if self.world > 1 else None)
+        self.batch = self.batch_for(level)
+        if self.batch % self.cfg.accumulation:
+            raise ValueError(f"batch {self.batch} at {self.net_config.resolution_at(level)} px is not divisible by "
+                             f"accumulation {self.cfg.accumulation}")
+
+    def _allreduce(self, module: torch.nn.Module):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # ------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if pointer.is_file():
+            p = self.ckpt_dir / pointer.read_text().strip()
+            if (p / "state.pt").is_file() and (p / "networks.json").is_file():
+                return p
+        done = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp")
+                      and (p / "state.pt").is_file() and (p / "networks.json").is_file()) if self.ckpt_dir.exists() else []
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        name = f"ckpt-{self.images_seen:012d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / (name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
+                      extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict()})
+        state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level,
+                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                 "latent_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as fh:
+            os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a directory rename: the checkpoint appears whole or not at all
+        pointer_tmp = self.ckpt_dir / "latest.tmp"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.ckpt_dir / "latest")
+        kept = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp"))
+        for old in kept[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # ------------------------------------------------------------------ reporting
+    def _write_tick(self, record: dict):
+        self.history.append(record)
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        from ..utils.images import save_grid
+        from ..utils.plots import loss_curve
+        with torch.no_grad():
+            imgs = self.G_ema(self.grid_latents, self.level, record["alpha"]).float()
+        grid_dir = self.out / "grids"
+        grid_dir.mkdir(exist_ok=True)
+        path = grid_dir / f"grid-{self.images_seen:012d}.png"
+        save_grid(imgs, path)
+        shutil.copyfile(path, self.out / "grid-latest.png")
+        loss_curve(self.history, self.out / "loss.png")
+
+    # ------------------------------------------------------------------ loop
+    def _real(self, batch_u: torch.Tensor, alpha: float) -> torch.Tensor:
+        x = to_unit_range(batch_u, self.max_value)
+        if self.cfg.mirror:
+            flip = torch.rand(x.shape[0], generator=self.gen, device=self.gen.device) < 0.5
+            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+        if alpha < 1.0:  # fade-in: the real images are blended like the generator's output
+            low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
+            x = torch.lerp(low, x, alpha)
+        return x
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def train(self) -> dict:
+        """Run to the end of the schedule (or max_images); returns a summary."""
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(self.cfg.as_dict(), indent=2))
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        from tqdm import tqdm
+        bar = tqdm(total=self.total, initial=min(self.images_seen, self.total), unit="img", dynamic_ncols=True,
+                   disable=not self.progress or self.rank != 0, desc="train")
+        prefetch = Prefetcher(self.stream, self.device)
+        global_batch = lambda level: self.batch_for(level) * self.world  # noqa: E731
+        try:
+            if self.images_seen < self.total:
+                lv = self.schedule.at(self.images_seen).level
+                prefetch.request(self.images_seen, self.batch_for(lv), self.net_config.resolution_at(lv))
+            tick_start, tick_images, t0 = time.perf_counter(), 0, time.perf_counter()
+            last = {}
+            next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
+            while self.images_seen < self.total:
+                phase = self.schedule.at(self.images_seen)
+                if phase.level != self.level:
+                    self._enter_level(phase.level)
+                (start, b, res), batch_u = prefetch.get()
+                if start != self.images_seen or b != self.batch:  # pragma: no cover - a bug, not bad input
+                    raise RuntimeError(f"loader out of step: batch for {start} ({b}), at {self.images_seen}")
+                nxt = self.images_seen + global_batch(self.level)
+                if nxt < self.total:
+                    lv = self.schedule.at(nxt).level
+                    prefetch.request(nxt, self.batch_for(lv), self.net_config.resolution_at(lv))
+                real = self._real(batch_u, phase.alpha)
+                alpha_t = torch.tensor(phase.alpha, device=self.device)
+                last = self.step(real, self.level, alpha_t if phase.alpha < 1.0 else 1.0, self.gen)
+                self.images_seen = nxt
+                tick_images += global_batch(self.level)
+                bar.update(min(nxt, self.total) - bar.n)
+                done = self.images_seen >= self.total
+                if self.images_seen >= next_tick or done or self._stop_signal:
+                    now = time.perf_counter()
+                    self.tick += 1
+                    record = {"tick": self.tick, "images": self.images_seen, "level": self.level,
+                              "resolution": self.net_config.resolution_at(self.level),
+                              "alpha": round(self.schedule.at(self.images_seen - 1).alpha, 6),
+                              "batch": self.batch, **{k: float(v) for k, v in last.items()},
+                              "img_per_s": tick_images / max(now - tick_start, 1e-9),
+                              "seconds": now - t0}
+                    if self.device.type == "cuda":
+                        record["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                    bar.set_postfix(res=record["resolution"], alpha=f"{record['alpha']:.2f}",
+                                    d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
+                    if self.rank == 0:
+                        self._write_tick(record)
+                    if done or self._stop_signal or self.tick % self.cfg.checkpoint_ticks == 0:
+                        self.save_checkpoint()
+                    tick_start, tick_images = time.perf_counter(), 0
+                    next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
+                if self._stop_signal:
+                    raise Interrupted(f"stopped by signal {self._stop_signal} at {self.images_seen} images; "
+                                      f"a checkpoint was written: resume with --resume")
+        finally:
+            prefetch.close()
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return {"images_seen": self.images_seen, "level": self.level, "checkpoint": str(self.latest_checkpoint()),
+                "out": str(self.out)}
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun; (rank, world size)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

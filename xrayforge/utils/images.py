@@ -1,0 +1,45 @@
+"""Image grids and conversions between network outputs and stored pixels."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Network output in [-1, 1] -> [0, 1] (clipped), float32 on the CPU."""
+    return ((images.detach().float().cpu() + 1.0) / 2.0).clamp_(0.0, 1.0)
+
+
+def to_uint(images: torch.Tensor, bits: int = 8) -> np.ndarray:
+    """Network output (N, C, H, W) in [-1, 1] -> uint8/uint16 (N, H, W) or (N, H, W, C)."""
+    top = (1 << bits) - 1
+    x = (to_unit(images) * top).round_().numpy().astype(np.uint8 if bits == 8 else np.uint16)
+    return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
+
+
+def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile (N, H, W[, C]) images into one image."""
+    n, h, w = images.shape[:3]
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    out = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad) + images.shape[3:], dtype=images.dtype)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[i]
+    return out
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
+    """8- or 16-bit grayscale, or 8-bit RGB, PNG (written atomically)."""
+    from PIL import Image
+    im = Image.fromarray(array)  # uint16 2-D arrays become 16-bit grayscale (I;16)
+    tmp = f"{path}.tmp.png"
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> None:
+    save_png(grid(to_uint(images, 8), columns), path)
