@@ -115,3 +115,16 @@ def test_two_process_gloo_run(archive, tmp_path):
         for k in r0[net]:
             assert torch.equal(r0[net][k], r1[net][k]), f"{net}.{k} differs between ranks"
     assert (tmp_path / "ddp" / "log.jsonl").exists()
+
+
+def test_a_half_written_checkpoint_is_ignored(archive, tmp_path):
+    cfg = TrainConfig(str(archive), str(tmp_path / "r"), max_images=64, **TINY)
+    Trainer(cfg, progress=False).train()
+    ckpts = tmp_path / "r" / "checkpoints"
+    good = (ckpts / "latest").read_text()
+    # what a kill during the next write leaves behind: a .tmp folder, and a pointer not yet moved
+    broken = ckpts / "ckpt-000000000099.tmp"
+    broken.mkdir()
+    (broken / "networks.pt").write_bytes(b"partial")
+    trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "r"), **TINY), resume=True, progress=False)
+    assert trainer.latest_checkpoint().name == good and trainer.images_seen == 64
