@@ -1,0 +1,259 @@
+"""FID: the network against an independent implementation of pytorch-fid's, the statistics
+against numpy / scipy, the preprocessing kernel against the reference, and the CLI."""
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from xrayforge.cli import main as cli
+from xrayforge.fid import (FrechetStats, StreamingMoments, compute_fid, frechet_distance, load_inception,
+                           preprocess)
+from xrayforge.fid.inception import FIDInception, find_weights
+from xrayforge.fid.preprocess import reference as preprocess_reference
+
+from conftest import kernel_params
+
+
+# ------------------------------------------------------------------ an independent pytorch-fid network
+def _conv(x, sd, name, stride=1, pad=True):
+    w = sd[f"{name}.conv.weight"]
+    padding = (w.shape[2] // 2, w.shape[3] // 2) if pad else 0
+    y = F.conv2d(x, w, stride=stride, padding=padding)
+    y = F.batch_norm(y, sd[f"{name}.bn.running_mean"], sd[f"{name}.bn.running_var"], sd[f"{name}.bn.weight"],
+                     sd[f"{name}.bn.bias"], False, 0.0, 0.001)
+    return F.relu(y)
+
+
+def _seq(x, sd, names):
+    for n in names:
+        x = _conv(x, sd, n)
+    return x
+
+
+def _pool_avg(x):
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+def pytorch_fid_features(images_01: torch.Tensor, sd: dict) -> torch.Tensor:
+    """pytorch-fid: RGB in [0, 1] -> resize 299 bilinear -> 2x - 1 -> FID Inception -> pool3."""
+    x = F.interpolate(images_01, size=(299, 299), mode="bilinear", align_corners=False)
+    x = 2 * x - 1
+    x = _conv(x, sd, "Conv2d_1a_3x3", 2, False)
+    x = _conv(x, sd, "Conv2d_2a_3x3", 1, False)
+    x = F.max_pool2d(_conv(x, sd, "Conv2d_2b_3x3"), 3, 2)
+    x = F.max_pool2d(_conv(_conv(x, sd, "Conv2d_3b_1x1"), sd, "Conv2d_4a_3x3", 1, False), 3, 2)
+    for m in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+        x = torch.cat([_conv(x, sd, f"{m}.branch1x1"), _seq(x, sd, [f"{m}.branch5x5_1", f"{m}.branch5x5_2"]),
+                       _seq(x, sd, [f"{m}.branch3x3dbl_{i}" for i in (1, 2, 3)]),
+                       _conv(_pool_avg(x), sd, f"{m}.branch_pool")], 1)
+    m = "Mixed_6a"
+    x = torch.cat([_conv(x, sd, f"{m}.branch3x3", 2, False),
+                   _conv(_seq(x, sd, [f"{m}.branch3x3dbl_1", f"{m}.branch3x3dbl_2"]), sd, f"{m}.branch3x3dbl_3", 2,
+                         False), F.max_pool2d(x, 3, 2)], 1)
+    for m in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+        x = torch.cat([_conv(x, sd, f"{m}.branch1x1"), _seq(x, sd, [f"{m}.branch7x7_{i}" for i in (1, 2, 3)]),
+                       _seq(x, sd, [f"{m}.branch7x7dbl_{i}" for i in (1, 2, 3, 4, 5)]),
+                       _conv(_pool_avg(x), sd, f"{m}.branch_pool")], 1)
+    m = "Mixed_7a"
+    x = torch.cat([_conv(_conv(x, sd, f"{m}.branch3x3_1"), sd, f"{m}.branch3x3_2", 2, False),
+                   _conv(_seq(x, sd, [f"{m}.branch7x7x3_{i}" for i in (1, 2, 3)]), sd, f"{m}.branch7x7x3_4", 2, False),
+                   F.max_pool2d(x, 3, 2)], 1)
+    for m, use_max in (("Mixed_7b", False), ("Mixed_7c", True)):
+        b3 = _conv(x, sd, f"{m}.branch3x3_1")
+        bd = _seq(x, sd, [f"{m}.branch3x3dbl_1", f"{m}.branch3x3dbl_2"])
+        pool = F.max_pool2d(x, 3, 1, 1) if use_max else _pool_avg(x)
+        x = torch.cat([_conv(x, sd, f"{m}.branch1x1"),
+                       torch.cat([_conv(b3, sd, f"{m}.branch3x3_2a"), _conv(b3, sd, f"{m}.branch3x3_2b")], 1),
+                       torch.cat([_conv(bd, sd, f"{m}.branch3x3dbl_3a"), _conv(bd, sd, f"{m}.branch3x3dbl_3b")], 1),
+                       _conv(pool, sd, f"{m}.branch_pool")], 1)
+    return x.mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A random-weight file with pytorch-fid's keys and shapes (BatchNorm statistics included)."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in FIDInception().state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            sd[k] = v
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith("running_mean") or k.endswith("bias"):
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) * (2.0 / v[0].numel()) ** 0.5
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(sd, path)
+    return path, sd
+
+
+def _png_folder(root, seeds, size=(24, 20)):
+    root.mkdir(parents=True)
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8)).save(root / f"img{s:03d}.png")
+    return root
+
+
+def test_features_equal_an_independent_pytorch_fid(weights_file):
+    path, sd = weights_file
+    model = load_inception(path)
+    u8 = torch.randint(0, 256, (3, 37, 41), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    rgb01 = (u8.float() / 255).unsqueeze(1).expand(-1, 3, -1, -1)  # what pytorch-fid's loader makes of gray
+    expected = pytorch_fid_features(rgb01, sd)
+    with torch.no_grad():
+        gray_folded = model(preprocess(u8, channels=1, backend="torch"))
+        replicated = model(preprocess(u8, channels=3, backend="torch"))
+    assert gray_folded.shape == (3, 2048)
+    torch.testing.assert_close(replicated, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gray_folded, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fid_from_folders_equals_numpy_scipy(weights_file, tmp_path):
+    path, sd = weights_file
+    a = _png_folder(tmp_path / "a", range(5))
+    b = _png_folder(tmp_path / "b", range(100, 106))
+    (b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)
+    result = compute_fid(str(a), str(b), inception=str(path), workers=0, batch_size=4, progress=False)
+    assert (result["n_a"], result["n_b"]) == (5, 6)
+    assert [s["file"].endswith("broken.png") for s in result["skipped"]] == [True]
+
+    def feats(folder):
+        imgs = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in sorted(folder.glob("img*.png"))]
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
+        return pytorch_fid_features(x, sd).double().numpy()
+
+    fa, fb = feats(a), feats(b)
+    mu1, mu2, s1, s2 = fa.mean(0), fb.mean(0), np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
+    assert result["fid"] == pytest.approx(expected, rel=1e-5)
+
+
+def _scipy_fid(a, b):
+    covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+    return ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean.real)
+
+
+@pytest.mark.parametrize("n", [400, 30, 12], ids=["well-conditioned", "rank-deficient", "very-rank-deficient"])
+def test_frechet_matches_scipy_at_small_dimension(n):
+    rng = np.random.default_rng(n)
+    d = 48
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    y = rng.standard_normal((n, d)) * 1.5 + 0.3
+    a = FrechetStats(x.mean(0), np.cov(x, rowvar=False))
+    b = FrechetStats(y.mean(0), np.cov(y, rowvar=False))
+    assert frechet_distance(a, b, "cpu") == pytest.approx(_scipy_fid(a, b), rel=1e-6)
+    assert frechet_distance(a, a, "cpu") == pytest.approx(0.0, abs=1e-6 * np.trace(a.sigma))
+
+
+def test_streaming_moments_equal_numpy_including_a_large_mean():
+    rng = np.random.default_rng(0)
+    # a large mean with a small spread: the data itself carries only ~7 significant digits of
+    # the deviations in float64, so agreement to 1e-5 of the covariance is all there is to have
+    for x, tol in ((rng.standard_normal((1000, 24)), 1e-10), (1e6 + 1e-3 * rng.standard_normal((1000, 24)), 1e-5)):
+        m = StreamingMoments(24)
+        for chunk in np.array_split(x, 97):  # many uneven small batches
+            m.update(torch.from_numpy(chunk))
+        s, ref_cov = m.stats(), np.cov(x, rowvar=False)
+        np.testing.assert_allclose(s.mu, x.mean(0), rtol=1e-13, atol=0)
+        np.testing.assert_allclose(s.sigma, ref_cov, rtol=0, atol=tol * np.abs(ref_cov).max())
+    # the raw-sums formula loses the large-mean case entirely; the streaming one does not
+    big = 1e6 + 1e-3 * rng.standard_normal((1000, 3))
+    raw = (big.T @ big - len(big) * np.outer(big.mean(0), big.mean(0))) / (len(big) - 1)
+    assert np.abs(raw - np.cov(big, rowvar=False)).max() > 0.5 * np.abs(np.cov(big, rowvar=False)).max()
+
+
+def test_moments_merge_like_processes_and_runs(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 8)) + 5
+    parts = [StreamingMoments(8) for _ in range(3)]
+    for i, chunk in enumerate(np.array_split(x, 3)):
+        parts[i].update(torch.from_numpy(chunk))
+    parts[0].merge(parts[1])
+    parts[0].merge(parts[2])
+    np.testing.assert_allclose(parts[0].stats().sigma, np.cov(x, rowvar=False), atol=1e-12)
+    s1 = StreamingMoments(8)
+    s1.update(torch.from_numpy(x[:100]))
+    s2 = StreamingMoments(8)
+    s2.update(torch.from_numpy(x[100:]))
+    merged = s1.stats().merge(s2.stats())
+    np.testing.assert_allclose(merged.sigma, np.cov(x, rowvar=False), atol=1e-12)
+    assert merged.n == 300
+
+
+def test_stats_files_round_trip_and_pytorch_fid_layout(tmp_path):
+    rng = np.random.default_rng(2)
+    s = FrechetStats(rng.standard_normal(5), np.eye(5) * 2, 42)
+    s.save(tmp_path / "s.npz")
+    with np.load(tmp_path / "s.npz") as f:
+        assert set(f.files) == {"mu", "sigma", "n"}
+    back = FrechetStats.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(back.mu, s.mu)
+    assert back.n == 42
+    np.savez(tmp_path / "pf.npz", mu=s.mu, sigma=s.sigma)  # what pytorch-fid --save-stats writes
+    assert FrechetStats.load(tmp_path / "pf.npz").n is None
+    np.savez(tmp_path / "bad.npz", m=s.mu)
+    with pytest.raises(ValueError, match="needs 'mu' and 'sigma'"):
+        FrechetStats.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+@pytest.mark.parametrize("case", [((2, 37, 53), torch.uint8), ((1, 400, 300), torch.int32), ((2, 20, 20, 3), torch.uint8),
+                                  ((2, 1, 31, 31), torch.float32), ((1, 299, 299), torch.uint8)], ids=str)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_preprocessing_kernel_matches_reference(kb, case, channels):
+    backend, device = kb
+    shape, dtype = case
+    g = torch.Generator().manual_seed(0)
+    if dtype == torch.float32:
+        x = torch.rand(shape, generator=g)
+    else:
+        top = 255 if dtype == torch.uint8 else 65535
+        x = torch.randint(0, top + 1, shape, generator=g).to(dtype)
+    ours = preprocess(x.to(device), channels=channels, backend=backend).cpu()
+    ref = preprocess_reference(x, channels=ours.shape[1])
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    # the kernel computes sample positions in float32 (as PyTorch does on CUDA); the CPU reference
+    # uses float64 positions: they differ by a few float32 roundings
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("XRAYFORGE_INCEPTION", str(tmp_path / "nowhere.pth"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"(?s)pt_inception-2015-12-05-6726825d.pth not found.*--inception"):
+        find_weights()
+    assert cli(["fid", str(tmp_path), str(tmp_path), "-q"]) == 1
+
+
+def test_cli_json_and_save_stats(weights_file, tmp_path, capsys):
+    path, _ = weights_file
+    a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
+    b = _png_folder(tmp_path / "b", range(10, 13), size=(16, 16))
+    assert cli(["fid", str(a), str(b), "--inception", str(path), "--json", "--workers", "0", "-q",
+                "--save-stats", str(tmp_path / "a.npz")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"fid", "n_a", "n_b", "mode"} <= set(out) and out["n_a"] == 3 and out["mode"] == "exact"
+    # the saved statistics give the same FID against the folder
+    assert cli(["fid", str(tmp_path / "a.npz"), str(b), "--inception", str(path), "--json", "--workers", "0",
+                "-q"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["fid"] == pytest.approx(out["fid"], rel=1e-9)
+    assert cli(["fid", str(a), "--inception", str(path), "--save-stats", str(tmp_path / "only.npz"), "--workers",
+                "0", "-q"]) == 0
+    assert FrechetStats.load(tmp_path / "only.npz").n == 3
+
+
+@pytest.mark.slow
+def test_kid_and_bootstrap_on_random_weights(tmp_path):
+    a = _png_folder(tmp_path / "a", range(6), size=(16, 16))
+    b = _png_folder(tmp_path / "b", range(20, 26), size=(16, 16))
+    r = compute_fid(str(a), str(b), random_weights=True, workers=0, progress=False, kid_subsets=3, bootstrap=2)
+    assert r["fid_ci95"][0] <= r["fid_ci95"][1] and "kid" in r and "random weights" in r["inception"]

@@ -1,0 +1,140 @@
+"""Streaming feature moments, Fréchet statistics files, and the Fréchet distance.
+
+Moments are kept as (n, mean, M2) in float64, where M2 is the sum of outer products of the
+deviations from the mean. Each batch is centred on its own mean and merged with Chan et al.'s
+pairwise update, so no raw sum of squares is ever formed: a large mean with a small spread
+loses nothing. Moments merge across batches, processes (``all_reduce``) and runs
+(``FrechetStats.merge``).
+
+The Fréchet distance is ``|mu1 - mu2|² + tr S1 + tr S2 - 2 tr sqrt(S1^½ S2 S1^½)``, computed in
+float64 with two symmetric eigendecompositions; ``S1^½ S2 S1^½`` is symmetric positive
+semi-definite and similar to ``S1 S2``, so its square root's trace equals the one that
+pytorch-fid takes from scipy's (non-symmetric, fragile) sqrtm of ``S1 S2``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class StreamingMoments:
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.dim = dim
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a (b, dim) batch (any float dtype; accumulated in float64)."""
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape (b, {self.dim}), got {tuple(features.shape)}")
+        b = features.shape[0]
+        if b == 0:
+            return
+        x = features.to(device=self.mean.device, dtype=torch.float64)
+        mb = x.mean(dim=0)
+        xc = x - mb
+        self._merge(b, mb, xc.T @ xc)
+
+    def _merge(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> None:
+        n = self.n + nb
+        delta = mb - self.mean
+        self.m2 += m2b
+        self.m2.addr_(delta, delta, alpha=self.n * nb / n)
+        self.mean += delta * (nb / n)
+        self.n = n
+
+    def merge(self, other: "StreamingMoments") -> None:
+        if other.n:
+            self._merge(other.n, other.mean.to(self.mean.device), other.m2.to(self.m2.device))
+
+    def all_reduce(self) -> None:
+        """Merge the moments of every process of the default group (in rank order)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        world = dist.get_world_size()
+        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64, device=self.mean.device),
+                            self.mean, self.m2.reshape(-1)])
+        gathered = [torch.empty_like(packed) for _ in range(world)]
+        dist.all_gather(gathered, packed)
+        self.n = 0
+        self.mean.zero_()
+        self.m2.zero_()
+        d = self.dim
+        for g in gathered:
+            nb = int(g[0].item())
+            if nb:
+                self._merge(nb, g[1:1 + d], g[1 + d:].view(d, d))
+
+    def stats(self) -> "FrechetStats":
+        if self.n < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, have {self.n}")
+        return FrechetStats(self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy(), self.n)
+
+
+@dataclass
+class FrechetStats:
+    """Mean and (unbiased, as numpy.cov) covariance of features; pytorch-fid's .npz layout."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        extra = {} if self.n is None else {"n": np.int64(self.n)}
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FrechetStats":
+        try:
+            with np.load(path) as f:
+                if "mu" not in f or "sigma" not in f:
+                    raise ValueError(f"{path}: a statistics file needs 'mu' and 'sigma' (has {sorted(f.files)})")
+                n = int(f["n"]) if "n" in f else None
+                mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+        return cls(mu, sigma, n)
+
+    def merge(self, other: "FrechetStats") -> "FrechetStats":
+        """Statistics of the union of two sample sets (both must know their n)."""
+        if self.n is None or other.n is None:
+            raise ValueError("merging statistics needs the sample counts (files from pytorch-fid do not have n)")
+        a, b = (StreamingMoments(len(self.mu)) for _ in range(2))
+        for m, s in ((a, self), (b, other)):
+            m.n, m.mean = s.n, torch.from_numpy(s.mu.copy())
+            m.m2 = torch.from_numpy(s.sigma * (s.n - 1))
+        a.merge(b)
+        return a.stats()
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.device | None = None) -> float:
+    """Fréchet distance between two Gaussians, float64, via symmetric eigendecompositions."""
+    if a.mu.shape != b.mu.shape:
+        raise ValueError(f"feature sizes differ: {a.mu.shape} vs {b.mu.shape}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mu1, mu2 = (torch.as_tensor(s.mu, dtype=torch.float64, device=device) for s in (a, b))
+    s1, s2 = (torch.as_tensor(s.sigma, dtype=torch.float64, device=device) for s in (a, b))
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    r1 = _sqrt_psd(s1)
+    inner = r1 @ s2 @ r1
+    ev = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = ev.clamp_min(0).sqrt().sum()
+    d = (mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean
+    return float(d)
