@@ -150,6 +150,54 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import json
+
+    from .sample.writer import SampleConfig, sample_archive
+
+    cfg = SampleConfig(run=args.run, out=args.out, n=args.n, seed=args.seed, format=args.format, batch=args.batch,
+                       truncation=args.truncation, amp=args.amp, targets=args.lco or [], classifier=args.classifier,
+                       steps=args.steps, lr=args.lr, prior_weight=args.prior_weight, shard_size=args.shard_size,
+                       device=args.device)
+    try:
+        summary = sample_archive(cfg, progress=not args.quiet)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"xrayforge sample: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{summary['out']}: {summary['images']} images ({summary['format']}); manifest.csv, summary.json")
+    for key, t in summary["targets"].items():
+        rate = t["acceptance_rate"]
+        print(f"  {key}: {t['accepted']} accepted, {t['rejected']} rejected"
+              f" (acceptance {rate:.1%}, mean {t['mean_steps'] or 0:.1f} steps, "
+              f"mean target probability {t['mean_target_probability'] or 0:.3f})" if rate is not None else
+              f"  {key}: nothing new sampled in this run")
+    if summary["images_per_second"]:
+        print(f"  {summary['images_per_second']:.1f} images/s")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _cmd_classify_train(args: argparse.Namespace) -> int:
+    from .evaluate.classifier import ClassifierTrainConfig, train_classifier
+
+    cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, arch=args.arch, input_size=args.input_size,
+                                width=args.width, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                                val_fraction=args.val_fraction, seed=args.seed, device=args.device,
+                                init_weights=args.init_weights)
+    try:
+        summary = train_classifier(cfg, progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge classify train: error: {exc}", file=sys.stderr)
+        return 1
+    last = summary["history"][-1]
+    print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} "
+          f"({summary['val_images']} images of {summary['val_patients']} patients)")
+    for finding, value in last["auroc"].items():
+        print(f"  {finding:20s} AUROC {value:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xrayforge",
@@ -241,6 +289,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (fid, n_a, n_b, mode, ...)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_fid)
+
+    p = sub.add_parser(
+        "sample", help="sample a labelled synthetic archive (optionally steered by LCO)",
+        description="Generate images from the EMA generator of RUN (a run folder or checkpoint) into DIR as PNG "
+                    "(8/16-bit) or DICOM Secondary Capture, with manifest.csv (file, seed, index, target, "
+                    "classifier probabilities, latents). With --lco and --classifier, latent class optimisation "
+                    "steers each image to the wanted findings, e.g. --lco 'Cardiomegaly=1,Effusion=1,Nodule=0' "
+                    "(repeat --lco for several targets; --n images each). Written in shards: an interrupted run "
+                    "resumes when run again with the same arguments.")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, required=True, help="images (per LCO target)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--truncation", type=float, default=None, help="redraw latent components beyond ±T")
+    p.add_argument("--amp", choices=("bf16",), default=None)
+    p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
+    p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")
+    p.add_argument("--steps", type=int, default=100, help="LCO step limit per sample (default 100)")
+    p.add_argument("--lr", type=float, default=0.05, help="LCO Adam learning rate on z (default 0.05)")
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("classify", help="chest radiograph classifier",
+                       description="Train the multi-label chest radiograph classifier used by LCO and the evaluations.")
+    csub = p.add_subparsers(dest="classify_command", metavar="ACTION")
+    q = csub.add_parser("train", help="train on a labelled archive",
+                        description="Train a multi-label classifier (ResNet or DenseNet-121, torchvision state-dict "
+                                    "keys) on a labelled archive (ChestX-ray14 or the phantom), with a patient-level "
+                                    "validation split and per-finding AUROC. Images of the archive's 'test' split "
+                                    "are never used.")
+    q.add_argument("archive")
+    q.add_argument("--out", required=True, help="model folder")
+    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
+    q.add_argument("--input-size", type=int, default=256)
+    q.add_argument("--width", type=int, default=64, help="base width (64 = torchvision's)")
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--val-fraction", type=float, default=0.1)
+    q.add_argument("--init-weights", default=None, help="torchvision-layout weights to start from")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_classify_train)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     return parser
 
 

@@ -1,0 +1,165 @@
+import csv
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from xrayforge.cli import main as cli
+from xrayforge.data.labels import FINDINGS
+from xrayforge.data.prepare import prepare
+from xrayforge.evaluate.classifier import ClassifierTrainConfig, train_classifier
+from xrayforge.nn import load_networks
+from xrayforge.nn.classifier import load_classifier
+from xrayforge.sample.lco import optimise, parse_target, target_tensors
+from xrayforge.sample.sampler import latent_for, latents_for
+from xrayforge.sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
+from xrayforge.train.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A briefly trained 32-px generator and a classifier trained on phantom data."""
+    root = tmp_path_factory.mktemp("models")
+    prepare("phantom:400", root / "data", resolution=32, workers=1, progress=False)
+    Trainer(TrainConfig(str(root / "data"), str(root / "run"), fade_images=400, stable_images=400, tick_images=400,
+                        latent_dim=32, fmap_base=128, fmap_max=32, batch={4: 16, 8: 16, 16: 16, 32: 16}),
+            progress=False).train()
+    summary = train_classifier(ClassifierTrainConfig(str(root / "data"), str(root / "clf"), input_size=32, width=16,
+                                                     epochs=8, lr=3e-3), progress=False)
+    assert summary["history"][-1]["auroc"]["Cardiomegaly"] > 0.8  # the phantom's labels can be learnt
+    return root / "run", root / "clf"
+
+
+def read_manifest(folder):
+    with open(folder / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_latent_depends_on_seed_and_index_only():
+    torch.testing.assert_close(latent_for(3, 17, 8), latents_for(3, [5, 17], 8)[1])
+    assert not torch.equal(latent_for(3, 17, 8), latent_for(4, 17, 8))
+    z = latent_for(0, 1, 1000, truncation=1.5)
+    assert z.abs().max() <= 1.5
+    with pytest.raises(ValueError):
+        latent_for(-1, 0, 8)
+
+
+def test_same_seed_and_index_give_the_same_image(models, tmp_path):
+    run, _ = models
+    sample_archive(SampleConfig(str(run), str(tmp_path / "a"), n=7, batch=3, shard_size=4), progress=False)
+    sample_archive(SampleConfig(str(run), str(tmp_path / "b"), n=7, batch=7, shard_size=7), progress=False)
+    a, b = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert [r["index"] for r in a] == [str(i) for i in range(7)]
+    for ra, rb in zip(a, b):
+        ia = np.asarray(Image.open(tmp_path / "a" / ra["file"]))
+        ib = np.asarray(Image.open(tmp_path / "b" / rb["file"]))
+        assert np.abs(ia.astype(int) - ib.astype(int)).max() <= 1  # batch size may move the last bit
+    # and image 5 regenerates by itself from its manifest row
+    G = load_networks(find_generator(run), names=["G_ema"])["G_ema"]
+    with torch.no_grad():
+        img = G(latents_for(int(a[5]["seed"]), [5], G.config.latent_dim))
+    regen = ((img[0, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert np.abs(regen.astype(int) - np.asarray(Image.open(tmp_path / "a" / a[5]["file"])).astype(int)).max() <= 1
+
+
+def test_sixteen_bit_png_and_dicom_outputs(models, tmp_path):
+    run, _ = models
+    sample_archive(SampleConfig(str(run), str(tmp_path / "p16"), n=2, format="png16"), progress=False)
+    im = Image.open(tmp_path / "p16" / read_manifest(tmp_path / "p16")[0]["file"])
+    assert im.mode.startswith("I;16") and np.asarray(im).max() > 255
+    assert cli(["sample", str(run), "--out", str(tmp_path / "dcm"), "--n", "2", "--format", "dicom", "-q"]) == 0
+    for row in read_manifest(tmp_path / "dcm"):
+        ds = pydicom.dcmread(tmp_path / "dcm" / row["file"])
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert "SYNTHETIC" in ds.SeriesDescription and "Synthetic" in ds.ImageComments and ds.ConversionType == "SYN"
+        assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
+        assert ds.pixel_array.shape == (32, 32)
+
+
+def test_bad_targets_list_the_known_findings():
+    with pytest.raises(ValueError, match="unknown finding 'Cardiomegally'.*known findings: Atelectasis"):
+        parse_target("Cardiomegally=1", FINDINGS)
+    with pytest.raises(ValueError, match="expected NAME=1 or NAME=0"):
+        parse_target("Cardiomegaly", FINDINGS)
+    with pytest.raises(ValueError, match="must be =1"):
+        parse_target("Cardiomegaly=yes", FINDINGS)
+    with pytest.raises(ValueError, match="appears twice"):
+        parse_target("Mass=1,Mass=0", FINDINGS)
+    assert parse_target(" Cardiomegaly=1, Nodule=0 ", FINDINGS) == {"Cardiomegaly": 1, "Nodule": 0}
+
+
+def test_cli_rejects_bad_targets(models, tmp_path, capsys):
+    run, clf = models
+    assert cli(["sample", str(run), "--out", str(tmp_path / "x"), "--n", "1", "--lco", "Foo=1", "--classifier",
+                str(clf), "-q"]) == 1
+    assert "known findings" in capsys.readouterr().err
+    assert cli(["sample", str(run), "--out", str(tmp_path / "y"), "--n", "1", "--lco", "Mass=1", "-q"]) == 1
+
+
+def test_lco_beats_rejection_sampling_on_a_rare_combination(models):
+    run, clf = models
+    G = load_networks(find_generator(run), names=["G_ema"])["G_ema"].eval().requires_grad_(False)
+    C = load_classifier(clf).requires_grad_(False)
+    target = {"Cardiomegaly": 1, "Effusion": 1}
+    values, mask, thr = target_tensors(target, C.findings, C.threshold)
+    n, steps = 20, 30
+    z0 = latents_for(5, range(n), G.config.latent_dim)
+    res = optimise(G, C, z0, values.expand(n, -1), mask.expand(n, -1), thr.expand(n, -1), steps=steps, lr=0.1)
+    cols = [C.findings.index(f) for f in target]
+    with torch.no_grad():
+        before = torch.sigmoid(C(G(z0)))[:, cols]
+    after = res.probs[:, cols]
+    # the LCO objective (BCE on the named findings) falls, and the rarer finding's probability rises
+    bce = lambda p: -torch.log(p.clamp_min(1e-7)).sum(1).mean()  # noqa: E731 (both targets are "present")
+    assert bce(after) < bce(before) - 0.5
+    rare = int(before.mean(0).argmin())
+    assert after[:, rare].mean() > 3 * before[:, rare].mean()
+    # equal compute: each LCO step is a forward and a backward (about three forwards) for n samples
+    budget = n * (steps + 1) + 2 * n * steps
+    baseline = rejection_sample(G, C, target, seed=11, n=budget)
+    assert baseline["hit_rate"] < 0.05, "the combination should be rare for this generator"
+    assert int(res.accepted.sum()) > baseline["accepted"]
+    assert (res.log_prior_end > res.log_prior_start - 50).all()  # z stays near the Gaussian shell
+
+
+def test_lco_archive_with_several_targets(models, tmp_path):
+    run, clf = models
+    summary = sample_archive(SampleConfig(str(run), str(tmp_path / "lco"), n=3, classifier=str(clf),
+                                          targets=["Cardiomegaly=1", "Mass=1,Cardiomegaly=0"], steps=40, lr=0.1,
+                                          shard_size=4), progress=False)
+    rows = read_manifest(tmp_path / "lco")
+    assert len(rows) == 6 and sorted(int(r["index"]) for r in rows) == list(range(6))
+    assert {r["target"] for r in rows} == {"Cardiomegaly=1", "Mass=1,Cardiomegaly=0"}
+    C = load_classifier(clf)
+    for r in rows:
+        for name, v in parse_target(r["target"], C.findings).items():
+            p = float(r[f"p_{name}"])
+            assert (p >= C.threshold(name)) if v else (p < C.threshold(name))
+    assert set(summary["targets"]) == {"Cardiomegaly=1", "Mass=1,Cardiomegaly=0"}
+    latents = np.load(tmp_path / "lco" / rows[0]["latent_file"])
+    assert latents.shape[1] == 32
+
+
+def test_killed_archive_run_resumes_to_exactly_n_images(models, tmp_path):
+    run, _ = models
+    out = tmp_path / "arch"
+    cmd = [sys.executable, "-m", "xrayforge", "sample", str(run), "--out", str(out), "--n", "400", "--shard-size",
+           "20", "--batch", "4", "-q"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("shard-*.csv"))) < 3:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert 3 <= len(list(out.glob("shard-*.csv"))) < 20
+    assert subprocess.run(cmd).returncode == 0
+    rows = read_manifest(out)
+    assert len(rows) == 400 and sorted(int(r["index"]) for r in rows) == list(range(400))
+    assert len(list(out.glob("shard-*/*.png"))) == 400
+    with pytest.raises(ValueError, match="other settings"):
+        sample_archive(SampleConfig(str(run), str(out), n=401, shard_size=20), progress=False)

@@ -1,0 +1,1 @@
+"""Evaluations: the chest classifier, and the metrics shared by the evaluation suite."""

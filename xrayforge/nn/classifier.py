@@ -1,0 +1,267 @@
+"""Multi-label chest radiograph classifiers: ResNet and DenseNet-121 with torchvision's
+state-dict keys (so weights a user has, e.g. ImageNet or CheXNet-style DenseNet-121, load),
+saved as weights (``weights_only``) + JSON like the GAN checkpoints, and an adapter for any
+other classifier. Lives in ``nn`` because sampling (LCO) needs it; training is in
+``xrayforge.evaluate.classifier``.
+
+Every classifier here is called on generator-style input: (N, 1, R, R) in [-1, 1]; it resizes
+to its input size and applies its own normalisation, and returns per-finding logits.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.labels import FINDINGS
+
+
+# --------------------------------------------------------------------------- ResNet (torchvision keys)
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+           "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+class ResNet(nn.Module):
+    def __init__(self, arch: str, num_classes: int, in_channels: int = 1, width: int = 64):
+        super().__init__()
+        block, layers = RESNETS[arch]
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._layer(block, width, layers[0], 1)
+        self.layer2 = self._layer(block, width * 2, layers[1], 2)
+        self.layer3 = self._layer(block, width * 4, layers[2], 2)
+        self.layer4 = self._layer(block, width * 8, layers[3], 2)
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+
+    def _layer(self, block, planes, blocks, stride):
+        down = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                 nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, down)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# --------------------------------------------------------------------------- DenseNet-121 (torchvision keys)
+class _DenseLayer(nn.Module):
+    def __init__(self, cin, growth, bn_size):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, n, cin, growth, bn_size):
+        super().__init__({f"denselayer{i + 1}": _DenseLayer(cin + i * growth, growth, bn_size) for i in range(n)})
+
+    def forward(self, x):
+        feats = [x]
+        for layer in self.values():
+            feats.append(layer(feats))
+        return torch.cat(feats, 1)
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+        self.pool = nn.AvgPool2d(2, 2)
+
+
+class DenseNet121(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 1, growth: int = 32, init_features: int = 64,
+                 blocks=(6, 12, 24, 16), bn_size: int = 4):
+        super().__init__()
+        feats = nn.Sequential()
+        feats.add_module("conv0", nn.Conv2d(in_channels, init_features, 7, 2, 3, bias=False))
+        feats.add_module("norm0", nn.BatchNorm2d(init_features))
+        feats.add_module("relu0", nn.ReLU())
+        feats.add_module("pool0", nn.MaxPool2d(3, 2, 1))
+        c = init_features
+        for i, n in enumerate(blocks):
+            feats.add_module(f"denseblock{i + 1}", _DenseBlock(n, c, growth, bn_size))
+            c += n * growth
+            if i != len(blocks) - 1:
+                feats.add_module(f"transition{i + 1}", _Transition(c, c // 2))
+                c //= 2
+        feats.add_module("norm5", nn.BatchNorm2d(c))
+        self.features = feats
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.features(x))
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# --------------------------------------------------------------------------- the classifier object
+@dataclass
+class ClassifierConfig:
+    arch: str = "resnet18"
+    input_size: int = 256
+    width: int = 64                 # ResNet base width (64 = torchvision); DenseNet growth rate = width // 2
+    findings: list = field(default_factory=lambda: list(FINDINGS))
+    mean: float = 0.5               # normalisation of [0, 1] pixels before the network
+    std: float = 0.25
+    thresholds: dict = field(default_factory=dict)  # per-finding decision thresholds (default 0.5)
+
+
+def build_network(cfg: ClassifierConfig) -> nn.Module:
+    n = len(cfg.findings)
+    if cfg.arch in RESNETS:
+        return ResNet(cfg.arch, n, 1, cfg.width)
+    if cfg.arch == "densenet121":
+        return DenseNet121(n, 1, growth=max(cfg.width // 2, 1), init_features=cfg.width)
+    raise ValueError(f"unknown classifier architecture {cfg.arch!r}; choose {sorted(RESNETS) + ['densenet121']}")
+
+
+class ChestClassifier(nn.Module):
+    """(N, 1, R, R) in [-1, 1] -> (N, len(findings)) logits."""
+
+    def __init__(self, config: ClassifierConfig | None = None):
+        super().__init__()
+        self.config = config or ClassifierConfig()
+        self.findings = list(self.config.findings)
+        self.net = build_network(self.config)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() + 1) / 2
+        if x.shape[-1] != self.config.input_size or x.shape[-2] != self.config.input_size:
+            x = F.interpolate(x, size=(self.config.input_size,) * 2, mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.config.input_size)
+        return self.net((x - self.config.mean) / self.config.std)
+
+    def threshold(self, finding: str) -> float:
+        return float(self.config.thresholds.get(finding, 0.5))
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "classifier.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, tmp)
+        os.replace(tmp, folder / "classifier.pt")
+        tmpj = folder / "classifier.json.tmp"
+        tmpj.write_text(json.dumps({"format": "xrayforge-classifier", "version": 1, **asdict(self.config)}, indent=2))
+        os.replace(tmpj, folder / "classifier.json")
+        return folder
+
+
+def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClassifier:
+    folder = Path(folder)
+    meta_path = folder / "classifier.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: no classifier.json (train one with `xrayforge classify train`)")
+    meta = json.loads(meta_path.read_text())
+    meta.pop("format", None)
+    meta.pop("version", None)
+    model = ChestClassifier(ClassifierConfig(**meta))
+    model.net.load_state_dict(torch.load(folder / "classifier.pt", map_location=map_location, weights_only=True))
+    return model.eval()
+
+
+def load_torchvision_weights(model: ChestClassifier, state_dict: dict, strict_body: bool = True) -> list[str]:
+    """Load torchvision-layout weights (e.g. ImageNet ResNet / DenseNet) into ``model``:
+    a 3-channel first convolution is summed to one channel, and a final layer of another size
+    is left at its initialisation. Returns the keys that were not loaded."""
+    own = model.net.state_dict()
+    skipped = []
+    for k, v in state_dict.items():
+        if k not in own:
+            skipped.append(k)
+            continue
+        if v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] == 1:
+            v = v.sum(dim=1, keepdim=True)
+        if v.shape != own[k].shape:
+            skipped.append(k)
+            continue
+        own[k] = v
+    model.net.load_state_dict(own)
+    if strict_body and any(not (k.startswith("fc.") or k.startswith("classifier.")) for k in skipped):
+        raise ValueError(f"weights do not fit the {model.config.arch} body: {skipped[:5]}")
+    return skipped
+
+
+class ClassifierAdapter(nn.Module):
+    """Wrap any classifier for LCO and evaluation.
+
+    ``module`` maps a batch prepared by ``transform`` to per-finding outputs; ``findings``
+    names them in order; ``outputs="logits"`` or ``"probabilities"`` (probabilities are
+    turned into logits). Example for a torchxrayvision DenseNet the user has on disk::
+
+        model = torch.load("densenet121-res224-all.pt", weights_only=False)   # the user's own file
+        adapter = ClassifierAdapter(model, model.pathologies, outputs="probabilities",
+                                    transform=lambda x: F.interpolate(x, size=224) * 1024)  # [-1,1] -> ±1024
+    """
+
+    def __init__(self, module: nn.Module, findings, transform=None, outputs: str = "logits", thresholds=None):
+        super().__init__()
+        if outputs not in ("logits", "probabilities"):
+            raise ValueError("outputs must be 'logits' or 'probabilities'")
+        self.module, self.findings, self.transform, self.outputs = module, list(findings), transform, outputs
+        self.thresholds = dict(thresholds or {})
+
+    def forward(self, images):
+        out = self.module(self.transform(images) if self.transform else images)
+        if self.outputs == "probabilities":
+            out = torch.logit(out.clamp(1e-6, 1 - 1e-6))
+        return out
+
+    def threshold(self, finding: str) -> float:
+        return float(self.thresholds.get(finding, 0.5))

@@ -1,0 +1,315 @@
+"""`xrayforge sample RUN --n N --out DIR`: a labelled synthetic archive, written in shards.
+
+Image k of an unconditional archive is G(latent_for(seed, k)). With LCO targets, image slot k
+belongs to target ``k % T``; each (shard, target) draws its starting latents from its own
+stream, so every image can be regenerated from the manifest (seed, latent_seed, latent_index)
+and the stored final latent. A shard is complete when its CSV exists (written last,
+atomically); a crashed run redoes only incomplete shards, so the archive ends with exactly
+the asked number of images, each index once.
+
+Layout: DIR/shard-00000/00000000.png ..., DIR/shard-00000.csv, DIR/shard-00000.latents.npy,
+then DIR/manifest.csv (all shards) and DIR/summary.json.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..nn import load_networks
+from ..utils.images import save_png, to_uint
+from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
+from .sampler import latents_for
+
+FORMATS = ("png8", "png16", "dicom")
+
+
+@dataclass
+class SampleConfig:
+    run: str
+    out: str
+    n: int
+    seed: int = 0
+    format: str = "png8"
+    batch: int = 32
+    truncation: float | None = None
+    amp: str | None = None
+    targets: list = field(default_factory=list)     # LCO target strings; empty = unconditional
+    classifier: str | None = None
+    steps: int = 100
+    lr: float = 0.05
+    prior_weight: float = 1.0
+    shard_size: int = 1000
+    max_attempts: int = 1000        # LCO attempts allowed per wanted image before the target is declared unreachable
+    device: str | None = None
+    encode_threads: int = 4
+
+
+def find_generator(run: str | os.PathLike) -> Path:
+    """A checkpoint folder (networks.json) from a checkpoint or a run folder."""
+    p = Path(run)
+    if (p / "networks.json").is_file():
+        return p
+    ck = p / "checkpoints"
+    pointer = ck / "latest"
+    if pointer.is_file() and (ck / pointer.read_text().strip() / "networks.json").is_file():
+        return ck / pointer.read_text().strip()
+    found = sorted(q for q in ck.glob("ckpt-*") if (q / "networks.json").is_file()) if ck.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{run}: not a checkpoint or a run folder with checkpoints")
+    return found[-1]
+
+
+def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
+    """A DICOM Secondary Capture image that says it is synthetic and carries no patient identity."""
+    import datetime
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    now = datetime.datetime.now()
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.Modality, ds.ConversionType = "OT", "SYN"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyDate, ds.StudyTime = "", "", "", "", ""
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.SeriesDescription = "SYNTHETIC IMAGE - xrayforge generator, not a patient"
+    ds.ImageComments = comment
+    ds.BurnedInAnnotation = "NO"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    bits = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+    tmp = path.with_name(path.name + ".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+
+
+def _lco_seed(seed: int, shard: int, target: int, n_targets: int) -> int:
+    """Seed of the starting-latent stream of one (shard, target)."""
+    return seed * 1_000_003 + shard * n_targets + target + 1
+
+
+class ArchiveSampler:
+    def __init__(self, cfg: SampleConfig, progress: bool = True):
+        if cfg.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+        if cfg.n < 1:
+            raise ValueError(f"--n must be at least 1, got {cfg.n}")
+        self.cfg, self.progress = cfg, progress
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ckpt = find_generator(cfg.run)
+        self.G = load_networks(self.ckpt, names=["G_ema"], map_location=self.device)["G_ema"].eval()
+        self.G.requires_grad_(False)
+        self.classifier = None
+        if cfg.classifier:
+            from ..nn.classifier import load_classifier
+            self.classifier = load_classifier(cfg.classifier).to(self.device).eval().requires_grad_(False)
+        if cfg.targets and self.classifier is None:
+            raise ValueError("LCO targets need --classifier MODEL")
+        self.findings = self.classifier.findings if self.classifier is not None else []
+        self.targets = [parse_target(t, self.findings) for t in cfg.targets]
+        self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
+        self.out = Path(cfg.out)
+        self.stats = {format_target(t): {"accepted": 0, "rejected": 0, "steps": 0, "prob_sum": 0.0}
+                      for t in self.targets}
+
+    # ------------------------------------------------------------------ one shard
+    def _generate(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return self.G(z.to(self.device)).float()
+
+    def _probs(self, images: torch.Tensor) -> torch.Tensor | None:
+        if self.classifier is None:
+            return None
+        with torch.no_grad():
+            return torch.sigmoid(self.classifier(images).float())
+
+    def _unconditional_shard(self, s: int, slots: range):
+        rows, latents, images = [], [], []
+        for start in range(0, len(slots), self.cfg.batch):
+            idx = list(slots[start:start + self.cfg.batch])
+            z = latents_for(self.cfg.seed, idx, self.G.config.latent_dim, self.cfg.truncation)
+            img = self._generate(z)
+            probs = self._probs(img)
+            for j, k in enumerate(idx):
+                rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": self.cfg.seed, "latent_index": k,
+                             "target": "", "lco_steps": 0,
+                             **({f"p_{f}": round(float(probs[j, q]), 6) for q, f in enumerate(self.findings)}
+                                if probs is not None else {})})
+            latents.append(z.cpu())
+            images.append(img.cpu())
+        return rows, torch.cat(latents), torch.cat(images)
+
+    def _lco_shard(self, s: int, slots: range):
+        T = len(self.targets)
+        need = {t: [k for k in slots if k % T == t] for t in range(T)}
+        got: dict[int, list] = {t: [] for t in range(T)}
+        next_attempt = {t: 0 for t in range(T)}
+        thr = self.classifier.threshold
+        while any(len(got[t]) < len(need[t]) for t in range(T)):
+            open_targets = [t for t in range(T) if len(got[t]) < len(need[t])]
+            for t in open_targets:
+                if next_attempt[t] >= self.cfg.max_attempts * len(need[t]):
+                    raise RuntimeError(
+                        f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {len(need[t])} images "
+                        f"reached after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, lower the "
+                        f"threshold, or check that the classifier can see these findings")
+            per = max(1, self.cfg.batch // len(open_targets))
+            batch_t, batch_a, batch_seed = [], [], []
+            for t in open_targets:
+                for _ in range(per):
+                    batch_t.append(t)
+                    batch_a.append(next_attempt[t])
+                    batch_seed.append(_lco_seed(self.cfg.seed, s, t, T))
+                    next_attempt[t] += 1
+            z0 = torch.cat([latents_for(sd, [a], self.G.config.latent_dim, self.cfg.truncation)
+                            for sd, a in zip(batch_seed, batch_a)]).to(self.device)
+            tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
+            values, mask, thresholds = (torch.stack([x[i] for x in tens]) for i in range(3))
+            res = optimise(self.G, self.classifier, z0, values, mask, thresholds, self.cfg.steps, self.cfg.lr,
+                           self.cfg.prior_weight, self.amp)
+            for j, t in enumerate(batch_t):
+                key = format_target(self.targets[t])
+                if len(got[t]) >= len(need[t]):
+                    continue  # attempts beyond what the shard needs are neither kept nor counted
+                if not bool(res.accepted[j]):
+                    self.stats[key]["rejected"] += 1
+                    continue
+                st = self.stats[key]
+                st["accepted"] += 1
+                st["steps"] += int(res.steps[j])
+                st["prob_sum"] += float((res.probs[j] * mask[j].to(res.probs.device)).sum() / mask[j].sum())
+                got[t].append((batch_seed[j], batch_a[j], res, j))
+        rows, latents, images = [], [], []
+        for t in range(T):
+            for k, (sd, a, res, j) in zip(need[t], got[t]):
+                rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": sd, "latent_index": a,
+                             "target": format_target(self.targets[t]), "lco_steps": int(res.steps[j]),
+                             **{f"p_{f}": round(float(res.probs[j, q]), 6) for q, f in enumerate(self.findings)}})
+                latents.append(res.z[j].cpu())
+                images.append(res.images[j].cpu())
+        order = np.argsort([r["index"] for r in rows])
+        return [rows[i] for i in order], torch.stack(latents)[order], torch.stack(images)[order]
+
+    def _write_shard(self, s: int, slots: range, pool) -> None:
+        folder = self.out / f"shard-{s:05d}"
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier attempt
+        folder.mkdir(parents=True)
+        rows, latents, images = (self._lco_shard if self.targets else self._unconditional_shard)(s, slots)
+        bits = 16 if self.cfg.format == "png16" else 8
+        if self.cfg.format == "dicom":
+            bits = 8
+        pixels = to_uint(images, bits)
+        futures = []
+        for r, row in enumerate(rows):
+            suffix = "dcm" if self.cfg.format == "dicom" else "png"
+            path = folder / f"{row['index']:08d}.{suffix}"
+            row["file"] = f"{folder.name}/{path.name}"
+            row["latent_file"], row["latent_row"] = f"{folder.name}.latents.npy", r
+            if self.cfg.format == "dicom":
+                comment = f"Synthetic image {row['index']} (seed {row['seed']}); target {row['target'] or 'none'}"
+                futures.append(pool.submit(write_dicom, path, pixels[r], comment))
+            else:
+                futures.append(pool.submit(save_png, pixels[r], path))
+        for f in futures:
+            f.result()
+        np.save(self.out / f"{folder.name}.latents.npy", latents.numpy())
+        fields = ["file", "index", "seed", "latent_seed", "latent_index", "target", "lco_steps", "latent_file",
+                  "latent_row"] + [f"p_{f}" for f in self.findings]
+        tmp = self.out / f"{folder.name}.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.out / f"{folder.name}.csv")  # the shard is complete from here on
+
+    # ------------------------------------------------------------------ the whole archive
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings_path = self.out / "sample_config.json"
+        settings = {k: v for k, v in asdict(self.cfg).items()
+                    if k not in ("device", "encode_threads", "out", "max_attempts")}
+        if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+            raise ValueError(f"{self.out} holds an archive sampled with other settings "
+                             f"({settings_path}); choose another --out")
+        settings_path.write_text(json.dumps(settings, indent=2))
+        total = self.cfg.n * max(1, len(self.targets))
+        S = self.cfg.shard_size
+        shards = [range(s * S, min((s + 1) * S, total)) for s in range((total + S - 1) // S)]
+        from tqdm import tqdm
+        done = [s for s in range(len(shards)) if (self.out / f"shard-{s:05d}.csv").is_file()]
+        t0 = time.perf_counter()
+        made = 0
+        with cf.ThreadPoolExecutor(self.cfg.encode_threads) as pool, \
+                tqdm(total=total, initial=sum(len(shards[s]) for s in done), unit="img", desc="sample",
+                     disable=not self.progress, dynamic_ncols=True) as bar:
+            for s, slots in enumerate(shards):
+                if s in done:
+                    continue
+                self._write_shard(s, slots, pool)
+                made += len(slots)
+                bar.update(len(slots))
+        elapsed = time.perf_counter() - t0
+        rows = []
+        for s in range(len(shards)):
+            with open(self.out / f"shard-{s:05d}.csv", newline="") as fh:
+                rows.extend(csv.DictReader(fh))
+        tmp = self.out / "manifest.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.out / "manifest.csv")
+        summary = {"out": str(self.out), "images": len(rows), "checkpoint": str(self.ckpt), "format": self.cfg.format,
+                   "images_per_second": made / elapsed if elapsed > 0 and made else None, "targets": {}}
+        for key, st in self.stats.items():
+            tried = st["accepted"] + st["rejected"]
+            summary["targets"][key] = {
+                "accepted": st["accepted"], "rejected": st["rejected"],
+                "acceptance_rate": st["accepted"] / tried if tried else None,
+                "mean_steps": st["steps"] / st["accepted"] if st["accepted"] else None,
+                "mean_target_probability": st["prob_sum"] / st["accepted"] if st["accepted"] else None}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def sample_archive(cfg: SampleConfig, progress: bool = True) -> dict:
+    return ArchiveSampler(cfg, progress).run()
+
+
+def rejection_sample(G, classifier, target: dict, seed: int, n: int, batch: int = 64, device=None, amp=None) -> dict:
+    """The baseline: generate n images, classify, keep those that meet the target."""
+    device = device or next(G.parameters()).device
+    values, mask, thr = target_tensors(target, classifier.findings, classifier.threshold)
+    hits, t0 = 0, time.perf_counter()
+    for start in range(0, n, batch):
+        idx = list(range(start, min(start + batch, n)))
+        z = latents_for(seed, idx, G.config.latent_dim).to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            probs = torch.sigmoid(classifier(G(z)).float())
+        hits += int(satisfied(probs, values.to(device), mask.to(device), thr.to(device)).sum())
+    dt = time.perf_counter() - t0
+    return {"generated": n, "accepted": hits, "hit_rate": hits / n, "seconds": dt, "accepted_per_second": hits / dt}
+
+
+__all__ = ["SampleConfig", "sample_archive", "rejection_sample", "write_dicom", "find_generator", "log_prior"]
