@@ -188,10 +188,14 @@ class FeatureExtractor:
         loader = self._loader(_FileDataset(files))
         return self._consume(self._batches_from(loader, files), len(files), f"features {Path(path).name}", "folder")
 
-    def from_archive(self, path: str) -> FeatureResult:
+    def from_archive(self, path: str, limit: int | None = None) -> FeatureResult:
+        """Features of the archive's images (``limit``: that many, evenly spread over it)."""
         rank, world = _rank_world()
         arc = Archive(path)
-        positions = list(range(len(arc)))[rank::world]
+        every = list(range(len(arc)))
+        if limit is not None and limit < len(every):
+            every = sorted({int(i) for i in np.linspace(0, len(arc) - 1, limit)})
+        positions = every[rank::world]
         loader = self._loader(_ArchiveDataset(arc, positions))
         names = [arc.records[p]["source"] for p in positions]
         return self._consume(self._batches_from(loader, names), len(positions), f"features {Path(path).name}",
@@ -218,12 +222,13 @@ class FeatureExtractor:
 
         return self._consume(batches(), len(indices), f"generate {folder.name}", "checkpoint")
 
-    def compute(self, spec: str, n: int | None = None, seed: int = 0) -> FeatureResult:
+    def compute(self, spec: str, n: int | None = None, seed: int = 0, limit: int | None = None) -> FeatureResult:
+        """``n``: images to generate from a checkpoint; ``limit``: images to use from an archive."""
         kind = describe(spec)
         if kind == "stats":
             return FeatureResult(FrechetStats.load(spec), kind="stats")
         if kind == "archive":
-            return self.from_archive(spec)
+            return self.from_archive(spec, limit)
         if kind == "checkpoint":
             if not n:
                 raise ValueError(f"{spec} is a generator checkpoint: give the number of images with --n")
@@ -264,7 +269,7 @@ def bootstrap_fid(fa: np.ndarray, fb: np.ndarray, rounds: int = 100, seed: int =
 
 
 def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, bootstrap: int = 0,
-                keep_features: int = 10000, seed: int = 0, save_stats: str | None = None,
+                keep_features: int = 10000, seed: int = 0, save_stats: str | None = None, limit: int | None = None,
                 **extractor_kwargs) -> dict:
     """FID (and optionally KID and a bootstrap interval) between inputs ``a`` and ``b``.
 
@@ -273,10 +278,10 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     """
     need = kid_subsets or bootstrap
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
-    ra = ex.compute(a, n, seed)
+    ra = ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)
-    rb = ex.compute(b, n, seed + 1)
+    rb = ex.compute(b, n, seed + 1, limit)
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
               "mode": ex.mode,
               "inception": "random weights: a pipeline check, not a comparable FID" if ex.random_weights

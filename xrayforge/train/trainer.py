@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     max_images: int | None = None            # stop (with a checkpoint) after this many images
+    max_seconds: float | None = None         # stop (with a checkpoint) after this much training time
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -305,7 +306,8 @@ class Trainer:
                 self.images_seen = nxt
                 tick_images += global_batch(self.level)
                 bar.update(min(nxt, self.total) - bar.n)
-                done = self.images_seen >= self.total
+                done = self.images_seen >= self.total or (
+                    self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
                 if self.images_seen >= next_tick or done or self._stop_signal:
                     now = time.perf_counter()
                     self.tick += 1
@@ -328,13 +330,15 @@ class Trainer:
                 if self._stop_signal:
                     raise Interrupted(f"stopped by signal {self._stop_signal} at {self.images_seen} images; "
                                       f"a checkpoint was written: resume with --resume")
+                if done:
+                    break
         finally:
             prefetch.close()
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return {"images_seen": self.images_seen, "level": self.level, "checkpoint": str(self.latest_checkpoint()),
-                "out": str(self.out)}
+                "out": str(self.out), "complete": self.images_seen >= self.total}
 
 
 def init_distributed() -> tuple[int, int]:

@@ -1,0 +1,38 @@
+import json
+
+import pytest
+
+from xrayforge.cli import main as cli
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
+    state = json.loads((out / "demo_state.json").read_text())
+    assert (out / "phantom" / "archive.json").is_file()
+    run = out / "run"
+    assert (run / "log.jsonl").is_file() and (run / "loss.png").is_file() and (run / "grid-latest.png").is_file()
+    assert any((run / "checkpoints").glob("ckpt-*"))
+    assert (out / "classifier" / "classifier.pt").is_file() and state["classifier"]["best_mean_auroc"] > 0.5
+    assert (out / "samples" / "unconditional" / "manifest.csv").is_file()
+    assert set(state["lco"]) == {"Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"}
+    for target, info in state["lco"].items():
+        assert "error" in info or (out / "samples").glob("lco-*/manifest.csv"), target
+    assert state["fid"]["fid"] >= 0 and "random weights" in state["fid"]["inception"]  # no weights in CI
+    report = (out / "report.html").read_text()
+    assert "FID" in report and "data:image/png;base64" in report
+    assert (out / "report.md").is_file()
+    # a second run finds every stage done and only recomputes the cheap end of the pipeline
+    assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
+    again = json.loads((out / "demo_state.json").read_text())
+    assert again["train"]["images_seen"] == state["train"]["images_seen"]
+
+
+def test_every_help_works(capsys):
+    for args in (["--help"], ["info", "--help"], ["prepare", "--help"], ["train", "--help"], ["fid", "--help"],
+                 ["sample", "--help"], ["classify", "--help"], ["classify", "train", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            cli(args)
+        assert exc.value.code == 0
+        assert "usage: xrayforge" in capsys.readouterr().out

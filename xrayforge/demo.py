@@ -1,0 +1,214 @@
+"""`xrayforge demo`: the whole pipeline on the built-in chest phantom, sized to a time budget.
+
+Stages (each is skipped when a previous run already finished it, so Ctrl-C followed by the
+same command continues): build a phantom archive, train a small PGGAN, train the phantom
+classifier, sample unconditional images and an LCO-labelled archive for a few target
+combinations, compute FID (real Inception weights when present, else random weights, labelled
+as a pipeline check), and write report.md / report.html. Everything goes under --out.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+DEMO_TARGETS = ["Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"]
+
+
+def plan(minutes: float, device: torch.device) -> dict:
+    """Sizes for the budget: resolution, archive size, network width, samples."""
+    gpu = device.type == "cuda"
+    if gpu:
+        return {"resolution": 256, "images": 20000, "latent": 256, "fmap_base": 4096, "fmap_max": 256,
+                "batch": 32, "clf_size": 128, "clf_width": 32, "clf_epochs": 10, "samples": 1000, "lco_n": 64,
+                "fid_real": 5000}
+    # on a CPU the FID Inception (about 6 GFLOP per image at 299 px) dominates: few FID images
+    small = minutes < 3
+    fid_n = 16 if minutes < 0.5 else (24 if minutes < 1 else (64 if small else 200))
+    return {"resolution": 32 if small else 64, "images": 600 if small else 3000, "latent": 64 if small else 128,
+            "fmap_base": 256 if small else 1024, "fmap_max": 32 if small else 64, "batch": 16,
+            "clf_size": 32 if small else 64, "clf_width": 16,
+            "clf_epochs": 4 if minutes < 1 else (6 if small else 10),
+            "samples": fid_n, "lco_n": 4 if small else 16, "fid_real": fid_n}
+
+
+def _img_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def write_report(out: Path, results: dict) -> tuple[Path, Path]:
+    lines = ["# xrayforge demo report", "",
+             f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px.", "",
+             "## Training", f"{results['train']['images_seen']} images seen in "
+             f"{results['train']['seconds']:.0f} s; final level {results['train']['level']}.", "",
+             "![loss curve](run/loss.png)", "", "![samples](run/grid-latest.png)", "",
+             "## Classifier", f"Best mean validation AUROC {results['classifier']['best_mean_auroc']:.3f}.", ""]
+    lines += [f"- {k}: {v:.3f}" for k, v in results["classifier"]["auroc"].items()]
+    lines += ["", "## LCO-labelled samples", "| target | accepted | rejected | acceptance | mean steps |", "|---|---|---|---|---|"]
+    for key, t in results["lco"].items():
+        if "error" in t:
+            lines.append(f"| {key} | — | — | {t['error']} | — |")
+        else:
+            lines.append(f"| {key} | {t['accepted']} | {t['rejected']} | {t['acceptance_rate'] or 0:.1%} | "
+                         f"{t['mean_steps'] or 0:.1f} |")
+    fid = results["fid"]
+    lines += ["", "## FID", f"FID {fid['fid']:.3f} between {fid['n_a']} real phantoms and {fid['n_b']} samples "
+              f"({fid['inception']}).", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    html = ["<html><head><meta charset='utf-8'><title>xrayforge demo</title></head><body style='font-family:sans-serif;"
+            "max-width:900px;margin:auto'>"]
+    for line in lines:
+        if line.startswith("# "):
+            html.append(f"<h1>{line[2:]}</h1>")
+        elif line.startswith("## "):
+            html.append(f"<h2>{line[3:]}</h2>")
+        elif line.startswith("!["):
+            rel = line[line.index("(") + 1:-1]
+            if (out / rel).is_file():
+                html.append(_img_tag(out / rel))
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set(cells[0]) <= {"-"}:
+                continue
+            html.append("<table border=1 cellpadding=4><tr>" if line == lines[lines.index(line)] and
+                        cells[0] == "target" else "<tr>")
+            html.append("".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        elif line:
+            html.append(f"<p>{line}</p>")
+    html.append("</table></body></html>")
+    page = out / "report.html"
+    page.write_text("\n".join(html))
+    return md, page
+
+
+def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: float = 5.0,
+             inception: str | None = None, progress: bool = True) -> dict:
+    from .data.archive import Archive
+    from .data.prepare import prepare
+    from .evaluate.classifier import ClassifierTrainConfig, train_classifier
+    from .fid.compute import compute_fid
+    from .fid.inception import find_weights
+    from .sample.writer import SampleConfig, sample_archive
+    from .train.trainer import TrainConfig, Trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    p = plan(minutes, dev)
+    budget = minutes * 60
+    state_path = out / "demo_state.json"
+    results = json.loads(state_path.read_text()) if state_path.exists() else {}
+
+    def save_state():
+        state_path.write_text(json.dumps(results, indent=2))
+
+    clock = {"t": time.perf_counter()}
+    results.setdefault("seconds", {})
+
+    def say(msg):
+        if progress:
+            print(f"[demo] {msg}", flush=True)
+
+    def lap(stage):
+        now = time.perf_counter()
+        results["seconds"][stage] = results["seconds"].get(stage, 0.0) + now - clock["t"]
+        clock["t"] = now
+
+    # 1. data
+    archive = out / "phantom"
+    if not (archive / "archive.json").exists():
+        say(f"building {p['images']} chest phantoms at {p['resolution']} px")
+        prepare(f"phantom:{p['images']}", archive, resolution=p["resolution"], progress=progress)
+    results["archive"] = {"path": str(archive), "images": len(Archive(archive)), "resolution": p["resolution"]}
+    lap("data")
+    save_state()
+
+    # 2. the GAN, sized so that the schedule fits about half the budget
+    run = out / "run"
+    if not results.get("train", {}).get("complete"):
+        levels = int(math.log2(p["resolution"])) - 1
+        phases = 1 + 2 * (levels - 1)
+        rate = 60.0 if dev.type == "cpu" else 600.0          # images/s at the top level, roughly
+        per_phase = max(p["batch"] * 4, int(rate * budget * 0.45 / phases) // p["batch"] * p["batch"])
+        cfg = TrainConfig(str(archive), str(run), fade_images=per_phase, stable_images=per_phase,
+                          tick_images=max(per_phase // 2, p["batch"]), latent_dim=p["latent"],
+                          fmap_base=p["fmap_base"], fmap_max=p["fmap_max"],
+                          batch={4 << i: p["batch"] for i in range(levels)}, device=str(dev),
+                          max_seconds=budget * 0.5, checkpoint_ticks=2)
+        resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))
+        say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
+            (" — resuming" if resume else ""))
+        t0 = time.perf_counter()
+        summary = Trainer(cfg, resume=resume, progress=progress).train()
+        results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True}
+        lap("train")
+        save_state()
+
+    # 3. the classifier
+    clf = out / "classifier"
+    if "classifier" not in results:
+        say("training the phantom classifier")
+        s = train_classifier(ClassifierTrainConfig(str(archive), str(clf), input_size=p["clf_size"],
+                                                   width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3,
+                                                   device=str(dev)), progress=progress)
+        results["classifier"] = {"path": str(clf), "best_mean_auroc": s["best_mean_auroc"],
+                                 "auroc": s["history"][-1]["auroc"]}
+        lap("classifier")
+        save_state()
+
+    # 4. samples: unconditional (for FID) and LCO-labelled
+    samples = out / "samples"
+    say(f"sampling {p['samples']} images")
+    sample_archive(SampleConfig(str(run), str(samples / "unconditional"), n=p["samples"], classifier=str(clf),
+                                device=str(dev)), progress=progress)
+    results.setdefault("lco", {})
+    for i, target in enumerate(DEMO_TARGETS):
+        if target in results["lco"]:
+            continue
+        say(f"LCO: {p['lco_n']} images with {target}")
+        folder = samples / f"lco-{i}"
+        try:
+            s = sample_archive(SampleConfig(str(run), str(folder), n=p["lco_n"], classifier=str(clf), targets=[target],
+                                            steps=60, lr=0.1, max_attempts=60, device=str(dev)), progress=progress)
+            results["lco"][target] = {**s["targets"][target], "folder": str(folder)}
+        except RuntimeError as exc:  # a combination this small generator cannot reach in the step limit
+            shutil.rmtree(folder, ignore_errors=True)
+            results["lco"][target] = {"error": str(exc).split(";")[0]}
+        save_state()
+    lap("sampling")
+
+    # 5. FID
+    try:
+        weights = str(find_weights(inception))
+        random_weights = False
+    except FileNotFoundError:
+        weights, random_weights = None, True
+        say("FID Inception weights not found: computing FID with random weights (a pipeline check, "
+            "not a comparable FID)")
+    say("computing FID")
+    fid = compute_fid(str(archive), str(samples / "unconditional"), inception=weights, random_weights=random_weights,
+                      device=str(dev), workers=0, progress=progress, batch_size=32, limit=p["fid_real"])
+    results["fid"] = {k: v for k, v in fid.items() if k != "skipped"}
+    lap("fid")
+    save_state()
+
+    md, page = write_report(out, results)
+    results["report"] = str(page)
+    save_state()
+    where = {
+        "archive": archive, "training run (log.jsonl, loss.png, grids/, checkpoints/)": run, "classifier": clf,
+        "unconditional samples": samples / "unconditional", "LCO-labelled samples": samples,
+        "report": page, "all figures (JSON)": state_path}
+    if progress:
+        print("\nxrayforge demo finished. Results:")
+        for what, path in where.items():
+            print(f"  {what:58s} {path}")
+        print(f"  FID {fid['fid']:.3f} ({fid['inception']})")
+    return results
