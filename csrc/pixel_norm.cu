@@ -66,6 +66,18 @@ __global__ void fwd_warp_per_pixel(const T* __restrict__ x, const void* bias, in
   }
 }
 
+// Sums the per-warp bias-gradient slots of this block, in a fixed order, into partial[row, c].
+template <typename Acc>
+__device__ __forceinline__ void write_bias_partials(const Acc* warp_bias, Acc* partial, int C) {
+  __syncthreads();
+  int64_t row = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    Acc s = 0;
+    for (int w = 0; w < kWarps; ++w) s += warp_bias[w * C + c];
+    partial[row * C + c] = s;
+  }
+}
+
 // y = h * r, r = (mean_c h^2 + eps)^-1/2  =>  dh = r * dy - h * r^3 * mean_c(dy * h);
 // with a bias the leaky ReLU's slope is applied and per-channel sums go to partial[row, c].
 template <typename T, typename Acc>
@@ -106,15 +118,7 @@ __global__ void bwd_pixel_per_thread(const T* __restrict__ x, const void* bias, 
       if (lane == 0) warp_bias[warp * C + c] = s;
     }
   }
-  if (partial != nullptr) {
-    __syncthreads();
-    int64_t row = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-    for (int c = threadIdx.x; c < C; c += kThreads) {
-      Acc s = 0;
-      for (int w = 0; w < kWarps; ++w) s += warp_bias[w * C + c];
-      partial[row * C + c] = s;
-    }
-  }
+  if (partial != nullptr) write_bias_partials(warp_bias, partial, C);
 }
 
 template <typename T, typename Acc>
@@ -152,15 +156,7 @@ __global__ void bwd_warp_per_pixel(const T* __restrict__ x, const void* bias, in
       dx[off] = from_acc<T>(dh);
     }
   }
-  if (partial != nullptr) {
-    __syncthreads();
-    int64_t row = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-    for (int c = threadIdx.x; c < C; c += kThreads) {
-      Acc s = 0;
-      for (int w = 0; w < kWarps; ++w) s += warp_bias[w * C + c];
-      partial[row * C + c] = s;
-    }
-  }
+  if (partial != nullptr) write_bias_partials(warp_bias, partial, C);
 }
 
 dim3 grid_for(int64_t B, int64_t P) {

@@ -32,13 +32,14 @@ def test_cuda_arch_list_parsing():
         mod.cmake_archs(" ; ")
 
 
-def test_readme_starts_with_the_command_ci_runs():
+def test_readme_starts_with_the_demo_and_the_command_ci_runs():
     readme = (ROOT / "README.md").read_text().splitlines()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -m1 -E '# tests$' README.md" in ci
-    first_command = next(line for line in readme if line and not line.startswith(("#", "`")))
-    assert first_command.rstrip().endswith("# tests")
-    assert re.search(r"pip install torch==2\.13\.0 .*pytest", first_command)
+    commands = [line for line in readme[:6] if line and not line.startswith(("#", "`"))]
+    assert "xrayforge demo" in commands[0] and commands[0].startswith("pip install")
+    assert commands[1].rstrip().endswith("# tests")
+    assert re.search(r"pip install torch==2\.13\.0 .*pytest", commands[1])
 
 
 def test_ci_script_is_valid_bash():

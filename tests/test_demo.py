@@ -36,3 +36,11 @@ def test_every_help_works(capsys):
             cli(args)
         assert exc.value.code == 0
         assert "usage: xrayforge" in capsys.readouterr().out
+
+
+def test_bench_prints_the_table(tmp_path, capsys):
+    assert cli(["bench", "--suites", "sampling", "--quick", "--json", str(tmp_path / "b.json"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "### sampling" in out and "img/s" in out
+    assert json.loads((tmp_path / "b.json").read_text())["sampling"]["rows"]
+    assert cli(["bench", "--suites", "nonsense", "-q"]) == 2

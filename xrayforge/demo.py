@@ -62,9 +62,13 @@ def write_report(out: Path, results: dict) -> tuple[Path, Path]:
               f"({fid['inception']}).", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines) + "\n")
-    html = ["<html><head><meta charset='utf-8'><title>xrayforge demo</title></head><body style='font-family:sans-serif;"
-            "max-width:900px;margin:auto'>"]
+    html = ["<html><head><meta charset='utf-8'><title>xrayforge demo</title></head>"
+            "<body style='font-family:sans-serif;max-width:900px;margin:auto'>"]
+    in_table = False
     for line in lines:
+        if in_table and not line.startswith("|"):
+            html.append("</table>")
+            in_table = False
         if line.startswith("# "):
             html.append(f"<h1>{line[2:]}</h1>")
         elif line.startswith("## "):
@@ -75,14 +79,15 @@ def write_report(out: Path, results: dict) -> tuple[Path, Path]:
                 html.append(_img_tag(out / rel))
         elif line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            if set(cells[0]) <= {"-"}:
+            if set("".join(cells)) <= {"-"}:
                 continue
-            html.append("<table border=1 cellpadding=4><tr>" if line == lines[lines.index(line)] and
-                        cells[0] == "target" else "<tr>")
-            html.append("".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            if not in_table:
+                html.append("<table border=1 cellpadding=4>")
+                in_table = True
+            html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         elif line:
             html.append(f"<p>{line}</p>")
-    html.append("</table></body></html>")
+    html.append(("</table>" if in_table else "") + "</body></html>")
     page = out / "report.html"
     page.write_text("\n".join(html))
     return md, page

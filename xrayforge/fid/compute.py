@@ -82,20 +82,6 @@ def describe(spec: str) -> str:
     raise FileNotFoundError(f"{spec}: no such file or folder")
 
 
-def _checkpoint_folder(spec: str) -> Path:
-    p = Path(spec)
-    if (p / "networks.json").is_file():
-        return p
-    ck = p / "checkpoints"
-    pointer = ck / "latest"
-    if pointer.is_file() and (ck / pointer.read_text().strip() / "networks.json").is_file():
-        return ck / pointer.read_text().strip()
-    found = sorted(q for q in ck.glob("ckpt-*") if (q / "networks.json").is_file())
-    if not found:
-        raise FileNotFoundError(f"{spec}: no checkpoint in {ck}")
-    return found[-1]
-
-
 class FeatureExtractor:
     """Inception features -> streaming moments, for any kind of input."""
 
@@ -204,10 +190,10 @@ class FeatureExtractor:
     def from_checkpoint(self, path: str, n: int, seed: int = 0, truncation: float | None = None) -> FeatureResult:
         """Features of n images from the EMA generator, made on the fly (never written);
         quantised to 8 bits like the PNGs `xrayforge sample` would write."""
-        from ..nn import load_networks
+        from ..nn import find_checkpoint, load_networks
         from ..sample.sampler import latents_for
         rank, world = _rank_world()
-        folder = _checkpoint_folder(path)
+        folder = find_checkpoint(path)
         G = load_networks(folder, names=["G_ema"], map_location=self.device)["G_ema"].eval()
         indices = list(range(n))[rank::world]
 

@@ -1,9 +1,9 @@
 """Equalized-lr layers, the PGGAN generator and discriminator, and checkpoint I/O."""
-from .checkpoint import load_networks, save_networks
+from .checkpoint import find_checkpoint, load_networks, save_networks
 from .gan_zoo import load_pytorch_gan_zoo
 from .layers import EqualizedConv2d, EqualizedLinear, downsample_conv_kernel, upsample_conv_kernel
 from .networks import Discriminator, Generator, NetworkConfig, largest_group_size
 
 __all__ = ["EqualizedConv2d", "EqualizedLinear", "Generator", "Discriminator", "NetworkConfig",
-           "load_networks", "save_networks", "load_pytorch_gan_zoo", "upsample_conv_kernel",
+           "find_checkpoint", "load_networks", "save_networks", "load_pytorch_gan_zoo", "upsample_conv_kernel",
            "downsample_conv_kernel", "largest_group_size"]

@@ -48,6 +48,22 @@ def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None 
     return folder
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder (holding networks.json) from itself or from a training run folder
+    (its checkpoints/latest, else its newest complete checkpoint)."""
+    p = Path(path)
+    if (p / "networks.json").is_file():
+        return p
+    ck = p / "checkpoints"
+    pointer = ck / "latest"
+    if pointer.is_file() and (ck / pointer.read_text().strip() / "networks.json").is_file():
+        return ck / pointer.read_text().strip()
+    found = sorted(q for q in ck.glob("ckpt-*") if (q / "networks.json").is_file()) if ck.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{path}: not a checkpoint, nor a run folder with checkpoints")
+    return found[-1]
+
+
 def read_metadata(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "networks.json"
     if not path.is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..nn import load_networks
+from ..nn import find_checkpoint, load_networks
 from ..utils.images import save_png, to_uint
 from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
 from .sampler import latents_for
@@ -54,18 +54,8 @@ class SampleConfig:
 
 
 def find_generator(run: str | os.PathLike) -> Path:
-    """A checkpoint folder (networks.json) from a checkpoint or a run folder."""
-    p = Path(run)
-    if (p / "networks.json").is_file():
-        return p
-    ck = p / "checkpoints"
-    pointer = ck / "latest"
-    if pointer.is_file() and (ck / pointer.read_text().strip() / "networks.json").is_file():
-        return ck / pointer.read_text().strip()
-    found = sorted(q for q in ck.glob("ckpt-*") if (q / "networks.json").is_file()) if ck.is_dir() else []
-    if not found:
-        raise FileNotFoundError(f"{run}: not a checkpoint or a run folder with checkpoints")
-    return found[-1]
+    """The checkpoint folder to sample from (a checkpoint, or a run folder's latest)."""
+    return find_checkpoint(run)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
