@@ -105,6 +105,7 @@ setup(
         "pydicom>=2.4",
         "pillow>=9.0",
         "tqdm>=4.60",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "nvtx": ["nvtx>=0.2"],

@@ -163,3 +163,26 @@ def test_killed_archive_run_resumes_to_exactly_n_images(models, tmp_path):
     assert len(list(out.glob("shard-*/*.png"))) == 400
     with pytest.raises(ValueError, match="other settings"):
         sample_archive(SampleConfig(str(run), str(out), n=401, shard_size=20), progress=False)
+
+
+def _sample_rank(rank, world, run, clf, out, init_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sample_archive(SampleConfig(str(run), str(out), n=6, shard_size=2, classifier=str(clf),
+                                    targets=["Cardiomegaly=1"], steps=20, lr=0.1), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_shards(models, tmp_path):
+    run, clf = models
+    torch.multiprocessing.spawn(_sample_rank, args=(2, run, clf, tmp_path / "dist", tmp_path / "pg"), nprocs=2)
+    rows = read_manifest(tmp_path / "dist")
+    assert sorted(int(r["index"]) for r in rows) == list(range(6))
+    single = tmp_path / "single"
+    sample_archive(SampleConfig(str(run), str(single), n=6, shard_size=2, classifier=str(clf),
+                                targets=["Cardiomegaly=1"], steps=20, lr=0.1), progress=False)
+    assert [r["latent_index"] for r in rows] == [r["latent_index"] for r in read_manifest(single)]
+    summary = __import__("json").loads((tmp_path / "dist" / "summary.json").read_text())
+    assert summary["targets"]["Cardiomegaly=1"]["accepted"] == 6

@@ -154,7 +154,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import json
 
     from .sample.writer import SampleConfig, sample_archive
+    from .train.trainer import init_distributed
 
+    rank, _ = init_distributed()
     cfg = SampleConfig(run=args.run, out=args.out, n=args.n, seed=args.seed, format=args.format, batch=args.batch,
                        truncation=args.truncation, amp=args.amp, targets=args.lco or [], classifier=args.classifier,
                        steps=args.steps, lr=args.lr, prior_weight=args.prior_weight, shard_size=args.shard_size,
@@ -164,6 +166,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"xrayforge sample: error: {exc}", file=sys.stderr)
         return 1
+    if rank != 0:
+        return 0
     print(f"{summary['out']}: {summary['images']} images ({summary['format']}); manifest.csv, summary.json")
     for key, t in summary["targets"].items():
         rate = t["acceptance_rate"]

@@ -235,6 +235,11 @@ class ArchiveSampler:
 
     # ------------------------------------------------------------------ the whole archive
     def run(self) -> dict:
+        """Write every missing shard (under torchrun, process r writes shards r, r + world, ...),
+        then (process 0) the merged manifest and the summary."""
+        import torch.distributed as dist
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.out.mkdir(parents=True, exist_ok=True)
         settings_path = self.out / "sample_config.json"
         settings = {k: v for k, v in asdict(self.cfg).items()
@@ -242,7 +247,8 @@ class ArchiveSampler:
         if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
             raise ValueError(f"{self.out} holds an archive sampled with other settings "
                              f"({settings_path}); choose another --out")
-        settings_path.write_text(json.dumps(settings, indent=2))
+        if rank == 0:
+            settings_path.write_text(json.dumps(settings, indent=2))
         total = self.cfg.n * max(1, len(self.targets))
         S = self.cfg.shard_size
         shards = [range(s * S, min((s + 1) * S, total)) for s in range((total + S - 1) // S)]
@@ -252,14 +258,25 @@ class ArchiveSampler:
         made = 0
         with cf.ThreadPoolExecutor(self.cfg.encode_threads) as pool, \
                 tqdm(total=total, initial=sum(len(shards[s]) for s in done), unit="img", desc="sample",
-                     disable=not self.progress, dynamic_ncols=True) as bar:
+                     disable=not self.progress or rank != 0, dynamic_ncols=True) as bar:
             for s, slots in enumerate(shards):
-                if s in done:
+                if s in done or s % world != rank:
                     continue
                 self._write_shard(s, slots, pool)
                 made += len(slots)
-                bar.update(len(slots))
+                bar.update(len(slots) * world)
         elapsed = time.perf_counter() - t0
+        if distributed:  # add up the LCO counts of every process, wait for every shard
+            fields = ("accepted", "rejected", "steps", "prob_sum")
+            counts = torch.tensor([[float(st[f]) for f in fields] for st in self.stats.values()] + [[made, 0, 0, 0]],
+                                  dtype=torch.float64, device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(counts)
+            for row, st in zip(counts.tolist(), self.stats.values()):
+                st.update({f: (v if f == "prob_sum" else int(v)) for f, v in zip(fields, row)})
+            made = int(counts[-1, 0])
+            dist.barrier()
+            if rank != 0:
+                return {"out": str(self.out), "rank": rank}
         rows = []
         for s in range(len(shards)):
             with open(self.out / f"shard-{s:05d}.csv", newline="") as fh:
@@ -287,19 +304,27 @@ def sample_archive(cfg: SampleConfig, progress: bool = True) -> dict:
     return ArchiveSampler(cfg, progress).run()
 
 
-def rejection_sample(G, classifier, target: dict, seed: int, n: int, batch: int = 64, device=None, amp=None) -> dict:
+def rejection_sample(G, classifier, target: dict, seed: int, n: int, batch: int = 64, device=None, amp=None,
+                     keep_images: bool = False) -> dict:
     """The baseline: generate n images, classify, keep those that meet the target."""
     device = device or next(G.parameters()).device
     values, mask, thr = target_tensors(target, classifier.findings, classifier.threshold)
-    hits, t0 = 0, time.perf_counter()
+    hits, t0, kept = 0, time.perf_counter(), []
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
         z = latents_for(seed, idx, G.config.latent_dim).to(device)
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            probs = torch.sigmoid(classifier(G(z)).float())
-        hits += int(satisfied(probs, values.to(device), mask.to(device), thr.to(device)).sum())
+            images = G(z)
+            probs = torch.sigmoid(classifier(images).float())
+        ok = satisfied(probs, values.to(device), mask.to(device), thr.to(device))
+        hits += int(ok.sum())
+        if keep_images:
+            kept.append(images[ok].float().cpu())
     dt = time.perf_counter() - t0
-    return {"generated": n, "accepted": hits, "hit_rate": hits / n, "seconds": dt, "accepted_per_second": hits / dt}
+    out = {"generated": n, "accepted": hits, "hit_rate": hits / n, "seconds": dt, "accepted_per_second": hits / dt}
+    if keep_images:
+        out["images"] = torch.cat(kept) if kept else torch.empty(0)
+    return out
 
 
 __all__ = ["SampleConfig", "sample_archive", "rejection_sample", "write_dicom", "find_generator", "log_prior"]
