@@ -98,12 +98,9 @@ def preprocess(images: torch.Tensor, channels: int = 1, dtype: torch.dtype = tor
     if c_in not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels, got {c_in}")
     c_out = 3 if (c_in == 3 or channels == 3) else 1
-    name = backend or _backend.get_backend()
-    impl = "triton" if name == "triton" or (name == "auto" and x.is_cuda and triton is not None) else "torch"
-    if name == "triton":
-        why = _backend.unavailable_reason("triton", "fid_preprocess", x.device)
-        if why:
-            raise _backend.BackendUnavailableError(f"fid preprocess: backend 'triton' is not available: {why}")
+    impl = _backend.resolve_for_device("fid_preprocess", x.device, backend)
+    if impl == "cuda":
+        raise _backend.BackendUnavailableError("fid preprocess: there is no CUDA-extension kernel; use 'triton'")
     if impl == "torch" or n == 0:
         return reference(x, c_out, size).to(dtype)
     out = torch.empty((n, c_out, size, size), device=x.device, dtype=dtype)

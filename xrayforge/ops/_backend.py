@@ -26,6 +26,7 @@ GPU_VALIDATED: dict[str, tuple[str, ...]] = {
     "bias_lrelu_pixel_norm": (),
     "bias_lrelu": (),
     "minibatch_stddev": (),
+    "fid_preprocess": (),
 }
 
 
