@@ -219,6 +219,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_memorisation(args: argparse.Namespace) -> int:
+    from .evaluate.memorisation import audit
+    from .fid.compute import FeatureExtractor
+
+    try:
+        ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
+                              progress=not args.quiet)
+        summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,
+                        progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge evaluate memorisation: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {summary['flagged']} of {summary['synthetic']} synthetic images flagged "
+          f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
+          f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
+          f"{summary['median_real_to_real_inception']:.3f} (Inception, {summary['inception']})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -371,6 +390,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_classify_train)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    p = sub.add_parser("evaluate", help="evaluations of a generator (memorisation audit)",
+                       description="Evaluations of synthetic archives against real ones.")
+    esub = p.add_subparsers(dest="evaluate_command", metavar="EVALUATION")
+    q = esub.add_parser(
+        "memorisation", help="does the generator copy its training images?",
+        description="For every synthetic image, its nearest real training image in Inception feature space and in "
+                    "32×32 pixel space, against real-to-real nearest-neighbour distances; flags pairs closer than "
+                    "the --percentile of those; writes memorisation.csv, summary.json, distances.png and "
+                    "closest_pairs.png. Distances are computed in chunks, never as a whole matrix.")
+    q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
+    q.add_argument("--real", required=True, help="the training archive (or a folder of real images)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--percentile", type=float, default=1.0, help="flag threshold percentile (default 1)")
+    q.add_argument("--real-limit", type=int, default=None, help="use this many real images, evenly spread")
+    q.add_argument("--inception", default=None)
+    q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--workers", type=int, default=4)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_memorisation)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     p = sub.add_parser(

@@ -123,7 +123,7 @@ class FeatureExtractor:
         rng = np.random.default_rng(self.seed)
         skipped = []
         with self._bar(total, desc) as bar:
-            for images, skips in batches:
+            for images, _, skips in batches:
                 skipped.extend(skips)
                 bar.update(len(skips))
                 if images is None or len(images) == 0:
@@ -153,39 +153,50 @@ class FeatureExtractor:
 
     @staticmethod
     def _batches_from(loader, names):
+        """(images, their names, skipped (name, reason) pairs) per batch."""
         for items in loader:
             good = [(i, t) for i, t, err in items if t is not None]
             skips = [(str(names[i]), err) for i, t, err in items if t is None]
             if not good:
-                yield None, skips
+                yield None, [], skips
                 continue
             shapes = {tuple(t.shape) for _, t in good}
             if len(shapes) == 1:
-                yield torch.stack([t for _, t in good]), skips
+                yield torch.stack([t for _, t in good]), [str(names[i]) for i, _ in good], skips
             else:  # mixed sizes: preprocess one by one (the network input is 299 px either way)
-                for k, (_, t) in enumerate(good):
-                    yield t.unsqueeze(0), skips if k == 0 else []
+                for k, (i, t) in enumerate(good):
+                    yield t.unsqueeze(0), [str(names[i])], skips if k == 0 else []
+
+    def image_batches(self, spec: str, limit: int | None = None, shard: bool = True):
+        """(kind, image count, batches) of a folder or an archive; this process's share under
+        torchrun when ``shard``. Archive images are named by their manifest source."""
+        rank, world = _rank_world() if shard else (0, 1)
+        kind = describe(spec)
+        if kind == "folder":
+            names = find_images(spec)[rank::world]
+            if not names:
+                raise FileNotFoundError(f"{spec}: no image files")
+            dataset = _FileDataset(names)
+        elif kind == "archive":
+            arc = Archive(spec)
+            every = list(range(len(arc)))
+            if limit is not None and limit < len(every):  # that many, evenly spread over the archive
+                every = sorted({int(i) for i in np.linspace(0, len(arc) - 1, limit)})
+            positions = every[rank::world]
+            dataset = _ArchiveDataset(arc, positions)
+            names = [arc.records[p]["source"] for p in positions]
+        else:
+            raise ValueError(f"{spec}: expected a folder of images or an archive, got a {kind}")
+        return kind, len(names), self._batches_from(self._loader(dataset), names)
 
     def from_folder(self, path: str) -> FeatureResult:
-        rank, world = _rank_world()
-        files = find_images(path)[rank::world]
-        if not files:
-            raise FileNotFoundError(f"{path}: no image files")
-        loader = self._loader(_FileDataset(files))
-        return self._consume(self._batches_from(loader, files), len(files), f"features {Path(path).name}", "folder")
+        kind, total, batches = self.image_batches(path)
+        return self._consume(batches, total, f"features {Path(path).name}", kind)
 
     def from_archive(self, path: str, limit: int | None = None) -> FeatureResult:
         """Features of the archive's images (``limit``: that many, evenly spread over it)."""
-        rank, world = _rank_world()
-        arc = Archive(path)
-        every = list(range(len(arc)))
-        if limit is not None and limit < len(every):
-            every = sorted({int(i) for i in np.linspace(0, len(arc) - 1, limit)})
-        positions = every[rank::world]
-        loader = self._loader(_ArchiveDataset(arc, positions))
-        names = [arc.records[p]["source"] for p in positions]
-        return self._consume(self._batches_from(loader, names), len(positions), f"features {Path(path).name}",
-                             "archive")
+        kind, total, batches = self.image_batches(path, limit)
+        return self._consume(batches, total, f"features {Path(path).name}", kind)
 
     def from_checkpoint(self, path: str, n: int, seed: int = 0, truncation: float | None = None) -> FeatureResult:
         """Features of n images from the EMA generator, made on the fly (never written);
@@ -204,7 +215,7 @@ class FeatureExtractor:
                 with torch.no_grad(), self._autocast():
                     img = G(z).float()
                 u8 = ((img[:, 0] + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-                yield u8, []
+                yield u8, [], []
 
         return self._consume(batches(), len(indices), f"generate {folder.name}", "checkpoint")
 

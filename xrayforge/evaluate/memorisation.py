@@ -1,0 +1,149 @@
+"""`xrayforge evaluate memorisation --synthetic A --real B --out DIR`: does the generator copy
+its training patients?
+
+For every synthetic image, its nearest real training image in Inception feature space and in
+pixel space (32×32 grey levels); for reference, every real image's nearest other real image.
+A synthetic image closer to a real one than the ``percentile``-th percentile of the
+real-to-real nearest-neighbour distances, in either space, is flagged. Distances are computed
+in chunks on the accelerator, so the full distance matrix never exists (100k × 100k is fine).
+
+Writes memorisation.csv (one row per synthetic image), summary.json, distances.png (the two
+distributions) and closest_pairs.png (the closest synthetic / real pairs side by side).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PIXEL_SIZE = 32
+
+
+def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False,
+                       chunk_q: int = 2048, chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance to, and index of, each query's nearest reference, chunk by chunk.
+
+    ``exclude_self``: queries and refs are the same set; a row's own index is skipped.
+    """
+    dev = refs.device
+    best_d = torch.full((len(queries),), float("inf"), device=dev, dtype=torch.float64)
+    best_i = torch.zeros(len(queries), dtype=torch.long, device=dev)
+    ref_sq = refs.double().square().sum(1)
+    for qs in range(0, len(queries), chunk_q):
+        q = queries[qs:qs + chunk_q].to(dev).double()
+        q_sq = q.square().sum(1, keepdim=True)
+        for rs in range(0, len(refs), chunk_r):
+            r = refs[rs:rs + chunk_r].double()
+            d2 = (q_sq + ref_sq[rs:rs + chunk_r][None, :] - 2 * q @ r.T).clamp_min_(0)
+            if exclude_self:
+                rows = torch.arange(qs, qs + len(q), device=dev)
+                cols = rows - rs
+                ok = (cols >= 0) & (cols < len(r))
+                d2[ok.nonzero().squeeze(1), cols[ok]] = float("inf")
+            d, i = d2.min(dim=1)
+            better = d < best_d[qs:qs + len(q)]
+            best_d[qs:qs + len(q)] = torch.where(better, d, best_d[qs:qs + len(q)])
+            best_i[qs:qs + len(q)] = torch.where(better, i + rs, best_i[qs:qs + len(q)])
+    return best_d.sqrt().float().cpu(), best_i.cpu()
+
+
+def _unit(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Stored pixels (N, H, W[, 3]) -> grey levels in [0, 1], area-resized to (N, size, size)."""
+    x = images.float() / (255.0 if images.dtype == torch.uint8 else (65535.0 if images.dtype == torch.int32 else 1.0))
+    if x.dim() == 4 and x.shape[-1] == 3:
+        x = x.mean(-1)
+    return F.interpolate(x.unsqueeze(1), size=(size, size), mode="area")[:, 0]
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """(N, 32*32) grey-level vectors: the pixel space of the audit."""
+    return _unit(images, PIXEL_SIZE).flatten(1)
+
+
+def collect(extractor, spec: str, limit: int | None = None, progress: bool = True):
+    """(names, Inception features, pixel vectors, thumbnails 64×64) of a folder or an archive."""
+    from tqdm import tqdm
+    kind, total, batches = extractor.image_batches(spec, limit, shard=False)
+    names, feats, pix, thumbs = [], [], [], []
+    with tqdm(total=total, unit="img", desc=f"features {Path(spec).name}", disable=not progress) as bar:
+        for images, good, skips in batches:
+            bar.update(len(skips))
+            if images is None:
+                continue
+            names += good
+            feats.append(extractor.features(images).cpu())
+            p = _pixels(images)
+            pix.append(p)
+            thumbs.append(_unit(images, 64))
+            bar.update(len(good))
+    if not names:
+        raise ValueError(f"{spec}: no readable images")
+    return names, torch.cat(feats), torch.cat(pix), torch.cat(thumbs)
+
+
+def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
+          real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    s_names, s_feat, s_pix, s_thumb = collect(extractor, synthetic, None, progress)
+    r_names, r_feat, r_pix, r_thumb = collect(extractor, real, real_limit, progress)
+    if len(r_names) < 2:
+        raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference")
+    dev = extractor.device
+    d_f, i_f = nearest_neighbours(s_feat, r_feat.to(dev))
+    d_p, i_p = nearest_neighbours(s_pix, r_pix.to(dev))
+    rr_f, _ = nearest_neighbours(r_feat, r_feat.to(dev), exclude_self=True)
+    rr_p, _ = nearest_neighbours(r_pix, r_pix.to(dev), exclude_self=True)
+    thr_f = float(np.percentile(rr_f.numpy(), percentile))
+    thr_p = float(np.percentile(rr_p.numpy(), percentile))
+    flagged = (d_f < thr_f) | (d_p < thr_p)
+    rows = [{"synthetic": s_names[k], "nearest_real_inception": r_names[int(i_f[k])],
+             "inception_distance": round(float(d_f[k]), 6), "nearest_real_pixels": r_names[int(i_p[k])],
+             "pixel_distance": round(float(d_p[k]), 6), "flagged": int(flagged[k])} for k in range(len(s_names))]
+    tmp = out / "memorisation.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "memorisation.csv")
+    summary = {
+        "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
+        "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
+        "flagged_fraction": float(flagged.float().mean()),
+        "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(rr_f.median()),
+        "median_synthetic_to_real_pixels": float(d_p.median()), "median_real_to_real_pixels": float(rr_p.median()),
+        "inception": "random weights (pipeline check)" if extractor.random_weights else "pt_inception-2015-12-05"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, out / "distances.png")
+    order = torch.argsort(d_f)[:pairs]
+    _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
+    return summary
+
+
+def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path):
+    from ..utils.plots import _pyplot
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, a, b, thr, title in ((axes[0], d_f, rr_f, thr_f, "Inception features"),
+                                 (axes[1], d_p, rr_p, thr_p, "pixels (32×32)")):
+        bins = np.linspace(0, float(max(a.max(), b.max())) * 1.05 + 1e-9, 40)
+        ax.hist(b.numpy(), bins=bins, alpha=0.6, density=True, label="real → nearest other real")
+        ax.hist(a.numpy(), bins=bins, alpha=0.6, density=True, label="synthetic → nearest real")
+        ax.axvline(thr, color="red", lw=1, label="flag threshold")
+        ax.set_title(title)
+        ax.set_xlabel("distance")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pairs_image(synth: torch.Tensor, real: torch.Tensor, path):
+    from ..utils.images import grid, save_png
+    both = torch.stack([synth, real], dim=1).reshape(-1, *synth.shape[1:])  # synthetic, then its real neighbour
+    save_png(grid((both.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), columns=2), path)
