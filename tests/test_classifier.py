@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from xrayforge.evaluate.metrics import auroc, patient_split, youden_threshold
+from xrayforge.nn.classifier import (ChestClassifier, ClassifierAdapter, ClassifierConfig, DenseNet121, ResNet,
+                                     load_classifier, load_torchvision_weights)
+from xrayforge.sample.lco import optimise, target_tensors
+
+
+def test_auroc_against_hand_computed_values():
+    assert auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert auroc([0, 1], [0.5, 0.5]) == pytest.approx(0.5)  # ties count half
+    assert auroc([1, 1, 0], [0.9, 0.8, 0.1]) == 1.0
+    assert np.isnan(auroc([1, 1], [0.2, 0.3]))
+
+
+def test_youden_threshold_and_patient_split():
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9]) == pytest.approx(0.7)
+    ids = ["p1", "p1", "p2", "p3", "p3", "p3"] * 20
+    mask = patient_split(ids, 0.3)
+    for pid in set(ids):  # a patient is never on both sides
+        assert len({bool(m) for m, i in zip(mask, ids) if i == pid}) == 1
+
+
+def test_torchvision_keys_and_weight_loading():
+    resnet = ResNet("resnet18", 1000, in_channels=3)
+    keys = set(resnet.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+            "layer4.1.bn2.weight", "fc.weight"} <= keys
+    dense = DenseNet121(1000, in_channels=3)
+    assert {"features.conv0.weight", "features.denseblock1.denselayer1.norm1.weight",
+            "features.transition1.conv.weight", "features.norm5.running_var", "classifier.weight"} <= set(dense.state_dict())
+    # ImageNet-style weights (3 channels, 1000 classes) into a 1-channel, 14-finding model
+    model = ChestClassifier(ClassifierConfig(arch="resnet18", input_size=32))
+    skipped = load_torchvision_weights(model, resnet.state_dict())
+    assert skipped == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(model.net.conv1.weight, resnet.conv1.weight.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match="do not fit"):
+        load_torchvision_weights(model, dense.state_dict())
+
+
+def test_save_load_round_trip(tmp_path):
+    model = ChestClassifier(ClassifierConfig(arch="densenet121", input_size=32, width=8)).eval()
+    model.config.thresholds = {"Mass": 0.3}
+    model.save(tmp_path / "m")
+    back = load_classifier(tmp_path / "m")
+    x = torch.rand(2, 1, 40, 40) * 2 - 1
+    torch.testing.assert_close(back(x), model(x))
+    assert back.threshold("Mass") == 0.3 and back.threshold("Nodule") == 0.5
+    with pytest.raises(FileNotFoundError, match="classifier.json"):
+        load_classifier(tmp_path)
+
+
+def test_an_adapted_foreign_classifier_drives_lco():
+    """A classifier that outputs probabilities (as torchxrayvision's do), wrapped by the adapter."""
+    class Brightness(torch.nn.Module):  # 'finding' = a bright image
+        def forward(self, x):
+            return torch.sigmoid(8 * x.mean(dim=(1, 2, 3))).unsqueeze(1)
+
+    adapter = ClassifierAdapter(Brightness(), ["Bright"], transform=lambda x: x * 1.0, outputs="probabilities")
+    G = lambda z: torch.tanh(z[:, :16].view(-1, 1, 4, 4))  # noqa: E731 (a generator: latent -> image)
+    z0 = -torch.ones(4, 32)                                  # starts dark: p(bright) ≈ 0
+    values, mask, thr = target_tensors({"Bright": 1}, adapter.findings, adapter.threshold)
+    res = optimise(G, adapter, z0, values.expand(4, -1), mask.expand(4, -1), thr.expand(4, -1), steps=200, lr=0.1)
+    assert res.accepted.all() and (res.probs[:, 0] >= 0.5).all()
+    with pytest.raises(ValueError):
+        ClassifierAdapter(Brightness(), ["Bright"], outputs="scores")
