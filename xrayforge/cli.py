@@ -238,6 +238,33 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reader_make(args: argparse.Namespace) -> int:
+    from .evaluate.reader_study import make
+
+    try:
+        info = make(args.real, args.synthetic, args.n, args.out, args.key, args.size, args.seed)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate reader-study make: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"pack {info['pack']} ({info['images']} images; open index.html in a browser); "
+          f"answer key {info['key']} — keep it away from the readers")
+    return 0
+
+
+def _cmd_reader_score(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate.reader_study import format_markdown, score
+
+    try:
+        result = score(args.pack, args.key, args.answers)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge evaluate reader-study score: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if args.json else format_markdown(result))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -413,6 +440,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_memorisation)
+    rs = esub.add_parser("reader-study", help="blinded real-vs-synthetic reader study",
+                         description="Make a blinded pack for radiologists, then score their exported answers.")
+    rsub = rs.add_subparsers(dest="reader_command", metavar="ACTION")
+    q = rsub.add_parser("make", help="write a blinded pack and its answer key",
+                        description="A balanced random mix of real and synthetic images, re-encoded as 8-bit PNG at "
+                                    "one size with random names, and a self-contained index.html for the readers "
+                                    "(window/level, zoom, real/synthetic, confidence 1-5, progress kept across "
+                                    "reloads, CSV export). The key goes beside the pack, never inside.")
+    q.add_argument("--real", required=True, help="archive or folder of real images")
+    q.add_argument("--synthetic", required=True, help="folder (e.g. from `xrayforge sample`) or archive")
+    q.add_argument("--n", type=int, default=100, help="images in the pack, half of each (default 100)")
+    q.add_argument("--out", required=True, help="pack folder")
+    q.add_argument("--key", default=None, help="answer key CSV (default: <out>.key.csv)")
+    q.add_argument("--size", type=int, default=1024, help="image size in the pack (default 1024)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_reader_make)
+    q = rsub.add_parser("score", help="score the readers' answers",
+                        description="Per-reader and pooled accuracy, sensitivity and specificity for 'synthetic', "
+                                    "binomial test against chance, Fleiss' kappa, synthetic images called real.")
+    q.add_argument("pack")
+    q.add_argument("key")
+    q.add_argument("answers", nargs="+", help="CSV files exported from the pack's page")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_reader_score)
+    rs.set_defaults(func=lambda a: (rs.print_help(), 2)[1])
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     p = sub.add_parser(

@@ -1,0 +1,94 @@
+import csv
+
+import pytest
+
+from xrayforge.evaluate.reader_study import binomial_two_sided, fleiss_kappa, score
+
+
+def write_csv(path, rows, fields):
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def study(tmp_path):
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "index.html").write_text("<html></html>")
+    truth = {"a": "real", "b": "real", "c": "synthetic", "d": "synthetic"}
+    key = write_csv(tmp_path / "key.csv", [{"image": k, "truth": v} for k, v in truth.items()], ["image", "truth"])
+    return pack, key
+
+
+def test_hand_computed_scores(study, tmp_path):
+    pack, key = study
+    # reader 1: a real, b fake (wrong), c fake, d real (wrong) -> 2/4; sens 1/2, spec 1/2
+    r1 = write_csv(tmp_path / "r1.csv", [{"reader": "r1", "image": i, "answer": a, "confidence": 3}
+                                         for i, a in (("a", "real"), ("b", "synthetic"), ("c", "synthetic"),
+                                                      ("d", "real"))], ["reader", "image", "answer", "confidence"])
+    # reader 2: all correct
+    r2 = write_csv(tmp_path / "r2.csv", [{"reader": "r2", "image": i, "answer": a, "confidence": 5}
+                                         for i, a in (("a", "real"), ("b", "real"), ("c", "fake"), ("d", "synthetic"))],
+                   ["reader", "image", "answer", "confidence"])
+    res = score(pack, key, [r1, r2])
+    assert res["readers"]["r1"]["accuracy"] == 0.5 and res["readers"]["r1"]["sensitivity_synthetic"] == 0.5
+    assert res["readers"]["r1"]["specificity_synthetic"] == 0.5 and res["readers"]["r1"]["synthetic_called_real"] == 0.5
+    assert res["readers"]["r2"]["accuracy"] == 1.0 and res["readers"]["r2"]["binomial_p"] == pytest.approx(0.125)
+    assert res["pooled"]["accuracy"] == 0.75 and res["pooled"]["answers"] == 8
+    # Fleiss: items a (0 fake, 2 real), b (1, 1), c (2, 0), d (1, 1) -> P_i = 1, 0, 1, 0; P_e = 0.5 -> kappa 0
+    assert res["fleiss_kappa"] == pytest.approx(0.0) and res["kappa_images"] == 4
+
+
+def test_binomial_and_kappa_by_hand():
+    assert binomial_two_sided(4, 4) == pytest.approx(0.125)          # 2 × (1/16)
+    assert binomial_two_sided(2, 4) == pytest.approx(1.0)
+    assert binomial_two_sided(9, 10) == pytest.approx(22 / 1024)      # {0,1,9,10}
+    assert fleiss_kappa([[3, 0], [0, 3], [3, 0]]) == pytest.approx(1.0)
+
+
+def test_bad_inputs(study, tmp_path):
+    pack, key = study
+    unknown = write_csv(tmp_path / "x.csv", [{"reader": "r", "image": "zzz", "answer": "real"}],
+                        ["reader", "image", "answer"])
+    with pytest.raises(ValueError, match="x.csv, line 2: answer for an image that is not in the study: 'zzz'"):
+        score(pack, key, [unknown])
+    bad = write_csv(tmp_path / "y.csv", [{"reader": "r", "image": "a", "answer": "maybe"}], ["reader", "image", "answer"])
+    with pytest.raises(ValueError, match="must be 'real' or 'synthetic'"):
+        score(pack, key, [bad])
+    with pytest.raises(FileNotFoundError, match="answer key not found"):
+        score(pack, tmp_path / "missing_key.csv", [bad])
+    with pytest.raises(FileNotFoundError, match="not a reader-study pack"):
+        score(tmp_path, key, [bad])
+
+
+def test_make_a_blinded_pack(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.reader_study import make
+    prepare("phantom:10", tmp_path / "real", resolution=32, workers=1, progress=False)
+    synth = tmp_path / "synth_src"
+    synth.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((48, 40), 30 * i, dtype=np.uint8)).save(synth / f"generated_{i}.png")
+    info = make(str(tmp_path / "real"), str(synth), 8, tmp_path / "pack", size=64, seed=1)
+    images = sorted((tmp_path / "pack" / "images").iterdir())
+    assert len(images) == 8 and all(Image.open(p).size == (64, 64) for p in images)
+    with open(info["key"], newline="") as fh:
+        key = list(csv.DictReader(fh))
+    assert sorted(r["truth"] for r in key).count("synthetic") == 4
+    # nothing inside the pack names a source or says which is which
+    inside = (tmp_path / "pack" / "index.html").read_text() + " ".join(p.name for p in images)
+    for row in key:
+        assert "generated" not in inside and "phantom" not in inside and row["image"] in inside
+    assert not any(p.name.endswith(".csv") for p in (tmp_path / "pack").rglob("*"))
+    for p in images:  # re-encoded: no text chunks carried over
+        assert not Image.open(p).info.get("parameters") and not getattr(Image.open(p), "text", {})
+    with pytest.raises(ValueError, match="must not be inside the pack"):
+        make(str(tmp_path / "real"), str(synth), 8, tmp_path / "pack2", key_path=tmp_path / "pack2" / "k.csv")
+    with pytest.raises(ValueError, match="even number"):
+        make(str(tmp_path / "real"), str(synth), 7, tmp_path / "pack3")

@@ -1,0 +1,261 @@
+"""Blinded real-vs-synthetic reader study: make a pack, score the readers' answers.
+
+``make``: a balanced random mix of real and synthetic images, all re-encoded as 8-bit PNG at
+one size (no metadata survives), with random file names, plus ``index.html`` — a
+self-contained page (no server, no network) that shows the images one at a time with
+window / level and zoom, records real / synthetic and a confidence (1–5) per image, keeps
+progress in the browser across reloads, and exports the answers as CSV. The answer key is
+written outside the pack.
+
+``score``: per reader and pooled accuracy, sensitivity and specificity for "synthetic", an
+exact two-sided binomial test against chance (p = 0.5), Fleiss' kappa between readers, and the
+fraction of synthetic images called real.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+SYNTHETIC_WORDS = {"synthetic", "fake", "generated", "s", "f"}
+REAL_WORDS = {"real", "r"}
+
+
+# --------------------------------------------------------------------------- scoring
+def binomial_two_sided(k: int, n: int, p: float = 0.5) -> float:
+    """Exact two-sided binomial test: the probability of outcomes no likelier than k."""
+    if n == 0:
+        return 1.0
+    probs = [math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(n + 1)]
+    return float(min(1.0, sum(q for q in probs if q <= probs[k] * (1 + 1e-9))))
+
+
+def fleiss_kappa(table: np.ndarray) -> float:
+    """Fleiss' kappa of an (items, categories) table of rating counts (equal raters per item)."""
+    table = np.asarray(table, dtype=np.float64)
+    n_items, raters = table.shape[0], table.sum(1)
+    if n_items == 0 or raters.min() < 2 or raters.min() != raters.max():
+        return float("nan")
+    r = raters[0]
+    p_cat = table.sum(0) / (n_items * r)
+    p_item = ((table ** 2).sum(1) - r) / (r * (r - 1))
+    p_bar, p_e = p_item.mean(), (p_cat ** 2).sum()
+    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else float("nan")
+
+
+def _rates(pairs) -> dict:
+    """pairs: (truth_is_synthetic, called_synthetic) booleans."""
+    tp = sum(1 for t, c in pairs if t and c)
+    fn = sum(1 for t, c in pairs if t and not c)
+    tn = sum(1 for t, c in pairs if not t and not c)
+    fp = sum(1 for t, c in pairs if not t and c)
+    n = tp + fn + tn + fp
+    correct = tp + tn
+    return {"answers": n, "accuracy": correct / n if n else float("nan"),
+            "sensitivity_synthetic": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity_synthetic": tn / (tn + fp) if tn + fp else float("nan"),
+            "synthetic_called_real": fn / (tp + fn) if tp + fn else float("nan"),
+            "binomial_p": binomial_two_sided(correct, n)}
+
+
+def read_key(key_path: str | os.PathLike) -> dict[str, bool]:
+    key_path = Path(key_path)
+    if not key_path.is_file():
+        raise FileNotFoundError(f"{key_path}: answer key not found (it is written beside the pack by "
+                                "`reader-study make`, never inside it)")
+    with open(key_path, newline="") as fh:
+        return {row["image"]: row["truth"] == "synthetic" for row in csv.DictReader(fh)}
+
+
+def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
+    path = Path(path)
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for i, row in enumerate(rows, start=2):
+        image = row.get("image", "")
+        if image not in key:
+            raise ValueError(f"{path}, line {i}: answer for an image that is not in the study: {image!r}")
+        answer = row.get("answer", "").strip().lower()
+        if answer not in SYNTHETIC_WORDS | REAL_WORDS:
+            raise ValueError(f"{path}, line {i}: answer must be 'real' or 'synthetic', got {row.get('answer')!r}")
+        out.append({"reader": row.get("reader") or path.stem, "image": image,
+                    "synthetic": answer in SYNTHETIC_WORDS, "confidence": row.get("confidence", "")})
+    return out
+
+
+def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) -> dict:
+    if not Path(pack, "index.html").is_file():
+        raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
+    key = read_key(key_path)
+    answers = [a for f in answer_files for a in read_answers(f, key)]
+    if not answers:
+        raise ValueError("no answers to score")
+    readers = sorted({a["reader"] for a in answers})
+    latest = {}
+    for a in answers:  # a reader who changed an answer: the last one counts
+        latest[(a["reader"], a["image"])] = a
+    result = {"readers": {}, "images": len(key)}
+    for r in readers:
+        result["readers"][r] = _rates([(key[a["image"]], a["synthetic"]) for (rd, _), a in latest.items() if rd == r])
+    result["pooled"] = _rates([(key[a["image"]], a["synthetic"]) for a in latest.values()])
+    rated_by_all = [img for img in key if all((r, img) in latest for r in readers)]
+    table = [[sum(latest[(r, img)]["synthetic"] for r in readers),
+              sum(not latest[(r, img)]["synthetic"] for r in readers)] for img in rated_by_all]
+    result["fleiss_kappa"] = fleiss_kappa(np.array(table)) if len(readers) > 1 else None
+    result["kappa_images"] = len(rated_by_all)
+    return result
+
+
+def format_markdown(result: dict) -> str:
+    lines = ["| reader | answers | accuracy | sensitivity (synthetic) | specificity | synthetic called real | p (binomial) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in list(result["readers"].items()) + [("pooled", result["pooled"])]:
+        lines.append(f"| {name} | {r['answers']} | {r['accuracy']:.3f} | {r['sensitivity_synthetic']:.3f} | "
+                     f"{r['specificity_synthetic']:.3f} | {r['synthetic_called_real']:.3f} | {r['binomial_p']:.3g} |")
+    if result.get("fleiss_kappa") is not None:
+        lines.append(f"\nFleiss' kappa {result['fleiss_kappa']:.3f} over {result['kappa_images']} images.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the pack
+def _list_images(spec: str):
+    """(name, loader) pairs of a folder of images or an archive; loaders give float [0, 1] arrays."""
+    from ..data.archive import Archive
+    from ..data.readers import find_images, read_radiograph
+    p = Path(spec)
+    if (p / "archive.json").is_file():
+        arc = Archive(p)
+        return [(arc.records[i]["source"], (lambda i=i: arc.as_float(arc.images([i], arc.resolution))[0]))
+                for i in range(len(arc))]
+    return [(str(f), (lambda f=f: read_radiograph(f).pixels)) for f in find_images(p)]
+
+
+def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: str | os.PathLike | None = None,
+         size: int = 1024, seed: int = 0) -> dict:
+    """Write the blinded pack ``out`` (images/ + index.html) and the key ``key_path``
+    (default: ``<out>.key.csv`` beside the pack)."""
+    from PIL import Image
+
+    from ..data.readers import SkipImage
+    from ..utils.images import save_png
+    out = Path(out)
+    key_path = Path(key_path) if key_path else out.with_name(out.name + ".key.csv")
+    if key_path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"the key {key_path} must not be inside the pack {out}")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty")
+    if n < 2 or n % 2:
+        raise ValueError(f"--n must be an even number >= 2 (half real, half synthetic), got {n}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for truth, spec in (("real", real), ("synthetic", synthetic)):
+        items = _list_images(spec)
+        if len(items) < n // 2:
+            raise ValueError(f"{spec}: {len(items)} images, the study needs {n // 2}")
+        for k in rng.permutation(len(items)):
+            if sum(1 for c in chosen if c[0] == truth) == n // 2:
+                break
+            name, load = items[k]
+            try:
+                chosen.append((truth, name, load()))
+            except SkipImage:
+                continue
+    rng.shuffle(chosen)
+    (out / "images").mkdir(parents=True)
+    key_rows, names = [], []
+    for truth, source, pixels in chosen:
+        name = f"{rng.integers(0, 2 ** 63):016x}.png"
+        im = Image.fromarray(np.asarray(pixels, dtype=np.float32), mode="F").resize((size, size), Image.Resampling.BOX
+                                                                                    if pixels.shape[0] > size else
+                                                                                    Image.Resampling.BILINEAR)
+        save_png(np.clip(np.rint(np.asarray(im) * 255), 0, 255).astype(np.uint8), out / "images" / name)
+        key_rows.append({"image": name, "truth": truth, "source": source})
+        names.append(name)
+    with open(key_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["image", "truth", "source"])
+        w.writeheader()
+        w.writerows(key_rows)
+    pack_id = f"xrayforge-{rng.integers(0, 2 ** 32):08x}"
+    (out / "index.html").write_text(PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
+    return {"pack": str(out), "key": str(key_path), "images": len(names)}
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Reader study</title>
+<style>
+body{font-family:sans-serif;margin:0;background:#111;color:#eee}
+#bar{padding:8px;display:flex;gap:14px;align-items:center;flex-wrap:wrap;background:#222}
+#view{overflow:auto;height:calc(100vh - 110px);text-align:center}
+#img{image-rendering:auto;transform-origin:top left}
+button{font-size:15px;padding:4px 12px} .on{background:#4a4}
+</style></head><body>
+<div id="bar">
+ <label>Reader <input id="reader" size="10"></label>
+ <span id="pos"></span>
+ <button id="prev">&larr;</button><button id="next">&rarr;</button>
+ <button id="real">Real</button><button id="synthetic">Synthetic</button>
+ <span>Confidence <span id="conf"></span></span>
+ <label>Window <input id="window" type="range" min="20" max="300" value="100"></label>
+ <label>Level <input id="level" type="range" min="20" max="300" value="100"></label>
+ <label>Zoom <input id="zoom" type="range" min="100" max="400" value="100"></label>
+ <button id="export">Export CSV</button>
+</div>
+<div id="view"><img id="img" alt="radiograph"></div>
+<script>
+const IMAGES = __IMAGES__;
+const STORE = "__PACK__";
+let state = JSON.parse(localStorage.getItem(STORE) || '{"i":0,"reader":"","answers":{}}');
+const $ = id => document.getElementById(id);
+function save(){ localStorage.setItem(STORE, JSON.stringify(state)); }
+function show(){
+  const name = IMAGES[state.i], a = state.answers[name] || {};
+  $("img").src = "images/" + name;
+  $("pos").textContent = (state.i + 1) + " / " + IMAGES.length + "  (" + Object.keys(state.answers).length + " answered)";
+  $("real").className = a.answer === "real" ? "on" : "";
+  $("synthetic").className = a.answer === "synthetic" ? "on" : "";
+  document.querySelectorAll("#conf button").forEach(b => b.className = (+b.dataset.c === a.confidence) ? "on" : "");
+  $("reader").value = state.reader;
+  style();
+}
+function style(){
+  $("img").style.filter = "contrast(" + $("window").value + "%) brightness(" + $("level").value + "%)";
+  $("img").style.transform = "scale(" + $("zoom").value / 100 + ")";
+}
+function answer(kind){
+  const name = IMAGES[state.i];
+  state.answers[name] = Object.assign(state.answers[name] || {confidence: 3}, {answer: kind, time: new Date().toISOString()});
+  save(); show();
+}
+for (let c = 1; c <= 5; c++) {
+  const b = document.createElement("button"); b.textContent = c; b.dataset.c = c;
+  b.onclick = () => { const name = IMAGES[state.i];
+    state.answers[name] = Object.assign(state.answers[name] || {}, {confidence: c}); save(); show(); };
+  $("conf").appendChild(b);
+}
+$("real").onclick = () => answer("real");
+$("synthetic").onclick = () => answer("synthetic");
+$("prev").onclick = () => { state.i = Math.max(0, state.i - 1); save(); show(); };
+$("next").onclick = () => { state.i = Math.min(IMAGES.length - 1, state.i + 1); save(); show(); };
+$("reader").oninput = e => { state.reader = e.target.value; save(); };
+["window", "level", "zoom"].forEach(id => $(id).oninput = style);
+function csv(){
+  const rows = [["reader", "image", "answer", "confidence", "time"]];
+  for (const [img, a] of Object.entries(state.answers)) if (a.answer)
+    rows.push([state.reader || "reader", img, a.answer, a.confidence || "", a.time || ""]);
+  return rows.map(r => r.map(v => '"' + String(v).replace(/"/g, '""') + '"').join(",")).join("\\n") + "\\n";
+}
+$("export").onclick = () => {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(new Blob([csv()], {type: "text/csv"}));
+  a.download = "answers-" + (state.reader || "reader") + ".csv"; a.click();
+};
+document.addEventListener("keydown", e => { if (e.key === "ArrowRight") $("next").click();
+  if (e.key === "ArrowLeft") $("prev").click(); if (e.key === "r") answer("real"); if (e.key === "s") answer("synthetic"); });
+show();
+</script></body></html>
+"""
