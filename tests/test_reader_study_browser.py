@@ -1,0 +1,62 @@
+"""The reader-study page in a real headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium): answer, reload, export, score."""
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xrayforge.data.prepare import prepare
+from xrayforge.evaluate.reader_study import make, score
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def driver(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("chromium and chromium-driver are not installed")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(arg)
+    opts.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
+                                           "download.prompt_for_download": False})
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    drv = webdriver.Chrome(options=opts, service=service)
+    yield drv
+    drv.quit()
+
+
+def test_answer_reload_export_and_score(driver, tmp_path):
+    from selenium.webdriver.common.by import By
+    prepare("phantom:6", tmp_path / "real", resolution=32, workers=1, progress=False)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(synth / f"s{i}.png")
+    info = make(str(tmp_path / "real"), str(synth), 6, tmp_path / "pack", size=32, seed=3)
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    driver.find_element(By.ID, "reader").send_keys("dr_test")
+    driver.find_element(By.ID, "real").click()
+    driver.find_element(By.CSS_SELECTOR, "#conf button[data-c='4']").click()
+    driver.find_element(By.ID, "next").click()
+    driver.find_element(By.ID, "synthetic").click()
+    assert "2 answered" in driver.find_element(By.ID, "pos").text
+    driver.refresh()  # progress survives a reload
+    assert "2 answered" in driver.find_element(By.ID, "pos").text
+    assert driver.find_element(By.ID, "pos").text.startswith("2 / 6")
+    assert driver.find_element(By.ID, "reader").get_attribute("value") == "dr_test"
+    driver.find_element(By.ID, "export").click()
+    target = tmp_path / "downloads" / "answers-dr_test.csv"
+    deadline = time.time() + 20
+    while time.time() < deadline and not target.exists():
+        time.sleep(0.1)
+    assert target.exists(), "the page did not export the answers"
+    result = score(tmp_path / "pack", info["key"], [target])
+    assert result["readers"]["dr_test"]["answers"] == 2
+    assert result["pooled"]["answers"] == 2
