@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fid.preprocess import max_value
+
 PIXEL_SIZE = 32
 
 
@@ -54,7 +56,7 @@ def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, exclude_self: 
 
 def _unit(images: torch.Tensor, size: int) -> torch.Tensor:
     """Stored pixels (N, H, W[, 3]) -> grey levels in [0, 1], area-resized to (N, size, size)."""
-    x = images.float() / (255.0 if images.dtype == torch.uint8 else (65535.0 if images.dtype == torch.int32 else 1.0))
+    x = images.float() / max_value(images)
     if x.dim() == 4 and x.shape[-1] == 3:
         x = x.mean(-1)
     return F.interpolate(x.unsqueeze(1), size=(size, size), mode="area")[:, 0]

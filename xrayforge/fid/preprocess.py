@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover
 SIZE = 299
 
 
-def _max_value(x: torch.Tensor) -> float:
+def max_value(x: torch.Tensor) -> float:
+    """The value that stands for white: 255 (uint8), 65535 (uint16, or int32 holding it), 1 (float)."""
     if x.dtype == torch.uint8:
         return 255.0
     if x.dtype in (torch.uint16, torch.int32):
@@ -44,7 +45,7 @@ def _as_nchw(images: torch.Tensor) -> torch.Tensor:
 
 def reference(images: torch.Tensor, channels: int = 3, size: int = SIZE) -> torch.Tensor:
     """pytorch-fid's preprocessing in plain PyTorch (float32 out)."""
-    x = _as_nchw(images).float() / _max_value(images)
+    x = _as_nchw(images).float() / max_value(images)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = 2 * x - 1
     if x.shape[1] == 1 and channels == 3:
@@ -108,6 +109,6 @@ def preprocess(images: torch.Tensor, channels: int = 1, dtype: torch.dtype = tor
     rep = 3 if (c_in == 1 and c_out == 3) else 1
     block = 1024
     grid = (triton.cdiv(size * size, block), n * c_in)
-    _resize_kernel[grid](x, out, h, w, float(scale_h), float(scale_w), 1.0 / _max_value(x), *x.stride(),
+    _resize_kernel[grid](x, out, h, w, float(scale_h), float(scale_w), 1.0 / max_value(x), *x.stride(),
                          out.stride(0), out.stride(1), c_in, rep, OUT=size, BLOCK=block)
     return out

@@ -8,6 +8,16 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def dtype_code(t: torch.Tensor) -> int:
+    """The dtype code the CUDA extension expects (csrc/common.cuh: DType)."""
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[t.dtype]
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the kernels accumulate in: float64 for float64 tensors, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def check_float(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

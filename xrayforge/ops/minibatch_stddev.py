@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import check_float, dense, reference_double_backward
+from ._common import accumulation_dtype, check_float, dense, dtype_code, reference_double_backward
 
 try:
     import triton
@@ -123,18 +123,12 @@ def _blocks(g: int, k: int) -> tuple[int, int]:
     return block_g, max(16, min(triton.next_power_of_2(k), 2048 // block_g))
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _out_like(x: torch.Tensor, f: int) -> torch.Tensor:
     n, c, h, w = x.shape
     fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     return torch.empty((n, c + f, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
 
-
-def _dtype_code(t: torch.Tensor) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[t.dtype]
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -148,14 +142,14 @@ def _mbstd_fwd(x: torch.Tensor, group_size: int, num_channels: int, backend: str
     if backend == "triton":
         block_g, block_k = _blocks(g, k)
         grid = (triton.cdiv(k, block_k), m * f)
-        partial = torch.empty((m * f, grid[0]), device=x.device, dtype=_acc_dtype(x))
+        partial = torch.empty((m * f, grid[0]), device=x.device, dtype=accumulation_dtype(x))
         _mbstd_fwd_kernel[grid](x, out, partial, g, m, f, cf, h, w, *x.stride(), *out.stride(),
                                 ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
         stat = partial.sum(1) / k
     elif backend == "cuda":
         ext = _backend.cuda_extension()
-        stat = torch.empty((m * f,), device=x.device, dtype=_acc_dtype(x))
-        ext.minibatch_stddev_forward(x.data_ptr(), out.data_ptr(), stat.data_ptr(), _dtype_code(x),
+        stat = torch.empty((m * f,), device=x.device, dtype=accumulation_dtype(x))
+        ext.minibatch_stddev_forward(x.data_ptr(), out.data_ptr(), stat.data_ptr(), dtype_code(x),
                                      g, m, f, cf, h, w, *x.stride(), *out.stride(),
                                      torch.cuda.current_stream(x.device).cuda_stream)
     else:
@@ -178,7 +172,7 @@ def _mbstd_bwd(dout: torch.Tensor, x: torch.Tensor, group_size: int, num_channel
     k = cf * h * w
     dx = torch.empty_like(x)
     # gradient reaching each group's statistic: the sum over its broadcast copies
-    coef = dout[:, c:].to(_acc_dtype(x)).reshape(g, m, f, h * w).sum(dim=(0, 3)).reshape(-1) / k
+    coef = dout[:, c:].to(accumulation_dtype(x)).reshape(g, m, f, h * w).sum(dim=(0, 3)).reshape(-1) / k
     if backend == "triton":
         block_g, block_k = _blocks(g, k)
         grid = (triton.cdiv(k, block_k), m * f)
@@ -187,7 +181,7 @@ def _mbstd_bwd(dout: torch.Tensor, x: torch.Tensor, group_size: int, num_channel
     elif backend == "cuda":
         ext = _backend.cuda_extension()
         ext.minibatch_stddev_backward(x.data_ptr(), dout.data_ptr(), coef.contiguous().data_ptr(),
-                                      dx.data_ptr(), _dtype_code(x), g, m, f, cf, h, w, *x.stride(),
+                                      dx.data_ptr(), dtype_code(x), g, m, f, cf, h, w, *x.stride(),
                                       *dout.stride(), torch.cuda.current_stream(x.device).cuda_stream)
     else:
         raise ValueError(f"minibatch_stddev_bwd: no fused kernel for backend {backend!r}")

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import channel_view, check_float, dense, like_layout, reference_double_backward
+from ._common import (accumulation_dtype, channel_view, check_float, dense, dtype_code, like_layout,
+                      reference_double_backward)
 
 try:
     import triton
@@ -135,17 +136,11 @@ def _cuda_launch_args(x: torch.Tensor):
     return ext, stream
 
 
-def _dtype_code(t: torch.Tensor) -> int:
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}[t.dtype]
-
 
 # --------------------------------------------------------------------------- custom ops
 # One pair of ops serves every per-channel epilogue: pixel_norm (normalize), the generator's
 # bias + leaky ReLU + pixel norm (bias, act, normalize) and the discriminator's bias + leaky
 # ReLU (bias, act; see bias_lrelu.py). The CUDA extension implements the normalizing ones.
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 @torch.library.custom_op("xrayforge::channel_epilogue_fwd", mutates_args=())
 def _epilogue_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, eps: float, act: bool,
@@ -165,8 +160,8 @@ def _epilogue_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, e
     elif backend == "cuda" and normalize and act == (bias is not None):
         ext, stream = _cuda_launch_args(x)
         ext.pixel_norm_forward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                               _dtype_code(bias) if bias is not None else -1, y.data_ptr(),
-                               _dtype_code(x), B, C, P, sb, sc, sp, float(slope), float(eps), stream)
+                               dtype_code(bias) if bias is not None else -1, y.data_ptr(),
+                               dtype_code(x), B, C, P, sb, sc, sp, float(slope), float(eps), stream)
     else:
         raise ValueError(f"channel_epilogue_fwd: no fused kernel for backend {backend!r} "
                          f"(act={act}, normalize={normalize})")
@@ -189,7 +184,7 @@ def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     if backend == "triton":
         block_c, block_p, num_warps = _triton_blocks(C, P)
         grid = (triton.cdiv(P, block_p), B)
-        partial = torch.zeros((grid[0] * grid[1] if bias_grad else 0, C), device=x.device, dtype=_acc_dtype(x))
+        partial = torch.zeros((grid[0] * grid[1] if bias_grad else 0, C), device=x.device, dtype=accumulation_dtype(x))
         if x.numel():
             _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
                                        float(slope), float(eps), HAS_BIAS=bias is not None, ACT=act,
@@ -198,23 +193,23 @@ def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
     elif backend == "cuda" and normalize and act == (bias is not None) and bias_grad == act:
         ext, stream = _cuda_launch_args(x)
         partial = torch.zeros((ext.pixel_norm_partial_rows(B, P) if bias_grad else 0, C), device=x.device,
-                              dtype=_acc_dtype(x))
+                              dtype=accumulation_dtype(x))
         if x.numel():
             ext.pixel_norm_backward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                                    _dtype_code(bias) if bias is not None else -1, dy.data_ptr(), dx.data_ptr(),
-                                    partial.data_ptr() if bias_grad else 0, _dtype_code(x),
+                                    dtype_code(bias) if bias is not None else -1, dy.data_ptr(), dx.data_ptr(),
+                                    partial.data_ptr() if bias_grad else 0, dtype_code(x),
                                     B, C, P, sb, sc, sp, float(slope), float(eps), stream)
     else:
         raise ValueError(f"channel_epilogue_bwd: no fused kernel for backend {backend!r} "
                          f"(act={act}, normalize={normalize})")
-    db = partial.sum(0) if bias_grad else x.new_empty(0, dtype=_acc_dtype(x))
+    db = partial.sum(0) if bias_grad else x.new_empty(0, dtype=accumulation_dtype(x))
     return dx, db
 
 
 @_epilogue_bwd.register_fake
 def _(dy, x, bias, slope, eps, act, normalize, bias_grad, backend):
     n = x.shape[1] if bias_grad else 0
-    return torch.empty_like(x), x.new_empty(n, dtype=_acc_dtype(x))
+    return torch.empty_like(x), x.new_empty(n, dtype=accumulation_dtype(x))
 
 
 # --------------------------------------------------------------------------- autograd
