@@ -170,6 +170,15 @@ def test_streaming_moments_equal_numpy_including_a_large_mean():
     assert np.abs(raw - np.cov(big, rowvar=False)).max() > 0.5 * np.abs(np.cov(big, rowvar=False)).max()
 
 
+def test_stats_are_a_snapshot_that_later_batches_do_not_move():
+    m = StreamingMoments(3)
+    m.update(torch.ones(4, 3))
+    m.update(torch.zeros(4, 3))
+    before = m.stats()
+    m.update(torch.full((8, 3), 5.0))
+    np.testing.assert_array_equal(before.mu, np.full(3, 0.5))  # on the CPU .numpy() shares memory
+
+
 def test_moments_merge_like_processes_and_runs(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 8)) + 5

@@ -261,7 +261,78 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"xrayforge evaluate reader-study score: error: {exc}", file=sys.stderr)
         return 1
+    if args.out:
+        from pathlib import Path
+
+        from .data.archive import write_json
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
     print(json.dumps(result, indent=2) if args.json else format_markdown(result))
+    return 0
+
+
+def _extractor(args: argparse.Namespace):
+    from .fid.compute import FeatureExtractor
+    return FeatureExtractor(args.inception, args.random_weights, args.mode, args.device, args.batch, 0,
+                            progress=not args.quiet)
+
+
+def _cmd_tstr(args: argparse.Namespace) -> int:
+    from .evaluate.tstr import TSTRConfig, format_markdown, run_tstr
+
+    cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, arch=args.arch,
+                     input_size=args.input_size, width=args.width, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                     test_fraction=args.test_fraction, bootstrap=args.bootstrap, seed=args.seed, device=args.device)
+    try:
+        summary = run_tstr(cfg, progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate tstr: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    print(f"written to {args.out}: tstr.csv, tstr.md, tstr.png, summary.json, models/")
+    return 0
+
+
+def _cmd_fid_findings(args: argparse.Namespace) -> int:
+    from .evaluate.fid_findings import fid_by_finding, format_markdown
+
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else None
+    try:
+        summary = fid_by_finding(args.synthetic, args.real, args.out, _extractor(args), counts, args.seed,
+                                 args.real_limit, args.min_images, progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate fid-findings: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    print(f"written to {args.out}: fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png, summary.json")
+    return 0
+
+
+def _cmd_diversity(args: argparse.Namespace) -> int:
+    from .evaluate.diversity import diversity, format_markdown
+
+    try:
+        summary = diversity(args.run, args.classifier, args.real, args.out, args.n, args.seed, args.batch,
+                            args.truncation, args.real_limit, args.per_grid, args.ratio, args.device,
+                            progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate diversity: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    print(f"written to {args.out}: findings.csv, pairs.csv, cooccurrence.png, grids/, diversity.md, summary.json")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .evaluate.report import write_report
+
+    try:
+        info = write_report(args.out, args.run, args.evaluations or (), title=args.title)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge evaluate report: error: {exc}", file=sys.stderr)
+        return 1
+    found = ", ".join(info["evaluations"]) or "none"
+    print(f"{info['html']} (and {info['markdown']}); evaluations included: {found}")
     return 0
 
 
@@ -419,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_classify_train)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
-    p = sub.add_parser("evaluate", help="evaluations of a generator (memorisation audit)",
+    p = sub.add_parser("evaluate", help="evaluations of a generator: TSTR, FID per finding, diversity, memorisation, "
+                                        "reader study, report",
                        description="Evaluations of synthetic archives against real ones.")
     esub = p.add_subparsers(dest="evaluate_command", metavar="EVALUATION")
     q = esub.add_parser(
@@ -463,8 +535,93 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("key")
     q.add_argument("answers", nargs="+", help="CSV files exported from the pack's page")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--out", default=None, help="also write the result to OUT/summary.json (for `evaluate report`)")
     q.set_defaults(func=_cmd_reader_score)
     rs.set_defaults(func=lambda a: (rs.print_help(), 2)[1])
+
+    q = esub.add_parser(
+        "tstr", help="train on synthetic, test on real",
+        description="Train the classifier on N synthetic images, on N real training images and on N/2 of each, and "
+                    "test all three on the same held-out real images (the real archive's 'test' split, else a "
+                    "patient-level split): per-finding AUROC with patient-level bootstrap 95%% intervals. Writes "
+                    "tstr.csv, tstr.md, tstr.png, summary.json and the models; a stopped run continues.")
+    q.add_argument("--synthetic", required=True,
+                   help="labelled synthetic images: a `xrayforge sample` folder sampled with --classifier (labels: "
+                        "the LCO target, else the classifier's call) or a prepared archive")
+    q.add_argument("--real", required=True, help="a labelled real archive (from `xrayforge prepare`)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--budget", type=int, default=None,
+                   help="images per training set (default: the smaller of the synthetic set and the real training set)")
+    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
+    q.add_argument("--input-size", type=int, default=256)
+    q.add_argument("--width", type=int, default=64)
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--test-fraction", type=float, default=0.2,
+                   help="fraction of real patients held out when the archive has no 'test' split (default 0.2)")
+    q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_tstr)
+
+    q = esub.add_parser(
+        "fid-findings", help="FID per finding, and FID against sample count",
+        description="FID of the synthetic images with each finding (LCO target or classifier call) against the real "
+                    "images with it, and FID of growing random subsets of the synthetic images against all real ones "
+                    "(its bias at small n, and its extrapolation to infinitely many images). Writes "
+                    "fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png and summary.json.")
+    q.add_argument("--synthetic", required=True, help="a `xrayforge sample` folder sampled with --classifier, or an archive")
+    q.add_argument("--real", required=True, help="a labelled real archive")
+    q.add_argument("--out", required=True)
+    q.add_argument("--counts", default=None, help="comma list of synthetic image counts for the curve "
+                                                  "(default 50,100,200,500,1000,... up to all)")
+    q.add_argument("--min-images", type=int, default=10,
+                   help="no FID for a finding with fewer images than this on either side (default 10)")
+    q.add_argument("--real-limit", type=int, default=None, help="use this many real images, chosen at random")
+    q.add_argument("--mode", choices=("exact", "fast"), default="exact")
+    q.add_argument("--inception", default=None)
+    q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_fid_findings)
+
+    q = esub.add_parser(
+        "diversity", help="which findings the generator produces, and how often",
+        description="Generate N unconditional images (not written), classify them, and compare the predicted "
+                    "prevalence of each finding and each pair with the real archive's (the classifier's calls on "
+                    "real images, and the real labels); flags under- and over-produced findings; writes per-finding "
+                    "sample grids, findings.csv, pairs.csv, cooccurrence.png, diversity.md and summary.json.")
+    q.add_argument("run", help="a training run folder or checkpoint")
+    q.add_argument("--classifier", required=True, help="classifier folder (from `xrayforge classify train`)")
+    q.add_argument("--real", required=True, help="the labelled real archive")
+    q.add_argument("--n", type=int, default=10000, help="images to generate (default 10000)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--real-limit", type=int, default=5000, help="real images to classify, evenly spread (default 5000)")
+    q.add_argument("--per-grid", type=int, default=16, help="images per finding grid (default 16)")
+    q.add_argument("--ratio", type=float, default=0.5,
+                   help="under-produced below this fraction of the real prevalence (default 0.5)")
+    q.add_argument("--truncation", type=float, default=None)
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_diversity)
+
+    q = esub.add_parser(
+        "report", help="one HTML page with the training run and every evaluation",
+        description="Training curves and samples of RUN, and every evaluation found in RUN/evaluations/* or given "
+                    "with --evaluations (FID per finding, TSTR, diversity with per-finding grids, memorisation, "
+                    "reader study), in one self-contained HTML page (images embedded) and a Markdown copy.")
+    q.add_argument("run", help="the training run folder")
+    q.add_argument("--out", required=True, help="the HTML file to write")
+    q.add_argument("--evaluations", nargs="*", default=None, metavar="DIR",
+                   help="--out folders of `xrayforge evaluate` commands (default: RUN/evaluations/*)")
+    q.add_argument("--title", default="xrayforge report")
+    q.set_defaults(func=_cmd_report)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     p = sub.add_parser(

@@ -115,7 +115,19 @@ def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def json_safe(obj):
+    """NaN -> None, recursively, so that strict JSON readers (browsers, jq) accept the file."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
+    """``obj`` as JSON (NaN written as null), atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(json.dumps(json_safe(obj), indent=2))
     os.replace(tmp, path)

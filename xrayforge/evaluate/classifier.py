@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.archive import Archive
-from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_weights
+from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_weights, resize_input
 from .metrics import auroc, patient_split, youden_threshold
 
 
@@ -45,19 +45,57 @@ def _resolution_for(archive: Archive, size: int) -> int:
     return min(fits) if fits else archive.resolution
 
 
-def load_batch(archive: Archive, positions, resolution: int, device) -> torch.Tensor:
-    x = archive.as_float(archive.images(np.sort(positions), resolution))
-    return torch.from_numpy(x).unsqueeze(1).to(device) * 2 - 1
+class LabelledImages:
+    """Images drawn from one or more archives, labelled over the findings they share, with their
+    patient ids: what a classifier is trained and tested on. Item ``i`` is position
+    ``positions[i]`` of archive ``parts[i]``."""
+
+    def __init__(self, sources: list[tuple[Archive, np.ndarray]], findings=None):
+        if not sources:
+            raise ValueError("no images")
+        self.archives = [a for a, _ in sources]
+        self.findings = list(findings) if findings is not None else \
+            [f for f in self.archives[0].findings if all(f in a.findings for a in self.archives)]
+        parts, positions, labels, patients = [], [], [], []
+        for k, (arc, pos) in enumerate(sources):
+            pos = np.asarray(pos, dtype=np.int64)
+            cols = [arc.findings.index(f) for f in self.findings]
+            parts.append(np.full(len(pos), k))
+            positions.append(pos)
+            labels.append(arc.labels[pos][:, cols])
+            patients += [arc.patient_ids[p] or f"{arc.path}#{p}" for p in pos]
+        self.parts, self.positions = np.concatenate(parts), np.concatenate(positions)
+        self.labels = np.concatenate(labels).astype(np.int8)
+        self.patient_ids = patients
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def load(self, items, size: int, device) -> torch.Tensor:
+        """Items (indices into this set) as (b, 1, size, size) in [-1, 1], in the given order."""
+        items = np.asarray(items)
+        out = torch.empty(len(items), 1, size, size)
+        for k, arc in enumerate(self.archives):
+            mine = np.flatnonzero(self.parts[items] == k)
+            if not len(mine):
+                continue
+            pos = self.positions[items[mine]]
+            order = np.argsort(pos, kind="mergesort")  # sorted reads from the memory map
+            res = _resolution_for(arc, size)
+            x = torch.from_numpy(arc.as_float(arc.images(pos[order], res))).unsqueeze(1)
+            x = resize_input(x, size)  # as the model would, so that sources of any size mix in a batch
+            out[torch.from_numpy(mine[order])] = x
+        return out.to(device) * 2 - 1
 
 
 @torch.no_grad()
-def predict(model, archive: Archive, positions, resolution: int, device, batch: int = 64) -> np.ndarray:
-    """Probabilities (len(positions), findings) for archive positions (in sorted order)."""
+def predict(model, images: LabelledImages, items, device, batch: int = 64) -> np.ndarray:
+    """Probabilities (len(items), model findings) for the items, in the given order."""
     model.eval()
-    positions = np.sort(np.asarray(positions))
-    out = []
-    for i in range(0, len(positions), batch):
-        out.append(torch.sigmoid(model(load_batch(archive, positions[i:i + batch], resolution, device))).cpu())
+    items = np.asarray(items)
+    size = model.config.input_size
+    out = [torch.sigmoid(model(images.load(items[i:i + batch], size, device)).float()).cpu()
+           for i in range(0, len(items), batch)]
     return torch.cat(out).numpy() if out else np.zeros((0, len(model.findings)))
 
 
@@ -73,40 +111,43 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
-def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    archive = Archive(cfg.archive)
-    if not archive.meta.get("labelled", True) or archive.labels.sum() == 0:
-        raise ValueError(f"{cfg.archive}: the archive has no finding labels to learn")
-    pool = np.asarray(cfg.subset) if cfg.subset is not None else \
-        np.array([i for i, s in enumerate(archive.splits) if s != "test"])
-    if len(pool) < 4:
-        raise ValueError(f"{cfg.archive}: only {len(pool)} images to train on")
-    val_mask = patient_split([archive.patient_ids[i] for i in pool], cfg.val_fraction, salt=f"val{cfg.seed}")
-    train_pos, val_pos = pool[~val_mask], pool[val_mask]
-    if len(val_pos) == 0 or len(train_pos) == 0:
-        raise ValueError("the patient-level validation split left one side empty; change --val-fraction")
-    torch.manual_seed(cfg.seed)
-    model = ChestClassifier(ClassifierConfig(arch=cfg.arch, input_size=cfg.input_size, width=cfg.width,
-                                             findings=list(archive.findings))).to(device)
-    if cfg.init_weights:
-        load_torchvision_weights(model, torch.load(cfg.init_weights, map_location="cpu", weights_only=True))
-    res = _resolution_for(archive, cfg.input_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * math.ceil(len(train_pos) / cfg.batch))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    labels = torch.from_numpy(archive.labels.astype(np.float32))
-    history, best, best_state = [], -1.0, None
+@dataclass
+class FitResult:
+    model: ChestClassifier
+    history: list
+    best_mean_auroc: float
+
+
+def fit(images: LabelledImages, train_items, val_items, model_config: ClassifierConfig, epochs: int = 10,
+        batch: int = 32, lr: float = 1e-3, seed: int = 0, augment: bool = True, device=None,
+        init_weights: str | None = None, progress: bool = True, desc: str = "classifier") -> FitResult:
+    """Train on ``train_items``; keep the epoch with the best mean validation AUROC, and set the
+    per-finding decision thresholds on the validation items (Youden's J)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_items, val_items = np.asarray(train_items), np.asarray(val_items)
+    torch.manual_seed(seed)
+    model = ChestClassifier(model_config).to(device)
+    if init_weights:
+        load_torchvision_weights(model, torch.load(init_weights, map_location="cpu", weights_only=True))
+    size = model_config.input_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * math.ceil(len(train_items) / batch))
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.from_numpy(images.labels.astype(np.float32))
+    y_val = images.labels[val_items]
+    history, best, best_state, best_thresholds = [], -1.0, None, {}
     from tqdm import tqdm
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.train()
-        perm = train_pos[torch.randperm(len(train_pos), generator=gen).numpy()]
+        perm = train_items[torch.randperm(len(train_items), generator=gen).numpy()]
         losses = []
-        for i in tqdm(range(0, len(perm), cfg.batch), desc=f"classifier epoch {epoch + 1}/{cfg.epochs}",
+        for i in tqdm(range(0, len(perm), batch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
                       disable=not progress, leave=False, dynamic_ncols=True):
-            idx = np.sort(perm[i:i + cfg.batch])
-            x = load_batch(archive, idx, res, device)
-            if cfg.augment:
+            idx = perm[i:i + batch]
+            if len(idx) < 2:  # batch norm cannot train on one image (at small sizes its maps are 1×1)
+                continue
+            x = images.load(idx, size, device)
+            if augment:
                 x = _augment(x, gen)
             loss = F.binary_cross_entropy_with_logits(model(x), labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
@@ -114,24 +155,44 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
             opt.step()
             sched.step()
             losses.append(loss.item())
-        probs = predict(model, archive, val_pos, res, device)
-        y = archive.labels[np.sort(val_pos)]
-        aucs = {f: auroc(y[:, k], probs[:, k]) for k, f in enumerate(archive.findings)}
+        probs = predict(model, images, val_items, device)
+        aucs = {f: auroc(y_val[:, k], probs[:, k]) for k, f in enumerate(images.findings)}
         valid = [v for v in aucs.values() if not math.isnan(v)]
         mean_auc = float(np.mean(valid)) if valid else float("nan")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "mean_auroc": mean_auc,
                         "auroc": {k: v for k, v in aucs.items() if not math.isnan(v)}})
-        if not math.isnan(mean_auc) and mean_auc > best:
+        if best_state is None or (not math.isnan(mean_auc) and mean_auc > best):
             best, best_state = mean_auc, copy.deepcopy(model.state_dict())
-            best_thresholds = {f: youden_threshold(y[:, k], probs[:, k]) for k, f in enumerate(archive.findings)
+            best_thresholds = {f: youden_threshold(y_val[:, k], probs[:, k]) for k, f in enumerate(images.findings)
                                if not math.isnan(aucs[f])}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        model.config.thresholds = best_thresholds
+    model.load_state_dict(best_state)
+    model.config.thresholds = best_thresholds
+    return FitResult(model, history, best)
+
+
+def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
+    archive = Archive(cfg.archive)
+    if not archive.meta.get("labelled", True) or archive.labels.sum() == 0:
+        raise ValueError(f"{cfg.archive}: the archive has no finding labels to learn")
+    pool = np.asarray(cfg.subset) if cfg.subset is not None else \
+        np.array([i for i, s in enumerate(archive.splits) if s != "test"])
+    if len(pool) < 4:
+        raise ValueError(f"{cfg.archive}: only {len(pool)} images to train on")
+    images = LabelledImages([(archive, pool)], archive.findings)
+    val_mask = patient_split(images.patient_ids, cfg.val_fraction, salt=f"val{cfg.seed}")
+    train_items, val_items = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+    if len(val_items) == 0 or len(train_items) == 0:
+        raise ValueError("the patient-level validation split left one side empty; change --val-fraction")
+    result = fit(images, train_items, val_items,
+                 ClassifierConfig(arch=cfg.arch, input_size=cfg.input_size, width=cfg.width,
+                                  findings=list(archive.findings)),
+                 cfg.epochs, cfg.batch, cfg.lr, cfg.seed, cfg.augment, cfg.device, cfg.init_weights, progress)
     out = Path(cfg.out)
+    model = result.model
     model.cpu().save(out)
-    summary = {"model": str(out), "train_images": int(len(train_pos)), "val_images": int(len(val_pos)),
-               "val_patients": len({archive.patient_ids[i] for i in val_pos}), "best_mean_auroc": best,
-               "history": history, "thresholds": model.config.thresholds}
+    summary = {"model": str(out), "train_images": int(len(train_items)), "val_images": int(len(val_items)),
+               "val_patients": len({images.patient_ids[i] for i in val_items}),
+               "best_mean_auroc": result.best_mean_auroc, "history": result.history,
+               "thresholds": model.config.thresholds}
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -114,7 +114,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         w.writerows(rows)
     os.replace(tmp, out / "memorisation.csv")
     summary = {
-        "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
+        "evaluation": "memorisation", "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
         "flagged_fraction": float(flagged.float().mean()),
         "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(rr_f.median()),
@@ -128,7 +128,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
 
 
 def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path):
-    from ..utils.plots import _pyplot
+    from ..utils.plots import _pyplot, save_figure
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, a, b, thr, title in ((axes[0], d_f, rr_f, thr_f, "Inception features"),
@@ -140,9 +140,7 @@ def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path):
         ax.set_title(title)
         ax.set_xlabel("distance")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _pairs_image(synth: torch.Tensor, real: torch.Tensor, path):

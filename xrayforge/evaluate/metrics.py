@@ -1,4 +1,5 @@
-"""Metrics shared by the evaluations: AUROC, bootstrap intervals, patient-level splits."""
+"""Metrics shared by the evaluations: AUROC and its bootstrap interval, proportion intervals,
+patient-level splits."""
 from __future__ import annotations
 
 import hashlib
@@ -11,20 +12,64 @@ def auroc(labels, scores) -> float:
     class is absent."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
     sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    # tie groups: the average of ranks first..last (1-based) for every member of a group
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    group_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(s), dtype=np.float64)
+    ranks[order] = np.repeat(group_rank, ends - starts)
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auroc(labels, scores, groups=None, rounds: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the AUROC over bootstrap resamples of the test set.
+
+    ``groups`` (e.g. patient ids): whole groups are resampled, so a patient's images stay
+    together and the interval is not too narrow when patients have several images.
+    Resamples in which a class is absent are drawn again (they have no AUROC)."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.all() or not y.any():
+        return float("nan"), float("nan")
+    keys = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    members = np.argsort(keys, kind="mergesort")
+    counts = np.bincount(keys)
+    offsets = np.r_[0, np.cumsum(counts)[:-1]]
+    rng = np.random.default_rng(seed)
+    values, tries = [], 0
+    while len(values) < rounds:
+        tries += 1
+        if tries > 20 * rounds:
+            raise ValueError("bootstrap resamples keep missing a class: too few positives or negatives")
+        pick = rng.integers(0, len(counts), len(counts))
+        if groups is None:
+            idx = pick
+        else:  # the members of every picked group, without a Python loop over groups
+            c = counts[pick]
+            start = np.repeat(offsets[pick] - np.r_[0, np.cumsum(c)[:-1]], c)
+            idx = members[start + np.arange(c.sum())]
+        v = auroc(y[idx], s[idx])
+        if not np.isnan(v):
+            values.append(v)
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default); (nan, nan) for n = 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def youden_threshold(labels, probs) -> float:

@@ -85,6 +85,8 @@ def describe(spec: str) -> str:
 class FeatureExtractor:
     """Inception features -> streaming moments, for any kind of input."""
 
+    dim = FEATURE_DIM
+
     def __init__(self, inception: str | None = None, random_weights: bool = False, mode: str = "exact",
                  device: str | None = None, batch_size: int = 64, workers: int = 4, progress: bool = True,
                  keep_features: int = 0, seed: int = 0):
@@ -118,7 +120,7 @@ class FeatureExtractor:
         return tqdm(total=total, unit="img", desc=desc, disable=not self.progress, dynamic_ncols=True)
 
     def _consume(self, batches, total: int, desc: str, kind: str) -> FeatureResult:
-        moments = StreamingMoments(FEATURE_DIM, self.device)
+        moments = StreamingMoments(self.dim, self.device)
         keep, seen = [], 0
         rng = np.random.default_rng(self.seed)
         skipped = []

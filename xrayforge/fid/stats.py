@@ -74,7 +74,8 @@ class StreamingMoments:
     def stats(self) -> "FrechetStats":
         if self.n < 2:
             raise ValueError(f"need at least 2 samples for a covariance, have {self.n}")
-        return FrechetStats(self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy(), self.n)
+        # a copy: on the CPU .numpy() would share memory with the running mean, which moves on
+        return FrechetStats(self.mean.cpu().numpy().copy(), (self.m2 / (self.n - 1)).cpu().numpy(), self.n)
 
 
 @dataclass

@@ -163,6 +163,13 @@ class ClassifierConfig:
     thresholds: dict = field(default_factory=dict)  # per-finding decision thresholds (default 0.5)
 
 
+def resize_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The classifiers' resize of (N, C, H, W) to size × size: bilinear, antialiased when shrinking."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+
+
 def build_network(cfg: ClassifierConfig) -> nn.Module:
     n = len(cfg.findings)
     if cfg.arch in RESNETS:
@@ -182,10 +189,7 @@ class ChestClassifier(nn.Module):
         self.net = build_network(self.config)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() + 1) / 2
-        if x.shape[-1] != self.config.input_size or x.shape[-2] != self.config.input_size:
-            x = F.interpolate(x, size=(self.config.input_size,) * 2, mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > self.config.input_size)
+        x = resize_input((images.float() + 1) / 2, self.config.input_size)
         return self.net((x - self.config.mean) / self.config.std)
 
     def threshold(self, finding: str) -> float:

@@ -62,7 +62,6 @@ def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
     """A DICOM Secondary Capture image that says it is synthetic and carries no patient identity."""
     import datetime
 
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -288,7 +287,9 @@ class ArchiveSampler:
             w.writerows(rows)
         os.replace(tmp, self.out / "manifest.csv")
         summary = {"out": str(self.out), "images": len(rows), "checkpoint": str(self.ckpt), "format": self.cfg.format,
-                   "images_per_second": made / elapsed if elapsed > 0 and made else None, "targets": {}}
+                   "images_per_second": made / elapsed if elapsed > 0 and made else None, "targets": {},
+                   # the decision thresholds that turn the manifest's p_<finding> columns into labels
+                   "thresholds": {f: self.classifier.threshold(f) for f in self.findings}}
         for key, st in self.stats.items():
             tried = st["accepted"] + st["rejected"]
             summary["targets"][key] = {

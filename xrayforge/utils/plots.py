@@ -30,8 +30,13 @@ def loss_curve(history: list[dict], path: str | os.PathLike) -> None:
             seen.add(res)
             for ax in axes:
                 ax.axvline(k, color="grey", lw=0.5)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Lay out, write atomically as PNG, and close a matplotlib figure."""
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=dpi)
+    _pyplot().close(fig)
     os.replace(tmp, path)

@@ -1,0 +1,327 @@
+"""The evaluation suite: AUROC and its bootstrap interval, labelled synthetic archives, TSTR, FID per
+finding and against sample count, disease diversity, and the report."""
+import csv
+import json
+import math
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synthetic_factory import write_sample_folder
+from xrayforge.cli import main as cli
+from xrayforge.data.archive import Archive, json_safe
+from xrayforge.data.labels import FINDINGS
+from xrayforge.data.prepare import prepare
+from xrayforge.evaluate.diversity import combinations, cooccurrence, diversity, prevalence_rows
+from xrayforge.evaluate.fid_findings import fid_by_finding, fid_infinity
+from xrayforge.evaluate.labelled import open_labelled, synthetic_labels
+from xrayforge.evaluate.metrics import auroc, bootstrap_auroc, wilson_interval
+from xrayforge.evaluate.report import write_report
+from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+from xrayforge.fid.stats import FrechetStats, frechet_distance
+from xrayforge.nn import Generator, NetworkConfig, save_networks
+from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig, load_classifier
+from xrayforge.sample.sampler import latents_for
+
+
+# --------------------------------------------------------------------------- metrics
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.random(60) < 0.3
+    s = rng.integers(0, 6, 60).astype(float)  # many ties
+    pairs = [(a > b) + 0.5 * (a == b) for a, b in product(s[y], s[~y])]
+    assert auroc(y, s) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert math.isnan(auroc(np.ones(5), np.arange(5)))
+
+
+def test_wilson_interval_against_published_values():
+    # Newcombe (1998), table I: 0/10 -> 0 to 0.2775; 15/148 -> 0.0624 to 0.1605
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["images", "patients"])
+def test_bootstrap_intervals_cover_the_true_auroc(grouped):
+    """Binormal scores with a known AUROC, Φ(d/√2); with patients (two correlated images each) the
+    resampling must be by patient. About 95% of the intervals must hold the truth."""
+    from statistics import NormalDist
+    d, sims, covered = 1.0, 200, 0
+    truth = NormalDist().cdf(d / math.sqrt(2))
+    rng = np.random.default_rng(1)
+    for k in range(sims):
+        if grouped:
+            patients = 80
+            y_p = rng.random(patients) < 0.3
+            u = rng.normal(0, math.sqrt(0.6), patients)  # the patient effect shared by both images
+            y = np.repeat(y_p, 2)
+            s = d * y + np.repeat(u, 2) + rng.normal(0, math.sqrt(0.4), 2 * patients)
+            groups = np.repeat(np.arange(patients), 2)
+        else:
+            y = rng.random(160) < 0.3
+            s = d * y + rng.normal(0, 1, 160)
+            groups = None
+        lo, hi = bootstrap_auroc(y, s, groups, rounds=300, seed=k)
+        covered += lo <= truth <= hi
+    assert 0.88 <= covered / sims <= 0.99, covered / sims
+
+
+def test_bootstrap_needs_both_classes():
+    assert all(math.isnan(v) for v in bootstrap_auroc(np.zeros(5), np.arange(5)))
+
+
+# --------------------------------------------------------------------------- labelled synthetic archives
+def test_synthetic_labels_follow_the_target_then_the_classifier(tmp_path):
+    truth = write_sample_folder(tmp_path / "s", range(20), target="Cardiomegaly=1,Nodule=0",
+                                thresholds={**{f: 0.5 for f in FINDINGS}, "Effusion": 0.95})
+    rows, findings, labels = synthetic_labels(tmp_path / "s")
+    assert findings == list(FINDINGS) and len(rows) == 20
+    c, n, e, m = (findings.index(f) for f in ("Cardiomegaly", "Nodule", "Effusion", "Mass"))
+    assert (labels[:, c] == 1).all() and (labels[:, n] == 0).all()  # what the target asked for
+    assert (labels[:, e] == 0).all()                                   # 0.9 < its threshold 0.95
+    assert (labels[:, m] == truth[:, m]).all()                         # the classifier's call
+
+
+def test_sample_folder_becomes_an_archive_once(tmp_path):
+    truth = write_sample_folder(tmp_path / "s", range(12))
+    arc = open_labelled(tmp_path / "s", tmp_path / "work", progress=False)
+    assert len(arc) == 12 and arc.resolution == 32
+    assert (arc.labels == truth).all()
+    assert len(set(arc.patient_ids)) == 12  # every synthetic image is its own patient
+    png = np.asarray(Image.open(tmp_path / "s" / "shard-00000" / "00000005.png"))
+    assert np.array_equal(arc.images([5], 32)[0], png)
+    again = open_labelled(tmp_path / "s", tmp_path / "work", progress=False)  # reused, not rebuilt
+    assert again.path == arc.path
+
+
+def test_unlabelled_or_foreign_inputs_are_refused(tmp_path):
+    write_sample_folder(tmp_path / "s", range(3))
+    with open(tmp_path / "s" / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [k for k in rows[0] if not k.startswith("p_")]
+    with open(tmp_path / "s" / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keep, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(ValueError, match="--classifier"):
+        synthetic_labels(tmp_path / "s")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="xrayforge sample"):
+        open_labelled(tmp_path / "plain", tmp_path / "w")
+    with pytest.raises(FileNotFoundError):
+        open_labelled(tmp_path / "nowhere", tmp_path / "w")
+
+
+# --------------------------------------------------------------------------- TSTR
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    prepare("phantom:400", root / "real", resolution=32, workers=1, progress=False)
+    write_sample_folder(root / "faithful", range(10000, 10300))
+    write_sample_folder(root / "mislabelled", range(10000, 10300), shuffle_labels=True)
+    return root
+
+
+@pytest.mark.slow
+def test_tstr_tells_a_faithful_generator_from_a_mislabelled_one(phantoms, tmp_path):
+    def run(name):
+        return run_tstr(TSTRConfig(str(phantoms / name), str(phantoms / "real"), str(tmp_path / name), input_size=32,
+                                   width=16, epochs=6, lr=3e-3, bootstrap=200), progress=False)
+
+    good, bad = run("faithful"), run("mislabelled")
+    auc = {name: {(r["training_set"], r["finding"]): r for r in s["rows"]} for name, s in
+           (("good", good), ("bad", bad))}
+    # the phantom's heart size is learnt from faithful synthetic images, not from shuffled labels
+    assert auc["good"][("synthetic", "Cardiomegaly")]["auroc"] > 0.85
+    assert auc["bad"][("synthetic", "Cardiomegaly")]["auroc"] < auc["good"][("synthetic", "Cardiomegaly")]["auroc"] - 0.2
+    # the real-trained model is the same in both runs (same images, same seed)
+    assert auc["good"][("real", "Cardiomegaly")]["auroc"] == auc["bad"][("real", "Cardiomegaly")]["auroc"]
+    for r in good["rows"]:
+        if not math.isnan(r["auroc"]):
+            assert r["ci95_low"] <= r["auroc"] <= r["ci95_high"]
+    assert good["budget"] == 300 and good["training_sets"]["real+synthetic"]["synthetic_images"] == 150
+    out = tmp_path / "faithful"
+    assert (out / "tstr.csv").is_file() and (out / "tstr.png").is_file() and "Cardiomegaly" in (out / "tstr.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["evaluation"] == "tstr"
+    # the test images never overlap the real training images (patient level)
+    real = Archive(phantoms / "real")
+    test_patients = {real.patient_ids[i] for i, s in enumerate(real.splits) if s == "test"}
+    assert good["test_images"] == len(test_patients)
+    # a second run reuses every trained model
+    stamp = (out / "models" / "real" / "classifier.pt").stat().st_mtime_ns
+    again = run("faithful")
+    assert (out / "models" / "real" / "classifier.pt").stat().st_mtime_ns == stamp
+    assert json_safe(again["rows"]) == json_safe(good["rows"])  # NaN == NaN
+
+
+def test_tstr_refuses_bad_settings(phantoms, tmp_path):
+    cfg = TSTRConfig(str(phantoms / "faithful"), str(phantoms / "real"), str(tmp_path / "t"), budget=10 ** 6)
+    with pytest.raises(ValueError, match="budget"):
+        run_tstr(cfg, progress=False)
+    assert cli(["evaluate", "tstr", "--synthetic", str(tmp_path / "missing"), "--real", str(phantoms / "real"),
+                "--out", str(tmp_path / "t2"), "-q"]) == 1
+
+
+# --------------------------------------------------------------------------- FID per finding
+class PixelFeatures:
+    """A stand-in for the Inception: 16 features (4×4 block means) so that FIDs are cheap and exact."""
+    dim, device, batch_size, random_weights, mode = 16, torch.device("cpu"), 7, True, "exact"
+
+    def features(self, pixels):
+        x = pixels.float().reshape(len(pixels), 1, *pixels.shape[-2:]) / 255
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def _features(arc):
+    return PixelFeatures().features(torch.from_numpy(arc.images(np.arange(len(arc)), arc.resolution))).double().numpy()
+
+
+def _fid(a, b):
+    return frechet_distance(FrechetStats(a.mean(0), np.cov(a, rowvar=False)), FrechetStats(b.mean(0), np.cov(b, rowvar=False)))
+
+
+def test_fid_per_finding_and_against_n_equal_direct_computation(phantoms, tmp_path):
+    s = fid_by_finding(str(phantoms / "faithful"), str(phantoms / "real"), tmp_path / "f", PixelFeatures(),
+                       counts=[20, 60, 150], seed=3, min_images=10, progress=False)
+    synth = open_labelled(phantoms / "faithful", tmp_path / "f", progress=False)
+    real = Archive(phantoms / "real")
+    fs, fr = _features(synth), _features(real)
+    rows = {r["finding"]: r for r in s["rows"]}
+    assert rows["all"]["fid"] == pytest.approx(_fid(fs, fr), rel=1e-6)
+    for f in ("Cardiomegaly", "Effusion", "Mass"):
+        k = FINDINGS.index(f)
+        a, b = fs[synth.labels[:, k] == 1], fr[real.labels[:, k] == 1]
+        assert rows[f]["synthetic_images"] == len(a) and rows[f]["real_images"] == len(b)
+        assert rows[f]["fid"] == pytest.approx(_fid(a, b), rel=1e-6)
+    assert math.isnan(rows["Hernia"]["fid"]) and rows["Hernia"]["real_images"] == 0  # no such images
+    order = np.random.default_rng(3).permutation(len(synth))  # the curve's nested random subsets
+    assert [c["n"] for c in s["curve"]] == [20, 60, 150, 300]
+    for c in s["curve"]:
+        assert c["fid"] == pytest.approx(_fid(fs[order[:c["n"]]], fr), rel=1e-6)
+    assert s["curve"][0]["fid"] > s["curve"][-1]["fid"]  # the small-n bias
+    for name in ("fid_findings.csv", "fid_vs_n.csv", "fid_findings.md", "fid_findings.png", "summary.json"):
+        assert (tmp_path / "f" / name).is_file()
+
+
+def test_fid_infinity_recovers_the_intercept():
+    n = np.array([100, 200, 500, 1000, 5000])
+    assert fid_infinity(n, 7.5 + 300.0 / n) == pytest.approx(7.5)
+    assert math.isnan(fid_infinity([10, 20], [1.0, 2.0]))
+
+
+def test_fid_findings_cli(phantoms, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("xrayforge.cli._extractor", lambda args: PixelFeatures())
+    assert cli(["evaluate", "fid-findings", "--synthetic", str(phantoms / "faithful"), "--real", str(phantoms / "real"),
+                "--out", str(tmp_path / "f"), "--counts", "50", "-q"]) == 0
+    assert "| Cardiomegaly |" in capsys.readouterr().out
+    assert cli(["evaluate", "fid-findings", "--synthetic", str(tmp_path), "--real", str(phantoms / "real"),
+                "--out", str(tmp_path / "g"), "-q"]) == 1
+    assert "xrayforge sample" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- diversity
+def test_prevalence_flags_need_evidence():
+    n = 1000
+    synth = np.zeros((n, 3), dtype=bool)
+    synth[:600, 2] = True                          # C: 60% vs 10% real -> over-produced
+    synth[:300, 1] = True                          # B: as common as in the real images
+    real = np.zeros((n, 3), dtype=bool)
+    real[:300, 0] = real[:300, 1] = True           # A: 30% real, never produced -> under-produced
+    real[:100, 2] = True
+    rows = {r["finding"]: r for r in prevalence_rows(["A", "B", "C"], synth, real, real)}
+    assert rows["A"]["under_produced"] == 1 and rows["A"]["ratio"] == 0
+    assert rows["B"]["under_produced"] == rows["B"]["over_produced"] == 0
+    assert rows["C"]["over_produced"] == 1 and rows["C"]["ratio"] == pytest.approx(6.0)
+    few = prevalence_rows(["A"], np.zeros((5, 1), dtype=bool), real[:, :1], real[:, :1])[0]
+    assert few["under_produced"] == 0  # 0 of 5 does not show that a 30% finding is missing
+
+
+def test_cooccurrence_and_combinations_by_hand():
+    y = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]])
+    co = cooccurrence(y)
+    assert co[0, 0] == 0.75 and co[0, 1] == 0.5 and co[1, 2] == 0 and np.allclose(co, co.T)
+    c = combinations(y)
+    assert c["distinct"] == 3 and c["entropy_bits"] == pytest.approx(1.5)
+
+
+@pytest.fixture(scope="module")
+def generator_and_classifier(phantoms):
+    torch.manual_seed(0)
+    G = Generator(NetworkConfig(resolution=32, latent_dim=16, fmap_base=64, fmap_max=16)).eval()
+    save_networks(phantoms / "gen", {"G_ema": G})
+    clf = ChestClassifier(ClassifierConfig(input_size=32, width=8))
+    clf.config.thresholds = {f: 0.5 for f in FINDINGS}
+    clf.save(phantoms / "clf")
+    return phantoms / "gen", phantoms / "clf"
+
+
+def test_diversity_counts_what_the_classifier_calls(phantoms, generator_and_classifier, tmp_path):
+    gen, clf_path = generator_and_classifier
+    s = diversity(str(gen), str(clf_path), str(phantoms / "real"), tmp_path / "d", n=50, batch=16, real_limit=100,
+                  per_grid=4, device="cpu", progress=False)
+    # the same images, generated and classified independently
+    from xrayforge.nn import load_networks
+    G = load_networks(gen, names=["G_ema"])["G_ema"].eval()
+    clf = load_classifier(clf_path).eval()
+    with torch.no_grad():
+        probs = torch.sigmoid(clf(G(latents_for(0, range(50), 16)))).numpy()
+    called = probs >= 0.5
+    rows = {r["finding"]: r for r in s["findings"]}
+    for k, f in enumerate(FINDINGS):
+        assert rows[f]["synthetic_predicted_prevalence"] == pytest.approx(called[:, k].mean())
+    real = Archive(phantoms / "real")
+    every = np.unique(np.linspace(0, len(real) - 1, 100).round().astype(int))
+    assert rows["Cardiomegaly"]["real_label_prevalence"] == pytest.approx(real.labels[every, 1].mean())
+    co = np.load(tmp_path / "d" / "cooccurrence.npz")
+    assert np.allclose(co["synthetic"], cooccurrence(called))
+    for f, rel in s["grids"].items():  # a grid for every finding called at least once
+        assert called[:, FINDINGS.index(f)].any() and (tmp_path / "d" / rel).is_file()
+    assert set(s["grids"]) == {f for k, f in enumerate(FINDINGS) if called[:, k].any()}
+    for name in ("findings.csv", "pairs.csv", "cooccurrence.png", "diversity.md", "summary.json"):
+        assert (tmp_path / "d" / name).is_file()
+
+
+def test_diversity_cli_errors(phantoms, generator_and_classifier, tmp_path, capsys):
+    gen, clf = generator_and_classifier
+    assert cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(tmp_path / "none"),
+                "--n", "4", "--out", str(tmp_path / "d"), "-q"]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(phantoms / "real"),
+                "--n", "0", "--out", str(tmp_path / "d"), "-q"]) == 1
+
+
+# --------------------------------------------------------------------------- report
+def test_report_gathers_every_evaluation(phantoms, generator_and_classifier, tmp_path):
+    gen, clf = generator_and_classifier
+    run = tmp_path / "run"
+    (run / "evaluations").mkdir(parents=True)
+    ticks = [{"tick": 1, "images": 800, "resolution": 32, "alpha": 1.0, "d_loss": -1.0, "g_loss": 2.0, "gp": 0.1,
+              "seconds": 12.0}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(t) for t in ticks) + "\n")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(run / "grid-latest.png")
+    diversity(str(gen), str(clf), str(phantoms / "real"), run / "evaluations" / "diversity", n=20, real_limit=40,
+              device="cpu", progress=False)
+    fid_by_finding(str(phantoms / "faithful"), str(phantoms / "real"), tmp_path / "fid", PixelFeatures(),
+                   counts=[50], progress=False)
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    rates = {"answers": 10, "accuracy": 0.6, "sensitivity_synthetic": 0.6, "specificity_synthetic": 0.6,
+             "synthetic_called_real": 0.4, "binomial_p": 0.75}
+    (reader / "summary.json").write_text(json.dumps({"evaluation": "reader-study", "result": {
+        "readers": {"r1": rates}, "pooled": rates, "images": 10, "fleiss_kappa": None, "kappa_images": 10}}))
+    out = tmp_path / "site" / "report.html"
+    info = write_report(out, run, [tmp_path / "fid", reader])
+    assert set(info["evaluations"]) == {"diversity", "fid-findings", "reader-study"}
+    page = out.read_text()
+    for text in ("Training", "800 images seen", "FID", "Disease diversity", "Samples per finding", "Reader study",
+                 "Not evaluated", "tstr, memorisation"):
+        assert text in page, text
+    assert page.count("data:image/png;base64") >= 4 and "missing image" not in page
+    md = (tmp_path / "site" / "report.md").read_text()
+    assert "](../run/grid-latest.png)" in md  # image links work from the Markdown file's folder
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        write_report(out, run, [tmp_path])
+    assert cli(["evaluate", "report", str(tmp_path / "nope"), "--out", str(out)]) == 1

@@ -1,0 +1,20 @@
+"""Number formatting shared by the evaluations' tables."""
+from __future__ import annotations
+
+import math
+
+
+def number(v, digits: int | None = 3) -> str:
+    """``v`` with ``digits`` decimals (None: 4 significant digits); 'n/a' for None or NaN."""
+    if not is_number(v):
+        return "n/a"
+    return f"{v:.4g}" if digits is None else f"{v:.{digits}f}"
+
+
+def is_number(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def csv_row(row: dict, digits: int = 6) -> dict:
+    """Floats rounded, NaN as an empty cell."""
+    return {k: (("" if math.isnan(v) else round(v, digits)) if isinstance(v, float) else v) for k, v in row.items()}

@@ -1,0 +1,150 @@
+"""`xrayforge evaluate fid-findings --synthetic S --real R --out DIR`: FID per finding, and FID
+against the number of synthetic images.
+
+Per finding: the synthetic images labelled with it (targeted at it by LCO, or called positive by
+the classifier) against the real images that have it. Every image's Inception features are
+computed once and streamed into float64 moments: one set for all images and one per finding.
+
+FID is biased upwards at small n (the covariance estimate adds spread), so a per-finding FID
+from a few hundred images is not comparable with an FID from 50k. The curve of FID against the
+number of synthetic images (random subsets, nested: moments snapshot as the shuffled stream
+passes each count) shows the size of that bias; ``fid_infinity`` is the intercept of a
+least-squares line through FID against 1/n (Chong & Forsyth 2020), the FID of infinitely many
+images.
+
+Outputs: fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png, summary.json.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.archive import write_csv, write_json
+from ..fid.stats import StreamingMoments, frechet_distance
+from ._format import csv_row, is_number, number
+from .labelled import open_labelled
+
+DEFAULT_COUNTS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000)
+
+
+def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, desc: str, progress: bool):
+    """Moments over all of ``order`` and per label column; at each count in ``cuts``, a snapshot
+    of the all-image moments (FrechetStats) as {count: stats}."""
+    from tqdm import tqdm
+    dim = extractor.dim
+    total = StreamingMoments(dim, extractor.device)
+    per = [StreamingMoments(dim, extractor.device) for _ in range(labels.shape[1])]
+    snaps = {}
+    bounds = sorted({0, len(order), *[c for c in cuts if 0 < c < len(order)],
+                     *range(0, len(order), extractor.batch_size)})
+    with tqdm(total=len(order), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            pos = order[a:b]
+            sort = np.argsort(pos, kind="mergesort")  # sorted reads from the memory map
+            pix = archive.images(pos[sort], archive.resolution)
+            pix = torch.from_numpy(pix.astype(np.int32) if pix.dtype == np.uint16 else pix)
+            feats = extractor.features(pix)
+            total.update(feats)
+            lab = torch.from_numpy(labels[pos[sort]].astype(bool)).to(feats.device)
+            for k, m in enumerate(per):
+                if lab[:, k].any():
+                    m.update(feats[lab[:, k]])
+            if b in cuts:
+                snaps[b] = total.stats()
+            bar.update(len(pos))
+    return total, per, snaps
+
+
+def fid_infinity(counts, fids) -> float:
+    """Intercept of the least-squares line FID = a + b / n (NaN with fewer than 3 points)."""
+    n = np.asarray(counts, dtype=np.float64)
+    f = np.asarray(fids, dtype=np.float64)
+    if len(n) < 3:
+        return float("nan")
+    A = np.stack([np.ones_like(n), 1.0 / n], axis=1)
+    return float(np.linalg.lstsq(A, f, rcond=None)[0][0])
+
+
+def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor, counts=None, seed: int = 0,
+                   real_limit: int | None = None, min_images: int = 10, progress: bool = True) -> dict:
+    """See the module docstring. A finding with fewer than ``min_images`` images on either side
+    gets no FID (n/a): so few images give a number dominated by its bias."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    synth = open_labelled(synthetic, out, progress)
+    real_arc = open_labelled(real, out, progress)
+    findings = [f for f in real_arc.findings if f in synth.findings]
+    s_lab = synth.labels[:, [synth.findings.index(f) for f in findings]]
+    r_lab = real_arc.labels[:, [real_arc.findings.index(f) for f in findings]]
+    rng = np.random.default_rng(seed)
+    s_order = rng.permutation(len(synth))
+    r_order = np.arange(len(real_arc))
+    if real_limit is not None and real_limit < len(r_order):
+        r_order = np.sort(rng.choice(r_order, real_limit, replace=False))
+    if len(s_order) < 2 or len(r_order) < 2:
+        raise ValueError("FID needs at least 2 images on each side")
+    counts = sorted({int(c) for c in (counts or DEFAULT_COUNTS) if 2 <= c < len(s_order)} | {len(s_order)})
+    r_all, r_per, _ = _stream(extractor, real_arc, r_order, r_lab, set(), f"features {Path(real).name}", progress)
+    s_all, s_per, snaps = _stream(extractor, synth, s_order, s_lab, set(counts), f"features {Path(synthetic).name}",
+                                  progress)
+    real_stats = r_all.stats()
+    dev = extractor.device
+    curve = [{"n": c, "fid": frechet_distance(snaps[c], real_stats, dev)} for c in counts]
+    rows = [{"finding": "all", "fid": curve[-1]["fid"], "synthetic_images": s_all.n, "real_images": r_all.n}]
+    for f, sm, rm in zip(findings, s_per, r_per):
+        enough = min(sm.n, rm.n) >= max(2, min_images)
+        rows.append({"finding": f, "fid": frechet_distance(sm.stats(), rm.stats(), dev) if enough else float("nan"),
+                     "synthetic_images": sm.n, "real_images": rm.n})
+    inf = fid_infinity([c["n"] for c in curve], [c["fid"] for c in curve])
+    summary = {"evaluation": "fid-findings", "synthetic": str(synthetic), "real": str(real),
+               "inception": "random weights (pipeline check, not a comparable FID)" if extractor.random_weights
+               else "pt_inception-2015-12-05 (pytorch-fid compatible)", "mode": extractor.mode,
+               "min_images": min_images, "rows": rows, "curve": curve, "fid_infinity": inf}
+    write_csv(out / "fid_findings.csv", list(rows[0]), [csv_row(r) for r in rows])
+    write_csv(out / "fid_vs_n.csv", ["n", "fid"], [csv_row(c) for c in curve])
+    write_json(out / "summary.json", summary)
+    (out / "fid_findings.md").write_text(format_markdown(summary))
+    plot(summary, out / "fid_findings.png")
+    return summary
+
+
+def format_markdown(summary: dict) -> str:
+    lines = [f"FID ({summary['inception']}, {summary['mode']} mode): synthetic images with a finding against real "
+             f"images with it. Small n inflates FID; compare a row only with rows of similar n, or with the "
+             f"curve below.", "", "| finding | FID | synthetic images | real images |", "|---|---|---|---|"]
+    for r in summary["rows"]:
+        if r["finding"] != "all" and r["synthetic_images"] == 0 and r["real_images"] == 0:
+            continue
+        lines.append(f"| {r['finding']} | {number(r['fid'], None)} | {r['synthetic_images']} | {r['real_images']} |")
+    lines += ["", "FID of all real images against n synthetic images:", "", "| n | FID |", "|---|---|"]
+    lines += [f"| {c['n']} | {number(c['fid'], None)} |" for c in summary["curve"]]
+    lines += ["", f"Extrapolated to infinitely many images (FID against 1/n): {number(summary['fid_infinity'], None)}.",
+              f"n/a: fewer than {summary['min_images']} images with the finding on one side."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path) -> None:
+    from ..utils.plots import _pyplot, save_figure
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in summary["rows"] if is_number(r["fid"])]
+    axes[0].bar(range(len(rows)), [r["fid"] for r in rows], color=["C1" if r["finding"] == "all" else "C0" for r in rows])
+    axes[0].set_xticks(range(len(rows)))
+    axes[0].set_xticklabels([f"{r['finding']}\n(n={r['synthetic_images']})" for r in rows], rotation=45, ha="right",
+                            fontsize=7)
+    axes[0].set_ylabel("FID")
+    axes[0].set_title("per finding")
+    n = [c["n"] for c in summary["curve"]]
+    axes[1].plot(n, [c["fid"] for c in summary["curve"]], "o-", label="FID(n)")
+    inf = summary["fid_infinity"]
+    if is_number(inf):
+        axes[1].axhline(inf, color="grey", ls="--", lw=1, label=f"FID∞ ≈ {inf:.2f}")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("synthetic images")
+    axes[1].set_ylabel("FID against all real images")
+    axes[1].set_title("FID against sample count")
+    axes[1].legend()
+    save_figure(fig, path)

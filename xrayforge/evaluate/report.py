@@ -1,0 +1,184 @@
+"""`xrayforge evaluate report RUN --out report.html`: one self-contained page for a trained model.
+
+It gathers what exists: the training run's curves and latest sample grid, and every evaluation
+written by the other `xrayforge evaluate` commands (each folder's summary.json names its
+evaluation), from ``RUN/evaluations/*`` and from folders given with ``--evaluations``:
+per-finding sample grids (diversity), the FID tables (fid-findings), the TSTR table, the
+diversity tables and co-occurrence map, the memorisation audit and the reader study. Images are
+embedded, so the page can be mailed on its own. A Markdown version is written beside it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+SECTION_ORDER = ("diversity-grids", "fid-findings", "tstr", "diversity", "memorisation", "reader-study")
+
+
+def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]:
+    """{evaluation kind: folder} from RUN/evaluations/* and the ``extra`` folders (later ones win)."""
+    folders = []
+    if run is not None and (Path(run) / "evaluations").is_dir():
+        folders += sorted(p for p in (Path(run) / "evaluations").iterdir() if p.is_dir())
+    for e in extra:
+        p = Path(e)
+        if not (p / "summary.json").is_file():
+            raise FileNotFoundError(f"{p}: no summary.json (is it the --out folder of an `xrayforge evaluate` command?)")
+        folders.append(p)
+    found = {}
+    for p in folders:
+        s = p / "summary.json"
+        if s.is_file():
+            kind = json.loads(s.read_text()).get("evaluation")
+            if kind:
+                found[kind] = p
+    return found
+
+
+def _training_section(run: Path) -> list[str]:
+    lines = ["## Training"]
+    log = run / "log.jsonl"
+    if log.is_file():
+        ticks = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if ticks:
+            last = ticks[-1]
+            lines.append(f"{last['images']:,} images seen in {last.get('seconds', 0):.0f} s over {len(ticks)} ticks; "
+                         f"last resolution {last['resolution']} px (fade-in α {last['alpha']:.2f}); final losses "
+                         f"D {last.get('d_loss', float('nan')):.3f}, G {last.get('g_loss', float('nan')):.3f}, "
+                         f"gradient penalty {last.get('gp', float('nan')):.3f}.")
+    else:
+        lines.append(f"No training log ({log}).")
+    for name, title in (("loss.png", "training curves"), ("grid-latest.png", "samples at the end of training")):
+        if (run / name).is_file():
+            lines += ["", f"![{title}]({run / name})"]
+    return lines
+
+
+def _section(kind: str, folder: Path) -> list[str]:
+    s = json.loads((folder / "summary.json").read_text())
+    if kind == "diversity-grids":
+        lines = ["## Samples per finding",
+                 "The unconditional samples the classifier most confidently calls positive for each finding."]
+        for finding, rel in s.get("grids", {}).items():
+            lines += ["", f"### {finding}", f"![{finding}]({folder / rel})"]
+        return lines
+    if kind == "fid-findings":
+        return ["## FID", (folder / "fid_findings.md").read_text(), f"![FID per finding]({folder / 'fid_findings.png'})"]
+    if kind == "tstr":
+        return ["## Train on synthetic, test on real", (folder / "tstr.md").read_text(),
+                f"![TSTR AUROC]({folder / 'tstr.png'})"]
+    if kind == "diversity":
+        return ["## Disease diversity", (folder / "diversity.md").read_text(),
+                f"![finding co-occurrence]({folder / 'cooccurrence.png'})"]
+    if kind == "memorisation":
+        return ["## Memorisation audit",
+                f"{s['flagged']} of {s['synthetic']} synthetic images ({100 * s['flagged_fraction']:.2f}%) are closer "
+                f"to a real training image than {s['percentile']}% of real images are to their nearest other real "
+                f"image (Inception: {s['inception']}).", "",
+                "| distance to the nearest real image (median) | synthetic | real-to-real |", "|---|---|---|",
+                f"| Inception features | {s['median_synthetic_to_real_inception']:.4g} | "
+                f"{s['median_real_to_real_inception']:.4g} |",
+                f"| pixels (32×32) | {s['median_synthetic_to_real_pixels']:.4g} | {s['median_real_to_real_pixels']:.4g} |",
+                "", f"![distance distributions]({folder / 'distances.png'})", "",
+                "Closest pairs (synthetic left, nearest real right):", "",
+                f"![closest pairs]({folder / 'closest_pairs.png'})"]
+    if kind == "reader-study":
+        from .reader_study import format_markdown
+        return ["## Reader study", f"{len(s['result']['readers'])} readers, {s['result']['images']} images "
+                f"(half real, half synthetic).", "", format_markdown(s["result"])]
+    raise ValueError(f"unknown evaluation {kind!r}")
+
+
+def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], title: str) -> str:
+    lines = [f"# {title}", ""]
+    if run is not None:
+        lines += _training_section(Path(run)) + [""]
+    sections = dict(evaluations)
+    if "diversity" in sections and json.loads((sections["diversity"] / "summary.json").read_text()).get("grids"):
+        sections["diversity-grids"] = sections["diversity"]
+    for kind in SECTION_ORDER:
+        if kind in sections:
+            lines += _section(kind, sections[kind]) + [""]
+    missing = [k for k in ("fid-findings", "tstr", "diversity", "memorisation", "reader-study") if k not in sections]
+    if missing:
+        lines += ["## Not evaluated", "No results found for: " + ", ".join(missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text)
+    parts = out.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _relative_images(markdown: str, base: Path) -> str:
+    """Image paths relative to ``base`` (the folder the Markdown file goes to)."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("![") and line.endswith(")") and "](" in line:
+            src = line[line.index("](") + 2:-1]
+            line = line[:line.index("](") + 2] + os.path.relpath(Path(src).resolve(), base.resolve()) + ")"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -> str:
+    """The report's Markdown subset (headings, paragraphs, tables, images) as one HTML page with
+    the images embedded; image paths are relative to ``base``."""
+    body, table = [], False
+    for line in markdown.splitlines():
+        if table and not line.startswith("|"):
+            body.append("</table>")
+            table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("![") and line.endswith(")"):
+            alt, src = line[2:line.index("](")], Path(base) / line[line.index("](") + 2:-1]
+            if src.is_file():
+                data = base64.b64encode(src.read_bytes()).decode()
+                body.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
+                            f'style="max-width:100%"></p>')
+            else:
+                body.append(f"<p>(missing image: {html.escape(src)})</p>")
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= {"-", ":"} for c in cells):
+                continue
+            tag = "th" if not table else "td"
+            if not table:
+                body.append("<table>")
+                table = True
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    if table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
+             "font-size:90%}th{background:#eee}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, evaluations=(),
+                 title: str = "xrayforge report", preamble: str = "") -> dict:
+    """Write ``out`` (HTML) and the same report as Markdown beside it; returns what went in."""
+    if run is not None and not Path(run).is_dir():
+        raise FileNotFoundError(f"{run}: no such training run folder")
+    found = find_evaluations(run, evaluations)
+    md = build_markdown(run, found, title)
+    if preamble:
+        head, rest = md.split("\n", 1)
+        md = f"{head}\n\n{preamble.strip()}\n{rest}"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = _relative_images(md, out.parent)
+    for path, text in ((out.with_suffix(".md"), md), (out, markdown_to_html(md, title, out.parent))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return {"html": str(out), "markdown": str(out.with_suffix(".md")), "evaluations": {k: str(v) for k, v in found.items()}}

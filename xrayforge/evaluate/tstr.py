@@ -1,0 +1,192 @@
+"""`xrayforge evaluate tstr --synthetic S --real R --out DIR`: train on synthetic, test on real.
+
+The classifier is trained three times with the same image budget N: on N synthetic images, on
+N real training images, and on N/2 of each; every model is tested on the same held-out real
+images (the real archive's "test" split, or a patient-level split when it has none), with
+per-finding AUROC and a patient-level bootstrap 95% interval. A synthetic set that teaches as
+much as real images do is one whose findings look like real findings.
+
+Outputs: tstr.csv (one row per training set and finding), tstr.md, tstr.png, summary.json,
+models/<set>/ (each trained model, with its test-set probabilities). A run that stops
+continues with the models still missing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.archive import write_csv, write_json
+from ..nn.classifier import ClassifierConfig, load_classifier
+from .classifier import LabelledImages, fit, predict
+from .labelled import open_labelled
+from ._format import csv_row, is_number, number
+from .metrics import auroc, bootstrap_auroc, patient_split
+
+TRAINING_SETS = ("real", "synthetic", "real+synthetic")
+
+
+@dataclass
+class TSTRConfig:
+    synthetic: str
+    real: str
+    out: str
+    budget: int | None = None          # images per training set (default: as many as both sides allow)
+    arch: str = "resnet18"
+    input_size: int = 256
+    width: int = 64
+    epochs: int = 10
+    batch: int = 32
+    lr: float = 1e-3
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2         # of the real patients, when the real archive has no "test" split
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str | None = None
+
+
+def real_test_split(archive, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training positions, test positions) of the real archive: its "test" split, else a
+    patient-level split of about ``fraction`` of the patients."""
+    test = np.array([s == "test" for s in archive.splits])
+    if not test.any():
+        test = patient_split([p or f"image-{i}" for i, p in enumerate(archive.patient_ids)], fraction,
+                             salt=f"tstr-test{seed}")
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def _choose(positions: np.ndarray, k: int, rng) -> np.ndarray:
+    return np.sort(rng.choice(positions, k, replace=False)) if k < len(positions) else np.sort(positions)
+
+
+def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
+    settings_path = out / "tstr_config.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out} holds a TSTR run with other settings ({settings_path}); choose another --out")
+    real = open_labelled(cfg.real, out, progress)
+    synth = open_labelled(cfg.synthetic, out, progress)
+    if real.labels.sum() == 0:
+        raise ValueError(f"{cfg.real}: the real archive has no finding labels")
+    if synth.labels.sum() == 0:
+        raise ValueError(f"{cfg.synthetic}: no synthetic image has a finding (all labels are 0)")
+    findings = [f for f in real.findings if f in synth.findings]
+    real_train, real_test = real_test_split(real, cfg.test_fraction, cfg.seed)
+    if len(real_test) < 2 or len(real_train) < 4:
+        raise ValueError(f"{cfg.real}: {len(real_train)} training and {len(real_test)} test images; too few to "
+                         f"split (raise --test-fraction or use a larger archive)")
+    synth_all = np.arange(len(synth))
+    budget = cfg.budget or min(len(real_train), len(synth_all))
+    if budget > len(real_train) or budget > len(synth_all):
+        raise ValueError(f"--budget {budget} is more than the {len(real_train)} real training images or the "
+                         f"{len(synth_all)} synthetic images")
+    if budget < 8:
+        raise ValueError(f"a budget of {budget} images is too small to train a classifier")
+    settings_path.write_text(json.dumps(settings, indent=2))
+    rng = np.random.default_rng(cfg.seed)
+    half = budget // 2
+    plans = {"real": [(real, _choose(real_train, budget, rng))],
+             "synthetic": [(synth, _choose(synth_all, budget, rng))],
+             "real+synthetic": [(real, _choose(real_train, half, rng)), (synth, _choose(synth_all, budget - half, rng))]}
+    test = LabelledImages([(real, real_test)], findings)
+    test_patients = np.array(test.patient_ids)
+    model_cfg = ClassifierConfig(arch=cfg.arch, input_size=cfg.input_size, width=cfg.width, findings=findings)
+    rows, per_set = [], {}
+    for name in TRAINING_SETS:
+        folder = out / "models" / name.replace("+", "_")
+        probs_path = folder / "test_probabilities.npy"
+        train = LabelledImages(plans[name], findings)
+        if probs_path.is_file():  # done by an earlier run
+            model = load_classifier(folder)
+            probs = np.load(probs_path)
+        else:
+            val = patient_split(train.patient_ids, cfg.val_fraction, salt=f"tstr-val{cfg.seed}")
+            if val.all() or not val.any():
+                raise ValueError(f"the validation split of the {name} training set left one side empty; "
+                                 f"change --val-fraction")
+            result = fit(train, np.flatnonzero(~val), np.flatnonzero(val), model_cfg, cfg.epochs, cfg.batch, cfg.lr,
+                         cfg.seed, True, cfg.device, None, progress, desc=f"tstr {name}")
+            model = result.model
+            probs = predict(model, test, np.arange(len(test)), next(model.parameters()).device)
+            model.cpu().save(folder)
+            write_json(folder / "training.json", {"history": result.history,
+                                                  "best_mean_validation_auroc": result.best_mean_auroc})
+            tmp = folder / "test_probabilities.tmp.npy"
+            np.save(tmp, probs)
+            os.replace(tmp, probs_path)  # the model counts as done from here on
+        aucs = []
+        for k, f in enumerate(findings):
+            y = test.labels[:, k]
+            a = auroc(y, probs[:, k])
+            lo, hi = bootstrap_auroc(y, probs[:, k], test_patients, cfg.bootstrap, cfg.seed + k) \
+                if not math.isnan(a) else (float("nan"), float("nan"))
+            rows.append({"training_set": name, "finding": f, "auroc": a, "ci95_low": lo, "ci95_high": hi,
+                         "train_images": len(train), "train_positives": int(train.labels[:, k].sum()),
+                         "test_images": len(test), "test_positives": int(y.sum())})
+            if not math.isnan(a):
+                aucs.append(a)
+        per_set[name] = {"mean_auroc": float(np.mean(aucs)) if aucs else float("nan"), "images": len(train),
+                         "synthetic_images": int(sum(len(p) for a, p in plans[name] if a is synth))}
+    write_csv(out / "tstr.csv", list(rows[0]), [csv_row(r) for r in rows])
+    summary = {"evaluation": "tstr", "synthetic": str(cfg.synthetic), "real": str(cfg.real), "budget": budget,
+               "test_images": len(test), "test_patients": len(set(test.patient_ids)), "findings": findings,
+               "bootstrap": cfg.bootstrap, "training_sets": per_set, "rows": rows}
+    write_json(out / "summary.json", summary)
+    (out / "tstr.md").write_text(format_markdown(summary))
+    plot(summary, out / "tstr.png")
+    return summary
+
+
+def format_markdown(summary: dict) -> str:
+    sets = list(summary["training_sets"])
+    by = {(r["training_set"], r["finding"]): r for r in summary["rows"]}
+    lines = [f"Per-finding AUROC on {summary['test_images']} real test images ({summary['test_patients']} patients), "
+             f"each classifier trained on {summary['budget']} images; 95% patient-level bootstrap intervals "
+             f"({summary['bootstrap']} resamples).", "",
+             "| finding | test positives | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+    absent = [f for f in summary["findings"] if by[(sets[0], f)]["test_positives"] in (0, by[(sets[0], f)]["test_images"])]
+    for f in summary["findings"]:
+        if f in absent:
+            continue
+        cells = []
+        for s in sets:
+            r = by[(s, f)]
+            cells.append("n/a" if number(r["auroc"]) == "n/a" else
+                         f"{number(r['auroc'])} ({number(r['ci95_low'])}–{number(r['ci95_high'])})")
+        lines.append(f"| {f} | {by[(sets[0], f)]['test_positives']} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | | " + " | ".join(number(summary["training_sets"][s]["mean_auroc"]) for s in sets) + " |")
+    if absent:
+        lines += ["", f"No AUROC (the test images do not have both classes): {', '.join(absent)}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path) -> None:
+    from ..utils.plots import _pyplot, save_figure
+    plt = _pyplot()
+    findings = [f for f in summary["findings"]
+                if any(r["finding"] == f and is_number(r["auroc"])
+                       for r in summary["rows"])]
+    sets = list(summary["training_sets"])
+    by = {(r["training_set"], r["finding"]): r for r in summary["rows"]}
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(findings) + 2), 4))
+    width = 0.8 / len(sets)
+    x = np.arange(len(findings))
+    for j, s in enumerate(sets):
+        vals = np.array([by[(s, f)]["auroc"] for f in findings], dtype=float)
+        lo = np.array([by[(s, f)]["ci95_low"] for f in findings], dtype=float)
+        hi = np.array([by[(s, f)]["ci95_high"] for f in findings], dtype=float)
+        ax.bar(x + (j - (len(sets) - 1) / 2) * width, vals, width, label=s,
+               yerr=np.vstack([vals - lo, hi - vals]), capsize=2)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels(findings, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUROC on real test images")
+    ax.legend(title="trained on", fontsize=8)
+    save_figure(fig, path)
