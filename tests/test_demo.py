@@ -23,6 +23,10 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     report = (out / "report.html").read_text()
     assert "FID" in report and "data:image/png;base64" in report
     assert (out / "report.md").is_file()
+    for kind in ("tstr", "fid-findings", "diversity", "memorisation"):  # the evaluation suite ran
+        assert json.loads((run / "evaluations" / kind / "summary.json").read_text())["evaluation"] == kind
+    for section in ("Train on synthetic, test on real", "Disease diversity", "Memorisation audit", "Training"):
+        assert section in report, section
     # a second run finds every stage done and only recomputes the cheap end of the pipeline
     assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
     again = json.loads((out / "demo_state.json").read_text())
@@ -31,7 +35,10 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
 
 def test_every_help_works(capsys):
     for args in (["--help"], ["info", "--help"], ["prepare", "--help"], ["train", "--help"], ["fid", "--help"],
-                 ["sample", "--help"], ["classify", "--help"], ["classify", "train", "--help"], ["demo", "--help"]):
+                 ["sample", "--help"], ["classify", "--help"], ["classify", "train", "--help"], ["demo", "--help"],
+                 ["evaluate", "--help"], ["evaluate", "tstr", "--help"], ["evaluate", "fid-findings", "--help"],
+                 ["evaluate", "diversity", "--help"], ["evaluate", "report", "--help"],
+                 ["evaluate", "memorisation", "--help"], ["evaluate", "reader-study", "score", "--help"]):
         with pytest.raises(SystemExit) as exc:
             cli(args)
         assert exc.value.code == 0

@@ -4,11 +4,12 @@ Stages (each is skipped when a previous run already finished it, so Ctrl-C follo
 same command continues): build a phantom archive, train a small PGGAN, train the phantom
 classifier, sample unconditional images and an LCO-labelled archive for a few target
 combinations, compute FID (real Inception weights when present, else random weights, labelled
-as a pipeline check), and write report.md / report.html. Everything goes under --out.
+as a pipeline check), run the evaluation suite (train on synthetic / test on real, FID per
+finding, disease diversity, memorisation audit) into run/evaluations/, and write report.html
+(and report.md) with `xrayforge evaluate report`. Everything goes under --out.
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 import shutil
@@ -26,7 +27,7 @@ def plan(minutes: float, device: torch.device) -> dict:
     if gpu:
         return {"resolution": 256, "images": 20000, "latent": 256, "fmap_base": 4096, "fmap_max": 256,
                 "batch": 32, "clf_size": 128, "clf_width": 32, "clf_epochs": 10, "samples": 1000, "lco_n": 64,
-                "fid_real": 5000}
+                "fid_real": 5000, "labelled_n": 5000, "diversity_n": 5000}
     # on a CPU the FID Inception (about 6 GFLOP per image at 299 px) dominates: few FID images
     small = minutes < 3
     fid_n = 16 if minutes < 0.5 else (24 if minutes < 1 else (64 if small else 200))
@@ -34,20 +35,13 @@ def plan(minutes: float, device: torch.device) -> dict:
             "fmap_base": 256 if small else 1024, "fmap_max": 32 if small else 64, "batch": 16,
             "clf_size": 32 if small else 64, "clf_width": 16,
             "clf_epochs": 4 if minutes < 1 else (6 if small else 10),
-            "samples": fid_n, "lco_n": 4 if small else 16, "fid_real": fid_n}
+            "samples": fid_n, "lco_n": 4 if small else 16, "fid_real": fid_n,
+            "labelled_n": 300 if small else 1000, "diversity_n": 200 if small else 1000}
 
 
-def _img_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
-
-
-def write_report(out: Path, results: dict) -> tuple[Path, Path]:
-    lines = ["# xrayforge demo report", "",
-             f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px.", "",
-             "## Training", f"{results['train']['images_seen']} images seen in "
-             f"{results['train']['seconds']:.0f} s; final level {results['train']['level']}.", "",
-             "![loss curve](run/loss.png)", "", "![samples](run/grid-latest.png)", "",
+def demo_markdown(results: dict) -> str:
+    """The demo's own results (data, classifier, LCO, FID), placed before the evaluation report."""
+    lines = [f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px.", "",
              "## Classifier", f"Best mean validation AUROC {results['classifier']['best_mean_auroc']:.3f}.", ""]
     lines += [f"- {k}: {v:.3f}" for k, v in results["classifier"]["auroc"].items()]
     lines += ["", "## LCO-labelled samples", "| target | accepted | rejected | acceptance | mean steps |", "|---|---|---|---|---|"]
@@ -58,39 +52,9 @@ def write_report(out: Path, results: dict) -> tuple[Path, Path]:
             lines.append(f"| {key} | {t['accepted']} | {t['rejected']} | {t['acceptance_rate'] or 0:.1%} | "
                          f"{t['mean_steps'] or 0:.1f} |")
     fid = results["fid"]
-    lines += ["", "## FID", f"FID {fid['fid']:.3f} between {fid['n_a']} real phantoms and {fid['n_b']} samples "
-              f"({fid['inception']}).", ""]
-    md = out / "report.md"
-    md.write_text("\n".join(lines) + "\n")
-    html = ["<html><head><meta charset='utf-8'><title>xrayforge demo</title></head>"
-            "<body style='font-family:sans-serif;max-width:900px;margin:auto'>"]
-    in_table = False
-    for line in lines:
-        if in_table and not line.startswith("|"):
-            html.append("</table>")
-            in_table = False
-        if line.startswith("# "):
-            html.append(f"<h1>{line[2:]}</h1>")
-        elif line.startswith("## "):
-            html.append(f"<h2>{line[3:]}</h2>")
-        elif line.startswith("!["):
-            rel = line[line.index("(") + 1:-1]
-            if (out / rel).is_file():
-                html.append(_img_tag(out / rel))
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= {"-"}:
-                continue
-            if not in_table:
-                html.append("<table border=1 cellpadding=4>")
-                in_table = True
-            html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        elif line:
-            html.append(f"<p>{line}</p>")
-    html.append(("</table>" if in_table else "") + "</body></html>")
-    page = out / "report.html"
-    page.write_text("\n".join(html))
-    return md, page
+    lines += ["", "## FID of the unconditional samples",
+              f"FID {fid['fid']:.3f} between {fid['n_a']} real phantoms and {fid['n_b']} samples ({fid['inception']}).", ""]
+    return "\n".join(lines)
 
 
 def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: float = 5.0,
@@ -98,7 +62,12 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .data.archive import Archive
     from .data.prepare import prepare
     from .evaluate.classifier import ClassifierTrainConfig, train_classifier
-    from .fid.compute import compute_fid
+    from .evaluate.diversity import diversity
+    from .evaluate.fid_findings import fid_by_finding
+    from .evaluate.memorisation import audit
+    from .evaluate.report import write_report
+    from .evaluate.tstr import TSTRConfig, run_tstr
+    from .fid.compute import FeatureExtractor, compute_fid
     from .fid.inception import find_weights
     from .sample.writer import SampleConfig, sample_archive
     from .train.trainer import TrainConfig, Trainer
@@ -204,12 +173,38 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     lap("fid")
     save_state()
 
-    md, page = write_report(out, results)
+    # 6. the evaluation suite, into run/evaluations/ where `xrayforge evaluate report` finds it
+    evals = run / "evaluations"
+    feature_kwargs = {"inception": weights, "random_weights": random_weights, "device": str(dev), "workers": 0,
+                      "batch_size": 32, "progress": progress}
+    if not (evals / "tstr" / "summary.json").is_file():
+        say(f"train on synthetic, test on real ({p['labelled_n']} classifier-labelled samples)")
+        sample_archive(SampleConfig(str(run), str(samples / "labelled"), n=p["labelled_n"], seed=1, classifier=str(clf),
+                                    device=str(dev)), progress=progress)
+        run_tstr(TSTRConfig(str(samples / "labelled"), str(archive), str(evals / "tstr"), input_size=p["clf_size"],
+                            width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3, bootstrap=200, device=str(dev)),
+                 progress=progress)
+    if not (evals / "fid-findings" / "summary.json").is_file():
+        say("FID per finding and against sample count")
+        fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings",
+                       FeatureExtractor(**feature_kwargs), real_limit=p["fid_real"], min_images=4, progress=progress)
+    if not (evals / "diversity" / "summary.json").is_file():
+        say(f"disease diversity of {p['diversity_n']} samples")
+        diversity(str(run), str(clf), str(archive), evals / "diversity", n=p["diversity_n"], real_limit=1000,
+                  device=str(dev), progress=progress)
+    if not (evals / "memorisation" / "summary.json").is_file():
+        say("memorisation audit")
+        audit(str(samples / "unconditional"), str(archive), evals / "memorisation", FeatureExtractor(**feature_kwargs),
+              real_limit=p["fid_real"], progress=progress)
+    lap("evaluations")
+    report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))
+    page = Path(report["html"])
     results["report"] = str(page)
     save_state()
     where = {
         "archive": archive, "training run (log.jsonl, loss.png, grids/, checkpoints/)": run, "classifier": clf,
         "unconditional samples": samples / "unconditional", "LCO-labelled samples": samples,
+        "evaluations (TSTR, FID per finding, diversity, memorisation)": run / "evaluations",
         "report": page, "all figures (JSON)": state_path}
     if progress:
         print("\nxrayforge demo finished. Results:")

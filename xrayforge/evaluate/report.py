@@ -128,11 +128,20 @@ def _relative_images(markdown: str, base: Path) -> str:
 def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -> str:
     """The report's Markdown subset (headings, paragraphs, tables, images) as one HTML page with
     the images embedded; image paths are relative to ``base``."""
-    body, table = [], False
+    body, table, items = [], False, False
     for line in markdown.splitlines():
         if table and not line.startswith("|"):
             body.append("</table>")
             table = False
+        if items and not line.startswith("- "):
+            body.append("</ul>")
+            items = False
+        if line.startswith("- "):
+            if not items:
+                body.append("<ul>")
+                items = True
+            body.append(f"<li>{_inline(line[2:])}</li>")
+            continue
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
@@ -155,8 +164,8 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
             body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
         elif line.strip():
             body.append(f"<p>{_inline(line)}</p>")
-    if table:
-        body.append("</table>")
+    body += ["</table>"] if table else []
+    body += ["</ul>"] if items else []
     style = ("body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
              "font-size:90%}th{background:#eee}")
