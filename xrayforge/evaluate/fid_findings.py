@@ -112,8 +112,8 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [f"FID ({summary['inception']}, {summary['mode']} mode): synthetic images with a finding against real "
-             f"images with it. Small n inflates FID; compare a row only with rows of similar n, or with the "
+    lines = [f"FID of the synthetic images with a finding against the real images with it (Inception: "
+             f"{summary['inception']}; {summary['mode']} mode). Small n inflates FID; compare a row only with rows of similar n, or with the "
              f"curve below.", "", "| finding | FID | synthetic images | real images |", "|---|---|---|---|"]
     for r in summary["rows"]:
         if r["finding"] != "all" and r["synthetic_images"] == 0 and r["real_images"] == 0:

@@ -92,10 +92,15 @@ def _section(kind: str, folder: Path) -> list[str]:
     raise ValueError(f"unknown evaluation {kind!r}")
 
 
-def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], title: str) -> str:
+def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], title: str,
+                   preamble: str = "") -> str:
+    """The report as Markdown: the training section, ``preamble`` (the caller's own sections),
+    then every evaluation found."""
     lines = [f"# {title}", ""]
     if run is not None:
         lines += _training_section(Path(run)) + [""]
+    if preamble.strip():
+        lines += [preamble.strip(), ""]
     sections = dict(evaluations)
     if "diversity" in sections and json.loads((sections["diversity"] / "summary.json").read_text()).get("grids"):
         sections["diversity-grids"] = sections["diversity"]
@@ -179,10 +184,7 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
     if run is not None and not Path(run).is_dir():
         raise FileNotFoundError(f"{run}: no such training run folder")
     found = find_evaluations(run, evaluations)
-    md = build_markdown(run, found, title)
-    if preamble:
-        head, rest = md.split("\n", 1)
-        md = f"{head}\n\n{preamble.strip()}\n{rest}"
+    md = build_markdown(run, found, title, preamble)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = _relative_images(md, out.parent)
