@@ -208,11 +208,10 @@ def plot_cooccurrence(findings, real: np.ndarray, synth: np.ndarray, path) -> No
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     top = max(real.max(), synth.max(), 1e-9)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_ratio = np.log2(synth / real)
-    log_ratio[~np.isfinite(log_ratio)] = np.nan
+        log_ratio = np.clip(np.log2(synth / real), -2, 2)  # never produced: -2; NaN (blank): neither side has it
     for ax, m, title, cmap, lim in ((axes[0], real, "real (predicted)", "viridis", (0, top)),
                                     (axes[1], synth, "synthetic (predicted)", "viridis", (0, top)),
-                                    (axes[2], log_ratio, "log2(synthetic / real)", "coolwarm", (-2, 2))):
+                                    (axes[2], log_ratio, "log2(synthetic / real), clipped to ±2", "coolwarm", (-2, 2))):
         im = ax.imshow(m, cmap=cmap, vmin=lim[0], vmax=lim[1])
         ax.set_xticks(range(len(findings)))
         ax.set_yticks(range(len(findings)))
