@@ -1,1 +1,3 @@
-"""Evaluations: the chest classifier, and the metrics shared by the evaluation suite."""
+"""Evaluations of synthetic archives: the chest classifier and its training, train-on-synthetic /
+test-on-real, FID per finding, disease diversity, the memorisation audit, the reader study, and
+the report that gathers them."""
