@@ -143,7 +143,7 @@ def fit(images: LabelledImages, train_items, val_items, model_config: Classifier
         losses = []
         for i in tqdm(range(0, len(perm), batch), desc=f"{desc} epoch {epoch + 1}/{epochs}",
                       disable=not progress, leave=False, dynamic_ncols=True):
-            idx = perm[i:i + batch]
+            idx = np.sort(perm[i:i + batch])  # ascending items: archive reads in order
             if len(idx) < 2:  # batch norm cannot train on one image (at small sizes its maps are 1×1)
                 continue
             x = images.load(idx, size, device)
