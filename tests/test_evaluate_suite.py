@@ -18,7 +18,7 @@ from xrayforge.data.prepare import prepare
 from xrayforge.evaluate.diversity import combinations, cooccurrence, diversity, prevalence_rows
 from xrayforge.evaluate.fid_findings import fid_by_finding, fid_infinity
 from xrayforge.evaluate.labelled import open_labelled, synthetic_labels
-from xrayforge.evaluate.metrics import auroc, bootstrap_auroc, wilson_interval
+from xrayforge.evaluate.metrics import auroc, bootstrap_auroc, patient_split, wilson_interval
 from xrayforge.evaluate.report import write_report
 from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
 from xrayforge.fid.stats import FrechetStats, frechet_distance
@@ -197,6 +197,12 @@ def test_fid_per_finding_and_against_n_equal_direct_computation(phantoms, tmp_pa
         assert rows[f]["synthetic_images"] == len(a) and rows[f]["real_images"] == len(b)
         assert rows[f]["fid"] == pytest.approx(_fid(a, b), rel=1e-6)
     assert math.isnan(rows["Hernia"]["fid"]) and rows["Hernia"]["real_images"] == 0  # no such images
+    # the real-vs-real reference: one half of the patients against the other
+    half = patient_split(real.patient_ids, 0.5, salt="fid-halves3")
+    assert rows["all"]["real_halves_fid"] == pytest.approx(_fid(fr[half], fr[~half]), rel=1e-6)
+    k = FINDINGS.index("Effusion")
+    has = real.labels[:, k] == 1
+    assert rows["Effusion"]["real_halves_fid"] == pytest.approx(_fid(fr[has & half], fr[has & ~half]), rel=1e-6)
     order = np.random.default_rng(3).permutation(len(synth))  # the curve's nested random subsets
     assert [c["n"] for c in s["curve"]] == [20, 60, 150, 300]
     for c in s["curve"]:

@@ -27,16 +27,18 @@ def plan(minutes: float, device: torch.device) -> dict:
     if gpu:
         return {"resolution": 256, "images": 20000, "latent": 256, "fmap_base": 4096, "fmap_max": 256,
                 "batch": 32, "clf_size": 128, "clf_width": 32, "clf_epochs": 10, "samples": 1000, "lco_n": 64,
-                "fid_real": 5000, "labelled_n": 5000, "diversity_n": 5000}
-    # on a CPU the FID Inception (about 6 GFLOP per image at 299 px) dominates: few FID images
+                "fid_real": 5000, "labelled_n": 5000, "diversity_n": 5000, "tstr_epochs": 10, "train_share": 0.5}
+    # on a CPU the FID Inception (about 6 GFLOP per image at 299 px) dominates the evaluations
+    # (FID and the memorisation audit each pass the samples and as many real images through it)
     small = minutes < 3
-    fid_n = 16 if minutes < 0.5 else (24 if minutes < 1 else (64 if small else 200))
+    fid_n = 16 if minutes < 0.5 else (24 if minutes < 1 else (64 if small else 100))
     return {"resolution": 32 if small else 64, "images": 600 if small else 3000, "latent": 64 if small else 128,
             "fmap_base": 256 if small else 1024, "fmap_max": 32 if small else 64, "batch": 16,
             "clf_size": 32 if small else 64, "clf_width": 16,
-            "clf_epochs": 4 if minutes < 1 else (6 if small else 10),
+            "clf_epochs": 4 if minutes < 1 else 6,
             "samples": fid_n, "lco_n": 4 if small else 16, "fid_real": fid_n,
-            "labelled_n": 300 if small else 1000, "diversity_n": 200 if small else 1000}
+            "labelled_n": 300 if small else 500, "diversity_n": 200 if small else 500,
+            "tstr_epochs": 4 if small else 6, "train_share": 0.35}
 
 
 def demo_markdown(results: dict) -> str:
@@ -67,7 +69,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .evaluate.memorisation import audit
     from .evaluate.report import write_report
     from .evaluate.tstr import TSTRConfig, run_tstr
-    from .fid.compute import FeatureExtractor, compute_fid
+    from .fid.compute import FeatureExtractor
     from .fid.inception import find_weights
     from .sample.writer import SampleConfig, sample_archive
     from .train.trainer import TrainConfig, Trainer
@@ -104,18 +106,18 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     lap("data")
     save_state()
 
-    # 2. the GAN, sized so that the schedule fits about half the budget
+    # 2. the GAN, sized so that the schedule fits its share of the budget
     run = out / "run"
     if not results.get("train", {}).get("complete"):
         levels = int(math.log2(p["resolution"])) - 1
         phases = 1 + 2 * (levels - 1)
         rate = 60.0 if dev.type == "cpu" else 600.0          # images/s at the top level, roughly
-        per_phase = max(p["batch"] * 4, int(rate * budget * 0.45 / phases) // p["batch"] * p["batch"])
+        per_phase = max(p["batch"] * 4, int(rate * budget * 0.9 * p["train_share"] / phases) // p["batch"] * p["batch"])
         cfg = TrainConfig(str(archive), str(run), fade_images=per_phase, stable_images=per_phase,
                           tick_images=max(per_phase // 2, p["batch"]), latent_dim=p["latent"],
                           fmap_base=p["fmap_base"], fmap_max=p["fmap_max"],
                           batch={4 << i: p["batch"] for i in range(levels)}, device=str(dev),
-                          max_seconds=budget * 0.5, checkpoint_ticks=2)
+                          max_seconds=budget * p["train_share"], checkpoint_ticks=2)
         resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))
         say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
             (" — resuming" if resume else ""))
@@ -158,7 +160,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         save_state()
     lap("sampling")
 
-    # 5. FID
+    # 5. FID: all samples, per finding and against sample count; its "all" row is the demo's FID
     try:
         weights = str(find_weights(inception))
         random_weights = False
@@ -166,28 +168,30 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         weights, random_weights = None, True
         say("FID Inception weights not found: computing FID with random weights (a pipeline check, "
             "not a comparable FID)")
-    say("computing FID")
-    fid = compute_fid(str(archive), str(samples / "unconditional"), inception=weights, random_weights=random_weights,
-                      device=str(dev), workers=0, progress=progress, batch_size=32, limit=p["fid_real"])
-    results["fid"] = {k: v for k, v in fid.items() if k != "skipped"}
+    evals = run / "evaluations"  # where `xrayforge evaluate report` finds the evaluations
+    feature_kwargs = {"inception": weights, "random_weights": random_weights, "device": str(dev), "workers": 0,
+                      "batch_size": 32, "progress": progress}
+    fid_summary = evals / "fid-findings" / "summary.json"
+    if not fid_summary.is_file() or json.loads(fid_summary.read_text())["inception"].startswith("random") \
+            != random_weights:
+        say("computing FID (all samples, per finding, against sample count)")
+        fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings",
+                       FeatureExtractor(**feature_kwargs), real_limit=p["fid_real"], min_images=4, progress=progress)
+    fs = json.loads(fid_summary.read_text())
+    every = fs["rows"][0]
+    results["fid"] = {"fid": every["fid"], "n_a": every["real_images"], "n_b": every["synthetic_images"],
+                      "inception": fs["inception"], "mode": fs["mode"]}
     lap("fid")
     save_state()
 
-    # 6. the evaluation suite, into run/evaluations/ where `xrayforge evaluate report` finds it
-    evals = run / "evaluations"
-    feature_kwargs = {"inception": weights, "random_weights": random_weights, "device": str(dev), "workers": 0,
-                      "batch_size": 32, "progress": progress}
+    # 6. the rest of the evaluation suite
     if not (evals / "tstr" / "summary.json").is_file():
         say(f"train on synthetic, test on real ({p['labelled_n']} classifier-labelled samples)")
         sample_archive(SampleConfig(str(run), str(samples / "labelled"), n=p["labelled_n"], seed=1, classifier=str(clf),
                                     device=str(dev)), progress=progress)
         run_tstr(TSTRConfig(str(samples / "labelled"), str(archive), str(evals / "tstr"), input_size=p["clf_size"],
-                            width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3, bootstrap=200, device=str(dev)),
+                            width=p["clf_width"], epochs=p["tstr_epochs"], lr=3e-3, bootstrap=200, device=str(dev)),
                  progress=progress)
-    if not (evals / "fid-findings" / "summary.json").is_file():
-        say("FID per finding and against sample count")
-        fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings",
-                       FeatureExtractor(**feature_kwargs), real_limit=p["fid_real"], min_images=4, progress=progress)
     if not (evals / "diversity" / "summary.json").is_file():
         say(f"disease diversity of {p['diversity_n']} samples")
         diversity(str(run), str(clf), str(archive), evals / "diversity", n=p["diversity_n"], real_limit=1000,
@@ -210,5 +214,5 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         print("\nxrayforge demo finished. Results:")
         for what, path in where.items():
             print(f"  {what:58s} {path}")
-        print(f"  FID {fid['fid']:.3f} ({fid['inception']})")
+        print(f"  FID {results['fid']['fid']:.3f} ({results['fid']['inception']})")
     return results

@@ -8,7 +8,8 @@ computed once and streamed into float64 moments: one set for all images and one 
 FID is biased upwards at small n (the covariance estimate adds spread), so a per-finding FID
 from a few hundred images is not comparable with an FID from 50k. The curve of FID against the
 number of synthetic images (random subsets, nested: moments snapshot as the shuffled stream
-passes each count) shows the size of that bias; ``fid_infinity`` is the intercept of a
+passes each count) shows the size of that bias, and so does each finding's real-vs-real FID:
+the real images split in two halves by patient, one half against the other; ``fid_infinity`` is the intercept of a
 least-squares line through FID against 1/n (Chong & Forsyth 2020), the FID of infinitely many
 images.
 
@@ -26,6 +27,7 @@ from ..data.archive import write_csv, write_json
 from ..fid.stats import StreamingMoments, frechet_distance
 from ._format import csv_row, is_number, number
 from .labelled import open_labelled
+from .metrics import patient_split
 
 DEFAULT_COUNTS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000)
 
@@ -58,6 +60,13 @@ def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, des
     return total, per, snaps
 
 
+def _merged(a: StreamingMoments, b: StreamingMoments) -> StreamingMoments:
+    out = StreamingMoments(a.dim, a.mean.device)
+    out.merge(a)
+    out.merge(b)
+    return out
+
+
 def fid_infinity(counts, fids) -> float:
     """Intercept of the least-squares line FID = a + b / n (NaN with fewer than 3 points)."""
     n = np.asarray(counts, dtype=np.float64)
@@ -87,17 +96,27 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     if len(s_order) < 2 or len(r_order) < 2:
         raise ValueError("FID needs at least 2 images on each side")
     counts = sorted({int(c) for c in (counts or DEFAULT_COUNTS) if 2 <= c < len(s_order)} | {len(s_order)})
-    r_all, r_per, _ = _stream(extractor, real_arc, r_order, r_lab, set(), f"features {Path(real).name}", progress)
+    # the real images in two halves by patient: together they are the real side; against each
+    # other they give the FID of two real samples of a finding, the floor a generator can reach
+    half = patient_split([real_arc.patient_ids[i] or f"image-{i}" for i in r_order], 0.5, salt=f"fid-halves{seed}")
+    halves = [_stream(extractor, real_arc, r_order[m], r_lab, set(), f"features {Path(real).name} ({k + 1}/2)",
+                      progress) for k, m in enumerate((half, ~half))]
+    r_all, r_per = _merged(halves[0][0], halves[1][0]), [_merged(a, b) for a, b in zip(halves[0][1], halves[1][1])]
     s_all, s_per, snaps = _stream(extractor, synth, s_order, s_lab, set(counts), f"features {Path(synthetic).name}",
                                   progress)
     real_stats = r_all.stats()
     dev = extractor.device
     curve = [{"n": c, "fid": frechet_distance(snaps[c], real_stats, dev)} for c in counts]
-    rows = [{"finding": "all", "fid": curve[-1]["fid"], "synthetic_images": s_all.n, "real_images": r_all.n}]
-    for f, sm, rm in zip(findings, s_per, r_per):
-        enough = min(sm.n, rm.n) >= max(2, min_images)
-        rows.append({"finding": f, "fid": frechet_distance(sm.stats(), rm.stats(), dev) if enough else float("nan"),
-                     "synthetic_images": sm.n, "real_images": rm.n})
+    floor = max(2, min_images)
+
+    def fid_of(a: StreamingMoments, b: StreamingMoments) -> float:
+        return frechet_distance(a.stats(), b.stats(), dev) if min(a.n, b.n) >= floor else float("nan")
+
+    rows = [{"finding": "all", "fid": curve[-1]["fid"], "synthetic_images": s_all.n, "real_images": r_all.n,
+             "real_halves_fid": fid_of(halves[0][0], halves[1][0])}]
+    for k, (f, sm, rm) in enumerate(zip(findings, s_per, r_per)):
+        rows.append({"finding": f, "fid": fid_of(sm, rm), "synthetic_images": sm.n, "real_images": rm.n,
+                     "real_halves_fid": fid_of(halves[0][1][k], halves[1][1][k])})
     inf = fid_infinity([c["n"] for c in curve], [c["fid"] for c in curve])
     summary = {"evaluation": "fid-findings", "synthetic": str(synthetic), "real": str(real),
                "inception": "random weights (pipeline check, not a comparable FID)" if extractor.random_weights
@@ -113,12 +132,15 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
 
 def format_markdown(summary: dict) -> str:
     lines = [f"FID of the synthetic images with a finding against the real images with it (Inception: "
-             f"{summary['inception']}; {summary['mode']} mode). Small n inflates FID; compare a row only with rows of similar n, or with the "
-             f"curve below.", "", "| finding | FID | synthetic images | real images |", "|---|---|---|---|"]
+             f"{summary['inception']}; {summary['mode']} mode). Small n inflates FID; compare a row only with rows of "
+             f"similar n, or with the curve below. Real vs real: the FID between two halves (by patient) of the "
+             f"real images with the finding — what two real samples of about that size give.", "",
+             "| finding | FID | synthetic images | real images | real vs real (halves) |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
         if r["finding"] != "all" and r["synthetic_images"] == 0 and r["real_images"] == 0:
             continue
-        lines.append(f"| {r['finding']} | {number(r['fid'], None)} | {r['synthetic_images']} | {r['real_images']} |")
+        lines.append(f"| {r['finding']} | {number(r['fid'], None)} | {r['synthetic_images']} | {r['real_images']} | "
+                     f"{number(r.get('real_halves_fid'), None)} |")
     lines += ["", "FID of all real images against n synthetic images:", "", "| n | FID |", "|---|---|"]
     lines += [f"| {c['n']} | {number(c['fid'], None)} |" for c in summary["curve"]]
     lines += ["", f"Extrapolated to infinitely many images (FID against 1/n): {number(summary['fid_infinity'], None)}.",
@@ -131,7 +153,11 @@ def plot(summary: dict, path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rows = [r for r in summary["rows"] if is_number(r["fid"])]
-    axes[0].bar(range(len(rows)), [r["fid"] for r in rows], color=["C1" if r["finding"] == "all" else "C0" for r in rows])
+    x = np.arange(len(rows))
+    axes[0].bar(x - 0.2, [r["fid"] for r in rows], 0.4, label="synthetic vs real")
+    axes[0].bar(x + 0.2, [r["real_halves_fid"] if is_number(r.get("real_halves_fid")) else 0 for r in rows], 0.4,
+                label="real vs real (halves)", color="grey")
+    axes[0].legend(fontsize=7)
     axes[0].set_xticks(range(len(rows)))
     axes[0].set_xticklabels([f"{r['finding']}\n(n={r['synthetic_images']})" for r in rows], rotation=45, ha="right",
                             fontsize=7)

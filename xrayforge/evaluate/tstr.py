@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.archive import write_csv, write_json
-from ..nn.classifier import ClassifierConfig, load_classifier
+from ..nn.classifier import ClassifierConfig
 from .classifier import LabelledImages, fit, predict
 from .labelled import open_labelled
 from ._format import csv_row, is_number, number
@@ -103,7 +103,6 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         probs_path = folder / "test_probabilities.npy"
         train = LabelledImages(plans[name], findings)
         if probs_path.is_file():  # done by an earlier run
-            model = load_classifier(folder)
             probs = np.load(probs_path)
         else:
             val = patient_split(train.patient_ids, cfg.val_fraction, salt=f"tstr-val{cfg.seed}")
@@ -112,9 +111,8 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
                                  f"change --val-fraction")
             result = fit(train, np.flatnonzero(~val), np.flatnonzero(val), model_cfg, cfg.epochs, cfg.batch, cfg.lr,
                          cfg.seed, True, cfg.device, None, progress, desc=f"tstr {name}")
-            model = result.model
-            probs = predict(model, test, np.arange(len(test)), next(model.parameters()).device)
-            model.cpu().save(folder)
+            probs = predict(result.model, test, np.arange(len(test)), next(result.model.parameters()).device)
+            result.model.cpu().save(folder)
             write_json(folder / "training.json", {"history": result.history,
                                                   "best_mean_validation_auroc": result.best_mean_auroc})
             tmp = folder / "test_probabilities.tmp.npy"
