@@ -182,13 +182,30 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "seed", "device")
+
+
+def _add_classifier_training(q: argparse.ArgumentParser) -> None:
+    """The options of how a classifier is trained (`classify train`, `evaluate tstr`)."""
+    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
+    q.add_argument("--input-size", type=int, default=256)
+    q.add_argument("--width", type=int, default=64, help="base width (64 = torchvision's)")
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+
+
+def _classifier_training(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in CLASSIFIER_TRAINING}
+
+
 def _cmd_classify_train(args: argparse.Namespace) -> int:
     from .evaluate.classifier import ClassifierTrainConfig, train_classifier
 
-    cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, arch=args.arch, input_size=args.input_size,
-                                width=args.width, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                                val_fraction=args.val_fraction, seed=args.seed, device=args.device,
-                                init_weights=args.init_weights)
+    cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, val_fraction=args.val_fraction,
+                                init_weights=args.init_weights, **_classifier_training(args))
     try:
         summary = train_classifier(cfg, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as exc:
@@ -280,9 +297,8 @@ def _extractor(args: argparse.Namespace):
 def _cmd_tstr(args: argparse.Namespace) -> int:
     from .evaluate.tstr import TSTRConfig, format_markdown, run_tstr
 
-    cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, arch=args.arch,
-                     input_size=args.input_size, width=args.width, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                     test_fraction=args.test_fraction, bootstrap=args.bootstrap, seed=args.seed, device=args.device)
+    cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, test_fraction=args.test_fraction,
+                     bootstrap=args.bootstrap, **_classifier_training(args))
     try:
         summary = run_tstr(cfg, progress=not args.quiet)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
@@ -476,16 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "are never used.")
     q.add_argument("archive")
     q.add_argument("--out", required=True, help="model folder")
-    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
-    q.add_argument("--input-size", type=int, default=256)
-    q.add_argument("--width", type=int, default=64, help="base width (64 = torchvision's)")
-    q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--batch", type=int, default=32)
-    q.add_argument("--lr", type=float, default=1e-3)
+    _add_classifier_training(q)
     q.add_argument("--val-fraction", type=float, default=0.1)
     q.add_argument("--init-weights", default=None, help="torchvision-layout weights to start from")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_classify_train)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -552,17 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--budget", type=int, default=None,
                    help="images per training set (default: the smaller of the synthetic set and the real training set)")
-    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
-    q.add_argument("--input-size", type=int, default=256)
-    q.add_argument("--width", type=int, default=64)
-    q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--batch", type=int, default=32)
-    q.add_argument("--lr", type=float, default=1e-3)
+    _add_classifier_training(q)
     q.add_argument("--test-fraction", type=float, default=0.2,
                    help="fraction of real patients held out when the archive has no 'test' split (default 0.2)")
     q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_tstr)
 

@@ -22,10 +22,9 @@ from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_
 from .metrics import auroc, patient_split, youden_threshold
 
 
-@dataclass
-class ClassifierTrainConfig:
-    archive: str
-    out: str
+@dataclass(kw_only=True)
+class ClassifierTraining:
+    """How a classifier is built and trained: shared by `classify train` and the TSTR evaluation."""
     arch: str = "resnet18"
     input_size: int = 256
     width: int = 64
@@ -35,6 +34,15 @@ class ClassifierTrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     device: str | None = None
+
+    def model_config(self, findings) -> ClassifierConfig:
+        return ClassifierConfig(arch=self.arch, input_size=self.input_size, width=self.width, findings=list(findings))
+
+
+@dataclass
+class ClassifierTrainConfig(ClassifierTraining):
+    archive: str
+    out: str
     init_weights: str | None = None   # torchvision-layout state dict to start from
     augment: bool = True
     subset: list | None = None        # manifest positions to train/validate on (default: all but the "test" split)
@@ -118,18 +126,18 @@ class FitResult:
     best_mean_auroc: float
 
 
-def fit(images: LabelledImages, train_items, val_items, model_config: ClassifierConfig, epochs: int = 10,
-        batch: int = 32, lr: float = 1e-3, seed: int = 0, augment: bool = True, device=None,
+def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTraining, augment: bool = True,
         init_weights: str | None = None, progress: bool = True, desc: str = "classifier") -> FitResult:
     """Train on ``train_items``; keep the epoch with the best mean validation AUROC, and set the
     per-finding decision thresholds on the validation items (Youden's J)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    epochs, batch, lr, seed = settings.epochs, settings.batch, settings.lr, settings.seed
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_items, val_items = np.asarray(train_items), np.asarray(val_items)
     torch.manual_seed(seed)
-    model = ChestClassifier(model_config).to(device)
+    model = ChestClassifier(settings.model_config(images.findings)).to(device)
     if init_weights:
         load_torchvision_weights(model, torch.load(init_weights, map_location="cpu", weights_only=True))
-    size = model_config.input_size
+    size = settings.input_size
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * math.ceil(len(train_items) / batch))
     gen = torch.Generator().manual_seed(seed)
@@ -183,10 +191,7 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     train_items, val_items = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
     if len(val_items) == 0 or len(train_items) == 0:
         raise ValueError("the patient-level validation split left one side empty; change --val-fraction")
-    result = fit(images, train_items, val_items,
-                 ClassifierConfig(arch=cfg.arch, input_size=cfg.input_size, width=cfg.width,
-                                  findings=list(archive.findings)),
-                 cfg.epochs, cfg.batch, cfg.lr, cfg.seed, cfg.augment, cfg.device, cfg.init_weights, progress)
+    result = fit(images, train_items, val_items, cfg, cfg.augment, cfg.init_weights, progress)
     out = Path(cfg.out)
     model = result.model
     model.cpu().save(out)

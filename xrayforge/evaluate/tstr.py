@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.archive import write_csv, write_json
-from ..nn.classifier import ClassifierConfig
-from .classifier import LabelledImages, fit, predict
+from .classifier import ClassifierTraining, LabelledImages, fit, predict
 from .labelled import open_labelled
 from ._format import csv_row, is_number, number
 from .metrics import auroc, bootstrap_auroc, patient_split
@@ -31,22 +30,13 @@ TRAINING_SETS = ("real", "synthetic", "real+synthetic")
 
 
 @dataclass
-class TSTRConfig:
+class TSTRConfig(ClassifierTraining):
     synthetic: str
     real: str
     out: str
     budget: int | None = None          # images per training set (default: as many as both sides allow)
-    arch: str = "resnet18"
-    input_size: int = 256
-    width: int = 64
-    epochs: int = 10
-    batch: int = 32
-    lr: float = 1e-3
-    val_fraction: float = 0.1
     test_fraction: float = 0.2         # of the real patients, when the real archive has no "test" split
     bootstrap: int = 1000
-    seed: int = 0
-    device: str | None = None
 
 
 def real_test_split(archive, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +86,6 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
              "real+synthetic": [(real, _choose(real_train, half, rng)), (synth, _choose(synth_all, budget - half, rng))]}
     test = LabelledImages([(real, real_test)], findings)
     test_patients = np.array(test.patient_ids)
-    model_cfg = ClassifierConfig(arch=cfg.arch, input_size=cfg.input_size, width=cfg.width, findings=findings)
     rows, per_set = [], {}
     for name in TRAINING_SETS:
         folder = out / "models" / name.replace("+", "_")
@@ -109,8 +98,8 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
             if val.all() or not val.any():
                 raise ValueError(f"the validation split of the {name} training set left one side empty; "
                                  f"change --val-fraction")
-            result = fit(train, np.flatnonzero(~val), np.flatnonzero(val), model_cfg, cfg.epochs, cfg.batch, cfg.lr,
-                         cfg.seed, True, cfg.device, None, progress, desc=f"tstr {name}")
+            result = fit(train, np.flatnonzero(~val), np.flatnonzero(val), cfg, progress=progress,
+                         desc=f"tstr {name}")
             probs = predict(result.model, test, np.arange(len(test)), next(result.model.parameters()).device)
             result.model.cpu().save(folder)
             write_json(folder / "training.json", {"history": result.history,
