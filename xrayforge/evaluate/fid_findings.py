@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..data.archive import write_csv, write_json
+from ..fid.compute import stored_pixels
 from ..fid.stats import StreamingMoments, frechet_distance
 from ._format import csv_row, is_number, number
 from .labelled import open_labelled
@@ -46,9 +47,7 @@ def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, des
         for a, b in zip(bounds[:-1], bounds[1:]):
             pos = order[a:b]
             sort = np.argsort(pos, kind="mergesort")  # sorted reads from the memory map
-            pix = archive.images(pos[sort], archive.resolution)
-            pix = torch.from_numpy(pix.astype(np.int32) if pix.dtype == np.uint16 else pix)
-            feats = extractor.features(pix)
+            feats = extractor.features(stored_pixels(archive.images(pos[sort], archive.resolution)))
             total.update(feats)
             lab = torch.from_numpy(labels[pos[sort]].astype(bool)).to(feats.device)
             for k, m in enumerate(per):

@@ -53,8 +53,7 @@ def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], 
     if not is_sample_folder(folder):
         raise FileNotFoundError(f"{folder}: not a folder written by `xrayforge sample` "
                                 f"(needs manifest.csv and sample_config.json)")
-    with open(folder / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = list(_manifest_rows(folder))
     if not rows:
         raise ValueError(f"{folder / 'manifest.csv'}: no images")
     findings = [c[2:] for c in rows[0] if c.startswith("p_")]

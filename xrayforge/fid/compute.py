@@ -52,6 +52,11 @@ class _FileDataset(torch.utils.data.Dataset):
             return i, None, str(exc)
 
 
+def stored_pixels(arr: np.ndarray) -> torch.Tensor:
+    """Archive pixels as a tensor the preprocessing takes (uint16, which torch barely supports, as int32)."""
+    return torch.from_numpy(arr.astype(np.int32) if arr.dtype == np.uint16 else arr)
+
+
 class _ArchiveDataset(torch.utils.data.Dataset):
     def __init__(self, archive: Archive, positions):
         self.archive, self.positions = archive, positions
@@ -60,8 +65,7 @@ class _ArchiveDataset(torch.utils.data.Dataset):
         return len(self.positions)
 
     def __getitem__(self, i):
-        arr = self.archive.images([self.positions[i]], self.archive.resolution)[0]
-        return i, torch.from_numpy(arr.astype(np.int32) if arr.dtype == np.uint16 else arr), None
+        return i, stored_pixels(self.archive.images([self.positions[i]], self.archive.resolution)[0]), None
 
 
 def _collate(items):
