@@ -213,7 +213,7 @@ def test_stats_files_round_trip_and_pytorch_fid_layout(tmp_path):
         FrechetStats.load(tmp_path / "bad.npz")
 
 
-@pytest.mark.parametrize("kb", kernel_params())
+@pytest.mark.parametrize("kb", [p for p in kernel_params() if p.values[0][0] == "triton"])  # no CUDA-extension kernel
 @pytest.mark.parametrize("case", [((2, 37, 53), torch.uint8), ((1, 400, 300), torch.int32), ((2, 20, 20, 3), torch.uint8),
                                   ((2, 1, 31, 31), torch.float32), ((1, 299, 299), torch.uint8)], ids=str)
 @pytest.mark.parametrize("channels", [1, 3])

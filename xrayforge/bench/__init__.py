@@ -6,6 +6,7 @@ process on the same inputs and report the ratio and the fraction of the hardware
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -88,6 +89,48 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+class PhaseTimer:
+    """Time named parts of a piece of work: ``with timer.phase("G forward"): ...``.
+
+    On a GPU each phase is bracketed by CUDA events (no host synchronisation inside the
+    work); :meth:`totals` synchronises once and returns milliseconds per phase, summed over
+    every time the phase ran since :meth:`reset`. On a CPU it uses the wall clock.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self._marks: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+        else:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                end = time.perf_counter()
+        self._marks.append((name, start, end))
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.device.type == "cuda" and self._marks:
+            torch.cuda.synchronize(self.device)
+        for name, start, end in self._marks:
+            ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
+            out[name] = out.get(name, 0.0) + ms
+        return out
 
 
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from ..data.prepare import prepare
+from ..ops import _backend
 from ..fid.compute import FeatureExtractor
+from ..fid.preprocess import SIZE, preprocess
 from ..fid.preprocess import reference as reference_preprocess
 from ..fid.stats import FrechetStats, StreamingMoments, frechet_distance
 from . import device_info, environment, format_table, time_fn, write_results
@@ -28,25 +30,131 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
+def _row_error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def inception_rows(exact: FeatureExtractor, fast: FeatureExtractor, u8: torch.Tensor, warmup: int = 2,
+                   reps: int = 5) -> list[dict]:
+    """Inception images/s from stored uint8 gray images already on the device: pytorch-fid's
+    pipeline (float RGB, F.interpolate, fp32 network) and ours in exact and fast mode."""
+    dev, batch = exact.device, u8.shape[0]
+    pre = _backend.resolve_for_device("fid_preprocess", dev)
+
+    def baseline():  # pytorch-fid: float RGB in [0, 1], F.interpolate, 2x - 1, fp32 network
+        with torch.no_grad():
+            return exact.model(reference_preprocess(u8, channels=3))
+
+    rows = []
+    for name, fn in (("pytorch-fid equivalent (fp32, 3 channels)", baseline),
+                     (f"ours exact (fp32, gray folded; preprocessing: {pre})", lambda: exact.features(u8)),
+                     (f"ours fast (bf16, channels_last; preprocessing: {pre})", lambda: fast.features(u8))):
+        try:
+            ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=0.0)
+            rows.append({"stage": "inception", "variant": name, "batch": batch, "img_s": batch / (ms / 1e3),
+                         "ms": ms})
+        except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+            rows.append({"stage": "inception", "variant": name, "batch": batch, "error": _row_error(exc)})
+    return rows
+
+
+def preprocess_rows(u8: torch.Tensor, backends=("torch", "triton"), warmup: int = 2, reps: int = 10) -> list[dict]:
+    """The fused preprocessing kernel against its torch form, on the same stored images:
+    time, GB/s (read the stored pixels, write the 299 × 299 float32 input) and max difference."""
+    dev = u8.device
+    n = u8.shape[0]
+    nbytes = u8.numel() * u8.element_size() + n * SIZE * SIZE * 4
+    ref = reference_preprocess(u8, channels=1)
+    rows, base = [], None
+    for backend in backends:
+        row = {"stage": "preprocess", "variant": backend, "batch": n}
+        try:
+            ms = time_fn(lambda: preprocess(u8, channels=1, backend=backend), dev, warmup=warmup, reps=reps,
+                         min_seconds=0.0)
+            out = preprocess(u8, channels=1, backend=backend)
+            base = ms if backend == "torch" else base
+            row.update(ms=ms, img_s=n / (ms / 1e3), gbps=nbytes / ms / 1e6,
+                       max_abs_diff=(out.double() - ref.double()).abs().max().item(),
+                       speedup=(base / ms) if base else None)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = _row_error(exc)
+        rows.append(row)
+    return rows
+
+
+def moments_rows(moment_n: int, dev: torch.device, dim: int = 2048, chunk: int = 1000, numpy_baseline: bool = True):
+    """Streaming float64 moments of ``moment_n`` × ``dim`` features on the device, against
+    numpy's float64 covariance of the same features. Returns (rows, the moments)."""
+    feats = torch.randn(moment_n, dim, device=dev) + 3.0
+
+    def ours():
+        m = StreamingMoments(dim, dev)
+        for i in range(0, moment_n, chunk):
+            m.update(feats[i:i + chunk])
+        return m
+
+    ms = time_fn(ours, dev, warmup=1, reps=3)
+    rows = [{"stage": f"moments {moment_n}×{dim}", "variant": "ours (float64, streaming, on device)", "ms": ms}]
+    m = ours()
+    if numpy_baseline:
+        host = feats.cpu().double().numpy()
+        t0 = time.perf_counter()
+        cov = np.cov(host, rowvar=False)
+        rows.append({"stage": f"moments {moment_n}×{dim}", "variant": "numpy float64 cov",
+                     "ms": (time.perf_counter() - t0) * 1e3})
+        ours_cov = m.stats().sigma
+        rows[0]["max_rel_diff_vs_numpy"] = float(np.abs(ours_cov - cov).max() / np.abs(cov).max())
+    return rows, m
+
+
+def frechet_rows(a: FrechetStats, dev: torch.device, scipy_baseline: bool = True) -> tuple[list[dict], dict]:
+    """Our float64 eigh Fréchet distance against scipy's sqrtm (pytorch-fid's) on the same pair."""
+    d = a.mu.shape[0]
+    b = FrechetStats(a.mu + 0.1, a.sigma * 1.1 + np.eye(d) * 0.01, a.n)
+    ms = time_fn(lambda: frechet_distance(a, b, dev), dev, warmup=1, reps=3)
+    rows = [{"stage": f"Fréchet distance {d}", "variant": "ours (float64 eigh)", "ms": ms}]
+    extra = {}
+    if scipy_baseline:
+        import scipy.linalg
+        t0 = time.perf_counter()
+        covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+        rows.append({"stage": f"Fréchet distance {d}", "variant": "scipy sqrtm",
+                     "ms": (time.perf_counter() - t0) * 1e3})
+        ref = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean.real)
+        extra["frechet_relative_difference_vs_scipy"] = abs(frechet_distance(a, b, dev) - ref) / abs(ref)
+    return rows, extra
+
+
+def _stats(f: np.ndarray) -> FrechetStats:
+    return FrechetStats(f.mean(0), np.cov(f, rowvar=False), len(f))
+
+
+def fast_mode_accuracy(exact: FeatureExtractor, fast: FeatureExtractor, images: torch.Tensor,
+                       batch: int) -> dict:
+    """How far fast mode is from exact mode on the same images: the FID between the fast and
+    the exact features, the median and largest relative error of a feature vector, and (for
+    scale) the FID between two halves of the images in exact mode."""
+    feats = {}
+    for mode, ex in (("exact", exact), ("fast", fast)):
+        feats[mode] = torch.cat([ex.features(images[i:i + batch]) for i in range(0, len(images), batch)]
+                                ).double().cpu().numpy()
+    e, f = feats["exact"], feats["fast"]
+    rel = np.linalg.norm(f - e, axis=1) / np.maximum(np.linalg.norm(e, axis=1), 1e-12)
+    half = len(e) // 2
+    return {"images": len(e), "fid_fast_vs_exact": frechet_distance(_stats(e), _stats(f), exact.device),
+            "fid_exact_half_vs_half": frechet_distance(_stats(e[:half]), _stats(e[half:]), exact.device),
+            "feature_relative_error_median": float(np.median(rel)), "feature_relative_error_max": float(rel.max())}
+
+
 def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | None, device: str | None,
         workers: int) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random_weights = inception is None
-    rows, extra = [], {}
+    extra = {}
     exact = FeatureExtractor(inception, random_weights, "exact", str(dev), batch, workers, progress=False)
     fast = FeatureExtractor(inception, random_weights, "fast", str(dev), batch, workers, progress=False)
     u8 = torch.randint(0, 256, (batch, size, size), dtype=torch.uint8).to(dev)
-
-    def baseline():  # pytorch-fid: float RGB in [0, 1], F.interpolate, 2x - 1, fp32 network
-        with torch.no_grad():
-            x = reference_preprocess(u8, channels=3)
-            return exact.model(x)
-
-    for name, fn in (("pytorch-fid equivalent (fp32, 3 channels)", baseline),
-                     ("ours exact (fused preprocessing, gray folded)", lambda: exact.features(u8)),
-                     ("ours fast (bf16, channels_last)", lambda: fast.features(u8))):
-        ms = time_fn(fn, dev, warmup=2, reps=5)
-        rows.append({"stage": "inception", "variant": name, "batch": batch, "img_s": batch / (ms / 1e3)})
+    rows = inception_rows(exact, fast, u8)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -58,56 +166,30 @@ def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | No
         arc = Archive(tmp / "arch")
         for i in range(len(arc)):
             Image.fromarray(arc.images([i], size)[0]).save(folder / f"{i:06d}.png")
-        results = {}
         for src in ("arch", "png"):
             for mode, ex in (("exact", exact), ("fast", fast)):
                 _sync(dev)
                 t0 = time.perf_counter()
-                results[(src, mode)] = ex.compute(str(tmp / src)).stats
+                ex.compute(str(tmp / src))
                 _sync(dev)
                 dt = time.perf_counter() - t0
                 rows.append({"stage": "end to end", "variant": f"{'archive (memmap)' if src == 'arch' else 'PNG folder'}"
                              f", {mode}", "batch": batch, "img_s": n_images / dt})
         # fast-mode deviation: FID between two halves of the archive, fast vs exact
+        images = torch.from_numpy(arc.images(list(range(n_images)), size))
         half = n_images // 2
-        feats = {}
+        fids = {}
         for mode, ex in (("exact", exact), ("fast", fast)):
-            f = torch.cat([ex.features(torch.from_numpy(arc.images(list(range(i, min(i + batch, n_images))), size)))
-                           for i in range(0, n_images, batch)]).double().cpu().numpy()
-            feats[mode] = f
-        fids = {m: frechet_distance(FrechetStats(f[:half].mean(0), np.cov(f[:half], rowvar=False)),
-                                    FrechetStats(f[half:].mean(0), np.cov(f[half:], rowvar=False)), dev)
-                for m, f in feats.items()}
+            f = torch.cat([ex.features(images[i:i + batch]) for i in range(0, n_images, batch)]).double().cpu().numpy()
+            fids[mode] = frechet_distance(_stats(f[:half]), _stats(f[half:]), dev)
         extra["fast_mode_fid"] = fids["fast"]
         extra["exact_mode_fid"] = fids["exact"]
         extra["fast_mode_relative_deviation"] = abs(fids["fast"] - fids["exact"]) / max(abs(fids["exact"]), 1e-12)
 
-    feats = torch.randn(moment_n, 2048, device=dev) + 3.0
-    chunk = 1000
-
-    def ours_moments():
-        m = StreamingMoments(2048, dev)
-        for i in range(0, moment_n, chunk):
-            m.update(feats[i:i + chunk])
-        return m
-
-    ms = time_fn(ours_moments, dev, warmup=1, reps=3)
-    rows.append({"stage": f"moments {moment_n}×2048", "variant": "ours (float64, streaming, on device)", "ms": ms})
-    host = feats.cpu().double().numpy()
-    t0 = time.perf_counter()
-    np.cov(host, rowvar=False)
-    rows.append({"stage": f"moments {moment_n}×2048", "variant": "numpy float64 cov",
-                 "ms": (time.perf_counter() - t0) * 1e3})
-    a = ours_moments().stats()
-    b = FrechetStats(a.mu + 0.1, a.sigma * 1.1 + np.eye(2048) * 0.01, a.n)
-    ms = time_fn(lambda: frechet_distance(a, b, dev), dev, warmup=1, reps=3)
-    rows.append({"stage": "Fréchet distance 2048", "variant": "ours (float64 eigh)", "ms": ms})
-    import scipy.linalg
-    t0 = time.perf_counter()
-    covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
-    rows.append({"stage": "Fréchet distance 2048", "variant": "scipy sqrtm", "ms": (time.perf_counter() - t0) * 1e3})
-    ref = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean.real)
-    extra["frechet_relative_difference_vs_scipy"] = abs(frechet_distance(a, b, dev) - ref) / abs(ref)
+    m_rows, moments = moments_rows(moment_n, dev)
+    f_rows, f_extra = frechet_rows(moments.stats(), dev)
+    rows += m_rows + f_rows
+    extra.update(f_extra)
     return {"benchmark": "fid", "device": device_info(dev).as_dict(), "environment": environment(),
             "images": n_images, "size": size, "weights": "random" if random_weights else str(inception),
             "rows": rows, **extra}

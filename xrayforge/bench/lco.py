@@ -45,6 +45,28 @@ def _fid_vs_real(extractor, archive, target: dict, images: torch.Tensor) -> floa
     return frechet_distance(stats(real), stats(fake), extractor.device)
 
 
+def lco_speed(G, classifier, batch: int, steps: int, amp_dtype=None, seed: int = 0) -> dict:
+    """LCO optimisation throughput: ``steps`` full steps (G forward, classifier forward, backward
+    through both, Adam on z) on ``batch`` latents. The target asks for p >= 2 on every finding,
+    which no sample can reach, so every latent stays active and each step costs the most it can."""
+    dev = next(G.parameters()).device
+    n_find = len(classifier.findings)
+    z0 = latents_for(seed, range(batch), G.config.latent_dim).to(dev)
+    ones = torch.ones(batch, n_find)
+    optimise(G, classifier, z0[:2], ones[:2], ones[:2], 2 * ones[:2], 1, amp_dtype=amp_dtype)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    res = optimise(G, classifier, z0, ones, ones, 2 * ones, steps, amp_dtype=amp_dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+    if int(res.steps.min()) != steps:
+        raise RuntimeError("an unreachable LCO target was reached: the timing is not of full steps")
+    return {"batch": batch, "steps": steps, "seconds": seconds, "steps_s": steps / seconds,
+            "latent_steps_s": batch * steps / seconds}
+
+
 def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: int = 100, lr: float = 0.05,
         device: str | None = None, amp: str | None = None, sample_n: int = 256, real: str | None = None,
         inception: str | None = None) -> dict:

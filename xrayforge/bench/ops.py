@@ -19,20 +19,45 @@ GPU_SHAPES = {
                    (64, 512, 16, 16), (64, 512, 8, 8), (64, 512, 4, 4), (64, 512)],
     "bias_lrelu_pixel_norm": [(8, 16, 1024, 1024), (8, 32, 512, 512), (8, 64, 256, 256),
                               (64, 512, 32, 32), (64, 512, 4, 4)],
+    "bias_lrelu": [(8, 16, 1024, 1024), (8, 64, 256, 256), (64, 512, 32, 32), (64, 512, 4, 4)],
     "minibatch_stddev": [(64, 512, 4, 4), (256, 512, 4, 4)],
 }
 CPU_SHAPES = {
     "pixel_norm": [(4, 16, 128, 128), (16, 512, 8, 8)],
     "bias_lrelu_pixel_norm": [(4, 16, 128, 128), (16, 512, 8, 8)],
+    "bias_lrelu": [(4, 16, 128, 128)],
     "minibatch_stddev": [(16, 512, 4, 4)],
 }
+# the headline case: pixel norm over a 1024-px layer of a batch of 8 (eager PyTorch ~1 TB/s on an H100)
+TARGET_SHAPE = (8, 16, 1024, 1024)
+
+
+def pggan_shapes(resolution: int = 1024, batch: int = 16, fmap_max: int = 512,
+                 target: bool = True) -> dict[str, list[tuple]]:
+    """The shapes each op sees in a ``resolution``-px PGGAN at ``batch``: G's conv epilogue
+    (bias + leaky ReLU + pixel norm) and D's (bias + leaky ReLU) at every layer's channels ×
+    resolution, pixel norm on the latent, minibatch stddev at 4 px; plus TARGET_SHAPE first
+    (``target=False`` leaves it out)."""
+    from ..nn import NetworkConfig
+    cfg = NetworkConfig(resolution=resolution, fmap_max=fmap_max)
+    layers = [(batch, cfg.channels_at(level), cfg.resolution_at(level), cfg.resolution_at(level))
+              for level in range(cfg.num_levels)]
+    return {"pixel_norm": ([TARGET_SHAPE] if target else []) + [(batch, cfg.latent_dim)] + layers,
+            "bias_lrelu_pixel_norm": list(layers),
+            "bias_lrelu": list(layers),
+            "minibatch_stddev": [(batch, cfg.channels_at(0), 4, 4), (4 * batch, cfg.channels_at(0), 4, 4)]}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _traffic(op: str, shape, elsize: int) -> tuple[int, int]:
     """Minimum bytes moved by (forward, forward+backward)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = _numel(shape)
     if op == "minibatch_stddev":
         extra = n // shape[1]  # the appended channel
         fwd = (2 * n + extra) * elsize                   # read x, write x and the statistic map
@@ -40,27 +65,57 @@ def _traffic(op: str, shape, elsize: int) -> tuple[int, int]:
     return 2 * n * elsize, 5 * n * elsize                # fwd: x -> y; bwd: x, dy -> dx
 
 
+def _call(op: str, x, bias, backend: str):
+    if op == "pixel_norm":
+        return ops.pixel_norm(x, backend=backend)
+    if op == "bias_lrelu_pixel_norm":
+        return ops.bias_lrelu_pixel_norm(x, bias, backend=backend)
+    if op == "bias_lrelu":
+        return ops.bias_lrelu(x, bias, backend=backend)
+    if op == "minibatch_stddev":
+        return ops.minibatch_stddev(x, backend=backend)
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _inputs(op: str, shape, dtype, device, requires_grad: bool = False, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_(requires_grad)
+    bias = torch.randn(shape[1], device=device, generator=g).requires_grad_(requires_grad)
+    return x, bias
+
+
 def _make_call(op: str, shape, dtype, device, backend: str, backward: bool):
-    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)
-    bias = torch.randn(shape[1], device=device, requires_grad=backward)
-    fn = {"pixel_norm": lambda: ops.pixel_norm(x, backend=backend),
-          "bias_lrelu_pixel_norm": lambda: ops.bias_lrelu_pixel_norm(x, bias, backend=backend),
-          "minibatch_stddev": lambda: ops.minibatch_stddev(x, backend=backend)}[op]
+    x, bias = _inputs(op, shape, dtype, device, requires_grad=backward)
     if not backward:
         def call():
             with torch.no_grad():
-                return fn()
+                return _call(op, x, bias, backend)
         return call
-    y0 = fn()
-    dy = torch.randn_like(y0)
-    inputs = (x, bias) if op == "bias_lrelu_pixel_norm" else (x,)
-    return lambda: torch.autograd.grad(fn(), inputs, dy)
+    dy = torch.randn_like(_call(op, x, bias, backend))
+    inputs = (x, bias) if op in ("bias_lrelu_pixel_norm", "bias_lrelu") else (x,)
+    return lambda: torch.autograd.grad(_call(op, x, bias, backend), inputs, dy)
 
 
-def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None, quick: bool = False) -> dict:
+def max_error(op: str, shape, dtype, device, backend: str) -> float:
+    """Largest absolute forward error of ``backend`` at ``dtype`` against float64 eager PyTorch."""
+    with torch.no_grad():
+        x, bias = _inputs(op, shape, dtype, device, seed=1)
+        exact = _call(op, x.double(), bias.double(), "torch")
+        ours = _call(op, x, bias, backend)
+        return (ours.double() - exact).abs().max().item() if exact.numel() else 0.0
+
+
+def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None, quick: bool = False,
+        shapes: dict | None = None, copy_gbps: float | None = None, min_seconds: float = 0.2,
+        reps: int = 20, warmup: int = 3, on_row=None) -> dict:
+    """One row per op × shape × dtype × backend. ``shapes``: {op: [shape, ...]} (default the
+    PGGAN's on a GPU, small ones on a CPU); ``copy_gbps``: measured device-to-device copy
+    bandwidth, the reference of the ``*_copy_frac`` columns; ``on_row(row)``: called as each
+    row is finished."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = device_info(dev)
-    shapes = CPU_SHAPES if (dev.type != "cuda" or quick) else GPU_SHAPES
+    if shapes is None:
+        shapes = CPU_SHAPES if (dev.type != "cuda" or quick) else GPU_SHAPES
     rows = []
     for op, op_shapes in shapes.items():
         names = backends or ops.available_backends(op, dev)
@@ -72,28 +127,41 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
                 base = {}
                 for backend in ["torch"] + [b for b in names if b != "torch"]:
                     row = {"op": op, "shape": list(shape), "dtype": dtype_name, "backend": backend}
+                    try:
+                        row["max_err"] = max_error(op, shape, dtype, dev, backend)
+                    except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                     for phase, nbytes, backward in (("fwd", fwd_bytes, False), ("fwd+bwd", fb_bytes, True)):
+                        if "error" in row:
+                            break
                         try:
-                            ms = time_fn(_make_call(op, shape, dtype, dev, backend, backward), dev)
-                        except (RuntimeError, ValueError) as exc:  # e.g. out of memory at this shape
-                            row[f"{phase}_error"] = str(exc).splitlines()[0]
+                            ms = time_fn(_make_call(op, shape, dtype, dev, backend, backward), dev,
+                                         warmup=warmup, reps=reps, min_seconds=min_seconds)
+                        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at this shape
+                            row[f"{phase}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                             continue
                         gbps = nbytes / ms / 1e6
                         row[f"{phase}_ms"] = ms
                         row[f"{phase}_gbps"] = gbps
                         row[f"{phase}_hbm_frac"] = gbps / info.hbm_gbps if info.hbm_gbps else None
+                        row[f"{phase}_copy_frac"] = gbps / copy_gbps if copy_gbps else None
                         if backend == "torch":
                             base[phase] = ms
                         row[f"{phase}_speedup"] = base.get(phase, float("nan")) / ms
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
     return {"benchmark": "ops", "device": info.as_dict(), "environment": environment(), "rows": rows,
+            "copy_gbps": copy_gbps,
             "notes": "bytes = minimum traffic (fwd: read x + write y; bwd adds read x, dy + write dx); "
-                     "speedup = eager torch time / this backend's time, same run"}
+                     "speedup = eager torch time / this backend's time, same run; hbm_frac against the "
+                     "datasheet bandwidth, copy_frac against the measured device-to-device copy; max_err = "
+                     "largest forward error against float64 eager PyTorch"}
 
 
-COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"),
+COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("max_err", "max err"),
            ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),
            ("fwd_speedup", "fwd ×eager"), ("fwd+bwd_ms", "fwd+bwd ms"), ("fwd+bwd_gbps", "fwd+bwd GB/s"),
            ("fwd+bwd_speedup", "fwd+bwd ×eager")]

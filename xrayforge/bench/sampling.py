@@ -15,13 +15,13 @@ from . import device_info, environment
 
 
 def run(resolution: int | None = None, n: int | None = None, batch: int | None = None, device: str | None = None,
-        amp: str | None = None) -> dict:
+        amp: str | None = None, fmap_max: int | None = None) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = dev.type == "cuda"
     resolution = resolution or (1024 if gpu else 64)
     n, batch = n or (512 if gpu else 32), batch or (32 if gpu else 8)
     amp = amp if amp is not None else ("bf16" if gpu else None)
-    cfg = NetworkConfig(resolution=resolution, fmap_max=512 if gpu else 64)
+    cfg = NetworkConfig(resolution=resolution, fmap_max=fmap_max or (512 if gpu else 64))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ck = save_networks(Path(tmp) / "ck", {"G_ema": Generator(cfg), "D": Discriminator(cfg)})

@@ -10,7 +10,9 @@ device's dense bf16 peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import gc
 import sys
 
 import torch
@@ -18,9 +20,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .. import ops
+from ..ops._backend import auto_candidates
 from ..nn import Discriminator, Generator, NetworkConfig
 from ..train import PGGANStep, StepConfig, make_adam
-from . import device_info, environment, format_table, time_fn, write_results
+from . import PhaseTimer, device_info, environment, format_table, time_fn, write_results
+
+
+# How each mode runs the same networks. backend: the ops' backend ("auto" with candidates: the
+# fused backends auto tries, validated or not: the extension's kernel where it has one, else
+# Triton's); fused: fused up/down-sampling convolutions at
+# >= 128 px and channels_last tensors; "fast" is what `auto` gives a user today.
+MODES = {
+    "baseline": dict(backend="torch", candidates=None, fused=False),
+    "fast": dict(backend="auto", candidates=None, fused=True),
+    "torch-fused": dict(backend="torch", candidates=None, fused=True),
+    "triton": dict(backend="triton", candidates=None, fused=True),
+    "cuda": dict(backend="auto", candidates=("cuda", "triton"), fused=True),
+}
 
 
 def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: int = 1024, fmap_max: int = 512):
@@ -36,6 +52,18 @@ def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: 
     step = PGGANStep(G, D, G_ema, make_adam(G.parameters()), make_adam(D.parameters()),
                      StepConfig(amp_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None))
     return step, level, cfg
+
+
+@contextlib.contextmanager
+def mode_backend(mode: str):
+    """The ops' backend for ``mode`` (see MODES), restored afterwards."""
+    spec = MODES[mode]
+    ops.set_backend(spec["backend"])
+    try:
+        with (auto_candidates(spec["candidates"]) if spec["candidates"] else contextlib.nullcontext()):
+            yield
+    finally:
+        ops.set_backend(None)
 
 
 def _real(n, resolution, device, fast):
@@ -83,53 +111,82 @@ def largest_batch(step, level, resolution, device, fast, start=4, limit=1024) ->
     return best
 
 
+def _measure(mode, res, n, dtype_name, dev, net_resolution, fmap_max, reps, warmup, phase_steps, flops_cache):
+    fast = MODES[mode]["fused"]
+    with mode_backend(mode):
+        step, level, _ = build(res, dev, fast, dtype_name, net_resolution, fmap_max)
+        if (res, mode) not in flops_cache:
+            flops_cache[(res, mode)] = step_flops(step, level, res, dev, fast)
+        flops = flops_cache[(res, mode)]
+        real = _real(n, res, dev, fast)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        ms = time_fn(lambda: step(real, level, 1.0), dev, warmup=warmup, reps=reps,
+                     min_seconds=1.0 if dev.type == "cuda" else 0.0)
+        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+        phases = None
+        if phase_steps:
+            timer = step.phase_timer = PhaseTimer(dev)
+            for _ in range(phase_steps):
+                step(real, level, 1.0)
+            phases = {k: v / phase_steps for k, v in timer.totals().items()}
+    img_s = n / (ms / 1e3)
+    return {"ms": ms, "img_s": img_s, "peak_gib": peak, "gib_per_img": peak / n if peak else None,
+            "tflop_per_img": flops / 1e12, "tflops": flops * img_s / 1e12, "phases_ms": phases}
+
+
 def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device=None, batch=None,
-        net_resolution=1024, fmap_max=512) -> dict:
+        net_resolution=1024, fmap_max=512, modes=("baseline", "fast"), batches=None, phases: bool = False,
+        reps: int = 5, warmup: int = 2, on_row=None) -> dict:
+    """One row per resolution × dtype × batch × mode. ``batches``: fixed batch sizes to run
+    (default: ``batch``, else the largest batch that fits the baseline, found by doubling);
+    ``phases``: add the time of each phase of the step (CUDA events over two more steps);
+    ``on_row(row)``: called as each row is finished (partial results survive a kill)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = device_info(dev)
-    rows = []
+    rows, flops_cache = [], {}
     for res in resolutions:
         for dtype_name in dtypes:
-            per_mode = {}
-            for mode in ("baseline", "fast"):
-                fast = mode == "fast"
-                ops.set_backend("auto" if fast else "torch")
-                try:
-                    step, level, _ = build(res, dev, fast, dtype_name, net_resolution, fmap_max)
-                    if batch:
-                        n = batch
-                    elif dev.type == "cuda":
-                        n = per_mode.get("baseline_batch") or largest_batch(step, level, res, dev, fast)
-                    else:
-                        n = 4
-                    per_mode.setdefault("baseline_batch", n)  # same batch for both modes
-                    flops = step_flops(step, level, res, dev, fast)
-                    real = _real(n, res, dev, fast)
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    ms = time_fn(lambda: step(real, level, 1.0), dev, warmup=2, reps=5,
-                                 min_seconds=1.0 if dev.type == "cuda" else 0.0)
-                    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
-                    img_s = n / (ms / 1e3)
-                    tflops = flops * img_s / 1e12
-                    row = {"resolution": res, "dtype": dtype_name, "mode": mode, "batch": n, "ms": ms,
-                           "img_s": img_s, "peak_gib": peak, "gib_per_img": peak / n if peak else None,
-                           "tflop_per_img": flops / 1e12, "tflops": tflops,
-                           "mfu": tflops / info.bf16_tflops if info.bf16_tflops else None}
-                except (RuntimeError, ValueError) as exc:
-                    row = {"resolution": res, "dtype": dtype_name, "mode": mode, "error": str(exc).splitlines()[0]}
-                finally:
-                    ops.set_backend(None)
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                per_mode[mode] = row
-                rows.append(row)
-            if "img_s" in per_mode["baseline"] and "img_s" in per_mode["fast"]:
-                per_mode["fast"]["speedup"] = per_mode["fast"]["img_s"] / per_mode["baseline"]["img_s"]
+            for fixed in (batches or (batch,)):
+                per_mode = {}
+                for mode in modes:
+                    row = {"resolution": res, "dtype": dtype_name, "mode": mode}
+                    try:
+                        if fixed:
+                            n = fixed
+                        elif dev.type != "cuda":
+                            n = 4
+                        elif "batch" in per_mode:
+                            n = per_mode["batch"]  # the same batch for every mode
+                        else:
+                            with mode_backend(mode):
+                                step, level, _ = build(res, dev, MODES[mode]["fused"], dtype_name,
+                                                       net_resolution, fmap_max)
+                                n = largest_batch(step, level, res, dev, MODES[mode]["fused"])
+                            del step
+                        per_mode["batch"] = row["batch"] = n
+                        row.update(_measure(mode, res, n, dtype_name, dev, net_resolution, fmap_max, reps, warmup,
+                                            2 if phases else 0, flops_cache))
+                        row["mfu"] = row["tflops"] / info.bf16_tflops if info.bf16_tflops else None
+                    except Exception as exc:  # noqa: BLE001 - a failed row (OOM, a kernel error) must not end the run
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    finally:
+                        gc.collect()
+                        if dev.type == "cuda":
+                            torch.cuda.empty_cache()
+                    if "img_s" in row and "img_s" in per_mode.get("baseline", {}):
+                        row["speedup"] = row["img_s"] / per_mode["baseline"]["img_s"]
+                    per_mode[mode] = row
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
     return {"benchmark": "train_step", "device": info.as_dict(), "environment": environment(),
             "network_resolution": net_resolution, "fmap_max": fmap_max, "rows": rows,
             "notes": "baseline = same networks, every op on the torch backend, plain resampling; "
-                     "MFU against the dense bf16 peak; FLOPs counted by FlopCounterMode on the step"}
+                     "fast = auto backend (GPU-validated kernels), fused resampling, channels_last; "
+                     "triton / cuda = those kernels (cuda first, Triton where the extension has none), fused "
+                     "resampling, channels_last; MFU against the dense bf16 peak; FLOPs counted by "
+                     "FlopCounterMode on the step of each mode (fused resampling does fewer FLOPs)"}
 
 
 COLUMNS = [("resolution", "px"), ("dtype", "dtype"), ("mode", "mode"), ("batch", "batch"), ("img_s", "img/s"),
@@ -142,14 +199,23 @@ def main(argv=None) -> int:
     p.add_argument("--resolutions", default=None, help="comma list (default 64,256,512,1024 on GPU; 16,32 on CPU)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batch", type=int, default=None, help="fixed batch (default: the largest that fits)")
+    p.add_argument("--batches", default=None, help="comma list of fixed batches, each run (overrides --batch)")
+    p.add_argument("--modes", default="baseline,fast", help=f"comma list from {', '.join(MODES)}")
+    p.add_argument("--phases", action="store_true", help="also time each phase of the step (CUDA events)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     res = tuple(int(r) for r in (args.resolutions or ("64,256,512,1024" if on_gpu else "16,32")).split(","))
     # on a CPU only a pipeline check: a small network (64 px, at most 64 channels)
+    modes = tuple(args.modes.split(","))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     result = run(res, tuple(args.dtypes.split(",")), args.device, args.batch,
-                 net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64)
+                 net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64, modes=modes,
+                 batches=tuple(int(b) for b in args.batches.split(",")) if args.batches else None,
+                 phases=args.phases)
     print(f"device: {result['device']['name']}")
     print(format_table(result["rows"], COLUMNS))
     print(f"wrote {write_results('train_step', result, args.out)}")

@@ -7,6 +7,7 @@ run on the tensor's device and logs once, at WARNING, when it has to fall back.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -30,8 +31,29 @@ GPU_VALIDATED: dict[str, tuple[str, ...]] = {
 }
 
 
+_candidates_override: tuple[str, ...] | None = None
+
+
 def auto_order_cuda(op: str) -> tuple[str, ...]:
+    if _candidates_override is not None:
+        return _candidates_override + ("torch",)
     return GPU_VALIDATED.get(op, ()) + ("torch",)
+
+
+@contextlib.contextmanager
+def auto_candidates(order: tuple[str, ...]):
+    """Within the block, ``auto`` on a CUDA device tries these fused backends, in this order,
+    for every op (then torch, with the usual logged fallback), validated or not. For the
+    benchmarks and the GPU check, which must measure kernels before they can be validated."""
+    global _candidates_override
+    for name in order:
+        if name not in ("cuda", "triton"):
+            raise ValueError(f"auto candidates are fused backends ('cuda', 'triton'), got {name!r}")
+    previous, _candidates_override = _candidates_override, tuple(order)
+    try:
+        yield
+    finally:
+        _candidates_override = previous
 
 
 _selected: str | None = None

@@ -51,6 +51,14 @@ class PGGANStep:
         self.G, self.D, self.G_ema, self.opt_g, self.opt_d = G, D, G_ema, opt_g, opt_d
         self.config = config or StepConfig()
         self.grad_sync = grad_sync  # e.g. an all-reduce of the gradients across processes
+        # optional: an object whose phase(name) is a context manager timing that part of the step
+        # (the benchmarks' per-phase breakdown); None costs nothing
+        self.phase_timer = None
+
+    def _phase(self, name: str):
+        if self.phase_timer is None:
+            return contextlib.nullcontext()
+        return self.phase_timer.phase(name)
 
     def _autocast(self, device: torch.device):
         dtype = self.config.amp_dtype
@@ -68,20 +76,25 @@ class PGGANStep:
             d_total = torch.zeros((), device=device)
             for chunk in chunks:
                 with self._autocast(device):
-                    with torch.no_grad():
+                    with self._phase("G forward (for D)"), torch.no_grad():
                         fake = self.G(self._latents(chunk.shape[0], device, generator), level, alpha)
-                    real_scores = self.D(chunk, level, alpha)
-                    fake_scores = self.D(fake, level, alpha)
-                    penalty = gradient_penalty(self.D, chunk, fake, level, alpha, generator)
+                    with self._phase("D on reals"):
+                        real_scores = self.D(chunk, level, alpha)
+                    with self._phase("D on fakes"):
+                        fake_scores = self.D(fake, level, alpha)
+                    with self._phase("gradient penalty (D + grad)"):
+                        penalty = gradient_penalty(self.D, chunk, fake, level, alpha, generator)
                     loss = discriminator_loss(real_scores, fake_scores, penalty, cfg.gp_weight, cfg.drift)
-                (loss / len(chunks)).backward()
+                with self._phase("D backward (with double backward)"):
+                    (loss / len(chunks)).backward()
                 d_total = d_total + loss.detach() / len(chunks)
                 out["gp"] = penalty.detach()
                 out["real_score"] = real_scores.detach().float().mean()
                 out["fake_score"] = fake_scores.detach().float().mean()
-            if self.grad_sync is not None:
-                self.grad_sync(self.D)
-            self.opt_d.step()
+            with self._phase("D optimiser"):
+                if self.grad_sync is not None:
+                    self.grad_sync(self.D)
+                self.opt_d.step()
             out["d_loss"] = d_total
         with _range("G step"):
             self.opt_g.zero_grad(set_to_none=True)
@@ -90,16 +103,20 @@ class PGGANStep:
             try:
                 for chunk in chunks:
                     with self._autocast(device):
-                        loss = generator_loss(self.D(self.G(self._latents(chunk.shape[0], device, generator),
-                                                            level, alpha), level, alpha))
-                    (loss / len(chunks)).backward()
+                        with self._phase("G forward"):
+                            fake = self.G(self._latents(chunk.shape[0], device, generator), level, alpha)
+                        with self._phase("D on fakes (for G)"):
+                            loss = generator_loss(self.D(fake, level, alpha))
+                    with self._phase("G backward (through D)"):
+                        (loss / len(chunks)).backward()
                     g_total = g_total + loss.detach() / len(chunks)
             finally:
                 self.D.requires_grad_(True)
-            if self.grad_sync is not None:
-                self.grad_sync(self.G)
-            self.opt_g.step()
+            with self._phase("G optimiser"):
+                if self.grad_sync is not None:
+                    self.grad_sync(self.G)
+                self.opt_g.step()
             out["g_loss"] = g_total
-        with _range("EMA"):
+        with _range("EMA"), self._phase("EMA"):
             ema_update(self.G_ema, self.G, cfg.ema_beta)
         return out

@@ -1,0 +1,121 @@
+"""The GPU window's script: its junit parsing, its stage plumbing, and a whole dry run on the
+CPU (so that a typo cannot waste a GPU window)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xrayforge.bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="9">
+ <testcase classname="tests.test_ops_pixel_norm" name="test_kernel_matches_reference[triton-cuda-float32-(1, 7)]" file="tests/test_ops_pixel_norm.py"/>
+ <testcase classname="tests.test_ops_pixel_norm" name="test_kernel_matches_reference[cuda-cuda-float32-(1, 7)]" file="tests/test_ops_pixel_norm.py"/>
+ <testcase classname="tests.test_ops_pixel_norm" name="test_full_size_on_gpu[torch.float32-(8, 16, 1024, 1024)-cuda]" file="tests/test_ops_pixel_norm.py">
+  <failure message="AssertionError: error 1e-3 vs eager 1e-7">trace</failure></testcase>
+ <testcase classname="tests.test_ops_minibatch_stddev" name="test_full_size_on_gpu[torch.bfloat16-triton]"/>
+ <testcase classname="tests.test_ops_minibatch_stddev" name="test_full_size_on_gpu[torch.bfloat16-cuda]">
+  <skipped message="CUDA extension not built"/></testcase>
+ <testcase classname="tests.test_ops_bias_lrelu" name="test_kernel_matches_reference[triton-cuda-(1, 1)-contiguous-torch.float32]" file="tests/test_ops_bias_lrelu.py"/>
+ <testcase classname="tests.test_fid" name="test_preprocessing_kernel_matches_reference[1-case0-triton-cuda]" file="tests/test_fid.py"/>
+ <testcase classname="tests.test_fid" name="test_frechet_matches_scipy" file="tests/test_fid.py"/>
+ <testcase classname="tests.test_ops_pixel_norm" name="test_reference_only" file="tests/test_ops_pixel_norm.py"/>
+</testsuite></testsuites>
+"""
+
+
+def test_junit_maps_tests_to_ops_and_backends(tmp_path):
+    path = tmp_path / "j.xml"
+    path.write_text(JUNIT)
+    res = gpu_check.parse_junit(path)
+    assert res["totals"] == {"passed": 7, "failed": 1, "skipped": 1}
+    # one failure (the full-size cuda test) keeps pixel_norm and bias_lrelu_pixel_norm out for cuda
+    assert res["per_pair"]["pixel_norm/cuda"] == {"passed": 1, "failed": 1, "skipped": 0}
+    assert res["validated"] == ["bias_lrelu/triton", "bias_lrelu_pixel_norm/triton", "fid_preprocess/triton",
+                                "minibatch_stddev/triton", "pixel_norm/triton"]
+    assert "minibatch_stddev/cuda" in res["per_pair"] and "minibatch_stddev/cuda" not in res["validated"]
+    assert res["failed_tests"] == ["tests.test_ops_pixel_norm::test_full_size_on_gpu[torch.float32-(8, 16, 1024, 1024)-cuda]"]
+
+
+def test_backend_is_read_from_the_parameter_id():
+    assert gpu_check._backend_of("t[triton-cuda-x]") == "triton"
+    assert gpu_check._backend_of("t[cuda-cuda-x]") == "cuda"
+    assert gpu_check._backend_of("t[triton-cpu]") == "triton"
+    assert gpu_check._backend_of("t[torch.float32-(8, 16)-cuda]") == "cuda"
+    assert gpu_check._backend_of("t[torch]") is None
+    assert gpu_check._backend_of("test_plain") is None
+
+
+def test_ops_summary_orders_backends_by_median_speedup():
+    rows = [{"op": "pixel_norm", "backend": "torch", "fwd+bwd_speedup": 1.0},
+            {"op": "pixel_norm", "backend": "triton", "fwd+bwd_speedup": 2.0},
+            {"op": "pixel_norm", "backend": "triton", "fwd+bwd_speedup": 4.0},
+            {"op": "pixel_norm", "backend": "cuda", "fwd+bwd_speedup": 3.5},
+            {"op": "pixel_norm", "backend": "cuda", "fwd+bwd_speedup": float("nan")}]
+    s = gpu_check.ops_summary(rows)["pixel_norm"]
+    assert s["median_speedup"] == {"triton": 3.0, "cuda": 3.5}
+    assert s["fastest_first"] == ["cuda", "triton"]
+
+
+def test_a_stage_past_its_cap_is_killed_and_recorded(tmp_path):
+    # the FID stage cannot finish in 3 s on a CPU: it must come back as timed out, not hang
+    lines = []
+    res = gpu_check._run_stage("fid", True, tmp_path, tmp_path, 3, lines.append)
+    assert res["status"] == "timed out" and res["seconds"] < 30
+    assert "partial results kept" in res["error"]
+
+
+def test_unknown_stage_and_argument_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path), "--only", "ops,warp"])
+    rc = subprocess.run(["bash", str(SCRIPT), "--frobnicate"], capture_output=True, text=True)
+    assert rc.returncode == 2 and "unknown argument" in rc.stderr
+
+
+def test_script_is_valid_bash_and_explains_itself():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--dry-run" in out and "--only" in out and "gpu_check.json" in out
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
+    """The whole script at tiny sizes: every stage passes, at most five files come back (the
+    device returns at most eight), and the report has every section."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, XRAYFORGE_WHEELS=str(tmp_path / "no-wheels"))
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert {"gpu_check.json", "gpu_check.md", "gpu_check.log", "gpu_tests.xml"} <= set(files) <= set(gpu_check.OUT_FILES)
+    assert len(files) <= 8 and all(p.stat().st_size < 16 * 2 ** 20 for p in out.iterdir())
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry_run"] is True
+    assert {n: s["status"] for n, s in report["stages"].items()} == {n: "passed" for n in gpu_check.STAGES}
+    st = report["stages"]
+    assert st["env"]["data"]["copy_gbps"] > 0
+    assert st["tests"]["data"]["validated"]  # a few interpreter tests ran and were mapped
+    ops_rows = st["ops"]["data"]["rows"]
+    assert {r["backend"] for r in ops_rows} == {"torch", "triton"}
+    assert not [r for r in ops_rows if any("error" in k for k in r)]
+    assert {r["op"] for r in ops_rows} == {"pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"}
+    train = st["train"]["data"]
+    assert [r["mode"] for r in train["rows"]] == ["baseline", "torch-fused", "triton"]
+    assert all("img_s" in r and r["phases_ms"] for r in train["rows"])
+    assert any("cuda" in s for s in train["skipped"])
+    fid = st["fid"]["data"]
+    assert {r["stage"] for r in fid["rows"]} >= {"preprocess", "inception"}
+    assert not [r for r in fid["rows"] if "error" in r]
+    assert fid["fast_mode_accuracy"]["images"] > 0
+    assert st["sampling"]["data"]["lco"]["steps_s"] > 0
+    md = (out / "gpu_check.md").read_text()
+    for section in ("DRY RUN", "## Stages", "## Kernel validation", "## Ops", "## Training step",
+                    "## FID pipeline", "## Sampling", "Skipped parts"):
+        assert section in md
