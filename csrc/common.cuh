@@ -41,6 +41,26 @@ __device__ __forceinline__ Acc load_any(const void* p, int dtype, int64_t i) {
 
 template <typename Acc> __device__ __forceinline__ Acc inv_sqrt(Acc v) { return Acc(1) / sqrt(v); }
 
+// Products rounded on their own (no contraction into a following add), so that a compensated
+// sum sees exactly the term it adds.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// Neumaier's compensated sum: one thread summing many terms (a pixel's channels) stays within
+// a few units in the last place, like the tree reductions of eager PyTorch; a plain running sum
+// of 512 float32 terms drifts several times further.
+template <typename Acc> struct CompensatedSum {
+  Acc sum = 0, comp = 0;
+  __device__ __forceinline__ void add(Acc v) {
+    Acc t = add_rn(sum, v);
+    comp += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
+    sum = t;
+  }
+  __device__ __forceinline__ Acc value() const { return sum + comp; }
+};
+
 template <typename Acc> __device__ __forceinline__ Acc warp_sum(Acc v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
   return v;

@@ -31,12 +31,12 @@ __global__ void fwd_pixel_per_thread(const T* __restrict__ x, const void* bias, 
   int64_t p = static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock + threadIdx.x;
   if (p >= P) return;
   int64_t base = blockIdx.y * sb + p * sp;
-  Acc ss = 0;
+  CompensatedSum<Acc> ss;
   for (int c = 0; c < C; ++c) {
     Acc v = activation<T, Acc>(x, bias, bias_dtype, base + c * sc, c, slope);
-    ss += v * v;
+    ss.add(mul_rn(v, v));
   }
-  Acc r = inv_sqrt(ss / C + eps);
+  Acc r = inv_sqrt(ss.value() / C + eps);
   for (int c = 0; c < C; ++c) {
     int64_t off = base + c * sc;
     y[off] = from_acc<T>(activation<T, Acc>(x, bias, bias_dtype, off, c, slope) * r);
@@ -90,17 +90,17 @@ __global__ void bwd_pixel_per_thread(const T* __restrict__ x, const void* bias, 
   int64_t p = static_cast<int64_t>(blockIdx.x) * kPixelsPerBlock + threadIdx.x;
   bool live = p < P;
   int64_t base = blockIdx.y * sb + (live ? p : 0) * sp;
-  Acc ss = 0, proj = 0;
+  CompensatedSum<Acc> ss, proj;
   if (live) {
     for (int c = 0; c < C; ++c) {
       int64_t off = base + c * sc;
       Acc h = activation<T, Acc>(x, bias, bias_dtype, off, c, slope);
-      ss += h * h;
-      proj += to_acc<Acc>(dy[off]) * h;
+      ss.add(mul_rn(h, h));
+      proj.add(mul_rn(to_acc<Acc>(dy[off]), h));
     }
   }
-  Acc r = inv_sqrt(ss / C + eps);
-  Acc k = r * r * r * proj / C;
+  Acc r = inv_sqrt(ss.value() / C + eps);
+  Acc k = r * r * r * proj.value() / C;
   for (int c = 0; c < C; ++c) {
     Acc dh = 0;
     if (live) {

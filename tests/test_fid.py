@@ -131,13 +131,13 @@ def test_fid_from_folders_equals_numpy_scipy(weights_file, tmp_path):
 
     fa, fb = feats(a), feats(b)
     mu1, mu2, s1, s2 = fa.mean(0), fb.mean(0), np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)  # newer scipy has no disp=
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real)
     assert result["fid"] == pytest.approx(expected, rel=1e-5)
 
 
 def _scipy_fid(a, b):
-    covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+    covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)  # newer scipy has no disp=
     return ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean.real)
 
 

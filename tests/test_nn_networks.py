@@ -174,3 +174,15 @@ def test_checkpoint_round_trip(tmp_path):
     (tmp_path / "ck" / "networks.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_networks(tmp_path / "ck")
+
+
+
+@pytest.mark.gpu
+def test_load_networks_puts_them_on_the_asked_device(tmp_path):
+    """map_location moves the networks, not only the loaded tensors (sampling on a GPU once
+    failed with G's weights left on the CPU)."""
+    cfg = NetworkConfig(resolution=8, fmap_max=8)
+    save_networks(tmp_path / "ck", {"G_ema": Generator(cfg), "D": Discriminator(cfg)})
+    G = load_networks(tmp_path / "ck", names=["G_ema"], map_location="cuda")["G_ema"]
+    assert {p.device.type for p in G.parameters()} == {"cuda"}
+    assert G(torch.randn(2, cfg.latent_dim, device="cuda")).is_cuda

@@ -117,7 +117,7 @@ def frechet_rows(a: FrechetStats, dev: torch.device, scipy_baseline: bool = True
     if scipy_baseline:
         import scipy.linalg
         t0 = time.perf_counter()
-        covmean, _ = scipy.linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+        covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)  # newer scipy has no disp=
         rows.append({"stage": f"Fréchet distance {d}", "variant": "scipy sqrtm",
                      "ms": (time.perf_counter() - t0) * 1e3})
         ref = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean.real)

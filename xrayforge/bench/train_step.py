@@ -135,6 +135,31 @@ def _measure(mode, res, n, dtype_name, dev, net_resolution, fmap_max, reps, warm
             "tflop_per_img": flops / 1e12, "tflops": flops * img_s / 1e12, "phases_ms": phases}
 
 
+def profile_step(resolution: int, batch: int, mode: str = "triton", device=None, dtype_name: str = "bfloat16",
+                 net_resolution: int = 1024, fmap_max: int = 512, row_limit: int = 25) -> str:
+    """torch.profiler tables of one step (after two warm-up steps): the operators and kernels
+    that take the most device time, then the same grouped by input shape (which layer)."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    fused = MODES[mode]["fused"]
+    with mode_backend(mode):
+        step, level, _ = build(resolution, dev, fused, dtype_name, net_resolution, fmap_max)
+        real = _real(batch, resolution, dev, fused)
+        for _ in range(2):
+            step(real, level, 1.0)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        with profile(activities=activities, record_shapes=True) as prof:
+            step(real, level, 1.0)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    head = f"# one step: {resolution} px, batch {batch}, {dtype_name}, mode {mode}, on {device_info(dev).name}\n"
+    return (head + prof.key_averages().table(sort_by=key, row_limit=row_limit) + "\n\n# by input shape\n"
+            + prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=row_limit))
+
+
 def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device=None, batch=None,
         net_resolution=1024, fmap_max=512, modes=("baseline", "fast"), batches=None, phases: bool = False,
         reps: int = 5, warmup: int = 2, on_row=None) -> dict:
@@ -202,6 +227,10 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=None, help="comma list of fixed batches, each run (overrides --batch)")
     p.add_argument("--modes", default="baseline,fast", help=f"comma list from {', '.join(MODES)}")
     p.add_argument("--phases", action="store_true", help="also time each phase of the step (CUDA events)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler tables of one step of the first resolution, batch and mode instead")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (off by default, "
+                   "as in the trainer)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -209,9 +238,15 @@ def main(argv=None) -> int:
     res = tuple(int(r) for r in (args.resolutions or ("64,256,512,1024" if on_gpu else "16,32")).split(","))
     # on a CPU only a pipeline check: a small network (64 px, at most 64 channels)
     modes = tuple(args.modes.split(","))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.profile:
+        batch = int(args.batches.split(",")[0]) if args.batches else (args.batch or 4)
+        print(profile_step(res[0], batch, modes[0], args.device, args.dtypes.split(",")[0],
+                           net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64))
+        return 0
     result = run(res, tuple(args.dtypes.split(",")), args.device, args.batch,
                  net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64, modes=modes,
                  batches=tuple(int(b) for b in args.batches.split(",")) if args.batches else None,

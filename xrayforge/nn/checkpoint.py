@@ -95,6 +95,8 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu") -> 
             raise KeyError(f"{weights_path}: no weights for {name!r}")
         net = CLASSES[info["class"]](NetworkConfig(**info["config"]))
         net.load_state_dict(tensors[name])
+        if isinstance(map_location, (str, torch.device)):
+            net = net.to(map_location)  # load_state_dict copied into the CPU parameters: move them
         net.set_level(info["level"], info["alpha"])
         out[name] = net
     if names is not None and set(names) - set(out):
