@@ -107,7 +107,7 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert not [r for r in ops_rows if any("error" in k for k in r)]
     assert {r["op"] for r in ops_rows} == {"pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"}
     train = st["train"]["data"]
-    assert [r["mode"] for r in train["rows"]] == ["baseline", "torch-fused", "triton"]
+    assert [r["mode"] for r in train["rows"]] == ["baseline", "torch-fused", "torch-gradfix", "triton"]
     assert all("img_s" in r and r["phases_ms"] for r in train["rows"])
     assert any("cuda" in s for s in train["skipped"])
     fid = st["fid"]["data"]

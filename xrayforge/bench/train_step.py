@@ -22,29 +22,36 @@ from torch.utils.flop_counter import flop_registry
 from .. import ops
 from ..ops._backend import auto_candidates
 from ..nn import Discriminator, Generator, NetworkConfig
+from ..nn.layers import set_conv_gradfix
 from ..train import PGGANStep, StepConfig, make_adam
 from . import PhaseTimer, device_info, environment, format_table, time_fn, write_results
 
 
 # How each mode runs the same networks. backend: the ops' backend ("auto" with candidates: the
 # fused backends auto tries, validated or not: the extension's kernel where it has one, else
-# Triton's); fused: fused up/down-sampling convolutions at
-# >= 128 px and channels_last tensors; "fast" is what `auto` gives a user today.
+# Triton's); fused: fused up/down-sampling convolutions at >= 128 px and channels_last tensors;
+# gradfix: convolutions through ops.conv2d, whose double backward stays on cuDNN's fast kernels
+# (False: PyTorch's own convolution autograd). "fast" is what `auto` gives a user today.
 MODES = {
-    "baseline": dict(backend="torch", candidates=None, fused=False),
-    "fast": dict(backend="auto", candidates=None, fused=True),
-    "torch-fused": dict(backend="torch", candidates=None, fused=True),
-    "triton": dict(backend="triton", candidates=None, fused=True),
-    "cuda": dict(backend="auto", candidates=("cuda", "triton"), fused=True),
+    "baseline": dict(backend="torch", candidates=None, fused=False, gradfix=False),
+    "fast": dict(backend="auto", candidates=None, fused=True, gradfix=True),
+    "torch-fused": dict(backend="torch", candidates=None, fused=True, gradfix=False),
+    "torch-gradfix": dict(backend="torch", candidates=None, fused=True, gradfix=True),
+    "triton": dict(backend="triton", candidates=None, fused=True, gradfix=True),
+    "cuda": dict(backend="auto", candidates=("cuda", "triton"), fused=True, gradfix=True),
 }
 
 
-def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: int = 1024, fmap_max: int = 512):
-    """Networks of the ``net_resolution`` schedule, set to train at ``resolution``."""
+def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: int = 1024, fmap_max: int = 512,
+          gradfix: bool | None = None):
+    """Networks of the ``net_resolution`` schedule, set to train at ``resolution``
+    (``gradfix``: see MODES; default: as ``fast``)."""
     cfg = NetworkConfig(resolution=net_resolution, fmap_max=fmap_max,
                         fused_resample_min_res=128 if fast else 1 << 30)
     torch.manual_seed(0)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
+    gradfix = fast if gradfix is None else gradfix
+    set_conv_gradfix(G, gradfix), set_conv_gradfix(D, gradfix)
     if fast and device.type == "cuda":
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     level = (resolution.bit_length() - 1) - 2
@@ -114,7 +121,7 @@ def largest_batch(step, level, resolution, device, fast, start=4, limit=1024) ->
 def _measure(mode, res, n, dtype_name, dev, net_resolution, fmap_max, reps, warmup, phase_steps, flops_cache):
     fast = MODES[mode]["fused"]
     with mode_backend(mode):
-        step, level, _ = build(res, dev, fast, dtype_name, net_resolution, fmap_max)
+        step, level, _ = build(res, dev, fast, dtype_name, net_resolution, fmap_max, MODES[mode]["gradfix"])
         if (res, mode) not in flops_cache:
             flops_cache[(res, mode)] = step_flops(step, level, res, dev, fast)
         flops = flops_cache[(res, mode)]
@@ -143,7 +150,7 @@ def profile_step(resolution: int, batch: int, mode: str = "triton", device=None,
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fused = MODES[mode]["fused"]
     with mode_backend(mode):
-        step, level, _ = build(resolution, dev, fused, dtype_name, net_resolution, fmap_max)
+        step, level, _ = build(resolution, dev, fused, dtype_name, net_resolution, fmap_max, MODES[mode]["gradfix"])
         real = _real(batch, resolution, dev, fused)
         for _ in range(2):
             step(real, level, 1.0)
@@ -186,7 +193,7 @@ def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device
                         else:
                             with mode_backend(mode):
                                 step, level, _ = build(res, dev, MODES[mode]["fused"], dtype_name,
-                                                       net_resolution, fmap_max)
+                                                       net_resolution, fmap_max, MODES[mode]["gradfix"])
                                 n = largest_batch(step, level, res, dev, MODES[mode]["fused"])
                             del step
                         per_mode["batch"] = row["batch"] = n
@@ -207,11 +214,13 @@ def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device
                         on_row(row)
     return {"benchmark": "train_step", "device": info.as_dict(), "environment": environment(),
             "network_resolution": net_resolution, "fmap_max": fmap_max, "rows": rows,
-            "notes": "baseline = same networks, every op on the torch backend, plain resampling; "
-                     "fast = auto backend (GPU-validated kernels), fused resampling, channels_last; "
-                     "triton / cuda = those kernels (cuda first, Triton where the extension has none), fused "
-                     "resampling, channels_last; MFU against the dense bf16 peak; FLOPs counted by "
-                     "FlopCounterMode on the step of each mode (fused resampling does fewer FLOPs)"}
+            "notes": "baseline = same networks, every op on the torch backend, plain resampling, PyTorch's "
+                     "convolution autograd; torch-fused adds fused resampling and channels_last; torch-gradfix "
+                     "adds ops.conv2d (double backward on cuDNN's weight-gradient kernels); fast = that with "
+                     "the auto backend (GPU-validated kernels); triton / cuda = that with those kernels (cuda "
+                     "first, Triton where the extension has none); MFU against the dense bf16 peak; FLOPs "
+                     "counted by FlopCounterMode on the step of each mode (fused resampling does fewer FLOPs)",
+            "modes": MODES}
 
 
 COLUMNS = [("resolution", "px"), ("dtype", "dtype"), ("mode", "mode"), ("batch", "batch"), ("img_s", "img/s"),

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.conv2d import reference as conv2d_reference
 
 SQRT2 = math.sqrt(2.0)
 ACTIVATIONS = ("linear", "lrelu", "lrelu_pn")
@@ -107,25 +108,43 @@ class EqualizedConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.scale = gain / math.sqrt(in_channels * kernel_size * kernel_size)
 
+    # ops.conv2d: the same convolution, with higher-order gradients that stay on cuDNN's fast
+    # kernels (the discriminator's gradient penalty); False: PyTorch's own autograd (the baseline)
+    gradfix = True
+
+    def _conv(self, x, w, bias=None, stride=1, padding=0, transposed=False):
+        if self.gradfix:
+            return ops.conv2d(x, w, bias, stride, padding, transposed)
+        return conv2d_reference(x, w, bias, stride, padding, transposed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight * self.scale
         pad = self.kernel_size // 2
         if self.resample == "up":
             if self.fused:
-                y = F.conv_transpose2d(x, upsample_conv_kernel(w), stride=2, padding=1)
+                y = self._conv(x, upsample_conv_kernel(w), stride=2, padding=1, transposed=True)
             else:
-                y = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=pad)
+                y = self._conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, padding=pad)
         elif self.resample == "down":
             if self.fused:
-                y = F.conv2d(x, downsample_conv_kernel(w), stride=2, padding=1)
+                y = self._conv(x, downsample_conv_kernel(w), stride=2, padding=1)
             else:
-                y = F.avg_pool2d(F.conv2d(x, w, padding=pad), 2)
+                y = F.avg_pool2d(self._conv(x, w, padding=pad), 2)
         elif self.activation == "linear":
-            return F.conv2d(x, w, self.bias, padding=pad)  # cuDNN adds the bias itself
+            return self._conv(x, w, self.bias, padding=pad)  # cuDNN adds the bias itself
         else:
-            y = F.conv2d(x, w, padding=pad)
+            y = self._conv(x, w, padding=pad)
         return apply_epilogue(y, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, gain={self.gain:.4g}, "
                 f"activation={self.activation}, resample={self.resample}, fused={self.fused}")
+
+
+def set_conv_gradfix(module: nn.Module, enabled: bool) -> nn.Module:
+    """Every EqualizedConv2d in ``module`` uses ops.conv2d (``True``, the default) or PyTorch's own
+    convolution autograd (``False``: the plain-PyTorch baseline of the benchmarks)."""
+    for m in module.modules():
+        if isinstance(m, EqualizedConv2d):
+            m.gradfix = enabled
+    return module

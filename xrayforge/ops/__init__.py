@@ -1,4 +1,5 @@
-"""Fused PGGAN ops. Each has a torch reference, Triton kernels and (some) CUDA kernels.
+"""Fused PGGAN ops. Each has a torch reference, Triton kernels and (some) CUDA kernels;
+``conv2d`` is cuDNN's convolution with higher-order gradients that stay on its fast kernels.
 
 Pick the backend per call (``backend=``), per process (:func:`set_backend`) or with the
 ``XRAYFORGE_BACKEND`` environment variable: ``auto`` (default), ``cuda``, ``triton``, ``torch``.
@@ -6,8 +7,9 @@ Pick the backend per call (``backend=``), per process (:func:`set_backend`) or w
 from ._backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                        set_backend)
 from .bias_lrelu import bias_lrelu
+from .conv2d import conv2d
 from .minibatch_stddev import minibatch_stddev
 from .pixel_norm import bias_lrelu_pixel_norm, pixel_norm
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
-           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"]
+           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev", "conv2d"]
