@@ -119,3 +119,37 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     for section in ("DRY RUN", "## Stages", "## Kernel validation", "## Ops", "## Training step",
                     "## FID pipeline", "## Sampling", "Skipped parts"):
         assert section in md
+
+
+def _report(started, commit, stages):
+    env = {"status": "passed", "data": {"environment": {"commit": commit}}}
+    return {"started": started, "dry_run": False,
+            "stages": {"env": env, **{n: {"status": st, "data": {"x": started}} for n, st in stages.items()}}}
+
+
+def test_merge_takes_each_stage_from_the_last_run_that_ran_it(tmp_path):
+    a = _report("t1", "aaa", {"tests": "failed", "ops": "passed", "train": "passed"})
+    b = _report("t2", "bbb", {"tests": "passed", "ops": "skipped", "train": "timed out"})
+    merged = gpu_check.merge_reports([a, b])
+    st = merged["stages"]
+    assert (st["tests"]["status"], st["tests"]["commit"]) == ("passed", "bbb")
+    assert (st["ops"]["status"], st["ops"]["commit"], st["ops"]["data"]["x"]) == ("passed", "aaa", "t1")
+    assert st["train"]["status"] == "timed out"  # a later run that ran it wins, even when it failed
+    assert [m["commit"] for m in merged["merged_from"]] == ["aaa", "bbb"]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert gpu_check.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
+                           str(tmp_path / "m")]) == 0
+    assert "Merged from runs" in (tmp_path / "m" / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper_without_a_gpu():
+    """benchmarks/triton_aot_check.py on a few variants: the real compiler, down to an sm_90 cubin."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot_check.py"), "-j", "2",
+                           "-k", "x=(64, 512, 4, 4) nchw float32"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = [ln for ln in proc.stdout.splitlines() if "compiled to cubin" in ln][0]
+    assert " 0 FAIL" in summary and not summary.split("sm_90: ")[1].startswith("0 OK")

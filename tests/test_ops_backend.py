@@ -80,3 +80,16 @@ def test_auto_on_gpu_picks_only_validated_kernels(monkeypatch):
 def test_available_backends_on_cpu():
     names = ops.available_backends("pixel_norm", "cpu")
     assert "torch" in names and "cuda" not in names
+
+
+def test_auto_candidates_override_the_validated_order_inside_the_block_only(monkeypatch):
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda name, op, device: "not built" if name == "cuda" and op == "bias_lrelu" else None)
+    cuda = torch.device("cuda")
+    with _backend.auto_candidates(("cuda", "triton")):
+        assert _backend.resolve_for_device("pixel_norm", cuda, "auto") == "cuda"
+        assert _backend.resolve_for_device("bias_lrelu", cuda, "auto") == "triton"  # the next candidate
+    assert _backend.resolve_for_device("pixel_norm", cuda, "auto") == _backend.GPU_VALIDATED["pixel_norm"][0]
+    with pytest.raises(ValueError, match="fused backends"):
+        with _backend.auto_candidates(("torch",)):
+            pass

@@ -425,6 +425,9 @@ def main(argv=None) -> int:
                    help="seconds for all stages together (default 420 on a GPU, 280 in the dry run); "
                         "a stage gets min(its cap, what is left)")
     p.add_argument("--setup", default=None, help="JSON written by gpu_check.sh: install and build status")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="instead of running: combine gpu_check.json files of several windows (or --only "
+                        "reruns), later files winning for the stages they ran, into --out")
     # internal: one stage in this process
     p.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--part", help=argparse.SUPPRESS)
@@ -433,6 +436,11 @@ def main(argv=None) -> int:
     out = Path(args.out or os.environ.get("OUT") or "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.merge:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        write_report(report, out)
+        print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} from {len(args.merge)} reports")
+        return 0
     if args.stage:
         part = Part(Path(args.part))
         context = json.loads(Path(args.context).read_text()) if args.context and Path(args.context).is_file() else {}
@@ -488,6 +496,25 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several runs: each stage from the last run that did not skip it, marked
+    with that run's commit and start time (the environment of different runs may differ)."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    merged = {"check": "gpu_check", "dry_run": any(r.get("dry_run") for r in reports),
+              "started": reports[-1]["started"], "merged_from": [], "stages": {}}
+    for r in reports:
+        env = r["stages"].get("env", {}).get("data", {}).get("environment", {})
+        merged["merged_from"].append({"started": r["started"], "commit": env.get("commit"),
+                                      "ran": [n for n, s in r["stages"].items() if s.get("status") != "skipped"],
+                                      "setup": r.get("setup"), "total_seconds": r.get("total_seconds")})
+        for name, stage in r["stages"].items():
+            if stage.get("status") != "skipped" or name not in merged["stages"]:
+                merged["stages"][name] = dict(stage, commit=env.get("commit"), run_started=r["started"])
+    merged["setup"] = reports[-1].get("setup")
+    return merged
+
+
 def _read_json(path) -> dict | None:
     if not path:
         return None
@@ -541,10 +568,14 @@ def render_markdown(report: dict) -> str:
     skipped = [f"{n}: {x}" for n, s in st.items() for x in s.get("data", {}).get("skipped", [])]
     if skipped:
         lines += ["Skipped parts: " + "; ".join(skipped), ""]
-    lines += ["## Stages", ""] + _table([{"stage": n, **{k: v for k, v in s.items() if k != "data"}}
+    if report.get("merged_from"):
+        lines += ["Merged from runs: " + "; ".join(f"{m['started']} (commit {str(m['commit'])[:7]}: "
+                                                   f"{', '.join(m['ran'])})" for m in report["merged_from"]), ""]
+    lines += ["## Stages", ""] + _table([{"stage": n, **{k: (str(v)[:7] if k == "commit" and v else v)
+                                                         for k, v in s.items() if k != "data"}}
                                           for n, s in st.items()],
                                          [("stage", "stage"), ("status", "status"), ("seconds", "s"),
-                                          ("cap_seconds", "cap s"), ("error", "error")]) + [""]
+                                          ("cap_seconds", "cap s"), ("commit", "commit"), ("error", "error")]) + [""]
     tests = st.get("tests", {}).get("data", {})
     if tests.get("per_pair"):
         lines += ["## Kernel validation (gpu-marked tests)", "",

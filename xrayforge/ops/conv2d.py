@@ -16,8 +16,6 @@ conv2d_gradfix). Values and gradients are those of ``F.conv2d`` / ``F.conv_trans
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -36,64 +34,65 @@ def _input_grad_padding(in_size, out_size, weight_size, stride, padding, transpo
     return tuple(in_size[i] - ((out_size[i] - 1) * stride - 2 * padding + weight_size[i]) for i in range(2))
 
 
-@functools.lru_cache(maxsize=None)
-def _conv_function(stride: int, padding: int, transposed: bool, output_padding: tuple[int, int]):
-    """The autograd Function of one convolution configuration (built once, cached)."""
+class _Conv2d(torch.autograd.Function):
+    """One convolution; config = (stride, padding, transposed, output_padding as a pair)."""
 
-    class Conv2d(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, bias):
-            ctx.save_for_backward(x, weight)
-            ctx.has_bias = bias is not None
-            if transposed:
-                return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
-            return F.conv2d(x, weight, bias, stride, padding)
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, transposed, output_padding):
+        ctx.save_for_backward(x, weight)
+        ctx.cfg = (stride, padding, transposed, output_padding)
+        ctx.has_bias = bias is not None
+        if transposed:
+            return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding)
+        return F.conv2d(x, weight, bias, stride, padding)
 
-        @staticmethod
-        def backward(ctx, grad_out):
-            x, weight = ctx.saved_tensors
-            grad_x = grad_w = grad_b = None
-            if ctx.needs_input_grad[0]:
-                op = _input_grad_padding(x.shape[2:], grad_out.shape[2:], weight.shape[2:], stride, padding, transposed)
-                grad_x = _conv_function(stride, padding, not transposed, op).apply(grad_out, weight, None)
-            if ctx.needs_input_grad[1]:
-                grad_w = _weight_grad_function(stride, padding, transposed, output_padding).apply(grad_out, x, weight)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 gradients summed in float32
-                grad_b = grad_out.sum((0, 2, 3), dtype=acc).to(grad_out.dtype)
-            return grad_x, grad_w, grad_b
-
-    return Conv2d
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, transposed, output_padding = ctx.cfg
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(grad_out, weight, x.shape, ctx.cfg)
+        if ctx.needs_input_grad[1]:
+            grad_w = _Conv2dWeightGrad.apply(grad_out, x, weight, stride, padding, transposed, output_padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 gradients summed in float32
+            grad_b = grad_out.sum((0, 2, 3), dtype=acc).to(grad_out.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
-@functools.lru_cache(maxsize=None)
-def _weight_grad_function(stride: int, padding: int, transposed: bool, output_padding: tuple[int, int]):
-    """(grad_out, x) -> the weight gradient of one convolution configuration, differentiable."""
+class _Conv2dWeightGrad(torch.autograd.Function):
+    """(grad_out, x) -> the weight gradient of one convolution, itself differentiable."""
 
-    class Conv2dWeightGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, grad_out, x, weight):
-            # ``weight`` gives the shape and dtype only; no gradient flows to it
-            ctx.save_for_backward(grad_out, x)
-            _, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, [stride, stride], [padding, padding], [1, 1], transposed,
-                list(output_padding), 1, [False, True, False])
-            return grad_w
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, stride, padding, transposed, output_padding):
+        # ``weight`` gives the shape and dtype only; no gradient flows to it
+        ctx.save_for_backward(grad_out, x)
+        ctx.cfg = (stride, padding, transposed, output_padding)
+        _, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [stride, stride], [padding, padding], [1, 1], transposed,
+            list(output_padding), 1, [False, True, False])
+        return grad_w
 
-        @staticmethod
-        def backward(ctx, grad_grad_w):
-            grad_out, x = ctx.saved_tensors
-            d_grad_out = d_x = None
-            # grad_w = d/dw <grad_out, conv(x, w)> is bilinear in (grad_out, x)
-            if ctx.needs_input_grad[0]:
-                d_grad_out = _conv_function(stride, padding, transposed, output_padding).apply(x, grad_grad_w, None)
-            if ctx.needs_input_grad[1]:
-                op = _input_grad_padding(x.shape[2:], grad_out.shape[2:], grad_grad_w.shape[2:], stride, padding,
-                                         transposed)
-                d_x = _conv_function(stride, padding, not transposed, op).apply(grad_out, grad_grad_w, None)
-            return d_grad_out, d_x, None
+    @staticmethod
+    def backward(ctx, grad_grad_w):
+        grad_out, x = ctx.saved_tensors
+        stride, padding, transposed, output_padding = ctx.cfg
+        d_grad_out = d_x = None
+        # grad_w = d/dw <grad_out, conv(x, w)> is bilinear in (grad_out, x)
+        if ctx.needs_input_grad[0]:
+            d_grad_out = _Conv2d.apply(x, grad_grad_w, None, stride, padding, transposed, output_padding)
+        if ctx.needs_input_grad[1]:
+            d_x = _input_grad(grad_out, grad_grad_w, x.shape, ctx.cfg)
+        return d_grad_out, d_x, None, None, None, None, None
 
-    return Conv2dWeightGrad
+
+def _input_grad(grad_out, weight, x_shape, cfg):
+    """The gradient of conv(x, weight) with respect to x: the opposite (transposed or strided)
+    convolution of grad_out, with the output padding that gives back x's size."""
+    stride, padding, transposed, _ = cfg
+    op = _input_grad_padding(x_shape[2:], grad_out.shape[2:], weight.shape[2:], stride, padding, transposed)
+    return _Conv2d.apply(grad_out, weight, None, stride, padding, not transposed, op)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
@@ -119,5 +118,5 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _conv2d(x, weight, bias, stride, padding, transposed, output_padding):
-    op = (output_padding, output_padding) if transposed else (0, 0)
-    return _conv_function(int(stride), int(padding), bool(transposed), op).apply(x, weight, bias)
+    op = (int(output_padding),) * 2 if transposed else (0, 0)
+    return _Conv2d.apply(x, weight, bias, int(stride), int(padding), bool(transposed), op)

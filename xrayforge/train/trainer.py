@@ -102,8 +102,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _build(self, resume: bool):
         torch.manual_seed(self.cfg.seed)
-        self.G = Generator(self.net_config).to(self.device)
-        self.D = Discriminator(self.net_config).to(self.device)
+        self.G = Generator(self.net_config).to(self.device, memory_format=self._memory_format)
+        self.D = Discriminator(self.net_config).to(self.device, memory_format=self._memory_format)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 1000 + 7 + self.rank)
         self.images_seen, self.tick = 0, 0
@@ -258,6 +258,12 @@ class Trainer:
         loss_curve(self.history, self.out / "loss.png")
 
     # ------------------------------------------------------------------ loop
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        # channels_last on a GPU: cuDNN's bf16 convolutions and the fused epilogues are fastest in
+        # it (the measured training-step figures use it); the CPU keeps the default layout
+        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+
     def _real(self, batch_u: torch.Tensor, alpha: float) -> torch.Tensor:
         x = to_unit_range(batch_u, self.max_value)
         if self.cfg.mirror:
@@ -266,7 +272,7 @@ class Trainer:
         if alpha < 1.0:  # fade-in: the real images are blended like the generator's output
             low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
             x = torch.lerp(low, x, alpha)
-        return x
+        return x.contiguous(memory_format=self._memory_format)
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
