@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU window in one command: install, build, validate every kernel, measure every target.
 #
-#   benchmarks/gpu_check.sh [--out DIR] [--dry-run] [--only STAGES] [--budget SECONDS]
+#   benchmarks/gpu_check.sh [--out DIR] [--dry-run] [--only STAGES] [--deadline SECONDS] [--budget SECONDS]
 #
 # For a bare CUDA machine (python3 with torch + triton, nvcc, cmake, pybind11, pytest; no
 # network; xrayforge not installed). Wheels the machine lacks (pydicom, nvtx, ...) are taken
@@ -12,28 +12,34 @@
 #      (build.log); a failed build is recorded and the Triton stages still run;
 #   3. installs the project in place (pip --no-build-isolation --no-deps -e .; else PYTHONPATH);
 #   4. runs the stages (python -m xrayforge.bench.gpu_check): env, tests, ops, train, fid,
-#      sampling, each under its own cap, recorded as passed / failed / timed out / skipped.
+#      sampling, each under its own cap, recorded as passed / failed / timed out / skipped; the
+#      whole command ends within --deadline (default 480 s: the stages get what setup left),
+#      or the stages alone get --budget seconds.
 # Writes at most five files to --out (default $OUT, else gpu-check/): gpu_check.json,
 # gpu_check.md, gpu_check.log, gpu_tests.xml, build.log.
 # --dry-run: the same stages at tiny sizes on this CPU (Triton in the interpreter, CUDA-only
 # parts skipped and marked so); no build or install (the project must already be importable).
 set -uo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
 
-OUT_DIR="${OUT:-gpu-check}"
+OUT_DIR=$(absolute "${OUT:-gpu-check}")
 DRY=0
 ONLY=""
 BUDGET=""
+DEADLINE=480
 BUILD_CAP="${XRAYFORGE_BUILD_CAP:-240}"
 PY="${PYTHON:-python3}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT_DIR="$2"; shift 2 ;;
+    --out) OUT_DIR=$(absolute "$2"); shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --only) ONLY="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --deadline) DEADLINE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -49,7 +55,7 @@ declare -A SETUP=()
 t_all=$(date +%s)
 
 # ---------------------------------------------------------------- 1. wheels
-WHEELS="${XRAYFORGE_WHEELS:-$ROOT/wheels}"
+WHEELS=$(absolute "${XRAYFORGE_WHEELS:-$ROOT/wheels}")
 SITE="${TMPDIR:-/tmp}/xrayforge-site"
 installed=()
 failed=()
@@ -57,7 +63,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
   mkdir -p "$SITE"
   for whl in "$WHEELS"/*.whl; do
     name=$(basename "$whl" | cut -d- -f1)
-    if "$PY" -c "import importlib, sys; importlib.import_module(sys.argv[1])" "$name" 2>/dev/null; then
+    if "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$name" 2>/dev/null; then
       continue  # already there: keep the machine's own version
     fi
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -94,7 +100,7 @@ else
     SETUP[cuda_extension]="$why: see build.log; the Triton and torch stages still run"
   fi
   say "CUDA extension: ${SETUP[cuda_extension]}"
-  if XRAYFORGE_BUILD_CUDA=0 timeout 180 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . \
+  if XRAYFORGE_BUILD_CUDA=0 timeout 120 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . \
       >>"$BUILD_LOG" 2>&1; then
     SETUP[install]="pip install --no-build-isolation --no-deps -e . (the extension, if built, in place)"
   else
@@ -110,7 +116,11 @@ SETUP[setup_seconds]=$(( $(date +%s) - t_all ))
   sep=""
   for k in "${!SETUP[@]}"; do
     v=${SETUP[$k]//\\/\\\\}
-    printf '%s"%s": "%s"' "$sep" "$k" "${v//\"/\\\"}"
+    if [[ "$v" =~ ^[0-9]+$ ]]; then
+      printf '%s"%s": %s' "$sep" "$k" "$v"
+    else
+      printf '%s"%s": "%s"' "$sep" "$k" "${v//\"/\\\"}"
+    fi
     sep=", "
   done
   printf '}\n'
@@ -120,6 +130,10 @@ SETUP[setup_seconds]=$(( $(date +%s) - t_all ))
 args=(--out "$OUT_DIR" --setup "$SETUP_JSON")
 [ "$DRY" = 1 ] && args+=(--dry-run)
 [ -n "$ONLY" ] && args+=(--only "$ONLY")
+if [ -z "$BUDGET" ] && [ "$DRY" = 0 ]; then
+  BUDGET=$(( DEADLINE - ${SETUP[setup_seconds]} - 10 ))  # 10 s for writing the report
+  [ "$BUDGET" -lt 60 ] && BUDGET=60
+fi
 [ -n "$BUDGET" ] && args+=(--budget "$BUDGET")
 say "stages: $PY -m xrayforge.bench.gpu_check ${args[*]}"
 "$PY" -m xrayforge.bench.gpu_check "${args[@]}"

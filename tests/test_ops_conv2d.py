@@ -1,10 +1,12 @@
 """ops.conv2d: the same values and gradients of every order as F.conv2d / F.conv_transpose2d,
 in every configuration the PGGAN layers use, and a WGAN-GP style double backward."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from xrayforge.ops.conv2d import conv2d, reference
+from xrayforge.ops.conv2d import conv2d, no_weight_gradients, reference
 
 from conftest import assert_as_accurate_as_eager
 
@@ -62,15 +64,51 @@ def test_wgan_gp_penalty_through_a_layer_matches_pytorch():
     w1 = torch.randn(4, 2, 3, 3, generator=g).requires_grad_(True)
     w2 = torch.randn(6, 4, 4, 4, generator=g).requires_grad_(True)
 
-    def grads(conv):
+    def grads(conv, skip_weights=False):
         h = F.leaky_relu(conv(x, w1, None, 1, 1, False), 0.2)
         score = conv(h, w2, None, 2, 1, False).sum()
-        (gx,) = torch.autograd.grad(score, x, create_graph=True)
+        with no_weight_gradients(skip_weights):
+            (gx,) = torch.autograd.grad(score, x, create_graph=True)
         penalty = (gx.flatten(1).norm(dim=1) - 1).square().mean()
         return torch.autograd.grad(penalty, (w1, w2))
 
-    for ours, ref in zip(grads(conv2d), grads(reference)):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    ref = grads(reference)
+    for skip in (False, True):  # skipping the unwanted weight gradients changes nothing
+        for ours, r in zip(grads(conv2d, skip), ref):
+            torch.testing.assert_close(ours, r, rtol=1e-5, atol=1e-5)
+
+
+def test_no_weight_gradients_skips_them_in_the_penalty(monkeypatch):
+    mod = importlib.import_module("xrayforge.ops.conv2d")
+    calls = []
+    real = mod._Conv2dWeightGrad.forward
+    monkeypatch.setattr(mod._Conv2dWeightGrad, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = conv2d(x, w, None, 1, 1)
+    with no_weight_gradients():
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert calls == []
+    gx.square().sum().backward()
+    assert calls and w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_transposed_with_output_padding_and_bias_to_second_order():
+    # PyTorch's own third-order gradient fails here, so gradcheck of the first two orders instead
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: conv2d(x, w, b, 2, 1, True, 1)  # noqa: E731
+    torch.testing.assert_close(fn(x, w, b), F.conv_transpose2d(x, w, b, 2, 1, 1))
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_float64_is_not_cast_under_autocast():
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv2d(x, w, None, 1, 1).dtype == F.conv2d(x, w, None, 1, 1).dtype == torch.float64
 
 
 def test_autocast_casts_like_a_convolution():

@@ -395,17 +395,18 @@ def _run_stage(name: str, dry: bool, out: Path, work: Path, timeout: float, log)
             status = "failed"
     except subprocess.TimeoutExpired:
         status = "timed out"
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    reader.join(timeout=10)
+    try:  # always: a stage's leftover children must not hold the GPU into the next stage
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    reader.join(timeout=10)  # the pipe closes once every process of the group is gone
     result = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "cap_seconds": round(timeout)}
+    tail = list(tail) if not reader.is_alive() else []  # never read it while the reader writes
     if status == "failed":
         errs = [ln for ln in tail if ln.strip()]
         result["error"] = errs[-1] if errs else f"exit code {proc.returncode}"
-        result["output_tail"] = list(tail)[-12:]
+        result["output_tail"] = tail[-12:]
     elif status == "timed out":
         result["error"] = f"killed after {timeout:.0f} s (its cap); partial results kept"
     try:

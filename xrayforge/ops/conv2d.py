@@ -13,11 +13,32 @@ them is again an autograd Function of the same kind, so any order of gradient st
 forward, data-gradient and weight-gradient kernels (the scheme of StyleGAN2-ADA's
 conv2d_gradfix). Values and gradients are those of ``F.conv2d`` / ``F.conv_transpose2d``
 (``reference``); under autocast the inputs are cast as autocast would cast them.
+
+A custom Function's backward cannot see which of its inputs the caller asked gradients for, so
+the gradient penalty's ``autograd.grad(D(x), x)`` would also build every layer's weight
+gradient and throw it away; :func:`no_weight_gradients` says they are not wanted (as in
+StyleGAN2-ADA). Gradients taken later, with the flag off, are complete.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+_weight_gradients_disabled = False
+
+
+@contextlib.contextmanager
+def no_weight_gradients(disable: bool = True):
+    """Within the block, backward passes through ops.conv2d skip the weight and bias gradients
+    (for gradients taken with respect to the inputs only)."""
+    global _weight_gradients_disabled
+    previous, _weight_gradients_disabled = _weight_gradients_disabled, bool(disable)
+    try:
+        yield
+    finally:
+        _weight_gradients_disabled = previous
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
@@ -53,9 +74,9 @@ class _Conv2d(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _input_grad(grad_out, weight, x.shape, ctx.cfg)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and not _weight_gradients_disabled:
             grad_w = _Conv2dWeightGrad.apply(grad_out, x, weight, stride, padding, transposed, output_padding)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and ctx.needs_input_grad[2] and not _weight_gradients_disabled:
             acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 gradients summed in float32
             grad_b = grad_out.sum((0, 2, 3), dtype=acc).to(grad_out.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -106,9 +127,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.shape[1] != cin:
         raise ValueError(f"conv2d: input has {x.shape[1]} channels, the weight {tuple(weight.shape)} expects {cin}")
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # cast as autocast casts a convolution, then run with it off, so that the saved tensors
-        # and the backward's convolutions all have one dtype
+    if torch.is_autocast_enabled(device_type) and torch.float64 not in (x.dtype, weight.dtype):
+        # cast as autocast casts a convolution (float64 stays as it is), then run with it off, so
+        # that the saved tensors and the backward's convolutions all have one dtype
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.conv2d import no_weight_gradients
+
 
 def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, level=None, alpha=None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -13,7 +15,8 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, level=None, alph
     u = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype, generator=generator)
     mix = torch.lerp(real.detach(), fake.detach().to(real.dtype), u).requires_grad_(True)
     scores = D(mix, level, alpha)
-    (grad,) = torch.autograd.grad(scores.float().sum(), mix, create_graph=True)
+    with no_weight_gradients():  # only d scores / d mix here; the weights' come in the loss's backward
+        (grad,) = torch.autograd.grad(scores.float().sum(), mix, create_graph=True)
     return (grad.float().flatten(1).norm(dim=1) - 1.0).square().mean()
 
 
