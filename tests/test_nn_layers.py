@@ -98,3 +98,28 @@ def test_bad_layer_arguments():
         EqualizedConv2d(1, 1, 3, resample="sideways")
     with pytest.raises(ValueError, match="3×3"):
         EqualizedConv2d(1, 1, 1, resample="up")
+
+
+def test_conv_gradfix_gives_the_same_gradient_penalty_gradients():
+    """EqualizedConv2d through ops.conv2d (forced on, as on a GPU) and through PyTorch's autograd:
+    the same WGAN-GP parameter gradients, for plain, fused-down and fused-up layers."""
+    from xrayforge.nn.layers import set_conv_gradfix
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(EqualizedConv2d(2, 4, 3, activation="lrelu"),
+                                 EqualizedConv2d(4, 4, 3, activation="lrelu", resample="down", fused=True),
+                                 EqualizedConv2d(4, 3, 3, resample="up", fused=True)).double()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64, requires_grad=True)
+
+    def grads(mode):
+        set_conv_gradfix(layers, mode)
+        (gx,) = torch.autograd.grad(layers(x).sum(), x, create_graph=True)
+        # the last bias does not change the input gradient: unused by the penalty
+        return torch.autograd.grad((gx.flatten(1).norm(dim=1) - 1).square().mean(), list(layers.parameters()),
+                                   allow_unused=True)
+
+    for ours, ref in zip(grads(True), grads(False)):
+        assert (ours is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(ours, ref)
+    with pytest.raises(ValueError, match="expected True, False or 'cuda'"):
+        set_conv_gradfix(layers, "yes")

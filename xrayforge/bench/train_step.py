@@ -50,7 +50,7 @@ def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: 
                         fused_resample_min_res=128 if fast else 1 << 30)
     torch.manual_seed(0)
     G, D = Generator(cfg).to(device), Discriminator(cfg).to(device)
-    gradfix = fast if gradfix is None else gradfix
+    gradfix = fast if gradfix is None else gradfix  # True / False on every device, to compare
     set_conv_gradfix(G, gradfix), set_conv_gradfix(D, gradfix)
     if fast and device.type == "cuda":
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
