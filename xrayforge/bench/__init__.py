@@ -133,6 +133,18 @@ class PhaseTimer:
         return out
 
 
+def error_summary(exc: BaseException) -> str:
+    """A failed benchmark row's error: the exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file, so a reader never sees it half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
     """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or into ``out_dir``)."""
     out = Path(out_dir) if out_dir else Path.cwd() / "benchmarks" / "results"
@@ -140,9 +152,7 @@ def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = 
     dev = payload.get("device", {}).get("name", "cpu")
     slug = "".join(ch if ch.isalnum() else "-" for ch in dev).strip("-").lower() or "cpu"
     path = out / f"{name}-{slug}-{_dt.date.today().isoformat()}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
     return path
 
 

@@ -22,16 +22,12 @@ from ..fid.compute import FeatureExtractor
 from ..fid.preprocess import SIZE, preprocess
 from ..fid.preprocess import reference as reference_preprocess
 from ..fid.stats import FrechetStats, StreamingMoments, frechet_distance
-from . import device_info, environment, format_table, time_fn, write_results
+from . import device_info, environment, error_summary, format_table, time_fn, write_results
 
 
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _row_error(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def inception_rows(exact: FeatureExtractor, fast: FeatureExtractor, u8: torch.Tensor, warmup: int = 2,
@@ -54,7 +50,7 @@ def inception_rows(exact: FeatureExtractor, fast: FeatureExtractor, u8: torch.Te
             rows.append({"stage": "inception", "variant": name, "batch": batch, "img_s": batch / (ms / 1e3),
                          "ms": ms})
         except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
-            rows.append({"stage": "inception", "variant": name, "batch": batch, "error": _row_error(exc)})
+            rows.append({"stage": "inception", "variant": name, "batch": batch, "error": error_summary(exc)})
     return rows
 
 
@@ -77,7 +73,7 @@ def preprocess_rows(u8: torch.Tensor, backends=("torch", "triton"), warmup: int 
                        max_abs_diff=(out.double() - ref.double()).abs().max().item(),
                        speedup=(base / ms) if base else None)
         except Exception as exc:  # noqa: BLE001
-            row["error"] = _row_error(exc)
+            row["error"] = error_summary(exc)
         rows.append(row)
     return rows
 
@@ -125,8 +121,9 @@ def frechet_rows(a: FrechetStats, dev: torch.device, scipy_baseline: bool = True
     return rows, extra
 
 
-def _stats(f: np.ndarray) -> FrechetStats:
-    return FrechetStats(f.mean(0), np.cov(f, rowvar=False), len(f))
+def _features(ex: FeatureExtractor, images: torch.Tensor, batch: int) -> np.ndarray:
+    """Features of stored images, ``batch`` at a time, as a float64 array."""
+    return torch.cat([ex.features(images[i:i + batch]) for i in range(0, len(images), batch)]).double().cpu().numpy()
 
 
 def fast_mode_accuracy(exact: FeatureExtractor, fast: FeatureExtractor, images: torch.Tensor,
@@ -134,15 +131,12 @@ def fast_mode_accuracy(exact: FeatureExtractor, fast: FeatureExtractor, images: 
     """How far fast mode is from exact mode on the same images: the FID between the fast and
     the exact features, the median and largest relative error of a feature vector, and (for
     scale) the FID between two halves of the images in exact mode."""
-    feats = {}
-    for mode, ex in (("exact", exact), ("fast", fast)):
-        feats[mode] = torch.cat([ex.features(images[i:i + batch]) for i in range(0, len(images), batch)]
-                                ).double().cpu().numpy()
-    e, f = feats["exact"], feats["fast"]
+    e, f = _features(exact, images, batch), _features(fast, images, batch)
     rel = np.linalg.norm(f - e, axis=1) / np.maximum(np.linalg.norm(e, axis=1), 1e-12)
     half = len(e) // 2
-    return {"images": len(e), "fid_fast_vs_exact": frechet_distance(_stats(e), _stats(f), exact.device),
-            "fid_exact_half_vs_half": frechet_distance(_stats(e[:half]), _stats(e[half:]), exact.device),
+    stats = FrechetStats.from_features
+    return {"images": len(e), "fid_fast_vs_exact": frechet_distance(stats(e), stats(f), exact.device),
+            "fid_exact_half_vs_half": frechet_distance(stats(e[:half]), stats(e[half:]), exact.device),
             "feature_relative_error_median": float(np.median(rel)), "feature_relative_error_max": float(rel.max())}
 
 
@@ -180,8 +174,9 @@ def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | No
         half = n_images // 2
         fids = {}
         for mode, ex in (("exact", exact), ("fast", fast)):
-            f = torch.cat([ex.features(images[i:i + batch]) for i in range(0, n_images, batch)]).double().cpu().numpy()
-            fids[mode] = frechet_distance(_stats(f[:half]), _stats(f[half:]), dev)
+            f = _features(ex, images, batch)
+            fids[mode] = frechet_distance(FrechetStats.from_features(f[:half]), FrechetStats.from_features(f[half:]),
+                                          dev)
         extra["fast_mode_fid"] = fids["fast"]
         extra["exact_mode_fid"] = fids["exact"]
         extra["fast_mode_relative_deviation"] = abs(fids["fast"] - fids["exact"]) / max(abs(fids["exact"]), 1e-12)

@@ -34,6 +34,9 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from pathlib import Path
 
+from . import error_summary, write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: stages, pytest and git run there
 STAGES = ("env", "tests", "ops", "train", "fid", "sampling")
 # Per-stage time caps in seconds on a GPU (the whole run is planned for <= 8 min on an H100)
 # and in the dry run on a 2-core CPU (the whole dry run < 5 min).
@@ -86,9 +89,7 @@ class Part:
         self.path, self.data = path, {}
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=str))
 
     def add_row(self, key: str, row: dict) -> None:
         self.data.setdefault(key, []).append(row)
@@ -105,10 +106,6 @@ def _device(dry: bool):
     return torch.device("cuda")
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
 # --------------------------------------------------------------------------- stage: env
 def stage_env(part: Part, dry: bool, out: Path, context: dict) -> None:
     import platform
@@ -117,6 +114,7 @@ def stage_env(part: Part, dry: bool, out: Path, context: dict) -> None:
 
     from . import device_info, time_fn
     from ..ops import available_backends
+    from ..ops._backend import GPU_VALIDATED
     dev = _device(dry)
     size = sizes(dry)
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -131,9 +129,7 @@ def stage_env(part: Part, dry: bool, out: Path, context: dict) -> None:
         env["cuda_extension"] = {"built": True, "ops": list(ext.OPS)}
     except ImportError as exc:
         env["cuda_extension"] = {"built": False, "why": str(exc)}
-    env["available_backends"] = {op: available_backends(op, dev) for op in
-                                 ("pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev",
-                                  "fid_preprocess")}
+    env["available_backends"] = {op: available_backends(op, dev) for op in GPU_VALIDATED}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         env["gpu"] = {"name": props.name, "memory_gib": props.total_memory / 2 ** 30,
@@ -143,7 +139,7 @@ def stage_env(part: Part, dry: bool, out: Path, context: dict) -> None:
                                   "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
             env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
-            env["nvidia_smi"] = _error(exc)
+            env["nvidia_smi"] = error_summary(exc)
     part.data["environment"] = env
     part.save()
     # the memory-bound reference: a large device-to-device copy, bytes read + written
@@ -166,8 +162,7 @@ def _commit() -> str | None:
     if os.environ.get("XRAYFORGE_COMMIT"):
         return os.environ["XRAYFORGE_COMMIT"]
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[2])
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
         return res.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -175,7 +170,6 @@ def _commit() -> str | None:
 
 # --------------------------------------------------------------------------- stage: tests
 def stage_tests(part: Part, dry: bool, out: Path, context: dict) -> None:
-    root = Path(__file__).resolve().parents[2]
     junit = out / "gpu_tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     have_timeout = importlib.util.find_spec("pytest_timeout") is not None
@@ -187,15 +181,14 @@ def stage_tests(part: Part, dry: bool, out: Path, context: dict) -> None:
         cmd += ["-m", "gpu or not gpu", "-k", "gpu or hand_computed or test_reference_hand_computed",
                 "tests/test_ops_pixel_norm.py", "tests/test_ops_bias_lrelu.py",
                 "tests/test_ops_minibatch_stddev.py"]
+        part.data["skipped"] = ["the gpu-marked tests (pytest skips them without CUDA)"]
     else:
         workers = importlib.util.find_spec("xdist") is not None
         cmd += ["-m", "gpu"] + (["-n", "4"] if workers else []) + ["tests"]
-    if dry:
-        part.data["skipped"] = ["the gpu-marked tests (pytest skips them without CUDA)"]
     part.data["command"] = " ".join(cmd[1:])
     part.data["per_test_timeout"] = 120 if have_timeout else None
     part.save()
-    proc = subprocess.run(cmd, cwd=root)
+    proc = subprocess.run(cmd, cwd=ROOT)
     part.data["pytest_exit_code"] = proc.returncode
     if junit.is_file():
         part.data.update(parse_junit(junit))
@@ -378,7 +371,7 @@ def _run_stage(name: str, dry: bool, out: Path, work: Path, timeout: float, log)
         env["TRITON_INTERPRET"] = "1"
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+                            start_new_session=True, cwd=ROOT)
     tail: deque[str] = deque(maxlen=30)
 
     def pump():
@@ -526,11 +519,8 @@ def _read_json(path) -> dict | None:
 
 
 def write_report(report: dict, out: Path) -> None:
-    for name, text in (("gpu_check.json", json.dumps(report, indent=1, default=str)),
-                       ("gpu_check.md", render_markdown(report))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    write_text_atomic(out / "gpu_check.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / "gpu_check.md", render_markdown(report))
 
 
 # --------------------------------------------------------------------------- the Markdown report

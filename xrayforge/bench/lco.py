@@ -35,8 +35,7 @@ def _fid_vs_real(extractor, archive, target: dict, images: torch.Tensor) -> floa
         return None
 
     def stats(feats):
-        f = feats.double().cpu().numpy()
-        return FrechetStats(f.mean(0), np.cov(f, rowvar=False), len(f))
+        return FrechetStats.from_features(feats.double().cpu().numpy())
 
     real = torch.cat([extractor.features(torch.from_numpy(archive.images(pos[i:i + 64], archive.resolution)))
                       for i in range(0, len(pos), 64)])

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from .. import ops
-from . import device_info, environment, format_table, time_fn, write_results
+from . import device_info, environment, error_summary, format_table, time_fn, write_results
 
 GPU_SHAPES = {
     "pixel_norm": [(8, 16, 1024, 1024), (8, 32, 512, 512), (8, 64, 256, 256), (64, 512, 32, 32),
@@ -130,7 +130,7 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
                     try:
                         row["max_err"] = max_error(op, shape, dtype, dev, backend)
                     except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        row["error"] = error_summary(exc)
                     for phase, nbytes, backward in (("fwd", fwd_bytes, False), ("fwd+bwd", fb_bytes, True)):
                         if "error" in row:
                             break
@@ -138,7 +138,7 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
                             ms = time_fn(_make_call(op, shape, dtype, dev, backend, backward), dev,
                                          warmup=warmup, reps=reps, min_seconds=min_seconds)
                         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at this shape
-                            row[f"{phase}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                            row[f"{phase}_error"] = error_summary(exc)
                             continue
                         gbps = nbytes / ms / 1e6
                         row[f"{phase}_ms"] = ms

@@ -24,7 +24,7 @@ from ..ops._backend import auto_candidates
 from ..nn import Discriminator, Generator, NetworkConfig
 from ..nn.layers import set_conv_gradfix
 from ..train import PGGANStep, StepConfig, make_adam
-from . import PhaseTimer, device_info, environment, format_table, time_fn, write_results
+from . import PhaseTimer, device_info, environment, error_summary, format_table, time_fn, write_results
 
 
 # How each mode runs the same networks. backend: the ops' backend ("auto" with candidates: the
@@ -201,7 +201,7 @@ def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device
                                             2 if phases else 0, flops_cache))
                         row["mfu"] = row["tflops"] / info.bf16_tflops if info.bf16_tflops else None
                     except Exception as exc:  # noqa: BLE001 - a failed row (OOM, a kernel error) must not end the run
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        row["error"] = error_summary(exc)
                     finally:
                         gc.collect()
                         if dev.type == "cuda":

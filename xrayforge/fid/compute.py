@@ -265,8 +265,7 @@ def bootstrap_fid(fa: np.ndarray, fb: np.ndarray, rounds: int = 100, seed: int =
     for _ in range(rounds):
         a = fa[rng.integers(0, len(fa), len(fa))].astype(np.float64)
         b = fb[rng.integers(0, len(fb), len(fb))].astype(np.float64)
-        vals.append(frechet_distance(FrechetStats(a.mean(0), np.cov(a, rowvar=False)),
-                                     FrechetStats(b.mean(0), np.cov(b, rowvar=False)), device))
+        vals.append(frechet_distance(FrechetStats.from_features(a), FrechetStats.from_features(b), device))
     lo, hi = np.percentile(vals, [2.5, 97.5])
     return float(lo), float(hi)
 

@@ -86,6 +86,12 @@ class FrechetStats:
     sigma: np.ndarray
     n: int | None = None
 
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> "FrechetStats":
+        """Mean and covariance of an (N, D) feature array, in float64."""
+        f = np.asarray(features, dtype=np.float64)
+        return cls(f.mean(0), np.cov(f, rowvar=False), len(f))
+
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
