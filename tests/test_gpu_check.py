@@ -141,6 +141,10 @@ def test_merge_takes_each_stage_from_the_last_run_that_ran_it(tmp_path):
     assert gpu_check.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out",
                            str(tmp_path / "m")]) == 0
     assert "Merged from runs" in (tmp_path / "m" / "gpu_check.md").read_text()
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--merge", str(bad), "--out", str(tmp_path / "m2")])
 
 
 @pytest.mark.slow

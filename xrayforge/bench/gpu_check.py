@@ -431,7 +431,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.merge:
-        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        reports = []
+        for f in args.merge:
+            try:
+                reports.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as exc:
+                p.error(f"--merge: {f}: not a readable gpu_check.json ({exc})")
+            if "stages" not in reports[-1]:
+                p.error(f"--merge: {f}: not a gpu_check report (no 'stages')")
+        report = merge_reports(reports)
         write_report(report, out)
         print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} from {len(args.merge)} reports")
         return 0
