@@ -24,7 +24,7 @@ from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
 from xrayforge.fid.stats import FrechetStats, frechet_distance
 from xrayforge.nn import Generator, NetworkConfig, save_networks
 from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig, load_classifier
-from xrayforge.sample.sampler import latents_for
+from xrayforge.nn import latents_for
 
 
 # --------------------------------------------------------------------------- metrics

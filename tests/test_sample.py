@@ -16,7 +16,7 @@ from xrayforge.evaluate.classifier import ClassifierTrainConfig, train_classifie
 from xrayforge.nn import load_networks
 from xrayforge.nn.classifier import load_classifier
 from xrayforge.sample.lco import optimise, parse_target, target_tensors
-from xrayforge.sample.sampler import latent_for, latents_for
+from xrayforge.nn import latent_for, latents_for
 from xrayforge.sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
 from xrayforge.train.trainer import TrainConfig, Trainer
 

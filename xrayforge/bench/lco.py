@@ -18,7 +18,7 @@ import torch
 from ..nn import load_networks
 from ..nn.classifier import load_classifier
 from ..sample.lco import format_target, optimise, parse_target, target_tensors
-from ..sample.sampler import latents_for
+from ..nn.latents import latents_for
 from ..sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
 from . import device_info, environment, format_table, write_results
 

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from ..data.archive import write_csv, write_json
-from ..nn import find_checkpoint, load_networks
+from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
-from ..sample.sampler import latents_for
 from ..utils.images import grid, save_png, to_uint
 from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, predict

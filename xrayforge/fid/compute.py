@@ -207,8 +207,7 @@ class FeatureExtractor:
     def from_checkpoint(self, path: str, n: int, seed: int = 0, truncation: float | None = None) -> FeatureResult:
         """Features of n images from the EMA generator, made on the fly (never written);
         quantised to 8 bits like the PNGs `xrayforge sample` would write."""
-        from ..nn import find_checkpoint, load_networks
-        from ..sample.sampler import latents_for
+        from ..nn import find_checkpoint, latents_for, load_networks
         rank, world = _rank_world()
         folder = find_checkpoint(path)
         G = load_networks(folder, names=["G_ema"], map_location=self.device)["G_ema"].eval()

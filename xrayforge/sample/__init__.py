@@ -1,4 +1,4 @@
 """Sampling from trained generators, latent class optimisation, labelled archives."""
-from .sampler import latent_for, latents_for
+from ..nn.latents import latent_for, latents_for  # re-exported: the convention lives in nn
 
 __all__ = ["latent_for", "latents_for"]

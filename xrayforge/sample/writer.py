@@ -27,7 +27,7 @@ import torch
 from ..nn import find_checkpoint, load_networks
 from ..utils.images import save_png, to_uint
 from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
-from .sampler import latents_for
+from ..nn.latents import latents_for
 
 FORMATS = ("png8", "png16", "dicom")
 
