@@ -260,6 +260,52 @@ def test_cli_json_and_save_stats(weights_file, tmp_path, capsys):
     assert FrechetStats.load(tmp_path / "only.npz").n == 3
 
 
+def _no_weights(tmp_path, monkeypatch):
+    """No Inception weights anywhere xrayforge looks (and torch's hub cache is an empty folder)."""
+    monkeypatch.setenv("XRAYFORGE_INCEPTION", str(tmp_path / "missing" / "nowhere.pth"))
+    (tmp_path / "torch_home").mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # a set_dir() elsewhere would override TORCH_HOME
+    with pytest.raises(FileNotFoundError):
+        find_weights()
+
+
+def _two_stats_files(tmp_path):
+    rng = np.random.default_rng(7)
+    fa, fb = rng.normal(size=(40, 6)), rng.normal(0.3, 1.2, size=(50, 6))
+    sa, sb = FrechetStats.from_features(fa), FrechetStats.from_features(fb)
+    pa, pb = sa.save(tmp_path / "a.npz"), tmp_path / "b.npz"
+    np.savez(pb, mu=sb.mu, sigma=sb.sigma)  # pytorch-fid's layout: no n
+    return sa, sb, pa, pb
+
+
+def test_cli_fid_of_two_stats_files_needs_no_weights(tmp_path, monkeypatch, capsys):
+    _no_weights(tmp_path, monkeypatch)
+    sa, sb, pa, pb = _two_stats_files(tmp_path)
+    expected = frechet_distance(sa, sb)
+    assert cli(["fid", str(pa), str(pb), "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fid"] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert out["fid"] == pytest.approx(compute_fid(str(pa), str(pb))["fid"], rel=1e-12, abs=1e-12)
+    assert out["n_a"] == 40 and out["n_b"] is None and out["skipped"] == [] and "not used" in out["inception"]
+    assert cli(["fid", str(pa), str(pb), "-q"]) == 0
+    assert capsys.readouterr().out.startswith(f"FID {expected:.4f}  (n_a=40, n_b=None")
+    # --save-stats copies A's statistics, still without weights
+    assert cli(["fid", str(pa), str(pb), "-q", "--save-stats", str(tmp_path / "copy.npz")]) == 0
+    np.testing.assert_array_equal(FrechetStats.load(tmp_path / "copy.npz").sigma, sa.sigma)
+
+
+def test_cli_fid_of_stats_files_refuses_what_needs_features(tmp_path, monkeypatch, capsys):
+    _no_weights(tmp_path, monkeypatch)
+    _, _, pa, pb = _two_stats_files(tmp_path)
+    assert cli(["fid", str(pa), str(pb), "--kid", "3", "-q"]) == 1
+    assert "need images on both sides" in capsys.readouterr().err
+    # one side of images still needs the network, hence the weights, and says where to put them
+    folder = _png_folder(tmp_path / "imgs", range(3), size=(16, 16))
+    assert cli(["fid", str(pa), str(folder), "-q", "--workers", "0"]) == 1
+    assert "pt_inception-2015-12-05-6726825d.pth not found" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_kid_and_bootstrap_on_random_weights(tmp_path):
     a = _png_folder(tmp_path / "a", range(6), size=(16, 16))

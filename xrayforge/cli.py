@@ -145,7 +145,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if "kid" in result:
         line += f"  KID {result['kid']:.6f} ± {result['kid_std']:.6f}"
     print(line)
-    if args.random_weights:
+    if args.random_weights and result["inception"].startswith("random"):
         print("note: random Inception weights — a pipeline check, not comparable with published FIDs")
     return 0
 
@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "recursive), a prepared archive, a .npz statistics file (mu, sigma), or a generator "
                     "checkpoint / run folder with --n (images generated on the fly, never written). Weights "
                     "pt_inception-2015-12-05-6726825d.pth come from --inception, XRAYFORGE_INCEPTION or the torch "
-                    "hub checkpoint cache; they are never downloaded. Several GPUs: torchrun ... -m xrayforge fid.")
+                    "hub checkpoint cache; they are never downloaded, and two .npz files need none. Several GPUs: "
+                    "torchrun ... -m xrayforge fid.")
     p.add_argument("a")
     p.add_argument("b", nargs="?")
     p.add_argument("--n", type=int, default=None, help="images to generate from a checkpoint input")

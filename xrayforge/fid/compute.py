@@ -276,8 +276,13 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
 
     Returns a dict with ``fid``, ``n_a``, ``n_b``, ``mode``, ``inception``, ``skipped`` (unreadable
     files with reasons) and, when asked, ``kid``, ``kid_std``, ``fid_ci95``.
+
+    When both ``a`` and ``b`` are statistics files (.npz with mu and sigma) the distance is taken
+    from them directly: no Inception network is built and no weights are looked for.
     """
     need = kid_subsets or bootstrap
+    if describe(a) == "stats" and describe(b) == "stats":
+        return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
     ra = ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
@@ -295,3 +300,17 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     if bootstrap:
         result["fid_ci95"] = list(bootstrap_fid(ra.features, rb.features, bootstrap, device=ex.device))
     return result
+
+
+def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_kwargs: dict) -> dict:
+    """compute_fid for two statistics files: the same result dict, without the network."""
+    mode = extractor_kwargs.get("mode", "exact")
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    if need:
+        raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
+    sa, sb = FrechetStats.load(a), FrechetStats.load(b)
+    if save_stats and _rank_world()[0] == 0:
+        sa.save(save_stats)
+    return {"fid": frechet_distance(sa, sb, extractor_kwargs.get("device")), "n_a": sa.n, "n_b": sb.n,
+            "mode": mode, "inception": "not used: both inputs are statistics files", "skipped": []}
