@@ -5,14 +5,14 @@ import argparse
 import logging
 import sys
 
-from . import __version__
+from .. import __version__
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import ops
-    from .ops import _backend
+    from .. import ops
+    from ..ops import _backend
 
     print(f"xrayforge {__version__}, torch {torch.__version__}")
     try:
@@ -37,7 +37,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import NoUsableImages, prepare
+    from ..data.prepare import NoUsableImages, prepare
 
     try:
         res = prepare(args.src, args.out, resolution=args.resolution, labels=args.labels, workers=args.workers,
@@ -70,7 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .train.trainer import Interrupted, TrainConfig, Trainer, init_distributed
+    from ..train.trainer import Interrupted, TrainConfig, Trainer, init_distributed
 
     init_distributed()
     saved = Path(args.out) / "train_config.json"
@@ -108,8 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_fid(args: argparse.Namespace) -> int:
     import json
 
-    from .fid.compute import FeatureExtractor, compute_fid
-    from .train.trainer import init_distributed
+    from ..fid.compute import FeatureExtractor, compute_fid
+    from ..train.trainer import init_distributed
 
     rank, _ = init_distributed()
     if args.b is None and not args.save_stats:
@@ -153,8 +153,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import json
 
-    from .sample.writer import SampleConfig, sample_archive
-    from .train.trainer import init_distributed
+    from ..sample.writer import SampleConfig, sample_archive
+    from ..train.trainer import init_distributed
 
     rank, _ = init_distributed()
     cfg = SampleConfig(run=args.run, out=args.out, n=args.n, seed=args.seed, format=args.format, batch=args.batch,
@@ -202,7 +202,7 @@ def _classifier_training(args: argparse.Namespace) -> dict:
 
 
 def _cmd_classify_train(args: argparse.Namespace) -> int:
-    from .evaluate.classifier import ClassifierTrainConfig, train_classifier
+    from ..evaluate.classifier import ClassifierTrainConfig, train_classifier
 
     cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, val_fraction=args.val_fraction,
                                 init_weights=args.init_weights, **_classifier_training(args))
@@ -220,7 +220,7 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.suite import SUITES, print_tables, run_suite, save_json
+    from ..bench.suite import SUITES, print_tables, run_suite, save_json
 
     suites = args.suites.split(",") if args.suites else list(SUITES)
     unknown = set(suites) - set(SUITES)
@@ -237,8 +237,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_memorisation(args: argparse.Namespace) -> int:
-    from .evaluate.memorisation import audit
-    from .fid.compute import FeatureExtractor
+    from ..evaluate.memorisation import audit
+    from ..fid.compute import FeatureExtractor
 
     try:
         ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
@@ -256,7 +256,7 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
 
 
 def _cmd_reader_make(args: argparse.Namespace) -> int:
-    from .evaluate.reader_study import make
+    from ..evaluate.reader_study import make
 
     try:
         info = make(args.real, args.synthetic, args.n, args.out, args.key, args.size, args.seed)
@@ -271,7 +271,7 @@ def _cmd_reader_make(args: argparse.Namespace) -> int:
 def _cmd_reader_score(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate.reader_study import format_markdown, score
+    from ..evaluate.reader_study import format_markdown, score
 
     try:
         result = score(args.pack, args.key, args.answers)
@@ -281,7 +281,7 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        from .data.archive import write_json
+        from ..data.archive import write_json
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out) / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
     print(json.dumps(result, indent=2) if args.json else format_markdown(result))
@@ -289,13 +289,13 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
 
 
 def _extractor(args: argparse.Namespace):
-    from .fid.compute import FeatureExtractor
+    from ..fid.compute import FeatureExtractor
     return FeatureExtractor(args.inception, args.random_weights, args.mode, args.device, args.batch, 0,
                             progress=not args.quiet)
 
 
 def _cmd_tstr(args: argparse.Namespace) -> int:
-    from .evaluate.tstr import TSTRConfig, format_markdown, run_tstr
+    from ..evaluate.tstr import TSTRConfig, format_markdown, run_tstr
 
     cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, test_fraction=args.test_fraction,
                      bootstrap=args.bootstrap, **_classifier_training(args))
@@ -310,7 +310,7 @@ def _cmd_tstr(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid_findings(args: argparse.Namespace) -> int:
-    from .evaluate.fid_findings import fid_by_finding, format_markdown
+    from ..evaluate.fid_findings import fid_by_finding, format_markdown
 
     counts = [int(c) for c in args.counts.split(",")] if args.counts else None
     try:
@@ -325,7 +325,7 @@ def _cmd_fid_findings(args: argparse.Namespace) -> int:
 
 
 def _cmd_diversity(args: argparse.Namespace) -> int:
-    from .evaluate.diversity import diversity, format_markdown
+    from ..evaluate.diversity import diversity, format_markdown
 
     try:
         summary = diversity(args.run, args.classifier, args.real, args.out, args.n, args.seed, args.batch,
@@ -340,7 +340,7 @@ def _cmd_diversity(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .evaluate.report import write_report
+    from ..evaluate.report import write_report
 
     try:
         info = write_report(args.out, args.run, args.evaluations or (), title=args.title)
@@ -353,7 +353,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     try:
         run_demo(args.out, args.device, args.minutes, args.inception, progress=not args.quiet)
