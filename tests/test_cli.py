@@ -27,3 +27,15 @@ def test_info_reports_backends(capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "xrayforge", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("xrayforge ")
+
+
+def test_a_group_without_its_action_prints_its_own_help(capsys):
+    for argv, usage in ((["classify"], "usage: xrayforge classify "), (["evaluate"], "usage: xrayforge evaluate "),
+                        (["evaluate", "reader-study"], "usage: xrayforge evaluate reader-study ")):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().out.startswith(usage)
+
+
+def test_python_dash_m_cli_entry_point():
+    res = subprocess.run([sys.executable, "-m", "xrayforge.cli", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("xrayforge ")

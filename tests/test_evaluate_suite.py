@@ -219,7 +219,7 @@ def test_fid_infinity_recovers_the_intercept():
 
 
 def test_fid_findings_cli(phantoms, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("xrayforge.cli._extractor", lambda args: PixelFeatures())
+    monkeypatch.setattr("xrayforge.cli.evaluate._extractor", lambda args: PixelFeatures())
     assert cli(["evaluate", "fid-findings", "--synthetic", str(phantoms / "faithful"), "--real", str(phantoms / "real"),
                 "--out", str(tmp_path / "f"), "--counts", "50", "-q"]) == 0
     assert "| Cardiomegaly |" in capsys.readouterr().out

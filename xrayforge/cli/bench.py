@@ -1,0 +1,36 @@
+"""`xrayforge bench`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench.suite import SUITES, print_tables, run_suite, save_json
+
+    suites = args.suites.split(",") if args.suites else list(SUITES)
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        print(f"xrayforge bench: error: unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(SUITES)}",
+              file=sys.stderr)
+        return 2
+    results = run_suite(suites, args.device, args.quick, progress=not args.quiet)
+    print_tables(results)
+    if args.json:
+        save_json(results, args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="run the benchmark suite and print the README's table",
+        description="Fused ops against eager PyTorch, the WGAN-GP training step against the unfused baseline, "
+                    "FID against the pytorch-fid-equivalent pipeline, the data pipeline and sampling, at the sizes "
+                    "that fit the device (full sizes on a GPU, small ones on a CPU).")
+    p.add_argument("--suites", default=None, help="comma list of ops,train_step,fid,data,sampling (default: all)")
+    p.add_argument("--quick", action="store_true", help="small sizes even on a GPU")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_bench)

@@ -1,0 +1,76 @@
+"""`xrayforge info` and `xrayforge prepare`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import ops
+    from ..ops import _backend
+
+    print(f"xrayforge {__version__}, torch {torch.__version__}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}" + (" (interpreter mode)" if _backend.triton_interpreter_active() else ""))
+    except ImportError:
+        print("triton: not installed")
+    try:
+        _backend.cuda_extension()
+        print("CUDA extension xrayforge._C: built")
+    except ImportError as exc:
+        print(f"CUDA extension: {exc}")
+    devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
+    for dev in devices:
+        name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "CPU"
+        print(f"{dev} ({name}): default backend {ops.get_backend()!r}")
+        for op in _backend.GPU_VALIDATED:
+            x = torch.empty(0, device=dev)
+            print(f"  {op:24s} available {', '.join(ops.available_backends(op, dev))}; "
+                  f"auto -> {_backend.resolve(op, x, 'auto')}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ..data.prepare import NoUsableImages, prepare
+
+    try:
+        res = prepare(args.src, args.out, resolution=args.resolution, labels=args.labels, workers=args.workers,
+                      square=args.square, bits=args.bits, progress=not args.quiet)
+    except (NoUsableImages, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge prepare: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"xrayforge prepare: I/O error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{res.path}: {res.included} images, {res.skipped} skipped "
+          f"(reasons in {res.path / 'skipped.csv'})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show versions, the CUDA extension and the backend each op uses",
+                       description="Show versions, whether the CUDA extension is built, and which backend "
+                                   "each fused op would use on each device.")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "prepare", help="turn radiographs (DICOM, PNG, JPEG) or the phantom into a packed archive",
+        description="Read every radiograph under SRC (recursively; DICOM with or without a suffix, PNG, JPEG) or "
+                    "generate phantom:N chest phantoms, make them square, resize, and write the packed "
+                    "multi-resolution archive OUT (images_<R>.npy for R = 4 .. resolution, manifest.csv, "
+                    "skipped.csv, archive.json). Interrupted runs resume when run again.")
+    p.add_argument("src", help="folder, file, or phantom:N")
+    p.add_argument("out", help="archive folder to create")
+    p.add_argument("--resolution", type=int, default=1024, help="largest resolution, a power of two (default 1024)")
+    p.add_argument("--labels", default=None, help="ChestX-ray14 Data_Entry_2017.csv (default: found in SRC or its parent)")
+    p.add_argument("--square", choices=("crop", "pad"), default="crop",
+                   help="centre-crop to a square (default) or pad with black to keep the whole field")
+    p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored bit depth (default 8)")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)

@@ -1,0 +1,310 @@
+"""`xrayforge classify` and `xrayforge evaluate` (memorisation, reader-study, tstr, fid-findings,
+diversity, report)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "seed", "device")
+
+
+def _add_classifier_training(q: argparse.ArgumentParser) -> None:
+    """The options of how a classifier is trained (`classify train`, `evaluate tstr`)."""
+    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
+    q.add_argument("--input-size", type=int, default=256)
+    q.add_argument("--width", type=int, default=64, help="base width (64 = torchvision's)")
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+
+
+def _classifier_training(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in CLASSIFIER_TRAINING}
+
+
+def _cmd_classify_train(args: argparse.Namespace) -> int:
+    from ..evaluate.classifier import ClassifierTrainConfig, train_classifier
+
+    cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, val_fraction=args.val_fraction,
+                                init_weights=args.init_weights, **_classifier_training(args))
+    try:
+        summary = train_classifier(cfg, progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge classify train: error: {exc}", file=sys.stderr)
+        return 1
+    last = summary["history"][-1]
+    print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} "
+          f"({summary['val_images']} images of {summary['val_patients']} patients)")
+    for finding, value in last["auroc"].items():
+        print(f"  {finding:20s} AUROC {value:.3f}")
+    return 0
+
+
+def _cmd_memorisation(args: argparse.Namespace) -> int:
+    from ..evaluate.memorisation import audit
+    from ..fid.compute import FeatureExtractor
+
+    try:
+        ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
+                              progress=not args.quiet)
+        summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,
+                        progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge evaluate memorisation: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {summary['flagged']} of {summary['synthetic']} synthetic images flagged "
+          f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
+          f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
+          f"{summary['median_real_to_real_inception']:.3f} (Inception, {summary['inception']})")
+    return 0
+
+
+def _cmd_reader_make(args: argparse.Namespace) -> int:
+    from ..evaluate.reader_study import make
+
+    try:
+        info = make(args.real, args.synthetic, args.n, args.out, args.key, args.size, args.seed)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate reader-study make: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"pack {info['pack']} ({info['images']} images; open index.html in a browser); "
+          f"answer key {info['key']} — keep it away from the readers")
+    return 0
+
+
+def _cmd_reader_score(args: argparse.Namespace) -> int:
+    import json
+
+    from ..evaluate.reader_study import format_markdown, score
+
+    try:
+        result = score(args.pack, args.key, args.answers)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge evaluate reader-study score: error: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        from pathlib import Path
+
+        from ..data.archive import write_json
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
+    print(json.dumps(result, indent=2) if args.json else format_markdown(result))
+    return 0
+
+
+def _extractor(args: argparse.Namespace):
+    from ..fid.compute import FeatureExtractor
+    return FeatureExtractor(args.inception, args.random_weights, args.mode, args.device, args.batch, 0,
+                            progress=not args.quiet)
+
+
+def _cmd_tstr(args: argparse.Namespace) -> int:
+    from ..evaluate.tstr import TSTRConfig, format_markdown, run_tstr
+
+    cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, test_fraction=args.test_fraction,
+                     bootstrap=args.bootstrap, **_classifier_training(args))
+    try:
+        summary = run_tstr(cfg, progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate tstr: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    print(f"written to {args.out}: tstr.csv, tstr.md, tstr.png, summary.json, models/")
+    return 0
+
+
+def _cmd_fid_findings(args: argparse.Namespace) -> int:
+    from ..evaluate.fid_findings import fid_by_finding, format_markdown
+
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else None
+    try:
+        summary = fid_by_finding(args.synthetic, args.real, args.out, _extractor(args), counts, args.seed,
+                                 args.real_limit, args.min_images, progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate fid-findings: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    print(f"written to {args.out}: fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png, summary.json")
+    return 0
+
+
+def _cmd_diversity(args: argparse.Namespace) -> int:
+    from ..evaluate.diversity import diversity, format_markdown
+
+    try:
+        summary = diversity(args.run, args.classifier, args.real, args.out, args.n, args.seed, args.batch,
+                            args.truncation, args.real_limit, args.per_grid, args.ratio, args.device,
+                            progress=not args.quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge evaluate diversity: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    print(f"written to {args.out}: findings.csv, pairs.csv, cooccurrence.png, grids/, diversity.md, summary.json")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ..evaluate.report import write_report
+
+    try:
+        info = write_report(args.out, args.run, args.evaluations or (), title=args.title)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xrayforge evaluate report: error: {exc}", file=sys.stderr)
+        return 1
+    found = ", ".join(info["evaluations"]) or "none"
+    print(f"{info['html']} (and {info['markdown']}); evaluations included: {found}")
+    return 0
+
+
+def _print_help(parser: argparse.ArgumentParser):
+    """The handler of a command given without its action: its own help, exit status 2."""
+    return lambda args: (parser.print_help(), 2)[1]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="chest radiograph classifier",
+                       description="Train the multi-label chest radiograph classifier used by LCO and the evaluations.")
+    csub = p.add_subparsers(dest="classify_command", metavar="ACTION")
+    q = csub.add_parser("train", help="train on a labelled archive",
+                        description="Train a multi-label classifier (ResNet or DenseNet-121, torchvision state-dict "
+                                    "keys) on a labelled archive (ChestX-ray14 or the phantom), with a patient-level "
+                                    "validation split and per-finding AUROC. Images of the archive's 'test' split "
+                                    "are never used.")
+    q.add_argument("archive")
+    q.add_argument("--out", required=True, help="model folder")
+    _add_classifier_training(q)
+    q.add_argument("--val-fraction", type=float, default=0.1)
+    q.add_argument("--init-weights", default=None, help="torchvision-layout weights to start from")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_classify_train)
+    p.set_defaults(func=_print_help(p))
+
+    p = sub.add_parser("evaluate", help="evaluations of a generator: TSTR, FID per finding, diversity, memorisation, "
+                                        "reader study, report",
+                       description="Evaluations of synthetic archives against real ones.")
+    esub = p.add_subparsers(dest="evaluate_command", metavar="EVALUATION")
+    q = esub.add_parser(
+        "memorisation", help="does the generator copy its training images?",
+        description="For every synthetic image, its nearest real training image in Inception feature space and in "
+                    "32×32 pixel space, against real-to-real nearest-neighbour distances; flags pairs closer than "
+                    "the --percentile of those; writes memorisation.csv, summary.json, distances.png and "
+                    "closest_pairs.png. Distances are computed in chunks, never as a whole matrix.")
+    q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
+    q.add_argument("--real", required=True, help="the training archive (or a folder of real images)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--percentile", type=float, default=1.0, help="flag threshold percentile (default 1)")
+    q.add_argument("--real-limit", type=int, default=None, help="use this many real images, evenly spread")
+    q.add_argument("--inception", default=None)
+    q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--workers", type=int, default=4)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_memorisation)
+    rs = esub.add_parser("reader-study", help="blinded real-vs-synthetic reader study",
+                         description="Make a blinded pack for radiologists, then score their exported answers.")
+    rsub = rs.add_subparsers(dest="reader_command", metavar="ACTION")
+    q = rsub.add_parser("make", help="write a blinded pack and its answer key",
+                        description="A balanced random mix of real and synthetic images, re-encoded as 8-bit PNG at "
+                                    "one size with random names, and a self-contained index.html for the readers "
+                                    "(window/level, zoom, real/synthetic, confidence 1-5, progress kept across "
+                                    "reloads, CSV export). The key goes beside the pack, never inside.")
+    q.add_argument("--real", required=True, help="archive or folder of real images")
+    q.add_argument("--synthetic", required=True, help="folder (e.g. from `xrayforge sample`) or archive")
+    q.add_argument("--n", type=int, default=100, help="images in the pack, half of each (default 100)")
+    q.add_argument("--out", required=True, help="pack folder")
+    q.add_argument("--key", default=None, help="answer key CSV (default: <out>.key.csv)")
+    q.add_argument("--size", type=int, default=1024, help="image size in the pack (default 1024)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_reader_make)
+    q = rsub.add_parser("score", help="score the readers' answers",
+                        description="Per-reader and pooled accuracy, sensitivity and specificity for 'synthetic', "
+                                    "binomial test against chance, Fleiss' kappa, synthetic images called real.")
+    q.add_argument("pack")
+    q.add_argument("key")
+    q.add_argument("answers", nargs="+", help="CSV files exported from the pack's page")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--out", default=None, help="also write the result to OUT/summary.json (for `evaluate report`)")
+    q.set_defaults(func=_cmd_reader_score)
+    rs.set_defaults(func=_print_help(rs))
+
+    q = esub.add_parser(
+        "tstr", help="train on synthetic, test on real",
+        description="Train the classifier on N synthetic images, on N real training images and on N/2 of each, and "
+                    "test all three on the same held-out real images (the real archive's 'test' split, else a "
+                    "patient-level split): per-finding AUROC with patient-level bootstrap 95%% intervals. Writes "
+                    "tstr.csv, tstr.md, tstr.png, summary.json and the models; a stopped run continues.")
+    q.add_argument("--synthetic", required=True,
+                   help="labelled synthetic images: a `xrayforge sample` folder sampled with --classifier (labels: "
+                        "the LCO target, else the classifier's call) or a prepared archive")
+    q.add_argument("--real", required=True, help="a labelled real archive (from `xrayforge prepare`)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--budget", type=int, default=None,
+                   help="images per training set (default: the smaller of the synthetic set and the real training set)")
+    _add_classifier_training(q)
+    q.add_argument("--test-fraction", type=float, default=0.2,
+                   help="fraction of real patients held out when the archive has no 'test' split (default 0.2)")
+    q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_tstr)
+
+    q = esub.add_parser(
+        "fid-findings", help="FID per finding, and FID against sample count",
+        description="FID of the synthetic images with each finding (LCO target or classifier call) against the real "
+                    "images with it, and FID of growing random subsets of the synthetic images against all real ones "
+                    "(its bias at small n, and its extrapolation to infinitely many images). Writes "
+                    "fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png and summary.json.")
+    q.add_argument("--synthetic", required=True, help="a `xrayforge sample` folder sampled with --classifier, or an archive")
+    q.add_argument("--real", required=True, help="a labelled real archive")
+    q.add_argument("--out", required=True)
+    q.add_argument("--counts", default=None, help="comma list of synthetic image counts for the curve "
+                                                  "(default 50,100,200,500,1000,... up to all)")
+    q.add_argument("--min-images", type=int, default=10,
+                   help="no FID for a finding with fewer images than this on either side (default 10)")
+    q.add_argument("--real-limit", type=int, default=None, help="use this many real images, chosen at random")
+    q.add_argument("--mode", choices=("exact", "fast"), default="exact")
+    q.add_argument("--inception", default=None)
+    q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_fid_findings)
+
+    q = esub.add_parser(
+        "diversity", help="which findings the generator produces, and how often",
+        description="Generate N unconditional images (not written), classify them, and compare the predicted "
+                    "prevalence of each finding and each pair with the real archive's (the classifier's calls on "
+                    "real images, and the real labels); flags under- and over-produced findings; writes per-finding "
+                    "sample grids, findings.csv, pairs.csv, cooccurrence.png, diversity.md and summary.json.")
+    q.add_argument("run", help="a training run folder or checkpoint")
+    q.add_argument("--classifier", required=True, help="classifier folder (from `xrayforge classify train`)")
+    q.add_argument("--real", required=True, help="the labelled real archive")
+    q.add_argument("--n", type=int, default=10000, help="images to generate (default 10000)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--real-limit", type=int, default=5000, help="real images to classify, evenly spread (default 5000)")
+    q.add_argument("--per-grid", type=int, default=16, help="images per finding grid (default 16)")
+    q.add_argument("--ratio", type=float, default=0.5,
+                   help="under-produced below this fraction of the real prevalence (default 0.5)")
+    q.add_argument("--truncation", type=float, default=None)
+    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_diversity)
+
+    q = esub.add_parser(
+        "report", help="one HTML page with the training run and every evaluation",
+        description="Training curves and samples of RUN, and every evaluation found in RUN/evaluations/* or given "
+                    "with --evaluations (FID per finding, TSTR, diversity with per-finding grids, memorisation, "
+                    "reader study), in one self-contained HTML page (images embedded) and a Markdown copy.")
+    q.add_argument("run", help="the training run folder")
+    q.add_argument("--out", required=True, help="the HTML file to write")
+    q.add_argument("--evaluations", nargs="*", default=None, metavar="DIR",
+                   help="--out folders of `xrayforge evaluate` commands (default: RUN/evaluations/*)")
+    q.add_argument("--title", default="xrayforge report")
+    q.set_defaults(func=_cmd_report)
+    p.set_defaults(func=_print_help(p))

@@ -1,0 +1,92 @@
+"""`xrayforge train`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parse_batch(text: str | None) -> dict:
+    """'16' (every resolution) or '256:14,512:6' (per resolution)."""
+    if not text:
+        return {}
+    if ":" not in text:
+        return {r: int(text) for r in (4 << i for i in range(12))}
+    out = {}
+    for item in text.split(","):
+        res, n = item.split(":")
+        out[int(res)] = int(n)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..train.trainer import Interrupted, TrainConfig, Trainer, init_distributed
+
+    init_distributed()
+    saved = Path(args.out) / "train_config.json"
+    if args.resume and saved.is_file():
+        cfg = TrainConfig(**json.loads(saved.read_text()))
+        if args.max_kimg is not None:
+            cfg.max_images = int(args.max_kimg * 1000)
+        if args.device:
+            cfg.device = args.device
+    else:
+        if args.archive is None:
+            print("xrayforge train: error: ARCHIVE is required for a new run", file=sys.stderr)
+            return 2
+        cfg = TrainConfig(
+            archive=args.archive, out=args.out, resolution=args.resolution, start_resolution=args.start_resolution,
+            fade_images=int(args.fade_kimg * 1000), stable_images=int(args.stable_kimg * 1000),
+            batch=_parse_batch(args.batch), auto_batch=args.auto_batch, lr=args.lr, amp=args.amp,
+            accumulation=args.accumulation, checkpoint_min_res=args.checkpoint_min_res, ema_beta=args.ema_beta,
+            latent_dim=args.latent_dim, fmap_base=args.fmap_base, fmap_max=args.fmap_max, mirror=args.mirror,
+            tick_images=int(args.tick_kimg * 1000), checkpoint_ticks=args.checkpoint_ticks,
+            keep_checkpoints=args.keep, seed=args.seed, device=args.device,
+            max_images=int(args.max_kimg * 1000) if args.max_kimg is not None else None)
+    try:
+        summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).train()
+    except Interrupted as exc:
+        print(f"xrayforge train: {exc}", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"xrayforge train: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"trained to {summary['images_seen']} images; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a progressive GAN on an archive",
+        description="Progressive WGAN-GP training (PGGAN) on a prepared archive. Writes RUN/log.jsonl, "
+                    "RUN/grids/*.png, RUN/loss.png and atomic checkpoints in RUN/checkpoints; Ctrl-C checkpoints "
+                    "and stops; --resume continues exactly. Several GPUs: torchrun --nproc-per-node N -m "
+                    "xrayforge train ...")
+    p.add_argument("archive", nargs="?", help="archive made by `xrayforge prepare` (not needed with --resume)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resolution", type=int, default=None, help="final resolution (default: the archive's)")
+    p.add_argument("--start-resolution", type=int, default=4)
+    p.add_argument("--fade-kimg", type=float, default=600, help="thousands of images per fade-in (default 600)")
+    p.add_argument("--stable-kimg", type=float, default=600, help="thousands of images per stable phase (default 600)")
+    p.add_argument("--max-kimg", type=float, default=None, help="stop after this many thousand images")
+    p.add_argument("--batch", default=None, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
+    p.add_argument("--auto-batch", action="store_true", help="use the largest batch that fits GPU memory")
+    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
+    p.add_argument("--checkpoint-min-res", type=int, default=None, help="activation checkpointing at and above this size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-beta", type=float, default=0.999)
+    p.add_argument("--latent-dim", type=int, default=512)
+    p.add_argument("--fmap-base", type=int, default=8192)
+    p.add_argument("--fmap-max", type=int, default=512)
+    p.add_argument("--mirror", action="store_true", help="random left-right flips (off: radiographs are not symmetric)")
+    p.add_argument("--tick-kimg", type=float, default=10, help="thousands of images per log tick (default 10)")
+    p.add_argument("--checkpoint-ticks", type=int, default=5, help="ticks between checkpoints (default 5)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
