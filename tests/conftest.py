@@ -64,3 +64,17 @@ def assert_as_accurate_as_eager(ours: torch.Tensor, eager: torch.Tensor, exact: 
     if math.isnan(err_eager):  # eager overflowed (e.g. 1e-8 underflows in float16): any finite error beats it
         err_eager = math.inf
     assert err <= 2 * err_eager + ulp, f"error {err:.3g} vs eager {err_eager:.3g} (ulp {ulp:.3g})"
+
+
+@pytest.fixture(scope="session")
+def learned_gan(tmp_path_factory):
+    """A 16-px phantom PGGAN trained with the demo's CPU recipe until it has learned (about a minute):
+    (archive, run). Tests that need a generator whose samples look like the data use it."""
+    from xrayforge.data.prepare import prepare
+    from xrayforge.demo import gan_config
+    from xrayforge.train.trainer import Trainer
+    root = tmp_path_factory.mktemp("learned")
+    prepare("phantom:4000", root / "data", resolution=16, workers=1, progress=False)
+    Trainer(gan_config(root / "data", root / "run", resolution=16, phase_images=2000, total_images=12000,
+                       device="cpu"), progress=False).train()
+    return root / "data", root / "run"

@@ -3,26 +3,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from xrayforge.cli import main as cli
 from xrayforge.data.archive import Archive
 from xrayforge.data.phantom import render
 from xrayforge.data.prepare import prepare
-from xrayforge.evaluate.memorisation import nearest_neighbours
-
-
-def test_chunked_nearest_neighbours_equal_brute_force():
-    g = torch.Generator().manual_seed(0)
-    q, r = torch.randn(37, 5, generator=g), torch.randn(53, 5, generator=g)
-    d, i = nearest_neighbours(q, r, chunk_q=8, chunk_r=11)
-    full = torch.cdist(q.double(), r.double())
-    torch.testing.assert_close(d, full.min(1).values.float(), rtol=1e-5, atol=1e-6)
-    assert torch.equal(i, full.argmin(1))
-    d2, i2 = nearest_neighbours(r, r, exclude_self=True, chunk_q=7, chunk_r=9)
-    full = torch.cdist(r.double(), r.double()).fill_diagonal_(float("inf"))
-    assert torch.equal(i2, full.argmin(1)) and (i2 != torch.arange(53)).all()
 
 
 @pytest.mark.slow

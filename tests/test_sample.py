@@ -11,28 +11,23 @@ from PIL import Image
 
 from xrayforge.cli import main as cli
 from xrayforge.data.labels import FINDINGS
-from xrayforge.data.prepare import prepare
 from xrayforge.evaluate.classifier import ClassifierTrainConfig, train_classifier
 from xrayforge.nn import load_networks
 from xrayforge.nn.classifier import load_classifier
 from xrayforge.sample.lco import optimise, parse_target, target_tensors
 from xrayforge.nn import latent_for, latents_for
 from xrayforge.sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
-from xrayforge.train.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A briefly trained 32-px generator and a classifier trained on phantom data."""
-    root = tmp_path_factory.mktemp("models")
-    prepare("phantom:400", root / "data", resolution=32, workers=1, progress=False)
-    Trainer(TrainConfig(str(root / "data"), str(root / "run"), fade_images=400, stable_images=400, tick_images=400,
-                        latent_dim=32, fmap_base=128, fmap_max=32, batch={4: 16, 8: 16, 16: 16, 32: 16}),
-            progress=False).train()
-    summary = train_classifier(ClassifierTrainConfig(str(root / "data"), str(root / "clf"), input_size=32, width=16,
-                                                     epochs=8, lr=3e-3), progress=False)
+def models(learned_gan, tmp_path_factory):
+    """The learned 16-px generator (conftest.learned_gan) and a classifier trained on its phantoms."""
+    data, run = learned_gan
+    clf = tmp_path_factory.mktemp("models") / "clf"
+    summary = train_classifier(ClassifierTrainConfig(str(data), str(clf), input_size=16, width=16, epochs=6,
+                                                     lr=3e-3), progress=False)
     assert summary["history"][-1]["auroc"]["Cardiomegaly"] > 0.8  # the phantom's labels can be learnt
-    return root / "run", root / "clf"
+    return run, clf
 
 
 def read_manifest(folder):
@@ -78,7 +73,7 @@ def test_sixteen_bit_png_and_dicom_outputs(models, tmp_path):
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
         assert "SYNTHETIC" in ds.SeriesDescription and "Synthetic" in ds.ImageComments and ds.ConversionType == "SYN"
         assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
-        assert ds.pixel_array.shape == (32, 32)
+        assert ds.pixel_array.shape == (16, 16)
 
 
 def test_bad_targets_list_the_known_findings():
@@ -102,28 +97,34 @@ def test_cli_rejects_bad_targets(models, tmp_path, capsys):
 
 
 def test_lco_beats_rejection_sampling_on_a_rare_combination(models):
+    """LCO finds a combination that is rare in the generator's own samples faster than rejection
+    sampling, given the same compute. Properties with margins, not exact counts: the training run
+    and so the acceptance differ from one CPU to another."""
+    import json
     run, clf = models
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["realism"] < 2.0  # a generator that has learned the data, or LCO proves nothing
     G = load_networks(find_generator(run), names=["G_ema"])["G_ema"].eval().requires_grad_(False)
     C = load_classifier(clf).requires_grad_(False)
-    target = {"Cardiomegaly": 1, "Effusion": 1}
+    target = {"Cardiomegaly": 1, "Effusion": 1}  # 4% of the phantoms; far fewer of this generator's samples
     values, mask, thr = target_tensors(target, C.findings, C.threshold)
-    n, steps = 20, 30
+    n, steps = 32, 30
     z0 = latents_for(5, range(n), G.config.latent_dim)
     res = optimise(G, C, z0, values.expand(n, -1), mask.expand(n, -1), thr.expand(n, -1), steps=steps, lr=0.1)
     cols = [C.findings.index(f) for f in target]
     with torch.no_grad():
         before = torch.sigmoid(C(G(z0)))[:, cols]
     after = res.probs[:, cols]
-    # the LCO objective (BCE on the named findings) falls, and the rarer finding's probability rises
-    bce = lambda p: -torch.log(p.clamp_min(1e-7)).sum(1).mean()  # noqa: E731 (both targets are "present")
+    # the LCO objective (BCE on the named findings) falls
+    bce = lambda p: -torch.log(p.clamp_min(1e-7)).sum(1).mean()  # noqa: E731 (every target is "present")
     assert bce(after) < bce(before) - 0.5
-    rare = int(before.mean(0).argmin())
-    assert after[:, rare].mean() > 3 * before[:, rare].mean()
     # equal compute: each LCO step is a forward and a backward (about three forwards) for n samples
     budget = n * (steps + 1) + 2 * n * steps
     baseline = rejection_sample(G, C, target, seed=11, n=budget)
-    assert baseline["hit_rate"] < 0.05, "the combination should be rare for this generator"
-    assert int(res.accepted.sum()) > baseline["accepted"]
+    print(f"LCO accepted {int(res.accepted.sum())}/{n}; rejection {baseline['accepted']}/{budget} "
+          f"(hit rate {baseline['hit_rate']:.4f})")
+    assert baseline["hit_rate"] < 0.02, "the combination should be rare for this generator"
+    assert int(res.accepted.sum()) >= max(5 * baseline["accepted"], n // 2)
     assert (res.log_prior_end > res.log_prior_start - 50).all()  # z stays near the Gaussian shell
 
 
@@ -142,7 +143,7 @@ def test_lco_archive_with_several_targets(models, tmp_path):
             assert (p >= C.threshold(name)) if v else (p < C.threshold(name))
     assert set(summary["targets"]) == {"Cardiomegaly=1", "Mass=1,Cardiomegaly=0"}
     latents = np.load(tmp_path / "lco" / rows[0]["latent_file"])
-    assert latents.shape[1] == 32
+    assert latents.shape[1] == 64
 
 
 def test_killed_archive_run_resumes_to_exactly_n_images(models, tmp_path):

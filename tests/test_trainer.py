@@ -128,3 +128,96 @@ def test_a_half_written_checkpoint_is_ignored(archive, tmp_path):
     (broken / "networks.pt").write_bytes(b"partial")
     trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "r"), **TINY), resume=True, progress=False)
     assert trainer.latest_checkpoint().name == good and trainer.images_seen == 64
+
+
+def test_schedule_total_images_extends_or_cuts_the_final_phase():
+    s = ProgressiveSchedule(0, 2, fade_images=10, stable_images=20, total_images=200)
+    assert s.total_images == 200 and s.at(199).level == 2 and s.at(199).index == 4
+    assert [s.at(i).index for i in (0, 20, 30, 50, 60)] == [0, 1, 2, 3, 4]
+    cut = ProgressiveSchedule(0, 2, fade_images=10, stable_images=20, total_images=25)
+    assert cut.total_images == 25 and cut.at(24).level == 1
+    with pytest.raises(ValueError, match="total_images"):
+        ProgressiveSchedule(0, 2, 10, 20, total_images=0)
+
+
+def test_ema_half_life_and_rampup():
+    from xrayforge.train.step import ema_beta
+    from xrayforge.train.trainer import OFFICIAL_EMA_KIMG
+    assert ema_beta(16, OFFICIAL_EMA_KIMG * 1000) == pytest.approx(0.999, abs=1e-12)
+    assert TrainConfig("a", "b", ema_rampup=0).ema_beta_at(16, 123) == pytest.approx(0.999, abs=1e-12)
+    cfg = TrainConfig("a", "b")  # default: ramped, so a short run's G_ema follows G
+    assert cfg.ema_beta_at(16, 0) == 0.0
+    betas = [cfg.ema_beta_at(16, n) for n in (160, 1600, 16000, 10 ** 6, 10 ** 7)]
+    assert betas == sorted(betas) and betas[0] == 0.25 and betas[-1] == pytest.approx(0.999, abs=1e-12)
+    assert TrainConfig("a", "b", ema_beta=0.99).ema_beta_at(16, 0) == 0.99  # old runs' constant β
+
+
+@pytest.mark.parametrize("bad", [dict(max_images=0), dict(max_images=-1000), dict(total_images=0),
+                                 dict(start_resolution=48), dict(gp_metric="half"), dict(ema_kimg=0),
+                                 dict(lr_by_resolution={16: -1.0}), dict(tick_images=0)])
+def test_bad_train_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        TrainConfig("a", "b", **bad)
+
+
+def test_full_metric_penalty_equals_the_official_upscaled_input():
+    """gp_metric "full": the penalty on current-size images equals the one the official code measures on
+    the same images nearest-upscaled to the final size, with a D that pools them back down first."""
+    import torch.nn.functional as F
+    from xrayforge.nn import Discriminator, NetworkConfig
+    from xrayforge.train.losses import gp_norm_scale, gradient_penalty
+    torch.manual_seed(0)
+    D = Discriminator(NetworkConfig(resolution=32, latent_dim=8, fmap_base=32, fmap_max=8)).double()
+    level, final = 1, 3                                  # 8 px images in a 32-px network: lod 2
+    real, fake = torch.randn(4, 1, 8, 8).double(), torch.randn(4, 1, 8, 8).double()
+    ours = gradient_penalty(D, real, fake, level, 1.0, torch.Generator().manual_seed(1),
+                            gp_norm_scale("full", level, final))
+
+    def D_full(x, lv, a):
+        return D(F.avg_pool2d(x, 4), lv, a)
+    up = lambda x: F.interpolate(x, scale_factor=4, mode="nearest")  # noqa: E731
+    official = gradient_penalty(D_full, up(real), up(fake), level, 1.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours, official, rtol=1e-10, atol=1e-12)
+    assert gp_norm_scale("current", level, final) == 1.0 and gp_norm_scale("full", final, final) == 1.0
+
+
+def test_optimisers_reset_per_phase_and_ticks_log_the_step_taken(archive, tmp_path, monkeypatch):
+    entered = []
+    original = Trainer._enter_phase
+
+    def spy(self, phase, state=None):
+        entered.append(phase.index)
+        return original(self, phase, state)
+    monkeypatch.setattr(Trainer, "_enter_phase", spy)
+    cfg = dict(TINY, tick_images=24, lr_by_resolution={16: 0.002})  # ticks that do not fall on phase ends
+    trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **cfg), progress=False)
+    trainer.train()
+    assert entered == [0, 1, 2, 3, 4]  # a fresh Adam when each fade starts and when it ends
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for r in log:  # the level and α of the step that ended the tick
+        step = trainer.schedule.at(r["images"] - 8)
+        assert (r["level"], r["alpha"]) == (step.level, pytest.approx(step.alpha, abs=1e-6))
+        assert r["lr"] == (0.002 if r["resolution"] == 16 else 1e-3)
+        assert r["realism"] > 0 and r["diversity"] > 0
+    assert log[0]["ema_beta"] < log[-1]["ema_beta"] < 0.999
+
+
+def test_cli_train_options(archive, tmp_path, capsys):
+    from xrayforge.cli import main
+    base = ["train", str(archive), "--latent-dim", "8", "--fmap-base", "32", "--fmap-max", "8", "-q"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--max-kimg", "0"]) == 2
+    assert "max_images must be >= 1" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b"), "--start-resolution", "48"]) == 2
+    assert "power of two" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--out", str(tmp_path / "c"), "--lr", "16:fast"])
+    assert "RES:LR" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "d"), "--start-resolution", "16", "--stable-kimg", "0.016",
+                        "--total-kimg", "0.032", "--lr", "0.002,16:0.003", "--gp-metric", "current",
+                        "--ema-kimg", "1", "--ema-rampup", "0", "--batch", "8", "--tick-kimg", "0.016"]) == 0
+    saved = json.loads((tmp_path / "d" / "train_config.json").read_text())
+    assert (saved["total_images"], saved["lr"], saved["lr_by_resolution"], saved["gp_metric"], saved["ema_kimg"],
+            saved["ema_rampup"]) == (32, 0.002, {"16": 0.003}, "current", 1.0, 0.0)
+    log = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["images"] == 32 and log[-1]["lr"] == 0.003
+    assert log[-1]["ema_beta"] == pytest.approx(0.5 ** (8 / 1000))

@@ -18,6 +18,25 @@ def _parse_batch(text: str | None) -> dict:
     return out
 
 
+def _parse_lr(text: str) -> tuple[float, dict]:
+    """'0.001' (every resolution), '1024:0.0015' or '0.001,512:0.002,1024:0.0015' -> (base, {res: lr})."""
+    base, table = 1e-3, {}
+    try:
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            if ":" in item:
+                res, lr = item.split(":")
+                table[int(res)] = float(lr)
+            else:
+                base = float(item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LR or RES:LR,... (e.g. 0.001,1024:0.0015)") from None
+    return base, table
+
+
+def _kimg(value: float | None) -> int | None:
+    return None if value is None else int(round(value * 1000))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -27,24 +46,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     init_distributed()
     saved = Path(args.out) / "train_config.json"
     if args.resume and saved.is_file():
-        cfg = TrainConfig(**json.loads(saved.read_text()))
+        cfg = json.loads(saved.read_text())
         if args.max_kimg is not None:
-            cfg.max_images = int(args.max_kimg * 1000)
+            cfg["max_images"] = _kimg(args.max_kimg)
+        if args.total_kimg is not None:  # a longer (or shorter) final phase; the growth phases are fixed
+            cfg["total_images"] = _kimg(args.total_kimg)
         if args.device:
-            cfg.device = args.device
+            cfg["device"] = args.device
+        try:
+            cfg = TrainConfig(**cfg)
+        except (TypeError, ValueError) as exc:
+            print(f"xrayforge train: error: {saved}: {exc}", file=sys.stderr)
+            return 1
     else:
         if args.archive is None:
             print("xrayforge train: error: ARCHIVE is required for a new run", file=sys.stderr)
             return 2
-        cfg = TrainConfig(
-            archive=args.archive, out=args.out, resolution=args.resolution, start_resolution=args.start_resolution,
-            fade_images=int(args.fade_kimg * 1000), stable_images=int(args.stable_kimg * 1000),
-            batch=_parse_batch(args.batch), auto_batch=args.auto_batch, lr=args.lr, amp=args.amp,
-            accumulation=args.accumulation, checkpoint_min_res=args.checkpoint_min_res, ema_beta=args.ema_beta,
-            latent_dim=args.latent_dim, fmap_base=args.fmap_base, fmap_max=args.fmap_max, mirror=args.mirror,
-            tick_images=int(args.tick_kimg * 1000), checkpoint_ticks=args.checkpoint_ticks,
-            keep_checkpoints=args.keep, seed=args.seed, device=args.device,
-            max_images=int(args.max_kimg * 1000) if args.max_kimg is not None else None)
+        lr, lr_table = args.lr
+        try:
+            cfg = TrainConfig(
+                archive=args.archive, out=args.out, resolution=args.resolution,
+                start_resolution=args.start_resolution, fade_images=_kimg(args.fade_kimg),
+                stable_images=_kimg(args.stable_kimg), total_images=_kimg(args.total_kimg),
+                batch=_parse_batch(args.batch), auto_batch=args.auto_batch, lr=lr, lr_by_resolution=lr_table,
+                gp_metric=args.gp_metric, amp=args.amp, accumulation=args.accumulation,
+                checkpoint_min_res=args.checkpoint_min_res, ema_rampup=args.ema_rampup,
+                ema_beta=args.ema_beta, latent_dim=args.latent_dim, fmap_base=args.fmap_base,
+                fmap_max=args.fmap_max, mirror=args.mirror, tick_images=_kimg(args.tick_kimg),
+                checkpoint_ticks=args.checkpoint_ticks, keep_checkpoints=args.keep, seed=args.seed,
+                device=args.device, max_images=_kimg(args.max_kimg), realism_images=args.realism_images,
+                **({} if args.ema_kimg is None else {"ema_kimg": args.ema_kimg}))
+        except ValueError as exc:
+            print(f"xrayforge train: error: {exc}", file=sys.stderr)
+            return 2
     try:
         summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).train()
     except Interrupted as exc:
@@ -71,14 +105,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-resolution", type=int, default=4)
     p.add_argument("--fade-kimg", type=float, default=600, help="thousands of images per fade-in (default 600)")
     p.add_argument("--stable-kimg", type=float, default=600, help="thousands of images per stable phase (default 600)")
-    p.add_argument("--max-kimg", type=float, default=None, help="stop after this many thousand images")
+    p.add_argument("--total-kimg", type=float, default=None,
+                   help="train on at the final resolution until this many thousand images in all (the official "
+                        "total_kimg, e.g. 12000); default: stop after one stable phase at the final resolution")
+    p.add_argument("--max-kimg", type=float, default=None,
+                   help="stop (with a checkpoint) after this many thousand images; --resume goes on")
     p.add_argument("--batch", default=None, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
     p.add_argument("--auto-batch", action="store_true", help="use the largest batch that fits GPU memory")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
     p.add_argument("--checkpoint-min-res", type=int, default=None, help="activation checkpointing at and above this size")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema-beta", type=float, default=0.999)
+    p.add_argument("--lr", type=_parse_lr, default=(1e-3, {}),
+                   help="Adam learning rate: LR, or per resolution RES:LR,... with an optional base LR first "
+                        "(the official G_lrate_dict, e.g. 0.001,1024:0.0015; default 0.001)")
+    p.add_argument("--gp-metric", choices=("full", "current"), default="full",
+                   help="the gradient penalty's pixel grid below the final resolution: full (default; the official "
+                        "code's, whose D sees images upscaled to full size: |grad| / 2^lod) or current (the images as "
+                        "they are)")
+    p.add_argument("--ema-kimg", type=float, default=None,
+                   help="G_ema half-life in thousands of images (default 11.08: the official beta 0.999 per step "
+                        "at batch 16)")
+    p.add_argument("--ema-rampup", type=float, default=0.05,
+                   help="the half-life is at most this fraction of the images seen so far, so that early G_ema "
+                        "follows G (default 0.05, as NVIDIA's later code; 0: the official constant beta)")
+    p.add_argument("--ema-beta", type=float, default=None,
+                   help="a constant per-step EMA beta instead of --ema-kimg (e.g. 0.999)")
+    p.add_argument("--realism-images", type=int, default=256,
+                   help="per tick, the realism and diversity ratios of this many G_ema samples against as many "
+                        "real images (nearest-neighbour pixel distances; 0: off)")
     p.add_argument("--latent-dim", type=int, default=512)
     p.add_argument("--fmap-base", type=int, default=8192)
     p.add_argument("--fmap-max", type=int, default=512)

@@ -22,49 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ..fid.preprocess import max_value
+from ..utils.neighbours import nearest_neighbours, pixel_vectors
 
-PIXEL_SIZE = 32
 
-
-def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False,
-                       chunk_q: int = 2048, chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance to, and index of, each query's nearest reference, chunk by chunk.
-
-    ``exclude_self``: queries and refs are the same set; a row's own index is skipped.
-    """
-    dev = refs.device
-    best_d = torch.full((len(queries),), float("inf"), device=dev, dtype=torch.float64)
-    best_i = torch.zeros(len(queries), dtype=torch.long, device=dev)
-    ref_sq = refs.double().square().sum(1)
-    for qs in range(0, len(queries), chunk_q):
-        q = queries[qs:qs + chunk_q].to(dev).double()
-        q_sq = q.square().sum(1, keepdim=True)
-        for rs in range(0, len(refs), chunk_r):
-            r = refs[rs:rs + chunk_r].double()
-            d2 = (q_sq + ref_sq[rs:rs + chunk_r][None, :] - 2 * q @ r.T).clamp_min_(0)
-            if exclude_self:
-                rows = torch.arange(qs, qs + len(q), device=dev)
-                cols = rows - rs
-                ok = (cols >= 0) & (cols < len(r))
-                d2[ok.nonzero().squeeze(1), cols[ok]] = float("inf")
-            d, i = d2.min(dim=1)
-            better = d < best_d[qs:qs + len(q)]
-            best_d[qs:qs + len(q)] = torch.where(better, d, best_d[qs:qs + len(q)])
-            best_i[qs:qs + len(q)] = torch.where(better, i + rs, best_i[qs:qs + len(q)])
-    return best_d.sqrt().float().cpu(), best_i.cpu()
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """Stored pixels (N, H, W[, 3]) -> grey levels in [0, 1], (N, H, W)."""
+    x = images.float() / max_value(images)
+    return x.mean(-1) if x.dim() == 4 and x.shape[-1] == 3 else x
 
 
 def _unit(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Stored pixels (N, H, W[, 3]) -> grey levels in [0, 1], area-resized to (N, size, size)."""
-    x = images.float() / max_value(images)
-    if x.dim() == 4 and x.shape[-1] == 3:
-        x = x.mean(-1)
-    return F.interpolate(x.unsqueeze(1), size=(size, size), mode="area")[:, 0]
-
-
-def _pixels(images: torch.Tensor) -> torch.Tensor:
-    """(N, 32*32) grey-level vectors: the pixel space of the audit."""
-    return _unit(images, PIXEL_SIZE).flatten(1)
+    """Stored pixels -> grey levels in [0, 1], area-resized to (N, size, size) (the thumbnails)."""
+    return F.interpolate(_grey(images).unsqueeze(1), size=(size, size), mode="area")[:, 0]
 
 
 def collect(extractor, spec: str, limit: int | None = None, progress: bool = True):
@@ -79,8 +48,7 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
                 continue
             names += good
             feats.append(extractor.features(images).cpu())
-            p = _pixels(images)
-            pix.append(p)
+            pix.append(pixel_vectors(_grey(images)))
             thumbs.append(_unit(images, 64))
             bar.update(len(good))
     if not names:

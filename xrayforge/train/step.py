@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import discriminator_loss, generator_loss, gradient_penalty
+from .losses import discriminator_loss, generator_loss, gp_norm_scale, gradient_penalty
 
 try:
     import nvtx
@@ -35,11 +35,23 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float = 0.999
     ema._alpha_value = model._alpha_value
 
 
+def ema_beta(batch: int, half_life_images: float, images_seen: int | None = None,
+             rampup: float | None = None) -> float:
+    """Per-step EMA decay for a half-life in images: 0.5 ** (batch / half_life). With ``rampup``
+    (NVIDIA's later code; 0.05 there) the half-life is at most ``rampup × images_seen``, so that
+    early in a run G_ema follows G instead of averaging in the random initial weights."""
+    half_life = half_life_images
+    if rampup and images_seen is not None:
+        half_life = min(half_life, images_seen * rampup)
+    return 0.5 ** (batch / half_life) if half_life > 0 else 0.0
+
+
 @dataclass
 class StepConfig:
     gp_weight: float = 10.0
+    gp_metric: str = "current"             # "full": the official PGGAN's metric (see losses.gp_norm_scale)
     drift: float = 0.001
-    ema_beta: float = 0.999
+    ema_beta: float = 0.999                # per step, unless the call gives one
     amp_dtype: torch.dtype | None = None   # torch.bfloat16 for mixed precision
     accumulation: int = 1                  # micro-batches per optimiser step
 
@@ -67,8 +79,10 @@ class PGGANStep:
     def _latents(self, n: int, device, generator):
         return torch.randn(n, self.G.config.latent_dim, device=device, generator=generator)
 
-    def __call__(self, real: torch.Tensor, level: int, alpha, generator: torch.Generator | None = None) -> dict:
+    def __call__(self, real: torch.Tensor, level: int, alpha, generator: torch.Generator | None = None,
+                 ema_beta: float | None = None) -> dict:
         cfg, device = self.config, real.device
+        gp_scale = gp_norm_scale(cfg.gp_metric, level, self.G.config.num_levels - 1)
         chunks = real.chunk(cfg.accumulation)
         out = {}
         with _range("D step"):
@@ -83,7 +97,7 @@ class PGGANStep:
                     with self._phase("D on fakes"):
                         fake_scores = self.D(fake, level, alpha)
                     with self._phase("gradient penalty (D + grad)"):
-                        penalty = gradient_penalty(self.D, chunk, fake, level, alpha, generator)
+                        penalty = gradient_penalty(self.D, chunk, fake, level, alpha, generator, gp_scale)
                     loss = discriminator_loss(real_scores, fake_scores, penalty, cfg.gp_weight, cfg.drift)
                 with self._phase("D backward (with double backward)"):
                     (loss / len(chunks)).backward()
@@ -118,5 +132,5 @@ class PGGANStep:
                 self.opt_g.step()
             out["g_loss"] = g_total
         with _range("EMA"), self._phase("EMA"):
-            ema_update(self.G_ema, self.G, cfg.ema_beta)
+            ema_update(self.G_ema, self.G, cfg.ema_beta if ema_beta is None else ema_beta)
         return out

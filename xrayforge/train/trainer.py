@@ -27,8 +27,13 @@ import torch.nn.functional as F
 from ..data.archive import Archive
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
+from ..utils.neighbours import pixel_vectors, realism
+from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
-from .step import PGGANStep, StepConfig, make_adam
+from .step import PGGANStep, StepConfig, ema_beta, make_adam
+
+# the official constant EMA β = 0.999 per step at minibatch 16, as a half-life in thousands of images
+OFFICIAL_EMA_KIMG = 16 * math.log(0.5) / math.log(0.999) / 1000
 
 
 @dataclass
@@ -39,13 +44,18 @@ class TrainConfig:
     start_resolution: int = 4
     fade_images: int = 600_000
     stable_images: int = 600_000
+    total_images: int | None = None          # official total_kimg: train on at the final resolution to this
     batch: dict = field(default_factory=dict)  # {resolution: per-GPU batch}; missing ones: DEFAULT_BATCH
     auto_batch: bool = False                 # find the largest batch that fits (CUDA)
     lr: float = 1e-3
+    lr_by_resolution: dict = field(default_factory=dict)  # {resolution: lr} (official G_lrate_dict / D_lrate_dict)
+    gp_metric: str = "full"                  # "full" (official) or "current": see train.losses.gp_norm_scale
     amp: str | None = None                   # "bf16" for bfloat16 autocast
     accumulation: int = 1
     checkpoint_min_res: int | None = None
-    ema_beta: float = 0.999
+    ema_kimg: float = OFFICIAL_EMA_KIMG      # G_ema half-life in thousands of images
+    ema_rampup: float | None = 0.05          # half-life <= this × images seen; 0 / None: the official constant β
+    ema_beta: float | None = None            # a constant per-step β instead (what runs before ema_kimg used)
     latent_dim: int = 512
     fmap_base: int = 8192
     fmap_max: int = 512
@@ -58,9 +68,46 @@ class TrainConfig:
     device: str | None = None
     max_images: int | None = None            # stop (with a checkpoint) after this many images
     max_seconds: float | None = None         # stop (with a checkpoint) after this much training time
+    realism_images: int = 256                # per tick: realism / diversity of this many G_ema samples (0: off)
+
+    def __post_init__(self):
+        for name in ("fade_images", "tick_images", "checkpoint_ticks", "keep_checkpoints", "accumulation",
+                     "latent_dim", "stable_images"):
+            low = 0 if name == "fade_images" else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("total_images", "max_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.gp_metric not in GP_METRICS:
+            raise ValueError(f"gp_metric must be one of {', '.join(GP_METRICS)}, got {self.gp_metric!r}")
+        if not self.ema_kimg > 0 or (self.ema_rampup or 0) < 0:
+            raise ValueError(f"ema_kimg must be > 0 and ema_rampup >= 0, got {self.ema_kimg}, {self.ema_rampup}")
+        if self.ema_beta is not None and not 0.0 <= self.ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        for what, table in (("lr", {"": self.lr}), ("lr_by_resolution", self.lr_by_resolution)):
+            for res, lr in table.items():
+                if not lr > 0:
+                    raise ValueError(f"{what}: learning rate {lr} (at {res or 'every'} px) must be > 0")
+        for name in ("start_resolution", "resolution"):
+            r = getattr(self, name)
+            if r is not None and (r < 4 or r & (r - 1)):
+                raise ValueError(f"{name} must be a power of two >= 4, got {r}")
+        self.realism_images = max(0, int(self.realism_images))
 
     def as_dict(self):
         return dataclasses.asdict(self)
+
+    def lr_at(self, resolution: int) -> float:
+        return float(self.lr_by_resolution.get(resolution, self.lr_by_resolution.get(str(resolution), self.lr)))
+
+    def ema_beta_at(self, batch: int, images_seen: int) -> float:
+        """The EMA decay of the step that starts at ``images_seen`` with a global batch ``batch``."""
+        if self.ema_beta is not None:
+            return self.ema_beta
+        return ema_beta(batch, self.ema_kimg * 1000, images_seen, self.ema_rampup)
 
 
 def _log2(x: int) -> int:
@@ -88,8 +135,10 @@ class Trainer:
             raise ValueError(f"{config.archive} goes up to {self.archive.resolution} px; cannot train at {final}")
         self.net_config = NetworkConfig(resolution=final, latent_dim=config.latent_dim, fmap_base=config.fmap_base,
                                         fmap_max=config.fmap_max, checkpoint_min_res=config.checkpoint_min_res)
+        if config.start_resolution > final:
+            raise ValueError(f"start resolution {config.start_resolution} is above the final resolution {final}")
         self.schedule = ProgressiveSchedule(_log2(config.start_resolution) - 2, _log2(final) - 2,
-                                            config.fade_images, config.stable_images)
+                                            config.fade_images, config.stable_images, config.total_images)
         self.total = min(self.schedule.total_images, config.max_images or self.schedule.total_images)
         self.stream = BatchStream(self.archive, seed=config.seed, rank=self.rank, world=self.world)
         self.max_value = int(np.iinfo(self.archive.dtype).max)
@@ -107,7 +156,7 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 1000 + 7 + self.rank)
         self.images_seen, self.tick = 0, 0
-        self.level = None
+        self.level = self.phase_index = None
         self.history: list[dict] = []
         state = None
         if resume:
@@ -133,9 +182,12 @@ class Trainer:
             for net in (self.G, self.D, self.G_ema):
                 for t in list(net.parameters()) + list(net.buffers()):
                     dist.broadcast(t.data, 0)
-        self._enter_level(self.schedule.at(self.images_seen).level, state)
+        self._enter_phase(self.schedule.at(self.images_seen), state)
         g = torch.Generator().manual_seed(self.cfg.seed + 12345)
         self.grid_latents = torch.randn(self.cfg.grid_size, self.net_config.latent_dim, generator=g).to(self.device)
+        n = min(self.cfg.realism_images, len(self.archive))
+        self.realism_latents = torch.randn(n, self.net_config.latent_dim, generator=g).to(self.device)
+        self.realism_rows = np.sort(np.random.default_rng(self.cfg.seed + 777).choice(len(self.archive), n, False))
 
     def batch_for(self, level: int) -> int:
         res = self.net_config.resolution_at(level)
@@ -174,22 +226,25 @@ class Trainer:
             best = int(t.item())
         return best
 
-    def _enter_level(self, level: int, state: dict | None = None):
-        """New level: fresh Adam state (as in PGGAN), unless restoring a checkpoint of this level."""
-        self.level = level
-        self.opt_g, self.opt_d = make_adam(self.G.parameters(), self.cfg.lr), make_adam(self.D.parameters(), self.cfg.lr)
-        if state is not None and int(state["level"]) == level:
+    def _enter_phase(self, phase, state: dict | None = None):
+        """A new phase (a fade-in or a stable phase): fresh Adam state, as the official code resets it
+        when a fade starts and when it ends; unless restoring a checkpoint taken in this phase."""
+        self.level, self.phase_index = phase.level, phase.index
+        lr = self.cfg.lr_at(self.net_config.resolution_at(phase.level))
+        self.opt_g, self.opt_d = make_adam(self.G.parameters(), lr), make_adam(self.D.parameters(), lr)
+        if state is not None and state.get("phase", None if "phase" in state else phase.index) == phase.index \
+                and int(state["level"]) == phase.level:  # checkpoints before phases were saved: by level
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_d.load_state_dict(state["opt_d"])
         amp = torch.bfloat16 if self.cfg.amp in ("bf16", "bfloat16") else None
         self.step = PGGANStep(self.G, self.D, self.G_ema, self.opt_g, self.opt_d,
-                              StepConfig(ema_beta=self.cfg.ema_beta, amp_dtype=amp,
+                              StepConfig(gp_metric=self.cfg.gp_metric, amp_dtype=amp,
                                          accumulation=self.cfg.accumulation),
                               grad_sync=self._allreduce if self.world > 1 else None)
-        self.batch = self.batch_for(level)
+        self.batch = self.batch_for(phase.level)
         if self.batch % self.cfg.accumulation:
-            raise ValueError(f"batch {self.batch} at {self.net_config.resolution_at(level)} px is not divisible by "
-                             f"accumulation {self.cfg.accumulation}")
+            raise ValueError(f"batch {self.batch} at {self.net_config.resolution_at(phase.level)} px is not divisible "
+                             f"by accumulation {self.cfg.accumulation}")
 
     def _allreduce(self, module: torch.nn.Module):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -223,7 +278,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
                       extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict()})
-        state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level,
+        state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level, "phase": self.phase_index,
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "latent_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -242,14 +297,30 @@ class Trainer:
         return final
 
     # ------------------------------------------------------------------ reporting
+    @torch.no_grad()
+    def measure_realism(self, level: int, alpha: float, chunk: int = 64) -> dict:
+        """Realism and diversity ratios (utils.neighbours.realism) of G_ema's samples from a fixed latent
+        batch against a fixed set of real images, both at this level's resolution and fade-in α."""
+        if len(self.realism_rows) < 2:
+            return {}
+        res = self.net_config.resolution_at(level)
+        real = self._real(torch.from_numpy(self.archive.images(self.realism_rows, res)).to(self.device),
+                          alpha, mirror=False)
+        fake = torch.cat([self.G_ema(z, level, alpha).float().clamp(-1, 1)
+                          for z in self.realism_latents.split(chunk)])
+        r = realism(pixel_vectors(fake * 0.5 + 0.5), pixel_vectors(real.float() * 0.5 + 0.5))
+        return {"realism": r["realism"], "diversity": r["diversity"]}
+
     def _write_tick(self, record: dict):
+        if self.cfg.realism_images:
+            record.update(self.measure_realism(record["level"], record["alpha"]))
         self.history.append(record)
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         from ..utils.images import save_grid
         from ..utils.plots import loss_curve
         with torch.no_grad():
-            imgs = self.G_ema(self.grid_latents, self.level, record["alpha"]).float()
+            imgs = self.G_ema(self.grid_latents, record["level"], record["alpha"]).float()
         grid_dir = self.out / "grids"
         grid_dir.mkdir(exist_ok=True)
         path = grid_dir / f"grid-{self.images_seen:012d}.png"
@@ -264,9 +335,9 @@ class Trainer:
         # it (the measured training-step figures use it); the CPU keeps the default layout
         return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
 
-    def _real(self, batch_u: torch.Tensor, alpha: float) -> torch.Tensor:
+    def _real(self, batch_u: torch.Tensor, alpha: float, mirror: bool | None = None) -> torch.Tensor:
         x = to_unit_range(batch_u, self.max_value)
-        if self.cfg.mirror:
+        if self.cfg.mirror if mirror is None else mirror:
             flip = torch.rand(x.shape[0], generator=self.gen, device=self.gen.device) < 0.5
             x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
         if alpha < 1.0:  # fade-in: the real images are blended like the generator's output
@@ -297,8 +368,8 @@ class Trainer:
             next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
             while self.images_seen < self.total:
                 phase = self.schedule.at(self.images_seen)
-                if phase.level != self.level:
-                    self._enter_level(phase.level)
+                if phase.index != self.phase_index:
+                    self._enter_phase(phase)
                 (start, b, res), batch_u = prefetch.get()
                 if start != self.images_seen or b != self.batch:  # pragma: no cover - a bug, not bad input
                     raise RuntimeError(f"loader out of step: batch for {start} ({b}), at {self.images_seen}")
@@ -308,7 +379,8 @@ class Trainer:
                     prefetch.request(nxt, self.batch_for(lv), self.net_config.resolution_at(lv))
                 real = self._real(batch_u, phase.alpha)
                 alpha_t = torch.tensor(phase.alpha, device=self.device)
-                last = self.step(real, self.level, alpha_t if phase.alpha < 1.0 else 1.0, self.gen)
+                beta = self.cfg.ema_beta_at(global_batch(self.level), self.images_seen)
+                last = self.step(real, self.level, alpha_t if phase.alpha < 1.0 else 1.0, self.gen, ema_beta=beta)
                 self.images_seen = nxt
                 tick_images += global_batch(self.level)
                 bar.update(min(nxt, self.total) - bar.n)
@@ -317,10 +389,11 @@ class Trainer:
                 if self.images_seen >= next_tick or done or self._stop_signal:
                     now = time.perf_counter()
                     self.tick += 1
-                    record = {"tick": self.tick, "images": self.images_seen, "level": self.level,
-                              "resolution": self.net_config.resolution_at(self.level),
-                              "alpha": round(self.schedule.at(self.images_seen - 1).alpha, 6),
-                              "batch": self.batch, **{k: float(v) for k, v in last.items()},
+                    # the level and α of the step just taken (a batch may end past a phase boundary)
+                    record = {"tick": self.tick, "images": self.images_seen, "level": phase.level,
+                              "resolution": self.net_config.resolution_at(phase.level),
+                              "alpha": round(phase.alpha, 6), "lr": self.opt_g.param_groups[0]["lr"],
+                              "ema_beta": beta, "batch": self.batch, **{k: float(v) for k, v in last.items()},
                               "img_per_s": tick_images / max(now - tick_start, 1e-9),
                               "seconds": now - t0}
                     if self.device.type == "cuda":
