@@ -25,7 +25,12 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     assert (out / "report.md").is_file()
     for kind in ("tstr", "fid-findings", "diversity", "memorisation"):  # the evaluation suite ran
         assert json.loads((run / "evaluations" / kind / "summary.json").read_text())["evaluation"] == kind
-    for section in ("Train on synthetic, test on real", "Disease diversity", "Memorisation audit", "Training"):
+    assert state["realism"]["realism"] > 0 and 0 < state["realism"]["diversity"]
+    assert (out / "real_vs_generated.png").stat().st_size > 0
+    assert "learning rate" in state["recipe"] and state["memorisation"]["synthetic"] == state["fid"]["n_b"]
+    for section in ("Train on synthetic, test on real", "Disease diversity", "Memorisation audit", "Training",
+                    "Generated images beside real ones", "what the demo changes from the official PGGAN",
+                    "realism ratio"):
         assert section in report, section
     # a second run finds every stage done and only recomputes the cheap end of the pipeline
     assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
@@ -51,3 +56,23 @@ def test_bench_prints_the_table(tmp_path, capsys):
     assert "### sampling" in out and "img/s" in out
     assert json.loads((tmp_path / "b.json").read_text())["sampling"]["rows"]
     assert cli(["bench", "--suites", "nonsense", "-q"]) == 2
+
+
+def test_demo_plan_and_recipe_say_what_differs_from_the_official_settings():
+    import dataclasses
+
+    import torch
+
+    from xrayforge.demo import CPU_RECIPE, gan_config, plan
+    from xrayforge.train.trainer import TrainConfig
+    cpu = plan(5.0, torch.device("cpu"))
+    assert cpu["resolution"] == 32 and cpu["total_images"] >= 18000 and cpu["train_share"] >= 0.5
+    assert plan(5.0, torch.device("cuda"))["resolution"] == 256
+    cfg, official = gan_config("a", "b", 32, 2500, 18500), TrainConfig("a", "b")
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(official, f.name)}
+    # what CPU_RECIPE names (sizes, phase lengths, lr), bookkeeping (ticks), and a batch of 16 written out
+    assert changed <= {"fmap_base", "fmap_max", "latent_dim", "fade_images", "stable_images", "total_images", "lr",
+                       "batch", "tick_images", "checkpoint_ticks"}, changed
+    assert set(cfg.batch.values()) == {16} and "learning rate" in CPU_RECIPE and "EMA" in CPU_RECIPE
+    assert (cfg.gp_metric, cfg.ema_kimg, cfg.ema_rampup, cfg.ema_beta) == (
+        official.gp_metric, official.ema_kimg, official.ema_rampup, None)

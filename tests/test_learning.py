@@ -11,10 +11,12 @@ def test_a_short_run_learns_the_phantoms(learned_gan, tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     last = log[-1]
     assert last["resolution"] == 16 and last["alpha"] == 1.0
+    # the median of the last three ticks: one tick's G_ema can sit on a bump of the GAN's dynamics
+    recent = sorted(r["realism"] for r in log[-3:])[1]
     untrained = Trainer(gan_config(archive, tmp_path / "fresh", resolution=16, phase_images=2000, device="cpu"),
                         progress=False).measure_realism(level=2, alpha=1.0)
     assert untrained["realism"] > 5
-    assert last["realism"] < 2.0 and last["realism"] < untrained["realism"] / 4
+    assert recent < 2.0 and recent < untrained["realism"] / 4
     assert last["diversity"] > 0.5  # not one image for every latent
     # and it got there by learning: the ratio at the final resolution fell over training
     at_16 = [r["realism"] for r in log if r["resolution"] == 16]

@@ -27,10 +27,11 @@ CPU_RECIPE = {
     "fmap_base / fmap_max / latent_dim": ("256 / 64 / 64 (64→16 channels)", "8192 / 512 / 512",
                                           "a network a 2-core CPU trains at 70–450 img/s"),
     "images per fade-in and per stable phase": ("2,500", "600,000", "minutes, not days"),
+    "images in all": ("3,700 per minute of budget (the final stable phase goes on to it)",
+                      "12–15 million (total_kimg)", "minutes, not days"),
     "learning rate": ("0.002", "0.001", "fewer, larger steps for a small network"),
-    "EMA": ("half-life ramped up (≤ 15% of the images seen)", "β = 0.999 per step",
-            "a constant β would still hold the random initial weights; 15% rather than NVIDIA's 5% "
-            "smooths the short phases"),
+    "EMA": ("half-life ramped up (≤ 5% of the images seen, as NVIDIA's later code)", "β = 0.999 per step",
+            "a constant β would still hold the random initial weights"),
 }
 
 
@@ -41,36 +42,81 @@ def gan_config(archive, out, resolution: int, phase_images: int, total_images: i
     levels = int(math.log2(resolution)) - 1
     kwargs = dict(fade_images=phase_images, stable_images=phase_images, total_images=total_images,
                   tick_images=max(phase_images // 2, 16), latent_dim=64, fmap_base=256, fmap_max=64, lr=0.002,
-                  batch={4 << i: 16 for i in range(levels)}, ema_rampup=0.15, checkpoint_ticks=4,
-                  realism_images=256)
+                  batch={4 << i: 16 for i in range(levels)}, checkpoint_ticks=4, realism_images=256)
     kwargs.update(overrides)
     return TrainConfig(str(archive), str(out), **kwargs)
 
 
 def plan(minutes: float, device: torch.device) -> dict:
-    """Sizes for the budget: resolution, archive size, network width, samples."""
-    gpu = device.type == "cuda"
-    if gpu:
+    """Sizes for the budget: resolution, archive size, training length, network width, samples.
+
+    On a CPU most of the budget goes to training (CPU_RECIPE): at 5 minutes, 32 px and about 20k
+    images, which is what it takes for the samples to look like the phantoms; the evaluations
+    run on a few hundred images (the FID Inception, about 6 GFLOP per image, dominates them).
+    """
+    if device.type == "cuda":
         return {"resolution": 256, "images": 20000, "latent": 256, "fmap_base": 4096, "fmap_max": 256,
-                "batch": 32, "clf_size": 128, "clf_width": 32, "clf_epochs": 10, "samples": 1000, "lco_n": 64,
-                "fid_real": 5000, "labelled_n": 5000, "diversity_n": 5000, "tstr_epochs": 10, "train_share": 0.5}
-    # on a CPU the FID Inception (about 6 GFLOP per image at 299 px) dominates the evaluations
-    # (FID and the memorisation audit each pass the samples and as many real images through it)
-    small = minutes < 3
-    fid_n = 16 if minutes < 0.5 else (24 if minutes < 1 else (64 if small else 100))
-    return {"resolution": 32 if small else 64, "images": 600 if small else 3000, "latent": 64 if small else 128,
-            "fmap_base": 256 if small else 1024, "fmap_max": 32 if small else 64, "batch": 16,
-            "clf_size": 32 if small else 64, "clf_width": 16,
-            "clf_epochs": 4 if minutes < 1 else 6,
-            "samples": fid_n, "lco_n": 4 if small else 16, "fid_real": fid_n,
-            "labelled_n": 300 if small else 500, "diversity_n": 200 if small else 500,
-            "tstr_epochs": 4 if small else 6, "train_share": 0.35}
+                "batch": 32, "lr": 1e-3, "phase_images": None, "total_images": None, "clf_size": 128,
+                "clf_width": 32, "clf_epochs": 10, "samples": 1000, "lco_n": 64, "fid_real": 5000,
+                "labelled_n": 5000, "diversity_n": 5000, "tstr_epochs": 10, "train_share": 0.5, "fid_counts": None,
+                "fid_min_images": 10}
+    if minutes < 3:  # a pipeline check: every stage runs, nothing has time to learn
+        fid_n = 16 if minutes < 0.5 else (24 if minutes < 1 else 64)
+        return {"resolution": 32, "images": 600, "phase_images": max(64, int(minutes * 400) // 16 * 16),
+                "total_images": None, "clf_size": 32, "clf_width": 16, "clf_epochs": 4 if minutes < 1 else 6,
+                "samples": fid_n, "lco_n": 4, "fid_real": fid_n, "labelled_n": 300, "diversity_n": 200,
+                "tstr_epochs": 4, "train_share": 0.35, "fid_counts": None, "fid_min_images": 4}
+    return {"resolution": 32, "images": 8000, "phase_images": 2500, "total_images": int(3700 * minutes),
+            "clf_size": 32, "clf_width": 16, "clf_epochs": 3, "samples": 96, "lco_n": 8, "fid_real": 96,
+            "labelled_n": 400, "diversity_n": 400, "tstr_epochs": 3, "train_share": 0.6,
+            # each 2048-d Fréchet distance takes seconds on a CPU: no curve over sample counts, and FID per
+            # finding only where a finding has 40 images on each side
+            "fid_counts": [96], "fid_min_images": 40}
+
+
+def sample_realism(samples: Path, archive: Path, figure: Path, show: int = 8) -> dict:
+    """Realism and diversity ratios (utils.neighbours.realism) of the image files in ``samples``
+    against as many real images of ``archive``, and a figure of real images (top row) above
+    generated ones (bottom row) at the same size."""
+    import numpy as np
+
+    from .data.archive import Archive
+    from .data.readers import find_images, read_radiograph
+    from .utils.images import grid, save_png
+    from .utils.neighbours import pixel_vectors, realism
+
+    files = sorted(find_images(samples))
+    fake = torch.from_numpy(np.stack([read_radiograph(f).pixels for f in files]))
+    arc = Archive(archive)
+    rows = np.sort(np.random.default_rng(0).choice(len(arc), min(len(arc), len(files)), replace=False))
+    real = torch.from_numpy(arc.as_float(arc.images(rows, arc.resolution)))
+    r = realism(pixel_vectors(fake), pixel_vectors(real))
+    both = torch.cat([real[:show], fake[:show]]) if fake.shape[-1] == real.shape[-1] else fake[:show]
+    zoom = max(1, 128 // both.shape[-1])  # small images drawn larger (nearest: every pixel as it is)
+    both = both.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
+    save_png(grid((both.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), columns=show), figure)
+    return {**r, "samples": len(files), "real": len(rows), "figure": str(figure)}
 
 
 def demo_markdown(results: dict) -> str:
-    """The demo's own results (data, classifier, LCO, FID), placed before the evaluation report."""
-    lines = [f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px.", "",
-             "## Classifier", f"Best mean validation AUROC {results['classifier']['best_mean_auroc']:.3f}.", ""]
+    """The demo's own results (recipe, data, realism, classifier, LCO, FID), placed before the
+    evaluation report."""
+    lines = [f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px.", ""]
+    if results.get("recipe"):
+        lines += ["## Training recipe: what the demo changes from the official PGGAN",
+                  "| setting | demo | official | why |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in results["recipe"].items()]
+        lines += [""]
+    r = results.get("realism")
+    if r:
+        lines += ["## Generated images beside real ones",
+                  f"Top row: real phantoms; bottom row: unconditional samples of the trained generator. "
+                  f"Realism ratio {r['realism']:.2f} (the samples' median distance to their nearest real image "
+                  f"over the real images' median distance to their nearest other real image, in pixels; 1 = as "
+                  f"close to the data as the data is to itself), diversity ratio {r['diversity']:.2f} (the same "
+                  f"among the samples), over {r['samples']} samples and {r['real']} real images.", "",
+                  f"![real (top) and generated (bottom)]({r['figure']})", ""]
+    lines += ["## Classifier", f"Best mean validation AUROC {results['classifier']['best_mean_auroc']:.3f}.", ""]
     lines += [f"- {k}: {v:.3f}" for k, v in results["classifier"]["auroc"].items()]
     lines += ["", "## LCO-labelled samples", "| target | accepted | rejected | acceptance | mean steps |", "|---|---|---|---|---|"]
     for key, t in results["lco"].items():
@@ -98,7 +144,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .fid.compute import FeatureExtractor
     from .fid.inception import find_weights
     from .sample.writer import SampleConfig, sample_archive
-    from .train.trainer import TrainConfig, Trainer
+    from .train.trainer import Trainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,21 +175,31 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         say(f"building {p['images']} chest phantoms at {p['resolution']} px")
         prepare(f"phantom:{p['images']}", archive, resolution=p["resolution"], progress=progress)
     results["archive"] = {"path": str(archive), "images": len(Archive(archive)), "resolution": p["resolution"]}
+    results["recipe"] = {}
+    if dev.type == "cpu":
+        results["recipe"] = dict(CPU_RECIPE, **{
+            "images per fade-in and per stable phase": (f"{p['phase_images']:,}",) + CPU_RECIPE[
+                "images per fade-in and per stable phase"][1:],
+            "images in all": (f"{p['total_images']:,}" if p["total_images"] else "the growth phases only",)
+            + CPU_RECIPE["images in all"][1:]})
     lap("data")
     save_state()
 
     # 2. the GAN, sized so that the schedule fits its share of the budget
     run = out / "run"
     if not results.get("train", {}).get("complete"):
-        levels = int(math.log2(p["resolution"])) - 1
-        phases = 1 + 2 * (levels - 1)
-        rate = 60.0 if dev.type == "cpu" else 600.0          # images/s at the top level, roughly
-        per_phase = max(p["batch"] * 4, int(rate * budget * 0.9 * p["train_share"] / phases) // p["batch"] * p["batch"])
-        cfg = TrainConfig(str(archive), str(run), fade_images=per_phase, stable_images=per_phase,
-                          tick_images=max(per_phase // 2, p["batch"]), latent_dim=p["latent"],
-                          fmap_base=p["fmap_base"], fmap_max=p["fmap_max"],
-                          batch={4 << i: p["batch"] for i in range(levels)}, device=str(dev),
-                          max_seconds=budget * p["train_share"], checkpoint_ticks=2)
+        if dev.type == "cuda":  # a wider network and the official learning rate
+            levels = int(math.log2(p["resolution"])) - 1
+            per_phase = max(p["batch"] * 4, int(600.0 * budget * 0.9 * p["train_share"] / (2 * levels - 1))
+                            // p["batch"] * p["batch"])
+            cfg = gan_config(archive, run, p["resolution"], per_phase, device=str(dev), latent_dim=p["latent"],
+                             fmap_base=p["fmap_base"], fmap_max=p["fmap_max"], lr=p["lr"],
+                             batch={4 << i: p["batch"] for i in range(levels)})
+        else:
+            cfg = gan_config(archive, run, p["resolution"], p["phase_images"], p["total_images"], device=str(dev))
+        cfg.max_seconds = budget * p["train_share"]
+        cfg.checkpoint_ticks = 2
+        per_phase = cfg.stable_images
         resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))
         say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
             (" — resuming" if resume else ""))
@@ -186,6 +242,11 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         save_state()
     lap("sampling")
 
+    results["realism"] = sample_realism(samples / "unconditional", archive, out / "real_vs_generated.png")
+    say(f"realism ratio of the samples {results['realism']['realism']:.2f}, diversity "
+        f"{results['realism']['diversity']:.2f} (1 = like the real images)")
+    save_state()
+
     # 5. FID: all samples, per finding and against sample count; its "all" row is the demo's FID
     try:
         weights = str(find_weights(inception))
@@ -202,7 +263,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
             != random_weights:
         say("computing FID (all samples, per finding, against sample count)")
         fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings",
-                       FeatureExtractor(**feature_kwargs), real_limit=p["fid_real"], min_images=4, progress=progress)
+                       FeatureExtractor(**feature_kwargs), counts=p["fid_counts"], real_limit=p["fid_real"],
+                       min_images=p["fid_min_images"], progress=progress)
     fs = json.loads(fid_summary.read_text())
     every = fs["rows"][0]
     results["fid"] = {"fid": every["fid"], "n_a": every["real_images"], "n_b": every["synthetic_images"],
@@ -226,6 +288,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         say("memorisation audit")
         audit(str(samples / "unconditional"), str(archive), evals / "memorisation", FeatureExtractor(**feature_kwargs),
               real_limit=p["fid_real"], progress=progress)
+    mem = json.loads((evals / "memorisation" / "summary.json").read_text())
+    results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real")}
     lap("evaluations")
     report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))
     page = Path(report["html"])
@@ -241,4 +305,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         for what, path in where.items():
             print(f"  {what:58s} {path}")
         print(f"  FID {results['fid']['fid']:.3f} ({results['fid']['inception']})")
+        print(f"  realism ratio {results['realism']['realism']:.2f}, diversity {results['realism']['diversity']:.2f} "
+              f"(1 = as close to the data as the data is to itself); memorisation audit: "
+              f"{results['memorisation']['flagged']} of {results['memorisation']['synthetic']} samples flagged")
     return results

@@ -1,10 +1,22 @@
 """LCO against rejection sampling on the same generator and classifier, and sampling speed.
 
-For each target: LCO's hit rate, accepted images per second, mean steps, and how far it moves
-z (log N(z; 0, I) before and after, and the cosine between start and end latents); rejection
-sampling's hit rate and accepted images per second, given the same wall time; the ratio of
-accepted images per second. Then plain sampling images/s into PNG files (encoding in threads).
-`python benchmarks/lco.py RUN CLASSIFIER --targets "Cardiomegaly=1" "Cardiomegaly=1,Effusion=1"`
+LCO only means something on a generator that has learned the data: with ``--real`` the
+generator's realism ratio (utils.neighbours) is measured first, and a generator above
+``--max-realism`` (default 1.6) is refused. ``--demo DIR`` takes the run, classifier and
+phantom archive of an `xrayforge demo` folder (whose CPU recipe reaches about 1.1).
+
+Targets are given, or ``auto``: the classifier labels ``--census`` of the generator's own
+samples, and the combinations (pairs and triples of present findings) whose frequency there is
+nearest 1%, 0.1% and 0.01% are taken: rare for this generator, not just in the data.
+
+For each target: its frequency in the census; LCO's hit rate, accepted images per second, mean
+steps, and how far it moves z (log N(z; 0, I) before and after, the cosine between start and
+end latents); rejection sampling's hit rate and accepted images per second given the same wall
+time, and its expected rate (images/s × census frequency, which a rare combination needs: in
+LCO's few seconds rejection finds none); the ratios; and with ``--real`` the realism ratio and
+FID of the accepted images. Then plain sampling images/s into PNG files (encoding in threads).
+`python benchmarks/lco.py --demo xrayforge-demo --targets auto`
+`python benchmarks/lco.py RUN CLASSIFIER --real ARCHIVE --targets "Cardiomegaly=1,Effusion=1"`
 """
 from __future__ import annotations
 
@@ -44,6 +56,63 @@ def _fid_vs_real(extractor, archive, target: dict, images: torch.Tensor) -> floa
     return frechet_distance(stats(real), stats(fake), extractor.device)
 
 
+def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Generated images in [-1, 1] -> the pixel vectors of utils.neighbours (as saved: clamped)."""
+    from ..utils.neighbours import pixel_vectors
+    return pixel_vectors((images.float().clamp(-1, 1) + 1) / 2)
+
+
+def _real_pixels(archive, n: int, seed: int = 0) -> torch.Tensor:
+    import numpy as np
+
+    from ..utils.neighbours import pixel_vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(archive), min(n, len(archive)), replace=False))
+    return pixel_vectors(torch.from_numpy(archive.as_float(archive.images(rows, archive.resolution))))
+
+
+def generator_realism(G, archive, n: int = 256, seed: int = 4321) -> dict:
+    """Realism / diversity ratios of ``n`` samples of G against ``n`` real images of ``archive``."""
+    from ..utils.neighbours import realism
+    dev = next(G.parameters()).device
+    with torch.no_grad():
+        fake = torch.cat([G(latents_for(seed, range(i, min(i + 64, n)), G.config.latent_dim).to(dev)).cpu()
+                          for i in range(0, n, 64)])
+    return realism(_unit_pixels(fake), _real_pixels(archive, n))
+
+
+def census(G, classifier, n: int, seed: int = 2024, batch: int = 256) -> tuple[torch.Tensor, float]:
+    """(N, F) bool: which findings the classifier calls present in n samples of G; and images/s."""
+    dev = next(G.parameters()).device
+    thr = torch.tensor([float(classifier.threshold(f)) for f in classifier.findings], device=dev)
+    out, t0 = [], time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            z = latents_for(seed, range(i, min(i + batch, n)), G.config.latent_dim).to(dev)
+            out.append((torch.sigmoid(classifier(G(z)).float()) >= thr).cpu())
+    return torch.cat(out), n / (time.perf_counter() - t0)
+
+
+def auto_targets(present: torch.Tensor, findings, wanted=(1e-2, 1e-3, 1e-4)) -> list[tuple[str, float]]:
+    """Combinations of 2–3 present findings whose census frequency is nearest each wanted one
+    (log scale; at least one hit, so that the frequency is measured, and below 1%)."""
+    import itertools
+    import math
+    freq = {}
+    active = [i for i in range(present.shape[1]) if present[:, i].any()]
+    for k in (2, 3):
+        for combo in itertools.combinations(active, k):
+            f = present[:, list(combo)].all(1).float().mean().item()
+            if 0 < f <= 0.01:
+                freq[",".join(f"{findings[i]}=1" for i in combo)] = f
+    chosen = []
+    for w in wanted:
+        best = min((t for t in freq if t not in [c for c, _ in chosen]),
+                   key=lambda t: abs(math.log(freq[t] / w)), default=None)
+        if best is not None:
+            chosen.append((best, freq[best]))
+    return chosen
+
+
 def lco_speed(G, classifier, batch: int, steps: int, amp_dtype=None, seed: int = 0) -> dict:
     """LCO optimisation throughput: ``steps`` full steps (G forward, classifier forward, backward
     through both, Adam on z) on ``batch`` latents. The target asks for p >= 2 on every finding,
@@ -68,9 +137,12 @@ def lco_speed(G, classifier, batch: int, steps: int, amp_dtype=None, seed: int =
 
 def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: int = 100, lr: float = 0.05,
         device: str | None = None, amp: str | None = None, sample_n: int = 256, real: str | None = None,
-        inception: str | None = None) -> dict:
-    """``real``: a labelled archive; then the FID of LCO's and rejection's accepted images against
-    the real images with each combination is reported (random Inception weights unless given)."""
+        inception: str | None = None, census_n: int = 50000, max_realism: float | None = 1.6,
+        fid: bool = True) -> dict:
+    """``real``: a labelled archive; then the generator's realism is checked against ``max_realism``
+    and the realism and FID of LCO's and rejection's accepted images against the real images with
+    each combination are reported (random Inception weights unless given). ``targets == ["auto"]``:
+    chosen from a census of ``census_n`` samples (see ``auto_targets``)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = torch.bfloat16 if amp == "bf16" else None
     G = load_networks(find_generator(run_dir), names=["G_ema"], map_location=dev)["G_ema"].eval().requires_grad_(False)
@@ -80,7 +152,23 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
         from ..data.archive import Archive
         from ..fid.compute import FeatureExtractor
         archive = Archive(real)
-        extractor = FeatureExtractor(inception, inception is None, device=str(dev), progress=False)
+        if fid:
+            extractor = FeatureExtractor(inception, inception is None, device=str(dev), progress=False)
+    from ..utils.neighbours import realism
+    gen_realism = generator_realism(G, archive) if archive is not None else None
+    if gen_realism is not None and max_realism and gen_realism["realism"] > max_realism:
+        raise ValueError(f"{run_dir}: the generator's realism ratio is {gen_realism['realism']:.2f} (> {max_realism}): "
+                         "its samples do not look like the data yet, and LCO on such a generator measures nothing. "
+                         "Train it longer (`xrayforge demo` reaches about 1.1 on the phantoms), or pass "
+                         "--max-realism 0 to measure it anyway")
+    present, census_rate = census(G, C, census_n) if census_n else (None, None)
+    if targets == ["auto"]:
+        if present is None:
+            raise ValueError("--targets auto needs a census (--census N > 0)")
+        targets = [t for t, _ in auto_targets(present, C.findings)]
+        if not targets:
+            raise ValueError(f"no combination of 2-3 findings is rarer than 1% yet seen in {census_n} samples")
+    real_pix = _real_pixels(archive, 256) if archive is not None else None
     rows = []
     warm = latents_for(0, range(2), G.config.latent_dim).to(dev)  # first calls pay one-off set-up costs
     v0, m0, t0_ = target_tensors(parse_target(targets[0], C.findings), C.findings, C.threshold)
@@ -101,15 +189,27 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
         budget = max(1, int(probe["generated"] / probe["seconds"] * lco_s))
         rej = rejection_sample(G, C, target, seed=7, n=budget, device=dev, amp=amp_dtype, keep_images=bool(real))
         lco_rate = acc / lco_s
-        rows.append({"target": format_target(target), "lco_hit_rate": acc / n, "lco_accepted_s": lco_rate,
+        freq = None
+        if present is not None:
+            values_b, mask_b = values.bool(), mask.bool()
+            freq = ((present == values_b) | ~mask_b).all(1).float().mean().item()
+        expected = probe["generated"] / probe["seconds"] * freq if freq is not None else None
+        rows.append({"target": format_target(target), "census_frequency": freq,
+                     "lco_hit_rate": acc / n, "lco_accepted_s": lco_rate,
                      "lco_mean_steps": float(res.steps[res.accepted].float().mean()) if acc else None,
                      "log_prior_before": float(res.log_prior_start.mean()),
                      "log_prior_after": float(res.log_prior_end.mean()),
                      "cosine_start_end": float(res.cosine_moved.mean()),
                      "rejection_generated": rej["generated"], "rejection_hit_rate": rej["hit_rate"],
                      "rejection_accepted_s": rej["accepted_per_second"],
-                     "lco_speedup": lco_rate / rej["accepted_per_second"] if rej["accepted"] else None})
+                     "lco_speedup": lco_rate / rej["accepted_per_second"] if rej["accepted"] else None,
+                     "rejection_expected_accepted_s": expected,
+                     "lco_speedup_expected": lco_rate / expected if expected else None})
         if archive is not None:
+            for who, imgs in (("lco", res.images[res.accepted].cpu()), ("rejection", rej["images"])):
+                rows[-1][f"{who}_realism"] = realism(_unit_pixels(imgs), real_pix)["realism"] if len(imgs) >= 2 \
+                    else None
+        if extractor is not None:
             rows[-1]["lco_fid_vs_real"] = _fid_vs_real(extractor, archive, target, res.images[res.accepted].cpu())
             rows[-1]["rejection_fid_vs_real"] = _fid_vs_real(extractor, archive, target, rej["images"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,38 +217,67 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
         sample_archive(SampleConfig(run_dir, tmp, n=sample_n, batch=64, amp=amp, device=str(dev)), progress=False)
         sampling = sample_n / (time.perf_counter() - t0)
     return {"benchmark": "lco", "device": device_info(dev).as_dict(), "environment": environment(),
-            "generator_resolution": G.current_resolution, "lco_batch": n, "steps": steps, "rows": rows,
+            "generator_resolution": G.current_resolution, "generator_realism": gen_realism,
+            "census": {"samples": census_n, "images_per_second": census_rate}, "lco_batch": n, "steps": steps,
+            "rows": rows,
             "sampling_png_images_per_second": sampling,
-            "fid_weights": None if not real else (inception or "random (pipeline check)"),
+            "fid_weights": None if extractor is None else (inception or "random (pipeline check)"),
             "notes": "rejection sampling is given LCO's wall time; lco_speedup = accepted/s ratio (None when "
-                     "rejection found nothing in that time); *_fid_vs_real: FID of the accepted images against "
-                     "the real images with that combination (None where fewer than 2 exist)"}
+                     "rejection found nothing in that time); lco_speedup_expected: against rejection's generation "
+                     "rate × the combination's census frequency (None when the census saw none); *_realism: "
+                     "realism ratio of the accepted images against 256 real ones; *_fid_vs_real: FID of the "
+                     "accepted images against the real images with that combination (None where fewer than 2 "
+                     "exist)"}
 
 
-COLUMNS = [("target", "target"), ("lco_hit_rate", "LCO hit rate"), ("lco_accepted_s", "LCO acc/s"),
+COLUMNS = [("target", "target"), ("census_frequency", "frequency"), ("lco_hit_rate", "LCO hit rate"),
+           ("lco_accepted_s", "LCO acc/s"),
            ("lco_mean_steps", "steps"), ("log_prior_before", "log p(z) before"), ("log_prior_after", "after"),
            ("cosine_start_end", "cos(z0, z)"), ("rejection_hit_rate", "rejection hit rate"),
            ("rejection_accepted_s", "rejection acc/s"), ("lco_speedup", "LCO ×"),
+           ("rejection_expected_accepted_s", "rejection acc/s expected"), ("lco_speedup_expected", "LCO × expected"),
+           ("lco_realism", "LCO realism"), ("rejection_realism", "rejection realism"),
            ("lco_fid_vs_real", "LCO FID"), ("rejection_fid_vs_real", "rejection FID")]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run")
-    p.add_argument("classifier")
-    p.add_argument("--targets", nargs="+", required=True)
+    p.add_argument("run", nargs="?", help="training run folder (or use --demo)")
+    p.add_argument("classifier", nargs="?", help="classifier folder (or use --demo)")
+    p.add_argument("--demo", default=None, help="an `xrayforge demo` output folder: its run, classifier and archive")
+    p.add_argument("--targets", nargs="+", required=True, help="LCO targets like Cardiomegaly=1,Effusion=1, or auto")
+    p.add_argument("--census", type=int, default=50000,
+                   help="samples the classifier labels to measure each target's frequency (0: none)")
+    p.add_argument("--max-realism", type=float, default=1.6,
+                   help="refuse a generator whose realism ratio is above this (needs --real; 0: no check)")
     p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=40, help="LCO steps per latent (default 40)")
+    p.add_argument("--lr", type=float, default=0.1,
+                   help="LCO Adam lr (default 0.1: on the demo's generator 2-3× the accepted/s of 0.05 with 100 steps)")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--sample-n", type=int, default=256)
     p.add_argument("--real", default=None, help="labelled archive: FID of accepted images vs real ones per target")
     p.add_argument("--inception", default=None, help="FID Inception weights (default: random, a pipeline check)")
+    p.add_argument("--no-fid", action="store_true", help="with --real: the realism ratios only, no FID (faster on a CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    result = run(args.run, args.classifier, args.targets, args.n, args.steps, args.lr, args.device, args.amp,
-                 args.sample_n, args.real, args.inception)
+    if args.demo:
+        from pathlib import Path
+        demo = Path(args.demo)
+        args.run, args.classifier = args.run or str(demo / "run"), args.classifier or str(demo / "classifier")
+        args.real = args.real or str(demo / "phantom")
+    if not args.run or not args.classifier:
+        p.error("give RUN and CLASSIFIER, or --demo DIR")
+    try:
+        result = run(args.run, args.classifier, args.targets, args.n, args.steps, args.lr, args.device, args.amp,
+                     args.sample_n, args.real, args.inception, args.census, args.max_realism, not args.no_fid)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"lco benchmark: error: {exc}", file=sys.stderr)
+        return 2
+    if result["generator_realism"]:
+        print(f"generator realism ratio {result['generator_realism']['realism']:.2f}, diversity "
+              f"{result['generator_realism']['diversity']:.2f}")
     print(format_table(result["rows"], COLUMNS))
     print(f"sampling to PNG: {result['sampling_png_images_per_second']:.1f} images/s "
           f"at {result['generator_resolution']} px")

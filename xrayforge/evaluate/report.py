@@ -49,6 +49,11 @@ def _training_section(run: Path) -> list[str]:
                          f"last resolution {last['resolution']} px (fade-in α {last['alpha']:.2f}); final losses "
                          f"D {last.get('d_loss', float('nan')):.3f}, G {last.get('g_loss', float('nan')):.3f}, "
                          f"gradient penalty {last.get('gp', float('nan')):.3f}.")
+            if "realism" in last:
+                lines.append(f"G_ema's samples at the last tick: realism ratio {last['realism']:.2f} (median distance "
+                             f"to the nearest real image over the real images' own; 1 = as close to the data as the "
+                             f"data is to itself), diversity ratio {last['diversity']:.2f} (the same among the "
+                             f"samples; well below 1 = mode collapse).")
     else:
         lines.append(f"No training log ({log}).")
     for name, title in (("loss.png", "training curves"), ("grid-latest.png", "samples at the end of training")):

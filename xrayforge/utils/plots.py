@@ -12,13 +12,23 @@ def _pyplot():
 
 
 def loss_curve(history: list[dict], path: str | os.PathLike) -> None:
-    """Discriminator / generator losses and the gradient penalty against images seen."""
+    """Discriminator / generator losses, the gradient penalty and (where the log has them) the
+    realism and diversity ratios against images seen."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    realism = [h for h in history if "realism" in h]
+    fig, axes = plt.subplots(1, 3 if realism else 2, figsize=(15 if realism else 10, 3.5))
     x = [h["images"] / 1000 for h in history]
     for key in ("d_loss", "g_loss"):
         axes[0].plot(x, [h.get(key) for h in history], label=key)
     axes[1].plot(x, [h.get("gp") for h in history], label="gradient penalty", color="C2")
+    if realism:
+        xr = [h["images"] / 1000 for h in realism]
+        axes[2].plot(xr, [h["realism"] for h in realism], label="realism (samples→real / real→real)", color="C3")
+        axes[2].plot(xr, [h["diversity"] for h in realism], label="diversity (samples→samples / real→real)",
+                     color="C4")
+        axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
+        axes[2].set_yscale("log")
+        axes[2].set_title("nearest-neighbour pixel distance ratios (1 = like the data)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("thousands of images")
         ax.legend()
