@@ -18,6 +18,3 @@ def test_a_short_run_learns_the_phantoms(learned_gan, tmp_path):
     assert untrained["realism"] > 5
     assert recent < 2.0 and recent < untrained["realism"] / 4
     assert last["diversity"] > 0.5  # not one image for every latent
-    # and it got there by learning: the ratio at the final resolution fell over training
-    at_16 = [r["realism"] for r in log if r["resolution"] == 16]
-    assert min(at_16[-2:]) < at_16[0]

@@ -221,3 +221,61 @@ def test_cli_train_options(archive, tmp_path, capsys):
     log = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["images"] == 32 and log[-1]["lr"] == 0.003
     assert log[-1]["ema_beta"] == pytest.approx(0.5 ** (8 / 1000))
+
+
+def test_resuming_a_copied_run_writes_only_the_copy(archive, tmp_path, monkeypatch):
+    """A run folder is self-contained and relocatable: resuming a copy (from another working
+    directory) trains in the copy and leaves the original byte for byte as it was."""
+    import hashlib
+    import shutil
+
+    from xrayforge.cli import main
+
+    def snapshot(root):
+        return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+    a, b = tmp_path / "runA", tmp_path / "elsewhere" / "runB"
+    args = ["train", str(archive), "--out", str(a), "--latent-dim", "8", "--fmap-base", "32", "--fmap-max", "8",
+            "--batch", "8", "--fade-kimg", "0.064", "--stable-kimg", "0.064", "--tick-kimg", "0.032",
+            "--checkpoint-ticks", "1", "--keep", "1", "--max-kimg", "0.064", "-q"]
+    assert main(args) == 0
+    shutil.copytree(a, b)
+    before = snapshot(a)
+    monkeypatch.chdir(b.parent)  # saved paths must not depend on the working directory
+    assert main(["train", "--out", "runB", "--resume", "--max-kimg", "0.192", "-q"]) == 0
+    assert snapshot(a) == before
+    log = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["images"] == 192 and len({r["tick"] for r in log}) == len(log)
+    assert json.loads((b / "train_config.json").read_text())["out"] == "runB"
+
+
+def test_a_batch_that_crosses_a_phase_boundary_is_logged_with_its_own_phase(archive, tmp_path):
+    # phases of 60 images and batches of 8: steps start at 56, 112, ... and end past the boundaries
+    cfg = dict(TINY, fade_images=60, stable_images=60, tick_images=20)
+    trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **cfg), progress=False)
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    crossing = [r for r in log if trainer.schedule.at(r["images"] - 8).index != trainer.schedule.at(r["images"] - 1).index]
+    assert crossing, "no tick ended on a step that crossed a phase boundary"
+    for r in log:
+        step = trainer.schedule.at(r["images"] - 8)
+        assert (r["level"], r["alpha"]) == (step.level, pytest.approx(step.alpha, abs=1e-6))
+
+
+def test_resuming_a_run_from_before_the_new_options_keeps_what_it_trained_with(archive, tmp_path):
+    from xrayforge.cli import main
+    run = tmp_path / "old"
+    assert main(["train", str(archive), "--out", str(run), "--latent-dim", "8", "--fmap-base", "32", "--fmap-max", "8",
+                 "--batch", "8", "--fade-kimg", "0.064", "--stable-kimg", "0.064", "--tick-kimg", "0.032",
+                 "--max-kimg", "0.064", "-q"]) == 0
+    saved = json.loads((run / "train_config.json").read_text())
+    for key in ("gp_metric", "ema_kimg", "ema_rampup", "total_images", "lr_by_resolution", "realism_images"):
+        saved.pop(key)  # a train_config.json written before these options existed
+    saved["ema_beta"] = 0.999
+    (run / "train_config.json").write_text(json.dumps(saved))
+    assert main(["train", "--out", str(run), "--resume", "--max-kimg", "0.128", "-q"]) == 0
+    now = json.loads((run / "train_config.json").read_text())
+    assert (now["gp_metric"], now["ema_beta"]) == ("current", 0.999)  # its penalty and constant β go on
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["ema_beta"] == 0.999
+    assert main(["train", "--out", str(run), "--resume", "-q"]) == 0  # no --max-kimg: on to the end
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["images"] == 64 + 2 * 128

@@ -20,8 +20,8 @@ import torch
 
 DEMO_TARGETS = ["Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"]
 
-# What the demo's small, short CPU runs change from the official PGGAN settings (train.TrainConfig's
-# defaults), and why; everything else (WGAN-GP λ 10 in the full-resolution metric, drift, Adam
+# What the demo's small, short CPU runs change from the official PGGAN settings, and why (the EMA
+# ramp-up is also train.TrainConfig's default); everything else (WGAN-GP λ 10 in the full-resolution metric, drift, Adam
 # betas, pixel norm, minibatch stddev, equalized lr, fade-ins) is the official network and loss.
 CPU_RECIPE = {
     "fmap_base / fmap_max / latent_dim": ("256 / 64 / 64 (64→16 channels)", "8192 / 512 / 512",
@@ -65,7 +65,8 @@ def plan(minutes: float, device: torch.device) -> dict:
         return {"resolution": 32, "images": 600, "phase_images": max(64, int(minutes * 400) // 16 * 16),
                 "total_images": None, "clf_size": 32, "clf_width": 16, "clf_epochs": 4 if minutes < 1 else 6,
                 "samples": fid_n, "lco_n": 4, "fid_real": fid_n, "labelled_n": 300, "diversity_n": 200,
-                "tstr_epochs": 4, "train_share": 0.35, "fid_counts": None, "fid_min_images": 4}
+                "tstr_epochs": 4, "train_share": 0.35, "fid_counts": None, "fid_min_images": 4,
+                "realism_images": 32}
     return {"resolution": 32, "images": 8000, "phase_images": 2500, "total_images": int(3700 * minutes),
             "clf_size": 32, "clf_width": 16, "clf_epochs": 3, "samples": 96, "lco_n": 8, "fid_real": 96,
             "labelled_n": 400, "diversity_n": 400, "tstr_epochs": 3, "train_share": 0.6,
@@ -196,7 +197,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
                              fmap_base=p["fmap_base"], fmap_max=p["fmap_max"], lr=p["lr"],
                              batch={4 << i: p["batch"] for i in range(levels)})
         else:
-            cfg = gan_config(archive, run, p["resolution"], p["phase_images"], p["total_images"], device=str(dev))
+            cfg = gan_config(archive, run, p["resolution"], p["phase_images"], p["total_images"], device=str(dev),
+                             realism_images=p.get("realism_images", 256))
         cfg.max_seconds = budget * p["train_share"]
         cfg.checkpoint_ticks = 2
         per_phase = cfg.stable_images

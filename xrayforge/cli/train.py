@@ -47,8 +47,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     saved = Path(args.out) / "train_config.json"
     if args.resume and saved.is_file():
         cfg = json.loads(saved.read_text())
-        if args.max_kimg is not None:
-            cfg["max_images"] = _kimg(args.max_kimg)
+        # the run folder is where it is now: a copied or moved run resumes in itself, never in the
+        # folder it was copied from (whose path the saved config holds)
+        cfg["out"] = args.out
+        cfg.setdefault("gp_metric", "current")  # runs from before --gp-metric penalised current-size images
+        cfg["max_images"] = _kimg(args.max_kimg)  # a stop for this session only: a plain --resume goes on
+        if args.archive is not None:  # the archive moved
+            cfg["archive"] = str(Path(args.archive).resolve())
         if args.total_kimg is not None:  # a longer (or shorter) final phase; the growth phases are fixed
             cfg["total_images"] = _kimg(args.total_kimg)
         if args.device:
@@ -63,9 +68,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print("xrayforge train: error: ARCHIVE is required for a new run", file=sys.stderr)
             return 2
         lr, lr_table = args.lr
+        if args.ema_beta is not None and args.ema_kimg is not None:
+            print("xrayforge train: error: give --ema-kimg (a half-life) or --ema-beta (a constant beta), not both",
+                  file=sys.stderr)
+            return 2
         try:
             cfg = TrainConfig(
-                archive=args.archive, out=args.out, resolution=args.resolution,
+                archive=str(Path(args.archive).resolve()), out=args.out, resolution=args.resolution,
                 start_resolution=args.start_resolution, fade_images=_kimg(args.fade_kimg),
                 stable_images=_kimg(args.stable_kimg), total_images=_kimg(args.total_kimg),
                 batch=_parse_batch(args.batch), auto_batch=args.auto_batch, lr=lr, lr_by_resolution=lr_table,
@@ -98,7 +107,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "RUN/grids/*.png, RUN/loss.png and atomic checkpoints in RUN/checkpoints; Ctrl-C checkpoints "
                     "and stops; --resume continues exactly. Several GPUs: torchrun --nproc-per-node N -m "
                     "xrayforge train ...")
-    p.add_argument("archive", nargs="?", help="archive made by `xrayforge prepare` (not needed with --resume)")
+    p.add_argument("archive", nargs="?", help="archive made by `xrayforge prepare` (with --resume: only to point the "
+                                              "run at an archive that has moved)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--resolution", type=int, default=None, help="final resolution (default: the archive's)")
@@ -109,7 +119,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train on at the final resolution until this many thousand images in all (the official "
                         "total_kimg, e.g. 12000); default: stop after one stable phase at the final resolution")
     p.add_argument("--max-kimg", type=float, default=None,
-                   help="stop (with a checkpoint) after this many thousand images; --resume goes on")
+                   help="stop (with a checkpoint) after this many thousand images in all; --resume goes on (with "
+                        "--resume, the run's saved options apply: only ARCHIVE, --max-kimg, --total-kimg and --device "
+                        "can change)")
     p.add_argument("--batch", default=None, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
     p.add_argument("--auto-batch", action="store_true", help="use the largest batch that fits GPU memory")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimiser step")
@@ -127,9 +139,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "at batch 16)")
     p.add_argument("--ema-rampup", type=float, default=0.05,
                    help="the half-life is at most this fraction of the images seen so far, so that early G_ema "
-                        "follows G (default 0.05, as NVIDIA's later code; 0: the official constant beta)")
+                        "follows G (default 0.05, as NVIDIA's later code; 0: a constant half-life)")
     p.add_argument("--ema-beta", type=float, default=None,
-                   help="a constant per-step EMA beta instead of --ema-kimg (e.g. 0.999)")
+                   help="a constant per-step EMA beta instead of --ema-kimg: 0.999 is the official PGGAN's at any "
+                        "batch (the default half-life equals it at a global batch of 16)")
     p.add_argument("--realism-images", type=int, default=256,
                    help="per tick, the realism and diversity ratios of this many G_ema samples against as many "
                         "real images (nearest-neighbour pixel distances; 0: off)")

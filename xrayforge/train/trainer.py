@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..data.archive import Archive
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
-from ..utils.neighbours import pixel_vectors, realism
+from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
 from .step import PGGANStep, StepConfig, ema_beta, make_adam
@@ -91,6 +91,9 @@ class TrainConfig:
             for res, lr in table.items():
                 if not lr > 0:
                     raise ValueError(f"{what}: learning rate {lr} (at {res or 'every'} px) must be > 0")
+        for res in self.lr_by_resolution:
+            if int(res) < 4 or int(res) & (int(res) - 1):
+                raise ValueError(f"lr_by_resolution: {res} is not a resolution (a power of two >= 4)")
         for name in ("start_resolution", "resolution"):
             r = getattr(self, name)
             if r is not None and (r < 4 or r & (r - 1)):
@@ -232,7 +235,7 @@ class Trainer:
         self.level, self.phase_index = phase.level, phase.index
         lr = self.cfg.lr_at(self.net_config.resolution_at(phase.level))
         self.opt_g, self.opt_d = make_adam(self.G.parameters(), lr), make_adam(self.D.parameters(), lr)
-        if state is not None and state.get("phase", None if "phase" in state else phase.index) == phase.index \
+        if state is not None and state.get("phase", phase.index) == phase.index \
                 and int(state["level"]) == phase.level:  # checkpoints before phases were saved: by level
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_d.load_state_dict(state["opt_d"])
@@ -298,16 +301,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ reporting
     @torch.no_grad()
-    def measure_realism(self, level: int, alpha: float, chunk: int = 64) -> dict:
+    def measure_realism(self, level: int, alpha: float) -> dict:
         """Realism and diversity ratios (utils.neighbours.realism) of G_ema's samples from a fixed latent
         batch against a fixed set of real images, both at this level's resolution and fade-in α."""
         if len(self.realism_rows) < 2:
             return {}
         res = self.net_config.resolution_at(level)
-        real = self._real(torch.from_numpy(self.archive.images(self.realism_rows, res)).to(self.device),
-                          alpha, mirror=False)
+        if res > PIXEL_SIZE:  # compared at PIXEL_SIZE: the archive's smaller copy is the area-reduced image
+            # (and for res >= 2 × PIXEL_SIZE the fade-in blend reduces to it too)
+            real = to_unit_range(torch.from_numpy(self.archive.images(self.realism_rows, PIXEL_SIZE)).to(self.device),
+                                 self.max_value)
+        else:
+            real = self._real(torch.from_numpy(self.archive.images(self.realism_rows, res)).to(self.device),
+                              alpha, mirror=False)
         fake = torch.cat([self.G_ema(z, level, alpha).float().clamp(-1, 1)
-                          for z in self.realism_latents.split(chunk)])
+                          for z in self.realism_latents.split(max(self.batch, 1))])  # a training batch fits
         r = realism(pixel_vectors(fake * 0.5 + 0.5), pixel_vectors(real.float() * 0.5 + 0.5))
         return {"realism": r["realism"], "diversity": r["diversity"]}
 
@@ -402,6 +410,8 @@ class Trainer:
                                     d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
                     if self.rank == 0:
                         self._write_tick(record)
+                    if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
+                        torch.cuda.reset_peak_memory_stats(self.device)
                     if done or self._stop_signal or self.tick % self.cfg.checkpoint_ticks == 0:
                         self.save_checkpoint()
                     tick_start, tick_images = time.perf_counter(), 0

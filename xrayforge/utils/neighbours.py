@@ -6,7 +6,8 @@ distance from each real image to its nearest other real image (1: as close to th
 data is to itself; an untrained generator is several times that; far below 1: copies). The
 diversity ratio is the same for the samples among themselves (below 1: the samples are more
 alike than real images are, e.g. a collapsed mode). Distances are Euclidean on grey levels in
-[0, 1] at ``PIXEL_SIZE`` px (or the images' own size if smaller).
+[0, 1] at ``PIXEL_SIZE`` px (smaller images are enlarged by pixel replication, so that any two
+sets compare).
 """
 from __future__ import annotations
 
@@ -46,14 +47,13 @@ def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, exclude_self: 
 
 
 def pixel_vectors(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
-    """Grey levels in [0, 1], (N, H, W) or (N, C, H, W) -> (N, s*s) float32 vectors, area-resized
-    to s = min(size, H) (channels averaged)."""
+    """Grey levels in [0, 1], (N, H, W) or (N, C, H, W) -> (N, size²) float32 vectors: channels
+    averaged, area-resized to size × size (an image smaller than that: each pixel replicated)."""
     x = images.float()
     if x.dim() == 3:
         x = x.unsqueeze(1)
     x = x.mean(1, keepdim=True)
-    s = min(size, x.shape[-1])
-    return F.interpolate(x, size=(s, s), mode="area").flatten(1)
+    return F.interpolate(x, size=(size, size), mode="area").flatten(1)
 
 
 def realism(fake: torch.Tensor, real: torch.Tensor) -> dict:
