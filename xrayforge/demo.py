@@ -89,7 +89,7 @@ def sample_realism(samples: Path, archive: Path, figure: Path, show: int = 8) ->
     files = sorted(find_images(samples))
     fake = torch.from_numpy(np.stack([read_radiograph(f).pixels for f in files]))
     arc = Archive(archive)
-    rows = np.sort(np.random.default_rng(0).choice(len(arc), min(len(arc), len(files)), replace=False))
+    rows = arc.random_positions(len(files), 0)
     real = torch.from_numpy(arc.as_float(arc.images(rows, arc.resolution)))
     r = realism(pixel_vectors(fake), pixel_vectors(real))
     both = torch.cat([real[:show], fake[:show]]) if fake.shape[-1] == real.shape[-1] else fake[:show]

@@ -63,10 +63,8 @@ def _unit_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def _real_pixels(archive, n: int, seed: int = 0) -> torch.Tensor:
-    import numpy as np
-
     from ..utils.neighbours import pixel_vectors
-    rows = np.sort(np.random.default_rng(seed).choice(len(archive), min(n, len(archive)), replace=False))
+    rows = archive.random_positions(n, seed)
     return pixel_vectors(torch.from_numpy(archive.as_float(archive.images(rows, archive.resolution))))
 
 

@@ -101,6 +101,10 @@ class Archive:
         """Images ``indices`` (positions in the manifest) at ``resolution``, as a new array."""
         return self.array(resolution)[self.rows[np.asarray(indices)]]
 
+    def random_positions(self, n: int, seed: int) -> np.ndarray:
+        """min(n, len) distinct manifest positions drawn with ``seed``, sorted (sequential reads)."""
+        return np.sort(np.random.default_rng(seed).choice(len(self), min(n, len(self)), replace=False))
+
     def as_float(self, images: np.ndarray) -> np.ndarray:
         """Stored integers -> float32 in [0, 1]."""
         return images.astype(np.float32) / float(np.iinfo(self.dtype).max)

@@ -190,7 +190,7 @@ class Trainer:
         self.grid_latents = torch.randn(self.cfg.grid_size, self.net_config.latent_dim, generator=g).to(self.device)
         n = min(self.cfg.realism_images, len(self.archive))
         self.realism_latents = torch.randn(n, self.net_config.latent_dim, generator=g).to(self.device)
-        self.realism_rows = np.sort(np.random.default_rng(self.cfg.seed + 777).choice(len(self.archive), n, False))
+        self.realism_rows = self.archive.random_positions(n, self.cfg.seed + 777)
 
     def batch_for(self, level: int) -> int:
         res = self.net_config.resolution_at(level)
