@@ -295,8 +295,10 @@ def test_diversity_cli_errors(phantoms, generator_and_classifier, tmp_path, caps
     assert cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(tmp_path / "none"),
                 "--n", "4", "--out", str(tmp_path / "d"), "-q"]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(phantoms / "real"),
-                "--n", "0", "--out", str(tmp_path / "d"), "-q"]) == 1
+    with pytest.raises(SystemExit, match="2"):  # refused when the command line is parsed
+        cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(phantoms / "real"),
+             "--n", "0", "--out", str(tmp_path / "d"), "-q"])
+    assert "--n: 0 must be at least 1" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- report

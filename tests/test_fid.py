@@ -209,7 +209,7 @@ def test_stats_files_round_trip_and_pytorch_fid_layout(tmp_path):
     np.savez(tmp_path / "pf.npz", mu=s.mu, sigma=s.sigma)  # what pytorch-fid --save-stats writes
     assert FrechetStats.load(tmp_path / "pf.npz").n is None
     np.savez(tmp_path / "bad.npz", m=s.mu)
-    with pytest.raises(ValueError, match="needs 'mu' and 'sigma'"):
+    with pytest.raises(ValueError, match="no mu, sigma in it"):
         FrechetStats.load(tmp_path / "bad.npz")
 
 

@@ -2,6 +2,7 @@ import csv
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -222,3 +223,54 @@ def test_lco_benchmark_on_the_learned_generator(models, learned_gan, tmp_path, c
     assert lco_bench([str(fresh), str(clf), "--real", str(data), "--targets", "Cardiomegaly=1", "--census", "0",
                       "--n", "4", "--steps", "2", "--sample-n", "4", "--no-fid", "--out", str(tmp_path / "x")]) == 2
     assert "realism ratio" in capsys.readouterr().err
+
+
+def test_resumed_and_rerun_lco_archives_summarise_the_whole_archive(models, tmp_path):
+    import json
+    run, clf = models
+    out = tmp_path / "a"
+    cfg = SampleConfig(str(run), str(out), n=6, shard_size=2, classifier=str(clf), targets=["Cardiomegaly=1"],
+                       steps=20, lr=0.1)
+    full = sample_archive(cfg, progress=False)["targets"]["Cardiomegaly=1"]
+    # killed after its first shard: the later shards, the manifest and the summary are not there yet
+    for name in ("shard-00001.csv", "shard-00002.csv", "manifest.csv", "summary.json"):
+        (out / name).unlink()
+    again = sample_archive(cfg, progress=False)
+    t = again["targets"]["Cardiomegaly=1"]
+    assert t["accepted"] == 6 == len(read_manifest(out)) and again["images_this_run"] == 4
+    assert t == full  # the whole archive, not the part this run made (the redone shards repeat their attempts)
+    rerun = sample_archive(cfg, progress=False)  # a finished archive: nothing made, the same description
+    assert rerun["images_this_run"] == 0 and rerun["targets"] == again["targets"]
+    assert json.loads((out / "summary.json").read_text())["targets"] == again["targets"]
+
+
+def test_a_resumed_archive_keeps_the_checkpoint_it_started_with(models, tmp_path, caplog):
+    import shutil
+    from xrayforge.errors import UserError
+    run, _ = models
+    shutil.copytree(run, tmp_path / "run")
+    out = tmp_path / "a"
+    cfg = SampleConfig(str(tmp_path / "run"), str(out), n=4, shard_size=2)
+    started = Path(sample_archive(cfg, progress=False)["checkpoint"])
+    before = (out / "shard-00001" / "00000002.png").read_bytes()
+    for name in ("shard-00001.csv", "manifest.csv", "summary.json"):  # killed before its last shard
+        (out / name).unlink()
+    # training went on meanwhile: a newer checkpoint with other weights is now the run's latest
+    ck = tmp_path / "run" / "checkpoints"
+    newer = ck / "ckpt-999999999999"
+    shutil.copytree(started, newer)
+    weights = torch.load(newer / "networks.pt", weights_only=True)
+    weights["G_ema"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in weights["G_ema"].items()}
+    torch.save(weights, newer / "networks.pt")
+    (ck / "latest").write_text(newer.name)
+    again = sample_archive(cfg, progress=False)
+    assert Path(again["checkpoint"]) == started and "finishing it with that checkpoint" in caplog.text
+    assert (out / "shard-00001" / "00000002.png").read_bytes() == before  # one generator in the archive
+    # the checkpoint it started from was rotated away: refused rather than mixed
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / started.name)
+    (out / "shard-00001.csv").unlink()
+    with pytest.raises(UserError, match="is gone"):
+        sample_archive(cfg, progress=False)
+    # a new --out samples from the newer checkpoint
+    assert Path(sample_archive(SampleConfig(str(tmp_path / "run"), str(tmp_path / "b"), n=2), progress=False)
+                ["checkpoint"]).name == newer.name

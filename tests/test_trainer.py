@@ -205,9 +205,11 @@ def test_optimisers_reset_per_phase_and_ticks_log_the_step_taken(archive, tmp_pa
 def test_cli_train_options(archive, tmp_path, capsys):
     from xrayforge.cli import main
     base = ["train", str(archive), "--latent-dim", "8", "--fmap-base", "32", "--fmap-max", "8", "-q"]
-    assert main(base + ["--out", str(tmp_path / "a"), "--max-kimg", "0"]) == 2
-    assert "max_images must be >= 1" in capsys.readouterr().err
-    assert main(base + ["--out", str(tmp_path / "b"), "--start-resolution", "48"]) == 2
+    with pytest.raises(SystemExit, match="2"):  # refused when the command line is parsed
+        main(base + ["--out", str(tmp_path / "a"), "--max-kimg", "0"])
+    assert "--max-kimg: 0.0 must be greater than 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(base + ["--out", str(tmp_path / "b"), "--start-resolution", "48"])
     assert "power of two" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--out", str(tmp_path / "c"), "--lr", "16:fast"])
@@ -279,3 +281,25 @@ def test_resuming_a_run_from_before_the_new_options_keeps_what_it_trained_with(a
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["ema_beta"] == 0.999
     assert main(["train", "--out", str(run), "--resume", "-q"]) == 0  # no --max-kimg: on to the end
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["images"] == 64 + 2 * 128
+
+
+def test_the_prefetch_thread_is_stopped_and_joined(archive):
+    """A loader thread still inside numpy / torch when the interpreter exits can abort the process
+    ("terminate called without an active exception", exit 134, after the result was printed)."""
+    from xrayforge.data.archive import Archive
+    from xrayforge.data.loader import BatchStream, Prefetcher
+    p = Prefetcher(BatchStream(Archive(archive)), torch.device("cpu"), depth=1)
+    for i in range(5):  # more batches than the queue holds: the thread waits to hand one over
+        p.request(i * 4, 4, 16)
+    time.sleep(0.3)
+    assert p._thread.is_alive()
+    p.close()
+    assert not p._thread.is_alive()
+
+
+def test_training_leaves_no_thread_behind(archive, tmp_path):
+    import threading
+    before = set(threading.enumerate())
+    Trainer(TrainConfig(str(archive), str(tmp_path / "run"), resolution=8, realism_images=0, max_images=32, **TINY),
+            progress=False).train()
+    assert set(threading.enumerate()) <= before

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .utils.files import claim_output, read_json
+
 DEMO_TARGETS = ["Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"]
 
 # What the demo's small, short CPU runs change from the official PGGAN settings, and why (the EMA
@@ -147,13 +149,12 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .sample.writer import SampleConfig, sample_archive
     from .train.trainer import Trainer
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, "demo", signatures=("demo_state.json",))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p = plan(minutes, dev)
     budget = minutes * 60
     state_path = out / "demo_state.json"
-    results = json.loads(state_path.read_text()) if state_path.exists() else {}
+    results = read_json(state_path, "the demo's progress") if state_path.exists() else {}
 
     def save_state():
         state_path.write_text(json.dumps(results, indent=2))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _args
+
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.suite import SUITES, print_tables, run_suite, save_json
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "that fit the device (full sizes on a GPU, small ones on a CPU).")
     p.add_argument("--suites", default=None, help="comma list of ops,train_step,fid,data,sampling (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes even on a GPU")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=_args.device, default=None)
     p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)

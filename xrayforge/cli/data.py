@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .. import __version__
+from . import _args
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -36,17 +36,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from ..data.prepare import NoUsableImages, prepare
+    from ..data.prepare import prepare
 
-    try:
-        res = prepare(args.src, args.out, resolution=args.resolution, labels=args.labels, workers=args.workers,
-                      square=args.square, bits=args.bits, progress=not args.quiet)
-    except (NoUsableImages, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"xrayforge prepare: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"xrayforge prepare: I/O error: {exc}", file=sys.stderr)
-        return 1
+    res = prepare(args.src, args.out, resolution=args.resolution, labels=args.labels, workers=args.workers,
+                  square=args.square, bits=args.bits, progress=not args.quiet)
     print(f"{res.path}: {res.included} images, {res.skipped} skipped "
           f"(reasons in {res.path / 'skipped.csv'})")
     return 0
@@ -66,11 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "skipped.csv, archive.json). Interrupted runs resume when run again.")
     p.add_argument("src", help="folder, file, or phantom:N")
     p.add_argument("out", help="archive folder to create")
-    p.add_argument("--resolution", type=int, default=1024, help="largest resolution, a power of two (default 1024)")
+    p.add_argument("--resolution", type=_args.power_of_two, default=1024, help="largest resolution, a power of two (default 1024)")
     p.add_argument("--labels", default=None, help="ChestX-ray14 Data_Entry_2017.csv (default: found in SRC or its parent)")
     p.add_argument("--square", choices=("crop", "pad"), default="crop",
                    help="centre-crop to a square (default) or pad with black to keep the whole field")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored bit depth (default 8)")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    p.add_argument("--workers", type=_args.positive_int, default=None, help="decode processes (default: all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _args
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
@@ -24,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "needed (without the FID Inception weights the FID is a pipeline check, and says so). "
                     "Ctrl-C, then the same command, continues.")
     p.add_argument("--out", default="xrayforge-demo", help="output folder (default ./xrayforge-demo)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--minutes", type=float, default=5.0, help="time budget (default 5)")
+    p.add_argument("--device", type=_args.device, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--minutes", type=_args.positive_float, default=5.0, help="time budget (default 5)")
     p.add_argument("--inception", default=None, help="FID Inception weights, if you have them")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)

@@ -3,7 +3,8 @@ diversity, report)."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from . import _args
 
 
 CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "seed", "device")
@@ -12,13 +13,13 @@ CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "
 def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     """The options of how a classifier is trained (`classify train`, `evaluate tstr`)."""
     q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
-    q.add_argument("--input-size", type=int, default=256)
-    q.add_argument("--width", type=int, default=64, help="base width (64 = torchvision's)")
-    q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--batch", type=int, default=32)
-    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--input-size", type=_args.positive_int, default=256)
+    q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
+    q.add_argument("--epochs", type=_args.positive_int, default=10)
+    q.add_argument("--batch", type=_args.positive_int, default=32)
+    q.add_argument("--lr", type=_args.positive_float, default=1e-3)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", type=_args.device, default=None)
 
 
 def _classifier_training(args: argparse.Namespace) -> dict:
@@ -30,11 +31,7 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
 
     cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, val_fraction=args.val_fraction,
                                 init_weights=args.init_weights, **_classifier_training(args))
-    try:
-        summary = train_classifier(cfg, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"xrayforge classify train: error: {exc}", file=sys.stderr)
-        return 1
+    summary = train_classifier(cfg, progress=not args.quiet)
     last = summary["history"][-1]
     print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} "
           f"({summary['val_images']} images of {summary['val_patients']} patients)")
@@ -47,14 +44,10 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
     from ..evaluate.memorisation import audit
     from ..fid.compute import FeatureExtractor
 
-    try:
-        ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
-                              progress=not args.quiet)
-        summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,
-                        progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"xrayforge evaluate memorisation: error: {exc}", file=sys.stderr)
-        return 1
+    ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
+                          progress=not args.quiet)
+    summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,
+                    progress=not args.quiet)
     print(f"{args.out}: {summary['flagged']} of {summary['synthetic']} synthetic images flagged "
           f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
           f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
@@ -65,11 +58,7 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
 def _cmd_reader_make(args: argparse.Namespace) -> int:
     from ..evaluate.reader_study import make
 
-    try:
-        info = make(args.real, args.synthetic, args.n, args.out, args.key, args.size, args.seed)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"xrayforge evaluate reader-study make: error: {exc}", file=sys.stderr)
-        return 1
+    info = make(args.real, args.synthetic, args.n, args.out, args.key, args.size, args.seed)
     print(f"pack {info['pack']} ({info['images']} images; open index.html in a browser); "
           f"answer key {info['key']} — keep it away from the readers")
     return 0
@@ -80,17 +69,12 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
 
     from ..evaluate.reader_study import format_markdown, score
 
-    try:
-        result = score(args.pack, args.key, args.answers)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"xrayforge evaluate reader-study score: error: {exc}", file=sys.stderr)
-        return 1
+    result = score(args.pack, args.key, args.answers)
     if args.out:
-        from pathlib import Path
-
         from ..data.archive import write_json
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out) / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
+        from ..utils.files import claim_output
+        out = claim_output(args.out, "evaluate reader-study score")
+        write_json(out / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
     print(json.dumps(result, indent=2) if args.json else format_markdown(result))
     return 0
 
@@ -106,26 +90,25 @@ def _cmd_tstr(args: argparse.Namespace) -> int:
 
     cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, test_fraction=args.test_fraction,
                      bootstrap=args.bootstrap, **_classifier_training(args))
-    try:
-        summary = run_tstr(cfg, progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"xrayforge evaluate tstr: error: {exc}", file=sys.stderr)
-        return 1
+    summary = run_tstr(cfg, progress=not args.quiet)
     print(format_markdown(summary))
     print(f"written to {args.out}: tstr.csv, tstr.md, tstr.png, summary.json, models/")
     return 0
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        return [_args.positive_int(c) for c in text.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of image counts ({exc})") from None
+
+
 def _cmd_fid_findings(args: argparse.Namespace) -> int:
     from ..evaluate.fid_findings import fid_by_finding, format_markdown
 
-    counts = [int(c) for c in args.counts.split(",")] if args.counts else None
-    try:
-        summary = fid_by_finding(args.synthetic, args.real, args.out, _extractor(args), counts, args.seed,
-                                 args.real_limit, args.min_images, progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"xrayforge evaluate fid-findings: error: {exc}", file=sys.stderr)
-        return 1
+    counts = args.counts
+    summary = fid_by_finding(args.synthetic, args.real, args.out, _extractor(args), counts, args.seed,
+                             args.real_limit, args.min_images, progress=not args.quiet)
     print(format_markdown(summary))
     print(f"written to {args.out}: fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png, summary.json")
     return 0
@@ -134,13 +117,9 @@ def _cmd_fid_findings(args: argparse.Namespace) -> int:
 def _cmd_diversity(args: argparse.Namespace) -> int:
     from ..evaluate.diversity import diversity, format_markdown
 
-    try:
-        summary = diversity(args.run, args.classifier, args.real, args.out, args.n, args.seed, args.batch,
-                            args.truncation, args.real_limit, args.per_grid, args.ratio, args.device,
-                            progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"xrayforge evaluate diversity: error: {exc}", file=sys.stderr)
-        return 1
+    summary = diversity(args.run, args.classifier, args.real, args.out, args.n, args.seed, args.batch,
+                        args.truncation, args.real_limit, args.per_grid, args.ratio, args.device,
+                        progress=not args.quiet)
     print(format_markdown(summary))
     print(f"written to {args.out}: findings.csv, pairs.csv, cooccurrence.png, grids/, diversity.md, summary.json")
     return 0
@@ -149,11 +128,7 @@ def _cmd_diversity(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from ..evaluate.report import write_report
 
-    try:
-        info = write_report(args.out, args.run, args.evaluations or (), title=args.title)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"xrayforge evaluate report: error: {exc}", file=sys.stderr)
-        return 1
+    info = write_report(args.out, args.run, args.evaluations or (), title=args.title)
     found = ", ".join(info["evaluations"]) or "none"
     print(f"{info['html']} (and {info['markdown']}); evaluations included: {found}")
     return 0
@@ -176,7 +151,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("archive")
     q.add_argument("--out", required=True, help="model folder")
     _add_classifier_training(q)
-    q.add_argument("--val-fraction", type=float, default=0.1)
+    q.add_argument("--val-fraction", type=_args.fraction, default=0.1,
+                   help="fraction of patients held out for validation (default 0.1)")
     q.add_argument("--init-weights", default=None, help="torchvision-layout weights to start from")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_classify_train)
@@ -195,13 +171,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
     q.add_argument("--real", required=True, help="the training archive (or a folder of real images)")
     q.add_argument("--out", required=True)
-    q.add_argument("--percentile", type=float, default=1.0, help="flag threshold percentile (default 1)")
-    q.add_argument("--real-limit", type=int, default=None, help="use this many real images, evenly spread")
+    q.add_argument("--percentile", type=_args.percentile, default=1.0, help="flag threshold percentile (default 1)")
+    q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, evenly spread")
     q.add_argument("--inception", default=None)
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
-    q.add_argument("--batch", type=int, default=64)
-    q.add_argument("--workers", type=int, default=4)
-    q.add_argument("--device", default=None)
+    q.add_argument("--batch", type=_args.positive_int, default=64)
+    q.add_argument("--workers", type=_args.nonneg_int, default=4)
+    q.add_argument("--device", type=_args.device, default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_memorisation)
     rs = esub.add_parser("reader-study", help="blinded real-vs-synthetic reader study",
@@ -214,10 +190,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "reloads, CSV export). The key goes beside the pack, never inside.")
     q.add_argument("--real", required=True, help="archive or folder of real images")
     q.add_argument("--synthetic", required=True, help="folder (e.g. from `xrayforge sample`) or archive")
-    q.add_argument("--n", type=int, default=100, help="images in the pack, half of each (default 100)")
+    q.add_argument("--n", type=_args.positive_int, default=100, help="images in the pack, half of each (default 100)")
     q.add_argument("--out", required=True, help="pack folder")
     q.add_argument("--key", default=None, help="answer key CSV (default: <out>.key.csv)")
-    q.add_argument("--size", type=int, default=1024, help="image size in the pack (default 1024)")
+    q.add_argument("--size", type=_args.positive_int, default=1024, help="image size in the pack (default 1024)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_cmd_reader_make)
     q = rsub.add_parser("score", help="score the readers' answers",
@@ -242,12 +218,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the LCO target, else the classifier's call) or a prepared archive")
     q.add_argument("--real", required=True, help="a labelled real archive (from `xrayforge prepare`)")
     q.add_argument("--out", required=True)
-    q.add_argument("--budget", type=int, default=None,
+    q.add_argument("--budget", type=_args.positive_int, default=None,
                    help="images per training set (default: the smaller of the synthetic set and the real training set)")
     _add_classifier_training(q)
-    q.add_argument("--test-fraction", type=float, default=0.2,
+    q.add_argument("--test-fraction", type=_args.fraction, default=0.2,
                    help="fraction of real patients held out when the archive has no 'test' split (default 0.2)")
-    q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    q.add_argument("--bootstrap", type=_args.positive_int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_tstr)
 
@@ -260,17 +236,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--synthetic", required=True, help="a `xrayforge sample` folder sampled with --classifier, or an archive")
     q.add_argument("--real", required=True, help="a labelled real archive")
     q.add_argument("--out", required=True)
-    q.add_argument("--counts", default=None, help="comma list of synthetic image counts for the curve "
+    q.add_argument("--counts", type=_counts, default=None, help="comma list of synthetic image counts for the curve "
                                                   "(default 50,100,200,500,1000,... up to all)")
-    q.add_argument("--min-images", type=int, default=10,
+    q.add_argument("--min-images", type=_args.positive_int, default=10,
                    help="no FID for a finding with fewer images than this on either side (default 10)")
-    q.add_argument("--real-limit", type=int, default=None, help="use this many real images, chosen at random")
+    q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, chosen at random")
     q.add_argument("--mode", choices=("exact", "fast"), default="exact")
     q.add_argument("--inception", default=None)
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
-    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--batch", type=_args.positive_int, default=64)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", type=_args.device, default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_fid_findings)
 
@@ -283,16 +259,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("run", help="a training run folder or checkpoint")
     q.add_argument("--classifier", required=True, help="classifier folder (from `xrayforge classify train`)")
     q.add_argument("--real", required=True, help="the labelled real archive")
-    q.add_argument("--n", type=int, default=10000, help="images to generate (default 10000)")
+    q.add_argument("--n", type=_args.positive_int, default=10000, help="images to generate (default 10000)")
     q.add_argument("--out", required=True)
-    q.add_argument("--real-limit", type=int, default=5000, help="real images to classify, evenly spread (default 5000)")
-    q.add_argument("--per-grid", type=int, default=16, help="images per finding grid (default 16)")
-    q.add_argument("--ratio", type=float, default=0.5,
+    q.add_argument("--real-limit", type=_args.positive_int, default=5000, help="real images to classify, evenly spread (default 5000)")
+    q.add_argument("--per-grid", type=_args.positive_int, default=16, help="images per finding grid (default 16)")
+    q.add_argument("--ratio", type=_args.positive_float, default=0.5,
                    help="under-produced below this fraction of the real prevalence (default 0.5)")
-    q.add_argument("--truncation", type=float, default=None)
-    q.add_argument("--batch", type=int, default=64)
+    q.add_argument("--truncation", type=_args.positive_float, default=None)
+    q.add_argument("--batch", type=_args.positive_int, default=64)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default=None)
+    q.add_argument("--device", type=_args.device, default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_diversity)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _args
+
 
 def _cmd_fid(args: argparse.Namespace) -> int:
     import json
@@ -11,25 +13,25 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     from ..fid.compute import FeatureExtractor, compute_fid
     from ..train.trainer import init_distributed
 
-    rank, _ = init_distributed()
+    from ..utils.files import check_new_file
+
     if args.b is None and not args.save_stats:
         print("xrayforge fid: error: give two inputs, or one with --save-stats", file=sys.stderr)
         return 2
+    if args.save_stats:  # before the work, not after it
+        check_new_file(args.save_stats, "--save-stats")
+    rank, _ = init_distributed()
     common = dict(inception=args.inception, random_weights=args.random_weights, mode=args.mode,
                   device=args.device, batch_size=args.batch, workers=args.workers,
                   progress=not args.quiet and rank == 0)
-    try:
-        if args.b is None:
-            stats = FeatureExtractor(**common).compute(args.a, args.n, args.seed).stats
-            if rank == 0:
-                stats.save(args.save_stats)
-                print(f"wrote {args.save_stats} ({stats.n} images)")
-            return 0
-        result = compute_fid(args.a, args.b, args.n, args.kid, args.bootstrap, args.keep_features, args.seed,
-                             args.save_stats, **common)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"xrayforge fid: error: {exc}", file=sys.stderr)
-        return 1
+    if args.b is None:
+        stats = FeatureExtractor(**common).compute(args.a, args.n, args.seed).stats
+        if rank == 0:
+            stats.save(args.save_stats)
+            print(f"wrote {args.save_stats} ({stats.n} images)")
+        return 0
+    result = compute_fid(args.a, args.b, args.n, args.kid, args.bootstrap, args.keep_features, args.seed,
+                         args.save_stats, **common)
     if rank != 0:
         return 0
     for item in result["skipped"][:20]:
@@ -61,20 +63,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "torchrun ... -m xrayforge fid.")
     p.add_argument("a")
     p.add_argument("b", nargs="?")
-    p.add_argument("--n", type=int, default=None, help="images to generate from a checkpoint input")
+    p.add_argument("--n", type=_args.positive_int, default=None, help="images to generate from a checkpoint input")
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--random-weights", action="store_true",
                    help="random Inception weights: checks the pipeline; the number is not a comparable FID")
     p.add_argument("--mode", choices=("exact", "fast"), default="exact",
                    help="exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="decode processes (default 4)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=_args.positive_int, default=64)
+    p.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
+    p.add_argument("--device", type=_args.device, default=None)
     p.add_argument("--seed", type=int, default=0, help="latent seed for checkpoint inputs")
-    p.add_argument("--kid", type=int, default=0, metavar="SUBSETS", help="also compute KID over this many subsets")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="ROUNDS",
+    p.add_argument("--kid", type=_args.nonneg_int, default=0, metavar="SUBSETS", help="also compute KID over this many subsets")
+    p.add_argument("--bootstrap", type=_args.nonneg_int, default=0, metavar="ROUNDS",
                    help="also give a 95%% bootstrap interval for the FID")
-    p.add_argument("--keep-features", type=int, default=10000,
+    p.add_argument("--keep-features", type=_args.positive_int, default=10000,
                    help="features kept per side for --kid / --bootstrap (a uniform sample; default 10000)")
     p.add_argument("--save-stats", default=None, help="write A's statistics to this .npz")
     p.add_argument("--json", action="store_true", help="print one JSON object (fid, n_a, n_b, mode, ...)")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from . import _args
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -16,11 +17,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                        truncation=args.truncation, amp=args.amp, targets=args.lco or [], classifier=args.classifier,
                        steps=args.steps, lr=args.lr, prior_weight=args.prior_weight, shard_size=args.shard_size,
                        device=args.device)
-    try:
-        summary = sample_archive(cfg, progress=not args.quiet)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"xrayforge sample: error: {exc}", file=sys.stderr)
-        return 1
+    summary = sample_archive(cfg, progress=not args.quiet)
     if rank != 0:
         return 0
     print(f"{summary['out']}: {summary['images']} images ({summary['format']}); manifest.csv, summary.json")
@@ -29,9 +26,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print(f"  {key}: {t['accepted']} accepted, {t['rejected']} rejected"
               f" (acceptance {rate:.1%}, mean {t['mean_steps'] or 0:.1f} steps, "
               f"mean target probability {t['mean_target_probability'] or 0:.3f})" if rate is not None else
-              f"  {key}: nothing new sampled in this run")
+              f"  {key}: no images")
     if summary["images_per_second"]:
-        print(f"  {summary['images_per_second']:.1f} images/s")
+        print(f"  {summary['images_this_run']} images in this run, {summary['images_per_second']:.1f} images/s")
+    else:
+        print("  nothing left to sample: the archive was complete")
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -48,19 +47,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "resumes when run again with the same arguments.")
     p.add_argument("run")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True, help="images (per LCO target)")
+    p.add_argument("--n", type=_args.positive_int, required=True, help="images (per LCO target)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--truncation", type=float, default=None, help="redraw latent components beyond ±T")
+    p.add_argument("--batch", type=_args.positive_int, default=32)
+    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
     p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")
-    p.add_argument("--steps", type=int, default=100, help="LCO step limit per sample (default 100)")
-    p.add_argument("--lr", type=float, default=0.05, help="LCO Adam learning rate on z (default 0.05)")
-    p.add_argument("--prior-weight", type=float, default=1.0)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=_args.positive_int, default=100, help="LCO step limit per sample (default 100)")
+    p.add_argument("--lr", type=_args.positive_float, default=0.05, help="LCO Adam learning rate on z (default 0.05)")
+    p.add_argument("--prior-weight", type=_args.nonneg_float, default=1.0,
+                   help="weight of the latent prior in the LCO objective (default 1)")
+    p.add_argument("--shard-size", type=_args.positive_int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--device", type=_args.device, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_sample)

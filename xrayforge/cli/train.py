@@ -4,18 +4,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _args
 
-def _parse_batch(text: str | None) -> dict:
+
+def _parse_batch(text: str) -> dict:
     """'16' (every resolution) or '256:14,512:6' (per resolution)."""
-    if not text:
-        return {}
-    if ":" not in text:
-        return {r: int(text) for r in (4 << i for i in range(12))}
-    out = {}
-    for item in text.split(","):
-        res, n = item.split(":")
-        out[int(res)] = int(n)
-    return out
+    try:
+        if ":" not in text:
+            return {r: _args.positive_int(text) for r in (4 << i for i in range(12))}
+        out = {}
+        for item in text.split(","):
+            res, n = item.split(":")
+            out[_args.power_of_two(res)] = _args.positive_int(n)
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or RES:N,... (e.g. 16 or 256:14,512:6)") from None
 
 
 def _parse_lr(text: str) -> tuple[float, dict]:
@@ -25,12 +28,19 @@ def _parse_lr(text: str) -> tuple[float, dict]:
         for item in filter(None, (t.strip() for t in text.split(","))):
             if ":" in item:
                 res, lr = item.split(":")
-                table[int(res)] = float(lr)
+                table[_args.power_of_two(res)] = _args.positive_float(lr)
             else:
-                base = float(item)
-    except ValueError:
+                base = _args.positive_float(item)
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"{text!r}: expected LR or RES:LR,... (e.g. 0.001,1024:0.0015)") from None
     return base, table
+
+
+def _ema_beta(text: str) -> float:
+    value = _args._number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
 
 
 def _kimg(value: float | None) -> int | None:
@@ -38,15 +48,18 @@ def _kimg(value: float | None) -> int | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from ..train.trainer import Interrupted, TrainConfig, Trainer, init_distributed
+    from ..utils.files import read_json
 
     init_distributed()
     saved = Path(args.out) / "train_config.json"
     if args.resume and saved.is_file():
-        cfg = json.loads(saved.read_text())
+        cfg = read_json(saved, "the run's saved options")
+        if not isinstance(cfg, dict):
+            print(f"xrayforge train: error: {saved}: not a saved training configuration", file=sys.stderr)
+            return 1
         # the run folder is where it is now: a copied or moved run resumes in itself, never in the
         # folder it was copied from (whose path the saved config holds)
         cfg["out"] = args.out
@@ -77,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 archive=str(Path(args.archive).resolve()), out=args.out, resolution=args.resolution,
                 start_resolution=args.start_resolution, fade_images=_kimg(args.fade_kimg),
                 stable_images=_kimg(args.stable_kimg), total_images=_kimg(args.total_kimg),
-                batch=_parse_batch(args.batch), auto_batch=args.auto_batch, lr=lr, lr_by_resolution=lr_table,
+                batch=args.batch, auto_batch=args.auto_batch, lr=lr, lr_by_resolution=lr_table,
                 gp_metric=args.gp_metric, amp=args.amp, accumulation=args.accumulation,
                 checkpoint_min_res=args.checkpoint_min_res, ema_rampup=args.ema_rampup,
                 ema_beta=args.ema_beta, latent_dim=args.latent_dim, fmap_base=args.fmap_base,
@@ -93,9 +106,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"xrayforge train: {exc}", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"xrayforge train: error: {exc}", file=sys.stderr)
-        return 1
     print(f"trained to {summary['images_seen']} images; checkpoint {summary['checkpoint']}")
     return 0
 
@@ -111,22 +121,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                               "run at an archive that has moved)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--resolution", type=int, default=None, help="final resolution (default: the archive's)")
-    p.add_argument("--start-resolution", type=int, default=4)
-    p.add_argument("--fade-kimg", type=float, default=600, help="thousands of images per fade-in (default 600)")
-    p.add_argument("--stable-kimg", type=float, default=600, help="thousands of images per stable phase (default 600)")
-    p.add_argument("--total-kimg", type=float, default=None,
+    p.add_argument("--resolution", type=_args.power_of_two, default=None, help="final resolution (default: the archive's)")
+    p.add_argument("--start-resolution", type=_args.power_of_two, default=4)
+    p.add_argument("--fade-kimg", type=_args.nonneg_float, default=600, help="thousands of images per fade-in (default 600)")
+    p.add_argument("--stable-kimg", type=_args.positive_float, default=600, help="thousands of images per stable phase (default 600)")
+    p.add_argument("--total-kimg", type=_args.positive_float, default=None,
                    help="train on at the final resolution until this many thousand images in all (the official "
                         "total_kimg, e.g. 12000); default: stop after one stable phase at the final resolution")
-    p.add_argument("--max-kimg", type=float, default=None,
+    p.add_argument("--max-kimg", type=_args.positive_float, default=None,
                    help="stop (with a checkpoint) after this many thousand images in all; --resume goes on (with "
                         "--resume, the run's saved options apply: only ARCHIVE, --max-kimg, --total-kimg and --device "
                         "can change)")
-    p.add_argument("--batch", default=None, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
+    p.add_argument("--batch", type=_parse_batch, default={}, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
     p.add_argument("--auto-batch", action="store_true", help="use the largest batch that fits GPU memory")
-    p.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--accumulation", type=_args.positive_int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
-    p.add_argument("--checkpoint-min-res", type=int, default=None, help="activation checkpointing at and above this size")
+    p.add_argument("--checkpoint-min-res", type=_args.power_of_two, default=None, help="activation checkpointing at and above this size")
     p.add_argument("--lr", type=_parse_lr, default=(1e-3, {}),
                    help="Adam learning rate: LR, or per resolution RES:LR,... with an optional base LR first "
                         "(the official G_lrate_dict, e.g. 0.001,1024:0.0015; default 0.001)")
@@ -134,26 +144,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the gradient penalty's pixel grid below the final resolution: full (default; the official "
                         "code's, whose D sees images upscaled to full size: |grad| / 2^lod) or current (the images as "
                         "they are)")
-    p.add_argument("--ema-kimg", type=float, default=None,
+    p.add_argument("--ema-kimg", type=_args.positive_float, default=None,
                    help="G_ema half-life in thousands of images (default 11.08: the official beta 0.999 per step "
                         "at batch 16)")
-    p.add_argument("--ema-rampup", type=float, default=0.05,
+    p.add_argument("--ema-rampup", type=_args.nonneg_float, default=0.05,
                    help="the half-life is at most this fraction of the images seen so far, so that early G_ema "
                         "follows G (default 0.05, as NVIDIA's later code; 0: a constant half-life)")
-    p.add_argument("--ema-beta", type=float, default=None,
+    p.add_argument("--ema-beta", type=_ema_beta, default=None,
                    help="a constant per-step EMA beta instead of --ema-kimg: 0.999 is the official PGGAN's at any "
                         "batch (the default half-life equals it at a global batch of 16)")
-    p.add_argument("--realism-images", type=int, default=256,
+    p.add_argument("--realism-images", type=_args.nonneg_int, default=256,
                    help="per tick, the realism and diversity ratios of this many G_ema samples against as many "
                         "real images (nearest-neighbour pixel distances; 0: off)")
-    p.add_argument("--latent-dim", type=int, default=512)
-    p.add_argument("--fmap-base", type=int, default=8192)
-    p.add_argument("--fmap-max", type=int, default=512)
+    p.add_argument("--latent-dim", type=_args.positive_int, default=512)
+    p.add_argument("--fmap-base", type=_args.positive_int, default=8192)
+    p.add_argument("--fmap-max", type=_args.positive_int, default=512)
     p.add_argument("--mirror", action="store_true", help="random left-right flips (off: radiographs are not symmetric)")
-    p.add_argument("--tick-kimg", type=float, default=10, help="thousands of images per log tick (default 10)")
-    p.add_argument("--checkpoint-ticks", type=int, default=5, help="ticks between checkpoints (default 5)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--tick-kimg", type=_args.positive_float, default=10, help="thousands of images per log tick (default 10)")
+    p.add_argument("--checkpoint-ticks", type=_args.positive_int, default=5, help="ticks between checkpoints (default 5)")
+    p.add_argument("--keep", type=_args.positive_int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+from ..utils.files import load_npy, read_csv, read_json
 from .labels import FINDINGS
 
 FORMAT = "xrayforge-archive"
@@ -65,19 +67,27 @@ class Archive:
             hint = " (an interrupted prepare leaves OUT.partial; run prepare again to finish it)" \
                 if Path(str(self.path) + ".partial").exists() else ""
             raise FileNotFoundError(f"{self.path}: not an xrayforge archive (no archive.json){hint}")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r} is not {FORMAT!r}")
+        self.meta = read_json(meta_path, "archive metadata")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            got = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+            raise UserError(f"{meta_path}: format {got!r} is not {FORMAT!r}")
         if self.meta.get("version", 0) > VERSION:
-            raise ValueError(f"{meta_path}: archive version {self.meta['version']} is newer than this xrayforge")
-        self.resolutions = list(self.meta["resolutions"])
-        self.resolution = int(self.meta["resolution"])
+            raise UserError(f"{meta_path}: archive version {self.meta['version']} is newer than this xrayforge")
+        try:
+            self.resolutions = [int(r) for r in self.meta["resolutions"]]
+            self.resolution = int(self.meta["resolution"])
+            np.dtype(self.meta["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{meta_path}: damaged archive metadata ({type(exc).__name__}: {exc})") from None
         self.findings = list(self.meta.get("findings", FINDINGS))
-        with open(self.path / "manifest.csv", newline="") as fh:
-            self.records = list(csv.DictReader(fh))
-        self.rows = np.array([int(r["row"]) for r in self.records], dtype=np.int64)
-        self.labels = np.array([[int(r[f]) for f in self.findings] for r in self.records], dtype=np.int8
-                               ).reshape(len(self.records), len(self.findings))
+        self.records, _ = read_csv(self.path / "manifest.csv", ["row", "source", "patient_id", "split", *self.findings],
+                                   "an archive manifest")
+        try:
+            self.rows = np.array([int(r["row"]) for r in self.records], dtype=np.int64)
+            self.labels = np.array([[int(r[f]) for f in self.findings] for r in self.records], dtype=np.int8
+                                   ).reshape(len(self.records), len(self.findings))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{self.path / 'manifest.csv'}: a row or label that is not an integer ({exc})") from None
         self.patient_ids = [r["patient_id"] for r in self.records]
         self.splits = [r["split"] for r in self.records]
         self._arrays: dict[int, np.ndarray] = {}
@@ -94,7 +104,13 @@ class Archive:
         if resolution not in self.resolutions:
             raise ValueError(f"{self.path}: no {resolution}-px images; it has {self.resolutions}")
         if resolution not in self._arrays:
-            self._arrays[resolution] = np.load(self.path / f"images_{resolution}.npy", mmap_mode="r")
+            path = self.path / f"images_{resolution}.npy"
+            arr = load_npy(path, f"the archive's {resolution}-px images", mmap_mode="r")
+            if arr.ndim != 3 or arr.shape[1:] != (resolution, resolution) or arr.dtype != self.dtype \
+                    or (len(self.rows) and arr.shape[0] <= self.rows.max()):
+                raise UserError(f"{path}: holds {arr.dtype} {arr.shape}; the manifest needs {self.dtype} rows up to "
+                                f"{self.rows.max() if len(self.rows) else 0} of {resolution}×{resolution}")
+            self._arrays[resolution] = arr
         return self._arrays[resolution]
 
     def images(self, indices, resolution: int) -> np.ndarray:

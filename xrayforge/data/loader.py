@@ -57,13 +57,14 @@ class Prefetcher:
         self.pin = device.type == "cuda"
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._requests: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, daemon=True)
         self._thread.start()
 
     def _work(self):
         while True:
             req = self._requests.get()
-            if req is None:
+            if req is None or self._stop.is_set():
                 return
             try:
                 arr = self.stream.load(*req)
@@ -84,7 +85,16 @@ class Prefetcher:
         return req, t.to(self.device, non_blocking=True)
 
     def close(self):
+        """Stop the thread and wait for it: a thread still inside torch when the interpreter exits
+        can abort the process ("terminate called without an active exception")."""
+        self._stop.set()
         self._requests.put(None)
+        while self._thread.is_alive():
+            try:  # unblock a put() on a full queue
+                self._q.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
 
 
 def to_unit_range(batch: torch.Tensor, max_value: int) -> torch.Tensor:

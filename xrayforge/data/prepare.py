@@ -15,7 +15,6 @@ that cannot be used never stops the run: it goes to skipped.csv with the reason.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import multiprocessing as mp
@@ -26,13 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+from ..utils.files import read_csv, read_json
 from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, pyramid_resolutions, quantize, write_csv,
                       write_json)
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, read_radiograph
 
 
-class NoUsableImages(RuntimeError):
+class NoUsableImages(UserError, RuntimeError):
     """Raised when a prepare run found nothing it could use."""
 
 
@@ -47,15 +48,10 @@ class PrepareResult:
 def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
     """{image file name: (patient id, finding labels)} and {file name: split}."""
     entries = {}
-    with open(labels_csv, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"Image Index", "Finding Labels"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{labels_csv}: not a ChestX-ray14 label file (missing columns {sorted(missing)})")
-        for row in reader:
-            labels = row["Finding Labels"]
-            parse_finding_labels(labels, f"{labels_csv}, image {row['Image Index']}")
-            entries[row["Image Index"]] = (row.get("Patient ID", "") or "", labels)
+    for row in read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]:
+        labels = row["Finding Labels"] or ""
+        parse_finding_labels(labels, f"{labels_csv}, image {row['Image Index']}")
+        entries[row["Image Index"]] = (row.get("Patient ID", "") or "", labels)
     splits = {}
     for split, name in (("train", "train_val_list.txt"), ("test", "test_list.txt")):
         p = labels_csv.parent / name
@@ -77,7 +73,9 @@ def phantom_split(index: int) -> str:
     return "test" if index % 5 == 0 else "train"
 
 
-def plan_candidates(src: str, labels: str | None = None) -> list[dict]:
+def plan_candidates(src: str, labels: str | None = None, labelled_only: bool = False) -> list[dict]:
+    """The files to read (or phantoms to draw), with what the label file says of each;
+    ``labelled_only``: files the label file does not list are not candidates."""
     if src.startswith("phantom:"):
         try:
             n = int(src.split(":", 1)[1])
@@ -96,6 +94,8 @@ def plan_candidates(src: str, labels: str | None = None) -> list[dict]:
     out = []
     for f in files:
         if f.name in ("Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt"):
+            continue
+        if labelled_only and f.name not in entries:
             continue
         patient, finding = entries.get(f.name, ("", None))
         out.append({"source": str(f), "patient_id": patient, "finding_labels": finding, "split": splits.get(f.name, "")})
@@ -182,8 +182,10 @@ def _read_progress(path: Path) -> dict[int, dict]:
 
 
 def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: str | None = None,
-            workers: int | None = None, square: str = "crop", bits: int = 8, progress: bool = True) -> PrepareResult:
-    """Build (or finish building) the archive OUT from SRC; see the module docstring."""
+            workers: int | None = None, square: str = "crop", bits: int = 8, progress: bool = True,
+            labelled_only: bool = False) -> PrepareResult:
+    """Build (or finish building) the archive OUT from SRC; see the module docstring.
+    ``labelled_only``: leave out the files that the label file does not list."""
     if square not in ("crop", "pad"):
         raise ValueError(f"square must be 'crop' or 'pad', got {square!r}")
     if bits not in (8, 16):
@@ -192,18 +194,23 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     out = Path(out)
     if (out / "archive.json").exists():
         raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; OUT is the archive folder to create")
+    if out.is_dir() and any(out.iterdir()):  # before the work, not after it
+        raise UserError(f"{out}: exists and is not empty; choose a new OUT")
     partial = out.with_name(out.name + ".partial")
     dtype = "uint8" if bits == 8 else "uint16"
-    settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels}
+    settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
+                **({"labelled_only": True} if labelled_only else {})}
     plan_path = partial / "plan.json"
     if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
+        plan = read_json(plan_path, "the plan of an unfinished prepare")
         if plan["settings"] != settings:
             raise ValueError(f"{partial} holds an unfinished prepare with other settings {plan['settings']}; "
                              f"delete it to start again")
         candidates = plan["candidates"]
     else:
-        candidates = plan_candidates(str(src), labels)
+        candidates = plan_candidates(str(src), labels, labelled_only)
         if not candidates:
             raise NoUsableImages(f"{src}: no image files found")
         partial.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,8 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
     torch.manual_seed(seed)
     model = ChestClassifier(settings.model_config(images.findings)).to(device)
     if init_weights:
-        load_torchvision_weights(model, torch.load(init_weights, map_location="cpu", weights_only=True))
+        from ..utils.files import load_torch
+        load_torchvision_weights(model, load_torch(init_weights, "--init-weights"))
     size = settings.input_size
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * math.ceil(len(train_items) / batch))
@@ -179,6 +180,8 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
 
 
 def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
+    from ..utils.files import claim_output
+    claim_output(cfg.out, "classify train", signatures=("classifier.json",))
     archive = Archive(cfg.archive)
     if not archive.meta.get("labelled", True) or archive.labels.sum() == 0:
         raise ValueError(f"{cfg.archive}: the archive has no finding labels to learn")

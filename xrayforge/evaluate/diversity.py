@@ -15,7 +15,6 @@ summary.json.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, predict
 from .labelled import open_labelled
 from .metrics import wilson_interval
+from ..utils.files import claim_output
 
 THUMB = 128
 
@@ -90,8 +90,7 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
               ratio: float = 0.5, device: str | None = None, progress: bool = True) -> dict:
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, "evaluate diversity", signatures=("findings.csv",))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_classifier(classifier).to(dev).eval().requires_grad_(False)
     real_arc = open_labelled(real, out, progress)

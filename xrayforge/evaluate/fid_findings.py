@@ -29,6 +29,7 @@ from ..fid.stats import StreamingMoments, frechet_distance
 from ._format import csv_row, is_number, number
 from .labelled import open_labelled
 from .metrics import patient_split
+from ..utils.files import claim_output
 
 DEFAULT_COUNTS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000)
 
@@ -80,8 +81,7 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
                    real_limit: int | None = None, min_images: int = 10, progress: bool = True) -> dict:
     """See the module docstring. A finding with fewer than ``min_images`` images on either side
     gets no FID (n/a): so few images give a number dominated by its bias."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, "evaluate fid-findings", signatures=("fid_findings.csv",))
     synth = open_labelled(synthetic, out, progress)
     real_arc = open_labelled(real, out, progress)
     findings = [f for f in real_arc.findings if f in synth.findings]

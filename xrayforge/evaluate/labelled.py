@@ -13,14 +13,15 @@ result is an ordinary archive (resumable, atomic) that the classifier and the FI
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..data.archive import Archive
+from ..data.archive import Archive, write_csv
+from ..errors import UserError
+from ..utils.files import read_csv, read_json
 from ..data.labels import FINDINGS, format_finding_labels
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,20 @@ def is_sample_folder(path: str | os.PathLike) -> bool:
     return (p / "manifest.csv").is_file() and (p / "sample_config.json").is_file()
 
 
-def _thresholds(folder: Path, findings: list[str]) -> dict[str, float]:
+def _recorded_thresholds(folder: Path) -> dict[str, float] | None:
+    """The sampler's decision thresholds, one per finding its classifier has (summary.json;
+    older archives: the classifier's saved thresholds), or None when neither is there."""
     summary = folder / "summary.json"
     if summary.is_file():
-        got = json.loads(summary.read_text()).get("thresholds")
+        got = read_json(summary, "the sampler's summary").get("thresholds")
         if got:
-            return {f: float(got.get(f, 0.5)) for f in findings}
-    clf = json.loads((folder / "sample_config.json").read_text()).get("classifier")
+            return {f: float(v) for f, v in got.items()}
+    clf = read_json(folder / "sample_config.json", "the sampling settings").get("classifier")
     if clf and Path(clf).is_dir():
         from ..nn.classifier import load_classifier
         model = load_classifier(clf)
-        return {f: model.threshold(f) for f in findings}
-    log.warning("%s: no decision thresholds recorded; labelling at probability 0.5", folder)
-    return {f: 0.5 for f in findings}
+        return {f: model.threshold(f) for f in model.findings}
+    return None
 
 
 def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], np.ndarray]:
@@ -53,23 +55,33 @@ def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], 
     if not is_sample_folder(folder):
         raise FileNotFoundError(f"{folder}: not a folder written by `xrayforge sample` "
                                 f"(needs manifest.csv and sample_config.json)")
-    rows = list(_manifest_rows(folder))
+    rows, columns = _manifest(folder)
     if not rows:
-        raise ValueError(f"{folder / 'manifest.csv'}: no images")
-    findings = [c[2:] for c in rows[0] if c.startswith("p_")]
+        raise UserError(f"{folder / 'manifest.csv'}: no images")
+    findings = [c[2:] for c in columns if c.startswith("p_")]
     if not findings:
-        raise ValueError(f"{folder}: the images carry no classifier probabilities; sample with --classifier MODEL "
-                         f"to get a labelled archive")
+        raise UserError(f"{folder}: the images carry no classifier probabilities; sample with --classifier MODEL "
+                        f"to get a labelled archive")
+    recorded = _recorded_thresholds(folder)
+    lost = [f for f in (recorded or {}) if f not in findings]
+    if lost:  # never label a finding negative because its column went missing
+        raise UserError(f"{folder / 'manifest.csv'}: missing column{'s' if len(lost) > 1 else ''} "
+                        f"{', '.join('p_' + f for f in lost)} of the classifier it was sampled with")
     unknown = [f for f in findings if f not in FINDINGS]
     if unknown:
         raise ValueError(f"{folder}: findings {unknown} are not ChestX-ray14 findings; the evaluations compare "
                          f"against ChestX-ray14-labelled archives")
-    thr = _thresholds(folder, findings)
+    if recorded is None:
+        log.warning("%s: no decision thresholds recorded; labelling at probability 0.5", folder)
+    thr = {f: (recorded or {}).get(f, 0.5) for f in findings}
     labels = np.zeros((len(rows), len(findings)), dtype=np.int8)
-    for i, r in enumerate(rows):
-        target = parse_target(r["target"], findings) if r.get("target") else {}
-        for k, f in enumerate(findings):
-            labels[i, k] = target[f] if f in target else int(float(r[f"p_{f}"]) >= thr[f])
+    for i, r in enumerate(rows, start=2):
+        try:
+            target = parse_target(r["target"], findings) if r.get("target") else {}
+            for k, f in enumerate(findings):
+                labels[i - 2, k] = target[f] if f in target else int(float(r[f"p_{f}"]) >= thr[f])
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{folder / 'manifest.csv'}, line {i}: {exc}") from None
     return rows, findings, labels
 
 
@@ -80,10 +92,15 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
     folder, out = Path(folder), Path(out)
     if (out / "archive.json").is_file():
         arc = Archive(out)
-        if arc.meta.get("source") == str(folder) and len(arc) == sum(1 for _ in _manifest_rows(folder)):
+        present = sum(1 for r in _manifest(folder)[0] if (folder / r["file"]).is_file())
+        if arc.meta.get("source") == str(folder) and len(arc) == present:
             return arc
         raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
     rows, findings, labels = synthetic_labels(folder)
+    missing = [r["file"] for r in rows if not (folder / r["file"]).is_file()]
+    if len(missing) == len(rows):
+        raise UserError(f"{folder}: none of the {len(rows)} images in manifest.csv is there "
+                        f"(first: {rows[0]['file']})")
     out.parent.mkdir(parents=True, exist_ok=True)
     label_file = out.with_name(out.name + ".labels.csv")
     with open(label_file, "w", newline="") as fh:
@@ -94,19 +111,25 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
             for f, v in zip(findings, vec):
                 full[FINDINGS.index(f)] = int(v)
             w.writerow([Path(r["file"]).name, format_finding_labels(full), f"synthetic-{r['index']}"])
-    first = read_radiograph(folder / rows[0]["file"]).pixels
+    first = read_radiograph(next(folder / r["file"] for r in rows if r["file"] not in missing)).pixels
     if first.shape[0] != first.shape[1] or first.shape[0] & (first.shape[0] - 1):
         raise ValueError(f"{folder / rows[0]['file']}: synthetic images must be square with a power-of-two size, "
                          f"got {first.shape[1]}×{first.shape[0]}")
-    fmt = json.loads((folder / "sample_config.json").read_text()).get("format", "png8")
+    fmt = read_json(folder / "sample_config.json", "the sampling settings").get("format", "png8")
     prepare(str(folder), out, resolution=first.shape[0], labels=str(label_file), workers=1,
-            bits=16 if fmt == "png16" else 8, progress=progress)
+            bits=16 if fmt == "png16" else 8, progress=progress, labelled_only=True)
+    if missing:  # a manifest row whose file is gone: left out, and said, never dropped silently
+        skipped = read_csv(out / "skipped.csv", ("source", "reason"))[0]
+        skipped += [{"source": str(folder / f), "reason": "listed in manifest.csv, but the file is missing"}
+                    for f in missing]
+        write_csv(out / "skipped.csv", ["source", "reason"], skipped)
+        log.warning("%s: %d image(s) listed in manifest.csv are missing (first: %s); left out, listed in %s",
+                    folder, len(missing), missing[0], out / "skipped.csv")
     return Archive(out)
 
 
-def _manifest_rows(folder: Path):
-    with open(folder / "manifest.csv", newline="") as fh:
-        yield from csv.DictReader(fh)
+def _manifest(folder: Path) -> tuple[list[dict], list[str]]:
+    return read_csv(folder / "manifest.csv", ("file", "index", "target"), "the manifest of a sampled archive")
 
 
 def open_labelled(spec: str | os.PathLike, work: str | os.PathLike, progress: bool = True) -> Archive:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..fid.preprocess import max_value
 from ..utils.neighbours import nearest_neighbours, pixel_vectors
+from ..utils.files import claim_output
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,7 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
 
 def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
           real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(out, "evaluate memorisation", signatures=("memorisation.csv",))
     s_names, s_feat, s_pix, s_thumb = collect(extractor, synthetic, None, progress)
     r_names, r_feat, r_pix, r_thumb = collect(extractor, real, real_limit, progress)
     if len(r_names) < 2:

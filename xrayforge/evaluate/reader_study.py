@@ -9,7 +9,10 @@ written outside the pack.
 
 ``score``: per reader and pooled accuracy, sensitivity and specificity for "synthetic", an
 exact two-sided binomial test against chance (p = 0.5), Fleiss' kappa between readers, and the
-fraction of synthetic images called real.
+fraction of synthetic images called real. Each answer file is one reader, named by its
+``reader`` column (the file's name when the box was left empty); the same reader name in two
+files, or an answer that names no image of the study, is an error: no answer is dropped or
+merged silently.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import UserError
+from ..utils.files import read_csv
 
 SYNTHETIC_WORDS = {"synthetic", "fake", "generated", "s", "f"}
 REAL_WORDS = {"real", "r"}
@@ -67,23 +73,37 @@ def read_key(key_path: str | os.PathLike) -> dict[str, bool]:
     if not key_path.is_file():
         raise FileNotFoundError(f"{key_path}: answer key not found (it is written beside the pack by "
                                 "`reader-study make`, never inside it)")
-    with open(key_path, newline="") as fh:
-        return {row["image"]: row["truth"] == "synthetic" for row in csv.DictReader(fh)}
+    rows, _ = read_csv(key_path, ("image", "truth"), "a reader-study answer key")
+    key = {}
+    for i, row in enumerate(rows, start=2):
+        truth = (row["truth"] or "").strip().lower()
+        if truth not in ("real", "synthetic"):
+            raise UserError(f"{key_path}, line {i}: truth must be 'real' or 'synthetic', got {row['truth']!r}")
+        key[row["image"]] = truth == "synthetic"
+    if not key:
+        raise UserError(f"{key_path}: the answer key lists no images")
+    return key
 
 
 def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
+    """One reader's answers (UTF-8 with or without a byte-order mark). Their reader name is the
+    ``reader`` column, or the file's name where that was left empty; one file, one reader."""
     path = Path(path)
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows, _ = read_csv(path, ("image", "answer"), "answers exported from the reader-study page")
+    names = {(row.get("reader") or "").strip() for row in rows} - {""}
+    if len(names) > 1:
+        raise UserError(f"{path}: answers of several readers ({', '.join(sorted(names))}) in one file; "
+                        f"export one file per reader")
+    reader = next(iter(names)) if names else path.stem
     out = []
     for i, row in enumerate(rows, start=2):
-        image = row.get("image", "")
+        image = (row.get("image") or "").strip()
         if image not in key:
-            raise ValueError(f"{path}, line {i}: answer for an image that is not in the study: {image!r}")
-        answer = row.get("answer", "").strip().lower()
+            raise UserError(f"{path}, line {i}: answer for an image that is not in the study: {image!r}")
+        answer = (row.get("answer") or "").strip().lower()
         if answer not in SYNTHETIC_WORDS | REAL_WORDS:
-            raise ValueError(f"{path}, line {i}: answer must be 'real' or 'synthetic', got {row.get('answer')!r}")
-        out.append({"reader": row.get("reader") or path.stem, "image": image,
+            raise UserError(f"{path}, line {i}: answer must be 'real' or 'synthetic', got {row.get('answer')!r}")
+        out.append({"reader": reader, "named": bool(names), "image": image,
                     "synthetic": answer in SYNTHETIC_WORDS, "confidence": row.get("confidence", "")})
     return out
 
@@ -92,9 +112,19 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
     if not Path(pack, "index.html").is_file():
         raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
     key = read_key(key_path)
-    answers = [a for f in answer_files for a in read_answers(f, key)]
-    if not answers:
-        raise ValueError("no answers to score")
+    answers, source = [], {}
+    for f in answer_files:
+        got = read_answers(f, key)
+        if not got:
+            raise UserError(f"{f}: no answers in it")
+        name = got[0]["reader"]
+        if name in source and not got[0]["named"]:  # two unnamed files called alike: each its own reader
+            name = str(f)
+        if name in source:
+            raise UserError(f"{f}: reader {name!r} also answered in {source[name]}; give each reader one file "
+                            f"(or correct the reader name)" if got[0]["named"] else f"{f}: given twice")
+        source[name] = f
+        answers.extend({**a, "reader": name} for a in got)
     readers = sorted({a["reader"] for a in answers})
     latest = {}
     for a in answers:  # a reader who changed an answer: the last one counts
@@ -143,28 +173,40 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
 
     from ..data.readers import SkipImage
     from ..utils.images import save_png
+    from ..utils.files import check_new_file
     out = Path(out)
     key_path = Path(key_path) if key_path else out.with_name(out.name + ".key.csv")
     if key_path.resolve().is_relative_to(out.resolve()):
-        raise ValueError(f"the key {key_path} must not be inside the pack {out}")
+        raise UserError(f"the key {key_path} must not be inside the pack {out}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; the pack is a folder")
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty")
+        raise UserError(f"{out}: exists and is not empty; choose a new pack folder")
+    check_new_file(key_path, "the answer key")
+    if key_path.exists():
+        raise UserError(f"{key_path}: an answer key is already there (it may belong to a pack readers already "
+                        f"have); move it away or give another --key")
     if n < 2 or n % 2:
-        raise ValueError(f"--n must be an even number >= 2 (half real, half synthetic), got {n}")
+        raise UserError(f"--n must be an even number >= 2 (half real, half synthetic), got {n}")
     rng = np.random.default_rng(seed)
     chosen = []
     for truth, spec in (("real", real), ("synthetic", synthetic)):
         items = _list_images(spec)
         if len(items) < n // 2:
-            raise ValueError(f"{spec}: {len(items)} images, the study needs {n // 2}")
+            raise UserError(f"{spec}: {len(items)} images, the study needs {n // 2}")
+        got, unreadable = 0, []
         for k in rng.permutation(len(items)):
-            if sum(1 for c in chosen if c[0] == truth) == n // 2:
+            if got == n // 2:
                 break
             name, load = items[k]
             try:
                 chosen.append((truth, name, load()))
-            except SkipImage:
-                continue
+                got += 1
+            except SkipImage as exc:
+                unreadable.append(f"{name} ({exc})")
+        if got < n // 2:  # never an unbalanced pack
+            raise UserError(f"{spec}: only {got} of the {n // 2} {truth} images the study needs could be read; "
+                            f"unreadable: {'; '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}")
     rng.shuffle(chosen)
     (out / "images").mkdir(parents=True)
     key_rows, names = [], []

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 from pathlib import Path
+
+from ..errors import UserError
+from ..utils.files import read_json, read_jsonl
 
 SECTION_ORDER = ("diversity-grids", "fid-findings", "tstr", "diversity", "memorisation", "reader-study")
 
@@ -32,7 +34,8 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
     for p in folders:
         s = p / "summary.json"
         if s.is_file():
-            kind = json.loads(s.read_text()).get("evaluation")
+            summary = read_json(s, "an evaluation summary")
+            kind = summary.get("evaluation") if isinstance(summary, dict) else None
             if kind:
                 found[kind] = p
     return found
@@ -42,7 +45,10 @@ def _training_section(run: Path) -> list[str]:
     lines = ["## Training"]
     log = run / "log.jsonl"
     if log.is_file():
-        ticks = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        ticks, torn = read_jsonl(log)  # a last line torn by a kill is left out
+        ticks = [t for t in ticks if {"images", "resolution", "alpha"} <= set(t)]
+        if torn:
+            lines.append(f"(The last line of {log} was cut short, by a crash or a kill; it is left out.)")
         if ticks:
             last = ticks[-1]
             lines.append(f"{last['images']:,} images seen in {last.get('seconds', 0):.0f} s over {len(ticks)} ticks; "
@@ -63,7 +69,7 @@ def _training_section(run: Path) -> list[str]:
 
 
 def _section(kind: str, folder: Path) -> list[str]:
-    s = json.loads((folder / "summary.json").read_text())
+    s = read_json(folder / "summary.json", "an evaluation summary")
     if kind == "diversity-grids":
         lines = ["## Samples per finding",
                  "The unconditional samples the classifier most confidently calls positive for each finding."]
@@ -107,7 +113,7 @@ def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], 
     if preamble.strip():
         lines += [preamble.strip(), ""]
     sections = dict(evaluations)
-    if "diversity" in sections and json.loads((sections["diversity"] / "summary.json").read_text()).get("grids"):
+    if "diversity" in sections and read_json(sections["diversity"] / "summary.json").get("grids"):
         sections["diversity-grids"] = sections["diversity"]
     for kind in SECTION_ORDER:
         if kind in sections:
@@ -191,7 +197,12 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
     found = find_evaluations(run, evaluations)
     md = build_markdown(run, found, title, preamble)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; --out is the HTML file to write (e.g. {out / 'report.html'})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{out.parent}: is a file, not a folder (for --out {out})") from None
     md = _relative_images(md, out.parent)
     for path, text in ((out.with_suffix(".md"), md), (out, markdown_to_html(md, title, out.parent))):
         tmp = path.with_name(path.name + ".tmp")

@@ -16,11 +16,11 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..data.archive import write_csv, write_json
+from ..utils.files import claim_output, load_npy, read_json
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
 from .labelled import open_labelled
 from ._format import csv_row, is_number, number
@@ -54,11 +54,10 @@ def _choose(positions: np.ndarray, k: int, rng) -> np.ndarray:
 
 
 def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(cfg.out, "evaluate tstr", signatures=("tstr_config.json",))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
     settings_path = out / "tstr_config.json"
-    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+    if settings_path.exists() and read_json(settings_path) != settings:
         raise ValueError(f"{out} holds a TSTR run with other settings ({settings_path}); choose another --out")
     real = open_labelled(cfg.real, out, progress)
     synth = open_labelled(cfg.synthetic, out, progress)
@@ -92,7 +91,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         probs_path = folder / "test_probabilities.npy"
         train = LabelledImages(plans[name], findings)
         if probs_path.is_file():  # done by an earlier run
-            probs = np.load(probs_path)
+            probs = load_npy(probs_path, "the test-set probabilities of a finished model")
         else:
             val = patient_split(train.patient_ids, cfg.val_fraction, salt=f"tstr-val{cfg.seed}")
             if val.all() or not val.any():

@@ -8,6 +8,7 @@ the moments are merged at the end. Images that cannot be read are listed and ski
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +154,9 @@ class FeatureExtractor:
         return FeatureResult(moments.stats(), features, skipped, kind)
 
     def _loader(self, dataset):
-        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers,
+        # no more decode processes than cores (more only thrash, and torch warns about them)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size,
+                                           num_workers=min(self.workers, os.cpu_count() or 1),
                                            collate_fn=_collate, pin_memory=self.device.type == "cuda",
                                            persistent_workers=False)
 
@@ -185,6 +188,7 @@ class FeatureExtractor:
             dataset = _FileDataset(names)
         elif kind == "archive":
             arc = Archive(spec)
+            arc.array(arc.resolution)  # a damaged array is said here, not from inside a decode worker
             every = list(range(len(arc)))
             if limit is not None and limit < len(every):  # that many, evenly spread over the archive
                 every = sorted({int(i) for i in np.linspace(0, len(arc) - 1, limit)})
@@ -310,6 +314,9 @@ def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_
     if need:
         raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
     sa, sb = FrechetStats.load(a), FrechetStats.load(b)
+    if sa.mu.shape != sb.mu.shape:
+        raise ValueError(f"{a} holds statistics of {sa.mu.shape[0]}-d features and {b} of {sb.mu.shape[0]}-d ones: "
+                         f"they come from different feature spaces and cannot be compared")
     if save_stats and _rank_world()[0] == 0:
         sa.save(save_stats)
     return {"fid": frechet_distance(sa, sb, extractor_kwargs.get("device")), "n_a": sa.n, "n_b": sb.n,

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils.files import load_torch
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -205,10 +207,7 @@ def load_inception(path: str | os.PathLike | None = None, random_weights: bool =
                     p.copy_(torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5)
     else:
         weights = find_weights(path)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{weights}: not a readable weights file ({exc})") from exc
+        state = load_torch(weights, "the FID Inception weights")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

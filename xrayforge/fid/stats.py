@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
+from ..utils.files import load_npz
+
 
 class StreamingMoments:
     def __init__(self, dim: int, device: str | torch.device = "cpu"):
@@ -102,17 +105,39 @@ class FrechetStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FrechetStats":
+        """Statistics from an .npz file (``mu``, ``sigma``, optionally ``n``), checked: finite, of
+        matching sizes, and a symmetric positive semi-definite covariance."""
+        f = load_npz(path, ("mu", "sigma"), "a statistics file (mu, sigma)")
         try:
-            with np.load(path) as f:
-                if "mu" not in f or "sigma" not in f:
-                    raise ValueError(f"{path}: a statistics file needs 'mu' and 'sigma' (has {sorted(f.files)})")
-                n = int(f["n"]) if "n" in f else None
-                mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-        except (OSError, EOFError) as exc:
-            raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+            n = int(f["n"]) if "n" in f else None
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: mu, sigma or n is not numeric ({exc})") from None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
-        return cls(mu, sigma, n)
+            raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+        stats = cls(mu, sigma, n)
+        problem = stats.problem()
+        if problem:
+            raise UserError(f"{path}: {problem}; the statistics are damaged and no Fréchet distance can be taken")
+        return stats
+
+    def problem(self, tol: float = 1e-6) -> str | None:
+        """What is wrong with these statistics (NaN / inf, an asymmetric or not positive
+        semi-definite covariance beyond ``tol`` relative to its largest eigenvalue), or None."""
+        for name, a in (("mu", self.mu), ("sigma", self.sigma)):
+            bad = int(np.size(a) - np.isfinite(a).sum())
+            if bad:
+                return f"{bad} value(s) of {name} are NaN or infinite"
+        scale = max(float(np.abs(self.sigma).max()), 1e-300) if self.sigma.size else 1.0
+        if np.abs(self.sigma - self.sigma.T).max() > tol * scale:
+            return "sigma is not symmetric"
+        if self.sigma.size:
+            ev = np.linalg.eigvalsh((self.sigma + self.sigma.T) / 2)
+            if ev[0] < -tol * max(abs(ev[-1]), 1e-300):
+                return f"sigma is not positive semi-definite (eigenvalue {ev[0]:.3g}, largest {ev[-1]:.3g})"
+        if self.n is not None and self.n < 2:
+            return f"n = {self.n}: a covariance needs at least 2 samples"
+        return None
 
     def merge(self, other: "FrechetStats") -> "FrechetStats":
         """Statistics of the union of two sample sets (both must know their n)."""

@@ -10,11 +10,15 @@ Writes are atomic: each file goes to a temporary name and is renamed into place.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..utils.files import load_torch, read_json
 from .networks import Discriminator, Generator, NetworkConfig
 
 FORMAT = "xrayforge-networks"
@@ -48,32 +52,73 @@ def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None 
     return folder
 
 
+log = logging.getLogger(__name__)
+
+
+def damage(folder: Path, files=("networks.pt",)) -> str | None:
+    """Why the checkpoint ``folder`` cannot be used (a missing, unreadable or truncated file), or
+    None. Cheap: the JSON is parsed and each torch file's zip directory (written last) is checked."""
+    try:
+        read_metadata(folder)
+    except (UserError, FileNotFoundError) as exc:
+        return str(exc)
+    for name in files:
+        f = folder / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if not zipfile.is_zipfile(f):
+            return f"{f}: truncated or damaged ({f.stat().st_size} bytes, no complete zip directory)"
+    return None
+
+
+def latest_intact(ckpt_dir: str | os.PathLike, files=("networks.pt",)) -> Path | None:
+    """The newest usable checkpoint in a run's ``checkpoints`` folder (the one ``latest`` names
+    first, then by name, newest first), or None. Skipping a damaged one is said at WARNING."""
+    ck = Path(ckpt_dir)
+    if not ck.is_dir():
+        return None
+    found = sorted((q for q in ck.glob("ckpt-*") if q.is_dir() and not q.name.endswith(".tmp")), reverse=True)
+    pointer = ck / "latest"
+    if pointer.is_file():
+        named = ck / pointer.read_text(errors="replace").strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    skipped = []
+    for q in found:
+        why = damage(q, files)
+        if why is None:
+            if skipped:
+                log.warning("%s: %s; using the older intact checkpoint %s", skipped[0][0], skipped[0][1], q.name)
+            return q
+        skipped.append((q, why))
+    if skipped:
+        raise UserError(f"{ck}: no usable checkpoint; the newest one is damaged: {skipped[0][1]}")
+    return None
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder (holding networks.json) from itself or from a training run folder
-    (its checkpoints/latest, else its newest complete checkpoint)."""
+    (its newest intact checkpoint: checkpoints/latest, else an older one, said at WARNING)."""
     p = Path(path)
     if (p / "networks.json").is_file():
         return p
-    ck = p / "checkpoints"
-    pointer = ck / "latest"
-    if pointer.is_file() and (ck / pointer.read_text().strip() / "networks.json").is_file():
-        return ck / pointer.read_text().strip()
-    found = sorted(q for q in ck.glob("ckpt-*") if (q / "networks.json").is_file()) if ck.is_dir() else []
-    if not found:
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run folder")
+    found = latest_intact(p / "checkpoints")
+    if found is None:
         raise FileNotFoundError(f"{path}: not a checkpoint, nor a run folder with checkpoints")
-    return found[-1]
+    return found
 
 
 def read_metadata(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "networks.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no networks.json here; is {folder} an xrayforge checkpoint folder?")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_json(path, "checkpoint metadata (networks.json)")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{path}: format is {got!r}, expected {FORMAT!r}")
     if meta.get("version", 0) > VERSION:
         raise ValueError(f"{path}: version {meta['version']} is newer than this xrayforge understands ({VERSION})")
     return meta
@@ -86,19 +131,23 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu") -> 
     weights_path = folder / "networks.pt"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (networks.json is there, the weights are not)")
-    tensors = torch.load(weights_path, map_location=map_location, weights_only=True)
+    tensors = load_torch(weights_path, "network weights", map_location=map_location)
     out = {}
     for name, info in meta["networks"].items():
         if names is not None and name not in names:
             continue
         if name not in tensors:
-            raise KeyError(f"{weights_path}: no weights for {name!r}")
+            raise UserError(f"{weights_path}: no weights for {name!r}")
         net = CLASSES[info["class"]](NetworkConfig(**info["config"]))
-        net.load_state_dict(tensors[name])
+        try:
+            net.load_state_dict(tensors[name])
+        except RuntimeError as exc:
+            raise UserError(f"{weights_path}: the weights of {name} do not fit the network in networks.json "
+                            f"({str(exc).splitlines()[0]})") from None
         if isinstance(map_location, (str, torch.device)):
             net = net.to(map_location)  # load_state_dict copied into the CPU parameters: move them
         net.set_level(info["level"], info["alpha"])
         out[name] = net
     if names is not None and set(names) - set(out):
-        raise KeyError(f"{folder}: no network named {sorted(set(names) - set(out))}; it has {sorted(meta['networks'])}")
+        raise UserError(f"{folder}: no network named {sorted(set(names) - set(out))}; it has {sorted(meta['networks'])}")
     return out

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..errors import UserError
+from ..utils.files import load_torch, read_json
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -212,11 +215,20 @@ def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClass
     meta_path = folder / "classifier.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no classifier.json (train one with `xrayforge classify train`)")
-    meta = json.loads(meta_path.read_text())
-    meta.pop("format", None)
+    meta = read_json(meta_path, "classifier settings")
+    if not isinstance(meta, dict) or meta.pop("format", None) != "xrayforge-classifier":
+        raise UserError(f"{meta_path}: not an xrayforge classifier file")
     meta.pop("version", None)
-    model = ChestClassifier(ClassifierConfig(**meta))
-    model.net.load_state_dict(torch.load(folder / "classifier.pt", map_location=map_location, weights_only=True))
+    try:
+        model = ChestClassifier(ClassifierConfig(**meta))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"{meta_path}: damaged classifier settings ({exc})") from None
+    state = load_torch(folder / "classifier.pt", "classifier weights", map_location=map_location)
+    try:
+        model.net.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"{folder / 'classifier.pt'}: the weights do not fit classifier.json "
+                        f"({str(exc).splitlines()[0]})") from None
     return model.eval()
 
 

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger("xrayforge.ops")
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
@@ -66,13 +68,14 @@ _selected: str | None = None
 _warned: set[tuple[str, str]] = set()
 
 
-class BackendUnavailableError(RuntimeError):
-    """Raised when a backend is asked for by name and cannot run here."""
+class BackendUnavailableError(UserError, RuntimeError):
+    """Raised when a backend is asked for by name and cannot run here (a user-facing error:
+    the name came from the caller or from XRAYFORGE_BACKEND)."""
 
 
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return name
 
 
@@ -88,7 +91,7 @@ def get_backend() -> str:
         return _selected
     env = os.environ.get("XRAYFORGE_BACKEND", "auto").strip().lower() or "auto"
     if env not in BACKENDS:
-        raise ValueError(f"XRAYFORGE_BACKEND={env!r} is not one of {', '.join(BACKENDS)}")
+        raise UserError(f"XRAYFORGE_BACKEND={env!r} is not one of {', '.join(BACKENDS)}")
     return env
 
 

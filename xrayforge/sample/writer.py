@@ -8,13 +8,19 @@ atomically); a crashed run redoes only incomplete shards, so the archive ends wi
 the asked number of images, each index once.
 
 Layout: DIR/shard-00000/00000000.png ..., DIR/shard-00000.csv, DIR/shard-00000.latents.npy,
-then DIR/manifest.csv (all shards) and DIR/summary.json.
+DIR/shard-00000.json (the shard's LCO rejections), then DIR/manifest.csv (all shards) and
+DIR/summary.json, which describes the whole archive however many runs wrote it.
+
+The checkpoint is pinned in DIR/sample_config.json when the archive is started: a run that
+continues it samples from that checkpoint even when training has written newer ones since
+(said at WARNING), and refuses when that checkpoint is gone, so an archive never mixes generators.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,12 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
+from ..utils.files import claim_output, read_csv, read_json
 from ..utils.images import save_png, to_uint
 from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
 from ..nn.latents import latents_for
 
 FORMATS = ("png8", "png16", "dicom")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,7 +115,9 @@ class ArchiveSampler:
             raise ValueError(f"--n must be at least 1, got {cfg.n}")
         self.cfg, self.progress = cfg, progress
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.ckpt = find_generator(cfg.run)
+        self.out = Path(cfg.out)
+        self.settings_path = self.out / "sample_config.json"
+        self.ckpt = self._checkpoint()
         self.G = load_networks(self.ckpt, names=["G_ema"], map_location=self.device)["G_ema"].eval()
         self.G.requires_grad_(False)
         self.classifier = None
@@ -118,9 +129,30 @@ class ArchiveSampler:
         self.findings = self.classifier.findings if self.classifier is not None else []
         self.targets = [parse_target(t, self.findings) for t in cfg.targets]
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
-        self.out = Path(cfg.out)
-        self.stats = {format_target(t): {"accepted": 0, "rejected": 0, "steps": 0, "prob_sum": 0.0}
-                      for t in self.targets}
+        self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
+
+    def _settings(self) -> dict:
+        return {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "encode_threads", "out", "max_attempts")}
+
+    def _checkpoint(self) -> Path:
+        """The generator's checkpoint: the one this archive was started from, else the run's newest."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"{self.out}: is a file, not a folder; give a folder for --out")
+        saved = read_json(self.settings_path, "the archive's sampling settings") if self.settings_path.is_file() else None
+        if not isinstance(saved, dict) or "checkpoint" not in saved:
+            return find_generator(self.cfg.run)
+        pinned = Path(saved["checkpoint"])
+        if not (pinned / "networks.json").is_file():
+            raise UserError(f"{self.out} was started from the checkpoint {pinned}, which is gone (rotated away?); "
+                            f"continuing it with another would mix generators in one archive: choose a new --out")
+        try:
+            newest = find_generator(self.cfg.run).resolve()
+        except (FileNotFoundError, ValueError):
+            newest = None
+        if newest != pinned.resolve():
+            log.warning("%s was started from %s; finishing it with that checkpoint, not %s (a new --out samples "
+                        "from the newer one)", self.out, pinned, newest or self.cfg.run)
+        return pinned
 
     # ------------------------------------------------------------------ one shard
     def _generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -159,7 +191,7 @@ class ArchiveSampler:
             open_targets = [t for t in range(T) if len(got[t]) < len(need[t])]
             for t in open_targets:
                 if next_attempt[t] >= self.cfg.max_attempts * len(need[t]):
-                    raise RuntimeError(
+                    raise UserError(
                         f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {len(need[t])} images "
                         f"reached after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, lower the "
                         f"threshold, or check that the classifier can see these findings")
@@ -182,12 +214,8 @@ class ArchiveSampler:
                 if len(got[t]) >= len(need[t]):
                     continue  # attempts beyond what the shard needs are neither kept nor counted
                 if not bool(res.accepted[j]):
-                    self.stats[key]["rejected"] += 1
+                    self.rejected[key] += 1
                     continue
-                st = self.stats[key]
-                st["accepted"] += 1
-                st["steps"] += int(res.steps[j])
-                st["prob_sum"] += float((res.probs[j] * mask[j].to(res.probs.device)).sum() / mask[j].sum())
                 got[t].append((batch_seed[j], batch_a[j], res, j))
         rows, latents, images = [], [], []
         for t in range(T):
@@ -223,6 +251,8 @@ class ArchiveSampler:
         for f in futures:
             f.result()
         np.save(self.out / f"{folder.name}.latents.npy", latents.numpy())
+        (self.out / f"{folder.name}.json").write_text(json.dumps({"rejected": self.rejected}))
+        self.rejected = dict.fromkeys(self.rejected, 0)
         fields = ["file", "index", "seed", "latent_seed", "latent_index", "target", "lco_steps", "latent_file",
                   "latent_row"] + [f"p_{f}" for f in self.findings]
         tmp = self.out / f"{folder.name}.csv.tmp"
@@ -239,15 +269,21 @@ class ArchiveSampler:
         import torch.distributed as dist
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        self.out.mkdir(parents=True, exist_ok=True)
-        settings_path = self.out / "sample_config.json"
-        settings = {k: v for k, v in asdict(self.cfg).items()
-                    if k not in ("device", "encode_threads", "out", "max_attempts")}
-        if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-            raise ValueError(f"{self.out} holds an archive sampled with other settings "
-                             f"({settings_path}); choose another --out")
+        settings = self._settings()
+        if rank == 0:  # never into a prepared archive or a folder of the user's own files
+            claim_output(self.out, "sample", signatures=("sample_config.json",))
+        settings_path = self.settings_path
+        if settings_path.exists():
+            saved = read_json(settings_path, "the archive's sampling settings")
+            if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k != "checkpoint"} != settings:
+                raise UserError(f"{self.out} holds an archive sampled with other settings "
+                                f"({settings_path}); choose another --out")
+        if distributed:
+            dist.barrier()
         if rank == 0:
-            settings_path.write_text(json.dumps(settings, indent=2))
+            tmp = settings_path.with_name(settings_path.name + ".tmp")
+            tmp.write_text(json.dumps({**settings, "checkpoint": str(self.ckpt.resolve())}, indent=2))
+            os.replace(tmp, settings_path)
         total = self.cfg.n * max(1, len(self.targets))
         S = self.cfg.shard_size
         shards = [range(s * S, min((s + 1) * S, total)) for s in range((total + S - 1) // S)]
@@ -265,21 +301,21 @@ class ArchiveSampler:
                 made += len(slots)
                 bar.update(len(slots) * world)
         elapsed = time.perf_counter() - t0
-        if distributed:  # add up the LCO counts of every process, wait for every shard
-            fields = ("accepted", "rejected", "steps", "prob_sum")
-            counts = torch.tensor([[float(st[f]) for f in fields] for st in self.stats.values()] + [[made, 0, 0, 0]],
-                                  dtype=torch.float64, device=self.device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(counts)
-            for row, st in zip(counts.tolist(), self.stats.values()):
-                st.update({f: (v if f == "prob_sum" else int(v)) for f, v in zip(fields, row)})
-            made = int(counts[-1, 0])
+        if distributed:  # wait for every shard; add up what the processes made
+            made_t = torch.tensor([float(made)], dtype=torch.float64,
+                                  device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(made_t)
+            made = int(made_t.item())
             dist.barrier()
             if rank != 0:
                 return {"out": str(self.out), "rank": rank}
-        rows = []
+        rows, rejected = [], {}
         for s in range(len(shards)):
-            with open(self.out / f"shard-{s:05d}.csv", newline="") as fh:
-                rows.extend(csv.DictReader(fh))
+            rows.extend(read_csv(self.out / f"shard-{s:05d}.csv", ("file", "index", "target", "lco_steps"),
+                                 "a shard of the sampled archive")[0])
+            part = self.out / f"shard-{s:05d}.json"
+            for key, n in (read_json(part).get("rejected", {}) if part.is_file() else {}).items():
+                rejected[key] = rejected.get(key, 0) + int(n)
         tmp = self.out / "manifest.csv.tmp"
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
@@ -287,17 +323,23 @@ class ArchiveSampler:
             w.writerows(rows)
         os.replace(tmp, self.out / "manifest.csv")
         summary = {"out": str(self.out), "images": len(rows), "checkpoint": str(self.ckpt), "format": self.cfg.format,
+                   # this run's own speed (None when it had nothing left to sample)
+                   "images_this_run": made,
                    "images_per_second": made / elapsed if elapsed > 0 and made else None, "targets": {},
                    # the decision thresholds that turn the manifest's p_<finding> columns into labels
                    "thresholds": {f: self.classifier.threshold(f) for f in self.findings}}
-        for key, st in self.stats.items():
-            tried = st["accepted"] + st["rejected"]
+        for t in self.targets:  # the whole archive, from its manifest and every shard's rejections
+            key = format_target(t)
+            mine = [r for r in rows if r["target"] == key]
+            acc, rej = len(mine), rejected.get(key, 0)
             summary["targets"][key] = {
-                "accepted": st["accepted"], "rejected": st["rejected"],
-                "acceptance_rate": st["accepted"] / tried if tried else None,
-                "mean_steps": st["steps"] / st["accepted"] if st["accepted"] else None,
-                "mean_target_probability": st["prob_sum"] / st["accepted"] if st["accepted"] else None}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+                "accepted": acc, "rejected": rej, "acceptance_rate": acc / (acc + rej) if acc + rej else None,
+                "mean_steps": float(np.mean([int(r["lco_steps"]) for r in mine])) if mine else None,
+                "mean_target_probability": float(np.mean([np.mean([float(r[f"p_{f}"]) for f in t]) for r in mine]))
+                if mine else None}
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.out / "summary.json")
         return summary
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from ..data.archive import Archive
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
+from ..nn.checkpoint import latest_intact
+from ..utils.files import claim_output, load_torch, read_jsonl
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
@@ -147,6 +149,8 @@ class Trainer:
         self.max_value = int(np.iinfo(self.archive.dtype).max)
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
+        if self.rank == 0:  # never into a folder of something else (an archive, another command's output)
+            claim_output(self.out, "train", signatures=("train_config.json", "checkpoints", "log.jsonl"))
         self._stop_signal = None
         self._auto_batches: dict[int, int] = {}
         self._build(resume)
@@ -169,15 +173,21 @@ class Trainer:
             nets = load_networks(path, map_location=self.device)
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            state = load_torch(path / "state.pt", "the training state")
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
             self.gen.set_state(state["latent_rng"])
             torch.set_rng_state(state["torch_rng"])
             if self.device.type == "cuda" and "cuda_rng" in state:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             if self.log_path.exists():
-                self.history = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
-                self.history = [h for h in self.history if h["images"] <= self.images_seen]
+                # ticks logged after this checkpoint (a kill between a tick and the next checkpoint) are
+                # done again, and a line torn by the kill is dropped: the log is rewritten without them
+                logged, torn = read_jsonl(self.log_path)
+                self.history = [h for h in logged if h.get("images", math.inf) <= self.images_seen]
+                if self.rank == 0 and (len(self.history) != len(logged) or torn):
+                    tmp = self.log_path.with_name("log.jsonl.tmp")
+                    tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+                    os.replace(tmp, self.log_path)
         elif self.rank == 0 and self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
             raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
                                   "or choose a new --out")
@@ -263,14 +273,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if pointer.is_file():
-            p = self.ckpt_dir / pointer.read_text().strip()
-            if (p / "state.pt").is_file() and (p / "networks.json").is_file():
-                return p
-        done = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp")
-                      and (p / "state.pt").is_file() and (p / "networks.json").is_file()) if self.ckpt_dir.exists() else []
-        return done[-1] if done else None
+        """The newest intact checkpoint (a damaged newest one is skipped, and said)."""
+        return latest_intact(self.ckpt_dir, files=("networks.pt", "state.pt"))
 
     def save_checkpoint(self) -> Path | None:
         if self.rank != 0:

@@ -1,0 +1,171 @@
+"""Reading the project's files with errors that name the file and the problem, and claiming
+output folders so that a command never writes into something it did not make.
+
+Every reader here turns the many ways a file can be damaged (missing, empty, truncated by a
+crash or a full disk, not the kind of file expected) into one :class:`~xrayforge.errors.UserError`
+that names the file. ``claim_output`` marks a folder as the output of one command
+(``.xrayforge.json``); a later run of the same command may continue in it, anything else is refused.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+MARKER = ".xrayforge.json"
+
+
+def _need_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected {what}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes); expected {what}")
+
+
+def _damaged(path: Path, what: str, exc: BaseException) -> UserError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = reason.split(". This is an internal")[0][:160]  # torch's zip reader adds a paragraph of advice
+    return UserError(f"{path}: cannot read {what}: the file is truncated or damaged ({reason})")
+
+
+def read_json(path: str | os.PathLike, what: str = "a JSON file"):
+    """The parsed JSON of ``path``."""
+    path = Path(path)
+    _need_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc}); the file is damaged or truncated") from None
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """(records, torn) of a JSON-lines log: a last line cut short by a crash is left out and
+    counted in ``torn``; a damaged line before the last is an error."""
+    path = Path(path)
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    records, torn = [], 0
+    for k, (i, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+            records.append(rec)
+        except ValueError as exc:
+            if k == len(lines) - 1:
+                torn = 1
+            else:
+                raise UserError(f"{path}, line {i}: not a JSON record ({exc}); the log is damaged") from None
+    return records, torn
+
+
+def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with an error that names the file."""
+    import torch
+    path = Path(path)
+    _need_file(path, what)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean a damaged file
+        raise _damaged(path, what, exc) from None
+
+
+def load_npy(path: str | os.PathLike, what: str = "a .npy array", mmap_mode: str | None = None):
+    import numpy as np
+    path = Path(path)
+    _need_file(path, what)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - header, size and pickle errors all mean a damaged file
+        raise _damaged(path, what, exc) from None
+
+
+def load_npz(path: str | os.PathLike, keys, what: str = "a .npz file") -> dict:
+    """{key: array} for ``keys`` from the .npz ``path`` (every key must be there)."""
+    import numpy as np
+    path = Path(path)
+    _need_file(path, what)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise UserError(f"{path}: not {what}: no {', '.join(missing)} in it (it has {', '.join(f.files) or 'nothing'})")
+            return {k: f[k] for k in f.files}
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _damaged(path, what, exc) from None
+
+
+def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file") -> tuple[list[dict], list[str]]:
+    """(rows, columns) of a CSV file (UTF-8, with or without the byte-order mark spreadsheet
+    programs write); every column in ``required`` must be there."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected {what}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: not a readable CSV file ({exc})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                        f"(it has {', '.join(columns) or 'no header'}); expected {what}")
+    return rows, columns
+
+
+def check_new_file(path: str | os.PathLike, what: str = "the output file") -> Path:
+    """``path`` can be written as a file: its folder exists and it is not itself a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; {what} must be a file path")
+    if not path.parent.is_dir():
+        if path.parent.exists():
+            raise UserError(f"{path.parent}: is a file, not a folder (for {what} {path})")
+        raise UserError(f"{path.parent}: no such folder (for {what} {path})")
+    return path
+
+
+def claim_output(out: str | os.PathLike, command: str, signatures=()) -> Path:
+    """Create or reuse ``out`` as the output folder of ``xrayforge <command>``.
+
+    An empty or new folder is created and marked. A folder marked by the same command (or
+    holding one of ``signatures``, files the command wrote before markers existed) is reused,
+    so an interrupted run continues. Anything else — a file, another command's output, a
+    folder of the user's own files — is refused with what is there, and nothing is written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; give a folder for --out")
+    marker = out / MARKER
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if marker.is_file():
+            owner = read_json(marker, "an xrayforge output marker").get("command")
+            if owner == command:
+                return out
+            raise UserError(f"{out}: holds the output of `xrayforge {owner}`, not of `xrayforge {command}`; "
+                            f"choose a new --out")
+        if entries and not any((out / s).exists() for s in signatures):
+            shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+            raise UserError(f"{out}: is not empty and was not made by `xrayforge {command}` (it holds {shown}); "
+                            f"nothing was written: choose an empty or new --out")
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{out}: cannot create the folder (a part of the path is a file)") from None
+    tmp = out / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"command": command}) + "\n")
+    os.replace(tmp, marker)
+    return out
