@@ -186,6 +186,8 @@ NUMERIC = [
     (("evaluate", "diversity"), "--n", "0"), (("evaluate", "diversity"), "--per-grid", "0"),
     (("evaluate", "diversity"), "--ratio", "-1"), (("evaluate", "diversity"), "--real-limit", "-5"),
     (("demo",), "--minutes", "0"), (("demo",), "--minutes", "nan"),
+    (("train",), "--seed", "-1"), (("sample",), "--seed", str(2 ** 70)), (("fid",), "--seed", "x"),
+    (("train",), "--max-kimg", "0.0001"), (("train",), "--tick-kimg", "0.0004"),
 ]
 
 DEVICE_COMMANDS = [("train",), ("fid",), ("sample",), ("classify", "train"), ("evaluate", "memorisation"),
@@ -540,6 +542,21 @@ CASES += [
     Case("lco-target-unknown-finding", "silent wrong result",
          lambda w, t: ["sample", w / "run", "--out", t / "s", "--n", "2", "--classifier", w / "clf", "--lco",
                        "Cardiomegally=1", "--device", "cpu", "-q"], "Cardiomegally"),
+    Case("reader-same-file-twice", "silent wrong result",
+         lambda w, t: ["evaluate", "reader-study", "score", w / "pack", w / "pack.key.csv", t / "ans.csv",
+                       t / "." / "ans.csv"], "given twice",
+         setup=lambda w, t: _answers(w, t, [{"reader": "", "image": r["image"], "answer": "real"}
+                                            for r in _key_rows(w)])),
+    Case("sample-marker-not-an-object", "corrupt JSON",
+         lambda w, t: ["sample", w / "run", "--out", t / "s", "--n", "2", "--device", "cpu", "-q"], ".xrayforge.json",
+         setup=lambda w, t: (t / "s").mkdir() or (t / "s" / ".xrayforge.json").write_text("[1]")),
+    Case("fid-save-stats-not-npz", "out path", lambda w, t: ["fid", w / "a.npz", "--save-stats", t / "s.csv"],
+         "s.csv"),
+    Case("fid-save-stats-over-users-file", "destroys data",
+         lambda w, t: ["fid", w / "a.npz", "--save-stats", t / "mine.npz"], "mine.npz",
+         setup=lambda w, t: np.savez(t / "mine.npz", weights=np.arange(3)), keep=lambda w, t: [t / "mine.npz"]),
+    Case("bench-json-missing-folder", "out path",
+         lambda w, t: ["bench", "--suites", "ops", "--json", t / "nowhere" / "b.json"], "nowhere"),
     Case("sample-other-settings", "silent wrong result",
          lambda w, t: ["sample", w / "run", "--out", w / "samples", "--n", "9", "--classifier", w / "clf",
                        "--shard-size", "3", "--device", "cpu", "-q"], "other settings",
@@ -579,6 +596,8 @@ def test_count_by_kind():
 # ------------------------------------------------------------------------------ where the right answer is to go on
 def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one_and_says_so(world, tmp_path, capsys, caplog):
     _broken_run("state.pt")(world, tmp_path)
+    saved = tmp_path / "run" / "train_config.json"  # keeping one checkpoint must not rotate away the good one
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "keep_checkpoints": 1}))
     bad = latest_ckpt(tmp_path / "run")
     older = sorted((tmp_path / "run" / "checkpoints").glob("ckpt-*"))[-2]
     rc, out, err = run(["train", "--out", tmp_path / "run", "--resume", "-q"], capsys)
@@ -589,6 +608,30 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_older_one_and_says_so(wor
     # the run went on from the older checkpoint to the end: a new latest replaces the damaged one
     assert latest_ckpt(tmp_path / "run").name == bad.name
     assert (latest_ckpt(tmp_path / "run") / "state.pt").stat().st_size > 0
+    assert (tmp_path / "run" / "checkpoints" / f"damaged-{bad.name}").is_dir()  # kept aside for a look
+    rc, out, err = run(["train", "--out", tmp_path / "run", "--resume", "--max-kimg", "1", "-q"], capsys)
+    assert rc == 0, err
+
+
+def test_hidden_files_do_not_make_a_folder_foreign(world, tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "s" / ".xrayforge.json.tmp").write_text("{")  # a marker write cut short
+    rc, out, err = run(["sample", world / "run", "--out", tmp_path / "s", "--n", "2", "--device", "cpu", "-q"], capsys)
+    assert rc == 0, err
+
+
+def test_a_finished_archive_re_summarises_after_its_checkpoint_is_gone(world, tmp_path, capsys):
+    copy(world / "run", tmp_path / "run")
+    argv = ["sample", tmp_path / "run", "--out", tmp_path / "s", "--n", "4", "--device", "cpu", "-q"]
+    assert run(argv, capsys)[0] == 0
+    first = json.loads((tmp_path / "s" / "summary.json").read_text())
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    rc, out, err = run(argv, capsys)
+    assert rc == 0 and "was complete" in out, err
+    again = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert again["images"] == first["images"] == 4 and again["checkpoint"] == first["checkpoint"]
 
 
 def test_sample_from_a_run_whose_latest_checkpoint_lost_its_metadata_says_which_it_used(world, tmp_path, capsys,

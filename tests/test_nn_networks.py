@@ -167,7 +167,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded["G"].level == 2 and float(loaded["G"].alpha) == pytest.approx(0.4)
     z = torch.randn(2, 16)
     torch.testing.assert_close(loaded["G"](z), g(z))
-    with pytest.raises(KeyError, match="no network named"):
+    with pytest.raises(ValueError, match="no network named"):
         load_networks(tmp_path / "ck", names=["H"])
     with pytest.raises(FileNotFoundError, match="networks.json"):
         load_networks(tmp_path)

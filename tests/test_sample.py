@@ -242,6 +242,10 @@ def test_resumed_and_rerun_lco_archives_summarise_the_whole_archive(models, tmp_
     rerun = sample_archive(cfg, progress=False)  # a finished archive: nothing made, the same description
     assert rerun["images_this_run"] == 0 and rerun["targets"] == again["targets"]
     assert json.loads((out / "summary.json").read_text())["targets"] == again["targets"]
+    # an archive begun before the shards kept their rejections: the total is unknown, not zero
+    (out / "shard-00000.json").unlink()
+    old = sample_archive(cfg, progress=False)["targets"]["Cardiomegaly=1"]
+    assert old["accepted"] == 6 and old["rejected"] is None and old["acceptance_rate"] is None
 
 
 def test_a_resumed_archive_keeps_the_checkpoint_it_started_with(models, tmp_path, caplog):

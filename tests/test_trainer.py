@@ -207,7 +207,7 @@ def test_cli_train_options(archive, tmp_path, capsys):
     base = ["train", str(archive), "--latent-dim", "8", "--fmap-base", "32", "--fmap-max", "8", "-q"]
     with pytest.raises(SystemExit, match="2"):  # refused when the command line is parsed
         main(base + ["--out", str(tmp_path / "a"), "--max-kimg", "0"])
-    assert "--max-kimg: 0.0 must be greater than 0" in capsys.readouterr().err
+    assert "--max-kimg: 0.0 thousand images is less than one image" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):
         main(base + ["--out", str(tmp_path / "b"), "--start-resolution", "48"])
     assert "power of two" in capsys.readouterr().err

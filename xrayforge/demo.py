@@ -149,7 +149,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .sample.writer import SampleConfig, sample_archive
     from .train.trainer import Trainer
 
-    out = claim_output(out, "demo", signatures=("demo_state.json",))
+    out = claim_output(out, "demo", signatures=("demo_state.json", "phantom", "phantom.partial", "run"))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p = plan(minutes, dev)
     budget = minutes * 60
@@ -262,13 +262,13 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     feature_kwargs = {"inception": weights, "random_weights": random_weights, "device": str(dev), "workers": 0,
                       "batch_size": 32, "progress": progress}
     fid_summary = evals / "fid-findings" / "summary.json"
-    if not fid_summary.is_file() or json.loads(fid_summary.read_text())["inception"].startswith("random") \
+    if not fid_summary.is_file() or read_json(fid_summary).get("inception", "random").startswith("random") \
             != random_weights:
         say("computing FID (all samples, per finding, against sample count)")
         fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings",
                        FeatureExtractor(**feature_kwargs), counts=p["fid_counts"], real_limit=p["fid_real"],
                        min_images=p["fid_min_images"], progress=progress)
-    fs = json.loads(fid_summary.read_text())
+    fs = read_json(fid_summary)
     every = fs["rows"][0]
     results["fid"] = {"fid": every["fid"], "n_a": every["real_images"], "n_b": every["synthetic_images"],
                       "inception": fs["inception"], "mode": fs["mode"]}
@@ -291,7 +291,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         say("memorisation audit")
         audit(str(samples / "unconditional"), str(archive), evals / "memorisation", FeatureExtractor(**feature_kwargs),
               real_limit=p["fid_real"], progress=progress)
-    mem = json.loads((evals / "memorisation" / "summary.json").read_text())
+    mem = read_json(evals / "memorisation" / "summary.json")
     results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real")}
     lap("evaluations")
     report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))

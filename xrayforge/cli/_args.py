@@ -16,54 +16,30 @@ def _number(kind, text: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _checked(kind, ok, says: str, name: str):
+    """An argparse type: ``kind`` of the text, refused unless ``ok(value)``."""
+    def parse(text: str):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} {says}")
+        return value
+    parse.__name__ = name
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "must be at least 1", "positive_int")
+nonneg_int = _checked(int, lambda v: v >= 0, "must be 0 or more", "nonneg_int")
+positive_float = _checked(float, lambda v: v > 0, "must be greater than 0", "positive_float")
+nonneg_float = _checked(float, lambda v: v >= 0, "must be 0 or more", "nonneg_float")
+fraction = _checked(float, lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)", "fraction")
+percentile = _checked(float, lambda v: 0 < v <= 100, "must be a percentile in (0, 100]", "percentile")
+seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "is not a seed (0 .. 2^32 - 1)", "seed")
+kimg = _checked(float, lambda v: round(v * 1000) >= 1, "thousand images is less than one image", "kimg")
 
 
-def positive_float(text: str) -> float:
-    value = _number(float, text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
-def fraction(text: str) -> float:
-    """Strictly between 0 and 1."""
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (exclusive)")
-    return value
-
-
-def percentile(text: str) -> float:
-    value = _number(float, text)
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"{value} must be a percentile in (0, 100]")
-    return value
-
-
-def power_of_two(text: str) -> int:
-    value = _number(int, text)
-    if value < 4 or value & (value - 1):
-        raise argparse.ArgumentTypeError(f"{value} is not a resolution (a power of two >= 4)")
-    return value
+power_of_two = _checked(int, lambda v: v >= 4 and not v & (v - 1), "is not a resolution (a power of two >= 4)",
+                        "power_of_two")
+ema_beta = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)", "ema_beta")
 
 
 def device(text: str) -> str:
@@ -83,3 +59,4 @@ def device(text: str) -> str:
     elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
     return text
+

@@ -16,6 +16,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"xrayforge bench: error: unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(SUITES)}",
               file=sys.stderr)
         return 2
+    if args.json:  # before the benchmarks, not after them
+        from ..utils.files import check_new_file
+        check_new_file(args.json, "--json")
     results = run_suite(suites, args.device, args.quick, progress=not args.quiet)
     print_tables(results)
     if args.json:

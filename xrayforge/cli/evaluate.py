@@ -18,7 +18,7 @@ def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     q.add_argument("--epochs", type=_args.positive_int, default=10)
     q.add_argument("--batch", type=_args.positive_int, default=32)
     q.add_argument("--lr", type=_args.positive_float, default=1e-3)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
 
 
@@ -194,7 +194,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="pack folder")
     q.add_argument("--key", default=None, help="answer key CSV (default: <out>.key.csv)")
     q.add_argument("--size", type=_args.positive_int, default=1024, help="image size in the pack (default 1024)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_args.seed, default=0)
     q.set_defaults(func=_cmd_reader_make)
     q = rsub.add_parser("score", help="score the readers' answers",
                         description="Per-reader and pooled accuracy, sensitivity and specificity for 'synthetic', "
@@ -245,7 +245,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--inception", default=None)
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
     q.add_argument("--batch", type=_args.positive_int, default=64)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_fid_findings)
@@ -267,7 +267,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="under-produced below this fraction of the real prevalence (default 0.5)")
     q.add_argument("--truncation", type=_args.positive_float, default=None)
     q.add_argument("--batch", type=_args.positive_int, default=64)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(func=_cmd_diversity)

@@ -13,13 +13,21 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     from ..fid.compute import FeatureExtractor, compute_fid
     from ..train.trainer import init_distributed
 
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..fid.stats import FrechetStats
     from ..utils.files import check_new_file
 
     if args.b is None and not args.save_stats:
         print("xrayforge fid: error: give two inputs, or one with --save-stats", file=sys.stderr)
         return 2
-    if args.save_stats:  # before the work, not after it
+    if args.save_stats:  # before the work, not after it; and only statistics are ever overwritten
         check_new_file(args.save_stats, "--save-stats")
+        if Path(args.save_stats).suffix != ".npz":
+            raise UserError(f"{args.save_stats}: --save-stats writes a .npz statistics file (e.g. stats.npz)")
+        if Path(args.save_stats).exists():
+            FrechetStats.load(args.save_stats)  # an existing file must be statistics, or it is not replaced
     rank, _ = init_distributed()
     common = dict(inception=args.inception, random_weights=args.random_weights, mode=args.mode,
                   device=args.device, batch_size=args.batch, workers=args.workers,
@@ -72,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_args.positive_int, default=64)
     p.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
     p.add_argument("--device", type=_args.device, default=None)
-    p.add_argument("--seed", type=int, default=0, help="latent seed for checkpoint inputs")
+    p.add_argument("--seed", type=_args.seed, default=0, help="latent seed for checkpoint inputs")
     p.add_argument("--kid", type=_args.nonneg_int, default=0, metavar="SUBSETS", help="also compute KID over this many subsets")
     p.add_argument("--bootstrap", type=_args.nonneg_int, default=0, metavar="ROUNDS",
                    help="also give a 95%% bootstrap interval for the FID")

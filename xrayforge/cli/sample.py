@@ -22,11 +22,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return 0
     print(f"{summary['out']}: {summary['images']} images ({summary['format']}); manifest.csv, summary.json")
     for key, t in summary["targets"].items():
-        rate = t["acceptance_rate"]
-        print(f"  {key}: {t['accepted']} accepted, {t['rejected']} rejected"
-              f" (acceptance {rate:.1%}, mean {t['mean_steps'] or 0:.1f} steps, "
-              f"mean target probability {t['mean_target_probability'] or 0:.3f})" if rate is not None else
-              f"  {key}: no images")
+        line = f"  {key}: {t['accepted']} accepted"
+        if t["rejected"] is not None and t["acceptance_rate"] is not None:
+            line += f", {t['rejected']} rejected (acceptance {t['acceptance_rate']:.1%})"
+        if t["accepted"]:
+            line += (f"; mean {t['mean_steps']:.1f} LCO steps, mean target probability "
+                     f"{t['mean_target_probability']:.3f}")
+        print(line)
     if summary["images_per_second"]:
         print(f"  {summary['images_this_run']} images in this run, {summary['images_per_second']:.1f} images/s")
     else:
@@ -48,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=_args.positive_int, required=True, help="images (per LCO target)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
     p.add_argument("--batch", type=_args.positive_int, default=32)
     p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T")

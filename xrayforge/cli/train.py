@@ -36,13 +36,6 @@ def _parse_lr(text: str) -> tuple[float, dict]:
     return base, table
 
 
-def _ema_beta(text: str) -> float:
-    value = _args._number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
-    return value
-
-
 def _kimg(value: float | None) -> int | None:
     return None if value is None else int(round(value * 1000))
 
@@ -124,11 +117,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=_args.power_of_two, default=None, help="final resolution (default: the archive's)")
     p.add_argument("--start-resolution", type=_args.power_of_two, default=4)
     p.add_argument("--fade-kimg", type=_args.nonneg_float, default=600, help="thousands of images per fade-in (default 600)")
-    p.add_argument("--stable-kimg", type=_args.positive_float, default=600, help="thousands of images per stable phase (default 600)")
-    p.add_argument("--total-kimg", type=_args.positive_float, default=None,
+    p.add_argument("--stable-kimg", type=_args.kimg, default=600, help="thousands of images per stable phase (default 600)")
+    p.add_argument("--total-kimg", type=_args.kimg, default=None,
                    help="train on at the final resolution until this many thousand images in all (the official "
                         "total_kimg, e.g. 12000); default: stop after one stable phase at the final resolution")
-    p.add_argument("--max-kimg", type=_args.positive_float, default=None,
+    p.add_argument("--max-kimg", type=_args.kimg, default=None,
                    help="stop (with a checkpoint) after this many thousand images in all; --resume goes on (with "
                         "--resume, the run's saved options apply: only ARCHIVE, --max-kimg, --total-kimg and --device "
                         "can change)")
@@ -150,7 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-rampup", type=_args.nonneg_float, default=0.05,
                    help="the half-life is at most this fraction of the images seen so far, so that early G_ema "
                         "follows G (default 0.05, as NVIDIA's later code; 0: a constant half-life)")
-    p.add_argument("--ema-beta", type=_ema_beta, default=None,
+    p.add_argument("--ema-beta", type=_args.ema_beta, default=None,
                    help="a constant per-step EMA beta instead of --ema-kimg: 0.999 is the official PGGAN's at any "
                         "batch (the default half-life equals it at a global batch of 16)")
     p.add_argument("--realism-images", type=_args.nonneg_int, default=256,
@@ -160,10 +153,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fmap-base", type=_args.positive_int, default=8192)
     p.add_argument("--fmap-max", type=_args.positive_int, default=512)
     p.add_argument("--mirror", action="store_true", help="random left-right flips (off: radiographs are not symmetric)")
-    p.add_argument("--tick-kimg", type=_args.positive_float, default=10, help="thousands of images per log tick (default 10)")
+    p.add_argument("--tick-kimg", type=_args.kimg, default=10, help="thousands of images per log tick (default 10)")
     p.add_argument("--checkpoint-ticks", type=_args.positive_int, default=5, help="ticks between checkpoints (default 5)")
     p.add_argument("--keep", type=_args.positive_int, default=3, help="checkpoints to keep (default 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import read_csv, read_json
+from ..utils.files import check_out_dir, load_npy, read_csv, read_json
 from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, pyramid_resolutions, quantize, write_csv,
                       write_json)
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
@@ -107,7 +107,8 @@ _W: dict = {}
 
 
 def _init_worker(folder: str, resolutions: list[int], dtype: str):
-    _W["arrays"] = {r: np.load(Path(folder) / f"images_{r}.npy", mmap_mode="r+") for r in resolutions}
+    _W["arrays"] = {r: load_npy(Path(folder) / f"images_{r}.npy", f"the unfinished {r}-px images", mmap_mode="r+")
+                    for r in resolutions}
     _W["resolution"], _W["dtype"] = max(resolutions), np.dtype(dtype)
 
 
@@ -175,9 +176,9 @@ def _read_progress(path: Path) -> dict[int, dict]:
             for line in fh:
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                    done[int(rec["i"])] = rec
+                except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by the crash: that image is simply redone
-                done[rec["i"]] = rec
     return done
 
 
@@ -194,10 +195,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     out = Path(out)
     if (out / "archive.json").exists():
         raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; OUT is the archive folder to create")
-    if out.is_dir() and any(out.iterdir()):  # before the work, not after it
-        raise UserError(f"{out}: exists and is not empty; choose a new OUT")
+    check_out_dir(out, empty=True)  # before the work, not after it
     partial = out.with_name(out.name + ".partial")
     dtype = "uint8" if bits == 8 else "uint16"
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
@@ -269,10 +267,10 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         "source": str(src), "labelled": any(r["finding_labels"] for r in manifest)})
     plan_path.unlink()
     progress_path.unlink()
-    if out.exists():  # an empty folder the user made for us
-        if any(out.iterdir()):
+    if out.exists():  # an empty folder the user made for us (hidden files such as .DS_Store aside)
+        if any(not p.name.startswith(".") for p in out.iterdir()):
             raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
-        out.rmdir()
+        shutil.rmtree(out)
     os.replace(partial, out)
     return PrepareResult(out, len(manifest), len(skipped))
 

@@ -180,8 +180,8 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
 
 
 def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
-    from ..utils.files import claim_output
-    claim_output(cfg.out, "classify train", signatures=("classifier.json",))
+    from ..utils.files import check_out_dir, claim_output
+    check_out_dir(cfg.out)
     archive = Archive(cfg.archive)
     if not archive.meta.get("labelled", True) or archive.labels.sum() == 0:
         raise ValueError(f"{cfg.archive}: the archive has no finding labels to learn")
@@ -194,6 +194,7 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     train_items, val_items = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
     if len(val_items) == 0 or len(train_items) == 0:
         raise ValueError("the patient-level validation split left one side empty; change --val-fraction")
+    claim_output(cfg.out, "classify train", signatures=("classifier.json",))  # once the input is known good
     result = fit(images, train_items, val_items, cfg, cfg.augment, cfg.init_weights, progress)
     out = Path(cfg.out)
     model = result.model

@@ -112,8 +112,11 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
     if not Path(pack, "index.html").is_file():
         raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
     key = read_key(key_path)
-    answers, source = [], {}
+    answers, source, given = [], {}, set()
     for f in answer_files:
+        if Path(f).resolve() in given:
+            raise UserError(f"{f}: given twice")
+        given.add(Path(f).resolve())
         got = read_answers(f, key)
         if not got:
             raise UserError(f"{f}: no answers in it")
@@ -122,7 +125,7 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
             name = str(f)
         if name in source:
             raise UserError(f"{f}: reader {name!r} also answered in {source[name]}; give each reader one file "
-                            f"(or correct the reader name)" if got[0]["named"] else f"{f}: given twice")
+                            f"(or correct the reader name)")
         source[name] = f
         answers.extend({**a, "reader": name} for a in got)
     readers = sorted({a["reader"] for a in answers})
@@ -173,15 +176,12 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
 
     from ..data.readers import SkipImage
     from ..utils.images import save_png
-    from ..utils.files import check_new_file
+    from ..utils.files import check_new_file, check_out_dir
     out = Path(out)
     key_path = Path(key_path) if key_path else out.with_name(out.name + ".key.csv")
     if key_path.resolve().is_relative_to(out.resolve()):
         raise UserError(f"the key {key_path} must not be inside the pack {out}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; the pack is a folder")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: exists and is not empty; choose a new pack folder")
+    check_out_dir(out, empty=True)
     check_new_file(key_path, "the answer key")
     if key_path.exists():
         raise UserError(f"{key_path}: an answer key is already there (it may belong to a pack readers already "

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..data.archive import write_csv, write_json
-from ..utils.files import claim_output, load_npy, read_json
+from ..utils.files import claim_output, load_npy, same_settings
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
 from .labelled import open_labelled
 from ._format import csv_row, is_number, number
@@ -57,8 +57,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     out = claim_output(cfg.out, "evaluate tstr", signatures=("tstr_config.json",))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
     settings_path = out / "tstr_config.json"
-    if settings_path.exists() and read_json(settings_path) != settings:
-        raise ValueError(f"{out} holds a TSTR run with other settings ({settings_path}); choose another --out")
+    same_settings(settings_path, settings)
     real = open_labelled(cfg.real, out, progress)
     synth = open_labelled(cfg.synthetic, out, progress)
     if real.labels.sum() == 0:

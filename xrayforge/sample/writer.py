@@ -32,13 +32,17 @@ import torch
 
 from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
-from ..utils.files import claim_output, read_csv, read_json
+from ..utils.files import check_out_dir, claim_output, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
 from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
 from ..nn.latents import latents_for
 
 FORMATS = ("png8", "png16", "dicom")
 log = logging.getLogger(__name__)
+
+
+class LCOUnreachable(UserError, RuntimeError):
+    """LCO could not reach a target within the allowed attempts."""
 
 
 @dataclass
@@ -118,8 +122,7 @@ class ArchiveSampler:
         self.out = Path(cfg.out)
         self.settings_path = self.out / "sample_config.json"
         self.ckpt = self._checkpoint()
-        self.G = load_networks(self.ckpt, names=["G_ema"], map_location=self.device)["G_ema"].eval()
-        self.G.requires_grad_(False)
+        self._G = None  # loaded when a shard is to be made (a finished archive only re-summarises)
         self.classifier = None
         if cfg.classifier:
             from ..nn.classifier import load_classifier
@@ -131,18 +134,53 @@ class ArchiveSampler:
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
 
+    @property
+    def G(self):
+        if self._G is None:
+            self._G = load_networks(self.ckpt, names=["G_ema"], map_location=self.device)["G_ema"].eval()
+            self._G.requires_grad_(False)
+        return self._G
+
+    def _shards(self) -> list[range]:
+        total = self.cfg.n * max(1, len(self.cfg.targets))
+        S = self.cfg.shard_size
+        return [range(s * S, min((s + 1) * S, total)) for s in range((total + S - 1) // S)]
+
+    def _complete(self) -> bool:
+        return all((self.out / f"shard-{s:05d}.csv").is_file() for s in range(len(self._shards())))
+
     def _settings(self) -> dict:
         return {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "encode_threads", "out", "max_attempts")}
 
     def _checkpoint(self) -> Path:
-        """The generator's checkpoint: the one this archive was started from, else the run's newest."""
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"{self.out}: is a file, not a folder; give a folder for --out")
+        """The generator's checkpoint: the one this archive was started from, else the run's newest
+        (chosen by process 0 under torchrun, so that every process samples from the same one)."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            chosen = [None]
+            if dist.get_rank() == 0:
+                try:
+                    chosen = [str(self._choose_checkpoint())]
+                except (UserError, FileNotFoundError) as exc:
+                    chosen = [exc]
+            dist.broadcast_object_list(chosen, 0)
+            if isinstance(chosen[0], Exception):
+                raise UserError(str(chosen[0]))
+            return Path(chosen[0])
+        return self._choose_checkpoint()
+
+    def _choose_checkpoint(self) -> Path:
+        check_out_dir(self.out)
         saved = read_json(self.settings_path, "the archive's sampling settings") if self.settings_path.is_file() else None
-        if not isinstance(saved, dict) or "checkpoint" not in saved:
+        if saved is None or "checkpoint" not in saved:
             return find_generator(self.cfg.run)
         pinned = Path(saved["checkpoint"])
-        if not (pinned / "networks.json").is_file():
+        if not (pinned / "networks.json").is_file():  # the run moved: the same checkpoint in it
+            for there in (Path(self.cfg.run), Path(self.cfg.run) / "checkpoints" / pinned.name):
+                if there.name == pinned.name and (there / "networks.json").is_file():
+                    pinned = there
+                    break
+        if not (pinned / "networks.json").is_file() and not self._complete():
             raise UserError(f"{self.out} was started from the checkpoint {pinned}, which is gone (rotated away?); "
                             f"continuing it with another would mix generators in one archive: choose a new --out")
         try:
@@ -191,7 +229,7 @@ class ArchiveSampler:
             open_targets = [t for t in range(T) if len(got[t]) < len(need[t])]
             for t in open_targets:
                 if next_attempt[t] >= self.cfg.max_attempts * len(need[t]):
-                    raise UserError(
+                    raise LCOUnreachable(
                         f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {len(need[t])} images "
                         f"reached after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, lower the "
                         f"threshold, or check that the classifier can see these findings")
@@ -270,23 +308,18 @@ class ArchiveSampler:
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         settings = self._settings()
-        if rank == 0:  # never into a prepared archive or a folder of the user's own files
-            claim_output(self.out, "sample", signatures=("sample_config.json",))
+        # never into a prepared archive or a folder of the user's own files
+        claim_output(self.out, "sample", signatures=("sample_config.json",))
         settings_path = self.settings_path
-        if settings_path.exists():
-            saved = read_json(settings_path, "the archive's sampling settings")
-            if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k != "checkpoint"} != settings:
-                raise UserError(f"{self.out} holds an archive sampled with other settings "
-                                f"({settings_path}); choose another --out")
+        same_settings(settings_path, settings, ignore=("checkpoint",))
         if distributed:
             dist.barrier()
         if rank == 0:
             tmp = settings_path.with_name(settings_path.name + ".tmp")
             tmp.write_text(json.dumps({**settings, "checkpoint": str(self.ckpt.resolve())}, indent=2))
             os.replace(tmp, settings_path)
-        total = self.cfg.n * max(1, len(self.targets))
-        S = self.cfg.shard_size
-        shards = [range(s * S, min((s + 1) * S, total)) for s in range((total + S - 1) // S)]
+        shards = self._shards()
+        total = shards[-1].stop
         from tqdm import tqdm
         done = [s for s in range(len(shards)) if (self.out / f"shard-{s:05d}.csv").is_file()]
         t0 = time.perf_counter()
@@ -309,12 +342,13 @@ class ArchiveSampler:
             dist.barrier()
             if rank != 0:
                 return {"out": str(self.out), "rank": rank}
-        rows, rejected = [], {}
+        rows, rejected, counted = [], {}, True
         for s in range(len(shards)):
             rows.extend(read_csv(self.out / f"shard-{s:05d}.csv", ("file", "index", "target", "lco_steps"),
                                  "a shard of the sampled archive")[0])
             part = self.out / f"shard-{s:05d}.json"
-            for key, n in (read_json(part).get("rejected", {}) if part.is_file() else {}).items():
+            counted &= part.is_file()  # shards written before rejections were kept: the total is unknown
+            for key, n in (read_json(part, "a shard's LCO counts").get("rejected", {}) if part.is_file() else {}).items():
                 rejected[key] = rejected.get(key, 0) + int(n)
         tmp = self.out / "manifest.csv.tmp"
         with open(tmp, "w", newline="") as fh:
@@ -331,9 +365,10 @@ class ArchiveSampler:
         for t in self.targets:  # the whole archive, from its manifest and every shard's rejections
             key = format_target(t)
             mine = [r for r in rows if r["target"] == key]
-            acc, rej = len(mine), rejected.get(key, 0)
+            acc, rej = len(mine), rejected.get(key, 0) if counted else None
             summary["targets"][key] = {
-                "accepted": acc, "rejected": rej, "acceptance_rate": acc / (acc + rej) if acc + rej else None,
+                "accepted": acc, "rejected": rej,
+                "acceptance_rate": acc / (acc + rej) if rej is not None and acc + rej else None,
                 "mean_steps": float(np.mean([int(r["lco_steps"]) for r in mine])) if mine else None,
                 "mean_target_probability": float(np.mean([np.mean([float(r[f"p_{f}"]) for f in t]) for r in mine]))
                 if mine else None}

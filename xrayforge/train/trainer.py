@@ -149,8 +149,8 @@ class Trainer:
         self.max_value = int(np.iinfo(self.archive.dtype).max)
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
-        if self.rank == 0:  # never into a folder of something else (an archive, another command's output)
-            claim_output(self.out, "train", signatures=("train_config.json", "checkpoints", "log.jsonl"))
+        # never into a folder of something else (an archive, another command's output)
+        claim_output(self.out, "train", signatures=("train_config.json", "checkpoints", "log.jsonl"))
         self._stop_signal = None
         self._auto_batches: dict[int, int] = {}
         self._build(resume)
@@ -170,6 +170,10 @@ class Trainer:
             path = self.latest_checkpoint()
             if path is None:
                 raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from")
+            if self.rank == 0:  # newer checkpoints were skipped as damaged: out of rotation's way, kept for a look
+                for bad in sorted(self.ckpt_dir.glob("ckpt-*")):
+                    if bad.name > path.name and not bad.name.endswith(".tmp"):
+                        os.replace(bad, bad.with_name("damaged-" + bad.name))
             nets = load_networks(path, map_location=self.device)
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())

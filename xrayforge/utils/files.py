@@ -33,14 +33,17 @@ def _damaged(path: Path, what: str, exc: BaseException) -> UserError:
     return UserError(f"{path}: cannot read {what}: the file is truncated or damaged ({reason})")
 
 
-def read_json(path: str | os.PathLike, what: str = "a JSON file"):
-    """The parsed JSON of ``path``."""
+def read_json(path: str | os.PathLike, what: str = "a JSON file", expect: type | None = dict):
+    """The parsed JSON of ``path`` (by default it must be an object: a dict)."""
     path = Path(path)
     _need_file(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc}); the file is damaged or truncated") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise UserError(f"{path}: holds a JSON {type(obj).__name__}, not {what}")
+    return obj
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
@@ -64,25 +67,24 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
     return records, torn
 
 
-def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location="cpu"):
-    """``torch.load(path, weights_only=True)`` with an error that names the file."""
-    import torch
+def _load(path, what: str, load):
     path = Path(path)
     _need_file(path, what)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean a damaged file
+        return load(path)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle, header, size and EOF errors all mean a damaged file
         raise _damaged(path, what, exc) from None
+
+
+def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with an error that names the file."""
+    import torch
+    return _load(path, what, lambda p: torch.load(p, map_location=map_location, weights_only=True))
 
 
 def load_npy(path: str | os.PathLike, what: str = "a .npy array", mmap_mode: str | None = None):
     import numpy as np
-    path = Path(path)
-    _need_file(path, what)
-    try:
-        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - header, size and pickle errors all mean a damaged file
-        raise _damaged(path, what, exc) from None
+    return _load(path, what, lambda p: np.load(p, mmap_mode=mmap_mode, allow_pickle=False))
 
 
 def load_npz(path: str | os.PathLike, keys, what: str = "a .npz file") -> dict:
@@ -106,10 +108,7 @@ def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file") -> 
     """(rows, columns) of a CSV file (UTF-8, with or without the byte-order mark spreadsheet
     programs write); every column in ``required`` must be there."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} not found")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; expected {what}")
+    _need_file(path, what)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -136,6 +135,38 @@ def check_new_file(path: str | os.PathLike, what: str = "the output file") -> Pa
     return path
 
 
+def check_out_dir(out: str | os.PathLike, empty: bool = False) -> Path:
+    """``out`` can be an output folder: not a file, and (``empty``) nothing in it but hidden files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file, not a folder; give a folder for the output")
+    if empty and out.is_dir():
+        entries = _visible(out)
+        if entries:
+            raise UserError(f"{out}: exists and is not empty (it holds {_listing(entries)}); choose a new folder")
+    return out
+
+
+def _visible(folder: Path) -> list[str]:
+    """What a folder holds, less hidden files (.DS_Store, a marker, a marker left half written)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _listing(entries: list[str]) -> str:
+    return ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+
+
+def same_settings(path: str | os.PathLike, settings: dict, ignore=()) -> None:
+    """An output that holds ``path`` (its saved settings) may only be continued with the same
+    settings (keys in ``ignore`` aside)."""
+    path = Path(path)
+    if path.exists():
+        saved = read_json(path, "saved settings")
+        if {k: v for k, v in saved.items() if k not in ignore} != {k: v for k, v in settings.items()
+                                                                     if k not in ignore}:
+            raise UserError(f"{path.parent} holds an output made with other settings ({path}); choose a new --out")
+
+
 def claim_output(out: str | os.PathLike, command: str, signatures=()) -> Path:
     """Create or reuse ``out`` as the output folder of ``xrayforge <command>``.
 
@@ -143,13 +174,28 @@ def claim_output(out: str | os.PathLike, command: str, signatures=()) -> Path:
     holding one of ``signatures``, files the command wrote before markers existed) is reused,
     so an interrupted run continues. Anything else — a file, another command's output, a
     folder of the user's own files — is refused with what is there, and nothing is written.
+    Under torchrun, process 0 decides and every process raises the same error.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file, not a folder; give a folder for --out")
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        outcome = [None]
+        if dist.get_rank() == 0:
+            try:
+                _claim(Path(out), command, signatures)
+            except UserError as exc:
+                outcome = [str(exc)]
+        dist.broadcast_object_list(outcome, 0)
+        if outcome[0] is not None:
+            raise UserError(outcome[0])
+        return Path(out)
+    return _claim(Path(out), command, signatures)
+
+
+def _claim(out: Path, command: str, signatures) -> Path:
+    check_out_dir(out)
     marker = out / MARKER
     if out.is_dir():
-        entries = sorted(p.name for p in out.iterdir())
+        entries = _visible(out)
         if marker.is_file():
             owner = read_json(marker, "an xrayforge output marker").get("command")
             if owner == command:
@@ -157,9 +203,8 @@ def claim_output(out: str | os.PathLike, command: str, signatures=()) -> Path:
             raise UserError(f"{out}: holds the output of `xrayforge {owner}`, not of `xrayforge {command}`; "
                             f"choose a new --out")
         if entries and not any((out / s).exists() for s in signatures):
-            shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-            raise UserError(f"{out}: is not empty and was not made by `xrayforge {command}` (it holds {shown}); "
-                            f"nothing was written: choose an empty or new --out")
+            raise UserError(f"{out}: is not empty and was not made by `xrayforge {command}` (it holds "
+                            f"{_listing(entries)}); nothing was written: choose an empty or new --out")
     else:
         try:
             out.mkdir(parents=True, exist_ok=True)
