@@ -168,7 +168,10 @@ def test_tstr_refuses_bad_settings(phantoms, tmp_path):
 # --------------------------------------------------------------------------- FID per finding
 class PixelFeatures:
     """A stand-in for the Inception: 16 features (4×4 block means) so that FIDs are cheap and exact."""
-    dim, device, batch_size, random_weights, mode = 16, torch.device("cpu"), 7, True, "exact"
+    dim, device, batch_size, random_weights, mode, space_name = 16, torch.device("cpu"), 7, True, "exact", "pixels"
+
+    def describe_space(self):
+        return "4×4 block means (a test stand-in)"
 
     def features(self, pixels):
         x = pixels.float().reshape(len(pixels), 1, *pixels.shape[-2:]) / 255
@@ -185,7 +188,7 @@ def _fid(a, b):
 
 def test_fid_per_finding_and_against_n_equal_direct_computation(phantoms, tmp_path):
     s = fid_by_finding(str(phantoms / "faithful"), str(phantoms / "real"), tmp_path / "f", PixelFeatures(),
-                       counts=[20, 60, 150], seed=3, min_images=10, progress=False)
+                       counts=[20, 60, 150], seed=3, min_images=10, progress=False, prdc=True)
     synth = open_labelled(phantoms / "faithful", tmp_path / "f", progress=False)
     real = Archive(phantoms / "real")
     fs, fr = _features(synth), _features(real)
@@ -197,6 +200,15 @@ def test_fid_per_finding_and_against_n_equal_direct_computation(phantoms, tmp_pa
         assert rows[f]["synthetic_images"] == len(a) and rows[f]["real_images"] == len(b)
         assert rows[f]["fid"] == pytest.approx(_fid(a, b), rel=1e-6)
     assert math.isnan(rows["Hernia"]["fid"]) and rows["Hernia"]["real_images"] == 0  # no such images
+    # precision / recall / density / coverage: real = A, synthetic = B, for all images and per finding
+    from xrayforge.fid.prdc import prdc
+    for f, sm, rm in (("all", slice(None), slice(None)),
+                      ("Cardiomegaly", synth.labels[:, 1] == 1, real.labels[:, 1] == 1)):
+        want = prdc(fr[rm], fs[sm])
+        for m in ("precision", "recall", "density", "coverage"):
+            assert rows[f][m] == pytest.approx(want[m], abs=1e-9), (f, m)
+    assert math.isnan(rows["Hernia"]["precision"])
+    assert "| precision |" in (tmp_path / "f" / "fid_findings.md").read_text()
     # the real-vs-real reference: one half of the patients against the other
     half = patient_split(real.patient_ids, 0.5, salt="fid-halves3")
     assert rows["all"]["real_halves_fid"] == pytest.approx(_fid(fr[half], fr[~half]), rel=1e-6)

@@ -4,14 +4,14 @@ import torch
 from xrayforge.utils.neighbours import nearest_neighbours, pixel_vectors, realism
 
 
-def test_chunked_nearest_neighbours_equal_brute_force():
+def test_nearest_neighbours_equal_brute_force():
     g = torch.Generator().manual_seed(0)
     q, r = torch.randn(37, 5, generator=g), torch.randn(53, 5, generator=g)
-    d, i = nearest_neighbours(q, r, chunk_q=8, chunk_r=11)
+    d, i = nearest_neighbours(q, r)  # ops.knn, whose chunking tests/test_ops_knn.py checks
     full = torch.cdist(q.double(), r.double())
     torch.testing.assert_close(d, full.min(1).values.float(), rtol=1e-5, atol=1e-6)
     assert torch.equal(i, full.argmin(1))
-    d2, i2 = nearest_neighbours(r, r, exclude_self=True, chunk_q=7, chunk_r=9)
+    d2, i2 = nearest_neighbours(r, r, exclude_self=True)
     full = torch.cdist(r.double(), r.double()).fill_diagonal_(float("inf"))
     assert torch.equal(i2, full.argmin(1)) and (i2 != torch.arange(53)).all()
 

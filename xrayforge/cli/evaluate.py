@@ -22,6 +22,12 @@ def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     q.add_argument("--device", type=_args.device, default=None)
 
 
+def _add_features(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--features", default="inception", metavar="SPACE",
+                   help="feature space: inception (default), classifier:MODEL or densenet121:FILE (see xrayforge fid "
+                        "--help)")
+
+
 def _classifier_training(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in CLASSIFIER_TRAINING}
 
@@ -45,13 +51,13 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
     from ..fid.compute import FeatureExtractor
 
     ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
-                          progress=not args.quiet)
+                          progress=not args.quiet, features=args.features)
     summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,
                     progress=not args.quiet)
     print(f"{args.out}: {summary['flagged']} of {summary['synthetic']} synthetic images flagged "
           f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
           f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
-          f"{summary['median_real_to_real_inception']:.3f} (Inception, {summary['inception']})")
+          f"{summary['median_real_to_real_inception']:.3f} (features {summary['features']}: {summary['inception']})")
     return 0
 
 
@@ -82,7 +88,7 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
 def _extractor(args: argparse.Namespace):
     from ..fid.compute import FeatureExtractor
     return FeatureExtractor(args.inception, args.random_weights, args.mode, args.device, args.batch, 0,
-                            progress=not args.quiet)
+                            progress=not args.quiet, features=args.features)
 
 
 def _cmd_tstr(args: argparse.Namespace) -> int:
@@ -108,7 +114,7 @@ def _cmd_fid_findings(args: argparse.Namespace) -> int:
 
     counts = args.counts
     summary = fid_by_finding(args.synthetic, args.real, args.out, _extractor(args), counts, args.seed,
-                             args.real_limit, args.min_images, progress=not args.quiet)
+                             args.real_limit, args.min_images, progress=not args.quiet, prdc=args.prdc)
     print(format_markdown(summary))
     print(f"written to {args.out}: fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png, summary.json")
     return 0
@@ -164,7 +170,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     esub = p.add_subparsers(dest="evaluate_command", metavar="EVALUATION")
     q = esub.add_parser(
         "memorisation", help="does the generator copy its training images?",
-        description="For every synthetic image, its nearest real training image in Inception feature space and in "
+        description="For every synthetic image, its nearest real training image in a feature space (Inception, or "
+                    "--features) and in "
                     "32×32 pixel space, against real-to-real nearest-neighbour distances; flags pairs closer than "
                     "the --percentile of those; writes memorisation.csv, summary.json, distances.png and "
                     "closest_pairs.png. Distances are computed in chunks, never as a whole matrix.")
@@ -175,6 +182,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, evenly spread")
     q.add_argument("--inception", default=None)
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
+    _add_features(q)
     q.add_argument("--batch", type=_args.positive_int, default=64)
     q.add_argument("--workers", type=_args.nonneg_int, default=4)
     q.add_argument("--device", type=_args.device, default=None)
@@ -244,6 +252,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--mode", choices=("exact", "fast"), default="exact")
     q.add_argument("--inception", default=None)
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
+    _add_features(q)
+    q.add_argument("--prdc", action="store_true",
+                   help="also precision / recall (k=3) and density / coverage (k=5), for all images and per finding")
     q.add_argument("--batch", type=_args.positive_int, default=64)
     q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)

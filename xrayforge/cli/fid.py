@@ -31,7 +31,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     rank, _ = init_distributed()
     common = dict(inception=args.inception, random_weights=args.random_weights, mode=args.mode,
                   device=args.device, batch_size=args.batch, workers=args.workers,
-                  progress=not args.quiet and rank == 0)
+                  progress=not args.quiet and rank == 0, features=args.features)
     if args.b is None:
         stats = FeatureExtractor(**common).compute(args.a, args.n, args.seed).stats
         if rank == 0:
@@ -39,7 +39,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
             print(f"wrote {args.save_stats} ({stats.n} images)")
         return 0
     result = compute_fid(args.a, args.b, args.n, args.kid, args.bootstrap, args.keep_features, args.seed,
-                         args.save_stats, **common)
+                         args.save_stats, prdc=args.prdc, **common)
     if rank != 0:
         return 0
     for item in result["skipped"][:20]:
@@ -49,12 +49,16 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    line = f"FID {result['fid']:.4f}  (n_a={result['n_a']}, n_b={result['n_b']}, {args.mode} mode)"
+    space = "" if result["features"] == "inception" else f", features {result['features']}"
+    line = f"FID {result['fid']:.4f}  (n_a={result['n_a']}, n_b={result['n_b']}, {args.mode} mode{space})"
     if "fid_ci95" in result:
         line += f"  95% CI [{result['fid_ci95'][0]:.4f}, {result['fid_ci95'][1]:.4f}]"
     if "kid" in result:
         line += f"  KID {result['kid']:.6f} ± {result['kid_std']:.6f}"
     print(line)
+    if "precision" in result:
+        print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  (k=3)   "
+              f"density {result['density']:.4f}  coverage {result['coverage']:.4f}  (k=5)   A = real, B = generated")
     if args.random_weights and result["inception"].startswith("random"):
         print("note: random Inception weights — a pipeline check, not comparable with published FIDs")
     return 0
@@ -87,6 +91,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-features", type=_args.positive_int, default=10000,
                    help="features kept per side for --kid / --bootstrap (a uniform sample; default 10000)")
     p.add_argument("--save-stats", default=None, help="write A's statistics to this .npz")
+    p.add_argument("--features", default="inception", metavar="SPACE",
+                   help="the feature space: inception (default; the literature's FID), classifier:MODEL (the "
+                        "penultimate features of a `xrayforge classify train` model) or densenet121:FILE (a "
+                        "DenseNet-121 state dict, torchvision keys: e.g. torchxrayvision's chest X-ray weights, the "
+                        "FXD-style distance); recorded in --save-stats files and --json, and statistics of "
+                        "different spaces are never compared")
+    p.add_argument("--prdc", action="store_true",
+                   help="also improved precision / recall (k=3) and density / coverage (k=5), with A the real side: "
+                        "fidelity and diversity separately (on up to --keep-features features a side)")
     p.add_argument("--json", action="store_true", help="print one JSON object (fid, n_a, n_b, mode, ...)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_fid)

@@ -34,9 +34,11 @@ from ..utils.files import claim_output
 DEFAULT_COUNTS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000)
 
 
-def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, desc: str, progress: bool):
+def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, desc: str, progress: bool,
+            kept: list | None = None):
     """Moments over all of ``order`` and per label column; at each count in ``cuts``, a snapshot
-    of the all-image moments (FrechetStats) as {count: stats}."""
+    of the all-image moments (FrechetStats) as {count: stats}. ``kept``: a list that receives
+    (features on the CPU, their label rows) per batch (for precision / recall / density / coverage)."""
     from tqdm import tqdm
     dim = extractor.dim
     total = StreamingMoments(dim, extractor.device)
@@ -50,6 +52,8 @@ def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, des
             sort = np.argsort(pos, kind="mergesort")  # sorted reads from the memory map
             feats = extractor.features(stored_pixels(archive.images(pos[sort], archive.resolution)))
             total.update(feats)
+            if kept is not None:
+                kept.append((feats.float().cpu(), labels[pos[sort]].astype(bool)))
             lab = torch.from_numpy(labels[pos[sort]].astype(bool)).to(feats.device)
             for k, m in enumerate(per):
                 if lab[:, k].any():
@@ -77,10 +81,17 @@ def fid_infinity(counts, fids) -> float:
     return float(np.linalg.lstsq(A, f, rcond=None)[0][0])
 
 
+def _kept(parts: list) -> tuple[torch.Tensor, np.ndarray]:
+    return torch.cat([f for f, _ in parts]), np.concatenate([lab for _, lab in parts])
+
+
 def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor, counts=None, seed: int = 0,
-                   real_limit: int | None = None, min_images: int = 10, progress: bool = True) -> dict:
+                   real_limit: int | None = None, min_images: int = 10, progress: bool = True,
+                   prdc: bool = False) -> dict:
     """See the module docstring. A finding with fewer than ``min_images`` images on either side
-    gets no FID (n/a): so few images give a number dominated by its bias."""
+    gets no FID (n/a): so few images give a number dominated by its bias. ``prdc``: also
+    precision / recall (k = 3) and density / coverage (k = 5) for all images and per finding
+    (every image's features are then kept in memory)."""
     out = claim_output(out, "evaluate fid-findings", signatures=("fid_findings.csv",))
     synth = open_labelled(synthetic, out, progress)
     real_arc = open_labelled(real, out, progress)
@@ -98,11 +109,12 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     # the real images in two halves by patient: together they are the real side; against each
     # other they give the FID of two real samples of a finding, the floor a generator can reach
     half = patient_split([real_arc.patient_ids[i] or f"image-{i}" for i in r_order], 0.5, salt=f"fid-halves{seed}")
+    r_kept, s_kept = ([], []) if prdc else (None, None)
     halves = [_stream(extractor, real_arc, r_order[m], r_lab, set(), f"features {Path(real).name} ({k + 1}/2)",
-                      progress) for k, m in enumerate((half, ~half))]
+                      progress, r_kept) for k, m in enumerate((half, ~half))]
     r_all, r_per = _merged(halves[0][0], halves[1][0]), [_merged(a, b) for a, b in zip(halves[0][1], halves[1][1])]
     s_all, s_per, snaps = _stream(extractor, synth, s_order, s_lab, set(counts), f"features {Path(synthetic).name}",
-                                  progress)
+                                  progress, s_kept)
     real_stats = r_all.stats()
     dev = extractor.device
     curve = [{"n": c, "fid": frechet_distance(snaps[c], real_stats, dev)} for c in counts]
@@ -116,10 +128,18 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     for k, (f, sm, rm) in enumerate(zip(findings, s_per, r_per)):
         rows.append({"finding": f, "fid": fid_of(sm, rm), "synthetic_images": sm.n, "real_images": rm.n,
                      "real_halves_fid": fid_of(halves[0][1][k], halves[1][1][k])})
+    if prdc:
+        from ..fid.prdc import prdc as prdc_of
+        (rf, rl), (sf, sl) = _kept(r_kept), _kept(s_kept)
+        floor_prdc = max(floor, 6)  # density / coverage need more than k = 5 points a side
+        for k, row in enumerate(rows):
+            rm, sm = (np.ones(len(rl), bool), np.ones(len(sl), bool)) if k == 0 else (rl[:, k - 1], sl[:, k - 1])
+            got = prdc_of(rf[torch.from_numpy(rm)], sf[torch.from_numpy(sm)]) \
+                if min(rm.sum(), sm.sum()) >= floor_prdc else {}
+            row.update({m: got.get(m, float("nan")) for m in ("precision", "recall", "density", "coverage")})
     inf = fid_infinity([c["n"] for c in curve], [c["fid"] for c in curve])
     summary = {"evaluation": "fid-findings", "synthetic": str(synthetic), "real": str(real),
-               "inception": "random weights (pipeline check, not a comparable FID)" if extractor.random_weights
-               else "pt_inception-2015-12-05 (pytorch-fid compatible)", "mode": extractor.mode,
+               "inception": extractor.describe_space(), "features": extractor.space_name, "mode": extractor.mode,
                "min_images": min_images, "rows": rows, "curve": curve, "fid_infinity": inf}
     write_csv(out / "fid_findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     write_csv(out / "fid_vs_n.csv", ["n", "fid"], [csv_row(c) for c in curve])
@@ -130,16 +150,20 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [f"FID of the synthetic images with a finding against the real images with it (Inception: "
-             f"{summary['inception']}; {summary['mode']} mode). Small n inflates FID; compare a row only with rows of "
-             f"similar n, or with the curve below. Real vs real: the FID between two halves (by patient) of the "
-             f"real images with the finding — what two real samples of about that size give.", "",
-             "| finding | FID | synthetic images | real images | real vs real (halves) |", "|---|---|---|---|---|"]
+    extra = [m for m in ("precision", "recall", "density", "coverage") if m in summary["rows"][0]]
+    lines = [f"FID of the synthetic images with a finding against the real images with it (features: "
+             f"{summary.get('features', 'inception')}, {summary['inception']}; {summary['mode']} mode). Small n inflates "
+             f"FID; compare a row only with rows of similar n, or with the curve below. Real vs real: the FID between "
+             f"two halves (by patient) of the real images with the finding — what two real samples of about that size "
+             f"give." + (" Precision (fidelity) and recall (diversity), k = 3; density and coverage, k = 5."
+                         if extra else ""), "",
+             "| finding | FID | synthetic images | real images | real vs real (halves) |" + "".join(f" {m} |" for m in extra),
+             "|---|---|---|---|---|" + "---|" * len(extra)]
     for r in summary["rows"]:
         if r["finding"] != "all" and r["synthetic_images"] == 0 and r["real_images"] == 0:
             continue
         lines.append(f"| {r['finding']} | {number(r['fid'], None)} | {r['synthetic_images']} | {r['real_images']} | "
-                     f"{number(r.get('real_halves_fid'), None)} |")
+                     f"{number(r.get('real_halves_fid'), None)} |" + "".join(f" {number(r[m], None)} |" for m in extra))
     lines += ["", "FID of all real images against n synthetic images:", "", "| n | FID |", "|---|---|"]
     lines += [f"| {c['n']} | {number(c['fid'], None)} |" for c in summary["curve"]]
     lines += ["", f"Extrapolated to infinitely many images (FID against 1/n): {number(summary['fid_infinity'], None)}.",

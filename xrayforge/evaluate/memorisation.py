@@ -87,7 +87,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "flagged_fraction": float(flagged.float().mean()),
         "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(rr_f.median()),
         "median_synthetic_to_real_pixels": float(d_p.median()), "median_real_to_real_pixels": float(rr_p.median()),
-        "inception": "random weights (pipeline check)" if extractor.random_weights else "pt_inception-2015-12-05"}
+        "inception": extractor.describe_space(), "features": extractor.space_name}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, out / "distances.png")
     order = torch.argsort(d_f)[:pairs]

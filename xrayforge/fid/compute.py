@@ -7,7 +7,6 @@ the moments are merged at the end. Images that cannot be read are listed and ski
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,8 @@ import torch
 
 from ..data.archive import Archive
 from ..data.readers import SkipImage, find_images, read_radiograph
-from .inception import load_inception
-from .preprocess import preprocess
+from .features import feature_space, same_space
 from .stats import FrechetStats, StreamingMoments, frechet_distance
-
-FEATURE_DIM = 2048
 
 
 @dataclass
@@ -88,37 +84,40 @@ def describe(spec: str) -> str:
 
 
 class FeatureExtractor:
-    """Inception features -> streaming moments, for any kind of input."""
-
-    dim = FEATURE_DIM
+    """Features of a feature space (``fid.features``: Inception by default) -> streaming moments,
+    for any kind of input. Statistics it makes carry the space's name."""
 
     def __init__(self, inception: str | None = None, random_weights: bool = False, mode: str = "exact",
                  device: str | None = None, batch_size: int = 64, workers: int = 4, progress: bool = True,
-                 keep_features: int = 0, seed: int = 0):
+                 keep_features: int = 0, seed: int = 0, features: str | None = None):
         if mode not in ("exact", "fast"):
             raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.mode, self.batch_size, self.workers, self.progress = mode, batch_size, workers, progress
         self.keep_features, self.seed = keep_features, seed
         self.random_weights = random_weights
-        self.model = load_inception(inception, random_weights, self.device)
-        if mode == "fast":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.space = feature_space(features, inception, random_weights, mode, self.device)
+        self.dim = self.space.dim
 
-    def _autocast(self):
-        if self.mode == "fast":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @property
+    def model(self):  # the Inception network (the benchmark times it alone)
+        return self.space.model
 
-    @torch.no_grad()
+    @property
+    def space_name(self) -> str:
+        return self.space.name
+
+    def describe_space(self) -> str:
+        """What the distances were measured in, for reports."""
+        if self.space.name == "inception-random":
+            return "random weights: a pipeline check, not a comparable FID"
+        if self.space.name == "inception":
+            return "pt_inception-2015-12-05 (pytorch-fid compatible)"
+        return self.space.source
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Stored pixels (N, H, W[, 3]) (uint8/uint16/int32 or float in [0, 1]) -> (N, 2048) float32."""
-        x = preprocess(images.to(self.device, non_blocking=True), channels=1,
-                       dtype=torch.bfloat16 if self.mode == "fast" else torch.float32)
-        if self.mode == "fast":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            return self.model(x).float()
+        """Stored pixels (N, H, W[, 3]) (uint8/uint16/int32 or float in [0, 1]) -> (N, dim) float32."""
+        return self.space(images)
 
     def _bar(self, total, desc):
         from tqdm import tqdm
@@ -151,7 +150,9 @@ class FeatureExtractor:
             pool = np.concatenate(keep)
             features = pool if len(pool) <= self.keep_features else \
                 pool[rng.choice(len(pool), self.keep_features, replace=False)]
-        return FeatureResult(moments.stats(), features, skipped, kind)
+        stats = moments.stats()
+        stats.space = self.space.name
+        return FeatureResult(stats, features, skipped, kind)
 
     def _loader(self, dataset):
         # no more decode processes than cores (more only thrash, and torch warns about them)
@@ -275,16 +276,20 @@ def bootstrap_fid(fa: np.ndarray, fb: np.ndarray, rounds: int = 100, seed: int =
 
 def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, bootstrap: int = 0,
                 keep_features: int = 10000, seed: int = 0, save_stats: str | None = None, limit: int | None = None,
-                **extractor_kwargs) -> dict:
-    """FID (and optionally KID and a bootstrap interval) between inputs ``a`` and ``b``.
+                prdc: bool = False, **extractor_kwargs) -> dict:
+    """FID (and optionally KID, a bootstrap interval, and precision / recall / density / coverage)
+    between inputs ``a`` and ``b`` (``a`` the real side for ``prdc``), in the feature space
+    ``features=`` (default Inception).
 
-    Returns a dict with ``fid``, ``n_a``, ``n_b``, ``mode``, ``inception``, ``skipped`` (unreadable
-    files with reasons) and, when asked, ``kid``, ``kid_std``, ``fid_ci95``.
+    Returns a dict with ``fid``, ``n_a``, ``n_b``, ``mode``, ``features`` (the space's name),
+    ``inception`` (what the space is), ``skipped`` (unreadable files with reasons) and, when asked,
+    ``kid``, ``kid_std``, ``fid_ci95``, ``precision``, ``recall``, ``density``, ``coverage`` (on
+    up to ``keep_features`` features a side, a uniform sample).
 
     When both ``a`` and ``b`` are statistics files (.npz with mu and sigma) the distance is taken
     from them directly: no Inception network is built and no weights are looked for.
     """
-    need = kid_subsets or bootstrap
+    need = kid_subsets or bootstrap or prdc
     if describe(a) == "stats" and describe(b) == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
@@ -292,13 +297,16 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)
     rb = ex.compute(b, n, seed + 1, limit)
+    for spec, r in ((a, ra), (b, rb)):
+        same_space(r.stats.space, ex.space_name, spec, "the features asked for (--features)")
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
-              "mode": ex.mode,
-              "inception": "random weights: a pipeline check, not a comparable FID" if ex.random_weights
-              else "pt_inception-2015-12-05 (pytorch-fid compatible)",
+              "mode": ex.mode, "features": ex.space_name, "inception": ex.describe_space(),
               "skipped": [{"file": f, "reason": r} for f, r in ra.skipped + rb.skipped]}
     if need and (ra.features is None or rb.features is None):
-        raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
+        raise ValueError("KID, bootstrap intervals and --prdc need images on both sides, not statistics files")
+    if prdc:
+        from .prdc import prdc as prdc_of
+        result.update(prdc_of(ra.features, rb.features))
     if kid_subsets:
         result["kid"], result["kid_std"] = kid(ra.features, rb.features, kid_subsets)
     if bootstrap:
@@ -314,10 +322,12 @@ def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_
     if need:
         raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
     sa, sb = FrechetStats.load(a), FrechetStats.load(b)
+    same_space(sa.space, sb.space, a, b)
     if sa.mu.shape != sb.mu.shape:
         raise ValueError(f"{a} holds statistics of {sa.mu.shape[0]}-d features and {b} of {sb.mu.shape[0]}-d ones: "
                          f"they come from different feature spaces and cannot be compared")
     if save_stats and _rank_world()[0] == 0:
         sa.save(save_stats)
     return {"fid": frechet_distance(sa, sb, extractor_kwargs.get("device")), "n_a": sa.n, "n_b": sb.n,
-            "mode": mode, "inception": "not used: both inputs are statistics files", "skipped": []}
+            "mode": mode, "features": sa.space or "inception",
+            "inception": "not used: both inputs are statistics files", "skipped": []}

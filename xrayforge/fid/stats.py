@@ -83,22 +83,26 @@ class StreamingMoments:
 
 @dataclass
 class FrechetStats:
-    """Mean and (unbiased, as numpy.cov) covariance of features; pytorch-fid's .npz layout."""
+    """Mean and (unbiased, as numpy.cov) covariance of features; pytorch-fid's .npz layout, with
+    the sample count ``n`` and the feature space's name (``feature_space``; none: Inception)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int | None = None
+    space: str | None = None
 
     @classmethod
-    def from_features(cls, features: np.ndarray) -> "FrechetStats":
+    def from_features(cls, features: np.ndarray, space: str | None = None) -> "FrechetStats":
         """Mean and covariance of an (N, D) feature array, in float64."""
         f = np.asarray(features, dtype=np.float64)
-        return cls(f.mean(0), np.cov(f, rowvar=False), len(f))
+        return cls(f.mean(0), np.cov(f, rowvar=False), len(f), space)
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         extra = {} if self.n is None else {"n": np.int64(self.n)}
+        if self.space is not None:
+            extra["feature_space"] = np.array(self.space)
         np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
         os.replace(tmp, path)
         return path
@@ -111,11 +115,12 @@ class FrechetStats:
         try:
             n = int(f["n"]) if "n" in f else None
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            space = str(f["feature_space"]) if "feature_space" in f else None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: mu, sigma or n is not numeric ({exc})") from None
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
-        stats = cls(mu, sigma, n)
+        stats = cls(mu, sigma, n, space)
         problem = stats.problem()
         if problem:
             raise UserError(f"{path}: {problem}; the statistics are damaged and no Fréchet distance can be taken")
@@ -147,8 +152,12 @@ class FrechetStats:
         for m, s in ((a, self), (b, other)):
             m.n, m.mean = s.n, torch.from_numpy(s.mu.copy())
             m.m2 = torch.from_numpy(s.sigma * (s.n - 1))
+        from .features import same_space
+        same_space(self.space, other.space)
         a.merge(b)
-        return a.stats()
+        merged = a.stats()
+        merged.space = self.space
+        return merged
 
 
 def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
@@ -157,7 +166,10 @@ def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.device | None = None) -> float:
-    """Fréchet distance between two Gaussians, float64, via symmetric eigendecompositions."""
+    """Fréchet distance between two Gaussians, float64, via symmetric eigendecompositions.
+    Statistics of two different feature spaces are refused."""
+    from .features import same_space
+    same_space(a.space, b.space, "the first statistics", "the second")
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature sizes differ: {a.mu.shape} vs {b.mu.shape}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

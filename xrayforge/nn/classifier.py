@@ -89,10 +89,14 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def embed(self, x):
+        """The globally pooled features before the final layer."""
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
 
 
 # --------------------------------------------------------------------------- DenseNet-121 (torchvision keys)
@@ -149,9 +153,12 @@ class DenseNet121(nn.Module):
         self.features = feats
         self.classifier = nn.Linear(c, num_classes)
 
+    def embed(self, x):
+        """The globally pooled features before the classifier (torchxrayvision's ``features2``)."""
+        return torch.flatten(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1), 1)
+
     def forward(self, x):
-        x = F.relu(self.features(x))
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.classifier(self.embed(x))
 
 
 # --------------------------------------------------------------------------- the classifier object
@@ -191,9 +198,17 @@ class ChestClassifier(nn.Module):
         self.findings = list(self.config.findings)
         self.net = build_network(self.config)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
         x = resize_input((images.float() + 1) / 2, self.config.input_size)
-        return self.net((x - self.config.mean) / self.config.std)
+        return (x - self.config.mean) / self.config.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self._input(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 1, R, R) in [-1, 1] -> the penultimate features (N, D): a radiograph-aware feature
+        space for the distances (``--features classifier:MODEL``)."""
+        return self.net.embed(self._input(images))
 
     def threshold(self, finding: str) -> float:
         return float(self.config.thresholds.get(finding, 0.5))

@@ -18,32 +18,13 @@ PIXEL_SIZE = 32
 
 
 def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False,
-                       chunk_q: int = 2048, chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance to, and index of, each query's nearest reference, chunk by chunk
-    (float64 on the references' device; the full distance matrix never exists).
-
-    ``exclude_self``: queries and refs are the same set; a row's own index is skipped.
-    """
-    dev = refs.device
-    best_d = torch.full((len(queries),), float("inf"), device=dev, dtype=torch.float64)
-    best_i = torch.zeros(len(queries), dtype=torch.long, device=dev)
-    ref_sq = refs.double().square().sum(1)
-    for qs in range(0, len(queries), chunk_q):
-        q = queries[qs:qs + chunk_q].to(dev).double()
-        q_sq = q.square().sum(1, keepdim=True)
-        for rs in range(0, len(refs), chunk_r):
-            r = refs[rs:rs + chunk_r].double()
-            d2 = (q_sq + ref_sq[rs:rs + chunk_r][None, :] - 2 * q @ r.T).clamp_min_(0)
-            if exclude_self:
-                rows = torch.arange(qs, qs + len(q), device=dev)
-                cols = rows - rs
-                ok = (cols >= 0) & (cols < len(r))
-                d2[ok.nonzero().squeeze(1), cols[ok]] = float("inf")
-            d, i = d2.min(dim=1)
-            better = d < best_d[qs:qs + len(q)]
-            best_d[qs:qs + len(q)] = torch.where(better, d, best_d[qs:qs + len(q)])
-            best_i[qs:qs + len(q)] = torch.where(better, i + rs, best_i[qs:qs + len(q)])
-    return best_d.sqrt().float().cpu(), best_i.cpu()
+                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance to, and index of, each query's nearest reference (``ops.knn`` with
+    k = 1 on the references' device: the distance matrix never exists), as float32 / int64 on
+    the CPU. ``exclude_self``: queries and refs are the same set; a row's own index is skipped."""
+    from ..ops.knn import knn
+    d, i = knn(queries.to(refs.device), refs, 1, exclude_self=exclude_self, backend=backend)
+    return d[:, 0].float().cpu(), i[:, 0].cpu()
 
 
 def pixel_vectors(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""Feature spaces (--features): Fréchet distances in a DenseNet-121 or classifier space equal the
+same computation done by hand with the loaded network; the space is recorded in statistics
+files and JSON, and different spaces are never compared."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xrayforge.cli import main as cli
+from xrayforge.data.archive import Archive
+from xrayforge.data.prepare import prepare
+from xrayforge.errors import UserError
+from xrayforge.fid.compute import compute_fid
+from xrayforge.fid.features import feature_space
+from xrayforge.fid.prdc import prdc
+from xrayforge.fid.stats import FrechetStats, frechet_distance
+from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig, DenseNet121
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = tmp_path_factory.mktemp("features")
+    prepare("phantom:30", w / "a", resolution=32, workers=1, progress=False)
+    prepare("phantom:24", w / "b", resolution=16, workers=1, progress=False)
+    torch.manual_seed(0)
+    net = DenseNet121(num_classes=18, in_channels=1)
+    for m in net.modules():  # random running statistics: a network that is not the identity in eval mode
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), w / "dn.pt")
+    ChestClassifier(ClassifierConfig(input_size=32, width=8)).save(w / "clf")
+    return w
+
+
+def _unit(arc):
+    x = torch.from_numpy(arc.as_float(arc.images(np.arange(len(arc)), arc.resolution)))
+    return x[:, None]
+
+
+def _stats(f):
+    f = f.double().numpy()
+    return FrechetStats(f.mean(0), np.cov(f, rowvar=False), len(f))
+
+
+def test_densenet_distance_equals_the_computation_by_hand(world):
+    net = DenseNet121(num_classes=18, in_channels=1)
+    net.load_state_dict(torch.load(world / "dn.pt", weights_only=True))
+    net.eval()
+
+    def by_hand(arc):
+        x = F.interpolate(_unit(arc), size=(224, 224), mode="bilinear", align_corners=False,
+                          antialias=arc.resolution > 224)
+        x = (2 * x - 1) * 1024  # torchxrayvision's range
+        with torch.no_grad():
+            return F.adaptive_avg_pool2d(F.relu(net.features(x)), 1).flatten(1)
+
+    fa, fb = by_hand(Archive(world / "a")), by_hand(Archive(world / "b"))
+    want = frechet_distance(_stats(fa), _stats(fb))
+    got = compute_fid(str(world / "a"), str(world / "b"), features=f"densenet121:{world / 'dn.pt'}", workers=0,
+                      progress=False, prdc=True)
+    assert got["fid"] == pytest.approx(want, rel=1e-6) and want > 0
+    assert got["features"].startswith("densenet121@") and got["n_a"] == 30
+    theirs = prdc(fa, fb)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert got[key] == pytest.approx(theirs[key]), key
+
+
+def test_classifier_space_is_its_penultimate_layer(world):
+    from xrayforge.nn.classifier import load_classifier
+    model = load_classifier(world / "clf")
+    space = feature_space(f"classifier:{world / 'clf'}")
+    arc = Archive(world / "b")
+    x = _unit(arc)
+    with torch.no_grad():
+        inp = (F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False) - 0.5) / 0.25
+        n = model.net
+        h = F.max_pool2d(F.relu(n.bn1(n.conv1(inp))), 3, 2, 1)
+        want = F.adaptive_avg_pool2d(n.layer4(n.layer3(n.layer2(n.layer1(h)))), 1).flatten(1)
+    torch.testing.assert_close(space(torch.from_numpy(arc.images(np.arange(len(arc)), 16))), want)
+    assert space.dim == want.shape[1] == 64 and space.name.startswith("classifier@")
+
+
+def test_the_space_is_recorded_and_different_spaces_are_refused(world, tmp_path, capsys):
+    clf = f"classifier:{world / 'clf'}"
+    assert cli(["fid", str(world / "a"), "--features", clf, "--save-stats", str(tmp_path / "a.npz"), "-q",
+                "--workers", "0"]) == 0
+    saved = FrechetStats.load(tmp_path / "a.npz")
+    assert saved.space.startswith("classifier@")
+    capsys.readouterr()
+    assert cli(["fid", str(tmp_path / "a.npz"), str(world / "b"), "--features", clf, "--json", "-q",
+                "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["features"] == saved.space
+    # the same statistics against Inception features, or against another space's file: refused
+    assert cli(["fid", str(tmp_path / "a.npz"), str(world / "b"), "--random-weights", "-q", "--workers", "0"]) == 1
+    assert "feature space" in capsys.readouterr().err
+    FrechetStats(saved.mu, saved.sigma, saved.n).save(tmp_path / "inception.npz")  # no name: Inception's
+    assert cli(["fid", str(tmp_path / "a.npz"), str(tmp_path / "inception.npz")]) == 1
+    assert "a distance between different feature spaces means nothing" in capsys.readouterr().err
+    with pytest.raises(UserError, match="feature space"):
+        frechet_distance(saved, FrechetStats(saved.mu, saved.sigma, saved.n, "densenet121@0"))
+
+
+@pytest.mark.parametrize("spec,match", [("resnet", "expected inception"), ("classifier:", "expected inception"),
+                                        ("classifier:/nowhere", "classifier.json"),
+                                        ("densenet121:/nowhere.pt", "not found")])
+def test_bad_feature_spaces(spec, match):
+    with pytest.raises((UserError, FileNotFoundError), match=match):
+        feature_space(spec)
+
+
+def test_a_state_dict_that_is_not_a_densenet(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "r.pt")
+    with pytest.raises(UserError, match="features.conv0.weight"):
+        feature_space(f"densenet121:{tmp_path / 'r.pt'}")

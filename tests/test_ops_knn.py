@@ -1,0 +1,96 @@
+"""k nearest neighbours (xrayforge.ops.knn) against numpy brute force: exact neighbour indices
+and distances in float64, and within fp32 rounding in float32 (random data: no ties)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import kernel_params
+from xrayforge.errors import UserError
+from xrayforge.ops import knn as knn_module
+from xrayforge.ops.knn import knn
+
+TRITON = [p for p in kernel_params() if p.values[0][0] == "triton"]
+
+
+def brute(q: np.ndarray, r: np.ndarray, k: int, exclude_self: bool = False):
+    d = np.sqrt(((q[:, None, :].astype(np.float64) - r[None, :, :].astype(np.float64)) ** 2).sum(-1))
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, idx, 1), idx
+
+
+def data(n, m, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, dim, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(m, dim, generator=g, dtype=torch.float64).to(dtype))
+
+
+@pytest.mark.parametrize("n,m,dim,k", [(1, 7, 3, 1), (37, 53, 21, 3), (65, 40, 33, 5), (20, 17, 1, 8)])
+def test_reference_equals_brute_force_in_float64(n, m, dim, k):
+    q, r = data(n, m, dim, torch.float64)
+    d, i = knn_module.reference(q, r, k, chunk_q=8, chunk_r=9)  # several chunks each way
+    bd, bi = brute(q.numpy(), r.numpy(), k)
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(d.numpy(), bd, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_excludes_each_point_itself():
+    x, _ = data(41, 1, 6, torch.float64)
+    d, i = knn_module.reference(x, x, 4, exclude_self=True, chunk_q=10, chunk_r=7)
+    bd, bi = brute(x.numpy(), x.numpy(), 4, exclude_self=True)
+    np.testing.assert_array_equal(i.numpy(), bi)
+    assert (i != torch.arange(41)[:, None]).all()
+    np.testing.assert_allclose(d.numpy(), bd, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,m,dim,k,exclude", [(1, 5, 4, 1, False), (37, 53, 21, 3, False), (70, 70, 40, 5, True),
+                                               (19, 33, 17, 7, False), (33, 33, 3, 3, True)])
+def test_triton_equals_brute_force(kb, dtype, n, m, dim, k, exclude):
+    backend, device = kb
+    q, r = data(n, m, dim, dtype, seed=n * m)
+    if exclude:
+        r = q
+    d, i = knn(q.to(device), r.to(device), k, exclude_self=exclude, backend=backend)
+    bd, bi = brute(q.numpy(), r.numpy(), k, exclude_self=exclude)
+    assert d.dtype == torch.float64 and i.dtype == torch.int64 and d.shape == (n, k)
+    np.testing.assert_array_equal(i.cpu().numpy(), bi)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    np.testing.assert_allclose(d.cpu().numpy(), bd, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_triton_takes_half_precision_and_strided_input(kb):
+    backend, device = kb
+    q, r = data(24, 40, 32, torch.float32, seed=3)
+    wide = torch.zeros(40, 64)
+    wide[:, ::2] = r  # a non-contiguous view
+    d, i = knn(q.to(device).half(), wide[:, ::2].to(device).half(), 2, backend=backend)
+    bd, bi = brute(q.half().numpy(), r.half().numpy(), 2)
+    np.testing.assert_allclose(d.cpu().numpy(), bd, rtol=2e-3)
+    assert (i.cpu().numpy()[:, 0] == bi[:, 0]).mean() > 0.9  # fp16 inputs: near-ties may swap
+
+
+def test_ties_give_equal_distances():
+    r = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [3.0, 3.0]], dtype=torch.float64)
+    d, i = knn(torch.zeros(1, 2, dtype=torch.float64), r, 3)
+    np.testing.assert_allclose(d.numpy(), [[1.0, 1.0, 1.0]])
+    assert sorted(i[0].tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.zeros(3), torch.zeros(4, 2), 1), "expected"),
+    ((torch.zeros(3, 2), torch.zeros(4, 3), 1), "features"),
+    ((torch.zeros(3, 2), torch.zeros(4, 2), 0), "k must be"),
+    ((torch.zeros(3, 2), torch.zeros(4, 2), 5), "neighbours asked"),
+    ((torch.zeros(3, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long), 1), "floating-point"),
+])
+def test_bad_input(args, match):
+    with pytest.raises(UserError, match=match):
+        knn(*args)
+    with pytest.raises(UserError, match="same set"):
+        knn(torch.zeros(3, 2), torch.zeros(4, 2), 1, exclude_self=True)
+    with pytest.raises(UserError, match="not its own neighbour"):
+        knn(torch.zeros(3, 2), torch.zeros(3, 2), 3, exclude_self=True)

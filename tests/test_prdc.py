@@ -1,0 +1,83 @@
+"""Precision / recall / density / coverage against a brute-force implementation of their
+definitions (and the `prdc` package's output where it is installed)."""
+import numpy as np
+import pytest
+import torch
+
+from xrayforge.errors import UserError
+from xrayforge.fid.prdc import ball_counts, density_coverage, prdc, precision_recall
+
+
+def _dist(a, b):
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+
+def _radii(x, k):
+    d = _dist(x, x)
+    np.fill_diagonal(d, np.inf)
+    return np.sort(d, axis=1)[:, k - 1]
+
+
+def brute(real, fake, k_pr=3, k_dc=5):
+    """The definitions, written out with the whole distance matrix."""
+    d_fr = _dist(fake, real)          # (fake, real)
+    rr, rf = _radii(real, k_pr), _radii(fake, k_pr)
+    precision = np.mean([(d_fr[i] <= rr).any() for i in range(len(fake))])
+    recall = np.mean([(d_fr[:, j] <= rf).any() for j in range(len(real))])
+    rr5 = _radii(real, k_dc)
+    density = sum((d_fr[i] <= rr5).sum() for i in range(len(fake))) / (k_dc * len(fake))
+    coverage = np.mean([d_fr[:, j].min() <= rr5[j] for j in range(len(real))])
+    return {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+
+
+@pytest.mark.parametrize("shift,scale", [(0.0, 1.0), (0.7, 1.0), (0.0, 0.3), (2.0, 2.0)])
+def test_equal_to_the_definitions(shift, scale):
+    rng = np.random.default_rng(int(10 * shift + 7 * scale))
+    real = rng.standard_normal((120, 8))
+    fake = rng.standard_normal((90, 8)) * scale + shift
+    got, want = prdc(real, fake), brute(real, fake)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_what_each_number_says():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 4))
+    same = prdc(real, rng.standard_normal((300, 4)))
+    assert same["precision"] > 0.7 and same["recall"] > 0.7 and 0.7 < same["density"] < 1.3 and same["coverage"] > 0.8
+    collapsed = prdc(real, rng.standard_normal((300, 4)) * 0.2)  # realistic but not diverse
+    assert collapsed["precision"] > 0.95 and collapsed["recall"] < 0.3 and collapsed["coverage"] < 0.5
+    off = prdc(real, rng.standard_normal((300, 4)) + 4.0)  # diverse but unrealistic
+    assert off["precision"] < 0.1 and off["density"] < 0.1
+
+
+def test_torch_and_numpy_inputs_agree_and_chunking_changes_nothing():
+    rng = np.random.default_rng(1)
+    real, fake = rng.standard_normal((70, 5)), rng.standard_normal((50, 5))
+    assert precision_recall(torch.from_numpy(real).float(), torch.from_numpy(fake).float()) == \
+        pytest.approx(precision_recall(real.astype(np.float32), fake.astype(np.float32)))
+    r = torch.from_numpy(real)
+    radius = torch.full((70,), 1.5, dtype=torch.float64)
+    torch.testing.assert_close(ball_counts(torch.from_numpy(fake), r, radius, chunk_p=7, chunk_c=9),
+                               ball_counts(torch.from_numpy(fake), r, radius))
+
+
+def test_the_prdc_package_where_it_installs():
+    package = pytest.importorskip("prdc")
+    rng = np.random.default_rng(2)
+    real, fake = rng.standard_normal((100, 6)), rng.standard_normal((80, 6)) + 0.3
+    theirs = package.compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
+    ours = density_coverage(real, fake, k=5) | precision_recall(real, fake, k=5)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key
+
+
+def test_bad_input():
+    with pytest.raises(UserError, match="different feature spaces"):
+        prdc(np.zeros((10, 3)), np.zeros((10, 4)))
+    with pytest.raises(UserError, match="more than 5"):
+        density_coverage(np.random.rand(5, 2), np.random.rand(9, 2))
+    with pytest.raises(UserError, match="NaN"):
+        prdc(np.full((10, 2), np.nan), np.zeros((10, 2)))
+    with pytest.raises(UserError, match=r"\(N, D\)"):
+        prdc(np.zeros(10), np.zeros(10))

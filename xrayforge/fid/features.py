@@ -1,0 +1,151 @@
+"""Feature spaces for every distance: which network turns an image into a feature vector.
+
+``feature_space(spec)`` with ``spec``:
+
+- ``inception`` (default): the FID Inception (pytorch-fid's weights, 2048-d pool features,
+  299 px bilinear, [-1, 1]) — the literature's FID. Inception never saw a radiograph.
+- ``classifier:MODEL``: the penultimate (globally pooled) features of a chest classifier
+  trained with ``xrayforge classify train`` — a radiograph-aware space that needs no download
+  (the demo uses the phantom classifier's).
+- ``densenet121:FILE``: a DenseNet-121 state dict with torchvision key names (``features.*``;
+  the classifier head is ignored), 1024-d features ``relu(norm5)`` pooled over the image at
+  224 px. A 1-channel network gets torchxrayvision's normalisation (grey levels scaled to
+  [-1024, 1024]); a 3-channel one ImageNet's mean and standard deviation. With
+  torchxrayvision's chest-X-ray weights (``densenet121-res224-all``; save its
+  ``model.state_dict()`` to a file) this is the FXD-style distance of ``pytorch-fxd``.
+
+Each space has a ``name`` that identifies it — ``inception``, ``inception-random``,
+``classifier@<sha1 of its weights>``, ``densenet121@<sha1 of the file>`` — recorded in every
+statistics file and JSON result; distances between statistics of different spaces are refused.
+Statistics files without a name (pytorch-fid's, and this project's older ones) are Inception's.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .preprocess import _as_nchw, max_value
+
+DEFAULT = "inception"
+
+
+def file_id(path: str | Path, length: int = 12) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def unit_grey(images: torch.Tensor, device) -> torch.Tensor:
+    """Stored pixels (N, H, W[, 3]) (uint8 / uint16 / int32 holding uint16 / float in [0, 1]) ->
+    (N, 1, H, W) float32 grey levels in [0, 1] on ``device``."""
+    x = _as_nchw(images.to(device, non_blocking=True))
+    x = x.float() / max_value(images)
+    return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
+
+
+class InceptionSpace:
+    dim = 2048
+
+    def __init__(self, inception: str | None = None, random_weights: bool = False, mode: str = "exact",
+                 device: torch.device | str = "cpu"):
+        from .inception import load_inception
+        from .preprocess import preprocess
+        if mode not in ("exact", "fast"):
+            raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+        self.device, self.mode, self._preprocess = torch.device(device), mode, preprocess
+        self.name = "inception-random" if random_weights else "inception"
+        self.source = "random weights: a pipeline check" if random_weights else "pt_inception-2015-12-05"
+        self.model = load_inception(inception, random_weights, self.device)
+        if mode == "fast":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._preprocess(images.to(self.device, non_blocking=True), channels=1,
+                             dtype=torch.bfloat16 if self.mode == "fast" else torch.float32)
+        if self.mode == "fast":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.model(x).float()
+        return self.model(x).float()
+
+
+class ClassifierSpace:
+    def __init__(self, folder: str, device: torch.device | str = "cpu"):
+        from ..nn.classifier import load_classifier
+        self.device = torch.device(device)
+        self.model = load_classifier(folder).to(self.device).eval().requires_grad_(False)
+        self.name = f"classifier@{file_id(Path(folder) / 'classifier.pt')}"
+        self.source = f"classifier {folder} ({self.model.config.arch}, {self.model.config.input_size} px)"
+        with torch.no_grad():
+            self.dim = int(self.model.embed(torch.zeros(1, 1, 8, 8, device=self.device)).shape[1])
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(unit_grey(images, self.device) * 2 - 1).float()
+
+
+class DenseNet121Space:
+    dim = 1024
+    SIZE = 224
+    IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+    def __init__(self, path: str, device: torch.device | str = "cpu"):
+        from ..nn.classifier import DenseNet121
+        from ..utils.files import load_torch
+        self.device = torch.device(device)
+        state = load_torch(path, "a DenseNet-121 state dict")
+        if not isinstance(state, dict) or "features.conv0.weight" not in state:
+            raise UserError(f"{path}: not a DenseNet-121 state dict with torchvision key names (no "
+                            f"features.conv0.weight); save the model's state_dict() to a file")
+        body = {k: v for k, v in state.items() if k.startswith("features.")}
+        self.channels = int(body["features.conv0.weight"].shape[1])
+        net = DenseNet121(num_classes=1, in_channels=self.channels)
+        try:
+            net.features.load_state_dict({k[len("features."):]: v for k, v in body.items()})
+        except RuntimeError as exc:
+            raise UserError(f"{path}: the weights do not fit a DenseNet-121 ({str(exc).splitlines()[0]})") from None
+        self.net = net.to(self.device).eval().requires_grad_(False)
+        self.name = f"densenet121@{file_id(path)}"
+        self.source = f"DenseNet-121 {path} ({self.channels}-channel, {self.SIZE} px)"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = unit_grey(images, self.device)
+        if x.shape[-1] != self.SIZE or x.shape[-2] != self.SIZE:
+            x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > self.SIZE)
+        if self.channels == 1:  # torchxrayvision: [0, 1] -> [-1024, 1024]
+            x = (2 * x - 1) * 1024
+        else:
+            mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in self.IMAGENET)
+            x = (x.expand(-1, 3, -1, -1) - mean) / std
+        return self.net.embed(x).float()
+
+
+def feature_space(spec: str | None = None, inception: str | None = None, random_weights: bool = False,
+                  mode: str = "exact", device: torch.device | str = "cpu"):
+    """The feature space named by ``spec`` (see the module docstring)."""
+    spec = spec or DEFAULT
+    kind, _, arg = spec.partition(":")
+    if kind == "inception" and not arg:
+        return InceptionSpace(inception, random_weights, mode, device)
+    if kind == "classifier" and arg:
+        return ClassifierSpace(arg, device)
+    if kind == "densenet121" and arg:
+        return DenseNet121Space(arg, device)
+    raise UserError(f"--features {spec!r}: expected inception, classifier:MODEL or densenet121:FILE")
+
+
+def same_space(a: str | None, b: str | None, what_a: str = "A", what_b: str = "B") -> None:
+    """Refuse to compare statistics or features of two different feature spaces (no name: Inception)."""
+    a, b = a or DEFAULT, b or DEFAULT
+    if a != b:
+        raise UserError(f"{what_a} is in the feature space {a}, {what_b} in {b}: a distance between different "
+                        f"feature spaces means nothing; compute both with the same --features")

@@ -1,0 +1,92 @@
+"""Fidelity and diversity separately: improved precision and recall (Kynkäänniemi et al.,
+NeurIPS 2019) and density and coverage (Naeem et al., ICML 2020), on feature arrays.
+
+Each real (or generated) point carries a ball whose radius is the distance to its k-th nearest
+neighbour in its own set, itself excluded. A point is inside a ball when its distance to the
+centre is <= the radius.
+
+- precision: the fraction of generated points inside at least one real ball (fidelity: do the
+  samples look like data?); recall: the fraction of real points inside at least one generated
+  ball (diversity: is the data's variety produced?). k = 3.
+- density: the mean number of real balls a generated point is inside, over k (about 1 when the
+  samples are distributed like the data; above 1 where they crowd dense regions); coverage: the
+  fraction of real points whose ball holds at least one generated point (which real modes are
+  reached; robust to outliers among the samples). k = 5.
+
+The k-nearest-neighbour radii and the nearest generated point of each real point come from
+:func:`xrayforge.ops.knn` (a fused distance + top-k kernel on a GPU); ball memberships are
+counted in chunks of float64 distances, so no N × M matrix is ever held.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..ops.knn import knn
+
+
+def _features(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if t.dim() != 2 or not t.is_floating_point():
+        raise UserError(f"{name}: expected a floating-point (N, D) feature array, got {tuple(t.shape)} {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise UserError(f"{name}: features with NaN or inf")
+    return t
+
+
+def radii(x: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row (float64)."""
+    return knn(x, x, k, exclude_self=True, backend=backend)[0][:, k - 1]
+
+
+def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor,
+                chunk_p: int = 2048, chunk_c: int = 16384) -> torch.Tensor:
+    """For each point, how many of the balls (centres, radius) it is inside (distance <= radius)."""
+    dev = centres.device
+    c_sq = centres.double().square().sum(1)
+    r2 = radius.to(dev).double().square()
+    out = torch.zeros(len(points), dtype=torch.long, device=dev)
+    for ps in range(0, len(points), chunk_p):
+        p = points[ps:ps + chunk_p].to(dev).double()
+        p_sq = p.square().sum(1, keepdim=True)
+        for cs in range(0, len(centres), chunk_c):
+            c = centres[cs:cs + chunk_c].double()
+            d2 = (p_sq + c_sq[cs:cs + chunk_c][None, :] - 2 * p @ c.T).clamp_min_(0)
+            out[ps:ps + len(p)] += (d2 <= r2[cs:cs + chunk_c][None, :]).sum(1)
+    return out
+
+
+def _pair(real, fake, k: int):
+    real, fake = _features(real, "real features"), _features(fake, "generated features")
+    if real.shape[1] != fake.shape[1]:
+        raise UserError(f"real features have {real.shape[1]} dimensions and generated ones {fake.shape[1]}: "
+                        f"they come from different feature spaces")
+    if len(real) <= k or len(fake) <= k:
+        raise UserError(f"k = {k} needs more than {k} real and generated points, got {len(real)} and {len(fake)}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return real.to(dev), fake.to(dev)
+
+
+def precision_recall(real, fake, k: int = 3, backend: str | None = None) -> dict:
+    """Improved precision and recall of ``fake`` (M, D) against ``real`` (N, D) (numpy or torch)."""
+    real, fake = _pair(real, fake, k)
+    r_real, r_fake = radii(real, k, backend), radii(fake, k, backend)
+    return {"precision": float((ball_counts(fake, real, r_real) > 0).double().mean()),
+            "recall": float((ball_counts(real, fake, r_fake) > 0).double().mean()), "k": k}
+
+
+def density_coverage(real, fake, k: int = 5, backend: str | None = None) -> dict:
+    """Density and coverage of ``fake`` (M, D) against ``real`` (N, D) (numpy or torch)."""
+    real, fake = _pair(real, fake, k)
+    r_real = radii(real, k, backend)
+    nearest_fake = knn(real, fake, 1, backend=backend)[0][:, 0]
+    return {"density": float(ball_counts(fake, real, r_real).double().sum() / (k * len(fake))),
+            "coverage": float((nearest_fake <= r_real.to(nearest_fake.device)).double().mean()), "k": k}
+
+
+def prdc(real, fake, k_pr: int = 3, k_dc: int = 5, backend: str | None = None) -> dict:
+    """precision, recall (k_pr) and density, coverage (k_dc) in one dict."""
+    pr, dc = precision_recall(real, fake, k_pr, backend), density_coverage(real, fake, k_dc, backend)
+    return {"precision": pr["precision"], "recall": pr["recall"], "density": dc["density"],
+            "coverage": dc["coverage"], "k_precision_recall": k_pr, "k_density_coverage": k_dc}
