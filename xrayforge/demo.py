@@ -130,7 +130,12 @@ def demo_markdown(results: dict) -> str:
                          f"{t['mean_steps'] or 0:.1f} |")
     fid = results["fid"]
     lines += ["", "## FID of the unconditional samples",
-              f"FID {fid['fid']:.3f} between {fid['n_a']} real phantoms and {fid['n_b']} samples ({fid['inception']}).", ""]
+              f"FID {fid['fid']:.3f} between {fid['n_a']} real phantoms and {fid['n_b']} samples (features "
+              f"{fid.get('features', 'inception')}: {fid['inception']})."]
+    if fid.get("precision") is not None:
+        lines.append(f"Precision {fid['precision']:.3f} and recall {fid['recall']:.3f} (k = 3: fidelity and "
+                     f"diversity); density {fid['density']:.3f} and coverage {fid['coverage']:.3f} (k = 5).")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -146,6 +151,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .evaluate.tstr import TSTRConfig, run_tstr
     from .fid.compute import FeatureExtractor
     from .fid.inception import find_weights
+    from .fid.training import TrainingMetrics
     from .sample.writer import SampleConfig, sample_archive
     from .train.trainer import Trainer
 
@@ -187,7 +193,19 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     lap("data")
     save_state()
 
-    # 2. the GAN, sized so that the schedule fits its share of the budget
+    # 2. the classifier first: its features measure the GAN while it trains (no Inception weights needed)
+    clf = out / "classifier"
+    if "classifier" not in results:
+        say("training the phantom classifier")
+        s = train_classifier(ClassifierTrainConfig(str(archive), str(clf), input_size=p["clf_size"],
+                                                   width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3,
+                                                   device=str(dev)), progress=progress)
+        results["classifier"] = {"path": str(clf), "best_mean_auroc": s["best_mean_auroc"],
+                                 "auroc": s["history"][-1]["auroc"]}
+        lap("classifier")
+        save_state()
+
+    # 3. the GAN, sized so that the schedule fits its share of the budget, measured in the classifier's features
     run = out / "run"
     if not results.get("train", {}).get("complete"):
         if dev.type == "cuda":  # a wider network and the official learning rate
@@ -202,26 +220,18 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
                              realism_images=p.get("realism_images", 256))
         cfg.max_seconds = budget * p["train_share"]
         cfg.checkpoint_ticks = 2
+        cfg.metrics, cfg.metrics_every, cfg.metrics_images = ["fid", "prdc"], 2, p["samples"]
+        cfg.metrics_features = f"classifier:{clf}"
+        measure = TrainingMetrics(archive, run, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
+                                  device=str(dev), seed=cfg.seed)
         per_phase = cfg.stable_images
         resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))
         say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
             (" — resuming" if resume else ""))
         t0 = time.perf_counter()
-        summary = Trainer(cfg, resume=resume, progress=progress).train()
+        summary = Trainer(cfg, resume=resume, progress=progress, measure=measure).train()
         results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True}
         lap("train")
-        save_state()
-
-    # 3. the classifier
-    clf = out / "classifier"
-    if "classifier" not in results:
-        say("training the phantom classifier")
-        s = train_classifier(ClassifierTrainConfig(str(archive), str(clf), input_size=p["clf_size"],
-                                                   width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3,
-                                                   device=str(dev)), progress=progress)
-        results["classifier"] = {"path": str(clf), "best_mean_auroc": s["best_mean_auroc"],
-                                 "auroc": s["history"][-1]["auroc"]}
-        lap("classifier")
         save_state()
 
     # 4. samples: unconditional (for FID) and LCO-labelled
@@ -250,28 +260,28 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         f"{results['realism']['diversity']:.2f} (1 = like the real images)")
     save_state()
 
-    # 5. FID: all samples, per finding and against sample count; its "all" row is the demo's FID
+    # 5. FID (with precision / recall / density / coverage): all samples, per finding and against
+    # sample count; its "all" row is the demo's FID. In Inception's features when its weights are
+    # there, else in the phantom classifier's (a distance that means something without a download)
     try:
-        weights = str(find_weights(inception))
-        random_weights = False
+        feature_kwargs = {"inception": str(find_weights(inception)), "features": "inception"}
     except FileNotFoundError:
-        weights, random_weights = None, True
-        say("FID Inception weights not found: computing FID with random weights (a pipeline check, "
-            "not a comparable FID)")
+        feature_kwargs = {"features": f"classifier:{clf}"}
+        say("FID Inception weights not found: FID in the phantom classifier's features instead")
+    feature_kwargs.update(device=str(dev), workers=0, batch_size=32, progress=progress)
+    extractor = FeatureExtractor(**feature_kwargs)
     evals = run / "evaluations"  # where `xrayforge evaluate report` finds the evaluations
-    feature_kwargs = {"inception": weights, "random_weights": random_weights, "device": str(dev), "workers": 0,
-                      "batch_size": 32, "progress": progress}
     fid_summary = evals / "fid-findings" / "summary.json"
-    if not fid_summary.is_file() or read_json(fid_summary).get("inception", "random").startswith("random") \
-            != random_weights:
-        say("computing FID (all samples, per finding, against sample count)")
-        fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings",
-                       FeatureExtractor(**feature_kwargs), counts=p["fid_counts"], real_limit=p["fid_real"],
-                       min_images=p["fid_min_images"], progress=progress)
+    if not fid_summary.is_file() or read_json(fid_summary).get("features") != extractor.space_name:
+        say(f"computing FID, precision / recall / density / coverage ({extractor.space_name} features)")
+        fid_by_finding(str(samples / "unconditional"), str(archive), evals / "fid-findings", extractor,
+                       counts=p["fid_counts"], real_limit=p["fid_real"], min_images=p["fid_min_images"],
+                       progress=progress, prdc=True)
     fs = read_json(fid_summary)
     every = fs["rows"][0]
     results["fid"] = {"fid": every["fid"], "n_a": every["real_images"], "n_b": every["synthetic_images"],
-                      "inception": fs["inception"], "mode": fs["mode"]}
+                      "inception": fs["inception"], "features": fs["features"], "mode": fs["mode"],
+                      **{k: every.get(k) for k in ("precision", "recall", "density", "coverage")}}
     lap("fid")
     save_state()
 
@@ -289,7 +299,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
                   device=str(dev), progress=progress)
     if not (evals / "memorisation" / "summary.json").is_file():
         say("memorisation audit")
-        audit(str(samples / "unconditional"), str(archive), evals / "memorisation", FeatureExtractor(**feature_kwargs),
+        audit(str(samples / "unconditional"), str(archive), evals / "memorisation", extractor,
               real_limit=p["fid_real"], progress=progress)
     mem = read_json(evals / "memorisation" / "summary.json")
     results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real")}

@@ -36,6 +36,13 @@ def _parse_lr(text: str) -> tuple[float, dict]:
     return base, table
 
 
+def _metrics(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or set(names) - {"fid", "prdc"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of fid, prdc")
+    return names
+
+
 def _kimg(value: float | None) -> int | None:
     return None if value is None else int(round(value * 1000))
 
@@ -90,12 +97,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 fmap_max=args.fmap_max, mirror=args.mirror, tick_images=_kimg(args.tick_kimg),
                 checkpoint_ticks=args.checkpoint_ticks, keep_checkpoints=args.keep, seed=args.seed,
                 device=args.device, max_images=_kimg(args.max_kimg), realism_images=args.realism_images,
+                metrics=args.metrics or [], metrics_every=args.metrics_every, metrics_features=args.features,
+                metrics_images=args.metrics_images,
                 **({} if args.ema_kimg is None else {"ema_kimg": args.ema_kimg}))
         except ValueError as exc:
             print(f"xrayforge train: error: {exc}", file=sys.stderr)
             return 2
+    measure = None
+    if cfg.metrics:  # FID sits downstream of training: built here and handed to the trainer
+        from ..fid.training import TrainingMetrics
+        measure = TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
+                                  device=cfg.device, seed=cfg.seed, inception=args.inception)
     try:
-        summary = Trainer(cfg, resume=args.resume, progress=not args.quiet).train()
+        summary = Trainer(cfg, resume=args.resume, progress=not args.quiet, measure=measure).train()
     except Interrupted as exc:
         print(f"xrayforge train: {exc}", file=sys.stderr)
         return 130
@@ -149,6 +163,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--realism-images", type=_args.nonneg_int, default=256,
                    help="per tick, the realism and diversity ratios of this many G_ema samples against as many "
                         "real images (nearest-neighbour pixel distances; 0: off)")
+    p.add_argument("--metrics", type=_metrics, default=None, metavar="fid,prdc",
+                   help="measure G_ema during training: FID and/or precision, recall, density, coverage against the "
+                        "archive's real images (their features computed once per run); logged in log.jsonl, plotted "
+                        "in loss.png, and the best checkpoint is kept and named in checkpoints/best.json")
+    p.add_argument("--metrics-every", type=_args.positive_int, default=5, metavar="TICKS",
+                   help="ticks between measurements (default 5; and at the end)")
+    p.add_argument("--metrics-images", type=_args.positive_int, default=1000,
+                   help="generated and real images per measurement (default 1000; the official FID uses 50000)")
+    p.add_argument("--features", default="inception", metavar="SPACE",
+                   help="feature space of --metrics: inception (default), classifier:MODEL or densenet121:FILE")
+    p.add_argument("--inception", default=None, help="FID Inception weights for --metrics (see xrayforge fid --help)")
     p.add_argument("--latent-dim", type=_args.positive_int, default=512)
     p.add_argument("--fmap-base", type=_args.positive_int, default=8192)
     p.add_argument("--fmap-max", type=_args.positive_int, default=512)

@@ -55,6 +55,21 @@ def _training_section(run: Path) -> list[str]:
                          f"last resolution {last['resolution']} px (fade-in α {last['alpha']:.2f}); final losses "
                          f"D {last.get('d_loss', float('nan')):.3f}, G {last.get('g_loss', float('nan')):.3f}, "
                          f"gradient penalty {last.get('gp', float('nan')):.3f}.")
+            measured = [t for t in ticks if "fid" in t or "precision" in t]
+            if measured:
+                m = measured[-1]
+                got = ", ".join(f"{k} {m[k]:.3f}" for k in ("fid", "precision", "recall", "density", "coverage")
+                                if k in m)
+                lines.append(f"Measured during training ({m.get('metrics_images', '?')} G_ema samples against as many "
+                             f"real images, features {m.get('metrics_features', 'inception')}), at "
+                             f"{m['images']:,} images: {got}.")
+            best = run / "checkpoints" / "best.json"
+            if best.is_file():
+                b = read_json(best, "the best checkpoint's record")
+                lines.append(f"Best checkpoint: {b.get('checkpoint')} (tick {b.get('tick')}, {b.get('images', 0):,} "
+                             f"images; " + ", ".join(f"{k} {b[k]:.3f}" for k in ("fid", "precision", "recall",
+                                                                                 "density", "coverage") if k in b)
+                             + ").")
             if "realism" in last:
                 lines.append(f"G_ema's samples at the last tick: realism ratio {last['realism']:.2f} (median distance "
                              f"to the nearest real image over the real images' own; 1 = as close to the data as the "

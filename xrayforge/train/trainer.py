@@ -28,7 +28,7 @@ from ..data.archive import Archive
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
 from ..nn.checkpoint import latest_intact
-from ..utils.files import claim_output, load_torch, read_jsonl
+from ..utils.files import claim_output, load_torch, read_json, read_jsonl
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
@@ -71,6 +71,10 @@ class TrainConfig:
     max_images: int | None = None            # stop (with a checkpoint) after this many images
     max_seconds: float | None = None         # stop (with a checkpoint) after this much training time
     realism_images: int = 256                # per tick: realism / diversity of this many G_ema samples (0: off)
+    metrics: list = field(default_factory=list)  # "fid", "prdc": measured every metrics_every ticks (needs measure=)
+    metrics_every: int = 1                   # ticks between measurements
+    metrics_features: str = "inception"      # the feature space of the metrics (see xrayforge.fid.features)
+    metrics_images: int = 1000               # generated (and real) images per measurement
 
     def __post_init__(self):
         for name in ("fade_images", "tick_images", "checkpoint_ticks", "keep_checkpoints", "accumulation",
@@ -101,6 +105,12 @@ class TrainConfig:
             if r is not None and (r < 4 or r & (r - 1)):
                 raise ValueError(f"{name} must be a power of two >= 4, got {r}")
         self.realism_images = max(0, int(self.realism_images))
+        unknown = set(self.metrics) - {"fid", "prdc"}
+        if unknown:
+            raise ValueError(f"metrics: {sorted(unknown)} unknown; choose from fid, prdc")
+        if self.metrics_every < 1 or self.metrics_images < 6:
+            raise ValueError(f"metrics_every must be >= 1 and metrics_images >= 6, got {self.metrics_every} and "
+                             f"{self.metrics_images}")
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -124,8 +134,15 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
-        self.cfg, self.progress = config, progress
+    """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim) -> dict`` with
+    a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
+    (built by the command line: FID sits downstream of training, so this room does not import it)."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, measure=None):
+        self.cfg, self.progress, self.measure = config, progress, measure
+        if config.metrics and measure is None:
+            raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
+                             "TrainingMetrics(archive, run, metrics, features, images)")
         self.out = Path(config.out)
         self.rank, self.world = 0, 1
         if dist.is_available() and dist.is_initialized():
@@ -163,6 +180,7 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.gen = torch.Generator(self.device).manual_seed(self.cfg.seed * 1000 + 7 + self.rank)
         self.images_seen, self.tick = 0, 0
+        self.best: dict | None = None  # the best measured checkpoint so far (metrics during training)
         self.level = self.phase_index = None
         self.history: list[dict] = []
         state = None
@@ -178,6 +196,9 @@ class Trainer:
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
             state = load_torch(path / "state.pt", "the training state")
+            best = self.ckpt_dir / "best.json"
+            if best.is_file():
+                self.best = read_json(best, "the best checkpoint's record")
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
             self.gen.set_state(state["latent_rng"])
             torch.set_rng_state(state["torch_rng"])
@@ -304,7 +325,8 @@ class Trainer:
         os.replace(pointer_tmp, self.ckpt_dir / "latest")
         kept = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp"))
         for old in kept[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            if self.best is None or old.name != self.best.get("checkpoint"):  # the best one stays
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     # ------------------------------------------------------------------ reporting
@@ -327,9 +349,14 @@ class Trainer:
         r = realism(pixel_vectors(fake * 0.5 + 0.5), pixel_vectors(real.float() * 0.5 + 0.5))
         return {"realism": r["realism"], "diversity": r["diversity"]}
 
-    def _write_tick(self, record: dict):
+    def _write_tick(self, record: dict, final: bool = False):
         if self.cfg.realism_images:
             record.update(self.measure_realism(record["level"], record["alpha"]))
+        if self.measure is not None and self.cfg.metrics and (record["tick"] % self.cfg.metrics_every == 0 or final):
+            level, alpha = record["level"], record["alpha"]
+            with torch.no_grad():
+                record.update(self.measure(lambda z: self.G_ema(z.to(self.device), level, alpha),
+                                           self.net_config.latent_dim))
         self.history.append(record)
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -360,6 +387,23 @@ class Trainer:
             low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
             x = torch.lerp(low, x, alpha)
         return x.contiguous(memory_format=self._memory_format)
+
+    def _better(self, record: dict) -> bool:
+        """Whether this tick's measurement beats the best so far (rank 0 measures)."""
+        if self.measure is None or self.rank != 0:
+            return False
+        score = self.measure.score(record)
+        return score is not None and (self.best is None or score < self.best["score"])
+
+    def _mark_best(self, checkpoint: Path, record: dict) -> None:
+        """checkpoints/best.json: the best measured checkpoint (kept out of rotation)."""
+        self.best = {"checkpoint": checkpoint.name, "score": self.measure.score(record), "tick": record["tick"],
+                     "images": record["images"], **{k: record[k] for k in ("fid", "precision", "recall", "density",
+                                                                           "coverage", "metrics_features")
+                                                    if k in record}}
+        tmp = self.ckpt_dir / "best.json.tmp"
+        tmp.write_text(json.dumps(self.best, indent=2))
+        os.replace(tmp, self.ckpt_dir / "best.json")
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
@@ -417,11 +461,14 @@ class Trainer:
                     bar.set_postfix(res=record["resolution"], alpha=f"{record['alpha']:.2f}",
                                     d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
                     if self.rank == 0:
-                        self._write_tick(record)
+                        self._write_tick(record, final=done)
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
-                    if done or self._stop_signal or self.tick % self.cfg.checkpoint_ticks == 0:
-                        self.save_checkpoint()
+                    better = self._better(record)
+                    if better or done or self._stop_signal or self.tick % self.cfg.checkpoint_ticks == 0:
+                        saved = self.save_checkpoint()
+                        if better and saved is not None:
+                            self._mark_best(saved, record)
                     tick_start, tick_images = time.perf_counter(), 0
                     next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
                 if self._stop_signal:

@@ -13,10 +13,13 @@ def _pyplot():
 
 def loss_curve(history: list[dict], path: str | os.PathLike) -> None:
     """Discriminator / generator losses, the gradient penalty and (where the log has them) the
-    realism and diversity ratios against images seen."""
+    realism and diversity ratios, and the metrics measured during training (FID; precision,
+    recall, density, coverage), against images seen."""
     plt = _pyplot()
     realism = [h for h in history if "realism" in h]
-    fig, axes = plt.subplots(1, 3 if realism else 2, figsize=(15 if realism else 10, 3.5))
+    measured = [h for h in history if "fid" in h or "precision" in h]
+    panels = 2 + bool(realism) + bool(measured)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5))
     x = [h["images"] / 1000 for h in history]
     for key in ("d_loss", "g_loss"):
         axes[0].plot(x, [h.get(key) for h in history], label=key)
@@ -29,6 +32,19 @@ def loss_curve(history: list[dict], path: str | os.PathLike) -> None:
         axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
         axes[2].set_yscale("log")
         axes[2].set_title("nearest-neighbour pixel distance ratios (1 = like the data)", fontsize=9)
+    if measured:
+        ax = axes[-1]
+        xm = [h["images"] / 1000 for h in measured]
+        has_fid, has_prdc = any("fid" in h for h in measured), any("precision" in h for h in measured)
+        if has_fid:
+            ax.plot(xm, [h.get("fid") for h in measured], "o-", label="FID", color="C5")
+            ax.set_yscale("log")
+        twin = ax.twinx() if has_fid and has_prdc else ax
+        for k, key in enumerate(("precision", "recall", "density", "coverage") if has_prdc else ()):
+            twin.plot(xm, [h.get(key) for h in measured], ".--", label=key, color=f"C{6 + k}")
+        if twin is not ax:
+            twin.legend(fontsize=7, loc="upper right")
+        ax.set_title(f"metrics in {measured[-1].get('metrics_features', 'inception')} features", fontsize=9)
     for ax in axes:
         ax.set_xlabel("thousands of images")
         ax.legend()

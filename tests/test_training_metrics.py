@@ -1,0 +1,85 @@
+"""Metrics during training (train --metrics): what is logged equals the same measurement made
+afterwards on the saved G_ema; the real side is computed once per run; the best checkpoint is
+kept out of rotation and named in checkpoints/best.json; a resumed run keeps it."""
+import json
+
+import pytest
+import torch
+
+from xrayforge.cli import main as cli
+from xrayforge.data.prepare import prepare
+from xrayforge.fid.training import TrainingMetrics
+from xrayforge.nn import load_networks
+from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+from xrayforge.train.trainer import TrainConfig, Trainer
+
+TINY = ["--resolution", "8", "--fade-kimg", "0.032", "--stable-kimg", "0.032", "--batch", "16", "--tick-kimg",
+        "0.016", "--latent-dim", "16", "--fmap-base", "64", "--fmap-max", "16", "--realism-images", "0",
+        "--checkpoint-ticks", "3", "--keep", "1", "--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    w = tmp_path_factory.mktemp("metrics")
+    prepare("phantom:48", w / "arc", resolution=16, workers=1, progress=False)
+    torch.manual_seed(0)
+    ChestClassifier(ClassifierConfig(input_size=16, width=8)).save(w / "clf")
+    return w
+
+
+def test_logged_metrics_equal_a_measurement_of_the_saved_generator(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["train", str(world / "arc"), "--out", str(run), *TINY, "--metrics", "fid,prdc", "--metrics-every",
+                "2", "--metrics-images", "20", "--features", f"classifier:{world / 'clf'}"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    measured = [t for t in log if "fid" in t]
+    assert [t["tick"] for t in measured] == [2, 4, 6]  # every 2 ticks, and the last
+    for t in measured:
+        assert t["fid"] >= 0 and all(0 <= t[k] <= 1 for k in ("precision", "recall", "coverage"))
+        assert t["metrics_features"].startswith("classifier@") and t["metrics_images"] == 20
+    # the same measurement, made afterwards on the final checkpoint's G_ema
+    last = sorted((run / "checkpoints").glob("ckpt-*"))[-1]
+    G = load_networks(last, names=["G_ema"])["G_ema"].eval()
+    again = TrainingMetrics(world / "arc", run, ["fid", "prdc"], f"classifier:{world / 'clf'}", 20)
+    got = again(lambda z: G(z, G.level, G.alpha), 16)
+    for k in ("fid", "precision", "recall", "density", "coverage"):
+        assert got[k] == pytest.approx(measured[-1][k], rel=1e-5, abs=1e-9), k
+    assert len(list((run / "metrics").glob("real-*.npz"))) == 1  # the real side: once per run
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["fid"] == min(t["fid"] for t in measured)
+    assert (run / "checkpoints" / best["checkpoint"]).is_dir()  # kept although --keep 1
+    assert "Best checkpoint" in _report(run, tmp_path)
+
+
+def _report(run, tmp_path):
+    assert cli(["evaluate", "report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    return (tmp_path / "r.md").read_text()
+
+
+def test_a_resumed_run_keeps_its_best_checkpoint(world, tmp_path):
+    cfg = TrainConfig(str(world / "arc"), str(tmp_path / "run"), resolution=8, fade_images=32, stable_images=32,
+                      tick_images=16, latent_dim=16, fmap_base=64, fmap_max=16, batch={4: 16, 8: 16},
+                      realism_images=0, checkpoint_ticks=1, keep_checkpoints=1, metrics=["prdc"], metrics_every=1,
+                      metrics_images=12, metrics_features=f"classifier:{world / 'clf'}", max_images=48)
+    measure = TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, 12)
+    Trainer(cfg, progress=False, measure=measure).train()
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert best["score"] == pytest.approx(1 - best["coverage"])  # prdc alone: the best by coverage
+    cfg.max_images = None
+    t = Trainer(cfg, resume=True, progress=False, measure=measure)
+    assert t.best == best
+    t.train()
+    kept = {p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*")}
+    now = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert now["checkpoint"] in kept and now["score"] <= best["score"]
+
+
+def test_metrics_need_a_measure_and_valid_names(world, tmp_path):
+    with pytest.raises(ValueError, match="need a measure"):
+        Trainer(TrainConfig(str(world / "arc"), str(tmp_path / "r"), metrics=["fid"]), progress=False)
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig(str(world / "arc"), str(tmp_path / "r"), metrics=["is"])
+    with pytest.raises(SystemExit):
+        cli(["train", str(world / "arc"), "--out", str(tmp_path / "r"), "--metrics", "fid,is"])
+    with pytest.raises(ValueError, match="at least 6"):
+        TrainingMetrics(world / "arc", tmp_path / "r", ["prdc"], f"classifier:{world / 'clf'}", 4)

@@ -1,0 +1,100 @@
+"""Metrics during training: FID and precision / recall / density / coverage of G_ema's samples
+against the archive's real images, in any feature space.
+
+The trainer does not import this room (FID sits downstream of training): the command line (and
+the demo) builds a ``TrainingMetrics`` from the run's settings and hands it to
+``Trainer(..., measure=...)``. The real images' statistics and features are computed once per
+run and kept in ``RUN/metrics/real-<space>-<n>.npz``; each measurement generates the same
+latents (a fixed seed) at the tick's level and fade-in α.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.archive import Archive
+from ..errors import UserError
+from ..utils.files import load_npz
+from .compute import FeatureExtractor
+from .stats import FrechetStats, StreamingMoments, frechet_distance
+
+METRICS = ("fid", "prdc")
+
+
+class TrainingMetrics:
+    def __init__(self, archive: str | os.PathLike, run: str | os.PathLike, metrics=("fid",),
+                 features: str = "inception", images: int = 1000, device: str | torch.device | None = None,
+                 batch_size: int = 64, seed: int = 0, inception: str | None = None):
+        unknown = set(metrics) - set(METRICS)
+        if unknown or not metrics:
+            raise UserError(f"--metrics {','.join(metrics)}: choose from {', '.join(METRICS)}")
+        if images < 6:
+            raise UserError(f"metrics need at least 6 images a side (density / coverage use k = 5), got {images}")
+        self.metrics, self.images, self.seed = tuple(metrics), int(images), seed
+        self.archive = Archive(archive)
+        self.extractor = FeatureExtractor(inception, False, "exact", device, batch_size, 0, progress=False,
+                                          features=features)
+        self.space = self.extractor.space_name
+        safe = re.sub(r"[^A-Za-z0-9@._-]", "_", self.space)
+        self.cache = Path(run) / "metrics" / f"real-{safe}-{self.images}.npz"
+        self.real_stats = self.real_features = None  # at the first measurement: the run folder is the trainer's
+
+    def _real(self) -> tuple[FrechetStats, np.ndarray]:
+        """The real side, computed once per run (a uniform sample of the archive)."""
+        if self.cache.is_file():
+            f = load_npz(self.cache, ("mu", "sigma", "n", "features"), "the run's cached real features")
+            return FrechetStats(f["mu"], f["sigma"], int(f["n"]), self.space), f["features"]
+        rows = self.archive.random_positions(self.images, self.seed + 31)
+        feats = []
+        for i in range(0, len(rows), self.extractor.batch_size):
+            pix = torch.from_numpy(self.archive.as_float(self.archive.images(rows[i:i + self.extractor.batch_size],
+                                                                             self.archive.resolution)))
+            feats.append(self.extractor.features(pix).cpu())
+        features = torch.cat(feats).numpy()
+        stats = FrechetStats.from_features(features, self.space)
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache.with_name(self.cache.name + ".tmp.npz")
+        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), features=features,
+                 feature_space=np.array(self.space))
+        os.replace(tmp, self.cache)
+        return stats, features
+
+    @torch.no_grad()
+    def __call__(self, generate, latent_dim: int) -> dict:
+        """``generate(z)`` -> images in [-1, 1], (N, 1, R, R), for latents ``z`` (N, latent_dim);
+        the latents come from a fixed seed, so successive measurements see the same latents."""
+        if self.real_stats is None:
+            self.real_stats, self.real_features = self._real()
+        g = torch.Generator().manual_seed(self.seed + 4242)
+        moments, feats = StreamingMoments(self.extractor.dim, self.extractor.device), []
+        for start in range(0, self.images, self.extractor.batch_size):
+            count = min(self.extractor.batch_size, self.images - start)
+            z = torch.randn(count, latent_dim, generator=g)
+            img = (generate(z).float().clamp(-1, 1) + 1) / 2
+            f = self.extractor.features(img[:, 0])
+            moments.update(f)
+            feats.append(f.float().cpu())
+        out = {"metrics_features": self.space, "metrics_images": self.images}
+        if "fid" in self.metrics:
+            stats = moments.stats()
+            stats.space = self.space
+            out["fid"] = frechet_distance(self.real_stats, stats, self.extractor.device)
+        if "prdc" in self.metrics:
+            from .prdc import prdc
+            got = prdc(self.real_features, torch.cat(feats))
+            out.update({k: got[k] for k in ("precision", "recall", "density", "coverage")})
+        return out
+
+
+    @staticmethod
+    def score(record: dict) -> float | None:
+        """How good a measured tick is, lower is better: its FID, else 1 - coverage; None unmeasured."""
+        if "fid" in record:
+            return float(record["fid"])
+        if "coverage" in record:
+            return 1.0 - float(record["coverage"])
+        return None
