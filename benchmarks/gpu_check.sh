@@ -12,7 +12,7 @@
 #      (build.log); a failed build is recorded and the Triton stages still run;
 #   3. installs the project in place (pip --no-build-isolation --no-deps -e .; else PYTHONPATH);
 #   4. runs the stages (python -m xrayforge.bench.gpu_check): env, tests, ops, train, fid,
-#      sampling, each under its own cap, recorded as passed / failed / timed out / skipped; the
+#      knn (radii of 100k × 100k 2048-d features), sampling, each under its own cap, recorded as passed / failed / timed out / skipped; the
 #      whole command ends within --deadline (default 480 s: the stages get what setup left),
 #      or the stages alone get --budget seconds.
 # Writes at most five files to --out (default $OUT, else gpu-check/): gpu_check.json,

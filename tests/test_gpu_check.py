@@ -115,9 +115,12 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert not [r for r in fid["rows"] if "error" in r]
     assert fid["fast_mode_accuracy"]["images"] > 0
     assert st["sampling"]["data"]["lco"]["steps_s"] > 0
+    knn = st["knn"]["data"]["rows"]
+    assert [r["variant"] for r in knn] == ["ops.knn backend torch", "ops.knn backend triton", "knn triton"]
+    assert not [r for r in knn if "error" in r] and knn[1]["same_neighbours"] == 1.0
     md = (out / "gpu_check.md").read_text()
     for section in ("DRY RUN", "## Stages", "## Kernel validation", "## Ops", "## Training step",
-                    "## FID pipeline", "## Sampling", "Skipped parts"):
+                    "## FID pipeline", "## k nearest neighbours", "## Sampling", "Skipped parts"):
         assert section in md
 
 

@@ -37,11 +37,11 @@ from pathlib import Path
 from . import error_summary, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: stages, pytest and git run there
-STAGES = ("env", "tests", "ops", "train", "fid", "sampling")
+STAGES = ("env", "tests", "ops", "train", "fid", "knn", "sampling")
 # Per-stage time caps in seconds on a GPU (the whole run is planned for <= 8 min on an H100)
 # and in the dry run on a 2-core CPU (the whole dry run < 5 min).
-CAPS = {"env": 60, "tests": 150, "ops": 110, "train": 200, "fid": 110, "sampling": 70}
-DRY_CAPS = {"env": 60, "tests": 120, "ops": 90, "train": 120, "fid": 120, "sampling": 90}
+CAPS = {"env": 60, "tests": 150, "ops": 110, "train": 200, "fid": 110, "knn": 60, "sampling": 70}
+DRY_CAPS = {"env": 60, "tests": 120, "ops": 90, "train": 120, "fid": 120, "knn": 60, "sampling": 90}
 MIN_USEFUL = 20  # a stage is not started with less time than this left in the budget
 FLOOR = 30       # seconds kept back for each later stage, so one slow stage cannot starve the rest
 
@@ -51,6 +51,7 @@ TEST_FILE_OPS = {
     "test_ops_bias_lrelu.py": ("bias_lrelu",),
     "test_ops_minibatch_stddev.py": ("minibatch_stddev",),
     "test_fid.py": ("fid_preprocess",),
+    "test_ops_knn.py": ("knn",),
 }
 OUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "gpu_tests.xml", "build.log")
 
@@ -65,6 +66,7 @@ def sizes(dry: bool) -> dict:
                 "train": dict(configs=((8, 2, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),),
                               net_resolution=16, fmap_max=16, reps=1, warmup=1),
                 "fid": dict(batch=2, size=64, moment_n=2000, dim=256, accuracy_images=8, scipy=True, warmup=1, reps=1),
+                "knn": dict(n=96, dim=32, check=96),
                 "sampling": dict(resolution=16, n=8, batch=4, fmap_max=16, lco_batch=2, lco_steps=2,
                                  classifier_size=32, classifier_width=8)}
     return {"copy_mib": 2048, "matmul_n": 8192,
@@ -77,6 +79,8 @@ def sizes(dry: bool) -> dict:
                           net_resolution=1024, fmap_max=512, reps=3, warmup=1),
             "fid": dict(batch=256, size=1024, moment_n=50000, dim=2048, accuracy_images=2000, scipy=True, warmup=2,
                         reps=5),
+            # the archive scale: radii and neighbours of 100k × 100k 2048-d features
+            "knn": dict(n=100000, dim=2048, check=2000),
             "sampling": dict(resolution=1024, n=128, batch=32, fmap_max=512, lco_batch=16, lco_steps=10,
                              classifier_size=256, classifier_width=64)}
 
@@ -327,6 +331,15 @@ def stage_fid(part: Part, dry: bool, out: Path, context: dict) -> None:
     part.save()
 
 
+# --------------------------------------------------------------------------- stage: knn
+def stage_knn(part: Part, dry: bool, out: Path, context: dict) -> None:
+    from . import fid as fid_bench
+    dev = _device(dry)
+    cfg = sizes(dry)["knn"]
+    for row in fid_bench.knn_rows(cfg["n"], cfg["dim"], dev, check=cfg["check"]):
+        part.add_row("rows", row)
+
+
 # --------------------------------------------------------------------------- stage: sampling
 def stage_sampling(part: Part, dry: bool, out: Path, context: dict) -> None:
     import torch
@@ -356,7 +369,7 @@ def stage_sampling(part: Part, dry: bool, out: Path, context: dict) -> None:
 
 
 STAGE_FUNCS = {"env": stage_env, "tests": stage_tests, "ops": stage_ops, "train": stage_train,
-               "fid": stage_fid, "sampling": stage_sampling}
+               "fid": stage_fid, "knn": stage_knn, "sampling": stage_sampling}
 
 
 # --------------------------------------------------------------------------- the driver
@@ -620,6 +633,13 @@ def render_markdown(report: dict) -> str:
                       f"{acc['feature_relative_error_median']:.2e}, max {acc['feature_relative_error_max']:.2e}.", ""]
         if "frechet_relative_difference_vs_scipy" in fid:
             lines += [f"Fréchet vs scipy sqrtm: {fid['frechet_relative_difference_vs_scipy']:.2e} relative.", ""]
+    knn_rows = st.get("knn", {}).get("data", {}).get("rows", [])
+    if knn_rows:
+        lines += ["## k nearest neighbours and precision / recall / density / coverage", ""]
+        lines += _table(knn_rows, [("stage", "stage"), ("variant", "variant"), ("ms", "ms"), ("tflops", "TFLOP/s"),
+                                   ("same_neighbours", "same neighbours"), ("max_rel_diff", "max rel diff"),
+                                   ("precision", "precision"), ("recall", "recall"), ("density", "density"),
+                                   ("coverage", "coverage"), ("error", "error")]) + [""]
     samp = st.get("sampling", {}).get("data", {})
     if samp.get("rows"):
         lines += ["## Sampling", ""]

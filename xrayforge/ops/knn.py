@@ -88,7 +88,7 @@ if triton is not None:
     def _knn_kernel(q_ptr, r_ptr, qsq_ptr, rsq_ptr, out_d_ptr, out_i_ptr, Q, R, D,
                     s_qn, s_qd, s_rn, s_rd,
                     K: tl.constexpr, KP: tl.constexpr, EXCLUDE: tl.constexpr, EXACT64: tl.constexpr,
-                    BQ: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+                    IEEE: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
         pid = tl.program_id(0)
         qi = pid * BQ + tl.arange(0, BQ)
         qmask = qi < Q
@@ -103,29 +103,26 @@ if triton is not None:
         for r0 in range(0, R, BR):
             ri = r0 + tl.arange(0, BR)
             rmask = ri < R
-            if EXACT64:
-                d2 = tl.zeros((BQ, BR), tl.float64)
-                for d0 in range(0, D, BD):
-                    dd = d0 + tl.arange(0, BD)
-                    dmask = dd < D
-                    qv = tl.load(q_ptr + qi[:, None] * s_qn + dd[None, :] * s_qd,
-                                 mask=qmask[:, None] & dmask[None, :], other=0.0)
-                    rv = tl.load(r_ptr + ri[:, None] * s_rn + dd[None, :] * s_rd,
-                                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+            acc = tl.zeros((BQ, BR), acc_t)
+            for d0 in range(0, D, BD):
+                dd = d0 + tl.arange(0, BD)
+                dmask = dd < D
+                qv = tl.load(q_ptr + qi[:, None] * s_qn + dd[None, :] * s_qd,
+                             mask=qmask[:, None] & dmask[None, :], other=0.0)
+                rv = tl.load(r_ptr + ri[:, None] * s_rn + dd[None, :] * s_rd,
+                             mask=rmask[:, None] & dmask[None, :], other=0.0)
+                if EXACT64:  # exact squared differences
                     diff = qv[:, None, :] - rv[None, :, :]
-                    d2 += tl.sum(diff * diff, axis=2)
+                    acc += tl.sum(diff * diff, axis=2)
+                elif IEEE:  # fp32 products in fp32, not TF32
+                    acc = tl.dot(qv, tl.trans(rv), acc, input_precision="ieee")
+                else:  # bf16 / fp16 products, fp32 accumulation
+                    acc = tl.dot(qv, tl.trans(rv), acc)
+            if EXACT64:
+                d2 = acc
             else:
-                dot = tl.zeros((BQ, BR), tl.float32)
-                for d0 in range(0, D, BD):
-                    dd = d0 + tl.arange(0, BD)
-                    dmask = dd < D
-                    qv = tl.load(q_ptr + qi[:, None] * s_qn + dd[None, :] * s_qd,
-                                 mask=qmask[:, None] & dmask[None, :], other=0.0)
-                    rv = tl.load(r_ptr + ri[:, None] * s_rn + dd[None, :] * s_rd,
-                                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-                    dot = tl.dot(qv, tl.trans(rv), dot, input_precision="ieee")
                 rsq = tl.load(rsq_ptr + ri, mask=rmask, other=0.0)
-                d2 = tl.maximum(qsq[:, None] + rsq[None, :] - 2.0 * dot, 0.0)
+                d2 = tl.maximum(qsq[:, None] + rsq[None, :] - 2.0 * acc, 0.0)
             valid = qmask[:, None] & rmask[None, :]
             if EXCLUDE:
                 valid = valid & (qi[:, None] != ri[None, :])
@@ -162,7 +159,7 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     kp = triton.next_power_of_2(k)
     _knn_kernel[(triton.cdiv(n, bq),)](q, r, qsq, rsq, out_d, out_i, n, m, d, q.stride(0), q.stride(1),
                                        r.stride(0), r.stride(1), K=k, KP=kp, EXCLUDE=exclude_self, EXACT64=exact,
-                                       BQ=bq, BR=br, BD=bd, num_warps=warps)
+                                       IEEE=dtype == torch.float32, BQ=bq, BR=br, BD=bd, num_warps=warps)
     dist, order = out_d.double().sort(dim=1)
     return dist.sqrt(), out_i.long().gather(1, order)
 
