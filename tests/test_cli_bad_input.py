@@ -382,7 +382,7 @@ CASES += [
          lambda w, t: ["classify", "train", t / "arc", "--out", t / "m", "-q"], "Effusion",
          setup=_archive_without("Effusion")),
     Case("fid-archive-no-split", "missing column",
-         lambda w, t: ["fid", t / "arc", w / "a.npz", "--random-weights", "-q"], "split",
+         lambda w, t: ["fid", t / "arc", w / "samples", "--random-weights", "-q"], "split",
          setup=_archive_without("split")),
     Case("memorisation-archive-no-patient", "missing column",
          lambda w, t: ["evaluate", "memorisation", "--synthetic", w / "samples", "--real", t / "arc", "--out",

@@ -112,6 +112,11 @@ def test_bad_feature_spaces(spec, match):
         feature_space(spec)
 
 
+def test_random_weights_only_for_inception(world):
+    with pytest.raises(UserError, match="random-weights"):
+        feature_space(f"classifier:{world / 'clf'}", random_weights=True)
+
+
 def test_a_state_dict_that_is_not_a_densenet(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "r.pt")
     with pytest.raises(UserError, match="features.conv0.weight"):

@@ -46,7 +46,9 @@ def test_logged_metrics_equal_a_measurement_of_the_saved_generator(world, tmp_pa
         assert got[k] == pytest.approx(measured[-1][k], rel=1e-5, abs=1e-9), k
     assert len(list((run / "metrics").glob("real-*.npz"))) == 1  # the real side: once per run
     best = json.loads((run / "checkpoints" / "best.json").read_text())
-    assert best["fid"] == min(t["fid"] for t in measured)
+    # only a faded-in generator at the final resolution can be the best one (ticks 2 and 4: 4 px, fading)
+    final = [t for t in measured if t["resolution"] == 8 and t["alpha"] == 1.0]
+    assert [t["tick"] for t in final] == [6] and best["fid"] == final[0]["fid"] and best["tick"] == 6
     assert (run / "checkpoints" / best["checkpoint"]).is_dir()  # kept although --keep 1
     assert "Best checkpoint" in _report(run, tmp_path)
 
@@ -60,7 +62,7 @@ def test_a_resumed_run_keeps_its_best_checkpoint(world, tmp_path):
     cfg = TrainConfig(str(world / "arc"), str(tmp_path / "run"), resolution=8, fade_images=32, stable_images=32,
                       tick_images=16, latent_dim=16, fmap_base=64, fmap_max=16, batch={4: 16, 8: 16},
                       realism_images=0, checkpoint_ticks=1, keep_checkpoints=1, metrics=["prdc"], metrics_every=1,
-                      metrics_images=12, metrics_features=f"classifier:{world / 'clf'}", max_images=48)
+                      metrics_images=12, metrics_features=f"classifier:{world / 'clf'}", max_images=80)
     measure = TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, 12)
     Trainer(cfg, progress=False, measure=measure).train()
     best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
@@ -72,6 +74,9 @@ def test_a_resumed_run_keeps_its_best_checkpoint(world, tmp_path):
     kept = {p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*")}
     now = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
     assert now["checkpoint"] in kept and now["score"] <= best["score"]
+    # a record naming a checkpoint that is gone is dropped on resume, not trusted
+    (tmp_path / "run" / "checkpoints" / "best.json").write_text(json.dumps({**now, "checkpoint": "ckpt-gone"}))
+    assert Trainer(cfg, resume=True, progress=False, measure=measure).best is None
 
 
 def test_metrics_need_a_measure_and_valid_names(world, tmp_path):

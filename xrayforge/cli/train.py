@@ -53,7 +53,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ..train.trainer import Interrupted, TrainConfig, Trainer, init_distributed
     from ..utils.files import read_json
 
-    init_distributed()
+    rank, _ = init_distributed()
+    metric_options = {"metrics": args.metrics, "metrics_every": args.metrics_every,
+                      "metrics_features": args.features, "metrics_images": args.metrics_images}
     saved = Path(args.out) / "train_config.json"
     if args.resume and saved.is_file():
         cfg = read_json(saved, "the run's saved options")
@@ -71,6 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             cfg["total_images"] = _kimg(args.total_kimg)
         if args.device:
             cfg["device"] = args.device
+        cfg.update({k: v for k, v in metric_options.items() if v is not None})  # measuring may change
         try:
             cfg = TrainConfig(**cfg)
         except (TypeError, ValueError) as exc:
@@ -97,17 +100,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 fmap_max=args.fmap_max, mirror=args.mirror, tick_images=_kimg(args.tick_kimg),
                 checkpoint_ticks=args.checkpoint_ticks, keep_checkpoints=args.keep, seed=args.seed,
                 device=args.device, max_images=_kimg(args.max_kimg), realism_images=args.realism_images,
-                metrics=args.metrics or [], metrics_every=args.metrics_every, metrics_features=args.features,
-                metrics_images=args.metrics_images,
+                **{k: v for k, v in metric_options.items() if v is not None},
                 **({} if args.ema_kimg is None else {"ema_kimg": args.ema_kimg}))
         except ValueError as exc:
             print(f"xrayforge train: error: {exc}", file=sys.stderr)
             return 2
     measure = None
-    if cfg.metrics:  # FID sits downstream of training: built here and handed to the trainer
+    if cfg.metrics and rank == 0:  # FID sits downstream of training: built here, handed to the trainer;
+        # process 0 alone measures, on its own GPU
+        import os
+
+        import torch
+
         from ..fid.training import TrainingMetrics
+        device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         measure = TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
-                                  device=cfg.device, seed=cfg.seed, inception=args.inception)
+                                  device=device, seed=cfg.seed, inception=args.inception)
     try:
         summary = Trainer(cfg, resume=args.resume, progress=not args.quiet, measure=measure).train()
     except Interrupted as exc:
@@ -167,12 +175,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="measure G_ema during training: FID and/or precision, recall, density, coverage against the "
                         "archive's real images (their features computed once per run); logged in log.jsonl, plotted "
                         "in loss.png, and the best checkpoint is kept and named in checkpoints/best.json")
-    p.add_argument("--metrics-every", type=_args.positive_int, default=5, metavar="TICKS",
+    p.add_argument("--metrics-every", type=_args.positive_int, default=None, metavar="TICKS",
                    help="ticks between measurements (default 5; and at the end)")
-    p.add_argument("--metrics-images", type=_args.positive_int, default=1000,
+    p.add_argument("--metrics-images", type=_args.positive_int, default=None,
                    help="generated and real images per measurement (default 1000; the official FID uses 50000)")
-    p.add_argument("--features", default="inception", metavar="SPACE",
-                   help="feature space of --metrics: inception (default), classifier:MODEL or densenet121:FILE")
+    p.add_argument("--features", default=None, metavar="SPACE",
+                   help="feature space of --metrics: inception (default), classifier:MODEL or densenet121:FILE "
+                        "(with --resume, the --metrics options given replace the run's)")
     p.add_argument("--inception", default=None, help="FID Inception weights for --metrics (see xrayforge fid --help)")
     p.add_argument("--latent-dim", type=_args.positive_int, default=512)
     p.add_argument("--fmap-base", type=_args.positive_int, default=8192)

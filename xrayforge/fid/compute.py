@@ -293,6 +293,9 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     if describe(a) == "stats" and describe(b) == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
+    for spec in (a, b):  # a statistics file of another feature space: said before any image is read
+        if describe(spec) == "stats":
+            same_space(FrechetStats.load(spec).space, ex.space_name, spec, "the features asked for (--features)")
     ra = ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)

@@ -81,7 +81,11 @@ class ClassifierSpace:
         from ..nn.classifier import load_classifier
         self.device = torch.device(device)
         self.model = load_classifier(folder).to(self.device).eval().requires_grad_(False)
-        self.name = f"classifier@{file_id(Path(folder) / 'classifier.pt')}"
+        # named by its weights and by what shapes its input (a re-trained or re-configured model is another space)
+        c = self.model.config
+        shape = f"{c.arch}/{c.input_size}/{c.width}/{c.mean}/{c.std}"
+        weights = file_id(Path(folder) / "classifier.pt", 40)
+        self.name = f"classifier@{hashlib.sha1((weights + shape).encode()).hexdigest()[:12]}"
         self.source = f"classifier {folder} ({self.model.config.arch}, {self.model.config.input_size} px)"
         with torch.no_grad():
             self.dim = int(self.model.embed(torch.zeros(1, 1, 8, 8, device=self.device)).shape[1])
@@ -134,6 +138,8 @@ def feature_space(spec: str | None = None, inception: str | None = None, random_
     """The feature space named by ``spec`` (see the module docstring)."""
     spec = spec or DEFAULT
     kind, _, arg = spec.partition(":")
+    if random_weights and spec != "inception":
+        raise UserError(f"--random-weights gives a random Inception; it does not apply to --features {spec}")
     if kind == "inception" and not arg:
         return InceptionSpace(inception, random_weights, mode, device)
     if kind == "classifier" and arg:

@@ -3,7 +3,8 @@ NeurIPS 2019) and density and coverage (Naeem et al., ICML 2020), on feature arr
 
 Each real (or generated) point carries a ball whose radius is the distance to its k-th nearest
 neighbour in its own set, itself excluded. A point is inside a ball when its distance to the
-centre is <= the radius.
+centre is <= the radius (Kynkäänniemi et al.'s convention; the ``prdc`` package uses <, which
+gives the same numbers unless points coincide, e.g. duplicated images with radius 0).
 
 - precision: the fraction of generated points inside at least one real ball (fidelity: do the
   samples look like data?); recall: the fraction of real points inside at least one generated

@@ -7,9 +7,10 @@ Pick the backend per call (``backend=``), per process (:func:`set_backend`) or w
 from ._backend import (BACKENDS, BackendUnavailableError, available_backends, get_backend,
                        set_backend)
 from .bias_lrelu import bias_lrelu
+from .knn import knn
 from .conv2d import conv2d
 from .minibatch_stddev import minibatch_stddev
 from .pixel_norm import bias_lrelu_pixel_norm, pixel_norm
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
-           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev", "conv2d"]
+           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev", "conv2d", "knn"]

@@ -20,6 +20,8 @@ carry a relative error of about 1e-6 of ``|q|² + |r|²``, so references closer 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _backend
@@ -31,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
-MAX_K = 64
+MAX_K = 16  # each of the k merge passes is unrolled in the kernel
 
 
 def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool) -> None:
@@ -107,9 +109,10 @@ if triton is not None:
             for d0 in range(0, D, BD):
                 dd = d0 + tl.arange(0, BD)
                 dmask = dd < D
-                qv = tl.load(q_ptr + qi[:, None] * s_qn + dd[None, :] * s_qd,
+                # 64-bit offsets: N × D can pass 2^31 elements at archive scale
+                qv = tl.load(q_ptr + qi[:, None].to(tl.int64) * s_qn + dd[None, :] * s_qd,
                              mask=qmask[:, None] & dmask[None, :], other=0.0)
-                rv = tl.load(r_ptr + ri[:, None] * s_rn + dd[None, :] * s_rd,
+                rv = tl.load(r_ptr + ri[:, None].to(tl.int64) * s_rn + dd[None, :] * s_rd,
                              mask=rmask[:, None] & dmask[None, :], other=0.0)
                 if EXACT64:  # exact squared differences
                     diff = qv[:, None, :] - rv[None, :, :]
@@ -135,7 +138,7 @@ if triton is not None:
                 best_d = tl.where(upd, m[:, None], best_d)
                 best_i = tl.where(upd, (r0 + j)[:, None].to(tl.int32), best_i)
                 d2 = tl.where(lane == j[:, None], float("inf"), d2)
-        out = qi[:, None] * K + cols
+        out = qi[:, None].to(tl.int64) * K + cols
         omask = qmask[:, None] & (cols < K)
         tl.store(out_d_ptr + out, best_d, mask=omask)
         tl.store(out_i_ptr + out, best_i, mask=omask)
@@ -150,16 +153,16 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     qsq, rsq = q.to(acc).square().sum(1), r.to(acc).square().sum(1)
     out_d = torch.empty(n, k, dtype=acc, device=q.device)
     out_i = torch.empty(n, k, dtype=torch.int32, device=q.device)
-    if _backend.triton_interpreter_active():
+    if _backend.triton_interpreter_active() or exact:  # float64: a 3-D tile of differences, kept small
         bq, br, bd, warps = 16, 16, 16, 4
-    elif exact:
-        bq, br, bd, warps = 16, 16, 16, 4
-    else:
-        bq, br, bd, warps = 64, 64, 32, 4
+    else:  # 64 × 64 distance tiles; a thin slice of D per step keeps the fp32 FMA path in registers
+        bq, br, bd, warps = 64, 64, 16, 8
     kp = triton.next_power_of_2(k)
-    _knn_kernel[(triton.cdiv(n, bq),)](q, r, qsq, rsq, out_d, out_i, n, m, d, q.stride(0), q.stride(1),
-                                       r.stride(0), r.stride(1), K=k, KP=kp, EXCLUDE=exclude_self, EXACT64=exact,
-                                       IEEE=dtype == torch.float32, BQ=bq, BR=br, BD=bd, num_warps=warps)
+    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _knn_kernel[(triton.cdiv(n, bq),)](q, r, qsq, rsq, out_d, out_i, n, m, d, q.stride(0), q.stride(1),
+                                           r.stride(0), r.stride(1), K=k, KP=kp, EXCLUDE=exclude_self, EXACT64=exact,
+                                           IEEE=dtype == torch.float32, BQ=bq, BR=br, BD=bd, num_warps=warps)
     dist, order = out_d.double().sort(dim=1)
     return dist.sqrt(), out_i.long().gather(1, order)
 

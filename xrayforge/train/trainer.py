@@ -72,7 +72,7 @@ class TrainConfig:
     max_seconds: float | None = None         # stop (with a checkpoint) after this much training time
     realism_images: int = 256                # per tick: realism / diversity of this many G_ema samples (0: off)
     metrics: list = field(default_factory=list)  # "fid", "prdc": measured every metrics_every ticks (needs measure=)
-    metrics_every: int = 1                   # ticks between measurements
+    metrics_every: int = 5                   # ticks between measurements (and at the end)
     metrics_features: str = "inception"      # the feature space of the metrics (see xrayforge.fid.features)
     metrics_images: int = 1000               # generated (and real) images per measurement
 
@@ -138,9 +138,13 @@ class Trainer:
     a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
     (built by the command line: FID sits downstream of training, so this room does not import it)."""
 
+    @staticmethod
+    def _rank() -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, measure=None):
         self.cfg, self.progress, self.measure = config, progress, measure
-        if config.metrics and measure is None:
+        if config.metrics and measure is None and self._rank() == 0:
             raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
                              "TrainingMetrics(archive, run, metrics, features, images)")
         self.out = Path(config.out)
@@ -196,10 +200,13 @@ class Trainer:
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
             state = load_torch(path / "state.pt", "the training state")
-            best = self.ckpt_dir / "best.json"
-            if best.is_file():
-                self.best = read_json(best, "the best checkpoint's record")
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
+            best = self.ckpt_dir / "best.json"
+            if best.is_file():  # unless it names a checkpoint that is gone or lies past this one
+                self.best = read_json(best, "the best checkpoint's record")
+                if not (self.ckpt_dir / str(self.best.get("checkpoint"))).is_dir() \
+                        or int(self.best.get("images", 0)) > self.images_seen:
+                    self.best = None
             self.gen.set_state(state["latent_rng"])
             torch.set_rng_state(state["torch_rng"])
             if self.device.type == "cuda" and "cuda_rng" in state:
@@ -389,8 +396,10 @@ class Trainer:
         return x.contiguous(memory_format=self._memory_format)
 
     def _better(self, record: dict) -> bool:
-        """Whether this tick's measurement beats the best so far (rank 0 measures)."""
-        if self.measure is None or self.rank != 0:
+        """Whether this tick's measurement beats the best so far (rank 0 measures). Only a
+        generator at the final resolution, faded in, can be the best one to sample from."""
+        if self.measure is None or self.rank != 0 or record["level"] != self.schedule.final_level \
+                or record["alpha"] < 1.0:
             return False
         score = self.measure.score(record)
         return score is not None and (self.best is None or score < self.best["score"])
