@@ -188,6 +188,7 @@ NUMERIC = [
     (("demo",), "--minutes", "0"), (("demo",), "--minutes", "nan"),
     (("train",), "--seed", "-1"), (("sample",), "--seed", str(2 ** 70)), (("fid",), "--seed", "x"),
     (("train",), "--max-kimg", "0.0001"), (("train",), "--tick-kimg", "0.0004"),
+    (("train",), "--metrics-images", "3"), (("train",), "--metrics", "fid,,prdc"),
 ]
 
 DEVICE_COMMANDS = [("train",), ("fid",), ("sample",), ("classify", "train"), ("evaluate", "memorisation"),
@@ -557,6 +558,12 @@ CASES += [
          setup=lambda w, t: np.savez(t / "mine.npz", weights=np.arange(3)), keep=lambda w, t: [t / "mine.npz"]),
     Case("bench-json-missing-folder", "out path",
          lambda w, t: ["bench", "--suites", "ops", "--json", t / "nowhere" / "b.json"], "nowhere"),
+    Case("report-over-a-manifest", "destroys data",
+         lambda w, t: ["evaluate", "report", w / "run", "--out", t / "arc" / "manifest.csv"], "manifest.csv",
+         setup=lambda w, t: copy(w / "arc", t / "arc"), keep=lambda w, t: [t / "arc"]),
+    Case("train-metrics-more-than-the-archive", "silent wrong result",
+         lambda w, t: ["train", w / "arc", "--out", t / "r", *TINY_TRAIN, "--metrics", "fid", "--metrics-images",
+                       "100", "--features", f"classifier:{w / 'clf'}"], "only 48 images"),
     Case("sample-other-settings", "silent wrong result",
          lambda w, t: ["sample", w / "run", "--out", w / "samples", "--n", "9", "--classifier", w / "clf",
                        "--shard-size", "3", "--device", "cpu", "-q"], "other settings",

@@ -74,6 +74,16 @@ def test_a_resumed_run_keeps_its_best_checkpoint(world, tmp_path):
     kept = {p.name for p in (tmp_path / "run" / "checkpoints").glob("ckpt-*")}
     now = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
     assert now["checkpoint"] in kept and now["score"] <= best["score"]
+    # measured in another feature space (or on another number of images), the old best is not comparable
+    other = ChestClassifier(ClassifierConfig(input_size=16, width=4))
+    other.save(tmp_path / "clf2")
+    cfg.metrics_features, cfg.total_images = f"classifier:{tmp_path / 'clf2'}", 128
+    t = Trainer(cfg, resume=True, progress=False,
+                measure=TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, 12))
+    t.train()
+    moved = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert moved["metrics_features"] != now["metrics_features"] and moved["images"] > now["images"]
+    now = moved
     # a record naming a checkpoint that is gone is dropped on resume, not trusted
     (tmp_path / "run" / "checkpoints" / "best.json").write_text(json.dumps({**now, "checkpoint": "ckpt-gone"}))
     assert Trainer(cfg, resume=True, progress=False, measure=measure).best is None

@@ -34,6 +34,8 @@ nonneg_float = _checked(float, lambda v: v >= 0, "must be 0 or more", "nonneg_fl
 fraction = _checked(float, lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)", "fraction")
 percentile = _checked(float, lambda v: 0 < v <= 100, "must be a percentile in (0, 100]", "percentile")
 seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "is not a seed (0 .. 2^32 - 1)", "seed")
+at_least_6 = _checked(int, lambda v: v >= 6, "must be at least 6 (density / coverage use k = 5 neighbours)",
+                      "at_least_6")
 kimg = _checked(float, lambda v: round(v * 1000) >= 1, "thousand images is less than one image", "kimg")
 
 

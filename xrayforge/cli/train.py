@@ -37,7 +37,7 @@ def _parse_lr(text: str) -> tuple[float, dict]:
 
 
 def _metrics(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip() for t in text.split(",")]
     if not names or set(names) - {"fid", "prdc"}:
         raise argparse.ArgumentTypeError(f"{text!r}: a comma list of fid, prdc")
     return names
@@ -177,7 +177,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "in loss.png, and the best checkpoint is kept and named in checkpoints/best.json")
     p.add_argument("--metrics-every", type=_args.positive_int, default=None, metavar="TICKS",
                    help="ticks between measurements (default 5; and at the end)")
-    p.add_argument("--metrics-images", type=_args.positive_int, default=None,
+    p.add_argument("--metrics-images", type=_args.at_least_6, default=None,
                    help="generated and real images per measurement (default 1000; the official FID uses 50000)")
     p.add_argument("--features", default=None, metavar="SPACE",
                    help="feature space of --metrics: inception (default), classifier:MODEL or densenet121:FILE "

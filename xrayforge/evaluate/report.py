@@ -214,6 +214,9 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out is the HTML file to write (e.g. {out / 'report.html'})")
+    if out.suffix.lower() not in (".html", ".htm"):  # it and a .md beside it are replaced: never another file
+        raise UserError(f"{out}: --out is the report's HTML file and must end in .html (a Markdown copy goes "
+                        f"beside it as {out.with_suffix('.md').name})")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):

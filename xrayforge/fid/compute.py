@@ -295,13 +295,14 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
     for spec in (a, b):  # a statistics file of another feature space: said before any image is read
         if describe(spec) == "stats":
-            same_space(FrechetStats.load(spec).space, ex.space_name, spec, "the features asked for (--features)")
+            same_space(FrechetStats.load(spec).space, ex.space_name, spec,
+                       "this command's features (--features, default inception)")
     ra = ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)
     rb = ex.compute(b, n, seed + 1, limit)
     for spec, r in ((a, ra), (b, rb)):
-        same_space(r.stats.space, ex.space_name, spec, "the features asked for (--features)")
+        same_space(r.stats.space, ex.space_name, spec, "this command's features (--features, default inception)")
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
               "mode": ex.mode, "features": ex.space_name, "inception": ex.describe_space(),
               "skipped": [{"file": f, "reason": r} for f, r in ra.skipped + rb.skipped]}

@@ -181,4 +181,4 @@ def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.devic
     ev = torch.linalg.eigvalsh((inner + inner.T) / 2)
     tr_covmean = ev.clamp_min(0).sqrt().sum()
     d = (mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean
-    return float(d)
+    return max(float(d), 0.0)  # a distance: rounding can leave -1e-13 for identical statistics

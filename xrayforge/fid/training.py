@@ -36,6 +36,9 @@ class TrainingMetrics:
             raise UserError(f"metrics need at least 6 images a side (density / coverage use k = 5), got {images}")
         self.metrics, self.images, self.seed = tuple(metrics), int(images), seed
         self.archive = Archive(archive)
+        if self.images > len(self.archive):
+            raise UserError(f"--metrics-images {self.images}: {archive} has only {len(self.archive)} images "
+                            f"(as many real images as generated ones are compared)")
         self.extractor = FeatureExtractor(inception, False, "exact", device, batch_size, 0, progress=False,
                                           features=features)
         self.space = self.extractor.space_name

@@ -402,14 +402,18 @@ class Trainer:
                 or record["alpha"] < 1.0:
             return False
         score = self.measure.score(record)
-        return score is not None and (self.best is None or score < self.best["score"])
+        if score is None:
+            return False
+        if self.best is None or any(self.best.get(k) != record.get(k) for k in ("metrics_features", "metrics_images")):
+            return True  # a first measurement, or one in another feature space or sample size: not comparable
+        return score < self.best["score"]
 
     def _mark_best(self, checkpoint: Path, record: dict) -> None:
         """checkpoints/best.json: the best measured checkpoint (kept out of rotation)."""
         self.best = {"checkpoint": checkpoint.name, "score": self.measure.score(record), "tick": record["tick"],
                      "images": record["images"], **{k: record[k] for k in ("fid", "precision", "recall", "density",
-                                                                           "coverage", "metrics_features")
-                                                    if k in record}}
+                                                                           "coverage", "metrics_features",
+                                                                           "metrics_images") if k in record}}
         tmp = self.ckpt_dir / "best.json.tmp"
         tmp.write_text(json.dumps(self.best, indent=2))
         os.replace(tmp, self.ckpt_dir / "best.json")
