@@ -77,8 +77,8 @@ def describe(exc: BaseException) -> str:
         name, _, message = last.partition(": ")
         return " ".join((message if name.rsplit(".", 1)[-1] in ("UserError", "ValueError", "FileNotFoundError")
                          else last).split())
-    if isinstance(exc, ValueError):  # UserError, and the API's checks of values it was given
-        text = str(exc)
+    if isinstance(exc, ValueError):  # UserError, and the API's checks of values it was given: as they are
+        pass
     elif isinstance(exc, OSError):  # a missing file, a full disk, no permission: the file and the problem
         text = f"{exc.filename}: {exc.strerror or exc}" if exc.filename is not None else str(exc)
     elif type(exc).__name__ == "OutOfMemoryError":

@@ -59,9 +59,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     saved = Path(args.out) / "train_config.json"
     if args.resume and saved.is_file():
         cfg = read_json(saved, "the run's saved options")
-        if not isinstance(cfg, dict):
-            print(f"xrayforge train: error: {saved}: not a saved training configuration", file=sys.stderr)
-            return 1
         # the run folder is where it is now: a copied or moved run resumes in itself, never in the
         # folder it was copied from (whose path the saved config holds)
         cfg["out"] = args.out

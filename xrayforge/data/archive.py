@@ -68,9 +68,8 @@ class Archive:
                 if Path(str(self.path) + ".partial").exists() else ""
             raise FileNotFoundError(f"{self.path}: not an xrayforge archive (no archive.json){hint}")
         self.meta = read_json(meta_path, "archive metadata")
-        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
-            got = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
-            raise UserError(f"{meta_path}: format {got!r} is not {FORMAT!r}")
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{meta_path}: format {self.meta.get('format')!r} is not {FORMAT!r}")
         if self.meta.get("version", 0) > VERSION:
             raise UserError(f"{meta_path}: archive version {self.meta['version']} is newer than this xrayforge")
         try:

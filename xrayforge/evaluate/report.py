@@ -34,8 +34,7 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
     for p in folders:
         s = p / "summary.json"
         if s.is_file():
-            summary = read_json(s, "an evaluation summary")
-            kind = summary.get("evaluation") if isinstance(summary, dict) else None
+            kind = read_json(s, "an evaluation summary").get("evaluation")
             if kind:
                 found[kind] = p
     return found

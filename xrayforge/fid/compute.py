@@ -293,16 +293,15 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     if describe(a) == "stats" and describe(b) == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
-    for spec in (a, b):  # a statistics file of another feature space: said before any image is read
-        if describe(spec) == "stats":
-            same_space(FrechetStats.load(spec).space, ex.space_name, spec,
-                       "this command's features (--features, default inception)")
-    ra = ex.compute(a, n, seed, limit)
+    # a statistics file of another feature space is said before any image is read (the extracted
+    # side is in the extractor's space by construction)
+    files = {spec: FeatureResult(FrechetStats.load(spec), kind="stats") for spec in (a, b) if describe(spec) == "stats"}
+    for spec, r in files.items():
+        same_space(r.stats.space, ex.space_name, spec, "this command's features (--features, default inception)")
+    ra = files.get(a) or ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)
-    rb = ex.compute(b, n, seed + 1, limit)
-    for spec, r in ((a, ra), (b, rb)):
-        same_space(r.stats.space, ex.space_name, spec, "this command's features (--features, default inception)")
+    rb = files.get(b) or ex.compute(b, n, seed + 1, limit)
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
               "mode": ex.mode, "features": ex.space_name, "inception": ex.describe_space(),
               "skipped": [{"file": f, "reason": r} for f, r in ra.skipped + rb.skipped]}

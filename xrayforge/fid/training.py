@@ -20,7 +20,7 @@ from ..data.archive import Archive
 from ..errors import UserError
 from ..utils.files import load_npz
 from .compute import FeatureExtractor
-from .stats import FrechetStats, StreamingMoments, frechet_distance
+from .stats import FrechetStats, frechet_distance
 
 METRICS = ("fid", "prdc")
 
@@ -51,13 +51,12 @@ class TrainingMetrics:
         if self.cache.is_file():
             f = load_npz(self.cache, ("mu", "sigma", "n", "features"), "the run's cached real features")
             return FrechetStats(f["mu"], f["sigma"], int(f["n"]), self.space), f["features"]
+        # not FeatureExtractor.from_archive: under torchrun it shards and all-reduces, and process 0
+        # alone measures here
         rows = self.archive.random_positions(self.images, self.seed + 31)
-        feats = []
-        for i in range(0, len(rows), self.extractor.batch_size):
-            pix = torch.from_numpy(self.archive.as_float(self.archive.images(rows[i:i + self.extractor.batch_size],
-                                                                             self.archive.resolution)))
-            feats.append(self.extractor.features(pix).cpu())
-        features = torch.cat(feats).numpy()
+        features = torch.cat([self.extractor.features(torch.from_numpy(self.archive.as_float(
+            self.archive.images(rows[i:i + self.extractor.batch_size], self.archive.resolution)))).cpu()
+            for i in range(0, len(rows), self.extractor.batch_size)]).numpy()
         stats = FrechetStats.from_features(features, self.space)
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache.with_name(self.cache.name + ".tmp.npz")
@@ -73,22 +72,18 @@ class TrainingMetrics:
         if self.real_stats is None:
             self.real_stats, self.real_features = self._real()
         g = torch.Generator().manual_seed(self.seed + 4242)
-        moments, feats = StreamingMoments(self.extractor.dim, self.extractor.device), []
+        feats = []
         for start in range(0, self.images, self.extractor.batch_size):
-            count = min(self.extractor.batch_size, self.images - start)
-            z = torch.randn(count, latent_dim, generator=g)
-            img = (generate(z).float().clamp(-1, 1) + 1) / 2
-            f = self.extractor.features(img[:, 0])
-            moments.update(f)
-            feats.append(f.float().cpu())
+            z = torch.randn(min(self.extractor.batch_size, self.images - start), latent_dim, generator=g)
+            feats.append(self.extractor.features((generate(z).float().clamp(-1, 1)[:, 0] + 1) / 2).float().cpu())
+        fake = torch.cat(feats)
         out = {"metrics_features": self.space, "metrics_images": self.images}
         if "fid" in self.metrics:
-            stats = moments.stats()
-            stats.space = self.space
-            out["fid"] = frechet_distance(self.real_stats, stats, self.extractor.device)
+            out["fid"] = frechet_distance(self.real_stats, FrechetStats.from_features(fake.numpy(), self.space),
+                                          self.extractor.device)
         if "prdc" in self.metrics:
             from .prdc import prdc
-            got = prdc(self.real_features, torch.cat(feats))
+            got = prdc(self.real_features, fake)
             out.update({k: got[k] for k in ("precision", "recall", "density", "coverage")})
         return out
 

@@ -116,9 +116,8 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no networks.json here; is {folder} an xrayforge checkpoint folder?")
     meta = read_json(path, "checkpoint metadata (networks.json)")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise UserError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version", 0) > VERSION:
         raise ValueError(f"{path}: version {meta['version']} is newer than this xrayforge understands ({VERSION})")
     return meta

@@ -231,7 +231,7 @@ def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClass
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: no classifier.json (train one with `xrayforge classify train`)")
     meta = read_json(meta_path, "classifier settings")
-    if not isinstance(meta, dict) or meta.pop("format", None) != "xrayforge-classifier":
+    if meta.pop("format", None) != "xrayforge-classifier":
         raise UserError(f"{meta_path}: not an xrayforge classifier file")
     meta.pop("version", None)
     try:

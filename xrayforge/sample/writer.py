@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
-from ..utils.files import check_out_dir, claim_output, read_csv, read_json, same_settings
+from ..utils.files import claim_output, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
 from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
 from ..nn.latents import latents_for
@@ -170,7 +170,6 @@ class ArchiveSampler:
         return self._choose_checkpoint()
 
     def _choose_checkpoint(self) -> Path:
-        check_out_dir(self.out)
         saved = read_json(self.settings_path, "the archive's sampling settings") if self.settings_path.is_file() else None
         if saved is None or "checkpoint" not in saved:
             return find_generator(self.cfg.run)

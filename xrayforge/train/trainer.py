@@ -138,19 +138,15 @@ class Trainer:
     a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
     (built by the command line: FID sits downstream of training, so this room does not import it)."""
 
-    @staticmethod
-    def _rank() -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, measure=None):
         self.cfg, self.progress, self.measure = config, progress, measure
-        if config.metrics and measure is None and self._rank() == 0:
-            raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
-                             "TrainingMetrics(archive, run, metrics, features, images)")
         self.out = Path(config.out)
         self.rank, self.world = 0, 1
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if config.metrics and measure is None and self.rank == 0:
+            raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
+                             "TrainingMetrics(archive, run, metrics, features, images)")
         self.device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                                                      if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
