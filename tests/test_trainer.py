@@ -12,7 +12,7 @@ import torch.multiprocessing as tmp_mp
 from xrayforge.data.prepare import prepare
 from xrayforge.nn import load_networks
 from xrayforge.train.schedule import ProgressiveSchedule
-from xrayforge.train.trainer import TrainConfig, Trainer
+from xrayforge.train.trainer import TrainConfig, Trainer, process_device
 
 TINY = dict(fade_images=64, stable_images=64, tick_images=32, latent_dim=8, fmap_base=32, fmap_max=8,
             batch={4: 8, 8: 8, 16: 8}, checkpoint_ticks=2, keep_checkpoints=2)
@@ -23,6 +23,20 @@ def archive(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "phantom16"
     prepare("phantom:48", path, resolution=16, workers=1, progress=False)
     return path
+
+
+def test_process_device_gives_cuda_an_index(monkeypatch):
+    # torch.cuda.set_device refuses a bare "cuda" (the demo and `train --device cuda` crashed on a GPU)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device("cuda") == torch.device("cuda", 3)
+    assert process_device("cuda:1") == torch.device("cuda", 1)
+    assert process_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_device(None) == torch.device("cuda", 3)
 
 
 def test_schedule():

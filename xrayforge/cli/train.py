@@ -105,14 +105,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     measure = None
     if cfg.metrics and rank == 0:  # FID sits downstream of training: built here, handed to the trainer;
         # process 0 alone measures, on its own GPU
-        import os
-
-        import torch
-
         from ..fid.training import TrainingMetrics
-        device = cfg.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        from ..train.trainer import process_device
         measure = TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
-                                  device=device, seed=cfg.seed, inception=args.inception)
+                                  device=str(process_device(cfg.device)), seed=cfg.seed, inception=args.inception)
     try:
         summary = Trainer(cfg, resume=args.resume, progress=not args.quiet, measure=measure).train()
     except Interrupted as exc:

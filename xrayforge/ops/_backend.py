@@ -24,9 +24,11 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 # enters this table only after its `gpu`-marked tests have passed on a real GPU; until then
 # it is reachable by naming it (backend="triton" / "cuda") and auto uses the torch reference.
 # Validated by benchmarks/gpu_check.sh on an NVIDIA H200 (torch 2.11, Triton 3.6, CUDA 13.0),
-# 2026-11-26, commits f780027 and b353db3: every gpu-marked test passed (392; results in
-# benchmarks/results/gpu_check-nvidia-h200-2026-11-26.json). Order: Triton first for the conv
-# epilogues, because the whole WGAN-GP step (channels_last activations) ran faster with them
+# 2026-11-26, commits f780027 and b353db3, and again at a1c7351: every gpu-marked test passed
+# (403 at a1c7351; results in benchmarks/results/gpu_check-nvidia-h200-2026-11-26.json and its
+# git history). ops.knn's Triton kernel passed too but is 4x slower than the torch path's float64
+# matmuls at 100k x 100k x 2048 (5.45 s vs 1.29 s), so it stays out of this table.
+# Order: Triton first for the conv epilogues, because the whole WGAN-GP step (channels_last activations) ran faster with them
 # than with the extension's kernels at every size measured (1024 px, batch 16: 89.9 vs 70.4
 # img/s); for minibatch stddev (4 × 4 px, a negligible share of the step) the extension's kernel
 # had the better median in the op benchmark (1.08× eager vs 0.70×).

@@ -133,6 +133,15 @@ class Interrupted(Exception):
     pass
 
 
+def process_device(device: str | None) -> torch.device:
+    """This process's device: ``device`` as given, with "cuda" (no index) or no device on a GPU
+    machine meaning the GPU of this process (``LOCAL_RANK`` under torchrun, else 0)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:  # torch.cuda.set_device needs an index
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
+
+
 class Trainer:
     """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim) -> dict`` with
     a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
@@ -147,8 +156,7 @@ class Trainer:
         if config.metrics and measure is None and self.rank == 0:
             raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
                              "TrainingMetrics(archive, run, metrics, features, images)")
-        self.device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                                                     if torch.cuda.is_available() else "cpu"))
+        self.device = process_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.archive = Archive(config.archive)
