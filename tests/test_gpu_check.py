@@ -114,13 +114,20 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert {r["stage"] for r in fid["rows"]} >= {"preprocess", "inception"}
     assert not [r for r in fid["rows"] if "error" in r]
     assert fid["fast_mode_accuracy"]["images"] > 0
+    masked = fid["masked_moments"]
+    assert [(r["stage"].split("K=")[1], r["variant"]) for r in masked] == [
+        (k, v) for k in ("1", "15") for v in ("torch float64 loop", "triton ieee", "triton tf32x3")]
+    assert not [r for r in masked if "error" in r] and all(r["ms"] > 0 for r in masked)
+    assert all(r["max_rel_err_m2"] < 1e-6 for r in masked if r["variant"] != "torch float64 loop")
+    assert masked[4]["k15_over_k1"] > 0
     assert st["sampling"]["data"]["lco"]["steps_s"] > 0
     knn = st["knn"]["data"]["rows"]
-    assert [r["variant"] for r in knn] == ["ops.knn backend torch", "ops.knn backend triton", "knn triton"]
-    assert not [r for r in knn if "error" in r] and knn[1]["same_neighbours"] == 1.0
+    assert [r["variant"] for r in knn] == ["ops.knn backend torch", "ops.knn backend triton (ieee)",
+                                           "ops.knn backend triton (tf32x3)", "knn triton"]
+    assert not [r for r in knn if "error" in r] and knn[1]["same_neighbours"] == knn[2]["same_neighbours"] == 1.0
     md = (out / "gpu_check.md").read_text()
     for section in ("DRY RUN", "## Stages", "## Kernel validation", "## Ops", "## Training step",
-                    "## FID pipeline", "## k nearest neighbours", "## Sampling", "Skipped parts"):
+                    "## FID pipeline", "## Masked feature moments", "## k nearest neighbours", "## Sampling", "Skipped parts"):
         assert section in md
 
 

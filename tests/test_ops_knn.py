@@ -97,3 +97,22 @@ def test_bad_input(args, match):
         knn(torch.zeros(3, 2), torch.zeros(4, 2), 1, exclude_self=True)
     with pytest.raises(UserError, match="not its own neighbour"):
         knn(torch.zeros(3, 2), torch.zeros(3, 2), 3, exclude_self=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb", [p for p in TRITON if p.values[0][1] == "cuda"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_triton_at_archive_scale_on_gpu(kb, precision, exclude):
+    """Many query and reference blocks, D not a multiple of the tile, at each tl.dot precision:
+    the same neighbours as the float64 reference (random data: near-ties are rare) and
+    distances to fp32 rounding."""
+    _, device = kb
+    q, r = (t.to(device) for t in data(3000, 5000, 500, torch.float32, seed=11))
+    if exclude:
+        r = q
+    d, i = knn_module._triton(q, r, 5, exclude, precision=precision)
+    rd, ri = knn_module.reference(q, r, 5, exclude)
+    assert (i == ri).double().mean().item() > 0.999
+    same = i == ri
+    np.testing.assert_allclose(d[same].cpu().numpy(), rd[same].cpu().numpy(), rtol=1e-5)

@@ -103,6 +103,53 @@ def moments_rows(moment_n: int, dev: torch.device, dim: int = 2048, chunk: int =
     return rows, m
 
 
+# ChestX-ray14's finding prevalences (NIH release): the subsets of FID per finding
+CXR14_PREVALENCE = (0.177, 0.119, 0.103, 0.056, 0.052, 0.047, 0.042, 0.030, 0.025, 0.022, 0.021, 0.015, 0.013, 0.002)
+
+
+def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=(("torch", None), ("triton", "ieee"),
+                                                                      ("triton", "tf32x3")),
+                        warmup: int = 1, reps: int = 3) -> list[dict]:
+    """``ops.masked_moments`` on n × dim fp32 features with K = 1 (every row: the streaming FID)
+    and K = 15 (every row plus ChestX-ray14's 14 findings at their prevalences: FID per finding),
+    per variant: the torch loop of float64 matmuls (one per subset, what FID did before) and the
+    Triton kernels at each tl.dot precision. Reports ms, TFLOP/s of the Grams (2 · Σn · dim²),
+    the K = 15 / K = 1 time ratio, and the largest m2 / mean deviation from the float64 loop."""
+    from ..ops import moments as M
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, dim, device=dev, generator=g) + 3.0
+    rates = torch.tensor((1.0,) + CXR14_PREVALENCE, device=dev)
+    masks15 = torch.rand(len(rates), n, device=dev, generator=g) < rates[:, None]
+    rows, k1_ms = [], {}
+    for masks, k in ((None, 1), (masks15, 15)):
+        rows_total = n if masks is None else int(masks.sum())
+        ref = M.reference(x, masks)
+        for backend, precision in variants:
+            name = "torch float64 loop" if backend == "torch" else f"triton {precision}"
+            row = {"stage": f"masked moments {n}×{dim}, K={k}", "variant": name, "rows": rows_total}
+            try:
+                fn = (lambda: M.reference(x, masks)) if backend == "torch" else \
+                    (lambda: M._triton(x, masks, precision=precision))
+                ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=0.0)
+                row.update(ms=ms, tflops=2.0 * rows_total * dim * dim / ms / 1e9)
+                if k == 1:
+                    k1_ms[name] = ms
+                elif name in k1_ms:
+                    row["k15_over_k1"] = ms / k1_ms[name]
+                if backend != "torch":
+                    got = fn()
+                    row["max_rel_err_m2"] = float(max(((got[2][j] - ref[2][j]).abs().max()
+                                                       / ref[2][j].abs().max().clamp_min(1e-300)).item()
+                                                      for j in range(k) if ref[0][j] > 1))
+                    row["max_rel_err_mean"] = float(((got[1] - ref[1]).abs().max() / ref[1].abs().max()).item())
+                    del got
+            except Exception as exc:  # noqa: BLE001 - a row says why it failed
+                row["error"] = error_summary(exc)
+            rows.append(row)
+        del ref
+    return rows
+
+
 def frechet_rows(a: FrechetStats, dev: torch.device, scipy_baseline: bool = True) -> tuple[list[dict], dict]:
     """Our float64 eigh Fréchet distance against scipy's sqrtm (pytorch-fid's) on the same pair."""
     d = a.mu.shape[0]
@@ -184,6 +231,9 @@ def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | No
     m_rows, moments = moments_rows(moment_n, dev)
     f_rows, f_extra = frechet_rows(moments.stats(), dev)
     rows += m_rows + f_rows
+    triton_here = dev.type == "cuda" or _backend.triton_interpreter_active()
+    rows += masked_moments_rows(moment_n, 2048, dev, variants=(("torch", None), ("triton", "ieee"), ("triton", "tf32x3"))
+                                if triton_here else (("torch", None),))
     extra.update(f_extra)
     return {"benchmark": "fid", "device": device_info(dev).as_dict(), "environment": environment(),
             "images": n_images, "size": size, "weights": "random" if random_weights else str(inception),
@@ -193,25 +243,34 @@ def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | No
 COLUMNS = [("stage", "stage"), ("variant", "variant"), ("batch", "batch"), ("img_s", "img/s"), ("ms", "ms")]
 
 
-def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3, backends=("torch", "triton"), check: int = 2000,
+def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3,
+             variants=(("torch", None), ("triton", "ieee"), ("triton", "tf32x3")), check: int = 2000,
              prdc_backend: str | None = "triton") -> list[dict]:
     """The k-nearest-neighbour radii of n × dim features (k-th neighbour, itself excluded: what
-    precision / recall use) with each backend of ``ops.knn``, one timed call each, TFLOP/s of the
-    distance products, and the agreement with the torch reference on the first ``check`` rows;
-    then a whole precision / recall / density / coverage of n real against n generated features."""
+    precision / recall use) with each backend of ``ops.knn`` (the Triton kernel at each tl.dot
+    precision), one timed call each, TFLOP/s of the distance products, and the agreement with
+    the torch reference on the first ``check`` rows; then a whole precision / recall / density /
+    coverage of n real against n generated features."""
     from ..fid.prdc import prdc
-    from ..ops.knn import knn
+    from ..ops.knn import _triton as knn_triton
+    from ..ops.knn import knn as knn_op
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, dim, device=dev, generator=g)
     flops = 2.0 * n * n * dim
     rows, ref = [], None
-    for backend in backends:
-        row = {"stage": f"kNN radii {n}×{n}×{dim}, k={k}", "variant": f"ops.knn backend {backend}"}
+    for backend, precision in variants:
+        row = {"stage": f"kNN radii {n}×{n}×{dim}, k={k}",
+               "variant": f"ops.knn backend {backend}" + (f" ({precision})" if precision else "")}
+
+        def radii(a, backend=backend, precision=precision):
+            if backend == "triton":
+                return knn_triton(a, a, k, True, precision=precision)
+            return knn_op(a, a, k, exclude_self=True, backend=backend)
         try:
-            knn(x[:256], x[:256], k, exclude_self=True, backend=backend)  # compile outside the timing
+            radii(x[:256])  # compile outside the timing
             _sync(dev)
             t0 = time.perf_counter()
-            d, i = knn(x, x, k, exclude_self=True, backend=backend)
+            d, i = radii(x)
             _sync(dev)
             s = time.perf_counter() - t0
             row.update(ms=s * 1e3, tflops=flops / s / 1e12)

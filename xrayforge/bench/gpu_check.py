@@ -9,7 +9,8 @@ its duration and error, and always going on to the next:
   tests     the ``gpu``-marked tests (junit XML) -> which (op, backend) pairs are validated
   ops       eager vs triton vs cuda at the shapes of a 1024-px G and D, fwd and fwd+bwd
   train     the WGAN-GP step at 256 and 1024 px, bf16, batches 16 and 32, per-phase times
-  fid       Inception img/s (exact, fast), preprocessing kernel, moments, Fréchet, fast-mode error
+  fid       Inception img/s (exact, fast), preprocessing kernel, moments, Fréchet, fast-mode error,
+            masked moments (K = 1 and 15, torch float64 loop vs Triton)
   sampling  sampling img/s at 1024 px into PNG, LCO steps/s
 
 Every stage writes its results as it goes, so a stage killed at its cap still reports what
@@ -52,6 +53,7 @@ TEST_FILE_OPS = {
     "test_ops_minibatch_stddev.py": ("minibatch_stddev",),
     "test_fid.py": ("fid_preprocess",),
     "test_ops_knn.py": ("knn",),
+    "test_ops_moments.py": ("masked_moments",),
 }
 OUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "gpu_tests.xml", "build.log")
 
@@ -65,7 +67,8 @@ def sizes(dry: bool) -> dict:
                             min_seconds=0.0, dtypes=("float32", "bfloat16")),
                 "train": dict(configs=((8, 2, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),),
                               net_resolution=16, fmap_max=16, reps=1, warmup=1),
-                "fid": dict(batch=2, size=64, moment_n=2000, dim=256, accuracy_images=8, scipy=True, warmup=1, reps=1),
+                "fid": dict(batch=2, size=64, moment_n=2000, dim=256, accuracy_images=8, scipy=True, warmup=1, reps=1,
+                            masked_n=64, masked_dim=40),
                 "knn": dict(n=96, dim=32, check=96),
                 "sampling": dict(resolution=16, n=8, batch=4, fmap_max=16, lco_batch=2, lco_steps=2,
                                  classifier_size=32, classifier_width=8)}
@@ -78,7 +81,7 @@ def sizes(dry: bool) -> dict:
                                    (1024, 32, ("baseline", "triton", "cuda"), False)),
                           net_resolution=1024, fmap_max=512, reps=3, warmup=1),
             "fid": dict(batch=256, size=1024, moment_n=50000, dim=2048, accuracy_images=2000, scipy=True, warmup=2,
-                        reps=5),
+                        reps=5, masked_n=50000, masked_dim=2048),
             # the archive scale: radii and neighbours of 100k × 100k 2048-d features
             "knn": dict(n=100000, dim=2048, check=2000),
             "sampling": dict(resolution=1024, n=128, batch=32, fmap_max=512, lco_batch=16, lco_steps=10,
@@ -329,6 +332,9 @@ def stage_fid(part: Part, dry: bool, out: Path, context: dict) -> None:
         part.add_row("rows", row)
     part.data.update(extra)
     part.save()
+    del moments
+    for row in fid_bench.masked_moments_rows(cfg["masked_n"], cfg["masked_dim"], dev):
+        part.add_row("masked_moments", row)
 
 
 # --------------------------------------------------------------------------- stage: knn
@@ -633,6 +639,12 @@ def render_markdown(report: dict) -> str:
                       f"{acc['feature_relative_error_median']:.2e}, max {acc['feature_relative_error_max']:.2e}.", ""]
         if "frechet_relative_difference_vs_scipy" in fid:
             lines += [f"Fréchet vs scipy sqrtm: {fid['frechet_relative_difference_vs_scipy']:.2e} relative.", ""]
+    if fid.get("masked_moments"):
+        lines += ["## Masked feature moments (K = 1: all rows; K = 15: all + 14 findings at ChestX-ray14 prevalence)", ""]
+        lines += _table(fid["masked_moments"], [("stage", "stage"), ("variant", "variant"), ("rows", "rows"),
+                                                ("ms", "ms"), ("tflops", "TFLOP/s"), ("k15_over_k1", "K15 / K1"),
+                                                ("max_rel_err_m2", "m2 rel err"), ("max_rel_err_mean", "mean rel err"),
+                                                ("error", "error")]) + [""]
     knn_rows = st.get("knn", {}).get("data", {}).get("rows", [])
     if knn_rows:
         lines += ["## k nearest neighbours and precision / recall / density / coverage", ""]

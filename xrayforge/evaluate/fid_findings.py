@@ -25,7 +25,7 @@ import torch
 
 from ..data.archive import write_csv, write_json
 from ..fid.compute import stored_pixels
-from ..fid.stats import StreamingMoments, frechet_distance
+from ..fid.stats import StreamingMoments, frechet_distance, update_subsets
 from ._format import csv_row, is_number, number
 from .labelled import open_labelled
 from .metrics import patient_split
@@ -51,13 +51,11 @@ def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, des
             pos = order[a:b]
             sort = np.argsort(pos, kind="mergesort")  # sorted reads from the memory map
             feats = extractor.features(stored_pixels(archive.images(pos[sort], archive.resolution)))
-            total.update(feats)
             if kept is not None:
                 kept.append((feats.float().cpu(), labels[pos[sort]].astype(bool)))
             lab = torch.from_numpy(labels[pos[sort]].astype(bool)).to(feats.device)
-            for k, m in enumerate(per):
-                if lab[:, k].any():
-                    m.update(feats[lab[:, k]])
+            # every image and one subset per finding, in one pass over the batch
+            update_subsets([total] + per, feats, torch.cat([torch.ones_like(lab[:, :1]), lab], 1).T)
             if b in cuts:
                 snaps[b] = total.stats()
             bar.update(len(pos))

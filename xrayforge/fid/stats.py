@@ -1,8 +1,9 @@
 """Streaming feature moments, Fréchet statistics files, and the Fréchet distance.
 
 Moments are kept as (n, mean, M2) in float64, where M2 is the sum of outer products of the
-deviations from the mean. Each batch is centred on its own mean and merged with Chan et al.'s
-pairwise update, so no raw sum of squares is ever formed: a large mean with a small spread
+deviations from the mean. Each batch's moments come from ``ops.masked_moments`` (centred on the
+batch's own mean; one call for all subsets of a batch, ``update_subsets``) and are merged with
+Chan et al.'s pairwise update, so no raw sum of squares is ever formed: a large mean with a small spread
 loses nothing. Moments merge across batches, processes (``all_reduce``) and runs
 (``FrechetStats.merge``).
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..ops import masked_moments
 from ..utils.files import load_npz
 
 
@@ -35,13 +37,10 @@ class StreamingMoments:
         """Add a (b, dim) batch (any float dtype; accumulated in float64)."""
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (b, {self.dim}), got {tuple(features.shape)}")
-        b = features.shape[0]
-        if b == 0:
+        if features.shape[0] == 0:
             return
-        x = features.to(device=self.mean.device, dtype=torch.float64)
-        mb = x.mean(dim=0)
-        xc = x - mb
-        self._merge(b, mb, xc.T @ xc)
+        n, mean, m2 = masked_moments(features.to(self.mean.device))
+        self._merge(int(n[0]), mean[0], m2[0])
 
     def _merge(self, nb: int, mb: torch.Tensor, m2b: torch.Tensor) -> None:
         n = self.n + nb
@@ -50,6 +49,11 @@ class StreamingMoments:
         self.m2.addr_(delta, delta, alpha=self.n * nb / n)
         self.mean += delta * (nb / n)
         self.n = n
+
+    def add_moments(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge a batch's own (count, mean, centred M2), as ``ops.masked_moments`` gives them."""
+        if n:
+            self._merge(n, mean.to(self.mean.device, torch.float64), m2.to(self.m2.device, torch.float64))
 
     def merge(self, other: "StreamingMoments") -> None:
         if other.n:
@@ -79,6 +83,19 @@ class StreamingMoments:
             raise ValueError(f"need at least 2 samples for a covariance, have {self.n}")
         # a copy: on the CPU .numpy() would share memory with the running mean, which moves on
         return FrechetStats(self.mean.cpu().numpy().copy(), (self.m2 / (self.n - 1)).cpu().numpy(), self.n)
+
+
+def update_subsets(moments: list[StreamingMoments], features: torch.Tensor, masks: torch.Tensor) -> None:
+    """Add the rows of a (b, D) batch selected by ``masks`` (K, b) bool to each of the K moments
+    (one ``ops.masked_moments`` call for all of them: e.g. every image plus one subset per finding)."""
+    if len(moments) != len(masks):
+        raise ValueError(f"{len(moments)} moments for {len(masks)} masks")
+    if features.shape[0] == 0:
+        return
+    device = moments[0].mean.device
+    n, mean, m2 = masked_moments(features.to(device), masks.to(device))
+    for k, m in enumerate(moments):
+        m.add_moments(int(n[k]), mean[k], m2[k])
 
 
 @dataclass

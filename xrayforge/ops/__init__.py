@@ -1,5 +1,6 @@
 """Fused PGGAN ops. Each has a torch reference, Triton kernels and (some) CUDA kernels;
-``conv2d`` is cuDNN's convolution with higher-order gradients that stay on its fast kernels.
+``conv2d`` is cuDNN's convolution with higher-order gradients that stay on its fast kernels;
+``knn`` and ``masked_moments`` serve the metrics (not differentiable).
 
 Pick the backend per call (``backend=``), per process (:func:`set_backend`) or with the
 ``XRAYFORGE_BACKEND`` environment variable: ``auto`` (default), ``cuda``, ``triton``, ``torch``.
@@ -10,7 +11,9 @@ from .bias_lrelu import bias_lrelu
 from .knn import knn
 from .conv2d import conv2d
 from .minibatch_stddev import minibatch_stddev
+from .moments import masked_moments
 from .pixel_norm import bias_lrelu_pixel_norm, pixel_norm
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "get_backend", "set_backend",
-           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev", "conv2d", "knn"]
+           "pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev", "conv2d", "knn",
+           "masked_moments"]

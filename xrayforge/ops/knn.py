@@ -10,7 +10,8 @@ precision / recall / density / coverage use).
   references, merged with ``topk``). It is the specification and the CPU path.
 - Triton: one program per block of queries streams blocks of references; for each it computes
   the block of squared distances (``tl.dot`` with fp32 accumulation for fp32 / bf16 / fp16
-  inputs, IEEE fp32 products; exact squared differences for float64) and merges its k
+  inputs, fp32 products as IEEE FMA or three TF32 products (``KNN_PRECISION``); exact squared
+  differences for float64) and merges its k
   smallest into a running top-k held in registers (replace the current worst while a smaller
   one exists). The k results are sorted on the host.
 
@@ -34,6 +35,9 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
 MAX_K = 16  # each of the k merge passes is unrolled in the kernel
+# tl.dot's input precision for fp32 features on a GPU: "ieee" (fp32 FMA on CUDA cores) or
+# "tf32x3" (three TF32 tensor-core products per fp32 product, about fp32's accuracy)
+KNN_PRECISION = "ieee"
 
 
 def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool) -> None:
@@ -90,7 +94,8 @@ if triton is not None:
     def _knn_kernel(q_ptr, r_ptr, qsq_ptr, rsq_ptr, out_d_ptr, out_i_ptr, Q, R, D,
                     s_qn, s_qd, s_rn, s_rd,
                     K: tl.constexpr, KP: tl.constexpr, EXCLUDE: tl.constexpr, EXACT64: tl.constexpr,
-                    IEEE: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+                    FP32: tl.constexpr, PRECISION: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+                    BD: tl.constexpr):
         pid = tl.program_id(0)
         qi = pid * BQ + tl.arange(0, BQ)
         qmask = qi < Q
@@ -117,8 +122,8 @@ if triton is not None:
                 if EXACT64:  # exact squared differences
                     diff = qv[:, None, :] - rv[None, :, :]
                     acc += tl.sum(diff * diff, axis=2)
-                elif IEEE:  # fp32 products in fp32, not TF32
-                    acc = tl.dot(qv, tl.trans(rv), acc, input_precision="ieee")
+                elif FP32:  # fp32 products: IEEE or three TF32 products, never plain TF32
+                    acc = tl.dot(qv, tl.trans(rv), acc, input_precision=PRECISION)
                 else:  # bf16 / fp16 products, fp32 accumulation
                     acc = tl.dot(qv, tl.trans(rv), acc)
             if EXACT64:
@@ -144,7 +149,8 @@ if triton is not None:
         tl.store(out_i_ptr + out, best_i, mask=omask)
 
 
-def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool):
+def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool, precision: str | None = None):
+    """The Triton path; ``precision``: tl.dot's for fp32 features (default KNN_PRECISION)."""
     exact = queries.dtype == torch.float64 or refs.dtype == torch.float64
     dtype = torch.float64 if exact else (queries.dtype if queries.dtype == refs.dtype else torch.float32)
     q, r = queries.to(dtype), refs.to(dtype)
@@ -153,16 +159,22 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     qsq, rsq = q.to(acc).square().sum(1), r.to(acc).square().sum(1)
     out_d = torch.empty(n, k, dtype=acc, device=q.device)
     out_i = torch.empty(n, k, dtype=torch.int32, device=q.device)
+    precision = precision or KNN_PRECISION
+    stages = {}
     if _backend.triton_interpreter_active() or exact:  # float64: a 3-D tile of differences, kept small
         bq, br, bd, warps = 16, 16, 16, 4
-    else:  # 64 × 64 distance tiles; a thin slice of D per step keeps the fp32 FMA path in registers
+    elif dtype == torch.float32 and precision == "ieee":  # a thin slice of D keeps the FMA path in registers
         bq, br, bd, warps = 64, 64, 16, 8
+    else:  # tensor cores (bf16 / fp16, or fp32 as three TF32 products): Hopper GEMM-sized tiles
+        bq, br, bd, warps = 128, 64, 32, 8
+        stages = {"num_stages": 3}
     kp = triton.next_power_of_2(k)
     guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         _knn_kernel[(triton.cdiv(n, bq),)](q, r, qsq, rsq, out_d, out_i, n, m, d, q.stride(0), q.stride(1),
                                            r.stride(0), r.stride(1), K=k, KP=kp, EXCLUDE=exclude_self, EXACT64=exact,
-                                           IEEE=dtype == torch.float32, BQ=bq, BR=br, BD=bd, num_warps=warps)
+                                           FP32=dtype == torch.float32, PRECISION=precision, BQ=bq, BR=br, BD=bd,
+                                           num_warps=warps, **stages)
     dist, order = out_d.double().sort(dim=1)
     return dist.sqrt(), out_i.long().gather(1, order)
 
