@@ -1,6 +1,10 @@
 """Masked feature moments (xrayforge.ops.masked_moments) against float64 numpy on each subset:
 means to 1e-9 and m2 to 1e-7 of its largest entry (the issue's contract), for every subset
-shape (all rows, a few, one, none), dtypes, strides, and the row-split (atomic) path."""
+shape (all rows, a few, one, none), dtypes, strides, and the row-split (atomic) path.
+
+The Triton kernels alone (``exact_below=0``) are held to KERNEL_RTOL on subsets of a few dozen
+rows: a few fp32 block sums of 32 rows carry ~1e-7 of rounding that has nothing to average
+with (1.6e-7 measured on an H200); the public path sends such subsets to float64."""
 import importlib
 
 import numpy as np
@@ -13,6 +17,7 @@ from xrayforge.ops import masked_moments
 
 M = importlib.import_module("xrayforge.ops.moments")
 TRITON = [p for p in kernel_params() if p.values[0][0] == "triton"]
+KERNEL_RTOL = 4e-7
 
 
 def numpy_moments(x: torch.Tensor, masks: torch.Tensor | None):
@@ -74,32 +79,55 @@ def test_auto_on_cpu_is_the_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,rates", [(70, 37, [1.0, 0.4, 0.0, 0.1]), (1, 5, [1.0]), (33, 16, [0.5]),
                                        (90, 3, [1.0, 1.0, 0.3])])
-def test_triton_equals_numpy(kb, dtype, n, d, rates):
-    backend, device = kb
+def test_triton_kernels_equal_numpy(kb, dtype, n, d, rates):
+    _, device = kb
     x = features(n, d, dtype, seed=n + d)
     masks = subsets(n, rates, seed=d)
-    got = masked_moments(x.to(device), masks.to(device), backend=backend)
-    assert_moments(got, numpy_moments(x, masks))
+    got = M._triton(x.to(device), masks.to(device), exact_below=0)
+    assert_moments(got, numpy_moments(x, masks), m2_rtol=KERNEL_RTOL)
 
 
 @pytest.mark.parametrize("kb", TRITON)
 def test_triton_all_rows_without_masks(kb):
-    backend, device = kb
+    _, device = kb
     x = features(50, 20, offset=40.0)  # a large mean: the shift keeps the digits
-    assert_moments(masked_moments(x.to(device), backend=backend), numpy_moments(x, None))
+    assert_moments(M._triton(x.to(device), exact_below=0), numpy_moments(x, None), m2_rtol=KERNEL_RTOL)
 
 
 @pytest.mark.parametrize("kb", TRITON)
 def test_triton_strided_and_split_rows(kb):
-    backend, device = kb
+    _, device = kb
     base = features(24, 80, seed=3)
     x = base.T.to(device)  # (80, 24) non-contiguous, column-major
     assert not x.is_contiguous()
     masks = subsets(80, [1.0, 0.5, 0.1], seed=4).to(device)
     want = numpy_moments(x, masks)
-    assert_moments(M._triton(x, masks), want)
-    assert_moments(M._triton(x, masks, splits=3), want)  # three row shares added atomically
-    assert_moments(M._triton(x[::2], masks[:, ::2], splits=2), numpy_moments(x[::2], masks[:, ::2]))
+    assert_moments(M._triton(x, masks, exact_below=0), want, m2_rtol=KERNEL_RTOL)
+    # three row shares added atomically
+    assert_moments(M._triton(x, masks, splits=3, exact_below=0), want, m2_rtol=KERNEL_RTOL)
+    assert_moments(M._triton(x[::2], masks[:, ::2], splits=2, exact_below=0), numpy_moments(x[::2], masks[:, ::2]),
+                   m2_rtol=KERNEL_RTOL)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_triton_sends_small_subsets_to_float64(kb, monkeypatch):
+    backend, device = kb
+    x = features(90, 12, seed=8).to(device)
+    masks = subsets(90, [1.0, 0.1, 0.6, 0.0], seed=9).to(device)
+    seen = []
+    kernels = M._kernels
+    monkeypatch.setattr(M, "_kernels", lambda x, m, *a: seen.append(None if m is None else m.sum(1).tolist())
+                        or kernels(x, m, *a))
+    want = numpy_moments(x, masks)
+    got = M._triton(x, masks, exact_below=40)  # subsets 0 and 2 through the kernels, 1 and 3 exact
+    assert seen == [[90, int(masks[2].sum())]]
+    assert_moments(got, want, m2_rtol=KERNEL_RTOL)
+    for k in (1, 3):  # the float64 ones are the reference's, bit for bit
+        ref = M.reference(x, masks[k:k + 1])
+        torch.testing.assert_close(got[2][k], ref[2][0], rtol=0, atol=0)
+    seen.clear()
+    got = masked_moments(x, masks, backend=backend)  # default threshold: everything here is small
+    assert seen == [] and got[0].tolist() == [w[0] for w in want]
 
 
 @pytest.mark.gpu
@@ -110,7 +138,7 @@ def test_triton_at_fid_scale_on_gpu(kb, precision):
     x = features(6000, 300, seed=5).to(device)  # tiles at the edge of D, many row blocks, 15 subsets
     masks = subsets(6000, [1.0] + [0.177, 0.119, 0.103, 0.056, 0.052, 0.047, 0.042, 0.03, 0.025, 0.022, 0.021,
                                    0.015, 0.013, 0.002], seed=6).to(device)
-    got = M._triton(x, masks, precision=precision)
+    got = M._triton(x, masks, precision=precision)  # subsets under EXACT_BELOW rows in float64
     assert_moments(got, numpy_moments(x, masks), m2_rtol=1e-7 if precision == "ieee" else 1e-6)
 
 

@@ -26,8 +26,12 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 # Validated by benchmarks/gpu_check.sh on an NVIDIA H200 (torch 2.11, Triton 3.6, CUDA 13.0),
 # 2026-11-26, commits f780027 and b353db3, and again at a1c7351: every gpu-marked test passed
 # (403 at a1c7351; results in benchmarks/results/gpu_check-nvidia-h200-2026-11-26.json and its
-# git history). ops.knn's Triton kernel passed too but is 4x slower than the torch path's float64
-# matmuls at 100k x 100k x 2048 (5.45 s vs 1.29 s), so it stays out of this table.
+# git history). ops.knn's Triton kernel: at commit 67eaa81 on the H200 its gpu tests passed at
+# both tl.dot precisions (the archive-scale ones with tf32x3, the default since; fp16 on the same
+# tensor-core tiles), and with tf32x3 it is 1.8x faster than the float64 torch path at
+# 100k x 100k x 2048 (0.70 s vs 1.29 s). ops.masked_moments' Triton kernels are not here: slower
+# than Hopper's float64 matmuls (10.4 vs 8.8 ms at 50k x 2048), and their block sums missed 1e-7
+# on subsets of a few dozen rows (since sent to float64; not re-run on a GPU).
 # Order: Triton first for the conv epilogues, because the whole WGAN-GP step (channels_last activations) ran faster with them
 # than with the extension's kernels at every size measured (1024 px, batch 16: 89.9 vs 70.4
 # img/s); for minibatch stddev (4 × 4 px, a negligible share of the step) the extension's kernel
@@ -38,6 +42,7 @@ GPU_VALIDATED: dict[str, tuple[str, ...]] = {
     "bias_lrelu": ("triton",),
     "minibatch_stddev": ("cuda", "triton"),
     "fid_preprocess": ("triton",),
+    "knn": ("triton",),
 }
 
 

@@ -36,8 +36,11 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
 
 MAX_K = 16  # each of the k merge passes is unrolled in the kernel
 # tl.dot's input precision for fp32 features on a GPU: "ieee" (fp32 FMA on CUDA cores) or
-# "tf32x3" (three TF32 tensor-core products per fp32 product, about fp32's accuracy)
-KNN_PRECISION = "ieee"
+# "tf32x3" (three TF32 tensor-core products per fp32 product, about fp32's accuracy). Measured on
+# an H200 (2026-11-26), radii of 100k × 100k 2048-d features, k = 3: tf32x3 0.70 s, ieee 5.46 s,
+# the float64 torch reference 1.29 s; the same neighbours as the reference on 2,000 checked rows,
+# distances within 8e-8 (tf32x3) and 1.4e-7 (ieee) relative.
+KNN_PRECISION = "tf32x3"
 
 
 def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool) -> None:
