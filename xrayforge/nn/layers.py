@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.conv2d import reference as conv2d_reference
+from ..ops.conv2d_eqlr import downsample_conv_kernel, layer_backend, upsample_conv_kernel
 
 SQRT2 = math.sqrt(2.0)
 ACTIVATIONS = ("linear", "lrelu", "lrelu_pn")
@@ -36,26 +37,6 @@ def apply_epilogue(y: torch.Tensor, bias: torch.Tensor | None, activation: str) 
     if bias is None:
         return y
     return y + bias.to(y.dtype).view((1, -1) + (1,) * (y.dim() - 2))
-
-
-def _summed_4x4(w: torch.Tensor) -> torch.Tensor:
-    """The 3×3 kernel padded to 5×5 and summed over its four 4×4 windows: [w0, w0+w1, w1+w2, w2]."""
-    w = F.pad(w, (1, 1, 1, 1))
-    return w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
-
-
-def upsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``conv_transpose2d(x, K, stride=2, padding=1)`` == ``conv2d(up2(x), w, padding=1)``.
-
-    ``w`` is (out, in, 3, 3); K is (in, out, 4, 4). Transposed convolution scatters with the
-    kernel flipped relative to conv2d's gather, hence the flip.
-    """
-    return _summed_4x4(w).flip(2, 3).transpose(0, 1)
-
-
-def downsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
-    """Kernel of ``conv2d(x, K, stride=2, padding=1)`` == ``avg_pool2d(conv2d(x, w, padding=1), 2)``."""
-    return _summed_4x4(w) * 0.25
 
 
 class EqualizedLinear(nn.Module):
@@ -119,7 +100,20 @@ class EqualizedConv2d(nn.Module):
             return ops.conv2d(x, w, bias, stride, padding, transposed)
         return conv2d_reference(x, w, bias, stride, padding, transposed)
 
+    # ops.conv2d_eqlr (the fused Triton kernel): None asks the measured per-layer table
+    # (ops.conv2d_eqlr.layer_backend; no entry: cuDNN and a separate epilogue, below), a backend
+    # name forces it for this layer (or, set on the class, for every layer)
+    eqlr_backend: str | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = self.eqlr_backend
+        if backend is None and x.is_cuda:
+            size = x.shape[-1] * 2 if self.resample == "up" else (x.shape[-1] // 2 if self.resample else x.shape[-1])
+            backend = layer_backend(self.in_channels, self.out_channels, self.kernel_size, self.resample,
+                                    self.activation, size, x.dtype)
+        if backend is not None:
+            return ops.conv2d_eqlr(x, self.weight, self.bias, scale=self.scale, activation=self.activation,
+                                   resample=self.resample, backend=backend)
         w = self.weight * self.scale
         pad = self.kernel_size // 2
         if self.resample == "up":

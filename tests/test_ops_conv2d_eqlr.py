@@ -1,0 +1,235 @@
+"""The fused equalized-lr convolution (xrayforge.ops.conv2d_eqlr) against the unfused reference
+(F.interpolate / F.conv2d / avg_pool2d / leaky_relu / pixel norm): values and gradients, every
+resample × activation, kernels 1 and 3, odd sizes, N = 1, channels 1 … 512, fp32 / bf16 / fp16 /
+float64, contiguous, channels_last and strided inputs; gradcheck and gradgradcheck in float64;
+bad inputs. In the Triton interpreter on the CPU, on the GPU where there is one."""
+import importlib
+
+import pytest
+import torch
+
+from conftest import assert_as_accurate_as_eager, kernel_params, max_err
+from xrayforge.errors import UserError
+from xrayforge.ops import conv2d_eqlr
+from xrayforge.ops.conv2d import no_weight_gradients
+
+C = importlib.import_module("xrayforge.ops.conv2d_eqlr")
+TRITON = [p for p in kernel_params() if p.values[0][0] == "triton"]
+COMBOS = [(r, a) for r in (None, "up", "down") for a in ("linear", "lrelu", "lrelu_pn")]
+
+
+def make(shape, layout="contiguous", dtype=torch.float64, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        x = torch.randn((shape[0], shape[1] * 2) + tuple(shape[2:]), generator=g, dtype=torch.float64)[:, ::2]
+    else:
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return (x * scale).to(device=device, dtype=dtype)
+
+
+def layer(cin, cout, k, device="cpu", seed=1):
+    w = make((cout, cin, k, k), seed=seed, device=device)
+    b = make((cout,), seed=seed + 1, device=device, scale=0.5)
+    return w, b, 2 ** 0.5 / (cin * k * k) ** 0.5
+
+
+def test_reference_is_the_layer_definition():
+    """The reference equals the strided (fused-resampling) form the layers use, in float64."""
+    x = make((2, 3, 6, 5))
+    w, b, scale = layer(3, 4, 3)
+    for resample, act in COMBOS:
+        ref = C.reference(x, w, b, scale=scale, activation=act, resample=resample)
+        torch.testing.assert_close(C._differentiable(x, w, b, scale, act, resample), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("resample,activation", COMBOS)
+@pytest.mark.parametrize("shape,cout,k", [((2, 5, 7, 6), 9, 3), ((1, 1, 5, 5), 3, 3), ((1, 17, 4, 3), 1, 3),
+                                          ((2, 3, 5, 4), 20, 1)])
+def test_float64_forward_equals_reference(kb, resample, activation, shape, cout, k):
+    _, device = kb
+    if resample is not None and k != 3:
+        pytest.skip("resampling convolutions are 3x3")
+    x = make(shape, device=device)
+    w, b, scale = layer(shape[1], cout, k, device)
+    got = conv2d_eqlr(x, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
+    ref = C.reference(x, w, b, scale=scale, activation=activation, resample=resample)
+    assert got.shape == ref.shape and got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("resample,activation", [(None, "lrelu_pn"), ("up", "lrelu_pn"), ("down", "lrelu"),
+                                                 (None, "linear")])
+def test_low_precision_as_accurate_as_eager(kb, dtype, layout, resample, activation):
+    _, device = kb
+    x = make((2, 6, 5, 7), layout, device=device)
+    w, b, scale = layer(6, 18, 3, device)
+    exact = C.reference(x, w, b, scale=scale, activation=activation, resample=resample)
+    xd = x.to(dtype)
+    eager = C.reference(xd, w, b, scale=scale, activation=activation, resample=resample)
+    got = conv2d_eqlr(xd, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
+    assert got.dtype == dtype and got.shape == exact.shape
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_as_accurate_as_eager(got, eager, exact, dtype)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("resample,activation", COMBOS)
+def test_float64_gradients_equal_reference(kb, resample, activation):
+    _, device = kb
+    x = make((2, 4, 5, 6), device=device).requires_grad_()
+    w, b, scale = layer(4, 5, 3, device)
+    w.requires_grad_()
+    b.requires_grad_()
+    gy = make(C.reference(x, w, b, scale=scale, activation=activation, resample=resample).shape, seed=7,
+              device=device)
+    got = torch.autograd.grad(conv2d_eqlr(x, w, b, scale=scale, activation=activation, resample=resample,
+                                          backend="triton"), (x, w, b), gy)
+    ref = torch.autograd.grad(C.reference(x, w, b, scale=scale, activation=activation, resample=resample),
+                              (x, w, b), gy)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("resample,activation", [(None, "lrelu"), ("down", "lrelu"), ("up", "lrelu_pn"),
+                                                 (None, "linear")])
+def test_gradcheck_and_gradgradcheck(kb, resample, activation):
+    """The discriminator's gradient penalty differentiates the input gradient again."""
+    _, device = kb
+    x = make((1, 2, 4, 4), device=device).requires_grad_()
+    w, b, scale = layer(2, 3, 3, device)
+    w.requires_grad_()
+    b.requires_grad_()
+
+    def f(x, w, b):
+        return conv2d_eqlr(x, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_gradient_penalty_equals_reference_and_skips_weight_gradients(kb):
+    _, device = kb
+    x = make((2, 3, 6, 6), device=device).requires_grad_()
+    w, b, scale = layer(3, 4, 3, device)
+    w.requires_grad_()
+
+    def penalty(fn):
+        y = fn(x, w, b, scale=scale, activation="lrelu", resample="down")
+        gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, w))
+
+    ours = penalty(lambda *a, **k: conv2d_eqlr(*a, **k, backend="triton"))
+    ref = penalty(C.reference)
+    for g, r in zip(ours, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    with no_weight_gradients():
+        y = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu", resample="down", backend="triton")
+        gx, = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(C.reference(x, w, b, scale=scale, activation="lrelu",
+                                                                   resample="down").sum(), x)[0])
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_pixel_norm_over_512_channels_and_one_channel_out(kb):
+    _, device = kb
+    x = make((1, 3, 2, 3), device=device)
+    w, b, scale = layer(3, 512, 1, device)
+    got = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu_pn", backend="triton")
+    torch.testing.assert_close(got, C.reference(x, w, b, scale=scale, activation="lrelu_pn"), rtol=1e-12,
+                               atol=1e-12)
+    w1, b1, s1 = layer(3, 1, 1, device)  # toRGB
+    torch.testing.assert_close(conv2d_eqlr(x, w1, b1, scale=s1, backend="triton"),
+                               C.reference(x, w1, b1, scale=s1), rtol=1e-12, atol=1e-12)
+    w2, _, s2 = layer(3, 513, 1, device)
+    with pytest.raises(UserError, match="at most 512"):
+        conv2d_eqlr(x, w2, None, scale=s2, activation="lrelu_pn", backend="triton")
+
+
+def test_taps_of_each_resample_are_the_strided_forms():
+    w = make((4, 3, 3, 3))
+    x = make((2, 3, 5, 4), seed=3)
+    # up: each output parity class is a 2x2-tap convolution of the half-resolution input
+    up = C.reference(x, w, scale=1.0, resample="up")
+    t = C.taps(w, "up")
+    assert t.shape == (4, 4, 3, 4)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for cls in range(4):
+        py, px = divmod(cls, 2)
+        kern = t[cls].reshape(2, 2, 3, 4).permute(3, 2, 0, 1)  # (out, in, a, b)
+        part = torch.nn.functional.conv2d(xp[:, :, py:py + 6, px:px + 5], kern)
+        torch.testing.assert_close(part, up[:, :, py::2, px::2], rtol=1e-12, atol=1e-12)
+    assert C.taps(w, "down").shape == (1, 16, 3, 4) and C.taps(w, None).shape == (1, 9, 3, 4)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_equalized_conv2d_layer_uses_it_when_asked(kb):
+    from xrayforge.nn.layers import EqualizedConv2d
+    _, device = kb
+    torch.manual_seed(0)
+    for resample, act in (("up", "lrelu_pn"), ("down", "lrelu"), (None, "linear")):
+        layer_ = EqualizedConv2d(5, 6, 3, activation=act, resample=resample).double().to(device)
+        with torch.no_grad():
+            layer_.bias.normal_()
+        x = make((1, 5, 4, 4), device=device, seed=5)
+        ref = layer_(x)
+        layer_.eqlr_backend = "triton"
+        torch.testing.assert_close(layer_(x), ref, rtol=1e-12, atol=1e-12)
+    assert C.layer_backend(5, 6, 3, "up", "lrelu_pn", 8, torch.bfloat16) is None  # nothing measured yet
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((torch.zeros(2, 3, 4), torch.zeros(4, 3, 3, 3)), {}, r"\(N, C, H, W\)"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3)), {}, "odd k"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 2, 2)), {}, "odd k"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 5, 5)), {"resample": "up"}, "resampling convolutions are 3×3"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 2, 3, 3)), {}, "takes 2 input channels, the input has 3"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3), torch.zeros(3)), {}, r"bias of shape \(4,\)"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"activation": "relu"}, "activation must be"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"resample": "up4"}, "resample must be"),
+    ((torch.zeros(1, 3, 1, 4), torch.zeros(4, 3, 3, 3)), {"resample": "down"}, "cannot downsample"),
+    ((torch.zeros(1, 3, 4, 4, dtype=torch.int64), torch.zeros(4, 3, 3, 3)), {}, "floating-point"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"scale": float("nan")}, "finite"),
+])
+def test_bad_inputs(args, kwargs, match):
+    kwargs = {"scale": 1.0, **kwargs}
+    with pytest.raises(UserError, match=match):
+        conv2d_eqlr(*args, **kwargs)
+
+
+def test_auto_on_cpu_is_the_reference():
+    x = make((1, 2, 3, 3))
+    w, b, scale = layer(2, 3, 3)
+    torch.testing.assert_close(conv2d_eqlr(x, w, b, scale=scale, activation="lrelu"),
+                               C.reference(x, w, b, scale=scale, activation="lrelu"), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kb", [p for p in TRITON if p.values[0][1] == "cuda"])
+@pytest.mark.parametrize("cin,cout,size,resample,activation", [
+    (512, 512, 8, "up", "lrelu_pn"), (256, 128, 64, "up", "lrelu_pn"), (16, 16, 256, None, "lrelu_pn"),
+    (16, 1, 256, None, "linear"), (1, 16, 256, None, "lrelu"), (32, 64, 128, "down", "lrelu"),
+    (512, 512, 4, None, "lrelu")])
+def test_pggan_layer_shapes_on_gpu(kb, cin, cout, size, resample, activation):
+    """The 1024-px networks' layer shapes in bf16 channels_last, values and first-order gradients
+    as accurate as eager's."""
+    _, device = kb
+    k = 1 if cin == 1 or cout == 1 else 3
+    x = make((4, cin, size, size), "channels_last", device=device)
+    w, b, scale = layer(cin, cout, k, device)
+    exact = C.reference(x, w, b, scale=scale, activation=activation, resample=resample)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    eager = C.reference(xb, w, b, scale=scale, activation=activation, resample=resample)
+    got = conv2d_eqlr(xb, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
+    assert_as_accurate_as_eager(got, eager, exact, torch.bfloat16)
+    gy = torch.randn_like(eager)
+    g_ours = torch.autograd.grad(got, xb, gy)[0]
+    g_eager = torch.autograd.grad(eager, xb, gy)[0]
+    assert max_err(g_ours, g_eager) <= 0.05 * g_eager.abs().max().item()

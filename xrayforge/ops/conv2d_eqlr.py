@@ -1,0 +1,390 @@
+"""Equalized-learning-rate convolution with fused resampling and a fused epilogue.
+
+``conv2d_eqlr(x, weight, bias, scale=..., activation=..., resample=...)`` computes
+``epilogue(conv(resample(x), weight * scale) + bias)`` with the semantics of
+``xrayforge.nn.layers.EqualizedConv2d``: ``resample="up"`` is nearest ×2 before a 3×3
+convolution, ``"down"`` a 2×2 average after it (before bias and activation); ``activation`` is
+``linear``, ``lrelu`` (slope 0.2) or ``lrelu_pn`` (then pixel norm over all output channels,
+eps 1e-8). Kernels of any odd size without resampling (1×1 for toRGB / fromRGB), 3×3 with it.
+
+- ``reference``: the unfused plain-PyTorch composition (interpolate, F.conv2d, avg_pool2d,
+  leaky_relu, pixel norm): the specification and the CPU path.
+- Triton: an implicit GEMM over output pixels × output channels with fp32 accumulation (fp32
+  products as TF32 when ``torch.backends.cudnn.allow_tf32`` says cuDNN would use it, as eager
+  PyTorch does; IEEE otherwise; float64 accumulates in float64), the equalized-lr scale folded
+  into the weight taps, and the resampling folded into the taps as well, so neither an
+  upsampled nor a pre-pooling tensor exists:
+    * down: conv + 2×2 average = one stride-2 convolution with the 4×4 kernel summed from the
+      3×3 one (× 0.25): 16 taps per output pixel instead of 4 × 9;
+    * up: nearest ×2 + conv = per output parity class (even / odd row and column) a 2×2-tap
+      convolution of the half-resolution input with row and column sums of the 3×3 kernel:
+      4 taps per output pixel instead of 9; each program computes one parity class.
+  The epilogue (bias, leaky ReLU, pixel norm) runs on the accumulator: for pixel norm one tile
+  holds all output channels of its pixels (at most 512).
+- Backward (an autograd Function): the epilogue's backward from the saved output (and, for
+  pixel norm, the saved per-pixel inverse norm), then cuDNN's data and weight gradients of the
+  equivalent strided convolution, and the weight gradient mapped back through the tap
+  transform. With ``create_graph`` (the gradient penalty) the backward differentiates the
+  same function built from ``ops.conv2d`` (cuDNN with gradients of every order) instead, so
+  double backward works; ``ops.conv2d.no_weight_gradients`` is honoured.
+
+Which layers use the Triton path is decided per layer shape from measured data
+(``LAYER_TABLE``, empty until a GPU has measured the kernel: the layers keep cuDNN).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+from ..errors import UserError
+
+_conv2d = importlib.import_module(".conv2d", __package__)  # the module (the package exports its function)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a declared dependency
+    triton = None
+
+ACTIVATIONS = ("linear", "lrelu", "lrelu_pn")
+RESAMPLES = (None, "up", "down")
+SLOPE = 0.2
+EPS = 1e-8
+MAX_PN_CHANNELS = 512  # pixel norm needs every output channel of a pixel in one tile
+
+# (in channels, out channels, kernel, resample, activation, output size, dtype) -> "triton" for
+# the layer shapes where the fused kernel measured faster than cuDNN + a separate epilogue in
+# the training step. Built from a GPU benchmark (benchmarks/results/); empty: not measured yet.
+LAYER_TABLE: dict[tuple, str] = {}
+
+
+def layer_backend(cin: int, cout: int, kernel: int, resample: str | None, activation: str, size: int,
+                  dtype: torch.dtype) -> str | None:
+    """The backend the measured table gives a layer of this shape, or None (keep cuDNN)."""
+    return LAYER_TABLE.get((cin, cout, kernel, resample, activation, size, str(dtype).replace("torch.", "")))
+
+
+# --------------------------------------------------------------------------- kernel transforms
+def summed_4x4(w: torch.Tensor) -> torch.Tensor:
+    """The 3×3 kernel padded to 5×5 and summed over its four 4×4 windows: [w0, w0+w1, w1+w2, w2]."""
+    w = F.pad(w, (1, 1, 1, 1))
+    return w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
+
+
+def upsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``conv_transpose2d(x, K, stride=2, padding=1)`` == ``conv2d(up2(x), w, padding=1)``.
+
+    ``w`` is (out, in, 3, 3); K is (in, out, 4, 4). Transposed convolution scatters with the
+    kernel flipped relative to conv2d's gather, hence the flip.
+    """
+    return summed_4x4(w).flip(2, 3).transpose(0, 1)
+
+
+def downsample_conv_kernel(w: torch.Tensor) -> torch.Tensor:
+    """Kernel of ``conv2d(x, K, stride=2, padding=1)`` == ``avg_pool2d(conv2d(x, w, padding=1), 2)``."""
+    return summed_4x4(w) * 0.25
+
+
+# rows (or columns) of the 3×3 kernel that fall on each of the two input taps of an output of
+# parity p after nearest ×2 upsampling: even outputs read x[i-1] (w0) and x[i] (w1 + w2), odd
+# ones x[i] (w0 + w1) and x[i+1] (w2)
+_UP_SUMS = {(0, 0): (0,), (0, 1): (1, 2), (1, 0): (0, 1), (1, 1): (2,)}
+
+
+def _up_taps_1d(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Along ``dim`` (size 3): a new leading (parity 2, tap 2) pair of axes of summed rows."""
+    parts = [[sum(w.select(dim, i) for i in _UP_SUMS[(p, a)]) for a in (0, 1)] for p in (0, 1)]
+    return torch.stack([torch.stack(pa) for pa in parts])
+
+
+def taps(w: torch.Tensor, resample: str | None) -> torch.Tensor:
+    """The weight as the kernel reads it: (classes, taps, in, out). ``w`` (out, in, k, k) is
+    already scaled. One class except for "up" (four output parity classes of 2×2 taps)."""
+    cout, cin = w.shape[:2]
+    if resample is None:
+        return w.permute(2, 3, 1, 0).reshape(1, -1, cin, cout)
+    if resample == "down":
+        return downsample_conv_kernel(w).permute(2, 3, 1, 0).reshape(1, 16, cin, cout)
+    rows = _up_taps_1d(w, 2)  # (py, a, out, in, 3 columns)
+    both = _up_taps_1d(rows, 4)  # (px, b, py, a, out, in)
+    return both.permute(2, 0, 3, 1, 5, 4).reshape(4, 4, cin, cout)  # class py*2+px, tap a*2+b
+
+
+# --------------------------------------------------------------------------- checks, reference
+def _check(x, weight, bias, scale, activation, resample) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise UserError(f"conv2d_eqlr: expected (N, C, H, W) input, got shape "
+                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3] \
+            or weight.shape[2] % 2 == 0:
+        raise UserError(f"conv2d_eqlr: expected an (out, in, k, k) weight with odd k, got shape "
+                        f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise UserError(f"conv2d_eqlr: expected floating-point input and weight, got {x.dtype} and {weight.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        raise UserError(f"conv2d_eqlr: the weight takes {weight.shape[1]} input channels, the input has {x.shape[1]}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise UserError(f"conv2d_eqlr: expected a bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise UserError(f"conv2d_eqlr: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if resample not in RESAMPLES:
+        raise UserError(f"conv2d_eqlr: resample must be None, 'up' or 'down', got {resample!r}")
+    if resample is not None and weight.shape[2] != 3:
+        raise UserError(f"conv2d_eqlr: resampling convolutions are 3×3, got a {weight.shape[2]}×{weight.shape[3]} "
+                        "kernel")
+    if resample == "down" and min(x.shape[2:]) < 2:
+        raise UserError(f"conv2d_eqlr: cannot downsample a {x.shape[2]}×{x.shape[3]} input")
+    if not isinstance(scale, (int, float)) or not float(scale) == float(scale) or abs(float(scale)) == float("inf"):
+        raise UserError(f"conv2d_eqlr: scale must be a finite number, got {scale!r}")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float,
+              activation: str = "linear", resample: str | None = None) -> torch.Tensor:
+    """The unfused composition in plain PyTorch, in x's dtype."""
+    _check(x, weight, bias, scale, activation, resample)
+    w = (weight * scale).to(x.dtype)
+    if resample == "up":
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    y = F.conv2d(x, w, padding=weight.shape[2] // 2)
+    if resample == "down":
+        y = F.avg_pool2d(y, 2)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    if activation != "linear":
+        y = F.leaky_relu(y, SLOPE)
+    if activation == "lrelu_pn":
+        y = y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + EPS)
+    return y
+
+
+def _strided_form(x, weight, scale, resample):
+    """The same convolution as one (transposed) strided ops.conv2d call: the form whose
+    gradients cuDNN computes, differentiable to any order."""
+    w = weight * scale
+    if resample == "up":
+        return _conv2d.conv2d(x, upsample_conv_kernel(w).to(x.dtype), None, 2, 1, True)
+    if resample == "down":
+        return _conv2d.conv2d(x, downsample_conv_kernel(w).to(x.dtype), None, 2, 1)
+    return _conv2d.conv2d(x, w.to(x.dtype), None, 1, weight.shape[2] // 2)
+
+
+def _differentiable(x, weight, bias, scale, activation, resample):
+    y = _strided_form(x, weight, scale, resample)
+    if bias is not None:
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
+    if activation != "linear":
+        y = F.leaky_relu(y, SLOPE)
+    if activation == "lrelu_pn":
+        y = y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + EPS)
+    return y
+
+
+# --------------------------------------------------------------------------- Triton
+if triton is not None:
+    @triton.jit
+    def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, H, W, CIN, COUT, OH, OW, PIX,
+                     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+                     MODE: tl.constexpr, KT: tl.constexpr, KW: tl.constexpr, PAD: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
+                     UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # MODE 0: plain KW×KW conv; 1: down (4×4 taps, stride 2); 2: up (2×2 taps per parity class)
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        cls = tl.program_id(2)
+        pix = pid_m * BM + tl.arange(0, BM)
+        pmask = pix < PIX
+        if MODE == 2:  # pixels of the half-resolution grid; this program's parity class
+            n = pix // (H * W)
+            rem = pix % (H * W)
+            i = rem // W
+            j = rem % W
+            py = cls // 2
+            px = cls % 2
+            oy = 2 * i + py
+            ox = 2 * j + px
+            by = i - 1 + py
+            bx = j - 1 + px
+        else:
+            n = pix // (OH * OW)
+            rem = pix % (OH * OW)
+            oy = rem // OW
+            ox = rem % OW
+            if MODE == 1:
+                by = 2 * oy - 1
+                bx = 2 * ox - 1
+            else:
+                by = oy - PAD
+                bx = ox - PAD
+        co = pid_n * BN + tl.arange(0, BN)
+        cmask = co < COUT
+        acc_t = tl.float64 if F64 else tl.float32
+        acc = tl.zeros((BM, BN), acc_t)
+        w_cls = w_ptr + cls.to(tl.int64) * KT * CIN * COUT
+        for t in tl.static_range(KT):
+            iy = by + t // KW
+            ix = bx + t % KW
+            valid = pmask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            row = x_ptr + n.to(tl.int64) * sxn + iy.to(tl.int64) * sxh + ix.to(tl.int64) * sxw
+            for c0 in range(0, CIN, BK):
+                ci = c0 + tl.arange(0, BK)
+                kmask = ci < CIN
+                a = tl.load(row[:, None] + ci[None, :].to(tl.int64) * sxc, mask=valid[:, None] & kmask[None, :],
+                            other=0.0)
+                b = tl.load(w_cls + (t * CIN + ci[:, None]).to(tl.int64) * COUT + co[None, :],
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if UPCAST:  # the interpreter's bf16 dot is wrong: products of the same values in fp32
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                if F64:
+                    acc += tl.dot(a, b, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + co, mask=cmask, other=0.0).to(acc_t)[None, :]
+        if ACT >= 1:
+            acc = tl.where(acc > 0, acc, acc * 0.2)
+        opix = n.to(tl.int64) * OH * OW + oy.to(tl.int64) * OW + ox
+        if ACT == 2:  # the tile holds every channel: channels past COUT are zero
+            r = 1.0 / tl.sqrt(tl.sum(acc * acc, axis=1) / COUT + 1e-8)
+            acc = acc * r[:, None]
+            tl.store(r_ptr + opix, r.to(r_ptr.dtype.element_ty), mask=pmask)
+        out = y_ptr + n.to(tl.int64) * syn + oy.to(tl.int64) * syh + ox.to(tl.int64) * syw
+        tl.store(out[:, None] + co[None, :].to(tl.int64) * syc, acc.to(y_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cmask[None, :])
+
+
+def _precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _backend.triton_interpreter_active():
+        return "tf32"  # what cuDNN does with fp32 convolutions unless told not to
+    return "ieee"
+
+
+def _blocks(cin: int, cout: int, pn: bool, interp: bool) -> tuple[int, int, int, int]:
+    """(BM pixels, BN channels, BK input channels, warps)."""
+    if interp:
+        bn = max(16, triton.next_power_of_2(cout)) if pn else 16
+        return 16, bn, 16, 4
+    bk = 16 if cin <= 16 else (32 if cin <= 32 else 64)
+    if pn:
+        bn = max(16, triton.next_power_of_2(cout))
+        return max(16, min(128, 16384 // bn)), bn, bk, 8
+    bn = 16 if cout <= 16 else (64 if cout <= 64 else 128)
+    return 128, bn, bk, 8
+
+
+def _forward(x, weight, bias, scale, activation, resample):
+    """(y, per-pixel inverse pixel norm (N, 1, OH, OW; fp32, float64 for float64 input) or None)
+    by the Triton kernel."""
+    n, cin, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[2]
+    pn = activation == "lrelu_pn"
+    if pn and cout > MAX_PN_CHANNELS:
+        raise UserError(f"conv2d_eqlr: the Triton kernel's pixel norm takes at most {MAX_PN_CHANNELS} output "
+                        f"channels, got {cout}")
+    wt = taps(weight.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32) * scale,
+              resample).to(x.dtype).contiguous()
+    if resample == "up":
+        oh, ow, mode, kw, classes, pix = 2 * h, 2 * w, 2, 2, 4, n * h * w
+    elif resample == "down":
+        oh, ow, mode, kw, classes, pix = h // 2, w // 2, 1, 4, 1, n * (h // 2) * (w // 2)
+    else:
+        oh, ow, mode, kw, classes, pix = h, w, 0, k, 1, n * h * w
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
+    y = torch.empty(n, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=fmt)
+    r = torch.empty(n, 1, oh, ow, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device) if pn else y
+    interp = _backend.triton_interpreter_active()
+    bm, bn, bk, warps = _blocks(cin, cout, pn, interp)
+    b = bias.detach().contiguous() if bias is not None else wt
+    grid = (triton.cdiv(pix, bm), triton.cdiv(cout, bn), classes)
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _conv_kernel[grid](x, wt, b, y, r, h, w, cin, cout, oh, ow, pix, *x.stride(), *y.stride(),
+                           MODE=mode, KT=wt.shape[1], KW=kw, PAD=k // 2, HAS_BIAS=bias is not None,
+                           ACT=ACTIVATIONS.index(activation), PRECISION=_precision(x),
+                           F64=x.dtype == torch.float64, UPCAST=interp and x.dtype == torch.bfloat16,
+                           BM=bm, BN=bn, BK=bk, num_warps=warps)
+    return y, (r if pn else None)
+
+
+def _epilogue_backward(gy, y, r, activation):
+    """Gradient at the convolution's output (bias included) from the layer's output gradient."""
+    acc = torch.promote_types(gy.dtype, torch.float32)
+    g, yy = gy.to(acc), y.to(acc)
+    if activation == "lrelu_pn":  # y = a * r, r = (mean_c a^2 + eps)^-1/2
+        g = r.to(acc) * (g - yy * (g * yy).mean(dim=1, keepdim=True))
+    if activation != "linear":  # a > 0 exactly where y > 0
+        g = torch.where(yy > 0, g, g * SLOPE)
+    return g
+
+
+class _ConvEqlrFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, activation, resample):
+        y, r = _forward(x, weight, bias, scale, activation, resample)
+        ctx.save_for_backward(x, weight, bias, y, r)
+        ctx.cfg = (scale, activation, resample)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, y, r = ctx.saved_tensors
+        scale, activation, resample = ctx.cfg
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if _conv2d._weight_gradients_disabled:
+            need_w = need_b = False
+        wanted = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
+        if not wanted:
+            return None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph: differentiate a differentiable form of the same function
+            with torch.enable_grad():
+                out = _differentiable(x, weight, bias, scale, activation, resample)
+                got = iter(torch.autograd.grad(out, wanted, gy, create_graph=True))
+        else:
+            dz = _epilogue_backward(gy, y, r, activation)
+            got = iter(_first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias))
+        grads = [next(got) if need else None for need in (need_x, need_w, need_b)]
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def _first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias):
+    """Input, weight and bias gradients (those asked for, in that order) from the gradient at
+    the convolution's output: cuDNN's data and weight gradients of the strided form."""
+    with torch.enable_grad():
+        wv = weight.detach().requires_grad_(True)
+        w = wv * scale
+        if resample == "up":
+            kern, stride, pad, transposed = upsample_conv_kernel(w), 2, 1, True
+        elif resample == "down":
+            kern, stride, pad, transposed = downsample_conv_kernel(w), 2, 1, False
+        else:
+            kern, stride, pad, transposed = w, 1, weight.shape[2] // 2, False
+    g = dz.to(x.dtype)
+    gx, gk, _ = torch.ops.aten.convolution_backward(
+        g, x, kern.detach().to(x.dtype), None, (stride, stride), (pad, pad), (1, 1), transposed, (0, 0), 1,
+        (need_x, need_w, False))
+    out = []
+    if need_x:
+        out.append(gx)
+    if need_w:
+        out.append(torch.autograd.grad(kern, wv, gk.to(kern.dtype))[0].to(weight.dtype))
+    if need_b:
+        out.append(dz.sum(dim=(0, 2, 3)).to(bias.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- public
+def conv2d_eqlr(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float,
+                activation: str = "linear", resample: str | None = None, backend: str | None = None) -> torch.Tensor:
+    """``epilogue(conv(resample(x), weight * scale) + bias)``; see the module docstring."""
+    _check(x, weight, bias, scale, activation, resample)
+    impl = _backend.resolve("conv2d_eqlr", x, backend)
+    if impl == "triton":
+        if torch.is_autocast_enabled(x.device.type):  # cast as autocast casts a convolution's input
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _ConvEqlrFunction.apply(x, weight, bias, float(scale), activation, resample)
+    return reference(x, weight, bias, scale=scale, activation=activation, resample=resample)
