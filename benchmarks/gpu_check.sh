@@ -11,9 +11,10 @@
 #   2. builds the CUDA extension for sm_90 only with CMake, under a time cap, into xrayforge/
 #      (build.log); a failed build is recorded and the Triton stages still run;
 #   3. installs the project in place (pip --no-build-isolation --no-deps -e .; else PYTHONPATH);
-#   4. runs the stages (python -m xrayforge.bench.gpu_check): env, tests, ops, train, fid,
-#      knn (radii of 100k × 100k 2048-d features), sampling, each under its own cap, recorded as passed / failed / timed out / skipped; the
-#      whole command ends within --deadline (default 480 s: the stages get what setup left),
+#   4. runs the stages (python -m xrayforge.bench.gpu_check): env, tests, ops, conv (the fused
+#      equalized-lr convolution at every layer shape), train, fid, knn (radii of 100k × 100k
+#      2048-d features), sampling, each under its own cap, recorded as passed / failed / timed
+#      out / skipped; the whole command ends within --deadline (default 540 s: the stages get what setup left),
 #      or the stages alone get --budget seconds.
 # Writes at most five files to --out (default $OUT, else gpu-check/): gpu_check.json,
 # gpu_check.md, gpu_check.log, gpu_tests.xml, build.log.
@@ -29,7 +30,7 @@ OUT_DIR=$(absolute "${OUT:-gpu-check}")
 DRY=0
 ONLY=""
 BUDGET=""
-DEADLINE=480
+DEADLINE=540
 BUILD_CAP="${XRAYFORGE_BUILD_CAP:-240}"
 PY="${PYTHON:-python3}"
 while [ $# -gt 0 ]; do

@@ -215,6 +215,63 @@ def _preprocess_cases():
     return pp, ["_resize_kernel"], cases
 
 
+def _conv_eqlr_cases():
+    """ops.conv2d_eqlr's forward at every conv layer of the 1024-px G and D, batch 16,
+    channels_last, in bf16 / fp16 / fp32 (fp64 on a few)."""
+    C = importlib.import_module("xrayforge.ops.conv2d_eqlr")
+    from xrayforge.bench.ops import conv_layer_shapes
+    cases = []
+    for i, s in enumerate(conv_layer_shapes(1024, 512)):
+        for dt in (BF16, F16, F32) + ((F64,) if i % 8 == 0 else ()):
+            for layout in ("nhwc", "nchw") if dt == BF16 else ("nhwc",):
+                tag = (f"conv2d_eqlr {s['cin']}->{s['cout']} k{s['kernel']} {s['resample']} {s['activation']} "
+                       f"@{s['size']} {dt} {layout}")
+
+                def run(s=s, dt=dt, layout=layout):
+                    x = _meta((16, s["cin"], s["size"], s["size"]), dt, layout)
+                    w = _meta((s["cout"], s["cin"], s["kernel"], s["kernel"]), F32)
+                    C._forward(x, w, _meta((s["cout"],), F32), 0.1, s["activation"], s["resample"])
+                cases.append((tag, run))
+    return C, ["_conv_kernel"], cases
+
+
+def _knn_cases():
+    K = importlib.import_module("xrayforge.ops.knn")
+    cases = []
+    for n, m, d in ((100000, 100000, 2048), (3000, 5000, 500), (7, 9, 3)):
+        for dt, prec in ((F32, "tf32x3"), (F32, "ieee"), (F16, None), (BF16, None), (F64, None)):
+            for k, excl in ((3, True), (5, False), (16, False)):
+                if excl and n != m:
+                    continue
+                tag = f"knn {n}x{m}x{d} {dt} {prec} k={k} exclude={excl}"
+                cases.append((tag, lambda n=n, m=m, d=d, dt=dt, prec=prec, k=k, excl=excl:
+                              K._triton(_meta((n, d), dt), _meta((n if excl else m, d), dt), k, excl, precision=prec)))
+    return K, ["_knn_kernel"], cases
+
+
+def _moments_cases():
+    import torch
+    M = importlib.import_module("xrayforge.ops.moments")
+    cases = []
+    for n, d, k in ((50000, 2048, 1), (50000, 2048, 15), (256, 2048, 1), (6000, 300, 15), (5000, 64, 2)):
+        for dt in (F32, BF16, F16):
+            for prec in ("ieee", "tf32x3"):
+                for gather in (False, True) if k == 1 else (True,):
+                    tag = f"masked_moments {n}x{d} K={k} {dt} {prec} gather={gather}"
+
+                    def run(n=n, d=d, k=k, dt=dt, prec=prec, gather=gather):
+                        saved = M._subsets  # masks.nonzero() has no meta kernel: the index list stands in
+                        M._subsets = lambda x, masks: (gather, _meta((n * k,), "int32"),
+                                                       torch.empty(k + 1, dtype=torch.int64, device="meta"),
+                                                       torch.empty(k, dtype=torch.int64, device="meta"))
+                        try:
+                            M._kernels(_meta((n, d), dt), None, prec, None, None, n)
+                        finally:
+                            M._subsets = saved
+                    cases.append((tag, run))
+    return M, ["_sums_kernel", "_gram_kernel"], cases
+
+
 def _torch_dtype(name):
     import torch
     return getattr(torch, name)
@@ -235,7 +292,8 @@ def _triton_backend_on_meta():
 def collect_launches(only=None):
     """Run every case's host code; return [(label, kernel_name, module_name, args, kwargs)]."""
     launches, errors = [], []
-    for builder in (_pixel_norm_cases, _mbstd_cases, _preprocess_cases):
+    for builder in (_pixel_norm_cases, _mbstd_cases, _preprocess_cases, _conv_eqlr_cases, _knn_cases,
+                    _moments_cases):
         module, names, cases = builder()
         for label, thunk in cases:
             if only and not any(s in label for s in only):

@@ -106,6 +106,11 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert {r["backend"] for r in ops_rows} == {"torch", "triton"}
     assert not [r for r in ops_rows if any("error" in k for k in r)]
     assert {r["op"] for r in ops_rows} == {"pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"}
+    conv = st["conv"]["data"]
+    assert [r["variant"] for r in conv["rows"]] == ["cudnn + epilogue", "fused triton"] * len(conv["layers"])
+    assert {s["resample"] for s in conv["layers"]} == {None, "up", "down"}
+    assert not [r for r in conv["rows"] if "error" in r] and all(r["fwd+bwd_ms"] > 0 for r in conv["rows"])
+    assert all(r["max_err"] < 1e-4 for r in conv["rows"]) and isinstance(conv["layer_table"], list)
     train = st["train"]["data"]
     assert [r["mode"] for r in train["rows"]] == ["baseline", "torch-fused", "torch-gradfix", "triton"]
     assert all("img_s" in r and r["phases_ms"] for r in train["rows"])
@@ -126,7 +131,7 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
                                            "ops.knn backend triton (tf32x3)", "knn triton"]
     assert not [r for r in knn if "error" in r] and knn[1]["same_neighbours"] == knn[2]["same_neighbours"] == 1.0
     md = (out / "gpu_check.md").read_text()
-    for section in ("DRY RUN", "## Stages", "## Kernel validation", "## Ops", "## Training step",
+    for section in ("DRY RUN", "## Stages", "## Kernel validation", "## Ops", "## Fused equalized-lr convolutions", "## Training step",
                     "## FID pipeline", "## Masked feature moments", "## k nearest neighbours", "## Sampling", "Skipped parts"):
         assert section in md
 

@@ -8,6 +8,7 @@ its duration and error, and always going on to the next:
   env       GPU, driver, versions, commit; measured copy bandwidth and bf16 matmul rate
   tests     the ``gpu``-marked tests (junit XML) -> which (op, backend) pairs are validated
   ops       eager vs triton vs cuda at the shapes of a 1024-px G and D, fwd and fwd+bwd
+  conv      ops.conv2d_eqlr (Triton) vs cuDNN + epilogue at every conv layer of a 1024-px G and D
   train     the WGAN-GP step at 256 and 1024 px, bf16, batches 16 and 32, per-phase times
   fid       Inception img/s (exact, fast), preprocessing kernel, moments, Fréchet, fast-mode error,
             masked moments (K = 1 and 15, torch float64 loop vs Triton)
@@ -38,11 +39,11 @@ from pathlib import Path
 from . import error_summary, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: stages, pytest and git run there
-STAGES = ("env", "tests", "ops", "train", "fid", "knn", "sampling")
+STAGES = ("env", "tests", "ops", "conv", "train", "fid", "knn", "sampling")
 # Per-stage time caps in seconds on a GPU (the whole run is planned for <= 8 min on an H100)
 # and in the dry run on a 2-core CPU (the whole dry run < 5 min).
-CAPS = {"env": 60, "tests": 150, "ops": 110, "train": 200, "fid": 110, "knn": 60, "sampling": 70}
-DRY_CAPS = {"env": 60, "tests": 120, "ops": 90, "train": 120, "fid": 120, "knn": 60, "sampling": 90}
+CAPS = {"env": 60, "tests": 150, "ops": 110, "conv": 150, "train": 200, "fid": 110, "knn": 60, "sampling": 70}
+DRY_CAPS = {"env": 60, "tests": 120, "ops": 90, "conv": 90, "train": 120, "fid": 120, "knn": 60, "sampling": 90}
 MIN_USEFUL = 20  # a stage is not started with less time than this left in the budget
 FLOOR = 30       # seconds kept back for each later stage, so one slow stage cannot starve the rest
 
@@ -54,6 +55,7 @@ TEST_FILE_OPS = {
     "test_fid.py": ("fid_preprocess",),
     "test_ops_knn.py": ("knn",),
     "test_ops_moments.py": ("masked_moments",),
+    "test_ops_conv2d_eqlr.py": ("conv2d_eqlr",),
 }
 OUT_FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.log", "gpu_tests.xml", "build.log")
 
@@ -65,6 +67,8 @@ def sizes(dry: bool) -> dict:
         return {"copy_mib": 64, "matmul_n": 512,
                 "ops": dict(resolution=16, batch=2, fmap_max=16, target=False, per_op=2, reps=2, warmup=1,
                             min_seconds=0.0, dtypes=("float32", "bfloat16")),
+                "conv": dict(resolution=16, fmap_max=16, batch=2, dtype="float32", layers=4, reps=1, warmup=1,
+                             min_seconds=0.0),
                 "train": dict(configs=((8, 2, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),),
                               net_resolution=16, fmap_max=16, reps=1, warmup=1),
                 "fid": dict(batch=2, size=64, moment_n=2000, dim=256, accuracy_images=8, scipy=True, warmup=1, reps=1,
@@ -75,6 +79,9 @@ def sizes(dry: bool) -> dict:
     return {"copy_mib": 2048, "matmul_n": 8192,
             "ops": dict(resolution=1024, batch=16, fmap_max=512, target=True, per_op=None, reps=20, warmup=3,
                         min_seconds=0.02, dtypes=("float32", "bfloat16")),
+            # every distinct conv layer of the 1024-px G and D, as the training step runs them
+            "conv": dict(resolution=1024, fmap_max=512, batch=16, dtype="bfloat16", layers=None, reps=10, warmup=2,
+                         min_seconds=0.02),
             # (px, batch, modes, per-phase times): the most telling first, in case the cap cuts the rest
             "train": dict(configs=((1024, 16, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),
                                    (256, 32, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),
@@ -280,6 +287,25 @@ def ops_summary(rows: list[dict]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- stage: conv
+def stage_conv(part: Part, dry: bool, out: Path, context: dict) -> None:
+    """ops.conv2d_eqlr's Triton kernel against cuDNN + the epilogue at every conv layer shape,
+    and the per-layer table (ops.conv2d_eqlr.LAYER_TABLE) those figures give."""
+    from . import ops as ops_bench
+    dev = _device(dry)
+    cfg = sizes(dry)["conv"]
+    layers = ops_bench.conv_layer_shapes(cfg["resolution"], cfg["fmap_max"])
+    if cfg["layers"]:  # the dry run: a few layers, one of each resampling
+        picked = [layers[0]] + [next(s for s in layers if s["resample"] == r) for r in ("up", "down")]
+        layers = picked + [s for s in layers if s not in picked][:max(0, cfg["layers"] - len(picked))]
+    part.data["layers"] = layers
+    rows = ops_bench.conv_rows(str(dev), cfg["resolution"], cfg["fmap_max"], cfg["batch"], cfg["dtype"], layers,
+                               cfg["reps"], cfg["warmup"], cfg["min_seconds"],
+                               on_row=lambda row: part.add_row("rows", row))
+    part.data["layer_table"] = [list(k) + [v] for k, v in ops_bench.layer_table(rows, layers, cfg["dtype"]).items()]
+    part.save()
+
+
 # --------------------------------------------------------------------------- stage: train
 def stage_train(part: Part, dry: bool, out: Path, context: dict) -> None:
     from . import train_step
@@ -374,7 +400,7 @@ def stage_sampling(part: Part, dry: bool, out: Path, context: dict) -> None:
     part.save()
 
 
-STAGE_FUNCS = {"env": stage_env, "tests": stage_tests, "ops": stage_ops, "train": stage_train,
+STAGE_FUNCS = {"env": stage_env, "tests": stage_tests, "ops": stage_ops, "conv": stage_conv, "train": stage_train,
                "fid": stage_fid, "knn": stage_knn, "sampling": stage_sampling}
 
 
@@ -613,6 +639,19 @@ def render_markdown(report: dict) -> str:
                          ("fwd_pct", "fwd % copy"), ("fwd_speedup", "fwd ×eager"), ("fwd+bwd_ms", "f+b ms"),
                          ("fwd+bwd_gbps", "f+b GB/s"), ("fb_pct", "f+b % copy"),
                          ("fwd+bwd_speedup", "f+b ×eager"), ("err", "error")]) + [""]
+    conv = st.get("conv", {}).get("data", {})
+    if conv.get("rows"):
+        lines += ["## Fused equalized-lr convolutions (ops.conv2d_eqlr vs cuDNN + epilogue; TFLOP/s of the plain "
+                  "conv, f+b counted 3×)", ""]
+        lines += _table(conv["rows"], [("shape", "layer"), ("batch", "batch"), ("dtype", "dtype"),
+                                       ("variant", "variant"), ("max_err", "max err"), ("fwd_ms", "fwd ms"),
+                                       ("fwd_tflops", "fwd TFLOP/s"), ("fwd_gbps", "fwd GB/s"),
+                                       ("fwd_speedup", "fwd ×cuDNN"), ("fwd+bwd_ms", "f+b ms"),
+                                       ("fwd+bwd_tflops", "f+b TFLOP/s"), ("fwd+bwd_speedup", "f+b ×cuDNN"),
+                                       ("error", "error")]) + [""]
+        table = conv.get("layer_table") or []
+        lines += [f"Per-layer table (layers where the fused kernel was faster forward + backward): {len(table)} of "
+                  f"{len(conv.get('layers', []))}" + "".join(f"\n- {row}" for row in table), ""]
     train_rows = st.get("train", {}).get("data", {}).get("rows", [])
     if train_rows:
         lines += ["## Training step (WGAN-GP, G + D + GP + EMA)", ""]

@@ -161,6 +161,119 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
                      "largest forward error against float64 eager PyTorch"}
 
 
+# --------------------------------------------------------------------------- conv2d_eqlr
+def conv_layer_shapes(resolution: int = 1024, fmap_max: int = 512) -> list[dict]:
+    """Every distinct EqualizedConv2d of a ``resolution``-px G and D at their final level, in
+    the order a training step meets them: in / out channels, kernel, resample, activation,
+    input size, and whether the layer uses the fused strided resampling form (as in training)."""
+    from ..nn import Discriminator, EqualizedConv2d, Generator, NetworkConfig
+    cfg = NetworkConfig(resolution=resolution, fmap_max=fmap_max, fused_resample_min_res=128)
+    with torch.device("meta"):  # shapes only: nothing is allocated or computed
+        G, D = Generator(cfg), Discriminator(cfg)
+    seen: dict[tuple, bool] = {}
+
+    def hook(m, inputs, _):
+        seen.setdefault((m.in_channels, m.out_channels, m.kernel_size, m.resample, m.activation,
+                         inputs[0].shape[-1]), m.fused)
+    handles = [m.register_forward_hook(hook) for net in (G, D) for m in net.modules()
+               if isinstance(m, EqualizedConv2d)]
+    level = cfg.num_levels - 1
+    with torch.no_grad():
+        D(G(torch.zeros(2, cfg.latent_dim, device="meta"), level=level, alpha=1.0), level=level, alpha=1.0)
+    for h in handles:
+        h.remove()
+    return [dict(cin=k[0], cout=k[1], kernel=k[2], resample=k[3], activation=k[4], size=k[5], fused=f)
+            for k, f in seen.items()]
+
+
+def _conv_costs(s: dict, batch: int, elsize: int) -> tuple[float, int, int]:
+    """(forward FLOPs of the plain convolution, forward bytes, forward+backward bytes)."""
+    conv_px = (2 * s["size"]) ** 2 if s["resample"] == "up" else s["size"] ** 2
+    out_px = conv_px // 4 if s["resample"] == "down" else conv_px
+    flops = 2.0 * batch * conv_px * s["cout"] * s["cin"] * s["kernel"] ** 2
+    bx, by = batch * s["cin"] * s["size"] ** 2 * elsize, batch * s["cout"] * out_px * elsize
+    return flops, bx + by, 3 * bx + 3 * by  # f+b also reads x, y and dy and writes dx
+
+
+def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int = 512, batch: int = 16,
+              dtype: str = "bfloat16", layers: list[dict] | None = None, reps: int = 20, warmup: int = 3,
+              min_seconds: float = 0.2, on_row=None) -> list[dict]:
+    """Per distinct conv layer of the ``resolution``-px G and D: the layer as training runs it
+    (cuDNN on channels_last, fused strided resampling at >= 128 px, the epilogue op after it)
+    against ops.conv2d_eqlr's Triton kernel, forward and forward + backward (input and weight
+    gradients), at ``batch`` in ``dtype`` (autocast, as training), with TFLOP/s of the plain
+    convolution (3× for f+b), GB/s of minimum traffic, the speed-up, and the fused forward's
+    largest deviation from float64 on the first image next to cuDNN's."""
+    from ..nn import EqualizedConv2d
+    from ..ops.conv2d_eqlr import reference as eqlr_reference
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype)
+    amp = dev.type == "cuda" and dt != torch.float32
+    elsize = torch.empty(0, dtype=dt).element_size()
+    rows = []
+    for s in layers if layers is not None else conv_layer_shapes(resolution, fmap_max):
+        torch.manual_seed(0)
+        layer = EqualizedConv2d(s["cin"], s["cout"], s["kernel"], activation=s["activation"],
+                                resample=s["resample"], fused=s["fused"]).to(dev)
+        with torch.no_grad():
+            layer.bias.normal_(0, 0.5)
+        fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+        layer = layer.to(memory_format=fmt)
+        x = torch.randn(batch, s["cin"], s["size"], s["size"], device=dev).to(dt).contiguous(memory_format=fmt)
+        flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize)
+        shape = (f"{s['cin']}→{s['cout']} {s['kernel']}×{s['kernel']}"
+                 f"{' ' + s['resample'] if s['resample'] else ''} {s['activation']} @{s['size']}px")
+        base = {}
+        for variant, backend in (("cudnn + epilogue", "cudnn"), ("fused triton", "triton")):
+            layer.eqlr_backend = backend
+            row = {"op": "conv2d_eqlr", "shape": shape, "batch": batch, "dtype": dtype, "variant": variant}
+            try:
+                with torch.autocast(dev.type, dt, enabled=amp):
+                    exact = eqlr_reference(x[:1].double(), layer.weight.double(), layer.bias.double(),
+                                                  scale=layer.scale, activation=s["activation"],
+                                                  resample=s["resample"])
+                    with torch.no_grad():
+                        got = layer(x[:1])
+                    row["max_err"] = (got.double() - exact).abs().max().item()
+                    dy = torch.randn_like(layer(x))
+                    xg = x.detach().requires_grad_()
+
+                    def fwd():
+                        with torch.no_grad():
+                            return layer(xg)
+
+                    def fwd_bwd():
+                        return torch.autograd.grad(layer(xg), (xg, layer.weight), dy)
+                    for phase, fn, nbytes, fl in (("fwd", fwd, fwd_bytes, flops),
+                                                  ("fwd+bwd", fwd_bwd, fb_bytes, 3 * flops)):
+                        ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=min_seconds)
+                        row.update({f"{phase}_ms": ms, f"{phase}_tflops": fl / ms / 1e9,
+                                    f"{phase}_gbps": nbytes / ms / 1e6})
+                        if backend == "cudnn":
+                            base[phase] = ms
+                        row[f"{phase}_speedup"] = base.get(phase, float("nan")) / ms
+            except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+                row["error"] = error_summary(exc)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16") -> dict:
+    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results: the layers whose fused
+    kernel was faster forward + backward (the training step's cost) than cuDNN + the epilogue."""
+    table = {}
+    for i, s in enumerate(layers):
+        pair = rows[2 * i:2 * i + 2]
+        if len(pair) == 2 and all("fwd+bwd_ms" in r for r in pair) and pair[1]["fwd+bwd_ms"] < pair[0]["fwd+bwd_ms"]:
+            size = s["size"] * 2 if s["resample"] == "up" else (s["size"] // 2 if s["resample"] else s["size"])
+            table[(s["cin"], s["cout"], s["kernel"], s["resample"], s["activation"], size, dtype)] = "triton"
+    return table
+
+
 COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("max_err", "max err"),
            ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),
            ("fwd_speedup", "fwd ×eager"), ("fwd+bwd_ms", "fwd+bwd ms"), ("fwd+bwd_gbps", "fwd+bwd GB/s"),

@@ -101,8 +101,8 @@ class EqualizedConv2d(nn.Module):
         return conv2d_reference(x, w, bias, stride, padding, transposed)
 
     # ops.conv2d_eqlr (the fused Triton kernel): None asks the measured per-layer table
-    # (ops.conv2d_eqlr.layer_backend; no entry: cuDNN and a separate epilogue, below), a backend
-    # name forces it for this layer (or, set on the class, for every layer)
+    # (ops.conv2d_eqlr.layer_backend; no entry: cuDNN and a separate epilogue, below); "cudnn"
+    # forces that path; a backend name ("triton", "torch", "auto") forces ops.conv2d_eqlr with it
     eqlr_backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ class EqualizedConv2d(nn.Module):
             size = x.shape[-1] * 2 if self.resample == "up" else (x.shape[-1] // 2 if self.resample else x.shape[-1])
             backend = layer_backend(self.in_channels, self.out_channels, self.kernel_size, self.resample,
                                     self.activation, size, x.dtype)
-        if backend is not None:
+        if backend is not None and backend != "cudnn":
             return ops.conv2d_eqlr(x, self.weight, self.bias, scale=self.scale, activation=self.activation,
                                    resample=self.resample, backend=backend)
         w = self.weight * self.scale

@@ -25,7 +25,9 @@ finding: K = 15 for ChestX-ray14) and what ``fid.StreamingMoments`` adds per bat
   float64 input go through the reference.
   Measured on an H200 (50k × 2048 fp32, 2026-11-26): 10.4 ms for K = 1 and 18.9 ms for K = 15
   against 8.8 and 17.1 ms for the float64 loop (Hopper's float64 tensor cores run it at
-  48 TFLOP/s), so ``auto`` keeps the reference; the kernel is for GPUs with slow float64.
+  48 TFLOP/s), so ``auto`` keeps the reference; the kernel is for GPUs with slow float64. That
+  Gram kernel ran 4 warps at 255 registers (one variant spilled, per the sm_90 AOT compile);
+  it now runs 8 (135 registers, no spills), not yet measured.
 """
 from __future__ import annotations
 
@@ -194,18 +196,19 @@ def _triton(x: torch.Tensor, masks: torch.Tensor | None = None, precision: str |
     if bool(small.all()):
         return reference(x, masks)
     if not bool(small.any()):
-        return _kernels(x, masks, precision, blocks, splits)
+        return _kernels(x, masks, precision, blocks, splits, int(counts.max()))
     masks = masks.to(x.device)
     big, few = (~small).nonzero()[:, 0].to(x.device), small.nonzero()[:, 0].to(x.device)
     n = torch.empty(len(masks), dtype=torch.int64, device=x.device)
     mean = torch.empty(len(masks), x.shape[1], dtype=torch.float64, device=x.device)
     m2 = torch.empty(len(masks), x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-    n[big], mean[big], m2[big] = _kernels(x, masks[big], precision, blocks, splits)
+    n[big], mean[big], m2[big] = _kernels(x, masks[big], precision, blocks, splits, int(counts.max()))
     n[few], mean[few], m2[few] = reference(x, masks[few])
     return n, mean, m2
 
 
-def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None, blocks, splits):
+def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None, blocks, splits, largest: int):
+    """The two kernels on the subsets of ``masks`` (``largest``: the most rows any has)."""
     gather, idx, offs, n = _subsets(x, masks)
     k, d = len(n), x.shape[1]
     interp = _backend.triton_interpreter_active()
@@ -222,7 +225,6 @@ def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None,
         ti, tj = torch.triu_indices(tiles, tiles, device=x.device).to(torch.int32)
         # split the rows when tiles × subsets alone cannot fill the GPU (few, narrow features)
         programs = len(ti) * k
-        largest = int(n.max().item()) if k else 0
         fill = max(1, min(triton.cdiv(4 * 132, programs), triton.cdiv(largest, 64 * bn)))
         want = splits or (1 if interp else fill)
         rows_per = max(bn, triton.cdiv(triton.cdiv(max(largest, 1), want), bn) * bn)
@@ -231,7 +233,7 @@ def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None,
         _gram_kernel[(len(ti), k, parts)](x, idx, offs, shift, ti, tj, out, d, x.stride(0), x.stride(1), rows_per,
                                          GATHER=gather, ATOMIC=parts > 1,
                                          PRECISION=precision or GRAM_PRECISION, BN=bn, BM=bm,
-                                         num_warps=4)
+                                         num_warps=4 if interp else 8)  # 8: the float64 tile in registers
     rest = mean - shift.to(torch.float64)  # exact remainder of the shift, taken off in float64
     out.baddbmm_((rest * n.to(torch.float64)[:, None])[:, :, None], rest[:, None, :], alpha=-1)
     return n, mean, out
