@@ -29,9 +29,9 @@ def make(shape, layout="contiguous", dtype=torch.float64, device="cpu", seed=0, 
     return (x * scale).to(device=device, dtype=dtype)
 
 
-def layer(cin, cout, k, device="cpu", seed=1):
-    w = make((cout, cin, k, k), seed=seed, device=device)
-    b = make((cout,), seed=seed + 1, device=device, scale=0.5)
+def layer(cin, cout, k, device="cpu", seed=1, requires_grad=False):
+    w = make((cout, cin, k, k), seed=seed, device=device).requires_grad_(requires_grad)
+    b = make((cout,), seed=seed + 1, device=device, scale=0.5).requires_grad_(requires_grad)
     return w, b, 2 ** 0.5 / (cin * k * k) ** 0.5
 
 
@@ -84,9 +84,7 @@ def test_low_precision_as_accurate_as_eager(kb, dtype, layout, resample, activat
 def test_float64_gradients_equal_reference(kb, resample, activation):
     _, device = kb
     x = make((2, 4, 5, 6), device=device).requires_grad_()
-    w, b, scale = layer(4, 5, 3, device)
-    w.requires_grad_()
-    b.requires_grad_()
+    w, b, scale = layer(4, 5, 3, device, requires_grad=True)
     gy = make(C.reference(x, w, b, scale=scale, activation=activation, resample=resample).shape, seed=7,
               device=device)
     got = torch.autograd.grad(conv2d_eqlr(x, w, b, scale=scale, activation=activation, resample=resample,
@@ -104,9 +102,7 @@ def test_gradcheck_and_gradgradcheck(kb, resample, activation):
     """The discriminator's gradient penalty differentiates the input gradient again."""
     _, device = kb
     x = make((1, 2, 4, 4), device=device).requires_grad_()
-    w, b, scale = layer(2, 3, 3, device)
-    w.requires_grad_()
-    b.requires_grad_()
+    w, b, scale = layer(2, 3, 3, device, requires_grad=True)
 
     def f(x, w, b):
         return conv2d_eqlr(x, w, b, scale=scale, activation=activation, resample=resample, backend="triton")

@@ -152,6 +152,11 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     y = F.conv2d(x, w, padding=weight.shape[2] // 2)
     if resample == "down":
         y = F.avg_pool2d(y, 2)
+    return _epilogue(y, bias, activation)
+
+
+def _epilogue(y, bias, activation):
+    """Bias, leaky ReLU, pixel norm: the unfused epilogue, in y's dtype."""
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, -1, 1, 1)
     if activation != "linear":
@@ -173,14 +178,7 @@ def _strided_form(x, weight, scale, resample):
 
 
 def _differentiable(x, weight, bias, scale, activation, resample):
-    y = _strided_form(x, weight, scale, resample)
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
-    if activation != "linear":
-        y = F.leaky_relu(y, SLOPE)
-    if activation == "lrelu_pn":
-        y = y * torch.rsqrt(y.square().mean(dim=1, keepdim=True) + EPS)
-    return y
+    return _epilogue(_strided_form(x, weight, scale, resample), bias, activation)
 
 
 # --------------------------------------------------------------------------- Triton

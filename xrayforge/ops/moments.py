@@ -95,6 +95,13 @@ def reference(x: torch.Tensor, masks: torch.Tensor | None = None
 # --------------------------------------------------------------------------- Triton
 if triton is not None:
     @triton.jit
+    def _rows(idx_ptr, r, rmask, GATHER: tl.constexpr):
+        """Feature rows of list positions r: through the subsets' index list, or r itself."""
+        if GATHER:
+            return tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
+        return r.to(tl.int64)
+
+    @triton.jit
     def _sums_kernel(x_ptr, idx_ptr, offs_ptr, out_ptr, D, s_n, s_d,
                      GATHER: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
         k = tl.program_id(1)
@@ -106,10 +113,7 @@ if triton is not None:
         for r0 in range(start, end, BN):
             r = r0 + tl.arange(0, BN)
             rmask = r < end
-            if GATHER:
-                rows = tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
-            else:
-                rows = r.to(tl.int64)
+            rows = _rows(idx_ptr, r, rmask, GATHER)
             v = tl.load(x_ptr + rows[:, None] * s_n + cols[None, :] * s_d,
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
             acc += tl.sum(v.to(tl.float64), axis=0)
@@ -138,10 +142,7 @@ if triton is not None:
         for r0 in range(lo, hi, BN):
             r = r0 + tl.arange(0, BN)
             rmask = r < hi
-            if GATHER:
-                rows = tl.load(idx_ptr + r, mask=rmask, other=0).to(tl.int64)
-            else:
-                rows = r.to(tl.int64)
+            rows = _rows(idx_ptr, r, rmask, GATHER)
             xa = tl.load(x_ptr + rows[:, None] * s_n + a[None, :] * s_d,
                          mask=rmask[:, None] & amask[None, :], other=0.0).to(tl.float32)
             xb = tl.load(x_ptr + rows[:, None] * s_n + b[None, :] * s_d,
