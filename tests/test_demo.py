@@ -84,3 +84,17 @@ def test_demo_plan_and_recipe_say_what_differs_from_the_official_settings():
     assert set(cfg.batch.values()) == {16} and "learning rate" in CPU_RECIPE and "EMA" in CPU_RECIPE
     assert (cfg.gp_metric, cfg.ema_kimg, cfg.ema_rampup, cfg.ema_beta) == (
         official.gp_metric, official.ema_kimg, official.ema_rampup, None)
+
+
+def test_the_demo_says_when_its_time_budget_cut_training_short():
+    from xrayforge.demo import demo_markdown, training_reach
+    cut = training_reach({"images_seen": 52128, "level": 5, "complete": False}, 256)
+    assert cut["resolution_reached"] == 128 and not cut["schedule_complete"]
+    assert "stopped at 128 px of 256 px, after 52,128 images" in cut["stopped_early"]
+    done = training_reach({"images_seen": 9000, "level": 3, "complete": True}, 32)
+    assert done == {"resolution_reached": 32, "schedule_complete": True, "stopped_early": None}
+    results = {"archive": {"images": 10, "resolution": 256}, "train": cut,
+               "classifier": {"best_mean_auroc": 0.9, "auroc": {}}, "lco": {},
+               "fid": {"fid": 1.0, "n_a": 2, "n_b": 2, "inception": "x"}}
+    assert "**Note:** training stopped at 128 px of 256 px" in demo_markdown(results)
+    assert "**Note:**" not in demo_markdown(dict(results, train=done))

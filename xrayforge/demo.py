@@ -37,6 +37,11 @@ CPU_RECIPE = {
 }
 
 
+# the GPU plan's phase lengths assume this training rate (an H200 made about 300 img/s with the
+# per-tick metrics on, so a short budget stops before the final resolution: the demo says so)
+GPU_ASSUMED_IMG_S = 600
+
+
 def gan_config(archive, out, resolution: int, phase_images: int, total_images: int | None = None, **overrides):
     """The demo's CPU recipe for a PGGAN on phantoms (CPU_RECIPE); the tests and the LCO benchmark
     use it at other sizes. ``total_images`` lengthens the final stable phase."""
@@ -101,6 +106,19 @@ def sample_realism(samples: Path, archive: Path, figure: Path, show: int = 8) ->
     return {**r, "samples": len(files), "real": len(rows), "figure": str(figure)}
 
 
+def training_reach(summary: dict, resolution: int) -> dict:
+    """The resolution training reached and, if the time budget ended it before its schedule
+    did (the trainer's ``complete``), a sentence that says so."""
+    reached = 4 << int(summary.get("level") or 0)
+    early = None
+    if not summary.get("complete", True):
+        early = (f"training stopped at {reached} px of {resolution} px, after {summary.get('images_seen', 0):,} "
+                 "images: the --minutes budget ran out before the schedule's end (give more minutes to train "
+                 "further)")
+    return {"resolution_reached": reached, "schedule_complete": bool(summary.get("complete", True)),
+            "stopped_early": early}
+
+
 def demo_markdown(results: dict) -> str:
     """The demo's own results (recipe, data, realism, classifier, LCO, FID), placed before the
     evaluation report."""
@@ -110,6 +128,8 @@ def demo_markdown(results: dict) -> str:
                   "| setting | demo | official | why |", "|---|---|---|---|"]
         lines += [f"| {k} | {v[0]} | {v[1]} | {v[2]} |" for k, v in results["recipe"].items()]
         lines += [""]
+    if (results.get("train") or {}).get("stopped_early"):
+        lines += [f"**Note:** {results['train']['stopped_early']}.", ""]
     r = results.get("realism")
     if r:
         lines += ["## Generated images beside real ones",
@@ -210,11 +230,20 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     if not results.get("train", {}).get("complete"):
         if dev.type == "cuda":  # a wider network and the official learning rate
             levels = int(math.log2(p["resolution"])) - 1
-            per_phase = max(p["batch"] * 4, int(600.0 * budget * 0.9 * p["train_share"] / (2 * levels - 1))
+            per_phase = max(p["batch"] * 4, int(GPU_ASSUMED_IMG_S * budget * 0.9 * p["train_share"] / (2 * levels - 1))
                             // p["batch"] * p["batch"])
             cfg = gan_config(archive, run, p["resolution"], per_phase, device=str(dev), latent_dim=p["latent"],
                              fmap_base=p["fmap_base"], fmap_max=p["fmap_max"], lr=p["lr"],
                              batch={4 << i: p["batch"] for i in range(levels)})
+            results["recipe"] = {
+                "fmap_base / fmap_max / latent_dim": (f"{p['fmap_base']} / {p['fmap_max']} / {p['latent']}",
+                                                      "8192 / 512 / 512", "minutes on one GPU"),
+                "images per fade-in and per stable phase": (
+                    f"{per_phase:,} (the budget at an assumed {GPU_ASSUMED_IMG_S} img/s)", "600,000",
+                    "minutes, not days"),
+                "batch": (f"{p['batch']} at every resolution", "16 (official: per-resolution)", "GPU throughput"),
+                "training time": (f"{p['train_share']:.0%} of --minutes; stops where it runs out",
+                                  "until total_kimg", "a time budget")}
         else:
             cfg = gan_config(archive, run, p["resolution"], p["phase_images"], p["total_images"], device=str(dev),
                              realism_images=p.get("realism_images", 256))
@@ -230,7 +259,10 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
             (" — resuming" if resume else ""))
         t0 = time.perf_counter()
         summary = Trainer(cfg, resume=resume, progress=progress, measure=measure).train()
-        results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True}
+        results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True,
+                            **training_reach(summary, p["resolution"])}
+        if results["train"]["stopped_early"]:
+            say(results["train"]["stopped_early"])
         lap("train")
         save_state()
 
