@@ -172,3 +172,19 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = [ln for ln in proc.stdout.splitlines() if "compiled to cubin" in ln][0]
     assert " 0 FAIL" in summary and not summary.split("sm_90: ")[1].startswith("0 OK")
+
+
+def test_conv_layer_table_counts_the_gradient_penalty_for_discriminator_layers():
+    from xrayforge.bench.ops import conv_layer_shapes, layer_table
+    layers = conv_layer_shapes(1024, 512)
+    assert len(layers) == 36 and {s["resample"] for s in layers} == {None, "up", "down"}
+    g = next(s for s in layers if s["activation"] == "lrelu_pn" and s["resample"] == "up" and s["size"] == 64)
+    d = next(s for s in layers if s["activation"] == "lrelu" and s["resample"] == "down" and s["size"] == 128)
+    rows = [{"fwd+bwd_ms": 2.0}, {"fwd+bwd_ms": 1.0},                    # G layer: fused wins f+b
+            {"fwd+bwd_ms": 2.0, "gp_ms": 3.0}, {"fwd+bwd_ms": 1.5, "gp_ms": 4.0}]  # D layer: GP loses it
+    assert layer_table(rows, [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}
+    rows[3]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
+    assert (128, 256, 3, "down", "lrelu", 64, "bfloat16") in layer_table(rows, [g, d])
+    assert layer_table(rows[:3], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # half a pair
+    rows[1]["error"] = "x"
+    assert (256, 128, 3, "up", "lrelu_pn", 128, "bfloat16") not in layer_table(rows, [g, d])

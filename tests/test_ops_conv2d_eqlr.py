@@ -114,21 +114,23 @@ def test_gradcheck_and_gradgradcheck(kb, resample, activation):
 def test_gradient_penalty_equals_reference_and_skips_weight_gradients(kb):
     _, device = kb
     x = make((2, 3, 6, 6), device=device).requires_grad_()
-    w, b, scale = layer(3, 4, 3, device)
-    w.requires_grad_()
+    w, b, scale = layer(3, 4, 3, device, requires_grad=True)
 
-    def penalty(fn):
+    def penalty(fn, skip_weights):
         y = fn(x, w, b, scale=scale, activation="lrelu", resample="down")
-        gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-        return torch.autograd.grad(gx.square().sum(), (x, w))
+        with no_weight_gradients(skip_weights):  # as the trainer takes the GP's input gradient
+            gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, w, b))
 
-    ours = penalty(lambda *a, **k: conv2d_eqlr(*a, **k, backend="triton"))
-    ref = penalty(C.reference)
-    for g, r in zip(ours, ref):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    ref = penalty(C.reference, False)
+    for skip in (False, True):
+        for g, r in zip(penalty(lambda *a, **k: conv2d_eqlr(*a, **k, backend="triton"), skip), ref):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    # under no_weight_gradients the first backward gives no weight or bias gradient at all
+    y = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu", resample="down", backend="triton")
     with no_weight_gradients():
-        y = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu", resample="down", backend="triton")
-        gx, = torch.autograd.grad(y.sum(), x)
+        gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b), allow_unused=True)
+    assert gw is None and gb is None
     torch.testing.assert_close(gx, torch.autograd.grad(C.reference(x, w, b, scale=scale, activation="lrelu",
                                                                    resample="down").sum(), x)[0])
 
@@ -226,6 +228,9 @@ def test_pggan_layer_shapes_on_gpu(kb, cin, cout, size, resample, activation):
     got = conv2d_eqlr(xb, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
     assert_as_accurate_as_eager(got, eager, exact, torch.bfloat16)
     gy = torch.randn_like(eager)
-    g_ours = torch.autograd.grad(got, xb, gy)[0]
-    g_eager = torch.autograd.grad(eager, xb, gy)[0]
-    assert max_err(g_ours, g_eager) <= 0.05 * g_eager.abs().max().item()
+    w.requires_grad_()
+    b.requires_grad_()
+    got = conv2d_eqlr(xb, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
+    eager = C.reference(xb, w, b, scale=scale, activation=activation, resample=resample)
+    for g_ours, g_eager in zip(torch.autograd.grad(got, (xb, w, b), gy), torch.autograd.grad(eager, (xb, w, b), gy)):
+        assert max_err(g_ours, g_eager) <= 0.05 * g_eager.abs().max().item()

@@ -95,6 +95,20 @@ def test_triton_all_rows_without_masks(kb):
 
 
 @pytest.mark.parametrize("kb", TRITON)
+def test_triton_takes_off_the_shift_remainder(kb):
+    """A mean of 1e4 with a spread of 1: the fp32-rounded shift is off the mean by ~1e-4, and
+    only the float64 remainder term n (mean - shift)(mean - shift)^T brings m2 back to 1e-7."""
+    _, device = kb
+    x = features(300, 8, offset=1e4, seed=12)
+    masks = subsets(300, [1.0, 0.5], seed=13)
+    rest = (torch.from_numpy(np.stack([w[1] for w in numpy_moments(x, masks)]))
+            - torch.from_numpy(np.stack([w[1] for w in numpy_moments(x, masks)])).float().double())
+    assert rest.abs().max() > 1e-5  # the test is only worth something if the shift is visibly off
+    assert_moments(M._triton(x.to(device), masks.to(device), exact_below=0), numpy_moments(x, masks),
+                   m2_rtol=KERNEL_RTOL)
+
+
+@pytest.mark.parametrize("kb", TRITON)
 def test_triton_strided_and_split_rows(kb):
     _, device = kb
     base = features(24, 80, seed=3)

@@ -109,12 +109,14 @@ CXR14_PREVALENCE = (0.177, 0.119, 0.103, 0.056, 0.052, 0.047, 0.042, 0.030, 0.02
 
 def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=(("torch", None), ("triton", "ieee"),
                                                                       ("triton", "tf32x3")),
-                        warmup: int = 1, reps: int = 3) -> list[dict]:
+                        warmup: int = 1, reps: int = 3, exact_below: int | None = None) -> list[dict]:
     """``ops.masked_moments`` on n × dim fp32 features with K = 1 (every row: the streaming FID)
     and K = 15 (every row plus ChestX-ray14's 14 findings at their prevalences: FID per finding),
     per variant: the torch loop of float64 matmuls (one per subset, what FID did before) and the
-    Triton kernels at each tl.dot precision. Reports ms, TFLOP/s of the Grams (2 · Σn · dim²),
-    the K = 15 / K = 1 time ratio, and the largest m2 / mean deviation from the float64 loop."""
+    Triton kernels at each tl.dot precision (the public path: subsets under ``exact_below`` rows,
+    default ops.moments.EXACT_BELOW, in float64; 0 times the kernels alone). Reports ms, TFLOP/s
+    of the Grams (2 · Σn · dim²), the K = 15 / K = 1 time ratio, and the largest m2 / mean
+    deviation from the float64 loop."""
     from ..ops import moments as M
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, dim, device=dev, generator=g) + 3.0
@@ -129,7 +131,7 @@ def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=(("torch",
             row = {"stage": f"masked moments {n}×{dim}, K={k}", "variant": name, "rows": rows_total}
             try:
                 fn = (lambda: M.reference(x, masks)) if backend == "torch" else \
-                    (lambda: M._triton(x, masks, precision=precision))
+                    (lambda: M._triton(x, masks, precision=precision, exact_below=exact_below))
                 ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=0.0)
                 row.update(ms=ms, tflops=2.0 * rows_total * dim * dim / ms / 1e9)
                 if k == 1:

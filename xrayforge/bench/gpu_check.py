@@ -72,7 +72,7 @@ def sizes(dry: bool) -> dict:
                 "train": dict(configs=((8, 2, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),),
                               net_resolution=16, fmap_max=16, reps=1, warmup=1),
                 "fid": dict(batch=2, size=64, moment_n=2000, dim=256, accuracy_images=8, scipy=True, warmup=1, reps=1,
-                            masked_n=64, masked_dim=40),
+                            masked_n=64, masked_dim=40, masked_exact_below=0),
                 "knn": dict(n=96, dim=32, check=96),
                 "sampling": dict(resolution=16, n=8, batch=4, fmap_max=16, lco_batch=2, lco_steps=2,
                                  classifier_size=32, classifier_width=8)}
@@ -88,7 +88,7 @@ def sizes(dry: bool) -> dict:
                                    (1024, 32, ("baseline", "triton", "cuda"), False)),
                           net_resolution=1024, fmap_max=512, reps=3, warmup=1),
             "fid": dict(batch=256, size=1024, moment_n=50000, dim=2048, accuracy_images=2000, scipy=True, warmup=2,
-                        reps=5, masked_n=50000, masked_dim=2048),
+                        reps=5, masked_n=50000, masked_dim=2048, masked_exact_below=None),
             # the archive scale: radii and neighbours of 100k × 100k 2048-d features
             "knn": dict(n=100000, dim=2048, check=2000),
             "sampling": dict(resolution=1024, n=128, batch=32, fmap_max=512, lco_batch=16, lco_steps=10,
@@ -299,11 +299,16 @@ def stage_conv(part: Part, dry: bool, out: Path, context: dict) -> None:
         picked = [layers[0]] + [next(s for s in layers if s["resample"] == r) for r in ("up", "down")]
         layers = picked + [s for s in layers if s not in picked][:max(0, cfg["layers"] - len(picked))]
     part.data["layers"] = layers
-    rows = ops_bench.conv_rows(str(dev), cfg["resolution"], cfg["fmap_max"], cfg["batch"], cfg["dtype"], layers,
-                               cfg["reps"], cfg["warmup"], cfg["min_seconds"],
-                               on_row=lambda row: part.add_row("rows", row))
-    part.data["layer_table"] = [list(k) + [v] for k, v in ops_bench.layer_table(rows, layers, cfg["dtype"]).items()]
-    part.save()
+    part.data["layer_table"] = []
+
+    def on_row(row):  # the table grows with every measured pair, so a stage cut at its cap keeps it
+        part.data.setdefault("rows", []).append(row)
+        part.data["layer_table"] = [list(k) + [v] for k, v in
+                                    ops_bench.layer_table(part.data["rows"], layers, cfg["dtype"]).items()]
+        part.save()
+        print(json.dumps(row, default=str)[:400], flush=True)
+    ops_bench.conv_rows(str(dev), cfg["resolution"], cfg["fmap_max"], cfg["batch"], cfg["dtype"], layers,
+                        cfg["reps"], cfg["warmup"], cfg["min_seconds"], on_row=on_row)
 
 
 # --------------------------------------------------------------------------- stage: train
@@ -359,7 +364,8 @@ def stage_fid(part: Part, dry: bool, out: Path, context: dict) -> None:
     part.data.update(extra)
     part.save()
     del moments
-    for row in fid_bench.masked_moments_rows(cfg["masked_n"], cfg["masked_dim"], dev):
+    for row in fid_bench.masked_moments_rows(cfg["masked_n"], cfg["masked_dim"], dev,
+                                             exact_below=cfg["masked_exact_below"]):
         part.add_row("masked_moments", row)
 
 
@@ -648,9 +654,11 @@ def render_markdown(report: dict) -> str:
                                        ("fwd_tflops", "fwd TFLOP/s"), ("fwd_gbps", "fwd GB/s"),
                                        ("fwd_speedup", "fwd ×cuDNN"), ("fwd+bwd_ms", "f+b ms"),
                                        ("fwd+bwd_tflops", "f+b TFLOP/s"), ("fwd+bwd_speedup", "f+b ×cuDNN"),
+                                       ("gp_ms", "GP ms"), ("gp_speedup", "GP ×cuDNN"),
                                        ("error", "error")]) + [""]
         table = conv.get("layer_table") or []
-        lines += [f"Per-layer table (layers where the fused kernel was faster forward + backward): {len(table)} of "
+        lines += [f"Per-layer table (layers where the fused kernel cost less forward + backward, plus the gradient "
+                  f"penalty for D's layers): {len(table)} of "
                   f"{len(conv.get('layers', []))}" + "".join(f"\n- {row}" for row in table), ""]
     train_rows = st.get("train", {}).get("data", {}).get("rows", [])
     if train_rows:

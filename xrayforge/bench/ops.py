@@ -201,10 +201,13 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     """Per distinct conv layer of the ``resolution``-px G and D: the layer as training runs it
     (cuDNN on channels_last, fused strided resampling at >= 128 px, the epilogue op after it)
     against ops.conv2d_eqlr's Triton kernel, forward and forward + backward (input and weight
-    gradients), at ``batch`` in ``dtype`` (autocast, as training), with TFLOP/s of the plain
-    convolution (3× for f+b), GB/s of minimum traffic, the speed-up, and the fused forward's
-    largest deviation from float64 on the first image next to cuDNN's."""
+    gradients), and for D's layers the gradient penalty's pattern (input gradient with
+    create_graph, then its gradient: "gp"), at ``batch`` in ``dtype`` (autocast, as training),
+    with TFLOP/s of the plain convolution (3× for f+b, 6× for gp, nominal), GB/s of minimum
+    traffic, the speed-up, and the fused forward's largest deviation from float64 on the first
+    image next to cuDNN's."""
     from ..nn import EqualizedConv2d
+    from ..ops.conv2d import no_weight_gradients
     from ..ops.conv2d_eqlr import reference as eqlr_reference
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
@@ -244,8 +247,15 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
 
                     def fwd_bwd():
                         return torch.autograd.grad(layer(xg), (xg, layer.weight), dy)
-                    for phase, fn, nbytes, fl in (("fwd", fwd, fwd_bytes, flops),
-                                                  ("fwd+bwd", fwd_bwd, fb_bytes, 3 * flops)):
+
+                    def penalty():  # WGAN-GP through a D layer: the input gradient, then its own gradient
+                        with no_weight_gradients():
+                            gx, = torch.autograd.grad(layer(xg), xg, dy, create_graph=True)
+                        return torch.autograd.grad(gx.float().square().sum(), (xg, layer.weight))
+                    phases = [("fwd", fwd, fwd_bytes, flops), ("fwd+bwd", fwd_bwd, fb_bytes, 3 * flops)]
+                    if s["activation"] == "lrelu":  # the discriminator's layers meet the gradient penalty
+                        phases.append(("gp", penalty, 2 * fb_bytes, 6 * flops))
+                    for phase, fn, nbytes, fl in phases:
                         ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=min_seconds)
                         row.update({f"{phase}_ms": ms, f"{phase}_tflops": fl / ms / 1e9,
                                     f"{phase}_gbps": nbytes / ms / 1e6})
@@ -263,12 +273,18 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
 
 
 def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16") -> dict:
-    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results: the layers whose fused
-    kernel was faster forward + backward (the training step's cost) than cuDNN + the epilogue."""
+    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results (the pairs measured so far):
+    the layers whose fused kernel cost less than cuDNN + the epilogue over what a training step
+    asks of them — forward + backward, plus the gradient penalty for D's layers."""
     table = {}
     for i, s in enumerate(layers):
         pair = rows[2 * i:2 * i + 2]
-        if len(pair) == 2 and all("fwd+bwd_ms" in r for r in pair) and pair[1]["fwd+bwd_ms"] < pair[0]["fwd+bwd_ms"]:
+        if len(pair) != 2 or any("error" in r for r in pair):
+            continue
+        need = ("fwd+bwd_ms", "gp_ms") if s["activation"] == "lrelu" else ("fwd+bwd_ms",)
+        if not all(k in r for r in pair for k in need):
+            continue
+        if sum(pair[1][k] for k in need) < sum(pair[0][k] for k in need):
             size = s["size"] * 2 if s["resample"] == "up" else (s["size"] // 2 if s["resample"] else s["size"])
             table[(s["cin"], s["cout"], s["kernel"], s["resample"], s["activation"], size, dtype)] = "triton"
     return table

@@ -90,6 +90,10 @@ def update_subsets(moments: list[StreamingMoments], features: torch.Tensor, mask
     (one ``ops.masked_moments`` call for all of them: e.g. every image plus one subset per finding)."""
     if len(moments) != len(masks):
         raise ValueError(f"{len(moments)} moments for {len(masks)} masks")
+    dims = {m.dim for m in moments}
+    if features.dim() != 2 or dims != {features.shape[1]}:
+        raise ValueError(f"expected features of shape (b, {'/'.join(map(str, sorted(dims)))}), "
+                         f"got {tuple(features.shape)}")
     if features.shape[0] == 0:
         return
     device = moments[0].mean.device

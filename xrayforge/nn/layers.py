@@ -107,10 +107,16 @@ class EqualizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.eqlr_backend
-        if backend is None and x.is_cuda:
+        if backend is None and x.is_cuda and ops.get_backend() in ("auto", "triton"):
+            # the table is consulted only where the fused kernels may run (XRAYFORGE_BACKEND=torch
+            # and the benchmarks' baselines mean plain PyTorch), keyed by the dtype the
+            # convolution computes in: autocast's for float32 input under autocast
+            dtype = x.dtype
+            if dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
             size = x.shape[-1] * 2 if self.resample == "up" else (x.shape[-1] // 2 if self.resample else x.shape[-1])
             backend = layer_backend(self.in_channels, self.out_channels, self.kernel_size, self.resample,
-                                    self.activation, size, x.dtype)
+                                    self.activation, size, dtype)
         if backend is not None and backend != "cudnn":
             return ops.conv2d_eqlr(x, self.weight, self.bias, scale=self.scale, activation=self.activation,
                                    resample=self.resample, backend=backend)

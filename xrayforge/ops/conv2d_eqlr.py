@@ -57,8 +57,10 @@ EPS = 1e-8
 MAX_PN_CHANNELS = 512  # pixel norm needs every output channel of a pixel in one tile
 
 # (in channels, out channels, kernel, resample, activation, output size, dtype) -> "triton" for
-# the layer shapes where the fused kernel measured faster than cuDNN + a separate epilogue in
-# the training step. Built from a GPU benchmark (benchmarks/results/); empty: not measured yet.
+# the layer shapes where the fused kernel measured faster than cuDNN + a separate epilogue over
+# what a training step asks of the layer: forward + backward, and for the discriminator's layers
+# also the gradient penalty's double backward (bench.ops.conv_rows / layer_table, the GPU
+# window's conv stage). Empty: not measured yet.
 LAYER_TABLE: dict[tuple, str] = {}
 
 
@@ -386,7 +388,9 @@ def conv2d_eqlr(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     _check(x, weight, bias, scale, activation, resample)
     impl = _backend.resolve("conv2d_eqlr", x, backend)
     if impl == "triton":
-        if torch.is_autocast_enabled(x.device.type):  # cast as autocast casts a convolution's input
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # as autocast casts a conv's input
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return _ConvEqlrFunction.apply(x, weight, bias, float(scale), activation, resample)
+    if x.is_cuda:  # the same function through ops.conv2d: cuDNN gradients of every order (the GP's double backward)
+        return _differentiable(x, weight, bias, float(scale), activation, resample)
     return reference(x, weight, bias, scale=scale, activation=activation, resample=resample)

@@ -118,9 +118,9 @@ if triton is not None:
                 dd = d0 + tl.arange(0, BD)
                 dmask = dd < D
                 # 64-bit offsets: N × D can pass 2^31 elements at archive scale
-                qv = tl.load(q_ptr + qi[:, None].to(tl.int64) * s_qn + dd[None, :] * s_qd,
+                qv = tl.load(q_ptr + qi[:, None].to(tl.int64) * s_qn + dd[None, :].to(tl.int64) * s_qd,
                              mask=qmask[:, None] & dmask[None, :], other=0.0)
-                rv = tl.load(r_ptr + ri[:, None].to(tl.int64) * s_rn + dd[None, :] * s_rd,
+                rv = tl.load(r_ptr + ri[:, None].to(tl.int64) * s_rn + dd[None, :].to(tl.int64) * s_rd,
                              mask=rmask[:, None] & dmask[None, :], other=0.0)
                 if EXACT64:  # exact squared differences
                     diff = qv[:, None, :] - rv[None, :, :]
@@ -163,6 +163,8 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     out_d = torch.empty(n, k, dtype=acc, device=q.device)
     out_i = torch.empty(n, k, dtype=torch.int32, device=q.device)
     precision = precision or KNN_PRECISION
+    if precision not in ("ieee", "tf32x3"):
+        raise UserError(f"knn: precision must be 'ieee' or 'tf32x3' (plain TF32 loses neighbours), got {precision!r}")
     stages = {}
     if _backend.triton_interpreter_active() or exact:  # float64: a 3-D tile of differences, kept small
         bq, br, bd, warps = 16, 16, 16, 4

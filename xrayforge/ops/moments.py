@@ -11,8 +11,8 @@ finding: K = 15 for ChestX-ray14) and what ``fid.StreamingMoments`` adds per bat
 - ``reference``: one float64 matmul per subset on its gathered rows (what StreamingMoments did
   before this op): the specification and the CPU path.
 - Triton, two kernels over the gathered row lists of all K subsets at once:
-  1. the sums per subset in float64 (each value converted, then added in float64: exact for fp32
-     inputs up to 2^29 rows), hence the means;
+  1. the sums per subset in float64 (each value converted, then added in float64: float64
+     rounding only), hence the means;
   2. the masked Gram of the rows shifted by their subset's mean rounded to fp32, on the upper
      triangle of (BM × BM) tiles only (the lower one is its transpose, stored by the same
      program): fp32 products (``tl.dot``, IEEE fp32 by default) summed in fp32 over a block of
@@ -26,8 +26,9 @@ finding: K = 15 for ChestX-ray14) and what ``fid.StreamingMoments`` adds per bat
   Measured on an H200 (50k × 2048 fp32, 2026-11-26): 10.4 ms for K = 1 and 18.9 ms for K = 15
   against 8.8 and 17.1 ms for the float64 loop (Hopper's float64 tensor cores run it at
   48 TFLOP/s), so ``auto`` keeps the reference; the kernel is for GPUs with slow float64. That
-  Gram kernel ran 4 warps at 255 registers (one variant spilled, per the sm_90 AOT compile);
-  it now runs 8 (135 registers, no spills), not yet measured.
+  was before subsets under EXACT_BELOW rows went to float64, and that Gram kernel ran 4 warps at
+  255 registers (one variant spilled, per the sm_90 AOT compile); it now runs 8 (135 registers,
+  no spills): not yet measured.
 """
 from __future__ import annotations
 
@@ -77,13 +78,18 @@ def reference(x: torch.Tensor, masks: torch.Tensor | None = None
     """(n (K,), mean (K, D), m2 (K, D, D)): one float64 matmul per subset, on x's device."""
     _check(x, masks)
     d = x.shape[1]
-    masks = torch.ones(1, len(x), dtype=torch.bool, device=x.device) if masks is None else masks.to(x.device)
+    if masks is None:  # every row: no mask, no gather
+        rows = x.double()
+        mean = rows.mean(0)
+        xc = rows - mean
+        return (torch.tensor([len(x)], dtype=torch.int64, device=x.device), mean[None], (xc.T @ xc)[None])
+    masks = masks.to(x.device)
     k = len(masks)
     n = masks.sum(1).to(torch.int64)
     mean = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     m2 = torch.zeros(k, d, d, dtype=torch.float64, device=x.device)
-    for j in range(k):
-        if not n[j]:
+    for j, count in enumerate(n.tolist()):  # one host sync for all the counts
+        if not count:
             continue
         rows = x[masks[j]].double()
         mean[j] = rows.mean(0)
@@ -114,7 +120,7 @@ if triton is not None:
             r = r0 + tl.arange(0, BN)
             rmask = r < end
             rows = _rows(idx_ptr, r, rmask, GATHER)
-            v = tl.load(x_ptr + rows[:, None] * s_n + cols[None, :] * s_d,
+            v = tl.load(x_ptr + rows[:, None] * s_n + cols[None, :].to(tl.int64) * s_d,
                         mask=rmask[:, None] & cmask[None, :], other=0.0)
             acc += tl.sum(v.to(tl.float64), axis=0)
         tl.store(out_ptr + k.to(tl.int64) * D + cols, acc, mask=cmask)
@@ -143,9 +149,9 @@ if triton is not None:
             r = r0 + tl.arange(0, BN)
             rmask = r < hi
             rows = _rows(idx_ptr, r, rmask, GATHER)
-            xa = tl.load(x_ptr + rows[:, None] * s_n + a[None, :] * s_d,
+            xa = tl.load(x_ptr + rows[:, None] * s_n + a[None, :].to(tl.int64) * s_d,
                          mask=rmask[:, None] & amask[None, :], other=0.0).to(tl.float32)
-            xb = tl.load(x_ptr + rows[:, None] * s_n + b[None, :] * s_d,
+            xb = tl.load(x_ptr + rows[:, None] * s_n + b[None, :].to(tl.int64) * s_d,
                          mask=rmask[:, None] & bmask[None, :], other=0.0).to(tl.float32)
             # shifted by (almost) the subset's mean; rows past the subset's end contribute zero
             xa = tl.where(rmask[:, None], xa - sa[None, :], 0.0)
