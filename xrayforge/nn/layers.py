@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops.conv2d import reference as conv2d_reference
-from ..ops.conv2d_eqlr import downsample_conv_kernel, layer_backend, upsample_conv_kernel
+from ..ops.conv2d_eqlr import LAYER_TABLE, downsample_conv_kernel, layer_backend, upsample_conv_kernel
 
 SQRT2 = math.sqrt(2.0)
 ACTIVATIONS = ("linear", "lrelu", "lrelu_pn")
@@ -107,7 +107,7 @@ class EqualizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.eqlr_backend
-        if backend is None and x.is_cuda and ops.get_backend() in ("auto", "triton"):
+        if backend is None and LAYER_TABLE and x.is_cuda and ops.get_backend() in ("auto", "triton"):
             # the table is consulted only where the fused kernels may run (XRAYFORGE_BACKEND=torch
             # and the benchmarks' baselines mean plain PyTorch), keyed by the dtype the
             # convolution computes in: autocast's for float32 input under autocast
