@@ -107,8 +107,11 @@ def moments_rows(moment_n: int, dev: torch.device, dim: int = 2048, chunk: int =
 CXR14_PREVALENCE = (0.177, 0.119, 0.103, 0.056, 0.052, 0.047, 0.042, 0.030, 0.025, 0.022, 0.021, 0.015, 0.013, 0.002)
 
 
-def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=(("torch", None), ("triton", "ieee"),
-                                                                      ("triton", "tf32x3")),
+# the float64 loop, then the Triton kernels at each tl.dot precision
+MOMENT_VARIANTS = (("torch", None), ("triton", "ieee"), ("triton", "tf32x3"))
+
+
+def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=MOMENT_VARIANTS,
                         warmup: int = 1, reps: int = 3, exact_below: int | None = None) -> list[dict]:
     """``ops.masked_moments`` on n × dim fp32 features with K = 1 (every row: the streaming FID)
     and K = 15 (every row plus ChestX-ray14's 14 findings at their prevalences: FID per finding),
@@ -234,8 +237,7 @@ def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | No
     f_rows, f_extra = frechet_rows(moments.stats(), dev)
     rows += m_rows + f_rows
     triton_here = dev.type == "cuda" or _backend.triton_interpreter_active()
-    rows += masked_moments_rows(moment_n, 2048, dev, variants=(("torch", None), ("triton", "ieee"), ("triton", "tf32x3"))
-                                if triton_here else (("torch", None),))
+    rows += masked_moments_rows(moment_n, 2048, dev, variants=MOMENT_VARIANTS if triton_here else MOMENT_VARIANTS[:1])
     extra.update(f_extra)
     return {"benchmark": "fid", "device": device_info(dev).as_dict(), "environment": environment(),
             "images": n_images, "size": size, "weights": "random" if random_weights else str(inception),

@@ -226,19 +226,19 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
         flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize)
         shape = (f"{s['cin']}→{s['cout']} {s['kernel']}×{s['kernel']}"
                  f"{' ' + s['resample'] if s['resample'] else ''} {s['activation']} @{s['size']}px")
+        with torch.no_grad():  # float64 on the first image, and one output gradient, for both variants
+            exact = eqlr_reference(x[:1].double(), layer.weight.double(), layer.bias.double(), scale=layer.scale,
+                                   activation=s["activation"], resample=s["resample"])
+        dy = torch.randn((batch,) + tuple(exact.shape[1:]), device=dev).to(dt).contiguous(memory_format=fmt)
         base = {}
         for variant, backend in (("cudnn + epilogue", "cudnn"), ("fused triton", "triton")):
             layer.eqlr_backend = backend
             row = {"op": "conv2d_eqlr", "shape": shape, "batch": batch, "dtype": dtype, "variant": variant}
             try:
                 with torch.autocast(dev.type, dt, enabled=amp):
-                    exact = eqlr_reference(x[:1].double(), layer.weight.double(), layer.bias.double(),
-                                                  scale=layer.scale, activation=s["activation"],
-                                                  resample=s["resample"])
                     with torch.no_grad():
                         got = layer(x[:1])
                     row["max_err"] = (got.double() - exact).abs().max().item()
-                    dy = torch.randn_like(layer(x))
                     xg = x.detach().requires_grad_()
 
                     def fwd():
