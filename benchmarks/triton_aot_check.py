@@ -452,7 +452,7 @@ def main(argv=None):
     import triton
     from triton.runtime.jit import JITFunction
     pn, mb, pp = _modules()
-    kernels = {"pixel_norm": [pn._epilogue_fwd_kernel, pn._epilogue_bwd_kernel, pn._inv_sqrt],
+    kernels = {"pixel_norm": [pn._epilogue_fwd_kernel, pn._epilogue_bwd_kernel, pn._inv_sqrt, pn._constant],
                "minibatch_stddev": [mb._mbstd_fwd_kernel, mb._mbstd_bwd_kernel, mb._mbstd_group_tile],
                "preprocess": [pp._resize_kernel]}
     for group, ks in kernels.items():

@@ -76,3 +76,14 @@ def reference_double_backward(
     (grads, vjp_of_backward) = torch.func.vjp(fused_backward, *primals, grad_out)
     cotangents = tuple(torch.zeros_like(g) if gg is None else gg for g, gg in zip(grads, grad_grads))
     return vjp_of_backward(cotangents)
+
+
+def split_float(v: float) -> tuple[float, float]:
+    """``v`` as two float32-representable parts, ``hi + lo == v`` to about 1e-16 relative.
+    Triton types a Python float kernel argument as float32; a float64 kernel adds the two parts
+    in float64 so that a constant such as 0.2 keeps its float64 value (0.2 in float32 is off
+    by 1.5e-8)."""
+    import numpy as np
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))
+

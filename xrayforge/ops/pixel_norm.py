@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import _backend
 from ._common import (accumulation_dtype, channel_view, check_float, dense, dtype_code, like_layout,
-                      reference_double_backward)
+                      reference_double_backward, split_float)
 
 try:
     import triton
@@ -55,11 +55,21 @@ if triton is not None:
             return 1.0 / tl.sqrt_rn(v)
 
     @triton.jit
-    def _epilogue_fwd_kernel(x_ptr, b_ptr, y_ptr, C, P, stride_b, stride_c, stride_p, slope, eps,
-                             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
+    def _constant(hi, lo, ACC_F64: tl.constexpr):
+        # a float argument arrives as float32: in float64, hi + lo restores its float64 value
+        if ACC_F64:
+            return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+        else:
+            return hi
+
+    @triton.jit
+    def _epilogue_fwd_kernel(x_ptr, b_ptr, y_ptr, C, P, stride_b, stride_c, stride_p, slope_hi, slope_lo,
+                             eps_hi, eps_lo, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
                              ACC_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """y = [pixel_norm]([leaky_relu](x [+ bias])) over (B, C, P) rows of channels."""
         acc_t = tl.float64 if ACC_F64 else tl.float32
+        slope = _constant(slope_hi, slope_lo, ACC_F64)
+        eps = _constant(eps_hi, eps_lo, ACC_F64)
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         # tiles are (pixels, channels): the channel reduction runs along the last axis
@@ -80,7 +90,7 @@ if triton is not None:
 
     @triton.jit
     def _epilogue_bwd_kernel(x_ptr, b_ptr, dy_ptr, dx_ptr, db_ptr, C, P, stride_b, stride_c,
-                             stride_p, slope, eps,
+                             stride_p, slope_hi, slope_lo, eps_hi, eps_lo,
                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
                              BIAS_GRAD: tl.constexpr, ACC_F64: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -91,6 +101,8 @@ if triton is not None:
         and its output agree, so x may be either).
         """
         acc_t = tl.float64 if ACC_F64 else tl.float32
+        slope = _constant(slope_hi, slope_lo, ACC_F64)
+        eps = _constant(eps_hi, eps_lo, ACC_F64)
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(1)
         offs_c = tl.arange(0, BLOCK_C)
@@ -153,8 +165,8 @@ def _epilogue_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, e
     if backend == "triton":
         block_c, block_p, num_warps = _triton_blocks(C, P)
         grid = (triton.cdiv(P, block_p), B)
-        _epilogue_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp, float(slope),
-                                   float(eps), HAS_BIAS=bias is not None, ACT=act, NORMALIZE=normalize,
+        _epilogue_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp, *split_float(slope),
+                                   *split_float(eps), HAS_BIAS=bias is not None, ACT=act, NORMALIZE=normalize,
                                    ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
                                    num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None):
@@ -187,7 +199,7 @@ def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
         partial = torch.zeros((grid[0] * grid[1] if bias_grad else 0, C), device=x.device, dtype=accumulation_dtype(x))
         if x.numel():
             _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
-                                       float(slope), float(eps), HAS_BIAS=bias is not None, ACT=act,
+                                       *split_float(slope), *split_float(eps), HAS_BIAS=bias is not None, ACT=act,
                                        NORMALIZE=normalize, BIAS_GRAD=bias_grad, ACC_F64=x.dtype == torch.float64,
                                        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None) and bias_grad == act:
