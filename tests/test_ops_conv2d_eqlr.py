@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import assert_as_accurate_as_eager, kernel_params, max_err
+from conftest import assert_as_accurate_as_eager, kernel_params
 from xrayforge.errors import UserError
 from xrayforge.ops import conv2d_eqlr
 from xrayforge.ops.conv2d import no_weight_gradients
@@ -106,8 +106,10 @@ def test_gradcheck_and_gradgradcheck(kb, resample, activation):
 
     def f(x, w, b):
         return conv2d_eqlr(x, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
-    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True)
-    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)
+    # cuDNN's float64 weight gradient may sum in a different order on each call (seen on an H200)
+    tol = 1e-12 if device == "cuda" else 0.0
+    assert torch.autograd.gradcheck(f, (x, w, b), fast_mode=True, nondet_tol=tol)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True, nondet_tol=tol)
 
 
 @pytest.mark.parametrize("kb", TRITON)
@@ -180,7 +182,20 @@ def test_equalized_conv2d_layer_uses_it_when_asked(kb):
         ref = layer_(x)
         layer_.eqlr_backend = "triton"
         torch.testing.assert_close(layer_(x), ref, rtol=1e-12, atol=1e-12)
-    assert C.layer_backend(5, 6, 3, "up", "lrelu_pn", 8, torch.bfloat16) is None  # nothing measured yet
+    assert C.layer_backend(5, 6, 3, "up", "lrelu_pn", 8, torch.bfloat16) is None  # not a measured shape
+
+
+def test_layer_table_holds_only_shapes_of_the_networks():
+    """Every entry of the measured table is a layer of the 1024-px G or D, keyed by its output size
+    and a low-precision dtype, as EqualizedConv2d looks it up."""
+    from xrayforge.bench.ops import conv_layer_shapes
+    out = {"up": lambda n: 2 * n, "down": lambda n: n // 2, None: lambda n: n}
+    shapes = {(s["cin"], s["cout"], s["kernel"], s["resample"], s["activation"], out[s["resample"]](s["size"]))
+              for s in conv_layer_shapes()}
+    for key, backend in C.LAYER_TABLE.items():
+        assert key[:6] in shapes and key[6] in ("bfloat16", "float16") and backend == "triton", key
+    for key in C.LAYER_TABLE:
+        assert C.layer_backend(*key[:6], getattr(torch, key[6])) == "triton"
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
@@ -209,6 +224,38 @@ def test_auto_on_cpu_is_the_reference():
                                C.reference(x, w, b, scale=scale, activation="lrelu"), rtol=0, atol=0)
 
 
+def _bf16_layer_check(device, cin, cout, size, resample, activation, batch=4):
+    """Values and first-order gradients in bf16 channels_last as accurate as eager's against the
+    float64 gradient. Gradients are compared in relative L2 norm: where a pre-activation is
+    within rounding of 0 the leaky ReLU's slope (1 or 0.2) may differ between any two bf16
+    computations, so the largest single difference says nothing (eager's own largest error
+    against float64 is 30% of the largest gradient there)."""
+    k = 1 if cin == 1 or cout == 1 else 3
+    x = make((batch, cin, size, size), "channels_last", device=device)
+    w, b, scale = layer(cin, cout, k, device, requires_grad=True)
+    kwargs = dict(scale=scale, activation=activation, resample=resample)
+    xd = x.clone().requires_grad_()
+    exact = C.reference(xd, w, b, **kwargs)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    eager = C.reference(xb, w, b, **kwargs)
+    got = conv2d_eqlr(xb, w, b, **kwargs, backend="triton")
+    assert_as_accurate_as_eager(got.detach(), eager.detach(), exact.detach(), torch.bfloat16)
+    gy = make(exact.shape, seed=9, device=device)
+    g_exact = torch.autograd.grad(exact, (xd, w, b), gy)
+    g_eager = torch.autograd.grad(eager, (xb, w, b), gy.to(eager.dtype))
+    g_ours = torch.autograd.grad(got, (xb, w, b), gy.to(got.dtype))
+    for name, o, e, ref in zip(("input", "weight", "bias"), g_ours, g_eager, g_exact):
+        err = lambda g: ((g.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(o) <= 1.5 * err(e) + 2e-3, f"{name} gradient: relative error {err(o):.3g} vs eager {err(e):.3g}"
+
+
+@pytest.mark.parametrize("kb", [p for p in TRITON if p.values[0][1] == "cpu"])
+@pytest.mark.parametrize("cin,cout,size,resample,activation", [(1, 16, 8, None, "lrelu"), (8, 16, 8, "up", "lrelu_pn"),
+                                                               (8, 16, 8, "down", "lrelu")])
+def test_bf16_values_and_gradients_as_accurate_as_eager(kb, cin, cout, size, resample, activation):
+    _bf16_layer_check(kb[1], cin, cout, size, resample, activation, batch=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kb", [p for p in TRITON if p.values[0][1] == "cuda"])
 @pytest.mark.parametrize("cin,cout,size,resample,activation", [
@@ -216,21 +263,5 @@ def test_auto_on_cpu_is_the_reference():
     (16, 1, 256, None, "linear"), (1, 16, 256, None, "lrelu"), (32, 64, 128, "down", "lrelu"),
     (512, 512, 4, None, "lrelu")])
 def test_pggan_layer_shapes_on_gpu(kb, cin, cout, size, resample, activation):
-    """The 1024-px networks' layer shapes in bf16 channels_last, values and first-order gradients
-    as accurate as eager's."""
-    _, device = kb
-    k = 1 if cin == 1 or cout == 1 else 3
-    x = make((4, cin, size, size), "channels_last", device=device)
-    w, b, scale = layer(cin, cout, k, device)
-    exact = C.reference(x, w, b, scale=scale, activation=activation, resample=resample)
-    xb = x.to(torch.bfloat16).requires_grad_()
-    eager = C.reference(xb, w, b, scale=scale, activation=activation, resample=resample)
-    got = conv2d_eqlr(xb, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
-    assert_as_accurate_as_eager(got, eager, exact, torch.bfloat16)
-    gy = torch.randn_like(eager)
-    w.requires_grad_()
-    b.requires_grad_()
-    got = conv2d_eqlr(xb, w, b, scale=scale, activation=activation, resample=resample, backend="triton")
-    eager = C.reference(xb, w, b, scale=scale, activation=activation, resample=resample)
-    for g_ours, g_eager in zip(torch.autograd.grad(got, (xb, w, b), gy), torch.autograd.grad(eager, (xb, w, b), gy)):
-        assert max_err(g_ours, g_eager) <= 0.05 * g_eager.abs().max().item()
+    """The 1024-px networks' layer shapes in bf16 channels_last."""
+    _bf16_layer_check(kb[1], cin, cout, size, resample, activation)

@@ -9,9 +9,10 @@ eps 1e-8). Kernels of any odd size without resampling (1×1 for toRGB / fromRGB)
 
 - ``reference``: the unfused plain-PyTorch composition (interpolate, F.conv2d, avg_pool2d,
   leaky_relu, pixel norm): the specification and the CPU path.
-- Triton: an implicit GEMM over output pixels × output channels with fp32 accumulation (fp32
-  products as TF32 when ``torch.backends.cudnn.allow_tf32`` says cuDNN would use it, as eager
-  PyTorch does; IEEE otherwise; float64 accumulates in float64), the equalized-lr scale folded
+- Triton: an implicit GEMM over output pixels × output channels with fp32 accumulation (bf16 /
+  fp16 products on tensor cores; fp32 products in IEEE fp32, not TF32: cuDNN keeps small fp32
+  convolutions exact even where TF32 is allowed, and an H200 run showed TF32 products 1000×
+  less accurate than eager there; float64 in float64), the equalized-lr scale folded
   into the weight taps, and the resampling folded into the taps as well, so neither an
   upsampled nor a pre-pooling tensor exists:
     * down: conv + 2×2 average = one stride-2 convolution with the 4×4 kernel summed from the
@@ -29,7 +30,7 @@ eps 1e-8). Kernels of any odd size without resampling (1×1 for toRGB / fromRGB)
   double backward works; ``ops.conv2d.no_weight_gradients`` is honoured.
 
 Which layers use the Triton path is decided per layer shape from measured data
-(``LAYER_TABLE``, empty until a GPU has measured the kernel: the layers keep cuDNN).
+(``LAYER_TABLE``, from an H200's measurements; shapes not in it keep cuDNN).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ _conv2d = importlib.import_module(".conv2d", __package__)  # the module (the pac
 try:
     import triton
     import triton.language as tl
+
+    from .pixel_norm import _inv_sqrt
 except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
@@ -60,8 +63,27 @@ MAX_PN_CHANNELS = 512  # pixel norm needs every output channel of a pixel in one
 # the layer shapes where the fused kernel measured faster than cuDNN + a separate epilogue over
 # what a training step asks of the layer: forward + backward, and for the discriminator's layers
 # also the gradient penalty's double backward (bench.ops.conv_rows / layer_table, the GPU
-# window's conv stage). Empty: not measured yet.
-LAYER_TABLE: dict[tuple, str] = {}
+# window's conv stage). Measured on an H200 at batch 16 (benchmarks/results/
+# gpu_check-conv-nvidia-h200-2026-11-26.json): 15 of the 1024-px networks' 36 layer shapes in
+# bf16, the 4–64 px pixel-norm layers of G and D's 8–256 px layers; every other shape and
+# dtype keeps cuDNN.
+LAYER_TABLE: dict[tuple, str] = {
+    (512, 512, 3, None, 'lrelu_pn', 4, 'bfloat16'): 'triton',
+    (512, 512, 3, None, 'lrelu_pn', 8, 'bfloat16'): 'triton',
+    (512, 512, 3, None, 'lrelu_pn', 16, 'bfloat16'): 'triton',
+    (512, 512, 3, None, 'lrelu_pn', 32, 'bfloat16'): 'triton',
+    (256, 256, 3, None, 'lrelu_pn', 64, 'bfloat16'): 'triton',
+    (64, 64, 3, None, 'lrelu', 256, 'bfloat16'): 'triton',
+    (64, 128, 3, 'down', 'lrelu', 128, 'bfloat16'): 'triton',
+    (128, 128, 3, None, 'lrelu', 128, 'bfloat16'): 'triton',
+    (128, 256, 3, 'down', 'lrelu', 64, 'bfloat16'): 'triton',
+    (256, 256, 3, None, 'lrelu', 64, 'bfloat16'): 'triton',
+    (256, 512, 3, 'down', 'lrelu', 32, 'bfloat16'): 'triton',
+    (512, 512, 3, None, 'lrelu', 32, 'bfloat16'): 'triton',
+    (512, 512, 3, None, 'lrelu', 16, 'bfloat16'): 'triton',
+    (512, 512, 3, None, 'lrelu', 8, 'bfloat16'): 'triton',
+    (513, 512, 3, None, 'lrelu', 4, 'bfloat16'): 'triton',
+}
 
 
 def layer_backend(cin: int, cout: int, kernel: int, resample: str | None, activation: str, size: int,
@@ -189,7 +211,7 @@ if triton is not None:
     def _conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, H, W, CIN, COUT, OH, OW, PIX,
                      sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                      MODE: tl.constexpr, KT: tl.constexpr, KW: tl.constexpr, PAD: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, F64: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, F64: tl.constexpr,
                      UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # MODE 0: plain KW×KW conv; 1: down (4×4 taps, stride 2); 2: up (2×2 taps per parity class)
         pid_m = tl.program_id(0)
@@ -241,26 +263,23 @@ if triton is not None:
                     b = b.to(tl.float32)
                 if F64:
                     acc += tl.dot(a, b, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                else:  # fp32 operands: IEEE products, not TF32 (see the module docstring)
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=cmask, other=0.0).to(acc_t)[None, :]
         if ACT >= 1:
-            acc = tl.where(acc > 0, acc, acc * 0.2)
+            if F64:  # a float literal is an fp32 constant: 0.2 would be off by 1.5e-8; 5.0 is exact
+                acc = tl.where(acc > 0, acc, acc / 5.0)
+            else:
+                acc = tl.where(acc > 0, acc, acc * 0.2)
         opix = n.to(tl.int64) * OH * OW + oy.to(tl.int64) * OW + ox
         if ACT == 2:  # the tile holds every channel: channels past COUT are zero
-            r = 1.0 / tl.sqrt(tl.sum(acc * acc, axis=1) / COUT + 1e-8)
+            r = _inv_sqrt(tl.sum(acc * acc, axis=1) / COUT + 1e-8, F64)  # IEEE-rounded, as pixel_norm's
             acc = acc * r[:, None]
             tl.store(r_ptr + opix, r.to(r_ptr.dtype.element_ty), mask=pmask)
         out = y_ptr + n.to(tl.int64) * syn + oy.to(tl.int64) * syh + ox.to(tl.int64) * syw
         tl.store(out[:, None] + co[None, :].to(tl.int64) * syc, acc.to(y_ptr.dtype.element_ty),
                  mask=pmask[:, None] & cmask[None, :])
-
-
-def _precision(x: torch.Tensor) -> str:
-    if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _backend.triton_interpreter_active():
-        return "tf32"  # what cuDNN does with fp32 convolutions unless told not to
-    return "ieee"
 
 
 def _blocks(cin: int, cout: int, pn: bool, interp: bool) -> tuple[int, int, int, int, int]:
@@ -309,7 +328,7 @@ def _forward(x, weight, bias, scale, activation, resample):
     with guard:
         _conv_kernel[grid](x, wt, b, y, r, h, w, cin, cout, oh, ow, pix, *x.stride(), *y.stride(),
                            MODE=mode, KT=wt.shape[1], KW=kw, PAD=k // 2, HAS_BIAS=bias is not None,
-                           ACT=ACTIVATIONS.index(activation), PRECISION=_precision(x),
+                           ACT=ACTIVATIONS.index(activation),
                            F64=x.dtype == torch.float64, UPCAST=interp and x.dtype == torch.bfloat16,
                            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return y, (r if pn else None)
