@@ -88,13 +88,18 @@ def reference(x: torch.Tensor, masks: torch.Tensor | None = None
     n = masks.sum(1).to(torch.int64)
     mean = torch.zeros(k, d, dtype=torch.float64, device=x.device)
     m2 = torch.zeros(k, d, d, dtype=torch.float64, device=x.device)
-    for j, count in enumerate(n.tolist()):  # one host sync for all the counts
-        if not count:
-            continue
-        rows = x[masks[j]].double()
-        mean[j] = rows.mean(0)
-        xc = rows - mean[j]
-        m2[j] = xc.T @ xc
+    # every subset's rows in one gather (subset after subset: nonzero() is row-major), then one
+    # matmul per subset written in place: two host syncs in all, not one per boolean index
+    counts = n.tolist()
+    rows = x.index_select(0, masks.nonzero()[:, 1]).double()
+    start = 0
+    for j, count in enumerate(counts):
+        if count:
+            sub = rows[start:start + count]
+            torch.mean(sub, 0, out=mean[j])
+            xc = sub - mean[j]
+            torch.mm(xc.T, xc, out=m2[j])
+        start += count
     return n, mean, m2
 
 
