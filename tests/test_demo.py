@@ -92,9 +92,50 @@ def test_the_demo_says_when_its_time_budget_cut_training_short():
     assert cut["resolution_reached"] == 128 and not cut["schedule_complete"]
     assert "stopped at 128 px of 256 px, after 52,128 images" in cut["stopped_early"]
     done = training_reach({"images_seen": 9000, "level": 3, "complete": True}, 32)
-    assert done == {"resolution_reached": 32, "schedule_complete": True, "stopped_early": None}
+    assert done == {"resolution_reached": 32, "schedule_complete": True, "stopped_early": None, "budget_note": None}
+    fading = training_reach({"images_seen": 9000, "level": 6, "alpha": 0.5, "complete": False}, 256)
+    assert "stopped at 256 px of 256 px (fading in, α = 0.50)" in fading["stopped_early"]
+    # cut in the final stable phase: the schedule's total is a ceiling there, not a goal
+    final = training_reach({"images_seen": 90000, "level": 6, "alpha": 1.0, "complete": False}, 256)
+    assert final["stopped_early"] is None and "reached 256 px and trained on there" in final["budget_note"]
     results = {"archive": {"images": 10, "resolution": 256}, "train": cut,
                "classifier": {"best_mean_auroc": 0.9, "auroc": {}}, "lco": {},
                "fid": {"fid": 1.0, "n_a": 2, "n_b": 2, "inception": "x"}}
     assert "**Note:** training stopped at 128 px of 256 px" in demo_markdown(results)
     assert "**Note:**" not in demo_markdown(dict(results, train=done))
+    assert "Training: training reached 256 px" in demo_markdown(dict(results, train=final))
+
+
+def test_gpu_plan_reaches_the_final_resolution_within_its_share_of_the_time():
+    import torch
+
+    from xrayforge.demo import GPU_ASSUMED_IMG_S, GPU_GROWTH_SHARE, gpu_config, plan
+    from xrayforge.train.schedule import ProgressiveSchedule
+    p = plan(5.0, torch.device("cuda"))
+    cfg, recipe = gpu_config("a", "b", p, 300.0, torch.device("cuda"))
+    train_seconds = 300.0 * p["train_share"]
+    sched = ProgressiveSchedule(0, 6, cfg.fade_images, cfg.stable_images, cfg.total_images)
+    growth = sum(n for _, n, _ in sched.phases[:-1]) + cfg.stable_images  # to the end of the first 256-px stable phase
+    assert growth / GPU_ASSUMED_IMG_S <= GPU_GROWTH_SHARE * train_seconds * 1.01
+    assert cfg.stable_images >= 8 * p["batch"] and cfg.stable_images % p["batch"] == 0
+    # the final stable phase outlasts the budget even at four times the assumed rate: time ends training
+    assert (cfg.total_images - growth) / GPU_ASSUMED_IMG_S >= 4 * (1 - GPU_GROWTH_SHARE) * train_seconds
+    assert sched.at(cfg.total_images - 1).level == 6 and cfg.tick_images == cfg.stable_images
+    assert "at an assumed" in recipe["images per fade-in and per stable phase"][0]
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_runs_end_to_end(tmp_path, monkeypatch):
+    """The GPU plan's code path (gpu_config, time-bounded final phase, its recipe in the report),
+    at toy sizes on the CPU, so a GPU window never finds it broken."""
+    import torch
+
+    import xrayforge.demo as demo
+    tiny = dict(demo.plan(0.3, torch.device("cpu")), recipe="gpu", resolution=16, latent=16, fmap_base=64,
+                fmap_max=16, batch=8, lr=2e-3, samples=16, realism_images=16)
+    monkeypatch.setattr(demo, "plan", lambda minutes, device: tiny)
+    monkeypatch.setattr(demo, "GPU_ASSUMED_IMG_S", 20)
+    state = demo.run_demo(out=str(tmp_path / "demo"), device="cpu", minutes=0.3, progress=False)
+    assert state["recipe"]["batch"][0] == "8 at every resolution"
+    assert state["train"]["resolution_reached"] == 16 or state["train"]["stopped_early"]
+    assert "minutes on one GPU" in (tmp_path / "demo" / "report.md").read_text()

@@ -498,7 +498,9 @@ class Trainer:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        return {"images_seen": self.images_seen, "level": self.level, "checkpoint": str(self.latest_checkpoint()),
+        last_phase = self.schedule.at(max(self.images_seen - 1, 0))  # the phase of the last step taken
+        return {"images_seen": self.images_seen, "level": self.level, "alpha": last_phase.alpha,
+                "final_level": self.schedule.final_level, "checkpoint": str(self.latest_checkpoint()),
                 "out": str(self.out), "complete": self.images_seen >= self.total}
 
 
