@@ -232,7 +232,17 @@ def _conv_eqlr_cases():
                     w = _meta((s["cout"], s["cin"], s["kernel"], s["kernel"]), F32)
                     C._forward(x, w, _meta((s["cout"],), F32), 0.1, s["activation"], s["resample"])
                 cases.append((tag, run))
-    return C, ["_conv_kernel"], cases
+                if s["activation"] == "linear":
+                    continue
+
+                def backward(s=s, dt=dt, layout=layout):  # the fused epilogue backward of that layer
+                    o = s["size"] * 2 if s["resample"] == "up" else (s["size"] // 2 if s["resample"] else s["size"])
+                    y = _meta((16, s["cout"], o, o), dt, layout)
+                    r = _meta((16, 1, o, o), F64 if dt == F64 else F32)
+                    C._epilogue_backward_fused(y, y, r if s["activation"] == "lrelu_pn" else None, s["activation"],
+                                               True)
+                cases.append((tag + " epilogue backward", backward))
+    return C, ["_conv_kernel", "_conv_epilogue_bwd_kernel"], cases
 
 
 def _knn_cases():

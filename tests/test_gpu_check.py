@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from xrayforge.bench import gpu_check
+from xrayforge.bench.ops import CONV_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -107,7 +108,7 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert not [r for r in ops_rows if any("error" in k for k in r)]
     assert {r["op"] for r in ops_rows} == {"pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"}
     conv = st["conv"]["data"]
-    assert [r["variant"] for r in conv["rows"]] == ["cudnn + epilogue", "fused triton"] * len(conv["layers"])
+    assert [r["variant"] for r in conv["rows"]] == [v[0] for v in CONV_VARIANTS] * len(conv["layers"])
     assert {s["resample"] for s in conv["layers"]} == {None, "up", "down"}
     assert not [r for r in conv["rows"] if "error" in r] and all(r["fwd+bwd_ms"] > 0 for r in conv["rows"])
     assert all(r["max_err"] < 1e-4 for r in conv["rows"]) and isinstance(conv["layer_table"], list)
@@ -180,11 +181,14 @@ def test_conv_layer_table_counts_the_gradient_penalty_for_discriminator_layers()
     assert len(layers) == 36 and {s["resample"] for s in layers} == {None, "up", "down"}
     g = next(s for s in layers if s["activation"] == "lrelu_pn" and s["resample"] == "up" and s["size"] == 64)
     d = next(s for s in layers if s["activation"] == "lrelu" and s["resample"] == "down" and s["size"] == 128)
-    rows = [{"fwd+bwd_ms": 2.0}, {"fwd+bwd_ms": 1.0},                    # G layer: fused wins f+b
-            {"fwd+bwd_ms": 2.0, "gp_ms": 3.0}, {"fwd+bwd_ms": 1.5, "gp_ms": 4.0}]  # D layer: GP loses it
+    # per layer: cuDNN, fused with the torch epilogue backward, fused with the Triton one
+    rows = [{"fwd+bwd_ms": 2.0}, {"fwd+bwd_ms": 1.0}, {"fwd+bwd_ms": 3.0},         # G layer: fused wins f+b
+            {"fwd+bwd_ms": 2.0, "gp_ms": 3.0}, {"fwd+bwd_ms": 1.5, "gp_ms": 4.0},  # D layer: GP loses it...
+            {"fwd+bwd_ms": 1.0, "gp_ms": 3.0}]                                     # ...with the torch backward
     assert layer_table(rows, [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}
-    rows[3]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
+    assert layer_table(rows, [g, d], fused=2) == {(128, 256, 3, "down", "lrelu", 64, "bfloat16"): "triton"}
+    rows[4]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
     assert (128, 256, 3, "down", "lrelu", 64, "bfloat16") in layer_table(rows, [g, d])
-    assert layer_table(rows[:3], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # half a pair
+    assert layer_table(rows[:4], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # cut short
     rows[1]["error"] = "x"
     assert (256, 128, 3, "up", "lrelu_pn", 128, "bfloat16") not in layer_table(rows, [g, d])

@@ -80,8 +80,10 @@ def test_low_precision_as_accurate_as_eager(kb, dtype, layout, resample, activat
 
 
 @pytest.mark.parametrize("kb", TRITON)
-@pytest.mark.parametrize("resample,activation", COMBOS)
-def test_float64_gradients_equal_reference(kb, resample, activation):
+@pytest.mark.parametrize("resample,activation,epilogue_backward", [
+    (r, a, e) for r, a in COMBOS for e in ("torch", "triton") if a != "linear" or e == "torch"])
+def test_float64_gradients_equal_reference(kb, resample, activation, epilogue_backward, monkeypatch):
+    monkeypatch.setattr(C, "EPILOGUE_BACKWARD", epilogue_backward)
     _, device = kb
     x = make((2, 4, 5, 6), device=device).requires_grad_()
     w, b, scale = layer(4, 5, 3, device, requires_grad=True)
@@ -93,6 +95,31 @@ def test_float64_gradients_equal_reference(kb, resample, activation):
                               (x, w, b), gy)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("activation", ["lrelu", "lrelu_pn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout,shape", [("contiguous", (1, 5, 3, 7)), ("channels_last", (2, 18, 5, 3)),
+                                          ("channels_last", (3, 1, 2, 2))])
+def test_fused_epilogue_backward_equals_torch(kb, activation, dtype, layout, shape):
+    """The one-pass Triton epilogue backward against the elementwise torch one: dz in the layer's
+    dtype (rounded once from the same fp32 / float64 value) and the bias gradient."""
+    _, device = kb
+    x = make(shape, layout, device=device)
+    w, b, scale = layer(shape[1], shape[1], 1, device)
+    y, r = C._forward(x.to(dtype), w, b, scale, activation, None)
+    gy = make(y.shape, seed=4, device=device).to(dtype)  # contiguous: like_layout matches y's strides
+    want = C._epilogue_backward(gy, y, r, activation)
+    dz, db = C._epilogue_backward_fused(gy, y, r, activation, True)
+    assert dz.dtype == dtype and dz.stride() == y.stride()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[dtype]
+    torch.testing.assert_close(dz.double(), want.to(dtype).double(), rtol=tol, atol=tol * want.abs().max().item())
+    db_tol = 1e-12 if dtype == torch.float64 else 1e-5  # both sum the fp32 / float64 values
+    torch.testing.assert_close(db.double(), want.double().sum(dim=(0, 2, 3)), rtol=db_tol,
+                               atol=db_tol * want.abs().sum().item())
+    _, none = C._epilogue_backward_fused(gy, y, r, activation, False)
+    assert none is None
 
 
 @pytest.mark.parametrize("kb", TRITON)
@@ -252,7 +279,10 @@ def _bf16_layer_check(device, cin, cout, size, resample, activation, batch=4):
 @pytest.mark.parametrize("kb", [p for p in TRITON if p.values[0][1] == "cpu"])
 @pytest.mark.parametrize("cin,cout,size,resample,activation", [(1, 16, 8, None, "lrelu"), (8, 16, 8, "up", "lrelu_pn"),
                                                                (8, 16, 8, "down", "lrelu")])
-def test_bf16_values_and_gradients_as_accurate_as_eager(kb, cin, cout, size, resample, activation):
+@pytest.mark.parametrize("epilogue_backward", ["torch", "triton"])
+def test_bf16_values_and_gradients_as_accurate_as_eager(kb, cin, cout, size, resample, activation, epilogue_backward,
+                                                        monkeypatch):
+    monkeypatch.setattr(C, "EPILOGUE_BACKWARD", epilogue_backward)
     _bf16_layer_check(kb[1], cin, cout, size, resample, activation, batch=2)
 
 
@@ -262,6 +292,8 @@ def test_bf16_values_and_gradients_as_accurate_as_eager(kb, cin, cout, size, res
     (512, 512, 8, "up", "lrelu_pn"), (256, 128, 64, "up", "lrelu_pn"), (16, 16, 256, None, "lrelu_pn"),
     (16, 1, 256, None, "linear"), (1, 16, 256, None, "lrelu"), (32, 64, 128, "down", "lrelu"),
     (512, 512, 4, None, "lrelu")])
-def test_pggan_layer_shapes_on_gpu(kb, cin, cout, size, resample, activation):
+@pytest.mark.parametrize("epilogue_backward", ["torch", "triton"])
+def test_pggan_layer_shapes_on_gpu(kb, cin, cout, size, resample, activation, epilogue_backward, monkeypatch):
     """The 1024-px networks' layer shapes in bf16 channels_last."""
+    monkeypatch.setattr(C, "EPILOGUE_BACKWARD", epilogue_backward)
     _bf16_layer_check(kb[1], cin, cout, size, resample, activation)

@@ -303,8 +303,9 @@ def stage_conv(part: Part, dry: bool, out: Path, context: dict) -> None:
 
     def on_row(row):  # the table grows with every measured pair, so a stage cut at its cap keeps it
         part.data.setdefault("rows", []).append(row)
-        part.data["layer_table"] = [list(k) + [v] for k, v in
-                                    ops_bench.layer_table(part.data["rows"], layers, cfg["dtype"]).items()]
+        for key, fused in (("layer_table", 1), ("layer_table_triton_epilogue_backward", 2)):
+            part.data[key] = [list(k) + [v] for k, v in
+                              ops_bench.layer_table(part.data["rows"], layers, cfg["dtype"], fused).items()]
         part.save()
         print(json.dumps(row, default=str)[:400], flush=True)
     ops_bench.conv_rows(str(dev), cfg["resolution"], cfg["fmap_max"], cfg["batch"], cfg["dtype"], layers,
@@ -660,6 +661,10 @@ def render_markdown(report: dict) -> str:
         lines += [f"Per-layer table (layers where the fused kernel cost less forward + backward, plus the gradient "
                   f"penalty for D's layers): {len(table)} of "
                   f"{len(conv.get('layers', []))}" + "".join(f"\n- {row}" for row in table), ""]
+        alt = conv.get("layer_table_triton_epilogue_backward")
+        if alt is not None:
+            lines += [f"The same with the Triton epilogue backward (ops.conv2d_eqlr.EPILOGUE_BACKWARD = 'triton'): "
+                      f"{len(alt)} of {len(conv.get('layers', []))}" + "".join(f"\n- {row}" for row in alt), ""]
     train_rows = st.get("train", {}).get("data", {}).get("rows", [])
     if train_rows:
         lines += ["## Training step (WGAN-GP, G + D + GP + EMA)", ""]

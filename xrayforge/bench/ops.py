@@ -7,6 +7,7 @@ device's HBM bandwidth, and the speed-up over eager PyTorch measured in the same
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import torch
@@ -195,6 +196,11 @@ def _conv_costs(s: dict, batch: int, elsize: int) -> tuple[float, int, int]:
     return flops, bx + by, 3 * bx + 3 * by  # f+b also reads x, y and dy and writes dx
 
 
+# (variant, EqualizedConv2d.eqlr_backend, ops.conv2d_eqlr.EPILOGUE_BACKWARD) per layer, in order
+CONV_VARIANTS = (("cudnn + epilogue", "cudnn", "torch"), ("fused triton", "triton", "torch"),
+                 ("fused triton, Triton epilogue backward", "triton", "triton"))
+
+
 def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int = 512, batch: int = 16,
               dtype: str = "bfloat16", layers: list[dict] | None = None, reps: int = 20, warmup: int = 3,
               min_seconds: float = 0.2, on_row=None) -> list[dict]:
@@ -209,6 +215,8 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     from ..nn import EqualizedConv2d
     from ..ops.conv2d import no_weight_gradients
     from ..ops.conv2d_eqlr import reference as eqlr_reference
+    eqlr = importlib.import_module("xrayforge.ops.conv2d_eqlr")
+    default_epilogue_backward = eqlr.EPILOGUE_BACKWARD
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
     amp = dev.type == "cuda" and dt != torch.float32
@@ -231,8 +239,9 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
                                    activation=s["activation"], resample=s["resample"])
         dy = torch.randn((batch,) + tuple(exact.shape[1:]), device=dev).to(dt).contiguous(memory_format=fmt)
         base = {}
-        for variant, backend in (("cudnn + epilogue", "cudnn"), ("fused triton", "triton")):
+        for variant, backend, epilogue_backward in CONV_VARIANTS:
             layer.eqlr_backend = backend
+            eqlr.EPILOGUE_BACKWARD = epilogue_backward
             row = {"op": "conv2d_eqlr", "shape": shape, "batch": batch, "dtype": dtype, "variant": variant}
             try:
                 with torch.autocast(dev.type, dt, enabled=amp):
@@ -245,13 +254,13 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
                         with torch.no_grad():
                             return layer(xg)
 
-                    def fwd_bwd():
-                        return torch.autograd.grad(layer(xg), (xg, layer.weight), dy)
+                    def fwd_bwd():  # every gradient a training step takes: input, weight, bias
+                        return torch.autograd.grad(layer(xg), (xg, layer.weight, layer.bias), dy)
 
                     def penalty():  # WGAN-GP through a D layer: the input gradient, then its own gradient
                         with no_weight_gradients():
                             gx, = torch.autograd.grad(layer(xg), xg, dy, create_graph=True)
-                        return torch.autograd.grad(gx.float().square().sum(), (xg, layer.weight))
+                        return torch.autograd.grad(gx.float().square().sum(), (xg, layer.weight, layer.bias))
                     phases = [("fwd", fwd, fwd_bytes, flops), ("fwd+bwd", fwd_bwd, fb_bytes, 3 * flops)]
                     if s["activation"] == "lrelu":  # the discriminator's layers meet the gradient penalty
                         phases.append(("gp", penalty, 2 * fb_bytes, 6 * flops))
@@ -264,6 +273,8 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
                         row[f"{phase}_speedup"] = base.get(phase, float("nan")) / ms
             except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
                 row["error"] = error_summary(exc)
+            finally:
+                eqlr.EPILOGUE_BACKWARD = default_epilogue_backward
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -272,14 +283,20 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     return rows
 
 
-def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16") -> dict:
-    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results (the pairs measured so far):
-    the layers whose fused kernel cost less than cuDNN + the epilogue over what a training step
-    asks of them — forward + backward, plus the gradient penalty for D's layers."""
+def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", fused: int = 1) -> dict:
+    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results (one row per CONV_VARIANTS
+    entry and layer; the layers measured so far): the layers whose fused kernel (variant
+    ``fused``: 1 with the torch epilogue backward, 2 with the Triton one) cost less than cuDNN +
+    the epilogue over what a training step asks of them — forward + backward, plus the gradient
+    penalty for D's layers."""
     table = {}
+    n = len(CONV_VARIANTS)
     for i, s in enumerate(layers):
-        pair = rows[2 * i:2 * i + 2]
-        if len(pair) != 2 or any("error" in r for r in pair):
+        group = rows[n * i:n * i + n]
+        if len(group) <= fused:
+            continue
+        pair = (group[0], group[fused])
+        if any("error" in r for r in pair):
             continue
         need = ("fwd+bwd_ms", "gp_ms") if s["activation"] == "lrelu" else ("fwd+bwd_ms",)
         if not all(k in r for r in pair for k in need):

@@ -79,11 +79,10 @@ def reference_double_backward(
 
 
 def split_float(v: float) -> tuple[float, float]:
-    """``v`` as two float32-representable parts, ``hi + lo == v`` to about 1e-16 relative.
-    Triton types a Python float kernel argument as float32; a float64 kernel adds the two parts
-    in float64 so that a constant such as 0.2 keeps its float64 value (0.2 in float32 is off
-    by 1.5e-8)."""
+    """``v`` as two float32-representable parts whose float64 sum is within 2^-48 of ``v``
+    (relative). Triton types a Python float kernel argument as float32; a float64 kernel adds
+    the two parts in float64, so that an argument such as 0.2 keeps its float64 value to about
+    1e-15 (0.2 in float32 is off by 1.5e-8)."""
     import numpy as np
     hi = float(np.float32(v))
     return hi, float(np.float32(v - hi))
-

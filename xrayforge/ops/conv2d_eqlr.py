@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._common import accumulation_dtype, channel_view, like_layout
 from ..errors import UserError
 
 _conv2d = importlib.import_module(".conv2d", __package__)  # the module (the package exports its function)
@@ -49,7 +50,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .pixel_norm import _inv_sqrt
+    from .pixel_norm import _inv_sqrt, _triton_blocks
 except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
@@ -267,11 +268,8 @@ if triton is not None:
                     acc = tl.dot(a, b, acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=cmask, other=0.0).to(acc_t)[None, :]
-        if ACT >= 1:
-            if F64:  # a float literal is an fp32 constant: 0.2 would be off by 1.5e-8; 5.0 is exact
-                acc = tl.where(acc > 0, acc, acc / 5.0)
-            else:
-                acc = tl.where(acc > 0, acc, acc * 0.2)
+        if ACT >= 1:  # a float literal takes the tensor's dtype: 0.2 is float64's 0.2 in float64
+            acc = tl.where(acc > 0, acc, acc * 0.2)
         opix = n.to(tl.int64) * OH * OW + oy.to(tl.int64) * OW + ox
         if ACT == 2:  # the tile holds every channel: channels past COUT are zero
             r = _inv_sqrt(tl.sum(acc * acc, axis=1) / COUT + 1e-8, F64)  # IEEE-rounded, as pixel_norm's
@@ -282,13 +280,48 @@ if triton is not None:
                  mask=pmask[:, None] & cmask[None, :])
 
 
-def _blocks(cin: int, cout: int, pn: bool, interp: bool) -> tuple[int, int, int, int, int]:
+if triton is not None:
+    @triton.jit
+    def _conv_epilogue_bwd_kernel(y_ptr, dy_ptr, r_ptr, dz_ptr, db_ptr, C, P, stride_b, stride_c, stride_p,
+                                  SLOPE: tl.constexpr, ACT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                                  ACC_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """dz (the gradient at conv + bias) from the layer's output y, its gradient dy and, for
+        pixel norm, the saved inverse norm r (N, 1, OH, OW): with y = h r, r = (mean_c h^2 + eps)^-1/2,
+        dh = r (dy - y mean_c(dy y)); then the leaky ReLU's slope where y <= 0 (y and its input
+        share their sign). Per-block bias-gradient partial sums in the accumulation dtype."""
+        acc_t = tl.float64 if ACC_F64 else tl.float32
+        pid_p = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        mask = pmask[:, None] & (offs_c[None, :] < C)
+        offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        if ACT == 2:
+            r = tl.load(r_ptr + pid_b.to(tl.int64) * P + offs_p, mask=pmask, other=0.0).to(acc_t)
+            proj = tl.sum(g * y, axis=1) / C
+            g = r[:, None] * (g - y * proj[:, None])
+        g = tl.where(y > 0, g, g * SLOPE)
+        if BIAS_GRAD:
+            row = pid_b * tl.num_programs(0) + pid_p
+            tl.store(db_ptr + row * C + offs_c, tl.sum(g, axis=0).to(db_ptr.dtype.element_ty), mask=offs_c < C)
+        tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(cin: int, cout: int, pn: bool, interp: bool, fma: bool = False) -> tuple[int, int, int, int, int]:
     """(BM pixels, BN channels, BK input channels, warps, pipeline stages). Pixel norm puts all
     output channels in one tile: the accumulator stays at 16k fp32 values (64 per thread) and
-    the weight tile of a 512-channel layer (BK × 512) fits two stages of Hopper's shared memory."""
+    the weight tile of a 512-channel layer (BK × 512) fits two stages of Hopper's shared memory.
+    ``fma``: IEEE fp32 / float64 products (no tensor cores) hold their operands in registers:
+    half the accumulator and BK = 16, which compiles for sm_90 without spilling."""
     if interp:
         bn = max(16, triton.next_power_of_2(cout)) if pn else 16
         return 16, bn, 16, 4, 1
+    if fma:
+        bn = max(16, triton.next_power_of_2(cout)) if pn else (16 if cout <= 16 else 64)
+        return max(16, min(64, 8192 // bn)), bn, 16, 8, 2
     bk = 16 if cin <= 16 else (32 if cin <= 32 else 64)
     if pn:
         bn = max(16, triton.next_power_of_2(cout))
@@ -321,7 +354,7 @@ def _forward(x, weight, bias, scale, activation, resample):
     y = torch.empty(n, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=fmt)
     r = torch.empty(n, 1, oh, ow, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device) if pn else y
     interp = _backend.triton_interpreter_active()
-    bm, bn, bk, warps, stages = _blocks(cin, cout, pn, interp)
+    bm, bn, bk, warps, stages = _blocks(cin, cout, pn, interp, fma=x.dtype in (torch.float32, torch.float64))
     b = bias.detach().contiguous() if bias is not None else wt
     grid = (triton.cdiv(pix, bm), triton.cdiv(cout, bn), classes)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
@@ -334,6 +367,13 @@ def _forward(x, weight, bias, scale, activation, resample):
     return y, (r if pn else None)
 
 
+# The epilogue's backward in the first-order backward: "torch" (a few elementwise passes, what the
+# H200 measured in LAYER_TABLE) or "triton" (_conv_epilogue_bwd_kernel: one pass that reads y, dy and r
+# and writes dz in the layer's dtype with the bias gradient's partial sums; tested in the
+# interpreter, not yet on a GPU: the GPU window's conv stage times both before it becomes the default)
+EPILOGUE_BACKWARD = "torch"
+
+
 def _epilogue_backward(gy, y, r, activation):
     """Gradient at the convolution's output (bias included) from the layer's output gradient."""
     acc = torch.promote_types(gy.dtype, torch.float32)
@@ -343,6 +383,25 @@ def _epilogue_backward(gy, y, r, activation):
     if activation != "linear":  # a > 0 exactly where y > 0
         g = torch.where(yy > 0, g, g * SLOPE)
     return g
+
+
+def _epilogue_backward_fused(gy, y, r, activation, bias_grad):
+    """(dz in y's dtype, the bias gradient in the accumulation dtype or None) by one Triton pass;
+    for ``lrelu`` and ``lrelu_pn`` (``linear`` has no epilogue to differentiate)."""
+    gy = like_layout(gy, y)
+    b, c, p, sb, sc, sp = channel_view(y)
+    block_c, block_p, warps = _triton_blocks(c, p)
+    grid = (triton.cdiv(p, block_p), b)
+    dz = torch.empty_like(y)
+    partial = torch.empty((grid[0] * grid[1] if bias_grad else 0, c), dtype=accumulation_dtype(y), device=y.device)
+    if y.numel():
+        guard = torch.cuda.device(y.device) if y.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            _conv_epilogue_bwd_kernel[grid](y, gy, r if r is not None else y, dz, partial, c, p, sb, sc, sp,
+                                            SLOPE=SLOPE, ACT=ACTIVATIONS.index(activation), BIAS_GRAD=bias_grad,
+                                            ACC_F64=y.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
+                                            num_warps=warps)
+    return dz, (partial.sum(0) if bias_grad else None)
 
 
 class _ConvEqlrFunction(torch.autograd.Function):
@@ -368,15 +427,20 @@ class _ConvEqlrFunction(torch.autograd.Function):
                 out = _differentiable(x, weight, bias, scale, activation, resample)
                 got = iter(torch.autograd.grad(out, wanted, gy, create_graph=True))
         else:
-            dz = _epilogue_backward(gy, y, r, activation)
-            got = iter(_first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias))
+            db = None
+            if EPILOGUE_BACKWARD == "triton" and activation != "linear":
+                dz, db = _epilogue_backward_fused(gy, y, r, activation, need_b)
+            else:
+                dz = _epilogue_backward(gy, y, r, activation)
+            got = iter(_first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias, db))
         grads = [next(got) if need else None for need in (need_x, need_w, need_b)]
         return grads[0], grads[1], grads[2], None, None, None
 
 
-def _first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias):
+def _first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias, db=None):
     """Input, weight and bias gradients (those asked for, in that order) from the gradient at
-    the convolution's output: cuDNN's data and weight gradients of the strided form."""
+    the convolution's output: cuDNN's data and weight gradients of the strided form (``db``:
+    the bias gradient where the epilogue's backward summed it already)."""
     with torch.enable_grad():
         wv = weight.detach().requires_grad_(True)
         w = wv * scale
@@ -396,7 +460,7 @@ def _first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias):
     if need_w:
         out.append(torch.autograd.grad(kern, wv, gk.to(kern.dtype))[0].to(weight.dtype))
     if need_b:
-        out.append(dz.sum(dim=(0, 2, 3)).to(bias.dtype))
+        out.append((db if db is not None else dz.sum(dim=(0, 2, 3))).to(bias.dtype))
     return out
 
 

@@ -56,7 +56,7 @@ if triton is not None:
 
     @triton.jit
     def _constant(hi, lo, ACC_F64: tl.constexpr):
-        # a float argument arrives as float32: in float64, hi + lo restores its float64 value
+        # a float argument arrives as float32: in float64, hi + lo restores it to about 1e-15
         if ACC_F64:
             return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
         else:
