@@ -38,9 +38,10 @@ CPU_RECIPE = {
 
 
 # The GPU plan's growth phases assume this training rate and take GPU_GROWTH_SHARE of the
-# training time at it; the final stable phase then trains at 256 px until the budget ends. Measured
-# on an H200 with this plan: 130–300 img/s at batch 16 (165 on average with the per-tick metrics),
-# growth done at 124 s of 182, then realism 1.46 and diversity 0.80 at 256 px.
+# training time at it; the final stable phase then trains at 256 px until the budget ends. An H200
+# ran this network at 130–300 img/s at batch 16 (165 on average with the per-tick metrics): with
+# an assumed 250 img/s and a 45% share (the same phase lengths within 5%) growth ended at 124 s of
+# 182, then realism 1.46 and diversity 0.80 at 256 px.
 GPU_ASSUMED_IMG_S = 165
 GPU_GROWTH_SHARE = 0.65
 
@@ -69,7 +70,7 @@ def gpu_config(archive, run, p: dict, budget: float, dev: torch.device):
     cfg = gan_config(archive, run, p["resolution"], per_phase, total, device=str(dev), latent_dim=p["latent"],
                      tick_images=per_phase,
                      fmap_base=p["fmap_base"], fmap_max=p["fmap_max"], lr=p["lr"],
-                     batch={4 << i: p["batch"] for i in range(levels)})
+                     batch={4 << i: p["batch"] for i in range(levels)}, realism_images=p.get("realism_images", 256))
     recipe = {
         "fmap_base / fmap_max / latent_dim": (f"{p['fmap_base']} / {p['fmap_max']} / {p['latent']}",
                                               "8192 / 512 / 512", "minutes on one GPU"),
@@ -179,7 +180,8 @@ def demo_markdown(results: dict) -> str:
     if (results.get("train") or {}).get("stopped_early"):
         lines += [f"**Note:** {results['train']['stopped_early']}.", ""]
     elif (results.get("train") or {}).get("budget_note"):
-        lines += [f"Training: {results['train']['budget_note']}.", ""]
+        note = results["train"]["budget_note"]
+        lines += [f"{note[0].upper()}{note[1:]}.", ""]
     r = results.get("realism")
     if r:
         lines += ["## Generated images beside real ones",
@@ -284,10 +286,10 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         else:
             cfg = gan_config(archive, run, p["resolution"], p["phase_images"], p["total_images"], device=str(dev),
                              realism_images=p.get("realism_images", 256))
-        # its share of the budget, less whatever the stages before it overran
-        elapsed = time.perf_counter() - started
-        cfg.max_seconds = max(0.2 * budget, min(budget * p["train_share"],
-                                                budget - elapsed - p.get("after_train_seconds", 0)))
+        cfg.max_seconds = budget * p["train_share"]
+        if "after_train_seconds" in p:  # the GPU plan: less whatever the stages before it overran
+            left = budget - (time.perf_counter() - started) - p["after_train_seconds"]
+            cfg.max_seconds = max(0.2 * budget, min(cfg.max_seconds, left))
         cfg.checkpoint_ticks = 2
         cfg.metrics, cfg.metrics_every, cfg.metrics_images = ["fid", "prdc"], 2, p["samples"]
         cfg.metrics_features = f"classifier:{clf}"

@@ -91,11 +91,11 @@ def reference(x: torch.Tensor, masks: torch.Tensor | None = None
     # every subset's rows in one gather (subset after subset: nonzero() is row-major), then one
     # matmul per subset written in place: two host syncs in all, not one per boolean index
     counts = n.tolist()
-    rows = x.index_select(0, masks.nonzero()[:, 1]).double()
+    rows = x.index_select(0, masks.nonzero()[:, 1])  # in x's dtype: float64 one subset at a time
     start = 0
     for j, count in enumerate(counts):
         if count:
-            sub = rows[start:start + count]
+            sub = rows[start:start + count].double()
             torch.mean(sub, 0, out=mean[j])
             xc = sub - mean[j]
             torch.mm(xc.T, xc, out=m2[j])

@@ -442,6 +442,8 @@ class Trainer:
                 prefetch.request(self.images_seen, self.batch_for(lv), self.net_config.resolution_at(lv))
             tick_start, tick_images, t0 = time.perf_counter(), 0, time.perf_counter()
             last = {}
+            # the α of the last step taken (a batch may end past a phase boundary: its own phase's)
+            last_alpha = self.schedule.at(max(self.images_seen - 1, 0)).alpha
             next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
             while self.images_seen < self.total:
                 phase = self.schedule.at(self.images_seen)
@@ -458,6 +460,7 @@ class Trainer:
                 alpha_t = torch.tensor(phase.alpha, device=self.device)
                 beta = self.cfg.ema_beta_at(global_batch(self.level), self.images_seen)
                 last = self.step(real, self.level, alpha_t if phase.alpha < 1.0 else 1.0, self.gen, ema_beta=beta)
+                last_alpha = phase.alpha
                 self.images_seen = nxt
                 tick_images += global_batch(self.level)
                 bar.update(min(nxt, self.total) - bar.n)
@@ -498,10 +501,9 @@ class Trainer:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        last_phase = self.schedule.at(max(self.images_seen - 1, 0))  # the phase of the last step taken
-        return {"images_seen": self.images_seen, "level": self.level, "alpha": last_phase.alpha,
-                "final_level": self.schedule.final_level, "checkpoint": str(self.latest_checkpoint()),
-                "out": str(self.out), "complete": self.images_seen >= self.total}
+        return {"images_seen": self.images_seen, "level": self.level, "alpha": last_alpha,
+                "checkpoint": str(self.latest_checkpoint()), "out": str(self.out),
+                "complete": self.images_seen >= self.total}
 
 
 def init_distributed() -> tuple[int, int]:
