@@ -217,7 +217,8 @@ def _preprocess_cases():
 
 def _conv_eqlr_cases():
     """ops.conv2d_eqlr's forward at every conv layer of the 1024-px G and D, batch 16,
-    channels_last, in bf16 / fp16 / fp32 (fp64 on a few)."""
+    channels_last, in bf16 / fp16 / fp32 (fp64 on a few), and in bf16 with each of the
+    autotuner's candidate tiles; the fused epilogue backward of each."""
     C = importlib.import_module("xrayforge.ops.conv2d_eqlr")
     from xrayforge.bench.ops import conv_layer_shapes
     cases = []
@@ -232,6 +233,13 @@ def _conv_eqlr_cases():
                     w = _meta((s["cout"], s["cin"], s["kernel"], s["kernel"]), F32)
                     C._forward(x, w, _meta((s["cout"],), F32), 0.1, s["activation"], s["resample"])
                 cases.append((tag, run))
+                if dt == BF16 and layout == "nhwc":  # every tile configuration the autotuner may time
+                    for cfg in C.candidates(s["cin"], s["cout"], s["activation"] == "lrelu_pn")[1:]:
+                        def tuned(s=s, cfg=cfg):
+                            x = _meta((16, s["cin"], s["size"], s["size"]), BF16, "nhwc")
+                            w = _meta((s["cout"], s["cin"], s["kernel"], s["kernel"]), F32)
+                            C._forward(x, w, _meta((s["cout"],), F32), 0.1, s["activation"], s["resample"], cfg)
+                        cases.append((f"{tag} autotune candidate {cfg}", tuned))
                 if s["activation"] == "linear":
                     continue
 

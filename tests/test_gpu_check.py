@@ -112,6 +112,9 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert {s["resample"] for s in conv["layers"]} == {None, "up", "down"}
     assert not [r for r in conv["rows"] if "error" in r] and all(r["fwd+bwd_ms"] > 0 for r in conv["rows"])
     assert all(r["max_err"] < 1e-4 for r in conv["rows"]) and isinstance(conv["layer_table"], list)
+    tuned = [r["tuned_blocks"] for r in conv["rows"] if r["variant"] == CONV_VARIANTS[3][0]]
+    assert len(tuned) == len(conv["layers"]) and all(len(t) == 1 and len(t[0]) == 5 for t in tuned)
+    assert isinstance(conv["layer_table_autotuned"], list)
     train = st["train"]["data"]
     assert [r["mode"] for r in train["rows"]] == ["baseline", "torch-fused", "torch-gradfix", "triton"]
     assert all("img_s" in r and r["phases_ms"] for r in train["rows"])
@@ -181,14 +184,16 @@ def test_conv_layer_table_counts_the_gradient_penalty_for_discriminator_layers()
     assert len(layers) == 36 and {s["resample"] for s in layers} == {None, "up", "down"}
     g = next(s for s in layers if s["activation"] == "lrelu_pn" and s["resample"] == "up" and s["size"] == 64)
     d = next(s for s in layers if s["activation"] == "lrelu" and s["resample"] == "down" and s["size"] == 128)
-    # per layer: cuDNN, fused with the torch epilogue backward, fused with the Triton one
-    rows = [{"fwd+bwd_ms": 2.0}, {"fwd+bwd_ms": 1.0}, {"fwd+bwd_ms": 3.0},         # G layer: fused wins f+b
+    # per layer: cuDNN, fused with the torch epilogue backward, with the Triton one, with autotuned tiles
+    rows = [{"fwd+bwd_ms": 2.0}, {"fwd+bwd_ms": 1.0}, {"fwd+bwd_ms": 3.0}, {"fwd+bwd_ms": 2.5},  # G: fused wins f+b
             {"fwd+bwd_ms": 2.0, "gp_ms": 3.0}, {"fwd+bwd_ms": 1.5, "gp_ms": 4.0},  # D layer: GP loses it...
-            {"fwd+bwd_ms": 1.0, "gp_ms": 3.0}]                                     # ...with the torch backward
+            {"fwd+bwd_ms": 1.0, "gp_ms": 3.0},                                     # ...with the torch backward
+            {"fwd+bwd_ms": 1.9, "gp_ms": 2.9}]
     assert layer_table(rows, [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}
     assert layer_table(rows, [g, d], fused=2) == {(128, 256, 3, "down", "lrelu", 64, "bfloat16"): "triton"}
-    rows[4]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
+    assert layer_table(rows, [g, d], fused=3) == {(128, 256, 3, "down", "lrelu", 64, "bfloat16"): "triton"}
+    rows[5]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
     assert (128, 256, 3, "down", "lrelu", 64, "bfloat16") in layer_table(rows, [g, d])
-    assert layer_table(rows[:4], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # cut short
+    assert layer_table(rows[:5], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # cut short
     rows[1]["error"] = "x"
     assert (256, 128, 3, "up", "lrelu_pn", 128, "bfloat16") not in layer_table(rows, [g, d])

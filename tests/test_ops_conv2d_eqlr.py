@@ -225,6 +225,84 @@ def test_layer_table_holds_only_shapes_of_the_networks():
         assert C.layer_backend(*key[:6], getattr(torch, key[6])) == "triton"
 
 
+def test_autotune_candidates_are_launchable_hopper_tiles():
+    """The declared configurations for every layer of the 1024-px networks: the fixed choice
+    first, at most MAX_CANDIDATES distinct ones, power-of-two tiles, pixel norm's tile over all
+    output channels, the accumulator and shared memory within bounds; one configuration for the
+    FMA dtypes and the interpreter. (benchmarks/triton_aot_check.py compiles each for sm_90.)"""
+    from xrayforge.bench.ops import conv_layer_shapes
+    for s in conv_layer_shapes():
+        pn = s["activation"] == "lrelu_pn"
+        cands = C.candidates(s["cin"], s["cout"], pn)
+        assert cands[0] == C._blocks(s["cin"], s["cout"], pn, False), s
+        assert 2 <= len(cands) <= C.MAX_CANDIDATES and len(set(cands)) == len(cands), s
+        for bm, bn, bk, warps, stages in cands:
+            assert all(v >= 16 and v & (v - 1) == 0 for v in (bm, bn, bk)), (s, bm, bn, bk)
+            assert warps in (4, 8) and stages >= 2
+            assert bm * bn <= 2048 * warps and stages * (bm * bk + bk * bn) * 2 <= C.SMEM_BUDGET
+            assert bn >= s["cout"] if pn else bn <= 128
+        for fma, interp in ((True, False), (False, True)):
+            assert C.candidates(s["cin"], s["cout"], pn, interp, fma) == [C._blocks(s["cin"], s["cout"], pn, interp,
+                                                                                    fma)]
+
+
+def test_autotune_keeps_the_fastest_and_skips_failures(monkeypatch):
+    monkeypatch.setattr(C, "_TUNED", {})
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    ran = []
+
+    def launch(cfg):
+        ran.append(cfg)
+        if cfg == "d":
+            raise RuntimeError("out of resources")
+
+    def timer(fn):
+        fn()
+        return times[ran[-1]]
+    assert C._autotune("k", ["a", "d", "b", "c"], launch, timer) == "b"
+    assert ran == ["a", "d", "b", "c"] and C.tuned_blocks() == {"k": "b"}
+    assert C._autotune("k", ["a", "c"], launch, timer) == "b" and len(ran) == 4  # cached: nothing timed
+    assert C._autotune("one", ["a"], launch, lambda fn: 1 / 0) == "a"  # a single configuration is not timed
+    with pytest.raises(RuntimeError, match="out of resources"):
+        C._autotune("bad", ["d", "d"], launch, timer)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("cin,cout,resample,activation", [(16, 16, None, "lrelu_pn"), (32, 16, "up", "lrelu_pn"),
+                                                          (16, 32, "down", "lrelu"), (1, 16, None, "lrelu"),
+                                                          (64, 128, None, "lrelu")])
+def test_every_autotune_candidate_computes_the_layer(kb, cin, cout, resample, activation):
+    """Each Hopper tile configuration the autotuner may pick, in bf16 channels_last (run by the
+    interpreter on the CPU): as accurate as eager against float64."""
+    _, device = kb
+    k = 1 if cin == 1 else 3
+    x = make((2, cin, 6, 5), "channels_last", device=device)
+    w, b, scale = layer(cin, cout, k, device)
+    exact = C.reference(x, w, b, scale=scale, activation=activation, resample=resample)
+    xb = x.to(torch.bfloat16)
+    eager = C.reference(xb, w, b, scale=scale, activation=activation, resample=resample)
+    for cfg in C.candidates(cin, cout, activation == "lrelu_pn"):
+        got, _ = C._forward(xb, w, b, scale, activation, resample, blocks=cfg)
+        assert_as_accurate_as_eager(got, eager, exact, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_autotune_switch_runs_the_layer_and_records_its_choice(kb, monkeypatch):
+    _, device = kb
+    monkeypatch.setattr(C, "AUTOTUNE", True)
+    monkeypatch.setattr(C, "_TUNED", {})
+    x = make((2, 16, 6, 6), "channels_last", device=device).to(torch.bfloat16)
+    w, b, scale = layer(16, 32, 3, device)
+    exact = C.reference(x.double(), w, b, scale=scale, activation="lrelu", resample="down")
+    eager = C.reference(x, w, b, scale=scale, activation="lrelu", resample="down")
+    got = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu", resample="down", backend="triton")
+    assert_as_accurate_as_eager(got, eager, exact, torch.bfloat16)
+    (key, cfg), = C.tuned_blocks().items()
+    assert key == (2, 16, 6, 6, 32, 3, "down", "lrelu", "bfloat16", True)
+    interp = device == "cpu"
+    assert cfg in C.candidates(16, 32, False, interp) and (not interp or cfg == C._blocks(16, 32, False, True))
+
+
 @pytest.mark.parametrize("args,kwargs,match", [
     ((torch.zeros(2, 3, 4), torch.zeros(4, 3, 3, 3)), {}, r"\(N, C, H, W\)"),
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3)), {}, "odd k"),

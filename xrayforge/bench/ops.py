@@ -196,9 +196,11 @@ def _conv_costs(s: dict, batch: int, elsize: int) -> tuple[float, int, int]:
     return flops, bx + by, 3 * bx + 3 * by  # f+b also reads x, y and dy and writes dx
 
 
-# (variant, EqualizedConv2d.eqlr_backend, ops.conv2d_eqlr.EPILOGUE_BACKWARD) per layer, in order
-CONV_VARIANTS = (("cudnn + epilogue", "cudnn", "torch"), ("fused triton", "triton", "torch"),
-                 ("fused triton, Triton epilogue backward", "triton", "triton"))
+# (variant, EqualizedConv2d.eqlr_backend, ops.conv2d_eqlr.EPILOGUE_BACKWARD, ops.conv2d_eqlr.AUTOTUNE)
+# per layer, in order
+CONV_VARIANTS = (("cudnn + epilogue", "cudnn", "torch", False), ("fused triton", "triton", "torch", False),
+                 ("fused triton, Triton epilogue backward", "triton", "triton", False),
+                 ("fused triton, autotuned tiles", "triton", "torch", True))
 
 
 def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int = 512, batch: int = 16,
@@ -216,7 +218,7 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     from ..ops.conv2d import no_weight_gradients
     from ..ops.conv2d_eqlr import reference as eqlr_reference
     eqlr = importlib.import_module("xrayforge.ops.conv2d_eqlr")
-    default_epilogue_backward = eqlr.EPILOGUE_BACKWARD
+    defaults = eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
     amp = dev.type == "cuda" and dt != torch.float32
@@ -239,14 +241,15 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
                                    activation=s["activation"], resample=s["resample"])
         dy = torch.randn((batch,) + tuple(exact.shape[1:]), device=dev).to(dt).contiguous(memory_format=fmt)
         base = {}
-        for variant, backend, epilogue_backward in CONV_VARIANTS:
+        for variant, backend, epilogue_backward, autotune in CONV_VARIANTS:
             layer.eqlr_backend = backend
-            eqlr.EPILOGUE_BACKWARD = epilogue_backward
+            eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = epilogue_backward, autotune
+            tuned_before = set(eqlr.tuned_blocks())
             row = {"op": "conv2d_eqlr", "shape": shape, "batch": batch, "dtype": dtype, "variant": variant}
             try:
                 with torch.autocast(dev.type, dt, enabled=amp):
-                    with torch.no_grad():
-                        got = layer(x[:1])
+                    with torch.no_grad():  # the whole batch: the shape the autotuner tunes for
+                        got = layer(x)[:1]
                     row["max_err"] = (got.double() - exact).abs().max().item()
                     xg = x.detach().requires_grad_()
 
@@ -274,7 +277,9 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
             except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
                 row["error"] = error_summary(exc)
             finally:
-                eqlr.EPILOGUE_BACKWARD = default_epilogue_backward
+                eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = defaults
+            if autotune:  # the tiles the autotuner chose for this layer (timed in the warm-up calls)
+                row["tuned_blocks"] = [list(v) for k, v in eqlr.tuned_blocks().items() if k not in tuned_before]
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -286,7 +291,8 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
 def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", fused: int = 1) -> dict:
     """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results (one row per CONV_VARIANTS
     entry and layer; the layers measured so far): the layers whose fused kernel (variant
-    ``fused``: 1 with the torch epilogue backward, 2 with the Triton one) cost less than cuDNN +
+    ``fused``: 1 with the torch epilogue backward, 2 with the Triton one, 3 with autotuned
+    tiles) cost less than cuDNN +
     the epilogue over what a training step asks of them — forward + backward, plus the gradient
     penalty for D's layers."""
     table = {}

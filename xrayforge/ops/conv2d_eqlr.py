@@ -30,7 +30,10 @@ eps 1e-8). Kernels of any odd size without resampling (1×1 for toRGB / fromRGB)
   double backward works; ``ops.conv2d.no_weight_gradients`` is honoured.
 
 Which layers use the Triton path is decided per layer shape from measured data
-(``LAYER_TABLE``, from an H200's measurements; shapes not in it keep cuDNN).
+(``LAYER_TABLE``, from an H200's measurements; shapes not in it keep cuDNN). The tiles are
+fixed per layer kind (``_blocks``) unless ``AUTOTUNE`` is on: then the first launch of a layer
+shape on a GPU times the configurations ``candidates`` declares for Hopper and keeps the
+fastest (off by default until a GPU window has measured what it gains).
 """
 from __future__ import annotations
 
@@ -332,7 +335,92 @@ def _blocks(cin: int, cout: int, pn: bool, interp: bool, fma: bool = False) -> t
     return 64, bn, bk, 8 if bn == 128 else 4, 3
 
 
-def _forward(x, weight, bias, scale, activation, resample):
+# The autotuner: off until a GPU window has measured it (ops.conv2d_eqlr.AUTOTUNE = True, or the
+# GPU window's conv stage, which times it beside the fixed tiles of _blocks). When on, the first
+# launch of each layer shape on a GPU times every configuration of ``candidates`` and keeps the
+# fastest for that shape (``tuned_blocks``); a configuration that fails to compile or launch is
+# skipped. The interpreter has one configuration, so it runs that one untimed.
+AUTOTUNE = False
+MAX_CANDIDATES = 6
+SMEM_BUDGET = 160 * 1024  # bytes of staged A + B tiles a candidate may use (sm_90 has 227 KiB per block)
+_TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def candidates(cin: int, cout: int, pn: bool, interp: bool = False, fma: bool = False,
+               elsize: int = 2) -> list[tuple[int, int, int, int, int]]:
+    """The (BM, BN, BK, warps, stages) tile configurations declared for Hopper (sm_90) that the
+    autotuner times for a layer: ``_blocks``' fixed choice first, then up to
+    ``MAX_CANDIDATES - 1`` others — other pixel-tile heights (and 64-channel tiles where the
+    default has 128), a smaller K step, one more and one fewer pipeline stage. Pixel norm keeps
+    every output channel in one tile (BN = COUT rounded up to a power of two). Every candidate
+    keeps the fp32 accumulator at ≤ 64 values per thread and its pipelined A and B tiles within
+    ``SMEM_BUDGET``, and every candidate of the 1024-px networks' layers compiles for sm_90
+    without register spills. Tensor-core dtypes only (bf16 / fp16): the fp32 / float64 FMA path
+    and the interpreter have their one configuration."""
+    default = _blocks(cin, cout, pn, interp, fma)
+    if interp or fma:
+        return [default]
+    bk_max = 16 if cin <= 16 else (32 if cin <= 32 else 64)
+    if pn:
+        bn = max(16, triton.next_power_of_2(cout))
+        tiles = list(dict.fromkeys((max(16, min(256, v)), bn) for v in (16384 // bn, 8192 // bn, 32768 // bn)))
+        stages0 = 2 if bn >= 256 else 3
+    else:
+        bn = 16 if cout <= 16 else (32 if cout <= 32 else (64 if cout <= 64 else 128))
+        tiles = [(64, bn), (128, bn), (256, bn) if bn <= 32 else (32, bn)] + ([(128, 64)] if bn == 128 else [])
+        stages0 = 3
+    tried = [(bm, bn, bk_max, stages0) for bm, bn in tiles]
+    tried += [(bm, bn, 16 if bk_max <= 32 else 32, stages0) for bm, bn in tiles[:2]]
+    tried += [(tiles[0][0], tiles[0][1], bk_max, st) for st in (stages0 + 1, stages0 - 1) if st >= 2]
+    out = [default]
+    for bm, bn, bk, stages in tried:
+        warps = 4 if bm * bn <= 4096 else 8
+        cfg = (bm, bn, bk, warps, stages)
+        if (len(out) < MAX_CANDIDATES and cfg not in out and bm * bn <= 2048 * warps
+                and stages * (bm * bk + bk * bn) * elsize <= SMEM_BUDGET
+                # these spilled registers on sm_90 (benchmarks/triton_aot_check.py): a 128 × 128 tile
+                # over unaligned input channels (D's 513), and 16-pixel pixel-norm tiles with BK = 64
+                and not (cin % 16 and bm * bn > 1024 * warps) and not (pn and bm == 16 and bk == 64)):
+            out.append(cfg)
+    return out
+
+
+def tuned_blocks() -> dict[tuple, tuple[int, int, int, int, int]]:
+    """The autotuner's choices so far: (N, CIN, H, W, COUT, kernel, resample, activation, dtype,
+    channels_last) -> (BM, BN, BK, warps, stages)."""
+    return dict(_TUNED)
+
+
+def _autotune(key, configs, launch, timer=None):
+    """The fastest of ``configs`` for ``launch(cfg)`` by ``timer(fn) -> ms`` (triton's
+    do_bench by default), cached under ``key``; a configuration that raises is skipped, and if
+    every one raises the first one's error is raised."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(configs) == 1:
+        _TUNED[key] = configs[0]
+        return configs[0]
+    if timer is None:
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=5, rep=25)
+    best, best_ms, first_error = None, float("inf"), None
+    for cfg in configs:
+        try:
+            ms = timer(lambda cfg=cfg: launch(cfg))
+        except Exception as exc:  # noqa: BLE001 - compile / launch failures rule a configuration out
+            first_error = first_error or exc
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise first_error
+    _TUNED[key] = best
+    return best
+
+
+def _forward(x, weight, bias, scale, activation, resample, blocks=None):
     """(y, per-pixel inverse pixel norm (N, 1, OH, OW; fp32, float64 for float64 input) or None)
     by the Triton kernel."""
     n, cin, h, w = x.shape
@@ -354,16 +442,27 @@ def _forward(x, weight, bias, scale, activation, resample):
     y = torch.empty(n, cout, oh, ow, dtype=x.dtype, device=x.device, memory_format=fmt)
     r = torch.empty(n, 1, oh, ow, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device) if pn else y
     interp = _backend.triton_interpreter_active()
-    bm, bn, bk, warps, stages = _blocks(cin, cout, pn, interp, fma=x.dtype in (torch.float32, torch.float64))
+    fma = x.dtype in (torch.float32, torch.float64)
     b = bias.detach().contiguous() if bias is not None else wt
-    grid = (triton.cdiv(pix, bm), triton.cdiv(cout, bn), classes)
     guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        _conv_kernel[grid](x, wt, b, y, r, h, w, cin, cout, oh, ow, pix, *x.stride(), *y.stride(),
-                           MODE=mode, KT=wt.shape[1], KW=kw, PAD=k // 2, HAS_BIAS=bias is not None,
-                           ACT=ACTIVATIONS.index(activation),
-                           F64=x.dtype == torch.float64, UPCAST=interp and x.dtype == torch.bfloat16,
-                           BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+    def launch(cfg):
+        bm, bn, bk, warps, stages = cfg
+        grid = (triton.cdiv(pix, bm), triton.cdiv(cout, bn), classes)
+        with guard:
+            _conv_kernel[grid](x, wt, b, y, r, h, w, cin, cout, oh, ow, pix, *x.stride(), *y.stride(),
+                               MODE=mode, KT=wt.shape[1], KW=kw, PAD=k // 2, HAS_BIAS=bias is not None,
+                               ACT=ACTIVATIONS.index(activation),
+                               F64=x.dtype == torch.float64, UPCAST=interp and x.dtype == torch.bfloat16,
+                               BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    if blocks is None:
+        if AUTOTUNE:  # every timed launch writes the same y and r, the last one included
+            key = (n, cin, h, w, cout, k, resample, activation, str(x.dtype).replace("torch.", ""),
+                   fmt == torch.channels_last)
+            blocks = _autotune(key, candidates(cin, cout, pn, interp, fma, x.element_size()), launch)
+        else:
+            blocks = _blocks(cin, cout, pn, interp, fma)
+    launch(blocks)
     return y, (r if pn else None)
 
 
