@@ -102,6 +102,7 @@ def plan(minutes: float, device: torch.device) -> dict:
                 "batch": 16, "lr": 2e-3, "phase_images": None, "total_images": None, "clf_size": 128,
                 "clf_width": 32, "clf_epochs": 4, "samples": 1000, "lco_n": 64, "fid_real": 5000,
                 "labelled_n": 2500, "diversity_n": 2000, "tstr_epochs": 5, "train_share": 0.6, "fid_counts": None,
+                "audit_real": None,
                 "fid_min_images": 10,
                 # what follows training took about 60 s on an H200 (sampling, FID, TSTR, diversity,
                 # audit, report): training stops early enough to leave it that
@@ -111,12 +112,14 @@ def plan(minutes: float, device: torch.device) -> dict:
         return {"recipe": "cpu", "resolution": 32, "images": 600,
                 "phase_images": max(64, int(minutes * 400) // 16 * 16),
                 "total_images": None, "clf_size": 32, "clf_width": 16, "clf_epochs": 4 if minutes < 1 else 6,
-                "samples": fid_n, "lco_n": 4, "fid_real": fid_n, "labelled_n": 300, "diversity_n": 200,
+                "samples": fid_n, "lco_n": 4, "fid_real": fid_n, "audit_real": fid_n, "labelled_n": 300,
+                "diversity_n": 200,
                 "tstr_epochs": 4, "train_share": 0.35, "fid_counts": None, "fid_min_images": 4,
                 "realism_images": 32}
     return {"recipe": "cpu", "resolution": 32, "images": 8000, "phase_images": 2500,
             "total_images": int(3700 * minutes),
             "clf_size": 32, "clf_width": 16, "clf_epochs": 3, "samples": 96, "lco_n": 8, "fid_real": 96,
+            "audit_real": None,  # the memorisation audit against every training image (about 10 s)
             "labelled_n": 400, "diversity_n": 400, "tstr_epochs": 3, "train_share": 0.6,
             # each 2048-d Fréchet distance takes seconds on a CPU: no curve over sample counts, and FID per
             # finding only where a finding has 40 images on each side
@@ -374,9 +377,10 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     if not (evals / "memorisation" / "summary.json").is_file():
         say("memorisation audit")
         audit(str(samples / "unconditional"), str(archive), evals / "memorisation", extractor,
-              real_limit=p["fid_real"], progress=progress)
+              real_limit=p["audit_real"], progress=progress)
     mem = read_json(evals / "memorisation" / "summary.json")
-    results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real")}
+    results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real", "expected_by_chance", "p_value",
+                                                   "more_than_chance") if k in mem}
     lap("evaluations")
     report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))
     page = Path(report["html"])
@@ -394,5 +398,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         print(f"  FID {results['fid']['fid']:.3f} ({results['fid']['inception']})")
         print(f"  realism ratio {results['realism']['realism']:.2f}, diversity {results['realism']['diversity']:.2f} "
               f"(1 = as close to the data as the data is to itself); memorisation audit: "
-              f"{results['memorisation']['flagged']} of {results['memorisation']['synthetic']} samples flagged")
+              f"{results['memorisation']['flagged']} of {results['memorisation']['synthetic']} samples flagged"
+              + (f", {results['memorisation']['expected_by_chance']:.1f} expected by chance "
+                 f"(p = {results['memorisation']['p_value']:.2g})" if "p_value" in results["memorisation"] else ""))
     return results

@@ -47,7 +47,7 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_memorisation(args: argparse.Namespace) -> int:
-    from ..evaluate.memorisation import audit
+    from ..evaluate.memorisation import audit, chance_sentence
     from ..fid.compute import FeatureExtractor
 
     ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
@@ -58,6 +58,7 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
           f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
           f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
           f"{summary['median_real_to_real_inception']:.3f} (features {summary['features']}: {summary['inception']})")
+    print(chance_sentence(summary))
     return 0
 
 
@@ -174,7 +175,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "--features) and in "
                     "32×32 pixel space, against real-to-real nearest-neighbour distances; flags pairs closer than "
                     "the --percentile of those; writes memorisation.csv, summary.json, distances.png and "
-                    "closest_pairs.png. Distances are computed in chunks, never as a whole matrix.")
+                    "closest_pairs.png. The same rule applied to the real images against each other gives "
+                    "the flags a generator that copies nothing would have; the summary compares the count "
+                    "with that (binomial p-value). Distances are computed in chunks, never as a whole matrix.")
     q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
     q.add_argument("--real", required=True, help="the training archive (or a folder of real images)")
     q.add_argument("--out", required=True)

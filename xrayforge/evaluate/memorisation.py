@@ -7,6 +7,15 @@ A synthetic image closer to a real one than the ``percentile``-th percentile of 
 real-to-real nearest-neighbour distances, in either space, is flagged. Distances are computed
 in chunks on the accelerator, so the full distance matrix never exists (100k × 100k is fine).
 
+A flag is a screen, not a verdict: a generator that copies nothing but samples the data's
+distribution still has images under the thresholds, as new real images would (about
+``percentile``% per space with many real images, more with few: ``chance_rate``). The summary
+gives the number of flags that chance alone gives (``expected_by_chance``, a bound: the two
+spaces' flags counted as if they never overlapped) and the binomial probability of at least
+the observed number at that rate (``p_value``); ``more_than_chance`` is p < 0.01. Copies show
+up as more flags than chance, at pixel or feature distances far below the real-to-real ones
+(``closest_pairs.png``).
+
 Writes memorisation.csv (one row per synthetic image), summary.json, distances.png (the two
 distributions) and closest_pairs.png (the closest synthetic / real pairs side by side).
 """
@@ -22,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fid.preprocess import max_value
+from .metrics import binomial_upper_tail
 from ..utils.neighbours import nearest_neighbours, pixel_vectors
 from ..utils.files import claim_output
 
@@ -72,6 +82,8 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     thr_f = float(np.percentile(rr_f.numpy(), percentile))
     thr_p = float(np.percentile(rr_p.numpy(), percentile))
     flagged = (d_f < thr_f) | (d_p < thr_p)
+    chance = chance_rate(len(r_names), percentile)
+    p_value = binomial_upper_tail(int(flagged.sum()), len(s_names), chance)
     rows = [{"synthetic": s_names[k], "nearest_real_inception": r_names[int(i_f[k])],
              "inception_distance": round(float(d_f[k]), 6), "nearest_real_pixels": r_names[int(i_p[k])],
              "pixel_distance": round(float(d_p[k]), 6), "flagged": int(flagged[k])} for k in range(len(s_names))]
@@ -84,7 +96,8 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     summary = {
         "evaluation": "memorisation", "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
-        "flagged_fraction": float(flagged.float().mean()),
+        "flagged_fraction": float(flagged.float().mean()), "chance_rate": chance,
+        "expected_by_chance": chance * len(s_names), "p_value": p_value, "more_than_chance": p_value < 0.01,
         "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(rr_f.median()),
         "median_synthetic_to_real_pixels": float(d_p.median()), "median_real_to_real_pixels": float(rr_p.median()),
         "inception": extractor.describe_space(), "features": extractor.space_name}
@@ -93,6 +106,30 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
     return summary
+
+
+def chance_rate(n_real: int, percentile: float) -> float:
+    """How often an image drawn from the real distribution, copying nothing, is flagged. Each
+    threshold is the k-th smallest of the n real-to-real distances, k = 1 + q (n - 1) for
+    q = percentile / 100 (linear interpolation), and a new draw falls below the k-th smallest
+    of n draws with probability k / (n + 1) on average; in either of the two spaces, at most
+    twice that. (Not q itself: with 96 real images the 1st percentile lies next to the smallest
+    distance, under which 1 in 97 new draws falls; and not the reals' own count under the
+    threshold: mutual nearest neighbours tie, so the smallest distance occurs twice.)"""
+    k = 1 + percentile / 100 * (n_real - 1)
+    return min(1.0, 2 * k / (n_real + 1))
+
+
+def chance_sentence(summary: dict) -> str:
+    """The flags against what chance gives, in a sentence ('' for a summary written before the
+    chance baseline existed)."""
+    if "expected_by_chance" not in summary:
+        return ""
+    verdict = ("more than chance gives: look at the closest pairs" if summary["more_than_chance"]
+               else "no more than chance gives")
+    return (f"A generator that copies nothing would have up to {summary['expected_by_chance']:.1f} flagged by "
+            f"chance (new real images would be, at a rate of {100 * summary['chance_rate']:.1f}%): "
+            f"p = {summary['p_value']:.2g}, {verdict}.")
 
 
 def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path):

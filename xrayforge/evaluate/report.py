@@ -99,10 +99,11 @@ def _section(kind: str, folder: Path) -> list[str]:
         return ["## Disease diversity", (folder / "diversity.md").read_text(),
                 f"![finding co-occurrence]({folder / 'cooccurrence.png'})"]
     if kind == "memorisation":
+        from .memorisation import chance_sentence
         return ["## Memorisation audit",
                 f"{s['flagged']} of {s['synthetic']} synthetic images ({100 * s['flagged_fraction']:.2f}%) are closer "
                 f"to a real training image than {s['percentile']}% of real images are to their nearest other real "
-                f"image (Inception: {s['inception']}).", "",
+                f"image (Inception: {s['inception']}). {chance_sentence(s)}", "",
                 "| distance to the nearest real image (median) | synthetic | real-to-real |", "|---|---|---|",
                 f"| Inception features | {s['median_synthetic_to_real_inception']:.4g} | "
                 f"{s['median_real_to_real_inception']:.4g} |",
