@@ -92,3 +92,9 @@ def test_make_a_blinded_pack(tmp_path):
         make(str(tmp_path / "real"), str(synth), 8, tmp_path / "pack2", key_path=tmp_path / "pack2" / "k.csv")
     with pytest.raises(ValueError, match="even number"):
         make(str(tmp_path / "real"), str(synth), 7, tmp_path / "pack3")
+
+
+def test_binomial_two_sided_for_large_n():
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in ((560, 1100), (2600, 5000), (50, 120)):  # past n ~ 1030 math.comb overflowed a float
+        assert binomial_two_sided(k, n) == pytest.approx(stats.binomtest(k, n).pvalue, rel=1e-6)

@@ -102,7 +102,7 @@ def plan(minutes: float, device: torch.device) -> dict:
                 "batch": 16, "lr": 2e-3, "phase_images": None, "total_images": None, "clf_size": 128,
                 "clf_width": 32, "clf_epochs": 4, "samples": 1000, "lco_n": 64, "fid_real": 5000,
                 "labelled_n": 2500, "diversity_n": 2000, "tstr_epochs": 5, "train_share": 0.6, "fid_counts": None,
-                "audit_real": None,
+                "audit_real": 5000,
                 "fid_min_images": 10,
                 # what follows training took about 60 s on an H200 (sampling, FID, TSTR, diversity,
                 # audit, report): training stops early enough to leave it that
@@ -379,8 +379,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         audit(str(samples / "unconditional"), str(archive), evals / "memorisation", extractor,
               real_limit=p["audit_real"], progress=progress)
     mem = read_json(evals / "memorisation" / "summary.json")
-    results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real", "expected_by_chance", "p_value",
-                                                   "more_than_chance") if k in mem}
+    results["memorisation"] = {k: mem[k] for k in ("flagged", "synthetic", "real", "real_flagged",
+                                                   "expected_by_chance", "p_value", "more_than_chance") if k in mem}
     lap("evaluations")
     report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))
     page = Path(report["html"])
@@ -392,13 +392,14 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         "evaluations (TSTR, FID per finding, diversity, memorisation)": run / "evaluations",
         "report": page, "all figures (JSON)": state_path}
     if progress:
+        mem = results["memorisation"]
         print("\nxrayforge demo finished. Results:")
         for what, path in where.items():
             print(f"  {what:58s} {path}")
         print(f"  FID {results['fid']['fid']:.3f} ({results['fid']['inception']})")
         print(f"  realism ratio {results['realism']['realism']:.2f}, diversity {results['realism']['diversity']:.2f} "
               f"(1 = as close to the data as the data is to itself); memorisation audit: "
-              f"{results['memorisation']['flagged']} of {results['memorisation']['synthetic']} samples flagged"
-              + (f", {results['memorisation']['expected_by_chance']:.1f} expected by chance "
-                 f"(p = {results['memorisation']['p_value']:.2g})" if "p_value" in results["memorisation"] else ""))
+              f"{mem['flagged']} of {mem['synthetic']} samples flagged"
+              + (f", {mem['expected_by_chance']:.1f} expected by chance (Fisher p = {mem['p_value']:.2g})"
+                 if mem.get("p_value") is not None else ""))
     return results

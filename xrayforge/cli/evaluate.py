@@ -58,7 +58,8 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
           f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
           f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
           f"{summary['median_real_to_real_inception']:.3f} (features {summary['features']}: {summary['inception']})")
-    print(chance_sentence(summary))
+    if chance_sentence(summary):
+        print(chance_sentence(summary))
     return 0
 
 
@@ -175,9 +176,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "--features) and in "
                     "32×32 pixel space, against real-to-real nearest-neighbour distances; flags pairs closer than "
                     "the --percentile of those; writes memorisation.csv, summary.json, distances.png and "
-                    "closest_pairs.png. The same rule applied to the real images against each other gives "
-                    "the flags a generator that copies nothing would have; the summary compares the count "
-                    "with that (binomial p-value). Distances are computed in chunks, never as a whole matrix.")
+                    "closest_pairs.png. Half of the real images, put through the same rule against the other half "
+                    "alongside the synthetic ones, are the control group: the summary tests the synthetic flag "
+                    "rate against theirs (one-sided Fisher exact test, each half the reference once). Distances "
+                    "are computed in chunks, never as a whole matrix.")
     q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
     q.add_argument("--real", required=True, help="the training archive (or a folder of real images)")
     q.add_argument("--out", required=True)

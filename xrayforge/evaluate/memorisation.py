@@ -8,13 +8,13 @@ real-to-real nearest-neighbour distances, in either space, is flagged. Distances
 in chunks on the accelerator, so the full distance matrix never exists (100k × 100k is fine).
 
 A flag is a screen, not a verdict: a generator that copies nothing but samples the data's
-distribution still has images under the thresholds, as new real images would (about
-``percentile``% per space with many real images, more with few: ``chance_rate``). The summary
-gives the number of flags that chance alone gives (``expected_by_chance``, a bound: the two
-spaces' flags counted as if they never overlapped) and the binomial probability of at least
-the observed number at that rate (``p_value``); ``more_than_chance`` is p < 0.01. Copies show
-up as more flags than chance, at pixel or feature distances far below the real-to-real ones
-(``closest_pairs.png``).
+distribution still has images under the thresholds, as new real images would. So the real
+images are also the control group (``screen``): with half of them as the reference, the other
+half and the synthetic images go through the same rule, each half in turn. The summary gives
+the reals flagged that way (``real_flagged``), the synthetic flags expected at that rate
+(``expected_by_chance``) and an exact one-sided Fisher test of the synthetic rate against it
+(``p_value``); ``more_than_chance`` is p < 0.01. Copies show up as more flags than the reals
+get, at pixel or feature distances far below the real-to-real ones (``closest_pairs.png``).
 
 Writes memorisation.csv (one row per synthetic image), summary.json, distances.png (the two
 distributions) and closest_pairs.png (the closest synthetic / real pairs side by side).
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fid.preprocess import max_value
-from .metrics import binomial_upper_tail
+from .metrics import fisher_greater
 from ..utils.neighbours import nearest_neighbours, pixel_vectors
 from ..utils.files import claim_output
 
@@ -67,6 +67,53 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
     return names, torch.cat(feats), torch.cat(pix), torch.cat(thumbs)
 
 
+def _flags(queries: list[torch.Tensor], refs: list[torch.Tensor], percentile: float):
+    """Per space the queries' nearest-reference (distance, index), the references' distance to
+    their nearest other reference, and its ``percentile`` (the threshold); and the flags: under
+    the threshold in any space."""
+    out, flagged = [], torch.zeros(len(queries[0]), dtype=torch.bool)
+    for q, r in zip(queries, refs):
+        d, i = nearest_neighbours(q, r)
+        nn = nearest_neighbours(r, r, exclude_self=True)[0]
+        thr = float(np.percentile(nn.numpy(), percentile))
+        flagged |= d < thr
+        out.append((d, i, nn, thr))
+    return out, flagged
+
+
+def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: float = 1.0, seed: int = 0) -> dict:
+    """The audit's statistics in any number of spaces (one (M, D) synthetic and one (N, D) real
+    tensor per space; the reals on the device to compute on).
+
+    The flags: a synthetic image under the ``percentile`` of the real-to-real nearest-neighbour
+    distances in any space, against all N reals (``distance``, ``index``, ``real_nn``,
+    ``threshold`` per space). The test: the reals are split in two halves (seeded); with one half
+    as the reference, the other half's images and the synthetic ones go through the same rule
+    against it. Given the reference, a real control image and a synthetic image that copies
+    nothing are flagged with the same probability, independently, so the one-sided Fisher exact
+    test of the two counts is exact; each half is the reference once (copies of either half are
+    seen) and the smaller p, doubled, is the ``p_value``. ``real_flagged``: the controls flagged,
+    each real image once. None of the test's fields for fewer than 4 reals."""
+    per_space, flagged = _flags(synthetic, real, percentile)
+    out = {"distance": [t[0] for t in per_space], "index": [t[1] for t in per_space],
+           "real_nn": [t[2] for t in per_space], "threshold": [t[3] for t in per_space], "flagged": flagged,
+           "real_flagged": None, "p_value": None}
+    n, m = len(real[0]), len(synthetic[0])
+    if n < 4:
+        return out
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(real[0].device)
+    halves = (perm[:n // 2], perm[n // 2:])
+    controls, p_values = 0, []
+    for ref, ctrl in (halves, halves[::-1]):
+        refs = [r[ref] for r in real]
+        s_flags = _flags(synthetic, refs, percentile)[1]
+        c_flags = _flags([r[ctrl] for r in real], refs, percentile)[1]
+        controls += int(c_flags.sum())
+        p_values.append(fisher_greater(int(s_flags.sum()), m, int(c_flags.sum()), len(ctrl)))
+    out.update(real_flagged=controls, p_value=min(1.0, 2 * min(p_values)))
+    return out
+
+
 def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
           real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
     out = claim_output(out, "evaluate memorisation", signatures=("memorisation.csv",))
@@ -75,15 +122,9 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     if len(r_names) < 2:
         raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference")
     dev = extractor.device
-    d_f, i_f = nearest_neighbours(s_feat, r_feat.to(dev))
-    d_p, i_p = nearest_neighbours(s_pix, r_pix.to(dev))
-    rr_f, _ = nearest_neighbours(r_feat, r_feat.to(dev), exclude_self=True)
-    rr_p, _ = nearest_neighbours(r_pix, r_pix.to(dev), exclude_self=True)
-    thr_f = float(np.percentile(rr_f.numpy(), percentile))
-    thr_p = float(np.percentile(rr_p.numpy(), percentile))
-    flagged = (d_f < thr_f) | (d_p < thr_p)
-    chance = chance_rate(len(r_names), percentile)
-    p_value = binomial_upper_tail(int(flagged.sum()), len(s_names), chance)
+    sc = screen([s_feat, s_pix], [r_feat.to(dev), r_pix.to(dev)], percentile)
+    (d_f, d_p), (i_f, i_p), (nn_f, nn_p), (thr_f, thr_p) = sc["distance"], sc["index"], sc["real_nn"], sc["threshold"]
+    flagged, real_flagged, p_value, n_real = sc["flagged"], sc["real_flagged"], sc["p_value"], len(r_names)
     rows = [{"synthetic": s_names[k], "nearest_real_inception": r_names[int(i_f[k])],
              "inception_distance": round(float(d_f[k]), 6), "nearest_real_pixels": r_names[int(i_p[k])],
              "pixel_distance": round(float(d_p[k]), 6), "flagged": int(flagged[k])} for k in range(len(s_names))]
@@ -96,40 +137,28 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     summary = {
         "evaluation": "memorisation", "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
-        "flagged_fraction": float(flagged.float().mean()), "chance_rate": chance,
-        "expected_by_chance": chance * len(s_names), "p_value": p_value, "more_than_chance": p_value < 0.01,
-        "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(rr_f.median()),
-        "median_synthetic_to_real_pixels": float(d_p.median()), "median_real_to_real_pixels": float(rr_p.median()),
+        "flagged_fraction": float(flagged.float().mean()), "real_flagged": real_flagged,
+        "expected_by_chance": None if real_flagged is None else real_flagged / n_real * len(s_names),
+        "p_value": p_value, "more_than_chance": None if p_value is None else p_value < 0.01,
+        "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(nn_f.median()),
+        "median_synthetic_to_real_pixels": float(d_p.median()), "median_real_to_real_pixels": float(nn_p.median()),
         "inception": extractor.describe_space(), "features": extractor.space_name}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, out / "distances.png")
+    _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png")
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
     return summary
 
 
-def chance_rate(n_real: int, percentile: float) -> float:
-    """How often an image drawn from the real distribution, copying nothing, is flagged. Each
-    threshold is the k-th smallest of the n real-to-real distances, k = 1 + q (n - 1) for
-    q = percentile / 100 (linear interpolation), and a new draw falls below the k-th smallest
-    of n draws with probability k / (n + 1) on average; in either of the two spaces, at most
-    twice that. (Not q itself: with 96 real images the 1st percentile lies next to the smallest
-    distance, under which 1 in 97 new draws falls; and not the reals' own count under the
-    threshold: mutual nearest neighbours tie, so the smallest distance occurs twice.)"""
-    k = 1 + percentile / 100 * (n_real - 1)
-    return min(1.0, 2 * k / (n_real + 1))
-
-
 def chance_sentence(summary: dict) -> str:
-    """The flags against what chance gives, in a sentence ('' for a summary written before the
-    chance baseline existed)."""
-    if "expected_by_chance" not in summary:
+    """The flags against the real images' own rate, in a sentence ('' for a summary without it)."""
+    if summary.get("p_value") is None:
         return ""
     verdict = ("more than chance gives: look at the closest pairs" if summary["more_than_chance"]
                else "no more than chance gives")
-    return (f"A generator that copies nothing would have up to {summary['expected_by_chance']:.1f} flagged by "
-            f"chance (new real images would be, at a rate of {100 * summary['chance_rate']:.1f}%): "
-            f"p = {summary['p_value']:.2g}, {verdict}.")
+    return (f"The same rule flags {summary['real_flagged']} of the {summary['real']} real images (each against the "
+            f"other half of them), so a generator that copies nothing would have about "
+            f"{summary['expected_by_chance']:.1f} flagged: Fisher p = {summary['p_value']:.2g}, {verdict}.")
 
 
 def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path):

@@ -73,17 +73,27 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def binomial_upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact (terms summed in log space, so n may be large)."""
-    if k <= 0:
+def log_binomial_pmf(k: int, n: int, p: float) -> float:
+    """log P(X = k) for X ~ Binomial(n, p), 0 < p < 1 (lgamma: no overflow for any n)."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+            + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def fisher_greater(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
+    """One-sided Fisher exact test that group a's hit rate exceeds group b's: P(X >= hits_a) for
+    X hypergeometric (n_a draws from n_a + n_b items of which hits_a + hits_b are hits). Terms
+    summed in log space with the largest factored out."""
+    total, hits = n_a + n_b, hits_a + hits_b
+    lo, hi = max(hits_a, hits - n_b, 0), min(n_a, hits)
+    if hits_a <= max(0, hits - n_b):
         return 1.0
-    if k > n or p <= 0.0:
+    if lo > hi:
         return 0.0
-    if p >= 1.0:
-        return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-            for i in range(k, n + 1)]
+    logs = [_log_comb(hits, x) + _log_comb(total - hits, n_a - x) - _log_comb(total, n_a) for x in range(lo, hi + 1)]
     top = max(logs)
     return float(min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs)))
 

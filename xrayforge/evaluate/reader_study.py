@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..utils.files import read_csv
+from .metrics import log_binomial_pmf
 
 SYNTHETIC_WORDS = {"synthetic", "fake", "generated", "s", "f"}
 REAL_WORDS = {"real", "r"}
@@ -36,8 +37,9 @@ def binomial_two_sided(k: int, n: int, p: float = 0.5) -> float:
     """Exact two-sided binomial test: the probability of outcomes no likelier than k."""
     if n == 0:
         return 1.0
-    probs = [math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(n + 1)]
-    return float(min(1.0, sum(q for q in probs if q <= probs[k] * (1 + 1e-9))))
+    logs = [log_binomial_pmf(i, n, p) for i in range(n + 1)]  # in log space: math.comb overflows floats past n ~ 1030
+    cut = logs[k] + math.log1p(1e-9)
+    return float(min(1.0, sum(math.exp(v) for v in logs if v <= cut)))
 
 
 def fleiss_kappa(table: np.ndarray) -> float:
