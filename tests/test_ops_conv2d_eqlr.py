@@ -254,7 +254,9 @@ def test_autotune_keeps_the_fastest_and_skips_failures(monkeypatch):
     def launch(cfg):
         ran.append(cfg)
         if cfg == "d":
-            raise RuntimeError("out of resources")
+            raise C._config_errors()[0]("out of resources")
+        if cfg == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory")
 
     def timer(fn):
         fn()
@@ -263,8 +265,11 @@ def test_autotune_keeps_the_fastest_and_skips_failures(monkeypatch):
     assert ran == ["a", "d", "b", "c"] and C.tuned_blocks() == {"k": "b"}
     assert C._autotune("k", ["a", "c"], launch, timer) == "b" and len(ran) == 4  # cached: nothing timed
     assert C._autotune("one", ["a"], launch, lambda fn: 1 / 0) == "a"  # a single configuration is not timed
-    with pytest.raises(RuntimeError, match="out of resources"):
+    with pytest.raises(C._config_errors()[0], match="out of resources"):
         C._autotune("bad", ["d", "d"], launch, timer)
+    with pytest.raises(torch.OutOfMemoryError):  # not a property of the configuration: not skipped
+        C._autotune("oom", ["oom", "a"], launch, timer)
+    assert "bad" not in C.tuned_blocks() and "oom" not in C.tuned_blocks()
 
 
 @pytest.mark.parametrize("kb", TRITON)
@@ -276,7 +281,7 @@ def test_every_autotune_candidate_computes_the_layer(kb, cin, cout, resample, ac
     interpreter on the CPU): as accurate as eager against float64."""
     _, device = kb
     k = 1 if cin == 1 else 3
-    x = make((2, cin, 6, 5), "channels_last", device=device)
+    x = make((2, cin, 12, 13), "channels_last", device=device)  # 312 pixels: several pixel tiles for every BM
     w, b, scale = layer(cin, cout, k, device)
     exact = C.reference(x, w, b, scale=scale, activation=activation, resample=resample)
     xb = x.to(torch.bfloat16)
@@ -298,7 +303,7 @@ def test_autotune_switch_runs_the_layer_and_records_its_choice(kb, monkeypatch):
     got = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu", resample="down", backend="triton")
     assert_as_accurate_as_eager(got, eager, exact, torch.bfloat16)
     (key, cfg), = C.tuned_blocks().items()
-    assert key == (2, 16, 6, 6, 32, 3, "down", "lrelu", "bfloat16", True)
+    assert key == (2, 16, 6, 6, 32, 3, "down", "lrelu", "bfloat16", True, str(x.device))
     interp = device == "cpu"
     assert cfg in C.candidates(16, 32, False, interp) and (not interp or cfg == C._blocks(16, 32, False, True))
 
