@@ -64,7 +64,8 @@ def test_flags_are_weighed_against_chance_on_phantoms():
     copies = screen(spaces(torch.cat([images[0:400:34][:12], images[400:412]])), real)
     assert new["p_value"] >= 0.05 and new["real_flagged"] == copies["real_flagged"]  # the same reals
     assert copies["flagged"][:12].all() and copies["p_value"] < 0.01
-    summary = {"real": 400, "real_flagged": new["real_flagged"], "expected_by_chance": 1.0}
+    summary = {"real": 400, "real_flagged": new["real_flagged"], "expected_by_chance": 1.0,
+               "synthetic_flagged_half": 0.5}
     assert "no more than chance" in chance_sentence(dict(summary, p_value=new["p_value"], more_than_chance=False))
     assert "more than chance gives" in chance_sentence(dict(summary, p_value=copies["p_value"], more_than_chance=True))
     assert chance_sentence({"flagged": 1, "synthetic": 2}) == ""  # a summary from before the baseline
@@ -92,13 +93,14 @@ def test_screen_equals_the_rule_applied_by_hand():
         assert (got["flagged"].numpy() == flags(synth, real)).all()
         perm = np.random.default_rng(5).permutation(n)
         halves = (perm[:n // 2], perm[n // 2:])
-        controls, ps = 0, []
+        controls, flagged_half, ps = 0, 0, []
         for ref, ctrl in (halves, halves[::-1]):
             refs = [x[ref] for x in real]
             c, f = flags([x[ctrl] for x in real], refs).sum(), flags(synth, refs).sum()
-            controls += c
+            controls, flagged_half = controls + c, flagged_half + f
             ps.append(fisher_greater(int(f), m, int(c), len(ctrl)))
         assert got["real_flagged"] == controls and got["p_value"] == pytest.approx(min(1, 2 * min(ps)))
+        assert got["synthetic_flagged_half"] == pytest.approx(flagged_half / 2)
     assert screen(*(_spaces(rng, 3), _spaces(rng, 3)))["p_value"] is None  # too few reals to split
 
 
