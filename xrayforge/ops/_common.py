@@ -1,11 +1,17 @@
 """Helpers shared by the op modules: input checks, memory layouts, higher-order gradients."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def device_guard(t: torch.Tensor):
+    """A context that makes t's GPU the current one for a kernel launch (nothing for a CPU tensor)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def dtype_code(t: torch.Tensor) -> int:

@@ -37,14 +37,13 @@ fastest (off by default until a GPU window has measured what it gains).
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import accumulation_dtype, channel_view, like_layout
+from ._common import accumulation_dtype, channel_view, device_guard, like_layout
 from ..errors import UserError
 
 _conv2d = importlib.import_module(".conv2d", __package__)  # the module (the package exports its function)
@@ -313,6 +312,11 @@ if triton is not None:
         tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+def _k_step(cin: int) -> int:
+    """BK for tensor-core tiles: the input channels rounded up to 16 or 32, else 64."""
+    return 16 if cin <= 16 else (32 if cin <= 32 else 64)
+
+
 def _blocks(cin: int, cout: int, pn: bool, interp: bool, fma: bool = False) -> tuple[int, int, int, int, int]:
     """(BM pixels, BN channels, BK input channels, warps, pipeline stages). Pixel norm puts all
     output channels in one tile: the accumulator stays at 16k fp32 values (64 per thread) and
@@ -325,7 +329,7 @@ def _blocks(cin: int, cout: int, pn: bool, interp: bool, fma: bool = False) -> t
     if fma:
         bn = max(16, triton.next_power_of_2(cout)) if pn else (16 if cout <= 16 else 64)
         return max(16, min(64, 8192 // bn)), bn, 16, 8, 2
-    bk = 16 if cin <= 16 else (32 if cin <= 32 else 64)
+    bk = _k_step(cin)
     if pn:
         bn = max(16, triton.next_power_of_2(cout))
         if bn >= 256:
@@ -360,7 +364,7 @@ def candidates(cin: int, cout: int, pn: bool, interp: bool = False, fma: bool = 
     default = _blocks(cin, cout, pn, interp, fma)
     if interp or fma:
         return [default]
-    bk_max = 16 if cin <= 16 else (32 if cin <= 32 else 64)
+    bk_max = _k_step(cin)
     if pn:
         bn = max(16, triton.next_power_of_2(cout))
         tiles = list(dict.fromkeys((max(16, min(256, v)), bn) for v in (16384 // bn, 8192 // bn, 32768 // bn)))
@@ -460,12 +464,10 @@ def _forward(x, weight, bias, scale, activation, resample, blocks=None):
     interp = _backend.triton_interpreter_active()
     fma = x.dtype in (torch.float32, torch.float64)
     b = bias.detach().contiguous() if bias is not None else wt
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
     def launch(cfg):
         bm, bn, bk, warps, stages = cfg
         grid = (triton.cdiv(pix, bm), triton.cdiv(cout, bn), classes)
-        with guard:
+        with device_guard(x):  # a fresh guard per use: torch.cuda.device keeps one saved index
             _conv_kernel[grid](x, wt, b, y, r, h, w, cin, cout, oh, ow, pix, *x.stride(), *y.stride(),
                                MODE=mode, KT=wt.shape[1], KW=kw, PAD=k // 2, HAS_BIAS=bias is not None,
                                ACT=ACTIVATIONS.index(activation),
@@ -475,7 +477,7 @@ def _forward(x, weight, bias, scale, activation, resample, blocks=None):
         if AUTOTUNE:  # every timed launch writes the same y and r; the chosen one runs again below
             key = (n, cin, h, w, cout, k, resample, activation, str(x.dtype).replace("torch.", ""),
                    fmt == torch.channels_last, str(x.device))
-            with guard:  # do_bench's events and synchronisation on x's device
+            with device_guard(x):  # do_bench's events and synchronisation on x's device
                 blocks = _autotune(key, candidates(cin, cout, pn, interp, fma, x.element_size()), launch)
         else:
             blocks = _blocks(cin, cout, pn, interp, fma)
@@ -511,8 +513,7 @@ def _epilogue_backward_fused(gy, y, r, activation, bias_grad):
     dz = torch.empty_like(y)
     partial = torch.empty((grid[0] * grid[1] if bias_grad else 0, c), dtype=accumulation_dtype(y), device=y.device)
     if y.numel():
-        guard = torch.cuda.device(y.device) if y.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
+        with device_guard(y):
             _conv_epilogue_bwd_kernel[grid](y, gy, r if r is not None else y, dz, partial, c, p, sb, sc, sp,
                                             SLOPE=SLOPE, ACT=ACTIVATIONS.index(activation), BIAS_GRAD=bias_grad,
                                             ACC_F64=y.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,

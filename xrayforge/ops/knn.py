@@ -21,11 +21,11 @@ carry a relative error of about 1e-6 of ``|q|² + |r|²``, so references closer 
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from . import _backend
+from ._common import device_guard
 from ..errors import UserError
 
 try:
@@ -174,8 +174,7 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
         bq, br, bd, warps = 128, 64, 32, 8
         stages = {"num_stages": 3}
     kp = triton.next_power_of_2(k)
-    guard = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(q):
         _knn_kernel[(triton.cdiv(n, bq),)](q, r, qsq, rsq, out_d, out_i, n, m, d, q.stride(0), q.stride(1),
                                            r.stride(0), r.stride(1), K=k, KP=kp, EXCLUDE=exclude_self, EXACT64=exact,
                                            FP32=dtype == torch.float32, PRECISION=precision, BQ=bq, BR=br, BD=bd,

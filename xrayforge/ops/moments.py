@@ -32,11 +32,11 @@ finding: K = 15 for ChestX-ray14) and what ``fid.StreamingMoments`` adds per bat
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from . import _backend
+from ._common import device_guard
 from ..errors import UserError
 
 try:
@@ -225,8 +225,7 @@ def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None,
     k, d = len(n), x.shape[1]
     interp = _backend.triton_interpreter_active()
     bn, bm = blocks or ((16, 16) if interp else (32, 64))
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(x):
         sums = torch.empty(k, d, dtype=torch.float64, device=x.device)
         bd = 32 if interp else 128
         _sums_kernel[(triton.cdiv(d, bd), k)](x, idx, offs, sums, d, x.stride(0), x.stride(1),
