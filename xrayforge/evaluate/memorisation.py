@@ -106,10 +106,10 @@ def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: 
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(real[0].device)
     halves = (perm[:n // 2], perm[n // 2:])
     controls, synth, p_values = 0, 0, []
-    for ref, ctrl in (halves, halves[::-1]):
-        refs = [r[ref] for r in real]
-        s_flags = _flags(synthetic, refs, percentile)[1]
-        c_flags = _flags([r[ctrl] for r in real], refs, percentile)[1]
+    for ref, ctrl in (halves, halves[::-1]):  # one pass per reference: its threshold serves both groups
+        both = _flags([torch.cat([s.to(r.device), r[ctrl]]) for s, r in zip(synthetic, real)],
+                      [r[ref] for r in real], percentile)[1]
+        s_flags, c_flags = both[:m], both[m:]
         controls, synth = controls + int(c_flags.sum()), synth + int(s_flags.sum())
         p_values.append(fisher_greater(int(s_flags.sum()), m, int(c_flags.sum()), len(ctrl)))
     out.update(real_flagged=controls, synthetic_flagged_half=synth / 2, p_value=min(1.0, 2 * min(p_values)))

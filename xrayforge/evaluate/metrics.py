@@ -73,14 +73,13 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def log_binomial_pmf(k: int, n: int, p: float) -> float:
-    """log P(X = k) for X ~ Binomial(n, p), 0 < p < 1 (lgamma: no overflow for any n)."""
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p))
-
-
 def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def log_binomial_pmf(k: int, n: int, p: float) -> float:
+    """log P(X = k) for X ~ Binomial(n, p), 0 < p < 1 (lgamma: no overflow for any n)."""
+    return _log_comb(n, k) + k * math.log(p) + (n - k) * math.log1p(-p)
 
 
 def fisher_greater(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
