@@ -29,7 +29,7 @@ import torch
 
 from ..nn import load_networks
 from ..nn.classifier import load_classifier
-from ..sample.lco import format_target, optimise, parse_target, target_tensors
+from ..sample.lco import format_target, optimise, parse_target, screen_starts, target_tensors
 from ..nn.latents import latents_for
 from ..sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
 from . import device_info, environment, format_table, write_results
@@ -136,11 +136,14 @@ def lco_speed(G, classifier, batch: int, steps: int, amp_dtype=None, seed: int =
 def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: int = 100, lr: float = 0.05,
         device: str | None = None, amp: str | None = None, sample_n: int = 256, real: str | None = None,
         inception: str | None = None, census_n: int = 50000, max_realism: float | None = 1.6,
-        fid: bool = True) -> dict:
+        fid: bool = True, starts: tuple[int, ...] = (1,)) -> dict:
     """``real``: a labelled archive; then the generator's realism is checked against ``max_realism``
     and the realism and FID of LCO's and rejection's accepted images against the real images with
     each combination are reported (random Inception weights unless given). ``targets == ["auto"]``:
-    chosen from a census of ``census_n`` samples (see ``auto_targets``)."""
+    chosen from a census of ``census_n`` samples (see ``auto_targets``). ``starts``: one row per
+    target and per number of screened starting draws (sample.lco.screen_starts; 1 = none)."""
+    if any(s < 1 for s in starts):
+        raise ValueError(f"--starts must be positive integers, got {list(starts)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = torch.bfloat16 if amp == "bf16" else None
     G = load_networks(find_generator(run_dir), names=["G_ema"], map_location=dev)["G_ema"].eval().requires_grad_(False)
@@ -171,56 +174,77 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
     warm = latents_for(0, range(2), G.config.latent_dim).to(dev)  # first calls pay one-off set-up costs
     v0, m0, t0_ = target_tensors(parse_target(targets[0], C.findings), C.findings, C.threshold)
     optimise(G, C, warm, v0.expand(2, -1), m0.expand(2, -1), t0_.expand(2, -1), 1, lr, amp_dtype=amp_dtype)
+    # rejection sampling's generation rate (G + classifier forward at its batch), measured over at least
+    # a second: a few dozen images give rates that differ 2× from run to run on a busy CPU
+    probe_n = 1024
+    while True:
+        probe = rejection_sample(G, C, parse_target(targets[0], C.findings), seed=99, n=probe_n, device=dev,
+                                 amp=amp_dtype)
+        if probe["seconds"] >= 1.0 or probe_n >= 1 << 20:
+            break
+        probe_n = int(probe_n * min(8.0, 1.2 / max(probe["seconds"], 1e-3)))
+    gen_rate = probe["generated"] / probe["seconds"]
     for text in targets:
         target = parse_target(text, C.findings)
         values, mask, thr = target_tensors(target, C.findings, C.threshold)
-        z0 = latents_for(1234, range(n), G.config.latent_dim).to(dev)
-        t0 = time.perf_counter()
-        res = optimise(G, C, z0, values.expand(n, -1), mask.expand(n, -1), thr.expand(n, -1), steps, lr,
-                       amp_dtype=amp_dtype)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        lco_s = time.perf_counter() - t0
-        acc = int(res.accepted.sum())
-        # rejection sampling with the same wall time: count how many it generates in lco_s
-        probe = rejection_sample(G, C, target, seed=99, n=min(256, max(32, n)), device=dev, amp=amp_dtype)
-        budget = max(1, int(probe["generated"] / probe["seconds"] * lco_s))
-        rej = rejection_sample(G, C, target, seed=7, n=budget, device=dev, amp=amp_dtype, keep_images=bool(real))
-        lco_rate = acc / lco_s
         freq = None
         if present is not None:
             values_b, mask_b = values.bool(), mask.bool()
             freq = ((present == values_b) | ~mask_b).all(1).float().mean().item()
-        expected = probe["generated"] / probe["seconds"] * freq if freq is not None else None
-        rows.append({"target": format_target(target), "census_frequency": freq,
-                     "lco_hit_rate": acc / n, "lco_accepted_s": lco_rate,
-                     "lco_mean_steps": float(res.steps[res.accepted].float().mean()) if acc else None,
-                     "log_prior_before": float(res.log_prior_start.mean()),
-                     "log_prior_after": float(res.log_prior_end.mean()),
-                     "cosine_start_end": float(res.cosine_moved.mean()),
-                     "rejection_generated": rej["generated"], "rejection_hit_rate": rej["hit_rate"],
-                     "rejection_accepted_s": rej["accepted_per_second"],
-                     "lco_speedup": lco_rate / rej["accepted_per_second"] if rej["accepted"] else None,
-                     "rejection_expected_accepted_s": expected,
-                     "lco_speedup_expected": lco_rate / expected if expected else None})
-        if archive is not None:
-            for who, imgs in (("lco", res.images[res.accepted].cpu()), ("rejection", rej["images"])):
-                rows[-1][f"{who}_realism"] = realism(_unit_pixels(imgs), real_pix)["realism"] if len(imgs) >= 2 \
-                    else None
-        if extractor is not None:
-            rows[-1]["lco_fid_vs_real"] = _fid_vs_real(extractor, archive, target, res.images[res.accepted].cpu())
-            rows[-1]["rejection_fid_vs_real"] = _fid_vs_real(extractor, archive, target, rej["images"])
+        expected = gen_rate * freq if freq is not None else None
+        for s_count in starts:
+            candidates = latents_for(1234, range(n * s_count), G.config.latent_dim).to(dev).view(n, s_count, -1)
+            t0 = time.perf_counter()
+            if s_count > 1:
+                chosen = screen_starts(G, C, candidates, values.expand(n, -1), mask.expand(n, -1),
+                                       amp_dtype=amp_dtype, batch=max(n, 256))
+                z0 = candidates[torch.arange(n, device=dev), chosen]
+            else:
+                z0 = candidates[:, 0]
+            res = optimise(G, C, z0, values.expand(n, -1), mask.expand(n, -1), thr.expand(n, -1), steps, lr,
+                           amp_dtype=amp_dtype)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            lco_s = time.perf_counter() - t0
+            acc = int(res.accepted.sum())
+            lco_rate = acc / lco_s
+            # rejection sampling with the same wall time
+            rej = rejection_sample(G, C, target, seed=7, n=max(1, int(gen_rate * lco_s)), device=dev, amp=amp_dtype,
+                                   keep_images=bool(real))
+            rows.append({"target": format_target(target), "starts": s_count, "census_frequency": freq,
+                         "lco_hit_rate": acc / n, "lco_accepted_s": lco_rate,
+                         "lco_mean_steps": float(res.steps[res.accepted].float().mean()) if acc else None,
+                         "lco_forward_per_accepted": (n * s_count + 3 * res.evaluations) / acc if acc else None,
+                         "log_prior_before": float(res.log_prior_start.mean()),
+                         "log_prior_after": float(res.log_prior_end.mean()),
+                         "cosine_start_end": float(res.cosine_moved.mean()),
+                         "rejection_generated": rej["generated"], "rejection_hit_rate": rej["hit_rate"],
+                         "rejection_accepted_s": rej["accepted_per_second"],
+                         "lco_speedup": lco_rate / rej["accepted_per_second"] if rej["accepted"] else None,
+                         "rejection_expected_accepted_s": expected,
+                         "lco_speedup_expected": lco_rate / expected if expected else None})
+            if archive is not None:
+                for who, imgs in (("lco", res.images[res.accepted].cpu()), ("rejection", rej["images"])):
+                    rows[-1][f"{who}_realism"] = realism(_unit_pixels(imgs), real_pix)["realism"] \
+                        if len(imgs) >= 2 else None
+            if extractor is not None:
+                rows[-1]["lco_fid_vs_real"] = _fid_vs_real(extractor, archive, target, res.images[res.accepted].cpu())
+                rows[-1]["rejection_fid_vs_real"] = _fid_vs_real(extractor, archive, target, rej["images"])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         sample_archive(SampleConfig(run_dir, tmp, n=sample_n, batch=64, amp=amp, device=str(dev)), progress=False)
         sampling = sample_n / (time.perf_counter() - t0)
     return {"benchmark": "lco", "device": device_info(dev).as_dict(), "environment": environment(),
             "generator_resolution": G.current_resolution, "generator_realism": gen_realism,
-            "census": {"samples": census_n, "images_per_second": census_rate}, "lco_batch": n, "steps": steps,
+            "census": {"samples": census_n, "images_per_second": census_rate}, "lco_batch": n, "steps": steps, "lr": lr,
+            "generation_images_per_second": gen_rate,
             "rows": rows,
             "sampling_png_images_per_second": sampling,
             "fid_weights": None if extractor is None else (inception or "random (pipeline check)"),
-            "notes": "rejection sampling is given LCO's wall time; lco_speedup = accepted/s ratio (None when "
+            "notes": "starts: LCO from the best of that many draws per sample (screen_starts; its forward passes "
+                     "are in LCO's time); lco_forward_per_accepted: G + classifier forward passes per accepted "
+                     "image, a backward counted as two (rejection needs 1 / frequency); "
+                     "rejection sampling is given LCO's wall time; lco_speedup = accepted/s ratio (None when "
                      "rejection found nothing in that time); lco_speedup_expected: against rejection's generation "
                      "rate × the combination's census frequency (None when the census saw none); *_realism: "
                      "realism ratio of the accepted images against 256 real ones; *_fid_vs_real: FID of the "
@@ -228,8 +252,9 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
                      "exist)"}
 
 
-COLUMNS = [("target", "target"), ("census_frequency", "frequency"), ("lco_hit_rate", "LCO hit rate"),
-           ("lco_accepted_s", "LCO acc/s"),
+COLUMNS = [("target", "target"), ("census_frequency", "frequency"), ("starts", "starts"),
+           ("lco_hit_rate", "LCO hit rate"), ("lco_accepted_s", "LCO acc/s"),
+           ("lco_forward_per_accepted", "forwards/accepted"),
            ("lco_mean_steps", "steps"), ("log_prior_before", "log p(z) before"), ("log_prior_after", "after"),
            ("cosine_start_end", "cos(z0, z)"), ("rejection_hit_rate", "rejection hit rate"),
            ("rejection_accepted_s", "rejection acc/s"), ("lco_speedup", "LCO ×"),
@@ -252,6 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40, help="LCO steps per latent (default 40)")
     p.add_argument("--lr", type=float, default=0.1,
                    help="LCO Adam lr (default 0.1: on the demo's generator 2-3× the accepted/s of 0.05 with 100 steps)")
+    p.add_argument("--starts", type=int, nargs="+", default=[1],
+                   help="LCO from the best of S draws per sample, one row per S given (default 1: no screening)")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--sample-n", type=int, default=256)
     p.add_argument("--real", default=None, help="labelled archive: FID of accepted images vs real ones per target")
@@ -269,7 +296,8 @@ def main(argv=None) -> int:
         p.error("give RUN and CLASSIFIER, or --demo DIR")
     try:
         result = run(args.run, args.classifier, args.targets, args.n, args.steps, args.lr, args.device, args.amp,
-                     args.sample_n, args.real, args.inception, args.census, args.max_realism, not args.no_fid)
+                     args.sample_n, args.real, args.inception, args.census, args.max_realism, not args.no_fid,
+                     tuple(args.starts))
     except (ValueError, FileNotFoundError) as exc:
         print(f"lco benchmark: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     rank, _ = init_distributed()
     cfg = SampleConfig(run=args.run, out=args.out, n=args.n, seed=args.seed, format=args.format, batch=args.batch,
                        truncation=args.truncation, amp=args.amp, targets=args.lco or [], classifier=args.classifier,
-                       steps=args.steps, lr=args.lr, prior_weight=args.prior_weight, shard_size=args.shard_size,
+                       steps=args.steps, lr=args.lr, prior_weight=args.prior_weight, starts=args.starts,
+                       shard_size=args.shard_size,
                        device=args.device)
     summary = sample_archive(cfg, progress=not args.quiet)
     if rank != 0:
@@ -61,6 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=_args.positive_float, default=0.05, help="LCO Adam learning rate on z (default 0.05)")
     p.add_argument("--prior-weight", type=_args.nonneg_float, default=1.0,
                    help="weight of the latent prior in the LCO objective (default 1)")
+    p.add_argument("--starts", type=_args.positive_int, default=16,
+                   help="LCO starts each image from the best of S draws of z for its target (S forward passes of G "
+                        "and the classifier, no backward: fewer LCO steps and less movement of z; default 16, "
+                        "1 = the first draw)")
     p.add_argument("--shard-size", type=_args.positive_int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--device", type=_args.device, default=None)
     p.add_argument("--json", action="store_true")

@@ -7,6 +7,10 @@ findings plus a prior term ``prior_weight * (|z| - sqrt(d))² / d`` that keeps z
 where N(0, I) puts its mass. A sample is accepted as soon as every named finding passes its
 threshold (p >= t for present, p < t for absent) and then stops moving; samples still short
 after ``steps`` are rejected and counted. Targets are mixed freely within a batch.
+
+``screen_starts`` picks each sample's starting point as the best of S draws from N(0, I) for its
+target, with forward passes only (no backward): on the demo's generator S = 16 cut the G +
+classifier passes per accepted image 1.6–3.3× and z moved less (``benchmarks/lco.py --starts``).
 """
 from __future__ import annotations
 
@@ -74,47 +78,93 @@ class LCOResult:
     log_prior_start: torch.Tensor
     log_prior_end: torch.Tensor
     cosine_moved: torch.Tensor  # cosine similarity between start and end latents
+    evaluations: int = 0       # latents that went through G and the classifier (each active one once per step)
+
+
+def lco_loss(logits: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+             prior_weight: float) -> torch.Tensor:
+    """Per-sample LCO objective: mean BCE over the named findings + the shell prior."""
+    bce = F.binary_cross_entropy_with_logits(logits, values, reduction="none")
+    loss_cls = (bce * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return loss_cls + prior_weight * (z.norm(dim=1) - math.sqrt(z.shape[1])).square() / z.shape[1]
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (autocast may give bf16 / fp16; float64 models stay float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _autocast(device: torch.device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                  prior_weight: float = 1.0, amp_dtype=None, batch: int = 256) -> torch.Tensor:
+    """Best-of-S starting points: ``candidates`` (N, S, d) are S draws from N(0, I) per sample;
+    each goes through G and the classifier once (forward only, about a third of an LCO step) and
+    the one with the lowest LCO objective for its row's target is returned, as an index (N,) into S.
+    A draw that already shows the target is accepted by ``optimise`` at step 0."""
+    n, s, d = candidates.shape
+    flat = candidates.reshape(n * s, d)
+    v, m = (t.to(flat.device).repeat_interleave(s, dim=0) for t in (values, mask))
+    scores = torch.empty(n * s, dtype=torch.float64, device=flat.device)
+    with _autocast(flat.device, amp_dtype):
+        for i in range(0, n * s, batch):
+            logits = _wide(classifier(G(flat[i:i + batch])))
+            scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight)
+    return scores.view(n, s).argmin(dim=1)
 
 
 def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tensor,
              steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0, amp_dtype=None) -> LCOResult:
-    """Run LCO on a batch; ``values``/``mask``/``thresholds`` are (N, F) (one target per row)."""
+    """Run LCO on a batch; ``values``/``mask``/``thresholds`` are (N, F) (one target per row).
+
+    Only the latents still short of their target go through G and the classifier at each step
+    (the batch shrinks as samples are accepted), and each row has its own Adam state, so a
+    latent's path does not depend on which others share its batch."""
     device = z0.device
     values, mask, thresholds = values.to(device), mask.to(device), thresholds.to(device)
-    z = z0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
-    d = z.shape[1]
-    active = torch.ones(z.shape[0], dtype=torch.bool, device=device)
-    used = torch.zeros(z.shape[0], dtype=torch.long, device=device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
-
-    def evaluate(latents):
-        with autocast:
-            imgs = G(latents)
-            logits = classifier(imgs).float()
-        return imgs, logits
-
-    z_keep = z0.clone()
+    n, d = z0.shape
+    z = z0.detach().clone()
+    m1, m2 = torch.zeros_like(z), torch.zeros_like(z)  # Adam's moments (betas 0.9, 0.999; eps 1e-8)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    used = torch.zeros(n, dtype=torch.long, device=device)
+    accepted = torch.zeros(n, dtype=torch.bool, device=device)
+    probs_out = images_out = None
+    idx = torch.arange(n, device=device)  # the rows still being optimised
+    evaluations = 0
+    autocast = _autocast(device, amp_dtype)
     for step in range(steps + 1):
-        imgs, logits = evaluate(z)
-        probs = torch.sigmoid(logits)
-        newly = satisfied(probs.detach(), values, mask, thresholds) & active
-        z_keep[newly] = z.detach()[newly]
-        active &= ~newly
-        if step == steps or not active.any():
+        last = step == steps
+        za = z[idx].requires_grad_(not last)
+        with torch.enable_grad() if not last else torch.no_grad(), autocast:
+            imgs = G(za)
+            logits = _wide(classifier(imgs))
+        evaluations += len(idx)
+        probs = torch.sigmoid(logits.detach())
+        ok = satisfied(probs, values[idx], mask[idx], thresholds[idx])
+        done = torch.ones_like(ok) if last else ok
+        if images_out is None:
+            images_out = torch.zeros((n,) + imgs.shape[1:], dtype=_wide(imgs).dtype, device=device)
+            probs_out = torch.zeros(n, probs.shape[1], dtype=probs.dtype, device=device)
+        images_out[idx[done]] = imgs.detach()[done].to(images_out.dtype)
+        probs_out[idx[done]] = probs[done]
+        accepted[idx[ok]] = True
+        if last or bool(ok.all()):
             break
-        bce = F.binary_cross_entropy_with_logits(logits, values, reduction="none")
-        loss_cls = (bce * mask).sum(1) / mask.sum(1).clamp_min(1)
-        prior = prior_weight * (z.norm(dim=1) - math.sqrt(d)).square() / d
-        loss = ((loss_cls + prior) * active.float()).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # accepted samples stay where they were accepted (Adam's momentum would move them)
-            z[~active] = z_keep[~active]
-        used += active.long()
-    with torch.no_grad():
-        accepted = satisfied(probs, values, mask, thresholds)
-        return LCOResult(z.detach(), imgs.detach().float(), probs.detach(), accepted, used,
-                         log_prior(z0), log_prior(z.detach()),
-                         F.cosine_similarity(z0, z.detach(), dim=1))
+        keep = ~ok
+        loss = lco_loss(logits[keep], za[keep], values[idx[keep]], mask[idx[keep]], prior_weight).sum()
+        (grad,) = torch.autograd.grad(loss, za)
+        rows, g = idx[keep], grad[keep]
+        with torch.no_grad():  # Adam, as torch.optim.Adam computes it, per row
+            t = step + 1
+            m1[rows] = m1[rows].mul(beta1).add_(g, alpha=1 - beta1)
+            m2[rows] = m2[rows].mul(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (m2[rows].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+            z[rows] = z[rows] - (lr / (1 - beta1 ** t)) * m1[rows] / denom
+        used[rows] += 1
+        idx = rows
+    z_end = z
+    return LCOResult(z_end, images_out, probs_out, accepted, used, log_prior(z0), log_prior(z_end),
+                     F.cosine_similarity(z0, z_end, dim=1), evaluations)

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
 from ..utils.files import claim_output, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
-from .lco import format_target, log_prior, optimise, parse_target, satisfied, target_tensors
+from .lco import format_target, log_prior, optimise, parse_target, satisfied, screen_starts, target_tensors
 from ..nn.latents import latents_for
 
 FORMATS = ("png8", "png16", "dicom")
@@ -60,6 +60,7 @@ class SampleConfig:
     steps: int = 100
     lr: float = 0.05
     prior_weight: float = 1.0
+    starts: int = 16                # LCO starts from the best of this many draws per image (sample.lco.screen_starts)
     shard_size: int = 1000
     max_attempts: int = 1000        # LCO attempts allowed per wanted image before the target is declared unreachable
     device: str | None = None
@@ -117,6 +118,8 @@ class ArchiveSampler:
             raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
         if cfg.n < 1:
             raise ValueError(f"--n must be at least 1, got {cfg.n}")
+        if cfg.starts < 1:
+            raise ValueError(f"--starts must be at least 1, got {cfg.starts}")
         self.cfg, self.progress = cfg, progress
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out = Path(cfg.out)
@@ -240,10 +243,16 @@ class ArchiveSampler:
                     batch_a.append(next_attempt[t])
                     batch_seed.append(_lco_seed(self.cfg.seed, s, t, T))
                     next_attempt[t] += 1
-            z0 = torch.cat([latents_for(sd, [a], self.G.config.latent_dim, self.cfg.truncation)
-                            for sd, a in zip(batch_seed, batch_a)]).to(self.device)
+            S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
+            candidates = torch.stack([latents_for(sd, range(a * S, (a + 1) * S), self.G.config.latent_dim,
+                                                  self.cfg.truncation)
+                                      for sd, a in zip(batch_seed, batch_a)]).to(self.device)
             tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
             values, mask, thresholds = (torch.stack([x[i] for x in tens]) for i in range(3))
+            chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight, self.amp,
+                                   batch=self.cfg.batch) if S > 1 else torch.zeros(len(batch_t), dtype=torch.long)
+            z0 = candidates[torch.arange(len(batch_t)), chosen.to(candidates.device)]
+            batch_a = [a * S + int(c) for a, c in zip(batch_a, chosen)]  # the latent_index of each start
             res = optimise(self.G, self.classifier, z0, values, mask, thresholds, self.cfg.steps, self.cfg.lr,
                            self.cfg.prior_weight, self.amp)
             for j, t in enumerate(batch_t):
