@@ -68,3 +68,34 @@ def test_step_updates_both_networks_and_the_ema(amp, accumulation):
     # EMA moved 0.1% of the way towards G
     k = "conv0.weight"
     torch.testing.assert_close(G_ema.state_dict()[k], before["E"][k] + 0.001 * (G.state_dict()[k] - before["E"][k]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", [0.5, 1.0], ids=["fade-in", "stable"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_training_step_never_waits_for_the_gpu(alpha, amp):
+    """Nothing in a step synchronises the host with the GPU (sync debug mode 'error' raises on
+    any): the CPU queues the next step's kernels while the GPU runs this one. A float α passed to
+    the networks used to become torch.tensor(α, device=...), a host copy that waited for the GPU
+    on every call; the trainer made its fade-in α the same way."""
+    dev = torch.device("cuda")
+    cfg = NetworkConfig(resolution=32, latent_dim=16, fmap_base=64, fmap_max=16)
+    G, D = Generator(cfg).to(dev), Discriminator(cfg).to(dev)
+    G_ema = copy.deepcopy(G)
+    step = PGGANStep(G, D, G_ema, make_adam(G.parameters()), make_adam(D.parameters()), StepConfig(amp_dtype=amp))
+    gen = torch.Generator(dev).manual_seed(0)
+    real = torch.randn(8, 1, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    level = cfg.num_levels - 1
+
+    def one(tensor_alpha):
+        a = torch.full((), alpha, device=dev) if tensor_alpha else alpha  # the trainer's and a user's form
+        return step(real, level, a, gen, ema_beta=0.99)
+
+    one(True), one(False)  # first calls compile kernels and set up the optimisers' state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = [one(True), one(False)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(o["d_loss"]) and torch.isfinite(o["g_loss"]) for o in out)

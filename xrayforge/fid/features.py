@@ -128,7 +128,9 @@ class DenseNet121Space:
         if self.channels == 1:  # torchxrayvision: [0, 1] -> [-1024, 1024]
             x = (2 * x - 1) * 1024
         else:
-            mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in self.IMAGENET)
+            if getattr(self, "_imagenet", None) is None:  # made once: a host-to-GPU copy waits for the GPU
+                self._imagenet = [torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in self.IMAGENET]
+            mean, std = self._imagenet
             x = (x.expand(-1, 3, -1, -1) - mean) / std
         return self.net.embed(x).float()
 

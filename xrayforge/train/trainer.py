@@ -457,7 +457,7 @@ class Trainer:
                     lv = self.schedule.at(nxt).level
                     prefetch.request(nxt, self.batch_for(lv), self.net_config.resolution_at(lv))
                 real = self._real(batch_u, phase.alpha)
-                alpha_t = torch.tensor(phase.alpha, device=self.device)
+                alpha_t = torch.full((), phase.alpha, device=self.device)  # no host copy: no GPU sync
                 beta = self.cfg.ema_beta_at(global_batch(self.level), self.images_seen)
                 last = self.step(real, self.level, alpha_t if phase.alpha < 1.0 else 1.0, self.gen, ema_beta=beta)
                 last_alpha = phase.alpha
