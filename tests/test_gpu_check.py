@@ -119,6 +119,9 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert [r["mode"] for r in train["rows"]] == ["baseline", "torch-fused", "torch-gradfix", "triton"]
     assert all("img_s" in r and r["phases_ms"] for r in train["rows"])
     assert any("cuda" in s for s in train["skipped"])
+    loop = train["trainer_loop"]  # the trainer's whole loop beside its bare step, on the same networks
+    assert loop["loop_img_s"] > 0 and loop["step_img_s"] > 0 and len(loop["loop_img_s_ticks"]) == 2
+    assert "Trainer loop" in (out / "gpu_check.md").read_text()
     fid = st["fid"]["data"]
     assert {r["stage"] for r in fid["rows"]} >= {"preprocess", "inception"}
     assert not [r for r in fid["rows"] if "error" in r]

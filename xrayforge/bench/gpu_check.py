@@ -44,7 +44,7 @@ STAGES = ("env", "tests", "ops", "conv", "train", "fid", "knn", "sampling")
 # conv stage alone may take 5: with ops.conv2d_eqlr's autotuner it compiles and times up to six tile
 # configurations per layer shape, about 110 kernels, so a window runs it with --only conv)
 # and in the dry run on a 2-core CPU (the whole dry run < 5 min).
-CAPS = {"env": 60, "tests": 150, "ops": 110, "conv": 300, "train": 200, "fid": 110, "knn": 60, "sampling": 70}
+CAPS = {"env": 60, "tests": 150, "ops": 110, "conv": 300, "train": 240, "fid": 110, "knn": 60, "sampling": 70}
 DRY_CAPS = {"env": 60, "tests": 120, "ops": 90, "conv": 90, "train": 120, "fid": 120, "knn": 60, "sampling": 90}
 MIN_USEFUL = 20  # a stage is not started with less time than this left in the budget
 FLOOR = 30       # seconds kept back for each later stage, so one slow stage cannot starve the rest
@@ -72,7 +72,9 @@ def sizes(dry: bool) -> dict:
                 "conv": dict(resolution=16, fmap_max=16, batch=2, dtype="float32", layers=4, reps=1, warmup=1,
                              min_seconds=0.0),
                 "train": dict(configs=((8, 2, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),),
-                              net_resolution=16, fmap_max=16, reps=1, warmup=1),
+                              net_resolution=16, fmap_max=16, reps=1, warmup=1,
+                              loop=dict(resolution=16, batch=4, ticks=3, tick_images=32, amp=None, latent_dim=16,
+                                        fmap_base=64, fmap_max=16, archive_images=32, reps=2, warmup=1)),
                 "fid": dict(batch=2, size=64, moment_n=2000, dim=256, accuracy_images=8, scipy=True, warmup=1, reps=1,
                             masked_n=64, masked_dim=40, masked_exact_below=0),
                 "knn": dict(n=96, dim=32, check=96),
@@ -88,7 +90,9 @@ def sizes(dry: bool) -> dict:
             "train": dict(configs=((1024, 16, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),
                                    (256, 32, ("baseline", "torch-fused", "torch-gradfix", "triton", "cuda"), True),
                                    (1024, 32, ("baseline", "triton", "cuda"), False)),
-                          net_resolution=1024, fmap_max=512, reps=3, warmup=1),
+                          net_resolution=1024, fmap_max=512, reps=3, warmup=1,
+                          # the trainer's whole loop against its bare step: the demo's GPU network at 64 px
+                          loop=dict(resolution=64, batch=16, ticks=3, tick_images=2048, amp="bf16")),
             "fid": dict(batch=256, size=1024, moment_n=50000, dim=2048, accuracy_images=2000, scipy=True, warmup=2,
                         reps=5, masked_n=50000, masked_dim=2048, masked_exact_below=None),
             # the archive scale: radii and neighbours of 100k × 100k 2048-d features
@@ -328,6 +332,12 @@ def stage_train(part: Part, dry: bool, out: Path, context: dict) -> None:
         train_step.run((res,), ("bfloat16",), str(dev), net_resolution=cfg["net_resolution"],
                        fmap_max=cfg["fmap_max"], modes=modes, batches=(batch,), phases=phases, reps=cfg["reps"],
                        warmup=cfg["warmup"], on_row=lambda row: part.add_row("rows", row))
+    try:  # after the step rows, which the cap must not cut: a failure here is recorded, not fatal
+        part.data["trainer_loop"] = train_step.trainer_loop(device=str(dev), **cfg["loop"])
+        print(json.dumps(part.data["trainer_loop"], default=str)[:400], flush=True)
+    except Exception as exc:  # noqa: BLE001
+        part.data["trainer_loop"] = {"error": f"{type(exc).__name__}: {exc}"}
+    part.save()
 
 
 # --------------------------------------------------------------------------- stage: fid
@@ -688,6 +698,15 @@ def render_markdown(report: dict) -> str:
             lines += ["Per-phase ms per step (CUDA events):", ""]
             lines += _table([{"cfg": f"{r['resolution']} px b{r['batch']} {r['mode']}", **r["phases_ms"]} for r in phased],
                             [("cfg", "config")] + [(n, n) for n in names]) + [""]
+    loop = st.get("train", {}).get("data", {}).get("trainer_loop")
+    if loop:
+        if "error" in loop:
+            lines += [f"Trainer loop: failed ({loop['error']}).", ""]
+        else:
+            lines += [f"Trainer loop ({loop['network']}, {loop['resolution']} px, batch {loop['batch']}, {loop['amp']}): "
+                      f"{loop['loop_img_s']:.0f} img/s against {loop['step_img_s']:.0f} img/s for its bare step "
+                      f"({loop['loop_share_of_step']:.0%}; the loop adds {loop['loop_overhead_ms_per_step']:.1f} ms "
+                      "per step).", ""]
     fid = st.get("fid", {}).get("data", {})
     if fid.get("rows"):
         lines += ["## FID pipeline (random Inception weights)", ""]
