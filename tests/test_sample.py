@@ -225,6 +225,54 @@ def test_screen_starts_takes_each_rows_best_draw():
     assert len(set(chosen.tolist())) > 1
 
 
+def test_lco_runs_under_a_callers_no_grad_and_inference_mode():
+    toy, n = _ToyModels(), 6
+    z0 = torch.randn(n, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    values, mask, thr = _toy_targets(n)
+    plain = optimise(toy.G, toy.C, z0, values, mask, thr, steps=10, lr=0.1)
+    assert (plain.steps > 0).any()  # some rows needed gradient steps
+    with torch.no_grad():
+        quiet = optimise(toy.G, toy.C, z0, values, mask, thr, steps=10, lr=0.1)
+    with torch.inference_mode():
+        inferred = optimise(toy.G, toy.C, z0.clone(), values, mask, thr, steps=10, lr=0.1)
+    assert torch.equal(plain.z, quiet.z) and torch.equal(plain.z, inferred.z)
+
+
+def test_screening_puts_draws_that_already_show_the_target_first():
+    """Two findings with thresholds of 0.1: p = (0.15, 0.15) meets the target, p = (0.99, 0.05) does
+    not, yet its mean BCE is lower; with thresholds the first is chosen, without them the second."""
+    logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
+    G = lambda z: z.view(-1, 1, 1, 2)  # noqa: E731 (the 'image' is the latent)
+    C = lambda x: x.flatten(1)  # noqa: E731 (the 'classifier' reads the logits off it)
+    cand = torch.tensor([[[logit(0.99), logit(0.05)], [logit(0.15), logit(0.15)]]], dtype=torch.float64)
+    values, mask = torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    thr = torch.full((1, 2), 0.1, dtype=torch.float64)
+    assert int(screen_starts(G, C, cand, values, mask, prior_weight=0.0)[0]) == 0
+    assert int(screen_starts(G, C, cand, values, mask, prior_weight=0.0, thresholds=thr)[0]) == 1
+
+
+def test_archives_from_before_starts_resume_as_they_were_made(models, tmp_path):
+    """sample_config.json of an archive begun before --starts has no 'starts': it was made with one
+    draw per attempt, so it continues with --starts 1 (and unconditionally, where it changes
+    nothing, with any); other settings are refused with the difference named."""
+    import json
+    run, clf = models
+    for name, extra in (("unc", {}), ("lco", {"classifier": str(clf), "targets": ["Cardiomegaly=1"], "steps": 20,
+                                              "lr": 0.1, "starts": 1})):
+        out = tmp_path / name
+        cfg = SampleConfig(str(run), str(out), n=4, shard_size=2, **extra)
+        sample_archive(cfg, progress=False)
+        saved = json.loads((out / "sample_config.json").read_text())
+        del saved["starts"]
+        (out / "sample_config.json").write_text(json.dumps(saved))
+        for f in ("shard-00001.csv", "manifest.csv", "summary.json"):
+            (out / f).unlink()
+        assert sample_archive(cfg, progress=False)["images_this_run"] == 2
+    with pytest.raises(ValueError, match="starts: saved 1, now 16"):
+        sample_archive(SampleConfig(str(run), str(tmp_path / "lco"), n=4, shard_size=2, classifier=str(clf),
+                                    targets=["Cardiomegaly=1"], steps=20, lr=0.1), progress=False)
+
+
 def test_screened_lco_archive_rows_regenerate_from_their_latent_index(models, tmp_path):
     """With --starts S an image's recorded (latent_seed, latent_index) is the draw LCO started from:
     optimising that latent alone gives the saved latent and image."""
@@ -322,11 +370,15 @@ def test_lco_benchmark_on_the_learned_generator(models, learned_gan, tmp_path, c
     data, _ = learned_gan
     out = tmp_path / "lco"
     assert lco_bench([str(run), str(clf), "--real", str(data), "--targets", "auto", "--census", "3000", "--n", "16",
-                      "--steps", "20", "--sample-n", "8", "--max-realism", "2.0", "--no-fid", "--out", str(out)]) == 0
+                      "--steps", "20", "--sample-n", "8", "--max-realism", "2.0", "--no-fid", "--out", str(out),
+                      "--starts", "1", "4", "--archive-n", "4"]) == 0
     (written,) = out.glob("lco-*.json")
     result = json.loads(written.read_text())
     assert result["generator_realism"]["realism"] < 2.0
     assert result["rows"], "auto found no combination rarer than 1% in the census"
+    assert [r["starts"] for r in result["rows"]][:2] == [1, 4]  # a row per target and number of starts
+    assert [(r["starts"], r["images"]) for r in result["lco_archive"]] == [(1, 4), (4, 4)]
+    assert all(r["images_per_second"] > 0 for r in result["lco_archive"])
     for row in result["rows"]:
         assert 0 < row["census_frequency"] <= 0.01  # rare in the generator's own samples
         assert row["rejection_expected_accepted_s"] > 0

@@ -136,12 +136,14 @@ def lco_speed(G, classifier, batch: int, steps: int, amp_dtype=None, seed: int =
 def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: int = 100, lr: float = 0.05,
         device: str | None = None, amp: str | None = None, sample_n: int = 256, real: str | None = None,
         inception: str | None = None, census_n: int = 50000, max_realism: float | None = 1.6,
-        fid: bool = True, starts: tuple[int, ...] = (1,)) -> dict:
+        fid: bool = True, starts: tuple[int, ...] = (1,), archive_n: int = 0) -> dict:
     """``real``: a labelled archive; then the generator's realism is checked against ``max_realism``
     and the realism and FID of LCO's and rejection's accepted images against the real images with
     each combination are reported (random Inception weights unless given). ``targets == ["auto"]``:
     chosen from a census of ``census_n`` samples (see ``auto_targets``). ``starts``: one row per
-    target and per number of screened starting draws (sample.lco.screen_starts; 1 = none)."""
+    target and per number of screened starting draws (sample.lco.screen_starts; 1 = none).
+    ``archive_n``: also time ``xrayforge sample`` writing that many LCO images of the first target
+    (PNG, the same steps, lr and batch) for each number of starts."""
     if any(s < 1 for s in starts):
         raise ValueError(f"--starts must be positive integers, got {list(starts)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,7 +199,7 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
             t0 = time.perf_counter()
             if s_count > 1:
                 chosen = screen_starts(G, C, candidates, values.expand(n, -1), mask.expand(n, -1),
-                                       amp_dtype=amp_dtype, batch=max(n, 256))
+                                       amp_dtype=amp_dtype, batch=n, thresholds=thr.expand(n, -1))
                 z0 = candidates[torch.arange(n, device=dev), chosen]
             else:
                 z0 = candidates[:, 0]
@@ -214,7 +216,8 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
             rows.append({"target": format_target(target), "starts": s_count, "census_frequency": freq,
                          "lco_hit_rate": acc / n, "lco_accepted_s": lco_rate,
                          "lco_mean_steps": float(res.steps[res.accepted].float().mean()) if acc else None,
-                         "lco_forward_per_accepted": (n * s_count + 3 * res.evaluations) / acc if acc else None,
+                         "lco_forward_per_accepted": ((n * s_count if s_count > 1 else 0) + res.evaluations
+                                                      + 2 * int(res.steps.sum())) / acc if acc else None,
                          "log_prior_before": float(res.log_prior_start.mean()),
                          "log_prior_after": float(res.log_prior_end.mean()),
                          "cosine_start_end": float(res.cosine_moved.mean()),
@@ -234,12 +237,24 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
         t0 = time.perf_counter()
         sample_archive(SampleConfig(run_dir, tmp, n=sample_n, batch=64, amp=amp, device=str(dev)), progress=False)
         sampling = sample_n / (time.perf_counter() - t0)
+    archive_rows = []
+    for s_count in (starts if archive_n else ()):  # `xrayforge sample --lco` itself, on the first target
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            summary = sample_archive(SampleConfig(run_dir, tmp, n=archive_n, batch=n, amp=amp, device=str(dev),
+                                                  classifier=classifier, targets=[targets[0]], steps=steps, lr=lr,
+                                                  starts=s_count), progress=False)
+            seconds = time.perf_counter() - t0
+        t = summary["targets"][format_target(parse_target(targets[0], C.findings))]
+        archive_rows.append({"target": targets[0], "starts": s_count, "images": archive_n, "seconds": seconds,
+                             "images_per_second": archive_n / seconds, "acceptance_rate": t["acceptance_rate"],
+                             "mean_steps": t["mean_steps"]})
     return {"benchmark": "lco", "device": device_info(dev).as_dict(), "environment": environment(),
             "generator_resolution": G.current_resolution, "generator_realism": gen_realism,
             "census": {"samples": census_n, "images_per_second": census_rate}, "lco_batch": n, "steps": steps, "lr": lr,
             "generation_images_per_second": gen_rate,
             "rows": rows,
-            "sampling_png_images_per_second": sampling,
+            "sampling_png_images_per_second": sampling, "lco_archive": archive_rows,
             "fid_weights": None if extractor is None else (inception or "random (pipeline check)"),
             "notes": "starts: LCO from the best of that many draws per sample (screen_starts; its forward passes "
                      "are in LCO's time); lco_forward_per_accepted: G + classifier forward passes per accepted "
@@ -279,6 +294,9 @@ def main(argv=None) -> int:
                    help="LCO Adam lr (default 0.1: on the demo's generator 2-3× the accepted/s of 0.05 with 100 steps)")
     p.add_argument("--starts", type=int, nargs="+", default=[1],
                    help="LCO from the best of S draws per sample, one row per S given (default 1: no screening)")
+    p.add_argument("--archive-n", type=int, default=0,
+                   help="also write an LCO archive of this many images of the first target per --starts value "
+                        "and report images/s (default 0: no)")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--sample-n", type=int, default=256)
     p.add_argument("--real", default=None, help="labelled archive: FID of accepted images vs real ones per target")
@@ -297,7 +315,7 @@ def main(argv=None) -> int:
     try:
         result = run(args.run, args.classifier, args.targets, args.n, args.steps, args.lr, args.device, args.amp,
                      args.sample_n, args.real, args.inception, args.census, args.max_realism, not args.no_fid,
-                     tuple(args.starts))
+                     tuple(args.starts), args.archive_n)
     except (ValueError, FileNotFoundError) as exc:
         print(f"lco benchmark: error: {exc}", file=sys.stderr)
         return 2
@@ -305,6 +323,9 @@ def main(argv=None) -> int:
         print(f"generator realism ratio {result['generator_realism']['realism']:.2f}, diversity "
               f"{result['generator_realism']['diversity']:.2f}")
     print(format_table(result["rows"], COLUMNS))
+    for row in result["lco_archive"]:
+        print(f"LCO archive, {row['target']}, starts {row['starts']}: {row['images_per_second']:.1f} images/s, "
+              f"acceptance {row['acceptance_rate']:.0%}, mean {row['mean_steps']:.1f} steps")
     print(f"sampling to PNG: {result['sampling_png_images_per_second']:.1f} images/s "
           f"at {result['generator_resolution']} px")
     print(f"wrote {write_results('lco', result, args.out)}")

@@ -14,6 +14,7 @@ classifier passes per accepted image 1.6–3.3× and z moved less (``benchmarks/
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -100,19 +101,27 @@ def _autocast(device: torch.device, amp_dtype):
 
 @torch.no_grad()
 def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                  prior_weight: float = 1.0, amp_dtype=None, batch: int = 256) -> torch.Tensor:
+                  prior_weight: float = 1.0, amp_dtype=None, batch: int = 256,
+                  thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """Best-of-S starting points: ``candidates`` (N, S, d) are S draws from N(0, I) per sample;
     each goes through G and the classifier once (forward only, about a third of an LCO step) and
     the one with the lowest LCO objective for its row's target is returned, as an index (N,) into S.
-    A draw that already shows the target is accepted by ``optimise`` at step 0."""
+    With ``thresholds`` (N, F) a draw that already shows the target comes first (``optimise``
+    accepts it at step 0), whatever its objective. ``batch``: draws per forward pass."""
     n, s, d = candidates.shape
     flat = candidates.reshape(n * s, d)
     v, m = (t.to(flat.device).repeat_interleave(s, dim=0) for t in (values, mask))
+    thr = thresholds.to(flat.device).repeat_interleave(s, dim=0) if thresholds is not None else None
     scores = torch.empty(n * s, dtype=torch.float64, device=flat.device)
+    ok = torch.zeros(n * s, dtype=torch.bool, device=flat.device)
     with _autocast(flat.device, amp_dtype):
         for i in range(0, n * s, batch):
             logits = _wide(classifier(G(flat[i:i + batch])))
             scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight)
+            if thr is not None:
+                ok[i:i + batch] = satisfied(torch.sigmoid(logits), v[i:i + batch], m[i:i + batch], thr[i:i + batch])
+    # draws that meet the target rank before every draw that does not
+    scores = scores + (~ok).double() * (2 * scores.abs().max() + 1)
     return scores.view(n, s).argmin(dim=1)
 
 
@@ -122,11 +131,20 @@ def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.
 
     Only the latents still short of their target go through G and the classifier at each step
     (the batch shrinks as samples are accepted), and each row has its own Adam state, so a
-    latent's path does not depend on which others share its batch."""
+    latent's path does not depend on which others share its batch (up to the last bits of
+    float32 arithmetic, which a batch's size may change). Works under a caller's no_grad or
+    inference_mode: the optimisation needs gradients and makes its own."""
+    with torch.inference_mode(False), torch.enable_grad():
+        device = z0.device
+        z0 = z0.detach().clone()  # outside inference mode, a normal tensor
+        values, mask, thresholds = (t.to(device).clone() for t in (values, mask, thresholds))
+        return _optimise(G, classifier, z0, values, mask, thresholds, steps, lr, prior_weight, amp_dtype)
+
+
+def _optimise(G, classifier, z0, values, mask, thresholds, steps, lr, prior_weight, amp_dtype) -> LCOResult:
     device = z0.device
-    values, mask, thresholds = values.to(device), mask.to(device), thresholds.to(device)
     n, d = z0.shape
-    z = z0.detach().clone()
+    z = z0.clone()
     m1, m2 = torch.zeros_like(z), torch.zeros_like(z)  # Adam's moments (betas 0.9, 0.999; eps 1e-8)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     used = torch.zeros(n, dtype=torch.long, device=device)
@@ -138,7 +156,7 @@ def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.
     for step in range(steps + 1):
         last = step == steps
         za = z[idx].requires_grad_(not last)
-        with torch.enable_grad() if not last else torch.no_grad(), autocast:
+        with torch.no_grad() if last else contextlib.nullcontext(), autocast:
             imgs = G(za)
             logits = _wide(classifier(imgs))
         evaluations += len(idx)

@@ -153,7 +153,10 @@ class ArchiveSampler:
         return all((self.out / f"shard-{s:05d}.csv").is_file() for s in range(len(self._shards())))
 
     def _settings(self) -> dict:
-        return {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "encode_threads", "out", "max_attempts")}
+        out = {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "encode_threads", "out", "max_attempts")}
+        if not self.cfg.targets:
+            out["starts"] = 1  # no LCO: the number of starting draws changes nothing
+        return out
 
     def _checkpoint(self) -> Path:
         """The generator's checkpoint: the one this archive was started from, else the run's newest
@@ -250,9 +253,9 @@ class ArchiveSampler:
             tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
             values, mask, thresholds = (torch.stack([x[i] for x in tens]) for i in range(3))
             chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight, self.amp,
-                                   batch=self.cfg.batch) if S > 1 else torch.zeros(len(batch_t), dtype=torch.long)
+                                   batch=self.cfg.batch, thresholds=thresholds) if S > 1 else torch.zeros(len(batch_t), dtype=torch.long)
             z0 = candidates[torch.arange(len(batch_t)), chosen.to(candidates.device)]
-            batch_a = [a * S + int(c) for a, c in zip(batch_a, chosen)]  # the latent_index of each start
+            batch_a = [a * S + c for a, c in zip(batch_a, chosen.tolist())]  # the latent_index of each start
             res = optimise(self.G, self.classifier, z0, values, mask, thresholds, self.cfg.steps, self.cfg.lr,
                            self.cfg.prior_weight, self.amp)
             for j, t in enumerate(batch_t):
@@ -319,7 +322,8 @@ class ArchiveSampler:
         # never into a prepared archive or a folder of the user's own files
         claim_output(self.out, "sample", signatures=("sample_config.json",))
         settings_path = self.settings_path
-        same_settings(settings_path, settings, ignore=("checkpoint",))
+        # archives begun before --starts existed were made with one draw per attempt
+        same_settings(settings_path, settings, ignore=("checkpoint",), added={"starts": 1})
         if distributed:
             dist.barrier()
         if rank == 0:

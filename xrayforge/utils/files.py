@@ -156,15 +156,19 @@ def _listing(entries: list[str]) -> str:
     return ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
 
 
-def same_settings(path: str | os.PathLike, settings: dict, ignore=()) -> None:
+def same_settings(path: str | os.PathLike, settings: dict, ignore=(), added: dict | None = None) -> None:
     """An output that holds ``path`` (its saved settings) may only be continued with the same
-    settings (keys in ``ignore`` aside)."""
+    settings (keys in ``ignore`` aside). ``added``: settings introduced after outputs were first
+    written, with the value that an output saved without them was made with."""
     path = Path(path)
     if path.exists():
-        saved = read_json(path, "saved settings")
-        if {k: v for k, v in saved.items() if k not in ignore} != {k: v for k, v in settings.items()
-                                                                     if k not in ignore}:
-            raise UserError(f"{path.parent} holds an output made with other settings ({path}); choose a new --out")
+        saved = {**(added or {}), **read_json(path, "saved settings")}
+        keys = sorted((set(saved) | set(settings)) - set(ignore))
+        differ = [k for k in keys if saved.get(k) != settings.get(k)]
+        if differ:
+            what = "; ".join(f"{k}: saved {saved.get(k)!r}, now {settings.get(k)!r}" for k in differ[:5])
+            raise UserError(f"{path.parent} holds an output made with other settings ({path}: {what}); "
+                            "choose a new --out, or run with the saved settings to continue it")
 
 
 def claim_output(out: str | os.PathLike, command: str, signatures=()) -> Path:
