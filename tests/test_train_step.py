@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from xrayforge.nn import Discriminator, Generator, NetworkConfig
+from xrayforge.nn.layers import EqualizedConv2d
 from xrayforge.train import PGGANStep, StepConfig, discriminator_loss, ema_update, gradient_penalty, make_adam
 
 TINY = NetworkConfig(resolution=16, latent_dim=8, fmap_base=64, fmap_max=8)
@@ -74,13 +75,18 @@ def test_step_updates_both_networks_and_the_ema(amp, accumulation):
 @pytest.mark.parametrize("alpha", [0.5, 1.0], ids=["fade-in", "stable"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_training_step_never_waits_for_the_gpu(alpha, amp):
-    """Nothing in a step synchronises the host with the GPU (sync debug mode 'error' raises on
-    any): the CPU queues the next step's kernels while the GPU runs this one. A float α passed to
-    the networks used to become torch.tensor(α, device=...), a host copy that waited for the GPU
-    on every call; the trainer made its fade-in α the same way."""
+    """No step waits for the GPU in the ways PyTorch's sync debug mode sees (a value read back,
+    a blocking copy, a stream or device synchronize; 'error' raises on any), so the CPU queues the
+    next step's kernels while the GPU runs this one. A float α passed to the networks used to
+    become torch.tensor(α, device=...), a blocking host copy on every call; the trainer made its
+    fade-in α the same way. channels_last and the fused conv2d_eqlr kernel, as training runs them."""
     dev = torch.device("cuda")
     cfg = NetworkConfig(resolution=32, latent_dim=16, fmap_base=64, fmap_max=16)
-    G, D = Generator(cfg).to(dev), Discriminator(cfg).to(dev)
+    G = Generator(cfg).to(dev).to(memory_format=torch.channels_last)
+    D = Discriminator(cfg).to(dev).to(memory_format=torch.channels_last)
+    for m in list(G.modules()) + list(D.modules()):
+        if isinstance(m, EqualizedConv2d) and m.kernel_size == 3:
+            m.eqlr_backend = "triton"
     G_ema = copy.deepcopy(G)
     step = PGGANStep(G, D, G_ema, make_adam(G.parameters()), make_adam(D.parameters()), StepConfig(amp_dtype=amp))
     gen = torch.Generator(dev).manual_seed(0)
@@ -93,9 +99,10 @@ def test_a_training_step_never_waits_for_the_gpu(alpha, amp):
 
     one(True), one(False)  # first calls compile kernels and set up the optimisers' state
     torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = [one(True), one(False)]
     finally:
-        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.set_sync_debug_mode(before)
     assert all(torch.isfinite(o["d_loss"]) and torch.isfinite(o["g_loss"]) for o in out)

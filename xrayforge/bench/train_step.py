@@ -225,30 +225,37 @@ def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device
 
 
 def trainer_loop(resolution: int = 64, batch: int = 16, ticks: int = 3, tick_images: int = 1024, device=None,
-                 amp: str | None = "bf16", latent_dim: int = 128, fmap_base: int = 2048, fmap_max: int = 128,
-                 archive_images: int = 512, reps: int = 10, warmup: int = 3) -> dict:
+                 amp: str | None = None, latent_dim: int = 128, fmap_base: int = 2048, fmap_max: int = 128,
+                 archive_images: int = 512, steps: int = 30, warmup: int = 3, max_seconds: float | None = None) -> dict:
     """The trainer's whole loop (prefetching loader, real-image preparation, step, EMA, progress)
     against its bare step on the same networks, at one resolution in a stable phase, on a phantom
-    archive. Defaults: the demo's GPU network (``xrayforge demo --device cuda``) at 64 px, where a
-    step is short and whatever the loop adds shows. ``loop_img_s``: the ticks after the first
-    (which compiles kernels), as the trainer logs them (each tick's time excludes the previous
-    tick's grid and checkpoint); ``step_img_s``: ``trainer.step`` alone, timed like the
-    train-step rows (on the trainer's own networks, optimisers and generator)."""
+    archive. Defaults: the demo's GPU network and precision (``xrayforge demo --device cuda``:
+    fp32) at 64 px, where a step is short and whatever the loop adds shows. ``loop_img_s``: the
+    ticks after the first (which compiles kernels), as the trainer logs them (each tick's time
+    excludes the previous tick's grid and checkpoint); ``step_img_s``: ``trainer.step`` alone on
+    the trainer's own networks, optimisers and generator, ``steps`` of them back to back as the
+    loop runs them. ``max_seconds`` bounds the training part (the trainer stops on it)."""
     import json
     import tempfile
+    import time
     from pathlib import Path
 
     from ..data.archive import Archive
     from ..data.prepare import prepare
     from ..train.trainer import TrainConfig, Trainer
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     with tempfile.TemporaryDirectory(prefix="xrayforge-loop-") as tmp:
         arch = Path(tmp) / "phantom"
-        prepare(f"phantom:{archive_images}", arch, resolution=resolution, progress=False)
+        prepare(f"phantom:{archive_images}", arch, resolution=resolution, progress=False, workers=1)
         cfg = TrainConfig(str(arch), str(Path(tmp) / "run"), start_resolution=resolution, fade_images=0,
                           stable_images=ticks * tick_images, tick_images=tick_images, batch={resolution: batch},
                           latent_dim=latent_dim, fmap_base=fmap_base, fmap_max=fmap_max, amp=amp, device=str(dev),
-                          realism_images=0, checkpoint_ticks=10 ** 6, grid_size=4)
+                          realism_images=0, checkpoint_ticks=10 ** 6, grid_size=4, max_seconds=max_seconds)
         trainer = Trainer(cfg, progress=False)
         trainer.train()
         log = [json.loads(line) for line in (Path(tmp) / "run" / "log.jsonl").read_text().splitlines()]
@@ -256,14 +263,25 @@ def trainer_loop(resolution: int = 64, batch: int = 16, ticks: int = 3, tick_ima
         rows = np.sort(np.random.default_rng(0).choice(archive_images, batch, replace=False))
         real_u = torch.from_numpy(Archive(arch).images(rows, resolution)).to(dev)
         real = trainer._real(real_u, 1.0)  # as the loop prepares its batches
-        ms = time_fn(lambda: trainer.step(real, trainer.level, 1.0, trainer.gen, ema_beta=0.999), dev,
-                     warmup=warmup, reps=reps, min_seconds=1.0 if dev.type == "cuda" else 0.0)
+
+        def step():
+            return trainer.step(real, trainer.level, 1.0, trainer.gen, ema_beta=0.999)
+
+        for _ in range(warmup):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = step()
+        float(out["d_loss"])  # the last step's result, as a tick reads it
+        sync()
+        ms = (time.perf_counter() - t0) / steps * 1e3
     step_img_s = batch / (ms / 1e3)
     loop_img_s = float(np.median(loop))
     return {"resolution": resolution, "batch": batch, "amp": amp or "fp32",
             "network": f"latent {latent_dim}, fmap_base {fmap_base}, fmap_max {fmap_max}",
-            "loop_img_s": loop_img_s, "loop_img_s_ticks": loop, "step_img_s": step_img_s, "step_ms": ms,
-            "loop_share_of_step": loop_img_s / step_img_s,
+            "loop_img_s": loop_img_s, "loop_img_s_ticks": loop, "loop_images": log[-1]["images"],
+            "step_img_s": step_img_s, "step_ms": ms, "loop_share_of_step": loop_img_s / step_img_s,
             "loop_overhead_ms_per_step": batch / loop_img_s * 1e3 - ms}
 
 

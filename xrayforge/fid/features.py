@@ -116,6 +116,8 @@ class DenseNet121Space:
         except RuntimeError as exc:
             raise UserError(f"{path}: the weights do not fit a DenseNet-121 ({str(exc).splitlines()[0]})") from None
         self.net = net.to(self.device).eval().requires_grad_(False)
+        # made once: a host-to-GPU copy per batch would wait for the GPU each time
+        self._imagenet = [torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in self.IMAGENET]
         self.name = f"densenet121@{file_id(path)}"
         self.source = f"DenseNet-121 {path} ({self.channels}-channel, {self.SIZE} px)"
 
@@ -128,8 +130,6 @@ class DenseNet121Space:
         if self.channels == 1:  # torchxrayvision: [0, 1] -> [-1024, 1024]
             x = (2 * x - 1) * 1024
         else:
-            if getattr(self, "_imagenet", None) is None:  # made once: a host-to-GPU copy waits for the GPU
-                self._imagenet = [torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in self.IMAGENET]
             mean, std = self._imagenet
             x = (x.expand(-1, 3, -1, -1) - mean) / std
         return self.net.embed(x).float()

@@ -105,8 +105,8 @@ class _ProgressiveNetwork(nn.Module):
             blend = True
         else:
             self._check_level(level, alpha)
-            # torch.full fills on the device; torch.tensor would copy from the host and, on a GPU,
-            # wait for every queued kernel first (a non-blocking copy from pageable memory syncs)
+            # torch.full fills on the device; torch.tensor would copy from the host, and that blocking
+            # copy (non_blocking=False) waits on a GPU for every kernel queued before it
             alpha, blend = torch.full((), float(alpha), device=self.alpha.device), float(alpha) < 1.0
         if not 0 <= level < self.config.num_levels:
             raise ValueError(f"level must be in [0, {self.config.num_levels - 1}], got {level}")

@@ -457,9 +457,10 @@ class Trainer:
                     lv = self.schedule.at(nxt).level
                     prefetch.request(nxt, self.batch_for(lv), self.net_config.resolution_at(lv))
                 real = self._real(batch_u, phase.alpha)
-                alpha_t = torch.full((), phase.alpha, device=self.device)  # no host copy: no GPU sync
+                # a fade-in's α as a device tensor made by a fill (a host copy would wait for the GPU)
+                alpha_t = torch.full((), phase.alpha, device=self.device) if phase.alpha < 1.0 else 1.0
                 beta = self.cfg.ema_beta_at(global_batch(self.level), self.images_seen)
-                last = self.step(real, self.level, alpha_t if phase.alpha < 1.0 else 1.0, self.gen, ema_beta=beta)
+                last = self.step(real, self.level, alpha_t, self.gen, ema_beta=beta)
                 last_alpha = phase.alpha
                 self.images_seen = nxt
                 tick_images += global_batch(self.level)
@@ -467,6 +468,8 @@ class Trainer:
                 done = self.images_seen >= self.total or (
                     self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
                 if self.images_seen >= next_tick or done or self._stop_signal:
+                    if self.device.type == "cuda":  # the tick's img/s counts its steps' GPU work, all of it
+                        torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
                     self.tick += 1
                     # the level and α of the step just taken (a batch may end past a phase boundary)
