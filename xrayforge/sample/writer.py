@@ -215,6 +215,7 @@ class ArchiveSampler:
             z = latents_for(self.cfg.seed, idx, self.G.config.latent_dim, self.cfg.truncation)
             img = self._generate(z)
             probs = self._probs(img)
+            probs = probs.cpu() if probs is not None else None  # one copy per batch, not one per value
             for j, k in enumerate(idx):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": self.cfg.seed, "latent_index": k,
                              "target": "", "lco_steps": 0,
@@ -258,22 +259,27 @@ class ArchiveSampler:
             batch_a = [a * S + c for a, c in zip(batch_a, chosen.tolist())]  # the latent_index of each start
             res = optimise(self.G, self.classifier, z0, values, mask, thresholds, self.cfg.steps, self.cfg.lr,
                            self.cfg.prior_weight, self.amp)
+            # the batch's results on the host, once: an accepted image is kept until its shard is written,
+            # and keeping whole batches on the GPU would hold every rejected 1024-px image with it
+            res_z, res_images, res_probs = res.z.cpu(), res.images.cpu(), res.probs.cpu()
+            res_steps, res_accepted = res.steps.tolist(), res.accepted.tolist()
             for j, t in enumerate(batch_t):
                 key = format_target(self.targets[t])
                 if len(got[t]) >= len(need[t]):
                     continue  # attempts beyond what the shard needs are neither kept nor counted
-                if not bool(res.accepted[j]):
+                if not res_accepted[j]:
                     self.rejected[key] += 1
                     continue
-                got[t].append((batch_seed[j], batch_a[j], res, j))
+                got[t].append((batch_seed[j], batch_a[j], res_steps[j], res_probs[j].tolist(), res_z[j],
+                               res_images[j]))
         rows, latents, images = [], [], []
         for t in range(T):
-            for k, (sd, a, res, j) in zip(need[t], got[t]):
+            for k, (sd, a, steps, probs, z, image) in zip(need[t], got[t]):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": sd, "latent_index": a,
-                             "target": format_target(self.targets[t]), "lco_steps": int(res.steps[j]),
-                             **{f"p_{f}": round(float(res.probs[j, q]), 6) for q, f in enumerate(self.findings)}})
-                latents.append(res.z[j].cpu())
-                images.append(res.images[j].cpu())
+                             "target": format_target(self.targets[t]), "lco_steps": steps,
+                             **{f"p_{f}": round(probs[q], 6) for q, f in enumerate(self.findings)}})
+                latents.append(z)
+                images.append(image)
         order = np.argsort([r["index"] for r in rows])
         return [rows[i] for i in order], torch.stack(latents)[order], torch.stack(images)[order]
 
