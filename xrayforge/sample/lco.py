@@ -8,13 +8,14 @@ where N(0, I) puts its mass. A sample is accepted as soon as every named finding
 threshold (p >= t for present, p < t for absent) and then stops moving; samples still short
 after ``steps`` are rejected and counted. Targets are mixed freely within a batch.
 
-``screen_starts`` picks each sample's starting point as the best of S draws from N(0, I) for its
-target, with forward passes only (no backward): on the demo's generator S = 16 cut the G +
-classifier passes per accepted image 1.6–3.3× and z moved less (``benchmarks/lco.py --starts``).
+``LCOPool`` runs a stream of latents a batch at a time, a finished one making room for the next
+(the archive writer's path); ``optimise`` is one batch of it. ``screen_starts`` picks each
+sample's starting point as the best of S draws from N(0, I) for its target, with forward passes
+only (no backward): on the demo's generator S = 16 cut the G + classifier passes per accepted
+image 1.6–3.3× and z moved less (``benchmarks/lco.py --starts``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -125,64 +126,132 @@ def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor,
     return scores.view(n, s).argmin(dim=1)
 
 
+@dataclass
+class LCOSample:
+    """One latent that has left an ``LCOPool``: accepted, or out of steps."""
+    key: object
+    z0: torch.Tensor           # the start (d,)
+    z: torch.Tensor            # where it ended (d,)
+    image: torch.Tensor        # G(z)
+    probs: torch.Tensor        # classifier probabilities (F,)
+    accepted: bool
+    steps: int                 # optimisation steps taken
+
+
+class LCOPool:
+    """LCO on a stream of latents, ``capacity`` at a time: a latent leaves as soon as it meets its
+    target (accepted) or has had ``steps`` steps and still does not (rejected), and the next one from
+    the feed takes its place, so each evaluation runs a full batch while the feed lasts. Each row has
+    its own Adam state (betas 0.9 / 0.999, eps 1e-8, as torch.optim.Adam computes it) and its own step
+    count, so a latent's path is that of LCO on it alone (up to the last bits of float32 arithmetic,
+    which a batch's size may change), whatever shares its batch."""
+
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
+    def __init__(self, G, classifier, capacity: int, steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0,
+                 amp_dtype=None):
+        if capacity < 1 or steps < 0:
+            raise ValueError(f"LCO needs capacity >= 1 and steps >= 0, got {capacity} and {steps}")
+        self.G, self.classifier, self.capacity, self.steps = G, classifier, capacity, steps
+        self.lr, self.prior_weight, self.amp_dtype = lr, prior_weight, amp_dtype
+        self.evaluations = 0  # latents that went through G and the classifier (each in the pool once per step)
+
+    def run(self, feed, keep=None):
+        """Yield an LCOSample for every latent of ``feed``, an iterable of (key, z0 (d,), values (F,),
+        mask (F,), thresholds (F,)), in the order they finish. ``keep(key)``: False drops a latent,
+        unfinished and unreported, before its next evaluation (and skips it in the feed): e.g. one
+        whose target already has all the images it needs. Works under a caller's no_grad or
+        inference_mode (it makes its own gradients)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            yield from self._run(iter(feed), keep or (lambda key: True))
+
+    def _run(self, feed, keep):
+        keys: list = []
+        state = None  # z0, z, m1, m2 (P, d); values, mask, thr (P, F); t (P,): the rows in the pool
+        fed_out = False
+        while True:
+            fresh = []
+            while not fed_out and len(keys) + len(fresh) < self.capacity:
+                item = next(feed, None)
+                if item is None:
+                    fed_out = True
+                elif keep(item[0]):
+                    fresh.append(item)
+            if state is not None and keys:
+                kept = [i for i, k in enumerate(keys) if keep(k)]
+                if len(kept) < len(keys):
+                    state = [x[kept] for x in state]
+                    keys = [keys[i] for i in kept]
+            if fresh:
+                z0 = torch.stack([item[1].detach() for item in fresh]).clone()
+                dev = z0.device
+                rows = [z0, z0.clone(), torch.zeros_like(z0), torch.zeros_like(z0)] + \
+                    [torch.stack([item[i].to(dev) for item in fresh]).to(z0.dtype) for i in (2, 3, 4)] + \
+                    [torch.zeros(len(fresh), dtype=torch.long, device=dev)]
+                state = rows if state is None or not keys else [torch.cat([a, b]) for a, b in zip(state, rows)]
+                keys = keys + [item[0] for item in fresh]
+            if not keys:
+                return
+            yield from self._step(keys, state)  # sets the rows that go on: self._remaining(_keys)
+            state, keys = self._remaining, self._remaining_keys
+
+    def _step(self, keys, state):
+        z0, z, m1, m2, values, mask, thr, t = state
+        za = z.detach().requires_grad_(True)
+        with _autocast(za.device, self.amp_dtype):
+            imgs = self.G(za)
+            logits = _wide(self.classifier(imgs))
+        self.evaluations += len(keys)
+        probs = torch.sigmoid(logits.detach())
+        ok = satisfied(probs, values, mask, thr)
+        finished = ok | (t >= self.steps)
+        fin = finished.tolist()
+        if any(fin):
+            ok_list, t_list = ok.tolist(), t.tolist()
+            imgs_d = _wide(imgs.detach())
+            for i in (i for i, f in enumerate(fin) if f):
+                yield LCOSample(keys[i], z0[i], z[i].detach(), imgs_d[i], probs[i], bool(ok_list[i]), int(t_list[i]))
+        live = [i for i, f in enumerate(fin) if not f]
+        self._remaining_keys = [keys[i] for i in live]
+        if not live:
+            self._remaining = None
+            return
+        rest = torch.tensor(live, device=z.device) if len(live) < len(keys) else None
+        loss = lco_loss(logits, za, values, mask, self.prior_weight)
+        if rest is not None:
+            loss = loss[rest]
+        (grad,) = torch.autograd.grad(loss.sum(), za)
+        sel = (lambda x: x[rest]) if rest is not None else (lambda x: x)
+        z0, z, m1, m2, values, mask, thr, t = (sel(x) for x in (z0, z.detach(), m1, m2, values, mask, thr, t))
+        g = sel(grad)
+        with torch.no_grad():  # Adam, as torch.optim.Adam computes it, per row with its own step count
+            t = t + 1
+            tf = t.to(z.dtype)[:, None]
+            m1 = m1.mul(self.beta1).add_(g, alpha=1 - self.beta1)
+            m2 = m2.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            bc2_sqrt = (1 - torch.pow(torch.full_like(tf, self.beta2), tf)).sqrt()
+            step_size = self.lr / (1 - torch.pow(torch.full_like(tf, self.beta1), tf))
+            z = z - step_size * m1 / (m2.sqrt() / bc2_sqrt).add_(self.eps)
+        self._remaining = [z0, z, m1, m2, values, mask, thr, t]
+
+
 def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tensor,
              steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0, amp_dtype=None) -> LCOResult:
     """Run LCO on a batch; ``values``/``mask``/``thresholds`` are (N, F) (one target per row).
 
-    Only the latents still short of their target go through G and the classifier at each step
-    (the batch shrinks as samples are accepted), and each row has its own Adam state, so a
-    latent's path does not depend on which others share its batch (up to the last bits of
-    float32 arithmetic, which a batch's size may change). Works under a caller's no_grad or
-    inference_mode: the optimisation needs gradients and makes its own."""
-    with torch.inference_mode(False), torch.enable_grad():
-        device = z0.device
-        z0 = z0.detach().clone()  # outside inference mode, a normal tensor
-        values, mask, thresholds = (t.to(device).clone() for t in (values, mask, thresholds))
-        return _optimise(G, classifier, z0, values, mask, thresholds, steps, lr, prior_weight, amp_dtype)
-
-
-def _optimise(G, classifier, z0, values, mask, thresholds, steps, lr, prior_weight, amp_dtype) -> LCOResult:
-    device = z0.device
-    n, d = z0.shape
-    z = z0.clone()
-    m1, m2 = torch.zeros_like(z), torch.zeros_like(z)  # Adam's moments (betas 0.9, 0.999; eps 1e-8)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    used = torch.zeros(n, dtype=torch.long, device=device)
-    accepted = torch.zeros(n, dtype=torch.bool, device=device)
-    probs_out = images_out = None
-    idx = torch.arange(n, device=device)  # the rows still being optimised
-    evaluations = 0
-    autocast = _autocast(device, amp_dtype)
-    for step in range(steps + 1):
-        last = step == steps
-        za = z[idx].requires_grad_(not last)
-        with torch.no_grad() if last else contextlib.nullcontext(), autocast:
-            imgs = G(za)
-            logits = _wide(classifier(imgs))
-        evaluations += len(idx)
-        probs = torch.sigmoid(logits.detach())
-        ok = satisfied(probs, values[idx], mask[idx], thresholds[idx])
-        done = torch.ones_like(ok) if last else ok
-        if images_out is None:
-            images_out = torch.zeros((n,) + imgs.shape[1:], dtype=_wide(imgs).dtype, device=device)
-            probs_out = torch.zeros(n, probs.shape[1], dtype=probs.dtype, device=device)
-        images_out[idx[done]] = imgs.detach()[done].to(images_out.dtype)
-        probs_out[idx[done]] = probs[done]
-        accepted[idx[ok]] = True
-        if last or bool(ok.all()):
-            break
-        keep = ~ok
-        loss = lco_loss(logits[keep], za[keep], values[idx[keep]], mask[idx[keep]], prior_weight).sum()
-        (grad,) = torch.autograd.grad(loss, za)
-        rows, g = idx[keep], grad[keep]
-        with torch.no_grad():  # Adam, as torch.optim.Adam computes it, per row
-            t = step + 1
-            m1[rows] = m1[rows].mul(beta1).add_(g, alpha=1 - beta1)
-            m2[rows] = m2[rows].mul(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (m2[rows].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-            z[rows] = z[rows] - (lr / (1 - beta1 ** t)) * m1[rows] / denom
-        used[rows] += 1
-        idx = rows
-    z_end = z
-    return LCOResult(z_end, images_out, probs_out, accepted, used, log_prior(z0), log_prior(z_end),
-                     F.cosine_similarity(z0, z_end, dim=1), evaluations)
+    An ``LCOPool`` as large as the batch: only the latents still short of their target go
+    through G and the classifier at each step (the batch shrinks as samples are accepted), each
+    with its own Adam state. Works under a caller's no_grad or inference_mode."""
+    n = z0.shape[0]
+    pool = LCOPool(G, classifier, max(n, 1), steps, lr, prior_weight, amp_dtype)
+    dev = z0.device
+    feed = ((i, z0[i], values[i].to(dev), mask[i].to(dev), thresholds[i].to(dev)) for i in range(n))
+    out = sorted(pool.run(feed), key=lambda smp: smp.key)
+    with torch.inference_mode(False):
+        z0c = z0.detach().clone()
+        z = torch.stack([smp.z for smp in out]) if out else z0c.clone()
+        return LCOResult(z, torch.stack([smp.image for smp in out]) if out else None,
+                         torch.stack([smp.probs for smp in out]) if out else None,
+                         torch.tensor([smp.accepted for smp in out], dtype=torch.bool, device=dev),
+                         torch.tensor([smp.steps for smp in out], dtype=torch.long, device=dev),
+                         log_prior(z0c), log_prior(z), F.cosine_similarity(z0c, z, dim=1), pool.evaluations)

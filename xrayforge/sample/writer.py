@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
 from ..utils.files import claim_output, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
-from .lco import format_target, log_prior, optimise, parse_target, satisfied, screen_starts, target_tensors
+from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
 from ..nn.latents import latents_for
 
 FORMATS = ("png8", "png16", "dicom")
@@ -231,47 +231,53 @@ class ArchiveSampler:
         got: dict[int, list] = {t: [] for t in range(T)}
         next_attempt = {t: 0 for t in range(T)}
         thr = self.classifier.threshold
-        while any(len(got[t]) < len(need[t]) for t in range(T)):
-            open_targets = [t for t in range(T) if len(got[t]) < len(need[t])]
-            for t in open_targets:
-                if next_attempt[t] >= self.cfg.max_attempts * len(need[t]):
-                    raise LCOUnreachable(
-                        f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {len(need[t])} images "
-                        f"reached after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, lower the "
-                        f"threshold, or check that the classifier can see these findings")
-            per = max(1, self.cfg.batch // len(open_targets))
-            batch_t, batch_a, batch_seed = [], [], []
-            for t in open_targets:
-                for _ in range(per):
-                    batch_t.append(t)
-                    batch_a.append(next_attempt[t])
-                    batch_seed.append(_lco_seed(self.cfg.seed, s, t, T))
-                    next_attempt[t] += 1
-            S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
-            candidates = torch.stack([latents_for(sd, range(a * S, (a + 1) * S), self.G.config.latent_dim,
-                                                  self.cfg.truncation)
-                                      for sd, a in zip(batch_seed, batch_a)]).to(self.device)
-            tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
-            values, mask, thresholds = (torch.stack([x[i] for x in tens]) for i in range(3))
-            chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight, self.amp,
-                                   batch=self.cfg.batch, thresholds=thresholds) if S > 1 else torch.zeros(len(batch_t), dtype=torch.long)
-            z0 = candidates[torch.arange(len(batch_t)), chosen.to(candidates.device)]
-            batch_a = [a * S + c for a, c in zip(batch_a, chosen.tolist())]  # the latent_index of each start
-            res = optimise(self.G, self.classifier, z0, values, mask, thresholds, self.cfg.steps, self.cfg.lr,
-                           self.cfg.prior_weight, self.amp)
-            # the batch's results on the host, once: an accepted image is kept until its shard is written,
-            # and keeping whole batches on the GPU would hold every rejected 1024-px image with it
-            res_z, res_images, res_probs = res.z.cpu(), res.images.cpu(), res.probs.cpu()
-            res_steps, res_accepted = res.steps.tolist(), res.accepted.tolist()
-            for j, t in enumerate(batch_t):
-                key = format_target(self.targets[t])
-                if len(got[t]) >= len(need[t]):
-                    continue  # attempts beyond what the shard needs are neither kept nor counted
-                if not res_accepted[j]:
-                    self.rejected[key] += 1
-                    continue
-                got[t].append((batch_seed[j], batch_a[j], res_steps[j], res_probs[j].tolist(), res_z[j],
-                               res_images[j]))
+        S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
+
+        def is_open(t: int) -> bool:
+            return len(got[t]) < len(need[t])
+
+        def attempts():
+            """Blocks of about --batch attempts over the open targets, their starts screened together;
+            keyed (target, latent seed, latent index of the start)."""
+            while any(is_open(t) for t in range(T)):
+                open_targets = [t for t in range(T) if is_open(t)]
+                for t in open_targets:
+                    if next_attempt[t] >= self.cfg.max_attempts * len(need[t]):
+                        raise LCOUnreachable(
+                            f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {len(need[t])} "
+                            f"images reached after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, "
+                            f"lower the threshold, or check that the classifier can see these findings")
+                per = max(1, self.cfg.batch // len(open_targets))
+                batch_t, batch_a, batch_seed = [], [], []
+                for t in open_targets:
+                    for _ in range(per):
+                        batch_t.append(t)
+                        batch_a.append(next_attempt[t])
+                        batch_seed.append(_lco_seed(self.cfg.seed, s, t, T))
+                        next_attempt[t] += 1
+                candidates = torch.stack([latents_for(sd, range(a * S, (a + 1) * S), self.G.config.latent_dim,
+                                                      self.cfg.truncation)
+                                          for sd, a in zip(batch_seed, batch_a)]).to(self.device)
+                tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
+                values, mask, thresholds = (torch.stack([x[i] for x in tens]).to(self.device) for i in range(3))
+                chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight,
+                                       self.amp, batch=self.cfg.batch, thresholds=thresholds).tolist() \
+                    if S > 1 else [0] * len(batch_t)
+                for j, (t, sd, a, c) in enumerate(zip(batch_t, batch_seed, batch_a, chosen)):
+                    yield (t, sd, a * S + c), candidates[j, c], values[j], mask[j], thresholds[j]
+
+        # the pool refills as latents finish, so every evaluation runs a full batch while attempts last;
+        # each accepted image goes to the host at once (a shard's worth stays there until it is written)
+        lco = LCOPool(self.G, self.classifier, self.cfg.batch, self.cfg.steps, self.cfg.lr, self.cfg.prior_weight,
+                      self.amp)
+        for smp in lco.run(attempts(), keep=lambda key: is_open(key[0])):
+            t, sd, index = smp.key
+            if not is_open(t):
+                continue  # attempts beyond what the shard needs are neither kept nor counted
+            if not smp.accepted:
+                self.rejected[format_target(self.targets[t])] += 1
+                continue
+            got[t].append((sd, index, smp.steps, smp.probs.tolist(), smp.z.cpu(), smp.image.cpu()))
         rows, latents, images = [], [], []
         for t in range(T):
             for k, (sd, a, steps, probs, z, image) in zip(need[t], got[t]):
