@@ -323,6 +323,36 @@ def test_screened_lco_archive_rows_regenerate_from_their_latent_index(models, tm
                                     targets=["Cardiomegaly=1"], starts=0), progress=False)
 
 
+def test_an_lco_shard_takes_the_first_accepted_attempts_and_counts_the_rejections_before_them(models, tmp_path):
+    """Attempts finish out of order in the writer's pool (accepted ones early); the shard must still
+    be its target's first n accepted attempts, in attempt order, with the rejected attempts among
+    those before the last of them counted: here checked attempt by attempt, each run alone."""
+    from xrayforge.sample.writer import _lco_seed
+    run, clf = models
+    n, steps = 6, 12
+    summary = sample_archive(SampleConfig(str(run), str(tmp_path / "a"), n=n, classifier=str(clf),
+                                          targets=["Cardiomegaly=1,Effusion=1"], steps=steps, lr=0.1, starts=1,
+                                          batch=4), progress=False)
+    G = load_networks(find_generator(run), names=["G_ema"])["G_ema"].eval().requires_grad_(False)
+    C = load_classifier(clf).requires_grad_(False)
+    values, mask, thr = target_tensors(parse_target("Cardiomegaly=1,Effusion=1", C.findings), C.findings, C.threshold)
+    seed = _lco_seed(0, 0, 0, 1)
+    accepted, rejected, a = [], 0, 0
+    while len(accepted) < n:
+        res = optimise(G, C, latents_for(seed, [a], G.config.latent_dim), values[None], mask[None], thr[None],
+                       steps=steps, lr=0.1)
+        if bool(res.accepted[0]):
+            accepted.append(a)
+        else:
+            rejected += 1
+        a += 1
+    assert rejected > 0, "pick a harder target: every attempt succeeded"
+    rows = read_manifest(tmp_path / "a")
+    assert [int(r["latent_index"]) for r in rows] == accepted
+    t = summary["targets"]["Cardiomegaly=1,Effusion=1"]
+    assert t["rejected"] == rejected and t["accepted"] == n
+
+
 def test_lco_archive_with_several_targets(models, tmp_path):
     run, clf = models
     summary = sample_archive(SampleConfig(str(run), str(tmp_path / "lco"), n=3, classifier=str(clf),

@@ -162,14 +162,21 @@ class LCOPool:
         unfinished and unreported, before its next evaluation (and skips it in the feed): e.g. one
         whose target already has all the images it needs. Works under a caller's no_grad or
         inference_mode (it makes its own gradients)."""
-        with torch.inference_mode(False), torch.enable_grad():
-            yield from self._run(iter(feed), keep or (lambda key: True))
+        yield from self._run(iter(feed), keep or (lambda key: True))
 
+    @torch.inference_mode(False)
+    @torch.enable_grad()  # as decorators they hold at each resumption, not while the caller runs
     def _run(self, feed, keep):
         keys: list = []
         state = None  # z0, z, m1, m2 (P, d); values, mask, thr (P, F); t (P,): the rows in the pool
         fed_out = False
         while True:
+            if keys:  # first drop what the caller no longer wants, then fill the room it leaves
+                kept = [i for i, k in enumerate(keys) if keep(k)]
+                if len(kept) < len(keys):
+                    index = torch.tensor(kept, dtype=torch.long, device=state[0].device)
+                    state = [x[index] for x in state]
+                    keys = [keys[i] for i in kept]
             fresh = []
             while not fed_out and len(keys) + len(fresh) < self.capacity:
                 item = next(feed, None)
@@ -177,25 +184,23 @@ class LCOPool:
                     fed_out = True
                 elif keep(item[0]):
                     fresh.append(item)
-            if state is not None and keys:
-                kept = [i for i, k in enumerate(keys) if keep(k)]
-                if len(kept) < len(keys):
-                    state = [x[kept] for x in state]
-                    keys = [keys[i] for i in kept]
             if fresh:
-                z0 = torch.stack([item[1].detach() for item in fresh]).clone()
+                z0 = torch.stack([item[1].detach() for item in fresh])
                 dev = z0.device
+                work = torch.promote_types(z0.dtype, torch.float32)  # Adam's state: never in bf16 / fp16
+                z0 = z0.to(work).clone()
                 rows = [z0, z0.clone(), torch.zeros_like(z0), torch.zeros_like(z0)] + \
-                    [torch.stack([item[i].to(dev) for item in fresh]).to(z0.dtype) for i in (2, 3, 4)] + \
-                    [torch.zeros(len(fresh), dtype=torch.long, device=dev)]
-                state = rows if state is None or not keys else [torch.cat([a, b]) for a, b in zip(state, rows)]
+                    [torch.stack([item[i].to(dev) for item in fresh]).to(work) for i in (2, 3)] + \
+                    [torch.stack([item[4].to(dev) for item in fresh]).to(torch.float64),
+                     torch.zeros(len(fresh), dtype=torch.long, device=dev)]
+                state = rows if not keys else [torch.cat([a, b]) for a, b in zip(state, rows)]
                 keys = keys + [item[0] for item in fresh]
             if not keys:
                 return
-            yield from self._step(keys, state)  # sets the rows that go on: self._remaining(_keys)
-            state, keys = self._remaining, self._remaining_keys
+            state, keys = yield from self._step(keys, state)
 
     def _step(self, keys, state):
+        """One evaluation of every row; yields the rows that finish, returns (state, keys) of the rest."""
         z0, z, m1, m2, values, mask, thr, t = state
         za = z.detach().requires_grad_(True)
         with _autocast(za.device, self.amp_dtype):
@@ -206,33 +211,34 @@ class LCOPool:
         ok = satisfied(probs, values, mask, thr)
         finished = ok | (t >= self.steps)
         fin = finished.tolist()
-        if any(fin):
-            ok_list, t_list = ok.tolist(), t.tolist()
-            imgs_d = _wide(imgs.detach())
-            for i in (i for i, f in enumerate(fin) if f):
-                yield LCOSample(keys[i], z0[i], z[i].detach(), imgs_d[i], probs[i], bool(ok_list[i]), int(t_list[i]))
         live = [i for i, f in enumerate(fin) if not f]
-        self._remaining_keys = [keys[i] for i in live]
-        if not live:
-            self._remaining = None
-            return
-        rest = torch.tensor(live, device=z.device) if len(live) < len(keys) else None
-        loss = lco_loss(logits, za, values, mask, self.prior_weight)
-        if rest is not None:
-            loss = loss[rest]
-        (grad,) = torch.autograd.grad(loss.sum(), za)
-        sel = (lambda x: x[rest]) if rest is not None else (lambda x: x)
-        z0, z, m1, m2, values, mask, thr, t = (sel(x) for x in (z0, z.detach(), m1, m2, values, mask, thr, t))
-        g = sel(grad)
-        with torch.no_grad():  # Adam, as torch.optim.Adam computes it, per row with its own step count
-            t = t + 1
-            tf = t.to(z.dtype)[:, None]
-            m1 = m1.mul(self.beta1).add_(g, alpha=1 - self.beta1)
-            m2 = m2.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            bc2_sqrt = (1 - torch.pow(torch.full_like(tf, self.beta2), tf)).sqrt()
-            step_size = self.lr / (1 - torch.pow(torch.full_like(tf, self.beta1), tf))
-            z = z - step_size * m1 / (m2.sqrt() / bc2_sqrt).add_(self.eps)
-        self._remaining = [z0, z, m1, m2, values, mask, thr, t]
+        done = [i for i, f in enumerate(fin) if f]
+        out_state = None
+        if live:  # queue the update of the rows that go on before the host handles the finished ones
+            rest = torch.tensor(live, dtype=torch.long, device=z.device) if done else None
+            loss = lco_loss(logits, za, values, mask, self.prior_weight)
+            (grad,) = torch.autograd.grad((loss[rest] if rest is not None else loss).sum(), za)
+            sel = (lambda x: x[rest]) if rest is not None else (lambda x: x)
+            z0_l, z_l, m1, m2, values_l, mask_l, thr_l, t_l = (sel(x) for x in (z0, z.detach(), m1, m2, values,
+                                                                                 mask, thr, t))
+            g = sel(grad)
+            with torch.no_grad():  # Adam, as torch.optim.Adam computes it, per row with its own step count
+                t_l = t_l + 1
+                tf = t_l.to(torch.float64)[:, None]  # bias corrections in float64, as Python floats would be
+                m1 = m1.mul(self.beta1).add_(g, alpha=1 - self.beta1)
+                m2 = m2.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                bc2_sqrt = (1 - self.beta2 ** tf).sqrt().to(z_l.dtype)
+                step_size = (self.lr / (1 - self.beta1 ** tf)).to(z_l.dtype)
+                z_l = z_l - step_size * m1 / (m2.sqrt() / bc2_sqrt).add_(self.eps)
+            out_state = [z0_l, z_l, m1, m2, values_l, mask_l, thr_l, t_l]
+        if done:  # only the finished rows are gathered: a sample must not hold its whole step's batch
+            index = torch.tensor(done, dtype=torch.long, device=z.device)
+            imgs_f, probs_f = _wide(imgs.detach()[index]), probs[index]
+            z_f, z0_f = z.detach()[index], z0[index]
+            ok_list, t_list = ok[index].tolist(), t[index].tolist()
+            for j, i in enumerate(done):
+                yield LCOSample(keys[i], z0_f[j], z_f[j], imgs_f[j], probs_f[j], bool(ok_list[j]), int(t_list[j]))
+        return out_state, [keys[i] for i in live]
 
 
 def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tensor,

@@ -226,31 +226,58 @@ class ArchiveSampler:
         return rows, torch.cat(latents), torch.cat(images)
 
     def _lco_shard(self, s: int, slots: range):
+        """A shard's LCO images. Attempts finish out of order (accepted ones early, rejected ones after
+        --steps), so each target is settled in attempt order: its images are its first accepted
+        attempts, and its rejections are the attempts before the last of those that failed; an attempt
+        can only be dropped unfinished once enough earlier ones are accepted. What a shard holds thus
+        depends only on which attempts succeed, not on when."""
         T = len(self.targets)
-        need = {t: [k for k in slots if k % T == t] for t in range(T)}
+        need = {t: len([k for k in slots if k % T == t]) for t in range(T)}
+        slots_of = {t: [k for k in slots if k % T == t] for t in range(T)}
         got: dict[int, list] = {t: [] for t in range(T)}
+        outcome: dict[int, dict] = {t: {} for t in range(T)}   # attempt -> None (rejected) or the image's data
+        settled = {t: 0 for t in range(T)}                      # attempts before this one are settled
         next_attempt = {t: 0 for t in range(T)}
         thr = self.classifier.threshold
         S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
+        limit = {t: self.cfg.max_attempts * need[t] for t in range(T)}
 
         def is_open(t: int) -> bool:
-            return len(got[t]) < len(need[t])
+            return len(got[t]) < need[t]
+
+        def wanted(t: int, a: int) -> bool:
+            """Whether attempt a of target t could still fill one of its images."""
+            if not is_open(t):
+                return False
+            earlier = len(got[t]) + sum(1 for b, o in outcome[t].items() if settled[t] <= b < a and o is not None)
+            return earlier < need[t]
+
+        def hungry(t: int) -> bool:  # more attempts could help: open, and not enough accepted ones yet
+            accepted = len(got[t]) + sum(1 for o in outcome[t].values() if o is not None)
+            return is_open(t) and accepted < need[t] and next_attempt[t] < limit[t]
+
+        def settle(t: int) -> None:
+            while settled[t] in outcome[t] and is_open(t):
+                o = outcome[t].pop(settled[t])
+                if o is None:
+                    self.rejected[format_target(self.targets[t])] += 1
+                else:
+                    got[t].append(o)
+                settled[t] += 1
+            if not is_open(t):
+                outcome[t].clear()
 
         def attempts():
-            """Blocks of about --batch attempts over the open targets, their starts screened together;
-            keyed (target, latent seed, latent index of the start)."""
-            while any(is_open(t) for t in range(T)):
-                open_targets = [t for t in range(T) if is_open(t)]
-                for t in open_targets:
-                    if next_attempt[t] >= self.cfg.max_attempts * len(need[t]):
-                        raise LCOUnreachable(
-                            f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {len(need[t])} "
-                            f"images reached after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, "
-                            f"lower the threshold, or check that the classifier can see these findings")
+            """Blocks of about --batch attempts over the targets that need more, their starts screened
+            together; keyed (target, attempt, latent seed, latent index of the start)."""
+            while True:
+                open_targets = [t for t in range(T) if hungry(t)]
+                if not open_targets:
+                    return
                 per = max(1, self.cfg.batch // len(open_targets))
                 batch_t, batch_a, batch_seed = [], [], []
                 for t in open_targets:
-                    for _ in range(per):
+                    for _ in range(min(per, limit[t] - next_attempt[t])):
                         batch_t.append(t)
                         batch_a.append(next_attempt[t])
                         batch_seed.append(_lco_seed(self.cfg.seed, s, t, T))
@@ -264,23 +291,28 @@ class ArchiveSampler:
                                        self.amp, batch=self.cfg.batch, thresholds=thresholds).tolist() \
                     if S > 1 else [0] * len(batch_t)
                 for j, (t, sd, a, c) in enumerate(zip(batch_t, batch_seed, batch_a, chosen)):
-                    yield (t, sd, a * S + c), candidates[j, c], values[j], mask[j], thresholds[j]
+                    yield (t, a, sd, a * S + c), candidates[j, c], values[j], mask[j], thresholds[j]
 
         # the pool refills as latents finish, so every evaluation runs a full batch while attempts last;
         # each accepted image goes to the host at once (a shard's worth stays there until it is written)
         lco = LCOPool(self.G, self.classifier, self.cfg.batch, self.cfg.steps, self.cfg.lr, self.cfg.prior_weight,
                       self.amp)
-        for smp in lco.run(attempts(), keep=lambda key: is_open(key[0])):
-            t, sd, index = smp.key
+        for smp in lco.run(attempts(), keep=lambda key: wanted(key[0], key[1])):
+            t, a, sd, index = smp.key
             if not is_open(t):
-                continue  # attempts beyond what the shard needs are neither kept nor counted
-            if not smp.accepted:
-                self.rejected[format_target(self.targets[t])] += 1
                 continue
-            got[t].append((sd, index, smp.steps, smp.probs.tolist(), smp.z.cpu(), smp.image.cpu()))
+            outcome[t][a] = (sd, index, smp.steps, smp.probs.tolist(), smp.z.to("cpu", copy=True),
+                             smp.image.to("cpu", copy=True)) if smp.accepted else None
+            settle(t)
+        for t in range(T):
+            if is_open(t):
+                raise LCOUnreachable(
+                    f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {need[t]} images reached "
+                    f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, lower the threshold, "
+                    f"or check that the classifier can see these findings")
         rows, latents, images = [], [], []
         for t in range(T):
-            for k, (sd, a, steps, probs, z, image) in zip(need[t], got[t]):
+            for k, (sd, a, steps, probs, z, image) in zip(slots_of[t], got[t]):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": sd, "latent_index": a,
                              "target": format_target(self.targets[t]), "lco_steps": steps,
                              **{f"p_{f}": round(probs[q], 6) for q, f in enumerate(self.findings)}})
