@@ -246,6 +246,9 @@ def test_screen_starts_takes_each_rows_best_draw():
                                  mask[i:i + 1], 1.0)) for j in range(s)]
         assert int(chosen[i]) == int(np.argmin(losses))
     assert len(set(chosen.tolist())) > 1
+    calls = []
+    one = screen_starts(lambda z: calls.append(z) or toy.G(z), toy.C, cand[:, :1], values, mask)
+    assert one.tolist() == [0] * n and not calls  # one draw: chosen without a pass
 
 
 def test_lco_runs_under_a_callers_no_grad_and_inference_mode():

@@ -197,12 +197,9 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
         for s_count in starts:
             candidates = latents_for(1234, range(n * s_count), G.config.latent_dim).to(dev).view(n, s_count, -1)
             t0 = time.perf_counter()
-            if s_count > 1:
-                chosen = screen_starts(G, C, candidates, values.expand(n, -1), mask.expand(n, -1),
-                                       amp_dtype=amp_dtype, batch=n, thresholds=thr.expand(n, -1))
-                z0 = candidates[torch.arange(n, device=dev), chosen]
-            else:
-                z0 = candidates[:, 0]
+            chosen = screen_starts(G, C, candidates, values.expand(n, -1), mask.expand(n, -1),
+                                   amp_dtype=amp_dtype, batch=n, thresholds=thr.expand(n, -1))
+            z0 = candidates[torch.arange(n, device=dev), chosen]
             res = optimise(G, C, z0, values.expand(n, -1), mask.expand(n, -1), thr.expand(n, -1), steps, lr,
                            amp_dtype=amp_dtype)
             if dev.type == "cuda":

@@ -108,8 +108,11 @@ def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor,
     each goes through G and the classifier once (forward only, about a third of an LCO step) and
     the one with the lowest LCO objective for its row's target is returned, as an index (N,) into S.
     With ``thresholds`` (N, F) a draw that already shows the target comes first (``optimise``
-    accepts it at step 0), whatever its objective. ``batch``: draws per forward pass."""
+    accepts it at step 0), whatever its objective. ``batch``: draws per forward pass. One draw
+    per sample (S = 1) is chosen without any pass."""
     n, s, d = candidates.shape
+    if s == 1:
+        return torch.zeros(n, dtype=torch.long, device=candidates.device)
     flat = candidates.reshape(n * s, d)
     v, m = (t.to(flat.device).repeat_interleave(s, dim=0) for t in (values, mask))
     thr = thresholds.to(flat.device).repeat_interleave(s, dim=0) if thresholds is not None else None

@@ -232,8 +232,8 @@ class ArchiveSampler:
         can only be dropped unfinished once enough earlier ones are accepted. What a shard holds thus
         depends only on which attempts succeed, not on when."""
         T = len(self.targets)
-        need = {t: len([k for k in slots if k % T == t]) for t in range(T)}
         slots_of = {t: [k for k in slots if k % T == t] for t in range(T)}
+        need = {t: len(slots_of[t]) for t in range(T)}
         got: dict[int, list] = {t: [] for t in range(T)}
         outcome: dict[int, dict] = {t: {} for t in range(T)}   # attempt -> None (rejected) or the image's data
         settled = {t: 0 for t in range(T)}                      # attempts before this one are settled
@@ -288,8 +288,7 @@ class ArchiveSampler:
                 tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
                 values, mask, thresholds = (torch.stack([x[i] for x in tens]).to(self.device) for i in range(3))
                 chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight,
-                                       self.amp, batch=self.cfg.batch, thresholds=thresholds).tolist() \
-                    if S > 1 else [0] * len(batch_t)
+                                       self.amp, batch=self.cfg.batch, thresholds=thresholds).tolist()
                 for j, (t, sd, a, c) in enumerate(zip(batch_t, batch_seed, batch_a, chosen)):
                     yield (t, a, sd, a * S + c), candidates[j, c], values[j], mask[j], thresholds[j]
 
