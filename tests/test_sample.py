@@ -132,6 +132,24 @@ def test_lco_beats_rejection_sampling_on_a_rare_combination(models):
     assert (res.log_prior_end > res.log_prior_start - 50).all()  # z stays near the Gaussian shell
 
 
+def test_auto_targets_takes_combinations_seen_often_enough():
+    # 10,000 census rows, four findings: A+B 50 times (0.5%), A+B+C 12 times, A+B+C+D 3 times
+    present = torch.zeros(10000, 4, dtype=torch.bool)
+    present[:50, :2] = True
+    present[:12, 2] = True
+    present[:3, 3] = True
+    names = ["A", "B", "C", "D"]
+    ((text, freq),) = auto_targets(present, names, wanted=(1e-4,), sizes=(2, 3, 4))
+    assert freq == 3e-4 and "D=1" in text  # seen 3 times: the nearest to 1 in 10,000
+    # needing 10 hits, the nearest is a combination with C seen 12 times, not one with D
+    ((text, freq),) = auto_targets(present, names, wanted=(1e-4,), min_hits=10, sizes=(2, 3, 4))
+    assert freq == 12e-4 and "C=1" in text and "D=1" not in text
+    assert [f for _, f in auto_targets(present, names, wanted=(1e-2, 1e-4), min_hits=10)] == [5e-3, 12e-4]
+    assert auto_targets(present, names, wanted=(1e-4,), min_hits=60) == []
+    with pytest.raises(ValueError, match="min_hits"):
+        auto_targets(present, names, min_hits=0)
+
+
 class _ToyModels:
     """A generator and a classifier small enough for exact comparisons: latents of 12, images of
     1 × 4 × 4, three findings; different rows reach their targets at different steps."""

@@ -6,8 +6,9 @@ generator's realism ratio (utils.neighbours) is measured first, and a generator 
 phantom archive of an `xrayforge demo` folder (whose CPU recipe reaches about 1.1).
 
 Targets are given, or ``auto``: the classifier labels ``--census`` of the generator's own
-samples, and the combinations (pairs and triples of present findings) whose frequency there is
-nearest 1%, 0.1% and 0.01% are taken: rare for this generator, not just in the data.
+samples, and the combinations (2–4 present findings) whose frequency there is nearest 1%, 0.1%
+and 0.01% (``--rarities``) are taken, each seen at least ``--min-hits`` times (default 10): rare
+for this generator, not just in the data.
 
 For each target: its frequency in the census; LCO's hit rate, accepted images per second, mean
 steps, and how far it moves z (log N(z; 0, I) before and after, the cosine between start and
@@ -90,18 +91,22 @@ def census(G, classifier, n: int, seed: int = 2024, batch: int = 256) -> tuple[t
     return torch.cat(out), n / (time.perf_counter() - t0)
 
 
-def auto_targets(present: torch.Tensor, findings, wanted=(1e-2, 1e-3, 1e-4)) -> list[tuple[str, float]]:
-    """Combinations of 2–3 present findings whose census frequency is nearest each wanted one
-    (log scale; at least one hit, so that the frequency is measured, and below 1%)."""
+def auto_targets(present: torch.Tensor, findings, wanted=(1e-2, 1e-3, 1e-4), min_hits: int = 1,
+                 sizes=(2, 3)) -> list[tuple[str, float]]:
+    """Combinations of ``sizes`` present findings whose census frequency is nearest each wanted one
+    (log scale; below 1%, and seen at least ``min_hits`` times, so that the frequency is measured:
+    a combination seen 10 times has its frequency known to about ±30%)."""
     import itertools
     import math
+    if min_hits < 1:
+        raise ValueError(f"min_hits must be at least 1, got {min_hits}")
     freq = {}
-    active = [i for i in range(present.shape[1]) if present[:, i].any()]
-    for k in (2, 3):
+    active = [i for i in range(present.shape[1]) if present[:, i].sum() >= min_hits]
+    for k in sizes:
         for combo in itertools.combinations(active, k):
-            f = present[:, list(combo)].all(1).float().mean().item()
-            if 0 < f <= 0.01:
-                freq[",".join(f"{findings[i]}=1" for i in combo)] = f
+            hits = int(present[:, list(combo)].all(1).sum())
+            if hits >= min_hits and hits <= 0.01 * len(present):
+                freq[",".join(f"{findings[i]}=1" for i in combo)] = hits / len(present)
     chosen = []
     for w in wanted:
         best = min((t for t in freq if t not in [c for c, _ in chosen]),
@@ -136,11 +141,13 @@ def lco_speed(G, classifier, batch: int, steps: int, amp_dtype=None, seed: int =
 def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: int = 100, lr: float = 0.05,
         device: str | None = None, amp: str | None = None, sample_n: int = 256, real: str | None = None,
         inception: str | None = None, census_n: int = 50000, max_realism: float | None = 1.6,
-        fid: bool = True, starts: tuple[int, ...] = (1,), archive_n: int = 0) -> dict:
+        fid: bool = True, starts: tuple[int, ...] = (1,), archive_n: int = 0,
+        rarities: tuple[float, ...] = (1e-2, 1e-3, 1e-4), min_hits: int = 1) -> dict:
     """``real``: a labelled archive; then the generator's realism is checked against ``max_realism``
     and the realism and FID of LCO's and rejection's accepted images against the real images with
     each combination are reported (random Inception weights unless given). ``targets == ["auto"]``:
-    chosen from a census of ``census_n`` samples (see ``auto_targets``). ``starts``: one row per
+    chosen from a census of ``census_n`` samples, one per wanted frequency in ``rarities``, each
+    seen at least ``min_hits`` times (see ``auto_targets``). ``starts``: one row per
     target and per number of screened starting draws (sample.lco.screen_starts; 1 = none).
     ``archive_n``: also time ``xrayforge sample`` writing that many LCO images of each target (PNG,
     the same steps, lr and batch: a pool that refills as latents finish) for each number of starts."""
@@ -168,9 +175,10 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
     if targets == ["auto"]:
         if present is None:
             raise ValueError("--targets auto needs a census (--census N > 0)")
-        targets = [t for t, _ in auto_targets(present, C.findings)]
+        targets = [t for t, _ in auto_targets(present, C.findings, rarities, min_hits, sizes=(2, 3, 4))]
         if not targets:
-            raise ValueError(f"no combination of 2-3 findings is rarer than 1% yet seen in {census_n} samples")
+            raise ValueError(f"no combination of 2-4 findings is rarer than 1% yet seen {min_hits} or more times "
+                             f"in {census_n} samples: a larger --census finds rarer ones")
     real_pix = _real_pixels(archive, 256) if archive is not None else None
     rows = []
     warm = latents_for(0, range(2), G.config.latent_dim).to(dev)  # first calls pay one-off set-up costs
@@ -288,6 +296,12 @@ def main(argv=None) -> int:
     p.add_argument("--targets", nargs="+", required=True, help="LCO targets like Cardiomegaly=1,Effusion=1, or auto")
     p.add_argument("--census", type=int, default=50000,
                    help="samples the classifier labels to measure each target's frequency (0: none)")
+    p.add_argument("--rarities", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4],
+                   help="with --targets auto: the census frequencies wanted, one target nearest each "
+                        "(default 1e-2 1e-3 1e-4)")
+    p.add_argument("--min-hits", type=int, default=10,
+                   help="with --targets auto: a combination counts only if the census saw it this often "
+                        "(default 10: its frequency known to about ±30%%; 1 in 10,000 needs --census 100000+)")
     p.add_argument("--max-realism", type=float, default=1.6,
                    help="refuse a generator whose realism ratio is above this (needs --real; 0: no check)")
     p.add_argument("--n", type=int, default=64)
@@ -317,7 +331,7 @@ def main(argv=None) -> int:
     try:
         result = run(args.run, args.classifier, args.targets, args.n, args.steps, args.lr, args.device, args.amp,
                      args.sample_n, args.real, args.inception, args.census, args.max_realism, not args.no_fid,
-                     tuple(args.starts), args.archive_n)
+                     tuple(args.starts), args.archive_n, tuple(args.rarities), args.min_hits)
     except (ValueError, FileNotFoundError) as exc:
         print(f"lco benchmark: error: {exc}", file=sys.stderr)
         return 2
