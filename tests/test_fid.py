@@ -312,3 +312,18 @@ def test_kid_and_bootstrap_on_random_weights(tmp_path):
     b = _png_folder(tmp_path / "b", range(20, 26), size=(16, 16))
     r = compute_fid(str(a), str(b), random_weights=True, workers=0, progress=False, kid_subsets=3, bootstrap=2)
     assert r["fid_ci95"][0] <= r["fid_ci95"][1] and "kid" in r and "random weights" in r["inception"]
+
+
+def test_fid_of_a_generator_equals_that_of_the_images_it_samples(learned_gan, tmp_path, capsys):
+    """A checkpoint input makes its images on the fly, quantised like `xrayforge sample`'s PNGs:
+    against the archive `sample` wrote with the same seed, the distance is that of equal sets."""
+    from xrayforge.sample.writer import SampleConfig, sample_archive
+    data, run = learned_gan
+    sample_archive(SampleConfig(str(run), str(tmp_path / "s"), n=24, seed=3, batch=8), progress=False)
+    same = compute_fid(str(run), str(tmp_path / "s"), n=24, seed=3, random_weights=True, progress=False, workers=0)
+    apart = compute_fid(str(run), str(data), n=24, seed=3, random_weights=True, progress=False, workers=0, limit=24)
+    assert same["n_a"] == same["n_b"] == 24 and apart["n_a"] == 24
+    assert abs(same["fid"]) < 1e-6 * apart["fid"]
+    assert cli(["fid", str(run), str(tmp_path / "s"), "--n", "24", "--seed", "3", "--random-weights",
+                "--json", "-q", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(same["fid"], abs=1e-9)

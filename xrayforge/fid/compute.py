@@ -222,7 +222,9 @@ class FeatureExtractor:
             for start in range(0, len(indices), self.batch_size):
                 idx = indices[start:start + self.batch_size]
                 z = latents_for(seed, idx, G.config.latent_dim, truncation).to(self.device)
-                with torch.no_grad(), self._autocast():
+                # "fast" makes the images in bf16 too (the features are bf16 then in any case)
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                     enabled=self.mode == "fast"):
                     img = G(z).float()
                 u8 = ((img[:, 0] + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
                 yield u8, [], []
