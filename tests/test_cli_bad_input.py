@@ -702,6 +702,27 @@ def test_tstr_input_with_a_missing_image_lists_it_in_skipped_csv(world, tmp_path
     assert "missing" in caplog.text
 
 
+def test_a_converted_sample_folder_is_not_reused_once_it_was_resampled(world, tmp_path, caplog):
+    """The evaluations convert a sample folder once; re-sampling into the same folder must not leave
+    them measuring the old images (the image count alone cannot tell)."""
+    from xrayforge.errors import UserError
+    from xrayforge.evaluate.labelled import sample_as_archive
+    copy(world / "samples", tmp_path / "samples")
+    first = sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)
+    again = sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)
+    assert len(again) == len(first) == 6 and again.labels.tolist() == first.labels.tolist()
+    manifest = tmp_path / "samples" / "manifest.csv"
+    text = manifest.read_text()
+    manifest.write_text(text.replace(",0.", ",0.9", 1))  # another sample: its probabilities differ
+    with pytest.raises(UserError, match="holds other samples than when"):
+        sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)
+    # a conversion made before the record existed: the count is compared, with a warning
+    manifest.write_text(text)
+    (tmp_path / "conv.source.json").unlink()
+    assert len(sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)) == 6
+    assert "older xrayforge" in caplog.text
+
+
 def test_debug_shows_the_traceback(world, tmp_path, capsys):
     with pytest.raises(ValueError, match="nan.npz"):
         _write_nan_stats(world, tmp_path)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.archive import Archive, write_csv
+from ..data.archive import Archive, write_csv, write_json
 from ..errors import UserError
-from ..utils.files import read_csv, read_json
+from ..utils.files import file_id, read_csv, read_json
 from ..data.labels import FINDINGS, format_finding_labels
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,38 @@ def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], 
     return rows, findings, labels
 
 
+def _sample_id(folder: Path) -> str:
+    """What a sample folder holds: its manifest (files, targets, probabilities), settings and summary."""
+    return file_id(folder / "manifest.csv", folder / "sample_config.json", folder / "summary.json", length=40)
+
+
 def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Archive:
-    """The sample folder as a prepared archive at ``out`` (made once; reused when it exists)."""
+    """The sample folder as a prepared archive at ``out`` (made once; reused while the folder holds
+    the same samples)."""
     from ..data.prepare import prepare
     from ..data.readers import read_radiograph
     folder, out = Path(folder), Path(out)
+    made_from = out.with_name(out.name + ".source.json")
     if (out / "archive.json").is_file():
         arc = Archive(out)
+        if arc.meta.get("source") != str(folder):
+            raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
+        if made_from.is_file():
+            if read_json(made_from, "what a converted sample folder was made from").get("sample_id") \
+                    != _sample_id(folder):
+                raise UserError(f"{folder}: holds other samples than when {out} was converted from it (its "
+                                f"manifest.csv, sample_config.json or summary.json changed), so this output "
+                                f"folder's results would mix the two; use a new --out, or remove {out.parent}")
+            return arc
+        # converted by an older version, which kept no record of the samples: the image count is
+        # all there is to compare
         present = sum(1 for r in _manifest(folder)[0] if (folder / r["file"]).is_file())
-        if arc.meta.get("source") == str(folder) and len(arc) == present:
+        if len(arc) == present:
+            log.warning("%s: converted from %s by an older xrayforge, which cannot tell whether the folder still "
+                        "holds the same samples; remove %s if it was re-sampled", out, folder, out)
             return arc
         raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
+    sample_id = _sample_id(folder)
     rows, findings, labels = synthetic_labels(folder)
     missing = [r["file"] for r in rows if not (folder / r["file"]).is_file()]
     if len(missing) == len(rows):
@@ -116,6 +137,7 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
         raise ValueError(f"{folder / rows[0]['file']}: synthetic images must be square with a power-of-two size, "
                          f"got {first.shape[1]}×{first.shape[0]}")
     fmt = read_json(folder / "sample_config.json", "the sampling settings").get("format", "png8")
+    write_json(made_from, {"source": str(folder), "sample_id": sample_id})
     prepare(str(folder), out, resolution=first.shape[0], labels=str(label_file), workers=1,
             bits=16 if fmt == "png16" else 8, progress=progress, labelled_only=True)
     if missing:  # a manifest row whose file is gone: left out, and said, never dropped silently

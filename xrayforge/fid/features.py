@@ -28,17 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..utils.files import file_id
 from .preprocess import _as_nchw, max_value
 
 DEFAULT = "inception"
-
-
-def file_id(path: str | Path, length: int = 12) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
 
 
 def unit_grey(images: torch.Tensor, device) -> torch.Tensor:
@@ -84,7 +77,7 @@ class ClassifierSpace:
         # named by its weights and by what shapes its input (a re-trained or re-configured model is another space)
         c = self.model.config
         shape = f"{c.arch}/{c.input_size}/{c.width}/{c.mean}/{c.std}"
-        weights = file_id(Path(folder) / "classifier.pt", 40)
+        weights = file_id(Path(folder) / "classifier.pt", length=40)
         self.name = f"classifier@{hashlib.sha1((weights + shape).encode()).hexdigest()[:12]}"
         self.source = f"classifier {folder} ({self.model.config.arch}, {self.model.config.input_size} px)"
         with torch.no_grad():

@@ -9,6 +9,7 @@ that names the file. ``claim_output`` marks a folder as the output of one comman
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,24 @@ from pathlib import Path
 from ..errors import UserError
 
 MARKER = ".xrayforge.json"
+
+
+def file_id(*paths: str | os.PathLike, length: int = 12) -> str:
+    """SHA-1 of a file's contents; of several, of their SHA-1s in order (a missing one counts as
+    absent): what a result was made from, so that a later run can tell the same files from other
+    ones at the same paths."""
+    def one(path) -> str:
+        h = hashlib.sha1()
+        try:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            return "absent"
+        return h.hexdigest()
+    if len(paths) == 1:
+        return one(paths[0])[:length]
+    return hashlib.sha1(" ".join(one(p) for p in paths).encode()).hexdigest()[:length]
 
 
 def _need_file(path: Path, what: str) -> None:
