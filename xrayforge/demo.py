@@ -273,6 +273,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     clf = out / "classifier"
     if "classifier" not in results:
         say("training the phantom classifier")
+        if clf.exists():  # a run stopped before it recorded this step: its classifier is remade
+            shutil.rmtree(clf)
         s = train_classifier(ClassifierTrainConfig(str(archive), str(clf), input_size=p["clf_size"],
                                                    width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3,
                                                    device=str(dev)), progress=progress)

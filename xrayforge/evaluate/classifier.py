@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.archive import Archive
+from ..errors import UserError
 from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_weights, resize_input
 from .metrics import auroc, patient_split, youden_threshold
 
@@ -182,6 +183,10 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
 def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     from ..utils.files import check_out_dir, claim_output
     check_out_dir(cfg.out)
+    trained = Path(cfg.out) / "classifier.json"
+    if trained.is_file():  # training does not resume: running again would replace the model
+        raise UserError(f"{cfg.out}: already holds a trained classifier ({trained.name}); archives sampled with "
+                        f"it name this folder. Choose another --out, or remove the folder to train it again")
     archive = Archive(cfg.archive)
     if not archive.meta.get("labelled", True) or archive.labels.sum() == 0:
         raise ValueError(f"{cfg.archive}: the archive has no finding labels to learn")
