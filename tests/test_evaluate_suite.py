@@ -19,7 +19,8 @@ from xrayforge.evaluate.diversity import combinations, cooccurrence, diversity, 
 from xrayforge.evaluate.fid_findings import fid_by_finding, fid_infinity
 from xrayforge.evaluate.labelled import open_labelled, synthetic_labels
 from xrayforge.evaluate.metrics import auroc, bootstrap_auroc, patient_split, wilson_interval
-from xrayforge.evaluate.report import write_report
+from xrayforge.errors import UserError
+from xrayforge.evaluate.report import REPORT_MARK, write_report
 from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
 from xrayforge.fid.stats import FrechetStats, frechet_distance
 from xrayforge.nn import Generator, NetworkConfig, save_networks
@@ -345,3 +346,36 @@ def test_report_gathers_every_evaluation(phantoms, generator_and_classifier, tmp
     with pytest.raises(FileNotFoundError, match="summary.json"):
         write_report(out, run, [tmp_path])
     assert cli(["evaluate", "report", str(tmp_path / "nope"), "--out", str(out)]) == 1
+
+
+def test_report_says_n_a_for_undefined_rates_and_replaces_only_its_own_files(tmp_path, capsys):
+    """A diverged run (losses logged as null) and a reader who saw only synthetic images (rates
+    undefined) still give a report; the report never replaces a file it did not write."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(json.dumps({"tick": 1, "images": 64, "resolution": 8, "alpha": 1.0,
+                                               "d_loss": None, "g_loss": None, "gp": None, "seconds": 3.0}) + "\n")
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    rates = {"answers": 4, "accuracy": 0.5, "sensitivity_synthetic": 0.5, "specificity_synthetic": None,
+             "synthetic_called_real": 0.5, "binomial_p": 1.0}
+    (reader / "summary.json").write_text(json.dumps({"evaluation": "reader-study", "result": {
+        "readers": {"r1": rates}, "pooled": rates, "images": 4, "fleiss_kappa": None, "kappa_images": 4}}))
+    out = tmp_path / "site" / "report.html"
+    write_report(out, run, [reader])
+    page = out.read_text()
+    assert "D n/a, G n/a, gradient penalty n/a" in page and "| r1 | 4 | 0.500 | 0.500 | n/a |" in \
+        (tmp_path / "site" / "report.md").read_text()
+    write_report(out, run, [reader])  # its own report: replaced
+    for name in ("report.md", "report.html"):
+        (tmp_path / "site" / name).write_text("my notes\n")
+        with pytest.raises(UserError, match=f"{name}: exists and is not a report"):
+            write_report(out, run, [reader])
+        assert (tmp_path / "site" / name).read_text() == "my notes\n"
+        (tmp_path / "site" / name).unlink()
+    # reports written before the mark existed are known by their style sheet
+    write_report(out, run, [reader])
+    for name in ("report.md", "report.html"):
+        path = tmp_path / "site" / name
+        path.write_text(path.read_text().replace(REPORT_MARK, ""))
+    write_report(out, run, [reader])

@@ -83,7 +83,8 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
         from ..utils.files import claim_output
         out = claim_output(args.out, "evaluate reader-study score")
         write_json(out / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
-    print(json.dumps(result, indent=2) if args.json else format_markdown(result))
+    from ..data.archive import json_safe
+    print(json.dumps(json_safe(result), indent=2) if args.json else format_markdown(result))
     return 0
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..utils.files import read_csv
+from ._format import number
 from .metrics import log_binomial_pmf
 
 SYNTHETIC_WORDS = {"synthetic", "fake", "generated", "s", "f"}
@@ -147,13 +148,16 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
 
 
 def format_markdown(result: dict) -> str:
+    """The readers' rates as a table; "n/a" where a rate is undefined (a reader who saw no real or
+    no synthetic image: NaN in the result, null once saved as JSON)."""
     lines = ["| reader | answers | accuracy | sensitivity (synthetic) | specificity | synthetic called real | p (binomial) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in list(result["readers"].items()) + [("pooled", result["pooled"])]:
-        lines.append(f"| {name} | {r['answers']} | {r['accuracy']:.3f} | {r['sensitivity_synthetic']:.3f} | "
-                     f"{r['specificity_synthetic']:.3f} | {r['synthetic_called_real']:.3f} | {r['binomial_p']:.3g} |")
+        lines.append(f"| {name} | {r['answers']} | {number(r['accuracy'])} | "
+                     f"{number(r['sensitivity_synthetic'])} | {number(r['specificity_synthetic'])} | "
+                     f"{number(r['synthetic_called_real'])} | {number(r['binomial_p'], None)} |")
     if result.get("fleiss_kappa") is not None:
-        lines.append(f"\nFleiss' kappa {result['fleiss_kappa']:.3f} over {result['kappa_images']} images.")
+        lines.append(f"\nFleiss' kappa {number(result['fleiss_kappa'])} over {result['kappa_images']} images.")
     return "\n".join(lines)
 
 

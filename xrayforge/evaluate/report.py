@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ._format import number
 from ..utils.files import read_json, read_jsonl
 
 SECTION_ORDER = ("diversity-grids", "fid-findings", "tstr", "diversity", "memorisation", "reader-study")
@@ -50,14 +51,14 @@ def _training_section(run: Path) -> list[str]:
             lines.append(f"(The last line of {log} was cut short, by a crash or a kill; it is left out.)")
         if ticks:
             last = ticks[-1]
-            lines.append(f"{last['images']:,} images seen in {last.get('seconds', 0):.0f} s over {len(ticks)} ticks; "
-                         f"last resolution {last['resolution']} px (fade-in α {last['alpha']:.2f}); final losses "
-                         f"D {last.get('d_loss', float('nan')):.3f}, G {last.get('g_loss', float('nan')):.3f}, "
-                         f"gradient penalty {last.get('gp', float('nan')):.3f}.")
+            lines.append(f"{last['images']:,} images seen in {number(last.get('seconds'), 0)} s over {len(ticks)} ticks; "
+                         f"last resolution {last['resolution']} px (fade-in α {number(last['alpha'], 2)}); final losses "
+                         f"D {number(last.get('d_loss'))}, G {number(last.get('g_loss'))}, "
+                         f"gradient penalty {number(last.get('gp'))}.")
             measured = [t for t in ticks if "fid" in t or "precision" in t]
             if measured:
                 m = measured[-1]
-                got = ", ".join(f"{k} {m[k]:.3f}" for k in ("fid", "precision", "recall", "density", "coverage")
+                got = ", ".join(f"{k} {number(m[k])}" for k in ("fid", "precision", "recall", "density", "coverage")
                                 if k in m)
                 lines.append(f"Measured during training ({m.get('metrics_images', '?')} G_ema samples against as many "
                              f"real images, features {m.get('metrics_features', 'inception')}), at "
@@ -66,13 +67,13 @@ def _training_section(run: Path) -> list[str]:
             if best.is_file():
                 b = read_json(best, "the best checkpoint's record")
                 lines.append(f"Best checkpoint: {b.get('checkpoint')} (tick {b.get('tick')}, {b.get('images', 0):,} "
-                             f"images; " + ", ".join(f"{k} {b[k]:.3f}" for k in ("fid", "precision", "recall",
+                             f"images; " + ", ".join(f"{k} {number(b[k])}" for k in ("fid", "precision", "recall",
                                                                                  "density", "coverage") if k in b)
                              + ").")
             if "realism" in last:
-                lines.append(f"G_ema's samples at the last tick: realism ratio {last['realism']:.2f} (median distance "
+                lines.append(f"G_ema's samples at the last tick: realism ratio {number(last['realism'], 2)} (median distance "
                              f"to the nearest real image over the real images' own; 1 = as close to the data as the "
-                             f"data is to itself), diversity ratio {last['diversity']:.2f} (the same among the "
+                             f"data is to itself), diversity ratio {number(last.get('diversity'), 2)} (the same among the "
                              f"samples; well below 1 = mode collapse).")
     else:
         lines.append(f"No training log ({log}).")
@@ -101,13 +102,14 @@ def _section(kind: str, folder: Path) -> list[str]:
     if kind == "memorisation":
         from .memorisation import chance_sentence
         return ["## Memorisation audit",
-                f"{s['flagged']} of {s['synthetic']} synthetic images ({100 * s['flagged_fraction']:.2f}%) are closer "
+                f"{s['flagged']} of {s['synthetic']} synthetic images ({number(100 * s['flagged_fraction'], 2)}%) are closer "
                 f"to a real training image than {s['percentile']}% of real images are to their nearest other real "
                 f"image (Inception: {s['inception']}). {chance_sentence(s)}", "",
                 "| distance to the nearest real image (median) | synthetic | real-to-real |", "|---|---|---|",
-                f"| Inception features | {s['median_synthetic_to_real_inception']:.4g} | "
-                f"{s['median_real_to_real_inception']:.4g} |",
-                f"| pixels (32×32) | {s['median_synthetic_to_real_pixels']:.4g} | {s['median_real_to_real_pixels']:.4g} |",
+                f"| Inception features | {number(s['median_synthetic_to_real_inception'], None)} | "
+                f"{number(s['median_real_to_real_inception'], None)} |",
+                f"| pixels (32×32) | {number(s['median_synthetic_to_real_pixels'], None)} | "
+                f"{number(s['median_real_to_real_pixels'], None)} |",
                 "", f"![distance distributions]({folder / 'distances.png'})", "",
                 "Closest pairs (synthetic left, nearest real right):", "",
                 f"![closest pairs]({folder / 'closest_pairs.png'})"]
@@ -173,7 +175,9 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
                 items = True
             body.append(f"<li>{_inline(line[2:])}</li>")
             continue
-        if line.startswith("#"):
+        if line.startswith("<!--") and line.endswith("-->") and "--" not in line[4:-3]:
+            body.append(line)  # a comment (the report's mark) stays one
+        elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
         elif line.startswith("![") and line.endswith(")"):
@@ -204,6 +208,25 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+REPORT_MARK = "<!-- written by xrayforge evaluate report -->"
+_LEGACY_STYLE = "body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
+
+
+def _is_report(path: Path, html_path: Path) -> bool:
+    """Whether ``path`` is a report (HTML or its Markdown copy) that write_report wrote, so that it
+    may be replaced; reports from before the mark are known by their style sheet, and their
+    Markdown copies by the HTML beside them."""
+    try:
+        head = path.read_text(errors="replace")
+    except (OSError, IsADirectoryError):
+        return False
+    if REPORT_MARK in head:
+        return True
+    if path.suffix.lower() == ".md":
+        return head.startswith("# ") and html_path.is_file() and _is_report(html_path, html_path)
+    return _LEGACY_STYLE in head
+
+
 def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, evaluations=(),
                  title: str = "xrayforge report", preamble: str = "") -> dict:
     """Write ``out`` (HTML) and the same report as Markdown beside it; returns what went in."""
@@ -221,8 +244,13 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
         out.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UserError(f"{out.parent}: is a file, not a folder (for --out {out})") from None
-    md = _relative_images(md, out.parent)
-    for path, text in ((out.with_suffix(".md"), md), (out, markdown_to_html(md, title, out.parent))):
+    md_path = out.with_suffix(".md")
+    others = [p for p in (out, md_path) if p.exists() and not _is_report(p, out)]
+    if others:
+        raise UserError(f"{others[0]}: exists and is not a report this command wrote; the report and its "
+                        f"Markdown copy ({out.name}, {md_path.name}) would replace it. Choose another --out")
+    md = _relative_images(md, out.parent) + REPORT_MARK + "\n"
+    for path, text in ((md_path, md), (out, markdown_to_html(md, title, out.parent))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
