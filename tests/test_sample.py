@@ -388,6 +388,10 @@ def test_lco_archive_with_several_targets(models, tmp_path):
             p = float(r[f"p_{name}"])
             assert (p >= C.threshold(name)) if v else (p < C.threshold(name))
     assert set(summary["targets"]) == {"Cardiomegaly=1", "Mass=1,Cardiomegaly=0"}
+    # the probability of what the target asks: 1 - p for a finding asked absent
+    mine = [r for r in rows if r["target"] == "Mass=1,Cardiomegaly=0"]
+    expected = np.mean([(float(r["p_Mass"]) + 1 - float(r["p_Cardiomegaly"])) / 2 for r in mine])
+    assert summary["targets"]["Mass=1,Cardiomegaly=0"]["mean_target_probability"] == pytest.approx(expected, abs=1e-6)
     latents = np.load(tmp_path / "lco" / rows[0]["latent_file"])
     assert latents.shape[1] == 64
 
@@ -524,3 +528,65 @@ def test_a_resumed_archive_keeps_the_checkpoint_it_started_with(models, tmp_path
     # a new --out samples from the newer checkpoint
     assert Path(sample_archive(SampleConfig(str(tmp_path / "run"), str(tmp_path / "b"), n=2), progress=False)
                 ["checkpoint"]).name == newer.name
+
+
+def test_a_resumed_archive_follows_its_checkpoint_and_classifier_not_their_paths(models, tmp_path):
+    """Continued from a run spelt or placed differently: allowed (the checkpoint is pinned); with
+    another classifier at the same path: refused (the rest would be labelled by another model)."""
+    import json
+    import shutil
+    from xrayforge.errors import UserError
+    run, clf = models
+    shutil.copytree(run, tmp_path / "run")
+    shutil.copytree(clf, tmp_path / "clf")
+    out = tmp_path / "a"
+    common = dict(n=4, shard_size=2, classifier=str(tmp_path / "clf"), targets=["Cardiomegaly=1"], steps=20,
+                  lr=0.1, starts=1)
+    sample_archive(SampleConfig(str(tmp_path / "run"), str(out), **common), progress=False)
+    first = read_manifest(out)
+
+    def killed():
+        for name in ("shard-00001.csv", "manifest.csv", "summary.json"):
+            (out / name).unlink()
+    killed()
+    again = sample_archive(SampleConfig(str(tmp_path / "x" / ".." / "run") + "/", str(out), **common), progress=False)
+    assert again["images_this_run"] == 2 and read_manifest(out) == first
+    killed()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    sample_archive(SampleConfig(str(tmp_path / "moved"), str(out), **common), progress=False)
+    assert read_manifest(out) == first
+    killed()
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    meta["thresholds"]["Cardiomegaly"] = 0.01  # retrained, say: another model at the same path
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="classifier_id"):
+        sample_archive(SampleConfig(str(tmp_path / "moved"), str(out), **common), progress=False)
+
+
+def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, tmp_path, caplog):
+    import json
+    import shutil
+    from xrayforge.nn.latents import latent_for
+    from xrayforge.sample.writer import ArchiveSampler, LCOUnreachable
+    run, clf = models
+    with pytest.raises(ValueError, match="same target as"):  # --n is per target: it would double silently
+        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "d"), n=2, classifier=str(clf),
+                                    targets=["Cardiomegaly=1", " Cardiomegaly = 1"]))
+    with pytest.raises(ValueError, match="truncation must be at least 0.1"):
+        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "t"), n=2, truncation=0.01))
+    with pytest.raises(ValueError, match="truncation must be at least"):
+        latent_for(0, 1, 8, truncation=1e-6)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
+    # a threshold no probability reaches: given up after give_up_after attempts, not max_attempts per image
+    shutil.copytree(clf, tmp_path / "clf")
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    meta["thresholds"]["Cardiomegaly"] = 1.5
+    meta["thresholds"].pop("Mass", None)
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
+    cfg = SampleConfig(str(run), str(tmp_path / "u"), n=2, classifier=str(tmp_path / "clf"),
+                       targets=["Cardiomegaly=1"], steps=2, starts=1, batch=8, give_up_after=12)
+    with pytest.raises(LCOUnreachable, match=r"no image reached its target in 1[2-9] attempts"):
+        sample_archive(cfg, progress=False)
+    ArchiveSampler(SampleConfig(str(run), str(tmp_path / "m"), n=2, classifier=str(tmp_path / "clf"),
+                                targets=["Mass=1"]))
+    assert "no decision threshold for Mass" in caplog.text

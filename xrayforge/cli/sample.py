@@ -46,15 +46,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(8/16-bit) or DICOM Secondary Capture, with manifest.csv (file, seed, index, target, "
                     "classifier probabilities, latents). With --lco and --classifier, latent class optimisation "
                     "steers each image to the wanted findings, e.g. --lco 'Cardiomegaly=1,Effusion=1,Nodule=0' "
-                    "(repeat --lco for several targets; --n images each). Written in shards: an interrupted run "
-                    "resumes when run again with the same arguments.")
+                    "(repeat --lco for several targets; --n images each; a target for which 300 attempts in a row give no "
+                    "image is declared unreachable and the run stops). Written in shards: an interrupted run "
+                    "resumes when run again with the same arguments; it keeps the checkpoint it started from "
+                    "(RUN may have moved), and refuses a classifier whose files changed since.")
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=_args.positive_int, required=True, help="images (per LCO target)")
     p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
     p.add_argument("--batch", type=_args.positive_int, default=32)
-    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T")
+    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T (at least 0.1)")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
     p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")

@@ -32,10 +32,10 @@ import torch
 
 from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
-from ..utils.files import claim_output, read_csv, read_json, same_settings
+from ..utils.files import claim_output, file_id, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
 from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
-from ..nn.latents import latents_for
+from ..nn.latents import check_truncation, latents_for
 
 FORMATS = ("png8", "png16", "dicom")
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class SampleConfig:
     starts: int = 16                # LCO starts from the best of this many draws per image (sample.lco.screen_starts)
     shard_size: int = 1000
     max_attempts: int = 1000        # LCO attempts allowed per wanted image before the target is declared unreachable
+    give_up_after: int = 300        # ... or this many settled attempts of a target without one accepted
     device: str | None = None
     encode_threads: int = 4
 
@@ -134,8 +135,22 @@ class ArchiveSampler:
             raise ValueError("LCO targets need --classifier MODEL")
         self.findings = self.classifier.findings if self.classifier is not None else []
         self.targets = [parse_target(t, self.findings) for t in cfg.targets]
+        seen = {}
+        for text, t in zip(cfg.targets, self.targets):
+            if format_target(t) in seen:  # --n is per target: two of one would silently double it
+                raise ValueError(f"--lco {text!r} is the same target as --lco {seen[format_target(t)]!r}")
+            seen[format_target(t)] = text
+        for t in self.targets:
+            known = getattr(getattr(self.classifier, "config", self.classifier), "thresholds", None) or {}
+            blind = [f for f, v in t.items() if v == 1 and f not in known]
+            if blind:
+                log.warning("the classifier %s has no decision threshold for %s (none of its validation images "
+                            "had the finding, so it may never have learnt it): LCO aims at p >= 0.5 there, which "
+                            "it may not reach", cfg.classifier, ", ".join(blind))
+        check_truncation(cfg.truncation)
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
+        self.bar = None  # the progress bar while run() writes shards (LCO says its attempts there)
 
     @property
     def G(self):
@@ -153,9 +168,15 @@ class ArchiveSampler:
         return all((self.out / f"shard-{s:05d}.csv").is_file() for s in range(len(self._shards())))
 
     def _settings(self) -> dict:
-        out = {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "encode_threads", "out", "max_attempts")}
+        out = {k: v for k, v in asdict(self.cfg).items()
+               if k not in ("device", "encode_threads", "out", "max_attempts", "give_up_after")}
         if not self.cfg.targets:
             out["starts"] = 1  # no LCO: the number of starting draws changes nothing
+        # the classifier by its contents: another model at the same path would label and steer the
+        # rest of the archive differently
+        out["classifier_id"] = file_id(Path(self.cfg.classifier) / "classifier.pt",
+                                       Path(self.cfg.classifier) / "classifier.json", length=16) \
+            if self.cfg.classifier else None
         return out
 
     def _checkpoint(self) -> Path:
@@ -241,6 +262,7 @@ class ArchiveSampler:
         thr = self.classifier.threshold
         S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
         limit = {t: self.cfg.max_attempts * need[t] for t in range(T)}
+        shown = [time.monotonic()]
 
         def is_open(t: int) -> bool:
             return len(got[t]) < need[t]
@@ -266,6 +288,18 @@ class ArchiveSampler:
                 settled[t] += 1
             if not is_open(t):
                 outcome[t].clear()
+            elif not got[t] and settled[t] >= self.cfg.give_up_after:
+                # not one image in this many attempts: at the LCO hit rates of a reachable target (tens
+                # of percent) that does not happen; rather than run --max-attempts per image, stop
+                raise LCOUnreachable(
+                    f"LCO target {format_target(self.targets[t])!r}: no image reached its target in "
+                    f"{settled[t]} attempts (shard {s}); raise --steps or --lr, or check that the classifier "
+                    f"can see these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
+            if self.bar is not None and time.monotonic() - shown[0] > 0.5:  # a long shard shows it is working
+                shown[0] = time.monotonic()
+                self.bar.set_postfix_str(", ".join(
+                    f"{format_target(self.targets[u])}: {len(got[u])}/{need[u]} of {settled[u]} tried"
+                    for u in range(T)))
 
         def attempts():
             """Blocks of about --batch attempts over the targets that need more, their starts screened
@@ -365,8 +399,12 @@ class ArchiveSampler:
         # never into a prepared archive or a folder of the user's own files
         claim_output(self.out, "sample", signatures=("sample_config.json",))
         settings_path = self.settings_path
-        # archives begun before --starts existed were made with one draw per attempt
-        same_settings(settings_path, settings, ignore=("checkpoint",), added={"starts": 1})
+        # the generator is the pinned checkpoint and the classifier its contents, whatever path names
+        # them now (the run may have moved, or be spelt differently); archives begun before --starts
+        # existed were made with one draw per attempt, and before the classifier's identity was kept
+        # it cannot be checked
+        same_settings(settings_path, settings, ignore=("checkpoint", "run", "classifier"),
+                      added={"starts": 1, "classifier_id": settings["classifier_id"]})
         if distributed:
             dist.barrier()
         if rank == 0:
@@ -382,6 +420,7 @@ class ArchiveSampler:
         with cf.ThreadPoolExecutor(self.cfg.encode_threads) as pool, \
                 tqdm(total=total, initial=sum(len(shards[s]) for s in done), unit="img", desc="sample",
                      disable=not self.progress or rank != 0, dynamic_ncols=True) as bar:
+            self.bar = bar if self.progress and rank == 0 else None
             for s, slots in enumerate(shards):
                 if s in done or s % world != rank:
                     continue
@@ -425,7 +464,9 @@ class ArchiveSampler:
                 "accepted": acc, "rejected": rej,
                 "acceptance_rate": acc / (acc + rej) if rej is not None and acc + rej else None,
                 "mean_steps": float(np.mean([int(r["lco_steps"]) for r in mine])) if mine else None,
-                "mean_target_probability": float(np.mean([np.mean([float(r[f"p_{f}"]) for f in t]) for r in mine]))
+                # the classifier's mean probability of what the target asks (1 - p for a finding asked absent)
+                "mean_target_probability": float(np.mean([np.mean([float(r[f"p_{f}"]) if v else 1 - float(r[f"p_{f}"])
+                                                                   for f, v in t.items()]) for r in mine]))
                 if mine else None}
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
