@@ -19,6 +19,9 @@ def study(tmp_path):
     pack.mkdir()
     (pack / "index.html").write_text("<html></html>")
     truth = {"a": "real", "b": "real", "c": "synthetic", "d": "synthetic"}
+    (pack / "images").mkdir()
+    for name in truth:
+        (pack / "images" / name).write_bytes(b"")
     key = write_csv(tmp_path / "key.csv", [{"image": k, "truth": v} for k, v in truth.items()], ["image", "truth"])
     return pack, key
 
@@ -62,6 +65,11 @@ def test_bad_inputs(study, tmp_path):
         score(pack, tmp_path / "missing_key.csv", [bad])
     with pytest.raises(FileNotFoundError, match="not a reader-study pack"):
         score(tmp_path, key, [bad])
+    # the key of another pack: refused before any answer is scored against it
+    other = write_csv(tmp_path / "other.key.csv", [{"image": k, "truth": "real"} for k in ("a", "b", "e")],
+                      ["image", "truth"])
+    with pytest.raises(ValueError, match=r"not the key of the pack .*\(1 of its 3 images are not in the pack, 2 of"):
+        score(pack, other, [bad])
 
 
 def test_make_a_blinded_pack(tmp_path):
@@ -98,3 +106,32 @@ def test_binomial_two_sided_for_large_n():
     stats = pytest.importorskip("scipy.stats")
     for k, n in ((560, 1100), (2600, 5000), (50, 120)):  # past n ~ 1030 math.comb overflowed a float
         assert binomial_two_sided(k, n) == pytest.approx(stats.binomtest(k, n).pvalue, rel=1e-6)
+
+
+def test_make_takes_a_sample_folders_images_and_refuses_a_run(tmp_path):
+    """A sample folder's images are those its manifest lists (nothing else lying there); a training
+    run's grids and curves are never put before readers."""
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.reader_study import make
+    prepare("phantom:10", tmp_path / "real", resolution=32, workers=1, progress=False)
+    synth = tmp_path / "samples"
+    (synth / "shard-00000").mkdir(parents=True)
+    rows = []
+    for i in range(4):
+        Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(synth / "shard-00000" / f"{i:08d}.png")
+        rows.append({"file": f"shard-00000/{i:08d}.png", "index": i, "target": ""})
+    write_csv(synth / "manifest.csv", rows, ["file", "index", "target"])
+    (synth / "sample_config.json").write_text("{}")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(synth / "grid.png")  # not a sample
+    info = make(str(tmp_path / "real"), str(synth), 8, tmp_path / "pack", size=32, seed=0)
+    with open(info["key"], newline="") as fh:
+        sources = [r["source"] for r in csv.DictReader(fh) if r["truth"] == "synthetic"]
+    assert sorted(sources) == sorted(str(synth / r["file"]) for r in rows)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "grid-latest.png").write_bytes((synth / "grid.png").read_bytes())
+    with pytest.raises(ValueError, match="a training run or checkpoint; sample images from it first"):
+        make(str(tmp_path / "real"), str(run), 2, tmp_path / "pack2", size=32)

@@ -115,6 +115,11 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
     if not Path(pack, "index.html").is_file():
         raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
     key = read_key(key_path)
+    shown = {f.name for f in Path(pack, "images").iterdir() if f.is_file()} if Path(pack, "images").is_dir() else set()
+    if shown != set(key):
+        raise UserError(f"{key_path}: not the key of the pack {pack} ({len(set(key) - shown)} of its {len(key)} "
+                        f"images are not in the pack, {len(shown - set(key))} of the pack's {len(shown)} are not "
+                        f"in the key)")
     answers, source, given = [], {}, set()
     for f in answer_files:
         if Path(f).resolve() in given:
@@ -166,7 +171,14 @@ def _list_images(spec: str):
     """(name, loader) pairs of a folder of images or an archive; loaders give float [0, 1] arrays."""
     from ..data.archive import Archive
     from ..data.readers import find_images, read_radiograph
+    from ..fid.compute import describe
+    from .labelled import _manifest, is_sample_folder
     p = Path(spec)
+    if describe(str(p)) == "checkpoint":  # its grids and curves are images too, but not radiographs
+        raise UserError(f"{spec}: a training run or checkpoint; sample images from it first (`xrayforge sample "
+                        f"{spec} --out DIR --n N`) and give DIR")
+    if is_sample_folder(p):  # the images the manifest lists, nothing else in the folder
+        return [(str(p / r["file"]), (lambda f=p / r["file"]: read_radiograph(f).pixels)) for r in _manifest(p)[0]]
     if (p / "archive.json").is_file():
         arc = Archive(p)
         return [(arc.records[i]["source"], (lambda i=i: arc.as_float(arc.images([i], arc.resolution))[0]))
