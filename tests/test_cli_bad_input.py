@@ -730,6 +730,8 @@ def test_debug_shows_the_traceback(world, tmp_path, capsys):
     with pytest.raises(ValueError, match="nan.npz"):
         _write_nan_stats(world, tmp_path)
         cli(["--debug", "fid", str(tmp_path / "nan.npz"), str(world / "a.npz")])
+    with pytest.raises(ValueError, match="nan.npz"):  # after the command too, where the messages suggest it
+        cli(["fid", str(tmp_path / "nan.npz"), str(world / "a.npz"), "--debug"])
     rc, out, err = run(["fid", tmp_path / "nan.npz", world / "a.npz"], capsys, env={"XRAYFORGE_DEBUG": "0"})
     assert rc == 1 and "Traceback" not in err
 

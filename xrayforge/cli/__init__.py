@@ -42,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for group in GROUPS:
         group.add_parser(sub)
+    _global_options_everywhere(parser)
     return parser
+
+
+def _global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v and --debug also after the command (``xrayforge fid A B --debug``, as the error messages
+    suggest); given there, they are not reset by the command's own defaults."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="log at INFO level")
+                child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                   help="show the Python traceback of an error")
+                _global_options_everywhere(child)
 
 
 def command_name(args: argparse.Namespace) -> str:
