@@ -28,6 +28,10 @@ def _cmd_fid(args: argparse.Namespace) -> int:
             raise UserError(f"{args.save_stats}: --save-stats writes a .npz statistics file (e.g. stats.npz)")
         if Path(args.save_stats).exists():
             FrechetStats.load(args.save_stats)  # an existing file must be statistics, or it is not replaced
+    from ..fid.compute import describe
+    if args.n and "checkpoint" not in {describe(x) for x in (args.a, args.b) if x is not None}:
+        raise UserError(f"--n {args.n}: the number of images to generate from a checkpoint input, and neither "
+                        f"input is one (folders and archives are used whole)")
     rank, _ = init_distributed()
     common = dict(inception=args.inception, random_weights=args.random_weights, mode=args.mode,
                   device=args.device, batch_size=args.batch, workers=args.workers,
@@ -75,7 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "torchrun ... -m xrayforge fid.")
     p.add_argument("a")
     p.add_argument("b", nargs="?")
-    p.add_argument("--n", type=_args.positive_int, default=None, help="images to generate from a checkpoint input")
+    p.add_argument("--n", type=_args.positive_int, default=None, help="images to generate from a checkpoint input (required for one; folders and archives are used whole)")
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--random-weights", action="store_true",
                    help="random Inception weights: checks the pipeline; the number is not a comparable FID")
@@ -84,7 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_args.positive_int, default=64)
     p.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
     p.add_argument("--device", type=_args.device, default=None)
-    p.add_argument("--seed", type=_args.seed, default=0, help="latent seed for checkpoint inputs")
+    p.add_argument("--seed", type=_args.seed, default=0,
+                   help="latent seed for checkpoint inputs (B uses SEED + 1, so that a checkpoint against itself "
+                        "compares two different sets of images)")
     p.add_argument("--kid", type=_args.nonneg_int, default=0, metavar="SUBSETS", help="also compute KID over this many subsets")
     p.add_argument("--bootstrap", type=_args.nonneg_int, default=0, metavar="ROUNDS",
                    help="also give a 95%% bootstrap interval for the FID")

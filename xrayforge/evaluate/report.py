@@ -38,6 +38,9 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
             kind = read_json(s, "an evaluation summary").get("evaluation")
             if kind:
                 found[kind] = p
+            elif p in [Path(e) for e in extra]:  # asked for by name: never left out without a word
+                raise UserError(f"{s}: not the summary of an `xrayforge evaluate` command (it names no evaluation; "
+                                f"a sample folder's or a run's summary?)")
     return found
 
 

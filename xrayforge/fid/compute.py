@@ -292,6 +292,9 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     from them directly: no Inception network is built and no weights are looked for.
     """
     need = kid_subsets or bootstrap or prdc
+    if prdc and keep_features <= 5:
+        raise ValueError(f"--keep-features {keep_features}: --prdc needs more than 5 features a side (its density "
+                         f"and coverage take 5 nearest neighbours)")
     if describe(a) == "stats" and describe(b) == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
