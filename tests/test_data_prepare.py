@@ -1,12 +1,17 @@
 import csv
+import os
+import shutil
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import xrayforge.data.prepare as prep
 from xrayforge.cli import main as cli
 from xrayforge.data.archive import Archive, box_pyramid, quantize
 from xrayforge.data.labels import FINDINGS
@@ -158,3 +163,77 @@ def test_killed_prepare_resumes_to_the_same_archive(tmp_path):
     assert a.records == [dict(r, source=r["source"]) for r in b.records]
     for r in a.resolutions:
         np.testing.assert_array_equal(a.array(r), b.array(r))
+
+
+class Killed(BaseException):
+    """The process dies here (a BaseException: nothing in prepare catches it)."""
+
+
+# the finishing sequence, in order: (function, the file it acts on)
+FINISH_STEPS = [((prep, "write_csv"), "skipped.csv"), ((prep, "write_csv"), "manifest.csv"),
+                ((prep, "write_json"), "archive.json"), ((Path, "unlink"), "progress.jsonl"),
+                ((Path, "unlink"), "plan.json"), ((shutil, "rmtree"), "out"), ((os, "replace"), "out.partial")]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("step", range(len(FINISH_STEPS)))
+def test_prepare_killed_while_finishing_ends_with_the_same_archive(tmp_path, monkeypatch, step, when):
+    prepare("phantom:6", tmp_path / "whole", resolution=16, workers=1, progress=False)
+    (owner, attr), name = FINISH_STEPS[step]
+    armed = []
+    real = getattr(owner, attr)
+
+    def killer(target, *args, **kwargs):
+        hit = bool(armed) and Path(target).name == name
+        if hit and when == "before":
+            raise Killed
+        result = real(target, *args, **kwargs)
+        if hit and when == "after":
+            raise Killed
+        return result
+    monkeypatch.setattr(owner, attr, killer)
+    write_csv = prep.write_csv
+
+    def arm(path, *args):  # skipped.csv is the first file the finishing sequence writes
+        armed.append(path.name == "skipped.csv" or armed)
+        return write_csv(path, *args)
+    monkeypatch.setattr(prep, "write_csv", arm)
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder made for the archive: the rename removes it first
+    with pytest.raises(Killed):
+        prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+    monkeypatch.undo()
+    if not (out / "archive.json").exists():  # killed before the rename: running again finishes
+        res = prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+        assert (res.included, res.skipped) == (6, 0)
+    assert not (tmp_path / "out.partial").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    a, b = Archive(out), Archive(tmp_path / "whole")
+    assert a.records == b.records
+    for r in a.resolutions:
+        assert a.array(r).max() > 0
+        np.testing.assert_array_equal(a.array(r), b.array(r))
+
+
+def test_prepare_into_the_current_folder(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert cli(["prepare", "phantom:3", ".", "--resolution", "8", "--workers", "1", "-q"]) == 0
+    assert len(Archive(here)) == 3 and not (tmp_path / "here.partial").exists()
+
+
+@pytest.mark.parametrize("args", [["phantom:3", "--resolution", "4"], ["phantom:x"], ["phantom:0"],
+                                  ["SRC", "--labels", "missing.csv"], ["missing-src"]])
+def test_a_refused_prepare_creates_nothing(tmp_path, monkeypatch, capsys, args):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((8, 8), 100, dtype=np.uint8)).save(src / "a.png")
+    monkeypatch.chdir(tmp_path)
+    args = [str(src) if a == "SRC" else a for a in args]
+    assert cli(["prepare", args[0], "arch", *args[1:], "--workers", "1", "-q"]) == 1
+    assert "error" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    with pytest.raises(ValueError, match="workers"):
+        prepare("phantom:3", tmp_path / "arch", resolution=8, workers=0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

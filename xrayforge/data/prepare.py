@@ -33,6 +33,9 @@ from .labels import FINDINGS, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, read_radiograph
 
 
+PHANTOM_MIN_RESOLUTION = 8  # phantom.render draws nothing smaller
+
+
 class NoUsableImages(UserError, RuntimeError):
     """Raised when a prepare run found nothing it could use."""
 
@@ -191,8 +194,12 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         raise ValueError(f"square must be 'crop' or 'pad', got {square!r}")
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     resolutions = pyramid_resolutions(resolution)
-    out = Path(out)
+    if str(src).startswith("phantom:") and resolution < PHANTOM_MIN_RESOLUTION:
+        raise UserError(f"{src}: the phantom needs a resolution of at least {PHANTOM_MIN_RESOLUTION}, got {resolution}")
+    out = Path(out).resolve()  # '.' or 'a/..' has no name to put '.partial' after
     if (out / "archive.json").exists():
         raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
     check_out_dir(out, empty=True)  # before the work, not after it
@@ -200,23 +207,27 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     dtype = "uint8" if bits == 8 else "uint16"
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
                 **({"labelled_only": True} if labelled_only else {})}
-    plan_path = partial / "plan.json"
-    if plan_path.exists():
-        plan = read_json(plan_path, "the plan of an unfinished prepare")
-        if plan["settings"] != settings:
-            raise ValueError(f"{partial} holds an unfinished prepare with other settings {plan['settings']}; "
-                             f"delete it to start again")
+    plan_path, progress_path, meta_path = partial / "plan.json", partial / "progress.jsonl", partial / "archive.json"
+    plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
+    meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
+    saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings
+    if saved != settings:
+        raise ValueError(f"{partial} holds an unfinished prepare with other settings {saved}; delete it to start again")
+    if meta is not None:  # killed while finishing: every image is in place, only the clean-up and rename are left
+        _finish(partial, out, plan_path, progress_path)
+        return PrepareResult(out, meta["count"], meta["capacity"] - meta["count"])
+    if plan is not None:
         candidates = plan["candidates"]
     else:
         candidates = plan_candidates(str(src), labels, labelled_only)
         if not candidates:
             raise NoUsableImages(f"{src}: no image files found")
         partial.mkdir(parents=True, exist_ok=True)
+        progress_path.unlink(missing_ok=True)  # a run whose plan is gone: its progress is not of these arrays
         for r in resolutions:
             np.lib.format.open_memmap(partial / f"images_{r}.npy", mode="w+", dtype=dtype,
                                       shape=(len(candidates), r, r))
         write_json(plan_path, {"settings": settings, "candidates": candidates})
-    progress_path = partial / "progress.jsonl"
     done = _read_progress(progress_path)
     todo = [(i, c, square) for i, c in enumerate(candidates) if i not in done]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
@@ -261,18 +272,26 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         raise NoUsableImages(f"{src}: none of the {len(candidates)} files could be used; "
                              f"reasons in {partial / 'skipped.csv'}")
     write_csv(partial / "manifest.csv", MANIFEST_FIELDS, manifest)
-    write_json(partial / "archive.json", {
+    # archive.json marks the work as done; the plan and progress go only after it, so that a run
+    # killed at any point below finishes the rename when run again and never plans anew over a
+    # progress log of finished images
+    write_json(meta_path, {
         "format": FORMAT, "version": VERSION, "resolution": resolution, "resolutions": resolutions, "dtype": dtype,
         "count": len(manifest), "capacity": len(candidates), "square": square, "findings": list(FINDINGS),
-        "source": str(src), "labelled": any(r["finding_labels"] for r in manifest)})
-    plan_path.unlink()
-    progress_path.unlink()
+        "source": str(src), "labelled": any(r["finding_labels"] for r in manifest), "settings": settings})
+    _finish(partial, out, plan_path, progress_path)
+    return PrepareResult(out, len(manifest), len(skipped))
+
+
+def _finish(partial: Path, out: Path, plan_path: Path, progress_path: Path) -> None:
+    """The last steps of a prepare whose archive.json is written; each may be repeated."""
+    progress_path.unlink(missing_ok=True)
+    plan_path.unlink(missing_ok=True)
     if out.exists():  # an empty folder the user made for us (hidden files such as .DS_Store aside)
         if any(not p.name.startswith(".") for p in out.iterdir()):
             raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
         shutil.rmtree(out)
     os.replace(partial, out)
-    return PrepareResult(out, len(manifest), len(skipped))
 
 
 def remove_partial(out: str | os.PathLike) -> None:
