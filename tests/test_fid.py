@@ -312,6 +312,14 @@ def test_kid_and_bootstrap_on_random_weights(tmp_path):
     b = _png_folder(tmp_path / "b", range(20, 26), size=(16, 16))
     r = compute_fid(str(a), str(b), random_weights=True, workers=0, progress=False, kid_subsets=3, bootstrap=2)
     assert r["fid_ci95"][0] <= r["fid_ci95"][1] and "kid" in r and "random weights" in r["inception"]
+    # 6 images a side, subsets of up to 1000: every subset is the whole of both sets, so no spread
+    assert np.isnan(r["kid_std"])
+    from xrayforge.fid.compute import kid
+    rng = np.random.default_rng(0)
+    fa, fb = rng.normal(size=(30, 8)), rng.normal(size=(30, 8)) + 1
+    mean, std = kid(fa, fb, subsets=20, subset_size=10)
+    whole, no_spread = kid(fa, fb, subsets=3, subset_size=1000)
+    assert std > 0 and np.isnan(no_spread) and abs(mean - whole) < 4 * std
 
 
 def test_fid_of_a_generator_equals_that_of_the_images_it_samples(learned_gan, tmp_path, capsys):

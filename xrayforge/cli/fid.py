@@ -51,14 +51,16 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if len(result["skipped"]) > 20:
         print(f"... and {len(result['skipped']) - 20} more skipped", file=sys.stderr)
     if args.json:
-        print(json.dumps(result))
+        from ..data.archive import json_safe
+        print(json.dumps(json_safe(result)))
         return 0
     space = "" if result["features"] == "inception" else f", features {result['features']}"
     line = f"FID {result['fid']:.4f}  (n_a={result['n_a']}, n_b={result['n_b']}, {args.mode} mode{space})"
     if "fid_ci95" in result:
         line += f"  95% CI [{result['fid_ci95'][0]:.4f}, {result['fid_ci95'][1]:.4f}]"
     if "kid" in result:
-        line += f"  KID {result['kid']:.6f} ± {result['kid_std']:.6f}"
+        line += f"  KID {result['kid']:.6f} " + (f"± {result['kid_std']:.6f}" if result["kid_std"] == result["kid_std"]
+                                                  else "(both sets smaller than a subset of 1000: no spread)")
     print(line)
     if "precision" in result:
         print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  (k=3)   "

@@ -247,7 +247,8 @@ class FeatureExtractor:
 
 # --------------------------------------------------------------------------- KID and bootstrap
 def kid(fa: np.ndarray, fb: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance (unbiased MMD², cubic polynomial kernel): mean and std over subsets."""
+    """Kernel Inception Distance (unbiased MMD², cubic polynomial kernel): mean and std over subsets
+    (std NaN when both sets are smaller than a subset: each subset is then the whole of both)."""
     m = min(subset_size, len(fa), len(fb))
     if m < 2:
         raise ValueError("KID needs at least 2 images on each side")
@@ -260,6 +261,8 @@ def kid(fa: np.ndarray, fb: np.ndarray, subsets: int = 100, subset_size: int = 1
         kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
         vals.append(mmd)
+    if m == len(fa) == len(fb):  # every subset is both whole sets: one value, and no spread to report
+        return float(vals[0]), float("nan")
     return float(np.mean(vals)), float(np.std(vals))
 
 
