@@ -185,9 +185,9 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    tried = "\n  ".join(str(c) for c in candidates)
+    tried = "; ".join(str(c) for c in candidates)
     raise FileNotFoundError(
-        f"FID Inception weights {WEIGHTS_NAME} not found. Looked at:\n  {tried}\n"
+        f"FID Inception weights {WEIGHTS_NAME} not found (looked at: {tried}). "
         f"xrayforge never downloads them. Copy the file (the one pytorch-fid uses) to "
         f"{Path(torch.hub.get_dir()) / 'checkpoints' / WEIGHTS_NAME}, or pass --inception PATH, or set "
         f"XRAYFORGE_INCEPTION=PATH.")

@@ -139,6 +139,8 @@ class FrechetStats:
             space = str(f["feature_space"]) if "feature_space" in f else None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: mu, sigma or n is not numeric ({exc})") from None
+        if mu.size == 0:
+            raise UserError(f"{path}: empty statistics (mu has no features)")
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
         stats = cls(mu, sigma, n, space)
