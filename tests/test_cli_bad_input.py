@@ -755,3 +755,15 @@ def test_a_real_process_prints_one_line_and_no_traceback(world, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xrayforge", "--debug", "fid", str(tmp_path / "a.npz"),
                            str(world / "b.npz")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_info_says_what_a_forced_backend_does_on_each_device(monkeypatch, capsys):
+    import torch
+    monkeypatch.setenv("XRAYFORGE_BACKEND", "cuda")
+    assert cli(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu (CPU): default backend 'cuda' (XRAYFORGE_BACKEND)" in out
+    assert "pixel_norm" in out and "cuda -> unavailable" in out and "auto -> torch" not in out
+    monkeypatch.setenv("XRAYFORGE_BACKEND", "torch")
+    assert cli(["info"]) == 0
+    assert "torch -> torch" in capsys.readouterr().out or torch.cuda.is_available()

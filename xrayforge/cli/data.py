@@ -27,11 +27,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
     for dev in devices:
         name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "CPU"
-        print(f"{dev} ({name}): default backend {ops.get_backend()!r}")
+        default = ops.get_backend()
+        print(f"{dev} ({name}): default backend {default!r}"
+              + (" (XRAYFORGE_BACKEND)" if default != "auto" else ""))
+        said = set()
         for op in _backend.GPU_VALIDATED:
-            x = torch.empty(0, device=dev)
-            print(f"  {op:24s} available {', '.join(ops.available_backends(op, dev))}; "
-                  f"auto -> {_backend.resolve(op, x, 'auto')}")
+            why = _backend.unavailable_reason(default, op, torch.device(dev)) if default != "auto" else None
+            used = _backend.resolve_for_device(op, torch.device(dev), "auto") if default == "auto" else \
+                (default if why is None else "unavailable: commands on this device refuse to start")
+            print(f"  {op:24s} available {', '.join(ops.available_backends(op, dev))}; {default} -> {used}")
+            if why is not None and why not in said:
+                said.add(why)
+                print(f"    ({default!r} here: {why})")
     return 0
 
 
