@@ -1,6 +1,7 @@
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -237,3 +238,49 @@ def test_a_refused_prepare_creates_nothing(tmp_path, monkeypatch, capsys, args):
     with pytest.raises(ValueError, match="workers"):
         prepare("phantom:3", tmp_path / "arch", resolution=8, workers=0, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# prepare with a decode worker that dies (as the OOM killer would kill it) at image 5
+DYING_WORKER = """
+import os, signal, sys
+import xrayforge.data.prepare as prep
+from xrayforge.cli import main
+real = prep._process
+def dying(task):
+    if task[0] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(task)
+prep._process = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_worker_stops_prepare_with_a_message_and_the_rerun_resumes(tmp_path):
+    args = ["prepare", "phantom:40", str(tmp_path / "out"), "--resolution", "16", "--workers", "2", "-q"]
+    run = subprocess.run([sys.executable, "-c", DYING_WORKER, *args], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and "worker died" in err[0] and "--workers" in err[0] and "resume" in err[0], run.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "plan.json").exists()
+    assert cli(args) == 0
+    prepare("phantom:40", tmp_path / "whole", resolution=16, workers=1, progress=False)
+    a, b = Archive(tmp_path / "out"), Archive(tmp_path / "whole")
+    assert a.records == b.records
+    for r in a.resolutions:
+        np.testing.assert_array_equal(a.array(r), b.array(r))
+
+
+def test_ctrl_c_in_a_multi_worker_prepare_says_one_line(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "xrayforge", "prepare", "phantom:2000", str(out), "--resolution", "256",
+           "--workers", "2", "-q"]  # large enough that the workers are busy when the signal comes
+    # a terminal's Ctrl-C: SIGINT to the whole process group, with the default handler (not inherited as ignored)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    progress = tmp_path / "out.partial" / "progress.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not progress.exists() or len(progress.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines() == ["xrayforge prepare: interrupted"], err

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import itertools
 import multiprocessing as mp
 import os
 import shutil
+import signal
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +175,35 @@ def _process(task: tuple[int, dict, str]) -> dict:
     return {"ok": True, **meta}
 
 
+def _init_pool_worker(*args):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one line, not a traceback each
+    _init_worker(*args)
+
+
 # --------------------------------------------------------------------------- driver
+def _decode_in_pool(todo: list, workers: int, initargs: tuple, record) -> None:
+    """``record`` the result of each task as it finishes, decoded by ``workers`` processes; a few
+    tasks per worker are queued at a time, so that results are recorded as they come."""
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    tasks = iter(todo)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=initargs)
+    try:
+        pending = {pool.submit(_process, t) for t in itertools.islice(tasks, 4 * workers)}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:  # record every success before a failure stops the run
+                if fut.exception() is None:
+                    record(fut.result())
+                    pending.update(pool.submit(_process, t) for t in itertools.islice(tasks, 1))
+            for fut in finished:
+                fut.result()
+    except BrokenProcessPool:
+        raise UserError(f"a decode worker died (killed, perhaps by the system for lack of memory: try fewer "
+                        f"--workers, now {workers}); run the same command again to resume where it stopped") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _read_progress(path: Path) -> dict[int, dict]:
     done = {}
     if path.exists():
@@ -243,10 +275,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
             bar.update(1)
 
         if todo and workers > 1:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(partial), resolutions, dtype)) as pool:
-                for res in pool.imap_unordered(_process, todo, chunksize=4):
-                    record(res)
+            _decode_in_pool(todo, workers, (str(partial), resolutions, dtype), record)
         else:
             _init_worker(str(partial), resolutions, dtype)
             for task in todo:
