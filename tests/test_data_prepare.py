@@ -284,3 +284,38 @@ def test_ctrl_c_in_a_multi_worker_prepare_says_one_line(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines() == ["xrayforge prepare: interrupted"], err
+
+
+def test_dicom_without_a_known_suffix_is_prepared_and_unknown_files_are_listed(tmp_path):
+    src = tmp_path / "src"
+    (src / "series").mkdir(parents=True)
+    write_image(src / "series" / "1.2.840.113619.2.55.3.604688", np.full((16, 16), 2048, dtype=np.uint16))
+    write_image(src / "series" / "scan.IMA", np.full((16, 16), 1024, dtype=np.uint16))
+    (src / "series" / "export.bin").write_bytes(b"\x01\x02" * 200)
+    (src / "notes.txt").write_text("reading notes")
+    (src / "index.json").write_text("{}")
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert (res.included, res.skipped) == (2, 1)
+    manifest = read_csv(tmp_path / "out" / "manifest.csv")
+    assert sorted(m["source"].split("/")[-1] for m in manifest) == ["1.2.840.113619.2.55.3.604688", "scan.IMA"]
+    skipped = read_csv(tmp_path / "out" / "skipped.csv")
+    assert [s["source"].split("/")[-1] for s in skipped] == ["export.bin"]
+    assert "neither DICOM nor" in skipped[0]["reason"]
+
+
+def test_twelve_bit_data_in_sixteen_bit_pngs_is_warned_about_once(tmp_path, caplog):
+    src = tmp_path / "src"
+    src.mkdir()
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)
+    for name in ("a", "b", "c"):
+        Image.fromarray((ramp * 4095).astype(np.uint16)).save(src / f"{name}.png")
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(src / "full.png")
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=2, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "(12-bit data?): 3, e.g." in warnings[0] and "--bits 16" in warnings[0], warnings
+    assert "full.png" not in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        prepare(str(src / "full.png"), tmp_path / "out2", resolution=8, workers=1, progress=False)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

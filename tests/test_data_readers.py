@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
@@ -133,3 +133,60 @@ def test_find_images_walks_recursively(tmp_path):
         sorted(p.name for p in find_images(tmp_path)) == ["x.png", "y.dcm"]
     with pytest.raises(FileNotFoundError):
         find_images(tmp_path / "missing")
+
+
+def test_dicom_named_by_uid_or_with_a_vendor_suffix_is_read(tmp_path):
+    write_image(tmp_path / "1.2.840.113619.2.55.3.604688", STORED)  # suffix '.604688'
+    write_image(tmp_path / "scan.IMA", STORED)
+    Image.fromarray(np.full((3, 5), 255, dtype=np.uint8)).save(tmp_path / "film.img", format="PNG")
+    (tmp_path / "garbage.xyz").write_bytes(b"\x00" * 300)
+    for name in ("notes.txt", "Data_Entry_2017.csv", "summary.json", "feats.npz"):
+        (tmp_path / name).write_text("not an image")
+    assert [p.name for p in find_images(tmp_path)] == ["1.2.840.113619.2.55.3.604688", "film.img", "garbage.xyz",
+                                                       "scan.IMA"]
+    for name in ("1.2.840.113619.2.55.3.604688", "scan.IMA"):
+        np.testing.assert_allclose(read_radiograph(tmp_path / name).pixels, STORED / 4095, atol=1e-7)
+    assert read_radiograph(tmp_path / "film.img").pixels.min() == 1
+    with pytest.raises(SkipImage, match="unsupported file type .xyz: neither DICOM nor"):
+        read_radiograph(tmp_path / "garbage.xyz")
+
+
+def test_find_images_opens_no_file(tmp_path, monkeypatch):
+    for i in range(3):
+        Image.fromarray(np.zeros((2, 2), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.2.3.4").write_bytes(b"")
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("find_images opened a file")
+    monkeypatch.setattr("builtins.open", no_open)
+    monkeypatch.setattr("io.open", no_open)
+    assert len(find_images(tmp_path)) == 4
+
+
+def test_one_bit_png_is_black_and_white(tmp_path):
+    bw = np.zeros((4, 6), dtype=bool)
+    bw[:, 3:] = True
+    Image.fromarray(bw).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode == "1"
+    np.testing.assert_array_equal(read_radiograph(tmp_path / "a.png").pixels, bw.astype(np.float32))
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    img = np.zeros((20, 40), dtype=np.uint8)
+    img[:5] = 255  # bright top rows: on the right once turned 90° clockwise (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(tmp_path / "a.jpg", exif=exif, quality=95)
+    px = read_radiograph(tmp_path / "a.jpg").pixels
+    assert px.shape == (40, 20)
+    assert px[:, -5:].mean() > 0.9 and px[:, :10].mean() < 0.1
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "a.jpg")), dtype=np.float32) / 255
+    np.testing.assert_allclose(px, expected, atol=1e-6)
+
+
+def test_sixteen_bit_png_reports_its_largest_value(tmp_path):
+    arr = np.array([[0, 300], [4095, 17]], dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    rad = read_radiograph(tmp_path / "a.png")
+    assert rad.meta["max"] == 4095
+    np.testing.assert_allclose(rad.pixels, arr / 65535, atol=1e-7)

@@ -16,8 +16,9 @@ that cannot be used never stops the run: it goes to skipped.csv with the reason.
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -38,6 +39,8 @@ from .readers import SkipImage, find_images, read_radiograph
 
 
 PHANTOM_MIN_RESOLUTION = 8  # phantom.render draws nothing smaller
+TWELVE_BITS = 4095  # a 16-bit file whose values stay at or below this holds 12-bit data, said once per run
+log = logging.getLogger(__name__)
 
 
 class NoUsableImages(UserError, RuntimeError):
@@ -158,6 +161,8 @@ def _process(task: tuple[int, dict, str]) -> dict:
             if min(rad.pixels.shape) < 4:
                 raise SkipImage(f"image is only {rad.pixels.shape[1]}×{rad.pixels.shape[0]} pixels")
             img = resize(square_image(rad.pixels, square), res)
+            if rad.meta.get("max", TWELVE_BITS + 1) <= TWELVE_BITS:
+                meta["twelve_bits"] = True
             meta["patient_id"] = cand.get("patient_id") or rad.patient_id
             meta["study_id"] = rad.study_id
     except SkipImage as exc:
@@ -267,10 +272,10 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     from tqdm import tqdm
     bar = tqdm(total=len(candidates), initial=len(done), unit="img", desc=f"prepare {out.name}",
                disable=not progress, dynamic_ncols=True)
-    with open(progress_path, "a") as log:
+    with open(progress_path, "a") as progress_log:
         def record(res):
-            log.write(json.dumps(res) + "\n")
-            log.flush()
+            progress_log.write(json.dumps(res) + "\n")
+            progress_log.flush()
             done[res["i"]] = res
             bar.update(1)
 
@@ -283,6 +288,11 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
             _W.clear()
     bar.close()
 
+    dim = [cand["source"] for i, cand in enumerate(candidates) if done[i].get("twelve_bits")]
+    if dim:
+        log.warning(f"16-bit image files with no value above {TWELVE_BITS} (12-bit data?): {len(dim)}, e.g. "
+                    f"{', '.join(dim[:3])}; scaled by 65535 they are dark" +
+                    (", and at --bits 8 keep at most 16 grey levels: prepare them with --bits 16" if bits == 8 else ""))
     manifest, skipped = [], []
     for i, cand in enumerate(candidates):
         rec = done[i]

@@ -5,8 +5,14 @@ then the VOI LUT Sequence or the first Window Center / Width (DICOM PS3.3 C.11.2
 function), then MONOCHROME1 is inverted. Without a VOI transform, values are scaled over the
 range that Bits Stored allows (no per-image contrast stretch). Multi-frame images and
 objects without pixel data (RT plans, structured reports, ...) are skipped with a reason.
-PNG / JPEG (Pillow): 8-bit scaled by 255, 16-bit by 65535 (never clipped to 8 bits); colour
-images are converted to luminance.
+PNG / JPEG (Pillow): 8-bit and 1-bit scaled to [0, 1] by 255, 16-bit by 65535 (never clipped
+to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 16-bit file uses
+only a sixteenth of the range); colour images are converted to luminance; an EXIF orientation
+is applied.
+
+A file's suffix says how to read it when it is a known one; otherwise its content does (DICOM's
+"DICM", PNG / JPEG / TIFF / BMP signatures), so that DICOM files named by their UID
+(``1.2.840.113619.2.55.3.604688``) or with a vendor's suffix (``scan.IMA``) are read.
 """
 from __future__ import annotations
 
@@ -16,7 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ""}
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+PILLOW_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+# plainly not radiographs: find_images leaves them out without a word (a file with any other
+# suffix, or none, is a candidate that its content accepts or skipped.csv lists with the reason)
+NOT_IMAGE_SUFFIXES = {
+    ".csv", ".tsv", ".txt", ".json", ".jsonl", ".xml", ".yaml", ".yml", ".ini", ".cfg", ".toml", ".md", ".rst",
+    ".html", ".htm", ".css", ".js", ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".ppt", ".pptx", ".odt", ".ods",
+    ".rtf", ".log", ".py", ".ipynb", ".sh", ".bat", ".zip", ".gz", ".tgz", ".tar", ".bz2", ".xz", ".7z", ".rar",
+    ".npy", ".npz", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".parquet", ".db", ".sqlite",
+    ".tmp", ".partial", ".lock", ".md5", ".sha1", ".sha256", ".svg", ".mp4", ".avi", ".mov", ".mp3", ".wav"}
 
 
 class SkipImage(Exception):
@@ -32,10 +48,18 @@ class Radiograph:
     meta: dict = field(default_factory=dict)
 
 
-def is_dicom(path: str | os.PathLike) -> bool:
+def file_kind(path: str | os.PathLike) -> str:
+    """'dicom' (the "DICM" prefix after the preamble), 'image' (a PNG, JPEG, TIFF or BMP
+    signature) or '' by the first bytes of the file."""
     with open(path, "rb") as fh:
         head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return "image" if head.startswith(_IMAGE_SIGNATURES) else ""
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    return file_kind(path) == "dicom"
 
 
 def _window(x: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -133,43 +157,51 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
 
 
 def read_pillow(path: str | os.PathLike) -> Radiograph:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
+            meta = {"mode": mode}
+            im = ImageOps.exif_transpose(im)  # a photographed film: the camera's rotation is in EXIF
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im).astype(np.float64)
                 if arr.min() < 0 or arr.max() > 65535:
                     raise SkipImage(f"32-bit integer image with values outside 0..65535 ({mode})")
+                meta["max"] = int(arr.max())
                 x = arr / 65535.0
             elif mode == "F":
                 raise SkipImage("floating-point image files are not supported")
             else:
-                if mode not in ("L", "1"):
-                    im = im.convert("L")
+                if mode != "L":
+                    im = im.convert("L")  # colour, palette, and 1-bit (0/1 -> 0/255)
                 x = np.asarray(im, dtype=np.float64) / 255.0
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SkipImage(f"unreadable image ({type(exc).__name__}: {exc})") from exc
-    return Radiograph(x.astype(np.float32), str(path), meta={"mode": mode})
+    return Radiograph(x.astype(np.float32), str(path), meta=meta)
 
 
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read one file; raises SkipImage with the reason when it is not a usable radiograph."""
     path = Path(path)
+    suffix = path.suffix.lower()
     try:
-        if path.suffix.lower() in (".dcm", ".dicom", ".dic") or is_dicom(path):
-            return read_dicom(path)
+        kind = file_kind(path)
     except OSError as exc:
         raise SkipImage(f"cannot read file ({exc})") from exc
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+    if kind == "dicom" or suffix in DICOM_SUFFIXES:
+        return read_dicom(path)
+    if kind == "image" or suffix in PILLOW_SUFFIXES:
         return read_pillow(path)
-    raise SkipImage(f"unsupported file type {path.suffix or '(no suffix)'}")
+    raise SkipImage(f"unsupported file type {suffix or '(no suffix)'}: neither DICOM nor a PNG, JPEG, TIFF or BMP "
+                    f"image")
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every candidate file below ``root`` (recursively), sorted; hidden files skipped."""
+    """Every candidate file below ``root`` (recursively), sorted; hidden files and files whose
+    suffix says they are no image (``NOT_IMAGE_SUFFIXES``) left out. No file is opened: one
+    with an unknown suffix is a candidate that ``read_radiograph`` reads by its content."""
     root = Path(root)
     if root.is_file():
         return [root]
@@ -179,9 +211,7 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith("."):
-                continue
             p = Path(dirpath) / name
-            if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() in (".tif", ".tiff", ".bmp"):
+            if not name.startswith(".") and p.suffix.lower() not in NOT_IMAGE_SUFFIXES:
                 out.append(p)
     return out
