@@ -18,6 +18,7 @@ from xrayforge.data.archive import Archive, box_pyramid, quantize
 from xrayforge.data.labels import FINDINGS
 from xrayforge.data.phantom import PHANTOM_FINDINGS, label_vector, render
 from xrayforge.data.prepare import NoUsableImages, prepare
+from xrayforge.errors import UserError
 
 from dicom_factory import write_image, write_rt_plan
 
@@ -319,3 +320,73 @@ def test_twelve_bit_data_in_sixteen_bit_pngs_is_warned_about_once(tmp_path, capl
     with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
         prepare(str(src / "full.png"), tmp_path / "out2", resolution=8, workers=1, progress=False)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_label_file_of_the_current_nih_download_is_found(tmp_path, caplog):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    (src / "Data_Entry_2017.csv").rename(src / "Data_Entry_2017_v2020.csv")
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
+    assert by_name[names[0]]["finding_labels"] == "Cardiomegaly|Effusion" and by_name[names[2]]["split"] == "test"
+    assert res.label_match["file"] == str(src / "Data_Entry_2017_v2020.csv") and res.label_match["matched"] == 3
+    (src / "Data_Entry_2017_v2020.csv").unlink()  # split lists, but no label file: said, not silent
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        res = prepare(str(src), tmp_path / "out2", resolution=8, workers=1, progress=False)
+    assert res.label_match is None
+    assert any("train_val_list.txt" in r.getMessage() and "--labels" in r.getMessage() for r in caplog.records)
+
+
+def test_images_and_label_rows_that_do_not_match_are_counted_and_said(tmp_path, caplog, capsys):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    Image.fromarray(np.full((8, 8), 90, dtype=np.uint8)).save(src / "images" / "mine.png")
+    with open(src / "Data_Entry_2017.csv", "a", newline="") as fh:
+        csv.writer(fh).writerow(["00000009_000.png", "Mass", 0, 9, 40])  # no such image on disk
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert res.included == 4
+    assert res.label_match == {"file": str(src / "Data_Entry_2017.csv"), "matched": 3, "unlisted": 1,
+                               "unlisted_left_out": False, "rows_without_image": 1}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "1 of 4 image files" in warned[0] and "mine.png" in warned[0]
+    assert cli(["prepare", str(src), str(tmp_path / "cli"), "--resolution", "8", "--workers", "1", "-q"]) == 0
+    assert "3 image files matched a row; 1 not in it (all-zero labels); 1 rows without an image file" \
+        in capsys.readouterr().out
+    assert cli(["prepare", str(src), str(tmp_path / "only"), "--resolution", "8", "--labelled-only", "-q"]) == 0
+    assert sorted(m["source"].split("/")[-1] for m in read_csv(tmp_path / "only" / "manifest.csv")) == sorted(names)
+    assert "1 not in it (left out)" in capsys.readouterr().out
+
+
+def test_identical_duplicate_label_rows_are_one_and_different_ones_are_refused(tmp_path):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    with open(src / "Data_Entry_2017.csv", "a", newline="") as fh:
+        csv.writer(fh).writerow([names[0], "Cardiomegaly|Effusion", 0, 1, 50])  # line 5: the same as line 2
+    assert prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False).included == 3
+    with open(src / "Data_Entry_2017.csv", "a", newline="") as fh:
+        csv.writer(fh).writerow([names[0], "Hernia", 0, 1, 50])  # line 6: another finding for the same image
+    with pytest.raises(UserError, match=r"Data_Entry_2017.csv: image 00000001_000.png has two different rows "
+                                        r"\(lines 2 and 6\)"):
+        prepare(str(src), tmp_path / "out2", resolution=8, workers=1, progress=False)
+    assert not (tmp_path / "out2.partial").exists()
+
+
+def test_an_image_in_both_split_lists_is_refused(tmp_path):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    (src / "test_list.txt").write_text(f"{names[2]}\n{names[0]}\n")
+    with pytest.raises(UserError, match=f"{names[0]}: listed in both .*train_val_list.txt and .*test_list.txt"):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+
+
+def test_two_labelled_images_of_one_name_are_refused(tmp_path):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    (src / "copy").mkdir()
+    shutil.copy(src / "images" / names[1], src / "copy" / names[1])
+    with pytest.raises(UserError, match=f"{src / 'copy' / names[1]} and {src / 'images' / names[1]}: two images "
+                                        f"named {names[1]}"):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    (src / "copy" / names[1]).rename(src / "copy" / "other.png")  # a name the label file does not have: no question
+    assert prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False).included == 4

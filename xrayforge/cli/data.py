@@ -46,9 +46,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from ..data.prepare import prepare
 
     res = prepare(args.src, args.out, resolution=args.resolution, labels=args.labels, workers=args.workers,
-                  square=args.square, bits=args.bits, progress=not args.quiet)
+                  square=args.square, bits=args.bits, progress=not args.quiet, labelled_only=args.labelled_only)
     print(f"{res.path}: {res.included} images, {res.skipped} skipped "
           f"(reasons in {res.path / 'skipped.csv'})")
+    m = res.label_match
+    if m:
+        unlisted = f" ({'left out' if m['unlisted_left_out'] else 'all-zero labels'})" if m["unlisted"] else ""
+        print(f"labels from {m['file']}: {m['matched']} image files matched a row; {m['unlisted']} not in it"
+              f"{unlisted}; {m['rows_without_image']} rows without an image file")
     return 0
 
 
@@ -60,14 +65,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "prepare", help="turn radiographs (DICOM, PNG, JPEG) or the phantom into a packed archive",
-        description="Read every radiograph under SRC (recursively; DICOM with or without a suffix, PNG, JPEG) or "
+        description="Read every radiograph under SRC (recursively; DICOM with any suffix or none, PNG, JPEG) or "
                     "generate phantom:N chest phantoms, make them square, resize, and write the packed "
                     "multi-resolution archive OUT (images_<R>.npy for R = 4 .. resolution, manifest.csv, "
                     "skipped.csv, archive.json). Interrupted runs resume when run again.")
     p.add_argument("src", help="folder, file, or phantom:N")
     p.add_argument("out", help="archive folder to create")
     p.add_argument("--resolution", type=_args.power_of_two, default=1024, help="largest resolution, a power of two (default 1024)")
-    p.add_argument("--labels", default=None, help="ChestX-ray14 Data_Entry_2017.csv (default: found in SRC or its parent)")
+    p.add_argument("--labels", default=None, help="ChestX-ray14 Data_Entry_2017.csv or Data_Entry_2017_v2020.csv "
+                                                   "(default: found in SRC or its parent)")
+    p.add_argument("--labelled-only", action="store_true",
+                   help="leave out the images the label file does not list (default: they get all-zero labels)")
     p.add_argument("--square", choices=("crop", "pad"), default="crop",
                    help="centre-crop to a square (default) or pad with black to keep the whole field")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored bit depth (default 8)")

@@ -52,40 +52,99 @@ class PrepareResult:
     path: Path
     included: int
     skipped: int
+    label_match: dict | None = None  # how the files matched the label file (plan_candidates)
 
 
 # --------------------------------------------------------------------------- candidates
+LABEL_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")  # NIH's first release, and its download now
+SPLIT_FILES = (("train", "train_val_list.txt"), ("test", "test_list.txt"))
+
+
 def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
-    """{image file name: (patient id, finding labels)} and {file name: split}."""
-    entries = {}
-    for row in read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]:
+    """{image file name: (patient id, finding labels)} and {file name: split}; an image with two
+    different rows, or in both split lists, is refused."""
+    rows = read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]
+    entries, lines = {}, {}
+    for line, row in enumerate(rows, 2):  # line 1 is the header
+        name = row["Image Index"]
+        if name in lines:
+            if row != rows[lines[name] - 2]:
+                raise UserError(f"{labels_csv}: image {name} has two different rows (lines {lines[name]} and {line}); "
+                                f"keep the right one")
+            continue
+        lines[name] = line
         labels = row["Finding Labels"] or ""
-        parse_finding_labels(labels, f"{labels_csv}, image {row['Image Index']}")
-        entries[row["Image Index"]] = (row.get("Patient ID", "") or "", labels)
-    splits = {}
-    for split, name in (("train", "train_val_list.txt"), ("test", "test_list.txt")):
-        p = labels_csv.parent / name
+        parse_finding_labels(labels, f"{labels_csv}, image {name}")
+        entries[name] = (row.get("Patient ID", "") or "", labels)
+    splits, lists = {}, [labels_csv.parent / list_name for _, list_name in SPLIT_FILES]
+    for (split, _), p in zip(SPLIT_FILES, lists):
         if p.is_file():
-            for line in p.read_text().split():
-                splits[line.strip()] = split
+            for name in p.read_text().split():
+                if splits.setdefault(name, split) != split:
+                    raise UserError(f"{name}: listed in both {lists[0]} and {lists[1]}; an image belongs to one split")
     return entries, splits
 
 
 def _find_labels(src: Path) -> Path | None:
+    """The ChestX-ray14 label file in SRC or its parent (the newer release if both are there)."""
     for folder in (src, src.parent):
-        p = folder / "Data_Entry_2017.csv"
-        if p.is_file():
-            return p
+        found = [folder / name for name in LABEL_FILES if (folder / name).is_file()]
+        if len(found) > 1:
+            log.warning(f"{folder}: holds both {found[0].name} and {found[1].name}; using {found[1].name} "
+                        f"(give --labels to choose)")
+        if found:
+            return found[-1]
+    lists = [folder / name for folder in (src, src.parent) for _, name in SPLIT_FILES if (folder / name).is_file()]
+    if lists:
+        log.warning(f"{lists[0]}: a ChestX-ray14 split list, but no {' or '.join(LABEL_FILES)} in {src} or its "
+                    f"parent: the images get no labels and no split; give the label file with --labels")
     return None
+
+
+def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> tuple[list[dict], dict]:
+    """The candidates among ``files`` with what ``labels_csv`` says of each (matched by file name),
+    and a summary of the match."""
+    entries, splits = _load_chestxray14(labels_csv)
+    own = {labels_csv.name, *(name for _, name in SPLIT_FILES)}
+    files = [f for f in files if f.name not in own]
+    seen = {}
+    for f in files:
+        if f.name in entries or f.name in splits:
+            other = seen.setdefault(f.name, f)
+            if other is not f:
+                raise UserError(f"{other} and {f}: two images named {f.name}, and {labels_csv} names images by file "
+                                f"name alone, so which one its row is of cannot be told; remove or rename one")
+    unlisted = [f for f in files if f.name not in entries]
+    names = {f.name for f in files}
+    summary = {"file": str(labels_csv), "matched": len(files) - len(unlisted), "unlisted": len(unlisted),
+               "unlisted_left_out": labelled_only, "rows_without_image": sum(1 for n in entries if n not in names)}
+    log.info(f"{labels_csv}: {summary['matched']} image files matched a row, {len(unlisted)} not in it, "
+             f"{summary['rows_without_image']} rows without an image file")
+    if unlisted:
+        examples = ", ".join(str(f) for f in unlisted[:3]) + (", ..." if len(unlisted) > 3 else "")
+        if labelled_only:
+            log.info(f"{len(unlisted)} image files not in {labels_csv} are left out (labelled only): {examples}")
+        else:
+            log.warning(f"{len(unlisted)} of {len(files)} image files are not in {labels_csv} and get all-zero "
+                        f"labels (as if 'No Finding'): {examples}; --labelled-only leaves them out")
+    out = []
+    for f in files:
+        if labelled_only and f.name not in entries:
+            continue
+        patient, finding = entries.get(f.name, ("", None))
+        out.append({"source": str(f), "patient_id": patient, "finding_labels": finding, "split": splits.get(f.name, "")})
+    return out, summary
 
 
 def phantom_split(index: int) -> str:
     return "test" if index % 5 == 0 else "train"
 
 
-def plan_candidates(src: str, labels: str | None = None, labelled_only: bool = False) -> list[dict]:
-    """The files to read (or phantoms to draw), with what the label file says of each;
-    ``labelled_only``: files the label file does not list are not candidates."""
+def plan_candidates(src: str, labels: str | None = None,
+                    labelled_only: bool = False) -> tuple[list[dict], dict | None]:
+    """The files to read (or phantoms to draw), with what the label file says of each, and a
+    summary of how the files matched the label file (None without one); ``labelled_only``: files
+    the label file does not list are not candidates."""
     if src.startswith("phantom:"):
         try:
             n = int(src.split(":", 1)[1])
@@ -94,22 +153,15 @@ def plan_candidates(src: str, labels: str | None = None, labelled_only: bool = F
         if n < 1:
             raise ValueError(f"phantom:N needs N >= 1, got {n}")
         return [{"source": f"phantom:{i}", "seed": i, "patient_id": f"phantom-{i:07d}", "split": phantom_split(i)}
-                for i in range(n)]
+                for i in range(n)], None
     root = Path(src)
     files = find_images(root)
     labels_csv = Path(labels) if labels else (_find_labels(root) if root.is_dir() else None)
-    entries, splits = _load_chestxray14(labels_csv) if labels_csv else ({}, {})
-    if labels and not labels_csv.is_file():
-        raise FileNotFoundError(f"{labels}: label file not found")
-    out = []
-    for f in files:
-        if f.name in ("Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt"):
-            continue
-        if labelled_only and f.name not in entries:
-            continue
-        patient, finding = entries.get(f.name, ("", None))
-        out.append({"source": str(f), "patient_id": patient, "finding_labels": finding, "split": splits.get(f.name, "")})
-    return out
+    if labels_csv is not None:
+        return _match_labels(files, labels_csv, labelled_only)
+    if labelled_only:
+        raise UserError(f"{src}: only labelled images were asked for, but there is no label file (give --labels)")
+    return [{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None
 
 
 # --------------------------------------------------------------------------- worker
@@ -252,11 +304,11 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         raise ValueError(f"{partial} holds an unfinished prepare with other settings {saved}; delete it to start again")
     if meta is not None:  # killed while finishing: every image is in place, only the clean-up and rename are left
         _finish(partial, out, plan_path, progress_path)
-        return PrepareResult(out, meta["count"], meta["capacity"] - meta["count"])
+        return PrepareResult(out, meta["count"], meta["capacity"] - meta["count"], meta.get("label_match"))
     if plan is not None:
-        candidates = plan["candidates"]
+        candidates, label_match = plan["candidates"], plan.get("label_match")
     else:
-        candidates = plan_candidates(str(src), labels, labelled_only)
+        candidates, label_match = plan_candidates(str(src), labels, labelled_only)
         if not candidates:
             raise NoUsableImages(f"{src}: no image files found")
         partial.mkdir(parents=True, exist_ok=True)
@@ -264,7 +316,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         for r in resolutions:
             np.lib.format.open_memmap(partial / f"images_{r}.npy", mode="w+", dtype=dtype,
                                       shape=(len(candidates), r, r))
-        write_json(plan_path, {"settings": settings, "candidates": candidates})
+        write_json(plan_path, {"settings": settings, "candidates": candidates, "label_match": label_match})
     done = _read_progress(progress_path)
     todo = [(i, c, square) for i, c in enumerate(candidates) if i not in done]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
@@ -317,9 +369,10 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     write_json(meta_path, {
         "format": FORMAT, "version": VERSION, "resolution": resolution, "resolutions": resolutions, "dtype": dtype,
         "count": len(manifest), "capacity": len(candidates), "square": square, "findings": list(FINDINGS),
-        "source": str(src), "labelled": any(r["finding_labels"] for r in manifest), "settings": settings})
+        "source": str(src), "labelled": any(r["finding_labels"] for r in manifest), "settings": settings,
+        "label_match": label_match})
     _finish(partial, out, plan_path, progress_path)
-    return PrepareResult(out, len(manifest), len(skipped))
+    return PrepareResult(out, len(manifest), len(skipped), label_match)
 
 
 def _finish(partial: Path, out: Path, plan_path: Path, progress_path: Path) -> None:
