@@ -288,7 +288,9 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     resolutions = pyramid_resolutions(resolution)
     if str(src).startswith("phantom:") and resolution < PHANTOM_MIN_RESOLUTION:
         raise UserError(f"{src}: the phantom needs a resolution of at least {PHANTOM_MIN_RESOLUTION}, got {resolution}")
-    out = Path(out).resolve()  # '.' or 'a/..' has no name to put '.partial' after
+    out = Path(out)
+    if out.name in ("", ".."):  # '.', '..', 'a/..': no name to put '.partial' after
+        out = out.resolve()
     if (out / "archive.json").exists():
         raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
     check_out_dir(out, empty=True)  # before the work, not after it
