@@ -5,8 +5,12 @@ file, or ``phantom:N`` for N images of the built-in chest phantom. Images are ma
 centre crop (default; ``square="pad"`` pads with black instead, keeping the whole field),
 resized to the target resolution with a box (area) filter, and box-filtered down to 4 px.
 
-Labels: ``labels`` names a ChestX-ray14 ``Data_Entry_2017.csv`` (found automatically in SRC
-or its parent); its ``train_val_list.txt`` / ``test_list.txt`` beside it give the split.
+Labels: ``labels`` names a ChestX-ray14 ``Data_Entry_2017.csv`` (or NIH's newer
+``Data_Entry_2017_v2020.csv``; either is found automatically in SRC or its parent); its
+``train_val_list.txt`` / ``test_list.txt`` beside it give the split. Images are matched to rows
+by file name, so an image with two different rows, an image in both lists, or two labelled
+images of one name are refused; images the file does not list get all-zero labels, with a
+warning (``labelled_only`` leaves them out).
 
 The run is resumable and atomic: everything is written under ``OUT.partial`` (a plan, the
 preallocated arrays, a progress log appended as each image finishes) and renamed to OUT when
@@ -342,10 +346,10 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
             _W.clear()
     bar.close()
 
-    dim = [cand["source"] for i, cand in enumerate(candidates) if done[i].get("twelve_bits")]
-    if dim:
-        log.warning(f"16-bit image files with no value above {TWELVE_BITS} (12-bit data?): {len(dim)}, e.g. "
-                    f"{', '.join(dim[:3])}; scaled by 65535 they are dark" +
+    twelve_bit = [cand["source"] for i, cand in enumerate(candidates) if done[i].get("twelve_bits")]
+    if twelve_bit:
+        log.warning(f"16-bit image files with no value above {TWELVE_BITS} (12-bit data?): {len(twelve_bit)}, e.g. "
+                    f"{', '.join(twelve_bit[:3])}; scaled by 65535 they are dark" +
                     (", and at --bits 8 keep at most 16 grey levels: prepare them with --bits 16" if bits == 8 else ""))
     manifest, skipped = [], []
     for i, cand in enumerate(candidates):
