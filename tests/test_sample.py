@@ -531,8 +531,10 @@ def test_a_resumed_archive_keeps_the_checkpoint_it_started_with(models, tmp_path
 
 
 def test_a_resumed_archive_follows_its_checkpoint_and_classifier_not_their_paths(models, tmp_path):
-    """Continued from a run spelt or placed differently: allowed (the checkpoint is pinned); with
-    another classifier at the same path: refused (the rest would be labelled by another model)."""
+    """Continued from a run spelt or placed differently: allowed (the checkpoint is pinned by its
+    contents); from another run's checkpoint of the same name, or with another classifier at the
+    same path: refused (the rest would be made or labelled by other models). Archives from before
+    the contents were kept compare the paths, as they did."""
     import json
     import shutil
     from xrayforge.errors import UserError
@@ -556,11 +558,35 @@ def test_a_resumed_archive_follows_its_checkpoint_and_classifier_not_their_paths
     sample_archive(SampleConfig(str(tmp_path / "moved"), str(out), **common), progress=False)
     assert read_manifest(out) == first
     killed()
+    # another run whose checkpoint has the same name (the same schedule) but other weights: refused
+    shutil.copytree(tmp_path / "moved", tmp_path / "other")
+    name = Path(json.loads((out / "sample_config.json").read_text())["checkpoint"]).name
+    theirs = tmp_path / "other" / "checkpoints" / name / "networks.pt"
+    weights = torch.load(theirs, weights_only=True)
+    weights["G_ema"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in weights["G_ema"].items()}
+    torch.save(weights, theirs)
+    (tmp_path / "moved").rename(tmp_path / "away")
+    with pytest.raises(UserError, match="is gone .* and is not in"):
+        sample_archive(SampleConfig(str(tmp_path / "other"), str(out), **common), progress=False)
+    (tmp_path / "away").rename(tmp_path / "moved")
+    # another model at the classifier's path (retrained, say): refused, naming it
     meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
-    meta["thresholds"]["Cardiomegaly"] = 0.01  # retrained, say: another model at the same path
+    meta["thresholds"]["Cardiomegaly"] = 0.01
     (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="classifier_id"):
+    with pytest.raises(UserError, match="sampled with another classifier than the one at"):
         sample_archive(SampleConfig(str(tmp_path / "moved"), str(out), **common), progress=False)
+    # an archive from before the ids were kept: another classifier path is refused, as it was
+    shutil.copytree(clf, tmp_path / "clf2")
+    saved = json.loads((out / "sample_config.json").read_text())
+    for key in ("classifier_id", "checkpoint_id"):
+        del saved[key]
+    (out / "sample_config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="classifier: saved"):
+        sample_archive(SampleConfig(str(tmp_path / "moved"), str(out), **{**common, "classifier": str(tmp_path / "clf2")}),
+                       progress=False)
+    shutil.copytree(clf, tmp_path / "clf", dirs_exist_ok=True)  # the model it was begun with, at its path
+    sample_archive(SampleConfig(str(tmp_path / "moved"), str(out), **common), progress=False)
+    assert read_manifest(out) == first
 
 
 def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, tmp_path, caplog):
@@ -572,10 +598,12 @@ def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, t
     with pytest.raises(ValueError, match="same target as"):  # --n is per target: it would double silently
         ArchiveSampler(SampleConfig(str(run), str(tmp_path / "d"), n=2, classifier=str(clf),
                                     targets=["Cardiomegaly=1", " Cardiomegaly = 1"]))
-    with pytest.raises(ValueError, match="truncation must be at least 0.1"):
-        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "t"), n=2, truncation=0.01))
-    with pytest.raises(ValueError, match="truncation must be at least"):
-        latent_for(0, 1, 8, truncation=1e-6)
+    with pytest.raises(ValueError, match="same target as"):  # the findings in another order
+        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "d"), n=2, classifier=str(clf),
+                                    targets=["Cardiomegaly=1,Mass=0", "Mass=0,Cardiomegaly=1"]))
+    with pytest.raises(ValueError, match="truncation must be at least 0.01"):
+        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "t"), n=2, truncation=0.001))
+    assert latent_for(0, 1, 8, truncation=0.001).abs().max() <= 0.001  # the latent convention takes any T > 0
     assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
     # a threshold no probability reaches: given up after give_up_after attempts, not max_attempts per image
     shutil.copytree(clf, tmp_path / "clf")
@@ -585,7 +613,7 @@ def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, t
     (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
     cfg = SampleConfig(str(run), str(tmp_path / "u"), n=2, classifier=str(tmp_path / "clf"),
                        targets=["Cardiomegaly=1"], steps=2, starts=1, batch=8, give_up_after=12)
-    with pytest.raises(LCOUnreachable, match=r"no image reached its target in 1[2-9] attempts"):
+    with pytest.raises(LCOUnreachable, match=r"no image reached its target in the first 1[2-9] attempts"):
         sample_archive(cfg, progress=False)
     ArchiveSampler(SampleConfig(str(run), str(tmp_path / "m"), n=2, classifier=str(tmp_path / "clf"),
                                 targets=["Mass=1"]))

@@ -16,7 +16,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     cfg = SampleConfig(run=args.run, out=args.out, n=args.n, seed=args.seed, format=args.format, batch=args.batch,
                        truncation=args.truncation, amp=args.amp, targets=args.lco or [], classifier=args.classifier,
                        steps=args.steps, lr=args.lr, prior_weight=args.prior_weight, starts=args.starts,
-                       shard_size=args.shard_size,
+                       shard_size=args.shard_size, give_up_after=args.give_up_after,
                        device=args.device)
     summary = sample_archive(cfg, progress=not args.quiet)
     if rank != 0:
@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(8/16-bit) or DICOM Secondary Capture, with manifest.csv (file, seed, index, target, "
                     "classifier probabilities, latents). With --lco and --classifier, latent class optimisation "
                     "steers each image to the wanted findings, e.g. --lco 'Cardiomegaly=1,Effusion=1,Nodule=0' "
-                    "(repeat --lco for several targets; --n images each; a target for which 300 attempts in a row give no "
-                    "image is declared unreachable and the run stops). Written in shards: an interrupted run "
+                    "(repeat --lco for several targets; --n images each; a target whose first --give-up-after attempts "
+                    "give no image, while the archive has none of it, is declared unreachable and the run stops). Written in shards: an interrupted run "
                     "resumes when run again with the same arguments; it keeps the checkpoint it started from "
                     "(RUN may have moved), and refuses a classifier whose files changed since.")
     p.add_argument("run")
@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
     p.add_argument("--batch", type=_args.positive_int, default=32)
-    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T (at least 0.1)")
+    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T (at least 0.01)")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
     p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")
@@ -68,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="LCO starts each image from the best of S draws of z for its target (S forward passes of G "
                         "and the classifier, no backward: fewer LCO steps and less movement of z; default 16, "
                         "1 = the first draw)")
+    p.add_argument("--give-up-after", type=_args.nonneg_int, default=300, metavar="ATTEMPTS",
+                   help="declare an LCO target unreachable when this many attempts in a shard give no image and "
+                        "the archive holds none of it (default 300; 0: never; may change when resuming)")
     p.add_argument("--shard-size", type=_args.positive_int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--device", type=_args.device, default=None)
     p.add_argument("--json", action="store_true")

@@ -7,15 +7,6 @@ import numpy as np
 import torch
 
 
-MIN_TRUNCATION = 0.1  # below it, redrawing needs hundreds of draws per component, and z is all but 0
-
-
-def check_truncation(truncation: float | None) -> None:
-    if truncation is not None and not truncation >= MIN_TRUNCATION:
-        raise ValueError(f"truncation must be at least {MIN_TRUNCATION} (components are redrawn until they lie "
-                         f"within ±T), got {truncation}")
-
-
 def latent_for(seed: int, index: int, dim: int, truncation: float | None = None) -> torch.Tensor:
     """z ~ N(0, I) for image ``index``; with ``truncation`` t, components beyond ±t are redrawn
     (the truncated normal: PGGAN normalises z, so scaling it would change nothing)."""
@@ -26,7 +17,8 @@ def latent_for(seed: int, index: int, dim: int, truncation: float | None = None)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
     z = rng.standard_normal(dim)
     if truncation is not None:
-        check_truncation(truncation)
+        if truncation <= 0:
+            raise ValueError(f"truncation must be positive, got {truncation}")
         bad = np.abs(z) > truncation
         while bad.any():
             z[bad] = rng.standard_normal(int(bad.sum()))

@@ -35,9 +35,10 @@ from ..nn import find_checkpoint, load_networks
 from ..utils.files import claim_output, file_id, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
 from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
-from ..nn.latents import check_truncation, latents_for
+from ..nn.latents import latents_for
 
 FORMATS = ("png8", "png16", "dicom")
+MIN_TRUNCATION = 0.01
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +64,8 @@ class SampleConfig:
     starts: int = 16                # LCO starts from the best of this many draws per image (sample.lco.screen_starts)
     shard_size: int = 1000
     max_attempts: int = 1000        # LCO attempts allowed per wanted image before the target is declared unreachable
-    give_up_after: int = 300        # ... or this many settled attempts of a target without one accepted
+    give_up_after: int = 300        # ... or after this many attempts without an image, while the archive
+                                    # holds none of the target (0: never)
     device: str | None = None
     encode_threads: int = 4
 
@@ -108,6 +110,11 @@ def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
     os.replace(tmp, path)
 
 
+def _checkpoint_id(folder: Path) -> str:
+    """A checkpoint by its contents (its names are image counts, which runs of one schedule share)."""
+    return file_id(folder / "networks.pt", length=16)
+
+
 def _lco_seed(seed: int, shard: int, target: int, n_targets: int) -> int:
     """Seed of the starting-latent stream of one (shard, target)."""
     return seed * 1_000_003 + shard * n_targets + target + 1
@@ -137,9 +144,10 @@ class ArchiveSampler:
         self.targets = [parse_target(t, self.findings) for t in cfg.targets]
         seen = {}
         for text, t in zip(cfg.targets, self.targets):
-            if format_target(t) in seen:  # --n is per target: two of one would silently double it
-                raise ValueError(f"--lco {text!r} is the same target as --lco {seen[format_target(t)]!r}")
-            seen[format_target(t)] = text
+            same = frozenset(t.items())  # in whatever order the findings are named
+            if same in seen:  # --n is per target: two of one would silently double it
+                raise ValueError(f"--lco {text!r} is the same target as --lco {seen[same]!r}")
+            seen[same] = text
         for t in self.targets:
             known = getattr(getattr(self.classifier, "config", self.classifier), "thresholds", None) or {}
             blind = [f for f, v in t.items() if v == 1 and f not in known]
@@ -147,10 +155,13 @@ class ArchiveSampler:
                 log.warning("the classifier %s has no decision threshold for %s (none of its validation images "
                             "had the finding, so it may never have learnt it): LCO aims at p >= 0.5 there, which "
                             "it may not reach", cfg.classifier, ", ".join(blind))
-        check_truncation(cfg.truncation)
+        if cfg.truncation is not None and not cfg.truncation >= MIN_TRUNCATION:
+            raise ValueError(f"--truncation must be at least {MIN_TRUNCATION} (components are redrawn until they "
+                             f"lie within ±T: below it that takes thousands of draws each), got {cfg.truncation}")
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
         self.bar = None  # the progress bar while run() writes shards (LCO says its attempts there)
+        self.reached = {format_target(t): False for t in self.targets}  # the archive holds an image of it
 
     @property
     def G(self):
@@ -201,14 +212,20 @@ class ArchiveSampler:
         if saved is None or "checkpoint" not in saved:
             return find_generator(self.cfg.run)
         pinned = Path(saved["checkpoint"])
-        if not (pinned / "networks.json").is_file():  # the run moved: the same checkpoint in it
+        want = saved.get("checkpoint_id")  # its contents (archives since checkpoint ids were kept)
+        if not (pinned / "networks.json").is_file() and want:  # the run moved: the same checkpoint in it
             for there in (Path(self.cfg.run), Path(self.cfg.run) / "checkpoints" / pinned.name):
-                if there.name == pinned.name and (there / "networks.json").is_file():
+                if there.name == pinned.name and (there / "networks.json").is_file() and _checkpoint_id(there) == want:
                     pinned = there
                     break
         if not (pinned / "networks.json").is_file() and not self._complete():
-            raise UserError(f"{self.out} was started from the checkpoint {pinned}, which is gone (rotated away?); "
-                            f"continuing it with another would mix generators in one archive: choose a new --out")
+            raise UserError(f"{self.out} was started from the checkpoint {pinned}, which is gone (rotated away?)"
+                            + (f" and is not in {self.cfg.run}" if want else "")
+                            + "; continuing it with another would mix generators in one archive: choose a new --out")
+        if want and (pinned / "networks.json").is_file() and _checkpoint_id(pinned) != want and not self._complete():
+            raise UserError(f"{self.out} was started from the checkpoint {pinned}, which now holds other weights "
+                            f"(a run started again in its folder?); continuing would mix generators in one "
+                            f"archive: choose a new --out")
         try:
             newest = find_generator(self.cfg.run).resolve()
         except (FileNotFoundError, ValueError):
@@ -288,13 +305,16 @@ class ArchiveSampler:
                 settled[t] += 1
             if not is_open(t):
                 outcome[t].clear()
-            elif not got[t] and settled[t] >= self.cfg.give_up_after:
-                # not one image in this many attempts: at the LCO hit rates of a reachable target (tens
-                # of percent) that does not happen; rather than run --max-attempts per image, stop
+            elif (not got[t] and self.cfg.give_up_after and settled[t] >= self.cfg.give_up_after
+                  and not self.reached[format_target(self.targets[t])]):
+                # not one image in this many attempts, and none in the archive: at the LCO hit rates of a
+                # reachable target (tens of percent) that does not happen; rather than run --max-attempts
+                # per image, stop
                 raise LCOUnreachable(
-                    f"LCO target {format_target(self.targets[t])!r}: no image reached its target in "
-                    f"{settled[t]} attempts (shard {s}); raise --steps or --lr, or check that the classifier "
-                    f"can see these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
+                    f"LCO target {format_target(self.targets[t])!r}: no image reached its target in the first "
+                    f"{settled[t]} attempts (shard {s}), and the archive has none; raise --steps or --lr, check "
+                    f"that the classifier can see these findings (its thresholds: "
+                    f"{self.cfg.classifier}/classifier.json), or let it try longer (--give-up-after)")
             if self.bar is not None and time.monotonic() - shown[0] > 0.5:  # a long shard shows it is working
                 shown[0] = time.monotonic()
                 self.bar.set_postfix_str(", ".join(
@@ -376,6 +396,9 @@ class ArchiveSampler:
                 futures.append(pool.submit(save_png, pixels[r], path))
         for f in futures:
             f.result()
+        for row in rows:
+            if row["target"]:
+                self.reached[row["target"]] = True
         np.save(self.out / f"{folder.name}.latents.npy", latents.numpy())
         (self.out / f"{folder.name}.json").write_text(json.dumps({"rejected": self.rejected}))
         self.rejected = dict.fromkeys(self.rejected, 0)
@@ -399,22 +422,36 @@ class ArchiveSampler:
         # never into a prepared archive or a folder of the user's own files
         claim_output(self.out, "sample", signatures=("sample_config.json",))
         settings_path = self.settings_path
-        # the generator is the pinned checkpoint and the classifier its contents, whatever path names
-        # them now (the run may have moved, or be spelt differently); archives begun before --starts
-        # existed were made with one draw per attempt, and before the classifier's identity was kept
-        # it cannot be checked
-        same_settings(settings_path, settings, ignore=("checkpoint", "run", "classifier"),
-                      added={"starts": 1, "classifier_id": settings["classifier_id"]})
+        saved = read_json(settings_path, "the archive's sampling settings") if settings_path.is_file() else {}
+        if saved.get("classifier_id", settings["classifier_id"]) != settings["classifier_id"]:
+            raise UserError(f"{self.out} was sampled with another classifier than the one at "
+                            f"{self.cfg.classifier or '(none)'} (saved: {saved.get('classifier') or '(none)'}; the "
+                            f"files differ): the rest of the archive would be steered and labelled by another "
+                            f"model; choose a new --out, or continue with the classifier it was begun with")
+        # the generator is the pinned checkpoint, known by its contents, and the classifier by its
+        # contents, whatever paths name them now (a run moved, a path spelt differently); archives
+        # from before those were kept compare the paths. Archives begun before --starts existed
+        # were made with one draw per attempt.
+        ignore = ["checkpoint", "checkpoint_id"]
+        ignore += ["run"] if saved.get("checkpoint_id") else []
+        ignore += ["classifier"] if "classifier_id" in saved else ["classifier_id"]
+        same_settings(settings_path, settings, ignore=tuple(ignore), added={"starts": 1})
         if distributed:
             dist.barrier()
         if rank == 0:
             tmp = settings_path.with_name(settings_path.name + ".tmp")
-            tmp.write_text(json.dumps({**settings, "checkpoint": str(self.ckpt.resolve())}, indent=2))
+            tmp.write_text(json.dumps({**settings, "checkpoint": str(self.ckpt.resolve()),
+                                       "checkpoint_id": saved.get("checkpoint_id") or _checkpoint_id(self.ckpt)},
+                                      indent=2))
             os.replace(tmp, settings_path)
         shards = self._shards()
         total = shards[-1].stop
         from tqdm import tqdm
         done = [s for s in range(len(shards)) if (self.out / f"shard-{s:05d}.csv").is_file()]
+        for s in done:
+            for row in read_csv(self.out / f"shard-{s:05d}.csv", ("file", "target"), "a shard of the sampled archive")[0]:
+                if row["target"] in self.reached:
+                    self.reached[row["target"]] = True
         t0 = time.perf_counter()
         made = 0
         with cf.ThreadPoolExecutor(self.cfg.encode_threads) as pool, \
