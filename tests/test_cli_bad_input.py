@@ -721,6 +721,13 @@ def test_a_converted_sample_folder_is_not_reused_once_it_was_resampled(world, tm
     from xrayforge.evaluate.labelled import sample_as_archive
     copy(world / "samples", tmp_path / "samples")
     first = sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)
+    # `xrayforge sample` run again on the finished folder rewrites its summary's per-run figures and
+    # its settings' paths, and changes no image: still the same samples
+    summary = json.loads((tmp_path / "samples" / "summary.json").read_text())
+    (tmp_path / "samples" / "summary.json").write_text(json.dumps({**summary, "images_this_run": 0,
+                                                                  "images_per_second": None}))
+    config = json.loads((tmp_path / "samples" / "sample_config.json").read_text())
+    (tmp_path / "samples" / "sample_config.json").write_text(json.dumps({**config, "run": config["run"] + "/"}))
     again = sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)
     assert len(again) == len(first) == 6 and again.labels.tolist() == first.labels.tolist()
     manifest = tmp_path / "samples" / "manifest.csv"
@@ -733,6 +740,34 @@ def test_a_converted_sample_folder_is_not_reused_once_it_was_resampled(world, tm
     (tmp_path / "conv.source.json").unlink()
     assert len(sample_as_archive(tmp_path / "samples", tmp_path / "conv", progress=False)) == 6
     assert "older xrayforge" in caplog.text
+
+
+def test_tstr_refuses_to_continue_on_a_resampled_folder(world, tmp_path):
+    """Its finished models are kept in --out: after the folder is sampled again they belong to other
+    images, even once the converted copy is removed."""
+    copy(world / "samples", tmp_path / "samples")
+    manifest = tmp_path / "samples" / "manifest.csv"
+    rows = list(csv.DictReader(open(manifest, newline="")))
+    more = []
+    for k in range(1, 3):  # 18 images: enough for a training budget
+        for r in rows:
+            name = f"{Path(r['file']).stem}-{k}.png"
+            shutil.copyfile(tmp_path / "samples" / r["file"], tmp_path / "samples" / Path(r["file"]).parent / name)
+            more.append({**r, "file": str(Path(r["file"]).parent / name), "index": int(r["index"]) + 100 * k})
+    with open(manifest, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows + more)
+    from xrayforge.errors import UserError
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    cfg = TSTRConfig(synthetic=str(tmp_path / "samples"), real=str(world / "arc"), out=str(tmp_path / "t"),
+                     input_size=16, width=8, epochs=1, val_fraction=0.4, bootstrap=10)
+    run_tstr(cfg, progress=False)
+    manifest.write_text(manifest.read_text().replace(",0.", ",0.9", 1))
+    for converted in (tmp_path / "t").glob("samples-archive*"):
+        shutil.rmtree(converted) if converted.is_dir() else converted.unlink()
+    with pytest.raises(UserError, match="synthetic_id"):
+        run_tstr(cfg, progress=False)
 
 
 def test_debug_shows_the_traceback(world, tmp_path, capsys):

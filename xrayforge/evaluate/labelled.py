@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +86,17 @@ def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], 
     return rows, findings, labels
 
 
-def _sample_id(folder: Path) -> str:
-    """What a sample folder holds: its manifest (files, targets, probabilities), settings and summary."""
-    return file_id(folder / "manifest.csv", folder / "sample_config.json", folder / "summary.json", length=40)
+def sample_id(folder: str | os.PathLike) -> str:
+    """What a sample folder holds, as far as its labelled images go: its manifest (files, targets,
+    classifier probabilities, latents), the decision thresholds that turn those into labels, and the
+    file format. Not the per-run parts of its summary and settings, which running `xrayforge sample`
+    again rewrites without changing an image."""
+    import hashlib
+    import json
+    folder = Path(folder)
+    fmt = read_json(folder / "sample_config.json", "the sampling settings").get("format", "png8")
+    what = json.dumps([file_id(folder / "manifest.csv", length=40), _recorded_thresholds(folder), fmt], sort_keys=True)
+    return hashlib.sha1(what.encode()).hexdigest()
 
 
 def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Archive:
@@ -103,20 +112,28 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
             raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
         if made_from.is_file():
             if read_json(made_from, "what a converted sample folder was made from").get("sample_id") \
-                    != _sample_id(folder):
+                    != sample_id(folder):
                 raise UserError(f"{folder}: holds other samples than when {out} was converted from it (its "
-                                f"manifest.csv, sample_config.json or summary.json changed), so this output "
-                                f"folder's results would mix the two; use a new --out, or remove {out.parent}")
+                                f"manifest.csv or decision thresholds changed), so this output folder's results "
+                                f"would mix the two; use a new --out, or remove the whole of {out.parent}")
             return arc
         # converted by an older version, which kept no record of the samples: the image count is
         # all there is to compare
         present = sum(1 for r in _manifest(folder)[0] if (folder / r["file"]).is_file())
         if len(arc) == present:
             log.warning("%s: converted from %s by an older xrayforge, which cannot tell whether the folder still "
-                        "holds the same samples; remove %s if it was re-sampled", out, folder, out)
+                        "holds the same samples; if it was re-sampled, use a new --out (or remove the whole of %s: "
+                        "results made from the old samples are kept there)", out, folder, out.parent)
             return arc
         raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
-    sample_id = _sample_id(folder)
+    made = sample_id(folder)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists() and (not made_from.is_file()
+                             or read_json(made_from, "what a converted sample folder was made from").get("sample_id")
+                             != made):
+        # an unfinished conversion of other samples (or of unknown ones): prepare would resume it,
+        # mixing its planned images and labels with these
+        shutil.rmtree(partial)
     rows, findings, labels = synthetic_labels(folder)
     missing = [r["file"] for r in rows if not (folder / r["file"]).is_file()]
     if len(missing) == len(rows):
@@ -137,7 +154,7 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
         raise ValueError(f"{folder / rows[0]['file']}: synthetic images must be square with a power-of-two size, "
                          f"got {first.shape[1]}×{first.shape[0]}")
     fmt = read_json(folder / "sample_config.json", "the sampling settings").get("format", "png8")
-    write_json(made_from, {"source": str(folder), "sample_id": sample_id})
+    write_json(made_from, {"source": str(folder), "sample_id": made})
     prepare(str(folder), out, resolution=first.shape[0], labels=str(label_file), workers=1,
             bits=16 if fmt == "png16" else 8, progress=progress, labelled_only=True)
     if missing:  # a manifest row whose file is gone: left out, and said, never dropped silently

@@ -22,7 +22,7 @@ import numpy as np
 from ..data.archive import write_csv, write_json
 from ..utils.files import claim_output, load_npy, same_settings
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
-from .labelled import open_labelled
+from .labelled import is_sample_folder, open_labelled, sample_id
 from ._format import csv_row, is_number, number
 from .metrics import auroc, bootstrap_auroc, patient_split
 
@@ -56,8 +56,11 @@ def _choose(positions: np.ndarray, k: int, rng) -> np.ndarray:
 def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     out = claim_output(cfg.out, "evaluate tstr", signatures=("tstr_config.json",))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
+    # the synthetic images themselves: a folder sampled again under the same name must not meet the
+    # models trained on its earlier samples (outputs from before this was kept cannot be checked)
+    settings["synthetic_id"] = sample_id(cfg.synthetic) if is_sample_folder(cfg.synthetic) else None
     settings_path = out / "tstr_config.json"
-    same_settings(settings_path, settings)
+    same_settings(settings_path, settings, added={"synthetic_id": settings["synthetic_id"]})
     real = open_labelled(cfg.real, out, progress)
     synth = open_labelled(cfg.synthetic, out, progress)
     if real.labels.sum() == 0:
