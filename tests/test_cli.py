@@ -39,3 +39,13 @@ def test_a_group_without_its_action_prints_its_own_help(capsys):
 def test_python_dash_m_cli_entry_point():
     res = subprocess.run([sys.executable, "-m", "xrayforge.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("xrayforge ")
+
+
+def test_train_help_says_what_a_resumed_run_takes_from_the_command_line(capsys):
+    try:
+        cli.main(["train", "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "from the command line it takes only ARCHIVE, --max-kimg, --total-kimg, --device" in out
+    assert "any other option given must equal the run's, or it is refused" in out and "--include-test" in out

@@ -317,3 +317,228 @@ def test_training_leaves_no_thread_behind(archive, tmp_path):
     Trainer(TrainConfig(str(archive), str(tmp_path / "run"), resolution=8, realism_images=0, max_images=32, **TINY),
             progress=False).train()
     assert set(threading.enumerate()) <= before
+
+
+# ------------------------------------------------------------------ checkpoints during growth (level, α)
+def test_a_checkpoint_written_during_growth_generates_at_the_level_it_trained(archive, tmp_path, caplog):
+    """Its networks carry the level and fade-in α of the last step: sampling it gives the 8-px images that
+    were trained, not the untrained 16-px blocks (and says that the run had not reached 16 px)."""
+    import logging
+    trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "run"), max_images=96, **TINY), progress=False)
+    summary = trainer.train()
+    step = trainer.schedule.at(96 - 8)  # the last step: in the 8-px fade-in
+    assert (step.level, step.fading) == (1, True)
+    assert (summary["level"], summary["alpha"], summary["resolution"]) == (1, step.alpha, 8)
+    assert not summary["reached_final_resolution"] and "8 px of 16 px" in summary["warning"]
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000000096"
+    meta = json.loads((ckpt / "networks.json").read_text())
+    for name in ("G", "D", "G_ema"):
+        assert (meta["networks"][name]["level"], meta["networks"][name]["alpha"]) == (1, pytest.approx(step.alpha))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        G = load_networks(ckpt, names=["G_ema"])["G_ema"]
+    assert "8 px of 16 px" in caplog.text and "final resolution" in caplog.text
+    z = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(G(z), trainer.G_ema(z, 1, step.alpha))
+    assert G(z).shape == (3, 1, 8, 8)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_networks(ckpt, warn_unfinished=False)
+    assert "final resolution" not in caplog.text
+
+
+def test_a_total_below_the_growth_phases_is_said_at_the_start_and_the_end(archive, tmp_path, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "run"), total_images=160, **TINY), progress=False)
+    assert "--total-kimg 0.16 ends the schedule at 8 px" in caplog.text and "before the final 16 px" in caplog.text
+    summary = trainer.train()
+    assert summary["complete"] and not summary["reached_final_resolution"]
+    assert "--total-kimg ends the schedule before the final resolution" in summary["warning"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "whole"), total_images=400, **TINY), progress=False)
+    assert "--total-kimg" not in caplog.text
+
+
+# ------------------------------------------------------------------ resuming: the same run, the same archive
+def _cli(argv, capsys):
+    from xrayforge.cli import main
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+CLI_TINY = ["--fade-kimg", "0.064", "--stable-kimg", "0.064", "--tick-kimg", "0.032", "--latent-dim", "8",
+            "--fmap-base", "32", "--fmap-max", "8", "--batch", "8", "--realism-images", "8", "--device", "cpu", "-q"]
+
+
+def test_resuming_with_another_archive_is_refused_in_one_line(archive, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(["train", archive, "--out", run, *CLI_TINY, "--max-kimg", "0.064"], capsys)[0] == 0
+    assert json.loads((run / "train_config.json").read_text())["resolution"] == 16  # resolved, not null
+    big = tmp_path / "phantom32"
+    prepare("phantom:48", big, resolution=32, workers=1, progress=False)
+    rc, out, err = _cli(["train", big, "--out", run, "--resume"], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "not the archive this run trained on" in err and "32 px" in err and "16 px" in err
+    # a run saved before the resolution was: its checkpoint's size, then the same refusal (was a state_dict dump)
+    saved = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**saved, "resolution": None}))
+    rc, out, err = _cli(["train", big, "--out", run, "--resume"], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "not the archive this run trained on" in err
+    # other images at the same size: refused too
+    other = tmp_path / "other16"
+    prepare("phantom:40", other, resolution=16, workers=1, progress=False)
+    rc, out, err = _cli(["train", other, "--out", run, "--resume"], capsys)
+    assert rc == 1 and "not the archive this run trained on" in err and "40 images" in err
+    # the same archive, moved: fine
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(archive, moved)
+    assert _cli(["train", moved, "--out", run, "--resume", "--max-kimg", "0.096"], capsys)[0] == 0
+
+
+def test_resuming_with_other_networks_names_both(archive, tmp_path):
+    from xrayforge.errors import UserError
+    Trainer(TrainConfig(str(archive), str(tmp_path / "r"), max_images=32, **TINY), progress=False).train()
+    with pytest.raises(UserError, match=r"networks have latent_dim 8; the options given build latent_dim 16"):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "r"), **dict(TINY, latent_dim=16)), resume=True,
+                progress=False)
+    with pytest.raises(UserError, match=r"resolution 16; the options given build resolution 8"):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "r"), resolution=8, **TINY), resume=True, progress=False)
+
+
+def test_resume_refuses_options_that_change_the_run_and_takes_the_others(archive, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli(["train", archive, "--out", run, *CLI_TINY, "--max-kimg", "0.064"], capsys)[0] == 0
+    rc, out, err = _cli(["train", "--out", run, "--resume", "--lr", "0.5", "--batch", "4", "--mirror", "-q"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "--lr 0.5 (the run's: 0.001)" in err and "--batch 4 (the run's: 8)" in err and "--mirror on" in err
+    assert not (run / "checkpoints" / "ckpt-000000000096").exists()
+    # options equal to the run's are fine; the changeable ones are applied
+    assert _cli(["train", "--out", run, "--resume", "--batch", "8", "--latent-dim", "8", "--keep", "1",
+                 "--tick-kimg", "0.016", "--max-kimg", "0.096", "-q"], capsys)[0] == 0
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["keep_checkpoints"], saved["tick_images"], saved["lr"], saved["mirror"]) == (1, 16, 0.001, False)
+    assert [p.name for p in (run / "checkpoints").glob("ckpt-*")] == ["ckpt-000000000096"]
+
+
+# ------------------------------------------------------------------ the run folder: one training at a time
+def test_a_second_training_of_the_same_folder_is_refused_until_the_first_ends(archive, tmp_path):
+    import os
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    first = Trainer(TrainConfig(str(archive), str(run), max_images=32, **TINY), progress=False)
+    with pytest.raises(UserError, match=f"another training is running in this folder \\(pid {os.getpid()}"):
+        Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), resume=True, progress=False)
+    first.train()  # the lock goes when training ends
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), resume=True, progress=False).train()
+    # a process killed outright lets go of it too
+    code = (f"from xrayforge.train.trainer import TrainConfig, Trainer\n"
+            f"t = Trainer(TrainConfig({str(archive)!r}, {str(run)!r}, **{TINY!r}), resume=True, progress=False)\n"
+            f"print('ready', flush=True)\nimport time; time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(UserError, match="another training"):
+            Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+
+
+def test_a_new_start_after_a_crash_before_any_checkpoint_sets_the_old_log_aside(archive, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=96, **TINY), progress=False).train()
+    shutil.rmtree(run / "checkpoints")  # what a kill before the first checkpoint leaves: a log, grids, no checkpoint
+    old = (run / "log.jsonl").read_text()
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False).train()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["tick"] for r in log] == [1, 2] and [r["images"] for r in log] == [32, 64]
+    (aside,) = run.glob("log-*.jsonl")
+    assert aside.read_text() == old
+    (grids,) = run.glob("grids-*")
+    assert sorted(p.name for p in grids.iterdir())[-1] == "grid-000000000096.png"
+    assert sorted(p.name for p in (run / "grids").iterdir())[-1] == "grid-000000000064.png"
+
+
+def test_a_stale_latest_pointer_resumes_from_the_newest_intact_checkpoint(archive, tmp_path, caplog):
+    """A kill between a checkpoint's rename and the pointer's update: the newer checkpoint is whole and is
+    resumed from; nothing intact is renamed damaged-*. One that fails to load is set aside and said."""
+    import logging
+    from xrayforge.nn.checkpoint import find_checkpoint
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=128, **TINY), progress=False).train()
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("ckpt-*")) == ["ckpt-000000000064", "ckpt-000000000128"]
+    (ckpts / "latest").write_text("ckpt-000000000064")
+    assert find_checkpoint(run).name == "ckpt-000000000128"
+    trainer = Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+    assert trainer.images_seen == 128 and not list(ckpts.glob("damaged-*"))
+    trainer.close()
+    # a checkpoint whose files are whole but whose state is not a training state: it fails to load
+    torch.save({"something": 1}, ckpts / "ckpt-000000000128" / "state.pt")
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+    assert trainer.images_seen == 64 and "not a training state" in caplog.text
+    assert (ckpts / "damaged-ckpt-000000000128").is_dir()
+
+
+def test_a_torn_train_config_falls_back_to_the_checkpoints_copy(archive, tmp_path, capsys, caplog):
+    import logging
+    run = tmp_path / "run"
+    assert _cli(["train", archive, "--out", run, *CLI_TINY, "--max-kimg", "0.064"], capsys)[0] == 0
+    whole = (run / "train_config.json").read_text()
+    (run / "train_config.json").write_text(whole[:len(whole) // 2])
+    with caplog.at_level(logging.WARNING):
+        rc, out, err = _cli(["train", "--out", run, "--resume", "--max-kimg", "0.096"], capsys)
+    assert rc == 0, err
+    assert "train_config.json" in caplog.text and "ckpt-000000000064" in caplog.text
+    assert json.loads((run / "train_config.json").read_text()) == {**json.loads(whole), "max_images": 96}
+    assert not list(run.glob("*.tmp"))
+
+
+def test_train_command_line_refusals_come_before_anything_is_written(archive, tmp_path, capsys, caplog):
+    import logging
+    rc, out, err = _cli(["train", "--out", tmp_path / "nothing", "--resume"], capsys)
+    assert rc == 1 and "there is no run to resume here" in err and "ARCHIVE is required" not in err
+    assert not (tmp_path / "nothing").exists()
+    rc, out, err = _cli(["train", archive, "--out", tmp_path / "acc", *CLI_TINY, "--accumulation", "3"], capsys)
+    assert rc == 1 and "not divisible by accumulation 3" in err
+    assert not (tmp_path / "acc").exists()
+    rc, out, err = _cli(["train", archive, "--out", tmp_path / "big", *CLI_TINY, "--max-kimg", "1e308"], capsys)
+    assert rc == 2 and "argument --max-kimg: '1e308' is too large" in err and "Traceback" not in err
+    with caplog.at_level(logging.WARNING):
+        rc, out, err = _cli(["train", archive, "--out", tmp_path / "auto", *CLI_TINY, "--auto-batch",
+                             "--max-kimg", "0.032"], capsys)
+    assert rc == 0 and "--auto-batch" in caplog.text and "does nothing" in caplog.text
+
+
+# ------------------------------------------------------------------ the test split is left out
+def test_the_gan_trains_outside_the_test_split(archive, tmp_path):
+    from xrayforge.data.archive import Archive
+    splits = Archive(archive).splits
+    test = {i for i, s in enumerate(splits) if s == "test"}
+    assert 0 < len(test) < len(splits)
+    trainer = Trainer(TrainConfig(str(archive), str(tmp_path / "run"), max_images=32, **TINY), progress=False)
+    seen = set(trainer.stream.positions(0, 50 * len(splits)).tolist())
+    assert seen == set(range(len(splits))) - test
+    assert set(trainer.realism_rows.tolist()) <= seen
+    summary = trainer.train()
+    assert summary["train_images"] == len(splits) - len(test)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {r["train_images"] for r in log} == {len(splits) - len(test)}
+    every = Trainer(TrainConfig(str(archive), str(tmp_path / "all"), include_test=True, **TINY), progress=False)
+    assert set(every.stream.positions(0, 50 * len(splits)).tolist()) == set(range(len(splits)))
+    from xrayforge.demo import demo_markdown  # the demo follows the default and says so
+    results = {"archive": {"images": len(splits), "resolution": 16}, "train": summary,
+               "classifier": {"best_mean_auroc": 0.9, "auroc": {}}, "lco": {},
+               "fid": {"fid": 1.0, "n_a": 2, "n_b": 2, "inception": "x"}}
+    assert f"the GAN trained on the {len(splits) - len(test)} outside the test split" in demo_markdown(results)

@@ -174,7 +174,9 @@ def training_reach(summary: dict, resolution: int) -> dict:
 def demo_markdown(results: dict) -> str:
     """The demo's own results (recipe, data, realism, classifier, LCO, FID), placed before the
     evaluation report."""
-    lines = [f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px.", ""]
+    lines = [f"Data: {results['archive']['images']} chest phantoms at {results['archive']['resolution']} px"
+             + (f"; the GAN trained on the {results['train']['train_images']} outside the test split, on which the "
+                f"evaluations test." if (results.get("train") or {}).get("train_images") else "."), ""]
     if results.get("recipe"):
         lines += ["## Training recipe: what the demo changes from the official PGGAN",
                   "| setting | demo | official | why |", "|---|---|---|---|"]

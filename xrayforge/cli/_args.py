@@ -20,7 +20,11 @@ def _checked(kind, ok, says: str, name: str):
     """An argparse type: ``kind`` of the text, refused unless ``ok(value)``."""
     def parse(text: str):
         value = _number(kind, text)
-        if not ok(value):
+        try:
+            good = ok(value)
+        except OverflowError:  # e.g. a kimg so large that its images overflow a float
+            raise argparse.ArgumentTypeError(f"{text!r} is too large") from None
+        if not good:
             raise argparse.ArgumentTypeError(f"{value} {says}")
         return value
     parse.__name__ = name
@@ -42,6 +46,27 @@ kimg = _checked(float, lambda v: round(v * 1000) >= 1, "thousand images is less 
 power_of_two = _checked(int, lambda v: v >= 4 and not v & (v - 1), "is not a resolution (a power of two >= 4)",
                         "power_of_two")
 ema_beta = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)", "ema_beta")
+
+
+def record_given(parser: argparse.ArgumentParser) -> None:
+    """Options added to ``parser`` after this call record, when the command line gives them, their
+    option string in ``args.given_options`` ({dest: "--option"}): a default cannot be told from the same
+    value typed out otherwise (``train --resume`` refuses options that differ from the run's)."""
+    for name, base in list(parser._registries["action"].items()):
+        if isinstance(base, type) and issubclass(base, argparse.Action) and name not in ("help", "version", "parsers"):
+            parser.register("action", name, _recording(base))
+
+
+def _recording(base: type) -> type:
+    class Recording(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            if option_string is not None:
+                given = dict(getattr(namespace, "given_options", None) or {})
+                given[self.dest] = option_string
+                namespace.given_options = given
+            super().__call__(parser, namespace, values, option_string)
+    Recording.__name__ = base.__name__
+    return Recording
 
 
 def device(text: str) -> str:

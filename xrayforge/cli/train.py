@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import UserError
 from . import _args
 
 
@@ -47,58 +48,133 @@ def _kimg(value: float | None) -> int | None:
     return None if value is None else int(round(value * 1000))
 
 
+# --resume continues a run with the options it was started with. These may change when it resumes (how
+# long its last phase is, where it runs, what it logs and measures, how many checkpoints it keeps,
+# activation checkpointing) ({dest: TrainConfig field}); so may --max-kimg (a stop for this session) and
+# --inception, and ARCHIVE may name the run's archive where it has moved.
+_TAKEN_ON_RESUME = {"total_kimg": "total_images", "device": "device", "tick_kimg": "tick_images",
+                    "checkpoint_ticks": "checkpoint_ticks", "keep": "keep_checkpoints",
+                    "checkpoint_min_res": "checkpoint_min_res", "realism_images": "realism_images",
+                    "metrics": "metrics", "metrics_every": "metrics_every", "metrics_images": "metrics_images",
+                    "features": "metrics_features"}
+RESUME_TAKES = ("--max-kimg", *("--" + d.replace("_", "-") for d in _TAKEN_ON_RESUME), "--inception")
+# the options that set what is trained (data, network, schedule, optimiser, loss): given with --resume, they
+# must equal the run's ({dest: TrainConfig field}; the batch and learning rate are compared per resolution)
+_FIXED_ON_RESUME = {"resolution": "resolution", "start_resolution": "start_resolution", "fade_kimg": "fade_images",
+                    "stable_kimg": "stable_images", "batch": "batch", "auto_batch": "auto_batch",
+                    "accumulation": "accumulation", "amp": "amp", "lr": "lr", "gp_metric": "gp_metric",
+                    "ema_kimg": "ema_kimg", "ema_rampup": "ema_rampup", "ema_beta": "ema_beta",
+                    "latent_dim": "latent_dim", "fmap_base": "fmap_base", "fmap_max": "fmap_max", "mirror": "mirror",
+                    "seed": "seed", "include_test": "include_test"}
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """TrainConfig's fields from the command line (all but archive and out)."""
+    lr, lr_table = args.lr
+    metric_options = {"metrics": args.metrics, "metrics_every": args.metrics_every,
+                      "metrics_features": args.features, "metrics_images": args.metrics_images}
+    return dict(resolution=args.resolution, start_resolution=args.start_resolution, fade_images=_kimg(args.fade_kimg),
+                stable_images=_kimg(args.stable_kimg), total_images=_kimg(args.total_kimg), batch=args.batch,
+                auto_batch=args.auto_batch, lr=lr, lr_by_resolution=lr_table, gp_metric=args.gp_metric, amp=args.amp,
+                accumulation=args.accumulation, checkpoint_min_res=args.checkpoint_min_res,
+                ema_rampup=args.ema_rampup, ema_beta=args.ema_beta, latent_dim=args.latent_dim,
+                fmap_base=args.fmap_base, fmap_max=args.fmap_max, mirror=args.mirror, include_test=args.include_test,
+                tick_images=_kimg(args.tick_kimg), checkpoint_ticks=args.checkpoint_ticks, keep_checkpoints=args.keep,
+                seed=args.seed, device=args.device, max_images=_kimg(args.max_kimg),
+                realism_images=args.realism_images, **{k: v for k, v in metric_options.items() if v is not None},
+                **({} if args.ema_kimg is None else {"ema_kimg": args.ema_kimg}))
+
+
+def _shown(dest: str, cfg, resolutions: list[int]) -> str:
+    """An option's value in ``cfg`` as the command line writes it."""
+    from ..train.schedule import DEFAULT_BATCH
+
+    def per_resolution(value_at) -> str:
+        values = [value_at(r) for r in resolutions]
+        return f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{r}:{v:g}" for r, v in zip(resolutions, values))
+    if dest == "batch":
+        return per_resolution(lambda r: int(cfg.batch.get(r, cfg.batch.get(str(r), DEFAULT_BATCH.get(r, 16)))))
+    if dest == "lr":
+        return per_resolution(cfg.lr_at)
+    value = getattr(cfg, _FIXED_ON_RESUME[dest])
+    if dest.endswith("_kimg") and dest != "ema_kimg":
+        return f"{value / 1000:g}"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _changed_on_resume(args: argparse.Namespace, saved, resolutions: list[int]) -> list[str]:
+    """'--lr 0.5 (the run's: 0.001)' for each option given that would change what the run trains."""
+    from ..train.trainer import TrainConfig
+    given = getattr(args, "given_options", {})
+    asked = TrainConfig(archive=saved.archive, out=saved.out, **_options(args))
+    out = []
+    for dest, option in given.items():
+        if dest in _FIXED_ON_RESUME and _shown(dest, asked, resolutions) != _shown(dest, saved, resolutions):
+            out.append(f"{option} {_shown(dest, asked, resolutions)} (the run's: {_shown(dest, saved, resolutions)})")
+    return out
+
+
+def _resumed_config(args: argparse.Namespace):
+    """The saved run's TrainConfig with what --resume takes from the command line applied."""
+    from pathlib import Path
+
+    from ..train.trainer import TrainConfig, saved_options
+    cfg = saved_options(args.out)
+    # the run folder is where it is now: a copied or moved run resumes in itself, never in the
+    # folder it was copied from (whose path the saved config holds)
+    cfg["out"] = args.out
+    cfg.setdefault("gp_metric", "current")  # runs from before --gp-metric penalised current-size images
+    cfg.setdefault("include_test", True)  # runs from before the test split was held out trained on every row
+    if args.archive is not None:  # the archive moved (the trainer checks that it is the same archive)
+        cfg["archive"] = str(Path(args.archive).resolve())
+    saved = TrainConfig(**cfg)
+    final = saved.resolution or 4
+    resolutions = [4 << i for i in range(final.bit_length() - 2) if 4 << i >= saved.start_resolution]
+    changed = _changed_on_resume(args, saved, resolutions)
+    if changed:
+        raise _Refused(f"{args.out}: --resume continues the run with the options it was started with; given "
+                       f"otherwise: {'; '.join(changed)}. Leave them out (a resumed run takes only ARCHIVE, "
+                       f"{', '.join(RESUME_TAKES)} from the command line), or start a new run with another --out")
+    given = getattr(args, "given_options", {})
+    asked = _options(args)
+    cfg["max_images"] = asked["max_images"]  # a stop for this session only: a plain --resume goes on
+    cfg.update({field: asked[field] for dest, field in _TAKEN_ON_RESUME.items() if dest in given})
+    return TrainConfig(**cfg)
+
+
+class _Refused(ValueError):
+    """Options that cannot be used (exit status 2)."""
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..train.trainer import Interrupted, TrainConfig, Trainer, init_distributed
-    from ..utils.files import read_json
 
     rank, _ = init_distributed()
-    metric_options = {"metrics": args.metrics, "metrics_every": args.metrics_every,
-                      "metrics_features": args.features, "metrics_images": args.metrics_images}
-    saved = Path(args.out) / "train_config.json"
-    if args.resume and saved.is_file():
-        cfg = read_json(saved, "the run's saved options")
-        # the run folder is where it is now: a copied or moved run resumes in itself, never in the
-        # folder it was copied from (whose path the saved config holds)
-        cfg["out"] = args.out
-        cfg.setdefault("gp_metric", "current")  # runs from before --gp-metric penalised current-size images
-        cfg["max_images"] = _kimg(args.max_kimg)  # a stop for this session only: a plain --resume goes on
-        if args.archive is not None:  # the archive moved
-            cfg["archive"] = str(Path(args.archive).resolve())
-        if args.total_kimg is not None:  # a longer (or shorter) final phase; the growth phases are fixed
-            cfg["total_images"] = _kimg(args.total_kimg)
-        if args.device:
-            cfg["device"] = args.device
-        cfg.update({k: v for k, v in metric_options.items() if v is not None})  # measuring may change
+    if args.resume:
         try:
-            cfg = TrainConfig(**cfg)
+            cfg = _resumed_config(args)
+        except _Refused as exc:
+            print(f"xrayforge train: error: {exc}", file=sys.stderr)
+            return 2
         except (TypeError, ValueError) as exc:
-            print(f"xrayforge train: error: {saved}: {exc}", file=sys.stderr)
+            if isinstance(exc, UserError):
+                raise
+            print(f"xrayforge train: error: {Path(args.out) / 'train_config.json'}: {exc}", file=sys.stderr)
             return 1
     else:
         if args.archive is None:
             print("xrayforge train: error: ARCHIVE is required for a new run", file=sys.stderr)
             return 2
-        lr, lr_table = args.lr
         if args.ema_beta is not None and args.ema_kimg is not None:
             print("xrayforge train: error: give --ema-kimg (a half-life) or --ema-beta (a constant beta), not both",
                   file=sys.stderr)
             return 2
         try:
-            cfg = TrainConfig(
-                archive=str(Path(args.archive).resolve()), out=args.out, resolution=args.resolution,
-                start_resolution=args.start_resolution, fade_images=_kimg(args.fade_kimg),
-                stable_images=_kimg(args.stable_kimg), total_images=_kimg(args.total_kimg),
-                batch=args.batch, auto_batch=args.auto_batch, lr=lr, lr_by_resolution=lr_table,
-                gp_metric=args.gp_metric, amp=args.amp, accumulation=args.accumulation,
-                checkpoint_min_res=args.checkpoint_min_res, ema_rampup=args.ema_rampup,
-                ema_beta=args.ema_beta, latent_dim=args.latent_dim, fmap_base=args.fmap_base,
-                fmap_max=args.fmap_max, mirror=args.mirror, tick_images=_kimg(args.tick_kimg),
-                checkpoint_ticks=args.checkpoint_ticks, keep_checkpoints=args.keep, seed=args.seed,
-                device=args.device, max_images=_kimg(args.max_kimg), realism_images=args.realism_images,
-                **{k: v for k, v in metric_options.items() if v is not None},
-                **({} if args.ema_kimg is None else {"ema_kimg": args.ema_kimg}))
+            cfg = TrainConfig(archive=str(Path(args.archive).resolve()), out=args.out, **_options(args))
         except ValueError as exc:
             print(f"xrayforge train: error: {exc}", file=sys.stderr)
             return 2
@@ -114,7 +190,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"xrayforge train: {exc}", file=sys.stderr)
         return 130
-    print(f"trained to {summary['images_seen']} images; checkpoint {summary['checkpoint']}")
+    print(f"trained to {summary['images_seen']} images at {summary['resolution']} px of {summary['final_resolution']} "
+          f"px, on {summary['train_images']} archive images; checkpoint {summary['checkpoint']}")
     return 0
 
 
@@ -123,12 +200,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="train a progressive GAN on an archive",
         description="Progressive WGAN-GP training (PGGAN) on a prepared archive. Writes RUN/log.jsonl, "
                     "RUN/grids/*.png, RUN/loss.png and atomic checkpoints in RUN/checkpoints; Ctrl-C checkpoints "
-                    "and stops; --resume continues exactly. Several GPUs: torchrun --nproc-per-node N -m "
-                    "xrayforge train ...")
+                    "and stops; --resume continues exactly. Trains on the archive's images outside its test split. "
+                    "One training per run folder at a time (RUN/.lock). Several GPUs: torchrun --nproc-per-node N "
+                    "-m xrayforge train ...")
+    _args.record_given(p)
     p.add_argument("archive", nargs="?", help="archive made by `xrayforge prepare` (with --resume: only to point the "
-                                              "run at an archive that has moved)")
+                                              "run at its archive where it has moved; another archive is refused)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint, with the options it was started "
+                        f"with; from the command line it takes only ARCHIVE, {', '.join(RESUME_TAKES)}; any other "
+                        "option given must equal the run's, or it is refused")
     p.add_argument("--resolution", type=_args.power_of_two, default=None, help="final resolution (default: the archive's)")
     p.add_argument("--start-resolution", type=_args.power_of_two, default=4)
     p.add_argument("--fade-kimg", type=_args.nonneg_float, default=600, help="thousands of images per fade-in (default 600)")
@@ -137,11 +219,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train on at the final resolution until this many thousand images in all (the official "
                         "total_kimg, e.g. 12000); default: stop after one stable phase at the final resolution")
     p.add_argument("--max-kimg", type=_args.kimg, default=None,
-                   help="stop (with a checkpoint) after this many thousand images in all; --resume goes on (with "
-                        "--resume, the run's saved options apply: only ARCHIVE, --max-kimg, --total-kimg and --device "
-                        "can change)")
+                   help="stop (with a checkpoint) after this many thousand images in all; --resume goes on (a stop "
+                        "for this session only)")
     p.add_argument("--batch", type=_parse_batch, default={}, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
-    p.add_argument("--auto-batch", action="store_true", help="use the largest batch that fits GPU memory")
+    p.add_argument("--auto-batch", action="store_true",
+                   help="use the largest batch that fits GPU memory (CUDA only; elsewhere it does nothing, and says so)")
     p.add_argument("--accumulation", type=_args.positive_int, default=1, help="micro-batches per optimiser step")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
     p.add_argument("--checkpoint-min-res", type=_args.power_of_two, default=None, help="activation checkpointing at and above this size")
@@ -180,6 +262,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fmap-base", type=_args.positive_int, default=8192)
     p.add_argument("--fmap-max", type=_args.positive_int, default=512)
     p.add_argument("--mirror", action="store_true", help="random left-right flips (off: radiographs are not symmetric)")
+    p.add_argument("--include-test", action="store_true",
+                   help="train on the archive's test split too (default: left out, as `evaluate tstr` and the other "
+                        "evaluations test on it; an archive without one trains on every image)")
     p.add_argument("--tick-kimg", type=_args.kimg, default=10, help="thousands of images per log tick (default 10)")
     p.add_argument("--checkpoint-ticks", type=_args.positive_int, default=5, help="ticks between checkpoints (default 5)")
     p.add_argument("--keep", type=_args.positive_int, default=3, help="checkpoints to keep (default 3)")

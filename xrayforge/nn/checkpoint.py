@@ -5,6 +5,9 @@ Layout of a checkpoint folder (or the two files named by ``path`` + suffix):
 ``networks.pt``   {"G": state_dict, "D": state_dict, "G_ema": state_dict, ...}
 ``networks.json`` {"format": "xrayforge-networks", "version": 1,
                    "networks": {"G": {"class": "Generator", "config": {...}, "level": 8, "alpha": 1.0}, ...}}
+``level`` and ``alpha`` are the progressive state the networks were saved at (a training checkpoint:
+the level and fade-in α of its last step); :func:`load_networks` restores them, so that a generator
+saved during growth makes images at the resolution it had reached (with a warning).
 Writes are atomic: each file goes to a temporary name and is renamed into place.
 """
 from __future__ import annotations
@@ -72,18 +75,14 @@ def damage(folder: Path, files=("networks.pt",)) -> str | None:
 
 
 def latest_intact(ckpt_dir: str | os.PathLike, files=("networks.pt",)) -> Path | None:
-    """The newest usable checkpoint in a run's ``checkpoints`` folder (the one ``latest`` names
-    first, then by name, newest first), or None. Skipping a damaged one is said at WARNING."""
+    """The newest usable checkpoint in a run's ``checkpoints`` folder (the most images: ``ckpt-<images>``),
+    or None. Skipping a damaged one is said at WARNING. The ``latest`` pointer is not consulted: a kill
+    between a checkpoint's rename and the pointer's update leaves it naming an older one."""
     ck = Path(ckpt_dir)
     if not ck.is_dir():
         return None
-    found = sorted((q for q in ck.glob("ckpt-*") if q.is_dir() and not q.name.endswith(".tmp")), reverse=True)
-    pointer = ck / "latest"
-    if pointer.is_file():
-        named = ck / pointer.read_text(errors="replace").strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
+    found = sorted((q for q in ck.glob("ckpt-*") if q.is_dir() and not q.name.endswith(".tmp")),
+                   key=lambda q: (int(q.name[5:]) if q.name[5:].isdigit() else -1, q.name), reverse=True)
     skipped = []
     for q in found:
         why = damage(q, files)
@@ -123,8 +122,10 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def load_networks(folder: str | os.PathLike, names=None, map_location="cpu") -> dict:
-    """Load the networks saved by :func:`save_networks` (all, or those in ``names``)."""
+def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", warn_unfinished: bool = True) -> dict:
+    """Load the networks saved by :func:`save_networks` (all, or those in ``names``), each at the level and
+    fade-in α it was saved at. A generator below its final resolution (a checkpoint written while the run
+    was still growing) is said at WARNING unless ``warn_unfinished`` is False (resuming its training)."""
     folder = Path(folder)
     meta = read_metadata(folder)
     weights_path = folder / "networks.pt"
@@ -146,6 +147,11 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu") -> 
         if isinstance(map_location, (str, torch.device)):
             net = net.to(map_location)  # load_state_dict copied into the CPU parameters: move them
         net.set_level(info["level"], info["alpha"])
+        alpha = float(info["alpha"])
+        if warn_unfinished and isinstance(net, Generator) and (net.level < net.config.num_levels - 1 or alpha < 1):
+            log.warning("%s: %s was saved before training reached its final resolution: it is at %d px of %d px%s, "
+                        "and its images are %d px", folder, name, net.current_resolution, net.config.resolution,
+                        f" (fading in, α {alpha:.2f})" if alpha < 1 else "", net.current_resolution)
         out[name] = net
     if names is not None and set(names) - set(out):
         raise UserError(f"{folder}: no network named {sorted(set(names) - set(out))}; it has {sorted(meta['networks'])}")

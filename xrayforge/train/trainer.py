@@ -5,16 +5,24 @@ sharded by rank, rank 0 alone writes). Per tick: a JSONL log line, a sample grid
 EMA generator on fixed latents, the loss curve, and (every few ticks, at the end, and on
 SIGINT / SIGTERM) an atomic checkpoint. ``resume=True`` continues the same run exactly:
 level, alpha, images seen, optimiser and EMA state, and the random number generators.
+
+The GAN trains on the archive's rows outside its "test" split (the evaluations test on them;
+``include_test`` trains on every row). A checkpoint's networks carry the level and fade-in α of
+the last step taken, so that a checkpoint written during growth generates at the resolution it
+had reached. While it trains, a process holds RUN/.lock (flock): a second training of the same
+folder is refused.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data.archive import Archive
+from ..data.archive import Archive, write_json
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
+from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
-from ..nn.checkpoint import latest_intact
-from ..utils.files import claim_output, load_torch, read_json, read_jsonl
+from ..nn.checkpoint import damage, latest_intact, read_metadata
+from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
@@ -36,6 +45,8 @@ from .step import PGGANStep, StepConfig, ema_beta, make_adam
 
 # the official constant EMA β = 0.999 per step at minibatch 16, as a half-life in thousands of images
 OFFICIAL_EMA_KIMG = 16 * math.log(0.5) / math.log(0.999) / 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +73,7 @@ class TrainConfig:
     fmap_base: int = 8192
     fmap_max: int = 512
     mirror: bool = False                     # radiographs are not left-right symmetric
+    include_test: bool = False               # train on the archive's "test" split too (the evaluations test on it)
     tick_images: int = 10_000
     checkpoint_ticks: int = 5
     keep_checkpoints: int = 3
@@ -148,7 +160,7 @@ class Trainer:
     (built by the command line: FID sits downstream of training, so this room does not import it)."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, measure=None):
-        self.cfg, self.progress, self.measure = config, progress, measure
+        self.progress, self.measure = progress, measure
         self.out = Path(config.out)
         self.rank, self.world = 0, 1
         if dist.is_available() and dist.is_initialized():
@@ -163,6 +175,8 @@ class Trainer:
         final = config.resolution or self.archive.resolution
         if final > self.archive.resolution:
             raise ValueError(f"{config.archive} goes up to {self.archive.resolution} px; cannot train at {final}")
+        # saved as resolved: a resumed run (or one pointed at another archive) builds the same networks
+        self.cfg = config = dataclasses.replace(config, resolution=final)
         self.net_config = NetworkConfig(resolution=final, latent_dim=config.latent_dim, fmap_base=config.fmap_base,
                                         fmap_max=config.fmap_max, checkpoint_min_res=config.checkpoint_min_res)
         if config.start_resolution > final:
@@ -170,15 +184,114 @@ class Trainer:
         self.schedule = ProgressiveSchedule(_log2(config.start_resolution) - 2, _log2(final) - 2,
                                             config.fade_images, config.stable_images, config.total_images)
         self.total = min(self.schedule.total_images, config.max_images or self.schedule.total_images)
-        self.stream = BatchStream(self.archive, seed=config.seed, rank=self.rank, world=self.world)
+        self._check_batches()  # before anything is written
+        self.train_rows = self._training_rows()
+        self.archive_identity = {"images": len(self.archive), "resolution": self.archive.resolution,
+                                 "manifest_sha1": file_id(self.archive.path / "manifest.csv", length=40),
+                                 "train_images": len(self.train_rows), "include_test": config.include_test}
+        self.stream = BatchStream(self.archive, seed=config.seed, rank=self.rank, world=self.world,
+                                  subset=self.train_rows)
         self.max_value = int(np.iinfo(self.archive.dtype).max)
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
+        if self.rank == 0:
+            self._warn_about_options()
         # never into a folder of something else (an archive, another command's output)
         claim_output(self.out, "train", signatures=("train_config.json", "checkpoints", "log.jsonl"))
         self._stop_signal = None
         self._auto_batches: dict[int, int] = {}
-        self._build(resume)
+        self._lock_file, self._holds_folder = None, False
+        self._lock()
+        try:
+            self._build(resume)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _configured_batch(self, res: int) -> int | None:
+        """The per-GPU batch at ``res`` the options give (None: found by --auto-batch on a GPU)."""
+        given = self.cfg.batch.get(res, self.cfg.batch.get(str(res)))
+        if given is not None:
+            return int(given)
+        if self.cfg.auto_batch and self.device.type == "cuda":
+            return None
+        return DEFAULT_BATCH.get(res, 16)
+
+    def _check_batches(self) -> None:
+        for level in range(self.schedule.start_level, self.schedule.final_level + 1):
+            res = self.net_config.resolution_at(level)
+            b = self._configured_batch(res)
+            if b is not None and b % self.cfg.accumulation:
+                raise ValueError(f"batch {b} at {res} px is not divisible by accumulation {self.cfg.accumulation}")
+
+    def _training_rows(self) -> np.ndarray:
+        """Manifest positions the GAN trains on: those outside the "test" split, on which `evaluate tstr`
+        and the other evaluations test (an archive without one: every row), or every row (include_test)."""
+        everything = np.arange(len(self.archive))
+        if self.cfg.include_test:
+            return everything
+        rows = everything[np.array([s != "test" for s in self.archive.splits], dtype=bool)]
+        if len(rows) == 0 and len(everything):
+            raise UserError(f"{self.archive.path}: every image is in the test split, which the evaluations test on; "
+                            f"nothing is left to train on (--include-test trains on them)")
+        return rows
+
+    def _warn_about_options(self) -> None:
+        """Said once, at the start: options that do not do what they seem to."""
+        if self.cfg.auto_batch and self.device.type != "cuda":
+            log.warning("--auto-batch finds the largest batch that fits GPU memory; on %s it does nothing: the batch "
+                        "is --batch's, else the default (16 up to 128 px)", self.device)
+        end = self.schedule.at(self.schedule.total_images - 1)
+        if end.level < self.schedule.final_level or end.fading:
+            growth = sum(n for _, n, _ in self.schedule.phases)
+            log.warning("%s: --total-kimg %g ends the schedule at %d px%s, before the final %d px (growing to it takes "
+                        "%g kimg): the run will end there, and its checkpoints generate %d-px images",
+                        self.out, self.schedule.total_images / 1000, self.net_config.resolution_at(end.level),
+                        f" while it fades in (α {end.alpha:.2f})" if end.fading else "",
+                        self.net_config.resolution, growth / 1000, self.net_config.resolution_at(end.level))
+
+    # ------------------------------------------------------------------ the run folder's lock
+    def _lock(self) -> None:
+        """Hold RUN/.lock (an exclusive flock) while this trainer works on the folder: a second training of
+        the same folder at once would interleave the log and overwrite the checkpoints. The kernel releases
+        it when the process ends, however it ends. Process 0 alone writes, so it alone locks (under
+        torchrun every process is told the outcome)."""
+        refused = None
+        if self.rank == 0:
+            import fcntl
+            fh = open(self.out / ".lock", "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "a process"
+                fh.close()
+                refused = (f"{self.out}: another training is running in this folder ({holder} holds "
+                           f"{self.out / '.lock'}); two at once would mix their logs and overwrite each other's "
+                           "checkpoints: wait for it to end (or stop it), or choose another --out")
+            else:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                fh.flush()
+                self._lock_file = fh
+        if self.world > 1:
+            outcome = [refused]
+            dist.broadcast_object_list(outcome, 0)
+            refused = outcome[0]
+        if refused is not None:
+            raise UserError(refused)
+        self._holds_folder = True
+
+    def close(self) -> None:
+        """Let go of the run folder without training (train() does so when it ends)."""
+        self._unlock()
+
+    def _unlock(self) -> None:
+        self._holds_folder = False
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the flock
+            self._lock_file = None
 
     # ------------------------------------------------------------------ set-up
     def _build(self, resume: bool):
@@ -193,17 +306,9 @@ class Trainer:
         self.history: list[dict] = []
         state = None
         if resume:
-            path = self.latest_checkpoint()
-            if path is None:
-                raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from")
-            if self.rank == 0:  # newer checkpoints were skipped as damaged: out of rotation's way, kept for a look
-                for bad in sorted(self.ckpt_dir.glob("ckpt-*")):
-                    if bad.name > path.name and not bad.name.endswith(".tmp"):
-                        os.replace(bad, bad.with_name("damaged-" + bad.name))
-            nets = load_networks(path, map_location=self.device)
+            path, nets, state = self._resume_from()
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
-            state = load_torch(path / "state.pt", "the training state")
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
             best = self.ckpt_dir / "best.json"
             if best.is_file():  # unless it names a checkpoint that is gone or lies past this one
@@ -224,30 +329,113 @@ class Trainer:
                     tmp = self.log_path.with_name("log.jsonl.tmp")
                     tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
                     os.replace(tmp, self.log_path)
-        elif self.rank == 0 and self.ckpt_dir.exists() and any(self.ckpt_dir.iterdir()):
-            raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
-                                  "or choose a new --out")
+        elif self.rank == 0:
+            if self._checkpoint_dirs() or any(self.ckpt_dir.glob("damaged-ckpt-*")):
+                raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
+                                      "or choose a new --out")
+            self._set_aside_earlier_start()
         if self.world > 1:
             for net in (self.G, self.D, self.G_ema):
                 for t in list(net.parameters()) + list(net.buffers()):
                     dist.broadcast(t.data, 0)
         self._enter_phase(self.schedule.at(self.images_seen), state)
+        # the level and fade-in α of the last step taken (what a checkpoint's networks generate at)
+        taken = self.schedule.at(max(self.images_seen - 1, 0))
+        self.last_step = (int(state.get("step_level", taken.level)) if state else taken.level,
+                          float(state.get("step_alpha", taken.alpha)) if state else taken.alpha)
         g = torch.Generator().manual_seed(self.cfg.seed + 12345)
         self.grid_latents = torch.randn(self.cfg.grid_size, self.net_config.latent_dim, generator=g).to(self.device)
-        n = min(self.cfg.realism_images, len(self.archive))
+        n = min(self.cfg.realism_images, len(self.train_rows))
         self.realism_latents = torch.randn(n, self.net_config.latent_dim, generator=g).to(self.device)
-        self.realism_rows = self.archive.random_positions(n, self.cfg.seed + 777)
+        # real images the GAN trains on (the same draw as Archive.random_positions when that is every row)
+        pick = np.random.default_rng(self.cfg.seed + 777).choice(len(self.train_rows), n, replace=False)
+        self.realism_rows = np.sort(self.train_rows[pick])
+
+    def _checkpoint_dirs(self) -> list[Path]:
+        """The run's checkpoints, newest (most images) first; half-written ones (.tmp) left out."""
+        found = [p for p in self.ckpt_dir.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp")]
+        return sorted(found, key=lambda p: (int(p.name[5:]) if p.name[5:].isdigit() else -1, p.name), reverse=True)
+
+    def _resume_from(self) -> tuple[Path, dict, dict]:
+        """(checkpoint, networks, training state) of the newest checkpoint that loads. The ``latest``
+        pointer is not trusted (a kill between a checkpoint's rename and the pointer's update leaves it
+        behind); checkpoints newer than the one used failed to load: they are renamed damaged-* (out of
+        rotation's way, kept for a look), and said."""
+        failed = []
+        for path in self._checkpoint_dirs():
+            why = damage(path, files=("networks.pt", "state.pt"))
+            if why is None:
+                self._check_resumable(path, read_metadata(path))
+                try:
+                    nets = load_networks(path, map_location=self.device, warn_unfinished=False)
+                    state = load_torch(path / "state.pt", "the training state")
+                    missing = {"images_seen", "tick", "opt_g", "opt_d", "latent_rng", "torch_rng"} - set(state)
+                    if missing:
+                        raise UserError(f"{path / 'state.pt'}: not a training state (no {', '.join(sorted(missing))})")
+                except (UserError, FileNotFoundError, KeyError, TypeError) as exc:
+                    why = str(exc)
+                else:
+                    if failed:
+                        log.warning("%s: %s; resuming from the older intact checkpoint %s",
+                                    failed[0][0], failed[0][1], path.name)
+                    if self.rank == 0:
+                        for bad, _ in failed:
+                            os.replace(bad, bad.with_name("damaged-" + bad.name))
+                    return path, nets, state
+            failed.append((path, why))
+        if failed:
+            raise UserError(f"{self.ckpt_dir}: no usable checkpoint; the newest one is damaged: {failed[0][1]}")
+        raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from")
+
+    def _check_resumable(self, path: Path, meta: dict) -> None:
+        """The checkpoint's networks are the ones these options build, and it trained on this archive."""
+        saved = dict(meta["networks"].get("G", {}).get("config", {}))
+        built = self.net_config.as_dict()
+        ignored = {"checkpoint_min_res"}  # activation checkpointing: memory, not the network
+        differ = [k for k in built if k not in ignored and k in saved and saved[k] != built[k]]
+        if differ:
+            raise UserError(f"{path}: the run's networks have " + ", ".join(f"{k} {saved[k]}" for k in differ)
+                            + "; the options given build " + ", ".join(f"{k} {built[k]}" for k in differ)
+                            + f" ({self.cfg.archive} at {self.archive.resolution} px): resume with the run's own "
+                            "options and archive, or start a new run with another --out")
+        trained_on = (meta.get("extra") or {}).get("archive")
+        if not isinstance(trained_on, dict):
+            log.warning("%s: written before checkpoints recorded their archive: cannot check that %s is the one "
+                        "this run trained on", path, self.cfg.archive)
+            return
+        keys = ("images", "resolution", "manifest_sha1")
+        if any(trained_on.get(k) != self.archive_identity[k] for k in keys):
+            def said(a):
+                return f"{a.get('images')} images at {a.get('resolution')} px, manifest sha1 {str(a.get('manifest_sha1'))[:12]}"
+            raise UserError(f"{self.cfg.archive}: not the archive this run trained on ({said(self.archive_identity)}; "
+                            f"the run's: {said(trained_on)}): resume with the run's archive, or start a new run "
+                            "with another --out")
+
+    def _set_aside_earlier_start(self) -> None:
+        """A new run in a folder where an earlier start left a log but no checkpoint (killed before its
+        first): its log and grids are moved aside (log-<time>.jsonl, grids-<time>/), not appended to."""
+        if not self.log_path.exists():
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.log_path.stat().st_mtime))
+        suffix, i = stamp, 1
+        while (self.out / f"log-{suffix}.jsonl").exists() or (self.out / f"grids-{suffix}").exists():
+            suffix, i = f"{stamp}-{i}", i + 1
+        os.replace(self.log_path, self.out / f"log-{suffix}.jsonl")
+        if (self.out / "grids").is_dir():
+            os.replace(self.out / "grids", self.out / f"grids-{suffix}")
+        for stale in ("best.json", "latest"):  # they would name checkpoints that never were
+            (self.ckpt_dir / stale).unlink(missing_ok=True)
+        log.warning("%s: an earlier start left log.jsonl without a checkpoint; moved aside to log-%s.jsonl "
+                    "(and its grids to grids-%s/)", self.out, suffix, suffix)
 
     def batch_for(self, level: int) -> int:
         res = self.net_config.resolution_at(level)
-        given = self.cfg.batch.get(res, self.cfg.batch.get(str(res)))
+        given = self._configured_batch(res)
         if given is not None:
-            return int(given)
-        if self.cfg.auto_batch and self.device.type == "cuda":
-            if level not in self._auto_batches:
-                self._auto_batches[level] = self._largest_batch(level)
-            return self._auto_batches[level]
-        return DEFAULT_BATCH.get(res, 16)
+            return given
+        if level not in self._auto_batches:
+            self._auto_batches[level] = self._largest_batch(level)
+        return self._auto_batches[level]
 
     def _largest_batch(self, level: int, limit: int = 512) -> int:
         """Largest power-of-two batch (a multiple of the accumulation) whose step fits in GPU
@@ -313,6 +501,12 @@ class Trainer:
         return latest_intact(self.ckpt_dir, files=("networks.pt", "state.pt"))
 
     def save_checkpoint(self) -> Path | None:
+        # the networks are saved at the level and α they were last trained at (the trainer passes both to
+        # every call), so that sampling a checkpoint written during growth uses the path that was trained;
+        # set on every process, so that their networks stay equal
+        level, alpha = self.last_step
+        for net in (self.G, self.D, self.G_ema):
+            net.set_level(level, alpha)
         if self.rank != 0:
             return None
         name = f"ckpt-{self.images_seen:012d}"
@@ -320,8 +514,10 @@ class Trainer:
         tmp = self.ckpt_dir / (name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
-                      extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict()})
+                      extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict(),
+                             "archive": self.archive_identity})
         state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level, "phase": self.phase_index,
+                 "step_level": level, "step_alpha": alpha,
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "latent_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -427,9 +623,11 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to the end of the schedule (or max_images); returns a summary."""
+        if not self._holds_folder:  # trained before (or closed): the lock was let go
+            self._lock()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(self.cfg.as_dict(), indent=2))
+            write_json(self.out / "train_config.json", self.cfg.as_dict())  # atomic: a torn one would block --resume
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         from tqdm import tqdm
         bar = tqdm(total=self.total, initial=min(self.images_seen, self.total), unit="img", dynamic_ncols=True,
@@ -442,8 +640,6 @@ class Trainer:
                 prefetch.request(self.images_seen, self.batch_for(lv), self.net_config.resolution_at(lv))
             tick_start, tick_images, t0 = time.perf_counter(), 0, time.perf_counter()
             last = {}
-            # the α of the last step taken (a batch may end past a phase boundary: its own phase's)
-            last_alpha = self.schedule.at(max(self.images_seen - 1, 0)).alpha
             next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
             while self.images_seen < self.total:
                 phase = self.schedule.at(self.images_seen)
@@ -461,7 +657,7 @@ class Trainer:
                 alpha_t = torch.full((), phase.alpha, device=self.device) if phase.alpha < 1.0 else 1.0
                 beta = self.cfg.ema_beta_at(global_batch(self.level), self.images_seen)
                 last = self.step(real, self.level, alpha_t, self.gen, ema_beta=beta)
-                last_alpha = phase.alpha
+                self.last_step = (phase.level, phase.alpha)  # a batch may end past a phase boundary: its own phase's
                 self.images_seen = nxt
                 tick_images += global_batch(self.level)
                 bar.update(min(nxt, self.total) - bar.n)
@@ -476,7 +672,8 @@ class Trainer:
                     record = {"tick": self.tick, "images": self.images_seen, "level": phase.level,
                               "resolution": self.net_config.resolution_at(phase.level),
                               "alpha": round(phase.alpha, 6), "lr": self.opt_g.param_groups[0]["lr"],
-                              "ema_beta": beta, "batch": self.batch, **{k: float(v) for k, v in last.items()},
+                              "ema_beta": beta, "batch": self.batch, "train_images": len(self.train_rows),
+                              **{k: float(v) for k, v in last.items()},
                               "img_per_s": tick_images / max(now - tick_start, 1e-9),
                               "seconds": now - t0}
                     if self.device.type == "cuda":
@@ -495,8 +692,8 @@ class Trainer:
                     tick_start, tick_images = time.perf_counter(), 0
                     next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
                 if self._stop_signal:
-                    raise Interrupted(f"stopped by signal {self._stop_signal} at {self.images_seen} images; "
-                                      f"a checkpoint was written: resume with --resume")
+                    raise Interrupted(f"stopped by signal {self._stop_signal} at {self.images_seen} images "
+                                      f"({self._reached()}); a checkpoint was written: resume with --resume")
                 if done:
                     break
         finally:
@@ -504,9 +701,66 @@ class Trainer:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        return {"images_seen": self.images_seen, "level": self.level, "alpha": last_alpha,
-                "checkpoint": str(self.latest_checkpoint()), "out": str(self.out),
-                "complete": self.images_seen >= self.total}
+            self._unlock()
+        level, alpha = self.last_step
+        final = level == self.schedule.final_level and alpha >= 1.0
+        summary = {"images_seen": self.images_seen, "level": level, "alpha": alpha,
+                   "resolution": self.net_config.resolution_at(level), "final_resolution": self.net_config.resolution,
+                   "reached_final_resolution": final, "train_images": len(self.train_rows),
+                   "checkpoint": str(self.latest_checkpoint()), "out": str(self.out),
+                   "complete": self.images_seen >= self.total}
+        if not final:
+            if self.images_seen >= self.schedule.total_images:
+                why = "--total-kimg ends the schedule before the final resolution"
+            elif self.cfg.max_images is not None and self.images_seen >= self.cfg.max_images:
+                why = "stopped by --max-kimg; --resume goes on"
+            else:
+                why = "stopped by the time limit; --resume goes on"
+            summary["warning"] = (f"training ended at {self._reached()} after {self.images_seen:,} images ({why}): its "
+                                  f"checkpoints generate {summary['resolution']}-px images")
+            if self.rank == 0:
+                log.warning("%s: %s", self.out, summary["warning"])
+        return summary
+
+    def _reached(self) -> str:
+        """"8 px of 16 px (fading in, α 0.50)": where the last step trained."""
+        level, alpha = self.last_step
+        return (f"{self.net_config.resolution_at(level)} px of {self.net_config.resolution} px"
+                + (f" (fading in, α {alpha:.2f})" if alpha < 1.0 else ""))
+
+
+def saved_options(run: str | os.PathLike) -> dict:
+    """The options a run in ``run`` was started with, to resume it: RUN/train_config.json, else (a damaged
+    or missing one, said at WARNING) the copy its newest intact checkpoint recorded. A run saved before the
+    resolution was (``resolution: null``) gets its checkpoint's, so that it resumes at its own size."""
+    run = Path(run)
+    saved, damaged = run / "train_config.json", None
+    options = None
+    if saved.is_file():
+        try:
+            options = read_json(saved, "the run's saved options")
+        except UserError as exc:
+            damaged = exc
+    if options is not None and options.get("resolution") is not None:
+        return options
+    try:
+        ckpt = latest_intact(run / "checkpoints", files=("networks.pt", "state.pt"))
+    except UserError:
+        ckpt = None
+    meta = read_metadata(ckpt) if ckpt is not None else {}
+    recorded = (meta.get("extra") or {}).get("train_config")
+    if options is None:
+        if not isinstance(recorded, dict):
+            if damaged is not None:
+                raise damaged
+            raise UserError(f"{run}: there is no run to resume here (no train_config.json and no checkpoint): start "
+                            f"one with `xrayforge train ARCHIVE --out {run}`")
+        log.warning("%s; resuming with the options its checkpoint %s recorded", damaged or f"{saved}: missing",
+                    ckpt.name)
+        options = dict(recorded)
+    if options.get("resolution") is None and meta:
+        options["resolution"] = meta["networks"].get("G", {}).get("config", {}).get("resolution")
+    return options
 
 
 def init_distributed() -> tuple[int, int]:
