@@ -377,5 +377,28 @@ def test_report_says_n_a_for_undefined_rates_and_replaces_only_its_own_files(tmp
     write_report(out, run, [reader])
     for name in ("report.md", "report.html"):
         path = tmp_path / "site" / name
-        path.write_text(path.read_text().replace(REPORT_MARK, ""))
+        path.write_text(path.read_text().replace(REPORT_MARK + "\n", "").replace(REPORT_MARK, ""))
     write_report(out, run, [reader])
+    # ... but a user's own notes beside an older report are not a report's Markdown copy
+    (tmp_path / "site" / "report.html").write_text((tmp_path / "site" / "report.html").read_text()
+                                                   .replace(REPORT_MARK, ""))
+    (tmp_path / "site" / "report.md").write_text("# my notes\n\nabout the run\n")
+    with pytest.raises(UserError, match="report.md: exists and is not a report"):
+        write_report(out, run, [reader])
+
+
+def test_report_escapes_every_line_but_its_own_mark(tmp_path):
+    """A reader's name (from an answer file a reader hands in) that looks like an HTML comment must
+    not become live markup."""
+    reader = tmp_path / "reader"
+    reader.mkdir()
+    rates = {"answers": 4, "accuracy": 0.5, "sensitivity_synthetic": 0.5, "specificity_synthetic": 0.5,
+             "synthetic_called_real": 0.5, "binomial_p": 1.0}
+    evil = "<!--> <img src=x onerror=alert(1)> -->"
+    (reader / "summary.json").write_text(json.dumps({"evaluation": "reader-study", "result": {
+        "readers": {f"r1\n{evil}": rates}, "pooled": rates, "images": 4, "fleiss_kappa": None, "kappa_images": 4}}))
+    out = tmp_path / "report.html"
+    write_report(out, None, [reader])
+    page = out.read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror" in page
+    assert page.count(REPORT_MARK) == 1 and (tmp_path / "report.md").read_text().startswith(REPORT_MARK + "\n")

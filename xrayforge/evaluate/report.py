@@ -178,8 +178,8 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
                 items = True
             body.append(f"<li>{_inline(line[2:])}</li>")
             continue
-        if line.startswith("<!--") and line.endswith("-->") and "--" not in line[4:-3]:
-            body.append(line)  # a comment (the report's mark) stays one
+        if line == REPORT_MARK:  # the report's mark stays a comment (nothing else passes unescaped)
+            body.append(line)
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
@@ -215,18 +215,27 @@ REPORT_MARK = "<!-- written by xrayforge evaluate report -->"
 _LEGACY_STYLE = "body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
 
 
+_LEGACY_SECTIONS = ("\n## Training\n", "\n## Not evaluated\n", "\n## FID\n", "\n## Memorisation audit\n",
+                    "\n## Reader study\n", "\n## Disease diversity\n", "\n## Train on synthetic, test on real\n")
+
+
 def _is_report(path: Path, html_path: Path) -> bool:
     """Whether ``path`` is a report (HTML or its Markdown copy) that write_report wrote, so that it
-    may be replaced; reports from before the mark are known by their style sheet, and their
-    Markdown copies by the HTML beside them."""
+    may be replaced. The mark is on the first line of the Markdown and the HTML's first lines;
+    reports from before it are known by their style sheet, and their Markdown copies by the HTML
+    beside them and a section heading of a report."""
     try:
-        head = path.read_text(errors="replace")
-    except (OSError, IsADirectoryError):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096)
+    except OSError:
         return False
     if REPORT_MARK in head:
         return True
     if path.suffix.lower() == ".md":
-        return head.startswith("# ") and html_path.is_file() and _is_report(html_path, html_path)
+        if not (head.startswith("# ") and html_path.is_file() and _is_report(html_path, html_path)):
+            return False
+        text = path.read_text(errors="replace")
+        return any(section in text for section in _LEGACY_SECTIONS)
     return _LEGACY_STYLE in head
 
 
@@ -252,7 +261,7 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
     if others:
         raise UserError(f"{others[0]}: exists and is not a report this command wrote; the report and its "
                         f"Markdown copy ({out.name}, {md_path.name}) would replace it. Choose another --out")
-    md = _relative_images(md, out.parent) + REPORT_MARK + "\n"
+    md = REPORT_MARK + "\n" + _relative_images(md, out.parent)
     for path, text in ((md_path, md), (out, markdown_to_html(md, title, out.parent))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
