@@ -476,12 +476,6 @@ CASES += [
          lambda w, t: ["classify", "train", w / "arc", "--out", t / "m", "--init-weights", t / "i.pt", "-q"], "i.pt",
          setup=lambda w, t: truncate(copy(w / "clf" / "classifier.pt", t / "i.pt"))),
     # ---------------------------------------------------------------- corrupt JSON
-    Case("resume-train-config-torn", "corrupt JSON",
-         lambda w, t: ["train", "--out", t / "run", "--resume", "-q"], "train_config.json",
-         setup=lambda w, t: (copy(w / "run", t / "run"), _torn_json(lambda w, t: t / "run" / "train_config.json")(w, t))),
-    Case("resume-train-config-not-object", "corrupt JSON",
-         lambda w, t: ["train", "--out", t / "run", "--resume", "-q"], "train_config.json",
-         setup=lambda w, t: (copy(w / "run", t / "run"), (t / "run" / "train_config.json").write_text("[1, 2]"))),
     Case("train-archive-json-torn", "corrupt JSON",
          lambda w, t: ["train", t / "arc", "--out", t / "r", *TINY_TRAIN], "archive.json",
          setup=lambda w, t: (copy(w / "arc", t / "arc"), _torn_json(lambda w, t: t / "arc" / "archive.json")(w, t))),
@@ -768,6 +762,21 @@ def test_tstr_refuses_to_continue_on_a_resampled_folder(world, tmp_path):
         shutil.rmtree(converted) if converted.is_dir() else converted.unlink()
     with pytest.raises(UserError, match="synthetic_id"):
         run_tstr(cfg, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["torn", "not-object"])
+def test_resume_with_a_damaged_train_config_takes_the_checkpoints_copy(world, tmp_path, capsys, caplog, damage):
+    """train_config.json torn by a crash (or not an object): the run's options are also in every
+    checkpoint, so the resume goes on from there and says so."""
+    copy(world / "run", tmp_path / "run")
+    config = tmp_path / "run" / "train_config.json"
+    if damage == "torn":
+        _torn_json(lambda w, t: config)(world, tmp_path)
+    else:
+        config.write_text("[1, 2]")
+    rc, out, err = run(["train", "--out", tmp_path / "run", "--resume", "-q"], capsys)
+    assert rc == 0, err
+    assert "train_config.json" in caplog.text and "checkpoint" in caplog.text
 
 
 def test_debug_shows_the_traceback(world, tmp_path, capsys):
