@@ -447,7 +447,8 @@ def test_lco_benchmark_on_the_learned_generator(models, learned_gan, tmp_path, c
     run, clf = models
     data, _ = learned_gan
     out = tmp_path / "lco"
-    assert lco_bench([str(run), str(clf), "--real", str(data), "--targets", "auto", "--census", "3000", "--n", "16",
+    assert lco_bench([str(run), str(clf), "--real", str(data), "--targets", "auto", "--census", "3000", "--min-hits", "1",
+                      "--n", "16",
                       "--steps", "20", "--sample-n", "8", "--max-realism", "2.0", "--no-fid", "--out", str(out),
                       "--starts", "1", "4", "--archive-n", "4"]) == 0
     (written,) = out.glob("lco-*.json")
