@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
 
+from xrayforge.data.archive import Archive
 from xrayforge.data.prepare import prepare
 from xrayforge.nn import load_networks
 from xrayforge.train.schedule import ProgressiveSchedule
@@ -542,3 +543,57 @@ def test_the_gan_trains_outside_the_test_split(archive, tmp_path):
                "classifier": {"best_mean_auroc": 0.9, "auroc": {}}, "lco": {},
                "fid": {"fid": 1.0, "n_a": 2, "n_b": 2, "inception": "x"}}
     assert f"the GAN trained on the {len(splits) - len(test)} outside the test split" in demo_markdown(results)
+
+
+def test_a_file_system_without_flock_trains_with_a_warning(archive, tmp_path, monkeypatch, caplog):
+    """Only a lock held elsewhere refuses a training; flock unsupported (Lustre noflock, some NFS and
+    FUSE mounts: ENOSYS, ENOLCK, EOPNOTSUPP) is said and the run goes on."""
+    import errno
+    import fcntl
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    Trainer(TrainConfig(str(archive), str(tmp_path / "run"), max_images=32, **TINY), progress=False).train()
+    assert "cannot lock the run folder on this file system (No locks available)" in caplog.text
+
+
+def test_a_resume_keeps_the_rows_the_run_trained_on(archive, tmp_path):
+    """include_test changes what the GAN trains on: a resume with the other value is refused, and a
+    run from before the test split was held out (no include_test saved) counts as every row."""
+    import json
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=32, **TINY), progress=False).train()
+    with pytest.raises(UserError, match="the run trained on the images outside the test split"):
+        Trainer(TrainConfig(str(archive), str(run), max_images=64, include_test=True, **TINY), resume=True,
+                progress=False)
+    (ckpt,) = (run / "checkpoints").glob("ckpt-*")
+    meta = json.loads((ckpt / "networks.json").read_text())
+    del meta["extra"]["train_config"]["include_test"]
+    (ckpt / "networks.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="the run trained on every image"):
+        Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), resume=True, progress=False)
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, include_test=True, **TINY), resume=True,
+            progress=False).close()
+
+
+def test_damaged_checkpoints_alone_are_said_as_such(archive, tmp_path):
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=32, **TINY), progress=False).train()
+    for c in (run / "checkpoints").glob("ckpt-*"):
+        c.rename(c.with_name("damaged-" + c.name))
+    with pytest.raises(UserError, match="only damaged checkpoints are left"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+    with pytest.raises(FileExistsError, match="holds only damaged checkpoints"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY), progress=False)
+
+
+def test_an_archive_without_a_test_split_is_warned_about(tmp_path, caplog):
+    import json
+    prepare("phantom:40", tmp_path / "arc", resolution=8, workers=1, progress=False)
+    manifest = tmp_path / "arc" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",test,", ",train,"))
+    assert "test" not in json.dumps(Archive(str(tmp_path / "arc")).splits)
+    Trainer(TrainConfig(str(tmp_path / "arc"), str(tmp_path / "run"), max_images=16, **TINY), progress=False).close()
+    assert "has no test split: the GAN trains on every patient" in caplog.text

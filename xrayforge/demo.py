@@ -304,6 +304,9 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
                                   device=str(dev), seed=cfg.seed)
         per_phase = cfg.stable_images
         resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))
+        if resume:  # the rows it trained on (a run begun before the test split was held out: every row)
+            from .train.trainer import saved_options
+            cfg.include_test = bool(saved_options(run).get("include_test", True))
         say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
             (" — resuming" if resume else ""))
         t0 = time.perf_counter()

@@ -41,6 +41,7 @@ seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "is not a seed (0 .. 2^32 - 1)"
 at_least_6 = _checked(int, lambda v: v >= 6, "must be at least 6 (density / coverage use k = 5 neighbours)",
                       "at_least_6")
 kimg = _checked(float, lambda v: round(v * 1000) >= 1, "thousand images is less than one image", "kimg")
+nonneg_kimg = _checked(float, lambda v: round(v * 1000) >= 0, "must be 0 or more", "nonneg_kimg")  # 0: none
 
 
 power_of_two = _checked(int, lambda v: v >= 4 and not v & (v - 1), "is not a resolution (a power of two >= 4)",

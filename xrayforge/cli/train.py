@@ -213,7 +213,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "option given must equal the run's, or it is refused")
     p.add_argument("--resolution", type=_args.power_of_two, default=None, help="final resolution (default: the archive's)")
     p.add_argument("--start-resolution", type=_args.power_of_two, default=4)
-    p.add_argument("--fade-kimg", type=_args.nonneg_float, default=600, help="thousands of images per fade-in (default 600)")
+    p.add_argument("--fade-kimg", type=_args.nonneg_kimg, default=600, help="thousands of images per fade-in (default 600)")
     p.add_argument("--stable-kimg", type=_args.kimg, default=600, help="thousands of images per stable phase (default 600)")
     p.add_argument("--total-kimg", type=_args.kimg, default=None,
                    help="train on at the final resolution until this many thousand images in all (the official "

@@ -98,7 +98,7 @@ def latest_intact(ckpt_dir: str | os.PathLike, files=("networks.pt",)) -> Path |
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder (holding networks.json) from itself or from a training run folder
-    (its newest intact checkpoint: checkpoints/latest, else an older one, said at WARNING)."""
+    (its newest intact checkpoint by image count; a damaged newer one is said at WARNING)."""
     p = Path(path)
     if (p / "networks.json").is_file():
         return p
@@ -149,9 +149,14 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
         net.set_level(info["level"], info["alpha"])
         alpha = float(info["alpha"])
         if warn_unfinished and isinstance(net, Generator) and (net.level < net.config.num_levels - 1 or alpha < 1):
-            log.warning("%s: %s was saved before training reached its final resolution: it is at %d px of %d px%s, "
-                        "and its images are %d px", folder, name, net.current_resolution, net.config.resolution,
-                        f" (fading in, α {alpha:.2f})" if alpha < 1 else "", net.current_resolution)
+            if net.level < net.config.num_levels - 1:
+                log.warning("%s: %s was saved before training reached its final resolution: it is at %d px of %d px%s, "
+                            "and its images are %d px", folder, name, net.current_resolution, net.config.resolution,
+                            f" (fading in, α {alpha:.2f})" if alpha < 1 else "", net.current_resolution)
+            else:
+                log.warning("%s: %s was saved while its final resolution, %d px, was still fading in (α %.2f): its "
+                            "images are partly upsampled from %d px", folder, name, net.current_resolution, alpha,
+                            net.current_resolution // 2)
         out[name] = net
     if names is not None and set(names) - set(out):
         raise UserError(f"{folder}: no network named {sorted(set(names) - set(out))}; it has {sorted(meta['networks'])}")

@@ -154,6 +154,32 @@ def process_device(device: str | None) -> torch.device:
     return dev
 
 
+# run-folder locks this process holds (Trainer._lock): a child forked without exec (a DataLoader
+# worker, say) shares each one and could hold it past this process, so in the child each lock's
+# descriptor is pointed at /dev/null instead (dup2: the parent's lock is untouched, and the child's
+# file object still closes a valid descriptor, never one reused for another file)
+_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    if not _LOCK_FDS:
+        return
+    try:
+        nul = os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return
+    for fd in _LOCK_FDS:
+        try:
+            os.dup2(nul, fd)
+        except OSError:
+            pass
+    os.close(nul)
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class Trainer:
     """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim) -> dict`` with
     a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
@@ -231,6 +257,11 @@ class Trainer:
         if self.cfg.include_test:
             return everything
         rows = everything[np.array([s != "test" for s in self.archive.splits], dtype=bool)]
+        if len(rows) == len(everything) and self.rank == 0:
+            log.warning("%s has no test split: the GAN trains on every patient, and an evaluation that holds patients "
+                        "out of it (evaluate tstr) will test on patients the generator saw. Prepare it with the "
+                        "data set's split lists (ChestX-ray14: train_val_list.txt, test_list.txt) to keep them apart",
+                        self.archive.path)
         if len(rows) == 0 and len(everything):
             raise UserError(f"{self.archive.path}: every image is in the test split, which the evaluations test on; "
                             f"nothing is left to train on (--include-test trains on them)")
@@ -243,7 +274,8 @@ class Trainer:
                         "is --batch's, else the default (16 up to 128 px)", self.device)
         end = self.schedule.at(self.schedule.total_images - 1)
         if end.level < self.schedule.final_level or end.fading:
-            growth = sum(n for _, n, _ in self.schedule.phases)
+            # the images until the final resolution is fully faded in (its stable phase not counted)
+            growth = sum(n for _, n, _ in self.schedule.phases[:-1])
             log.warning("%s: --total-kimg %g ends the schedule at %d px%s, before the final %d px (growing to it takes "
                         "%g kimg): the run will end there, and its checkpoints generate %d-px images",
                         self.out, self.schedule.total_images / 1000, self.net_config.resolution_at(end.level),
@@ -258,23 +290,31 @@ class Trainer:
         torchrun every process is told the outcome)."""
         refused = None
         if self.rank == 0:
+            import errno
             import fcntl
-            fh = open(self.out / ".lock", "a+")
+            fh = None
             try:
+                fh = open(self.out / ".lock", "a+")
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                holder = fh.read().strip() or "a process"
-                fh.close()
-                refused = (f"{self.out}: another training is running in this folder ({holder} holds "
-                           f"{self.out / '.lock'}); two at once would mix their logs and overwrite each other's "
-                           "checkpoints: wait for it to end (or stop it), or choose another --out")
+            except OSError as exc:
+                if fh is not None and exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    fh.seek(0)
+                    holder = fh.read().strip() or "a process"
+                    refused = (f"{self.out}: another training is running in this folder ({holder} last took "
+                               f"{self.out / '.lock'}); two at once would mix their logs and overwrite each other's "
+                               "checkpoints: wait for it to end (or stop it), or choose another --out")
+                else:  # a file system without flock (Lustre mounted noflock, some NFS / FUSE mounts)
+                    log.warning("%s: cannot lock the run folder on this file system (%s); nothing stops a second "
+                                "training of the same folder from running at once", self.out, exc.strerror or exc)
+                if fh is not None:
+                    fh.close()
             else:
                 fh.seek(0)
                 fh.truncate()
                 fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
                 fh.flush()
                 self._lock_file = fh
+                _LOCK_FDS.add(fh.fileno())
         if self.world > 1:
             outcome = [refused]
             dist.broadcast_object_list(outcome, 0)
@@ -290,7 +330,11 @@ class Trainer:
     def _unlock(self) -> None:
         self._holds_folder = False
         if self._lock_file is not None:
-            self._lock_file.close()  # closing the file releases the flock
+            _LOCK_FDS.discard(self._lock_file.fileno())
+            try:
+                self._lock_file.close()  # closing the file releases the flock
+            except OSError:  # in a forked child, whose copy was closed at the fork
+                pass
             self._lock_file = None
 
     # ------------------------------------------------------------------ set-up
@@ -330,9 +374,12 @@ class Trainer:
                     tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
                     os.replace(tmp, self.log_path)
         elif self.rank == 0:
-            if self._checkpoint_dirs() or any(self.ckpt_dir.glob("damaged-ckpt-*")):
+            if self._checkpoint_dirs():
                 raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
                                       "or choose a new --out")
+            if any(self.ckpt_dir.glob("damaged-ckpt-*")):
+                raise FileExistsError(f"{self.out} holds only damaged checkpoints (damaged-ckpt-*), which a new start "
+                                      "would leave beside its own: move them away, or choose a new --out")
             self._set_aside_earlier_start()
         if self.world > 1:
             for net in (self.G, self.D, self.G_ema):
@@ -385,6 +432,11 @@ class Trainer:
             failed.append((path, why))
         if failed:
             raise UserError(f"{self.ckpt_dir}: no usable checkpoint; the newest one is damaged: {failed[0][1]}")
+        damaged = sorted(self.ckpt_dir.glob("damaged-ckpt-*"))
+        if damaged:
+            raise UserError(f"{self.ckpt_dir}: only damaged checkpoints are left ({', '.join(d.name for d in damaged[:3])}"
+                            f"{' ...' if len(damaged) > 3 else ''}); nothing to resume from: start a new --out (or "
+                            f"move them away and start this one again without --resume)")
         raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from")
 
     def _check_resumable(self, path: Path, meta: dict) -> None:
@@ -398,6 +450,14 @@ class Trainer:
                             + "; the options given build " + ", ".join(f"{k} {built[k]}" for k in differ)
                             + f" ({self.cfg.archive} at {self.archive.resolution} px): resume with the run's own "
                             "options and archive, or start a new run with another --out")
+        # the rows it trained on: runs from before the test split was held out trained on every row
+        run_config = (meta.get("extra") or {}).get("train_config") or {}
+        theirs = bool(run_config.get("include_test", True)) if isinstance(run_config, dict) else True
+        if theirs != bool(self.cfg.include_test):
+            raise UserError(f"{path}: the run trained on {'every image' if theirs else 'the images outside the test split'}"
+                            f" of its archive, and these options train on "
+                            f"{'every image' if self.cfg.include_test else 'those outside the test split'}: resume with "
+                            f"include_test={theirs} (--include-test{'' if theirs else ' left out'}), or start a new run")
         trained_on = (meta.get("extra") or {}).get("archive")
         if not isinstance(trained_on, dict):
             log.warning("%s: written before checkpoints recorded their archive: cannot check that %s is the one "
@@ -421,12 +481,13 @@ class Trainer:
         while (self.out / f"log-{suffix}.jsonl").exists() or (self.out / f"grids-{suffix}").exists():
             suffix, i = f"{stamp}-{i}", i + 1
         os.replace(self.log_path, self.out / f"log-{suffix}.jsonl")
-        if (self.out / "grids").is_dir():
+        grids = (self.out / "grids").is_dir()
+        if grids:
             os.replace(self.out / "grids", self.out / f"grids-{suffix}")
         for stale in ("best.json", "latest"):  # they would name checkpoints that never were
             (self.ckpt_dir / stale).unlink(missing_ok=True)
-        log.warning("%s: an earlier start left log.jsonl without a checkpoint; moved aside to log-%s.jsonl "
-                    "(and its grids to grids-%s/)", self.out, suffix, suffix)
+        log.warning("%s: an earlier start left log.jsonl without a checkpoint; moved aside to log-%s.jsonl%s",
+                    self.out, suffix, f" (and its grids to grids-{suffix}/)" if grids else "")
 
     def batch_for(self, level: int) -> int:
         res = self.net_config.resolution_at(level)
