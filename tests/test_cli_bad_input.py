@@ -350,7 +350,7 @@ CASES += [
     Case("fid-n-without-checkpoint", "silently ignored",
          lambda w, t: ["fid", w / "arc", w / "samples", "--n", "5", "--random-weights", "-q"],
          "neither input is one"),
-    Case("fid-prdc-too-few-kept", "unclear", lambda w, t: ["fid", w / "arc", w / "samples", "--prdc",
+    Case("fid-prdc-too-few-kept", "unclear message", lambda w, t: ["fid", w / "arc", w / "samples", "--prdc",
                                                             "--keep-features", "5", "--random-weights", "-q"],
          "--prdc needs more than 5"),
     Case("report-of-a-sample-folder", "silently ignored",
@@ -603,7 +603,8 @@ def test_count_by_kind():
     print("\n" + "\n".join(f"{k}: {n}" for k, n in sorted(by_kind.items())) + f"\ntotal: {len(CASES)}")
     assert len({c.id for c in CASES}) == len(CASES)
     assert set(by_kind) == {"numeric option <= 0", "device", "out path", "destroys data", "missing column",
-                            "truncated file", "corrupt JSON", "backend variable", "silent wrong result"}
+                            "truncated file", "corrupt JSON", "backend variable", "silent wrong result",
+                            "silently ignored", "unclear message"}
 
 
 # ------------------------------------------------------------------------------ where the right answer is to go on
