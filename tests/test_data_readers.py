@@ -4,7 +4,8 @@ from PIL import Image, ImageOps
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from xrayforge.data.readers import SkipImage, find_images, read_radiograph
+from xrayforge.data import readers
+from xrayforge.data.readers import SkipImage, file_kind, find_images, read_radiograph
 
 from dicom_factory import base_dataset, voi_lut_sequence, write_image, write_rt_plan
 
@@ -190,3 +191,27 @@ def test_sixteen_bit_png_reports_its_largest_value(tmp_path):
     rad = read_radiograph(tmp_path / "a.png")
     assert rad.meta["max"] == 4095
     np.testing.assert_allclose(rad.pixels, arr / 65535, atol=1e-7)
+
+
+def test_bmp_is_known_by_its_header_not_by_bm_alone(tmp_path):
+    Image.fromarray(np.full((3, 5), 200, dtype=np.uint8)).save(tmp_path / "film.scan", format="BMP")
+    assert file_kind(tmp_path / "film.scan") == "image"
+    np.testing.assert_allclose(read_radiograph(tmp_path / "film.scan").pixels, 200 / 255, atol=1e-7)
+    (tmp_path / "BMW.service").write_text("BMW 320d service history\n2019-04-02  oil, filters\n" * 4)
+    assert file_kind(tmp_path / "BMW.service") == ""
+    with pytest.raises(SkipImage, match="unsupported file type .service: neither DICOM nor"):
+        read_radiograph(tmp_path / "BMW.service")
+
+
+def test_a_known_suffix_is_read_without_looking_at_the_content(tmp_path, monkeypatch):
+    write_image(tmp_path / "a.dcm", STORED)
+    Image.fromarray(np.full((3, 5), 255, dtype=np.uint8)).save(tmp_path / "b.png")
+    write_image(tmp_path / "IM0001", STORED)
+
+    def sniffed(path):
+        raise AssertionError(f"{path}: opened to look at its content")
+    monkeypatch.setattr(readers, "file_kind", sniffed)
+    assert read_radiograph(tmp_path / "a.dcm").pixels.shape == (2, 3)
+    assert read_radiograph(tmp_path / "b.png").pixels.shape == (3, 5)
+    with pytest.raises(AssertionError, match="IM0001: opened"):  # no suffix: only the content can say
+        read_radiograph(tmp_path / "IM0001")

@@ -10,9 +10,10 @@ to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 
 only a sixteenth of the range); colour images are converted to luminance; an EXIF orientation
 is applied.
 
-A file's suffix says how to read it when it is a known one; otherwise its content does (DICOM's
-"DICM", PNG / JPEG / TIFF / BMP signatures), so that DICOM files named by their UID
-(``1.2.840.113619.2.55.3.604688``) or with a vendor's suffix (``scan.IMA``) are read.
+A file's suffix says how to read it when it is a known one (no file is opened to find out);
+otherwise its content does (DICOM's "DICM", PNG / JPEG / TIFF / BMP signatures), so that DICOM
+files named by their UID (``1.2.840.113619.2.55.3.604688``) or with a vendor's suffix
+(``scan.IMA``) are read.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import numpy as np
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 PILLOW_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
+# "BM" alone starts many a text file; a BMP's DIB header size (bytes 14-17) is one of these
+_BMP_DIB_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
 # plainly not radiographs: find_images leaves them out without a word (a file with any other
 # suffix, or none, is a candidate that its content accepts or skipped.csv lists with the reason)
 NOT_IMAGE_SUFFIXES = {
@@ -55,7 +58,27 @@ def file_kind(path: str | os.PathLike) -> str:
         head = fh.read(132)
     if head[128:132] == b"DICM":
         return "dicom"
-    return "image" if head.startswith(_IMAGE_SIGNATURES) else ""
+    bmp = head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_DIB_HEADER_SIZES
+    return "image" if bmp or head.startswith(_IMAGE_SIGNATURES) else ""
+
+
+def reader_kind(path: str | os.PathLike) -> str:
+    """'dicom' or 'image' by the suffix when it is a known one, else by the content (``file_kind``);
+    raises SkipImage when neither says so, or when the file cannot be opened."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if suffix in PILLOW_SUFFIXES:
+        return "image"
+    try:
+        kind = file_kind(path)
+    except OSError as exc:
+        raise SkipImage(f"cannot read file ({exc})") from exc
+    if not kind:
+        raise SkipImage(f"unsupported file type {suffix or '(no suffix)'}: neither DICOM nor a PNG, JPEG, TIFF or "
+                        f"BMP image")
+    return kind
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -184,18 +207,7 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
 
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Read one file; raises SkipImage with the reason when it is not a usable radiograph."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        kind = file_kind(path)
-    except OSError as exc:
-        raise SkipImage(f"cannot read file ({exc})") from exc
-    if kind == "dicom" or suffix in DICOM_SUFFIXES:
-        return read_dicom(path)
-    if kind == "image" or suffix in PILLOW_SUFFIXES:
-        return read_pillow(path)
-    raise SkipImage(f"unsupported file type {suffix or '(no suffix)'}: neither DICOM nor a PNG, JPEG, TIFF or BMP "
-                    f"image")
+    return read_dicom(path) if reader_kind(path) == "dicom" else read_pillow(path)
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
