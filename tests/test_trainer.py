@@ -122,6 +122,29 @@ def _rank_main(rank, world, archive, out, init_file, result_dir):
         dist.destroy_process_group()
 
 
+def _rank_stop_and_resume(rank, world, archive, out, init_file, result_dir):
+    """Two processes: the whole run in out/whole; in out/parts, stopped at 136 images, then resumed."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = dict(TINY, batch={4: 4, 8: 4, 16: 4})
+        Trainer(TrainConfig(str(archive), str(out / "whole"), **cfg), progress=False).train()
+        Trainer(TrainConfig(str(archive), str(out / "parts"), max_images=136, **cfg), progress=False).train()
+        Trainer(TrainConfig(str(archive), str(out / "parts"), **cfg), resume=True, progress=False).train()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_two_process_run_resumes_exactly(archive, tmp_path):
+    """Each process's random streams (its latents and flips) are in the checkpoint: a resumed
+    two-process run equals the uninterrupted one (with process 0's alone, both drew the same latents)."""
+    tmp_mp.spawn(_rank_stop_and_resume, args=(2, archive, tmp_path, tmp_path / "pg", tmp_path), nprocs=2)
+    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "parts"))
+    (ckpt,) = [c for c in (tmp_path / "parts" / "checkpoints").glob("ckpt-*") if c.name.endswith("000320")]
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert len(state["rank_rng"]) == 2 and not torch.equal(state["rank_rng"][0]["latent_rng"],
+                                                           state["rank_rng"][1]["latent_rng"])
+
+
 def test_two_process_gloo_run(archive, tmp_path):
     tmp_mp.spawn(_rank_main, args=(2, archive, tmp_path / "ddp", tmp_path / "pg", tmp_path), nprocs=2)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

@@ -189,8 +189,13 @@ class Trainer:
         self.progress, self.measure = progress, measure
         self.out = Path(config.out)
         self.rank, self.world = 0, 1
+        self._control = None  # a CPU (gloo) process group for the processes' small agreements
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if self.world > 1:
+                # flags and random states travel on the host: with NCCL a gloo group, so that agreeing
+                # on them never waits for the GPU's queued work
+                self._control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if config.metrics and measure is None and self.rank == 0:
             raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
                              "TrainingMetrics(archive, run, metrics, features, images)")
@@ -360,10 +365,22 @@ class Trainer:
                 if not (self.ckpt_dir / str(self.best.get("checkpoint"))).is_dir() \
                         or int(self.best.get("images", 0)) > self.images_seen:
                     self.best = None
-            self.gen.set_state(state["latent_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            if self.device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            per_rank = state.get("rank_rng")
+            if isinstance(per_rank, list) and len(per_rank) == self.world:
+                self._set_rng_state(per_rank[self.rank])  # each process its own streams: an exact continuation
+            elif self.world == 1:
+                self._set_rng_state(state)
+            else:
+                # a checkpoint of another number of processes (or from before each one's streams were
+                # kept): every process given process 0's state would draw the same latents and flips
+                if self.rank == 0:
+                    log.warning("%s: saved by %s; each of these %d processes continues from a stream of its own "
+                                "(seeded by the run's seed, its rank and the images seen), so the run goes on "
+                                "well but is not the exact continuation it would be with the same processes",
+                                path.name, f"{len(per_rank)} processes" if isinstance(per_rank, list)
+                                else "an earlier version that kept one process's random state", self.world)
+                self.gen.manual_seed(self.cfg.seed * 1000 + 7 + self.rank + 1_000_003 * self.images_seen)
+                torch.manual_seed(self.cfg.seed + 7919 * (self.rank + 1) + 1_000_003 * self.images_seen)
             if self.log_path.exists():
                 # ticks logged after this checkpoint (a kill between a tick and the next checkpoint) are
                 # done again, and a line torn by the kill is dropped: the log is rewritten without them
@@ -568,6 +585,11 @@ class Trainer:
         level, alpha = self.last_step
         for net in (self.G, self.D, self.G_ema):
             net.set_level(level, alpha)
+        # every process's random streams (latents, flips), so that a resume continues each exactly
+        ranks_rng = [self._rng_state()]
+        if self.world > 1:
+            ranks_rng = [None] * self.world
+            dist.all_gather_object(ranks_rng, self._rng_state(), group=self._control)
         if self.rank != 0:
             return None
         name = f"ckpt-{self.images_seen:012d}"
@@ -580,9 +602,7 @@ class Trainer:
         state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level, "phase": self.phase_index,
                  "step_level": level, "step_alpha": alpha,
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                 "latent_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+                 **ranks_rng[0], "rank_rng": ranks_rng}
         torch.save(state, tmp / "state.pt")
         with open(tmp / "state.pt", "rb") as fh:
             os.fsync(fh.fileno())
@@ -682,6 +702,27 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
+    def _agree(self, *flags) -> list[int]:
+        """Each flag as the largest any process has (a signal, the time budget and the best
+        measurement reach the processes apart; they must stop and checkpoint at the same step)."""
+        if self.world == 1:
+            return [int(f) for f in flags]
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return t.tolist()
+
+    def _rng_state(self) -> dict:
+        state = {"latent_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        self.gen.set_state(state["latent_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+
     def train(self) -> dict:
         """Run to the end of the schedule (or max_images); returns a summary."""
         if not self._holds_folder:  # trained before (or closed): the lock was let go
@@ -722,8 +763,11 @@ class Trainer:
                 self.images_seen = nxt
                 tick_images += global_batch(self.level)
                 bar.update(min(nxt, self.total) - bar.n)
-                done = self.images_seen >= self.total or (
-                    self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds)
+                out_of_time = self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds
+                out_of_time, stop = self._agree(out_of_time, bool(self._stop_signal))
+                if stop and not self._stop_signal:  # another process was signalled: stop here too
+                    self._stop_signal = signal.SIGTERM
+                done = self.images_seen >= self.total or bool(out_of_time)
                 if self.images_seen >= next_tick or done or self._stop_signal:
                     if self.device.type == "cuda":  # the tick's img/s counts its steps' GPU work, all of it
                         torch.cuda.synchronize(self.device)
@@ -745,7 +789,7 @@ class Trainer:
                         self._write_tick(record, final=done)
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
-                    better = self._better(record)
+                    (better,) = self._agree(self._better(record))  # rank 0 measures
                     if better or done or self._stop_signal or self.tick % self.cfg.checkpoint_ticks == 0:
                         saved = self.save_checkpoint()
                         if better and saved is not None:
