@@ -335,3 +335,31 @@ def test_fid_of_a_generator_equals_that_of_the_images_it_samples(learned_gan, tm
     assert cli(["fid", str(run), str(tmp_path / "s"), "--n", "24", "--seed", "3", "--random-weights",
                 "--json", "-q", "--workers", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(same["fid"], abs=1e-9)
+
+
+def _fid_rank(rank, world, a, b, init_file, result):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        r = compute_fid(str(a), str(b), random_weights=True, workers=0, progress=False, kid_subsets=5,
+                        bootstrap=4, prdc=True, batch_size=4)
+        if rank == 0:
+            torch.save(r, result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_kid_interval_and_prdc_of_all_images(tmp_path):
+    """Under torchrun each process reads a share; KID, the bootstrap interval and precision / recall
+    must still come from every image (they came from process 0's share), equal to one process's."""
+    import torch.multiprocessing as tmp_mp
+    a = _png_folder(tmp_path / "a", range(9), size=(16, 16))
+    b = _png_folder(tmp_path / "b", range(20, 27), size=(16, 16))
+    one = compute_fid(str(a), str(b), random_weights=True, workers=0, progress=False, kid_subsets=5, bootstrap=4,
+                      prdc=True, batch_size=4)
+    tmp_mp.spawn(_fid_rank, args=(2, a, b, tmp_path / "pg", tmp_path / "two.pt"), nprocs=2)
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    assert two["n_a"] == 9 and two["n_b"] == 7
+    for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
+    assert two["fid_ci95"] == pytest.approx(one["fid_ci95"], rel=1e-6)

@@ -83,6 +83,31 @@ def describe(spec: str) -> str:
     raise FileNotFoundError(f"{spec}: no such file or folder")
 
 
+def _gather_kept(pool, skipped: list, thinned: bool):
+    """Under torchrun: every process's kept features (a share each: items rank, rank + world, ...),
+    back in the order one process would have seen them when none was thinned, and every process's
+    skipped files; so that KID, bootstrap intervals and precision / recall use all the images."""
+    import torch.distributed as dist
+    rank, world = _rank_world()
+    if world == 1:
+        return pool, skipped, thinned
+    got = [None] * world
+    dist.all_gather_object(got, (pool, skipped, thinned))
+    skipped = [s for _, sk, _ in got for s in sk]
+    thinned = any(t for _, _, t in got)
+    if pool is None:
+        return None, skipped, thinned
+    pools = [p for p, _, _ in got]
+    total = sum(len(p) for p in pools)
+    if thinned or any(len(p) != len(range(r, total, world)) for r, p in enumerate(pools)):
+        # uniform samples of equal shares (or shares that lost unreadable files): together, a uniform sample
+        return np.concatenate(pools), skipped, thinned
+    merged = np.empty((total, pools[0].shape[1]), dtype=pools[0].dtype)
+    for r, p in enumerate(pools):  # item i was process (i mod world)'s (i div world)-th
+        merged[r::world] = p
+    return merged, skipped, False
+
+
 class FeatureExtractor:
     """Features of a feature space (``fid.features``: Inception by default) -> streaming moments,
     for any kind of input. Statistics it makes carry the space's name."""
@@ -125,7 +150,7 @@ class FeatureExtractor:
 
     def _consume(self, batches, total: int, desc: str, kind: str) -> FeatureResult:
         moments = StreamingMoments(self.dim, self.device)
-        keep, seen = [], 0
+        keep, seen, thinned = [], 0, False
         rng = np.random.default_rng(self.seed)
         skipped = []
         with self._bar(total, desc) as bar:
@@ -142,14 +167,19 @@ class FeatureExtractor:
                     if seen > 4 * self.keep_features:  # keep a uniform sample, bounded in memory
                         pool = np.concatenate(keep)
                         keep = [pool[rng.choice(len(pool), self.keep_features, replace=False)]]
-                        seen = self.keep_features
+                        seen, thinned = self.keep_features, True
                 bar.update(len(images))
         moments.all_reduce()
         features = None
-        if self.keep_features and keep:
-            pool = np.concatenate(keep)
+        if self.keep_features:
+            pool = np.concatenate(keep) if keep else np.zeros((0, self.dim), np.float32)
+            pool, skipped, thinned = _gather_kept(pool, skipped, thinned)
             features = pool if len(pool) <= self.keep_features else \
                 pool[rng.choice(len(pool), self.keep_features, replace=False)]
+            if len(features) == 0:
+                features = None
+        else:
+            skipped = _gather_kept(None, skipped, False)[1]
         stats = moments.stats()
         stats.space = self.space.name
         return FeatureResult(stats, features, skipped, kind)
@@ -183,9 +213,10 @@ class FeatureExtractor:
         rank, world = _rank_world() if shard else (0, 1)
         kind = describe(spec)
         if kind == "folder":
-            names = find_images(spec)[rank::world]
-            if not names:
+            every = find_images(spec)
+            if not every:
                 raise FileNotFoundError(f"{spec}: no image files")
+            names = every[rank::world]  # a process may have none when there are fewer images than processes
             dataset = _FileDataset(names)
         elif kind == "archive":
             arc = Archive(spec)

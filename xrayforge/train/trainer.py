@@ -872,6 +872,8 @@ def init_distributed() -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun; (rank, world size)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():  # "cuda" is then this process's GPU for every command, not GPU 0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
