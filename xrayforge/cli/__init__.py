@@ -83,6 +83,15 @@ def check_backend_env(args: argparse.Namespace) -> None:
                             f"(unset it, or set it to auto or torch)")
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """A collective that failed because another torchrun process died or left (gloo: the
+    connection was closed or reset; NCCL: the communicator was aborted)."""
+    text = str(exc)
+    return type(exc).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError") and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                            "Broken pipe"))
+
+
 def describe(exc: BaseException) -> str:
     """One line for an error."""
     text = str(exc)
@@ -95,6 +104,9 @@ def describe(exc: BaseException) -> str:
         pass
     elif isinstance(exc, OSError):  # a missing file, a full disk, no permission: the file and the problem
         text = f"{exc.filename}: {exc.strerror or exc}" if exc.filename is not None else str(exc)
+    elif _peer_gone(exc):
+        text = ("another process of this torchrun job stopped (its own error is above); this one stopped with "
+                f"it ({type(exc).__name__})")
     elif type(exc).__name__ == "OutOfMemoryError":
         text = "out of GPU memory; lower --batch (or use --amp bf16 / --checkpoint-min-res where the command has them)"
     else:
@@ -124,3 +136,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"xrayforge {name}: error: {describe(exc)}", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group on the way out, error or not: a process that exits
+    holding it aborts ('terminate called without an active exception') and torchrun then prints a
+    page of tracebacks after the one-line error."""
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving is best effort; the command's own outcome stands
+        pass

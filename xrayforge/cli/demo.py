@@ -9,10 +9,11 @@ from . import _args
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
+    from ..train.trainer import Interrupted
 
     try:
         run_demo(args.out, args.device, args.minutes, args.inception, progress=not args.quiet)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C during training stops the trainer with a checkpoint
         print(f"\ninterrupted: run the same command again to continue ({args.out})", file=sys.stderr)
         return 130
     return 0

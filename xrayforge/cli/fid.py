@@ -81,7 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "torchrun ... -m xrayforge fid.")
     p.add_argument("a")
     p.add_argument("b", nargs="?")
-    p.add_argument("--n", type=_args.positive_int, default=None, help="images to generate from a checkpoint input (required for one; folders and archives are used whole)")
+    p.add_argument("--n", "--images", dest="n", type=_args.positive_int, default=None,
+                   help="images to generate from a checkpoint input (required for one; folders and archives are used "
+                        "whole); under torchrun write --images (torchrun takes --n for its own --nnodes/--nproc...)")
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--random-weights", action="store_true",
                    help="random Inception weights: checks the pipeline; the number is not a comparable FID")

@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(RUN may have moved), and refuses a classifier whose files changed since.")
     p.add_argument("run")
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=_args.positive_int, required=True, help="images (per LCO target)")
+    p.add_argument("--n", "--images", dest="n", type=_args.positive_int, required=True,
+                   help="images (per LCO target); under torchrun write --images (torchrun takes --n for its own "
+                        "--nnodes/--nproc...)")
     p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
     p.add_argument("--batch", type=_args.positive_int, default=32)

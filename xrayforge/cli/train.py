@@ -190,8 +190,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as exc:
         print(f"xrayforge train: {exc}", file=sys.stderr)
         return 130
-    print(f"trained to {summary['images_seen']} images at {summary['resolution']} px of {summary['final_resolution']} "
-          f"px, on {summary['train_images']} archive images; checkpoint {summary['checkpoint']}")
+    if rank == 0:  # once, and after process 0 wrote the last checkpoint
+        print(f"trained to {summary['images_seen']} images at {summary['resolution']} px of "
+              f"{summary['final_resolution']} px, on {summary['train_images']} archive images; checkpoint "
+              f"{summary['checkpoint']}")
     return 0
 
 
