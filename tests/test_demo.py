@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,16 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
     again = json.loads((out / "demo_state.json").read_text())
     assert again["train"]["images_seen"] == state["train"]["images_seen"]
+    # a stage's output deleted: the next run makes it again (and what depended on it), not a report of ghosts
+    import shutil
+    shutil.rmtree(out / "classifier")
+    assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
+    third = json.loads((out / "demo_state.json").read_text())
+    assert (out / "classifier" / "classifier.json").is_file()
+    assert third["train"]["images_seen"] == state["train"]["images_seen"]  # the GAN is kept
+    for target, info in third["lco"].items():
+        assert "error" in info or (Path(info["folder"]) / "summary.json").is_file(), target
+    assert json.loads((run / "evaluations" / "tstr" / "summary.json").read_text())["evaluation"] == "tstr"
 
 
 def test_every_help_works(capsys):

@@ -273,10 +273,15 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
 
     # 2. the classifier first: its features measure the GAN while it trains (no Inception weights needed)
     clf = out / "classifier"
-    if "classifier" not in results:
+    if "classifier" not in results or not (clf / "classifier.json").is_file():
         say("training the phantom classifier")
         if clf.exists():  # a run stopped before it recorded this step: its classifier is remade
             shutil.rmtree(clf)
+        if "classifier" in results:  # it was deleted: what it labelled and measured goes with it
+            for made in (out / "samples", out / "run" / "evaluations"):
+                shutil.rmtree(made, ignore_errors=True)
+            for key in ("lco", "realism", "fid", "tstr", "diversity", "memorisation"):
+                results.pop(key, None)
         s = train_classifier(ClassifierTrainConfig(str(archive), str(clf), input_size=p["clf_size"],
                                                    width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3,
                                                    device=str(dev)), progress=progress)
@@ -325,8 +330,9 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
                                 device=str(dev)), progress=progress)
     results.setdefault("lco", {})
     for i, target in enumerate(DEMO_TARGETS):
-        if target in results["lco"]:
-            continue
+        done = results["lco"].get(target)
+        if done and ("error" in done or (Path(done["folder"]) / "summary.json").is_file()):
+            continue  # made (or found unreachable); a deleted folder is made again
         say(f"LCO: {p['lco_n']} images with {target}")
         folder = samples / f"lco-{i}"
         try:

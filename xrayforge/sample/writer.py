@@ -230,7 +230,7 @@ class ArchiveSampler:
             newest = find_generator(self.cfg.run).resolve()
         except (FileNotFoundError, ValueError):
             newest = None
-        if newest != pinned.resolve():
+        if newest != pinned.resolve() and not self._complete():  # a complete archive is only re-summarised
             log.warning("%s was started from %s; finishing it with that checkpoint, not %s (a new --out samples "
                         "from the newer one)", self.out, pinned, newest or self.cfg.run)
         return pinned
