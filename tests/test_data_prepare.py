@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import shutil
 import signal
@@ -358,18 +359,25 @@ def test_images_and_label_rows_that_do_not_match_are_counted_and_said(tmp_path, 
     assert "1 not in it (left out)" in capsys.readouterr().out
 
 
-def test_identical_duplicate_label_rows_are_one_and_different_ones_are_refused(tmp_path):
+def test_duplicate_label_rows_are_refused_only_when_they_differ_in_what_prepare_uses(tmp_path):
     src = tmp_path / "cxr14"
     names = make_chestxray14(src)
     with open(src / "Data_Entry_2017.csv", "a", newline="") as fh:
-        csv.writer(fh).writerow([names[0], "Cardiomegaly|Effusion", 0, 1, 50])  # line 5: the same as line 2
+        w = csv.writer(fh)
+        w.writerow([names[0], "Cardiomegaly|Effusion", 0, 1, 50])  # line 5: the same as line 2
+        w.writerow([names[0], "Effusion|Cardiomegaly", 3, 1, 52])  # line 6: the same findings, another age
     assert prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False).included == 3
-    with open(src / "Data_Entry_2017.csv", "a", newline="") as fh:
-        csv.writer(fh).writerow([names[0], "Hernia", 0, 1, 50])  # line 6: another finding for the same image
-    with pytest.raises(UserError, match=r"Data_Entry_2017.csv: image 00000001_000.png has two different rows "
-                                        r"\(lines 2 and 6\)"):
-        prepare(str(src), tmp_path / "out2", resolution=8, workers=1, progress=False)
-    assert not (tmp_path / "out2.partial").exists()
+    for k, (row, field, values) in enumerate([
+            ([names[0], "Hernia", 0, 1, 50], "Finding Labels", "line 2: 'Cardiomegaly|Effusion', line 7: 'Hernia'"),
+            ([names[0], "Effusion|Cardiomegaly", 0, 7, 50], "Patient ID", "line 2: '1', line 7: '7'")]):
+        lines = (src / "Data_Entry_2017.csv").read_text().splitlines(keepends=True)[:6]
+        with open(src / "Data_Entry_2017.csv", "w", newline="") as fh:
+            fh.writelines(lines)
+            csv.writer(fh).writerow(row)  # line 7
+        with pytest.raises(UserError, match=f"Data_Entry_2017.csv: image 00000001_000.png has two rows with different "
+                                            f"{field} \\({values}\\); keep the right one"):
+            prepare(str(src), tmp_path / f"out{k}", resolution=8, workers=1, progress=False)
+        assert not (tmp_path / f"out{k}.partial").exists()
 
 
 def test_an_image_in_both_split_lists_is_refused(tmp_path):
@@ -390,3 +398,48 @@ def test_two_labelled_images_of_one_name_are_refused(tmp_path):
         prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
     (src / "copy" / names[1]).rename(src / "copy" / "other.png")  # a name the label file does not have: no question
     assert prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False).included == 4
+
+
+def test_labels_beside_the_current_folder_are_found(tmp_path, monkeypatch):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    monkeypatch.chdir(src / "images")  # prepare . : the label file is in the parent of the current folder
+    res = prepare(".", tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert res.label_match["matched"] == 3 and res.label_match["file"] == str(src / "Data_Entry_2017.csv")
+    by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
+    assert by_name[names[0]]["finding_labels"] == "Cardiomegaly|Effusion" and by_name[names[2]]["split"] == "test"
+
+
+def test_files_that_are_no_images_are_neither_unlabelled_images_nor_rows(tmp_path, caplog):
+    src = tmp_path / "cxr14"
+    make_chestxray14(src)
+    Image.fromarray(np.full((8, 8), 90, dtype=np.uint8)).save(src / "images" / "mine.png")
+    (src / "images" / "export.bin").write_bytes(b"\xd0\xcf\x11\xe0" + b"\x00" * 300)
+    (src / "images" / "upload.part").write_bytes(b"\x89PN")  # an image cut short is still not one
+    (src / "images" / "BMW.notes").write_text("BMW 320d service history\n" * 8)
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert (res.included, res.skipped) == (4, 3)
+    assert res.label_match["unlisted"] == 1 and res.label_match["matched"] == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "1 of 4 image files" in warned[0] and "mine.png" in warned[0]
+    skipped = {s["source"].split("/")[-1]: s["reason"] for s in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert set(skipped) == {"export.bin", "upload.part", "BMW.notes"}
+    assert all("neither DICOM nor" in reason for reason in skipped.values())
+    assert json.loads((tmp_path / "out" / "archive.json").read_text())["capacity"] == 4  # no rows for them
+
+
+def test_a_dicom_export_reusing_file_names_across_patients_is_prepared(tmp_path):
+    src = tmp_path / "export"
+    for k in range(3):  # PAT000/STUDY1/SERIES1/IM-0001-0001.dcm, ...: the same names in every patient's folder
+        series = src / f"PAT{k:03d}" / "STUDY1" / "SERIES1"
+        series.mkdir(parents=True)
+        write_image(series / "IM-0001-0001.dcm", np.full((16, 16), 100 + 500 * k, dtype=np.uint16), PatientID=f"PAT{k}")
+        write_image(series / "IM-0001-0002", np.full((16, 16), 2100 + 500 * k, dtype=np.uint16), PatientID=f"PAT{k}")
+    write_rt_plan(src / "DICOMDIR")  # a DICOM object without pixel data, as the index of an export is
+    (src / "README").write_text("exported by the PACS")
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=2, progress=False)
+    assert (res.included, res.skipped, res.label_match) == (6, 2, None)
+    manifest = read_csv(tmp_path / "out" / "manifest.csv")
+    assert sorted(m["patient_id"] for m in manifest) == ["PAT0", "PAT0", "PAT1", "PAT1", "PAT2", "PAT2"]
+    assert len({m["sha1"] for m in manifest}) == 6

@@ -39,7 +39,7 @@ from ..utils.files import check_out_dir, load_npy, read_csv, read_json
 from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, pyramid_resolutions, quantize, write_csv,
                       write_json)
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
-from .readers import SkipImage, find_images, read_radiograph
+from .readers import SkipImage, find_images, read_radiograph, reader_kind
 
 
 PHANTOM_MIN_RESOLUTION = 8  # phantom.render draws nothing smaller
@@ -66,20 +66,23 @@ SPLIT_FILES = (("train", "train_val_list.txt"), ("test", "test_list.txt"))
 
 def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
     """{image file name: (patient id, finding labels)} and {file name: split}; an image with two
-    different rows, or in both split lists, is refused."""
+    rows that differ in what prepare uses (the findings, the patient), or in both split lists, is
+    refused (the split comes from the lists, one per name)."""
     rows = read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]
-    entries, lines = {}, {}
+    entries, lines, used = {}, {}, {}
     for line, row in enumerate(rows, 2):  # line 1 is the header
         name = row["Image Index"]
+        patient, labels = row.get("Patient ID", "") or "", row["Finding Labels"] or ""
+        uses = {"Finding Labels": parse_finding_labels(labels, f"{labels_csv}, image {name}"),
+                "Patient ID": patient.strip()}  # all that prepare takes from a row (Patient Age etc. may differ)
         if name in lines:
-            if row != rows[lines[name] - 2]:
-                raise UserError(f"{labels_csv}: image {name} has two different rows (lines {lines[name]} and {line}); "
-                                f"keep the right one")
+            field = next((f for f in uses if uses[f] != used[name][f]), None)
+            if field:
+                raise UserError(f"{labels_csv}: image {name} has two rows with different {field} (line {lines[name]}: "
+                                f"{rows[lines[name] - 2][field]!r}, line {line}: {row[field]!r}); keep the right one")
             continue
-        lines[name] = line
-        labels = row["Finding Labels"] or ""
-        parse_finding_labels(labels, f"{labels_csv}, image {name}")
-        entries[name] = (row.get("Patient ID", "") or "", labels)
+        lines[name], used[name] = line, uses
+        entries[name] = (patient, labels)
     splits, lists = {}, [labels_csv.parent / list_name for _, list_name in SPLIT_FILES]
     for (split, _), p in zip(SPLIT_FILES, lists):
         if p.is_file():
@@ -91,14 +94,15 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
 
 def _find_labels(src: Path) -> Path | None:
     """The ChestX-ray14 label file in SRC or its parent (the newer release if both are there)."""
-    for folder in (src, src.parent):
+    folders = (src, (src.resolve() if src.name in ("", "..") else src).parent)  # the parent of '.' is not '.'
+    for folder in folders:
         found = [folder / name for name in LABEL_FILES if (folder / name).is_file()]
         if len(found) > 1:
             log.warning(f"{folder}: holds both {found[0].name} and {found[1].name}; using {found[1].name} "
                         f"(give --labels to choose)")
         if found:
             return found[-1]
-    lists = [folder / name for folder in (src, src.parent) for _, name in SPLIT_FILES if (folder / name).is_file()]
+    lists = [folder / name for folder in folders for _, name in SPLIT_FILES if (folder / name).is_file()]
     if lists:
         log.warning(f"{lists[0]}: a ChestX-ray14 split list, but no {' or '.join(LABEL_FILES)} in {src} or its "
                     f"parent: the images get no labels and no split; give the label file with --labels")
@@ -144,11 +148,26 @@ def phantom_split(index: int) -> str:
     return "test" if index % 5 == 0 else "train"
 
 
+def _images_among(files: list[Path]) -> tuple[list[Path], list[dict]]:
+    """The files that are images by their suffix, or by their content where the suffix is an unknown
+    one (only those are opened), and a skipped.csv row for each of the others: they are no
+    candidates, so that they neither count as image files in the label match nor take a row."""
+    images, others = [], []
+    for f in files:
+        try:
+            reader_kind(f)
+            images.append(f)
+        except SkipImage as exc:
+            others.append({"source": str(f), "reason": str(exc)})
+    return images, others
+
+
 def plan_candidates(src: str, labels: str | None = None,
-                    labelled_only: bool = False) -> tuple[list[dict], dict | None]:
-    """The files to read (or phantoms to draw), with what the label file says of each, and a
-    summary of how the files matched the label file (None without one); ``labelled_only``: files
-    the label file does not list are not candidates."""
+                    labelled_only: bool = False) -> tuple[list[dict], dict | None, list[dict]]:
+    """The files to read (or phantoms to draw), with what the label file says of each; a summary
+    of how the files matched the label file (None without one); and the files found that are not
+    images (skipped.csv rows). ``labelled_only``: files the label file does not list are not
+    candidates."""
     if src.startswith("phantom:"):
         try:
             n = int(src.split(":", 1)[1])
@@ -157,15 +176,15 @@ def plan_candidates(src: str, labels: str | None = None,
         if n < 1:
             raise ValueError(f"phantom:N needs N >= 1, got {n}")
         return [{"source": f"phantom:{i}", "seed": i, "patient_id": f"phantom-{i:07d}", "split": phantom_split(i)}
-                for i in range(n)], None
+                for i in range(n)], None, []
     root = Path(src)
-    files = find_images(root)
+    files, not_images = _images_among(find_images(root))
     labels_csv = Path(labels) if labels else (_find_labels(root) if root.is_dir() else None)
     if labels_csv is not None:
-        return _match_labels(files, labels_csv, labelled_only)
+        return (*_match_labels(files, labels_csv, labelled_only), not_images)
     if labelled_only:
         raise UserError(f"{src}: only labelled images were asked for, but there is no label file (give --labels)")
-    return [{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None
+    return [{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None, not_images
 
 
 # --------------------------------------------------------------------------- worker
@@ -310,19 +329,23 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         raise ValueError(f"{partial} holds an unfinished prepare with other settings {saved}; delete it to start again")
     if meta is not None:  # killed while finishing: every image is in place, only the clean-up and rename are left
         _finish(partial, out, plan_path, progress_path)
-        return PrepareResult(out, meta["count"], meta["capacity"] - meta["count"], meta.get("label_match"))
+        skipped = read_csv(out / "skipped.csv", ("source", "reason"), "the list of skipped files")[0]
+        return PrepareResult(out, meta["count"], len(skipped), meta.get("label_match"))
     if plan is not None:
-        candidates, label_match = plan["candidates"], plan.get("label_match")
+        candidates, label_match, not_images = plan["candidates"], plan.get("label_match"), plan.get("not_images", [])
     else:
-        candidates, label_match = plan_candidates(str(src), labels, labelled_only)
+        candidates, label_match, not_images = plan_candidates(str(src), labels, labelled_only)
         if not candidates:
-            raise NoUsableImages(f"{src}: no image files found")
+            others = (f"; {len(not_images)} other files are not images, e.g. {not_images[0]['source']} "
+                      f"({not_images[0]['reason']})") if not_images else ""
+            raise NoUsableImages(f"{src}: no image files found{others}")
         partial.mkdir(parents=True, exist_ok=True)
         progress_path.unlink(missing_ok=True)  # a run whose plan is gone: its progress is not of these arrays
         for r in resolutions:
             np.lib.format.open_memmap(partial / f"images_{r}.npy", mode="w+", dtype=dtype,
                                       shape=(len(candidates), r, r))
-        write_json(plan_path, {"settings": settings, "candidates": candidates, "label_match": label_match})
+        write_json(plan_path, {"settings": settings, "candidates": candidates, "label_match": label_match,
+                               "not_images": not_images})
     done = _read_progress(progress_path)
     todo = [(i, c, square) for i, c in enumerate(candidates) if i not in done]
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
@@ -351,7 +374,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         log.warning(f"16-bit image files with no value above {TWELVE_BITS} (12-bit data?): {len(twelve_bit)}, e.g. "
                     f"{', '.join(twelve_bit[:3])}; scaled by 65535 they are dark" +
                     (", and at --bits 8 keep at most 16 grey levels: prepare them with --bits 16" if bits == 8 else ""))
-    manifest, skipped = [], []
+    manifest, skipped = [], list(not_images)
     for i, cand in enumerate(candidates):
         rec = done[i]
         if not rec["ok"]:
@@ -366,7 +389,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         manifest.append(row)
     write_csv(partial / "skipped.csv", ["source", "reason"], skipped)
     if not manifest:
-        raise NoUsableImages(f"{src}: none of the {len(candidates)} files could be used; "
+        raise NoUsableImages(f"{src}: none of the {len(candidates) + len(not_images)} files could be used; "
                              f"reasons in {partial / 'skipped.csv'}")
     write_csv(partial / "manifest.csv", MANIFEST_FIELDS, manifest)
     # archive.json marks the work as done; the plan and progress go only after it, so that a run
