@@ -242,29 +242,36 @@ def test_a_refused_prepare_creates_nothing(tmp_path, monkeypatch, capsys, args):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-# prepare with a decode worker that dies (as the OOM killer would kill it) at image 5
+# prepare with a decoder that kills its process on phantom:5: SIGKILL as the OOM killer would, SIGSEGV as a
+# decoder bug would, on every run
 DYING_WORKER = """
 import os, signal, sys
 import xrayforge.data.prepare as prep
 from xrayforge.cli import main
 real = prep._process
 def dying(task):
-    if task[0] == 5:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if task[1]["source"] == "phantom:5":
+        os.kill(os.getpid(), getattr(signal, os.environ["DIE_BY"]))
     return real(task)
 prep._process = dying
 sys.exit(main(sys.argv[1:]))
 """
 
 
+def run_dying(args, signame):
+    return subprocess.run([sys.executable, "-c", DYING_WORKER, *args], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, DIE_BY=signame))
+
+
 def test_a_dead_worker_stops_prepare_with_a_message_and_the_rerun_resumes(tmp_path):
     args = ["prepare", "phantom:40", str(tmp_path / "out"), "--resolution", "16", "--workers", "2", "-q"]
-    run = subprocess.run([sys.executable, "-c", DYING_WORKER, *args], capture_output=True, text=True, timeout=60)
+    run = run_dying(args, "SIGKILL")
     assert run.returncode == 1, run.stderr
     err = run.stderr.strip().splitlines()
-    assert len(err) == 1 and "worker died" in err[0] and "--workers" in err[0] and "resume" in err[0], run.stderr
+    assert len(err) == 1 and "worker was killed (SIGKILL" in err[0] and "lack of memory" in err[0], run.stderr
+    assert "while reading phantom:5;" in err[0] and "--workers (now 2)" in err[0] and "resume" in err[0], run.stderr
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "plan.json").exists()
-    assert cli(args) == 0
+    assert cli(args) == 0  # a one-off death (the memory was wanted elsewhere): phantom:5 is read alone, and kept
     prepare("phantom:40", tmp_path / "whole", resolution=16, workers=1, progress=False)
     a, b = Archive(tmp_path / "out"), Archive(tmp_path / "whole")
     assert a.records == b.records
@@ -272,20 +279,133 @@ def test_a_dead_worker_stops_prepare_with_a_message_and_the_rerun_resumes(tmp_pa
         np.testing.assert_array_equal(a.array(r), b.array(r))
 
 
-def test_ctrl_c_in_a_multi_worker_prepare_says_one_line(tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "xrayforge", "prepare", "phantom:2000", str(out), "--resolution", "256",
-           "--workers", "2", "-q"]  # large enough that the workers are busy when the signal comes
-    # a terminal's Ctrl-C: SIGINT to the whole process group, with the default handler (not inherited as ignored)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    progress = tmp_path / "out.partial" / "progress.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not progress.exists() or len(progress.read_text().splitlines()) < 20):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+def test_a_file_that_crashes_the_decoder_every_time_is_left_out_on_the_rerun(tmp_path):
+    args = ["prepare", "phantom:40", str(tmp_path / "out"), "--resolution", "16", "--workers", "2", "-q"]
+    run = run_dying(args, "SIGSEGV")
+    assert run.returncode == 1, run.stderr
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and "worker crashed (SIGSEGV" in err[0] and "while reading phantom:5;" in err[0], run.stderr
+    assert "--workers" not in err[0] and "read alone first, and left out (skipped.csv)" in err[0], run.stderr
+    run = run_dying(args, "SIGSEGV")  # the same file crashes the decoder again: left out, and the run finishes
+    assert run.returncode == 0, run.stderr
+    assert "phantom:5: left out: the decode process crashed (SIGSEGV) on it twice" in run.stderr, run.stderr
+    assert "39 images, 1 skipped" in run.stdout
+    skipped = read_csv(tmp_path / "out" / "skipped.csv")
+    assert [s["source"] for s in skipped] == ["phantom:5"] and "twice" in skipped[0]["reason"]
+    prepare("phantom:40", tmp_path / "whole", resolution=16, workers=1, progress=False)
+    a, b = Archive(tmp_path / "out"), Archive(tmp_path / "whole")
+    assert a.records == [r for r in b.records if r["source"] != "phantom:5"]
+    for r in a.resolutions:
+        np.testing.assert_array_equal(a.array(r)[a.rows], b.array(r)[a.rows])  # the same rows of one plan
+
+
+# prepare with a decoder stuck on phantom:0 (for ten minutes); with SLOW_SIGINT the main process takes
+# Ctrl-C two seconds late (as when busy), so that a worker that took it itself has spoken by then
+HANGING_WORKER = """
+import os, signal, sys, time
+import xrayforge.data.prepare as prep
+from xrayforge.cli import main
+real = prep._process
+def stuck(task):
+    if task[0] == 0:
+        time.sleep(600)
+    return real(task)
+prep._process = stuck
+MAIN = os.getpid()
+def slow(signum, frame):
+    if os.getpid() == MAIN:
+        time.sleep(2)
+    raise KeyboardInterrupt
+if os.environ.get("SLOW_SIGINT"):
+    signal.signal(signal.SIGINT, slow)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def start_hanging(tmp_path):
+    """Start prepare phantom:8 with two workers; returns once one is stuck and the other has done the
+    rest (idle). Whatever a test leaves running is killed afterwards: its whole process group."""
+    started = []
+
+    def start(**env):
+        cmd = [sys.executable, "-c", HANGING_WORKER, "prepare", "phantom:8", str(tmp_path / "out"), "--resolution",
+               "16", "--workers", "2", "-q"]
+        # a terminal's process group, with the default SIGINT handler (not inherited as ignored)
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=dict(os.environ, **env),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        started.append(proc)
+        progress = tmp_path / "out.partial" / "progress.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and \
+                (not progress.exists() or len(progress.read_text().splitlines()) < 7):
+            time.sleep(0.05)
+        assert proc.poll() is None and len(progress.read_text().splitlines()) == 7, "phantom:1 to 7 should be done"
+        time.sleep(0.3)  # the worker that did them is back waiting for a task
+        return proc
+    yield start
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        proc.stderr.close()
+
+
+def interrupted_within(proc, seconds):
+    try:
+        _, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"prepare still ran {seconds} s after Ctrl-C")
     assert proc.returncode == 130 and err.strip().splitlines() == ["xrayforge prepare: interrupted"], err
+
+
+def test_ctrl_c_stops_a_decoder_stuck_on_a_file(tmp_path, start_hanging):
+    proc = start_hanging()
+    os.kill(proc.pid, signal.SIGINT)  # to the main process alone: it must stop the workers itself
+    interrupted_within(proc, 30)
+    # what was recorded stays; phantom:0 is done by the next run
+    assert len((tmp_path / "out.partial" / "progress.jsonl").read_text().splitlines()) == 7
+
+
+def test_ctrl_c_in_a_multi_worker_prepare_says_one_line(start_hanging):
+    proc = start_hanging(SLOW_SIGINT="1")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: every process of the group, the idle worker too
+    interrupted_within(proc, 30)
+
+
+def process_state(pid):
+    """'R', 'S', ... ('Z' a zombie) from /proc, or None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def children(pid):
+    kids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(p.name))
+        except OSError:
+            continue
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with their parent on Linux only")
+def test_workers_die_with_a_killed_prepare(start_hanging):
+    proc = start_hanging()
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    proc.kill()  # kill -9: no clean-up of any kind in the main process
+    proc.wait()  # (not communicate: workers left alive would hold its stderr open)
+    deadline = time.time() + 20
+    while time.time() < deadline and any(process_state(w) not in (None, "Z") for w in workers):
+        time.sleep(0.05)
+    assert all(process_state(w) in (None, "Z") for w in workers), "the workers outlived the prepare that started them"
 
 
 def test_dicom_without_a_known_suffix_is_prepared_and_unknown_files_are_listed(tmp_path):
@@ -443,3 +563,20 @@ def test_a_dicom_export_reusing_file_names_across_patients_is_prepared(tmp_path)
     manifest = read_csv(tmp_path / "out" / "manifest.csv")
     assert sorted(m["patient_id"] for m in manifest) == ["PAT0", "PAT0", "PAT1", "PAT1", "PAT2", "PAT2"]
     assert len({m["sha1"] for m in manifest}) == 6
+
+
+def test_damaged_arrays_of_an_unfinished_prepare_are_said_as_such(tmp_path, monkeypatch):
+    real = prep._process
+
+    def killed_at_3(task):
+        if task[0] == 3:
+            raise Killed
+        return real(task)
+    monkeypatch.setattr(prep, "_process", killed_at_3)
+    with pytest.raises(Killed):
+        prepare("phantom:8", tmp_path / "out", resolution=8, workers=1, progress=False)
+    monkeypatch.undo()
+    os.truncate(tmp_path / "out.partial" / "images_4.npy", 100)
+    with pytest.raises(UserError, match=r"images_4.npy: cannot read the unfinished 4-px images: the file is truncated "
+                                        r"or damaged .*; delete .*out.partial to start again"):
+        prepare("phantom:8", tmp_path / "out", resolution=8, workers=2, progress=False)

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -191,9 +192,24 @@ def plan_candidates(src: str, labels: str | None = None,
 _W: dict = {}
 
 
-def _init_worker(folder: str, resolutions: list[int], dtype: str):
-    _W["arrays"] = {r: load_npy(Path(folder) / f"images_{r}.npy", f"the unfinished {r}-px images", mmap_mode="r+")
-                    for r in resolutions}
+def _open_arrays(folder: Path, resolutions: list[int], dtype: str, count: int) -> dict:
+    """{resolution: the preallocated array of an unfinished prepare}, open for writing."""
+    arrays = {}
+    for r in resolutions:
+        path = folder / f"images_{r}.npy"
+        try:
+            arr = load_npy(path, f"the unfinished {r}-px images", mmap_mode="r+")
+        except UserError as exc:
+            raise UserError(f"{exc}; delete {folder} to start again") from None
+        if arr.shape != (count, r, r) or arr.dtype != np.dtype(dtype):
+            raise UserError(f"{path}: holds {arr.dtype} images of shape {arr.shape}, not the {dtype} {(count, r, r)} "
+                            f"of its plan; delete {folder} to start again")
+        arrays[r] = arr
+    return arrays
+
+
+def _init_worker(folder: str, resolutions: list[int], dtype: str, count: int):
+    _W["arrays"] = _open_arrays(Path(folder), resolutions, dtype, count)
     _W["resolution"], _W["dtype"] = max(resolutions), np.dtype(dtype)
 
 
@@ -255,33 +271,115 @@ def _process(task: tuple[int, dict, str]) -> dict:
     return {"ok": True, **meta}
 
 
-def _init_pool_worker(*args):
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the process that started it ends, however it ends
+    (kill -9 included), so that no worker goes on decoding for nobody. Linux only (elsewhere
+    nothing is done). The signal comes when the thread that forked the worker ends: prepare's
+    caller, which waits for the workers."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent was gone before prctl: no signal will come
+        os._exit(1)
+
+
+def _init_pool_worker(parent: int, slots, *args):
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: one line, not a traceback each
+    with slots.get_lock():  # claim a (pid, task) pair: where the parent sees what this worker is decoding
+        k = list(slots[::2]).index(0) * 2
+        slots[k], slots[k + 1] = os.getpid(), -1
+    _W["doing"] = (slots.get_obj(), k + 1)  # no lock: a worker killed holding one would block the parent
     _init_worker(*args)
 
 
-# --------------------------------------------------------------------------- driver
-def _decode_in_pool(todo: list, workers: int, initargs: tuple, record) -> None:
-    """``record`` the result of each task as it finishes, decoded by ``workers`` processes; a few
-    tasks per worker are queued at a time, so that results are recorded as they come."""
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    tasks = iter(todo)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=initargs)
+def _process_in_pool(task: tuple[int, dict, str]) -> dict:
+    slots, k = _W["doing"]
+    slots[k] = task[0]
     try:
-        pending = {pool.submit(_process, t) for t in itertools.islice(tasks, 4 * workers)}
+        return _process(task)
+    finally:
+        slots[k] = -1
+
+
+@dataclass
+class _Death:
+    """A decode worker that died by itself: its exit code (-N: killed by signal N) and the tasks it
+    was decoding."""
+    exitcode: int | None
+    tasks: list[int]
+
+
+def _how_it_died(code: int | None) -> str:
+    if code == -signal.SIGKILL:
+        return "was killed (SIGKILL: most likely by the system, for lack of memory)"
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"crashed ({name})"
+    return f"stopped (exit status {code})"
+
+
+def _death(processes: dict, slots) -> _Death:
+    """The worker that died in a broken pool, told from the others by its exit code (the executor
+    stops the others with SIGTERM), and what it was decoding; failing that, every task in flight."""
+    doing = {slots[k]: slots[k + 1] for k in range(0, len(slots), 2) if slots[k] and slots[k + 1] >= 0}
+    codes = {pid: p.exitcode for pid, p in processes.items()}
+    dead = [pid for pid, code in codes.items() if code != -signal.SIGTERM] or list(doing)
+    return _Death(next((codes.get(pid) for pid in dead), None), sorted(doing[pid] for pid in dead if pid in doing))
+
+
+def _decode_in_pool(todo: list, workers: int, initargs: tuple, record) -> _Death | None:
+    """``record`` the result of each task as it finishes, decoded by ``workers`` processes; a few
+    tasks per worker are queued at a time, so that results are recorded as they come. Returns None
+    once every task is recorded, or the death of a worker (the OOM killer, a decoder crash), which
+    stops the others."""
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    slots = ctx.Array("q", 2 * workers)  # per worker: its pid, and the task it is decoding (-1: none)
+    tasks = iter(todo)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
+                               initargs=(os.getpid(), slots, *initargs))
+    try:
+        pending = {pool.submit(_process_in_pool, t) for t in itertools.islice(tasks, 4 * workers)}
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:  # record every success before a failure stops the run
                 if fut.exception() is None:
                     record(fut.result())
-                    pending.update(pool.submit(_process, t) for t in itertools.islice(tasks, 1))
+                    pending.update(pool.submit(_process_in_pool, t) for t in itertools.islice(tasks, 1))
             for fut in finished:
                 fut.result()
     except BrokenProcessPool:
-        raise UserError(f"a decode worker died (killed, perhaps by the system for lack of memory: try fewer "
-                        f"--workers, now {workers}); run the same command again to resume where it stopped") from None
+        processes = dict(pool._processes or {})
+        pool.shutdown(wait=True)  # the executor stops the other workers and reaps them all: every exit code is in
+        return _death(processes, slots.get_obj())
+    except BaseException:
+        # Ctrl-C (which the workers ignore) or an error: stop the workers now, not after their tasks,
+        # which may never end (a decoder stuck on a file). No public API does that in Python 3.11;
+        # the tasks they were doing are not recorded, so the next run does them again.
+        for p in list((pool._processes or {}).values()):
+            p.kill()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return None
+
+
+def _decode_suspects(suspects: list[int], candidates: list[dict], square: str, initargs: tuple, record) -> None:
+    """The files in flight in a worker that died, each decoded alone in a process of its own: one
+    that kills its process again is left out, with the reason, so that the run can finish."""
+    for i in suspects:
+        death = _decode_in_pool([(i, candidates[i], square)], 1, initargs, record)
+        if death is not None:
+            reason = f"the decode process {_how_it_died(death.exitcode)} on it twice, the second time decoding it alone"
+            log.warning(f"{candidates[i]['source']}: left out: {reason}")
+            record({"i": i, "ok": False, "reason": reason})
 
 
 def _read_progress(path: Path) -> dict[int, dict]:
@@ -318,10 +416,11 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
     check_out_dir(out, empty=True)  # before the work, not after it
     partial = out.with_name(out.name + ".partial")
+    plan_path, progress_path, meta_path = partial / "plan.json", partial / "progress.jsonl", partial / "archive.json"
+    suspects_path = partial / "suspects.json"
     dtype = "uint8" if bits == 8 else "uint16"
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
                 **({"labelled_only": True} if labelled_only else {})}
-    plan_path, progress_path, meta_path = partial / "plan.json", partial / "progress.jsonl", partial / "archive.json"
     plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
     meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
     saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings
@@ -340,33 +439,44 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
                       f"({not_images[0]['reason']})") if not_images else ""
             raise NoUsableImages(f"{src}: no image files found{others}")
         partial.mkdir(parents=True, exist_ok=True)
-        progress_path.unlink(missing_ok=True)  # a run whose plan is gone: its progress is not of these arrays
+        for stale in (progress_path, suspects_path):  # a run whose plan is gone: they are not of these arrays
+            stale.unlink(missing_ok=True)
         for r in resolutions:
             np.lib.format.open_memmap(partial / f"images_{r}.npy", mode="w+", dtype=dtype,
                                       shape=(len(candidates), r, r))
         write_json(plan_path, {"settings": settings, "candidates": candidates, "label_match": label_match,
                                "not_images": not_images})
     done = _read_progress(progress_path)
-    todo = [(i, c, square) for i, c in enumerate(candidates) if i not in done]
-    workers = workers or min(len(todo), os.cpu_count() or 1) or 1
 
     from tqdm import tqdm
     bar = tqdm(total=len(candidates), initial=len(done), unit="img", desc=f"prepare {out.name}",
                disable=not progress, dynamic_ncols=True)
-    with open(progress_path, "a") as progress_log:
-        def record(res):
-            progress_log.write(json.dumps(res) + "\n")
-            progress_log.flush()
-            done[res["i"]] = res
-            bar.update(1)
+    initargs = (str(partial), resolutions, dtype, len(candidates))
+    _init_worker(*initargs)  # here first: damaged arrays are said as such, before any worker starts
+    try:
+        with open(progress_path, "a") as progress_log:
+            def record(res):
+                progress_log.write(json.dumps(res) + "\n")
+                progress_log.flush()
+                done[res["i"]] = res
+                bar.update(1)
 
-        if todo and workers > 1:
-            _decode_in_pool(todo, workers, (str(partial), resolutions, dtype), record)
-        else:
-            _init_worker(str(partial), resolutions, dtype)
-            for task in todo:
-                record(_process(task))
-            _W.clear()
+            if suspects_path.exists():  # a worker died on one of these last time: each is tried alone first
+                suspects = read_json(suspects_path, "the files in flight when a decode worker died")["tasks"]
+                _decode_suspects([i for i in suspects if i not in done], candidates, square, initargs, record)
+                suspects_path.unlink()
+            todo = [(i, c, square) for i, c in enumerate(candidates) if i not in done]
+            workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+            if todo and workers > 1:
+                death = _decode_in_pool(todo, workers, initargs, record)
+                if death is not None:
+                    write_json(suspects_path, {"exitcode": death.exitcode, "tasks": death.tasks})
+                    raise UserError(_death_message(death, [candidates[i]["source"] for i in death.tasks], workers))
+            else:
+                for task in todo:
+                    record(_process(task))
+    finally:
+        _W.clear()
     bar.close()
 
     twelve_bit = [cand["source"] for i, cand in enumerate(candidates) if done[i].get("twelve_bits")]
@@ -402,6 +512,17 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         "label_match": label_match})
     _finish(partial, out, plan_path, progress_path)
     return PrepareResult(out, len(manifest), len(skipped), label_match)
+
+
+def _death_message(death: _Death, files: list[str], workers: int) -> str:
+    """One line: how the worker died, what it was reading, and what running again does."""
+    named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    them = "that file" if len(files) == 1 else "those files"
+    return (f"a decode worker {_how_it_died(death.exitcode)}" + (f" while reading {named}" if files else "") +
+            (f"; try fewer --workers (now {workers})" if death.exitcode == -signal.SIGKILL else "") +
+            "; run the same command again to resume where it stopped" +
+            (f": {them} will be read alone first, and left out (skipped.csv) if the worker dies again"
+             if files else ""))
 
 
 def _finish(partial: Path, out: Path, plan_path: Path, progress_path: Path) -> None:
