@@ -175,14 +175,19 @@ class Killed(BaseException):
 # the finishing sequence, in order: (function, the file it acts on)
 FINISH_STEPS = [((prep, "write_csv"), "skipped.csv"), ((prep, "write_csv"), "manifest.csv"),
                 ((prep, "write_json"), "archive.json"), ((Path, "unlink"), "progress.jsonl"),
-                ((Path, "unlink"), "plan.json"), ((shutil, "rmtree"), "out"), ((os, "replace"), "out.partial")]
+                ((Path, "unlink"), "plan.json")]
+# then, into a new OUT, one rename; into an empty folder made for it, a move per file, archive.json last
+FINISH_INTO = {"new": [((os, "replace"), "out.partial")],
+               "made": [((os, "replace"), "images_8.npy"), ((os, "replace"), "archive.json"),
+                        ((Path, "rmdir"), "out.partial")]}
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("step", range(len(FINISH_STEPS)))
-def test_prepare_killed_while_finishing_ends_with_the_same_archive(tmp_path, monkeypatch, step, when):
+@pytest.mark.parametrize("into,step", [(into, k) for into, steps in FINISH_INTO.items()
+                                       for k in range(len(FINISH_STEPS) + len(steps))])
+def test_prepare_killed_while_finishing_ends_with_the_same_archive(tmp_path, monkeypatch, into, step, when):
     prepare("phantom:6", tmp_path / "whole", resolution=16, workers=1, progress=False)
-    (owner, attr), name = FINISH_STEPS[step]
+    (owner, attr), name = (FINISH_STEPS + FINISH_INTO[into])[step]
     armed = []
     real = getattr(owner, attr)
 
@@ -202,11 +207,15 @@ def test_prepare_killed_while_finishing_ends_with_the_same_archive(tmp_path, mon
         return write_csv(path, *args)
     monkeypatch.setattr(prep, "write_csv", arm)
     out = tmp_path / "out"
-    out.mkdir()  # an empty folder made for the archive: the rename removes it first
+    if into == "made":
+        out.mkdir()  # an empty folder made for the archive: it stays, the archive moves into it
     with pytest.raises(Killed):
         prepare("phantom:6", out, resolution=16, workers=1, progress=False)
     monkeypatch.undo()
-    if not (out / "archive.json").exists():  # killed before the rename: running again finishes
+    if (out / "archive.json").exists():  # the archive is whole: running again says so (and tidies up)
+        with pytest.raises(FileExistsError, match="already a prepared archive"):
+            prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+    else:  # running again finishes
         res = prepare("phantom:6", out, resolution=16, workers=1, progress=False)
         assert (res.included, res.skipped) == (6, 0)
     assert not (tmp_path / "out.partial").exists()
@@ -221,9 +230,12 @@ def test_prepare_killed_while_finishing_ends_with_the_same_archive(tmp_path, mon
 def test_prepare_into_the_current_folder(tmp_path, monkeypatch):
     here = tmp_path / "here"
     here.mkdir()
+    folder = here.stat().st_ino
     monkeypatch.chdir(here)
     assert cli(["prepare", "phantom:3", ".", "--resolution", "8", "--workers", "1", "-q"]) == 0
     assert len(Archive(here)) == 3 and not (tmp_path / "here.partial").exists()
+    # the same folder, not a new one in its place: a shell in it sees the archive, not a deleted folder
+    assert here.stat().st_ino == folder and Path("archive.json").is_file()
 
 
 @pytest.mark.parametrize("args", [["phantom:3", "--resolution", "4"], ["phantom:x"], ["phantom:0"],
@@ -580,3 +592,17 @@ def test_damaged_arrays_of_an_unfinished_prepare_are_said_as_such(tmp_path, monk
     with pytest.raises(UserError, match=r"images_4.npy: cannot read the unfinished 4-px images: the file is truncated "
                                         r"or damaged .*; delete .*out.partial to start again"):
         prepare("phantom:8", tmp_path / "out", resolution=8, workers=2, progress=False)
+
+
+def test_a_partial_archive_finished_by_an_older_version_is_finished(tmp_path):
+    prepare("phantom:4", tmp_path / "whole", resolution=8, workers=1, progress=False)
+    shutil.copytree(tmp_path / "whole", tmp_path / "out.partial")
+    meta = json.loads((tmp_path / "out.partial" / "archive.json").read_text())
+    del meta["settings"], meta["label_match"]  # what it wrote, then stopped just before the rename
+    (tmp_path / "out.partial" / "archive.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"out.partial: a finished archive of phantom:4 \(8 px, uint8, square by crop\) "
+                                        r"that an older xrayforge .* rename it to out; .* delete it"):
+        prepare("phantom:4", tmp_path / "out", resolution=16, workers=1, progress=False)
+    res = prepare("phantom:4", tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert (res.included, res.skipped) == (4, 0) and not (tmp_path / "out.partial").exists()
+    assert Archive(tmp_path / "out").records == Archive(tmp_path / "whole").records

@@ -412,22 +412,33 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     out = Path(out)
     if out.name in ("", ".."):  # '.', '..', 'a/..': no name to put '.partial' after
         out = out.resolve()
-    if (out / "archive.json").exists():
-        raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
-    check_out_dir(out, empty=True)  # before the work, not after it
     partial = out.with_name(out.name + ".partial")
+    if (out / "archive.json").exists():
+        if partial.is_dir() and not any(partial.iterdir()):
+            partial.rmdir()  # what _finish leaves when killed before its last step
+        raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
     plan_path, progress_path, meta_path = partial / "plan.json", partial / "progress.jsonl", partial / "archive.json"
     suspects_path = partial / "suspects.json"
+    # before the work, not after it; a finished archive that a killed run had begun to move into OUT is moved on
+    check_out_dir(out, empty=not meta_path.exists())
     dtype = "uint8" if bits == 8 else "uint16"
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
                 **({"labelled_only": True} if labelled_only else {})}
     plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
     meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
     saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings
+    if saved is None:  # finished by an older xrayforge, killed just before the rename; it kept fewer settings
+        kept = {k: meta.get(k) for k in ("source", "resolution", "dtype", "square")}
+        if kept != {"source": str(src), "resolution": resolution, "dtype": dtype, "square": square}:
+            raise UserError(f"{partial}: a finished archive of {kept['source']} ({kept['resolution']} px, "
+                            f"{kept['dtype']}, square by {kept['square']}) that an older xrayforge stopped just "
+                            f"before renaming it; to use it, rename it to {out.name}; to prepare {src} with these "
+                            f"settings, delete it")
+        saved = settings
     if saved != settings:
         raise ValueError(f"{partial} holds an unfinished prepare with other settings {saved}; delete it to start again")
-    if meta is not None:  # killed while finishing: every image is in place, only the clean-up and rename are left
-        _finish(partial, out, plan_path, progress_path)
+    if meta is not None:  # killed while finishing: every image is in place, only the clean-up and moves are left
+        _finish(partial, out, meta["resolutions"])
         skipped = read_csv(out / "skipped.csv", ("source", "reason"), "the list of skipped files")[0]
         return PrepareResult(out, meta["count"], len(skipped), meta.get("label_match"))
     if plan is not None:
@@ -503,14 +514,14 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
                              f"reasons in {partial / 'skipped.csv'}")
     write_csv(partial / "manifest.csv", MANIFEST_FIELDS, manifest)
     # archive.json marks the work as done; the plan and progress go only after it, so that a run
-    # killed at any point below finishes the rename when run again and never plans anew over a
+    # killed at any point below finishes the archive when run again and never plans anew over a
     # progress log of finished images
     write_json(meta_path, {
         "format": FORMAT, "version": VERSION, "resolution": resolution, "resolutions": resolutions, "dtype": dtype,
         "count": len(manifest), "capacity": len(candidates), "square": square, "findings": list(FINDINGS),
         "source": str(src), "labelled": any(r["finding_labels"] for r in manifest), "settings": settings,
         "label_match": label_match})
-    _finish(partial, out, plan_path, progress_path)
+    _finish(partial, out, resolutions)
     return PrepareResult(out, len(manifest), len(skipped), label_match)
 
 
@@ -525,15 +536,22 @@ def _death_message(death: _Death, files: list[str], workers: int) -> str:
              if files else ""))
 
 
-def _finish(partial: Path, out: Path, plan_path: Path, progress_path: Path) -> None:
+def _finish(partial: Path, out: Path, resolutions: list[int]) -> None:
     """The last steps of a prepare whose archive.json is written; each may be repeated."""
-    progress_path.unlink(missing_ok=True)
-    plan_path.unlink(missing_ok=True)
-    if out.exists():  # an empty folder the user made for us (hidden files such as .DS_Store aside)
-        if any(not p.name.startswith(".") for p in out.iterdir()):
-            raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    (partial / "progress.jsonl").unlink(missing_ok=True)
+    (partial / "plan.json").unlink(missing_ok=True)
+    if not out.exists():
+        os.replace(partial, out)
+        return
+    # an empty folder made for the archive (hidden files such as .DS_Store aside), perhaps a shell's
+    # current folder: it stays, and the archive moves into it, archive.json last so that OUT is an
+    # archive only once whole; a run killed half-way moves the rest when run again
+    ours = {f"images_{r}.npy" for r in resolutions} | {"manifest.csv", "skipped.csv"}
+    if any(not p.name.startswith(".") and p.name not in ours for p in out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
+    for p in sorted(partial.iterdir(), key=lambda p: p.name == "archive.json"):
+        os.replace(p, out / p.name)
+    partial.rmdir()
 
 
 def remove_partial(out: str | os.PathLike) -> None:
