@@ -145,6 +145,41 @@ def test_a_two_process_run_resumes_exactly(archive, tmp_path):
                                                            state["rank_rng"][1]["latent_rng"])
 
 
+def _rank_signalled(rank, world, archive, out, init_file, result_dir):
+    """Process 1 alone gets SIGTERM, while it is in the step's agreement (as one process of a job is
+    signalled before another): both must stop at the same step, with one checkpoint, not hang."""
+    import datetime
+    import os
+    from xrayforge.train.trainer import Interrupted
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    real, calls = Trainer._agree, {"n": 0}
+
+    def agree(self, *flags):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3 and len(flags) == 2:  # step 3: no tick there
+            os.kill(os.getpid(), signal.SIGTERM)  # lands after this process read its flags
+        return real(self, *flags)
+    Trainer._agree = agree
+    try:
+        try:
+            Trainer(TrainConfig(str(archive), str(out), **dict(TINY, batch={4: 4, 8: 4, 16: 4})), progress=False).train()
+            outcome = "finished"
+        except Interrupted as exc:
+            outcome = str(exc).split(" images")[0]
+        (result_dir / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(archive, tmp_path):
+    tmp_mp.spawn(_rank_signalled, args=(2, archive, tmp_path / "run", tmp_path / "pg", tmp_path), nprocs=2)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith("stopped by signal"), said
+    assert [c.name for c in (tmp_path / "run" / "checkpoints").glob("ckpt-*")] == \
+        [f"ckpt-{int(said[0].rsplit(' ', 1)[1]):012d}"]
+
+
 def test_two_process_gloo_run(archive, tmp_path):
     tmp_mp.spawn(_rank_main, args=(2, archive, tmp_path / "ddp", tmp_path / "pg", tmp_path), nprocs=2)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -620,3 +655,34 @@ def test_an_archive_without_a_test_split_is_warned_about(tmp_path, caplog):
     assert "test" not in json.dumps(Archive(str(tmp_path / "arc")).splits)
     Trainer(TrainConfig(str(tmp_path / "arc"), str(tmp_path / "run"), max_images=16, **TINY), progress=False).close()
     assert "has no test split: the GAN trains on every patient" in caplog.text
+
+
+def test_a_forked_child_lets_go_of_the_lock_and_of_nothing_else(archive, tmp_path):
+    """A child forked without exec (a DataLoader worker) must not keep the run folder locked after
+    the parent lets go; and a descriptor number the lock file once had, reused for another file,
+    must be left alone in the child."""
+    import fcntl
+    import os
+    from xrayforge.train import trainer as T
+    t = Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **TINY), progress=False)
+    other = open(tmp_path / "other.txt", "w+")
+    other.write("payload")
+    other.flush()
+    T._LOCK_FDS[other.fileno()] = (0, 0)  # a stale entry: that number is now another file
+    to_child, from_child = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reads the other file, then waits while the parent lets go of the lock
+        os.lseek(other.fileno(), 0, os.SEEK_SET)
+        os.write(from_child[1], os.read(other.fileno(), 7))
+        os.read(to_child[0], 1)
+        os._exit(0)
+    try:
+        assert os.read(from_child[0], 100) == b"payload"
+        t.close()
+        with open(tmp_path / "run" / ".lock") as probe:  # free although the child is still alive
+            fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.write(to_child[1], b"x")
+        os.waitpid(pid, 0)
+        T._LOCK_FDS.pop(other.fileno(), None)
+        other.close()

@@ -158,7 +158,7 @@ def process_device(device: str | None) -> torch.device:
 # worker, say) shares each one and could hold it past this process, so in the child each lock's
 # descriptor is pointed at /dev/null instead (dup2: the parent's lock is untouched, and the child's
 # file object still closes a valid descriptor, never one reused for another file)
-_LOCK_FDS: set[int] = set()
+_LOCK_FDS: dict[int, tuple[int, int]] = {}  # descriptor -> (device, inode) of its lock file
 
 
 def _close_inherited_locks() -> None:
@@ -168,9 +168,11 @@ def _close_inherited_locks() -> None:
         nul = os.open(os.devnull, os.O_RDONLY)
     except OSError:
         return
-    for fd in _LOCK_FDS:
-        try:
-            os.dup2(nul, fd)
+    for fd, file in _LOCK_FDS.items():
+        try:  # only a descriptor that is still that lock file: a number left behind may be reused
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == file:
+                os.dup2(nul, fd)
         except OSError:
             pass
     os.close(nul)
@@ -319,7 +321,8 @@ class Trainer:
                 fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
                 fh.flush()
                 self._lock_file = fh
-                _LOCK_FDS.add(fh.fileno())
+                st = os.fstat(fh.fileno())
+                _LOCK_FDS[fh.fileno()] = (st.st_dev, st.st_ino)
         if self.world > 1:
             outcome = [refused]
             dist.broadcast_object_list(outcome, 0)
@@ -332,13 +335,19 @@ class Trainer:
         """Let go of the run folder without training (train() does so when it ends)."""
         self._unlock()
 
+    def __del__(self):  # a trainer dropped without train() or close() lets go of the folder too
+        try:
+            self._unlock()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def _unlock(self) -> None:
         self._holds_folder = False
         if self._lock_file is not None:
-            _LOCK_FDS.discard(self._lock_file.fileno())
+            _LOCK_FDS.pop(self._lock_file.fileno(), None)
             try:
                 self._lock_file.close()  # closing the file releases the flock
-            except OSError:  # in a forked child, whose copy was closed at the fork
+            except OSError:
                 pass
             self._lock_file = None
 
@@ -727,14 +736,18 @@ class Trainer:
         """Run to the end of the schedule (or max_images); returns a summary."""
         if not self._holds_folder:  # trained before (or closed): the lock was let go
             self._lock()
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "train_config.json", self.cfg.as_dict())  # atomic: a torn one would block --resume
+        try:
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_json(self.out / "train_config.json", self.cfg.as_dict())  # atomic: a torn one would block --resume
+            from tqdm import tqdm
+            bar = tqdm(total=self.total, initial=min(self.images_seen, self.total), unit="img", dynamic_ncols=True,
+                       disable=not self.progress or self.rank != 0, desc="train")
+            prefetch = Prefetcher(self.stream, self.device)
+        except BaseException:
+            self._unlock()
+            raise
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        from tqdm import tqdm
-        bar = tqdm(total=self.total, initial=min(self.images_seen, self.total), unit="img", dynamic_ncols=True,
-                   disable=not self.progress or self.rank != 0, desc="train")
-        prefetch = Prefetcher(self.stream, self.device)
         global_batch = lambda level: self.batch_for(level) * self.world  # noqa: E731
         try:
             if self.images_seen < self.total:
@@ -765,10 +778,11 @@ class Trainer:
                 bar.update(min(nxt, self.total) - bar.n)
                 out_of_time = self.cfg.max_seconds is not None and time.perf_counter() - t0 > self.cfg.max_seconds
                 out_of_time, stop = self._agree(out_of_time, bool(self._stop_signal))
-                if stop and not self._stop_signal:  # another process was signalled: stop here too
+                stopping = bool(stop)  # the agreed value only: a signal arriving after the flags were read waits a step
+                if stopping and not self._stop_signal:  # another process was signalled: stop here too
                     self._stop_signal = signal.SIGTERM
                 done = self.images_seen >= self.total or bool(out_of_time)
-                if self.images_seen >= next_tick or done or self._stop_signal:
+                if self.images_seen >= next_tick or done or stopping:
                     if self.device.type == "cuda":  # the tick's img/s counts its steps' GPU work, all of it
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
@@ -790,13 +804,13 @@ class Trainer:
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
                     (better,) = self._agree(self._better(record))  # rank 0 measures
-                    if better or done or self._stop_signal or self.tick % self.cfg.checkpoint_ticks == 0:
+                    if better or done or stopping or self.tick % self.cfg.checkpoint_ticks == 0:
                         saved = self.save_checkpoint()
                         if better and saved is not None:
                             self._mark_best(saved, record)
                     tick_start, tick_images = time.perf_counter(), 0
                     next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
-                if self._stop_signal:
+                if stopping:
                     raise Interrupted(f"stopped by signal {self._stop_signal} at {self.images_seen} images "
                                       f"({self._reached()}); a checkpoint was written: resume with --resume")
                 if done:
