@@ -363,3 +363,25 @@ def test_two_processes_give_the_kid_interval_and_prdc_of_all_images(tmp_path):
     for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     assert two["fid_ci95"] == pytest.approx(one["fid_ci95"], rel=1e-6)
+
+
+def test_the_features_kept_for_kid_and_prdc_are_a_uniform_sample_in_any_order():
+    """Kept: the images of smallest key (a hash of the image's name and the seed), so the sample is
+    uniform over the stream (thinning the pool again and again over-weighted the last images), and
+    the same whatever order or batches the images come in."""
+    from xrayforge.fid.compute import FeatureExtractor, _sample_keys
+    ex = FeatureExtractor(random_weights=True, progress=False, keep_features=100, seed=3)
+    ex.features = lambda images: images.float()[:, :1].repeat(1, ex.dim)  # the image's index as its feature
+
+    def stream(order, batch):
+        for s in range(0, len(order), batch):
+            idx = order[s:s + batch]
+            yield torch.tensor(idx, dtype=torch.float32)[:, None], [f"img{i}" for i in idx], []
+    n = 5000
+    kept = ex._consume(stream(list(range(n)), 64), n, "t", "folder").features[:, 0].astype(int)
+    keys = _sample_keys([f"img{i}" for i in range(n)], 3)
+    assert sorted(kept.tolist()) == sorted(np.argsort(keys)[:100].tolist())
+    assert 8 <= int((kept >= 0.8 * n).sum()) <= 35  # about a fifth from the last fifth (it was half)
+    shuffled = list(np.random.default_rng(0).permutation(n))
+    again = ex._consume(stream(shuffled, 37), n, "t", "folder").features[:, 0].astype(int)
+    assert again.tolist() == kept.tolist()  # the same sample, in the same (key) order

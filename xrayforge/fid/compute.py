@@ -83,29 +83,36 @@ def describe(spec: str) -> str:
     raise FileNotFoundError(f"{spec}: no such file or folder")
 
 
-def _gather_kept(pool, skipped: list, thinned: bool):
-    """Under torchrun: every process's kept features (a share each: items rank, rank + world, ...),
-    back in the order one process would have seen them when none was thinned, and every process's
-    skipped files; so that KID, bootstrap intervals and precision / recall use all the images."""
+def _sample_keys(names, seed: int) -> np.ndarray:
+    """A uniform key in [0, 1) per image, from its name (its file, archive source or latent index)
+    and the seed alone: the features kept for KID, bootstrap intervals and precision / recall are
+    the images with the smallest keys, a uniform sample whatever the order or the number of
+    processes that read them."""
+    import hashlib
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{n}".encode(), digest_size=8).digest(), "little")
+                     / 2.0 ** 64 for n in names], dtype=np.float64)
+
+
+def _smallest(pool: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows of smallest key, in key order."""
+    order = np.argsort(keys, kind="stable")[:k]
+    return pool[order], keys[order]
+
+
+def _gather_kept(pool, keys, skipped: list, k: int):
+    """Under torchrun: the k features of smallest key over every process, and every process's
+    skipped files."""
     import torch.distributed as dist
     rank, world = _rank_world()
-    if world == 1:
-        return pool, skipped, thinned
-    got = [None] * world
-    dist.all_gather_object(got, (pool, skipped, thinned))
-    skipped = [s for _, sk, _ in got for s in sk]
-    thinned = any(t for _, _, t in got)
+    if world > 1:
+        got = [None] * world
+        dist.all_gather_object(got, (pool, keys, skipped))
+        skipped = [s for _, _, sk in got for s in sk]
+        if pool is not None:
+            pool, keys = np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
     if pool is None:
-        return None, skipped, thinned
-    pools = [p for p, _, _ in got]
-    total = sum(len(p) for p in pools)
-    if thinned or any(len(p) != len(range(r, total, world)) for r, p in enumerate(pools)):
-        # uniform samples of equal shares (or shares that lost unreadable files): together, a uniform sample
-        return np.concatenate(pools), skipped, thinned
-    merged = np.empty((total, pools[0].shape[1]), dtype=pools[0].dtype)
-    for r, p in enumerate(pools):  # item i was process (i mod world)'s (i div world)-th
-        merged[r::world] = p
-    return merged, skipped, False
+        return None, skipped
+    return _smallest(pool, keys, k)[0], skipped
 
 
 class FeatureExtractor:
@@ -150,36 +157,34 @@ class FeatureExtractor:
 
     def _consume(self, batches, total: int, desc: str, kind: str) -> FeatureResult:
         moments = StreamingMoments(self.dim, self.device)
-        keep, seen, thinned = [], 0, False
-        rng = np.random.default_rng(self.seed)
+        keep, keys, seen = [], [], 0
         skipped = []
         with self._bar(total, desc) as bar:
-            for images, _, skips in batches:
+            for images, names, skips in batches:
                 skipped.extend(skips)
                 bar.update(len(skips))
                 if images is None or len(images) == 0:
                     continue
                 feats = self.features(images)
                 moments.update(feats)
-                if self.keep_features:
+                if self.keep_features:  # the images of smallest key: a uniform sample, bounded in memory
                     keep.append(feats.cpu().numpy())
+                    keys.append(_sample_keys(names, self.seed))
                     seen += len(feats)
-                    if seen > 4 * self.keep_features:  # keep a uniform sample, bounded in memory
-                        pool = np.concatenate(keep)
-                        keep = [pool[rng.choice(len(pool), self.keep_features, replace=False)]]
-                        seen, thinned = self.keep_features, True
+                    if seen > 2 * self.keep_features:
+                        pool, pool_keys = _smallest(np.concatenate(keep), np.concatenate(keys), self.keep_features)
+                        keep, keys, seen = [pool], [pool_keys], len(pool)
                 bar.update(len(images))
         moments.all_reduce()
         features = None
         if self.keep_features:
             pool = np.concatenate(keep) if keep else np.zeros((0, self.dim), np.float32)
-            pool, skipped, thinned = _gather_kept(pool, skipped, thinned)
-            features = pool if len(pool) <= self.keep_features else \
-                pool[rng.choice(len(pool), self.keep_features, replace=False)]
+            pool_keys = np.concatenate(keys) if keys else np.zeros(0)
+            features, skipped = _gather_kept(pool, pool_keys, skipped, self.keep_features)
             if len(features) == 0:
                 features = None
         else:
-            skipped = _gather_kept(None, skipped, False)[1]
+            skipped = _gather_kept(None, None, skipped, 0)[1]
         stats = moments.stats()
         stats.space = self.space.name
         return FeatureResult(stats, features, skipped, kind)
@@ -258,7 +263,7 @@ class FeatureExtractor:
                                                      enabled=self.mode == "fast"):
                     img = G(z).float()
                 u8 = ((img[:, 0] + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-                yield u8, [], []
+                yield u8, [f"latent {seed}:{i}" for i in idx], []
 
         return self._consume(batches(), len(indices), f"generate {folder.name}", "checkpoint")
 
