@@ -86,10 +86,17 @@ def check_backend_env(args: argparse.Namespace) -> None:
 def _peer_gone(exc: BaseException) -> bool:
     """A collective that failed because another torchrun process died or left (gloo: the
     connection was closed or reset; NCCL: the communicator was aborted)."""
+    try:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+    except Exception:  # noqa: BLE001
+        return False
     text = str(exc)
+    if "imeout" in text or "atchdog" in text:  # this process's own wait ran out: a hang, not a peer's error
+        return False
     return type(exc).__name__ in ("DistBackendError", "DistNetworkError", "RuntimeError") and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
-                            "Broken pipe"))
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def describe(exc: BaseException) -> str:
@@ -106,7 +113,7 @@ def describe(exc: BaseException) -> str:
         text = f"{exc.filename}: {exc.strerror or exc}" if exc.filename is not None else str(exc)
     elif _peer_gone(exc):
         text = ("another process of this torchrun job stopped (its own error is above); this one stopped with "
-                f"it ({type(exc).__name__})")
+                f"it ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")
     elif type(exc).__name__ == "OutOfMemoryError":
         text = "out of GPU memory; lower --batch (or use --amp bf16 / --checkpoint-min-res where the command has them)"
     else:

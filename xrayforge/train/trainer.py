@@ -181,6 +181,18 @@ def _close_inherited_locks() -> None:
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
+_CONTROL_GROUPS: dict = {}
+
+
+def _control_group():
+    """A gloo group over every process of the default (NCCL) group, made once: new_group is a
+    collective, and a trainer made again in the same process must not leak one each time."""
+    key = id(dist.group.WORLD)
+    if key not in _CONTROL_GROUPS:
+        _CONTROL_GROUPS.clear()  # a new default group (the old one was destroyed): its group is gone too
+        _CONTROL_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CONTROL_GROUPS[key]
+
 
 class Trainer:
     """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim) -> dict`` with
@@ -196,8 +208,8 @@ class Trainer:
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             if self.world > 1:
                 # flags and random states travel on the host: with NCCL a gloo group, so that agreeing
-                # on them never waits for the GPU's queued work
-                self._control = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+                # on them never waits for the GPU's queued work (one per process group, made once)
+                self._control = None if dist.get_backend() == "gloo" else _control_group()
         if config.metrics and measure is None and self.rank == 0:
             raise ValueError("metrics during training need a measure: pass measure=xrayforge.fid.training."
                              "TrainingMetrics(archive, run, metrics, features, images)")
@@ -378,6 +390,10 @@ class Trainer:
             if isinstance(per_rank, list) and len(per_rank) == self.world:
                 self._set_rng_state(per_rank[self.rank])  # each process its own streams: an exact continuation
             elif self.world == 1:
+                if isinstance(per_rank, list) and len(per_rank) > 1:
+                    log.warning("%s: saved by %d processes; one process continues process 0's random streams, so "
+                                "the run goes on well but is not the exact continuation it would be with %d",
+                                path.name, len(per_rank), len(per_rank))
                 self._set_rng_state(state)
             else:
                 # a checkpoint of another number of processes (or from before each one's streams were
@@ -826,7 +842,8 @@ class Trainer:
         summary = {"images_seen": self.images_seen, "level": level, "alpha": alpha,
                    "resolution": self.net_config.resolution_at(level), "final_resolution": self.net_config.resolution,
                    "reached_final_resolution": final, "train_images": len(self.train_rows),
-                   "checkpoint": str(self.latest_checkpoint()), "out": str(self.out),
+                   # process 0 wrote it; the others would race its writes and rotation
+                   "checkpoint": str(self.latest_checkpoint()) if self.rank == 0 else None, "out": str(self.out),
                    "complete": self.images_seen >= self.total}
         if not final:
             if self.images_seen >= self.schedule.total_images:
@@ -886,8 +903,9 @@ def init_distributed() -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun; (rank, world size)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():  # "cuda" is then this process's GPU for every command, not GPU 0
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available() and local < torch.cuda.device_count():
+            torch.cuda.set_device(local)  # "cuda" is then this process's GPU for every command, not GPU 0
         dist.init_process_group(backend)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
