@@ -181,17 +181,17 @@ def _close_inherited_locks() -> None:
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
-_CONTROL_GROUPS: dict = {}
+_CONTROL_GROUP: list = [None, None]  # [the default group it was made for, the gloo group]
 
 
 def _control_group():
     """A gloo group over every process of the default (NCCL) group, made once: new_group is a
-    collective, and a trainer made again in the same process must not leak one each time."""
-    key = id(dist.group.WORLD)
-    if key not in _CONTROL_GROUPS:
-        _CONTROL_GROUPS.clear()  # a new default group (the old one was destroyed): its group is gone too
-        _CONTROL_GROUPS[key] = dist.new_group(backend="gloo")
-    return _CONTROL_GROUPS[key]
+    collective, and a trainer made again in the same process must not leak one each time. (The
+    default group it belongs to is held, so that a later default group is never taken for it.)"""
+    world = dist.group.WORLD
+    if _CONTROL_GROUP[0] is not world:
+        _CONTROL_GROUP[:] = [world, dist.new_group(backend="gloo")]
+    return _CONTROL_GROUP[1]
 
 
 class Trainer:
