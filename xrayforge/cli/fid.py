@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from . import _args
@@ -59,7 +60,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if "fid_ci95" in result:
         line += f"  95% CI [{result['fid_ci95'][0]:.4f}, {result['fid_ci95'][1]:.4f}]"
     if "kid" in result:
-        line += f"  KID {result['kid']:.6f} " + (f"± {result['kid_std']:.6f}" if result["kid_std"] == result["kid_std"]
+        line += f"  KID {result['kid']:.6f} " + (f"± {result['kid_std']:.6f}" if not math.isnan(result["kid_std"])
                                                   else "(both sets smaller than a subset of 1000: no spread)")
     print(line)
     if "precision" in result:

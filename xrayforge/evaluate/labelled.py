@@ -106,13 +106,14 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
     from ..data.readers import read_radiograph
     folder, out = Path(folder), Path(out)
     made_from = out.with_name(out.name + ".source.json")
+    recorded = read_json(made_from, "what a converted sample folder was made from").get("sample_id") \
+        if made_from.is_file() else None
     if (out / "archive.json").is_file():
         arc = Archive(out)
         if arc.meta.get("source") != str(folder):
             raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
         if made_from.is_file():
-            if read_json(made_from, "what a converted sample folder was made from").get("sample_id") \
-                    != sample_id(folder):
+            if recorded != sample_id(folder):
                 raise UserError(f"{folder}: holds other samples than when {out} was converted from it (its "
                                 f"manifest.csv or decision thresholds changed), so this output folder's results "
                                 f"would mix the two; use a new --out, or remove the whole of {out.parent}")
@@ -128,9 +129,7 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
         raise FileExistsError(f"{out}: holds an archive of other images ({arc.meta.get('source')}); remove it")
     made = sample_id(folder)
     partial = out.with_name(out.name + ".partial")
-    if partial.exists() and (not made_from.is_file()
-                             or read_json(made_from, "what a converted sample folder was made from").get("sample_id")
-                             != made):
+    if partial.exists() and recorded != made:
         # an unfinished conversion of other samples (or of unknown ones): prepare would resume it,
         # mixing its planned images and labels with these
         shutil.rmtree(partial)

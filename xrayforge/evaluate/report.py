@@ -26,8 +26,8 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
     folders = []
     if run is not None and (Path(run) / "evaluations").is_dir():
         folders += sorted(p for p in (Path(run) / "evaluations").iterdir() if p.is_dir())
-    for e in extra:
-        p = Path(e)
+    asked = [Path(e) for e in extra]
+    for p in asked:
         if not (p / "summary.json").is_file():
             raise FileNotFoundError(f"{p}: no summary.json (is it the --out folder of an `xrayforge evaluate` command?)")
         folders.append(p)
@@ -38,7 +38,7 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
             kind = read_json(s, "an evaluation summary").get("evaluation")
             if kind:
                 found[kind] = p
-            elif p in [Path(e) for e in extra]:  # asked for by name: never left out without a word
+            elif p in asked:  # asked for by name: never left out without a word
                 raise UserError(f"{s}: not the summary of an `xrayforge evaluate` command (it names no evaluation; "
                                 f"a sample folder's or a run's summary?)")
     return found

@@ -103,7 +103,7 @@ def _gather_kept(pool, keys, skipped: list, k: int):
     """Under torchrun: the k features of smallest key over every process, and every process's
     skipped files."""
     import torch.distributed as dist
-    rank, world = _rank_world()
+    world = _rank_world()[1]
     if world > 1:
         got = [None] * world
         dist.all_gather_object(got, (pool, keys, skipped))

@@ -74,17 +74,21 @@ def damage(folder: Path, files=("networks.pt",)) -> str | None:
     return None
 
 
+def checkpoint_dirs(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """A run's checkpoints (``ckpt-<images>``), newest (most images) first; half-written ones
+    (``.tmp``) left out."""
+    ck = Path(ckpt_dir)
+    found = [q for q in ck.glob("ckpt-*") if q.is_dir() and not q.name.endswith(".tmp")] if ck.is_dir() else []
+    return sorted(found, key=lambda q: (int(q.name[5:]) if q.name[5:].isdigit() else -1, q.name), reverse=True)
+
+
 def latest_intact(ckpt_dir: str | os.PathLike, files=("networks.pt",)) -> Path | None:
     """The newest usable checkpoint in a run's ``checkpoints`` folder (the most images: ``ckpt-<images>``),
     or None. Skipping a damaged one is said at WARNING. The ``latest`` pointer is not consulted: a kill
     between a checkpoint's rename and the pointer's update leaves it naming an older one."""
     ck = Path(ckpt_dir)
-    if not ck.is_dir():
-        return None
-    found = sorted((q for q in ck.glob("ckpt-*") if q.is_dir() and not q.name.endswith(".tmp")),
-                   key=lambda q: (int(q.name[5:]) if q.name[5:].isdigit() else -1, q.name), reverse=True)
     skipped = []
-    for q in found:
+    for q in checkpoint_dirs(ck):
         why = damage(q, files)
         if why is None:
             if skipped:
@@ -148,12 +152,12 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
             net = net.to(map_location)  # load_state_dict copied into the CPU parameters: move them
         net.set_level(info["level"], info["alpha"])
         alpha = float(info["alpha"])
-        if warn_unfinished and isinstance(net, Generator) and (net.level < net.config.num_levels - 1 or alpha < 1):
+        if warn_unfinished and isinstance(net, Generator):
             if net.level < net.config.num_levels - 1:
                 log.warning("%s: %s was saved before training reached its final resolution: it is at %d px of %d px%s, "
                             "and its images are %d px", folder, name, net.current_resolution, net.config.resolution,
                             f" (fading in, α {alpha:.2f})" if alpha < 1 else "", net.current_resolution)
-            else:
+            elif alpha < 1:
                 log.warning("%s: %s was saved while its final resolution, %d px, was still fading in (α %.2f): its "
                             "images are partly upsampled from %d px", folder, name, net.current_resolution, alpha,
                             net.current_resolution // 2)

@@ -148,8 +148,8 @@ class ArchiveSampler:
             if same in seen:  # --n is per target: two of one would silently double it
                 raise ValueError(f"--lco {text!r} is the same target as --lco {seen[same]!r}")
             seen[same] = text
+        known = getattr(getattr(self.classifier, "config", self.classifier), "thresholds", None) or {}
         for t in self.targets:
-            known = getattr(getattr(self.classifier, "config", self.classifier), "thresholds", None) or {}
             blind = [f for f, v in t.items() if v == 1 and f not in known]
             if blind:
                 log.warning("the classifier %s has no decision threshold for %s (none of its validation images "
@@ -213,16 +213,18 @@ class ArchiveSampler:
             return find_generator(self.cfg.run)
         pinned = Path(saved["checkpoint"])
         want = saved.get("checkpoint_id")  # its contents (archives since checkpoint ids were kept)
+        found_by_id = False
         if not (pinned / "networks.json").is_file() and want:  # the run moved: the same checkpoint in it
             for there in (Path(self.cfg.run), Path(self.cfg.run) / "checkpoints" / pinned.name):
                 if there.name == pinned.name and (there / "networks.json").is_file() and _checkpoint_id(there) == want:
-                    pinned = there
+                    pinned, found_by_id = there, True
                     break
         if not (pinned / "networks.json").is_file() and not self._complete():
             raise UserError(f"{self.out} was started from the checkpoint {pinned}, which is gone (rotated away?)"
                             + (f" and is not in {self.cfg.run}" if want else "")
                             + "; continuing it with another would mix generators in one archive: choose a new --out")
-        if want and (pinned / "networks.json").is_file() and _checkpoint_id(pinned) != want and not self._complete():
+        if want and not found_by_id and (pinned / "networks.json").is_file() and _checkpoint_id(pinned) != want \
+                and not self._complete():
             raise UserError(f"{self.out} was started from the checkpoint {pinned}, which now holds other weights "
                             f"(a run started again in its folder?); continuing would mix generators in one "
                             f"archive: choose a new --out")

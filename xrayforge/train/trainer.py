@@ -36,7 +36,7 @@ from ..data.archive import Archive, write_json
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
-from ..nn.checkpoint import damage, latest_intact, read_metadata
+from ..nn.checkpoint import checkpoint_dirs, damage, latest_intact, read_metadata
 from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
@@ -416,7 +416,7 @@ class Trainer:
                     tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
                     os.replace(tmp, self.log_path)
         elif self.rank == 0:
-            if self._checkpoint_dirs():
+            if checkpoint_dirs(self.ckpt_dir):
                 raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
                                       "or choose a new --out")
             if any(self.ckpt_dir.glob("damaged-ckpt-*")):
@@ -440,18 +440,13 @@ class Trainer:
         pick = np.random.default_rng(self.cfg.seed + 777).choice(len(self.train_rows), n, replace=False)
         self.realism_rows = np.sort(self.train_rows[pick])
 
-    def _checkpoint_dirs(self) -> list[Path]:
-        """The run's checkpoints, newest (most images) first; half-written ones (.tmp) left out."""
-        found = [p for p in self.ckpt_dir.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp")]
-        return sorted(found, key=lambda p: (int(p.name[5:]) if p.name[5:].isdigit() else -1, p.name), reverse=True)
-
     def _resume_from(self) -> tuple[Path, dict, dict]:
         """(checkpoint, networks, training state) of the newest checkpoint that loads. The ``latest``
         pointer is not trusted (a kill between a checkpoint's rename and the pointer's update leaves it
         behind); checkpoints newer than the one used failed to load: they are renamed damaged-* (out of
         rotation's way, kept for a look), and said."""
         failed = []
-        for path in self._checkpoint_dirs():
+        for path in checkpoint_dirs(self.ckpt_dir):
             why = damage(path, files=("networks.pt", "state.pt"))
             if why is None:
                 self._check_resumable(path, read_metadata(path))
