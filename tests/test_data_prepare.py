@@ -606,3 +606,41 @@ def test_a_partial_archive_finished_by_an_older_version_is_finished(tmp_path):
     res = prepare("phantom:4", tmp_path / "out", resolution=8, workers=1, progress=False)
     assert (res.included, res.skipped) == (4, 0) and not (tmp_path / "out.partial").exists()
     assert Archive(tmp_path / "out").records == Archive(tmp_path / "whole").records
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_prepare_into_an_empty_mount_point_copies_across_file_systems(tmp_path, monkeypatch, killed):
+    """OUT.partial sits on the parent's file system; an empty OUT that is a mount point is another,
+    where a rename fails with EXDEV: the files are copied in (a kill during the copy leaves OUT
+    no archive, and running again finishes)."""
+    import errno
+    prepare("phantom:6", tmp_path / "whole", resolution=16, workers=1, progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_replace, real_copy = os.replace, prep.shutil.copyfile
+
+    def replace(src, dst):
+        if Path(src).parent.name == "out.partial" and Path(dst).parent == out:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    def copy(src, dst):
+        if killed and Path(src).name == "archive.json":
+            Path(dst).write_text("{")  # torn, under its hidden name
+            raise Killed
+        return real_copy(src, dst)
+    monkeypatch.setattr(prep.os, "replace", replace)
+    monkeypatch.setattr(prep.shutil, "copyfile", copy)
+    if killed:
+        with pytest.raises(Killed):
+            prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+        assert not (out / "archive.json").exists()
+        monkeypatch.setattr(prep.shutil, "copyfile", real_copy)
+    res = prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+    assert (res.included, res.skipped) == (6, 0)
+    assert not (tmp_path / "out.partial").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    a, b = Archive(out), Archive(tmp_path / "whole")
+    assert a.records == b.records
+    for r in a.resolutions:
+        np.testing.assert_array_equal(a.array(r), b.array(r))

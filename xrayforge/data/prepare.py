@@ -19,6 +19,7 @@ that cannot be used never stops the run: it goes to skipped.csv with the reason.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -550,8 +551,23 @@ def _finish(partial: Path, out: Path, resolutions: list[int]) -> None:
     if any(not p.name.startswith(".") and p.name not in ours for p in out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
     for p in sorted(partial.iterdir(), key=lambda p: p.name == "archive.json"):
-        os.replace(p, out / p.name)
+        _move(p, out / p.name)
     partial.rmdir()
+
+
+def _move(src: Path, dst: Path) -> None:
+    """os.replace, or, when OUT is another file system than its parent (a mount point, where
+    OUT.partial is not), a copy under a hidden name in OUT renamed into place, then the original
+    removed: dst is whole or absent at any moment, and a run killed half-way copies again."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.moving")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        src.unlink()
 
 
 def remove_partial(out: str | os.PathLike) -> None:
