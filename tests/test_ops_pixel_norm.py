@@ -206,3 +206,22 @@ def test_double_backward_with_output_dependent_grad_matches_reference(kb):
 
     for ours, ref in zip(penalty(backend), penalty("torch")):
         torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_size_one_width_with_any_stride(kb):
+    # a transposed (N, C, 1, W) view is contiguous but its size-1 W has stride W, not 1:
+    # the pixels step by H's stride (they were read at W's and ran past the tensor)
+    backend, device = kb
+    x = torch.randn(2, 3, 1, 5, device=device).transpose(2, 3)
+    assert x.is_contiguous() and x.stride(3) != 1
+    bias = torch.randn(3, device=device)
+    torch.testing.assert_close(ops.pixel_norm(x, backend=backend), pn.reference(x))
+    torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, bias, backend=backend), reference_bias_lrelu(x, bias))
+    torch.testing.assert_close(ops.bias_lrelu(x, bias, backend=backend),
+                               torch.nn.functional.leaky_relu(x + bias[:, None, None], 0.2))
+    xg = x.detach().clone().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    dy = torch.randn(2, 3, 5, 1, device=device)
+    (g,) = torch.autograd.grad(ops.pixel_norm(xg, backend=backend), xg, dy)
+    (g_ref,) = torch.autograd.grad(pn.reference(xg), xg, dy)
+    torch.testing.assert_close(g, g_ref)

@@ -57,8 +57,9 @@ def channel_view(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
         n, c = x.shape
         return 1, c, n, 0, x.stride(1), x.stride(0)
     n, c, h, w = x.shape
-    # dense 4-D: H and W always merge into one pixel axis of stride stride(3)
-    return n, c, h * w, x.stride(0), x.stride(1), x.stride(3)
+    # dense 4-D: H and W merge into one pixel axis of W's stride; a size-1 W may carry any stride
+    # and still count as dense (a transposed (N, C, 1, W) view), so then the axis steps by H's
+    return n, c, h * w, x.stride(0), x.stride(1), x.stride(3) if w > 1 else x.stride(2)
 
 
 def reference_double_backward(
