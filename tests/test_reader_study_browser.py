@@ -41,7 +41,11 @@ def test_answer_reload_export_and_score(driver, tmp_path):
         Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(synth / f"s{i}.png")
     info = make(str(tmp_path / "real"), str(synth), 6, tmp_path / "pack", size=32, seed=3)
     driver.get((tmp_path / "pack" / "index.html").as_uri())
-    driver.find_element(By.ID, "reader").send_keys("dr_test")
+    driver.find_element(By.ID, "reader").send_keys("dr_test")  # its 'r' and 's' are not answers
+    assert "0 answered" in driver.find_element(By.ID, "pos").text
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")  # outside the name they are
+    assert "1 answered" in driver.find_element(By.ID, "pos").text
+    assert driver.find_element(By.ID, "synthetic").get_attribute("class") == "on"
     driver.find_element(By.ID, "real").click()
     driver.find_element(By.CSS_SELECTOR, "#conf button[data-c='4']").click()
     driver.find_element(By.ID, "next").click()
@@ -53,7 +57,7 @@ def test_answer_reload_export_and_score(driver, tmp_path):
     assert driver.find_element(By.ID, "reader").get_attribute("value") == "dr_test"
     driver.find_element(By.ID, "export").click()
     target = tmp_path / "downloads" / "answers-dr_test.csv"
-    deadline = time.time() + 20
+    deadline = time.time() + 60  # a loaded machine
     while time.time() < deadline and not target.exists():
         time.sleep(0.1)
     assert target.exists(), "the page did not export the answers"

@@ -314,7 +314,10 @@ $("export").onclick = () => {
   a.href = URL.createObjectURL(new Blob([csv()], {type: "text/csv"}));
   a.download = "answers-" + (state.reader || "reader") + ".csv"; a.click();
 };
-document.addEventListener("keydown", e => { if (e.key === "ArrowRight") $("next").click();
+document.addEventListener("keydown", e => {
+  // keys typed into the reader's name or moving a slider, and browser shortcuts (Ctrl+R), are not answers
+  if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+  if (e.key === "ArrowRight") $("next").click();
   if (e.key === "ArrowLeft") $("prev").click(); if (e.key === "r") answer("real"); if (e.key === "s") answer("synthetic"); });
 show();
 </script></body></html>
