@@ -99,3 +99,11 @@ def test_bad_input(backend):
         ops.bias_lrelu(torch.ones(2, 3, dtype=torch.long), torch.zeros(3), backend=backend)
     with pytest.raises(ops.BackendUnavailableError, match="no kernel for bias_lrelu|not built"):
         ops.bias_lrelu(torch.randn(2, 3), torch.zeros(3), backend="cuda")
+
+
+@pytest.mark.parametrize("kb", triton_params)
+def test_bias_on_another_device_is_refused(kb):
+    # the fused kernel takes the bias's raw pointer: one on another device was read as garbage
+    backend, device = kb
+    with pytest.raises(ValueError, match="bias is on meta"):
+        ops.bias_lrelu(torch.randn(2, 3, 4, 4, device=device), torch.zeros(3, device="meta"), backend=backend)

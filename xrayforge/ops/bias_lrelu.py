@@ -67,6 +67,8 @@ def bias_lrelu(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2, backend:
         raise ValueError(f"bias_lrelu: expected an (N, C) or (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     if bias.dim() != 1 or bias.shape[0] != x.shape[1]:
         raise ValueError(f"bias_lrelu: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"bias_lrelu: x is on {x.device} but bias is on {bias.device}")
     if slope <= 0:
         raise ValueError(f"bias_lrelu: slope must be positive (the backward reads the sign of the output), got {slope}")
     impl = _backend.resolve("bias_lrelu", x, backend)
