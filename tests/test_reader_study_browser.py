@@ -41,6 +41,7 @@ def test_answer_reload_export_and_score(driver, tmp_path):
         Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(synth / f"s{i}.png")
     info = make(str(tmp_path / "real"), str(synth), 6, tmp_path / "pack", size=32, seed=3)
     driver.get((tmp_path / "pack" / "index.html").as_uri())
+    driver.find_element(By.CSS_SELECTOR, "#conf button[data-c='2']").click()  # a confidence alone is no answer
     driver.find_element(By.ID, "reader").send_keys("dr_test")  # its 'r' and 's' are not answers
     assert "0 answered" in driver.find_element(By.ID, "pos").text
     driver.find_element(By.TAG_NAME, "body").send_keys("s")  # outside the name they are

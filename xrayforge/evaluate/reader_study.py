@@ -275,7 +275,8 @@ function save(){ localStorage.setItem(STORE, JSON.stringify(state)); }
 function show(){
   const name = IMAGES[state.i], a = state.answers[name] || {};
   $("img").src = "images/" + name;
-  $("pos").textContent = (state.i + 1) + " / " + IMAGES.length + "  (" + Object.keys(state.answers).length + " answered)";
+  $("pos").textContent = (state.i + 1) + " / " + IMAGES.length + "  (" +
+    Object.values(state.answers).filter(a => a.answer).length + " answered)";  // a confidence alone is not an answer
   $("real").className = a.answer === "real" ? "on" : "";
   $("synthetic").className = a.answer === "synthetic" ? "on" : "";
   document.querySelectorAll("#conf button").forEach(b => b.className = (+b.dataset.c === a.confidence) ? "on" : "");
