@@ -116,3 +116,21 @@ def test_triton_at_archive_scale_on_gpu(kb, precision, exclude):
     assert (i == ri).double().mean().item() > 0.999
     same = i == ri
     np.testing.assert_allclose(d[same].cpu().numpy(), rd[same].cpu().numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_and_inf_features_are_never_near(kb, dtype):
+    # the fp32 kernel clamped a NaN squared distance to 0: a NaN query, or a reference with an
+    # inf feature, came back as an exact match (a "copy" to the memorisation audit)
+    backend, device = kb
+    refs = torch.tensor([[float("inf"), 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], dtype=dtype, device=device)
+    queries = torch.tensor([[0.0, 0.0], [float("nan"), 0.0]], dtype=dtype, device=device)
+    for q, r in ((queries, refs), (queries[:1], refs)):
+        d, i = knn(q, r, 2, backend=backend)
+        d_ref, i_ref = knn_module.reference(q, r, 2)
+        torch.testing.assert_close(d, d_ref)
+        torch.testing.assert_close(i[0], i_ref[0])
+    d, i = knn(queries, refs, 2, backend=backend)
+    assert d[0].tolist() == [1.0, 2.0] and i[0].tolist() == [1, 2]
+    assert (d[1] > 0).all()

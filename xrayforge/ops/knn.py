@@ -133,7 +133,9 @@ if triton is not None:
                 d2 = acc
             else:
                 rsq = tl.load(rsq_ptr + ri, mask=rmask, other=0.0)
-                d2 = tl.maximum(qsq[:, None] + rsq[None, :] - 2.0 * acc, 0.0)
+                # NaN (a NaN or inf feature) stays NaN, never a neighbour, as in the reference:
+                # the default maximum made it 0, an exact match
+                d2 = tl.maximum(qsq[:, None] + rsq[None, :] - 2.0 * acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
             valid = qmask[:, None] & rmask[None, :]
             if EXCLUDE:
                 valid = valid & (qi[:, None] != ri[None, :])
