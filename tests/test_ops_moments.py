@@ -190,3 +190,11 @@ def test_streaming_moments_and_subsets_agree_with_numpy():
         assert m.n == wn
         np.testing.assert_allclose(m.mean.numpy(), wmu, rtol=1e-12, atol=0)
         np.testing.assert_allclose(m.m2.numpy(), wm2, rtol=1e-10, atol=1e-10 * max(np.abs(wm2).max(), 1))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [p.values[0][0] for p in TRITON])
+def test_no_rows_without_masks_gives_zeros(backend):
+    # "an empty subset gives n = 0 and zeros": all rows of an empty batch gave a NaN mean
+    n, mean, m2 = masked_moments(torch.zeros(0, 3), backend=backend)
+    assert n.tolist() == [0] and mean.shape == (1, 3) and m2.shape == (1, 3, 3)
+    assert not mean.any() and not m2.any()

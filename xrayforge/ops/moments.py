@@ -80,7 +80,7 @@ def reference(x: torch.Tensor, masks: torch.Tensor | None = None
     d = x.shape[1]
     if masks is None:  # every row: no mask, no gather
         rows = x.double()
-        mean = rows.mean(0)
+        mean = rows.mean(0) if len(x) else rows.new_zeros(d)  # no rows: zeros, as for an empty subset
         xc = rows - mean
         return (torch.tensor([len(x)], dtype=torch.int64, device=x.device), mean[None], (xc.T @ xc)[None])
     masks = masks.to(x.device)
