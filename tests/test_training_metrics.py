@@ -98,3 +98,28 @@ def test_metrics_need_a_measure_and_valid_names(world, tmp_path):
         cli(["train", str(world / "arc"), "--out", str(tmp_path / "r"), "--metrics", "fid,is"])
     with pytest.raises(ValueError, match="at least 6"):
         TrainingMetrics(world / "arc", tmp_path / "r", ["prdc"], f"classifier:{world / 'clf'}", 4)
+
+
+@pytest.mark.parametrize("include_test", [False, True])
+def test_the_real_side_is_drawn_from_the_images_the_gan_trains_on(world, tmp_path, include_test):
+    """The best checkpoint is chosen by these metrics: their real images stay outside the test split,
+    on which the evaluations test (unless the GAN trains on it too)."""
+    m = TrainingMetrics(world / "arc", tmp_path / "run", ["prdc"], f"classifier:{world / 'clf'}", 30,
+                        include_test=include_test)
+    splits = m.archive.splits
+    assert "test" in splits and len(set(splits)) > 1
+    drawn = []
+    real_images = m.archive.images
+
+    def spy(rows, resolution):
+        drawn.extend(int(r) for r in rows)
+        return real_images(rows, resolution)
+    m.archive.images = spy
+    m._real()
+    assert len(drawn) == len(set(drawn)) == 30
+    held_out = {i for i, s in enumerate(splits) if s == "test"}
+    assert (len(held_out & set(drawn)) > 0) == include_test
+    outside = len(splits) - len(held_out)
+    if not include_test:
+        with pytest.raises(Exception, match="outside its test split"):
+            TrainingMetrics(world / "arc", tmp_path / "r2", ["prdc"], f"classifier:{world / 'clf'}", outside + 1)

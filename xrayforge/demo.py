@@ -119,17 +119,18 @@ def plan(minutes: float, device: torch.device) -> dict:
     return {"recipe": "cpu", "resolution": 32, "images": 8000, "phase_images": 2500,
             "total_images": int(3700 * minutes),
             "clf_size": 32, "clf_width": 16, "clf_epochs": 3, "samples": 96, "lco_n": 8, "fid_real": 96,
-            "audit_real": None,  # the memorisation audit against every training image (about 10 s)
+            "audit_real": None,  # the memorisation audit against every archive image (about 10 s)
             "labelled_n": 400, "diversity_n": 400, "tstr_epochs": 3, "train_share": 0.6,
             # each 2048-d Fréchet distance takes seconds on a CPU: no curve over sample counts, and FID per
             # finding only where a finding has 40 images on each side
             "fid_counts": [96], "fid_min_images": 40}
 
 
-def sample_realism(samples: Path, archive: Path, figure: Path, show: int = 8) -> dict:
+def sample_realism(samples: Path, archive: Path, figure: Path, show: int = 8, include_test: bool = False) -> dict:
     """Realism and diversity ratios (utils.neighbours.realism) of the image files in ``samples``
-    against as many real images of ``archive``, and a figure of real images (top row) above
-    generated ones (bottom row) at the same size."""
+    against as many real images of ``archive`` (of those the GAN trained on: outside the test split
+    unless ``include_test``), and a figure of real images (top row) above generated ones (bottom
+    row) at the same size."""
     import numpy as np
 
     from .data.archive import Archive
@@ -140,7 +141,7 @@ def sample_realism(samples: Path, archive: Path, figure: Path, show: int = 8) ->
     files = sorted(find_images(samples))
     fake = torch.from_numpy(np.stack([read_radiograph(f).pixels for f in files]))
     arc = Archive(archive)
-    rows = arc.random_positions(len(files), 0)
+    rows = arc.random_positions(len(files), 0, arc.training_positions(include_test))
     real = torch.from_numpy(arc.as_float(arc.images(rows, arc.resolution)))
     r = realism(pixel_vectors(fake), pixel_vectors(real))
     both = torch.cat([real[:show], fake[:show]]) if fake.shape[-1] == real.shape[-1] else fake[:show]
@@ -305,13 +306,13 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         cfg.checkpoint_ticks = 2
         cfg.metrics, cfg.metrics_every, cfg.metrics_images = ["fid", "prdc"], 2, p["samples"]
         cfg.metrics_features = f"classifier:{clf}"
-        measure = TrainingMetrics(archive, run, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
-                                  device=str(dev), seed=cfg.seed)
         per_phase = cfg.stable_images
         resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))
         if resume:  # the rows it trained on (a run begun before the test split was held out: every row)
             from .train.trainer import saved_options
             cfg.include_test = bool(saved_options(run).get("include_test", True))
+        measure = TrainingMetrics(archive, run, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
+                                  device=str(dev), seed=cfg.seed, include_test=cfg.include_test)
         say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
             (" — resuming" if resume else ""))
         t0 = time.perf_counter()
@@ -345,7 +346,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         save_state()
     lap("sampling")
 
-    results["realism"] = sample_realism(samples / "unconditional", archive, out / "real_vs_generated.png")
+    results["realism"] = sample_realism(samples / "unconditional", archive, out / "real_vs_generated.png",
+                                        include_test=bool(results["train"].get("include_test", True)))
     say(f"realism ratio of the samples {results['realism']['realism']:.2f}, diversity "
         f"{results['realism']['diversity']:.2f} (1 = like the real images)")
     save_state()

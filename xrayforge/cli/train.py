@@ -184,7 +184,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from ..fid.training import TrainingMetrics
         from ..train.trainer import process_device
         measure = TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, cfg.metrics_images,
-                                  device=str(process_device(cfg.device)), seed=cfg.seed, inception=args.inception)
+                                  device=str(process_device(cfg.device)), seed=cfg.seed, inception=args.inception,
+                                  include_test=cfg.include_test)
     try:
         summary = Trainer(cfg, resume=args.resume, progress=not args.quiet, measure=measure).train()
     except Interrupted as exc:

@@ -116,9 +116,18 @@ class Archive:
         """Images ``indices`` (positions in the manifest) at ``resolution``, as a new array."""
         return self.array(resolution)[self.rows[np.asarray(indices)]]
 
-    def random_positions(self, n: int, seed: int) -> np.ndarray:
-        """min(n, len) distinct manifest positions drawn with ``seed``, sorted (sequential reads)."""
-        return np.sort(np.random.default_rng(seed).choice(len(self), min(n, len(self)), replace=False))
+    def random_positions(self, n: int, seed: int, among: np.ndarray | None = None) -> np.ndarray:
+        """min(n, len(among)) distinct manifest positions of ``among`` (default: every position) drawn
+        with ``seed``, sorted (sequential reads)."""
+        among = np.arange(len(self)) if among is None else np.asarray(among)
+        return np.sort(among[np.random.default_rng(seed).choice(len(among), min(n, len(among)), replace=False)])
+
+    def training_positions(self, include_test: bool = False) -> np.ndarray:
+        """Manifest positions a GAN trains on: those outside the "test" split, on which `evaluate tstr`
+        and the other evaluations test (every position of an archive without one), or every position
+        (``include_test``)."""
+        every = np.arange(len(self))
+        return every if include_test else every[np.array([s != "test" for s in self.splits], dtype=bool)]
 
     def as_float(self, images: np.ndarray) -> np.ndarray:
         """Stored integers -> float32 in [0, 1]."""

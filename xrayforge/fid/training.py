@@ -28,7 +28,7 @@ METRICS = ("fid", "prdc")
 class TrainingMetrics:
     def __init__(self, archive: str | os.PathLike, run: str | os.PathLike, metrics=("fid",),
                  features: str = "inception", images: int = 1000, device: str | torch.device | None = None,
-                 batch_size: int = 64, seed: int = 0, inception: str | None = None):
+                 batch_size: int = 64, seed: int = 0, inception: str | None = None, include_test: bool = False):
         unknown = set(metrics) - set(METRICS)
         if unknown or not metrics:
             raise UserError(f"--metrics {','.join(metrics)}: choose from {', '.join(METRICS)}")
@@ -36,8 +36,12 @@ class TrainingMetrics:
             raise UserError(f"metrics need at least 6 images a side (density / coverage use k = 5), got {images}")
         self.metrics, self.images, self.seed = tuple(metrics), int(images), seed
         self.archive = Archive(archive)
-        if self.images > len(self.archive):
-            raise UserError(f"--metrics-images {self.images}: {archive} has only {len(self.archive)} images "
+        # the real side is drawn from the images the GAN trains on: the test split, on which the
+        # evaluations test, stays out of the choice of the best checkpoint too
+        self.rows = self.archive.training_positions(include_test)
+        if self.images > len(self.rows):
+            raise UserError(f"--metrics-images {self.images}: {archive} has only {len(self.rows)} images "
+                            f"{'' if len(self.rows) == len(self.archive) else 'outside its test split '}"
                             f"(as many real images as generated ones are compared)")
         self.extractor = FeatureExtractor(inception, False, "exact", device, batch_size, 0, progress=False,
                                           features=features)
@@ -47,13 +51,13 @@ class TrainingMetrics:
         self.real_stats = self.real_features = None  # at the first measurement: the run folder is the trainer's
 
     def _real(self) -> tuple[FrechetStats, np.ndarray]:
-        """The real side, computed once per run (a uniform sample of the archive)."""
+        """The real side, computed once per run (a uniform sample of the images the GAN trains on)."""
         if self.cache.is_file():
             f = load_npz(self.cache, ("mu", "sigma", "n", "features"), "the run's cached real features")
             return FrechetStats(f["mu"], f["sigma"], int(f["n"]), self.space), f["features"]
         # not FeatureExtractor.from_archive: under torchrun it shards and all-reduces, and process 0
         # alone measures here
-        rows = self.archive.random_positions(self.images, self.seed + 31)
+        rows = self.archive.random_positions(self.images, self.seed + 31, self.rows)
         features = torch.cat([self.extractor.features(torch.from_numpy(self.archive.as_float(
             self.archive.images(rows[i:i + self.extractor.batch_size], self.archive.resolution)))).cpu()
             for i in range(0, len(rows), self.extractor.batch_size)]).numpy()

@@ -272,16 +272,15 @@ class Trainer:
     def _training_rows(self) -> np.ndarray:
         """Manifest positions the GAN trains on: those outside the "test" split, on which `evaluate tstr`
         and the other evaluations test (an archive without one: every row), or every row (include_test)."""
-        everything = np.arange(len(self.archive))
         if self.cfg.include_test:
-            return everything
-        rows = everything[np.array([s != "test" for s in self.archive.splits], dtype=bool)]
-        if len(rows) == len(everything) and self.rank == 0:
+            return self.archive.training_positions(True)
+        rows, everything = self.archive.training_positions(), len(self.archive)
+        if len(rows) == everything and self.rank == 0:
             log.warning("%s has no test split: the GAN trains on every patient, and an evaluation that holds patients "
                         "out of it (evaluate tstr) will test on patients the generator saw. Prepare it with the "
                         "data set's split lists (ChestX-ray14: train_val_list.txt, test_list.txt) to keep them apart",
                         self.archive.path)
-        if len(rows) == 0 and len(everything):
+        if len(rows) == 0 and everything:
             raise UserError(f"{self.archive.path}: every image is in the test split, which the evaluations test on; "
                             f"nothing is left to train on (--include-test trains on them)")
         return rows
@@ -436,9 +435,7 @@ class Trainer:
         self.grid_latents = torch.randn(self.cfg.grid_size, self.net_config.latent_dim, generator=g).to(self.device)
         n = min(self.cfg.realism_images, len(self.train_rows))
         self.realism_latents = torch.randn(n, self.net_config.latent_dim, generator=g).to(self.device)
-        # real images the GAN trains on (the same draw as Archive.random_positions when that is every row)
-        pick = np.random.default_rng(self.cfg.seed + 777).choice(len(self.train_rows), n, replace=False)
-        self.realism_rows = np.sort(self.train_rows[pick])
+        self.realism_rows = self.archive.random_positions(n, self.cfg.seed + 777, self.train_rows)  # what it trains on
 
     def _resume_from(self) -> tuple[Path, dict, dict]:
         """(checkpoint, networks, training state) of the newest checkpoint that loads. The ``latest``
@@ -837,6 +834,7 @@ class Trainer:
         summary = {"images_seen": self.images_seen, "level": level, "alpha": alpha,
                    "resolution": self.net_config.resolution_at(level), "final_resolution": self.net_config.resolution,
                    "reached_final_resolution": final, "train_images": len(self.train_rows),
+                   "include_test": self.cfg.include_test,
                    # process 0 wrote it; the others would race its writes and rotation
                    "checkpoint": str(self.latest_checkpoint()) if self.rank == 0 else None, "out": str(self.out),
                    "complete": self.images_seen >= self.total}
