@@ -75,6 +75,7 @@ def test_sixteen_bit_png_and_dicom_outputs(models, tmp_path):
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
         assert "SYNTHETIC" in ds.SeriesDescription and "Synthetic" in ds.ImageComments and ds.ConversionType == "SYN"
         assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientBirthDate == ""
+        assert ds.PatientIdentityRemoved == "YES" and ds.Manufacturer == "xrayforge" and ds.SoftwareVersions
         assert ds.pixel_array.shape == (16, 16)
 
 

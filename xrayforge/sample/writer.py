@@ -82,6 +82,8 @@ def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+    from .. import __version__
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -100,6 +102,9 @@ def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
     ds.SeriesDescription = "SYNTHETIC IMAGE - xrayforge generator, not a patient"
     ds.ImageComments = comment
     ds.BurnedInAnnotation = "NO"
+    # for a PACS or a de-identification check: no patient's data in it, and what made it
+    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "synthetic image, generated: no patient"
+    ds.Manufacturer, ds.SoftwareVersions = "xrayforge", __version__
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     bits = 8 if pixels.dtype == np.uint8 else 16
