@@ -200,3 +200,41 @@ def test_conv_layer_table_counts_the_gradient_penalty_for_discriminator_layers()
     assert layer_table(rows[:5], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # cut short
     rows[1]["error"] = "x"
     assert (256, 128, 3, "up", "lrelu_pn", 128, "bfloat16") not in layer_table(rows, [g, d])
+
+
+# ---------------------------------------------------------------- bench plumbing (benchmarks/*.py)
+def test_bench_results_never_replace_earlier_ones(tmp_path):
+    from xrayforge.bench import write_results
+    payload = {"device": {"name": "NVIDIA H200"}, "rows": [1]}
+    first = write_results("ops", payload, tmp_path)
+    second = write_results("ops", dict(payload, rows=[2]), tmp_path)
+    third = write_results("ops", dict(payload, rows=[3]), tmp_path)
+    assert len({first, second, third}) == 3 and second.name == first.stem + "-2.json"
+    assert [json.loads(p.read_text())["rows"] for p in (first, second, third)] == [[1], [2], [3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (first, second, third))
+
+
+def test_bench_suite_json_is_written_atomically(tmp_path):
+    from xrayforge.bench import suite
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("half way")
+    path = tmp_path / "b.json"
+    path.write_text('{"earlier": 1}')
+    with pytest.raises(RuntimeError, match="half way"):  # a failure while serialising leaves the file as it was
+        suite.save_json({"ops": ({"rows": [1.0], "oops": Unprintable()}, [])}, str(path))
+    assert json.loads(path.read_text()) == {"earlier": 1}
+    suite.save_json({"ops": ({"rows": [1.0], "oops": object()}, [])}, str(path))
+    assert json.loads(path.read_text())["ops"]["rows"] == [1.0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("script", ["ops", "fid", "lco", "train_step"])
+def test_bench_scripts_refuse_cuda_without_a_gpu(script, capsys):
+    import importlib
+    main = importlib.import_module(f"xrayforge.bench.{script}").main
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err

@@ -146,12 +146,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or into ``out_dir``)."""
+    """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or into ``out_dir``); a second run
+    on the same day and device gets ``-2``, ``-3``, ... rather than replacing the earlier results."""
     out = Path(out_dir) if out_dir else Path.cwd() / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     dev = payload.get("device", {}).get("name", "cpu")
     slug = "".join(ch if ch.isalnum() else "-" for ch in dev).strip("-").lower() or "cpu"
-    path = out / f"{name}-{slug}-{_dt.date.today().isoformat()}.json"
+    stem = f"{name}-{slug}-{_dt.date.today().isoformat()}"
+    path, n = out / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = out / f"{stem}-{n}.json"
     write_text_atomic(path, json.dumps(payload, indent=2))
     return path
 

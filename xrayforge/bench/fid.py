@@ -304,6 +304,7 @@ def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3,
 
 
 def main(argv=None) -> int:
+    from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
     p = argparse.ArgumentParser(description=__doc__)
     on_gpu = torch.cuda.is_available()
     p.add_argument("--n", type=int, default=2048 if on_gpu else 32, help="images for the end-to-end runs")
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256 if on_gpu else 8)
     p.add_argument("--moment-n", type=int, default=50000 if on_gpu else 5000)
     p.add_argument("--inception", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device_arg, default=None)
     p.add_argument("--workers", type=int, default=8 if on_gpu else 0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

@@ -289,6 +289,7 @@ COLUMNS = [("target", "target"), ("census_frequency", "frequency"), ("starts", "
 
 
 def main(argv=None) -> int:
+    from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="training run folder (or use --demo)")
     p.add_argument("classifier", nargs="?", help="classifier folder (or use --demo)")
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--real", default=None, help="labelled archive: FID of accepted images vs real ones per target")
     p.add_argument("--inception", default=None, help="FID Inception weights (default: random, a pipeline check)")
     p.add_argument("--no-fid", action="store_true", help="with --real: the realism ratios only, no FID (faster on a CPU)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device_arg, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.demo:

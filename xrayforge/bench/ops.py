@@ -320,8 +320,9 @@ COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "ba
 
 
 def main(argv=None) -> int:
+    from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--backends", default=None, help="comma list; default: every available backend")
     p.add_argument("--quick", action="store_true", help="small shapes only")

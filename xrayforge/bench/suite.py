@@ -3,6 +3,7 @@ README's table (and every row as JSON with --json)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -47,5 +48,7 @@ def print_tables(results: dict) -> None:
 
 
 def save_json(results: dict, path: str) -> None:
-    with open(path, "w") as fh:
-        json.dump({name: result for name, (result, _) in results.items()}, fh, indent=2, default=str)
+    """Write every suite's rows to ``path`` through a temporary file (never half-written)."""
+    from . import write_text_atomic
+    write_text_atomic(Path(path), json.dumps({name: result for name, (result, _) in results.items()},
+                                             indent=2, default=str))

@@ -291,6 +291,7 @@ COLUMNS = [("resolution", "px"), ("dtype", "dtype"), ("mode", "mode"), ("batch",
 
 
 def main(argv=None) -> int:
+    from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolutions", default=None, help="comma list (default 64,256,512,1024 on GPU; 16,32 on CPU)")
     p.add_argument("--dtypes", default="float32,bfloat16")
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
                    help="print torch.profiler tables of one step of the first resolution, batch and mode instead")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (off by default, "
                    "as in the trainer)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=device_arg, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
