@@ -17,7 +17,8 @@
 #      out / skipped; the whole command ends within --deadline (default 540 s: the stages get what setup left),
 #      or the stages alone get --budget seconds.
 # Writes at most five files to --out (default $OUT, else gpu-check/): gpu_check.json,
-# gpu_check.md, gpu_check.log, gpu_tests.xml, build.log.
+# gpu_check.md, gpu_check.log, gpu_tests.xml, build.log; a folder that holds an earlier
+# gpu_check.json is refused (a new --out per run; combine runs with --merge).
 # --dry-run: the same stages at tiny sizes on this CPU (Triton in the interpreter, CUDA-only
 # parts skipped and marked so); no build or install (the project must already be importable).
 set -uo pipefail
@@ -44,6 +45,11 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
+if [ -e "$OUT_DIR/gpu_check.json" ]; then
+  echo "gpu_check.sh: $OUT_DIR already holds a gpu_check.json (an earlier run); choose a new --out" \
+       "(python -m xrayforge.bench.gpu_check --merge combines runs)" >&2
+  exit 2
+fi
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 LOG="$OUT_DIR/gpu_check.log"

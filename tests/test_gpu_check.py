@@ -85,6 +85,23 @@ def test_script_is_valid_bash_and_explains_itself():
     assert "--dry-run" in out and "--only" in out and "gpu_check.json" in out
 
 
+def test_an_earlier_report_is_never_replaced(tmp_path, capsys):
+    # a second run (an --only rerun, a merge) into the same folder replaced the earlier run's report
+    (tmp_path / "gpu_check.json").write_text('{"earlier": 1}')
+    (tmp_path / "gpu_check.log").write_text("earlier log\n")
+    for argv in (["--out", str(tmp_path), "--only", "env", "--dry-run"], ["--merge", str(tmp_path / "gpu_check.json"),
+                                                                        "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            gpu_check.main(argv)
+        assert exc.value.code == 2 and "already holds a gpu_check.json" in capsys.readouterr().err
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 2 and "already holds a gpu_check.json" in proc.stderr
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"earlier": 1}
+    assert (tmp_path / "gpu_check.log").read_text() == "earlier log\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+
+
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     """The whole script at tiny sizes: every stage passes, at most five files come back (the

@@ -499,6 +499,9 @@ def main(argv=None) -> int:
     p.add_argument("--context", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out or os.environ.get("OUT") or "gpu-check")
+    if not args.stage and (out / "gpu_check.json").exists():  # never replace an earlier run's report
+        p.error(f"{out} already holds a gpu_check.json (an earlier run); choose a new --out "
+                "(--merge combines runs)")
     out.mkdir(parents=True, exist_ok=True)
 
     if args.merge:
