@@ -19,6 +19,7 @@ from ._format import number
 from ..utils.files import read_json, read_jsonl
 
 SECTION_ORDER = ("diversity-grids", "fid-findings", "tstr", "diversity", "memorisation", "reader-study")
+EVALUATIONS = ("fid-findings", "tstr", "diversity", "memorisation", "reader-study")  # what a summary.json may name
 
 
 def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]:
@@ -36,11 +37,12 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
         s = p / "summary.json"
         if s.is_file():
             kind = read_json(s, "an evaluation summary").get("evaluation")
-            if kind:
+            if kind in EVALUATIONS:
                 found[kind] = p
             elif p in asked:  # asked for by name: never left out without a word
-                raise UserError(f"{s}: not the summary of an `xrayforge evaluate` command (it names no evaluation; "
-                                f"a sample folder's or a run's summary?)")
+                raise UserError(f"{s}: not the summary of an `xrayforge evaluate` command (it names "
+                                f"{f'the evaluation {kind!r}, which the report does not know' if kind else 'no evaluation'}"
+                                f"; a sample folder's or a run's summary?)")
     return found
 
 
@@ -137,8 +139,12 @@ def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], 
         sections["diversity-grids"] = sections["diversity"]
     for kind in SECTION_ORDER:
         if kind in sections:
-            lines += _section(kind, sections[kind]) + [""]
-    missing = [k for k in ("fid-findings", "tstr", "diversity", "memorisation", "reader-study") if k not in sections]
+            try:
+                lines += _section(kind, sections[kind]) + [""]
+            except KeyError as exc:  # a summary from another version, or edited: say which, never a traceback
+                raise UserError(f"{sections[kind] / 'summary.json'}: no {exc} in it; not a complete {kind} summary "
+                                f"(run `xrayforge evaluate {kind}` again into that folder)") from None
+    missing = [k for k in EVALUATIONS if k not in sections]
     if missing:
         lines += ["## Not evaluated", "No results found for: " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n"
@@ -190,7 +196,7 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
                 body.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
                             f'style="max-width:100%"></p>')
             else:
-                body.append(f"<p>(missing image: {html.escape(src)})</p>")
+                body.append(f"<p>(missing image: {html.escape(str(src))})</p>")
         elif line.startswith("|"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if all(set(c) <= {"-", ":"} for c in cells):
