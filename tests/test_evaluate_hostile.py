@@ -42,3 +42,12 @@ def test_report_refuses_an_incomplete_or_unknown_summary_naming_it(tmp_path):
     with pytest.raises(UserError, match=r"odd/summary.json: .*'bogus'"):
         write_report(tmp_path / "r.html", None, [odd])
     assert not (tmp_path / "r.html").exists()
+
+
+def test_diversity_refuses_a_truncation_that_would_never_finish(tmp_path):
+    """Components are redrawn until they lie within ±T: at T = 1e-30 that is for ever (sample refuses
+    below 0.01; diversity hung)."""
+    from xrayforge.evaluate.diversity import diversity
+    with pytest.raises(ValueError, match="--truncation must be at least 0.01"):
+        diversity("run", "clf", "real", tmp_path / "d", n=2, truncation=1e-30, progress=False)
+    assert not (tmp_path / "d").exists()

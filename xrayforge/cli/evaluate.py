@@ -282,7 +282,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--per-grid", type=_args.positive_int, default=16, help="images per finding grid (default 16)")
     q.add_argument("--ratio", type=_args.positive_float, default=0.5,
                    help="under-produced below this fraction of the real prevalence (default 0.5)")
-    q.add_argument("--truncation", type=_args.positive_float, default=None)
+    q.add_argument("--truncation", type=_args.positive_float, default=None,
+                   help="redraw latent components beyond ±T (at least 0.01)")
     q.add_argument("--batch", type=_args.positive_int, default=64)
     q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
