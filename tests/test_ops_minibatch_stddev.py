@@ -129,6 +129,14 @@ def test_bad_input(backend):
         ops.minibatch_stddev(torch.randn(0, 3, 2, 2), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + [p.values[0][0] for p in kernel_params()])
+@pytest.mark.parametrize("shape", [(4, 0, 2, 2), (4, 3, 0, 2), (4, 3, 2, 0)], ids=str)
+def test_samples_without_features_are_refused(backend, shape):
+    # the reference failed in a reshape ("-1 ... is ambiguous") and the kernels returned NaN maps
+    with pytest.raises(ValueError, match="hold no features"):
+        ops.minibatch_stddev(torch.randn(shape), backend=backend)
+
+
 @pytest.mark.parametrize("kb", kernel_params())
 def test_torch_compile_traces_the_custom_ops(kb):
     backend, device = kb

@@ -40,6 +40,8 @@ def _check(x: torch.Tensor, group_size: int, num_channels: int) -> tuple[int, in
                          f"{group_size} and {num_channels}")
     if n == 0:
         raise ValueError("minibatch_stddev: the batch is empty")
+    if x.numel() == 0:  # no element to take a deviation over: the statistic is undefined
+        raise ValueError(f"minibatch_stddev: samples of shape {tuple(x.shape[1:])} hold no features")
     g = group_size_for(n, group_size)
     if n % g:
         raise ValueError(f"minibatch_stddev: batch size {n} is not divisible by the group size {g}; "
