@@ -51,3 +51,61 @@ def test_diversity_refuses_a_truncation_that_would_never_finish(tmp_path):
     with pytest.raises(ValueError, match="--truncation must be at least 0.01"):
         diversity("run", "clf", "real", tmp_path / "d", n=2, truncation=1e-30, progress=False)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory):
+    from xrayforge.data.prepare import prepare
+    root = tmp_path_factory.mktemp("hostile")
+    prepare("phantom:60", root / "real", resolution=16, workers=1, progress=False)
+    return root / "real"
+
+
+def _train(archive, out, **settings):
+    from xrayforge.evaluate.classifier import ClassifierTrainConfig, train_classifier
+    return train_classifier(ClassifierTrainConfig(archive=str(archive), out=str(out), input_size=16, width=4,
+                                                  val_fraction=0.3, **{"epochs": 1, **settings}), progress=False)
+
+
+def test_classify_train_refuses_a_batch_it_cannot_train_on(small_archive, tmp_path):
+    """Batch norm cannot train on one image, so every batch of 1 was skipped: --batch 1 trained
+    nothing (loss NaN) and saved the untrained model as if trained."""
+    with pytest.raises(ValueError, match="--batch 1"):
+        _train(small_archive, tmp_path / "c", batch=1)
+    assert not (tmp_path / "c" / "classifier.json").exists()
+
+
+def test_a_diverged_classifier_is_refused_not_saved_with_nan_thresholds(small_archive, tmp_path):
+    with pytest.raises(ValueError, match="diverged.*--lr"):
+        _train(small_archive, tmp_path / "c", lr=1e6, epochs=2)
+    assert not (tmp_path / "c" / "classifier.json").exists()
+
+
+def test_classify_train_prints_the_aurocs_of_the_model_it_keeps(small_archive, tmp_path, monkeypatch, capsys):
+    """The headline is the best epoch's mean AUROC; the per-finding lines under it were the last
+    epoch's, whichever epoch was kept."""
+    from xrayforge.cli import main as cli
+    from xrayforge.evaluate import classifier as clf_mod
+    real_fit = clf_mod.fit
+
+    def fit(*a, **k):  # the first epoch is the best one, the second worse
+        r = real_fit(*a, **k)
+        r.history = [{"epoch": 1, "loss": 1.0, "mean_auroc": 0.9, "auroc": {"Mass": 0.9}},
+                     {"epoch": 2, "loss": 0.5, "mean_auroc": 0.2, "auroc": {"Mass": 0.2}}]
+        r.best_mean_auroc, r.best_epoch = 0.9, 1
+        return r
+    monkeypatch.setattr(clf_mod, "fit", fit)
+    assert cli(["classify", "train", str(small_archive), "--out", str(tmp_path / "c"), "--input-size", "16",
+                "--width", "4", "--epochs", "2", "--val-fraction", "0.3", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "best mean validation AUROC 0.900" in out and "(epoch 1 of 2;" in out
+    assert "AUROC 0.900" in out.split("\n", 1)[1] and "0.200" not in out
+
+
+def test_a_learning_rate_past_any_use_is_refused_when_parsed(capsys):
+    from xrayforge.cli import main as cli
+    for command in (["classify", "train", "a", "--out", "m"], ["evaluate", "tstr", "--synthetic", "s", "--real", "r",
+                                                              "--out", "o"]):
+        with pytest.raises(SystemExit, match="2"):  # was an 'unexpected error' (float overflow) in the optimiser
+            cli(command + ["--lr", "1e300"])
+        assert "--lr: 1e+300 must be greater than 0 and at most 1" in capsys.readouterr().err

@@ -8,6 +8,8 @@ from . import _args
 
 
 CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "seed", "device")
+# Adam's step size: beyond 1 training only diverges, and past float32's range the optimiser itself fails
+learning_rate = _args._checked(float, lambda v: 0 < v <= 1, "must be greater than 0 and at most 1", "learning_rate")
 
 
 def _add_classifier_training(q: argparse.ArgumentParser) -> None:
@@ -16,8 +18,8 @@ def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     q.add_argument("--input-size", type=_args.positive_int, default=256)
     q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
     q.add_argument("--epochs", type=_args.positive_int, default=10)
-    q.add_argument("--batch", type=_args.positive_int, default=32)
-    q.add_argument("--lr", type=_args.positive_float, default=1e-3)
+    q.add_argument("--batch", type=_args.positive_int, default=32, help="images per step, at least 2 (default 32)")
+    q.add_argument("--lr", type=learning_rate, default=1e-3)
     q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
 
@@ -38,10 +40,10 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
     cfg = ClassifierTrainConfig(archive=args.archive, out=args.out, val_fraction=args.val_fraction,
                                 init_weights=args.init_weights, **_classifier_training(args))
     summary = train_classifier(cfg, progress=not args.quiet)
-    last = summary["history"][-1]
-    print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} "
-          f"({summary['val_images']} images of {summary['val_patients']} patients)")
-    for finding, value in last["auroc"].items():
+    kept = next(h for h in summary["history"] if h["epoch"] == summary["best_epoch"])  # the model saved
+    print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} (epoch {kept['epoch']} of "
+          f"{len(summary['history'])}; {summary['val_images']} images of {summary['val_patients']} patients)")
+    for finding, value in kept["auroc"].items():
         print(f"  {finding:20s} AUROC {value:.3f}")
     return 0
 

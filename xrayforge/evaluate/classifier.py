@@ -125,6 +125,7 @@ class FitResult:
     model: ChestClassifier
     history: list
     best_mean_auroc: float
+    best_epoch: int = 1
 
 
 def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTraining, augment: bool = True,
@@ -134,6 +135,11 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
     epochs, batch, lr, seed = settings.epochs, settings.batch, settings.lr, settings.seed
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_items, val_items = np.asarray(train_items), np.asarray(val_items)
+    # batch norm cannot train on one image: such batches are skipped below, so these would train nothing
+    if batch < 2:
+        raise UserError(f"--batch {batch}: a training batch needs at least 2 images")
+    if len(train_items) < 2:
+        raise UserError(f"{desc}: {len(train_items)} training image(s); at least 2 are needed")
     torch.manual_seed(seed)
     model = ChestClassifier(settings.model_config(images.findings)).to(device)
     if init_weights:
@@ -166,18 +172,21 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
             sched.step()
             losses.append(loss.item())
         probs = predict(model, images, val_items, device)
+        if not (np.isfinite(losses).all() and np.isfinite(probs).all()):  # its AUROCs and thresholds would be NaN
+            raise UserError(f"{desc}: training diverged in epoch {epoch + 1} (mean loss {np.mean(losses):.3g}, "
+                            f"outputs no longer finite); use a lower --lr than {lr:g}")
         aucs = {f: auroc(y_val[:, k], probs[:, k]) for k, f in enumerate(images.findings)}
         valid = [v for v in aucs.values() if not math.isnan(v)]
         mean_auc = float(np.mean(valid)) if valid else float("nan")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "mean_auroc": mean_auc,
                         "auroc": {k: v for k, v in aucs.items() if not math.isnan(v)}})
         if best_state is None or (not math.isnan(mean_auc) and mean_auc > best):
-            best, best_state = mean_auc, copy.deepcopy(model.state_dict())
+            best, best_state, best_epoch = mean_auc, copy.deepcopy(model.state_dict()), epoch + 1
             best_thresholds = {f: youden_threshold(y_val[:, k], probs[:, k]) for k, f in enumerate(images.findings)
                                if not math.isnan(aucs[f])}
     model.load_state_dict(best_state)
     model.config.thresholds = best_thresholds
-    return FitResult(model, history, best)
+    return FitResult(model, history, best, best_epoch)
 
 
 def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
@@ -206,7 +215,7 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     model.cpu().save(out)
     summary = {"model": str(out), "train_images": int(len(train_items)), "val_images": int(len(val_items)),
                "val_patients": len({images.patient_ids[i] for i in val_items}),
-               "best_mean_auroc": result.best_mean_auroc, "history": result.history,
+               "best_mean_auroc": result.best_mean_auroc, "best_epoch": result.best_epoch, "history": result.history,
                "thresholds": model.config.thresholds}
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
