@@ -109,3 +109,25 @@ def test_a_learning_rate_past_any_use_is_refused_when_parsed(capsys):
         with pytest.raises(SystemExit, match="2"):  # was an 'unexpected error' (float overflow) in the optimiser
             cli(command + ["--lr", "1e300"])
         assert "--lr: 1e+300 must be greater than 0 and at most 1" in capsys.readouterr().err
+
+
+def test_tstr_refuses_to_continue_once_the_real_archive_was_prepared_again(small_archive, tmp_path):
+    """The finished models' test-set probabilities are kept in --out, one per test image of the real
+    archive as it was: an archive prepared again at the same path made the rerun fail with an
+    IndexError (other count) or score old probabilities against new labels (same count)."""
+    import shutil
+
+    from synthetic_factory import write_sample_folder
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    real = tmp_path / "real"
+    shutil.copytree(small_archive, real)
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16)
+    cfg = TSTRConfig(str(tmp_path / "s"), str(real), str(tmp_path / "t"), input_size=16, width=4, epochs=1,
+                     val_fraction=0.3, bootstrap=10)
+    run_tstr(cfg, progress=False)
+    run_tstr(cfg, progress=False)  # the same inputs: continued
+    shutil.rmtree(real)
+    prepare("phantom:90", real, resolution=16, workers=1, progress=False)
+    with pytest.raises(UserError, match="real_archive_id"):
+        run_tstr(cfg, progress=False)

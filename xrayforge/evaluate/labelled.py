@@ -99,6 +99,13 @@ def sample_id(folder: str | os.PathLike) -> str:
     return hashlib.sha1(what.encode()).hexdigest()
 
 
+def archive_id(path: str | os.PathLike) -> str | None:
+    """What a prepared archive holds: its manifest (every image's source, labels, split and checksum),
+    wherever the archive now is; None where ``path`` is no archive."""
+    manifest = Path(path) / "manifest.csv"
+    return file_id(manifest, length=40) if (Path(path) / "archive.json").is_file() else None
+
+
 def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Archive:
     """The sample folder as a prepared archive at ``out`` (made once; reused while the folder holds
     the same samples)."""

@@ -22,7 +22,7 @@ import numpy as np
 from ..data.archive import write_csv, write_json
 from ..utils.files import claim_output, load_npy, same_settings
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
-from .labelled import is_sample_folder, open_labelled, sample_id
+from .labelled import archive_id, is_sample_folder, open_labelled, sample_id
 from ._format import csv_row, is_number, number
 from .metrics import auroc, bootstrap_auroc, patient_split
 
@@ -59,8 +59,12 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     # the synthetic images themselves: a folder sampled again under the same name must not meet the
     # models trained on its earlier samples (outputs from before this was kept cannot be checked)
     settings["synthetic_id"] = sample_id(cfg.synthetic) if is_sample_folder(cfg.synthetic) else None
+    # and so must prepared archives prepared again at the same path: the models' test-set probabilities
+    # are kept per test image of the real archive
+    settings["real_archive_id"], settings["synthetic_archive_id"] = archive_id(cfg.real), archive_id(cfg.synthetic)
     settings_path = out / "tstr_config.json"
-    same_settings(settings_path, settings, added={"synthetic_id": settings["synthetic_id"]})
+    same_settings(settings_path, settings, added={k: settings[k] for k in
+                                                  ("synthetic_id", "real_archive_id", "synthetic_archive_id")})
     real = open_labelled(cfg.real, out, progress)
     synth = open_labelled(cfg.synthetic, out, progress)
     if real.labels.sum() == 0:
