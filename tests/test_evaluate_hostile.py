@@ -131,3 +131,30 @@ def test_tstr_refuses_to_continue_once_the_real_archive_was_prepared_again(small
     prepare("phantom:90", real, resolution=16, workers=1, progress=False)
     with pytest.raises(UserError, match="real_archive_id"):
         run_tstr(cfg, progress=False)
+
+
+def test_diversity_against_an_unlabelled_archive_says_n_a_for_its_labels(tmp_path):
+    """An archive prepared without a label file has every label 0: its label prevalences are
+    unknown, not 0% (the predicted ones still compare)."""
+    import torch
+
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.diversity import diversity
+    from xrayforge.nn import Generator, NetworkConfig, save_networks
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    (tmp_path / "pngs").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "pngs" / f"{k}.png")
+    prepare(str(tmp_path / "pngs"), tmp_path / "real", resolution=16, workers=1, progress=False)
+    torch.manual_seed(0)
+    save_networks(tmp_path / "gen", {"G_ema": Generator(NetworkConfig(resolution=16, latent_dim=8, fmap_base=32,
+                                                                        fmap_max=8)).eval()})
+    ChestClassifier(ClassifierConfig(input_size=16, width=4)).save(tmp_path / "clf")
+    s = diversity(str(tmp_path / "gen"), str(tmp_path / "clf"), str(tmp_path / "real"), tmp_path / "d", n=8,
+                  device="cpu", progress=False)
+    assert all(math.isnan(r["real_label_prevalence"]) for r in s["findings"])
+    assert all(math.isnan(p["real_label_prevalence"]) for p in s["pairs"])
+    table = [line for line in (tmp_path / "d" / "diversity.md").read_text().splitlines()
+             if line.startswith("| ") and line.count("|") == 6][1:]  # the findings table's rows
+    assert table and all(line.split(" | ")[1] == "n/a" for line in table)

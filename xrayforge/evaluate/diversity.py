@@ -130,7 +130,9 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
         every = np.unique(np.linspace(0, len(real_arc) - 1, real_limit).round().astype(np.int64))
     real_set = LabelledImages([(real_arc, every)], findings)
     real_pred = predict(model, real_set, np.arange(len(real_set)), dev, batch)[:, cols] >= thr
-    real_true = real_arc.labels[every][:, [real_arc.findings.index(f) for f in findings]]
+    real_true = real_arc.labels[every][:, [real_arc.findings.index(f) for f in findings]].astype(np.float64)
+    if not real_arc.meta.get("labelled", True):  # prepared without a label file: its labels are unknown, not 0
+        real_true[:] = np.nan
 
     rows = prevalence_rows(findings, synth_pred, real_pred, real_true, ratio)
     co_s, co_r, co_t = cooccurrence(synth_pred), cooccurrence(real_pred), cooccurrence(real_true)
@@ -171,8 +173,9 @@ def format_markdown(summary: dict) -> str:
              f"{summary['real_images']} real images (prevalence, %; synthetic with its Wilson 95% interval).", "",
              "| finding | real (labels) | real (predicted) | synthetic (predicted) | synthetic / real |",
              "|---|---|---|---|---|"]
-    unseen = [r["finding"] for r in summary["findings"] if not (r["real_label_prevalence"] or r["real_predicted_prevalence"]
-                                                                 or r["synthetic_predicted_prevalence"])]
+    unseen = [r["finding"] for r in summary["findings"]
+              if not any(is_number(r[k]) and r[k] for k in ("real_label_prevalence", "real_predicted_prevalence",
+                                                             "synthetic_predicted_prevalence"))]
     for r in summary["findings"]:
         if r["finding"] in unseen:
             continue
