@@ -158,3 +158,24 @@ def test_diversity_against_an_unlabelled_archive_says_n_a_for_its_labels(tmp_pat
     table = [line for line in (tmp_path / "d" / "diversity.md").read_text().splitlines()
              if line.startswith("| ") and line.count("|") == 6][1:]  # the findings table's rows
     assert table and all(line.split(" | ")[1] == "n/a" for line in table)
+
+
+def test_memorisation_medians_are_medians_of_an_even_count(tmp_path):
+    """torch's median of an even count is the lower middle value, not the median the summary and
+    the report name."""
+    from xrayforge.evaluate.memorisation import audit
+    from xrayforge.fid.compute import FeatureExtractor
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    rng = np.random.default_rng(1)
+    for side, count in (("synth", 4), ("real", 6)):
+        (tmp_path / side).mkdir()
+        for k in range(count):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / side / f"{k}.png")
+    ChestClassifier(ClassifierConfig(input_size=16, width=4)).save(tmp_path / "clf")
+    ex = FeatureExtractor(device="cpu", batch_size=8, workers=0, progress=False, features=f"classifier:{tmp_path / 'clf'}")
+    s = audit(str(tmp_path / "synth"), str(tmp_path / "real"), tmp_path / "m", ex, progress=False)
+    with open(tmp_path / "m" / "memorisation.csv", newline="") as fh:
+        rows = list(__import__("csv").DictReader(fh))
+    for space in ("pixel", "inception"):
+        got = s[f"median_synthetic_to_real_{'pixels' if space == 'pixel' else space}"]
+        assert got == pytest.approx(np.median([float(r[f"{space}_distance"]) for r in rows]), abs=2e-6)

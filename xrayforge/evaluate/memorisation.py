@@ -144,8 +144,11 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "synthetic_flagged_half": half,
         "expected_by_chance": None if real_flagged is None else real_flagged / n_real * len(s_names),
         "p_value": p_value, "more_than_chance": None if p_value is None else p_value < 0.01,
-        "median_synthetic_to_real_inception": float(d_f.median()), "median_real_to_real_inception": float(nn_f.median()),
-        "median_synthetic_to_real_pixels": float(d_p.median()), "median_real_to_real_pixels": float(nn_p.median()),
+        # numpy's median: torch's is the lower middle value of an even count
+        "median_synthetic_to_real_inception": float(np.median(d_f.numpy())),
+        "median_real_to_real_inception": float(np.median(nn_f.numpy())),
+        "median_synthetic_to_real_pixels": float(np.median(d_p.numpy())),
+        "median_real_to_real_pixels": float(np.median(nn_p.numpy())),
         "inception": extractor.describe_space(), "features": extractor.space_name}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png")
