@@ -93,3 +93,14 @@ def test_auto_candidates_override_the_validated_order_inside_the_block_only(monk
     with pytest.raises(ValueError, match="fused backends"):
         with _backend.auto_candidates(("torch",)):
             pass
+
+
+def test_backend_names_are_read_as_the_environment_is():
+    x = torch.zeros(1, 4, 2, 2)
+    assert _backend.resolve("pixel_norm", x, " AUTO ") == _backend.resolve("pixel_norm", x, "auto") == "torch"
+    assert _backend.resolve("pixel_norm", x, "Torch") == "torch"
+    ops.set_backend("TORCH")
+    try:
+        assert ops.get_backend() == "torch"
+    finally:
+        ops.set_backend(None)

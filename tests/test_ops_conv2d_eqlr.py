@@ -5,6 +5,7 @@ float64, contiguous, channels_last and strided inputs; gradcheck and gradgradche
 bad inputs. In the Triton interpreter on the CPU, on the GPU where there is one."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -320,6 +321,8 @@ def test_autotune_switch_runs_the_layer_and_records_its_choice(kb, monkeypatch):
     ((torch.zeros(1, 3, 1, 4), torch.zeros(4, 3, 3, 3)), {"resample": "down"}, "cannot downsample"),
     ((torch.zeros(1, 3, 4, 4, dtype=torch.int64), torch.zeros(4, 3, 3, 3)), {}, "floating-point"),
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"scale": float("nan")}, "finite"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"scale": torch.tensor(0.5)}, "a Python or NumPy number"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"scale": True}, "a Python or NumPy number"),
 ])
 def test_bad_inputs(args, kwargs, match):
     kwargs = {"scale": 1.0, **kwargs}
@@ -380,3 +383,10 @@ def test_pggan_layer_shapes_on_gpu(kb, cin, cout, size, resample, activation, ep
     """The 1024-px networks' layer shapes in bf16 channels_last."""
     monkeypatch.setattr(C, "EPILOGUE_BACKWARD", epilogue_backward)
     _bf16_layer_check(kb[1], cin, cout, size, resample, activation)
+
+
+def test_a_numpy_scale_is_a_number():
+    x = make((1, 2, 3, 3))
+    w, b, scale = layer(2, 3, 3)
+    torch.testing.assert_close(conv2d_eqlr(x, w, b, scale=np.float32(scale), activation="lrelu"),
+                               C.reference(x, w, b, scale=float(np.float32(scale)), activation="lrelu"))

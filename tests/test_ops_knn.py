@@ -87,6 +87,9 @@ def test_ties_give_equal_distances():
     ((torch.zeros(3), torch.zeros(4, 2), 1), "expected"),
     ((torch.zeros(3, 2), torch.zeros(4, 3), 1), "features"),
     ((torch.zeros(3, 2), torch.zeros(4, 2), 0), "k must be"),
+    ((torch.zeros(3, 2), torch.zeros(4, 2), 2.0), "k must be an integer"),
+    ((torch.zeros(3, 2), torch.zeros(4, 2), True), "k must be an integer"),
+    (([[0.0, 0.0]], torch.zeros(4, 2), 1), "expected tensors, got list"),
     ((torch.zeros(3, 2), torch.zeros(4, 2), 5), "neighbours asked"),
     ((torch.zeros(3, 2, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long), 1), "floating-point"),
 ])
@@ -134,3 +137,9 @@ def test_nan_and_inf_features_are_never_near(kb, dtype):
     d, i = knn(queries, refs, 2, backend=backend)
     assert d[0].tolist() == [1.0, 2.0] and i[0].tolist() == [1, 2]
     assert (d[1] > 0).all()
+
+
+def test_a_numpy_integer_k_is_taken():
+    r = torch.arange(8, dtype=torch.float64).view(4, 2)
+    d, i = knn(r[:1], r, np.int64(2))
+    assert i.tolist() == [[0, 1]] and d.shape == (1, 2)

@@ -81,6 +81,8 @@ class BackendUnavailableError(UserError, RuntimeError):
 
 
 def _check_name(name: str) -> str:
+    if isinstance(name, str):
+        name = name.strip().lower()  # as XRAYFORGE_BACKEND is read
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return name

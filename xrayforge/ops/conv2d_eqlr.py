@@ -38,6 +38,8 @@ fastest (off by default until a GPU window has measured what it gains).
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +167,10 @@ def _check(x, weight, bias, scale, activation, resample) -> None:
                         "kernel")
     if resample == "down" and min(x.shape[2:]) < 2:
         raise UserError(f"conv2d_eqlr: cannot downsample a {x.shape[2]}×{x.shape[3]} input")
-    if not isinstance(scale, (int, float)) or not float(scale) == float(scale) or abs(float(scale)) == float("inf"):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # NumPy scalars are numbers.Real
+        raise UserError(f"conv2d_eqlr: scale must be a Python or NumPy number (a constant of the layer), got "
+                        f"{type(scale).__name__}")
+    if not math.isfinite(float(scale)):
         raise UserError(f"conv2d_eqlr: scale must be a finite number, got {scale!r}")
 
 

@@ -21,6 +21,7 @@ carry a relative error of about 1e-6 of ``|q|² + |r|²``, so references closer 
 """
 from __future__ import annotations
 
+import numbers
 
 import torch
 
@@ -44,6 +45,10 @@ KNN_PRECISION = "tf32x3"
 
 
 def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool) -> None:
+    if not isinstance(queries, torch.Tensor) or not isinstance(refs, torch.Tensor):
+        raise UserError(f"knn: expected tensors, got {type(queries).__name__} and {type(refs).__name__}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise UserError(f"knn: k must be an integer, got {k!r}")
     if queries.dim() != 2 or refs.dim() != 2:
         raise UserError(f"knn: expected (N, D) queries and (M, D) references, got shapes {tuple(queries.shape)} and "
                         f"{tuple(refs.shape)}")
@@ -190,6 +195,7 @@ def knn(queries: torch.Tensor, refs: torch.Tensor, k: int = 1, exclude_self: boo
         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances (N, k) float64 ascending, indices (N, k) int64) of each query's k nearest references."""
     _check(queries, refs, k, exclude_self)
+    k = int(k)  # a NumPy integer too
     impl = _backend.resolve("knn", refs, backend)
     if impl == "triton":
         return _triton(queries.to(refs.device), refs, k, exclude_self)
