@@ -179,3 +179,19 @@ def test_memorisation_medians_are_medians_of_an_even_count(tmp_path):
     for space in ("pixel", "inception"):
         got = s[f"median_synthetic_to_real_{'pixels' if space == 'pixel' else space}"]
         assert got == pytest.approx(np.median([float(r[f"{space}_distance"]) for r in rows]), abs=2e-6)
+
+
+def test_tstr_validation_split_is_checked_before_training_and_can_be_changed(small_archive, tmp_path):
+    """A small --budget leaves a validation split empty: that was found only after the earlier sets'
+    models were trained and the settings saved (so the advice, 'change --val-fraction', was then
+    refused in that --out), and `evaluate tstr` had no --val-fraction to change."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.cli import main as cli
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16)
+    common = ["evaluate", "tstr", "--synthetic", str(tmp_path / "s"), "--real", str(small_archive), "--out",
+              str(tmp_path / "t"), "--input-size", "16", "--width", "4", "--epochs", "1", "--bootstrap", "10",
+              "--budget", "8", "-q"]
+    assert cli(common) == 1
+    assert not (tmp_path / "t" / "models").exists() and not (tmp_path / "t" / "tstr_config.json").exists()
+    assert cli(common + ["--val-fraction", "0.5"]) == 0
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["budget"] == 8

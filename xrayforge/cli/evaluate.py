@@ -100,7 +100,7 @@ def _cmd_tstr(args: argparse.Namespace) -> int:
     from ..evaluate.tstr import TSTRConfig, format_markdown, run_tstr
 
     cfg = TSTRConfig(args.synthetic, args.real, args.out, budget=args.budget, test_fraction=args.test_fraction,
-                     bootstrap=args.bootstrap, **_classifier_training(args))
+                     val_fraction=args.val_fraction, bootstrap=args.bootstrap, **_classifier_training(args))
     summary = run_tstr(cfg, progress=not args.quiet)
     print(format_markdown(summary))
     print(f"written to {args.out}: tstr.csv, tstr.md, tstr.png, summary.json, models/")
@@ -237,6 +237,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--budget", type=_args.positive_int, default=None,
                    help="images per training set (default: the smaller of the synthetic set and the real training set)")
     _add_classifier_training(q)
+    q.add_argument("--val-fraction", type=_args.fraction, default=0.1,
+                   help="fraction of each training set's patients held out for validation (default 0.1)")
     q.add_argument("--test-fraction", type=_args.fraction, default=0.2,
                    help="fraction of real patients held out when the archive has no 'test' split (default 0.2)")
     q.add_argument("--bootstrap", type=_args.positive_int, default=1000, help="bootstrap resamples for the intervals (default 1000)")

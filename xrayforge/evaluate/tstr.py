@@ -83,26 +83,28 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
                          f"{len(synth_all)} synthetic images")
     if budget < 8:
         raise ValueError(f"a budget of {budget} images is too small to train a classifier")
-    settings_path.write_text(json.dumps(settings, indent=2))
     rng = np.random.default_rng(cfg.seed)
     half = budget // 2
     plans = {"real": [(real, _choose(real_train, budget, rng))],
              "synthetic": [(synth, _choose(synth_all, budget, rng))],
              "real+synthetic": [(real, _choose(real_train, half, rng)), (synth, _choose(synth_all, budget - half, rng))]}
+    trains = {name: LabelledImages(plans[name], findings) for name in TRAINING_SETS}
+    vals = {name: patient_split(t.patient_ids, cfg.val_fraction, salt=f"tstr-val{cfg.seed}") for name, t in trains.items()}
+    for name, val in vals.items():  # every set's, before anything is trained or saved
+        if val.all() or not val.any():
+            raise ValueError(f"the validation split of the {name} training set ({budget} images) left one side "
+                             f"empty; change --val-fraction (now {cfg.val_fraction}) or raise --budget")
+    settings_path.write_text(json.dumps(settings, indent=2))
     test = LabelledImages([(real, real_test)], findings)
     test_patients = np.array(test.patient_ids)
     rows, per_set = [], {}
     for name in TRAINING_SETS:
         folder = out / "models" / name.replace("+", "_")
         probs_path = folder / "test_probabilities.npy"
-        train = LabelledImages(plans[name], findings)
+        train, val = trains[name], vals[name]
         if probs_path.is_file():  # done by an earlier run
             probs = load_npy(probs_path, "the test-set probabilities of a finished model")
         else:
-            val = patient_split(train.patient_ids, cfg.val_fraction, salt=f"tstr-val{cfg.seed}")
-            if val.all() or not val.any():
-                raise ValueError(f"the validation split of the {name} training set left one side empty; "
-                                 f"change --val-fraction")
             result = fit(train, np.flatnonzero(~val), np.flatnonzero(val), cfg, progress=progress,
                          desc=f"tstr {name}")
             probs = predict(result.model, test, np.arange(len(test)), next(result.model.parameters()).device)
