@@ -195,3 +195,15 @@ def test_tstr_validation_split_is_checked_before_training_and_can_be_changed(sma
     assert not (tmp_path / "t" / "models").exists() and not (tmp_path / "t" / "tstr_config.json").exists()
     assert cli(common + ["--val-fraction", "0.5"]) == 0
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["budget"] == 8
+
+
+def test_reader_study_refuses_the_same_images_as_real_and_synthetic(tmp_path):
+    """One folder given as both sides made a pack whose key called some images synthetic that are
+    real (and could show one image twice with both truths)."""
+    from xrayforge.evaluate.reader_study import make
+    (tmp_path / "imgs").mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((8, 8), 40 * k, np.uint8)).save(tmp_path / "imgs" / f"{k}.png")
+    with pytest.raises(UserError, match="same"):
+        make(str(tmp_path / "imgs"), str(tmp_path / "imgs" / "."), 4, tmp_path / "pack", size=8)
+    assert not (tmp_path / "pack").exists() and not (tmp_path / "pack.key.csv").exists()

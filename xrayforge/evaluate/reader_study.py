@@ -206,6 +206,8 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
                         f"have); move it away or give another --key")
     if n < 2 or n % 2:
         raise UserError(f"--n must be an even number >= 2 (half real, half synthetic), got {n}")
+    if Path(real).resolve() == Path(synthetic).resolve():  # the key would call real images synthetic
+        raise UserError(f"{synthetic}: the same images as --real {real}; give the synthetic images")
     rng = np.random.default_rng(seed)
     chosen = []
     for truth, spec in (("real", real), ("synthetic", synthetic)):
