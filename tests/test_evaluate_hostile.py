@@ -207,3 +207,19 @@ def test_reader_study_refuses_the_same_images_as_real_and_synthetic(tmp_path):
     with pytest.raises(UserError, match="same"):
         make(str(tmp_path / "imgs"), str(tmp_path / "imgs" / "."), 4, tmp_path / "pack", size=8)
     assert not (tmp_path / "pack").exists() and not (tmp_path / "pack.key.csv").exists()
+
+
+def test_two_sample_folders_of_one_name_can_be_compared(small_archive, tmp_path):
+    """--synthetic a/samples --real b/samples: both were converted to OUT/samples-archive, and the
+    second was refused as 'other images; remove it', which removing could not help."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    from test_evaluate_suite import PixelFeatures
+    write_sample_folder(tmp_path / "a" / "samples", range(1000, 1030), resolution=16)
+    write_sample_folder(tmp_path / "b" / "samples", range(2000, 2030), resolution=16)
+    s = fid_by_finding(str(tmp_path / "a" / "samples"), str(tmp_path / "b" / "samples"), tmp_path / "f", PixelFeatures(),
+                       counts=[10], progress=False)
+    assert s["rows"][0]["synthetic_images"] == 30 and s["rows"][0]["real_images"] == 30 and s["rows"][0]["fid"] > 0
+    again = fid_by_finding(str(tmp_path / "a" / "samples"), str(tmp_path / "b" / "samples"), tmp_path / "f",
+                           PixelFeatures(), counts=[10], progress=False)  # each conversion reused
+    assert again["rows"][0]["fid"] == s["rows"][0]["fid"]

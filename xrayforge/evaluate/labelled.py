@@ -173,6 +173,14 @@ def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progres
     return Archive(out)
 
 
+def _converted_from(out: Path) -> str | None:
+    """The sample folder that ``out`` holds (or began) a conversion of; None where it holds none."""
+    made_from = out.with_name(out.name + ".source.json")
+    if made_from.is_file():
+        return read_json(made_from, "what a converted sample folder was made from").get("source")
+    return Archive(out).meta.get("source") if (out / "archive.json").is_file() else None
+
+
 def _manifest(folder: Path) -> tuple[list[dict], list[str]]:
     return read_csv(folder / "manifest.csv", ("file", "index", "target"), "the manifest of a sampled archive")
 
@@ -183,7 +191,11 @@ def open_labelled(spec: str | os.PathLike, work: str | os.PathLike, progress: bo
     if (p / "archive.json").is_file():
         return Archive(p)
     if is_sample_folder(p):
-        return sample_as_archive(p, Path(work) / f"{p.name}-archive", progress)
+        out = Path(work) / f"{p.name}-archive"
+        if _converted_from(out) not in (None, str(p)):  # another sample folder of this name (one of each side)
+            import hashlib
+            out = Path(work) / f"{p.name}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}-archive"
+        return sample_as_archive(p, out, progress)
     if not p.exists():
         raise FileNotFoundError(f"{spec}: no such file or folder")
     raise ValueError(f"{spec}: expected a prepared archive (archive.json) or a folder written by `xrayforge sample` "
