@@ -223,3 +223,12 @@ def test_two_sample_folders_of_one_name_can_be_compared(small_archive, tmp_path)
     again = fid_by_finding(str(tmp_path / "a" / "samples"), str(tmp_path / "b" / "samples"), tmp_path / "f",
                            PixelFeatures(), counts=[10], progress=False)  # each conversion reused
     assert again["rows"][0]["fid"] == s["rows"][0]["fid"]
+
+
+def test_diversity_ratio_must_be_a_fraction(capsys):
+    """--ratio 2 was taken: 'under-produced below 2x the real prevalence', and over-produced above
+    half of it, so the ratio test no longer applied to either flag."""
+    from xrayforge.cli import main as cli
+    with pytest.raises(SystemExit, match="2"):
+        cli(["evaluate", "diversity", "run", "--classifier", "c", "--real", "r", "--out", "o", "--ratio", "2"])
+    assert "--ratio: 2.0 must be between 0 and 1" in capsys.readouterr().err

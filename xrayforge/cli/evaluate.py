@@ -284,8 +284,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True)
     q.add_argument("--real-limit", type=_args.positive_int, default=5000, help="real images to classify, evenly spread (default 5000)")
     q.add_argument("--per-grid", type=_args.positive_int, default=16, help="images per finding grid (default 16)")
-    q.add_argument("--ratio", type=_args.positive_float, default=0.5,
-                   help="under-produced below this fraction of the real prevalence (default 0.5)")
+    q.add_argument("--ratio", type=_args.fraction, default=0.5,
+                   help="under-produced below this fraction of the real prevalence, over-produced above its inverse "
+                        "(default 0.5)")
     q.add_argument("--truncation", type=_args.positive_float, default=None,
                    help="redraw latent components beyond ±T (at least 0.01)")
     q.add_argument("--batch", type=_args.positive_int, default=64)
