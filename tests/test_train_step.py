@@ -5,7 +5,7 @@ import torch
 
 from xrayforge.nn import Discriminator, Generator, NetworkConfig
 from xrayforge.nn.layers import EqualizedConv2d
-from xrayforge.train import PGGANStep, StepConfig, discriminator_loss, ema_update, gradient_penalty, make_adam
+from xrayforge.train import PGGANStep, StepConfig, discriminator_loss, ema_update, gradient_penalty, losses, make_adam
 
 TINY = NetworkConfig(resolution=16, latent_dim=8, fmap_base=64, fmap_max=8)
 
@@ -69,6 +69,38 @@ def test_step_updates_both_networks_and_the_ema(amp, accumulation):
     # EMA moved 0.1% of the way towards G
     k = "conv0.weight"
     torch.testing.assert_close(G_ema.state_dict()[k], before["E"][k] + 0.001 * (G.state_dict()[k] - before["E"][k]))
+
+
+def test_accumulation_takes_the_full_batch_step(monkeypatch):
+    """Two micro-batches of 4 accumulate to the step on the batch of 8, given the same latents and
+    gradient-penalty mixing factors: the minibatch-stddev groups are strided ({0, 2, 4, 6} and
+    {1, 3, 5, 7} at 8), so micro-batch k takes samples k, k + 2, ... and keeps each group whole
+    (consecutive chunks {0..3}, {4..7} regrouped them and moved D's weights by up to 2 lr)."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(8, 1, 16, 16, generator=g, dtype=torch.float64)
+    z_d, z_g = (torch.randn(8, TINY.latent_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    u = torch.rand(8, generator=g, dtype=torch.float64)
+
+    def trained(accumulation):
+        torch.manual_seed(1)
+        G, D = Generator(TINY).double(), Discriminator(TINY).double()
+        step = PGGANStep(G, D, copy.deepcopy(G), make_adam(G.parameters()), make_adam(D.parameters()),
+                         StepConfig(accumulation=accumulation))
+        parts = [slice(k, None, accumulation) for k in range(accumulation)]  # each micro-batch's samples
+        latents = iter([z_d[p] for p in parts] + [z_g[p] for p in parts])
+        mixing = iter([u[p].view(-1, 1, 1, 1) for p in parts])
+        step._latents = lambda n, device, generator: next(latents)
+        with monkeypatch.context() as m:
+            m.setattr(losses.torch, "rand", lambda *shape, **kwargs: next(mixing))
+            out = step(real, 2, 0.5)
+        return G, D, out
+
+    G1, D1, out1 = trained(1)
+    G2, D2, out2 = trained(2)
+    torch.testing.assert_close(out2["d_loss"], out1["d_loss"], rtol=1e-6, atol=1e-6)
+    for one, two in ((G1, G2), (D1, D2)):
+        for (name, a), b in zip(one.named_parameters(), two.parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
 
 
 @pytest.mark.gpu

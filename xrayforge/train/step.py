@@ -76,6 +76,17 @@ class PGGANStep:
         dtype = self.config.amp_dtype
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
+    def _micro_batches(self, real: torch.Tensor) -> list[torch.Tensor]:
+        """Micro-batch k holds samples k, k + A, k + 2A, ...: D's minibatch-stddev groups are strided
+        (sample i in group i % (N // G)), so each group of the full batch stays whole in one micro-batch
+        and the accumulated step is the full batch's (consecutive chunks regrouped the samples)."""
+        a = self.config.accumulation
+        if a == 1:
+            return [real]
+        fmt = torch.channels_last if real.dim() == 4 and not real.is_contiguous() \
+            and real.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return [real[k::a].contiguous(memory_format=fmt) for k in range(min(a, real.shape[0]))]
+
     def _latents(self, n: int, device, generator):
         return torch.randn(n, self.G.config.latent_dim, device=device, generator=generator)
 
@@ -83,7 +94,7 @@ class PGGANStep:
                  ema_beta: float | None = None) -> dict:
         cfg, device = self.config, real.device
         gp_scale = gp_norm_scale(cfg.gp_metric, level, self.G.config.num_levels - 1)
-        chunks = real.chunk(cfg.accumulation)
+        chunks = self._micro_batches(real)
         out = {}
         with _range("D step"):
             self.opt_d.zero_grad(set_to_none=True)
