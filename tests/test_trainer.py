@@ -52,6 +52,14 @@ def test_schedule():
         ProgressiveSchedule(2, 1, 10, 10)
 
 
+def test_accumulation_must_keep_the_minibatch_stddev_groups(archive, tmp_path):
+    """Batch 8 forms minibatch-stddev groups of 4: micro-batches of 2 (accumulation 4) would give D
+    groups of 2, another statistic, so the run is refused before anything is written."""
+    with pytest.raises(ValueError, match="micro-batches of 2 cannot hold the batch's minibatch-stddev groups of 4"):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **TINY, accumulation=4, device="cpu"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def weights(run):
     nets = load_networks(next(iter(sorted((run / "checkpoints").glob("ckpt-*"))[-1:])))
     return {name: net.state_dict() for name, net in nets.items()}

@@ -36,6 +36,7 @@ from ..data.archive import Archive, write_json
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
+from ..nn.networks import largest_group_size
 from ..nn.checkpoint import checkpoint_dirs, damage, latest_intact, read_metadata
 from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
@@ -268,6 +269,15 @@ class Trainer:
             b = self._configured_batch(res)
             if b is not None and b % self.cfg.accumulation:
                 raise ValueError(f"batch {b} at {res} px is not divisible by accumulation {self.cfg.accumulation}")
+            if b is not None:
+                # D's minibatch-stddev groups (the largest size <= 4 dividing the batch) must fit whole in a
+                # micro-batch, or accumulation changes D's statistic (a micro-batch of 7 from 14: none at all)
+                group = largest_group_size(b, self.net_config.mbstd_group_size)
+                if (b // self.cfg.accumulation) % group:
+                    raise ValueError(f"batch {b} at {res} px with accumulation {self.cfg.accumulation}: micro-batches "
+                                     f"of {b // self.cfg.accumulation} cannot hold the batch's minibatch-stddev groups "
+                                     f"of {group}, so D would see another statistic than the batch's; choose a batch "
+                                     f"or an accumulation that leaves micro-batches divisible by {group}")
 
     def _training_rows(self) -> np.ndarray:
         """Manifest positions the GAN trains on: those outside the "test" split, on which `evaluate tstr`
