@@ -104,8 +104,8 @@ def test_classify_train_prints_the_aurocs_of_the_model_it_keeps(small_archive, t
 
 def test_a_learning_rate_past_any_use_is_refused_when_parsed(capsys):
     from xrayforge.cli import main as cli
-    for command in (["classify", "train", "a", "--out", "m"], ["evaluate", "tstr", "--synthetic", "s", "--real", "r",
-                                                              "--out", "o"]):
+    for command in (["classify", "train", "a", "--out", "/nonexistent/m"],
+                    ["evaluate", "tstr", "--synthetic", "s", "--real", "r", "--out", "/nonexistent/o"]):
         with pytest.raises(SystemExit, match="2"):  # was an 'unexpected error' (float overflow) in the optimiser
             cli(command + ["--lr", "1e300"])
         assert "--lr: 1e+300 must be greater than 0 and at most 1" in capsys.readouterr().err
@@ -225,10 +225,11 @@ def test_two_sample_folders_of_one_name_can_be_compared(small_archive, tmp_path)
     assert again["rows"][0]["fid"] == s["rows"][0]["fid"]
 
 
-def test_diversity_ratio_must_be_a_fraction(capsys):
+def test_diversity_ratio_must_be_a_fraction(tmp_path, capsys):
     """--ratio 2 was taken: 'under-produced below 2x the real prevalence', and over-produced above
     half of it, so the ratio test no longer applied to either flag."""
     from xrayforge.cli import main as cli
     with pytest.raises(SystemExit, match="2"):
-        cli(["evaluate", "diversity", "run", "--classifier", "c", "--real", "r", "--out", "o", "--ratio", "2"])
+        cli(["evaluate", "diversity", str(tmp_path / "run"), "--classifier", str(tmp_path / "c"), "--real",
+             str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--ratio", "2"])
     assert "--ratio: 2.0 must be between 0 and 1" in capsys.readouterr().err
