@@ -9,7 +9,7 @@ Resampling convolutions: nearest ×2 upsampling followed by a 3×3 convolution e
 stride-2 transposed convolution whose 4×4 kernel is the 3×3 kernel padded by one and summed
 over its four shifts; a 3×3 convolution followed by 2×2 average pooling equals one stride-2
 convolution with the same 4×4 kernel × 0.25. The fused forms read and write a quarter of
-the pixels the plain forms do, which is what the official code does at ≥ 128 px.
+the pixels the plain forms do (the official PGGAN fuses at every resolution ≥ 8; ≥ 128 px is StyleGAN's rule).
 """
 from __future__ import annotations
 
