@@ -605,7 +605,9 @@ def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, t
                                     targets=["Cardiomegaly=1,Mass=0", "Mass=0,Cardiomegaly=1"]))
     with pytest.raises(ValueError, match="truncation must be at least 0.01"):
         ArchiveSampler(SampleConfig(str(run), str(tmp_path / "t"), n=2, truncation=0.001))
-    assert latent_for(0, 1, 8, truncation=0.001).abs().max() <= 0.001  # the latent convention takes any T > 0
+    with pytest.raises(ValueError, match="truncation must be at least 0.01"):  # the convention itself: no hang
+        latent_for(0, 1, 8, truncation=1e-30)
+    assert latent_for(0, 1, 8, truncation=0.01).abs().max() <= 0.01
     assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
     # a threshold no probability reaches: given up after give_up_after attempts, not max_attempts per image
     shutil.copytree(clf, tmp_path / "clf")

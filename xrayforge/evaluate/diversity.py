@@ -22,7 +22,7 @@ import torch
 from ..data.archive import write_csv, write_json
 from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
-from ..sample.writer import MIN_TRUNCATION
+from ..nn.latents import MIN_TRUNCATION
 from ..utils.images import grid, save_png, to_uint
 from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, predict

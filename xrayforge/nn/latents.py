@@ -6,6 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+# the smallest truncation: components are redrawn until they lie within ±t, which below about this
+# takes thousands of draws each, and for a tiny t would never end
+MIN_TRUNCATION = 0.01
+
 
 def latent_for(seed: int, index: int, dim: int, truncation: float | None = None) -> torch.Tensor:
     """z ~ N(0, I) for image ``index``; with ``truncation`` t, components beyond ±t are redrawn
@@ -17,8 +21,9 @@ def latent_for(seed: int, index: int, dim: int, truncation: float | None = None)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
     z = rng.standard_normal(dim)
     if truncation is not None:
-        if truncation <= 0:
-            raise ValueError(f"truncation must be positive, got {truncation}")
+        if not truncation >= MIN_TRUNCATION:  # NaN too
+            raise ValueError(f"truncation must be at least {MIN_TRUNCATION} (components are redrawn until they lie "
+                             f"within ±truncation), got {truncation}")
         bad = np.abs(z) > truncation
         while bad.any():
             z[bad] = rng.standard_normal(int(bad.sum()))

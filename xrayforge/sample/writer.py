@@ -35,10 +35,9 @@ from ..nn import find_checkpoint, load_networks
 from ..utils.files import claim_output, file_id, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
 from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
-from ..nn.latents import latents_for
+from ..nn.latents import MIN_TRUNCATION, latents_for
 
 FORMATS = ("png8", "png16", "dicom")
-MIN_TRUNCATION = 0.01
 log = logging.getLogger(__name__)
 
 
