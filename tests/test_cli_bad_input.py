@@ -475,6 +475,10 @@ CASES += [
     Case("classify-init-weights-truncated", "truncated file",
          lambda w, t: ["classify", "train", w / "arc", "--out", t / "m", "--init-weights", t / "i.pt", "-q"], "i.pt",
          setup=lambda w, t: truncate(copy(w / "clf" / "classifier.pt", t / "i.pt"))),
+    Case("classify-init-weights-json", "wrong kind of file",
+         lambda w, t: ["classify", "train", w / "arc", "--out", t / "m", "--init-weights", t / "i.json", "-q"],
+         "i.json: not torchvision-layout weights (--init-weights): it is not a PyTorch file (it begins with text",
+         setup=lambda w, t: (t / "i.json").write_text('{"weights": 1}')),
     # ---------------------------------------------------------------- corrupt JSON
     Case("train-archive-json-torn", "corrupt JSON",
          lambda w, t: ["train", t / "arc", "--out", t / "r", *TINY_TRAIN], "archive.json",

@@ -91,6 +91,8 @@ def _load(path, what: str, load):
     _need_file(path, what)
     try:
         return load(path)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - zip, pickle, header, size and EOF errors all mean a damaged file
         raise _damaged(path, what, exc) from None
 
@@ -98,7 +100,17 @@ def _load(path, what: str, load):
 def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with an error that names the file."""
     import torch
-    return _load(path, what, lambda p: torch.load(p, map_location=map_location, weights_only=True))
+
+    def load(p: Path):
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+        # torch.save writes a zip archive (older versions a pickle): anything else is another kind of
+        # file given in its place, not a damaged one
+        if head and not head.startswith(b"PK") and head[:1] != b"\x80":
+            kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
+            raise UserError(f"{p}: not {what}: it is not a PyTorch file (it begins with {kind} {head[:8]!r})")
+        return torch.load(p, map_location=map_location, weights_only=True)
+    return _load(path, what, load)
 
 
 def load_npy(path: str | os.PathLike, what: str = "a .npy array", mmap_mode: str | None = None):
