@@ -2,6 +2,7 @@ import csv
 
 import pytest
 
+from xrayforge.errors import UserError
 from xrayforge.evaluate.reader_study import binomial_two_sided, fleiss_kappa, score
 
 
@@ -135,3 +136,56 @@ def test_make_takes_a_sample_folders_images_and_refuses_a_run(tmp_path):
     (run / "grid-latest.png").write_bytes((synth / "grid.png").read_bytes())
     with pytest.raises(ValueError, match="a training run or checkpoint; sample images from it first"):
         make(str(tmp_path / "real"), str(run), 2, tmp_path / "pack2", size=32)
+
+
+class _Killed(BaseException):
+    """The process dies here."""
+
+
+def test_make_stopped_part_way_is_made_again(tmp_path, monkeypatch):
+    """A make killed while writing images, or between its key and its page, left a pack no reader can
+    use: running it again removes what it left and makes the same pack; anything else stays refused."""
+    import numpy as np
+    from PIL import Image
+
+    import xrayforge.evaluate.reader_study as rs
+    from xrayforge.data.prepare import prepare
+    prepare("phantom:10", tmp_path / "real", resolution=32, workers=1, progress=False)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((32, 32), 30 * i, dtype=np.uint8)).save(synth / f"g{i}.png")
+    args = (str(tmp_path / "real"), str(synth), 8)
+    rs.make(*args, tmp_path / "whole", size=32, seed=1)
+    expected = (tmp_path / "whole.key.csv").read_text()
+    pack = tmp_path / "pack"
+    import xrayforge.utils.images as images
+    real_save, saved = images.save_png, []
+
+    def dies_on_the_fourth(array, path):
+        saved.append(path)
+        if len(saved) == 4:
+            raise _Killed
+        return real_save(array, path)
+    monkeypatch.setattr(images, "save_png", dies_on_the_fourth)
+    with pytest.raises(_Killed):
+        rs.make(*args, pack, size=32, seed=1)
+    monkeypatch.undo()
+    assert len(list((pack / "images").iterdir())) == 3 and not (tmp_path / "pack.key.csv").exists()
+    rs.make(*args, pack, size=32, seed=1)
+    assert (tmp_path / "pack.key.csv").read_text() == expected
+    assert (pack / "index.html").read_text() == (tmp_path / "whole" / "index.html").read_text()
+    # stopped between the key and the page: the key of exactly those images goes with them
+    (pack / "index.html").unlink()
+    rs.make(*args, pack, size=32, seed=1)
+    assert (tmp_path / "pack.key.csv").read_text() == expected and (pack / "index.html").is_file()
+    # a key of other images, or a file make does not write, is not touched
+    (pack / "index.html").unlink()
+    (tmp_path / "pack.key.csv").write_text("image,truth,source\nother.png,real,x\n")
+    with pytest.raises(UserError, match="not empty"):
+        rs.make(*args, pack, size=32, seed=1)
+    (tmp_path / "pack.key.csv").unlink()
+    (pack / "images" / "mine.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="not empty"):
+        rs.make(*args, pack, size=32, seed=1)
+    assert (pack / "images" / "mine.png").exists()

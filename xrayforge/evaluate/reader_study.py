@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,6 +29,8 @@ from ..errors import UserError
 from ..utils.files import read_csv
 from ._format import number
 from .metrics import log_binomial_pmf
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_WORDS = {"synthetic", "fake", "generated", "s", "f"}
 REAL_WORDS = {"real", "r"}
@@ -199,6 +202,7 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     key_path = Path(key_path) if key_path else out.with_name(out.name + ".key.csv")
     if key_path.resolve().is_relative_to(out.resolve()):
         raise UserError(f"the key {key_path} must not be inside the pack {out}")
+    _clear_unfinished(out, key_path)
     check_out_dir(out, empty=True)
     check_new_file(key_path, "the answer key")
     if key_path.exists():
@@ -238,13 +242,45 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         save_png(np.clip(np.rint(np.asarray(im) * 255), 0, 255).astype(np.uint8), out / "images" / name)
         key_rows.append({"image": name, "truth": truth, "source": source})
         names.append(name)
-    with open(key_path, "w", newline="") as fh:
+    # the key, then the page: a pack is usable only once index.html is there, and then its key is whole
+    tmp = key_path.with_name(key_path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["image", "truth", "source"])
         w.writeheader()
         w.writerows(key_rows)
+    os.replace(tmp, key_path)
     pack_id = f"xrayforge-{rng.integers(0, 2 ** 32):08x}"
-    (out / "index.html").write_text(PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
+    page = out / "index.html.tmp"
+    page.write_text(PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
+    os.replace(page, out / "index.html")
     return {"pack": str(out), "key": str(key_path), "images": len(names)}
+
+
+def _clear_unfinished(out: Path, key_path: Path) -> None:
+    """What a `make` stopped before its last step left (images/ without index.html, and perhaps the key
+    of exactly those images) is removed, to be made again: no reader can have had that pack."""
+    import re
+    import shutil
+    images = out / "images"
+    if not images.is_dir() or (out / "index.html").exists() or \
+            any(p.name not in ("images", "index.html.tmp") and not p.name.startswith(".") for p in out.iterdir()):
+        return
+    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?")
+    left = {p.name for p in images.iterdir()}
+    if not all(ours.fullmatch(name) for name in left):
+        return  # not only what make writes
+    if key_path.exists():
+        try:
+            keyed = {row["image"] for row in read_csv(key_path, ("image",), "an answer key")[0]}
+        except UserError:
+            return
+        if keyed != left:
+            return
+        key_path.unlink()
+        log.warning("%s: removed the answer key %s of an unfinished pack (no index.html)", out, key_path)
+    shutil.rmtree(images)
+    (out / "index.html.tmp").unlink(missing_ok=True)
+    log.warning("%s: a reader-study pack left unfinished (no index.html) is made again", out)
 
 
 PAGE = """<!doctype html>
