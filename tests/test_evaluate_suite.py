@@ -256,6 +256,14 @@ def test_prevalence_flags_need_evidence():
     assert rows["C"]["over_produced"] == 1 and rows["C"]["ratio"] == pytest.approx(6.0)
     few = prevalence_rows(["A"], np.zeros((5, 1), dtype=bool), real[:, :1], real[:, :1])[0]
     assert few["under_produced"] == 0  # 0 of 5 does not show that a 30% finding is missing
+    # a finding never called on the 1000 real images: 10% of the synthetic ones is over-produced,
+    # 1 in 1000 is not evidence of it (the real prevalence may be as high as about 0.4%)
+    never = np.zeros((n, 1), dtype=bool)
+    often, once = never.copy(), never.copy()
+    often[:100], once[:1] = True, True
+    assert prevalence_rows(["D"], often, never, never)[0]["over_produced"] == 1
+    assert prevalence_rows(["D"], once, never, never)[0]["over_produced"] == 0
+    assert prevalence_rows(["D"], never, never, never)[0]["over_produced"] == 0
 
 
 def test_cooccurrence_and_combinations_by_hand():

@@ -6,7 +6,9 @@ prevalences, and the prevalences of every pair of findings, are set against the 
 The fair comparison is with the classifier's predictions on real images (its errors hit both
 sides alike); the real labels' prevalences are listed beside them. A finding is under-produced
 when its synthetic prevalence is below ``ratio`` × the real one and the Wilson 95% interval of
-the synthetic prevalence lies wholly below the real one (over-produced: the mirror image).
+the synthetic prevalence lies wholly below the real one (over-produced: the mirror image; for a
+finding the classifier never calls on the real images, when that interval lies wholly above the
+real prevalence's own Wilson interval).
 
 Outputs: findings.csv, pairs.csv, cooccurrence.png (real, synthetic, and their log2 ratio),
 grids/<finding>.png (the synthetic images most confidently called positive), diversity.md,
@@ -61,7 +63,10 @@ def prevalence_rows(findings, synth_pred: np.ndarray, real_pred: np.ndarray, rea
                      "real_predicted_prevalence": r, "synthetic_predicted_prevalence": s, "synthetic_ci95_low": lo,
                      "synthetic_ci95_high": hi, "ratio": rel,
                      "under_produced": int(r > 0 and rel < ratio and hi < r),
-                     "over_produced": int(r > 0 and rel > 1 / ratio and lo > r)})
+                     # a finding the classifier never calls on the real images: over-produced once the
+                     # synthetic interval lies above the real one's (0 hits cannot rule out a rare finding)
+                     "over_produced": int(rel > 1 / ratio and lo > r if r > 0 else
+                                          lo > wilson_interval(0, len(real_pred))[1])})
     return rows
 
 
