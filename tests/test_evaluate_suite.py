@@ -410,3 +410,27 @@ def test_report_escapes_every_line_but_its_own_mark(tmp_path):
     page = out.read_text()
     assert "<img src=x" not in page and "&lt;img src=x onerror" in page
     assert page.count(REPORT_MARK) == 1 and (tmp_path / "report.md").read_text().startswith(REPORT_MARK + "\n")
+
+
+def test_fid_findings_says_what_it_cannot_measure(phantoms, tmp_path, caplog):
+    """Counts outside 2 .. the synthetic images are said, not dropped quietly; against a real archive
+    prepared without labels the per-finding n/a is put down to that, not to too few images."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="xrayforge.evaluate.fid_findings"):
+        s = fid_by_finding(str(phantoms / "faithful"), str(phantoms / "real"), tmp_path / "f", PixelFeatures(),
+                           counts=[1, 20, 600], progress=False)
+    assert [c["n"] for c in s["curve"]] == [20, 300]
+    assert "--counts 1, 600: left out of the FID curve (it takes 2 .. 300" in caplog.text
+    assert s["real_labelled"] and "without finding labels" not in (tmp_path / "f" / "fid_findings.md").read_text()
+    (tmp_path / "pngs").mkdir()
+    real = Archive(phantoms / "real")
+    for k in range(40):
+        Image.fromarray(real.images(np.array([k]), real.resolution)[0]).save(tmp_path / "pngs" / f"{k}.png")
+    prepare(str(tmp_path / "pngs"), tmp_path / "unlabelled", resolution=32, workers=1, progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xrayforge.evaluate.fid_findings"):
+        s = fid_by_finding(str(phantoms / "faithful"), str(tmp_path / "unlabelled"), tmp_path / "g", PixelFeatures(),
+                           progress=False)
+    assert "prepared without finding labels" in caplog.text and not s["real_labelled"]
+    assert math.isfinite(s["rows"][0]["fid"]) and all(math.isnan(r["fid"]) for r in s["rows"][1:])
+    assert "prepared without finding labels" in (tmp_path / "g" / "fid_findings.md").read_text()

@@ -17,6 +17,7 @@ Outputs: fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png, summ
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from ._format import csv_row, is_number, number
 from .labelled import open_labelled
 from .metrics import patient_split
 from ..utils.files import claim_output
+
+log = logging.getLogger(__name__)
 
 DEFAULT_COUNTS = (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000)
 
@@ -93,6 +96,9 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     out = claim_output(out, "evaluate fid-findings", signatures=("fid_findings.csv",))
     synth = open_labelled(synthetic, out, progress)
     real_arc = open_labelled(real, out, progress)
+    real_labelled = bool(real_arc.meta.get("labelled", True))
+    if not real_labelled:  # its labels are unknown, not 0: the all-images row and the curve alone mean something
+        log.warning("%s was prepared without finding labels: no FID per finding, only of all images", real)
     findings = [f for f in real_arc.findings if f in synth.findings]
     s_lab = synth.labels[:, [synth.findings.index(f) for f in findings]]
     r_lab = real_arc.labels[:, [real_arc.findings.index(f) for f in findings]]
@@ -103,6 +109,11 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
         r_order = np.sort(rng.choice(r_order, real_limit, replace=False))
     if len(s_order) < 2 or len(r_order) < 2:
         raise ValueError("FID needs at least 2 images on each side")
+    if counts:  # asked for: say which cannot be had (the defaults above the synthetic count go quietly)
+        beyond = sorted({int(c) for c in counts if not 2 <= c <= len(s_order)})
+        if beyond:
+            log.warning("--counts %s: left out of the FID curve (it takes 2 .. %d, the synthetic images)",
+                        ", ".join(map(str, beyond)), len(s_order))
     counts = sorted({int(c) for c in (counts or DEFAULT_COUNTS) if 2 <= c < len(s_order)} | {len(s_order)})
     # the real images in two halves by patient: together they are the real side; against each
     # other they give the FID of two real samples of a finding, the floor a generator can reach
@@ -138,7 +149,8 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     inf = fid_infinity([c["n"] for c in curve], [c["fid"] for c in curve])
     summary = {"evaluation": "fid-findings", "synthetic": str(synthetic), "real": str(real),
                "inception": extractor.describe_space(), "features": extractor.space_name, "mode": extractor.mode,
-               "min_images": min_images, "rows": rows, "curve": curve, "fid_infinity": inf}
+               "min_images": min_images, "rows": rows, "curve": curve, "fid_infinity": inf,
+               "real_labelled": real_labelled}
     write_csv(out / "fid_findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     write_csv(out / "fid_vs_n.csv", ["n", "fid"], [csv_row(c) for c in curve])
     write_json(out / "summary.json", summary)
@@ -165,7 +177,10 @@ def format_markdown(summary: dict) -> str:
     lines += ["", "FID of all real images against n synthetic images:", "", "| n | FID |", "|---|---|"]
     lines += [f"| {c['n']} | {number(c['fid'], None)} |" for c in summary["curve"]]
     lines += ["", f"Extrapolated to infinitely many images (FID against 1/n): {number(summary['fid_infinity'], None)}.",
-              f"n/a: fewer than {summary['min_images']} images with the finding on one side."]
+              f"n/a: fewer than {summary['min_images']} images with the finding on one side." +
+              ("" if summary.get("real_labelled", True) else
+               " The real archive was prepared without finding labels, so no real image counts as having one: "
+               "only the FID of all images is measured.")]
     return "\n".join(lines) + "\n"
 
 
