@@ -233,3 +233,18 @@ def test_diversity_ratio_must_be_a_fraction(tmp_path, capsys):
         cli(["evaluate", "diversity", str(tmp_path / "run"), "--classifier", str(tmp_path / "c"), "--real",
              str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--ratio", "2"])
     assert "--ratio: 2.0 must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_tstr_refuses_an_unlabelled_real_archive_before_converting_the_samples(tmp_path):
+    from synthetic_factory import write_sample_folder
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    (tmp_path / "pngs").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "pngs" / f"{k}.png")
+    prepare(str(tmp_path / "pngs"), tmp_path / "real", resolution=16, workers=1, progress=False)
+    write_sample_folder(tmp_path / "samples", range(20))
+    with pytest.raises(ValueError, match="no finding labels"):
+        run_tstr(TSTRConfig(str(tmp_path / "samples"), str(tmp_path / "real"), str(tmp_path / "t")), progress=False)
+    assert not list((tmp_path / "t").glob("*-archive"))

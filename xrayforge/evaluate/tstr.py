@@ -66,9 +66,9 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     same_settings(settings_path, settings, added={k: settings[k] for k in
                                                   ("synthetic_id", "real_archive_id", "synthetic_archive_id")})
     real = open_labelled(cfg.real, out, progress)
-    synth = open_labelled(cfg.synthetic, out, progress)
-    if real.labels.sum() == 0:
+    if real.labels.sum() == 0:  # before a sample folder is converted for nothing
         raise ValueError(f"{cfg.real}: the real archive has no finding labels")
+    synth = open_labelled(cfg.synthetic, out, progress)
     if synth.labels.sum() == 0:
         raise ValueError(f"{cfg.synthetic}: no synthetic image has a finding (all labels are 0)")
     findings = [f for f in real.findings if f in synth.findings]
