@@ -99,6 +99,7 @@ class PGGANStep:
         with _range("D step"):
             self.opt_d.zero_grad(set_to_none=True)
             d_total = torch.zeros((), device=device)
+            logged = {k: torch.zeros((), device=device) for k in ("gp", "real_score", "fake_score")}
             for chunk in chunks:
                 with self._autocast(device):
                     with self._phase("G forward (for D)"), torch.no_grad():
@@ -113,9 +114,10 @@ class PGGANStep:
                 with self._phase("D backward (with double backward)"):
                     (loss / len(chunks)).backward()
                 d_total = d_total + loss.detach() / len(chunks)
-                out["gp"] = penalty.detach()
-                out["real_score"] = real_scores.detach().float().mean()
-                out["fake_score"] = fake_scores.detach().float().mean()
+                # the full batch's, as d_loss (equal micro-batches: the mean of their means)
+                for k, v in (("gp", penalty), ("real_score", real_scores), ("fake_score", fake_scores)):
+                    logged[k] = logged[k] + v.detach().float().mean() / len(chunks)
+            out.update(logged)
             with self._phase("D optimiser"):
                 if self.grad_sync is not None:
                     self.grad_sync(self.D)
