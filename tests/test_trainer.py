@@ -694,3 +694,40 @@ def test_a_forked_child_lets_go_of_the_lock_and_of_nothing_else(archive, tmp_pat
         os.waitpid(pid, 0)
         T._LOCK_FDS.pop(other.fileno(), None)
         other.close()
+
+
+def test_auto_batch_keeps_the_minibatch_stddev_groups_and_the_steps_precision(archive, tmp_path, monkeypatch, caplog):
+    """The memory probe (GPU only; its OOM faked here) picks the largest power-of-two batch whose
+    micro-batches hold whole minibatch-stddev groups, and probes with the step's own precision."""
+    import xrayforge.train.trainer as T
+    cfg = TrainConfig(str(archive), str(tmp_path / "run"), **TINY, accumulation=4, device="cpu")
+    cfg.batch = {}
+    trainer = Trainer(cfg, progress=False)
+    seen, amps = [], []
+    real_call = T.PGGANStep.__call__
+
+    def probe(self, real, level, alpha, *args, **kwargs):
+        amps.append(self.config.amp_dtype)
+        if real.shape[0] > memory:
+            raise torch.cuda.OutOfMemoryError("faked")
+        seen.append(real.shape[0])
+        return real_call(self, real, level, alpha, *args, **kwargs)
+    monkeypatch.setattr(T.PGGANStep, "__call__", probe)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
+    memory = 64
+    assert trainer._largest_batch(0) == 64 and seen == [4, 8, 16, 32, 64]  # 64 / 4 = 16: groups of 4 whole
+    memory, seen[:] = 8, []
+    with caplog.at_level("WARNING"):  # 4 -> micro-batches of 1, 8 -> of 2: neither holds a group of 4
+        assert trainer._largest_batch(0) == 8
+    assert "no batch that fits in memory" in caplog.text
+    assert set(amps) == {None}
+    trainer.close()
+    bf = Trainer(TrainConfig(str(archive), str(tmp_path / "run2"), **{**TINY, "batch": {}}, accumulation=1,
+                             device="cpu", amp="bf16"), progress=False)
+    memory, amps[:] = 4, []
+    bf._largest_batch(0)
+    assert set(amps) == {torch.bfloat16}
+    bf.close()
+    with pytest.raises(ValueError, match="amp must be 'bf16'"):
+        TrainConfig(str(archive), str(tmp_path / "run3"), **TINY, amp="fp16")

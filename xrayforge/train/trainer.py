@@ -124,6 +124,13 @@ class TrainConfig:
         if self.metrics_every < 1 or self.metrics_images < 6:
             raise ValueError(f"metrics_every must be >= 1 and metrics_images >= 6, got {self.metrics_every} and "
                              f"{self.metrics_images}")
+        if self.amp not in (None, "bf16", "bfloat16"):
+            raise ValueError(f"amp must be 'bf16' (bfloat16 autocast) or None (fp32), got {self.amp!r}")
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of a training step (the batch probe's too)."""
+        return torch.bfloat16 if self.amp in ("bf16", "bfloat16") else None
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -269,15 +276,17 @@ class Trainer:
             b = self._configured_batch(res)
             if b is not None and b % self.cfg.accumulation:
                 raise ValueError(f"batch {b} at {res} px is not divisible by accumulation {self.cfg.accumulation}")
-            if b is not None:
-                # D's minibatch-stddev groups (the largest size <= 4 dividing the batch) must fit whole in a
-                # micro-batch, or accumulation changes D's statistic (a micro-batch of 7 from 14: none at all)
+            if b is not None and not self._groups_fit(b):
                 group = largest_group_size(b, self.net_config.mbstd_group_size)
-                if (b // self.cfg.accumulation) % group:
-                    raise ValueError(f"batch {b} at {res} px with accumulation {self.cfg.accumulation}: micro-batches "
-                                     f"of {b // self.cfg.accumulation} cannot hold the batch's minibatch-stddev groups "
-                                     f"of {group}, so D would see another statistic than the batch's; choose a batch "
-                                     f"or an accumulation that leaves micro-batches divisible by {group}")
+                raise ValueError(f"batch {b} at {res} px with accumulation {self.cfg.accumulation}: micro-batches "
+                                 f"of {b // self.cfg.accumulation} cannot hold the batch's minibatch-stddev groups "
+                                 f"of {group}, so D would see another statistic than the batch's; choose a batch "
+                                 f"or an accumulation that leaves micro-batches divisible by {group}")
+
+    def _groups_fit(self, batch: int) -> bool:
+        """D's minibatch-stddev groups (the largest size <= 4 dividing the batch) fit whole in a micro-batch:
+        else accumulation changes D's statistic (a micro-batch of 7 from 14: none at all)."""
+        return (batch // self.cfg.accumulation) % largest_group_size(batch, self.net_config.mbstd_group_size) == 0
 
     def _training_rows(self) -> np.ndarray:
         """Manifest positions the GAN trains on: those outside the "test" split, on which `evaluate tstr`
@@ -548,20 +557,28 @@ class Trainer:
         res = self.net_config.resolution_at(level)
         G, D = copy.deepcopy(self.G), copy.deepcopy(self.D)
         probe = PGGANStep(G, D, copy.deepcopy(self.G_ema), make_adam(G.parameters()), make_adam(D.parameters()),
-                          StepConfig(amp_dtype=torch.bfloat16 if self.cfg.amp else None,
+                          StepConfig(gp_metric=self.cfg.gp_metric, amp_dtype=self.cfg.amp_dtype,
                                      accumulation=self.cfg.accumulation))
-        best, n = self.cfg.accumulation, self.cfg.accumulation
+        fits, n = [], self.cfg.accumulation
         while n <= limit:
             try:
                 probe(torch.zeros(n, self.net_config.image_channels, res, res, device=self.device), level, 1.0)
                 torch.cuda.synchronize(self.device)
-                best, n = n, n * 2
+                fits.append(n)
+                n *= 2
             except torch.cuda.OutOfMemoryError:
                 break
             finally:
                 torch.cuda.empty_cache()
         del G, D, probe
         torch.cuda.empty_cache()
+        # the largest that fits in memory and keeps D's minibatch-stddev groups whole in a micro-batch
+        whole = [b for b in fits if self._groups_fit(b)]
+        best = whole[-1] if whole else fits[-1] if fits else self.cfg.accumulation
+        if not whole and self.rank == 0:
+            log.warning("auto batch at %d px: no batch that fits in memory leaves micro-batches (accumulation %d) "
+                        "holding whole minibatch-stddev groups; batch %d, whose micro-batches see other groups than "
+                        "the batch would", res, self.cfg.accumulation, best)
         if self.world > 1:
             t = torch.tensor([best], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -578,9 +595,8 @@ class Trainer:
                 and int(state["level"]) == phase.level:  # checkpoints before phases were saved: by level
             self.opt_g.load_state_dict(state["opt_g"])
             self.opt_d.load_state_dict(state["opt_d"])
-        amp = torch.bfloat16 if self.cfg.amp in ("bf16", "bfloat16") else None
         self.step = PGGANStep(self.G, self.D, self.G_ema, self.opt_g, self.opt_d,
-                              StepConfig(gp_metric=self.cfg.gp_metric, amp_dtype=amp,
+                              StepConfig(gp_metric=self.cfg.gp_metric, amp_dtype=self.cfg.amp_dtype,
                                          accumulation=self.cfg.accumulation),
                               grad_sync=self._allreduce if self.world > 1 else None)
         self.batch = self.batch_for(phase.level)
