@@ -475,7 +475,7 @@ CASES += [
     Case("classify-init-weights-truncated", "truncated file",
          lambda w, t: ["classify", "train", w / "arc", "--out", t / "m", "--init-weights", t / "i.pt", "-q"], "i.pt",
          setup=lambda w, t: truncate(copy(w / "clf" / "classifier.pt", t / "i.pt"))),
-    Case("classify-init-weights-json", "wrong kind of file",
+    Case("classify-init-weights-json", "unclear message",
          lambda w, t: ["classify", "train", w / "arc", "--out", t / "m", "--init-weights", t / "i.json", "-q"],
          "i.json: not torchvision-layout weights (--init-weights): it is not a PyTorch file (it begins with text",
          setup=lambda w, t: (t / "i.json").write_text('{"weights": 1}')),
