@@ -81,3 +81,18 @@ def test_bad_input():
         prdc(np.full((10, 2), np.nan), np.zeros((10, 2)))
     with pytest.raises(UserError, match=r"\(N, D\)"):
         prdc(np.zeros(10), np.zeros(10))
+
+
+@pytest.mark.parametrize("d", [8, 64, 2048])
+def test_generated_copies_of_real_points_are_counted_by_the_convention_not_by_rounding(d):
+    # a memorising generator (or the real set against itself) puts generated points exactly on
+    # the real balls' boundaries (a real point's k-th neighbour is one of them): distance <= radius
+    # must decide, not whether two computations of one distance round alike
+    rng = np.random.default_rng(d)
+    real = np.maximum(rng.standard_normal((150, d)), 0).astype(np.float32)
+    fake = np.concatenate([real[:60], np.maximum(rng.standard_normal((40, d)), 0).astype(np.float32)])
+    assert brute(real, real)["density"] == pytest.approx(1.2)  # each ball: its centre and 5 neighbours, k = 5
+    for f in (real, fake):
+        got, want = prdc(real, f), brute(real.astype(np.float64), f.astype(np.float64))
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-12), key

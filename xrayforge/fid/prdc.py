@@ -16,7 +16,12 @@ gives the same numbers unless points coincide, e.g. duplicated images with radiu
 
 The k-nearest-neighbour radii and the nearest generated point of each real point come from
 :func:`xrayforge.ops.knn` (a fused distance + top-k kernel on a GPU); ball memberships are
-counted in chunks of float64 distances, so no N × M matrix is ever held.
+counted in chunks of float64 distances, so no N × M matrix is ever held. Radii, and the
+distances near a radius, are then taken once more from the two points' differences (float64,
+summed by numpy: one pair, the same bits however it was found), so that a generated point that
+coincides with a real one lies on the balls' boundaries exactly as the definition says (a
+memorising generator, or the real set against itself: density (k + 1) / k), where the rounding
+of two different computations of one distance decided before.
 """
 from __future__ import annotations
 
@@ -36,9 +41,19 @@ def _features(x, name: str) -> torch.Tensor:
     return t
 
 
+def pair_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Distance of each row pair (a[i], b[i]) (float64, on a's device), from the differences,
+    summed by numpy: the same bits for the same two points in either order and in any batch."""
+    out = np.empty(len(a))
+    for s in range(0, len(a), chunk):
+        a_, b_ = (t[s:s + chunk].detach().cpu().double().numpy() for t in (a, b))
+        out[s:s + chunk] = np.sqrt(np.square(a_ - b_).sum(1))
+    return torch.from_numpy(out).to(a.device)
+
+
 def radii(x: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row (float64)."""
-    return knn(x, x, k, exclude_self=True, backend=backend)[0][:, k - 1]
+    return pair_distances(x, x[knn(x, x, k, exclude_self=True, backend=backend)[1][:, k - 1].to(x.device)])
 
 
 def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor,
@@ -53,8 +68,14 @@ def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tenso
         p_sq = p.square().sum(1, keepdim=True)
         for cs in range(0, len(centres), chunk_c):
             c = centres[cs:cs + chunk_c].double()
-            d2 = (p_sq + c_sq[cs:cs + chunk_c][None, :] - 2 * p @ c.T).clamp_min_(0)
-            out[ps:ps + len(p)] += (d2 <= r2[cs:cs + chunk_c][None, :]).sum(1)
+            scale = p_sq + c_sq[cs:cs + chunk_c][None, :]
+            gap = torch.addmm(scale, p, c.T, alpha=-2).clamp_min_(0).sub_(r2[cs:cs + chunk_c][None, :])
+            inside = gap <= 0
+            near = gap.abs_() <= scale.mul_(1e-9)  # the expansion's rounding could decide these: measured again
+            if near.any():
+                i, j = near.nonzero(as_tuple=True)
+                inside[i, j] = pair_distances(p[i], c[j]) <= radius.to(dev).double()[cs + j]
+            out[ps:ps + len(p)] += inside.sum(1)
     return out
 
 
@@ -81,7 +102,7 @@ def density_coverage(real, fake, k: int = 5, backend: str | None = None) -> dict
     """Density and coverage of ``fake`` (M, D) against ``real`` (N, D) (numpy or torch)."""
     real, fake = _pair(real, fake, k)
     r_real = radii(real, k, backend)
-    nearest_fake = knn(real, fake, 1, backend=backend)[0][:, 0]
+    nearest_fake = pair_distances(real, fake[knn(real, fake, 1, backend=backend)[1][:, 0].to(fake.device)])
     return {"density": float(ball_counts(fake, real, r_real).double().sum() / (k * len(fake))),
             "coverage": float((nearest_fake <= r_real.to(nearest_fake.device)).double().mean()), "k": k}
 
