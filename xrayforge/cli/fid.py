@@ -78,8 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "recursive), a prepared archive, a .npz statistics file (mu, sigma), or a generator "
                     "checkpoint / run folder with --n (images generated on the fly, never written). Weights "
                     "pt_inception-2015-12-05-6726825d.pth come from --inception, XRAYFORGE_INCEPTION or the torch "
-                    "hub checkpoint cache; they are never downloaded, and two .npz files need none. Several GPUs: "
-                    "torchrun ... -m xrayforge fid.")
+                    "hub checkpoint cache; they are never downloaded, and two .npz files need none. 16-bit images are "
+                    "scaled by 65535 (pytorch-fid clips them at 255). Several GPUs: torchrun ... -m xrayforge fid.")
     p.add_argument("a")
     p.add_argument("b", nargs="?")
     p.add_argument("--n", "--images", dest="n", type=_args.positive_int, default=None,
@@ -89,7 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="random Inception weights: checks the pipeline; the number is not a comparable FID")
     p.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                   help="exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last")
+                   help="exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last, not pytorch-fid's "
+                        "number (0.005 from exact on 2,000 phantoms with random weights; python "
+                        "benchmarks/fid.py --inception W measures it with real ones)")
     p.add_argument("--batch", type=_args.positive_int, default=64)
     p.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
     p.add_argument("--device", type=_args.device, default=None)

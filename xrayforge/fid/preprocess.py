@@ -5,6 +5,11 @@ mode="bilinear", align_corners=False)`` (no antialiasing), then ``2x - 1``, with
 replicated to three channels. The kernel does all of it in one pass from uint8 / uint16 /
 float images of any size, in (N, H, W) or (N, H, W, 3) layout. Gray images can stay one
 channel: the Inception then folds the replication into its first convolution.
+
+16-bit images (uint16 archives, 16-bit PNGs) are scaled by 65535, keeping their precision. That
+is not what pytorch-fid gives for them: its loader's ``convert("RGB")`` clips every value above
+255 to white. Their FID equals pytorch-fid's on 8-bit exports (value / 257, rounded) only up to
+that rounding (at most half an 8-bit step per pixel).
 """
 from __future__ import annotations
 
