@@ -203,8 +203,8 @@ def run(run_dir: str, classifier: str, targets: list[str], n: int = 64, steps: i
             freq = ((present == values_b) | ~mask_b).all(1).float().mean().item()
         expected = gen_rate * freq if freq is not None else None
         for s_count in starts:
+            t0 = time.perf_counter()  # drawing the latents is timed, as rejection sampling's draws are
             candidates = latents_for(1234, range(n * s_count), G.config.latent_dim).to(dev).view(n, s_count, -1)
-            t0 = time.perf_counter()
             chosen = screen_starts(G, C, candidates, values.expand(n, -1), mask.expand(n, -1),
                                    amp_dtype=amp_dtype, batch=n, thresholds=thr.expand(n, -1))
             z0 = candidates[torch.arange(n, device=dev), chosen]
