@@ -363,7 +363,12 @@ def test_an_lco_shard_takes_the_first_accepted_attempts_and_counts_the_rejection
     while len(accepted) < n:
         res = optimise(G, C, latents_for(seed, [a], G.config.latent_dim), values[None], mask[None], thr[None],
                        steps=steps, lr=0.1)
-        if bool(res.accepted[0]):
+        ok = bool(res.accepted[0])
+        if ok:  # the writer checks the image as written too: clamped, 8-bit
+            u = (((res.images.float() + 1) / 2).clamp(0, 1) * 255).round()
+            with torch.no_grad():
+                ok = bool(satisfied(torch.sigmoid(C(u / 255 * 2 - 1)), values[None], mask[None], thr[None])[0])
+        if ok:
             accepted.append(a)
         else:
             rejected += 1

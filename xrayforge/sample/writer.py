@@ -5,7 +5,9 @@ belongs to target ``k % T``; each (shard, target) draws its starting latents fro
 stream, so every image can be regenerated from the manifest (seed, latent_seed, latent_index)
 and the stored final latent. A shard is complete when its CSV exists (written last,
 atomically); a crashed run redoes only incomplete shards, so the archive ends with exactly
-the asked number of images, each index once.
+the asked number of images, each index once. The manifest's probabilities ``p_<finding>`` are
+the classifier's on the written pixels (clamped to [-1, 1] and quantised to the format's bits, as a
+reader of the files gets them), and an LCO image is accepted only when those meet its target too.
 
 Layout: DIR/shard-00000/00000000.png ..., DIR/shard-00000.csv, DIR/shard-00000.latents.npy,
 DIR/shard-00000.json (the shard's LCO rejections), then DIR/manifest.csv (all shards) and
@@ -247,10 +249,16 @@ class ArchiveSampler:
             return self.G(z.to(self.device)).float()
 
     def _probs(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The classifier's probabilities of ``images`` as the files hold them (clamped to [-1, 1],
+        quantised to the format's bits), on the CPU: the manifest describes the written pixels."""
         if self.classifier is None:
             return None
+        bits = 16 if self.cfg.format == "png16" else 8
+        top = (1 << bits) - 1
+        written = torch.from_numpy(to_uint(images, bits).astype(np.float32) / top)
+        written = written[:, None] if written.dim() == 3 else written.permute(0, 3, 1, 2)
         with torch.no_grad():
-            return torch.sigmoid(self.classifier(images).float())
+            return torch.sigmoid(self.classifier((written * 2 - 1).to(self.device)).float()).cpu()
 
     def _unconditional_shard(self, s: int, slots: range):
         rows, latents, images = [], [], []
@@ -259,11 +267,11 @@ class ArchiveSampler:
             z = latents_for(self.cfg.seed, idx, self.G.config.latent_dim, self.cfg.truncation)
             img = self._generate(z)
             probs = self._probs(img)
-            probs = probs.cpu() if probs is not None else None  # one copy per batch, not one per value
             for j, k in enumerate(idx):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": self.cfg.seed, "latent_index": k,
                              "target": "", "lco_steps": 0,
-                             **({f"p_{f}": round(float(probs[j, q]), 6) for q, f in enumerate(self.findings)}
+                             # unrounded: a 6-digit rounding could carry p across its threshold
+                             **({f"p_{f}": float(probs[j, q]) for q, f in enumerate(self.findings)}
                                 if probs is not None else {})})
             latents.append(z.cpu())
             images.append(img.cpu())
@@ -356,12 +364,17 @@ class ArchiveSampler:
         # each accepted image goes to the host at once (a shard's worth stays there until it is written)
         lco = LCOPool(self.G, self.classifier, self.cfg.batch, self.cfg.steps, self.cfg.lr, self.cfg.prior_weight,
                       self.amp)
+        aims = {t: [x[None] for x in target_tensors(self.targets[t], self.findings, thr)] for t in range(T)}
         for smp in lco.run(attempts(), keep=lambda key: wanted(key[0], key[1])):
             t, a, sd, index = smp.key
             if not is_open(t):
                 continue
-            outcome[t][a] = (sd, index, smp.steps, smp.probs.tolist(), smp.z.to("cpu", copy=True),
-                             smp.image.to("cpu", copy=True)) if smp.accepted else None
+            accepted = smp.accepted
+            if accepted:  # LCO judged G's float image; the file holds it clamped and quantised: that must pass too
+                probs = self._probs(smp.image[None])
+                accepted = bool(satisfied(probs, *aims[t])[0])
+            outcome[t][a] = (sd, index, smp.steps, probs[0].tolist(), smp.z.to("cpu", copy=True),
+                             smp.image.to("cpu", copy=True)) if accepted else None
             settle(t)
         for t in range(T):
             if is_open(t):
@@ -374,7 +387,7 @@ class ArchiveSampler:
             for k, (sd, a, steps, probs, z, image) in zip(slots_of[t], got[t]):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": sd, "latent_index": a,
                              "target": format_target(self.targets[t]), "lco_steps": steps,
-                             **{f"p_{f}": round(probs[q], 6) for q, f in enumerate(self.findings)}})
+                             **{f"p_{f}": probs[q] for q, f in enumerate(self.findings)}})  # unrounded
                 latents.append(z)
                 images.append(image)
         order = np.argsort([r["index"] for r in rows])

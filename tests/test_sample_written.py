@@ -1,0 +1,126 @@
+"""The sampled archive describes the files it wrote: the manifest's probabilities are the classifier's
+on the written (clamped, quantised) pixels, and an LCO image meets its target there, not only in
+the float image G gave before it was saved. A tiny generator and a random classifier whose
+thresholds sit at the median of its probabilities, so that many calls lie near a threshold."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xrayforge.nn import load_networks
+from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig, load_classifier
+from xrayforge.nn.latents import latents_for
+from xrayforge.sample.lco import parse_target, satisfied, target_tensors
+from xrayforge.sample.writer import SampleConfig, find_generator, sample_archive
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from xrayforge.data.prepare import prepare
+    from xrayforge.train.trainer import TrainConfig, Trainer
+    root = tmp_path_factory.mktemp("tiny")
+    prepare("phantom:64", root / "data", resolution=16, workers=1, progress=False)
+    Trainer(TrainConfig(str(root / "data"), str(root / "run"), start_resolution=16, stable_images=16, latent_dim=16,
+                        fmap_base=32, fmap_max=8, batch={16: 16}), progress=False).train()
+    torch.manual_seed(0)
+    C = ChestClassifier(ClassifierConfig(arch="resnet18", input_size=16, width=8)).eval()
+    G = load_networks(find_generator(root / "run"), names=["G_ema"])["G_ema"].eval()
+    with torch.no_grad():
+        med = torch.sigmoid(C(G(latents_for(0, range(512), G.config.latent_dim)))).median(0).values
+    C.config.thresholds = {f: float(med[i]) for i, f in enumerate(C.findings)}
+    C.save(root / "clf")
+    return root / "run", root / "clf"
+
+
+def _written(folder):
+    """Manifest rows, the written images back in [-1, 1], and the classifier's probabilities of them."""
+    rows = list(csv.DictReader(open(folder / "manifest.csv", newline="")))
+    pix = np.stack([np.asarray(Image.open(folder / r["file"])) for r in rows])
+    top = float(np.iinfo(pix.dtype).max)
+    images = torch.from_numpy(pix.astype(np.float32) / top)[:, None] * 2 - 1
+    return rows, images
+
+
+@pytest.mark.parametrize("fmt", ["png8", "png16"])
+def test_manifest_probabilities_are_those_of_the_written_images(tiny, tmp_path, fmt):
+    run, clf = tiny
+    out = tmp_path / "u"
+    sample_archive(SampleConfig(str(run), str(out), n=24, batch=8, format=fmt, classifier=str(clf)), progress=False)
+    C = load_classifier(clf)
+    rows, images = _written(out)
+    with torch.no_grad():
+        p = torch.sigmoid(C(images))
+    recorded = torch.tensor([[float(r[f"p_{f}"]) for f in C.findings] for r in rows])
+    torch.testing.assert_close(recorded, p, rtol=0, atol=2e-6)
+    # and the labels the evaluations take from the manifest are the classifier's calls on those files
+    thr = torch.tensor([C.threshold(f) for f in C.findings], dtype=torch.float64)
+    assert torch.equal(recorded.double() >= thr, p.double() >= thr)
+
+
+def test_lco_images_meet_their_target_as_written(tiny, tmp_path):
+    run, clf = tiny
+    out = tmp_path / "lco"
+    targets = ["Cardiomegaly=1,Effusion=0", "Mass=1"]
+    summary = sample_archive(SampleConfig(str(run), str(out), n=40, classifier=str(clf), targets=targets, steps=40,
+                                          lr=0.1, starts=4, batch=8, shard_size=30), progress=False)
+    C = load_classifier(clf)
+    rows, images = _written(out)
+    with torch.no_grad():
+        p = torch.sigmoid(C(images))
+    recorded = torch.tensor([[float(r[f"p_{f}"]) for f in C.findings] for r in rows])
+    torch.testing.assert_close(recorded, p, rtol=0, atol=2e-6)
+    for i, r in enumerate(rows):
+        v, m, t = target_tensors(parse_target(r["target"], C.findings), C.findings, C.threshold)
+        assert bool(satisfied(p[i:i + 1], v[None], m[None], t[None])[0]), f"image {r['index']} misses {r['target']}"
+        assert bool(satisfied(recorded[i:i + 1], v[None], m[None], t[None])[0])
+    assert all(summary["targets"][t]["accepted"] == 40 for t in targets)
+    assert json.loads((out / "summary.json").read_text())["thresholds"] == {f: C.threshold(f) for f in C.findings}
+
+
+def test_manifest_probabilities_keep_the_calls_at_the_recorded_thresholds(tiny, tmp_path):
+    """A probability a hair from its threshold: the manifest must not round it across (the
+    evaluations label each image by p_<finding> >= the recorded threshold)."""
+    run, clf = tiny
+    C = load_classifier(clf)
+    sample_archive(SampleConfig(str(run), str(tmp_path / "a"), n=4, batch=4, classifier=str(clf)), progress=False)
+    _, images = _written(tmp_path / "a")
+    with torch.no_grad():  # as the writer classifies them: one batch of 4
+        p = torch.sigmoid(C(images))
+    exact = float(p[0, 1])
+    rounded = round(exact, 6)
+    assert rounded != exact
+    meta = json.loads((clf / "classifier.json").read_text())
+    meta["thresholds"][C.findings[1]] = (exact + rounded) / 2  # between the value and its 6-digit rounding
+    moved = tmp_path / "clf"
+    moved.mkdir()
+    (moved / "classifier.pt").write_bytes((clf / "classifier.pt").read_bytes())
+    (moved / "classifier.json").write_text(json.dumps(meta))
+    sample_archive(SampleConfig(str(run), str(tmp_path / "b"), n=4, batch=4, classifier=str(moved)), progress=False)
+    rows, _ = _written(tmp_path / "b")
+    thr = json.loads((tmp_path / "b" / "summary.json").read_text())["thresholds"][C.findings[1]]
+    assert (float(rows[0][f"p_{C.findings[1]}"]) >= thr) == (exact >= thr)
+
+
+def test_lco_benchmark_times_its_own_latent_draws(tiny, monkeypatch):
+    """Rejection sampling's time includes drawing its latents; LCO's must include drawing its n × S
+    starting draws too (at 512 dimensions about 70 µs each on a CPU: on a GPU a large part of an LCO
+    batch). Drawing them is made to take 1 s here: LCO's accepted/s must count that second."""
+    import time
+
+    import xrayforge.bench.lco as bench
+    run, clf = tiny
+    draw = bench.latents_for
+
+    def slow(seed, indices, dim, truncation=None):
+        if seed == 1234:  # the LCO rows' starting draws
+            time.sleep(1.0)
+        return draw(seed, indices, dim, truncation)
+    monkeypatch.setattr(bench, "latents_for", slow)
+    result = bench.run(str(run), str(clf), ["Mass=1"], n=4, steps=2, lr=0.1, census_n=0, max_realism=None, fid=False,
+                       sample_n=2, starts=(2,))
+    (row,) = result["rows"]
+    if row["lco_hit_rate"]:
+        assert row["lco_hit_rate"] * 4 / row["lco_accepted_s"] >= 1.0  # the seconds LCO took
