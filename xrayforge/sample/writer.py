@@ -253,12 +253,16 @@ class ArchiveSampler:
         quantised to the format's bits), on the CPU: the manifest describes the written pixels."""
         if self.classifier is None:
             return None
-        bits = 16 if self.cfg.format == "png16" else 8
-        top = (1 << bits) - 1
-        written = torch.from_numpy(to_uint(images, bits).astype(np.float32) / top)
-        written = written[:, None] if written.dim() == 3 else written.permute(0, 3, 1, 2)
+        top = float((1 << self._bits) - 1)
+        # to_uint's float32 operations, on the images' device (no round trip through the host)
+        stored = ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0).mul(top).round()
         with torch.no_grad():
-            return torch.sigmoid(self.classifier((written * 2 - 1).to(self.device)).float()).cpu()
+            return torch.sigmoid(self.classifier((stored / top * 2 - 1).to(self.device)).float()).cpu()
+
+    @property
+    def _bits(self) -> int:
+        """Bits per pixel of the written files (DICOM: 8)."""
+        return 16 if self.cfg.format == "png16" else 8
 
     def _unconditional_shard(self, s: int, slots: range):
         rows, latents, images = [], [], []
@@ -398,10 +402,7 @@ class ArchiveSampler:
         shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier attempt
         folder.mkdir(parents=True)
         rows, latents, images = (self._lco_shard if self.targets else self._unconditional_shard)(s, slots)
-        bits = 16 if self.cfg.format == "png16" else 8
-        if self.cfg.format == "dicom":
-            bits = 8
-        pixels = to_uint(images, bits)
+        pixels = to_uint(images, self._bits)
         futures = []
         for r, row in enumerate(rows):
             suffix = "dcm" if self.cfg.format == "dicom" else "png"
