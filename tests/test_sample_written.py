@@ -124,3 +124,33 @@ def test_lco_benchmark_times_its_own_latent_draws(tiny, monkeypatch):
     (row,) = result["rows"]
     if row["lco_hit_rate"]:
         assert row["lco_hit_rate"] * 4 / row["lco_accepted_s"] >= 1.0  # the seconds LCO took
+
+
+def test_shell_radius_is_where_truncated_latents_lie():
+    from xrayforge.sample.lco import shell_radius
+    assert shell_radius(512) == pytest.approx(512 ** 0.5)
+    for t in (0.5, 1.0, 2.0):
+        norms = latents_for(3, range(400), 512, t).norm(dim=1)
+        assert norms.mean().item() == pytest.approx(shell_radius(512, t), rel=0.01), t
+    assert shell_radius(512, 50.0) == pytest.approx(512 ** 0.5)
+
+
+def test_lco_keeps_truncated_latents_truncated(tiny, tmp_path):
+    """With --truncation T, LCO's latents stay in the truncated distribution's support: every
+    component within ±T, the norm near the truncated shell (the prior pulled them to sqrt(d) and
+    components of 1.5–2.2 at T = 0.5)."""
+    from xrayforge.sample.lco import shell_radius
+    run, clf = tiny
+    out = tmp_path / "t"
+    target = "Cardiomegaly=1,Effusion=1,Mass=1"
+    sample_archive(SampleConfig(str(run), str(out), n=12, batch=8, classifier=str(clf), targets=[target],
+                                truncation=0.5, steps=60, lr=0.1, prior_weight=5.0), progress=False)
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    z = torch.from_numpy(np.concatenate([np.load(out / f) for f in sorted({r["latent_file"] for r in rows})]))
+    moved = [i for i, r in enumerate(rows) if int(r["lco_steps"]) > 0]
+    assert moved, "no latent was optimised: the test would show nothing"
+    assert z.abs().max().item() <= 0.5 + 1e-6
+    norms = z[moved].norm(dim=1)
+    assert (norms - shell_radius(z.shape[1], 0.5)).abs().max().item() < 0.25 * shell_radius(z.shape[1], 0.5)
+    settings = json.loads((out / "sample_config.json").read_text())
+    assert settings["lco_keeps_truncation"] is True

@@ -58,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
     p.add_argument("--batch", type=_args.positive_int, default=32)
-    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T (at least 0.01)")
+    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T (at least 0.01); LCO keeps its latents within ±T")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
     p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")

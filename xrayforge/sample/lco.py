@@ -4,7 +4,8 @@ classifier until the image shows a wanted combination of findings (Segal et al. 
 A target maps findings to 1 (present) or 0 (absent); findings it does not name are free.
 A batch of latents is optimised with Adam on BCE(classifier(G(z)), target) over the named
 findings plus a prior term ``prior_weight * (|z| - sqrt(d))² / d`` that keeps z on the shell
-where N(0, I) puts its mass. A sample is accepted as soon as every named finding passes its
+where N(0, I) puts its mass (with a truncation T, the truncated normal's shell, and every
+component kept within ±T). A sample is accepted as soon as every named finding passes its
 threshold (p >= t for present, p < t for absent) and then stops moving; samples still short
 after ``steps`` are rejected and counted. Targets are mixed freely within a batch.
 
@@ -83,12 +84,25 @@ class LCOResult:
     evaluations: int = 0       # latents that went through G and the classifier (each active one once per step)
 
 
+def shell_radius(d: int, truncation: float | None = None) -> float:
+    """Where the latents' norm concentrates: sqrt(d) for N(0, I); with ``truncation`` T (components
+    redrawn beyond ±T) sqrt(d · v), v = 1 - 2Tφ(T) / (2Φ(T) - 1) the variance of the standard normal
+    truncated to [-T, T]."""
+    if truncation is None:
+        return math.sqrt(d)
+    t = float(truncation)
+    mass = math.erf(t / math.sqrt(2))  # 2Φ(T) - 1
+    return math.sqrt(d * (1 - 2 * t * math.exp(-t * t / 2) / math.sqrt(2 * math.pi) / mass))
+
+
 def lco_loss(logits: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-             prior_weight: float) -> torch.Tensor:
-    """Per-sample LCO objective: mean BCE over the named findings + the shell prior."""
+             prior_weight: float, radius: float | None = None) -> torch.Tensor:
+    """Per-sample LCO objective: mean BCE over the named findings + the shell prior, which holds
+    |z| near ``radius`` (default sqrt(d); ``shell_radius``)."""
     bce = F.binary_cross_entropy_with_logits(logits, values, reduction="none")
     loss_cls = (bce * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return loss_cls + prior_weight * (z.norm(dim=1) - math.sqrt(z.shape[1])).square() / z.shape[1]
+    radius = math.sqrt(z.shape[1]) if radius is None else radius
+    return loss_cls + prior_weight * (z.norm(dim=1) - radius).square() / z.shape[1]
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:
@@ -103,13 +117,13 @@ def _autocast(device: torch.device, amp_dtype):
 @torch.no_grad()
 def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                   prior_weight: float = 1.0, amp_dtype=None, batch: int = 256,
-                  thresholds: torch.Tensor | None = None) -> torch.Tensor:
+                  thresholds: torch.Tensor | None = None, truncation: float | None = None) -> torch.Tensor:
     """Best-of-S starting points: ``candidates`` (N, S, d) are S draws from N(0, I) per sample;
     each goes through G and the classifier once (forward only, about a third of an LCO step) and
     the one with the lowest LCO objective for its row's target is returned, as an index (N,) into S.
     With ``thresholds`` (N, F) a draw that already shows the target comes first (``optimise``
     accepts it at step 0), whatever its objective. ``batch``: draws per forward pass. One draw
-    per sample (S = 1) is chosen without any pass."""
+    per sample (S = 1) is chosen without any pass. ``truncation``: the draws' (the prior's radius)."""
     n, s, d = candidates.shape
     if s == 1:
         return torch.zeros(n, dtype=torch.long, device=candidates.device)
@@ -121,7 +135,8 @@ def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor,
     with _autocast(flat.device, amp_dtype):
         for i in range(0, n * s, batch):
             logits = _wide(classifier(G(flat[i:i + batch])))
-            scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight)
+            scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight,
+                                           shell_radius(d, truncation))
             if thr is not None:
                 ok[i:i + batch] = satisfied(torch.sigmoid(logits), v[i:i + batch], m[i:i + batch], thr[i:i + batch])
     # draws that meet the target rank before every draw that does not
@@ -147,16 +162,22 @@ class LCOPool:
     the feed takes its place, so each evaluation runs a full batch while the feed lasts. Each row has
     its own Adam state (betas 0.9 / 0.999, eps 1e-8, as torch.optim.Adam computes it) and its own step
     count, so a latent's path is that of LCO on it alone (up to the last bits of float32 arithmetic,
-    which a batch's size may change), whatever shares its batch."""
+    which a batch's size may change), whatever shares its batch.
+
+    ``truncation`` T (latents drawn with components within ±T): every step keeps them there (each
+    component clamped to ±T) and the prior holds |z| at the truncated normal's radius, so an
+    optimised latent stays in the truncated distribution's support; without it the prior's pull to
+    sqrt(d) took latents drawn at T = 0.5 to components of 1.5–2.2."""
 
     beta1, beta2, eps = 0.9, 0.999, 1e-8
 
     def __init__(self, G, classifier, capacity: int, steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0,
-                 amp_dtype=None):
+                 amp_dtype=None, truncation: float | None = None):
         if capacity < 1 or steps < 0:
             raise ValueError(f"LCO needs capacity >= 1 and steps >= 0, got {capacity} and {steps}")
         self.G, self.classifier, self.capacity, self.steps = G, classifier, capacity, steps
         self.lr, self.prior_weight, self.amp_dtype = lr, prior_weight, amp_dtype
+        self.truncation = truncation
         self.evaluations = 0  # latents that went through G and the classifier (each in the pool once per step)
 
     def run(self, feed, keep=None):
@@ -219,7 +240,7 @@ class LCOPool:
         out_state = None
         if live:  # queue the update of the rows that go on before the host handles the finished ones
             rest = torch.tensor(live, dtype=torch.long, device=z.device) if done else None
-            loss = lco_loss(logits, za, values, mask, self.prior_weight)
+            loss = lco_loss(logits, za, values, mask, self.prior_weight, shell_radius(za.shape[1], self.truncation))
             (grad,) = torch.autograd.grad((loss[rest] if rest is not None else loss).sum(), za)
             sel = (lambda x: x[rest]) if rest is not None else (lambda x: x)
             z0_l, z_l, m1, m2, values_l, mask_l, thr_l, t_l = (sel(x) for x in (z0, z.detach(), m1, m2, values,
@@ -233,6 +254,8 @@ class LCOPool:
                 bc2_sqrt = (1 - self.beta2 ** tf).sqrt().to(z_l.dtype)
                 step_size = (self.lr / (1 - self.beta1 ** tf)).to(z_l.dtype)
                 z_l = z_l - step_size * m1 / (m2.sqrt() / bc2_sqrt).add_(self.eps)
+                if self.truncation is not None:
+                    z_l = z_l.clamp_(-self.truncation, self.truncation)
             out_state = [z0_l, z_l, m1, m2, values_l, mask_l, thr_l, t_l]
         if done:  # only the finished rows are gathered: a sample must not hold its whole step's batch
             index = torch.tensor(done, dtype=torch.long, device=z.device)
@@ -245,14 +268,15 @@ class LCOPool:
 
 
 def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tensor,
-             steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0, amp_dtype=None) -> LCOResult:
+             steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0, amp_dtype=None,
+             truncation: float | None = None) -> LCOResult:
     """Run LCO on a batch; ``values``/``mask``/``thresholds`` are (N, F) (one target per row).
 
     An ``LCOPool`` as large as the batch: only the latents still short of their target go
     through G and the classifier at each step (the batch shrinks as samples are accepted), each
     with its own Adam state. Works under a caller's no_grad or inference_mode."""
     n = z0.shape[0]
-    pool = LCOPool(G, classifier, max(n, 1), steps, lr, prior_weight, amp_dtype)
+    pool = LCOPool(G, classifier, max(n, 1), steps, lr, prior_weight, amp_dtype, truncation)
     dev = z0.device
     feed = ((i, z0[i], values[i].to(dev), mask[i].to(dev), thresholds[i].to(dev)) for i in range(n))
     out = sorted(pool.run(feed), key=lambda smp: smp.key)

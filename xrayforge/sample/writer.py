@@ -189,6 +189,8 @@ class ArchiveSampler:
                if k not in ("device", "encode_threads", "out", "max_attempts", "give_up_after")}
         if not self.cfg.targets:
             out["starts"] = 1  # no LCO: the number of starting draws changes nothing
+        elif self.cfg.truncation is not None:  # LCO keeps truncated latents truncated (archives before: not)
+            out["lco_keeps_truncation"] = True
         # the classifier by its contents: another model at the same path would label and steer the
         # rest of the archive differently
         out["classifier_id"] = file_id(Path(self.cfg.classifier) / "classifier.pt",
@@ -360,14 +362,15 @@ class ArchiveSampler:
                 tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
                 values, mask, thresholds = (torch.stack([x[i] for x in tens]).to(self.device) for i in range(3))
                 chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight,
-                                       self.amp, batch=self.cfg.batch, thresholds=thresholds).tolist()
+                                       self.amp, batch=self.cfg.batch, thresholds=thresholds,
+                                       truncation=self.cfg.truncation).tolist()
                 for j, (t, sd, a, c) in enumerate(zip(batch_t, batch_seed, batch_a, chosen)):
                     yield (t, a, sd, a * S + c), candidates[j, c], values[j], mask[j], thresholds[j]
 
         # the pool refills as latents finish, so every evaluation runs a full batch while attempts last;
         # each accepted image goes to the host at once (a shard's worth stays there until it is written)
         lco = LCOPool(self.G, self.classifier, self.cfg.batch, self.cfg.steps, self.cfg.lr, self.cfg.prior_weight,
-                      self.amp)
+                      self.amp, truncation=self.cfg.truncation)
         aims = {t: [x[None] for x in target_tensors(self.targets[t], self.findings, thr)] for t in range(T)}
         for smp in lco.run(attempts(), keep=lambda key: wanted(key[0], key[1])):
             t, a, sd, index = smp.key
@@ -455,7 +458,9 @@ class ArchiveSampler:
         ignore = ["checkpoint", "checkpoint_id"]
         ignore += ["run"] if saved.get("checkpoint_id") else []
         ignore += ["classifier"] if "classifier_id" in saved else ["classifier_id"]
-        same_settings(settings_path, settings, ignore=tuple(ignore), added={"starts": 1})
+        same_settings(settings_path, settings, ignore=tuple(ignore),
+                      added={"starts": 1, **({"lco_keeps_truncation": False} if "lco_keeps_truncation" in settings
+                                             else {})})
         if distributed:
             dist.barrier()
         if rank == 0:
