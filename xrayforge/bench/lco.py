@@ -11,8 +11,9 @@ and 0.01% (``--rarities``) are taken, each seen at least ``--min-hits`` times (d
 for this generator, not just in the data.
 
 For each target: its frequency in the census; LCO's hit rate, accepted images per second, mean
-steps, and how far it moves z (log N(z; 0, I) before and after, the cosine between start and
-end latents); rejection sampling's hit rate and accepted images per second given the same wall
+steps, and how far it moves z (the cosine between start and end latents: the generator
+pixel-normalises z, so an image depends on z's direction alone and the cosine is what measures
+the move; log N(z; 0, I) before and after is kept for comparison with older results); rejection sampling's hit rate and accepted images per second given the same wall
 time, and its expected rate (images/s × census frequency, which a rare combination needs: in
 LCO's few seconds rejection finds none); the ratios; and with ``--real`` the realism ratio and
 FID of the accepted images. Then plain sampling images/s into PNG files (encoding in threads).
