@@ -731,3 +731,30 @@ def test_auto_batch_keeps_the_minibatch_stddev_groups_and_the_steps_precision(ar
     bf.close()
     with pytest.raises(ValueError, match="amp must be 'bf16'"):
         TrainConfig(str(archive), str(tmp_path / "run3"), **TINY, amp="fp16")
+
+
+def _rank_new_start_over_checkpoints(rank, world, archive, out, init_file, result_dir):
+    import datetime
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        try:
+            Trainer(TrainConfig(str(archive), str(out), **dict(TINY, batch={4: 4, 8: 4, 16: 4})), progress=False)
+            outcome = "started"
+        except FileExistsError as exc:
+            outcome = str(exc)
+        (result_dir / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_refused_new_start_is_refused_by_every_process(archive, tmp_path):
+    """Process 0 alone looks at the folder; the others used to wait in the next collective until
+    torchrun (or the process group's timeout) stopped them: now each raises the same error."""
+    Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **dict(TINY, max_images=32)), progress=False).train()
+    t0 = time.time()
+    tmp_mp.spawn(_rank_new_start_over_checkpoints, args=(2, archive, tmp_path / "run", tmp_path / "pg", tmp_path),
+                 nprocs=2)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == said[1] and "already has checkpoints" in said[0], said
+    assert time.time() - t0 < 25  # not a process group's timeout

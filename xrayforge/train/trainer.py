@@ -433,14 +433,23 @@ class Trainer:
                     tmp = self.log_path.with_name("log.jsonl.tmp")
                     tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
                     os.replace(tmp, self.log_path)
-        elif self.rank == 0:
-            if checkpoint_dirs(self.ckpt_dir):
-                raise FileExistsError(f"{self.out} already has checkpoints: pass --resume to continue it, "
-                                      "or choose a new --out")
-            if any(self.ckpt_dir.glob("damaged-ckpt-*")):
-                raise FileExistsError(f"{self.out} holds only damaged checkpoints (damaged-ckpt-*), which a new start "
-                                      "would leave beside its own: move them away, or choose a new --out")
-            self._set_aside_earlier_start()
+        else:
+            refused = None  # process 0 looks; under torchrun every process is told, and raises the same error
+            if self.rank == 0:
+                if checkpoint_dirs(self.ckpt_dir):
+                    refused = (f"{self.out} already has checkpoints: pass --resume to continue it, "
+                               "or choose a new --out")
+                elif any(self.ckpt_dir.glob("damaged-ckpt-*")):
+                    refused = (f"{self.out} holds only damaged checkpoints (damaged-ckpt-*), which a new start "
+                               "would leave beside its own: move them away, or choose a new --out")
+                else:
+                    self._set_aside_earlier_start()
+            if self.world > 1:
+                outcome = [refused]
+                dist.broadcast_object_list(outcome, 0)
+                refused = outcome[0]
+            if refused is not None:
+                raise FileExistsError(refused)
         if self.world > 1:
             for net in (self.G, self.D, self.G_ema):
                 for t in list(net.parameters()) + list(net.buffers()):
