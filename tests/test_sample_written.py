@@ -35,6 +35,16 @@ def tiny(tmp_path_factory):
     return root / "run", root / "clf"
 
 
+def _recorded_and_measured(folder, C):
+    """(rows, the manifest's probabilities, the classifier's on the written files), the two equal."""
+    rows, images = _written(folder)
+    with torch.no_grad():
+        p = torch.sigmoid(C(images))
+    recorded = torch.tensor([[float(r[f"p_{f}"]) for f in C.findings] for r in rows])
+    torch.testing.assert_close(recorded, p, rtol=0, atol=2e-6)
+    return rows, recorded, p
+
+
 def _written(folder):
     """Manifest rows, the written images back in [-1, 1], and the classifier's probabilities of them."""
     rows = list(csv.DictReader(open(folder / "manifest.csv", newline="")))
@@ -50,11 +60,7 @@ def test_manifest_probabilities_are_those_of_the_written_images(tiny, tmp_path, 
     out = tmp_path / "u"
     sample_archive(SampleConfig(str(run), str(out), n=24, batch=8, format=fmt, classifier=str(clf)), progress=False)
     C = load_classifier(clf)
-    rows, images = _written(out)
-    with torch.no_grad():
-        p = torch.sigmoid(C(images))
-    recorded = torch.tensor([[float(r[f"p_{f}"]) for f in C.findings] for r in rows])
-    torch.testing.assert_close(recorded, p, rtol=0, atol=2e-6)
+    rows, recorded, p = _recorded_and_measured(out, C)
     # and the labels the evaluations take from the manifest are the classifier's calls on those files
     thr = torch.tensor([C.threshold(f) for f in C.findings], dtype=torch.float64)
     assert torch.equal(recorded.double() >= thr, p.double() >= thr)
@@ -67,11 +73,7 @@ def test_lco_images_meet_their_target_as_written(tiny, tmp_path):
     summary = sample_archive(SampleConfig(str(run), str(out), n=40, classifier=str(clf), targets=targets, steps=40,
                                           lr=0.1, starts=4, batch=8, shard_size=30), progress=False)
     C = load_classifier(clf)
-    rows, images = _written(out)
-    with torch.no_grad():
-        p = torch.sigmoid(C(images))
-    recorded = torch.tensor([[float(r[f"p_{f}"]) for f in C.findings] for r in rows])
-    torch.testing.assert_close(recorded, p, rtol=0, atol=2e-6)
+    rows, recorded, p = _recorded_and_measured(out, C)
     for i, r in enumerate(rows):
         v, m, t = target_tensors(parse_target(r["target"], C.findings), C.findings, C.threshold)
         assert bool(satisfied(p[i:i + 1], v[None], m[None], t[None])[0]), f"image {r['index']} misses {r['target']}"

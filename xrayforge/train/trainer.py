@@ -353,13 +353,19 @@ class Trainer:
                 self._lock_file = fh
                 st = os.fstat(fh.fileno())
                 _LOCK_FDS[fh.fileno()] = (st.st_dev, st.st_ino)
-        if self.world > 1:
-            outcome = [refused]
-            dist.broadcast_object_list(outcome, 0)
-            refused = outcome[0]
+        refused = self._from_process_0(refused)
         if refused is not None:
             raise UserError(refused)
         self._holds_folder = True
+
+    def _from_process_0(self, value):
+        """Process 0's ``value`` on every process: what process 0 alone looked at (the run folder),
+        told to the others under torchrun so that each raises the same error."""
+        if self.world > 1:
+            box = [value]
+            dist.broadcast_object_list(box, 0)
+            value = box[0]
+        return value
 
     def close(self) -> None:
         """Let go of the run folder without training (train() does so when it ends)."""
@@ -444,10 +450,7 @@ class Trainer:
                                "would leave beside its own: move them away, or choose a new --out")
                 else:
                     self._set_aside_earlier_start()
-            if self.world > 1:
-                outcome = [refused]
-                dist.broadcast_object_list(outcome, 0)
-                refused = outcome[0]
+            refused = self._from_process_0(refused)
             if refused is not None:
                 raise FileExistsError(refused)
         if self.world > 1:
