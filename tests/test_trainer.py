@@ -52,12 +52,18 @@ def test_schedule():
         ProgressiveSchedule(2, 1, 10, 10)
 
 
-def test_accumulation_must_keep_the_minibatch_stddev_groups(archive, tmp_path):
-    """Batch 8 forms minibatch-stddev groups of 4: micro-batches of 2 (accumulation 4) would give D
-    groups of 2, another statistic, so the run is refused before anything is written."""
-    with pytest.raises(ValueError, match="micro-batches of 2 cannot hold the batch's minibatch-stddev groups of 4"):
-        Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **TINY, accumulation=4, device="cpu"), progress=False)
-    assert not (tmp_path / "run").exists()
+def test_accumulation_that_splits_the_minibatch_stddev_groups_is_said_or_refused(archive, tmp_path, caplog):
+    """Batch 8 forms minibatch-stddev groups of 4: micro-batches of 2 (accumulation 4) give D groups of
+    2, another statistic, which is said (memory may leave no choice); micro-batches of 1 (accumulation
+    8) would give groups of 1, a constant statistic, and are refused before anything is written."""
+    with caplog.at_level("WARNING"):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **TINY, accumulation=4, device="cpu"),
+                progress=False).close()
+    assert "micro-batches of 2 cannot hold the batch's minibatch-stddev groups of 4" in caplog.text
+    assert "D sees groups of 2" in caplog.text
+    with pytest.raises(ValueError, match="micro-batches of 1 cannot hold .* groups of 1, whose statistic is a const"):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run8"), **TINY, accumulation=8, device="cpu"), progress=False)
+    assert not (tmp_path / "run8").exists()
 
 
 def weights(run):
@@ -493,6 +499,15 @@ def test_resume_refuses_options_that_change_the_run_and_takes_the_others(archive
     saved = json.loads((run / "train_config.json").read_text())
     assert (saved["keep_checkpoints"], saved["tick_images"], saved["lr"], saved["mirror"]) == (1, 16, 0.001, False)
     assert [p.name for p in (run / "checkpoints").glob("ckpt-*")] == ["ckpt-000000000096"]
+    # a run an earlier version began with micro-batches that split D's groups (batch 8, accumulation 4) is
+    # refused, and --resume takes the accumulation that mends it (memory only: the step is the batch's)
+    for path in (run / "train_config.json", run / "checkpoints" / "ckpt-000000000096" / "train_config.json"):
+        if path.exists():
+            path.write_text(json.dumps({**json.loads(path.read_text()), "accumulation": 8}))
+    rc, out, err = _cli(["train", "--out", run, "--resume", "--max-kimg", "0.112", "-q"], capsys)
+    assert rc != 0 and "micro-batches of 1 cannot hold" in err and "--resume takes --accumulation" in err
+    assert _cli(["train", "--out", run, "--resume", "--accumulation", "2", "--max-kimg", "0.112", "-q"], capsys)[0] == 0
+    assert json.loads((run / "train_config.json").read_text())["accumulation"] == 2
 
 
 # ------------------------------------------------------------------ the run folder: one training at a time
@@ -720,7 +735,12 @@ def test_auto_batch_keeps_the_minibatch_stddev_groups_and_the_steps_precision(ar
     memory, seen[:] = 8, []
     with caplog.at_level("WARNING"):  # 4 -> micro-batches of 1, 8 -> of 2: neither holds a group of 4
         assert trainer._largest_batch(0) == 8
-    assert "no batch that fits in memory" in caplog.text
+    assert "no batch that fits in memory" in caplog.text and "form groups of 2" in caplog.text
+    memory, seen[:] = 2, []
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert trainer._largest_batch(0) == 4
+    assert "even a batch of 4 (the accumulation) ran out of GPU memory" in caplog.text
     assert set(amps) == {None}
     trainer.close()
     bf = Trainer(TrainConfig(str(archive), str(tmp_path / "run2"), **{**TINY, "batch": {}}, accumulation=1,

@@ -56,13 +56,15 @@ _TAKEN_ON_RESUME = {"total_kimg": "total_images", "device": "device", "tick_kimg
                     "checkpoint_ticks": "checkpoint_ticks", "keep": "keep_checkpoints",
                     "checkpoint_min_res": "checkpoint_min_res", "realism_images": "realism_images",
                     "metrics": "metrics", "metrics_every": "metrics_every", "metrics_images": "metrics_images",
-                    "features": "metrics_features"}
+                    "features": "metrics_features",
+                    # memory only: micro-batches of the batch's strided minibatch-stddev groups step as the batch
+                    "accumulation": "accumulation"}
 RESUME_TAKES = ("--max-kimg", *("--" + d.replace("_", "-") for d in _TAKEN_ON_RESUME), "--inception")
 # the options that set what is trained (data, network, schedule, optimiser, loss): given with --resume, they
 # must equal the run's ({dest: TrainConfig field}; the batch and learning rate are compared per resolution)
 _FIXED_ON_RESUME = {"resolution": "resolution", "start_resolution": "start_resolution", "fade_kimg": "fade_images",
                     "stable_kimg": "stable_images", "batch": "batch", "auto_batch": "auto_batch",
-                    "accumulation": "accumulation", "amp": "amp", "lr": "lr", "gp_metric": "gp_metric",
+                    "amp": "amp", "lr": "lr", "gp_metric": "gp_metric",
                     "ema_kimg": "ema_kimg", "ema_rampup": "ema_rampup", "ema_beta": "ema_beta",
                     "latent_dim": "latent_dim", "fmap_base": "fmap_base", "fmap_max": "fmap_max", "mirror": "mirror",
                     "seed": "seed", "include_test": "include_test"}

@@ -277,15 +277,24 @@ class Trainer:
             if b is not None and b % self.cfg.accumulation:
                 raise ValueError(f"batch {b} at {res} px is not divisible by accumulation {self.cfg.accumulation}")
             if b is not None and not self._groups_fit(b):
+                # D forms its minibatch-stddev groups in each micro-batch: smaller groups than the batch's
+                # (what a batch of the micro-batch's size would see) are said; groups of 1 are refused
                 group = largest_group_size(b, self.net_config.mbstd_group_size)
-                raise ValueError(f"batch {b} at {res} px with accumulation {self.cfg.accumulation}: micro-batches "
-                                 f"of {b // self.cfg.accumulation} cannot hold the batch's minibatch-stddev groups "
-                                 f"of {group}, so D would see another statistic than the batch's; choose a batch "
-                                 f"or an accumulation that leaves micro-batches divisible by {group}")
+                micro = b // self.cfg.accumulation
+                theirs = largest_group_size(micro, self.net_config.mbstd_group_size)
+                what = (f"batch {b} at {res} px with accumulation {self.cfg.accumulation}: micro-batches of {micro} "
+                        f"cannot hold the batch's minibatch-stddev groups of {group}")
+                if theirs < 2:
+                    raise ValueError(f"{what}; D would form groups of 1, whose statistic is a constant (no diversity "
+                                     f"signal): choose a batch or an accumulation that leaves micro-batches divisible "
+                                     f"by {group}, or at least by 2 (--resume takes --accumulation)")
+                if self.rank == 0:
+                    log.warning("%s: D sees groups of %d, as a batch of %d would (a micro-batch divisible by %d keeps "
+                                "the batch's)", what, theirs, micro, group)
 
     def _groups_fit(self, batch: int) -> bool:
         """D's minibatch-stddev groups (the largest size <= 4 dividing the batch) fit whole in a micro-batch:
-        else accumulation changes D's statistic (a micro-batch of 7 from 14: none at all)."""
+        else accumulation changes D's statistic (smaller groups; a micro-batch of 7 from 14: none at all)."""
         return (batch // self.cfg.accumulation) % largest_group_size(batch, self.net_config.mbstd_group_size) == 0
 
     def _training_rows(self) -> np.ndarray:
@@ -584,13 +593,20 @@ class Trainer:
                 torch.cuda.empty_cache()
         del G, D, probe
         torch.cuda.empty_cache()
-        # the largest that fits in memory and keeps D's minibatch-stddev groups whole in a micro-batch
+        # the largest that fits in memory and keeps D's minibatch-stddev groups whole in a micro-batch;
+        # else the largest whose micro-batches still form groups of 2 or more (said)
+        g = self.net_config.mbstd_group_size
         whole = [b for b in fits if self._groups_fit(b)]
-        best = whole[-1] if whole else fits[-1] if fits else self.cfg.accumulation
-        if not whole and self.rank == 0:
+        usable = [b for b in fits if largest_group_size(b // self.cfg.accumulation, g) >= 2]
+        best = whole[-1] if whole else usable[-1] if usable else fits[-1] if fits else self.cfg.accumulation
+        if self.rank == 0 and not fits:
+            log.warning("auto batch at %d px: even a batch of %d (the accumulation) ran out of GPU memory",
+                        res, self.cfg.accumulation)
+        elif self.rank == 0 and not whole:
             log.warning("auto batch at %d px: no batch that fits in memory leaves micro-batches (accumulation %d) "
-                        "holding whole minibatch-stddev groups; batch %d, whose micro-batches see other groups than "
-                        "the batch would", res, self.cfg.accumulation, best)
+                        "holding whole minibatch-stddev groups; batch %d, whose micro-batches form groups of %d%s",
+                        res, self.cfg.accumulation, best, largest_group_size(best // self.cfg.accumulation, g),
+                        "" if usable else " (a constant statistic: a smaller --accumulation would do better)")
         if self.world > 1:
             t = torch.tensor([best], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
