@@ -175,12 +175,23 @@ def test_make_stopped_part_way_is_made_again(tmp_path, monkeypatch):
     rs.make(*args, pack, size=32, seed=1)
     assert (tmp_path / "pack.key.csv").read_text() == expected
     assert (pack / "index.html").read_text() == (tmp_path / "whole" / "index.html").read_text()
-    # stopped between the key and the page: the key of exactly those images goes with them
+    assert not (pack / rs.UNFINISHED).exists()
+    # a finished pack whose page went missing is not an unfinished one: its key stays
     (pack / "index.html").unlink()
+    with pytest.raises(UserError, match="not empty"):
+        rs.make(*args, pack, size=32, seed=1)
+    assert (tmp_path / "pack.key.csv").read_text() == expected
+    # stopped between the key and the page: the key of exactly those images goes with them, but only
+    # once every input was read (a mistyped source removes nothing)
+    (pack / rs.UNFINISHED).write_text("")
+    with pytest.raises(FileNotFoundError):
+        rs.make(str(tmp_path / "real"), str(tmp_path / "no-such"), 8, pack, size=32, seed=1)
+    assert (tmp_path / "pack.key.csv").exists() and len(list((pack / "images").iterdir())) == 8
     rs.make(*args, pack, size=32, seed=1)
     assert (tmp_path / "pack.key.csv").read_text() == expected and (pack / "index.html").is_file()
     # a key of other images, or a file make does not write, is not touched
     (pack / "index.html").unlink()
+    (pack / rs.UNFINISHED).write_text("")
     (tmp_path / "pack.key.csv").write_text("image,truth,source\nother.png,real,x\n")
     with pytest.raises(UserError, match="not empty"):
         rs.make(*args, pack, size=32, seed=1)

@@ -197,21 +197,17 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
 
     from ..data.readers import SkipImage
     from ..utils.images import save_png
-    from ..utils.files import check_new_file, check_out_dir
     out = Path(out)
     key_path = Path(key_path) if key_path else out.with_name(out.name + ".key.csv")
     if key_path.resolve().is_relative_to(out.resolve()):
         raise UserError(f"the key {key_path} must not be inside the pack {out}")
-    _clear_unfinished(out, key_path)
-    check_out_dir(out, empty=True)
-    check_new_file(key_path, "the answer key")
-    if key_path.exists():
-        raise UserError(f"{key_path}: an answer key is already there (it may belong to a pack readers already "
-                        f"have); move it away or give another --key")
     if n < 2 or n % 2:
         raise UserError(f"--n must be an even number >= 2 (half real, half synthetic), got {n}")
     if Path(real).resolve() == Path(synthetic).resolve():  # the key would call real images synthetic
         raise UserError(f"{synthetic}: the same images as --real {real}; give the synthetic images")
+    unfinished = (out / UNFINISHED).is_file()
+    if not unfinished:
+        _check_new_pack(out, key_path)
     rng = np.random.default_rng(seed)
     chosen = []
     for truth, spec in (("real", real), ("synthetic", synthetic)):
@@ -232,7 +228,12 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
             raise UserError(f"{spec}: only {got} of the {n // 2} {truth} images the study needs could be read; "
                             f"unreadable: {'; '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}")
     rng.shuffle(chosen)
-    (out / "images").mkdir(parents=True)
+    if unfinished:  # every input read: what the stopped make left goes now, and OUT must then be as new
+        _clear_unfinished(out, key_path)
+        _check_new_pack(out, key_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / UNFINISHED).write_text(f"{key_path.resolve()}\n")  # until the page is in place
+    (out / "images").mkdir()
     key_rows, names = [], []
     for truth, source, pixels in chosen:
         name = f"{rng.integers(0, 2 ** 63):016x}.png"
@@ -253,20 +254,36 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     page = out / "index.html.tmp"
     page.write_text(PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
     os.replace(page, out / "index.html")
+    (out / UNFINISHED).unlink()
     return {"pack": str(out), "key": str(key_path), "images": len(names)}
 
 
+# written before a pack's first image and removed once its page is in place: only a pack that holds it
+# is one that `make` left unfinished (a finished pack whose index.html went missing is not)
+UNFINISHED = ".make-unfinished"
+
+
+def _check_new_pack(out: Path, key_path: Path) -> None:
+    from ..utils.files import check_new_file, check_out_dir
+    check_out_dir(out, empty=True)
+    check_new_file(key_path, "the answer key")
+    if key_path.exists():
+        raise UserError(f"{key_path}: an answer key is already there (it may belong to a pack readers already "
+                        f"have); move it away or give another --key")
+
+
 def _clear_unfinished(out: Path, key_path: Path) -> None:
-    """What a `make` stopped before its last step left (images/ without index.html, and perhaps the key
-    of exactly those images) is removed, to be made again: no reader can have had that pack."""
+    """What a `make` stopped before its last step left (marked by UNFINISHED: images/, perhaps the key of
+    exactly those images, a half-written page) is removed, to be made again: no reader can have had that
+    pack. A key of other images, or anything `make` does not write, stays and is refused as before."""
     import re
     import shutil
     images = out / "images"
-    if not images.is_dir() or (out / "index.html").exists() or \
+    if (out / "index.html").exists() or \
             any(p.name not in ("images", "index.html.tmp") and not p.name.startswith(".") for p in out.iterdir()):
         return
     ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?")
-    left = {p.name for p in images.iterdir()}
+    left = {p.name for p in images.iterdir()} if images.is_dir() else set()
     if not all(ours.fullmatch(name) for name in left):
         return  # not only what make writes
     if key_path.exists():
@@ -278,8 +295,9 @@ def _clear_unfinished(out: Path, key_path: Path) -> None:
             return
         key_path.unlink()
         log.warning("%s: removed the answer key %s of an unfinished pack (no index.html)", out, key_path)
-    shutil.rmtree(images)
+    shutil.rmtree(images, ignore_errors=True)
     (out / "index.html.tmp").unlink(missing_ok=True)
+    (out / UNFINISHED).unlink(missing_ok=True)
     log.warning("%s: a reader-study pack left unfinished (no index.html) is made again", out)
 
 
