@@ -141,7 +141,9 @@ if triton is not None:
                 # NaN (a NaN or inf feature) stays NaN, never a neighbour, as in the reference:
                 # the default maximum made it 0, an exact match
                 d2 = tl.maximum(qsq[:, None] + rsq[None, :] - 2.0 * acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            valid = qmask[:, None] & rmask[None, :]
+            # a NaN distance is never a neighbour: made inf here, since tl.min on a GPU may return a NaN
+            # (its combine keeps the second value of an unordered pair), which no merge would take
+            valid = qmask[:, None] & rmask[None, :] & (d2 == d2)
             if EXCLUDE:
                 valid = valid & (qi[:, None] != ri[None, :])
             d2 = tl.where(valid, d2, float("inf"))
