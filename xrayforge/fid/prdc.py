@@ -41,19 +41,24 @@ def _features(x, name: str) -> torch.Tensor:
     return t
 
 
-def pair_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Distance of each row pair (a[i], b[i]) (float64, on a's device), from the differences,
-    summed by numpy: the same bits for the same two points in either order and in any batch."""
-    out = np.empty(len(a))
-    for s in range(0, len(a), chunk):
-        a_, b_ = (t[s:s + chunk].detach().cpu().double().numpy() for t in (a, b))
-        out[s:s + chunk] = np.sqrt(np.square(a_ - b_).sum(1))
+def pair_distances(a: torch.Tensor, b: torch.Tensor, rows_a: torch.Tensor | None = None,
+                   rows_b: torch.Tensor | None = None, chunk: int = 8192) -> torch.Tensor:
+    """Distance of each row pair (a[rows_a[i]], b[rows_b[i]]) (default rows: 0, 1, ...; float64, on
+    a's device), from the differences, summed by numpy: the same bits for the same two points in
+    either order and in any batch. The rows are gathered a chunk at a time (never a copy of every pair)."""
+    n = len(rows_a) if rows_a is not None else len(rows_b) if rows_b is not None else len(a)
+    out = np.empty(n)
+    for s in range(0, n, chunk):
+        part = slice(s, min(s + chunk, n))
+        a_, b_ = ((t[rows[part].to(t.device)] if rows is not None else t[part]).detach().cpu().double().numpy()
+                  for t, rows in ((a, rows_a), (b, rows_b)))
+        out[part] = np.sqrt(np.square(a_ - b_).sum(1))
     return torch.from_numpy(out).to(a.device)
 
 
 def radii(x: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
     """Distance of each row to its k-th nearest other row (float64)."""
-    return pair_distances(x, x[knn(x, x, k, exclude_self=True, backend=backend)[1][:, k - 1].to(x.device)])
+    return pair_distances(x, x, rows_b=knn(x, x, k, exclude_self=True, backend=backend)[1][:, k - 1])
 
 
 def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor,
@@ -74,7 +79,7 @@ def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tenso
             near = gap.abs_() <= scale.mul_(1e-9)  # the expansion's rounding could decide these: measured again
             if near.any():
                 i, j = near.nonzero(as_tuple=True)
-                inside[i, j] = pair_distances(p[i], c[j]) <= radius.to(dev).double()[cs + j]
+                inside[i, j] = pair_distances(p, c, i, j) <= radius.to(dev).double()[cs + j]
             out[ps:ps + len(p)] += inside.sum(1)
     return out
 
@@ -102,7 +107,7 @@ def density_coverage(real, fake, k: int = 5, backend: str | None = None) -> dict
     """Density and coverage of ``fake`` (M, D) against ``real`` (N, D) (numpy or torch)."""
     real, fake = _pair(real, fake, k)
     r_real = radii(real, k, backend)
-    nearest_fake = pair_distances(real, fake[knn(real, fake, 1, backend=backend)[1][:, 0].to(fake.device)])
+    nearest_fake = pair_distances(real, fake, rows_b=knn(real, fake, 1, backend=backend)[1][:, 0])
     return {"density": float(ball_counts(fake, real, r_real).double().sum() / (k * len(fake))),
             "coverage": float((nearest_fake <= r_real.to(nearest_fake.device)).double().mean()), "k": k}
 
