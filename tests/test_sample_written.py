@@ -156,3 +156,10 @@ def test_lco_keeps_truncated_latents_truncated(tiny, tmp_path):
     assert (norms - shell_radius(z.shape[1], 0.5)).abs().max().item() < 0.25 * shell_radius(z.shape[1], 0.5)
     settings = json.loads((out / "sample_config.json").read_text())
     assert settings["lco_keeps_truncation"] is True
+    # an archive begun before LCO kept truncated latents truncated cannot be continued by this one
+    del settings["lco_keeps_truncation"]
+    (out / "sample_config.json").write_text(json.dumps(settings))
+    from xrayforge.errors import UserError
+    with pytest.raises(UserError, match="begun by an earlier xrayforge whose LCO let truncated latents leave ±0.5"):
+        sample_archive(SampleConfig(str(run), str(out), n=12, batch=8, classifier=str(clf), targets=[target],
+                                    truncation=0.5, steps=60, lr=0.1, prior_weight=5.0), progress=False)

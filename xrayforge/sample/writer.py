@@ -458,9 +458,12 @@ class ArchiveSampler:
         ignore = ["checkpoint", "checkpoint_id"]
         ignore += ["run"] if saved.get("checkpoint_id") else []
         ignore += ["classifier"] if "classifier_id" in saved else ["classifier_id"]
-        same_settings(settings_path, settings, ignore=tuple(ignore),
-                      added={"starts": 1, **({"lco_keeps_truncation": False} if "lco_keeps_truncation" in settings
-                                             else {})})
+        if saved and "lco_keeps_truncation" in settings and not saved.get("lco_keeps_truncation") \
+                and saved.get("targets") == settings["targets"] and saved.get("truncation") == settings["truncation"]:
+            raise UserError(f"{self.out} was begun by an earlier xrayforge whose LCO let truncated latents leave "
+                            f"±{self.cfg.truncation} (this one keeps them within it): the rest of the archive would be "
+                            f"made otherwise, so it cannot be continued; choose a new --out")
+        same_settings(settings_path, settings, ignore=tuple(ignore), added={"starts": 1})
         if distributed:
             dist.barrier()
         if rank == 0:
