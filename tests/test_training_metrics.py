@@ -123,3 +123,20 @@ def test_the_real_side_is_drawn_from_the_images_the_gan_trains_on(world, tmp_pat
     if not include_test:
         with pytest.raises(Exception, match="outside its test split"):
             TrainingMetrics(world / "arc", tmp_path / "r2", ["prdc"], f"classifier:{world / 'clf'}", outside + 1)
+
+
+def test_a_cache_drawn_from_every_row_by_an_earlier_version_is_drawn_again(world, tmp_path, caplog):
+    """A run begun before the test split was left out cached real features drawn from every row;
+    resumed, its measurements would go on choosing the best checkpoint partly on the test split."""
+    import numpy as np
+    m = TrainingMetrics(world / "arc", tmp_path / "run", ["prdc"], f"classifier:{world / 'clf'}", 30)
+    stats, features = m._real()
+    cache = np.load(m.cache)
+    old = {k: cache[k] for k in cache.files if k != "drawn_from"}
+    np.savez(m.cache, **{**old, "features": np.zeros_like(features)})  # as the earlier version saved it
+    again = TrainingMetrics(world / "arc", tmp_path / "run", ["prdc"], f"classifier:{world / 'clf'}", 30)
+    with caplog.at_level("WARNING"):
+        _, drawn_again = again._real()
+    assert "drawn from every row of the archive; they are drawn again" in caplog.text
+    np.testing.assert_array_equal(drawn_again, features)
+    assert str(np.load(m.cache)["drawn_from"]) == "outside the test split"

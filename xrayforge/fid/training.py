@@ -9,6 +9,7 @@ latents (a fixed seed) at the tick's level and fade-in α.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from .compute import FeatureExtractor
 from .stats import FrechetStats, frechet_distance
 
 METRICS = ("fid", "prdc")
+log = logging.getLogger(__name__)
 
 
 class TrainingMetrics:
@@ -39,6 +41,7 @@ class TrainingMetrics:
         # the real side is drawn from the images the GAN trains on: the test split, on which the
         # evaluations test, stays out of the choice of the best checkpoint too
         self.rows = self.archive.training_positions(include_test)
+        self.drawn_from = "every row" if len(self.rows) == len(self.archive) else "outside the test split"
         if self.images > len(self.rows):
             raise UserError(f"--metrics-images {self.images}: {archive} has only {len(self.rows)} images "
                             f"{'' if len(self.rows) == len(self.archive) else 'outside its test split '}"
@@ -54,7 +57,12 @@ class TrainingMetrics:
         """The real side, computed once per run (a uniform sample of the images the GAN trains on)."""
         if self.cache.is_file():
             f = load_npz(self.cache, ("mu", "sigma", "n", "features"), "the run's cached real features")
-            return FrechetStats(f["mu"], f["sigma"], int(f["n"]), self.space), f["features"]
+            drawn = str(f["drawn_from"]) if "drawn_from" in f else "every row"  # before the test split was left out
+            if drawn == self.drawn_from:
+                return FrechetStats(f["mu"], f["sigma"], int(f["n"]), self.space), f["features"]
+            log.warning("%s: the run's real images were drawn from %s of the archive; they are drawn again from "
+                        "those %s, so measurements logged before this one compare with other real images",
+                        self.cache, drawn, self.drawn_from)
         # not FeatureExtractor.from_archive: under torchrun it shards and all-reduces, and process 0
         # alone measures here
         rows = self.archive.random_positions(self.images, self.seed + 31, self.rows)
@@ -65,7 +73,7 @@ class TrainingMetrics:
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache.with_name(self.cache.name + ".tmp.npz")
         np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), features=features,
-                 feature_space=np.array(self.space))
+                 feature_space=np.array(self.space), drawn_from=np.array(self.drawn_from))
         os.replace(tmp, self.cache)
         return stats, features
 
