@@ -458,7 +458,10 @@ class Trainer:
                     refused = (f"{self.out} holds only damaged checkpoints (damaged-ckpt-*), which a new start "
                                "would leave beside its own: move them away, or choose a new --out")
                 else:
-                    self._set_aside_earlier_start()
+                    try:
+                        self._set_aside_earlier_start()
+                    except OSError as exc:  # said by every process, not left to wait in the next collective
+                        refused = f"{self.out}: cannot set an earlier start's log aside: {exc}"
             refused = self._from_process_0(refused)
             if refused is not None:
                 raise FileExistsError(refused)
