@@ -566,6 +566,8 @@ def _move(src: Path, dst: Path) -> None:
             raise
         tmp = dst.with_name(f".{dst.name}.moving")
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as fh:  # on disk before the original goes (a power loss, not only a kill)
+            os.fsync(fh.fileno())
         os.replace(tmp, dst)
         src.unlink()
 
