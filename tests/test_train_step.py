@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -71,11 +72,14 @@ def test_step_updates_both_networks_and_the_ema(amp, accumulation):
     torch.testing.assert_close(G_ema.state_dict()[k], before["E"][k] + 0.001 * (G.state_dict()[k] - before["E"][k]))
 
 
-def test_accumulation_takes_the_full_batch_step(monkeypatch):
+@pytest.mark.parametrize("mode", ["official", "gan_zoo"])
+def test_accumulation_takes_the_full_batch_step(monkeypatch, mode):
     """Two micro-batches of 4 accumulate to the step on the batch of 8, given the same latents and
     gradient-penalty mixing factors: the minibatch-stddev groups are strided ({0, 2, 4, 6} and
     {1, 3, 5, 7} at 8), so micro-batch k takes samples k, k + 2, ... and keeps each group whole
-    (consecutive chunks {0..3}, {4..7} regrouped them and moved D's weights by up to 2 lr)."""
+    (consecutive chunks {0..3}, {4..7} regrouped them and moved D's weights by up to 2 lr); a
+    pytorch_GAN_zoo D groups consecutive samples, so there the micro-batches are consecutive."""
+    net = dataclasses.replace(TINY, mbstd_mode=mode)
     g = torch.Generator().manual_seed(0)
     real = torch.randn(8, 1, 16, 16, generator=g, dtype=torch.float64)
     z_d, z_g = (torch.randn(8, TINY.latent_dim, generator=g, dtype=torch.float64) for _ in range(2))
@@ -83,10 +87,12 @@ def test_accumulation_takes_the_full_batch_step(monkeypatch):
 
     def trained(accumulation):
         torch.manual_seed(1)
-        G, D = Generator(TINY).double(), Discriminator(TINY).double()
+        G, D = Generator(net).double(), Discriminator(net).double()
         step = PGGANStep(G, D, copy.deepcopy(G), make_adam(G.parameters()), make_adam(D.parameters()),
                          StepConfig(accumulation=accumulation))
-        parts = [slice(k, None, accumulation) for k in range(accumulation)]  # each micro-batch's samples
+        parts = [slice(k, None, accumulation) if mode == "official" else slice(k * 8 // accumulation,
+                                                                              (k + 1) * 8 // accumulation)
+                 for k in range(accumulation)]  # each micro-batch's samples
         latents = iter([z_d[p] for p in parts] + [z_g[p] for p in parts])
         mixing = iter([u[p].view(-1, 1, 1, 1) for p in parts])
         step._latents = lambda n, device, generator: next(latents)

@@ -83,6 +83,9 @@ class PGGANStep:
         a = self.config.accumulation
         if a == 1:
             return [real]
+        if getattr(getattr(self.D, "config", None), "mbstd_mode", "official") == "gan_zoo":
+            # pytorch_GAN_zoo's D groups consecutive samples: consecutive micro-batches keep them whole
+            return list(real.chunk(a))
         fmt = torch.channels_last if real.dim() == 4 and not real.is_contiguous() \
             and real.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         return [real[k::a].contiguous(memory_format=fmt) for k in range(min(a, real.shape[0]))]
