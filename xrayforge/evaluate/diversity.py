@@ -24,7 +24,7 @@ import torch
 from ..data.archive import write_csv, write_json
 from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
-from ..nn.latents import MIN_TRUNCATION
+from ..nn.latents import check_truncation
 from ..utils.images import grid, save_png, to_uint
 from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, predict
@@ -96,9 +96,7 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
               ratio: float = 0.5, device: str | None = None, progress: bool = True) -> dict:
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
-    if truncation is not None and not truncation >= MIN_TRUNCATION:  # as `sample` does: below it, a hang
-        raise ValueError(f"--truncation must be at least {MIN_TRUNCATION} (components are redrawn until they lie "
-                         f"within ±T: below it that takes thousands of draws each), got {truncation}")
+    check_truncation(truncation, "--truncation")  # before any work, as `sample` does
     out = claim_output(out, "evaluate diversity", signatures=("findings.csv",))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_classifier(classifier).to(dev).eval().requires_grad_(False)

@@ -11,19 +11,24 @@ import torch
 MIN_TRUNCATION = 0.01
 
 
+def check_truncation(truncation: float | None, name: str = "truncation") -> None:
+    """Refuse a truncation below MIN_TRUNCATION (NaN too); ``name``: how the caller's user knows it."""
+    if truncation is not None and not truncation >= MIN_TRUNCATION:
+        raise ValueError(f"{name} must be at least {MIN_TRUNCATION} (components are redrawn until they lie within "
+                         f"±T: below it that takes thousands of draws each), got {truncation}")
+
+
 def latent_for(seed: int, index: int, dim: int, truncation: float | None = None) -> torch.Tensor:
     """z ~ N(0, I) for image ``index``; with ``truncation`` t, components beyond ±t are redrawn
     (the truncated normal: PGGAN normalises z, so scaling it would change nothing)."""
     if index < 0 or seed < 0:
         raise ValueError(f"seed and index must be non-negative, got {seed}, {index}")
+    check_truncation(truncation)
     # numpy's SeedSequence mixes the whole (seed, index) pair into the stream (torch's CPU
     # generator keeps only 32 bits of its seed, which would make different seeds collide)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
     z = rng.standard_normal(dim)
     if truncation is not None:
-        if not truncation >= MIN_TRUNCATION:  # NaN too
-            raise ValueError(f"truncation must be at least {MIN_TRUNCATION} (components are redrawn until they lie "
-                             f"within ±truncation), got {truncation}")
         bad = np.abs(z) > truncation
         while bad.any():
             z[bad] = rng.standard_normal(int(bad.sum()))

@@ -130,13 +130,14 @@ def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor,
     flat = candidates.reshape(n * s, d)
     v, m = (t.to(flat.device).repeat_interleave(s, dim=0) for t in (values, mask))
     thr = thresholds.to(flat.device).repeat_interleave(s, dim=0) if thresholds is not None else None
+    radius = shell_radius(d, truncation)
     scores = torch.empty(n * s, dtype=torch.float64, device=flat.device)
     ok = torch.zeros(n * s, dtype=torch.bool, device=flat.device)
     with _autocast(flat.device, amp_dtype):
         for i in range(0, n * s, batch):
             logits = _wide(classifier(G(flat[i:i + batch])))
             scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight,
-                                           shell_radius(d, truncation))
+                                           radius)
             if thr is not None:
                 ok[i:i + batch] = satisfied(torch.sigmoid(logits), v[i:i + batch], m[i:i + batch], thr[i:i + batch])
     # draws that meet the target rank before every draw that does not

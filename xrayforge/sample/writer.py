@@ -37,7 +37,7 @@ from ..nn import find_checkpoint, load_networks
 from ..utils.files import claim_output, file_id, read_csv, read_json, same_settings
 from ..utils.images import save_png, to_uint
 from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
-from ..nn.latents import MIN_TRUNCATION, latents_for
+from ..nn.latents import check_truncation, latents_for
 
 FORMATS = ("png8", "png16", "dicom")
 log = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ class ArchiveSampler:
                 log.warning("the classifier %s has no decision threshold for %s (none of its validation images "
                             "had the finding, so it may never have learnt it): LCO aims at p >= 0.5 there, which "
                             "it may not reach", cfg.classifier, ", ".join(blind))
-        if cfg.truncation is not None and not cfg.truncation >= MIN_TRUNCATION:
-            raise ValueError(f"--truncation must be at least {MIN_TRUNCATION} (components are redrawn until they "
-                             f"lie within ±T: below it that takes thousands of draws each), got {cfg.truncation}")
+        check_truncation(cfg.truncation, "--truncation")
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
         self.bar = None  # the progress bar while run() writes shards (LCO says its attempts there)
@@ -296,7 +294,8 @@ class ArchiveSampler:
         outcome: dict[int, dict] = {t: {} for t in range(T)}   # attempt -> None (rejected) or the image's data
         settled = {t: 0 for t in range(T)}                      # attempts before this one are settled
         next_attempt = {t: 0 for t in range(T)}
-        thr = self.classifier.threshold
+        # (values, mask, thresholds) of each target, for the attempts and for the check as written
+        aims = {t: target_tensors(self.targets[t], self.findings, self.classifier.threshold) for t in range(T)}
         S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
         limit = {t: self.cfg.max_attempts * need[t] for t in range(T)}
         shown = [time.monotonic()]
@@ -359,8 +358,8 @@ class ArchiveSampler:
                 candidates = torch.stack([latents_for(sd, range(a * S, (a + 1) * S), self.G.config.latent_dim,
                                                       self.cfg.truncation)
                                           for sd, a in zip(batch_seed, batch_a)]).to(self.device)
-                tens = [target_tensors(self.targets[t], self.findings, thr) for t in batch_t]
-                values, mask, thresholds = (torch.stack([x[i] for x in tens]).to(self.device) for i in range(3))
+                values, mask, thresholds = (torch.stack([aims[t][i] for t in batch_t]).to(self.device)
+                                            for i in range(3))
                 chosen = screen_starts(self.G, self.classifier, candidates, values, mask, self.cfg.prior_weight,
                                        self.amp, batch=self.cfg.batch, thresholds=thresholds,
                                        truncation=self.cfg.truncation).tolist()
@@ -371,7 +370,6 @@ class ArchiveSampler:
         # each accepted image goes to the host at once (a shard's worth stays there until it is written)
         lco = LCOPool(self.G, self.classifier, self.cfg.batch, self.cfg.steps, self.cfg.lr, self.cfg.prior_weight,
                       self.amp, truncation=self.cfg.truncation)
-        aims = {t: [x[None] for x in target_tensors(self.targets[t], self.findings, thr)] for t in range(T)}
         for smp in lco.run(attempts(), keep=lambda key: wanted(key[0], key[1])):
             t, a, sd, index = smp.key
             if not is_open(t):
@@ -379,7 +377,7 @@ class ArchiveSampler:
             accepted = smp.accepted
             if accepted:  # LCO judged G's float image; the file holds it clamped and quantised: that must pass too
                 probs = self._probs(smp.image[None])
-                accepted = bool(satisfied(probs, *aims[t])[0])
+                accepted = bool(satisfied(probs, *(x[None] for x in aims[t]))[0])
             outcome[t][a] = (sd, index, smp.steps, probs[0].tolist(), smp.z.to("cpu", copy=True),
                              smp.image.to("cpu", copy=True)) if accepted else None
             settle(t)
