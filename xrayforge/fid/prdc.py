@@ -66,7 +66,8 @@ def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tenso
     """For each point, how many of the balls (centres, radius) it is inside (distance <= radius)."""
     dev = centres.device
     c_sq = centres.double().square().sum(1)
-    r2 = radius.to(dev).double().square()
+    rad = radius.to(dev).double()
+    r2 = rad.square()
     out = torch.zeros(len(points), dtype=torch.long, device=dev)
     for ps in range(0, len(points), chunk_p):
         p = points[ps:ps + chunk_p].to(dev).double()
@@ -79,7 +80,7 @@ def ball_counts(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tenso
             near = gap.abs_() <= scale.mul_(1e-9)  # the expansion's rounding could decide these: measured again
             if near.any():
                 i, j = near.nonzero(as_tuple=True)
-                inside[i, j] = pair_distances(p, c, i, j) <= radius.to(dev).double()[cs + j]
+                inside[i, j] = pair_distances(p, c, i, j) <= rad[cs + j]
             out[ps:ps + len(p)] += inside.sum(1)
     return out
 

@@ -44,7 +44,7 @@ class TrainingMetrics:
         self.drawn_from = "every row" if len(self.rows) == len(self.archive) else "outside the test split"
         if self.images > len(self.rows):
             raise UserError(f"--metrics-images {self.images}: {archive} has only {len(self.rows)} images "
-                            f"{'' if len(self.rows) == len(self.archive) else 'outside its test split '}"
+                            f"{'' if self.drawn_from == 'every row' else 'outside its test split '}"
                             f"(as many real images as generated ones are compared)")
         self.extractor = FeatureExtractor(inception, False, "exact", device, batch_size, 0, progress=False,
                                           features=features)
