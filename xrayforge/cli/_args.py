@@ -36,6 +36,8 @@ nonneg_int = _checked(int, lambda v: v >= 0, "must be 0 or more", "nonneg_int")
 positive_float = _checked(float, lambda v: v > 0, "must be greater than 0", "positive_float")
 nonneg_float = _checked(float, lambda v: v >= 0, "must be 0 or more", "nonneg_float")
 fraction = _checked(float, lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)", "fraction")
+# Adam's step size: beyond 1 training only diverges, and past float32's range the optimiser itself fails
+learning_rate = _checked(float, lambda v: 0 < v <= 1, "must be greater than 0 and at most 1", "learning_rate")
 percentile = _checked(float, lambda v: 0 < v <= 100, "must be a percentile in (0, 100]", "percentile")
 seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "is not a seed (0 .. 2^32 - 1)", "seed")
 at_least_6 = _checked(int, lambda v: v >= 6, "must be at least 6 (density / coverage use k = 5 neighbours)",

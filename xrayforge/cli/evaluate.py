@@ -8,8 +8,6 @@ from . import _args
 
 
 CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "seed", "device")
-# Adam's step size: beyond 1 training only diverges, and past float32's range the optimiser itself fails
-learning_rate = _args._checked(float, lambda v: 0 < v <= 1, "must be greater than 0 and at most 1", "learning_rate")
 
 
 def _add_classifier_training(q: argparse.ArgumentParser) -> None:
@@ -19,7 +17,7 @@ def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
     q.add_argument("--epochs", type=_args.positive_int, default=10)
     q.add_argument("--batch", type=_args.positive_int, default=32, help="images per step, at least 2 (default 32)")
-    q.add_argument("--lr", type=learning_rate, default=1e-3)
+    q.add_argument("--lr", type=_args.learning_rate, default=1e-3)
     q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
 
