@@ -52,6 +52,19 @@ def test_answer_reload_export_and_score(driver, tmp_path):
     driver.find_element(By.ID, "next").click()
     driver.find_element(By.ID, "synthetic").click()
     assert "2 answered" in driver.find_element(By.ID, "pos").text
+    # the page stores each answer at once, but Chrome hands localStorage writes to its browser process
+    # asynchronously: a reload right away can read the state from before them (seen on a loaded
+    # machine). A second tab of the page sees them once they are committed; then the reload is fair
+    uri, page = driver.current_url, driver.current_window_handle
+    driver.switch_to.new_window("tab")
+    deadline = time.time() + 30
+    while True:
+        driver.get(uri)  # reading only: the page writes nothing until it is answered
+        if "2 answered" in driver.find_element(By.ID, "pos").text or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    driver.close()
+    driver.switch_to.window(page)
     driver.refresh()  # progress survives a reload
     assert "2 answered" in driver.find_element(By.ID, "pos").text
     assert driver.find_element(By.ID, "pos").text.startswith("2 / 6")
