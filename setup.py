@@ -102,7 +102,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.24",
-        "pydicom>=2.4",
+        "pydicom>=3.0",  # pydicom.pixels (3.0) reads the pixel data
         "pillow>=9.0",
         "tqdm>=4.60",
         "matplotlib>=3.5",

@@ -1,7 +1,11 @@
+import warnings
+
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image, ImageOps
 from pydicom.encaps import encapsulate
+from pydicom.pixels import convert_color_space
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from xrayforge.data import readers
@@ -88,7 +92,7 @@ def test_rgb_jpeg_becomes_gray(tmp_path):
 
 @pytest.mark.parametrize("kind,reason", [
     ("truncated", "could not be decoded|unreadable"),
-    ("not_dicom", "not a DICOM|unreadable"),
+    ("not_dicom", r"^not a DICOM file \(no 'DICM' prefix after the 128-byte preamble[^=]*$"),
     ("rt_plan", "no pixel data"),
     ("multiframe", "multi-frame"),
     ("jpeg2000_garbage", "could not be decoded"),
@@ -215,3 +219,88 @@ def test_a_known_suffix_is_read_without_looking_at_the_content(tmp_path, monkeyp
     assert read_radiograph(tmp_path / "b.png").pixels.shape == (3, 5)
     with pytest.raises(AssertionError, match="IM0001: opened"):  # no suffix: only the content can say
         read_radiograph(tmp_path / "IM0001")
+
+
+@pytest.mark.parametrize("function,expected", [
+    # PS3.3 C.11.2.1.3.2: 0 at or below c - w/2, 1 above c + w/2, (x - c) / w + 0.5 between
+    ("LINEAR_EXACT", np.clip((STORED - 2048.0) / 4096 + 0.5, 0, 1)),
+    # PS3.3 C.11.2.1.3.1: 1 / (1 + exp(-4 (x - c) / w))
+    ("SIGMOID", 1 / (1 + np.exp(-4 * (STORED - 2048.0) / 4096))),
+    ("LINEAR", np.clip((STORED - 2047.5) / 4095 + 0.5, 0, 1)),
+])
+def test_voi_lut_function_is_applied(tmp_path, function, expected):
+    write_image(tmp_path / "a.dcm", STORED, WindowCenter=2048, WindowWidth=4096, VOILUTFunction=function)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, expected, atol=1e-6)
+
+
+def test_window_of_width_one_is_a_threshold(tmp_path):
+    write_image(tmp_path / "a.dcm", STORED, WindowCenter=1024.5, WindowWidth=1)
+    with np.errstate(all="raise"):  # no division by zero on the way
+        px = read_radiograph(tmp_path / "a.dcm").pixels
+    np.testing.assert_array_equal(px, (STORED > 1024).astype(np.float32))
+
+
+def test_empty_window_and_voi_lut_sequence_count_as_absent(tmp_path):
+    ds = write_image(tmp_path / "a.dcm", STORED, VOILUTSequence=pydicom.Sequence([]))
+    ds.add_new(0x00281050, "DS", None)  # Window Center, present and empty
+    ds.add_new(0x00281051, "DS", None)  # Window Width
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    rad = read_radiograph(tmp_path / "a.dcm")
+    np.testing.assert_allclose(rad.pixels, STORED / 4095, atol=1e-7)
+    assert rad.meta["voi"] == "bits stored"
+
+
+def test_modality_lut_sequence_output_is_scaled_by_its_own_range(tmp_path):
+    item = pydicom.Dataset()
+    item.LUTDescriptor, item.ModalityLUTType = [4096, 0, 16], "US"
+    item.LUTData = (np.arange(4096, dtype=np.uint16) * 16).tobytes()  # 12 bits in, 16 bits out
+    item["LUTData"].VR = "OW"
+    write_image(tmp_path / "a.dcm", STORED, ModalityLUTSequence=pydicom.Sequence([item]))
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, STORED * 16 / 65535, atol=1e-7)
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_FULL"])
+def test_colour_dicom_becomes_its_luminance(tmp_path, photometric):
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[0, :, 1], rgb[1, :, 2] = 200, 50, 120
+    ds = base_dataset()
+    ds.Rows, ds.Columns = 2, 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, photometric, 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    stored = rgb if photometric == "RGB" else convert_color_space(rgb, "RGB", photometric)
+    ds.PixelData = stored.tobytes()
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    expected = rgb.astype(np.float64) @ [0.299, 0.587, 0.114] / 255
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, expected, atol=2 / 255)
+
+
+def test_a_dicomdir_is_skipped_naming_what_it_is(tmp_path):
+    ds = base_dataset(sop_class="1.2.840.10008.1.3.10")  # Media Storage Directory Storage
+    del ds.SOPClassUID, ds.Modality
+    ds.save_as(tmp_path / "DICOMDIR", enforce_file_format=True)
+    with pytest.raises(SkipImage, match=r"no pixel data \(a Media Storage Directory Storage object"):
+        read_radiograph(tmp_path / "DICOMDIR")
+
+
+def test_find_images_follows_linked_folders_once(tmp_path):
+    (tmp_path / "elsewhere" / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((2, 2), dtype=np.uint8)).save(tmp_path / "elsewhere" / "images" / "a.png")
+    (tmp_path / "cxr14").mkdir()
+    (tmp_path / "cxr14" / "images_001").symlink_to(tmp_path / "elsewhere")  # a data set gathered by links
+    (tmp_path / "cxr14" / "images_002").symlink_to(tmp_path / "elsewhere")  # the same folder twice
+    (tmp_path / "cxr14" / "loop").symlink_to(tmp_path / "cxr14")  # a link back up the tree
+    found = find_images(tmp_path / "cxr14")
+    assert [p.relative_to(tmp_path / "cxr14").as_posix() for p in found] == ["images_001/images/a.png"]
+
+
+@pytest.mark.parametrize("attrs", [dict(WindowCenter="NaN", WindowWidth="400"), dict(RescaleSlope="NaN"),
+                                   dict(RescaleSlope="inf")])
+def test_pixels_that_are_not_finite_are_skipped_not_made_black(tmp_path, attrs):
+    """A NaN or infinite Rescale Slope or Window gives NaN pixels, which quantise to a black image
+    in the archive: the file is skipped with the reason instead."""
+    path = tmp_path / "nan.dcm"
+    with warnings.catch_warnings():  # pydicom warns about the value when it writes it
+        warnings.simplefilter("ignore")
+        write_image(path, np.arange(16).reshape(4, 4) * 100, **attrs)
+    with pytest.raises(SkipImage, match="not finite"):
+        read_radiograph(path)

@@ -1,10 +1,12 @@
 """Read radiographs into float32 arrays in [0, 1] (0 = black, as displayed).
 
 DICOM (pydicom): the Modality LUT (Rescale Slope / Intercept, or a Modality LUT Sequence),
-then the VOI LUT Sequence or the first Window Center / Width (DICOM PS3.3 C.11.2.1.2 linear
-function), then MONOCHROME1 is inverted. Without a VOI transform, values are scaled over the
-range that Bits Stored allows (no per-image contrast stretch). Multi-frame images and
-objects without pixel data (RT plans, structured reports, ...) are skipped with a reason.
+then the VOI LUT Sequence or the first Window Center / Width (DICOM PS3.3 C.11.2.1.2, with the
+VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID), then MONOCHROME1 is inverted. Without a
+VOI transform, values are scaled over the range that Bits Stored (or the Modality LUT's output)
+allows (no per-image contrast stretch). RGB and YCbCr images (which pydicom returns as RGB) are
+converted to luminance. Multi-frame images and objects without pixel data (RT plans,
+structured reports, ...) are skipped with a reason.
 PNG / JPEG (Pillow): 8-bit and 1-bit scaled to [0, 1] by 255, 16-bit by 65535 (never clipped
 to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 16-bit file uses
 only a sixteenth of the range); colour images are converted to luminance; an EXIF orientation
@@ -36,6 +38,10 @@ NOT_IMAGE_SUFFIXES = {
     ".rtf", ".log", ".py", ".ipynb", ".sh", ".bat", ".zip", ".gz", ".tgz", ".tar", ".bz2", ".xz", ".7z", ".rar",
     ".npy", ".npz", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".pkl", ".pickle", ".parquet", ".db", ".sqlite",
     ".tmp", ".partial", ".lock", ".md5", ".sha1", ".sha256", ".svg", ".mp4", ".avi", ".mov", ".mp3", ".wav"}
+
+
+# colour Photometric Interpretations whose pixels pydicom gives as RGB
+_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 class SkipImage(Exception):
@@ -85,14 +91,23 @@ def is_dicom(path: str | os.PathLike) -> bool:
     return file_kind(path) == "dicom"
 
 
-def _window(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM's 'LINEAR' VOI function onto [0, 1]."""
+def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """A VOI LUT Function onto [0, 1]: LINEAR (PS3.3 C.11.2.1.2.1; also any value the standard
+    does not define, LINEAR being the default), LINEAR_EXACT (C.11.2.1.3.2) or SIGMOID
+    (C.11.2.1.3.1)."""
+    if function in ("LINEAR_EXACT", "SIGMOID"):
+        if width <= 0:
+            raise SkipImage(f"Window Width {width} is not above 0 (VOI LUT Function {function})")
+        if function == "SIGMOID":
+            with np.errstate(over="ignore"):  # far below the centre: exp overflows, y is 0
+                return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)  # 0 at or below c - w/2, 1 above c + w/2
     if width < 1:
         raise SkipImage(f"Window Width {width} is below 1")
-    lo = center - 0.5 - (width - 1) / 2
-    hi = center - 0.5 + (width - 1) / 2
-    y = (x - (center - 0.5)) / (width - 1) + 0.5
-    return np.where(x <= lo, 0.0, np.where(x > hi, 1.0, y))
+    if width == 1:  # a threshold: 0 at or below c - 0.5, 1 above
+        return (x > center - 0.5).astype(np.float64)
+    # 0 at or below c - 0.5 - (w - 1) / 2, 1 above c - 0.5 + (w - 1) / 2, linear between
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
 def _apply_lut(values: np.ndarray, item) -> np.ndarray:
@@ -110,13 +125,13 @@ def _apply_lut(values: np.ndarray, item) -> np.ndarray:
 
 
 def _first(value):
-    """Window Center / Width may be multi-valued: the first pair is the default view."""
-    if value is None:
+    """Window Center / Width may be multi-valued: the first pair is the default view; an empty
+    value is None (as if absent)."""
+    if value is None or value == "":
         return None
-    try:
-        return float(value[0])
-    except TypeError:
+    if isinstance(value, (int, float, str)):
         return float(value)
+    return float(value[0]) if len(value) else None
 
 
 def read_dicom(path: str | os.PathLike) -> Radiograph:
@@ -126,12 +141,16 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
 
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise SkipImage(f"not a DICOM file ({exc})") from exc
+    except InvalidDicomError as exc:  # pydicom's message ends in advice for its callers ("Use force=True ...")
+        why = "no 'DICM' prefix after the 128-byte preamble, which a DICOM file (PS3.10) starts with" \
+            if "DICM" in str(exc) else str(exc)
+        raise SkipImage(f"not a DICOM file ({why})") from exc
     except Exception as exc:  # truncated or corrupt header
         raise SkipImage(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        kind = getattr(ds, "Modality", "") or str(getattr(ds, "SOPClassUID", "unknown class"))
+        sop_class = getattr(ds, "SOPClassUID", None) or getattr(getattr(ds, "file_meta", None),
+                                                                 "MediaStorageSOPClassUID", None)
+        kind = getattr(ds, "Modality", "") or getattr(sop_class, "name", None) or sop_class or "unknown"
         raise SkipImage(f"no pixel data (a {kind} object, not an image)")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -144,11 +163,11 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         name = getattr(ts, "name", str(ts))
         raise SkipImage(f"pixel data could not be decoded (transfer syntax {name}: {exc})") from exc
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        if stored.ndim == 3 and stored.shape[-1] == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
-            from pydicom.pixels import convert_color_space
-            rgb = convert_color_space(stored, photometric, "RGB") if photometric != "RGB" else stored
+        # pydicom (3.x) returns YCbCr pixel data already converted to RGB (its as_rgb default), and a
+        # JPEG 2000 decoder undoes the ICT / RCT itself: converting again would give wrong greys
+        if stored.ndim == 3 and stored.shape[-1] == 3 and photometric in _COLOUR:
             bits = int(ds.BitsStored)
-            gray = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+            gray = stored.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
             return Radiograph(np.clip(gray / (2 ** bits - 1), 0, 1).astype(np.float32), str(path),
                               str(getattr(ds, "PatientID", "")), str(getattr(ds, "StudyInstanceUID", "")),
                               {"photometric": photometric})
@@ -156,12 +175,17 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     if stored.ndim != 2:
         raise SkipImage(f"expected a 2-D image, pixel data has shape {stored.shape}")
     values = apply_modality_lut(stored, ds).astype(np.float64)
-    if "VOILUTSequence" in ds:
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if ds.get("VOILUTSequence"):
         x = _apply_lut(values, ds.VOILUTSequence[0])
         how = "VOI LUT"
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        x = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
-        how = "window"
+    elif center is not None and width is not None:
+        function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+        x = _window(values, center, width, function)
+        how = "window" if function not in ("LINEAR_EXACT", "SIGMOID") else f"window {function}"
+    elif ds.get("ModalityLUTSequence"):  # the LUT's output is unsigned, of the bits its descriptor says
+        x = values / (2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+        how = "modality LUT range"
     else:
         bits = int(ds.BitsStored)
         signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
@@ -171,6 +195,10 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
         x = (values - lo) / (hi - lo)
         how = "bits stored"
+    if not np.isfinite(x).all():  # a NaN / infinite Rescale Slope or Window: quantised, a black image
+        raise SkipImage(f"pixel values are not finite after the {how} transform (Rescale Slope "
+                        f"{ds.get('RescaleSlope', 1)}, Window Center / Width {ds.get('WindowCenter')} / "
+                        f"{ds.get('WindowWidth')})")
     x = np.clip(x, 0.0, 1.0)
     if photometric == "MONOCHROME1":
         x = 1.0 - x
@@ -211,7 +239,9 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every candidate file below ``root`` (recursively), sorted; hidden files and files whose
+    """Every candidate file below ``root`` (recursively, into linked folders too: a data set is
+    often gathered by linking its parts, such as ChestX-ray14's ``images_001`` ... ``images_012``,
+    into one folder; a folder reached twice is walked once), sorted; hidden files and files whose
     suffix says they are no image (``NOT_IMAGE_SUFFIXES``) left out. No file is opened: one
     with an unknown suffix is a candidate that ``read_radiograph`` reads by its content."""
     root = Path(root)
@@ -219,8 +249,13 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or directory")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    out, walked = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in walked:  # a link back up the tree, or a second link to one folder
+            dirnames[:] = []
+            continue
+        walked.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             p = Path(dirpath) / name
