@@ -640,3 +640,59 @@ def test_prepare_into_an_empty_mount_point_copies_across_file_systems(tmp_path, 
     assert (res.included, res.skipped) == (6, 0)
     assert not (tmp_path / "out.partial").exists()
     assert_same_archive(out, tmp_path / "whole")
+
+
+def test_undecodable_dicoms_are_skipped_with_a_one_line_reason_that_the_error_repeats(tmp_path, capsys):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    from dicom_factory import base_dataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.dcm", "b.dcm"):
+        ds = base_dataset(ts=JPEG2000Lossless)
+        ds.Rows = ds.Columns = 8
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"garbage" * 10])  # no decoder, or a broken stream
+        ds["PixelData"].VR = "OB"
+        ds.save_as(src / name, enforce_file_format=True)
+    (src / "c.png").write_text("x")
+    assert cli(["prepare", str(src), str(tmp_path / "out"), "--resolution", "8", "--workers", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "none of the 3 files could be used" in err and "a.dcm: pixel data could not be decoded (transfer syntax " \
+        "JPEG 2000" in err and len(err.strip().splitlines()) == 1, err
+    skipped = read_csv(tmp_path / "out.partial" / "skipped.csv")
+    assert len(skipped) == 3 and not any("\n" in s["reason"] or "\t" in s["reason"] for s in skipped), skipped
+
+
+def test_nih_layout_with_its_real_header_and_linked_image_folders(tmp_path):
+    # the NIH download: Data_Entry_2017.csv (its header ends in a comma, as does every row), the split
+    # lists, and images_001/images ... images_012/images, here one of them linked from another disk
+    src, disk = tmp_path / "cxr14", tmp_path / "disk2"
+    names = ["00000001_000.png", "00000001_001.png", "00000003_000.png"]
+    (src / "images_001" / "images").mkdir(parents=True)
+    (disk / "images_002" / "images").mkdir(parents=True)
+    (src / "images_002").symlink_to(disk / "images_002")
+    for folder, name in zip(("images_001", "images_001", "images_002"), names):
+        Image.fromarray(np.full((16, 16), 100, dtype=np.uint8)).convert("RGBA").save(src / folder / "images" / name)
+    (src / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+        f"{names[0]},Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,\n"
+        f"{names[1]},Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143,\n"
+        f"{names[2]},Pleural_Thickening|Hernia,0,3,81,F,PA,2582,2991,0.143,0.143,\n"
+        "00000004_000.png,No Finding,0,4,82,M,AP,2500,2048,0.168,0.168,\n")
+    (src / "train_val_list.txt").write_text(f"{names[0]}\n{names[1]}\n00000004_000.png\n")
+    (src / "test_list.txt").write_text(f"{names[2]}\n")
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert (res.included, res.skipped) == (3, 0)
+    assert {k: res.label_match[k] for k in ("matched", "unlisted", "rows_without_image")} == \
+        {"matched": 3, "unlisted": 0, "rows_without_image": 1}
+    by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
+    assert by_name[names[2]]["split"] == "test" and by_name[names[2]]["patient_id"] == "3"
+    assert by_name[names[2]]["Pleural_Thickening"] == by_name[names[2]]["Hernia"] == "1"
+    assert by_name[names[1]]["finding_labels"] == "Cardiomegaly|Emphysema"
+    assert (Archive(tmp_path / "out").images([0], 8)[0] == 100).all()  # RGBA grey: its luminance
+

@@ -239,6 +239,12 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), filt), dtype=np.float64)
 
 
+def _one_line(reason: str) -> str:
+    """A reason for skipped.csv on one line (pydicom's "no decoder" message lists each plugin on a line
+    of its own)."""
+    return " ".join(reason.split())
+
+
 def _process(task: tuple[int, dict, str]) -> dict:
     i, cand, square = task
     res, dtype = _W["resolution"], _W["dtype"]
@@ -258,11 +264,12 @@ def _process(task: tuple[int, dict, str]) -> dict:
             meta["patient_id"] = cand.get("patient_id") or rad.patient_id
             meta["study_id"] = rad.study_id
     except SkipImage as exc:
-        return {"i": i, "ok": False, "reason": str(exc)}
+        return {"i": i, "ok": False, "reason": _one_line(str(exc))}
     except Exception as exc:  # a decoder bug or a file we did not foresee must not stop the run
         if "seed" in cand:
             raise
-        return {"i": i, "ok": False, "reason": f"unexpected error while reading ({type(exc).__name__}: {exc})"}
+        reason = f"unexpected error while reading ({type(exc).__name__}: {exc})"
+        return {"i": i, "ok": False, "reason": _one_line(reason)}
     levels = box_pyramid(np.clip(img, 0.0, 1.0))
     for r, arr in _W["arrays"].items():
         q = quantize(levels[r], dtype)
@@ -511,8 +518,9 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         manifest.append(row)
     write_csv(partial / "skipped.csv", ["source", "reason"], skipped)
     if not manifest:
+        example = skipped[len(not_images) if len(skipped) > len(not_images) else 0]  # an image file's, if any
         raise NoUsableImages(f"{src}: none of the {len(candidates) + len(not_images)} files could be used; "
-                             f"reasons in {partial / 'skipped.csv'}")
+                             f"reasons in {partial / 'skipped.csv'}, e.g. {example['source']}: {example['reason']}")
     write_csv(partial / "manifest.csv", MANIFEST_FIELDS, manifest)
     # archive.json marks the work as done; the plan and progress go only after it, so that a run
     # killed at any point below finishes the archive when run again and never plans anew over a
