@@ -43,7 +43,11 @@ def pyramid_resolutions(resolution: int) -> list[int]:
 
 
 def box_pyramid(img: np.ndarray) -> dict[int, np.ndarray]:
-    """{R: image at R} for R = size, size/2, ..., 4 by repeated 2×2 averaging (float64)."""
+    """{R: image at R} for R = size, size/2, ..., 4 by repeated 2×2 averaging (float64); ``img``
+    is square with a power-of-two side >= 4 (another size has no exact 2×2 pyramid)."""
+    if img.ndim != 2 or img.shape[0] != img.shape[1]:
+        raise ValueError(f"box_pyramid needs a square image, got shape {img.shape}")
+    pyramid_resolutions(img.shape[0])  # raises for a side that is not a power of two >= 4
     out = {img.shape[0]: img}
     cur = img.astype(np.float64)
     while cur.shape[0] > 4:
@@ -87,6 +91,8 @@ class Archive:
                                    ).reshape(len(self.records), len(self.findings))
         except (TypeError, ValueError) as exc:
             raise UserError(f"{self.path / 'manifest.csv'}: a row or label that is not an integer ({exc})") from None
+        if len(self.rows) and self.rows.min() < 0:  # numpy would read it from the end of the arrays
+            raise UserError(f"{self.path / 'manifest.csv'}: row {self.rows.min()} is negative")
         self.patient_ids = [r["patient_id"] for r in self.records]
         self.splits = [r["split"] for r in self.records]
         self._arrays: dict[int, np.ndarray] = {}

@@ -72,7 +72,7 @@ class Prefetcher:
                 if self.pin:
                     t = t.pin_memory()
                 self._q.put((req, t, None))
-            except Exception as exc:  # handed to the consumer, never lost in the thread
+            except BaseException as exc:  # handed to the consumer, never lost in the thread (get() would wait forever)
                 self._q.put((req, None, exc))
 
     def request(self, global_start: int, batch: int, resolution: int) -> None:

@@ -125,13 +125,17 @@ def render(resolution: int, seed: int, findings: dict | None = None) -> tuple[np
         lung = lungs[0 if rng.random() < 0.5 else 1]
         patches = _smooth_noise(rng, n, 10)
         if have["Consolidation"]:
-            img = img + 0.22 * lung * np.clip((patches - 0.35) / 0.15, 0, 1)
+            # the densest 2 % of the lung at least two-thirds opaque: a threshold fixed over the whole
+            # image left one consolidation in ten outside its lung, labelled but not drawn
+            inside = patches[lung > 0.5]
+            level = min(0.35, np.quantile(inside, 0.98) - 0.1) if inside.size else 0.35
+            img = img + 0.22 * lung * np.clip((patches - level) / 0.15, 0, 1)
         if have["Infiltration"]:
             patches2 = _smooth_noise(rng, n, 18)
             img = img + 0.08 * lung * np.clip((patches2 - 0.1) / 0.3, 0, 1)
     for name, (rmin, rmax) in (("Nodule", (0.04, 0.07)), ("Mass", (0.11, 0.16))):
         if have[name]:
-            r = rng.uniform(rmin, rmax) / 2 * 2  # radius as a fraction of the half-width
+            r = rng.uniform(rmin, rmax)  # radius in half-widths = diameter as a fraction of the width
             # a point well inside one lung, drawn in continuous coordinates (same at any resolution)
             lside = -1 if rng.random() < 0.5 else 1
             theta, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1)) * 0.7
