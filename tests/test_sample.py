@@ -18,7 +18,7 @@ from xrayforge.nn.classifier import load_classifier
 from xrayforge.bench.lco import auto_targets, census
 from xrayforge.sample.lco import LCOPool, lco_loss, optimise, parse_target, satisfied, screen_starts, target_tensors
 from xrayforge.nn import latent_for, latents_for
-from xrayforge.sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
+from xrayforge.sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive, stored_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +232,33 @@ def test_an_lco_path_does_not_depend_on_its_batch_mates():
         assert int(alone.steps[0]) == int(together.steps[i])
 
 
+def test_an_lco_image_is_accepted_only_when_its_stored_image_meets_the_target():
+    """With ``written`` (the classifier on the image as a file will hold it), a row whose image meets
+    its target as G gave it but not as stored takes another step instead of leaving; its sample's
+    probabilities are the stored image's. A file that lowers every probability by 0.05 is the same,
+    for the acceptance rule, as thresholds 0.05 higher (the loss does not depend on thresholds)."""
+    toy, n, steps, delta = _ToyModels(), 24, 30, 0.05
+    z0 = torch.randn(n, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    values, mask, thr = _toy_targets(n)
+    seen = []
+
+    def stored(images):
+        seen.append(len(images))
+        return torch.sigmoid(toy.C(images)) - delta
+    plain = optimise(toy.G, toy.C, z0, values, mask, thr, steps=steps, lr=0.1)
+    checked = optimise(toy.G, toy.C, z0, values, mask, thr, steps=steps, lr=0.1, written=stored)
+    strict = optimise(toy.G, toy.C, z0, values, mask, thr + delta, steps=steps, lr=0.1)
+    assert torch.equal(checked.accepted, strict.accepted) and torch.equal(checked.steps, strict.steps)
+    torch.testing.assert_close(checked.z, strict.z, rtol=1e-12, atol=1e-12)
+    assert (checked.steps > plain.steps).any()  # rows that met the target as G gave them went on
+    acc = checked.accepted
+    assert acc.any()
+    torch.testing.assert_close(checked.probs[acc].double(), torch.sigmoid(toy.C(checked.images[acc].double())) - delta,
+                               rtol=0, atol=1e-6)
+    # only the rows that met their target as G gave them were checked as stored, each step's together
+    assert max(seen) > 1 and sum(seen) < checked.evaluations
+
+
 def test_a_refilled_pool_gives_each_latent_its_own_path():
     """LCOPool with room for 4 of 13 latents: finished ones leave, new ones join mid-way, and each
     ends exactly where LCO on it alone does; a dropped key is never reported."""
@@ -334,7 +361,8 @@ def test_screened_lco_archive_rows_regenerate_from_their_latent_index(models, tm
     assert any(i % 4 for i in indices)  # screening chose draws other than each attempt's first
     for r in rows:
         z0 = latents_for(int(r["latent_seed"]), [int(r["latent_index"])], G.config.latent_dim)
-        res = optimise(G, C, z0, values[None], mask[None], thr[None], steps=40, lr=0.1)
+        res = optimise(G, C, z0, values[None], mask[None], thr[None], steps=40, lr=0.1,
+                       written=lambda im: stored_probabilities(C, im, 8))  # the writer's rule: met as written
         assert bool(res.accepted[0]) and int(res.steps[0]) == int(r["lco_steps"])
         torch.testing.assert_close(res.z[0].numpy(), latents[int(r["latent_row"])], rtol=1e-4, atol=1e-4)
         img = ((res.images[0, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -359,16 +387,16 @@ def test_an_lco_shard_takes_the_first_accepted_attempts_and_counts_the_rejection
     C = load_classifier(clf).requires_grad_(False)
     values, mask, thr = target_tensors(parse_target("Cardiomegaly=1,Effusion=1", C.findings), C.findings, C.threshold)
     seed = _lco_seed(0, 0, 0, 1)
+    written = lambda im: stored_probabilities(C, im, 8)  # noqa: E731 - the writer accepts an image met as written
     accepted, rejected, a = [], 0, 0
     while len(accepted) < n:
         res = optimise(G, C, latents_for(seed, [a], G.config.latent_dim), values[None], mask[None], thr[None],
-                       steps=steps, lr=0.1)
+                       steps=steps, lr=0.1, written=written)
         ok = bool(res.accepted[0])
-        if ok:  # the writer checks the image as written too: clamped, 8-bit
+        if ok:  # met as written, checked here as the files hold it: clamped, 8-bit
             u = (((res.images.float() + 1) / 2).clamp(0, 1) * 255).round()
             with torch.no_grad():
-                ok = bool(satisfied(torch.sigmoid(C(u / 255 * 2 - 1)), values[None], mask[None], thr[None])[0])
-        if ok:
+                assert bool(satisfied(torch.sigmoid(C(u / 255 * 2 - 1)), values[None], mask[None], thr[None])[0])
             accepted.append(a)
         else:
             rejected += 1

@@ -168,18 +168,25 @@ class LCOPool:
     ``truncation`` T (latents drawn with components within ±T): every step keeps them there (each
     component clamped to ±T) and the prior holds |z| at the truncated normal's radius, so an
     optimised latent stays in the truncated distribution's support; without it the prior's pull to
-    sqrt(d) took latents drawn at T = 0.5 to components of 1.5–2.2."""
+    sqrt(d) took latents drawn at T = 0.5 to components of 1.5–2.2.
+
+    ``written(images) -> probabilities`` (optional): the classifier's probabilities of images as
+    they will be stored (e.g. clamped and quantised to a file's bits). A row whose image meets its
+    target is then accepted only if its stored image does too, and otherwise takes another step; the
+    rows that met their target in one evaluation are checked together, as one batch, and their
+    sample's ``probs`` are the stored image's."""
 
     beta1, beta2, eps = 0.9, 0.999, 1e-8
 
     def __init__(self, G, classifier, capacity: int, steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0,
-                 amp_dtype=None, truncation: float | None = None):
+                 amp_dtype=None, truncation: float | None = None, written=None):
         if capacity < 1 or steps < 0:
             raise ValueError(f"LCO needs capacity >= 1 and steps >= 0, got {capacity} and {steps}")
         self.G, self.classifier, self.capacity, self.steps = G, classifier, capacity, steps
         self.lr, self.prior_weight, self.amp_dtype = lr, prior_weight, amp_dtype
-        self.truncation = truncation
+        self.truncation, self.written = truncation, written
         self.evaluations = 0  # latents that went through G and the classifier (each in the pool once per step)
+        self.written_checks = 0  # images that went through ``written`` (those that met their target as G gave them)
 
     def run(self, feed, keep=None):
         """Yield an LCOSample for every latent of ``feed``, an iterable of (key, z0 (d,), values (F,),
@@ -234,6 +241,12 @@ class LCOPool:
         self.evaluations += len(keys)
         probs = torch.sigmoid(logits.detach())
         ok = satisfied(probs, values, mask, thr)
+        if self.written is not None and bool(ok.any()):  # met as G gave them: are they met as stored?
+            met = ok.nonzero().squeeze(1)
+            stored = self.written(imgs.detach()[met]).to(probs)
+            self.written_checks += len(met)
+            probs = probs.index_copy(0, met, stored)
+            ok = ok.index_copy(0, met, satisfied(stored, values[met], mask[met], thr[met]))
         finished = ok | (t >= self.steps)
         fin = finished.tolist()
         live = [i for i, f in enumerate(fin) if not f]
@@ -270,14 +283,15 @@ class LCOPool:
 
 def optimise(G, classifier, z0: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tensor,
              steps: int = 100, lr: float = 0.05, prior_weight: float = 1.0, amp_dtype=None,
-             truncation: float | None = None) -> LCOResult:
+             truncation: float | None = None, written=None) -> LCOResult:
     """Run LCO on a batch; ``values``/``mask``/``thresholds`` are (N, F) (one target per row).
 
     An ``LCOPool`` as large as the batch: only the latents still short of their target go
     through G and the classifier at each step (the batch shrinks as samples are accepted), each
-    with its own Adam state. Works under a caller's no_grad or inference_mode."""
+    with its own Adam state. Works under a caller's no_grad or inference_mode. ``written``: as
+    ``LCOPool``'s (accept an image only if it meets its target as stored)."""
     n = z0.shape[0]
-    pool = LCOPool(G, classifier, max(n, 1), steps, lr, prior_weight, amp_dtype, truncation)
+    pool = LCOPool(G, classifier, max(n, 1), steps, lr, prior_weight, amp_dtype, truncation, written)
     dev = z0.device
     feed = ((i, z0[i], values[i].to(dev), mask[i].to(dev), thresholds[i].to(dev)) for i in range(n))
     out = sorted(pool.run(feed), key=lambda smp: smp.key)

@@ -71,6 +71,17 @@ class SampleConfig:
     encode_threads: int = 4
 
 
+def stored_probabilities(classifier, images: torch.Tensor, bits: int, device=None) -> torch.Tensor:
+    """The classifier's probabilities of ``images`` (in [-1, 1]) as a file of ``bits`` per pixel
+    holds them: clamped to [-1, 1] and quantised as ``to_uint`` does, run on ``device`` (default: the
+    images'), in float32."""
+    top = float((1 << bits) - 1)
+    # to_uint's float32 operations, on the images' device (no round trip through the host)
+    stored = ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0).mul(top).round()
+    with torch.no_grad():
+        return torch.sigmoid(classifier((stored / top * 2 - 1).to(device or images.device)).float())
+
+
 def find_generator(run: str | os.PathLike) -> Path:
     """The checkpoint folder to sample from (a checkpoint, or a run folder's latest)."""
     return find_checkpoint(run)
@@ -249,15 +260,11 @@ class ArchiveSampler:
             return self.G(z.to(self.device)).float()
 
     def _probs(self, images: torch.Tensor) -> torch.Tensor | None:
-        """The classifier's probabilities of ``images`` as the files hold them (clamped to [-1, 1],
-        quantised to the format's bits), on the CPU: the manifest describes the written pixels."""
+        """The classifier's probabilities of ``images`` as the files hold them, on the device: the
+        manifest describes the written pixels."""
         if self.classifier is None:
             return None
-        top = float((1 << self._bits) - 1)
-        # to_uint's float32 operations, on the images' device (no round trip through the host)
-        stored = ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0).mul(top).round()
-        with torch.no_grad():
-            return torch.sigmoid(self.classifier((stored / top * 2 - 1).to(self.device)).float()).cpu()
+        return stored_probabilities(self.classifier, images, self._bits, self.device)
 
     @property
     def _bits(self) -> int:
@@ -271,6 +278,7 @@ class ArchiveSampler:
             z = latents_for(self.cfg.seed, idx, self.G.config.latent_dim, self.cfg.truncation)
             img = self._generate(z)
             probs = self._probs(img)
+            probs = probs.cpu() if probs is not None else None
             for j, k in enumerate(idx):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": self.cfg.seed, "latent_index": k,
                              "target": "", "lco_steps": 0,
@@ -368,18 +376,16 @@ class ArchiveSampler:
 
         # the pool refills as latents finish, so every evaluation runs a full batch while attempts last;
         # each accepted image goes to the host at once (a shard's worth stays there until it is written)
+        # an image is accepted only if it meets its target as the file will hold it (clamped and quantised),
+        # not only as G gave it: one that does not takes another step
         lco = LCOPool(self.G, self.classifier, self.cfg.batch, self.cfg.steps, self.cfg.lr, self.cfg.prior_weight,
-                      self.amp, truncation=self.cfg.truncation)
+                      self.amp, truncation=self.cfg.truncation, written=self._probs)
         for smp in lco.run(attempts(), keep=lambda key: wanted(key[0], key[1])):
             t, a, sd, index = smp.key
             if not is_open(t):
                 continue
-            accepted = smp.accepted
-            if accepted:  # LCO judged G's float image; the file holds it clamped and quantised: that must pass too
-                probs = self._probs(smp.image[None])
-                accepted = bool(satisfied(probs, *(x[None] for x in aims[t]))[0])
-            outcome[t][a] = (sd, index, smp.steps, probs[0].tolist(), smp.z.to("cpu", copy=True),
-                             smp.image.to("cpu", copy=True)) if accepted else None
+            outcome[t][a] = (sd, index, smp.steps, smp.probs.tolist(), smp.z.to("cpu", copy=True),
+                             smp.image.to("cpu", copy=True)) if smp.accepted else None
             settle(t)
         for t in range(T):
             if is_open(t):
@@ -564,4 +570,5 @@ def rejection_sample(G, classifier, target: dict, seed: int, n: int, batch: int 
     return out
 
 
-__all__ = ["SampleConfig", "sample_archive", "rejection_sample", "write_dicom", "find_generator", "log_prior"]
+__all__ = ["SampleConfig", "sample_archive", "rejection_sample", "write_dicom", "find_generator", "log_prior",
+           "stored_probabilities"]
