@@ -10,11 +10,11 @@ from xrayforge.data.labels import FINDINGS
 from xrayforge.data.phantom import render
 
 
-def write_sample_folder(folder, seeds, resolution=32, shuffle_labels=False, target=None, findings=FINDINGS,
+def write_sample_folder(folder, seeds, resolution=32, invert_labels=False, target=None, findings=FINDINGS,
                         thresholds=None, rng_seed=0):
     """One phantom per seed as shard-00000/<index>.png with a manifest whose p_<finding> columns
-    say the truth (0.9 / 0.1), or a random permutation of it (``shuffle_labels``: a generator
-    whose images do not show the findings the classifier reported)."""
+    say the truth (0.9 / 0.1), or its opposite (``invert_labels``: a generator whose images show
+    the opposite of the findings the classifier reported)."""
     folder.mkdir(parents=True)
     shard = folder / "shard-00000"
     shard.mkdir()
@@ -24,8 +24,8 @@ def write_sample_folder(folder, seeds, resolution=32, shuffle_labels=False, targ
         Image.fromarray((img * 255).round().astype(np.uint8)).save(shard / f"{k:08d}.png")
         truth.append([int(have.get(f, False)) for f in findings])
     truth = np.array(truth)
-    if shuffle_labels:
-        truth = truth[np.random.default_rng(rng_seed).permutation(len(truth))]
+    if invert_labels:
+        truth = 1 - truth
     rows = []
     for k, vec in enumerate(truth):
         rows.append({"file": f"shard-00000/{k:08d}.png", "index": k, "seed": 0, "latent_seed": 0, "latent_index": k,

@@ -122,7 +122,7 @@ def phantoms(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     prepare("phantom:400", root / "real", resolution=32, workers=1, progress=False)
     write_sample_folder(root / "faithful", range(10000, 10300))
-    write_sample_folder(root / "mislabelled", range(10000, 10300), shuffle_labels=True)
+    write_sample_folder(root / "mislabelled", range(10000, 10300), invert_labels=True)
     return root
 
 
@@ -135,9 +135,11 @@ def test_tstr_tells_a_faithful_generator_from_a_mislabelled_one(phantoms, tmp_pa
     good, bad = run("faithful"), run("mislabelled")
     auc = {name: {(r["training_set"], r["finding"]): r for r in s["rows"]} for name, s in
            (("good", good), ("bad", bad))}
-    # the phantom's heart size is learnt from faithful synthetic images, not from shuffled labels
+    # the phantom's heart size is learnt from faithful synthetic images, and its opposite from images
+    # whose labels say the opposite. (Shuffled labels are no test: a model fitted to noise on 300
+    # images still ranks by the heart, the phantoms' largest variation, giving AUROCs of 0.43-0.78.)
     assert auc["good"][("synthetic", "Cardiomegaly")]["auroc"] > 0.85
-    assert auc["bad"][("synthetic", "Cardiomegaly")]["auroc"] < auc["good"][("synthetic", "Cardiomegaly")]["auroc"] - 0.2
+    assert auc["bad"][("synthetic", "Cardiomegaly")]["auroc"] < 0.3
     # the real-trained model is the same in both runs (same images, same seed)
     assert auc["good"][("real", "Cardiomegaly")]["auroc"] == auc["bad"][("real", "Cardiomegaly")]["auroc"]
     for r in good["rows"]:
