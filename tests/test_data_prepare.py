@@ -696,3 +696,29 @@ def test_nih_layout_with_its_real_header_and_linked_image_folders(tmp_path):
     assert by_name[names[1]]["finding_labels"] == "Cardiomegaly|Emphysema"
     assert (Archive(tmp_path / "out").images([0], 8)[0] == 100).all()  # RGBA grey: its luminance
 
+
+def test_split_lists_that_are_not_patient_wise_hold_out_the_test_patients_other_images(tmp_path, caplog):
+    """Custom split lists that put one patient on both sides: prepare says so, and training (and the
+    classifier, and TSTR's test set) hold out every image of a patient in the test split, so that the
+    evaluations never test on a patient the GAN or the classifier saw."""
+    from xrayforge.evaluate.tstr import real_test_split
+    src = tmp_path / "cxr"
+    src.mkdir()
+    names = ["00000001_000.png", "00000001_001.png", "00000002_000.png", "00000003_000.png"]
+    for name in names:
+        Image.fromarray(np.full((16, 16), 100, dtype=np.uint8)).save(src / name)
+    (src / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID\n" +
+        "".join(f"{n},No Finding,0,{int(n[:8])}\n" for n in names))
+    (src / "train_val_list.txt").write_text(f"{names[1]}\n{names[2]}\n")  # patient 1 on both sides
+    (src / "test_list.txt").write_text(f"{names[0]}\n")                   # patient 3: in neither list
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert "1 patients have images in the test split and outside it (e.g. 1)" in caplog.text
+    arc = Archive(tmp_path / "out")
+    by_name = {Path(r["source"]).name: i for i, r in enumerate(arc.records)}
+    held = arc.held_out()
+    assert [bool(held[by_name[n]]) for n in names] == [True, True, False, False]
+    assert sorted(arc.training_positions().tolist()) == sorted([by_name[names[2]], by_name[names[3]]])
+    train, test = real_test_split(arc, 0.2, 0)
+    assert sorted(test.tolist()) == sorted([by_name[names[0]], by_name[names[1]]])

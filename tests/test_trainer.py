@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -656,6 +657,20 @@ def test_a_resume_keeps_the_rows_the_run_trained_on(archive, tmp_path):
         Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), resume=True, progress=False)
     Trainer(TrainConfig(str(archive), str(run), max_images=64, include_test=True, **TINY), resume=True,
             progress=False).close()
+
+
+def test_a_resume_on_rows_chosen_by_another_rule_is_said(archive, tmp_path, caplog, monkeypatch):
+    """The same archive, but the rows a GAN trains on chosen otherwise (an earlier version held out
+    only the test split's rows, not its patients' other images): the run goes on, and says it is not
+    the exact continuation."""
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=32, **TINY), progress=False).train()
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), resume=True, progress=False).close()
+    assert "not as the exact continuation" not in caplog.text
+    held = Archive.held_out
+    monkeypatch.setattr(Archive, "held_out", lambda self: held(self) | (np.arange(len(self)) == 1))
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), resume=True, progress=False).close()
+    assert "this version trains on" in caplog.text and "not as the exact continuation" in caplog.text
 
 
 def test_damaged_checkpoints_alone_are_said_as_such(archive, tmp_path):

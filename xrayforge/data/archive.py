@@ -128,12 +128,20 @@ class Archive:
         among = np.arange(len(self)) if among is None else np.asarray(among)
         return np.sort(among[np.random.default_rng(seed).choice(len(among), min(n, len(among)), replace=False)])
 
+    def held_out(self) -> np.ndarray:
+        """A boolean per manifest position: held out for testing. The rows of the "test" split, and
+        every other row of a patient who has one: split lists that are not patient-wise (the official
+        ChestX-ray14 lists are) would otherwise put one patient's radiographs on both sides."""
+        test = np.array([s == "test" for s in self.splits], dtype=bool)
+        patients = {p for p, t in zip(self.patient_ids, test) if t and p}
+        return test | np.array([bool(p) and p in patients for p in self.patient_ids], dtype=bool)
+
     def training_positions(self, include_test: bool = False) -> np.ndarray:
-        """Manifest positions a GAN trains on: those outside the "test" split, on which `evaluate tstr`
-        and the other evaluations test (every position of an archive without one), or every position
-        (``include_test``)."""
+        """Manifest positions a GAN trains on: those not ``held_out`` (the "test" split and its patients'
+        other images), on which `evaluate tstr` and the other evaluations test (every position of an
+        archive without one), or every position (``include_test``)."""
         every = np.arange(len(self))
-        return every if include_test else every[np.array([s != "test" for s in self.splits], dtype=bool)]
+        return every if include_test else every[~self.held_out()]
 
     def as_float(self, images: np.ndarray) -> np.ndarray:
         """Stored integers -> float32 in [0, 1]."""

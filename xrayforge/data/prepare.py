@@ -517,6 +517,12 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         row.update({f: v for f, v in zip(FINDINGS, vec)})
         manifest.append(row)
     write_csv(partial / "skipped.csv", ["source", "reason"], skipped)
+    tested = {r["patient_id"] for r in manifest if r["split"] == "test" and r["patient_id"]}
+    straddle = sorted({r["patient_id"] for r in manifest if r["split"] != "test" and r["patient_id"] in tested})
+    if straddle:  # the split lists are not patient-wise: Archive.held_out keeps such patients out of training
+        log.warning(f"{len(straddle)} patients have images in the test split and outside it (e.g. "
+                    f"{', '.join(straddle[:3])}): the split lists are not patient-wise; training holds out every "
+                    f"image of a patient in the test split")
     if not manifest:
         example = skipped[len(not_images) if len(skipped) > len(not_images) else 0]  # an image file's, if any
         raise NoUsableImages(f"{src}: none of the {len(candidates) + len(not_images)} files could be used; "

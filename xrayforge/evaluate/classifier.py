@@ -199,8 +199,7 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     archive = Archive(cfg.archive)
     if not archive.meta.get("labelled", True) or archive.labels.sum() == 0:
         raise ValueError(f"{cfg.archive}: the archive has no finding labels to learn")
-    pool = np.asarray(cfg.subset) if cfg.subset is not None else \
-        np.array([i for i, s in enumerate(archive.splits) if s != "test"])
+    pool = np.asarray(cfg.subset) if cfg.subset is not None else archive.training_positions()
     if len(pool) < 4:
         raise ValueError(f"{cfg.archive}: only {len(pool)} images to train on")
     images = LabelledImages([(archive, pool)], archive.findings)

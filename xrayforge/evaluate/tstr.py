@@ -40,9 +40,9 @@ class TSTRConfig(ClassifierTraining):
 
 
 def real_test_split(archive, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training positions, test positions) of the real archive: its "test" split, else a
-    patient-level split of about ``fraction`` of the patients."""
-    test = np.array([s == "test" for s in archive.splits])
+    """(training positions, test positions) of the real archive: its "test" split (with its patients'
+    other images), else a patient-level split of about ``fraction`` of the patients."""
+    test = archive.held_out()
     if not test.any():
         test = patient_split([p or f"image-{i}" for i, p in enumerate(archive.patient_ids)], fraction,
                              salt=f"tstr-test{seed}")

@@ -298,8 +298,9 @@ class Trainer:
         return (batch // self.cfg.accumulation) % largest_group_size(batch, self.net_config.mbstd_group_size) == 0
 
     def _training_rows(self) -> np.ndarray:
-        """Manifest positions the GAN trains on: those outside the "test" split, on which `evaluate tstr`
-        and the other evaluations test (an archive without one: every row), or every row (include_test)."""
+        """Manifest positions the GAN trains on: those outside the "test" split and its patients, on which
+        `evaluate tstr` and the other evaluations test (an archive without one: every row), or every row
+        (include_test)."""
         if self.cfg.include_test:
             return self.archive.training_positions(True)
         rows, everything = self.archive.training_positions(), len(self.archive)
@@ -547,6 +548,12 @@ class Trainer:
             raise UserError(f"{self.cfg.archive}: not the archive this run trained on ({said(self.archive_identity)}; "
                             f"the run's: {said(trained_on)}): resume with the run's archive, or start a new run "
                             "with another --out")
+        if "train_images" in trained_on and trained_on["train_images"] != self.archive_identity["train_images"]:
+            # the same archive: the rows were chosen by an earlier rule (the test split's patients' other images)
+            log.warning("%s: the run trained on %s of the archive's images, and this version trains on %d (it holds "
+                        "out every image of a patient in the test split); the run goes on, but not as the exact "
+                        "continuation it would be on the same images", path, trained_on["train_images"],
+                        self.archive_identity["train_images"])
 
     def _set_aside_earlier_start(self) -> None:
         """A new run in a folder where an earlier start left a log but no checkpoint (killed before its
