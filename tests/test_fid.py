@@ -153,6 +153,28 @@ def test_frechet_matches_scipy_at_small_dimension(n):
     assert frechet_distance(a, a, "cpu") == pytest.approx(0.0, abs=1e-6 * np.trace(a.sigma))
 
 
+def _fid_by_svd(x, y):
+    """The Fréchet distance of two sample sets with fewer samples than features, exactly: the square
+    roots of the eigenvalues of S1 S2 are the singular values of Yc Xc^T / sqrt((n1 - 1)(n2 - 1))."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    tr = np.linalg.svd(yc @ xc.T, compute_uv=False).sum() / np.sqrt((len(x) - 1) * (len(y) - 1))
+    return ((x.mean(0) - y.mean(0)) ** 2).sum() + (xc ** 2).sum() / (len(x) - 1) + (yc ** 2).sum() / (len(y) - 1) - 2 * tr
+
+
+def test_frechet_is_exact_and_symmetric_with_fewer_samples_than_features():
+    """n - 1 < d: beyond its rank a covariance's eigenvalues are rounding, whose square roots
+    summed over hundreds of them moved the distance by 1e-8 .. 1e-6 relative (and differently in
+    each order)."""
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal((20, 512)), 0)  # pool-feature-like: non-negative
+    y = np.maximum(rng.standard_normal((15, 512)) + 0.2, 0) * 0.9
+    a, b = FrechetStats.from_features(x), FrechetStats.from_features(y)
+    exact = _fid_by_svd(x, y)
+    assert frechet_distance(a, b, "cpu") == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(b, a, "cpu") == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(a, a, "cpu") == pytest.approx(0.0, abs=1e-12 * np.trace(a.sigma))
+
+
 def test_streaming_moments_equal_numpy_including_a_large_mean():
     rng = np.random.default_rng(0)
     # a large mean with a small spread: the data itself carries only ~7 significant digits of
@@ -234,6 +256,18 @@ def test_preprocessing_kernel_matches_reference(kb, case, channels):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
+def test_weights_of_another_network_say_what_does_not_fit(tmp_path):
+    sd = FIDInception().state_dict()
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)  # torchvision's ImageNet head
+    sd["AuxLogits.fc.weight"] = torch.zeros(1000, 768)
+    torch.save(sd, tmp_path / "torchvision.pth")
+    with pytest.raises(ValueError, match=r"1 unexpected keys, e.g. AuxLogits.*2 wrong shapes, e.g. fc.weight \(1000, 2048\)"):
+        load_inception(tmp_path / "torchvision.pth")
+    torch.save({"state_dict": FIDInception().state_dict()}, tmp_path / "wrapped.pth")
+    with pytest.raises(ValueError, match="not a state dict of tensors: it holds state_dict"):
+        load_inception(tmp_path / "wrapped.pth")
+
+
 def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("XRAYFORGE_INCEPTION", str(tmp_path / "nowhere.pth"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -258,6 +292,48 @@ def test_cli_json_and_save_stats(weights_file, tmp_path, capsys):
     assert cli(["fid", str(a), "--inception", str(path), "--save-stats", str(tmp_path / "only.npz"), "--workers",
                 "0", "-q"]) == 0
     assert FrechetStats.load(tmp_path / "only.npz").n == 3
+    assert FrechetStats.load(tmp_path / "only.npz").mode == "exact"
+
+
+@pytest.mark.slow
+def test_statistics_record_their_mode_and_mixing_modes_is_said(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    for name, mode, d in (("fast.npz", "fast", 6), ("exact.npz", "exact", 6), ("fast-2048.npz", "fast", 2048)):
+        s = FrechetStats.from_features(rng.normal(size=(40, d)), None if d == 6 else "inception-random")
+        s.mode = mode
+        s.save(tmp_path / name)
+    assert FrechetStats.load(tmp_path / "fast.npz").mode == "fast"
+    # what the files were measured in, not the default --mode
+    assert compute_fid(str(tmp_path / "fast.npz"), str(tmp_path / "fast.npz"))["mode"] == "fast"
+    with caplog.at_level("WARNING"):
+        assert compute_fid(str(tmp_path / "fast.npz"), str(tmp_path / "exact.npz"))["mode"] == "fast / exact"
+        folder = _png_folder(tmp_path / "imgs", range(3), size=(16, 16))
+        compute_fid(str(tmp_path / "fast-2048.npz"), str(folder), random_weights=True, workers=0, progress=False)
+    assert "holds statistics of --mode fast and" in caplog.text
+    assert "holds statistics of --mode fast, the other side is measured in --mode exact" in caplog.text
+    assert f"{folder}: 3 images for 2048 feature dimensions: a singular covariance" in caplog.text
+
+
+def test_an_input_with_too_few_readable_images_is_named_with_the_reasons(tmp_path, capsys):
+    a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
+    b = _png_folder(tmp_path / "b", [7], size=(16, 16))
+    (b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)
+    assert cli(["fid", str(a), str(b), "--random-weights", "-q", "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"{b}: 1 readable image(s) (1 skipped)" in err and "skipped " in err and "broken.png" in err
+    (b / "img007.png").unlink()
+    assert cli(["fid", str(b), str(a), "--random-weights", "-q", "--workers", "0"]) == 1
+    assert f"{b}: 0 readable image(s) (1 skipped)" in capsys.readouterr().err
+
+
+def test_saving_statistics_leaves_no_temporary_file_when_interrupted(tmp_path, monkeypatch):
+    def interrupted(file, **arrays):
+        open(file, "wb").write(b"PK\x03\x04 half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        FrechetStats(np.zeros(3), np.eye(3), 5).save(tmp_path / "s.npz")
+    assert list(tmp_path.iterdir()) == []
 
 
 def _no_weights(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ the moments are merged at the end. Images that cannot be read are listed and ski
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,11 @@ import torch
 
 from ..data.archive import Archive
 from ..data.readers import SkipImage, find_images, read_radiograph
+from ..errors import UserError
 from .features import feature_space, same_space
 from .stats import FrechetStats, StreamingMoments, frechet_distance
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,7 +159,8 @@ class FeatureExtractor:
         from tqdm import tqdm
         return tqdm(total=total, unit="img", desc=desc, disable=not self.progress, dynamic_ncols=True)
 
-    def _consume(self, batches, total: int, desc: str, kind: str) -> FeatureResult:
+    def _consume(self, batches, total: int, desc: str, kind: str, source: str = "") -> FeatureResult:
+        """``source``: the input, named in the error when too few of its images could be read."""
         moments = StreamingMoments(self.dim, self.device)
         keep, keys, seen = [], [], 0
         skipped = []
@@ -185,8 +190,14 @@ class FeatureExtractor:
                 features = None
         else:
             skipped = _gather_kept(None, None, skipped, 0)[1]
+        if moments.n < 2:  # said with the input and why its images were skipped, not as a bare count
+            why = "".join(f"; skipped {f}: {r}" for f, r in skipped[:3]) + (
+                f"; ... and {len(skipped) - 3} more skipped" if len(skipped) > 3 else "")
+            raise UserError(f"{source or desc}: {moments.n} readable image(s) ({len(skipped)} skipped): a covariance "
+                            f"needs at least 2{why}")
         stats = moments.stats()
         stats.space = self.space.name
+        stats.mode = self.mode if self.space.name.startswith("inception") else None  # the others have one mode
         return FeatureResult(stats, features, skipped, kind)
 
     def _loader(self, dataset):
@@ -238,12 +249,12 @@ class FeatureExtractor:
 
     def from_folder(self, path: str) -> FeatureResult:
         kind, total, batches = self.image_batches(path)
-        return self._consume(batches, total, f"features {Path(path).name}", kind)
+        return self._consume(batches, total, f"features {Path(path).name}", kind, str(path))
 
     def from_archive(self, path: str, limit: int | None = None) -> FeatureResult:
         """Features of the archive's images (``limit``: that many, evenly spread over it)."""
         kind, total, batches = self.image_batches(path, limit)
-        return self._consume(batches, total, f"features {Path(path).name}", kind)
+        return self._consume(batches, total, f"features {Path(path).name}", kind, str(path))
 
     def from_checkpoint(self, path: str, n: int, seed: int = 0, truncation: float | None = None) -> FeatureResult:
         """Features of n images from the EMA generator, made on the fly (never written);
@@ -265,7 +276,7 @@ class FeatureExtractor:
                 u8 = ((img[:, 0] + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
                 yield u8, [f"latent {seed}:{i}" for i in idx], []
 
-        return self._consume(batches(), len(indices), f"generate {folder.name}", "checkpoint")
+        return self._consume(batches(), len(indices), f"generate {folder.name}", "checkpoint", str(path))
 
     def compute(self, spec: str, n: int | None = None, seed: int = 0, limit: int | None = None) -> FeatureResult:
         """``n``: images to generate from a checkpoint; ``limit``: images to use from an archive."""
@@ -342,10 +353,15 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     files = {spec: FeatureResult(FrechetStats.load(spec), kind="stats") for spec in (a, b) if describe(spec) == "stats"}
     for spec, r in files.items():
         same_space(r.stats.space, ex.space_name, spec, "this command's features (--features, default inception)")
+        if r.stats.mode not in (None, ex.mode) and ex.space_name.startswith("inception"):
+            log.warning("%s holds statistics of --mode %s, the other side is measured in --mode %s: fast and exact "
+                        "features differ (about 0.005 FID on phantoms), so this FID mixes the two", spec,
+                        r.stats.mode, ex.mode)
     ra = files.get(a) or ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)
     rb = files.get(b) or ex.compute(b, n, seed + 1, limit)
+    _warn_few((a, ra.stats), (b, rb.stats))
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
               "mode": ex.mode, "features": ex.space_name, "inception": ex.describe_space(),
               "skipped": [{"file": f, "reason": r} for f, r in ra.skipped + rb.skipped]}
@@ -370,11 +386,27 @@ def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_
         raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
     sa, sb = FrechetStats.load(a), FrechetStats.load(b)
     same_space(sa.space, sb.space, a, b)
+    if sa.mode and sb.mode:  # what the files were measured in, not this command's (unused) --mode
+        mode = sa.mode if sa.mode == sb.mode else f"{sa.mode} / {sb.mode}"
+        if sa.mode != sb.mode:
+            log.warning("%s holds statistics of --mode %s and %s of --mode %s: this FID mixes the two", a, sa.mode,
+                        b, sb.mode)
     if sa.mu.shape != sb.mu.shape:
         raise ValueError(f"{a} holds statistics of {sa.mu.shape[0]}-d features and {b} of {sb.mu.shape[0]}-d ones: "
                          f"they come from different feature spaces and cannot be compared")
     if save_stats and _rank_world()[0] == 0:
         sa.save(save_stats)
+    _warn_few((a, sa), (b, sb))
     return {"fid": frechet_distance(sa, sb, extractor_kwargs.get("device")), "n_a": sa.n, "n_b": sb.n,
             "mode": mode, "features": sa.space or "inception",
             "inception": "not used: both inputs are statistics files", "skipped": []}
+
+
+def _warn_few(*sides) -> None:
+    """Say when an input has fewer images than feature dimensions: its covariance is singular."""
+    for spec, stats in dict(sides).items():  # the same input on both sides: said once
+        dim = len(stats.mu)
+        if stats.n is not None and stats.n <= dim and _rank_world()[0] == 0:
+            log.warning("%s: %d images for %d feature dimensions: a singular covariance, and an FID far above its "
+                        "value for many images (compare FIDs of equal image counts; published ones use 50,000)",
+                        spec, stats.n, dim)

@@ -105,12 +105,14 @@ def update_subsets(moments: list[StreamingMoments], features: torch.Tensor, mask
 @dataclass
 class FrechetStats:
     """Mean and (unbiased, as numpy.cov) covariance of features; pytorch-fid's .npz layout, with
-    the sample count ``n`` and the feature space's name (``feature_space``; none: Inception)."""
+    the sample count ``n``, the feature space's name (``feature_space``; none: Inception) and the
+    Inception's mode (``mode``: exact or fast; none: not recorded, e.g. pytorch-fid's files)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int | None = None
     space: str | None = None
+    mode: str | None = None
 
     @classmethod
     def from_features(cls, features: np.ndarray, space: str | None = None) -> "FrechetStats":
@@ -124,8 +126,14 @@ class FrechetStats:
         extra = {} if self.n is None else {"n": np.int64(self.n)}
         if self.space is not None:
             extra["feature_space"] = np.array(self.space)
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
-        os.replace(tmp, path)
+        if self.mode is not None:
+            extra["mode"] = np.array(self.mode)
+        try:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
+            os.replace(tmp, path)
+        except BaseException:  # Ctrl-C, a full disk: no half-written file left beside the statistics
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -137,13 +145,14 @@ class FrechetStats:
             n = int(f["n"]) if "n" in f else None
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             space = str(f["feature_space"]) if "feature_space" in f else None
+            mode = str(f["mode"]) if "mode" in f else None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: mu, sigma or n is not numeric ({exc})") from None
         if mu.size == 0:
             raise UserError(f"{path}: empty statistics (mu has no features)")
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
-        stats = cls(mu, sigma, n, space)
+        stats = cls(mu, sigma, n, space, mode)
         problem = stats.problem()
         if problem:
             raise UserError(f"{path}: {problem}; the statistics are damaged and no Fréchet distance can be taken")
@@ -180,17 +189,29 @@ class FrechetStats:
         a.merge(b)
         merged = a.stats()
         merged.space = self.space
+        merged.mode = self.mode if self.mode == other.mode else None
         return merged
 
 
-def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+def _rank_at_most(vals: torch.Tensor, rank: int | None) -> torch.Tensor:
+    """Ascending eigenvalues, clamped at 0, with all but the ``rank`` largest set to 0: beyond a
+    covariance's rank they are rounding (±1e-18 each), and their square roots (1e-9 each, summed
+    over up to 2048 of them) would move the distance by 1e-6 relative."""
+    vals = vals.clamp_min(0)
+    if rank is not None and rank < len(vals):
+        vals[:len(vals) - max(rank, 0)] = 0
+    return vals
+
+
+def _sqrt_psd(m: torch.Tensor, rank: int | None = None) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(m)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    return (vecs * _rank_at_most(vals, rank).sqrt()) @ vecs.T
 
 
 def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.device | None = None) -> float:
     """Fréchet distance between two Gaussians, float64, via symmetric eigendecompositions.
-    Statistics of two different feature spaces are refused."""
+    Statistics of two different feature spaces are refused. A covariance of n samples has rank at
+    most n - 1: with fewer samples than features (and n known) only that many eigenvalues count."""
     from .features import same_space
     same_space(a.space, b.space, "the first statistics", "the second")
     if a.mu.shape != b.mu.shape:
@@ -199,9 +220,11 @@ def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.devic
     mu1, mu2 = (torch.as_tensor(s.mu, dtype=torch.float64, device=device) for s in (a, b))
     s1, s2 = (torch.as_tensor(s.sigma, dtype=torch.float64, device=device) for s in (a, b))
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-    r1 = _sqrt_psd(s1)
+    rank1, rank2 = (s.n - 1 if s.n else None for s in (a, b))
+    r1 = _sqrt_psd(s1, rank1)
     inner = r1 @ s2 @ r1
     ev = torch.linalg.eigvalsh((inner + inner.T) / 2)
-    tr_covmean = ev.clamp_min(0).sqrt().sum()
+    known = [r for r in (rank1, rank2) if r is not None]
+    tr_covmean = _rank_at_most(ev, min(known) if known else None).sqrt().sum()
     d = (mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean
     return max(float(d), 0.0)  # a distance: rounding can leave -1e-13 for identical statistics
