@@ -121,3 +121,32 @@ def test_a_state_dict_that_is_not_a_densenet(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "r.pt")
     with pytest.raises(UserError, match="features.conv0.weight"):
         feature_space(f"densenet121:{tmp_path / 'r.pt'}")
+
+
+@pytest.mark.parametrize("space", ["inception", "densenet", "classifier"])
+def test_images_of_different_sizes_go_through_the_network_together(world, tmp_path, space):
+    """A folder of mixed sizes (CheXpert's, MIMIC's): each image is made the network's input alone,
+    then the batch goes through the network once (it went image by image: a batch of 1 per image),
+    with the features each image has alone."""
+    from PIL import Image
+    from xrayforge.evaluate.memorisation import collect
+    from xrayforge.fid.compute import FeatureExtractor
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w), dtype=np.uint8) for h, w in ((40, 32), (32, 32), (64, 48), (40, 32), (33, 35))]
+    for k, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"{k}.png")
+    spec = {"inception": None, "densenet": f"densenet121:{world / 'dn.pt'}",
+            "classifier": f"classifier:{world / 'clf'}"}[space]
+    ex = FeatureExtractor(random_weights=space == "inception", features=spec, device="cpu", batch_size=8, workers=0,
+                          progress=False)
+    calls = []
+    embed = ex.space.embed
+    ex.space.embed = lambda x: calls.append(len(x)) or embed(x)
+    got = ex.from_folder(str(tmp_path)).stats
+    alone = torch.cat([embed(ex.space.inputs(torch.from_numpy(img)[None])) for img in images]).double()
+    assert calls == [5] and got.n == 5
+    np.testing.assert_allclose(got.mu, alone.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.sigma, np.cov(alone.numpy(), rowvar=False), rtol=1e-3, atol=1e-6)
+    if space == "inception":  # the memorisation audit reads the same batches
+        names, feats, pix, thumbs = collect(ex, str(tmp_path), progress=False)
+        assert len(names) == len(feats) == len(pix) == len(thumbs) == 5 and thumbs.shape[1:] == (64, 64)

@@ -48,6 +48,11 @@ def _unit(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(_grey(images).unsqueeze(1), size=(size, size), mode="area")[:, 0]
 
 
+def _each(images, fn) -> torch.Tensor:
+    """``fn`` of a batch, or of each image of a list of images of different sizes, concatenated."""
+    return torch.cat([fn(t.unsqueeze(0)) for t in images]) if isinstance(images, list) else fn(images)
+
+
 def collect(extractor, spec: str, limit: int | None = None, progress: bool = True):
     """(names, Inception features, pixel vectors, thumbnails 64×64) of a folder or an archive."""
     from tqdm import tqdm
@@ -60,8 +65,8 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
                 continue
             names += good
             feats.append(extractor.features(images).cpu())
-            pix.append(pixel_vectors(_grey(images)))
-            thumbs.append(_unit(images, 64))
+            pix.append(_each(images, lambda x: pixel_vectors(_grey(x))))
+            thumbs.append(_each(images, lambda x: _unit(x, 64)))
             bar.update(len(good))
     if not names:
         raise ValueError(f"{spec}: no readable images")

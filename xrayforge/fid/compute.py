@@ -151,8 +151,12 @@ class FeatureExtractor:
             return "pt_inception-2015-12-05 (pytorch-fid compatible)"
         return self.space.source
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Stored pixels (N, H, W[, 3]) (uint8/uint16/int32 or float in [0, 1]) -> (N, dim) float32."""
+    def features(self, images) -> torch.Tensor:
+        """Stored pixels (N, H, W[, 3]) (uint8/uint16/int32 or float in [0, 1]) -> (N, dim) float32; or
+        a list of images (H, W[, 3]) of different sizes: each made the network's input alone (the same
+        size for all), then one batch through the network."""
+        if isinstance(images, list):
+            return self.space.embed(torch.cat([self.space.inputs(t.unsqueeze(0)) for t in images]))
         return self.space(images)
 
     def _bar(self, total, desc):
@@ -217,11 +221,10 @@ class FeatureExtractor:
                 yield None, [], skips
                 continue
             shapes = {tuple(t.shape) for _, t in good}
-            if len(shapes) == 1:
-                yield torch.stack([t for _, t in good]), [str(names[i]) for i, _ in good], skips
-            else:  # mixed sizes: preprocess one by one (the network input is 299 px either way)
-                for k, (i, t) in enumerate(good):
-                    yield t.unsqueeze(0), [str(names[i])], skips if k == 0 else []
+            # mixed sizes: a list, each image preprocessed alone, then one batch through the network
+            # (its input has one size whatever the images')
+            images = torch.stack([t for _, t in good]) if len(shapes) == 1 else [t for _, t in good]
+            yield images, [str(names[i]) for i, _ in good], skips
 
     def image_batches(self, spec: str, limit: int | None = None, shard: bool = True):
         """(kind, image count, batches) of a folder or an archive; this process's share under

@@ -58,15 +58,21 @@ class InceptionSpace:
         if mode == "fast":
             self.model = self.model.to(memory_format=torch.channels_last)
 
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored pixels -> the network's input (N, 1, 299, 299) on the device."""
+        return self._preprocess(images.to(self.device, non_blocking=True), channels=1,
+                                dtype=torch.bfloat16 if self.mode == "fast" else torch.float32)
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._preprocess(images.to(self.device, non_blocking=True), channels=1,
-                             dtype=torch.bfloat16 if self.mode == "fast" else torch.float32)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "fast":
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return self.model(x).float()
         return self.model(x).float()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.inputs(images))
 
 
 class ClassifierSpace:
@@ -84,8 +90,16 @@ class ClassifierSpace:
             self.dim = int(self.model.embed(torch.zeros(1, 1, 8, 8, device=self.device)).shape[1])
 
     @torch.no_grad()
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored pixels -> the network's input (resized to the classifier's size, normalised)."""
+        return self.model._input(unit_grey(images, self.device) * 2 - 1)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.net.embed(x).float()
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(unit_grey(images, self.device) * 2 - 1).float()
+        return self.embed(self.inputs(images))
 
 
 class DenseNet121Space:
@@ -115,17 +129,23 @@ class DenseNet121Space:
         self.source = f"DenseNet-121 {path} ({self.channels}-channel, {self.SIZE} px)"
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored pixels -> the network's input (N, C, 224, 224), normalised."""
         x = unit_grey(images, self.device)
         if x.shape[-1] != self.SIZE or x.shape[-2] != self.SIZE:
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.SIZE)
         if self.channels == 1:  # torchxrayvision: [0, 1] -> [-1024, 1024]
-            x = (2 * x - 1) * 1024
-        else:
-            mean, std = self._imagenet
-            x = (x.expand(-1, 3, -1, -1) - mean) / std
+            return (2 * x - 1) * 1024
+        mean, std = self._imagenet
+        return (x.expand(-1, 3, -1, -1) - mean) / std
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.embed(x).float()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.inputs(images))
 
 
 def feature_space(spec: str | None = None, inception: str | None = None, random_weights: bool = False,
