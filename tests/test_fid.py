@@ -461,3 +461,34 @@ def test_the_features_kept_for_kid_and_prdc_are_a_uniform_sample_in_any_order():
     shuffled = list(np.random.default_rng(0).permutation(n))
     again = ex._consume(stream(shuffled, 37), n, "t", "folder").features[:, 0].astype(int)
     assert again.tolist() == kept.tolist()  # the same sample, in the same (key) order
+
+
+def test_what_one_side_cannot_give_is_said_before_the_other_is_read(tmp_path, monkeypatch):
+    """--prdc with a side of 3 images, or --kid with a statistics file: said before the other side's
+    images go through the network (it was said after both were read)."""
+    from xrayforge.fid.compute import FeatureExtractor
+    few = _png_folder(tmp_path / "few", range(3), size=(16, 16))
+    many = _png_folder(tmp_path / "many", range(3, 13), size=(16, 16))
+    read = []
+    compute = FeatureExtractor.compute
+    monkeypatch.setattr(FeatureExtractor, "compute", lambda self, spec, *a: read.append(spec) or compute(self, spec, *a))
+    kw = dict(random_weights=True, workers=0, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"few: 3 readable images; --prdc needs more than 5 a side"):
+        compute_fid(str(few), str(many), prdc=True, **kw)
+    assert read == [str(few)]
+    stats = FrechetStats.from_features(np.random.default_rng(0).normal(size=(40, 2048)))
+    stats.space = "inception-random"
+    stats.save(tmp_path / "a.npz")
+    read.clear()
+    with pytest.raises(ValueError, match="need images on both sides"):
+        compute_fid(str(tmp_path / "a.npz"), str(many), kid_subsets=3, **kw)
+    assert read == []
+
+
+def test_inception_options_that_contradict_are_refused(tmp_path):
+    from xrayforge.errors import UserError
+    from xrayforge.fid.inception import load_inception
+    with pytest.raises(UserError, match="the weights file or a random network, not both"):
+        load_inception(tmp_path / "w.pth", random_weights=True)
+    with pytest.raises(FileNotFoundError, match="is a folder; expected the FID Inception weights file"):
+        load_inception(tmp_path)

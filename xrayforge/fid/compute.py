@@ -360,16 +360,33 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
             log.warning("%s holds statistics of --mode %s, the other side is measured in --mode %s: fast and exact "
                         "features differ (about 0.005 FID on phantoms), so this FID mixes the two", spec,
                         r.stats.mode, ex.mode)
+    if need and files:  # said before the other side's images are read
+        raise ValueError(f"KID, bootstrap intervals and --prdc need images on both sides, not statistics files "
+                         f"({', '.join(files)})")
+
+    def enough(spec: str, r: FeatureResult) -> None:
+        """Said as soon as one side is read, not after the other's: too few images for what is asked."""
+        have = len(r.features) if r.features is not None else r.stats.n
+        if need and r.features is None:
+            raise ValueError(f"{spec}: no features kept for KID, bootstrap intervals or --prdc")
+        if prdc and have <= 5:
+            raise ValueError(f"{spec}: {have} readable images; --prdc needs more than 5 a side (its density and "
+                             f"coverage take 5 nearest neighbours)")
+        if kid_subsets and have < 2:
+            raise ValueError(f"{spec}: {have} readable image(s); KID needs at least 2 a side")
+
     ra = files.get(a) or ex.compute(a, n, seed, limit)
     if save_stats and _rank_world()[0] == 0:
         ra.stats.save(save_stats)
+    if need:
+        enough(a, ra)
     rb = files.get(b) or ex.compute(b, n, seed + 1, limit)
+    if need:
+        enough(b, rb)
     _warn_few((a, ra.stats), (b, rb.stats))
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
               "mode": ex.mode, "features": ex.space_name, "inception": ex.describe_space(),
               "skipped": [{"file": f, "reason": r} for f, r in ra.skipped + rb.skipped]}
-    if need and (ra.features is None or rb.features is None):
-        raise ValueError("KID, bootstrap intervals and --prdc need images on both sides, not statistics files")
     if prdc:
         from .prdc import prdc as prdc_of
         result.update(prdc_of(ra.features, rb.features))

@@ -183,6 +183,8 @@ def default_weight_locations() -> list[Path]:
 def find_weights(path: str | os.PathLike | None = None) -> Path:
     """The Inception weights file, or FileNotFoundError saying where to put it."""
     candidates = [Path(path)] if path else default_weight_locations()
+    if path and Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: is a folder; expected the FID Inception weights file {WEIGHTS_NAME}")
     for c in candidates:
         if c.is_file():
             return c
@@ -212,6 +214,8 @@ def load_inception(path: str | os.PathLike | None = None, random_weights: bool =
                    device: str | torch.device = "cpu") -> FIDInception:
     """The FID Inception in eval mode. ``random_weights=True`` gives a seeded random network:
     a pipeline check whose FIDs are not comparable with anything published."""
+    if random_weights and path:
+        raise UserError(f"--inception {path} and --random-weights: the weights file or a random network, not both")
     model = FIDInception()
     if random_weights:
         g = torch.Generator().manual_seed(0)
