@@ -294,10 +294,14 @@ def test_find_images_follows_linked_folders_once(tmp_path):
 
 
 @pytest.mark.parametrize("attrs", [dict(WindowCenter="NaN", WindowWidth="400"), dict(RescaleSlope="NaN"),
-                                   dict(RescaleSlope="inf")])
+                                   dict(RescaleSlope="inf"), dict(WindowCenter="inf", WindowWidth="400"),
+                                   dict(WindowCenter="-inf", WindowWidth="400"),
+                                   dict(WindowCenter="100", WindowWidth="inf"),
+                                   dict(WindowCenter="NaN", WindowWidth="1"),
+                                   dict(WindowCenter="inf", WindowWidth="400", VOILUTFunction="SIGMOID")])
 def test_pixels_that_are_not_finite_are_skipped_not_made_black(tmp_path, attrs):
     """A NaN or infinite Rescale Slope or Window gives NaN pixels, which quantise to a black image
-    in the archive: the file is skipped with the reason instead."""
+    in the archive, or (clipped by the window) a blank one: the file is skipped with the reason."""
     path = tmp_path / "nan.dcm"
     with warnings.catch_warnings():  # pydicom warns about the value when it writes it
         warnings.simplefilter("ignore")

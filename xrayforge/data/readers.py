@@ -176,10 +176,16 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         raise SkipImage(f"expected a 2-D image, pixel data has shape {stored.shape}")
     values = apply_modality_lut(stored, ds).astype(np.float64)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    # a NaN / infinite Rescale or Window gives NaN pixels, or (clipped in the window) a blank image
+    if not np.isfinite(values).all():
+        raise SkipImage(f"pixel values are not finite after the Modality LUT (Rescale Slope "
+                        f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})")
     if ds.get("VOILUTSequence"):
         x = _apply_lut(values, ds.VOILUTSequence[0])
         how = "VOI LUT"
     elif center is not None and width is not None:
+        if not (np.isfinite(center) and np.isfinite(width)):
+            raise SkipImage(f"Window Center / Width {center} / {width} is not finite")
         function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
         x = _window(values, center, width, function)
         how = "window" if function not in ("LINEAR_EXACT", "SIGMOID") else f"window {function}"
@@ -195,10 +201,8 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
         x = (values - lo) / (hi - lo)
         how = "bits stored"
-    if not np.isfinite(x).all():  # a NaN / infinite Rescale Slope or Window: quantised, a black image
-        raise SkipImage(f"pixel values are not finite after the {how} transform (Rescale Slope "
-                        f"{ds.get('RescaleSlope', 1)}, Window Center / Width {ds.get('WindowCenter')} / "
-                        f"{ds.get('WindowWidth')})")
+    if not np.isfinite(x).all():  # quantised, a NaN would be a black pixel
+        raise SkipImage(f"pixel values are not finite after the {how} transform")
     x = np.clip(x, 0.0, 1.0)
     if photometric == "MONOCHROME1":
         x = 1.0 - x
