@@ -133,6 +133,24 @@ def test_tstr_refuses_to_continue_once_the_real_archive_was_prepared_again(small
         run_tstr(cfg, progress=False)
 
 
+def test_tstr_refuses_models_tested_on_another_test_set(small_archive, tmp_path):
+    """Models finished by an earlier version, which held out only the test split's rows (not the
+    other images of its patients), were tested on a smaller set: their saved probabilities are
+    refused by name (an IndexError before)."""
+    import numpy as np
+
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16)
+    cfg = TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16, width=4, epochs=1,
+                     val_fraction=0.3, bootstrap=10)
+    run_tstr(cfg, progress=False)
+    probs = next((tmp_path / "t" / "models").glob("*/test_probabilities.npy"))
+    np.save(probs, np.load(probs)[:-1])  # as tested on one image fewer
+    with pytest.raises(UserError, match="test_probabilities.npy: probabilities of .* the test set is now"):
+        run_tstr(cfg, progress=False)
+
+
 def test_diversity_against_an_unlabelled_archive_says_n_a_for_its_labels(tmp_path):
     """An archive prepared without a label file has every label 0: its label prevalences are
     unknown, not 0% (the predicted ones still compare)."""

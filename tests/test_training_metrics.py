@@ -139,4 +139,10 @@ def test_a_cache_drawn_from_every_row_by_an_earlier_version_is_drawn_again(world
         _, drawn_again = again._real()
     assert "drawn from every row of the archive; they are drawn again" in caplog.text
     np.testing.assert_array_equal(drawn_again, features)
-    assert str(np.load(m.cache)["drawn_from"]) == "outside the test split"
+    assert str(np.load(m.cache)["drawn_from"]) == "outside the test split's patients"
+    # one drawn from outside the test split's rows (an earlier version: its patients' other images in)
+    np.savez(m.cache, **{**old, "drawn_from": np.array("outside the test split")})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        TrainingMetrics(world / "arc", tmp_path / "run", ["prdc"], f"classifier:{world / 'clf'}", 30)._real()
+    assert "drawn from outside the test split of the archive; they are drawn again" in caplog.text

@@ -46,7 +46,7 @@ class ClassifierTrainConfig(ClassifierTraining):
     out: str
     init_weights: str | None = None   # torchvision-layout state dict to start from
     augment: bool = True
-    subset: list | None = None        # manifest positions to train/validate on (default: all but the "test" split)
+    subset: list | None = None        # manifest positions to train/validate on (default: the archive's training_positions)
 
 
 def _resolution_for(archive: Archive, size: int) -> int:

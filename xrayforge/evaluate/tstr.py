@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..data.archive import write_csv, write_json
+from ..errors import UserError
 from ..utils.files import claim_output, load_npy, same_settings
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
 from .labelled import archive_id, is_sample_folder, open_labelled, sample_id
@@ -104,6 +105,10 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         train, val = trains[name], vals[name]
         if probs_path.is_file():  # done by an earlier run
             probs = load_npy(probs_path, "the test-set probabilities of a finished model")
+            if len(probs) != len(test):  # an earlier version held out only the test split's rows
+                raise UserError(f"{probs_path}: probabilities of {len(probs)} test images, and the test set is now "
+                                f"{len(test)} (every image of a patient in the real archive's test split); the "
+                                f"models were tested on another set: choose a new --out")
         else:
             result = fit(train, np.flatnonzero(~val), np.flatnonzero(val), cfg, progress=progress,
                          desc=f"tstr {name}")

@@ -38,13 +38,13 @@ class TrainingMetrics:
             raise UserError(f"metrics need at least 6 images a side (density / coverage use k = 5), got {images}")
         self.metrics, self.images, self.seed = tuple(metrics), int(images), seed
         self.archive = Archive(archive)
-        # the real side is drawn from the images the GAN trains on: the test split, on which the
-        # evaluations test, stays out of the choice of the best checkpoint too
+        # the real side is drawn from the images the GAN trains on: the test split (and its patients'
+        # other images), on which the evaluations test, stays out of the choice of the best checkpoint too
         self.rows = self.archive.training_positions(include_test)
-        self.drawn_from = "every row" if len(self.rows) == len(self.archive) else "outside the test split"
+        self.drawn_from = "every row" if len(self.rows) == len(self.archive) else "outside the test split's patients"
         if self.images > len(self.rows):
             raise UserError(f"--metrics-images {self.images}: {archive} has only {len(self.rows)} images "
-                            f"{'' if self.drawn_from == 'every row' else 'outside its test split '}"
+                            f"{'' if self.drawn_from == 'every row' else 'outside its test split and its patients '}"
                             f"(as many real images as generated ones are compared)")
         self.extractor = FeatureExtractor(inception, False, "exact", device, batch_size, 0, progress=False,
                                           features=features)

@@ -310,8 +310,8 @@ class Trainer:
                         "data set's split lists (ChestX-ray14: train_val_list.txt, test_list.txt) to keep them apart",
                         self.archive.path)
         if len(rows) == 0 and everything:
-            raise UserError(f"{self.archive.path}: every image is in the test split, which the evaluations test on; "
-                            f"nothing is left to train on (--include-test trains on them)")
+            raise UserError(f"{self.archive.path}: every image is in the test split or of a patient in it, on which "
+                            f"the evaluations test; nothing is left to train on (--include-test trains on them)")
         return rows
 
     def _warn_about_options(self) -> None:
