@@ -235,11 +235,14 @@ def test_an_lco_path_does_not_depend_on_its_batch_mates():
 def test_an_lco_image_is_accepted_only_when_its_stored_image_meets_the_target():
     """With ``written`` (the classifier on the image as a file will hold it), a row whose image meets
     its target as G gave it but not as stored takes another step instead of leaving; its sample's
-    probabilities are the stored image's. A file that lowers every probability by 0.05 is the same,
-    for the acceptance rule, as thresholds 0.05 higher (the loss does not depend on thresholds)."""
+    probabilities are the stored image's. With every finding asked present, a file that lowers every
+    probability by 0.05 is the same, for the acceptance rule, as thresholds 0.05 higher (the loss
+    does not depend on thresholds). (Not for a finding asked absent: met as G gave it, p < thr, is
+    then the stricter of the two.)"""
     toy, n, steps, delta = _ToyModels(), 24, 30, 0.05
     z0 = torch.randn(n, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     values, mask, thr = _toy_targets(n)
+    values = torch.ones_like(values)  # every finding the mask names asked present
     seen = []
 
     def stored(images):

@@ -163,3 +163,24 @@ def test_lco_keeps_truncated_latents_truncated(tiny, tmp_path):
     with pytest.raises(UserError, match="begun by an earlier xrayforge whose LCO let truncated latents leave ±0.5"):
         sample_archive(SampleConfig(str(run), str(out), n=12, batch=8, classifier=str(clf), targets=[target],
                                     truncation=0.5, steps=60, lr=0.1, prior_weight=5.0), progress=False)
+
+
+def test_an_lco_archive_begun_under_the_earlier_acceptance_rule_is_said_when_continued(tiny, tmp_path, caplog):
+    """Before, an LCO image met as G gave it but not as stored was a rejection; now it takes another
+    step. An archive begun the old way goes on (every image meets its target as stored either way),
+    and says that its shards so far were made otherwise."""
+    run, clf = tiny
+    out = tmp_path / "a"
+    cfg = SampleConfig(str(run), str(out), n=8, classifier=str(clf), targets=["Mass=1"], steps=20, lr=0.1, batch=4,
+                       shard_size=4)
+    sample_archive(cfg, progress=False)
+    settings = json.loads((out / "sample_config.json").read_text())
+    assert settings["lco_accepts_as_stored"] is True
+    sample_archive(cfg, progress=False)
+    assert "begun by an earlier xrayforge" not in caplog.text
+    del settings["lco_accepts_as_stored"]
+    (out / "sample_config.json").write_text(json.dumps(settings))
+    (out / "shard-00001.csv").unlink()
+    sample_archive(cfg, progress=False)
+    assert "rejected an image met as G gave it but not as stored" in caplog.text
+    assert json.loads((out / "sample_config.json").read_text())["lco_accepts_as_stored"] is True

@@ -186,7 +186,6 @@ class LCOPool:
         self.lr, self.prior_weight, self.amp_dtype = lr, prior_weight, amp_dtype
         self.truncation, self.written = truncation, written
         self.evaluations = 0  # latents that went through G and the classifier (each in the pool once per step)
-        self.written_checks = 0  # images that went through ``written`` (those that met their target as G gave them)
 
     def run(self, feed, keep=None):
         """Yield an LCOSample for every latent of ``feed``, an iterable of (key, z0 (d,), values (F,),
@@ -244,7 +243,6 @@ class LCOPool:
         if self.written is not None and bool(ok.any()):  # met as G gave them: are they met as stored?
             met = ok.nonzero().squeeze(1)
             stored = self.written(imgs.detach()[met]).to(probs)
-            self.written_checks += len(met)
             probs = probs.index_copy(0, met, stored)
             ok = ok.index_copy(0, met, satisfied(stored, values[met], mask[met], thr[met]))
         finished = ok | (t >= self.steps)

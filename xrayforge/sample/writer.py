@@ -198,8 +198,10 @@ class ArchiveSampler:
                if k not in ("device", "encode_threads", "out", "max_attempts", "give_up_after")}
         if not self.cfg.targets:
             out["starts"] = 1  # no LCO: the number of starting draws changes nothing
-        elif self.cfg.truncation is not None:  # LCO keeps truncated latents truncated (archives before: not)
-            out["lco_keeps_truncation"] = True
+        else:  # LCO accepts an image met as stored, and takes another step for one met only as G gave it
+            out["lco_accepts_as_stored"] = True
+            if self.cfg.truncation is not None:  # LCO keeps truncated latents truncated (archives before: not)
+                out["lco_keeps_truncation"] = True
         # the classifier by its contents: another model at the same path would label and steer the
         # rest of the archive differently
         out["classifier_id"] = file_id(Path(self.cfg.classifier) / "classifier.pt",
@@ -467,7 +469,13 @@ class ArchiveSampler:
             raise UserError(f"{self.out} was begun by an earlier xrayforge whose LCO let truncated latents leave "
                             f"±{self.cfg.truncation} (this one keeps them within it): the rest of the archive would be "
                             f"made otherwise, so it cannot be continued; choose a new --out")
-        same_settings(settings_path, settings, ignore=tuple(ignore), added={"starts": 1})
+        if saved and "lco_accepts_as_stored" in settings and "lco_accepts_as_stored" not in saved \
+                and saved.get("targets") == settings["targets"] and rank == 0:
+            log.warning("%s was begun by an earlier xrayforge whose LCO rejected an image met as G gave it but not as "
+                        "stored (this one takes another step): its shards so far hold other attempts and count "
+                        "rejections otherwise than the rest will; every image meets its target as stored either "
+                        "way", self.out)
+        same_settings(settings_path, settings, ignore=tuple(ignore), added={"starts": 1, "lco_accepts_as_stored": True})
         if distributed:
             dist.barrier()
         if rank == 0:
