@@ -11,7 +11,7 @@ from xrayforge.data.phantom import render
 
 
 def write_sample_folder(folder, seeds, resolution=32, invert_labels=False, target=None, findings=FINDINGS,
-                        thresholds=None, rng_seed=0):
+                        thresholds=None):
     """One phantom per seed as shard-00000/<index>.png with a manifest whose p_<finding> columns
     say the truth (0.9 / 0.1), or its opposite (``invert_labels``: a generator whose images show
     the opposite of the findings the classifier reported)."""

@@ -492,3 +492,26 @@ def test_inception_options_that_contradict_are_refused(tmp_path):
         load_inception(tmp_path / "w.pth", random_weights=True)
     with pytest.raises(FileNotFoundError, match="is a folder; expected the FID Inception weights file"):
         load_inception(tmp_path)
+
+
+def test_a_wrongly_recorded_count_drops_no_real_eigenvalue():
+    """The distance leaves out the eigenvalues past a covariance's rank n - 1 only where they are
+    rounding: statistics whose n says 5 while their covariance has full rank give the full distance."""
+    rng = np.random.default_rng(3)
+    fa, fb = rng.normal(size=(400, 32)), rng.normal(size=(300, 32)) * 1.3 + 0.2
+    full = frechet_distance(FrechetStats.from_features(fa), FrechetStats.from_features(fb))
+    wrong = FrechetStats.from_features(fa)
+    wrong.n = 5
+    assert frechet_distance(wrong, FrechetStats.from_features(fb)) == pytest.approx(full, rel=1e-12)
+
+
+def test_grey_and_colour_images_of_different_sizes_in_one_batch(tmp_path):
+    from xrayforge.fid.compute import FeatureExtractor
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (40, 32), dtype=np.uint8)),
+              torch.from_numpy(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)),
+              torch.from_numpy(rng.integers(0, 256, (33, 35), dtype=np.uint8))]
+    ex = FeatureExtractor(random_weights=True, device="cpu", workers=0, progress=False)
+    got = ex.features(images)
+    alone = torch.cat([ex.features(t.unsqueeze(0)) for t in images])
+    torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)

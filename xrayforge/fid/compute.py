@@ -155,8 +155,18 @@ class FeatureExtractor:
         """Stored pixels (N, H, W[, 3]) (uint8/uint16/int32 or float in [0, 1]) -> (N, dim) float32; or
         a list of images (H, W[, 3]) of different sizes: each made the network's input alone (the same
         size for all), then one batch through the network."""
-        if isinstance(images, list):
-            return self.space.embed(torch.cat([self.space.inputs(t.unsqueeze(0)) for t in images]))
+        if isinstance(images, list):  # grey and colour images may give inputs of other channels: one run each
+            inputs = [self.space.inputs(t.unsqueeze(0)) for t in images]
+            groups: dict[tuple, list[int]] = {}
+            for i, x in enumerate(inputs):
+                groups.setdefault(tuple(x.shape[1:]), []).append(i)
+            if len(groups) == 1:
+                return self.space.embed(torch.cat(inputs))
+            out = [None] * len(inputs)
+            for idx in groups.values():
+                for i, f in zip(idx, self.space.embed(torch.cat([inputs[i] for i in idx]))):
+                    out[i] = f
+            return torch.stack(out)
         return self.space(images)
 
     def _bar(self, total, desc):
@@ -406,8 +416,9 @@ def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_
         raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
     sa, sb = FrechetStats.load(a), FrechetStats.load(b)
     same_space(sa.space, sb.space, a, b)
-    if sa.mode and sb.mode:  # what the files were measured in, not this command's (unused) --mode
-        mode = sa.mode if sa.mode == sb.mode else f"{sa.mode} / {sb.mode}"
+    if sa.mode or sb.mode:  # what the files were measured in, not this command's (unused) --mode
+        mode = sa.mode if sa.mode == sb.mode else f"{sa.mode or 'unrecorded'} / {sb.mode or 'unrecorded'}"
+    if sa.mode and sb.mode:
         if sa.mode != sb.mode:
             log.warning("%s holds statistics of --mode %s and %s of --mode %s: this FID mixes the two", a, sa.mode,
                         b, sb.mode)

@@ -194,12 +194,14 @@ class FrechetStats:
 
 
 def _rank_at_most(vals: torch.Tensor, rank: int | None) -> torch.Tensor:
-    """Ascending eigenvalues, clamped at 0, with all but the ``rank`` largest set to 0: beyond a
-    covariance's rank they are rounding (±1e-18 each), and their square roots (1e-9 each, summed
-    over up to 2048 of them) would move the distance by 1e-6 relative."""
+    """Ascending eigenvalues, clamped at 0, with those below the ``rank`` largest set to 0 where they
+    are rounding: beyond a covariance's rank they are ±1e-18 or so, and their square roots (1e-9 each,
+    summed over up to 2048 of them) would move the distance by 1e-6 relative. Only values under 1e-10
+    of the largest are taken for rounding, so a wrongly recorded n cannot drop real ones."""
     vals = vals.clamp_min(0)
-    if rank is not None and rank < len(vals):
-        vals[:len(vals) - max(rank, 0)] = 0
+    if rank is not None and rank < len(vals) and len(vals):
+        beyond = torch.arange(len(vals), device=vals.device) < len(vals) - max(rank, 0)
+        vals[beyond & (vals < 1e-10 * vals[-1])] = 0
     return vals
 
 
