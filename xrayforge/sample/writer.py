@@ -475,7 +475,9 @@ class ArchiveSampler:
                         "stored (this one takes another step): its shards so far hold other attempts and count "
                         "rejections otherwise than the rest will; every image meets its target as stored either "
                         "way", self.out)
-        same_settings(settings_path, settings, ignore=tuple(ignore), added={"starts": 1, "lco_accepts_as_stored": True})
+        # an LCO archive from before the rule was kept is continued (said above); unconditional ones have no rule
+        added = {"starts": 1, **({"lco_accepts_as_stored": True} if "lco_accepts_as_stored" in settings else {})}
+        same_settings(settings_path, settings, ignore=tuple(ignore), added=added)
         if distributed:
             dist.barrier()
         if rank == 0:
