@@ -189,6 +189,8 @@ NUMERIC = [
     (("train",), "--seed", "-1"), (("sample",), "--seed", str(2 ** 70)), (("fid",), "--seed", "x"),
     (("train",), "--max-kimg", "0.0001"), (("train",), "--tick-kimg", "0.0004"),
     (("train",), "--metrics-images", "3"), (("train",), "--metrics", "fid,,prdc"),
+    (("evaluate", "reader-study", "make"), "--n", "7"), (("sample",), "--truncation", "0.001"),
+    (("evaluate", "diversity"), "--truncation", "1e-30"), (("classify", "train"), "--batch", "1"),
 ]
 
 DEVICE_COMMANDS = [("train",), ("fid",), ("sample",), ("classify", "train"), ("evaluate", "memorisation"),
@@ -816,3 +818,11 @@ def test_info_says_what_a_forced_backend_does_on_each_device(monkeypatch, capsys
     monkeypatch.setenv("XRAYFORGE_BACKEND", "torch")
     assert cli(["info"]) == 0
     assert "torch -> torch" in capsys.readouterr().out or torch.cuda.is_available()
+
+
+def test_sample_json_prints_one_json_object(world, tmp_path, capsys):
+    """`sample --json` printed the text summary before the JSON: a pipe into jq failed."""
+    assert cli(["sample", str(world / "run"), "--out", str(tmp_path / "s"), "--n", "2", "--device", "cpu", "-q",
+                "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2

@@ -156,3 +156,9 @@ def test_the_gpu_recipe_runs_end_to_end(tmp_path, monkeypatch):
     assert cfg["total_images"] > 5 * cfg["stable_images"]  # a final phase that the time budget ends
     assert state["train"]["images_seen"] > 0
     assert "minutes on one GPU" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_a_named_inception_file_that_is_not_there_is_refused_before_any_work(tmp_path, capsys):
+    from xrayforge.cli import main as cli
+    assert cli(["demo", "--out", str(tmp_path / "d"), "--inception", str(tmp_path / "missing.pth"), "-q"]) == 1
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "d").exists()

@@ -3,8 +3,8 @@
 Stages (each is skipped when a previous run already finished it, so Ctrl-C followed by the
 same command continues): build a phantom archive, train a small PGGAN, train the phantom
 classifier, sample unconditional images and an LCO-labelled archive for a few target
-combinations, compute FID (real Inception weights when present, else random weights, labelled
-as a pipeline check), run the evaluation suite (train on synthetic / test on real, FID per
+combinations, compute FID (real Inception weights when present, else in the phantom classifier's
+features), run the evaluation suite (train on synthetic / test on real, FID per
 finding, disease diversity, memorisation audit) into run/evaluations/, and write report.html
 (and report.md) with `xrayforge evaluate report`. Everything goes under --out.
 """
@@ -233,6 +233,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     from .sample.writer import SampleConfig, sample_archive
     from .train.trainer import Trainer
 
+    if inception:  # a weights file named and not there is said before minutes of work, not taken for none
+        find_weights(inception)
     out = claim_output(out, "demo", signatures=("demo_state.json", "phantom", "phantom.partial", "run"))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     p = plan(minutes, dev)
@@ -358,6 +360,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     try:
         feature_kwargs = {"inception": str(find_weights(inception)), "features": "inception"}
     except FileNotFoundError:
+        if inception:  # named, and not there: a mistyped path must not pass as "no weights"
+            raise
         feature_kwargs = {"features": f"classifier:{clf}"}
         say("FID Inception weights not found: FID in the phantom classifier's features instead")
     feature_kwargs.update(device=str(dev), workers=0, batch_size=32, progress=progress)

@@ -40,6 +40,10 @@ fraction = _checked(float, lambda v: 0 < v < 1, "must be between 0 and 1 (exclus
 learning_rate = _checked(float, lambda v: 0 < v <= 1, "must be greater than 0 and at most 1", "learning_rate")
 percentile = _checked(float, lambda v: 0 < v <= 100, "must be a percentile in (0, 100]", "percentile")
 seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "is not a seed (0 .. 2^32 - 1)", "seed")
+even_int = _checked(int, lambda v: v >= 2 and v % 2 == 0, "must be an even number, at least 2", "even_int")
+batch_of_2 = _checked(int, lambda v: v >= 2, "must be at least 2 (batch norm needs two images)", "batch_of_2")
+# nn.latents.MIN_TRUNCATION, which importing here would bring torch into every --help
+truncation = _checked(float, lambda v: v >= 0.01, "must be at least 0.01 (smaller redraws for ever)", "truncation")
 at_least_6 = _checked(int, lambda v: v >= 6, "must be at least 6 (density / coverage use k = 5 neighbours)",
                       "at_least_6")
 kimg = _checked(float, lambda v: round(v * 1000) >= 1, "thousand images is less than one image", "kimg")

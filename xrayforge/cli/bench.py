@@ -36,6 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suites", default=None, help="comma list of ops,train_step,fid,data,sampling (default: all)")
     p.add_argument("--quick", action="store_true", help="small sizes even on a GPU")
     p.add_argument("--device", type=_args.device, default=None)
-    p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write every row as JSON to FILE (replacing it)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench)

@@ -24,11 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo", help="the whole pipeline on the built-in chest phantom (minutes on a CPU)",
         description="Build a phantom archive, train a small PGGAN, train the phantom classifier, sample an "
                     "LCO-labelled archive, compute FID and write a report, sized to --minutes. No data or weights "
-                    "needed (without the FID Inception weights the FID is a pipeline check, and says so). "
+                    "needed (without the FID Inception weights, FID is in the phantom classifier's features). "
                     "Ctrl-C, then the same command, continues.")
     p.add_argument("--out", default="xrayforge-demo", help="output folder (default ./xrayforge-demo)")
     p.add_argument("--device", type=_args.device, default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--minutes", type=_args.positive_float, default=5.0, help="time budget (default 5)")
-    p.add_argument("--inception", default=None, help="FID Inception weights, if you have them")
+    p.add_argument("--minutes", type=_args.positive_float, default=5.0, help="time budget (default 5; under 3 only a pipeline check)")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception weights, if you have them (default: XRAYFORGE_INCEPTION or the torch hub "
+                        "cache; none there: FID in the phantom classifier's features)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)

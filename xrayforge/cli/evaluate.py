@@ -16,7 +16,7 @@ def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     q.add_argument("--input-size", type=_args.positive_int, default=256)
     q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
     q.add_argument("--epochs", type=_args.positive_int, default=10)
-    q.add_argument("--batch", type=_args.positive_int, default=32, help="images per step, at least 2 (default 32)")
+    q.add_argument("--batch", type=_args.batch_of_2, default=32, help="images per step, at least 2 (default 32)")
     q.add_argument("--lr", type=_args.learning_rate, default=1e-3)
     q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
@@ -182,7 +182,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "rate against theirs (one-sided Fisher exact test, each half the reference once). Distances "
                     "are computed in chunks, never as a whole matrix.")
     q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
-    q.add_argument("--real", required=True, help="the training archive (or a folder of real images)")
+    q.add_argument("--real", required=True, help="the training archive (or a folder of real images); every image "
+                                                  "is a reference, the test split's too")
     q.add_argument("--out", required=True)
     q.add_argument("--percentile", type=_args.percentile, default=1.0, help="flag threshold percentile (default 1)")
     q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, evenly spread")
@@ -204,7 +205,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "reloads, CSV export). The key goes beside the pack, never inside.")
     q.add_argument("--real", required=True, help="archive or folder of real images")
     q.add_argument("--synthetic", required=True, help="folder (e.g. from `xrayforge sample`) or archive")
-    q.add_argument("--n", type=_args.positive_int, default=100, help="images in the pack, half of each (default 100)")
+    q.add_argument("--n", type=_args.even_int, default=100,
+                   help="images in the pack, half real and half synthetic: an even number (default 100)")
     q.add_argument("--out", required=True, help="pack folder")
     q.add_argument("--key", default=None, help="answer key CSV (default: <out>.key.csv)")
     q.add_argument("--size", type=_args.positive_int, default=1024, help="image size in the pack (default 1024)")
@@ -285,7 +287,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--ratio", type=_args.fraction, default=0.5,
                    help="under-produced below this fraction of the real prevalence, over-produced above its inverse "
                         "(default 0.5)")
-    q.add_argument("--truncation", type=_args.positive_float, default=None,
+    q.add_argument("--truncation", type=_args.truncation, default=None,
                    help="redraw latent components beyond ±T (at least 0.01)")
     q.add_argument("--batch", type=_args.positive_int, default=64)
     q.add_argument("--seed", type=_args.seed, default=0)
@@ -301,7 +303,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("run", help="the training run folder")
     q.add_argument("--out", required=True, help="the HTML file to write")
     q.add_argument("--evaluations", nargs="*", default=None, metavar="DIR",
-                   help="--out folders of `xrayforge evaluate` commands (default: RUN/evaluations/*)")
+                   help="more --out folders of `xrayforge evaluate` commands, added to RUN/evaluations/*; one "
+                        "per evaluation kind (a later one replaces an earlier one of its kind)")
     q.add_argument("--title", default="xrayforge report")
     q.set_defaults(func=_cmd_report)
     p.set_defaults(func=_print_help(p))

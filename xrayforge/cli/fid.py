@@ -56,7 +56,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         print(json.dumps(json_safe(result)))
         return 0
     space = "" if result["features"] == "inception" else f", features {result['features']}"
-    line = f"FID {result['fid']:.4f}  (n_a={result['n_a']}, n_b={result['n_b']}, {args.mode} mode{space})"
+    mode = f", {result['mode']} mode" if result["features"].startswith("inception") else ""  # the others have one
+    line = f"FID {result['fid']:.4f}  (n_a={result['n_a']}, n_b={result['n_b']}{mode}{space})"
     if "fid_ci95" in result:
         line += f"  95% CI [{result['fid_ci95'][0]:.4f}, {result['fid_ci95'][1]:.4f}]"
     if "kid" in result:
@@ -89,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="random Inception weights: checks the pipeline; the number is not a comparable FID")
     p.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                   help="exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last, not pytorch-fid's "
+                   help="Inception only: exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last, not pytorch-fid's "
                         "number (0.005 from exact on 2,000 phantoms with random weights; python "
                         "benchmarks/fid.py --inception W measures it with real ones)")
     p.add_argument("--batch", type=_args.positive_int, default=64)
@@ -98,11 +99,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_args.seed, default=0,
                    help="latent seed for checkpoint inputs (B uses SEED + 1, so that a checkpoint against itself "
                         "compares two different sets of images)")
-    p.add_argument("--kid", type=_args.nonneg_int, default=0, metavar="SUBSETS", help="also compute KID over this many subsets")
+    p.add_argument("--kid", type=_args.nonneg_int, default=0, metavar="SUBSETS",
+                   help="also KID over this many random subsets of up to 1000 of the kept features a side")
     p.add_argument("--bootstrap", type=_args.nonneg_int, default=0, metavar="ROUNDS",
-                   help="also give a 95%% bootstrap interval for the FID")
+                   help="also a 95%% bootstrap interval, of the FID of the kept features (--keep-features a side: "
+                        "with more images than that it lies above the FID printed, which uses every image)")
     p.add_argument("--keep-features", type=_args.positive_int, default=10000,
-                   help="features kept per side for --kid / --bootstrap (a uniform sample; default 10000)")
+                   help="features kept per side for --kid, --bootstrap and --prdc (a uniform sample; default 10000)")
     p.add_argument("--save-stats", default=None, help="write A's statistics to this .npz")
     p.add_argument("--features", default="inception", metavar="SPACE",
                    help="the feature space: inception (default; the literature's FID), classifier:MODEL (the "

@@ -21,6 +21,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     summary = sample_archive(cfg, progress=not args.quiet)
     if rank != 0:
         return 0
+    if args.json:  # one JSON object on stdout, nothing else (a pipe into jq)
+        print(json.dumps(summary))
+        return 0
     print(f"{summary['out']}: {summary['images']} images ({summary['format']}); manifest.csv, summary.json")
     for key, t in summary["targets"].items():
         line = f"  {key}: {t['accepted']} accepted"
@@ -34,8 +37,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         print(f"  {summary['images_this_run']} images in this run, {summary['images_per_second']:.1f} images/s")
     else:
         print("  nothing left to sample: the archive was complete")
-    if args.json:
-        print(json.dumps(summary))
     return 0
 
 
@@ -58,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_args.seed, default=0)
     p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
     p.add_argument("--batch", type=_args.positive_int, default=32)
-    p.add_argument("--truncation", type=_args.positive_float, default=None, help="redraw latent components beyond ±T (at least 0.01); LCO keeps its latents within ±T")
+    p.add_argument("--truncation", type=_args.truncation, default=None, help="redraw latent components beyond ±T (at least 0.01); LCO keeps its latents within ±T")
     p.add_argument("--amp", choices=("bf16",), default=None)
     p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
     p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")
@@ -72,9 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "1 = the first draw)")
     p.add_argument("--give-up-after", type=_args.nonneg_int, default=300, metavar="ATTEMPTS",
                    help="declare an LCO target unreachable when this many attempts in a shard give no image and "
-                        "the archive holds none of it (default 300; 0: never; may change when resuming)")
+                        "the archive holds none of it (default 300; 0: only the limit of 1000 attempts per image in a shard; "
+                        "may change when resuming)")
     p.add_argument("--shard-size", type=_args.positive_int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--device", type=_args.device, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object, and nothing else")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_sample)

@@ -229,7 +229,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=_parse_batch, default={}, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
     p.add_argument("--auto-batch", action="store_true",
                    help="use the largest batch that fits GPU memory (CUDA only; elsewhere it does nothing, and says so)")
-    p.add_argument("--accumulation", type=_args.positive_int, default=1, help="micro-batches per optimiser step")
+    p.add_argument("--accumulation", type=_args.positive_int, default=1, help="split each batch into N micro-batches: the same step in less memory (N must divide --batch; "
+                        "micro-batches that split D's minibatch-stddev groups are warned about; default 1)")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
     p.add_argument("--checkpoint-min-res", type=_args.power_of_two, default=None, help="activation checkpointing at and above this size")
     p.add_argument("--lr", type=_parse_lr, default=(1e-3, {}),
@@ -246,7 +247,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the half-life is at most this fraction of the images seen so far, so that early G_ema "
                         "follows G (default 0.05, as NVIDIA's later code; 0: a constant half-life)")
     p.add_argument("--ema-beta", type=_args.ema_beta, default=None,
-                   help="a constant per-step EMA beta instead of --ema-kimg: 0.999 is the official PGGAN's at any "
+                   help="a constant per-step EMA beta instead of --ema-kimg and --ema-rampup: 0.999 is the official PGGAN's at any "
                         "batch (the default half-life equals it at a global batch of 16)")
     p.add_argument("--realism-images", type=_args.nonneg_int, default=256,
                    help="per tick, the realism and diversity ratios of this many G_ema samples against as many "
@@ -256,13 +257,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "archive's real images (their features computed once per run); logged in log.jsonl, plotted "
                         "in loss.png, and the best checkpoint is kept and named in checkpoints/best.json")
     p.add_argument("--metrics-every", type=_args.positive_int, default=None, metavar="TICKS",
-                   help="ticks between measurements (default 5; and at the end)")
+                   help="with --metrics: ticks between measurements (default 5; and at the end)")
     p.add_argument("--metrics-images", type=_args.at_least_6, default=None,
-                   help="generated and real images per measurement (default 1000; the official FID uses 50000)")
+                   help="with --metrics: generated and real images per measurement (default 1000; the official FID "
+                        "uses 50000)")
     p.add_argument("--features", default=None, metavar="SPACE",
                    help="feature space of --metrics: inception (default), classifier:MODEL or densenet121:FILE "
                         "(with --resume, the --metrics options given replace the run's)")
-    p.add_argument("--inception", default=None, help="FID Inception weights for --metrics (see xrayforge fid --help)")
+    p.add_argument("--inception", default=None, help="with --metrics: FID Inception weights (see xrayforge fid --help)")
     p.add_argument("--latent-dim", type=_args.positive_int, default=512)
     p.add_argument("--fmap-base", type=_args.positive_int, default=8192)
     p.add_argument("--fmap-max", type=_args.positive_int, default=512)

@@ -393,8 +393,8 @@ class ArchiveSampler:
             if is_open(t):
                 raise LCOUnreachable(
                     f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {need[t]} images reached "
-                    f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, lower the threshold, "
-                    f"or check that the classifier can see these findings")
+                    f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, or check that the classifier can see "
+                    f"these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
         rows, latents, images = [], [], []
         for t in range(T):
             for k, (sd, a, steps, probs, z, image) in zip(slots_of[t], got[t]):
