@@ -73,9 +73,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="archive folder to create")
     p.add_argument("--resolution", type=_args.power_of_two, default=1024, help="largest resolution, a power of two (default 1024)")
     p.add_argument("--labels", default=None, help="ChestX-ray14 Data_Entry_2017.csv or Data_Entry_2017_v2020.csv "
-                                                   "(default: found in SRC or its parent)")
+                                                   "(default: found in SRC or its parent); train_val_list.txt / "
+                                                   "test_list.txt beside it give the test split")
     p.add_argument("--labelled-only", action="store_true",
-                   help="leave out the images the label file does not list (default: they get all-zero labels)")
+                   help="leave out the images the label file does not list (default: kept, labelled as having no "
+                        "finding)")
     p.add_argument("--square", choices=("crop", "pad"), default="crop",
                    help="centre-crop to a square (default) or pad with black to keep the whole field")
     p.add_argument("--bits", type=int, choices=(8, 16), default=8, help="stored bit depth (default 8)")

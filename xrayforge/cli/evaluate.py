@@ -13,11 +13,13 @@ CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "
 def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     """The options of how a classifier is trained (`classify train`, `evaluate tstr`)."""
     q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
-    q.add_argument("--input-size", type=_args.positive_int, default=256)
+    q.add_argument("--input-size", type=_args.positive_int, default=256,
+                   help="image side in pixels the classifier sees (default 256)")
     q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
     q.add_argument("--epochs", type=_args.positive_int, default=10)
     q.add_argument("--batch", type=_args.batch_of_2, default=32, help="images per step, at least 2 (default 32)")
-    q.add_argument("--lr", type=_args.learning_rate, default=1e-3)
+    q.add_argument("--lr", type=_args.learning_rate, default=1e-3,
+                   help="peak AdamW learning rate of a one-cycle schedule (default 0.001)")
     q.add_argument("--seed", type=_args.seed, default=0)
     q.add_argument("--device", type=_args.device, default=None)
 
@@ -285,7 +287,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--real-limit", type=_args.positive_int, default=5000, help="real images to classify, evenly spread (default 5000)")
     q.add_argument("--per-grid", type=_args.positive_int, default=16, help="images per finding grid (default 16)")
     q.add_argument("--ratio", type=_args.fraction, default=0.5,
-                   help="under-produced below this fraction of the real prevalence, over-produced above its inverse "
+                   help="under-produced: the samples' predicted prevalence below RATIO x the classifier's "
+                        "prevalence on the real images and outside its 95%% interval; over-produced: above 1/RATIO x "
                         "(default 0.5)")
     q.add_argument("--truncation", type=_args.truncation, default=None,
                    help="redraw latent components beyond ±T (at least 0.01)")

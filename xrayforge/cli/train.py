@@ -228,8 +228,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "for this session only)")
     p.add_argument("--batch", type=_parse_batch, default={}, help="per-GPU batch: N, or RES:N,... (default 16 up to 128 px, 14, 6, 3)")
     p.add_argument("--auto-batch", action="store_true",
-                   help="use the largest batch that fits GPU memory (CUDA only; elsewhere it does nothing, and says so)")
-    p.add_argument("--accumulation", type=_args.positive_int, default=1, help="split each batch into N micro-batches: the same step in less memory (N must divide --batch; "
+                   help="per GPU, at each resolution --batch leaves unset, the largest power of two (up to 512) whose "
+                        "step fits GPU memory (CUDA only; elsewhere it does nothing, and says so)")
+    p.add_argument("--accumulation", type=_args.positive_int, default=1,
+                   help="split each batch into N micro-batches: the same step in less memory (N must divide --batch; "
                         "micro-batches that split D's minibatch-stddev groups are warned about; default 1)")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
     p.add_argument("--checkpoint-min-res", type=_args.power_of_two, default=None, help="activation checkpointing at and above this size")

@@ -393,8 +393,8 @@ class ArchiveSampler:
             if is_open(t):
                 raise LCOUnreachable(
                     f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {need[t]} images reached "
-                    f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, or check that the classifier can see "
-                    f"these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
+                    f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, or check that the "
+                    f"classifier can see these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
         rows, latents, images = [], [], []
         for t in range(T):
             for k, (sd, a, steps, probs, z, image) in zip(slots_of[t], got[t]):
@@ -470,7 +470,7 @@ class ArchiveSampler:
                             f"±{self.cfg.truncation} (this one keeps them within it): the rest of the archive would be "
                             f"made otherwise, so it cannot be continued; choose a new --out")
         if saved and "lco_accepts_as_stored" in settings and "lco_accepts_as_stored" not in saved \
-                and saved.get("targets") == settings["targets"] and rank == 0:
+                and saved.get("targets") == settings["targets"] and rank == 0 and not self._complete():
             log.warning("%s was begun by an earlier xrayforge whose LCO rejected an image met as G gave it but not as "
                         "stored (this one takes another step): its shards so far hold other attempts and count "
                         "rejections otherwise than the rest will; every image meets its target as stored either "
