@@ -81,8 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "pt_inception-2015-12-05-6726825d.pth come from --inception, XRAYFORGE_INCEPTION or the torch "
                     "hub checkpoint cache; they are never downloaded, and two .npz files need none. 16-bit images are "
                     "scaled by 65535 (pytorch-fid clips them at 255). Several GPUs: torchrun ... -m xrayforge fid.")
-    p.add_argument("a")
-    p.add_argument("b", nargs="?")
+    p.add_argument("a", help="the first (real) side: folder, archive, .npz statistics or checkpoint / run folder")
+    p.add_argument("b", nargs="?", help="the second (generated) side, of the same kinds; left out with --save-stats: "
+                                        "only A's statistics are written")
     p.add_argument("--n", "--images", dest="n", type=_args.positive_int, default=None,
                    help="images to generate from a checkpoint input (required for one; folders and archives are used "
                         "whole); under torchrun write --images (torchrun takes --n for its own --nnodes/--nproc...)")
@@ -93,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Inception only: exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last, not pytorch-fid's "
                         "number (0.005 from exact on 2,000 phantoms with random weights; python "
                         "benchmarks/fid.py --inception W measures it with real ones)")
-    p.add_argument("--batch", type=_args.positive_int, default=64)
+    p.add_argument("--batch", type=_args.positive_int, default=64, help="images per network batch (default 64)")
     p.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
     p.add_argument("--device", type=_args.device, default=None)
     p.add_argument("--seed", type=_args.seed, default=0,

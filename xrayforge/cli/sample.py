@@ -51,22 +51,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "give no image, while the archive has none of it, is declared unreachable and the run stops). Written in shards: an interrupted run "
                     "resumes when run again with the same arguments; it keeps the checkpoint it started from "
                     "(RUN may have moved), and refuses a classifier whose files changed since.")
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
+    p.add_argument("run", help="a training run folder (its newest checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="the archive's folder (created, or continued)")
     p.add_argument("--n", "--images", dest="n", type=_args.positive_int, required=True,
                    help="images (per LCO target); under torchrun write --images (torchrun takes --n for its own "
                         "--nnodes/--nproc...)")
-    p.add_argument("--seed", type=_args.seed, default=0)
-    p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8")
-    p.add_argument("--batch", type=_args.positive_int, default=32)
+    p.add_argument("--seed", type=_args.seed, default=0, help="latent seed (an unconditional image i's z depends on (seed, i) alone; default 0)")
+    p.add_argument("--format", choices=("png8", "png16", "dicom"), default="png8",
+                   help="8- or 16-bit PNG, or 8-bit DICOM Secondary Capture (default png8)")
+    p.add_argument("--batch", type=_args.positive_int, default=32,
+                   help="images per generator batch, and latents in the LCO pool (default 32)")
     p.add_argument("--truncation", type=_args.truncation, default=None, help="redraw latent components beyond ±T (at least 0.01); LCO keeps its latents within ±T")
-    p.add_argument("--amp", choices=("bf16",), default=None)
-    p.add_argument("--lco", action="append", default=None, metavar="TARGET", help="NAME=1|0,... (repeatable)")
-    p.add_argument("--classifier", default=None, help="classifier folder (from `xrayforge classify train`)")
-    p.add_argument("--steps", type=_args.positive_int, default=100, help="LCO step limit per sample (default 100)")
+    p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision for the generator and LCO's classifier passes")
+    p.add_argument("--lco", action="append", default=None, metavar="TARGET",
+                   help="NAME=1|0,... : 1 asks p >= the classifier's threshold for NAME, 0 below it (repeatable)")
+    p.add_argument("--classifier", default=None,
+                   help="classifier folder (from `xrayforge classify train`): steers --lco, and labels every image "
+                        "with its probabilities in manifest.csv (also without --lco)")
+    p.add_argument("--steps", type=_args.positive_int, default=100,
+                   help="LCO steps per attempt before it counts as a rejection (default 100)")
     p.add_argument("--lr", type=_args.positive_float, default=0.05, help="LCO Adam learning rate on z (default 0.05)")
     p.add_argument("--prior-weight", type=_args.nonneg_float, default=1.0,
-                   help="weight of the latent prior in the LCO objective (default 1)")
+                   help="weight of the latent prior in the LCO objective: higher keeps z typical (more realistic "
+                        "images, fewer hits; default 1)")
     p.add_argument("--starts", type=_args.positive_int, default=16,
                    help="LCO starts each image from the best of S draws of z for its target (S forward passes of G "
                         "and the classifier, no backward: fewer LCO steps and less movement of z; default 16, "
