@@ -13,9 +13,10 @@ for this generator, not just in the data.
 For each target: its frequency in the census; LCO's hit rate, accepted images per second, mean
 steps, and how far it moves z (the cosine between start and end latents: the generator
 pixel-normalises z, so an image depends on z's direction alone and the cosine is what measures
-the move; log N(z; 0, I) before and after is kept for comparison with older results); rejection sampling's hit rate and accepted images per second given the same wall
-time, and its expected rate (images/s × census frequency, which a rare combination needs: in
-LCO's few seconds rejection finds none); the ratios; and with ``--real`` the realism ratio and
+the move; log N(z; 0, I) before and after is kept for comparison with older results); rejection
+sampling's hit rate and accepted images per second given the same wall time, and its expected
+rate (images/s × census frequency, which a rare combination needs: in LCO's few seconds rejection
+finds none); the ratios; and with ``--real`` the realism ratio and
 FID of the accepted images. Then plain sampling images/s into PNG files (encoding in threads).
 `python benchmarks/lco.py --demo xrayforge-demo --targets auto`
 `python benchmarks/lco.py RUN CLASSIFIER --real ARCHIVE --targets "Cardiomegaly=1,Effusion=1"`

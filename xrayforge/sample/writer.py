@@ -35,7 +35,7 @@ import torch
 from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
 from ..utils.files import claim_output, file_id, read_csv, read_json, same_settings
-from ..utils.images import save_png, to_uint
+from ..utils.images import levels, save_png, to_uint
 from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
 from ..nn.latents import check_truncation, latents_for
 
@@ -76,8 +76,7 @@ def stored_probabilities(classifier, images: torch.Tensor, bits: int, device=Non
     holds them: clamped to [-1, 1] and quantised as ``to_uint`` does, run on ``device`` (default: the
     images'), in float32."""
     top = float((1 << bits) - 1)
-    # to_uint's float32 operations, on the images' device (no round trip through the host)
-    stored = ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0).mul(top).round()
+    stored = levels(images, bits)  # on the images' device: no round trip through the host
     with torch.no_grad():
         return torch.sigmoid(classifier((stored / top * 2 - 1).to(device or images.device)).float())
 
@@ -280,7 +279,7 @@ class ArchiveSampler:
             z = latents_for(self.cfg.seed, idx, self.G.config.latent_dim, self.cfg.truncation)
             img = self._generate(z)
             probs = self._probs(img)
-            probs = probs.cpu() if probs is not None else None
+            probs = probs.cpu() if probs is not None else None  # one copy per batch, not one per value
             for j, k in enumerate(idx):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": self.cfg.seed, "latent_index": k,
                              "target": "", "lco_steps": 0,
@@ -304,7 +303,7 @@ class ArchiveSampler:
         outcome: dict[int, dict] = {t: {} for t in range(T)}   # attempt -> None (rejected) or the image's data
         settled = {t: 0 for t in range(T)}                      # attempts before this one are settled
         next_attempt = {t: 0 for t in range(T)}
-        # (values, mask, thresholds) of each target, for the attempts and for the check as written
+        # (values, mask, thresholds) of each target, built once for all its attempts
         aims = {t: target_tensors(self.targets[t], self.findings, self.classifier.threshold) for t in range(T)}
         S = self.cfg.starts  # attempt a of a target draws latents a*S .. a*S + S - 1 of its seed
         limit = {t: self.cfg.max_attempts * need[t] for t in range(T)}

@@ -8,15 +8,16 @@ import numpy as np
 import torch
 
 
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """Network output in [-1, 1] -> [0, 1] (clipped), float32 on the CPU."""
-    return ((images.detach().float().cpu() + 1.0) / 2.0).clamp_(0.0, 1.0)
+def levels(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Network output in [-1, 1] -> the integer levels 0 .. 2^bits - 1 a file stores (clipped, rounded),
+    as float32 on the images' device: what ``to_uint`` writes, for a caller that stays on the GPU."""
+    top = float((1 << bits) - 1)
+    return ((images.detach().float() + 1.0) / 2.0).clamp_(0.0, 1.0).mul_(top).round_()
 
 
 def to_uint(images: torch.Tensor, bits: int = 8) -> np.ndarray:
     """Network output (N, C, H, W) in [-1, 1] -> uint8/uint16 (N, H, W) or (N, H, W, C)."""
-    top = (1 << bits) - 1
-    x = (to_unit(images) * top).round_().numpy().astype(np.uint8 if bits == 8 else np.uint16)
+    x = levels(images.cpu(), bits).numpy().astype(np.uint8 if bits == 8 else np.uint16)
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 
