@@ -129,12 +129,8 @@ class Archive:
         return np.sort(among[np.random.default_rng(seed).choice(len(among), min(n, len(among)), replace=False)])
 
     def held_out(self) -> np.ndarray:
-        """A boolean per manifest position: held out for testing. The rows of the "test" split, and
-        every other row of a patient who has one: split lists that are not patient-wise (the official
-        ChestX-ray14 lists are) would otherwise put one patient's radiographs on both sides."""
-        test = np.array([s == "test" for s in self.splits], dtype=bool)
-        patients = {p for p, t in zip(self.patient_ids, test) if t and p}
-        return test | np.array([bool(p) and p in patients for p in self.patient_ids], dtype=bool)
+        """A boolean per manifest position: held out for testing (``held_out_rows``)."""
+        return held_out_rows(self.splits, self.patient_ids)
 
     def training_positions(self, include_test: bool = False) -> np.ndarray:
         """Manifest positions a GAN trains on: those not ``held_out`` (the "test" split and its patients'
@@ -146,6 +142,15 @@ class Archive:
     def as_float(self, images: np.ndarray) -> np.ndarray:
         """Stored integers -> float32 in [0, 1]."""
         return images.astype(np.float32) / float(np.iinfo(self.dtype).max)
+
+
+def held_out_rows(splits, patient_ids) -> np.ndarray:
+    """A boolean per row: held out for testing. The rows of the "test" split, and every other row of a
+    patient who has one (an empty patient id is no patient): split lists that are not patient-wise (the
+    official ChestX-ray14 lists are) would otherwise put one patient's radiographs on both sides."""
+    test = np.array([s == "test" for s in splits], dtype=bool)
+    patients = {p for p, t in zip(patient_ids, test) if t and p}
+    return test | np.array([bool(p) and p in patients for p in patient_ids], dtype=bool)
 
 
 def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:

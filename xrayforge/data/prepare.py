@@ -38,8 +38,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..utils.files import check_out_dir, load_npy, read_csv, read_json
-from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, pyramid_resolutions, quantize, write_csv,
-                      write_json)
+from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize,
+                      write_csv, write_json)
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, read_radiograph, reader_kind
 
@@ -517,8 +517,8 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         row.update({f: v for f, v in zip(FINDINGS, vec)})
         manifest.append(row)
     write_csv(partial / "skipped.csv", ["source", "reason"], skipped)
-    tested = {r["patient_id"] for r in manifest if r["split"] == "test" and r["patient_id"]}
-    straddle = sorted({r["patient_id"] for r in manifest if r["split"] != "test" and r["patient_id"] in tested})
+    held = held_out_rows([r["split"] for r in manifest], [r["patient_id"] for r in manifest])
+    straddle = sorted({r["patient_id"] for r, h in zip(manifest, held) if h and r["split"] != "test"})
     if straddle:  # the split lists are not patient-wise: Archive.held_out keeps such patients out of training
         log.warning(f"{len(straddle)} patients have images in the test split and outside it (e.g. "
                     f"{', '.join(straddle[:3])}): the split lists are not patient-wise; training holds out every "
