@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..utils.files import file_id
+from ..utils.files import file_id, load_state
 from .preprocess import _as_nchw, max_value
 
 DEFAULT = "inception"
@@ -118,10 +118,8 @@ class DenseNet121Space:
         body = {k: v for k, v in state.items() if k.startswith("features.")}
         self.channels = int(body["features.conv0.weight"].shape[1])
         net = DenseNet121(num_classes=1, in_channels=self.channels)
-        try:
-            net.features.load_state_dict({k[len("features."):]: v for k, v in body.items()})
-        except RuntimeError as exc:
-            raise UserError(f"{path}: the weights do not fit a DenseNet-121 ({str(exc).splitlines()[0]})") from None
+        load_state(net.features, {k[len("features."):]: v for k, v in body.items()},
+                   f"{path}: the weights do not fit a DenseNet-121")
         self.net = net.to(self.device).eval().requires_grad_(False)
         # made once: a host-to-GPU copy per batch would wait for the GPU each time
         self._imagenet = [torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in self.IMAGENET]

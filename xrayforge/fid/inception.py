@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..utils.files import load_torch
+from ..utils.files import load_state, load_torch
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -196,20 +196,6 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
         f"XRAYFORGE_INCEPTION=PATH.")
 
 
-def _state_problem(expected: dict, state) -> str | None:
-    """What keeps ``state`` from loading into a network with the state dict ``expected``, or None."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = ", ".join(map(str, list(state)[:4])) if isinstance(state, dict) else type(state).__name__
-        return f"not a state dict of tensors: it holds {keys}"
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)}, expected {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    said = [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
-            ((missing, "missing keys"), (unexpected, "unexpected keys"), (shapes, "wrong shapes")) if keys]
-    return "; ".join(said) or None
-
-
 def load_inception(path: str | os.PathLike | None = None, random_weights: bool = False,
                    device: str | torch.device = "cpu") -> FIDInception:
     """The FID Inception in eval mode. ``random_weights=True`` gives a seeded random network:
@@ -227,9 +213,6 @@ def load_inception(path: str | os.PathLike | None = None, random_weights: bool =
     else:
         weights = find_weights(path)
         state = load_torch(weights, "the FID Inception weights")
-        problem = _state_problem(model.state_dict(), state)
-        if problem:
-            raise UserError(f"{weights}: not the FID Inception weights {WEIGHTS_NAME} ({problem}); torchvision's "
-                            f"ImageNet Inception v3 is another network: use the file pytorch-fid uses")
-        model.load_state_dict(state)
+        load_state(model, state, f"{weights}: not the FID Inception weights {WEIGHTS_NAME}",
+                   "; torchvision's ImageNet Inception v3 is another network: use the file pytorch-fid uses")
     return model.eval().requires_grad_(False).to(device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils.files import load_torch, read_json
+from ..utils.files import load_state, load_torch, read_json
 from .networks import Discriminator, Generator, NetworkConfig
 
 FORMAT = "xrayforge-networks"
@@ -143,11 +143,8 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
         if name not in tensors:
             raise UserError(f"{weights_path}: no weights for {name!r}")
         net = CLASSES[info["class"]](NetworkConfig(**info["config"]))
-        try:
-            net.load_state_dict(tensors[name])
-        except RuntimeError as exc:
-            raise UserError(f"{weights_path}: the weights of {name} do not fit the network in networks.json "
-                            f"({str(exc).splitlines()[0]})") from None
+        load_state(net, tensors[name], f"{weights_path}: the weights of {name} do not fit the network in "
+                                       f"networks.json")
         if isinstance(map_location, (str, torch.device)):
             net = net.to(map_location)  # load_state_dict copied into the CPU parameters: move them
         net.set_level(info["level"], info["alpha"])

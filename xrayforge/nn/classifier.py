@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils.files import load_torch, read_json
+from ..utils.files import load_state, load_torch, read_json
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -239,11 +239,7 @@ def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClass
     except (TypeError, ValueError, KeyError) as exc:
         raise UserError(f"{meta_path}: damaged classifier settings ({exc})") from None
     state = load_torch(folder / "classifier.pt", "classifier weights", map_location=map_location)
-    try:
-        model.net.load_state_dict(state)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"{folder / 'classifier.pt'}: the weights do not fit classifier.json "
-                        f"({str(exc).splitlines()[0]})") from None
+    load_state(model.net, state, f"{folder / 'classifier.pt'}: the weights do not fit classifier.json")
     return model.eval()
 
 

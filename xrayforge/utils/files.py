@@ -113,6 +113,36 @@ def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location
     return _load(path, what, load)
 
 
+def state_problem(expected: dict, state) -> str | None:
+    """What keeps ``state`` from loading into a network whose state dict is ``expected``, or None: the
+    missing and unexpected keys and the wrong shapes, each counted with an example (torch's own error
+    begins "Error(s) in loading state_dict for ...", which says none of that on its first line)."""
+    import torch
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = ", ".join(map(str, list(state)[:4])) if isinstance(state, dict) else type(state).__name__
+        return f"not a state dict of tensors: it holds {keys}"
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)}, expected {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    said = [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in
+            ((missing, "missing keys"), (unexpected, "unexpected keys"), (shapes, "wrong shapes")) if keys]
+    return "; ".join(said) or None
+
+
+def load_state(module, state, what: str, hint: str = "") -> None:
+    """``module.load_state_dict(state)`` (strict), or a UserError: ``what`` (the file and what it should
+    hold), then in brackets what does not fit (``state_problem``), then ``hint``."""
+    problem = state_problem(module.state_dict(), state)
+    if problem is None:
+        try:
+            module.load_state_dict(state)
+            return
+        except RuntimeError as exc:
+            problem = str(exc).strip().splitlines()[0]
+    raise UserError(f"{what} ({problem}){hint}")
+
+
 def load_npy(path: str | os.PathLike, what: str = "a .npy array", mmap_mode: str | None = None):
     import numpy as np
     return _load(path, what, lambda p: np.load(p, mmap_mode=mmap_mode, allow_pickle=False))
