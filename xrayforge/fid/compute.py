@@ -376,9 +376,9 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
 
     def enough(spec: str, r: FeatureResult) -> None:
         """Said as soon as one side is read, not after the other's: too few images for what is asked."""
-        have = len(r.features) if r.features is not None else r.stats.n
-        if need and r.features is None:
+        if r.features is None:
             raise ValueError(f"{spec}: no features kept for KID, bootstrap intervals or --prdc")
+        have = len(r.features)
         if prdc and have <= 5:
             raise ValueError(f"{spec}: {have} readable images; --prdc needs more than 5 a side (its density and "
                              f"coverage take 5 nearest neighbours)")
