@@ -12,7 +12,8 @@ from PIL import Image
 
 from synthetic_factory import write_sample_folder
 from xrayforge.cli import main as cli
-from xrayforge.data.archive import Archive, json_safe
+from xrayforge.data.archive import Archive
+from xrayforge.utils.files import json_safe
 from xrayforge.data.labels import FINDINGS
 from xrayforge.data.prepare import prepare
 from xrayforge.evaluate.diversity import combinations, cooccurrence, diversity, prevalence_rows

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .utils.files import claim_output, read_json
+from .utils.files import claim_output, read_json, write_text_atomic
 
 DEMO_TARGETS = ["Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"]
 
@@ -243,7 +243,7 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     results = read_json(state_path, "the demo's progress") if state_path.exists() else {}
 
     def save_state():
-        state_path.write_text(json.dumps(results, indent=2))
+        write_text_atomic(state_path, json.dumps(results, indent=2))  # a torn one would block the resume
 
     started = time.perf_counter()
     clock = {"t": started}

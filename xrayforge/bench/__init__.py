@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from ..utils.files import write_text_atomic
+
 # Published peak figures: HBM bandwidth (GB/s) and dense bf16 / fp32 (non-tensor) TFLOP/s.
 # Matched by substring of torch.cuda.get_device_name(); the first match wins.
 DEVICE_LIMITS = [
@@ -136,13 +138,6 @@ class PhaseTimer:
 def error_summary(exc: BaseException) -> str:
     """A failed benchmark row's error: the exception's type and the first line of its message."""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file, so a reader never sees it half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:

@@ -49,6 +49,6 @@ def print_tables(results: dict) -> None:
 
 def save_json(results: dict, path: str) -> None:
     """Write every suite's rows to ``path`` through a temporary file (never half-written)."""
-    from . import write_text_atomic
+    from ..utils.files import write_text_atomic
     write_text_atomic(Path(path), json.dumps({name: result for name, (result, _) in results.items()},
                                              indent=2, default=str))

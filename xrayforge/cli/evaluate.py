@@ -81,11 +81,11 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
 
     result = score(args.pack, args.key, args.answers)
     if args.out:
-        from ..data.archive import write_json
+        from ..utils.files import write_json
         from ..utils.files import claim_output
         out = claim_output(args.out, "evaluate reader-study score")
         write_json(out / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
-    from ..data.archive import json_safe
+    from ..utils.files import json_safe
     print(json.dumps(json_safe(result), indent=2) if args.json else format_markdown(result))
     return 0
 

@@ -52,7 +52,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if len(result["skipped"]) > 20:
         print(f"... and {len(result['skipped']) - 20} more skipped", file=sys.stderr)
     if args.json:
-        from ..data.archive import json_safe
+        from ..utils.files import json_safe
         print(json.dumps(json_safe(result)))
         return 0
     space = "" if result["features"] == "inception" else f", features {result['features']}"

@@ -16,8 +16,6 @@ is a 2×2 box filter of the one above it.
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 from pathlib import Path
 
@@ -151,30 +149,3 @@ def held_out_rows(splits, patient_ids) -> np.ndarray:
     test = np.array([s == "test" for s in splits], dtype=bool)
     patients = {p for p, t in zip(patient_ids, test) if t and p}
     return test | np.array([bool(p) and p in patients for p in patient_ids], dtype=bool)
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def json_safe(obj):
-    """NaN -> None, recursively, so that strict JSON readers (browsers, jq) accept the file."""
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    """``obj`` as JSON (NaN written as null), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2))
-    os.replace(tmp, path)

@@ -37,9 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import check_out_dir, load_npy, read_csv, read_json
-from .archive import (FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize,
-                      write_csv, write_json)
+from ..utils.files import check_out_dir, load_npy, read_csv, read_json, write_csv, write_json
+from .archive import FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, read_radiograph, reader_kind
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data.archive import Archive
 from ..errors import UserError
+from ..utils.files import write_text_atomic
 from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_weights, resize_input
 from .metrics import auroc, patient_split, youden_threshold
 
@@ -216,5 +217,5 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
                "val_patients": len({images.patient_ids[i] for i in val_items}),
                "best_mean_auroc": result.best_mean_auroc, "best_epoch": result.best_epoch, "history": result.history,
                "thresholds": model.config.thresholds}
-    (out / "training.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "training.json", json.dumps(summary, indent=2))
     return summary

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import torch
 
-from ..data.archive import write_csv, write_json
+from ..utils.files import save_numpy, write_csv, write_json, write_text_atomic
 from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
 from ..nn.latents import check_truncation
@@ -163,11 +163,11 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     write_csv(out / "findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     if pairs:
         write_csv(out / "pairs.csv", list(pairs[0]), [csv_row(p) for p in pairs])
-    np.savez(out / "cooccurrence.npz", findings=np.array(findings), synthetic=co_s, real_predicted=co_r,
-             real_labels=co_t)
+    save_numpy(out / "cooccurrence.npz", findings=np.array(findings), synthetic=co_s, real_predicted=co_r,
+               real_labels=co_t)
     plot_cooccurrence(findings, co_r, co_s, out / "cooccurrence.png")
     write_json(out / "summary.json", summary)
-    (out / "diversity.md").write_text(format_markdown(summary))
+    write_text_atomic(out / "diversity.md", format_markdown(summary))
     return summary
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.archive import write_csv, write_json
+from ..utils.files import write_csv, write_json, write_text_atomic
 from ..fid.compute import stored_pixels
 from ..fid.stats import StreamingMoments, frechet_distance, update_subsets
 from ._format import csv_row, is_number, number
@@ -154,7 +154,7 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     write_csv(out / "fid_findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     write_csv(out / "fid_vs_n.csv", ["n", "fid"], [csv_row(c) for c in curve])
     write_json(out / "summary.json", summary)
-    (out / "fid_findings.md").write_text(format_markdown(summary))
+    write_text_atomic(out / "fid_findings.md", format_markdown(summary))
     plot(summary, out / "fid_findings.png")
     return summary
 

@@ -22,7 +22,6 @@ distributions) and closest_pairs.png (the closest synthetic / real pairs side by
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from ..fid.preprocess import max_value
 from .metrics import fisher_greater
 from ..utils.neighbours import nearest_neighbours, pixel_vectors
-from ..utils.files import claim_output
+from ..utils.files import claim_output, write_csv, write_text_atomic
 
 
 def _grey(images: torch.Tensor) -> torch.Tensor:
@@ -136,12 +135,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     rows = [{"synthetic": s_names[k], "nearest_real_inception": r_names[int(i_f[k])],
              "inception_distance": round(float(d_f[k]), 6), "nearest_real_pixels": r_names[int(i_p[k])],
              "pixel_distance": round(float(d_p[k]), 6), "flagged": int(flagged[k])} for k in range(len(s_names))]
-    tmp = out / "memorisation.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "memorisation.csv")
+    write_csv(out / "memorisation.csv", list(rows[0].keys()), rows)
     summary = {
         "evaluation": "memorisation", "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
@@ -155,7 +149,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "median_synthetic_to_real_pixels": float(np.median(d_p.numpy())),
         "median_real_to_real_pixels": float(np.median(nn_p.numpy())),
         "inception": extractor.describe_space(), "features": extractor.space_name}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png")
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")

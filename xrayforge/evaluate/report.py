@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ._format import number
-from ..utils.files import read_json, read_jsonl
+from ..utils.files import read_json, read_jsonl, write_text_atomic
 
 SECTION_ORDER = ("diversity-grids", "fid-findings", "tstr", "diversity", "memorisation", "reader-study")
 EVALUATIONS = ("fid-findings", "tstr", "diversity", "memorisation", "reader-study")  # what a summary.json may name
@@ -269,7 +269,5 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
                         f"Markdown copy ({out.name}, {md_path.name}) would replace it. Choose another --out")
     md = REPORT_MARK + "\n" + _relative_images(md, out.parent)
     for path, text in ((md_path, md), (out, markdown_to_html(md, title, out.parent))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return {"html": str(out), "markdown": str(out.with_suffix(".md")), "evaluations": {k: str(v) for k, v in found.items()}}

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..data.archive import write_csv, write_json
 from ..errors import UserError
-from ..utils.files import claim_output, load_npy, same_settings
+from ..utils.files import (claim_output, load_npy, same_settings, save_numpy, write_csv, write_json,
+                           write_text_atomic)
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
 from .labelled import archive_id, is_sample_folder, open_labelled, sample_id
 from ._format import csv_row, is_number, number
@@ -95,7 +94,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         if val.all() or not val.any():
             raise ValueError(f"the validation split of the {name} training set ({budget} images) left one side "
                              f"empty; change --val-fraction (now {cfg.val_fraction}) or raise --budget")
-    settings_path.write_text(json.dumps(settings, indent=2))
+    write_text_atomic(settings_path, json.dumps(settings, indent=2))
     test = LabelledImages([(real, real_test)], findings)
     test_patients = np.array(test.patient_ids)
     rows, per_set = [], {}
@@ -116,9 +115,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
             result.model.cpu().save(folder)
             write_json(folder / "training.json", {"history": result.history,
                                                   "best_mean_validation_auroc": result.best_mean_auroc})
-            tmp = folder / "test_probabilities.tmp.npy"
-            np.save(tmp, probs)
-            os.replace(tmp, probs_path)  # the model counts as done from here on
+            save_numpy(probs_path, probs)  # the model counts as done from here on
         aucs = []
         for k, f in enumerate(findings):
             y = test.labels[:, k]
@@ -137,7 +134,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
                "test_images": len(test), "test_patients": len(set(test.patient_ids)), "findings": findings,
                "bootstrap": cfg.bootstrap, "training_sets": per_set, "rows": rows}
     write_json(out / "summary.json", summary)
-    (out / "tstr.md").write_text(format_markdown(summary))
+    write_text_atomic(out / "tstr.md", format_markdown(summary))
     plot(summary, out / "tstr.png")
     return summary
 

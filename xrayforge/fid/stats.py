@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..ops import masked_moments
-from ..utils.files import load_npz
+from ..utils.files import load_npz, save_numpy
 
 
 class StreamingMoments:
@@ -122,19 +122,12 @@ class FrechetStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
         extra = {} if self.n is None else {"n": np.int64(self.n)}
         if self.space is not None:
             extra["feature_space"] = np.array(self.space)
         if self.mode is not None:
             extra["mode"] = np.array(self.mode)
-        try:
-            np.savez(tmp, mu=self.mu, sigma=self.sigma, **extra)
-            os.replace(tmp, path)
-        except BaseException:  # Ctrl-C, a full disk: no half-written file left beside the statistics
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return save_numpy(path, mu=self.mu, sigma=self.sigma, **extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FrechetStats":

@@ -19,7 +19,7 @@ import torch
 
 from ..data.archive import Archive
 from ..errors import UserError
-from ..utils.files import load_npz
+from ..utils.files import load_npz, save_numpy
 from .compute import FeatureExtractor
 from .stats import FrechetStats, frechet_distance
 
@@ -71,10 +71,8 @@ class TrainingMetrics:
             for i in range(0, len(rows), self.extractor.batch_size)]).numpy()
         stats = FrechetStats.from_features(features, self.space)
         self.cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache.with_name(self.cache.name + ".tmp.npz")
-        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), features=features,
-                 feature_space=np.array(self.space), drawn_from=np.array(self.drawn_from))
-        os.replace(tmp, self.cache)
+        save_numpy(self.cache, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), features=features,
+                   feature_space=np.array(self.space), drawn_from=np.array(self.drawn_from))
         return stats, features
 
     @torch.no_grad()

@@ -21,20 +21,12 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils.files import load_state, load_torch, read_json
+from ..utils.files import atomic_write, load_state, load_torch, read_json
 from .networks import Discriminator, Generator, NetworkConfig
 
 FORMAT = "xrayforge-networks"
 VERSION = 1
 CLASSES = {"Generator": Generator, "Discriminator": Discriminator}
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None = None) -> Path:
@@ -50,8 +42,8 @@ def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None 
         tensors[name] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         meta["networks"][name] = {"class": cls, "config": net.config.as_dict(), "level": net.level,
                                   "alpha": float(net.alpha)}
-    _atomic_write(folder / "networks.pt", lambda p: torch.save(tensors, p))
-    _atomic_write(folder / "networks.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / "networks.pt", lambda p: torch.save(tensors, p), fsync=True)
+    atomic_write(folder / "networks.json", lambda p: p.write_text(json.dumps(meta, indent=2)), fsync=True)
     return folder
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils.files import load_state, load_torch, read_json
+from ..utils.files import atomic_write, load_state, load_torch, read_json, write_text_atomic
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -216,12 +216,10 @@ class ChestClassifier(nn.Module):
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "classifier.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, tmp)
-        os.replace(tmp, folder / "classifier.pt")
-        tmpj = folder / "classifier.json.tmp"
-        tmpj.write_text(json.dumps({"format": "xrayforge-classifier", "version": 1, **asdict(self.config)}, indent=2))
-        os.replace(tmpj, folder / "classifier.json")
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        atomic_write(folder / "classifier.pt", lambda p: torch.save(state, p))
+        write_text_atomic(folder / "classifier.json", json.dumps({"format": "xrayforge-classifier", "version": 1,
+                                                                  **asdict(self.config)}, indent=2))
         return folder
 
 

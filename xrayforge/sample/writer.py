@@ -20,7 +20,6 @@ continues it samples from that checkpoint even when training has written newer o
 from __future__ import annotations
 
 import concurrent.futures as cf
-import csv
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ import torch
 
 from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
-from ..utils.files import claim_output, file_id, read_csv, read_json, same_settings
+from ..utils.files import (atomic_write, claim_output, file_id, read_csv, read_json, same_settings, save_numpy,
+                           write_csv, write_text_atomic)
 from ..utils.images import levels, save_png, to_uint
 from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
 from ..nn.latents import check_truncation, latents_for
@@ -121,9 +121,7 @@ def write_dicom(path: Path, pixels: np.ndarray, comment: str) -> None:
     bits = 8 if pixels.dtype == np.uint8 else 16
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     ds.PixelData = pixels.tobytes()
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: ds.save_as(p, enforce_file_format=True))
 
 
 def _checkpoint_id(folder: Path) -> str:
@@ -427,17 +425,12 @@ class ArchiveSampler:
         for row in rows:
             if row["target"]:
                 self.reached[row["target"]] = True
-        np.save(self.out / f"{folder.name}.latents.npy", latents.numpy())
-        (self.out / f"{folder.name}.json").write_text(json.dumps({"rejected": self.rejected}))
+        save_numpy(self.out / f"{folder.name}.latents.npy", latents.numpy())
+        write_text_atomic(self.out / f"{folder.name}.json", json.dumps({"rejected": self.rejected}))
         self.rejected = dict.fromkeys(self.rejected, 0)
         fields = ["file", "index", "seed", "latent_seed", "latent_index", "target", "lco_steps", "latent_file",
                   "latent_row"] + [f"p_{f}" for f in self.findings]
-        tmp = self.out / f"{folder.name}.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.out / f"{folder.name}.csv")  # the shard is complete from here on
+        write_csv(self.out / f"{folder.name}.csv", fields, rows)  # the shard is complete from here on
 
     # ------------------------------------------------------------------ the whole archive
     def run(self) -> dict:
@@ -480,11 +473,9 @@ class ArchiveSampler:
         if distributed:
             dist.barrier()
         if rank == 0:
-            tmp = settings_path.with_name(settings_path.name + ".tmp")
-            tmp.write_text(json.dumps({**settings, "checkpoint": str(self.ckpt.resolve()),
-                                       "checkpoint_id": saved.get("checkpoint_id") or _checkpoint_id(self.ckpt)},
-                                      indent=2))
-            os.replace(tmp, settings_path)
+            write_text_atomic(settings_path, json.dumps({
+                **settings, "checkpoint": str(self.ckpt.resolve()),
+                "checkpoint_id": saved.get("checkpoint_id") or _checkpoint_id(self.ckpt)}, indent=2))
         shards = self._shards()
         total = shards[-1].stop
         from tqdm import tqdm
@@ -522,12 +513,7 @@ class ArchiveSampler:
             counted &= part.is_file()  # shards written before rejections were kept: the total is unknown
             for key, n in (read_json(part, "a shard's LCO counts").get("rejected", {}) if part.is_file() else {}).items():
                 rejected[key] = rejected.get(key, 0) + int(n)
-        tmp = self.out / "manifest.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.out / "manifest.csv")
+        write_csv(self.out / "manifest.csv", list(rows[0].keys()), rows)
         summary = {"out": str(self.out), "images": len(rows), "checkpoint": str(self.ckpt), "format": self.cfg.format,
                    # this run's own speed (None when it had nothing left to sample)
                    "images_this_run": made,
@@ -546,9 +532,7 @@ class ArchiveSampler:
                 "mean_target_probability": float(np.mean([np.mean([float(r[f"p_{f}"]) if v else 1 - float(r[f"p_{f}"])
                                                                    for f, v in t.items()]) for r in mine]))
                 if mine else None}
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.out / "summary.json")
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
 

@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data.archive import Archive, write_json
+from ..data.archive import Archive
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
 from ..nn.networks import largest_group_size
 from ..nn.checkpoint import checkpoint_dirs, damage, latest_intact, read_metadata
-from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl
+from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl, write_json, write_text_atomic
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
@@ -446,9 +446,7 @@ class Trainer:
                 logged, torn = read_jsonl(self.log_path)
                 self.history = [h for h in logged if h.get("images", math.inf) <= self.images_seen]
                 if self.rank == 0 and (len(self.history) != len(logged) or torn):
-                    tmp = self.log_path.with_name("log.jsonl.tmp")
-                    tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-                    os.replace(tmp, self.log_path)
+                    write_text_atomic(self.log_path, "".join(json.dumps(h) + "\n" for h in self.history))
         else:
             refused = None  # process 0 looks; under torchrun every process is told, and raises the same error
             if self.rank == 0:
@@ -689,9 +687,7 @@ class Trainer:
             os.fsync(fh.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a directory rename: the checkpoint appears whole or not at all
-        pointer_tmp = self.ckpt_dir / "latest.tmp"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.ckpt_dir / "latest")
+        write_text_atomic(self.ckpt_dir / "latest", name)
         kept = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp"))
         for old in kept[:-self.cfg.keep_checkpoints]:
             if self.best is None or old.name != self.best.get("checkpoint"):  # the best one stays
@@ -776,9 +772,7 @@ class Trainer:
                      "images": record["images"], **{k: record[k] for k in ("fid", "precision", "recall", "density",
                                                                            "coverage", "metrics_features",
                                                                            "metrics_images") if k in record}}
-        tmp = self.ckpt_dir / "best.json.tmp"
-        tmp.write_text(json.dumps(self.best, indent=2))
-        os.replace(tmp, self.ckpt_dir / "best.json")
+        write_text_atomic(self.ckpt_dir / "best.json", json.dumps(self.best, indent=2))
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum

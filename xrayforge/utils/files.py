@@ -1,9 +1,11 @@
-"""Reading the project's files with errors that name the file and the problem, and claiming
-output folders so that a command never writes into something it did not make.
+"""Reading the project's files with errors that name the file and the problem, writing them
+atomically, and claiming output folders so that a command never writes into something it did
+not make.
 
 Every reader here turns the many ways a file can be damaged (missing, empty, truncated by a
 crash or a full disk, not the kind of file expected) into one :class:`~xrayforge.errors.UserError`
-that names the file. ``claim_output`` marks a folder as the output of one command
+that names the file. Every writer goes through :func:`atomic_write`: a reader (or a resumed run)
+sees a file whole or not at all. ``claim_output`` marks a folder as the output of one command
 (``.xrayforge.json``); a later run of the same command may continue in it, anything else is refused.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from ..errors import UserError
@@ -35,6 +38,70 @@ def file_id(*paths: str | os.PathLike, length: int = 12) -> str:
     if len(paths) == 1:
         return one(paths[0])[:length]
     return hashlib.sha1(" ".join(one(p) for p in paths).encode()).hexdigest()[:length]
+
+
+def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place: a reader
+    sees the old file or the new one, never half of one. The temporary name is hidden, unique
+    to this writer (two processes writing one file do not share it), and ends with ``path``'s
+    own suffix (numpy, Pillow and matplotlib choose the format from it); an interrupted or failed
+    write removes it. ``fsync``: on disk before the rename (a power loss, not only a kill)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C, a full disk, a writer's error: nothing left beside the file
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_numpy(path: str | os.PathLike, array=None, **arrays) -> Path:
+    """``np.save(array)`` or, with keywords, ``np.savez(**arrays)``, atomically, at ``path`` exactly
+    (numpy adds no .npy / .npz to a name without it)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            if array is not None:
+                np.save(fh, array)
+            else:
+                np.savez(fh, **arrays)
+    return atomic_write(path, write)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def json_safe(obj):
+    """NaN -> None, recursively, so that strict JSON readers (browsers, jq) accept the file."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as JSON (NaN written as null), atomically."""
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2))
+
+
+def write_csv(path: str | os.PathLike, fields: list[str], rows: list[dict]) -> Path:
+    """A CSV file with a header of ``fields``, atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return atomic_write(path, write)
 
 
 def _need_file(path: Path, what: str) -> None:
@@ -275,7 +342,5 @@ def _claim(out: Path, command: str, signatures) -> Path:
             out.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"{out}: cannot create the folder (a part of the path is a file)") from None
-    tmp = out / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"command": command}) + "\n")
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps({"command": command}) + "\n")
     return out

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 
 def levels(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Network output in [-1, 1] -> the integer levels 0 .. 2^bits - 1 a file stores (clipped, rounded),
@@ -37,9 +39,7 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
     """8- or 16-bit grayscale, or 8-bit RGB, PNG (written atomically)."""
     from PIL import Image
     im = Image.fromarray(array)  # uint16 2-D arrays become 16-bit grayscale (I;16)
-    tmp = f"{path}.tmp.png"
-    im.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: im.save(p, format="PNG"))
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> None:

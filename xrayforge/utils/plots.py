@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from .files import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -62,7 +64,7 @@ def loss_curve(history: list[dict], path: str | os.PathLike) -> None:
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
     """Lay out, write atomically as PNG, and close a matplotlib figure."""
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format="png"))
+    finally:
+        _pyplot().close(fig)

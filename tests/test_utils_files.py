@@ -1,0 +1,82 @@
+"""utils.files' writers: every file the project writes goes through atomic_write."""
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from xrayforge.fid.stats import FrechetStats
+from xrayforge.utils.files import (atomic_write, read_csv, save_numpy, write_csv, write_json,
+                                   write_text_atomic)
+from xrayforge.utils.images import save_png
+
+
+def _all(folder):
+    return sorted(os.listdir(folder))  # hidden names included
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    write_text_atomic(path, "old")
+
+    def half(tmp):
+        tmp.write_text("half of the new")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half)
+    assert path.read_text() == "old" and _all(tmp_path) == ["summary.json"]
+
+    def interrupted(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted)
+    assert path.read_text() == "old" and _all(tmp_path) == ["summary.json"]
+
+
+def test_each_writer_has_its_own_hidden_temporary_with_the_files_suffix(tmp_path):
+    """Two processes (or threads) writing one file never write into the same temporary: the old
+    fixed NAME.tmp let one rename the other's half-written file into place."""
+    path = tmp_path / "grid.png"
+    seen, barrier = [], threading.Barrier(2)
+
+    def write(tmp):
+        seen.append(tmp)
+        barrier.wait(timeout=10)  # both temporaries exist at once
+        tmp.write_bytes(b"x")
+    threads = [threading.Thread(target=atomic_write, args=(path, write)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 2 and seen[0] != seen[1]
+    assert all(t.name.startswith(".grid.png.") and t.suffix == ".png" and t.parent == tmp_path for t in seen)
+    assert _all(tmp_path) == ["grid.png"]
+
+
+def test_numpy_files_are_written_at_the_exact_path(tmp_path):
+    """np.save / np.savez add .npy / .npz to a name without it; the path asked for is the one written."""
+    save_numpy(tmp_path / "probs", np.arange(3.0))
+    assert _all(tmp_path) == ["probs"]
+    assert np.load(tmp_path / "probs").tolist() == [0.0, 1.0, 2.0]
+    stats = FrechetStats(np.zeros(2), np.eye(2), n=5, space="x")
+    stats.save(tmp_path / "stats")
+    assert "stats" in _all(tmp_path) and FrechetStats.load(tmp_path / "stats").n == 5
+    save_numpy(tmp_path / "m.npz", a=np.ones(2), b=np.zeros(1))
+    with np.load(tmp_path / "m.npz") as z:
+        assert sorted(z.files) == ["a", "b"]
+    assert _all(tmp_path) == ["m.npz", "probs", "stats"]
+
+
+def test_json_csv_and_png_writers_round_trip(tmp_path):
+    write_json(tmp_path / "a.json", {"x": float("nan"), "y": [1, 2]})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": None, "y": [1, 2]}
+    write_csv(tmp_path / "b.csv", ["k", "v"], [{"k": "é", "v": 1}])
+    rows, fields = read_csv(tmp_path / "b.csv")
+    assert fields == ["k", "v"] and rows == [{"k": "é", "v": "1"}]
+    save_png(np.full((3, 4), 7, np.uint8), tmp_path / "c.png")
+    from PIL import Image
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.format == "PNG" and im.size == (4, 3)
+    assert _all(tmp_path) == ["a.json", "b.csv", "c.png"]
