@@ -200,3 +200,92 @@ def test_make_stopped_part_way_is_made_again(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not empty"):
         rs.make(*args, pack, size=32, seed=1)
     assert (pack / "images" / "mine.png").exists()
+
+
+def _sources(tmp_path, synth_name="synth", value=30):
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.data.prepare import prepare
+    if not (tmp_path / "real").exists():
+        prepare("phantom:10", tmp_path / "real", resolution=32, workers=1, progress=False)
+    synth = tmp_path / synth_name
+    synth.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((32, 32), value + 20 * i, dtype=np.uint8)).save(synth / f"g{i}.png")
+    return str(tmp_path / "real"), str(synth)
+
+
+def _page_names(pack):
+    import json
+    import re
+    page = (pack / "index.html").read_text()
+    names = json.loads(re.search(r"const IMAGES = (\[.*?\]);", page).group(1))
+    return names, re.search(r"xrayforge-[0-9a-f]+", page)[0]
+
+
+def test_order_and_names_are_not_the_seeds_alone(tmp_path):
+    """From the seed alone (0 by default) and the folders' sizes a reader could replay the shuffle (the
+    file names confirming the guess); and two packs of other images made alike shared names, order of
+    truths and the page's saved answers, so one pack's key scored the other's answers."""
+    import numpy as np
+
+    from xrayforge.evaluate.reader_study import make
+    real, synth_a = _sources(tmp_path, "a", 30)
+    _, synth_b = _sources(tmp_path, "b", 35)
+    make(real, synth_a, 8, tmp_path / "A", size=32, seed=0)
+    make(real, synth_b, 8, tmp_path / "B", size=32, seed=0)
+    names_a, id_a = _page_names(tmp_path / "A")
+    names_b, id_b = _page_names(tmp_path / "B")
+    assert not set(names_a) & set(names_b) and id_a != id_b
+    rng = np.random.default_rng(0)  # the replay: make's draws, knowing only the seed and the sizes (10, 6)
+    rng.permutation(10), rng.permutation(6)
+    rng.shuffle(list(range(8)))
+    assert [f"{rng.integers(0, 2 ** 63):016x}.png" for _ in range(8)] != names_a
+    with pytest.raises(UserError, match="not the key of the pack"):
+        score(tmp_path / "B", tmp_path / "A.key.csv", [])
+    # still seeded: the same inputs and seed give the same pack, another seed another
+    make(real, synth_a, 8, tmp_path / "A2", size=32, seed=0)
+    make(real, synth_a, 8, tmp_path / "A3", size=32, seed=1)
+    assert _page_names(tmp_path / "A2") == (names_a, id_a) and _page_names(tmp_path / "A3")[1] != id_a
+    assert (tmp_path / "A2.key.csv").read_text() == (tmp_path / "A.key.csv").read_text()
+
+
+def test_a_second_answer_for_an_image_is_refused(study, tmp_path):
+    pack, key = study
+    twice = write_csv(tmp_path / "t.csv", [{"reader": "r", "image": i, "answer": a}
+                                           for i, a in (("a", "real"), ("c", "fake"), ("a", "synthetic"))],
+                      ["reader", "image", "answer"])
+    with pytest.raises(UserError, match=r"t.csv, line 4: a second answer for a \(the first is on line 2\)"):
+        score(pack, key, [twice])
+
+
+def test_a_file_managers_hidden_files_in_the_pack_are_not_images(study, tmp_path):
+    pack, key = study
+    (pack / "images" / ".DS_Store").write_bytes(b"\0")
+    r = write_csv(tmp_path / "r.csv", [{"reader": "r", "image": "a", "answer": "real"}], ["reader", "image", "answer"])
+    assert score(pack, key, [r])["readers"]["r"]["answers"] == 1
+
+
+def test_out_dot_puts_the_key_beside_the_folder(tmp_path, monkeypatch):
+    from xrayforge.evaluate.reader_study import make
+    real, synth = _sources(tmp_path)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    info = make(real, synth, 4, ".", size=32)
+    assert (tmp_path / "here" / "index.html").is_file() and (tmp_path / "here.key.csv").is_file()
+    assert info["images"] == 4
+
+
+def test_a_killed_writes_hidden_temporary_file_is_cleared_on_rerun(tmp_path):
+    """atomic_write's temporary file (hidden, ``.<name>.<pid>-<tag>.tmp.png``) stays where a kill -9 stopped
+    it: it is make's own, and the rerun makes the pack again."""
+    import xrayforge.evaluate.reader_study as rs
+    real, synth = _sources(tmp_path)
+    pack = tmp_path / "pack"
+    (pack / "images").mkdir(parents=True)
+    (pack / rs.UNFINISHED).write_text("")
+    (pack / "images" / "0123456789abcdef.png").write_bytes(b"x")
+    (pack / "images" / ".89abcdef01234567.png.4242-1a2b3c4d.tmp.png").write_bytes(b"x")
+    rs.make(real, synth, 4, pack, size=32)
+    assert (pack / "index.html").is_file() and len(list((pack / "images").iterdir())) == 4

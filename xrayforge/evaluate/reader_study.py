@@ -11,12 +11,12 @@ written outside the pack.
 exact two-sided binomial test against chance (p = 0.5), Fleiss' kappa between readers, and the
 fraction of synthetic images called real. Each answer file is one reader, named by its
 ``reader`` column (the file's name when the box was left empty); the same reader name in two
-files, or an answer that names no image of the study, is an error: no answer is dropped or
-merged silently.
+files, two answers for one image in a file, or an answer that names no image of the study, is an
+error: no answer is dropped or merged silently.
 """
 from __future__ import annotations
 
-import csv
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import read_csv
+from ..utils.files import read_csv, write_csv, write_text_atomic
 from ._format import number
 from .metrics import log_binomial_pmf
 
@@ -101,11 +101,15 @@ def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
         raise UserError(f"{path}: answers of several readers ({', '.join(sorted(names))}) in one file; "
                         f"export one file per reader")
     reader = next(iter(names)) if names else path.stem
-    out = []
+    out, lines = [], {}
     for i, row in enumerate(rows, start=2):
         image = (row.get("image") or "").strip()
         if image not in key:
             raise UserError(f"{path}, line {i}: answer for an image that is not in the study: {image!r}")
+        if image in lines:  # the page exports one answer per image: two are an edit or a merge, never guessed at
+            raise UserError(f"{path}, line {i}: a second answer for {image} (the first is on line {lines[image]}); "
+                            f"keep one")
+        lines[image] = i
         answer = (row.get("answer") or "").strip().lower()
         if answer not in SYNTHETIC_WORDS | REAL_WORDS:
             raise UserError(f"{path}, line {i}: answer must be 'real' or 'synthetic', got {row.get('answer')!r}")
@@ -118,7 +122,8 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
     if not Path(pack, "index.html").is_file():
         raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
     key = read_key(key_path)
-    shown = {f.name for f in Path(pack, "images").iterdir() if f.is_file()} if Path(pack, "images").is_dir() else set()
+    shown = {f.name for f in Path(pack, "images").iterdir() if f.is_file() and not f.name.startswith(".")} \
+        if Path(pack, "images").is_dir() else set()  # not a file manager's .DS_Store or ._ files
     if shown != set(key):
         raise UserError(f"{key_path}: not the key of the pack {pack} ({len(set(key) - shown)} of its {len(key)} "
                         f"images are not in the pack, {len(shown - set(key))} of the pack's {len(shown)} are not "
@@ -141,7 +146,7 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
         answers.extend({**a, "reader": name} for a in got)
     readers = sorted({a["reader"] for a in answers})
     latest = {}
-    for a in answers:  # a reader who changed an answer: the last one counts
+    for a in answers:  # one per reader and image (read_answers refuses a second)
         latest[(a["reader"], a["image"])] = a
     result = {"readers": {}, "images": len(key)}
     for r in readers:
@@ -198,7 +203,8 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     from ..data.readers import SkipImage
     from ..utils.images import save_png
     out = Path(out)
-    key_path = Path(key_path) if key_path else out.with_name(out.name + ".key.csv")
+    beside = out.resolve() if out.name in ("", "..") else out  # `--out .`: the key goes beside that folder
+    key_path = Path(key_path) if key_path else beside.with_name(beside.name + ".key.csv")
     if key_path.resolve().is_relative_to(out.resolve()):
         raise UserError(f"the key {key_path} must not be inside the pack {out}")
     if n < 2 or n % 2:
@@ -227,6 +233,16 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         if got < n // 2:  # never an unbalanced pack
             raise UserError(f"{spec}: only {got} of the {n // 2} {truth} images the study needs could be read; "
                             f"unreadable: {'; '.join(unreadable[:3])}{' ...' if len(unreadable) > 3 else ''}")
+    # The order readers see, the file names and the page's storage id come from the seed *and* the chosen
+    # images' own pixels: from the seed alone, anyone who guessed it (0 by default) and the folders' sizes
+    # could replay the shuffle, the names confirming the guess, and two packs of other images made alike
+    # would share names, order of truths and the browser's saved answers. Same inputs and seed: same pack.
+    digest = hashlib.sha256(f"xrayforge reader study {seed} {size}".encode())
+    for truth, _, pixels in chosen:
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        digest.update(f"{truth} {pixels.shape}".encode())
+        digest.update(pixels.tobytes())
+    rng = np.random.default_rng(int.from_bytes(digest.digest(), "big"))
     rng.shuffle(chosen)
     if unfinished:  # every input read: what the stopped make left goes now, and OUT must then be as new
         _clear_unfinished(out, key_path)
@@ -244,16 +260,9 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         key_rows.append({"image": name, "truth": truth, "source": source})
         names.append(name)
     # the key, then the page: a pack is usable only once index.html is there, and then its key is whole
-    tmp = key_path.with_name(key_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["image", "truth", "source"])
-        w.writeheader()
-        w.writerows(key_rows)
-    os.replace(tmp, key_path)
+    write_csv(key_path, ["image", "truth", "source"], key_rows)
     pack_id = f"xrayforge-{rng.integers(0, 2 ** 32):08x}"
-    page = out / "index.html.tmp"
-    page.write_text(PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
-    os.replace(page, out / "index.html")
+    write_text_atomic(out / "index.html", PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
     (out / UNFINISHED).unlink()
     return {"pack": str(out), "key": str(key_path), "images": len(names)}
 
@@ -282,7 +291,9 @@ def _clear_unfinished(out: Path, key_path: Path) -> None:
     if (out / "index.html").exists() or \
             any(p.name not in ("images", "index.html.tmp") and not p.name.startswith(".") for p in out.iterdir()):
         return
-    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?")
+    # an image, or the temporary file of one a kill stopped (``x.png.tmp.png``, or atomic_write's hidden
+    # ``.x.png.<pid>-<tag>.tmp.png``)
+    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?|\.[0-9a-f]{16}\.png\.[0-9]+-[0-9a-f]+\.tmp\.png")
     left = {p.name for p in images.iterdir()} if images.is_dir() else set()
     if not all(ours.fullmatch(name) for name in left):
         return  # not only what make writes
@@ -363,7 +374,7 @@ $("reader").oninput = e => { state.reader = e.target.value; save(); };
 function csv(){
   const rows = [["reader", "image", "answer", "confidence", "time"]];
   for (const [img, a] of Object.entries(state.answers)) if (a.answer)
-    rows.push([state.reader || "reader", img, a.answer, a.confidence || "", a.time || ""]);
+    rows.push([state.reader, img, a.answer, a.confidence || "", a.time || ""]);
   return rows.map(r => r.map(v => '"' + String(v).replace(/"/g, '""') + '"').join(",")).join("\\n") + "\\n";
 }
 $("export").onclick = () => {
