@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from xrayforge.bench import gpu_check
-from xrayforge.bench.ops import CONV_VARIANTS
+from xrayforge.bench.ops import CONV_PASSES, CONV_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -125,7 +125,10 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert not [r for r in ops_rows if any("error" in k for k in r)]
     assert {r["op"] for r in ops_rows} == {"pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"}
     conv = st["conv"]["data"]
-    assert [r["variant"] for r in conv["rows"]] == [v[0] for v in CONV_VARIANTS] * len(conv["layers"])
+    # every layer's variants, the autotuned ones (their compiles: what a cap should cut) after all the others
+    assert [(r["layer"], r["variant"]) for r in conv["rows"]] == [
+        (i, v[0]) for variants in CONV_PASSES for i in range(len(conv["layers"])) for v in variants]
+    assert conv["device"]["name"] and all("fwd_peak_frac" in r and "fwd_hbm_frac" in r for r in conv["rows"])
     assert {s["resample"] for s in conv["layers"]} == {None, "up", "down"}
     assert not [r for r in conv["rows"] if "error" in r] and all(r["fwd+bwd_ms"] > 0 for r in conv["rows"])
     assert all(r["max_err"] < 1e-4 for r in conv["rows"]) and isinstance(conv["layer_table"], list)
@@ -209,12 +212,17 @@ def test_conv_layer_table_counts_the_gradient_penalty_for_discriminator_layers()
             {"fwd+bwd_ms": 2.0, "gp_ms": 3.0}, {"fwd+bwd_ms": 1.5, "gp_ms": 4.0},  # D layer: GP loses it...
             {"fwd+bwd_ms": 1.0, "gp_ms": 3.0},                                     # ...with the torch backward
             {"fwd+bwd_ms": 1.9, "gp_ms": 2.9}]
+    for k, r in enumerate(rows):
+        r.update(layer=k // 4, variant=CONV_VARIANTS[k % 4][0])
+    # as conv_rows writes them: every layer's first three variants, then the autotuned ones
+    rows = [r for r in rows if not r["variant"].endswith("autotuned tiles")] + [rows[3], rows[7]]
     assert layer_table(rows, [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}
     assert layer_table(rows, [g, d], fused=2) == {(128, 256, 3, "down", "lrelu", 64, "bfloat16"): "triton"}
     assert layer_table(rows, [g, d], fused=3) == {(128, 256, 3, "down", "lrelu", 64, "bfloat16"): "triton"}
-    rows[5]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
+    rows[4]["gp_ms"] = 3.2  # now 4.7 ms against 5.0: the D layer joins (output size 64: pooled)
     assert (128, 256, 3, "down", "lrelu", 64, "bfloat16") in layer_table(rows, [g, d])
-    assert layer_table(rows[:5], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # cut short
+    assert layer_table(rows[:4], [g, d]) == {(256, 128, 3, "up", "lrelu_pn", 128, "bfloat16"): "triton"}  # cut short
+    assert layer_table(rows[:7], [g, d], fused=3) == {}  # cut before D's autotuned row
     rows[1]["error"] = "x"
     assert (256, 128, 3, "up", "lrelu_pn", 128, "bfloat16") not in layer_table(rows, [g, d])
 
@@ -255,3 +263,38 @@ def test_bench_scripts_refuse_cuda_without_a_gpu(script, capsys):
         main(["--device", "cuda"])
     assert exc.value.code == 2
     assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cin,cout,kernel,resample,activation,size", [
+    (16, 8, 3, None, "lrelu_pn", 8), (16, 8, 3, "up", "lrelu_pn", 4), (8, 16, 3, "down", "lrelu", 8),
+    (16, 1, 1, None, "linear", 8)])
+def test_train_step_flops_count_the_fused_conv_kernel(cin, cout, kernel, resample, activation, size):
+    # a Triton launch is no aten op: the dispatch-mode counter missed the forward of every layer the
+    # per-layer table sends to ops.conv2d_eqlr, so the triton / cuda modes' TFLOP/s and MFU came out low
+    import torch
+    from xrayforge.bench.train_step import _count_fused_convs, _FlopCounter
+    from xrayforge.nn import EqualizedConv2d
+    layer = EqualizedConv2d(cin, cout, kernel, activation=activation, resample=resample, fused=True)
+    x = torch.randn(2, cin, size, size)
+    counts = {}
+    for backend in ("cudnn", "triton"):  # cuDNN's path in the strided form, the same taps as the kernel's
+        layer.eqlr_backend = backend
+        counter = _FlopCounter()
+        with torch.no_grad(), counter, _count_fused_convs(counter):
+            layer(x)
+        counts[backend] = counter.total
+    assert counts["triton"] == counts["cudnn"] > 0
+
+
+def test_a_run_without_the_env_stage_says_which_device_and_commit(tmp_path):
+    # the GPU window runs `--only tests,conv` and `--only train,fid`: without the env stage the report
+    # named no device ("GPU check — ?"), no versions and no commit, so an H100's figures read as anyone's
+    assert gpu_check.main(["--out", str(tmp_path), "--only", "ops", "--dry-run"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["stages"]["env"]["status"] == "skipped" and report["commit"]
+    data = report["stages"]["ops"]["data"]
+    assert data["device"]["name"] and data["versions"]["torch"]
+    head = (tmp_path / "gpu_check.md").read_text().splitlines()[:3]
+    assert head[0] == f"# GPU check — {data['device']['name']} (DRY RUN on the CPU: no GPU figure)"
+    assert f"commit {report['commit']}" in head[2] and "torch None" not in head[2]
+    assert gpu_check.merge_reports([report])["merged_from"][0]["commit"] == report["commit"]

@@ -37,7 +37,8 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from pathlib import Path
 
-from . import error_summary, write_text_atomic
+from ..utils.files import write_text_atomic
+from . import error_summary
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: stages, pytest and git run there
 STAGES = ("env", "tests", "ops", "conv", "train", "fid", "knn", "sampling")
@@ -119,13 +120,22 @@ class Part:
         print(json.dumps(row, default=str)[:400], flush=True)  # progress, in the log
 
 
-def _device(dry: bool):
+def _device(dry: bool, part: Part | None = None):
+    """The stage's device; with ``part``, recorded in it (name and limits, and the versions): a run
+    with ``--only`` and no env stage still says which GPU and software its figures are from."""
     import torch
+
+    from . import device_info, environment
     if dry:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+        dev = torch.device("cpu")
+    elif not torch.cuda.is_available():
         raise RuntimeError("no CUDA device is visible to PyTorch; use --dry-run on a machine without a GPU")
-    return torch.device("cuda")
+    else:
+        dev = torch.device("cuda")
+    if part is not None:
+        part.data["device"], part.data["versions"] = device_info(dev).as_dict(), environment()
+        part.save()
+    return dev
 
 
 # --------------------------------------------------------------------------- stage: env
@@ -264,7 +274,7 @@ def parse_junit(path: Path) -> dict:
 # --------------------------------------------------------------------------- stage: ops
 def stage_ops(part: Part, dry: bool, out: Path, context: dict) -> None:
     from . import ops as ops_bench
-    dev = _device(dry)
+    dev = _device(dry, part)
     cfg = sizes(dry)["ops"]
     shapes = ops_bench.pggan_shapes(cfg["resolution"], cfg["batch"], cfg["fmap_max"], cfg["target"])
     if cfg["per_op"]:
@@ -300,7 +310,7 @@ def stage_conv(part: Part, dry: bool, out: Path, context: dict) -> None:
     """ops.conv2d_eqlr's Triton kernel against cuDNN + the epilogue at every conv layer shape,
     and the per-layer table (ops.conv2d_eqlr.LAYER_TABLE) those figures give."""
     from . import ops as ops_bench
-    dev = _device(dry)
+    dev = _device(dry, part)
     cfg = sizes(dry)["conv"]
     layers = ops_bench.conv_layer_shapes(cfg["resolution"], cfg["fmap_max"])
     if cfg["layers"]:  # the dry run: a few layers, one of each resampling
@@ -324,7 +334,7 @@ def stage_conv(part: Part, dry: bool, out: Path, context: dict) -> None:
 # --------------------------------------------------------------------------- stage: train
 def stage_train(part: Part, dry: bool, out: Path, context: dict) -> None:
     from . import train_step
-    dev = _device(dry)
+    dev = _device(dry, part)
     cfg = sizes(dry)["train"]
     part.data["modes"] = train_step.MODES
     for res, batch, modes, phases in cfg["configs"]:
@@ -355,7 +365,7 @@ def stage_fid(part: Part, dry: bool, out: Path, context: dict) -> None:
     from . import fid as fid_bench
     from ..data.phantom import render
     from ..fid.compute import FeatureExtractor
-    dev = _device(dry)
+    dev = _device(dry, part)
     cfg = sizes(dry)["fid"]
     part.data["weights"] = "random (timings do not depend on them)"
     exact = FeatureExtractor(None, True, "exact", str(dev), cfg["batch"], 0, progress=False)
@@ -392,7 +402,7 @@ def stage_fid(part: Part, dry: bool, out: Path, context: dict) -> None:
 # --------------------------------------------------------------------------- stage: knn
 def stage_knn(part: Part, dry: bool, out: Path, context: dict) -> None:
     from . import fid as fid_bench
-    dev = _device(dry)
+    dev = _device(dry, part)
     cfg = sizes(dry)["knn"]
     for row in fid_bench.knn_rows(cfg["n"], cfg["dim"], dev, check=cfg["check"]):
         part.add_row("rows", row)
@@ -406,7 +416,7 @@ def stage_sampling(part: Part, dry: bool, out: Path, context: dict) -> None:
     from . import sampling as sampling_bench
     from ..nn import Generator, NetworkConfig
     from ..nn.classifier import ChestClassifier, ClassifierConfig
-    dev = _device(dry)
+    dev = _device(dry, part)
     cfg = sizes(dry)["sampling"]
     amp = None if dry else "bf16"
     res = sampling_bench.run(resolution=cfg["resolution"], n=cfg["n"], batch=cfg["batch"], device=str(dev),
@@ -543,7 +553,7 @@ def main(argv=None) -> int:
     work.mkdir(exist_ok=True)
     report = {"check": "gpu_check", "dry_run": args.dry_run,
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "budget_seconds": budget, "setup": _read_json(args.setup), "stages": {}}
+              "budget_seconds": budget, "setup": _read_json(args.setup), "commit": _commit(), "stages": {}}
     context: dict = {}
     t_start = time.perf_counter()
     for name in STAGES:
@@ -580,7 +590,8 @@ def merge_reports(reports: list[dict]) -> dict:
     merged = {"check": "gpu_check", "dry_run": any(r.get("dry_run") for r in reports),
               "started": reports[-1]["started"], "merged_from": [], "stages": {}}
     for r in reports:
-        env = r["stages"].get("env", {}).get("data", {}).get("environment", {})
+        env = dict(r["stages"].get("env", {}).get("data", {}).get("environment", {}))
+        env["commit"] = env.get("commit") or r.get("commit")  # a run without the env stage
         merged["merged_from"].append({"started": r["started"], "commit": env.get("commit"),
                                       "ran": [n for n, s in r["stages"].items() if s.get("status") != "skipped"],
                                       "setup": r.get("setup"), "total_seconds": r.get("total_seconds")})
@@ -628,10 +639,14 @@ def render_markdown(report: dict) -> str:
     st = report["stages"]
     env = st.get("env", {}).get("data", {})
     e = env.get("environment", {})
-    dev = e.get("device", {}).get("name", "?")
+    # without the env stage (--only): the device the stages recorded
+    recorded = [s.get("data", {}) for s in st.values() if s.get("data", {}).get("device")]
+    dev = e.get("device", {}).get("name") or (recorded[0]["device"]["name"] if recorded else "?")
+    v = e if e else (recorded[0].get("versions", {}) if recorded else {})
+    commit = e.get("commit") or report.get("commit")
     lines = [f"# GPU check — {dev}" + (" (DRY RUN on the CPU: no GPU figure)" if report["dry_run"] else ""),
-             "", f"{report['started'][:10]}; commit {e.get('commit') or '?'}; torch {e.get('torch')}, "
-             f"triton {e.get('triton')}, CUDA {e.get('cuda')}; {e.get('nvidia_smi', '')}", ""]
+             "", f"{report['started'][:10]}; commit {commit or '?'}; torch {v.get('torch')}, "
+             f"triton {v.get('triton')}, CUDA {v.get('cuda')}; {e.get('nvidia_smi', '')}", ""]
     setup = report.get("setup") or {}
     if setup:
         lines += ["Setup: " + "; ".join(f"{k}: {v}" for k, v in setup.items()), ""]
@@ -674,9 +689,11 @@ def render_markdown(report: dict) -> str:
                   "conv, f+b counted 3×)", ""]
         lines += _table(conv["rows"], [("shape", "layer"), ("batch", "batch"), ("dtype", "dtype"),
                                        ("variant", "variant"), ("max_err", "max err"), ("fwd_ms", "fwd ms"),
-                                       ("fwd_tflops", "fwd TFLOP/s"), ("fwd_gbps", "fwd GB/s"),
+                                       ("fwd_tflops", "fwd TFLOP/s"), ("fwd_peak_frac", "fwd peak frac"),
+                                       ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),
                                        ("fwd_speedup", "fwd ×cuDNN"), ("fwd+bwd_ms", "f+b ms"),
-                                       ("fwd+bwd_tflops", "f+b TFLOP/s"), ("fwd+bwd_speedup", "f+b ×cuDNN"),
+                                       ("fwd+bwd_tflops", "f+b TFLOP/s"), ("fwd+bwd_peak_frac", "f+b peak frac"),
+                                       ("fwd+bwd_speedup", "f+b ×cuDNN"),
                                        ("gp_ms", "GP ms"), ("gp_speedup", "GP ×cuDNN"),
                                        ("error", "error")]) + [""]
         table = conv.get("layer_table") or []

@@ -197,10 +197,12 @@ def _conv_costs(s: dict, batch: int, elsize: int) -> tuple[float, int, int]:
 
 
 # (variant, EqualizedConv2d.eqlr_backend, ops.conv2d_eqlr.EPILOGUE_BACKWARD, ops.conv2d_eqlr.AUTOTUNE)
-# per layer, in order
+# per layer, in order; the autotuned variant runs after every layer's others (CONV_PASSES): its
+# compiles (up to six tile configurations per layer) are what a stage cut at its cap should lose
 CONV_VARIANTS = (("cudnn + epilogue", "cudnn", "torch", False), ("fused triton", "triton", "torch", False),
                  ("fused triton, Triton epilogue backward", "triton", "triton", False),
                  ("fused triton, autotuned tiles", "triton", "torch", True))
+CONV_PASSES = (tuple(v for v in CONV_VARIANTS if not v[3]), tuple(v for v in CONV_VARIANTS if v[3]))
 
 
 def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int = 512, batch: int = 16,
@@ -211,98 +213,103 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     against ops.conv2d_eqlr's Triton kernel, forward and forward + backward (input and weight
     gradients), and for D's layers the gradient penalty's pattern (input gradient with
     create_graph, then its gradient: "gp"), at ``batch`` in ``dtype`` (autocast, as training),
-    with TFLOP/s of the plain convolution (3× for f+b, 6× for gp, nominal), GB/s of minimum
-    traffic, the speed-up, and the fused forward's largest deviation from float64 on the first
-    image next to cuDNN's."""
+    with TFLOP/s of the plain convolution (3× for f+b, 6× for gp, nominal) and its fraction of
+    the device's dense peak for ``dtype``, GB/s of minimum traffic and its fraction of HBM
+    bandwidth, the speed-up, and the fused forward's largest deviation from float64 on the first
+    image next to cuDNN's. Rows carry their layer's index in ``layers``; the autotuned variant's
+    rows come after every layer's others (CONV_PASSES)."""
     from ..nn import EqualizedConv2d
     from ..ops.conv2d import no_weight_gradients
     from ..ops.conv2d_eqlr import reference as eqlr_reference
     eqlr = importlib.import_module("xrayforge.ops.conv2d_eqlr")
     defaults = eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    info = device_info(dev)
     dt = getattr(torch, dtype)
+    peak = info.fp32_tflops if dt == torch.float32 else info.bf16_tflops
     amp = dev.type == "cuda" and dt != torch.float32
     elsize = torch.empty(0, dtype=dt).element_size()
     rows = []
-    for s in layers if layers is not None else conv_layer_shapes(resolution, fmap_max):
-        torch.manual_seed(0)
-        layer = EqualizedConv2d(s["cin"], s["cout"], s["kernel"], activation=s["activation"],
-                                resample=s["resample"], fused=s["fused"]).to(dev)
-        with torch.no_grad():
-            layer.bias.normal_(0, 0.5)
-        fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-        layer = layer.to(memory_format=fmt)
-        x = torch.randn(batch, s["cin"], s["size"], s["size"], device=dev).to(dt).contiguous(memory_format=fmt)
-        flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize)
-        shape = (f"{s['cin']}→{s['cout']} {s['kernel']}×{s['kernel']}"
-                 f"{' ' + s['resample'] if s['resample'] else ''} {s['activation']} @{s['size']}px")
-        with torch.no_grad():  # float64 on the first image, and one output gradient, for both variants
-            exact = eqlr_reference(x[:1].double(), layer.weight.double(), layer.bias.double(), scale=layer.scale,
-                                   activation=s["activation"], resample=s["resample"])
-        dy = torch.randn((batch,) + tuple(exact.shape[1:]), device=dev).to(dt).contiguous(memory_format=fmt)
-        base = {}
-        for variant, backend, epilogue_backward, autotune in CONV_VARIANTS:
-            layer.eqlr_backend = backend
-            eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = epilogue_backward, autotune
-            tuned_before = set(eqlr.tuned_blocks())
-            row = {"op": "conv2d_eqlr", "shape": shape, "batch": batch, "dtype": dtype, "variant": variant}
-            try:
-                with torch.autocast(dev.type, dt, enabled=amp):
-                    with torch.no_grad():  # the whole batch: the shape the autotuner tunes for
-                        got = layer(x)[:1]
-                    row["max_err"] = (got.double() - exact).abs().max().item()
-                    xg = x.detach().requires_grad_()
+    layers = layers if layers is not None else conv_layer_shapes(resolution, fmap_max)
+    base: dict[tuple[int, str], float] = {}
+    for variants in CONV_PASSES:
+        for i, s in enumerate(layers):
+            torch.manual_seed(0)
+            layer = EqualizedConv2d(s["cin"], s["cout"], s["kernel"], activation=s["activation"],
+                                    resample=s["resample"], fused=s["fused"]).to(dev)
+            with torch.no_grad():
+                layer.bias.normal_(0, 0.5)
+            fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+            layer = layer.to(memory_format=fmt)
+            x = torch.randn(batch, s["cin"], s["size"], s["size"], device=dev).to(dt).contiguous(memory_format=fmt)
+            flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize)
+            shape = (f"{s['cin']}→{s['cout']} {s['kernel']}×{s['kernel']}"
+                     f"{' ' + s['resample'] if s['resample'] else ''} {s['activation']} @{s['size']}px")
+            with torch.no_grad():  # float64 on the first image, and one output gradient, for every variant
+                exact = eqlr_reference(x[:1].double(), layer.weight.double(), layer.bias.double(), scale=layer.scale,
+                                       activation=s["activation"], resample=s["resample"])
+            dy = torch.randn((batch,) + tuple(exact.shape[1:]), device=dev).to(dt).contiguous(memory_format=fmt)
+            for variant, backend, epilogue_backward, autotune in variants:
+                layer.eqlr_backend = backend
+                eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = epilogue_backward, autotune
+                tuned_before = set(eqlr.tuned_blocks())
+                row = {"op": "conv2d_eqlr", "layer": i, "shape": shape, "batch": batch, "dtype": dtype,
+                       "variant": variant}
+                try:
+                    with torch.autocast(dev.type, dt, enabled=amp):
+                        with torch.no_grad():  # the whole batch: the shape the autotuner tunes for
+                            got = layer(x)[:1]
+                        row["max_err"] = (got.double() - exact).abs().max().item()
+                        xg = x.detach().requires_grad_()
 
-                    def fwd():
-                        with torch.no_grad():
-                            return layer(xg)
+                        def fwd():
+                            with torch.no_grad():
+                                return layer(xg)
 
-                    def fwd_bwd():  # every gradient a training step takes: input, weight, bias
-                        return torch.autograd.grad(layer(xg), (xg, layer.weight, layer.bias), dy)
+                        def fwd_bwd():  # every gradient a training step takes: input, weight, bias
+                            return torch.autograd.grad(layer(xg), (xg, layer.weight, layer.bias), dy)
 
-                    def penalty():  # WGAN-GP through a D layer: the input gradient, then its own gradient
-                        with no_weight_gradients():
-                            gx, = torch.autograd.grad(layer(xg), xg, dy, create_graph=True)
-                        return torch.autograd.grad(gx.float().square().sum(), (xg, layer.weight, layer.bias))
-                    phases = [("fwd", fwd, fwd_bytes, flops), ("fwd+bwd", fwd_bwd, fb_bytes, 3 * flops)]
-                    if s["activation"] == "lrelu":  # the discriminator's layers meet the gradient penalty
-                        phases.append(("gp", penalty, 2 * fb_bytes, 6 * flops))
-                    for phase, fn, nbytes, fl in phases:
-                        ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=min_seconds)
-                        row.update({f"{phase}_ms": ms, f"{phase}_tflops": fl / ms / 1e9,
-                                    f"{phase}_gbps": nbytes / ms / 1e6})
-                        if backend == "cudnn":
-                            base[phase] = ms
-                        row[f"{phase}_speedup"] = base.get(phase, float("nan")) / ms
-            except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
-                row["error"] = error_summary(exc)
-            finally:
-                eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = defaults
-            if autotune:  # the tiles the autotuner chose for this layer (timed in the warm-up calls)
-                row["tuned_blocks"] = [list(v) for k, v in eqlr.tuned_blocks().items() if k not in tuned_before]
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+                        def penalty():  # WGAN-GP through a D layer: the input gradient, then its own gradient
+                            with no_weight_gradients():
+                                gx, = torch.autograd.grad(layer(xg), xg, dy, create_graph=True)
+                            return torch.autograd.grad(gx.float().square().sum(), (xg, layer.weight, layer.bias))
+                        phases = [("fwd", fwd, fwd_bytes, flops), ("fwd+bwd", fwd_bwd, fb_bytes, 3 * flops)]
+                        if s["activation"] == "lrelu":  # the discriminator's layers meet the gradient penalty
+                            phases.append(("gp", penalty, 2 * fb_bytes, 6 * flops))
+                        for phase, fn, nbytes, fl in phases:
+                            ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=min_seconds)
+                            tflops, gbps = fl / ms / 1e9, nbytes / ms / 1e6
+                            row.update({f"{phase}_ms": ms, f"{phase}_tflops": tflops, f"{phase}_gbps": gbps,
+                                        f"{phase}_peak_frac": tflops / peak if peak else None,
+                                        f"{phase}_hbm_frac": gbps / info.hbm_gbps if info.hbm_gbps else None})
+                            if backend == "cudnn":
+                                base[(i, phase)] = ms
+                            row[f"{phase}_speedup"] = base.get((i, phase), float("nan")) / ms
+                except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+                    row["error"] = error_summary(exc)
+                finally:
+                    eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = defaults
+                if autotune:  # the tiles the autotuner chose for this layer (timed in the warm-up calls)
+                    row["tuned_blocks"] = [list(v) for k, v in eqlr.tuned_blocks().items() if k not in tuned_before]
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
 def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", fused: int = 1) -> dict:
-    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results (one row per CONV_VARIANTS
-    entry and layer; the layers measured so far): the layers whose fused kernel (variant
-    ``fused``: 1 with the torch epilogue backward, 2 with the Triton one, 3 with autotuned
-    tiles) cost less than cuDNN +
-    the epilogue over what a training step asks of them — forward + backward, plus the gradient
-    penalty for D's layers."""
+    """ops.conv2d_eqlr.LAYER_TABLE entries from conv_rows' results (rows of CONV_VARIANTS by their
+    ``layer`` index into ``layers``; the rows measured so far): the layers whose fused kernel
+    (variant ``fused``: 1 with the torch epilogue backward, 2 with the Triton one, 3 with autotuned
+    tiles) cost less than cuDNN + the epilogue over what a training step asks of them — forward +
+    backward, plus the gradient penalty for D's layers."""
+    by = {(r["layer"], r["variant"]): r for r in rows}
     table = {}
-    n = len(CONV_VARIANTS)
     for i, s in enumerate(layers):
-        group = rows[n * i:n * i + n]
-        if len(group) <= fused:
-            continue
-        pair = (group[0], group[fused])
-        if any("error" in r for r in pair):
+        pair = (by.get((i, CONV_VARIANTS[0][0])), by.get((i, CONV_VARIANTS[fused][0])))
+        if any(r is None or "error" in r for r in pair):
             continue
         need = ("fwd+bwd_ms", "gp_ms") if s["activation"] == "lrelu" else ("fwd+bwd_ms",)
         if not all(k in r for r in pair for k in need):
@@ -311,7 +318,6 @@ def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", f
             size = s["size"] * 2 if s["resample"] == "up" else (s["size"] // 2 if s["resample"] else s["size"])
             table[(s["cin"], s["cout"], s["kernel"], s["resample"], s["activation"], size, dtype)] = "triton"
     return table
-
 
 COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("max_err", "max err"),
            ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),

@@ -25,6 +25,10 @@ def run(resolution: int | None = None, n: int | None = None, batch: int | None =
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ck = save_networks(Path(tmp) / "ck", {"G_ema": Generator(cfg), "D": Discriminator(cfg)})
+        # one batch untimed first: kernel compiles and library loads are paid once per process, and
+        # the first timed row (1 thread) paid them alone
+        sample_archive(SampleConfig(str(ck), str(Path(tmp) / "warm-up"), n=batch, batch=batch, amp=amp,
+                                    device=str(dev)), progress=False)
         for threads in (1, 8):
             out = Path(tmp) / f"out{threads}"
             t0 = time.perf_counter()

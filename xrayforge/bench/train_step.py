@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .. import ops
+from ..ops import _backend
 from ..ops._backend import auto_candidates
 from ..nn import Discriminator, Generator, NetworkConfig
 from ..nn.layers import set_conv_gradfix
@@ -97,10 +98,32 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _count_fused_convs(counter: _FlopCounter):
+    """While ``counter`` counts, add the forward FLOPs of each ops.conv2d_eqlr call that runs the
+    Triton kernel (the per-layer table's layers): a kernel launch is no aten op, so the dispatch
+    mode misses it. Its taps per output pixel: k² (none), 16 (down: the 4×4 stride-2 form), 4
+    (up: 2×2 per parity class) — what the strided cuDNN form of the same layer is counted at.
+    Its backward runs aten convolutions, which are counted."""
+    original = ops.conv2d_eqlr
+
+    def counted(x, weight, bias=None, *, scale, activation="linear", resample=None, backend=None):
+        y = original(x, weight, bias, scale=scale, activation=activation, resample=resample, backend=backend)
+        if _backend.resolve("conv2d_eqlr", x, backend) == "triton":
+            taps = {None: weight.shape[2] ** 2, "down": 16, "up": 4}[resample]
+            counter.total += 2 * y.numel() * weight.shape[1] * taps
+        return y
+    ops.conv2d_eqlr = counted  # EqualizedConv2d calls it as ops.conv2d_eqlr
+    try:
+        yield
+    finally:
+        ops.conv2d_eqlr = original
+
+
 def step_flops(step, level, resolution, device, fast) -> float:
     """FLOPs of one step per image, counted on a batch of 4."""
     counter = _FlopCounter()
-    with counter:
+    with counter, _count_fused_convs(counter):
         step(_real(4, resolution, device, fast), level, 1.0)
     return counter.total / 4
 
@@ -220,7 +243,8 @@ def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device
                      "adds ops.conv2d (double backward on cuDNN's weight-gradient kernels); fast = that with "
                      "the auto backend (GPU-validated kernels); triton / cuda = that with those kernels (cuda "
                      "first, Triton where the extension has none); MFU against the dense bf16 peak; FLOPs "
-                     "counted by FlopCounterMode on the step of each mode (fused resampling does fewer FLOPs)",
+                     "counted by FlopCounterMode on the step of each mode (fused resampling does fewer FLOPs; "
+                     "ops.conv2d_eqlr's Triton forward, no aten op, added at its taps)",
             "modes": MODES}
 
 
