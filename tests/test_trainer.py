@@ -793,3 +793,78 @@ def test_a_refused_new_start_is_refused_by_every_process(archive, tmp_path):
     said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert said[0] == said[1] and "already has checkpoints" in said[0], said
     assert time.time() - t0 < 25  # not a process group's timeout
+
+
+def test_an_archive_smaller_than_a_batch_is_said(tmp_path, caplog):
+    """4 images to train on and batches of 8: every batch repeats images, which is said (was silent)."""
+    prepare("phantom:6", tmp_path / "six", resolution=16, workers=1, progress=False)
+    assert len(Archive(tmp_path / "six").training_positions()) == 4
+    with caplog.at_level("WARNING"):
+        Trainer(TrainConfig(str(tmp_path / "six"), str(tmp_path / "run"), **dict(TINY, batch={4: 8, 8: 4, 16: 2})),
+                progress=False).close()
+    assert "4 images to train on, fewer than a step's batch (8 at 4 px)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Trainer(TrainConfig(str(tmp_path / "six"), str(tmp_path / "run2"), **dict(TINY, batch={4: 4, 8: 4, 16: 2})),
+                progress=False).close()
+    assert "fewer than a step's batch" not in caplog.text
+
+
+def test_resuming_on_another_number_of_processes_says_the_batch_changes(archive, tmp_path, caplog):
+    """The batch is per process: a run of 2 processes resumed by 1 steps on half the batch. Said with the
+    numbers (was: only that the random streams are not continued exactly)."""
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False).train()
+    state_file = run / "checkpoints" / "ckpt-000000000064" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["rank_rng"] = [state["rank_rng"][0]] * 2  # as a checkpoint of two processes
+    torch.save(state, state_file)
+    with caplog.at_level("WARNING"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False).close()
+    assert "the run trained on 2 processes, and 1 goes on: each step's batch changes from 16 to 8 images" in caplog.text
+    assert "resume it with 2 processes" in caplog.text
+
+
+def test_a_checkpoint_cut_short_is_said_and_cleared_away(archive, tmp_path, caplog):
+    """A kill while a checkpoint is written (SIGKILL after a grace period, during the SIGTERM checkpoint)
+    leaves ckpt-N.tmp at a count the run may never write again: the resume says that work is redone,
+    and the next checkpoint clears it away (it stayed for good, a whole checkpoint's size)."""
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False).train()
+    cut = run / "checkpoints" / "ckpt-000000000100.tmp"
+    cut.mkdir()
+    (cut / "networks.pt").write_bytes(b"PK\x03\x04partial")
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(TrainConfig(str(archive), str(run), max_images=128, **TINY), resume=True, progress=False)
+    assert trainer.images_seen == 64
+    assert "ckpt-000000000100.tmp: a checkpoint whose writing was cut short" in caplog.text
+    assert "resuming from ckpt-000000000064, 36 images earlier" in caplog.text
+    trainer.train()
+    assert not cut.exists() and (run / "checkpoints" / "ckpt-000000000128").is_dir()
+    first = tmp_path / "first"  # killed while its first checkpoint was written: said, with what to do
+    Trainer(TrainConfig(str(archive), str(first), **TINY), progress=False).close()
+    (first / "checkpoints" / "ckpt-000000000032.tmp").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"the first, ckpt-000000000032.tmp, was cut short .* without --resume"):
+        Trainer(TrainConfig(str(archive), str(first), **TINY), resume=True, progress=False)
+
+
+def test_a_checkpoint_that_cannot_be_written_names_it_and_the_intact_one(archive, tmp_path, monkeypatch):
+    """A full disk: torch.save says only "file write failed" (no file); the error names the checkpoint,
+    says that the last one is intact, and frees the half-written one's space."""
+    import xrayforge.train.trainer as trainer_module
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False).train()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("state.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(trainer_module.torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"ckpt-000000000128.tmp: cannot write the checkpoint at 128 images \(.*file "
+                                        r"write failed\); is the disk full\? The run's last checkpoint, "
+                                        r"ckpt-000000000064, is kept"):
+        Trainer(TrainConfig(str(archive), str(run), max_images=128, **TINY), resume=True, progress=False).train()
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000064"]

@@ -239,6 +239,8 @@ class Trainer:
         self.total = min(self.schedule.total_images, config.max_images or self.schedule.total_images)
         self._check_batches()  # before anything is written
         self.train_rows = self._training_rows()
+        if self.rank == 0:
+            self._warn_about_a_small_archive()
         self.archive_identity = {"images": len(self.archive), "resolution": self.archive.resolution,
                                  "manifest_sha1": file_id(self.archive.path / "manifest.csv", length=40),
                                  "train_images": len(self.train_rows), "include_test": config.include_test}
@@ -313,6 +315,23 @@ class Trainer:
             raise UserError(f"{self.archive.path}: every image is in the test split or of a patient in it, on which "
                             f"the evaluations test; nothing is left to train on (--include-test trains on them)")
         return rows
+
+    def _warn_about_a_small_archive(self) -> None:
+        """Fewer images to train on than a step's batch (all processes'): the stream runs through the
+        images more than once per batch, so each batch holds copies (and D's minibatch statistic may
+        compare an image with itself). Said, with the resolutions it happens at."""
+        n = len(self.train_rows)
+        short = []
+        for level in range(self.schedule.start_level, self.schedule.final_level + 1):
+            res = self.net_config.resolution_at(level)
+            b = self._configured_batch(res)
+            if b is not None and b * self.world > n:
+                short.append(f"{b * self.world} at {res} px" if self.world == 1 else
+                             f"{b * self.world} at {res} px ({b} per process × {self.world})")
+        if short:
+            log.warning("%s: %d image%s to train on, fewer than a step's batch (%s): every batch holds some images "
+                        "more than once; use a larger archive (or a smaller --batch)", self.archive.path, n,
+                        "" if n == 1 else "s", ", ".join(short))
 
     def _warn_about_options(self) -> None:
         """Said once, at the start: options that do not do what they seem to."""
@@ -408,7 +427,7 @@ class Trainer:
         self.best: dict | None = None  # the best measured checkpoint so far (metrics during training)
         self.level = self.phase_index = None
         self.history: list[dict] = []
-        state = None
+        state, saved_world = None, None
         if resume:
             path, nets, state = self._resume_from()
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
@@ -421,6 +440,7 @@ class Trainer:
                         or int(self.best.get("images", 0)) > self.images_seen:
                     self.best = None
             per_rank = state.get("rank_rng")
+            saved_world = len(per_rank) if isinstance(per_rank, list) else None
             if isinstance(per_rank, list) and len(per_rank) == self.world:
                 self._set_rng_state(per_rank[self.rank])  # each process its own streams: an exact continuation
             elif self.world == 1:
@@ -469,6 +489,18 @@ class Trainer:
                 for t in list(net.parameters()) + list(net.buffers()):
                     dist.broadcast(t.data, 0)
         self._enter_phase(self.schedule.at(self.images_seen), state)
+        if saved_world not in (None, self.world) and self.rank == 0 and self.images_seen < self.total:
+            # the batch is per process: another number of processes trains on another batch per step
+            res = self.net_config.resolution_at(self.level)
+            log.warning("%s: the run trained on %d process%s, and %d go%s on: each step's batch changes from %d to %d "
+                        "images (%d per process at %d px; at every resolution × %g), so the optimiser takes %s steps "
+                        "of a %s batch at the same learning rate (the EMA half-life, in images, is kept): the run goes "
+                        "on, but not as the training it was; resume it with %d process%s to keep its batch",
+                        path.name, saved_world, "" if saved_world == 1 else "es", self.world,
+                        "es" if self.world == 1 else "", self.batch * saved_world, self.batch * self.world,
+                        self.batch, res, self.world / saved_world, "more" if self.world < saved_world else "fewer",
+                        "smaller" if self.world < saved_world else "larger", saved_world,
+                        "" if saved_world == 1 else "es")
         # the level and fade-in α of the last step taken (what a checkpoint's networks generate at)
         taken = self.schedule.at(max(self.images_seen - 1, 0))
         self.last_step = (int(state.get("step_level", taken.level)) if state else taken.level,
@@ -501,6 +533,12 @@ class Trainer:
                     if failed:
                         log.warning("%s: %s; resuming from the older intact checkpoint %s",
                                     failed[0][0], failed[0][1], path.name)
+                    cut_short = sorted(t.name for t in self.ckpt_dir.glob("ckpt-*.tmp")
+                                       if t.name[5:-4].isdigit() and int(t.name[5:-4]) > int(state["images_seen"]))
+                    if cut_short and self.rank == 0:  # a kill while it was written: the images since are redone
+                        log.warning("%s: a checkpoint whose writing was cut short (the process ended while writing "
+                                    "it); resuming from %s, %d images earlier", self.ckpt_dir / cut_short[-1],
+                                    path.name, int(cut_short[-1][5:-4]) - int(state["images_seen"]))
                     if self.rank == 0:
                         for bad, _ in failed:
                             os.replace(bad, bad.with_name("damaged-" + bad.name))
@@ -513,7 +551,10 @@ class Trainer:
             raise UserError(f"{self.ckpt_dir}: only damaged checkpoints are left ({', '.join(d.name for d in damaged[:3])}"
                             f"{' ...' if len(damaged) > 3 else ''}); nothing to resume from: start a new --out (or "
                             f"move them away and start this one again without --resume)")
-        raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from")
+        cut_short = sorted(self.ckpt_dir.glob("ckpt-*.tmp"))
+        raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from" + (
+            f" (the first, {cut_short[-1].name}, was cut short while it was written): start the run again without "
+            "--resume" if cut_short else ""))
 
     def _check_resumable(self, path: Path, meta: dict) -> None:
         """The checkpoint's networks are the ones these options build, and it trained on this archive."""
@@ -674,17 +715,28 @@ class Trainer:
         name = f"ckpt-{self.images_seen:012d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / (name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
-                      extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict(),
-                             "archive": self.archive_identity})
+        for cut_short in self.ckpt_dir.glob("ckpt-*.tmp"):  # this one's, and any a kill left at another count
+            shutil.rmtree(cut_short, ignore_errors=True)
         state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level, "phase": self.phase_index,
                  "step_level": level, "step_alpha": alpha,
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  **ranks_rng[0], "rank_rng": ranks_rng}
-        torch.save(state, tmp / "state.pt")
-        with open(tmp / "state.pt", "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
+                          extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict(),
+                                 "archive": self.archive_identity})
+            torch.save(state, tmp / "state.pt")
+            with open(tmp / "state.pt", "rb") as fh:
+                os.fsync(fh.fileno())
+        except (OSError, RuntimeError) as exc:  # a full disk: torch says only "file write failed", no file
+            if not isinstance(exc, OSError) and "write" not in str(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # the space it took, for the next try
+            kept = checkpoint_dirs(self.ckpt_dir)
+            raise UserError(f"{tmp}: cannot write the checkpoint at {self.images_seen} images ({exc}); is the disk "
+                            f"full? " + (f"The run's last checkpoint, {kept[0].name}, is kept: free some space and "
+                                         "continue with --resume" if kept else "The run has no checkpoint yet")
+                            ) from exc
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a directory rename: the checkpoint appears whole or not at all
         write_text_atomic(self.ckpt_dir / "latest", name)
