@@ -455,6 +455,25 @@ def test_twelve_bit_data_in_sixteen_bit_pngs_is_warned_about_once(tmp_path, capl
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
+def test_images_smaller_than_the_resolution_are_said_to_be_enlarged(tmp_path, caplog):
+    """An 8-px image in a 16-px archive was enlarged without a word; the archive then holds less
+    detail than its resolution says. Said once, with the sizes, after --square."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((8, 8), 90, dtype=np.uint8)).save(src / "small.png")
+    Image.fromarray(np.full((12, 40), 90, dtype=np.uint8)).save(src / "wide.png")  # cropped to 12 px
+    Image.fromarray(np.full((16, 16), 90, dtype=np.uint8)).save(src / "exact.png")
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        prepare(str(src), tmp_path / "out", resolution=16, workers=1, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "enlarged" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("2 images are smaller than 16 px (after --square crop)")
+    assert "small.png (8 px)" in warnings[0] and "wide.png (12 px)" in warnings[0] and "exact.png" not in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):  # padded to 40 px: no longer small
+        prepare(str(src / "wide.png"), tmp_path / "pad", resolution=16, square="pad", workers=1, progress=False)
+    assert not [r for r in caplog.records if "enlarged" in r.getMessage()]
+
+
 def test_label_file_of_the_current_nih_download_is_found(tmp_path, caplog):
     src = tmp_path / "cxr14"
     names = make_chestxray14(src)
@@ -480,7 +499,7 @@ def test_images_and_label_rows_that_do_not_match_are_counted_and_said(tmp_path, 
         res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
     assert res.included == 4
     assert res.label_match == {"file": str(src / "Data_Entry_2017.csv"), "matched": 3, "unlisted": 1,
-                               "unlisted_left_out": False, "rows_without_image": 1}
+                               "unlisted_left_out": False, "rows_without_image": 1, "unlisted_patients_from_names": 0}
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "1 of 4 image files" in warned[0] and "mine.png" in warned[0]
     assert cli(["prepare", str(src), str(tmp_path / "cli"), "--resolution", "8", "--workers", "1", "-q"]) == 0
@@ -722,3 +741,31 @@ def test_split_lists_that_are_not_patient_wise_hold_out_the_test_patients_other_
     assert sorted(arc.training_positions().tolist()) == sorted([by_name[names[2]], by_name[names[3]]])
     train, test = real_test_split(arc, 0.2, 0)
     assert sorted(test.tolist()) == sorted([by_name[names[0]], by_name[names[1]]])
+
+
+def test_an_unlisted_chestxray14_image_takes_its_patient_from_its_name_and_is_held_out_with_them(tmp_path):
+    """An image file the label file does not list got no patient, so a test-split patient's unlisted
+    follow-up was trained on. ChestX-ray14 names carry the patient (00000002_001.png: patient 2);
+    where the label file's rows follow that rule, an unlisted image takes its patient from its name."""
+    src = tmp_path / "cxr14"
+    make_chestxray14(src)  # patient 2 (00000002_000.png) is in the test list
+    for name in ("00000002_001.png", "00000001_007.png", "scan.png"):
+        Image.fromarray(np.full((20, 30), 90, dtype=np.uint8)).save(src / "images" / name)
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert res.label_match["unlisted"] == 3 and res.label_match["unlisted_patients_from_names"] == 2
+    arc = Archive(tmp_path / "out")
+    by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
+    assert by_name["00000002_001.png"]["patient_id"] == "2" and by_name["00000001_007.png"]["patient_id"] == "1"
+    assert by_name["scan.png"]["patient_id"] == ""
+    held = {n for n in by_name if arc.held_out()[int(by_name[n]["row"])]}
+    assert held == {"00000002_000.png", "00000002_001.png"}  # the test patient's unlisted image too
+    # rows whose Patient ID is not the number in the name: no patient is guessed from a name
+    src2 = tmp_path / "other"
+    make_chestxray14(src2)
+    text = (src2 / "Data_Entry_2017.csv").read_text().replace(",0,2,60", ",0,P-7,60")
+    (src2 / "Data_Entry_2017.csv").write_text(text)
+    Image.fromarray(np.full((20, 30), 90, dtype=np.uint8)).save(src2 / "images" / "00000002_001.png")
+    res = prepare(str(src2), tmp_path / "out2", resolution=8, workers=1, progress=False)
+    assert res.label_match["unlisted_patients_from_names"] == 0
+    rows = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out2" / "manifest.csv")}
+    assert rows["00000002_001.png"]["patient_id"] == ""

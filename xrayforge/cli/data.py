@@ -53,7 +53,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if m:
         unlisted = f" ({'left out' if m['unlisted_left_out'] else 'all-zero labels'})" if m["unlisted"] else ""
         print(f"labels from {m['file']}: {m['matched']} image files matched a row; {m['unlisted']} not in it"
-              f"{unlisted}; {m['rows_without_image']} rows without an image file")
+              f"{unlisted}; {m['rows_without_image']} rows without an image file"
+              + (f"; {m['unlisted_patients_from_names']} unlisted took their patient from their file name"
+                 if m.get("unlisted_patients_from_names") else ""))
     return 0
 
 

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -110,6 +111,20 @@ def _find_labels(src: Path) -> Path | None:
     return None
 
 
+def _nih_patient(name: str) -> str | None:
+    """The patient a ChestX-ray14 file name carries (``00000003_001.png``: patient 3, follow-up 1)."""
+    m = re.fullmatch(r"(\d{8})_\d{3}\.png", name)
+    return str(int(m.group(1))) if m else None
+
+
+def _patients_by_name(entries: dict) -> bool:
+    """Whether the label file's rows name their patients as ChestX-ray14's file names do (every row
+    with such a name has that Patient ID, and there is one): then an image the file does not list
+    takes its patient from its name, and is held out with that patient's test images."""
+    named = [(n, p) for n, (p, _) in entries.items() if _nih_patient(n) is not None]
+    return bool(named) and all(_nih_patient(n) == p.strip() for n, p in named)
+
+
 def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> tuple[list[dict], dict]:
     """The candidates among ``files`` with what ``labels_csv`` says of each (matched by file name),
     and a summary of the match."""
@@ -136,11 +151,17 @@ def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> t
         else:
             log.warning(f"{len(unlisted)} of {len(files)} image files are not in {labels_csv} and get all-zero "
                         f"labels (as if 'No Finding'): {examples}; --labelled-only leaves them out")
+    by_name = bool(unlisted) and not labelled_only and _patients_by_name(entries)
+    named = sum(1 for f in unlisted if _nih_patient(f.name)) if by_name else 0
+    summary["unlisted_patients_from_names"] = named
+    if named:
+        log.info(f"{named} of the {len(unlisted)} image files not in {labels_csv} take their patient from their "
+                 f"ChestX-ray14 file name (as its rows do)")
     out = []
     for f in files:
         if labelled_only and f.name not in entries:
             continue
-        patient, finding = entries.get(f.name, ("", None))
+        patient, finding = entries.get(f.name, ((by_name and _nih_patient(f.name)) or "", None))
         out.append({"source": str(f), "patient_id": patient, "finding_labels": finding, "split": splits.get(f.name, "")})
     return out, summary
 
@@ -257,7 +278,10 @@ def _process(task: tuple[int, dict, str]) -> dict:
             rad = read_radiograph(cand["source"])
             if min(rad.pixels.shape) < 4:
                 raise SkipImage(f"image is only {rad.pixels.shape[1]}×{rad.pixels.shape[0]} pixels")
-            img = resize(square_image(rad.pixels, square), res)
+            sq = square_image(rad.pixels, square)
+            if sq.shape[0] < res:  # enlarged: said at the end
+                meta["enlarged_from"] = int(sq.shape[0])
+            img = resize(sq, res)
             if rad.meta.get("max", TWELVE_BITS + 1) <= TWELVE_BITS:
                 meta["twelve_bits"] = True
             meta["patient_id"] = cand.get("patient_id") or rad.patient_id
@@ -502,6 +526,12 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         log.warning(f"16-bit image files with no value above {TWELVE_BITS} (12-bit data?): {len(twelve_bit)}, e.g. "
                     f"{', '.join(twelve_bit[:3])}; scaled by 65535 they are dark" +
                     (", and at --bits 8 keep at most 16 grey levels: prepare them with --bits 16" if bits == 8 else ""))
+    enlarged = [(cand["source"], done[i]["enlarged_from"]) for i, cand in enumerate(candidates)
+                if done[i].get("enlarged_from")]
+    if enlarged:
+        log.warning(f"{len(enlarged)} images are smaller than {resolution} px (after --square {square}) and were "
+                    f"enlarged (bilinear), e.g. " + ", ".join(f"{s} ({n} px)" for s, n in enlarged[:3]) +
+                    f": they hold no detail at {resolution} px; a smaller --resolution keeps the archive true to them")
     manifest, skipped = [], list(not_images)
     for i, cand in enumerate(candidates):
         rec = done[i]
@@ -517,11 +547,14 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         manifest.append(row)
     write_csv(partial / "skipped.csv", ["source", "reason"], skipped)
     held = held_out_rows([r["split"] for r in manifest], [r["patient_id"] for r in manifest])
-    straddle = sorted({r["patient_id"] for r, h in zip(manifest, held) if h and r["split"] != "test"})
+    straddle = sorted({r["patient_id"] for r, h in zip(manifest, held) if h and r["split"] not in ("test", "")})
     if straddle:  # the split lists are not patient-wise: Archive.held_out keeps such patients out of training
         log.warning(f"{len(straddle)} patients have images in the test split and outside it (e.g. "
                     f"{', '.join(straddle[:3])}): the split lists are not patient-wise; training holds out every "
                     f"image of a patient in the test split")
+    unlisted = sum(1 for r, h in zip(manifest, held) if h and r["split"] == "")
+    if unlisted:  # in no split list (ChestX-ray14's lists are patient-wise, but an image may be missing from them)
+        log.info(f"{unlisted} images in no split list are of patients in the test split: held out with them")
     if not manifest:
         example = skipped[len(not_images) if len(skipped) > len(not_images) else 0]  # an image file's, if any
         raise NoUsableImages(f"{src}: none of the {len(candidates) + len(not_images)} files could be used; "
