@@ -32,5 +32,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception", default=None,
                    help="FID Inception weights, if you have them (default: XRAYFORGE_INCEPTION or the torch hub "
                         "cache; none there: FID in the phantom classifier's features)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)

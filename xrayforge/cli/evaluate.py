@@ -12,16 +12,19 @@ CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "
 
 def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     """The options of how a classifier is trained (`classify train`, `evaluate tstr`)."""
-    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18")
+    q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18",
+                   help="network (torchvision layouts, trained from scratch unless --init-weights; default resnet18)")
     q.add_argument("--input-size", type=_args.positive_int, default=256,
                    help="image side in pixels the classifier sees (default 256)")
     q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
-    q.add_argument("--epochs", type=_args.positive_int, default=10)
+    q.add_argument("--epochs", type=_args.positive_int, default=10,
+                   help="passes over the training images; the epoch of best mean validation AUROC is kept (default 10)")
     q.add_argument("--batch", type=_args.batch_of_2, default=32, help="images per step, at least 2 (default 32)")
     q.add_argument("--lr", type=_args.learning_rate, default=1e-3,
                    help="peak AdamW learning rate of a one-cycle schedule (default 0.001)")
-    q.add_argument("--seed", type=_args.seed, default=0)
-    q.add_argument("--device", type=_args.device, default=None)
+    q.add_argument("--seed", type=_args.seed, default=0,
+                   help="seed of the weights, the image order and the validation split (default 0)")
+    q.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
 
 
 def _add_features(q: argparse.ArgumentParser) -> None:
@@ -159,13 +162,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "keys) on a labelled archive (ChestX-ray14 or the phantom), with a patient-level "
                                     "validation split and per-finding AUROC. Images of the archive's 'test' split "
                                     "are never used.")
-    q.add_argument("archive")
+    q.add_argument("archive", help="a labelled archive (from `xrayforge prepare`)")
     q.add_argument("--out", required=True, help="model folder")
     _add_classifier_training(q)
     q.add_argument("--val-fraction", type=_args.fraction, default=0.1,
                    help="fraction of patients held out for validation (default 0.1)")
     q.add_argument("--init-weights", default=None, help="torchvision-layout weights to start from")
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_classify_train)
     p.set_defaults(func=_print_help(p))
 
@@ -186,16 +189,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
     q.add_argument("--real", required=True, help="the training archive (or a folder of real images); every image "
                                                   "is a reference, the test split's too")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="output folder (created)")
     q.add_argument("--percentile", type=_args.percentile, default=1.0, help="flag threshold percentile (default 1)")
     q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, evenly spread")
-    q.add_argument("--inception", default=None)
+    q.add_argument("--inception", default=None, help="FID Inception weights (see xrayforge fid --help)")
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
     _add_features(q)
-    q.add_argument("--batch", type=_args.positive_int, default=64)
-    q.add_argument("--workers", type=_args.nonneg_int, default=4)
-    q.add_argument("--device", type=_args.device, default=None)
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("--batch", type=_args.positive_int, default=64, help="images per network batch (default 64)")
+    q.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
+    q.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_memorisation)
     rs = esub.add_parser("reader-study", help="blinded real-vs-synthetic reader study",
                          description="Make a blinded pack for radiologists, then score their exported answers.")
@@ -212,15 +215,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="pack folder")
     q.add_argument("--key", default=None, help="answer key CSV (default: <out>.key.csv)")
     q.add_argument("--size", type=_args.positive_int, default=1024, help="image size in the pack (default 1024)")
-    q.add_argument("--seed", type=_args.seed, default=0)
+    q.add_argument("--seed", type=_args.seed, default=0,
+                   help="which images are chosen (default 0); their order and names also depend on the images")
     q.set_defaults(func=_cmd_reader_make)
     q = rsub.add_parser("score", help="score the readers' answers",
                         description="Per-reader and pooled accuracy, sensitivity and specificity for 'synthetic', "
                                     "binomial test against chance, Fleiss' kappa, synthetic images called real.")
-    q.add_argument("pack")
-    q.add_argument("key")
+    q.add_argument("pack", help="the pack folder readers were given")
+    q.add_argument("key", help="its answer key CSV (written by `make`, beside the pack)")
     q.add_argument("answers", nargs="+", help="CSV files exported from the pack's page")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--out", default=None, help="also write the result to OUT/summary.json (for `evaluate report`)")
     q.set_defaults(func=_cmd_reader_score)
     rs.set_defaults(func=_print_help(rs))
@@ -235,7 +239,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="labelled synthetic images: a `xrayforge sample` folder sampled with --classifier (labels: "
                         "the LCO target, else the classifier's call) or a prepared archive")
     q.add_argument("--real", required=True, help="a labelled real archive (from `xrayforge prepare`)")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="output folder (created)")
     q.add_argument("--budget", type=_args.positive_int, default=None,
                    help="images per training set (default: the smaller of the synthetic set and the real training set)")
     _add_classifier_training(q)
@@ -244,7 +248,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--test-fraction", type=_args.fraction, default=0.2,
                    help="fraction of real patients held out when the archive has no 'test' split (default 0.2)")
     q.add_argument("--bootstrap", type=_args.positive_int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_tstr)
 
     q = esub.add_parser(
@@ -255,22 +259,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "fid_findings.csv, fid_vs_n.csv, fid_findings.md, fid_findings.png and summary.json.")
     q.add_argument("--synthetic", required=True, help="a `xrayforge sample` folder sampled with --classifier, or an archive")
     q.add_argument("--real", required=True, help="a labelled real archive")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="output folder (created)")
     q.add_argument("--counts", type=_counts, default=None, help="comma list of synthetic image counts for the curve "
                                                   "(default 50,100,200,500,1000,... up to all)")
     q.add_argument("--min-images", type=_args.positive_int, default=10,
                    help="no FID for a finding with fewer images than this on either side (default 10)")
     q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, chosen at random")
-    q.add_argument("--mode", choices=("exact", "fast"), default="exact")
-    q.add_argument("--inception", default=None)
+    q.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                   help="Inception only: exact (fp32, pytorch-fid's number; default) or fast (bf16; see xrayforge "
+                        "fid --help)")
+    q.add_argument("--inception", default=None, help="FID Inception weights (see xrayforge fid --help)")
     q.add_argument("--random-weights", action="store_true", help="random Inception weights (pipeline check)")
     _add_features(q)
     q.add_argument("--prdc", action="store_true",
                    help="also precision / recall (k=3) and density / coverage (k=5), for all images and per finding")
-    q.add_argument("--batch", type=_args.positive_int, default=64)
-    q.add_argument("--seed", type=_args.seed, default=0)
-    q.add_argument("--device", type=_args.device, default=None)
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("--batch", type=_args.positive_int, default=64, help="images per network batch (default 64)")
+    q.add_argument("--seed", type=_args.seed, default=0,
+                   help="seed of the subsets of the curve, of --real-limit's choice and of the real halves (default 0)")
+    q.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_fid_findings)
 
     q = esub.add_parser(
@@ -283,7 +290,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--classifier", required=True, help="classifier folder (from `xrayforge classify train`)")
     q.add_argument("--real", required=True, help="the labelled real archive")
     q.add_argument("--n", type=_args.positive_int, default=10000, help="images to generate (default 10000)")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="output folder (created)")
     q.add_argument("--real-limit", type=_args.positive_int, default=5000, help="real images to classify, evenly spread (default 5000)")
     q.add_argument("--per-grid", type=_args.positive_int, default=16, help="images per finding grid (default 16)")
     q.add_argument("--ratio", type=_args.fraction, default=0.5,
@@ -292,10 +299,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default 0.5)")
     q.add_argument("--truncation", type=_args.truncation, default=None,
                    help="redraw latent components beyond ±T (at least 0.01)")
-    q.add_argument("--batch", type=_args.positive_int, default=64)
-    q.add_argument("--seed", type=_args.seed, default=0)
-    q.add_argument("--device", type=_args.device, default=None)
-    q.add_argument("-q", "--quiet", action="store_true")
+    q.add_argument("--batch", type=_args.positive_int, default=64, help="images per network batch (default 64)")
+    q.add_argument("--seed", type=_args.seed, default=0, help="latent seed of the generated images (default 0)")
+    q.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_diversity)
 
     q = esub.add_parser(
@@ -308,6 +315,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--evaluations", nargs="*", default=None, metavar="DIR",
                    help="more --out folders of `xrayforge evaluate` commands, added to RUN/evaluations/*; one "
                         "per evaluation kind (a later one replaces an earlier one of its kind)")
-    q.add_argument("--title", default="xrayforge report")
+    q.add_argument("--title", default="xrayforge report", help="the page's title (default 'xrayforge report')")
     q.set_defaults(func=_cmd_report)
     p.set_defaults(func=_print_help(p))

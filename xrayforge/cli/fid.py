@@ -96,7 +96,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "benchmarks/fid.py --inception W measures it with real ones)")
     p.add_argument("--batch", type=_args.positive_int, default=64, help="images per network batch (default 64)")
     p.add_argument("--workers", type=_args.nonneg_int, default=4, help="decode processes (default 4)")
-    p.add_argument("--device", type=_args.device, default=None)
+    p.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--seed", type=_args.seed, default=0,
                    help="latent seed for checkpoint inputs (B uses SEED + 1, so that a checkpoint against itself "
                         "compares two different sets of images)")
@@ -118,5 +118,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also improved precision / recall (k=3) and density / coverage (k=5), with A the real side: "
                         "fidelity and diversity separately (on up to --keep-features features a side)")
     p.add_argument("--json", action="store_true", help="print one JSON object (fid, n_a, n_b, mode, ...)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fid)

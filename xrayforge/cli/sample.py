@@ -83,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the archive holds none of it (default 300; 0: only the limit of 1000 attempts per image in a shard; "
                         "may change when resuming)")
     p.add_argument("--shard-size", type=_args.positive_int, default=1000, help="images per shard (default 1000)")
-    p.add_argument("--device", type=_args.device, default=None)
+    p.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object, and nothing else")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample)

@@ -217,7 +217,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"with; from the command line it takes only ARCHIVE, {', '.join(RESUME_TAKES)}; any other "
                         "option given must equal the run's, or it is refused")
     p.add_argument("--resolution", type=_args.power_of_two, default=None, help="final resolution (default: the archive's)")
-    p.add_argument("--start-resolution", type=_args.power_of_two, default=4)
+    p.add_argument("--start-resolution", type=_args.power_of_two, default=4,
+                   help="the first resolution trained, with no fade-in (default 4, the official)")
     p.add_argument("--fade-kimg", type=_args.nonneg_kimg, default=600, help="thousands of images per fade-in (default 600)")
     p.add_argument("--stable-kimg", type=_args.kimg, default=600, help="thousands of images per stable phase (default 600)")
     p.add_argument("--total-kimg", type=_args.kimg, default=None,
@@ -267,9 +268,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="feature space of --metrics: inception (default), classifier:MODEL or densenet121:FILE "
                         "(with --resume, the --metrics options given replace the run's)")
     p.add_argument("--inception", default=None, help="with --metrics: FID Inception weights (see xrayforge fid --help)")
-    p.add_argument("--latent-dim", type=_args.positive_int, default=512)
-    p.add_argument("--fmap-base", type=_args.positive_int, default=8192)
-    p.add_argument("--fmap-max", type=_args.positive_int, default=512)
+    p.add_argument("--latent-dim", type=_args.positive_int, default=512, help="length of G's latent z (default 512)")
+    p.add_argument("--fmap-base", type=_args.positive_int, default=8192,
+                   help="channels at R px: min(2 x FMAP_BASE / R, FMAP_MAX); default 8192 (16 channels at 1024 px)")
+    p.add_argument("--fmap-max", type=_args.positive_int, default=512, help="most channels of any layer (default 512)")
     p.add_argument("--mirror", action="store_true", help="random left-right flips (off: radiographs are not symmetric)")
     p.add_argument("--include-test", action="store_true",
                    help="train on the archive's test split too (default: left out, as `evaluate tstr` and the other "
@@ -277,7 +279,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tick-kimg", type=_args.kimg, default=10, help="thousands of images per log tick (default 10)")
     p.add_argument("--checkpoint-ticks", type=_args.positive_int, default=5, help="ticks between checkpoints (default 5)")
     p.add_argument("--keep", type=_args.positive_int, default=3, help="checkpoints to keep (default 3)")
-    p.add_argument("--seed", type=_args.seed, default=0)
-    p.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=_args.seed, default=0,
+                   help="seed of the weights, the image order and the latents (default 0)")
+    p.add_argument("--device", type=_args.device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
