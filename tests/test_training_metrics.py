@@ -100,6 +100,22 @@ def test_metrics_need_a_measure_and_valid_names(world, tmp_path):
         TrainingMetrics(world / "arc", tmp_path / "r", ["prdc"], f"classifier:{world / 'clf'}", 4)
 
 
+def test_metrics_options_without_metrics_are_refused_not_ignored(world, tmp_path, capsys):
+    """--metrics-every, --metrics-images, --features and --inception set how --metrics measures; given
+    without it they were ignored without a word, on a new run and on a resumed run that measures nothing."""
+    rc = cli(["train", str(world / "arc"), "--out", str(tmp_path / "new"), *TINY, "--metrics-images", "64",
+              "--features", f"classifier:{world / 'clf'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--features, --metrics-images: only with --metrics, and none was given" in err, err
+    assert not (tmp_path / "new").exists()
+    run = tmp_path / "run"
+    assert cli(["train", str(world / "arc"), "--out", str(run), *TINY, "--max-kimg", "0.016"]) == 0
+    rc = cli(["train", "--out", str(run), "--resume", "--metrics-every", "2", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--metrics-every: only with --metrics, and the run measures nothing" in err, err
+    assert json.loads((run / "train_config.json").read_text())["max_images"] == 16  # untouched
+
+
 @pytest.mark.parametrize("include_test", [False, True])
 def test_the_real_side_is_drawn_from_the_images_the_gan_trains_on(world, tmp_path, include_test):
     """The best checkpoint is chosen by these metrics: their real images stay outside the test split,

@@ -146,6 +146,10 @@ def _resumed_config(args: argparse.Namespace):
     return TrainConfig(**cfg)
 
 
+# options that set how --metrics measures: nothing without it
+_WITH_METRICS = ("metrics_every", "metrics_images", "features", "inception")
+
+
 class _Refused(ValueError):
     """Options that cannot be used (exit status 2)."""
 
@@ -180,6 +184,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"xrayforge train: error: {exc}", file=sys.stderr)
             return 2
+    idle = [option for dest, option in getattr(args, "given_options", {}).items() if dest in _WITH_METRICS]
+    if idle and not cfg.metrics:  # they would be ignored without a word
+        print(f"xrayforge train: error: {', '.join(sorted(idle))}: only with --metrics, and "
+              f"{'the run measures nothing' if args.resume else 'none was given'}; add --metrics fid (or prdc), or "
+              f"leave {'it' if len(idle) == 1 else 'them'} out", file=sys.stderr)
+        return 2
     measure = None
     if cfg.metrics and rank == 0:  # FID sits downstream of training: built here, handed to the trainer;
         # process 0 alone measures, on its own GPU
