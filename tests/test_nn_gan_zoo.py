@@ -16,9 +16,12 @@ LATENT = 12
 class FakeBaseConfig:
     """Stands for their models.utils.config.BaseConfig; never imported by the loader."""
 
-    def __init__(self, alpha):
+    def __init__(self, alpha, **settings):
         self.alpha = alpha
         self.depthScale0 = DEPTHS[0]
+        self.lossCriterion, self.leakyReluLeak = "WGANGP", 0.2  # as their PGGAN configs write them
+        self.perChannelNormalization = self.equalizedlR = True
+        self.__dict__.update(settings)
 
 
 class Evil:
@@ -197,3 +200,19 @@ def test_bad_files(tmp_path):
     torch.save({"netG": sd_g, "netD": sd_d}, tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="missing weight"):
         load_pytorch_gan_zoo(tmp_path / "broken.pt")
+
+
+@pytest.mark.parametrize("setting, value, said", [("lossCriterion", "DCGAN", "tanh"), ("leakyReluLeak", 0.1, "slope"),
+                                                  ("perChannelNormalization", False, "pixel norm"),
+                                                  ("equalizedlR", False, "He-constant")])
+def test_settings_the_conversion_does_not_reproduce_are_refused(tmp_path, setting, value, said):
+    """Their DCGAN / MSE losses put G's output through tanh, and other slopes, no pixel norm or no
+    equalized learning rate change every layer: such a checkpoint loaded without a word generated
+    other images than theirs."""
+    sd_g, sd_d = random_state_dicts(1)
+    torch.save({"netG": sd_g, "netD": sd_d, "config": FakeBaseConfig(0.0, **{setting: value})}, tmp_path / "z.pt")
+    with pytest.raises(ValueError, match=f"z.pt: trained with {setting} = {value!r}; only .*{said}"):
+        load_pytorch_gan_zoo(tmp_path / "z.pt")
+    torch.save({"netG": sd_g, "netD": sd_d, "config": {"alpha": 0.0, setting: value}}, tmp_path / "d.pt")
+    with pytest.raises(ValueError, match=f"trained with {setting}"):
+        load_pytorch_gan_zoo(tmp_path / "d.pt")

@@ -165,6 +165,25 @@ def convert_discriminator(sd: dict, config: NetworkConfig) -> Discriminator:
     return d
 
 
+# what the conversion assumes of their config, where the config says (an older file may not):
+# {their name: (the value assumed, what another value would change)}
+_ASSUMED = {
+    "lossCriterion": ("WGANGP", "MSE and DCGAN put G's output through tanh, which the converted G does not"),
+    "leakyReluLeak": (0.2, "the leaky ReLU slope of every layer"),
+    "perChannelNormalization": (True, "G's pixel norm"),
+    "equalizedlR": (True, "the He-constant scaling of every layer"),
+}
+
+
+def _check_supported(path, setting) -> None:
+    """A checkpoint trained with settings the converted networks do not reproduce is refused by name:
+    loaded, it would generate other images than theirs, without an error."""
+    for name, (assumed, why) in _ASSUMED.items():
+        value = setting(name, None)
+        if value is not None and value != assumed:
+            raise ValueError(f"{path}: trained with {name} = {value!r}; only {assumed!r} is supported ({why})")
+
+
 def load_pytorch_gan_zoo(path: str | os.PathLike) -> dict:
     """{'G', 'D', 'G_ema'} from a pytorch_GAN_zoo PGGAN checkpoint, at its level and alpha.
 
@@ -180,12 +199,10 @@ def load_pytorch_gan_zoo(path: str | os.PathLike) -> dict:
             nets["G_ema"] = convert_generator(ckpt["avgG"], config)
     except KeyError as exc:
         raise ValueError(f"{path}: missing weight {exc} for a PGGAN of this shape") from exc
-    their_alpha = 0.0
     cfg = ckpt.get("config")
-    if isinstance(cfg, Opaque):
-        their_alpha = float(cfg.attribute("alpha", 0.0) or 0.0)
-    elif isinstance(cfg, dict):
-        their_alpha = float(cfg.get("alpha", 0.0) or 0.0)
+    setting = cfg.attribute if isinstance(cfg, Opaque) else cfg.get if isinstance(cfg, dict) else lambda k, d=None: d
+    _check_supported(path, setting)
+    their_alpha = float(setting("alpha", 0.0) or 0.0)
     level = config.num_levels - 1
     for name, net in nets.items():
         alpha = 1.0 - their_alpha
