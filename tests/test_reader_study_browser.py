@@ -32,14 +32,19 @@ def driver(tmp_path):
     drv.quit()
 
 
-def test_answer_reload_export_and_score(driver, tmp_path):
-    from selenium.webdriver.common.by import By
-    prepare("phantom:6", tmp_path / "real", resolution=32, workers=1, progress=False)
+def _pack(tmp_path, n, seed):
+    """A pack of n 32-px images: n / 2 phantoms and n / 2 flat grey squares."""
+    prepare(f"phantom:{n}", tmp_path / "real", resolution=32, workers=1, progress=False)
     synth = tmp_path / "synth"
     synth.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(synth / f"s{i}.png")
-    info = make(str(tmp_path / "real"), str(synth), 6, tmp_path / "pack", size=32, seed=3)
+    for i in range(n // 2):
+        Image.fromarray(np.full((32, 32), 120 * i // (n // 2), dtype=np.uint8)).save(synth / f"s{i}.png")
+    return make(str(tmp_path / "real"), str(synth), n, tmp_path / "pack", size=32, seed=seed)
+
+
+def test_answer_reload_export_and_score(driver, tmp_path):
+    from selenium.webdriver.common.by import By
+    info = _pack(tmp_path, 6, seed=3)
     driver.get((tmp_path / "pack" / "index.html").as_uri())
     driver.find_element(By.CSS_SELECTOR, "#conf button[data-c='2']").click()  # a confidence alone is no answer
     driver.find_element(By.ID, "reader").send_keys("dr_test")  # its 'r' and 's' are not answers
@@ -81,12 +86,7 @@ def test_readers_who_left_the_name_empty_are_told_apart_by_their_files(driver, t
     """The page wrote the placeholder 'reader' for an empty name box, so two such readers' files were
     refused as one reader's; empty, the file's name names the reader."""
     from selenium.webdriver.common.by import By
-    prepare("phantom:4", tmp_path / "real", resolution=32, workers=1, progress=False)
-    synth = tmp_path / "synth"
-    synth.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((32, 32), 60 * i, dtype=np.uint8)).save(synth / f"s{i}.png")
-    info = make(str(tmp_path / "real"), str(synth), 4, tmp_path / "pack", size=32, seed=0)
+    info = _pack(tmp_path, 4, seed=0)
     driver.get((tmp_path / "pack" / "index.html").as_uri())
     driver.find_element(By.ID, "synthetic").click()
     driver.find_element(By.ID, "export").click()
