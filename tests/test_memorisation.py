@@ -10,7 +10,7 @@ from xrayforge.cli import main as cli
 from xrayforge.data.archive import Archive
 from xrayforge.data.phantom import render
 from xrayforge.data.prepare import prepare
-from xrayforge.evaluate.memorisation import chance_sentence, screen
+from xrayforge.evaluate.memorisation import _halves, _patients, chance_sentence, screen
 from xrayforge.evaluate.metrics import fisher_greater
 from xrayforge.utils.neighbours import pixel_vectors
 
@@ -130,3 +130,55 @@ def test_fisher_greater_against_scipy():
         want = stats.fisher_exact([[a, na - a], [b, nb - b]], alternative="greater")[1]
         assert fisher_greater(a, na, b, nb) == pytest.approx(want, rel=1e-9, abs=1e-300), (a, na, b, nb)
     assert fisher_greater(0, 5, 0, 5) == 1.0 and fisher_greater(5, 5, 0, 5) == pytest.approx(1 / 252)
+
+
+def _follow_ups(rng, patients, d=6):
+    """Two scans per patient: one point each, 0.05 apart per coordinate (a follow-up), and the patient ids."""
+    base = np.repeat(rng.standard_normal((patients, d)), 2, 0)
+    return torch.from_numpy(base + 0.05 * rng.standard_normal(base.shape)), np.repeat(np.arange(patients), 2)
+
+
+def test_control_halves_keep_each_patient_together():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 30, 101)
+    a, b = _halves(101, groups, 4)
+    assert sorted(np.r_[a, b]) == list(range(101)) and not set(groups[a]) & set(groups[b])
+    assert abs(len(a) - 50.5) <= np.bincount(groups).max()
+    assert _halves(6, ["p"] * 5 + ["q"], 0) is None  # no split leaves 2 images a side
+    real = [torch.from_numpy(rng.standard_normal((6, 3)))]
+    assert screen(real, real, groups=["p"] * 5 + ["q"])["p_value"] is None
+
+
+def test_screen_by_patient_finds_near_copies_that_follow_up_scans_hide():
+    """Reals: 300 patients with two close scans each. Halves by image put half the controls beside their
+    own follow-up in the reference, so they are flagged as often as near-copies of training patients are,
+    and the test misses a generator that nearly copies 10 of its 100 images; halves by patient make the
+    controls new patients, as the synthetic images are, and find it. Still calibrated under the null."""
+    rng = np.random.default_rng(0)
+    by_image, by_patient, null = [], [], []
+    for t in range(10):
+        real, pid = _follow_ups(rng, 300)
+        rows = rng.choice(len(real), 10, replace=False)
+        synth = torch.cat([real[rows] + 0.02 * torch.from_numpy(rng.standard_normal((10, 6))),
+                           torch.from_numpy(rng.standard_normal((90, 6)))])
+        by_image.append(screen([synth], [real], seed=t)["p_value"])
+        by_patient.append(screen([synth], [real], seed=t, groups=pid)["p_value"])
+        null.append(screen([torch.from_numpy(rng.standard_normal((100, 6)))], [real], seed=t, groups=pid)["p_value"])
+    assert np.mean(np.array(by_patient) < 0.01) >= 0.8 and np.mean(np.array(by_image) < 0.01) <= 0.2  # 9/10, 0/10
+    assert np.mean(np.array(null) < 0.05) <= 0.1
+
+
+def test_audit_takes_patients_from_an_archive_and_not_from_a_folder(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for k in range(6):
+        Image.fromarray((render(16, k)[0] * 255).round().astype(np.uint8)).save(folder / f"{k:03d}.png")
+    (tmp_path / "labels.csv").write_text("Image Index,Finding Labels,Patient ID\n" + "".join(
+        f"{k:03d}.png,No Finding,{k // 2}\n" for k in range(6)))
+    prepare(str(folder), tmp_path / "arc", resolution=16, labels=str(tmp_path / "labels.csv"), workers=1,
+            progress=False)
+    arc = Archive(tmp_path / "arc")
+    names = [r["source"] for r in arc.records]
+    want = {n: str(int(n.rsplit("/", 1)[-1][:3]) // 2) for n in names}
+    assert _patients(str(tmp_path / "arc"), names) == [want[n] for n in names]
+    assert _patients(str(folder), names) is None

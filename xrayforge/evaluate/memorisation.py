@@ -10,7 +10,8 @@ in chunks on the accelerator, so the full distance matrix never exists (100k × 
 A flag is a screen, not a verdict: a generator that copies nothing but samples the data's
 distribution still has images under the thresholds, as new real images would. So the real
 images are also the control group (``screen``): with half of them as the reference, the other
-half and the synthetic images go through the same rule, each half in turn. The summary gives
+half and the synthetic images go through the same rule, each half in turn (halves by patient for
+an archive, so that a control is a new patient as a synthetic image is; by image for a folder). The summary gives
 the reals flagged that way (``real_flagged``), the synthetic images flagged that way
 (``synthetic_flagged_half``, on average), the synthetic flags expected at the reals' rate
 (``expected_by_chance``) and an exact one-sided Fisher test of the two rates (``p_value``);
@@ -86,7 +87,28 @@ def _flags(queries: list[torch.Tensor], refs: list[torch.Tensor], percentile: fl
     return out, flagged
 
 
-def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: float = 1.0, seed: int = 0) -> dict:
+def _halves(n: int, groups, seed: int):
+    """Two halves of n real images (seeded), whole groups (patients) on one side: each half holds
+    at least 2 images; None where the groups allow no such split."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        perm = rng.permutation(n)
+        return perm[:n // 2], perm[n // 2:]
+    keys = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    order = rng.permutation(keys.max() + 1)
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))
+    images = np.argsort(place[keys], kind="stable")  # the groups in shuffled order, each group's images together
+    cuts = np.cumsum(np.bincount(keys)[order])[:-1]  # the group boundaries in ``images``
+    cuts = cuts[(cuts >= 2) & (cuts <= n - 2)]
+    if not len(cuts):
+        return None
+    cut = int(cuts[np.argmin(np.abs(cuts - n / 2))])
+    return images[:cut], images[cut:]
+
+
+def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: float = 1.0, seed: int = 0,
+           groups=None) -> dict:
     """The audit's statistics in any number of spaces (one (M, D) synthetic and one (N, D) real
     tensor per space; the reals on the device to compute on).
 
@@ -99,16 +121,22 @@ def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: 
     test of the two counts is exact; each half is the reference once (copies of either half are
     seen) and the smaller p, doubled, is the ``p_value``. ``real_flagged``: the controls flagged,
     each real image once; ``synthetic_flagged_half``: the synthetic images flagged against a
-    half, on average over the two. None of the test's fields for fewer than 4 reals."""
+    half, on average over the two. ``groups`` (the reals' patient ids): a patient's images stay in one
+    half, so that a control is a new patient to the reference, as a synthetic image is (a control
+    whose follow-up scan is in the reference would be flagged more often than a new patient, and
+    hide copies). None of the test's fields for fewer than 4 reals (or groups that cannot be split
+    into halves of at least 2 images)."""
     per_space, flagged = _flags(synthetic, real, percentile)
     out = {"distance": [t[0] for t in per_space], "index": [t[1] for t in per_space],
            "real_nn": [t[2] for t in per_space], "threshold": [t[3] for t in per_space], "flagged": flagged,
            "real_flagged": None, "synthetic_flagged_half": None, "p_value": None}
     n, m = len(real[0]), len(synthetic[0])
-    if n < 4:
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"screen: {len(groups)} group ids for {n} real images")
+    split = _halves(n, groups, seed) if n >= 4 else None
+    if split is None:
         return out
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(real[0].device)
-    halves = (perm[:n // 2], perm[n // 2:])
+    halves = tuple(torch.from_numpy(h).to(real[0].device) for h in split)
     controls, synth, p_values = 0, 0, []
     for ref, ctrl in (halves, halves[::-1]):  # one pass per reference: its threshold serves both groups
         both = _flags([torch.cat([s.to(r.device), r[ctrl]]) for s, r in zip(synthetic, real)],
@@ -128,7 +156,8 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     if len(r_names) < 2:
         raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference")
     dev = extractor.device
-    sc = screen([s_feat, s_pix], [r_feat.to(dev), r_pix.to(dev)], percentile)
+    groups = _patients(real, r_names)
+    sc = screen([s_feat, s_pix], [r_feat.to(dev), r_pix.to(dev)], percentile, groups=groups)
     (d_f, d_p), (i_f, i_p), (nn_f, nn_p), (thr_f, thr_p) = sc["distance"], sc["index"], sc["real_nn"], sc["threshold"]
     flagged, real_flagged, p_value, n_real = sc["flagged"], sc["real_flagged"], sc["p_value"], len(r_names)
     half = sc["synthetic_flagged_half"]
@@ -143,6 +172,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "synthetic_flagged_half": half,
         "expected_by_chance": None if real_flagged is None else real_flagged / n_real * len(s_names),
         "p_value": p_value, "more_than_chance": None if p_value is None else p_value < 0.01,
+        "halves_by": "image" if groups is None else "patient",
         # numpy's median: torch's is the lower middle value of an even count
         "median_synthetic_to_real_inception": float(np.median(d_f.numpy())),
         "median_real_to_real_inception": float(np.median(nn_f.numpy())),
@@ -154,6 +184,18 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
     return summary
+
+
+def _patients(real: str, names: list[str]) -> list[str] | None:
+    """The patient id of each real image (named by its manifest source) of an archive (an image
+    without one is its own patient); None for a folder, whose patients are unknown."""
+    from ..fid.compute import describe
+    if describe(real) != "archive":
+        return None
+    from ..data.archive import Archive
+    arc = Archive(real)
+    of = {r["source"]: p for r, p in zip(arc.records, arc.patient_ids)}
+    return [of.get(name) or f"image:{name}" for name in names]
 
 
 def chance_sentence(summary: dict) -> str:
