@@ -266,3 +266,43 @@ def test_tstr_refuses_an_unlabelled_real_archive_before_converting_the_samples(t
     with pytest.raises(ValueError, match="no finding labels"):
         run_tstr(TSTRConfig(str(tmp_path / "samples"), str(tmp_path / "real"), str(tmp_path / "t")), progress=False)
     assert not list((tmp_path / "t").glob("*-archive"))
+
+
+@pytest.mark.parametrize("value", ["nan", "1.7", "-0.2"])
+def test_a_probability_that_is_none_is_refused_naming_the_manifest_line(tmp_path, value):
+    """A NaN (a diverged classifier) would have labelled the image negative, and 1.7 positive."""
+    import csv
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.labelled import synthetic_labels
+    write_sample_folder(tmp_path / "s", range(3))
+    with open(tmp_path / "s" / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[1]["p_Cardiomegaly"] = value
+    with open(tmp_path / "s" / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(UserError, match=r"manifest\.csv, line 3: p_Cardiomegaly is '" + value):
+        synthetic_labels(tmp_path / "s")
+
+
+def test_diversity_refuses_a_generator_that_makes_nan(tmp_path):
+    """NaN is never above a threshold: every finding was reported 'never produced', without a word."""
+    import torch
+    from xrayforge.data.labels import FINDINGS
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.diversity import diversity
+    from xrayforge.nn import Generator, NetworkConfig, save_networks
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    prepare("phantom:12", tmp_path / "real", resolution=32, workers=1, progress=False)
+    torch.manual_seed(0)
+    G = Generator(NetworkConfig(resolution=32, latent_dim=16, fmap_base=64, fmap_max=16)).eval()
+    with torch.no_grad():
+        next(G.parameters()).fill_(float("nan"))
+    save_networks(tmp_path / "gen", {"G_ema": G})
+    clf = ChestClassifier(ClassifierConfig(input_size=32, width=8))
+    clf.config.thresholds = {f: 0.5 for f in FINDINGS}
+    clf.save(tmp_path / "clf")
+    with pytest.raises(UserError, match=f"{tmp_path / 'gen'}: the generator's images are not finite"):
+        diversity(str(tmp_path / "gen"), str(tmp_path / "clf"), str(tmp_path / "real"), tmp_path / "d", n=4, batch=4,
+                  device="cpu", progress=False)

@@ -46,3 +46,11 @@ def test_realism_is_one_for_the_same_distribution_and_large_for_noise():
 def test_realism_needs_two_images_each():
     with pytest.raises(ValueError, match="at least 2"):
         realism(torch.rand(1, 4), torch.rand(5, 4))
+
+
+def test_realism_medians_of_an_even_count_are_the_middle_of_the_two():
+    real = torch.tensor([[0.0, 0.0], [10.0, 0.0]])  # each 10 from the other
+    fake = torch.tensor([[0.0, 1.0], [0.0, 3.0]])  # 1 and 3 from the nearest real, 2 from each other
+    r = realism(fake, real)
+    assert r["fake_to_real"] == pytest.approx(2.0) and r["real_to_real"] == pytest.approx(10.0)
+    assert r["realism"] == pytest.approx(0.2) and r["diversity"] == pytest.approx(0.2)

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..utils.files import save_numpy, write_csv, write_json, write_text_atomic
 from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
@@ -116,6 +117,10 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
         with torch.no_grad():
             images = G(z).float()
             p = torch.sigmoid(model(images).float()).cpu().numpy()[:, cols]
+        if not np.isfinite(p).all():  # NaN is never >= a threshold: every finding would be 'never produced'
+            who = f"{run}: the generator's images" if not torch.isfinite(images).all() else \
+                f"{classifier}: the classifier's probabilities"
+            raise UserError(f"{who} are not finite (NaN or inf; from sample {start} on): a diverged checkpoint?")
         synth_probs.append(p)
         positive = p >= thr
         if positive.any():
@@ -132,7 +137,11 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     if real_limit is not None and real_limit < len(every):  # that many, evenly spread over the archive
         every = np.unique(np.linspace(0, len(real_arc) - 1, real_limit).round().astype(np.int64))
     real_set = LabelledImages([(real_arc, every)], findings)
-    real_pred = predict(model, real_set, np.arange(len(real_set)), dev, batch)[:, cols] >= thr
+    real_probs = predict(model, real_set, np.arange(len(real_set)), dev, batch)[:, cols]
+    if not np.isfinite(real_probs).all():
+        raise UserError(f"{classifier}: the classifier's probabilities on the real images of {real} are not finite "
+                        f"(NaN or inf): a diverged model?")
+    real_pred = real_probs >= thr
     real_true = real_arc.labels[every][:, [real_arc.findings.index(f) for f in findings]].astype(np.float64)
     if not real_arc.meta.get("labelled", True):  # prepared without a label file: its labels are unknown, not 0
         real_true[:] = np.nan

@@ -81,10 +81,19 @@ def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], 
         try:
             target = parse_target(r["target"], findings) if r.get("target") else {}
             for k, f in enumerate(findings):
-                labels[i - 2, k] = target[f] if f in target else int(float(r[f"p_{f}"]) >= thr[f])
+                labels[i - 2, k] = target[f] if f in target else int(_probability(r[f"p_{f}"], f) >= thr[f])
         except (TypeError, ValueError) as exc:
             raise UserError(f"{folder / 'manifest.csv'}, line {i}: {exc}") from None
     return rows, findings, labels
+
+
+def _probability(text, finding: str) -> float:
+    """A manifest's p_<finding> cell as a probability; a NaN (a diverged classifier) or a value outside
+    [0, 1] is an error, never a label."""
+    p = float(text)
+    if not 0.0 <= p <= 1.0:  # NaN fails this too
+        raise ValueError(f"p_{finding} is {text!r}, not a probability in [0, 1]")
+    return p
 
 
 def sample_id(folder: str | os.PathLike) -> str:

@@ -11,6 +11,7 @@ sets compare).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +43,9 @@ def realism(fake: torch.Tensor, real: torch.Tensor) -> dict:
     with the medians they come from."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"realism needs at least 2 real and 2 generated images, got {len(real)} and {len(fake)}")
-    fr = nearest_neighbours(fake, real)[0].median().item()
-    rr = nearest_neighbours(real, real, exclude_self=True)[0].median().item()
-    ff = nearest_neighbours(fake, fake, exclude_self=True)[0].median().item()
+    # numpy's median: torch's is the lower middle value of an even count
+    fr = float(np.median(nearest_neighbours(fake, real)[0].numpy()))
+    rr = float(np.median(nearest_neighbours(real, real, exclude_self=True)[0].numpy()))
+    ff = float(np.median(nearest_neighbours(fake, fake, exclude_self=True)[0].numpy()))
     rr = max(rr, 1e-12)
     return {"realism": fr / rr, "diversity": ff / rr, "fake_to_real": fr, "real_to_real": rr, "fake_to_fake": ff}
