@@ -48,6 +48,16 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         ops.minibatch_stddev(torch.randn(4, 2, 4, 4), backend="triton")
 
 
+def test_interpreter_asked_for_after_import_says_so(monkeypatch):
+    # triton.jit chose compiled kernels when the ops were imported: a CPU tensor then failed
+    # inside Triton with '0 active drivers ([]). There should only be one.'
+    monkeypatch.setattr(_backend, "_INTERPRET_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _backend.triton_interpreter_active()
+    with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1 was set after xrayforge.ops"):
+        ops.pixel_norm(torch.randn(2, 3), backend="triton")
+
+
 def test_set_backend_applies_to_calls(monkeypatch):
     ops.set_backend("cuda")
     with pytest.raises(ops.BackendUnavailableError):
@@ -75,6 +85,25 @@ def test_auto_on_gpu_picks_only_validated_kernels(monkeypatch):
     for op, validated in _backend.GPU_VALIDATED.items():
         chosen = _backend.resolve_for_device(op, torch.device("cuda"), "auto")
         assert chosen in validated + ("torch",), op
+
+
+def test_auto_passes_by_a_dtype_whose_kernel_changed_since_its_gpu_tests(monkeypatch):
+    """GPU_PENDING_DTYPES: the Triton epilogues' float64 specialisation changed after their GPU
+    window (d0f18c2), their fp32 / bf16 / fp16 ones did not: auto keeps Triton for those and runs
+    float64 on the next validated backend (else the reference); a named backend is obeyed."""
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None)
+    monkeypatch.setattr(_backend, "resolve_for_device",
+                        lambda op, device, backend=None: "triton" if (backend or "auto") in ("auto", "triton")
+                        else backend)
+    x32, x64 = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2, dtype=torch.float64)
+    assert _backend.resolve("pixel_norm", x32) == "triton"
+    assert _backend.resolve("pixel_norm", x64) == "cuda"  # GPU_VALIDATED: ("triton", "cuda")
+    assert _backend.resolve("bias_lrelu", x64) == "torch"  # ("triton",): nothing validated after it
+    assert _backend.resolve("pixel_norm", x64, "triton") == "triton"  # named: run as asked
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: "not built" if name == "cuda" else None)
+    assert _backend.resolve("bias_lrelu_pixel_norm", x64) == "torch"
+    with _backend.auto_candidates(("triton",)):  # the benchmarks measure the kernels themselves
+        assert _backend.resolve("pixel_norm", x64) == "triton"
 
 
 def test_available_backends_on_cpu():

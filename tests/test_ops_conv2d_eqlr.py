@@ -316,6 +316,10 @@ def test_autotune_switch_runs_the_layer_and_records_its_choice(kb, monkeypatch):
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 5, 5)), {"resample": "up"}, "resampling convolutions are 3×3"),
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 2, 3, 3)), {}, "takes 2 input channels, the input has 3"),
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3), torch.zeros(3)), {}, r"bias of shape \(4,\)"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3), [0.0] * 4), {}, r"bias of shape \(4,\), got list"),
+    # the Triton kernel took a weight or bias on another device by its raw pointer
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3, device="meta")), {}, "the weight is on meta"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3), torch.zeros(4, device="meta")), {}, "the bias is on meta"),
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"activation": "relu"}, "activation must be"),
     ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3)), {"resample": "up4"}, "resample must be"),
     ((torch.zeros(1, 3, 1, 4), torch.zeros(4, 3, 3, 3)), {"resample": "down"}, "cannot downsample"),
@@ -328,6 +332,9 @@ def test_bad_inputs(args, kwargs, match):
     kwargs = {"scale": 1.0, **kwargs}
     with pytest.raises(UserError, match=match):
         conv2d_eqlr(*args, **kwargs)
+    for kb in TRITON:  # refused before the kernel reads anything
+        with pytest.raises(UserError, match=match):
+            conv2d_eqlr(*args, **kwargs, backend=kb.values[0][0])
 
 
 def test_auto_on_cpu_is_the_reference():

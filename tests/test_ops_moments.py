@@ -198,3 +198,15 @@ def test_no_rows_without_masks_gives_zeros(backend):
     n, mean, m2 = masked_moments(torch.zeros(0, 3), backend=backend)
     assert n.tolist() == [0] and mean.shape == (1, 3) and m2.shape == (1, 3, 3)
     assert not mean.any() and not m2.any()
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_triton_kernels_take_features_of_width_zero(kb, with_masks):
+    # D = 0: no Gram tiles, so no programs; sizing the row split divided by their count
+    _, device = kb
+    x = torch.zeros(5, 0, device=device)
+    masks = torch.ones(2, 5, dtype=torch.bool, device=device) if with_masks else None
+    n, mean, m2 = M._triton(x, masks, exact_below=0)
+    k = 2 if with_masks else 1
+    assert n.tolist() == [5] * k and mean.shape == (k, 0) and m2.shape == (k, 0, 0)

@@ -225,3 +225,68 @@ def test_size_one_width_with_any_stride(kb):
     (g,) = torch.autograd.grad(ops.pixel_norm(xg, backend=backend), xg, dy)
     (g_ref,) = torch.autograd.grad(pn.reference(xg), xg, dy)
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+@pytest.mark.parametrize("shape", [(2, 0, 3, 3), (3, 0)], ids=str)
+def test_zero_channels_forward_and_backward(kb, shape):
+    # the backward sized its Triton blocks by 4096 // next_power_of_2(0): ZeroDivisionError
+    backend, device = kb
+    x = torch.randn(shape, device=device, requires_grad=True)
+    b = torch.zeros(0, device=device, requires_grad=True)
+    for fn, args in ((ops.pixel_norm, ()), (ops.bias_lrelu_pixel_norm, (b,)), (ops.bias_lrelu, (b,))):
+        y = fn(x, *args, backend=backend)
+        grads = torch.autograd.grad(y.sum(), (x,) + args)
+        assert y.shape == x.shape and [g.shape for g in grads] == [t.shape for t in (x,) + args]
+
+
+@pytest.mark.parametrize("kb", kernel_params())
+def test_launches_run_under_the_tensors_device_guard(kb, monkeypatch):
+    # Triton and the extension launch on the current device: a tensor on another GPU than the
+    # current one needs its device made current around the launch (knn and moments did it)
+    import contextlib
+    mbstd = importlib.import_module("xrayforge.ops.minibatch_stddev")
+    backend, device = kb
+    guarded = []
+
+    def guard(t):
+        guarded.append(t.device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(pn, "device_guard", guard)
+    monkeypatch.setattr(mbstd, "device_guard", guard)
+    x = torch.randn(4, 3, 2, 2, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    for y in (ops.pixel_norm(x, backend=backend), ops.bias_lrelu_pixel_norm(x, b, backend=backend),
+              ops.minibatch_stddev(x, backend=backend)):
+        torch.autograd.grad(y.square().sum(), x)
+    assert guarded == [x.device] * 6  # three forward and three backward launches
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_a_tensor_on_another_gpu_than_the_current_one(backend):
+    if "cuda" not in ops.available_backends("pixel_norm", "cuda") and backend == "cuda":
+        pytest.skip("CUDA extension not built")
+    assert torch.cuda.current_device() == 0
+    x = torch.randn(8, 16, 5, 5, device="cuda:1", requires_grad=True)
+    b = torch.randn(16, device="cuda:1", requires_grad=True)
+    for fn, args, ref in ((ops.pixel_norm, (), pn.reference), (ops.bias_lrelu_pixel_norm, (b,), reference_bias_lrelu),
+                          (ops.minibatch_stddev, (), None)):
+        y = fn(x, *args, backend=backend)
+        r = fn(x, *args, backend="torch") if ref is None else ref(x, *args)
+        torch.testing.assert_close(y, r)
+        torch.testing.assert_close(torch.autograd.grad(y.square().sum(), x)[0],
+                                   torch.autograd.grad(r.square().sum(), x)[0])
+
+
+def test_cuda_bias_gradient_channel_limit_is_checked_in_the_forward(monkeypatch):
+    # csrc's backward refuses a bias gradient over 1024 channels: the forward ran and the backward
+    # failed; now a named 'cuda' is refused up front and auto takes the reference
+    from xrayforge.ops import _backend
+    monkeypatch.setattr(_backend, "resolve", lambda op, x, backend=None: "cuda")
+    x, b = torch.randn(2, 1025), torch.randn(1025)
+    with pytest.raises(ops.BackendUnavailableError, match="at most 1024 channels, got 1025"):
+        ops.bias_lrelu_pixel_norm(x, b, backend="cuda")
+    torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b, backend="auto"), reference_bias_lrelu(x, b))

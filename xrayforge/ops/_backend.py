@@ -21,28 +21,39 @@ log = logging.getLogger("xrayforge.ops")
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 # The fused backends `auto` may pick on a CUDA device, fastest first, per op. A backend
-# enters this table only after its `gpu`-marked tests have passed on a real GPU; until then
-# it is reachable by naming it (backend="triton" / "cuda") and auto uses the torch reference.
+# enters this table only after its `gpu`-marked tests have passed on a real GPU, and leaves it
+# when its kernel changes until they pass again; until then it is reachable by naming it
+# (backend="triton" / "cuda") and auto uses the torch reference.
 # Validated by benchmarks/gpu_check.sh on an NVIDIA H200 (torch 2.11, Triton 3.6, CUDA 13.0),
-# 2026-11-26, commits f780027 and b353db3, and again at a1c7351: every gpu-marked test passed
-# (403 at a1c7351; results in benchmarks/results/gpu_check-nvidia-h200-2026-11-26.json and its
-# git history). ops.knn's Triton kernel: at commit 67eaa81 on the H200 its gpu tests passed at
-# both tl.dot precisions (the archive-scale ones with tf32x3, the default since; fp16 on the same
-# tensor-core tiles), and with tf32x3 it is 1.8x faster than the float64 torch path at
-# 100k x 100k x 2048 (0.70 s vs 1.29 s). ops.masked_moments' Triton kernels are not here: slower
-# than Hopper's float64 matmuls (10.4 vs 8.8 ms at 50k x 2048), and their block sums missed 1e-7
-# on subsets of a few dozen rows (since sent to float64; not re-run on a GPU).
-# Order: Triton first for the conv epilogues, because the whole WGAN-GP step (channels_last activations) ran faster with them
-# than with the extension's kernels at every size measured (1024 px, batch 16: 89.9 vs 70.4
-# img/s); for minibatch stddev (4 × 4 px, a negligible share of the step) the extension's kernel
-# had the better median in the op benchmark (1.08× eager vs 0.70×).
+# 2026-11-26, commits f780027 and b353db3, a1c7351 and e9cf508 (the last GPU window): every
+# gpu-marked test of these pairs passed (results in benchmarks/results/gpu_check-*-2026-11-26.json).
+# Order: Triton first for the channel epilogues, because the whole WGAN-GP step (channels_last
+# activations) ran faster with them than with the extension's kernels at every size measured
+# (1024 px, batch 16: 89.9 vs 70.4 img/s).
+# Out until the next GPU window passes its tests: ops.knn's Triton kernel, whose NaN handling changed
+# after e9cf508 (edf7385, 9466ae0; never run on a GPU); before: ("triton",) (at 67eaa81 with tf32x3
+# 1.8x faster than the float64 torch path at 100k x 100k x 2048). Partly out: see GPU_PENDING_DTYPES.
+# ops.masked_moments' Triton kernels are not here: slower than Hopper's float64 matmuls (10.4 vs
+# 8.8 ms at 50k x 2048). For minibatch stddev (4 × 4 px, a negligible share of the step) the
+# extension's kernel had the better median in the op benchmark (1.08× eager vs 0.70×).
 GPU_VALIDATED: dict[str, tuple[str, ...]] = {
     "pixel_norm": ("triton", "cuda"),
     "bias_lrelu_pixel_norm": ("triton", "cuda"),
     "bias_lrelu": ("triton",),
     "minibatch_stddev": ("cuda", "triton"),
     "fid_preprocess": ("triton",),
-    "knn": ("triton",),
+    "knn": (),
+}
+
+# {(op, backend): dtypes} whose specialisation of a validated kernel changed after its GPU tests
+# passed: auto passes it by for those dtypes (the next validated backend, else torch) until the
+# next GPU window passes them. The Triton channel epilogues' float64 specialisation (d0f18c2: the
+# slope and eps as float32 hi + lo parts added in float64); their fp32 / bf16 / fp16 ones take
+# the same constants as before (hi alone: what Triton made of the float) and are the tested code.
+GPU_PENDING_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {
+    ("pixel_norm", "triton"): (torch.float64,),
+    ("bias_lrelu_pixel_norm", "triton"): (torch.float64,),
+    ("bias_lrelu", "triton"): (torch.float64,),
 }
 
 
@@ -104,8 +115,17 @@ def get_backend() -> str:
     return env
 
 
-def triton_interpreter_active() -> bool:
+def _interpret_set() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# triton.jit picks the interpreter when a kernel is defined, i.e. when the op modules are
+# imported (just after this one): setting TRITON_INTERPRET later leaves compiled kernels
+_INTERPRET_AT_IMPORT = _interpret_set()
+
+
+def triton_interpreter_active() -> bool:
+    return _INTERPRET_AT_IMPORT and _interpret_set()
 
 
 def _triton_reason(device: torch.device) -> str | None:
@@ -115,6 +135,9 @@ def _triton_reason(device: torch.device) -> str | None:
         return f"Triton is not installed ({exc})"
     if device.type == "cuda" or triton_interpreter_active():
         return None
+    if _interpret_set():
+        return (f"Triton kernels need a CUDA tensor (got one on {device.type}); TRITON_INTERPRET=1 was set after "
+                "xrayforge.ops was imported, when the kernels were already compiled for a GPU: set it before")
     return (f"Triton kernels need a CUDA tensor (got one on {device.type}); "
             "set TRITON_INTERPRET=1 to run them in the CPU interpreter")
 
@@ -160,7 +183,15 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
 
 def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
     """The concrete backend (``cuda``, ``triton`` or ``torch``) that runs ``op`` on ``x``."""
-    return resolve_for_device(op, x.device, backend)
+    name = resolve_for_device(op, x.device, backend)
+    if x.dtype in GPU_PENDING_DTYPES.get((op, name), ()) and _candidates_override is None and \
+            (_check_name(backend) if backend is not None else get_backend()) == "auto":
+        order = auto_order_cuda(op)
+        for candidate in order[order.index(name) + 1:]:  # the next validated one that can run here
+            if unavailable_reason(candidate, op, x.device) is None and \
+                    x.dtype not in GPU_PENDING_DTYPES.get((op, candidate), ()):
+                return candidate
+    return name
 
 
 # torch.compile evaluates the choice once while tracing and keeps the answer as a constant

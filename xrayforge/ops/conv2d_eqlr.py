@@ -30,7 +30,7 @@ eps 1e-8). Kernels of any odd size without resampling (1×1 for toRGB / fromRGB)
   double backward works; ``ops.conv2d.no_weight_gradients`` is honoured.
 
 Which layers use the Triton path is decided per layer shape from measured data
-(``LAYER_TABLE``, from an H200's measurements; shapes not in it keep cuDNN). The tiles are
+(``LAYER_TABLE``; shapes not in it keep cuDNN). The tiles are
 fixed per layer kind (``_blocks``) unless ``AUTOTUNE`` is on: then the first launch of a layer
 shape on a GPU times the configurations ``candidates`` declares for Hopper and keeps the
 fastest (off by default until a GPU window has measured what it gains).
@@ -68,27 +68,13 @@ MAX_PN_CHANNELS = 512  # pixel norm needs every output channel of a pixel in one
 # the layer shapes where the fused kernel measured faster than cuDNN + a separate epilogue over
 # what a training step asks of the layer: forward + backward, and for the discriminator's layers
 # also the gradient penalty's double backward (bench.ops.conv_rows / layer_table, the GPU
-# window's conv stage). Measured on an H200 at batch 16 (benchmarks/results/
-# gpu_check-conv-nvidia-h200-2026-11-26.json): 15 of the 1024-px networks' 36 layer shapes in
-# bf16, the 4–64 px pixel-norm layers of G and D's 8–256 px layers; every other shape and
-# dtype keeps cuDNN.
-LAYER_TABLE: dict[tuple, str] = {
-    (512, 512, 3, None, 'lrelu_pn', 4, 'bfloat16'): 'triton',
-    (512, 512, 3, None, 'lrelu_pn', 8, 'bfloat16'): 'triton',
-    (512, 512, 3, None, 'lrelu_pn', 16, 'bfloat16'): 'triton',
-    (512, 512, 3, None, 'lrelu_pn', 32, 'bfloat16'): 'triton',
-    (256, 256, 3, None, 'lrelu_pn', 64, 'bfloat16'): 'triton',
-    (64, 64, 3, None, 'lrelu', 256, 'bfloat16'): 'triton',
-    (64, 128, 3, 'down', 'lrelu', 128, 'bfloat16'): 'triton',
-    (128, 128, 3, None, 'lrelu', 128, 'bfloat16'): 'triton',
-    (128, 256, 3, 'down', 'lrelu', 64, 'bfloat16'): 'triton',
-    (256, 256, 3, None, 'lrelu', 64, 'bfloat16'): 'triton',
-    (256, 512, 3, 'down', 'lrelu', 32, 'bfloat16'): 'triton',
-    (512, 512, 3, None, 'lrelu', 32, 'bfloat16'): 'triton',
-    (512, 512, 3, None, 'lrelu', 16, 'bfloat16'): 'triton',
-    (512, 512, 3, None, 'lrelu', 8, 'bfloat16'): 'triton',
-    (513, 512, 3, None, 'lrelu', 4, 'bfloat16'): 'triton',
-}
+# window's conv stage). EqualizedConv2d consults it under backend auto, so it holds only kernels
+# whose gpu tests have passed (ops._backend.GPU_VALIDATED's rule). Empty: in the one GPU window
+# that ran the kernel (H200, e9cf508; benchmarks/results/gpu_check-conv-nvidia-h200-2026-11-26.json)
+# 21 of its gpu tests failed, and the kernel has changed since (37da2a8: IEEE products and sqrt);
+# that window measured it faster at 15 of the 1024-px networks' 36 bf16 layer shapes (the entries
+# 37da2a8 put here), which may return once its gpu tests pass.
+LAYER_TABLE: dict[tuple, str] = {}
 
 
 def layer_backend(cin: int, cout: int, kernel: int, resample: str | None, activation: str, size: int,
@@ -156,8 +142,12 @@ def _check(x, weight, bias, scale, activation, resample) -> None:
         raise UserError(f"conv2d_eqlr: expected floating-point input and weight, got {x.dtype} and {weight.dtype}")
     if weight.shape[1] != x.shape[1]:
         raise UserError(f"conv2d_eqlr: the weight takes {weight.shape[1]} input channels, the input has {x.shape[1]}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise UserError(f"conv2d_eqlr: expected a bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise UserError(f"conv2d_eqlr: expected a bias of shape ({weight.shape[0]},), got "
+                        f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    for name, t in (("weight", weight), ("bias", bias)):  # the Triton kernel reads their raw pointers
+        if t is not None and t.device != x.device:
+            raise UserError(f"conv2d_eqlr: the input is on {x.device} but the {name} is on {t.device}")
     if activation not in ACTIVATIONS:
         raise UserError(f"conv2d_eqlr: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if resample not in RESAMPLES:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import accumulation_dtype, check_float, dense, dtype_code, reference_double_backward
+from ._common import accumulation_dtype, check_float, dense, device_guard, dtype_code, reference_double_backward
 
 try:
     import triton
@@ -145,15 +145,17 @@ def _mbstd_fwd(x: torch.Tensor, group_size: int, num_channels: int, backend: str
         block_g, block_k = _blocks(g, k)
         grid = (triton.cdiv(k, block_k), m * f)
         partial = torch.empty((m * f, grid[0]), device=x.device, dtype=accumulation_dtype(x))
-        _mbstd_fwd_kernel[grid](x, out, partial, g, m, f, cf, h, w, *x.stride(), *out.stride(),
-                                ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
+        with device_guard(x):  # Triton launches on the current device
+            _mbstd_fwd_kernel[grid](x, out, partial, g, m, f, cf, h, w, *x.stride(), *out.stride(),
+                                    ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
         stat = partial.sum(1) / k
     elif backend == "cuda":
         ext = _backend.cuda_extension()
         stat = torch.empty((m * f,), device=x.device, dtype=accumulation_dtype(x))
-        ext.minibatch_stddev_forward(x.data_ptr(), out.data_ptr(), stat.data_ptr(), dtype_code(x),
-                                     g, m, f, cf, h, w, *x.stride(), *out.stride(),
-                                     torch.cuda.current_stream(x.device).cuda_stream)
+        with device_guard(x):  # the kernel launches on the current device, into x's device's stream
+            ext.minibatch_stddev_forward(x.data_ptr(), out.data_ptr(), stat.data_ptr(), dtype_code(x),
+                                         g, m, f, cf, h, w, *x.stride(), *out.stride(),
+                                         torch.cuda.current_stream(x.device).cuda_stream)
     else:
         raise ValueError(f"minibatch_stddev_fwd: no fused kernel for backend {backend!r}")
     out[:, c:] = stat.view(m, f, 1, 1).repeat(g, 1, h, w).to(x.dtype)
@@ -178,13 +180,15 @@ def _mbstd_bwd(dout: torch.Tensor, x: torch.Tensor, group_size: int, num_channel
     if backend == "triton":
         block_g, block_k = _blocks(g, k)
         grid = (triton.cdiv(k, block_k), m * f)
-        _mbstd_bwd_kernel[grid](x, dout, coef, dx, g, m, f, cf, h, w, *x.stride(), *dout.stride(),
-                                ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
+        with device_guard(x):
+            _mbstd_bwd_kernel[grid](x, dout, coef, dx, g, m, f, cf, h, w, *x.stride(), *dout.stride(),
+                                    ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
     elif backend == "cuda":
         ext = _backend.cuda_extension()
-        ext.minibatch_stddev_backward(x.data_ptr(), dout.data_ptr(), coef.contiguous().data_ptr(),
-                                      dx.data_ptr(), dtype_code(x), g, m, f, cf, h, w, *x.stride(),
-                                      *dout.stride(), torch.cuda.current_stream(x.device).cuda_stream)
+        with device_guard(x):
+            ext.minibatch_stddev_backward(x.data_ptr(), dout.data_ptr(), coef.contiguous().data_ptr(),
+                                          dx.data_ptr(), dtype_code(x), g, m, f, cf, h, w, *x.stride(),
+                                          *dout.stride(), torch.cuda.current_stream(x.device).cuda_stream)
     else:
         raise ValueError(f"minibatch_stddev_bwd: no fused kernel for backend {backend!r}")
     return dx

@@ -235,7 +235,7 @@ def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None,
         tiles = triton.cdiv(d, bm)
         ti, tj = torch.triu_indices(tiles, tiles, device=x.device).to(torch.int32)
         # split the rows when tiles × subsets alone cannot fill the GPU (few, narrow features)
-        programs = len(ti) * k
+        programs = max(1, len(ti) * k)  # no tiles for D = 0
         fill = max(1, min(triton.cdiv(4 * 132, programs), triton.cdiv(largest, 64 * bn)))
         want = splits or (1 if interp else fill)
         rows_per = max(bn, triton.cdiv(triton.cdiv(max(largest, 1), want), bn) * bn)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import (accumulation_dtype, channel_view, check_float, dense, dtype_code, like_layout,
+from ._common import (accumulation_dtype, channel_view, check_float, dense, device_guard, dtype_code, like_layout,
                       reference_double_backward, split_float)
 
 try:
@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
 MAX_TRITON_CHANNELS = 16384  # one program holds a pixel's whole channel vector in registers
+MAX_CUDA_BIAS_CHANNELS = 1024  # csrc/pixel_norm.cu: kMaxBiasGradChannels (the bias gradient's shared memory)
 
 
 # --------------------------------------------------------------------------- reference
@@ -135,7 +136,7 @@ def _triton_blocks(C: int, P: int) -> tuple[int, int, int]:
     if C > MAX_TRITON_CHANNELS:
         raise ValueError(f"pixel_norm: the triton backend supports up to {MAX_TRITON_CHANNELS} "
                          f"channels, got {C}; use backend='torch'")
-    block_c = triton.next_power_of_2(C)
+    block_c = triton.next_power_of_2(max(C, 1))  # C = 0: an empty tensor's backward still sizes its blocks
     block_p = max(1, min(triton.next_power_of_2(P), 4096 // block_c))
     num_warps = 4 if block_c * block_p <= 2048 else 8
     return block_c, block_p, num_warps
@@ -165,15 +166,17 @@ def _epilogue_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, e
     if backend == "triton":
         block_c, block_p, num_warps = _triton_blocks(C, P)
         grid = (triton.cdiv(P, block_p), B)
-        _epilogue_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp, *split_float(slope),
-                                   *split_float(eps), HAS_BIAS=bias is not None, ACT=act, NORMALIZE=normalize,
-                                   ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
-                                   num_warps=num_warps)
+        with device_guard(x):  # Triton launches on the current device
+            _epilogue_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp, *split_float(slope),
+                                       *split_float(eps), HAS_BIAS=bias is not None, ACT=act, NORMALIZE=normalize,
+                                       ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
+                                       num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None):
         ext, stream = _cuda_launch_args(x)
-        ext.pixel_norm_forward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                               dtype_code(bias) if bias is not None else -1, y.data_ptr(),
-                               dtype_code(x), B, C, P, sb, sc, sp, float(slope), float(eps), stream)
+        with device_guard(x):  # the kernel launches on the current device, into x's device's stream
+            ext.pixel_norm_forward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                                   dtype_code(bias) if bias is not None else -1, y.data_ptr(),
+                                   dtype_code(x), B, C, P, sb, sc, sp, float(slope), float(eps), stream)
     else:
         raise ValueError(f"channel_epilogue_fwd: no fused kernel for backend {backend!r} "
                          f"(act={act}, normalize={normalize})")
@@ -198,19 +201,22 @@ def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
         grid = (triton.cdiv(P, block_p), B)
         partial = torch.zeros((grid[0] * grid[1] if bias_grad else 0, C), device=x.device, dtype=accumulation_dtype(x))
         if x.numel():
-            _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
-                                       *split_float(slope), *split_float(eps), HAS_BIAS=bias is not None, ACT=act,
-                                       NORMALIZE=normalize, BIAS_GRAD=bias_grad, ACC_F64=x.dtype == torch.float64,
-                                       BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
+            with device_guard(x):
+                _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
+                                           *split_float(slope), *split_float(eps), HAS_BIAS=bias is not None, ACT=act,
+                                           NORMALIZE=normalize, BIAS_GRAD=bias_grad,
+                                           ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
+                                           num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None) and bias_grad == act:
         ext, stream = _cuda_launch_args(x)
         partial = torch.zeros((ext.pixel_norm_partial_rows(B, P) if bias_grad else 0, C), device=x.device,
                               dtype=accumulation_dtype(x))
         if x.numel():
-            ext.pixel_norm_backward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
-                                    dtype_code(bias) if bias is not None else -1, dy.data_ptr(), dx.data_ptr(),
-                                    partial.data_ptr() if bias_grad else 0, dtype_code(x),
-                                    B, C, P, sb, sc, sp, float(slope), float(eps), stream)
+            with device_guard(x):
+                ext.pixel_norm_backward(x.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                                        dtype_code(bias) if bias is not None else -1, dy.data_ptr(), dx.data_ptr(),
+                                        partial.data_ptr() if bias_grad else 0, dtype_code(x),
+                                        B, C, P, sb, sc, sp, float(slope), float(eps), stream)
     else:
         raise ValueError(f"channel_epilogue_bwd: no fused kernel for backend {backend!r} "
                          f"(act={act}, normalize={normalize})")
@@ -299,6 +305,11 @@ def bias_lrelu_pixel_norm(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.
     if bias.device != x.device:
         raise ValueError(f"bias_lrelu_pixel_norm: x is on {x.device} but bias is on {bias.device}")
     impl = _backend.resolve("bias_lrelu_pixel_norm", x, backend)
+    if impl == "cuda" and x.shape[1] > MAX_CUDA_BIAS_CHANNELS:  # refused here, not in the backward
+        why = f"its bias gradient takes at most {MAX_CUDA_BIAS_CHANNELS} channels, got {x.shape[1]}"
+        if (backend if backend is not None else _backend.get_backend()).strip().lower() != "auto":
+            raise _backend.BackendUnavailableError(f"bias_lrelu_pixel_norm: backend 'cuda' is not available: {why}")
+        impl = "torch"
     if impl == "torch":
         return reference_bias_lrelu(x, bias, slope, eps)
     return _PixelNormFunction.apply(dense(x), bias, float(slope), float(eps), impl)
