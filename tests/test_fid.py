@@ -382,6 +382,18 @@ def test_cli_fid_of_stats_files_refuses_what_needs_features(tmp_path, monkeypatc
     assert "pt_inception-2015-12-05-6726825d.pth not found" in capsys.readouterr().err
 
 
+def test_cli_fid_says_a_missing_input_before_missing_weights(tmp_path, monkeypatch, capsys):
+    """Without weights, `fid folder nonexist` said the weights were missing: the typo came to light
+    only once they were found."""
+    _no_weights(tmp_path, monkeypatch)
+    folder = _png_folder(tmp_path / "imgs", range(3), size=(16, 16))
+    for missing, said in (("nonexist", "nonexist: no such file or folder"),
+                          ("gone.npz", "gone.npz: no such statistics file")):
+        assert cli(["fid", str(folder), str(tmp_path / missing), "-q"]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "pt_inception" not in err, err
+
+
 @pytest.mark.slow
 def test_kid_and_bootstrap_on_random_weights(tmp_path):
     a = _png_folder(tmp_path / "a", range(6), size=(16, 16))

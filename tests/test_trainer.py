@@ -451,6 +451,22 @@ CLI_TINY = ["--fade-kimg", "0.064", "--stable-kimg", "0.064", "--tick-kimg", "0.
             "--fmap-base", "32", "--fmap-max", "8", "--batch", "8", "--realism-images", "8", "--device", "cpu", "-q"]
 
 
+def test_a_resumed_runs_log_and_report_count_the_training_time_of_every_session(archive, tmp_path, capsys):
+    """log.jsonl's seconds restart with each session (--max-kimg's budget is per session); the report
+    took the last line's, so a resumed run said '0 s'. total_seconds goes on from the checkpoint's tick."""
+    from xrayforge.evaluate.report import write_report
+    run = tmp_path / "run"
+    assert _cli(["train", archive, "--out", run, *CLI_TINY, "--max-kimg", "0.064"], capsys)[0] == 0
+    first = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-1]
+    assert first["total_seconds"] == first["seconds"] > 0
+    assert _cli(["train", "--out", run, "--resume", "--max-kimg", "0.128"], capsys)[0] == 0
+    ticks = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    last = ticks[-1]
+    assert last["images"] == 128 and last["total_seconds"] == pytest.approx(first["seconds"] + last["seconds"])
+    write_report(tmp_path / "r.html", run)
+    assert f"128 images seen in {last['total_seconds']:.0f} s" in (tmp_path / "r.md").read_text()
+
+
 def test_resuming_with_another_archive_is_refused_in_one_line(archive, tmp_path, capsys):
     run = tmp_path / "run"
     assert _cli(["train", archive, "--out", run, *CLI_TINY, "--max-kimg", "0.064"], capsys)[0] == 0
@@ -475,6 +491,20 @@ def test_resuming_with_another_archive_is_refused_in_one_line(archive, tmp_path,
     moved = tmp_path / "moved"
     shutil.copytree(archive, moved)
     assert _cli(["train", moved, "--out", run, "--resume", "--max-kimg", "0.096"], capsys)[0] == 0
+
+
+def test_resuming_when_the_archive_moved_says_to_give_its_new_path(archive, tmp_path, capsys):
+    """Without ARCHIVE, --resume reads the archive where the run saw it; moved, that said only
+    'not an xrayforge archive (no archive.json)'."""
+    import shutil
+    mine, run = tmp_path / "arc", tmp_path / "run"
+    shutil.copytree(archive, mine)
+    assert _cli(["train", mine, "--out", run, *CLI_TINY, "--max-kimg", "0.064"], capsys)[0] == 0
+    mine.rename(tmp_path / "elsewhere")
+    rc, out, err = _cli(["train", "--out", run, "--resume"], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"{mine}: the run's archive is no longer there" in err and f"ARCHIVE --out {run} --resume" in err
+    assert _cli(["train", tmp_path / "elsewhere", "--out", run, "--resume", "--max-kimg", "0.096"], capsys)[0] == 0
 
 
 def test_resuming_with_other_networks_names_both(archive, tmp_path):

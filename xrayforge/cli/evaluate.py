@@ -233,7 +233,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tstr", help="train on synthetic, test on real",
         description="Train the classifier on N synthetic images, on N real training images and on N/2 of each, and "
                     "test all three on the same held-out real images (the real archive's 'test' split, else a "
-                    "patient-level split): per-finding AUROC with patient-level bootstrap 95%% intervals. Writes "
+                    "patient-level split): per-finding AUROC with patient-level bootstrap 95% intervals. Writes "
                     "tstr.csv, tstr.md, tstr.png, summary.json and the models; a stopped run continues.")
     q.add_argument("--synthetic", required=True,
                    help="labelled synthetic images: a `xrayforge sample` folder sampled with --classifier (labels: "

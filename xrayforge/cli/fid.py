@@ -30,7 +30,13 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         if Path(args.save_stats).exists():
             FrechetStats.load(args.save_stats)  # an existing file must be statistics, or it is not replaced
     from ..fid.compute import describe
-    if args.n and "checkpoint" not in {describe(x) for x in (args.a, args.b) if x is not None}:
+    kinds = set()
+    for x in (args.a, args.b):  # a missing input is said before the weights are looked for
+        if x is not None:
+            kinds.add(describe(x))
+            if describe(x) == "stats" and not Path(x).is_file():
+                raise FileNotFoundError(f"{x}: no such statistics file")
+    if args.n and "checkpoint" not in kinds:
         raise UserError(f"--n {args.n}: the number of images to generate from a checkpoint input, and neither "
                         f"input is one (folders and archives are used whole)")
     rank, _ = init_distributed()

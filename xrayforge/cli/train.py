@@ -131,6 +131,9 @@ def _resumed_config(args: argparse.Namespace):
     cfg.setdefault("include_test", True)  # runs from before the test split was held out trained on every row
     if args.archive is not None:  # the archive moved (the trainer checks that it is the same archive)
         cfg["archive"] = str(Path(args.archive).resolve())
+    elif not (Path(str(cfg.get("archive", ""))) / "archive.json").is_file():
+        raise UserError(f"{cfg.get('archive')}: the run's archive is no longer there (moved or deleted?); give "
+                        f"where it is now: xrayforge train ARCHIVE --out {args.out} --resume")
     saved = TrainConfig(**cfg)
     final = saved.resolution or 4
     resolutions = [4 << i for i in range(final.bit_length() - 2) if 4 << i >= saved.start_resolution]

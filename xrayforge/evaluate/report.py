@@ -56,7 +56,8 @@ def _training_section(run: Path) -> list[str]:
             lines.append(f"(The last line of {log} was cut short, by a crash or a kill; it is left out.)")
         if ticks:
             last = ticks[-1]
-            lines.append(f"{last['images']:,} images seen in {number(last.get('seconds'), 0)} s over {len(ticks)} ticks; "
+            seconds = last.get("total_seconds", last.get("seconds"))  # "seconds": this session's (a resume restarts it)
+            lines.append(f"{last['images']:,} images seen in {number(seconds, 0)} s over {len(ticks)} ticks; "
                          f"last resolution {last['resolution']} px (fade-in α {number(last['alpha'], 2)}); final losses "
                          f"D {number(last.get('d_loss'))}, G {number(last.get('g_loss'))}, "
                          f"gradient penalty {number(last.get('gp'))}.")

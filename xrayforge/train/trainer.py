@@ -872,6 +872,10 @@ class Trainer:
                 lv = self.schedule.at(self.images_seen).level
                 prefetch.request(self.images_seen, self.batch_for(lv), self.net_config.resolution_at(lv))
             tick_start, tick_images, t0 = time.perf_counter(), 0, time.perf_counter()
+            # the run's training time before this session (its last tick kept: the checkpoint's); a log
+            # from before total_seconds has each session's seconds only
+            before = float(self.history[-1].get("total_seconds", self.history[-1].get("seconds", 0.0))) \
+                if self.history else 0.0
             last = {}
             next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
             while self.images_seen < self.total:
@@ -912,7 +916,7 @@ class Trainer:
                               "ema_beta": beta, "batch": self.batch, "train_images": len(self.train_rows),
                               **{k: float(v) for k, v in last.items()},
                               "img_per_s": tick_images / max(now - tick_start, 1e-9),
-                              "seconds": now - t0}
+                              "seconds": now - t0, "total_seconds": before + now - t0}
                     if self.device.type == "cuda":
                         record["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                     bar.set_postfix(res=record["resolution"], alpha=f"{record['alpha']:.2f}",

@@ -41,15 +41,19 @@ def loss_curve(history: list[dict], path: str | os.PathLike) -> None:
         if has_fid:
             ax.plot(xm, [h.get("fid") for h in measured], "o-", label="FID", color="C5")
             ax.set_yscale("log")
+            ax.set_ylabel("FID (log scale)")
         twin = ax.twinx() if has_fid and has_prdc else ax
         for k, key in enumerate(("precision", "recall", "density", "coverage") if has_prdc else ()):
             twin.plot(xm, [h.get(key) for h in measured], ".--", label=key, color=f"C{6 + k}")
-        if twin is not ax:
+        if twin is not ax:  # the twin is drawn over ax: ax's legend goes to its other corner
+            twin.set_ylabel("precision, recall, density, coverage")
             twin.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_title(f"metrics in {measured[-1].get('metrics_features', 'inception')} features", fontsize=9)
     for ax in axes:
         ax.set_xlabel("thousands of images")
-        ax.legend()
+        if ax.get_legend() is None:
+            ax.legend()
         ax.grid(alpha=0.3)
     levels = sorted({(h["resolution"], h["images"] / 1000) for h in history}, key=lambda t: t[1])
     seen = set()
