@@ -67,6 +67,9 @@ def test_numpy_files_are_written_at_the_exact_path(tmp_path):
     with np.load(tmp_path / "m.npz") as z:
         assert sorted(z.files) == ["a", "b"]
     assert _all(tmp_path) == ["m.npz", "probs", "stats"]
+    for args, kwargs in (((np.ones(1),), {"a": np.ones(1)}), ((), {})):  # one array, or arrays by name
+        with pytest.raises(TypeError, match="one array, or arrays by name"):
+            save_numpy(tmp_path / "x.npz", *args, **kwargs)
 
 
 def test_json_csv_and_png_writers_round_trip(tmp_path):
@@ -80,3 +83,29 @@ def test_json_csv_and_png_writers_round_trip(tmp_path):
     with Image.open(tmp_path / "c.png") as im:
         assert im.format == "PNG" and im.size == (4, 3)
     assert _all(tmp_path) == ["a.json", "b.csv", "c.png"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temporaries_a_killed_writer_left_are_removed_when_its_folder_is_claimed_again(tmp_path):
+    """A kill leaves atomic_write's hidden, uniquely named temporary, which no later write replaces:
+    they piled up (a 10 MB feature cache each). Claiming the folder for the same command again (a
+    resume) removes those whose writer is gone; a live writer's stays."""
+    from xrayforge.utils.files import claim_output, remove_stale_temporaries
+    out = claim_output(tmp_path / "run", "train")
+    (out / "sub").mkdir()
+    dead, live = _dead_pid(), os.getppid()
+    stale = [out / f".cache.npz.{dead}-0123abcd.tmp.npz", out / "sub" / f".latest.{dead}-89abcdef.tmp",
+             out / "sub" / f".a.png.{dead}-00000000.tmp.png"]
+    kept = [out / f".cache.npz.{live}-0123abcd.tmp.npz", out / "cache.npz", out / "sub" / ".hidden.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    assert claim_output(out, "train") == out
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+    assert remove_stale_temporaries(out) == 0

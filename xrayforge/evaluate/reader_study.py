@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import read_csv, write_csv, write_text_atomic
+from ..utils.files import read_csv, remove_stale_temporaries, write_csv, write_text_atomic
 from ._format import number
 from .metrics import log_binomial_pmf
 
@@ -308,6 +308,7 @@ def _clear_unfinished(out: Path, key_path: Path) -> None:
         log.warning("%s: removed the answer key %s of an unfinished pack (no index.html)", out, key_path)
     shutil.rmtree(images, ignore_errors=True)
     (out / "index.html.tmp").unlink(missing_ok=True)
+    remove_stale_temporaries(out)  # a killed write of the page
     (out / UNFINISHED).unlink(missing_ok=True)
     log.warning("%s: a reader-study pack left unfinished (no index.html) is made again", out)
 

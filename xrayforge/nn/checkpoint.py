@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils.files import atomic_write, load_state, load_torch, read_json
+from ..utils.files import atomic_write, load_state, load_torch, read_json, write_text_atomic
 from .networks import Discriminator, Generator, NetworkConfig
 
 FORMAT = "xrayforge-networks"
@@ -43,7 +43,7 @@ def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None 
         meta["networks"][name] = {"class": cls, "config": net.config.as_dict(), "level": net.level,
                                   "alpha": float(net.alpha)}
     atomic_write(folder / "networks.pt", lambda p: torch.save(tensors, p), fsync=True)
-    atomic_write(folder / "networks.json", lambda p: p.write_text(json.dumps(meta, indent=2)), fsync=True)
+    write_text_atomic(folder / "networks.json", json.dumps(meta, indent=2), fsync=True)
     return folder
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from pathlib import Path
 
 from ..errors import UserError
 
 MARKER = ".xrayforge.json"
+log = logging.getLogger(__name__)
 
 
 def file_id(*paths: str | os.PathLike, length: int = 12) -> str:
@@ -45,7 +48,9 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
     sees the old file or the new one, never half of one. The temporary name is hidden, unique
     to this writer (two processes writing one file do not share it), and ends with ``path``'s
     own suffix (numpy, Pillow and matplotlib choose the format from it); an interrupted or failed
-    write removes it. ``fsync``: on disk before the rename (a power loss, not only a kill)."""
+    write removes it, and one a kill left is removed when its output folder is claimed again
+    (``remove_stale_temporaries``). ``fsync``: on disk before the rename (a power loss, not only a
+    kill)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
@@ -60,10 +65,43 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
     return path
 
 
+# atomic_write's temporary: .NAME.<pid>-<8 hex>.tmp[.suffix]
+_TEMPORARY = re.compile(r"\..+\.(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp(\.[^.]*)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Remove, below ``folder``, the temporaries of ``atomic_write`` whose writer is gone (a kill,
+    a power loss: hidden, and never written over, they would pile up); a live writer's stay.
+    Returns how many went."""
+    removed = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            m = _TEMPORARY.fullmatch(name)
+            if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
 def save_numpy(path: str | os.PathLike, array=None, **arrays) -> Path:
     """``np.save(array)`` or, with keywords, ``np.savez(**arrays)``, atomically, at ``path`` exactly
     (numpy adds no .npy / .npz to a name without it)."""
     import numpy as np
+    if (array is None) == (not arrays):
+        raise TypeError("save_numpy: give one array, or arrays by name (not both, not neither)")
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
@@ -74,8 +112,8 @@ def save_numpy(path: str | os.PathLike, array=None, **arrays) -> Path:
     return atomic_write(path, write)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), fsync)
 
 
 def json_safe(obj):
@@ -330,7 +368,10 @@ def _claim(out: Path, command: str, signatures) -> Path:
         entries = _visible(out)
         if marker.is_file():
             owner = read_json(marker, "an xrayforge output marker").get("command")
-            if owner == command:
+            if owner == command:  # a run continued: what a killed one's writers left goes
+                removed = remove_stale_temporaries(out)
+                if removed:
+                    log.info("%s: removed %d temporary file(s) an interrupted run left", out, removed)
                 return out
             raise UserError(f"{out}: holds the output of `xrayforge {owner}`, not of `xrayforge {command}`; "
                             f"choose a new --out")
