@@ -87,23 +87,25 @@ def test_auto_on_gpu_picks_only_validated_kernels(monkeypatch):
         assert chosen in validated + ("torch",), op
 
 
-def test_auto_passes_by_a_dtype_whose_kernel_changed_since_its_gpu_tests(monkeypatch):
+def test_auto_passes_by_a_dtype_whose_kernel_changed_since_its_gpu_tests(monkeypatch, caplog):
     """GPU_PENDING_DTYPES: the Triton epilogues' float64 specialisation changed after their GPU
     window (d0f18c2), their fp32 / bf16 / fp16 ones did not: auto keeps Triton for those and runs
-    float64 on the next validated backend (else the reference); a named backend is obeyed."""
+    float64 on the next validated backend (else the reference), saying so once; a named backend is
+    obeyed. Decided inside resolve_for_device, which torch.compile keeps as a constant."""
     monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None)
-    monkeypatch.setattr(_backend, "resolve_for_device",
-                        lambda op, device, backend=None: "triton" if (backend or "auto") in ("auto", "triton")
-                        else backend)
-    x32, x64 = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2, dtype=torch.float64)
-    assert _backend.resolve("pixel_norm", x32) == "triton"
-    assert _backend.resolve("pixel_norm", x64) == "cuda"  # GPU_VALIDATED: ("triton", "cuda")
-    assert _backend.resolve("bias_lrelu", x64) == "torch"  # ("triton",): nothing validated after it
-    assert _backend.resolve("pixel_norm", x64, "triton") == "triton"  # named: run as asked
+    cuda = torch.device("cuda")
+    pick = lambda op, dtype, backend="auto": _backend.resolve_for_device(op, cuda, backend, dtype)  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        assert pick("pixel_norm", torch.float32) == pick("pixel_norm", torch.bfloat16) == "triton"
+        assert pick("pixel_norm", torch.float64) == "cuda"  # GPU_VALIDATED: ("triton", "cuda")
+        assert pick("bias_lrelu", torch.float64) == "torch"  # ("triton",): nothing validated after it
+    assert "float64 kernel has not passed on a GPU" in caplog.text
+    assert pick("pixel_norm", torch.float64, "triton") == "triton"  # named: run as asked
+    assert _backend.resolve_for_device("pixel_norm", cuda, "auto") == "triton"  # no dtype: the device's choice
     monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: "not built" if name == "cuda" else None)
-    assert _backend.resolve("bias_lrelu_pixel_norm", x64) == "torch"
+    assert pick("bias_lrelu_pixel_norm", torch.float64) == "torch"
     with _backend.auto_candidates(("triton",)):  # the benchmarks measure the kernels themselves
-        assert _backend.resolve("pixel_norm", x64) == "triton"
+        assert pick("pixel_norm", torch.float64) == "triton"
 
 
 def test_available_backends_on_cpu():

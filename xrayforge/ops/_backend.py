@@ -183,20 +183,15 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
 
 def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
     """The concrete backend (``cuda``, ``triton`` or ``torch``) that runs ``op`` on ``x``."""
-    name = resolve_for_device(op, x.device, backend)
-    if x.dtype in GPU_PENDING_DTYPES.get((op, name), ()) and _candidates_override is None and \
-            (_check_name(backend) if backend is not None else get_backend()) == "auto":
-        order = auto_order_cuda(op)
-        for candidate in order[order.index(name) + 1:]:  # the next validated one that can run here
-            if unavailable_reason(candidate, op, x.device) is None and \
-                    x.dtype not in GPU_PENDING_DTYPES.get((op, candidate), ()):
-                return candidate
-    return name
+    return resolve_for_device(op, x.device, backend, x.dtype)
 
 
 # torch.compile evaluates the choice once while tracing and keeps the answer as a constant
 @torch.compiler.assume_constant_result
-def resolve_for_device(op: str, device: torch.device, backend: str | None = None) -> str:
+def resolve_for_device(op: str, device: torch.device, backend: str | None = None,
+                       dtype: torch.dtype | None = None) -> str:
+    """The backend for ``op`` on ``device``; with ``dtype``, auto also passes by a backend whose
+    kernel for that dtype is pending (GPU_PENDING_DTYPES)."""
     name = _check_name(backend) if backend is not None else get_backend()
     if name != "auto":
         why = unavailable_reason(name, op, device)
@@ -207,7 +202,9 @@ def resolve_for_device(op: str, device: torch.device, backend: str | None = None
         return "torch"  # the reference is the fast path off the GPU
     reasons = []
     for candidate in auto_order_cuda(op):
-        why = unavailable_reason(candidate, op, device)
+        pending = _candidates_override is None and dtype in GPU_PENDING_DTYPES.get((op, candidate), ())
+        why = f"its {dtype} kernel has not passed on a GPU since it changed" if pending else \
+            unavailable_reason(candidate, op, device)
         if why is None:
             if reasons and (op, candidate) not in _warned:
                 _warned.add((op, candidate))

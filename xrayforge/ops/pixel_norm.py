@@ -307,8 +307,11 @@ def bias_lrelu_pixel_norm(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.
     impl = _backend.resolve("bias_lrelu_pixel_norm", x, backend)
     if impl == "cuda" and x.shape[1] > MAX_CUDA_BIAS_CHANNELS:  # refused here, not in the backward
         why = f"its bias gradient takes at most {MAX_CUDA_BIAS_CHANNELS} channels, got {x.shape[1]}"
-        if (backend if backend is not None else _backend.get_backend()).strip().lower() != "auto":
+        if (_backend._check_name(backend) if backend is not None else _backend.get_backend()) != "auto":
             raise _backend.BackendUnavailableError(f"bias_lrelu_pixel_norm: backend 'cuda' is not available: {why}")
+        if ("bias_lrelu_pixel_norm", "torch") not in _backend._warned:  # as resolve says a fallback, once
+            _backend._warned.add(("bias_lrelu_pixel_norm", "torch"))
+            _backend.log.warning("bias_lrelu_pixel_norm: auto backend fell back to 'torch' (cuda: %s)", why)
         impl = "torch"
     if impl == "torch":
         return reference_bias_lrelu(x, bias, slope, eps)
