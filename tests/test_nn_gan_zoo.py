@@ -202,7 +202,9 @@ def test_bad_files(tmp_path):
         load_pytorch_gan_zoo(tmp_path / "broken.pt")
 
 
-@pytest.mark.parametrize("setting, value, said", [("lossCriterion", "DCGAN", "tanh"), ("leakyReluLeak", 0.1, "slope"),
+@pytest.mark.parametrize("setting, value, said", [("lossCriterion", "DCGAN", "tanh"), ("lossCriterion", "MSE", "tanh"),
+                                                  ("generationActivation", "tanh", "activation on G's output"),
+                                                  ("leakyReluLeak", 0.1, "slope"),
                                                   ("perChannelNormalization", False, "pixel norm"),
                                                   ("equalizedlR", False, "He-constant")])
 def test_settings_the_conversion_does_not_reproduce_are_refused(tmp_path, setting, value, said):
@@ -216,3 +218,11 @@ def test_settings_the_conversion_does_not_reproduce_are_refused(tmp_path, settin
     torch.save({"netG": sd_g, "netD": sd_d, "config": {"alpha": 0.0, setting: value}}, tmp_path / "d.pt")
     with pytest.raises(ValueError, match=f"trained with {setting}"):
         load_pytorch_gan_zoo(tmp_path / "d.pt")
+
+
+def test_a_logistic_loss_checkpoint_loads(tmp_path):
+    """Their Logistic loss, like WGANGP, has no output activation: nothing the conversion misses."""
+    sd_g, sd_d = random_state_dicts(1)
+    torch.save({"netG": sd_g, "netD": sd_d, "config": FakeBaseConfig(0.0, lossCriterion="Logistic",
+                                                                     generationActivation=None)}, tmp_path / "l.pt")
+    assert set(load_pytorch_gan_zoo(tmp_path / "l.pt")) == {"G", "D"}

@@ -166,22 +166,27 @@ def convert_discriminator(sd: dict, config: NetworkConfig) -> Discriminator:
 
 
 # what the conversion assumes of their config, where the config says (an older file may not):
-# {their name: (the value assumed, what another value would change)}
+# {their name: (the values supported, what another value would change)}
 _ASSUMED = {
-    "lossCriterion": ("WGANGP", "MSE and DCGAN put G's output through tanh, which the converted G does not"),
-    "leakyReluLeak": (0.2, "the leaky ReLU slope of every layer"),
-    "perChannelNormalization": (True, "G's pixel norm"),
-    "equalizedlR": (True, "the He-constant scaling of every layer"),
+    # their losses' generationActivation: None for WGANGP and Logistic, tanh for MSE and DCGAN
+    "lossCriterion": (("WGANGP", "Logistic"), "MSE and DCGAN put G's output through tanh, which the converted G "
+                                              "does not"),
+    "generationActivation": ((None,), "an activation on G's output, which the converted G does not have"),
+    "leakyReluLeak": ((0.2,), "the leaky ReLU slope of every layer"),
+    "perChannelNormalization": ((True,), "G's pixel norm"),
+    "equalizedlR": ((True,), "the He-constant scaling of every layer"),
 }
+_ABSENT = object()
 
 
 def _check_supported(path, setting) -> None:
     """A checkpoint trained with settings the converted networks do not reproduce is refused by name:
     loaded, it would generate other images than theirs, without an error."""
-    for name, (assumed, why) in _ASSUMED.items():
-        value = setting(name, None)
-        if value is not None and value != assumed:
-            raise ValueError(f"{path}: trained with {name} = {value!r}; only {assumed!r} is supported ({why})")
+    for name, (supported, why) in _ASSUMED.items():
+        value = setting(name, _ABSENT)
+        if value is not _ABSENT and value not in supported:
+            raise ValueError(f"{path}: trained with {name} = {value!r}; only "
+                             f"{' or '.join(map(repr, supported))} is supported ({why})")
 
 
 def load_pytorch_gan_zoo(path: str | os.PathLike) -> dict:
