@@ -182,3 +182,26 @@ def test_audit_takes_patients_from_an_archive_and_not_from_a_folder(tmp_path):
     want = {n: str(int(n.rsplit("/", 1)[-1][:3]) // 2) for n in names}
     assert _patients(str(tmp_path / "arc"), names) == [want[n] for n in names]
     assert _patients(str(folder), names) is None
+    # an archive whose images have no patient ids (prepared without labels): halves by image, said so
+    prepare(str(folder), tmp_path / "bare", resolution=16, workers=1, progress=False)
+    bare = [r["source"] for r in Archive(tmp_path / "bare").records]
+    assert _patients(str(tmp_path / "bare"), bare) is None
+
+
+def test_expected_by_chance_weighs_uneven_halves_as_the_synthetic_flags_are():
+    """Patient halves can differ in size: the expected synthetic flags are the average over the two
+    passes of (controls flagged / controls) × synthetic images, as synthetic_flagged_half averages
+    the synthetic flags; real_flagged / all reals weighed the larger half more."""
+    rng = np.random.default_rng(3)
+    real = torch.from_numpy(rng.standard_normal((40, 5)))
+    groups = [f"g{k // 3}" for k in range(39)] + ["solo"]  # patients of 3 scans and one of 1: no 20 / 20 split
+    synth = torch.from_numpy(rng.standard_normal((30, 5)))
+    out = screen([synth], [real], percentile=20.0, seed=1, groups=groups)
+    from xrayforge.evaluate.memorisation import _halves
+    a, b = _halves(40, groups, 1)
+    assert len(a) != len(b) and out["real_flagged"] is not None
+    rates = []
+    for ref, ctrl in ((a, b), (b, a)):
+        both = screen([torch.cat([synth, real[ctrl]])], [real[ref]], percentile=20.0)["flagged"]
+        rates.append(float(both[30:].sum()) / len(ctrl))
+    assert out["expected_by_chance"] == pytest.approx(np.mean(rates) * 30)

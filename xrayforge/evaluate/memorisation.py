@@ -129,7 +129,7 @@ def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: 
     per_space, flagged = _flags(synthetic, real, percentile)
     out = {"distance": [t[0] for t in per_space], "index": [t[1] for t in per_space],
            "real_nn": [t[2] for t in per_space], "threshold": [t[3] for t in per_space], "flagged": flagged,
-           "real_flagged": None, "synthetic_flagged_half": None, "p_value": None}
+           "real_flagged": None, "synthetic_flagged_half": None, "expected_by_chance": None, "p_value": None}
     n, m = len(real[0]), len(synthetic[0])
     if groups is not None and len(groups) != n:
         raise ValueError(f"screen: {len(groups)} group ids for {n} real images")
@@ -137,14 +137,16 @@ def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: 
     if split is None:
         return out
     halves = tuple(torch.from_numpy(h).to(real[0].device) for h in split)
-    controls, synth, p_values = 0, 0, []
+    controls, synth, chance, p_values = 0, 0, 0.0, []
     for ref, ctrl in (halves, halves[::-1]):  # one pass per reference: its threshold serves both groups
         both = _flags([torch.cat([s.to(r.device), r[ctrl]]) for s, r in zip(synthetic, real)],
                       [r[ref] for r in real], percentile)[1]
         s_flags, c_flags = both[:m], both[m:]
         controls, synth = controls + int(c_flags.sum()), synth + int(s_flags.sum())
+        chance += float(c_flags.sum()) / len(ctrl) * m / 2  # at this pass's control rate, as synth is averaged
         p_values.append(fisher_greater(int(s_flags.sum()), m, int(c_flags.sum()), len(ctrl)))
-    out.update(real_flagged=controls, synthetic_flagged_half=synth / 2, p_value=min(1.0, 2 * min(p_values)))
+    out.update(real_flagged=controls, synthetic_flagged_half=synth / 2, expected_by_chance=chance,
+               p_value=min(1.0, 2 * min(p_values)))
     return out
 
 
@@ -159,7 +161,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     groups = _patients(real, r_names)
     sc = screen([s_feat, s_pix], [r_feat.to(dev), r_pix.to(dev)], percentile, groups=groups)
     (d_f, d_p), (i_f, i_p), (nn_f, nn_p), (thr_f, thr_p) = sc["distance"], sc["index"], sc["real_nn"], sc["threshold"]
-    flagged, real_flagged, p_value, n_real = sc["flagged"], sc["real_flagged"], sc["p_value"], len(r_names)
+    flagged, real_flagged, p_value = sc["flagged"], sc["real_flagged"], sc["p_value"]
     half = sc["synthetic_flagged_half"]
     rows = [{"synthetic": s_names[k], "nearest_real_inception": r_names[int(i_f[k])],
              "inception_distance": round(float(d_f[k]), 6), "nearest_real_pixels": r_names[int(i_p[k])],
@@ -170,7 +172,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
         "flagged_fraction": float(flagged.float().mean()), "real_flagged": real_flagged,
         "synthetic_flagged_half": half,
-        "expected_by_chance": None if real_flagged is None else real_flagged / n_real * len(s_names),
+        "expected_by_chance": sc["expected_by_chance"],  # the synthetic flags (per half, on average) at the controls' rate
         "p_value": p_value, "more_than_chance": None if p_value is None else p_value < 0.01,
         "halves_by": "image" if groups is None else "patient",
         # numpy's median: torch's is the lower middle value of an even count
@@ -195,7 +197,8 @@ def _patients(real: str, names: list[str]) -> list[str] | None:
     from ..data.archive import Archive
     arc = Archive(real)
     of = {r["source"]: p for r, p in zip(arc.records, arc.patient_ids)}
-    return [of.get(name) or f"image:{name}" for name in names]
+    ids = [of.get(name) or f"image:{name}" for name in names]
+    return ids if len(set(ids)) < len(ids) else None  # one image a patient: halves by image, and said so
 
 
 def chance_sentence(summary: dict) -> str:
