@@ -319,6 +319,7 @@ def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", f
             table[(s["cin"], s["cout"], s["kernel"], s["resample"], s["activation"], size, dtype)] = "triton"
     return table
 
+
 COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("max_err", "max err"),
            ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),
            ("fwd_speedup", "fwd ×eager"), ("fwd+bwd_ms", "fwd+bwd ms"), ("fwd+bwd_gbps", "fwd+bwd GB/s"),

@@ -84,8 +84,7 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
 
     result = score(args.pack, args.key, args.answers)
     if args.out:
-        from ..utils.files import write_json
-        from ..utils.files import claim_output
+        from ..utils.files import claim_output, write_json
         out = claim_output(args.out, "evaluate reader-study score")
         write_json(out / "summary.json", {"evaluation": "reader-study", "pack": args.pack, "result": result})
     from ..utils.files import json_safe

@@ -33,8 +33,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     kinds = set()
     for x in (args.a, args.b):  # a missing input is said before the weights are looked for
         if x is not None:
-            kinds.add(describe(x))
-            if describe(x) == "stats" and not Path(x).is_file():
+            kinds.add(kind := describe(x))
+            if kind == "stats" and not Path(x).is_file():
                 raise FileNotFoundError(f"{x}: no such statistics file")
     if args.n and "checkpoint" not in kinds:
         raise UserError(f"--n {args.n}: the number of images to generate from a checkpoint input, and neither "

@@ -552,9 +552,9 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         log.warning(f"{len(straddle)} patients have images in the test split and outside it (e.g. "
                     f"{', '.join(straddle[:3])}): the split lists are not patient-wise; training holds out every "
                     f"image of a patient in the test split")
-    unlisted = sum(1 for r, h in zip(manifest, held) if h and r["split"] == "")
-    if unlisted:  # in no split list (ChestX-ray14's lists are patient-wise, but an image may be missing from them)
-        log.info(f"{unlisted} images in no split list are of patients in the test split: held out with them")
+    no_split_held = sum(1 for r, h in zip(manifest, held) if h and r["split"] == "")
+    if no_split_held:  # in no split list (ChestX-ray14's lists are patient-wise, but an image may be missing from them)
+        log.info(f"{no_split_held} images in no split list are of patients in the test split: held out with them")
     if not manifest:
         example = skipped[len(not_images) if len(skipped) > len(not_images) else 0]  # an image file's, if any
         raise NoUsableImages(f"{src}: none of the {len(candidates) + len(not_images)} files could be used; "

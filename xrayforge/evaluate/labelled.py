@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.archive import Archive
-from ..utils.files import write_csv, write_json
 from ..errors import UserError
-from ..utils.files import file_id, read_csv, read_json
+from ..utils.files import file_id, read_csv, read_json, write_csv, write_json
 from ..data.labels import FINDINGS, format_finding_labels
 
 log = logging.getLogger(__name__)
