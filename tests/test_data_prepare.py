@@ -474,6 +474,20 @@ def test_images_smaller_than_the_resolution_are_said_to_be_enlarged(tmp_path, ca
     assert not [r for r in caplog.records if "enlarged" in r.getMessage()]
 
 
+def test_dicom_for_processing_images_are_said(tmp_path, caplog):
+    """DX 'FOR PROCESSING' images are the detector's raw data, not what radiologists read: they went
+    into the archive like the others without a word."""
+    src = tmp_path / "dx"
+    src.mkdir()
+    write_image(src / "raw.dcm", np.full((16, 16), 900, dtype=np.uint16), PresentationIntentType="FOR PROCESSING")
+    write_image(src / "shown.dcm", np.full((16, 16), 900, dtype=np.uint16), PresentationIntentType="FOR PRESENTATION")
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        res = prepare(str(src), tmp_path / "out", resolution=16, workers=1, progress=False)
+    assert res.included == 2
+    said = [r.getMessage() for r in caplog.records if "FOR PROCESSING" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 DICOM images") and "raw.dcm" in said[0] and "shown" not in said[0]
+
+
 def test_label_file_of_the_current_nih_download_is_found(tmp_path, caplog):
     src = tmp_path / "cxr14"
     names = make_chestxray14(src)

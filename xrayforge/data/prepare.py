@@ -284,6 +284,8 @@ def _process(task: tuple[int, dict, str]) -> dict:
             img = resize(sq, res)
             if rad.meta.get("max", TWELVE_BITS + 1) <= TWELVE_BITS:
                 meta["twelve_bits"] = True
+            if rad.meta.get("for_processing"):
+                meta["for_processing"] = True
             meta["patient_id"] = cand.get("patient_id") or rad.patient_id
             meta["study_id"] = rad.study_id
     except SkipImage as exc:
@@ -526,6 +528,12 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         log.warning(f"16-bit image files with no value above {TWELVE_BITS} (12-bit data?): {len(twelve_bit)}, e.g. "
                     f"{', '.join(twelve_bit[:3])}; scaled by 65535 they are dark" +
                     (", and at --bits 8 keep at most 16 grey levels: prepare them with --bits 16" if bits == 8 else ""))
+    raw = [cand["source"] for i, cand in enumerate(candidates) if done[i].get("for_processing")]
+    if raw:
+        log.warning(f"{len(raw)} DICOM images are 'FOR PROCESSING' (Presentation Intent Type: the detector's "
+                    f"raw data, which a vendor's processing turns into the image radiologists read), e.g. "
+                    f"{', '.join(raw[:3])}: they are in the archive as stored, and look unlike 'FOR PRESENTATION' "
+                    f"radiographs; leave them out of the source if the archive should hold only those")
     enlarged = [(cand["source"], done[i]["enlarged_from"]) for i, cand in enumerate(candidates)
                 if done[i].get("enlarged_from")]
     if enlarged:

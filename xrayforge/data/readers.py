@@ -206,9 +206,11 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     x = np.clip(x, 0.0, 1.0)
     if photometric == "MONOCHROME1":
         x = 1.0 - x
+    meta = {"photometric": photometric, "voi": how, "bits_stored": int(ds.BitsStored)}
+    if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
+        meta["for_processing"] = True  # raw detector data, meant for a vendor's processing, not for display
     return Radiograph(x.astype(np.float32), str(path), str(getattr(ds, "PatientID", "")),
-                      str(getattr(ds, "StudyInstanceUID", "")),
-                      {"photometric": photometric, "voi": how, "bits_stored": int(ds.BitsStored)})
+                      str(getattr(ds, "StudyInstanceUID", "")), meta)
 
 
 def read_pillow(path: str | os.PathLike) -> Radiograph:
