@@ -184,3 +184,47 @@ def test_an_lco_archive_begun_under_the_earlier_acceptance_rule_is_said_when_con
     sample_archive(cfg, progress=False)
     assert "rejected an image met as G gave it but not as stored" in caplog.text
     assert json.loads((out / "sample_config.json").read_text())["lco_accepts_as_stored"] is True
+
+
+def _first_attempt_fails_after_shard_zero(rank, world, run, clf, out, init_file):
+    """Sample with an LCO pool that accepts every start as it is, except the first attempt of every shard
+    after shard 0 (a target that shard 0 reaches at once and shard 1 at its second attempt)."""
+    import torch.distributed as dist
+
+    from xrayforge.sample import writer
+    from xrayforge.sample.lco import LCOPool, LCOSample
+
+    class Pool(LCOPool):
+        def run(self, feed, keep=None):
+            for key, z0, *_ in feed:
+                if keep is not None and not keep(key):
+                    continue
+                t, a, sd, _ = key
+                with torch.no_grad():
+                    image = self.G(z0[None])[0]
+                yield LCOSample(key, z0, z0, image, self.written(image[None])[0],
+                                a > 0 or sd == writer._lco_seed(0, 0, t, 1), 0)
+
+    writer.LCOPool = Pool
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sample_archive(SampleConfig(str(run), str(out), n=2, shard_size=1, batch=1, classifier=str(clf),
+                                    targets=["Mass=1"], starts=1, give_up_after=1), progress=False)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_torchrun_gives_up_on_a_target_only_where_one_process_would(tiny, tmp_path):
+    """A target is declared unreachable only in its first shard: one process writes shard 1 after shard 0
+    reached the target and goes on; under torchrun shard 1's process, not knowing of shard 0 yet, gave up,
+    so the job failed where one process made the archive."""
+    run, clf = tiny
+    _first_attempt_fails_after_shard_zero(0, 1, run, clf, tmp_path / "one", None)
+    torch.multiprocessing.spawn(_first_attempt_fails_after_shard_zero,
+                                args=(2, run, clf, tmp_path / "two", tmp_path / "pg"), nprocs=2)
+    one, two = (list(csv.DictReader(open(tmp_path / d / "manifest.csv", newline=""))) for d in ("one", "two"))
+    assert one == two and [r["latent_index"] for r in two] == ["0", "1"]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["targets"]["Mass=1"]["rejected"] == 1

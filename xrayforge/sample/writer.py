@@ -332,10 +332,12 @@ class ArchiveSampler:
             if not is_open(t):
                 outcome[t].clear()
             elif (not got[t] and self.cfg.give_up_after and settled[t] >= self.cfg.give_up_after
-                  and not self.reached[format_target(self.targets[t])]):
+                  and s == t // self.cfg.shard_size and not self.reached[format_target(self.targets[t])]):
                 # not one image in this many attempts, and none in the archive: at the LCO hit rates of a
                 # reachable target (tens of percent) that does not happen; rather than run --max-attempts
-                # per image, stop
+                # per image, stop. Only in the target's first shard (the one holding its first slot, t): one
+                # process meets its later shards after that one, and under torchrun another process may
+                # still be making it, so a later shard would give up where one process goes on
                 raise LCOUnreachable(
                     f"LCO target {format_target(self.targets[t])!r}: no image reached its target in the first "
                     f"{settled[t]} attempts (shard {s}), and the archive has none; raise --steps or --lr, check "
