@@ -162,3 +162,44 @@ def test_a_named_inception_file_that_is_not_there_is_refused_before_any_work(tmp
     from xrayforge.cli import main as cli
     assert cli(["demo", "--out", str(tmp_path / "d"), "--inception", str(tmp_path / "missing.pth"), "-q"]) == 1
     assert "not found" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_a_demo_resumed_after_ctrl_c_trains_for_what_is_left_of_its_budget(tmp_path, monkeypatch):
+    """The training stage's time budget is for its training in all: a run stopped by Ctrl-C and
+    continued gets what is left of it, not the whole budget again (which trained on past the plan)."""
+    from xrayforge.demo import run_demo
+    from xrayforge.train.trainer import Interrupted, Trainer
+
+    real_train, budgets = Trainer.train, []
+
+    def train(self):
+        budgets.append((self.cfg.max_seconds, self.history[-1]["total_seconds"] if self.history else 0.0))
+        if len(budgets) == 1:  # the first session trains 2 s, then Ctrl-C (after its checkpoint)
+            self.cfg.max_seconds = 2.0
+            real_train(self)
+            raise Interrupted("stopped by signal 2")
+        raise Interrupted("stopped by signal 2")
+
+    monkeypatch.setattr(Trainer, "train", train)
+    for _ in range(2):
+        with pytest.raises(Interrupted):
+            run_demo(out=str(tmp_path / "demo"), device="cpu", minutes=0.3, progress=False)
+    (whole, _), (left, trained) = budgets
+    assert trained >= 2.0 and left == pytest.approx(whole - trained)
+
+
+def test_a_demo_continued_with_another_budget_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """Each stage is sized by --minutes (and the device): continuing with others mixed two plans in one
+    demo (a classifier and a schedule of one, samples of the other) or failed in a later stage."""
+    import xrayforge.data.prepare
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the demo began work")
+
+    monkeypatch.setattr(xrayforge.data.prepare, "prepare", no_work)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_state.json").write_text(json.dumps({"options": {"minutes": 0.3, "device": "cpu"}}))
+    assert cli(["demo", "--out", str(out), "--minutes", "1", "--device", "cpu", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "begun with --minutes 0.3 on the cpu, not --minutes 1" in err and "demo_state.json" in err

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .utils.files import claim_output, read_json, write_text_atomic
 
 DEMO_TARGETS = ["Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"]
@@ -241,6 +242,14 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     budget = minutes * 60
     state_path = out / "demo_state.json"
     results = read_json(state_path, "the demo's progress") if state_path.exists() else {}
+    # the stages are sized by --minutes and the device: a continued demo with others would mix two plans
+    # (a demo begun before they were kept is not checked)
+    options = {"minutes": minutes, "device": dev.type}
+    begun = results.setdefault("options", options) if not results else results.get("options", options)
+    if begun != options:
+        raise UserError(f"{state_path}: this demo was begun with --minutes {begun['minutes']:g} on the "
+                        f"{begun['device']}, not --minutes {minutes:g} on the {dev.type}: its stages are sized by "
+                        f"them; run it again with those to continue it, or choose a new --out")
 
     def save_state():
         write_text_atomic(state_path, json.dumps(results, indent=2))  # a torn one would block the resume
@@ -318,7 +327,11 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         say(f"training a PGGAN to {p['resolution']} px ({per_phase} images per phase)" +
             (" — resuming" if resume else ""))
         t0 = time.perf_counter()
-        summary = Trainer(cfg, resume=resume, progress=progress, measure=measure).train()
+        trainer = Trainer(cfg, resume=resume, progress=progress, measure=measure)
+        if trainer.history:  # resumed after Ctrl-C: the budget is for the training in all, not for each session
+            spent = float(trainer.history[-1].get("total_seconds", 0.0))
+            trainer.cfg.max_seconds = max(trainer.cfg.max_seconds - spent, 1e-3)
+        summary = trainer.train()
         results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True,
                             **training_reach(summary, p["resolution"])}
         if results["train"]["stopped_early"] or results["train"].get("budget_note"):
