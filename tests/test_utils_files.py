@@ -109,3 +109,21 @@ def test_temporaries_a_killed_writer_left_are_removed_when_its_folder_is_claimed
     assert claim_output(out, "train") == out
     assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
     assert remove_stale_temporaries(out) == 0
+
+
+def test_a_write_error_names_the_file_asked_for(tmp_path):
+    """A full disk's error named no file, a read-only folder's the hidden temporary: both now name
+    the file being written, with the same errno and type."""
+    import errno
+    path = tmp_path / "summary.json"
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def denied(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp))
+    for writer, kind, code in ((full, OSError, errno.ENOSPC), (denied, PermissionError, errno.EACCES)):
+        with pytest.raises(kind) as caught:
+            atomic_write(path, writer)
+        assert caught.value.errno == code and caught.value.filename == str(path), caught.value
+    assert _all(tmp_path) == []

@@ -59,8 +59,11 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C, a full disk, a writer's error: nothing left beside the file
+    except BaseException as exc:  # Ctrl-C, a full disk, a writer's error: nothing left beside the file
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp), tmp):
+            # said of the file asked for (a full disk's error names none, a read-only folder's the temporary)
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
