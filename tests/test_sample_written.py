@@ -205,13 +205,14 @@ def _first_attempt_fails_after_shard_zero(rank, world, run, clf, out, init_file)
                 yield LCOSample(key, z0, z0, image, self.written(image[None])[0],
                                 a > 0 or sd == writer._lco_seed(0, 0, t, 1), 0)
 
-    writer.LCOPool = Pool
+    original, writer.LCOPool = writer.LCOPool, Pool  # restored: the one-process call runs in pytest's process
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sample_archive(SampleConfig(str(run), str(out), n=2, shard_size=1, batch=1, classifier=str(clf),
                                     targets=["Mass=1"], starts=1, give_up_after=1), progress=False)
     finally:
+        writer.LCOPool = original
         if world > 1:
             dist.destroy_process_group()
 
