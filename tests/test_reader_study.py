@@ -278,7 +278,7 @@ def test_out_dot_puts_the_key_beside_the_folder(tmp_path, monkeypatch):
 
 
 def test_a_killed_writes_hidden_temporary_file_is_cleared_on_rerun(tmp_path):
-    """atomic_write's temporary file (hidden, ``.<name>.<pid>-<tag>.tmp.png``) stays where a kill -9 stopped
+    """atomic_write's temporary file (hidden, ``.<name>.<host>-<pid>-<tag>.tmp.png``) stays where a kill -9 stopped
     it: it is make's own, and the rerun makes the pack again."""
     import xrayforge.evaluate.reader_study as rs
     real, synth = _sources(tmp_path)
@@ -286,6 +286,6 @@ def test_a_killed_writes_hidden_temporary_file_is_cleared_on_rerun(tmp_path):
     (pack / "images").mkdir(parents=True)
     (pack / rs.UNFINISHED).write_text("")
     (pack / "images" / "0123456789abcdef.png").write_bytes(b"x")
-    (pack / "images" / ".89abcdef01234567.png.4242-1a2b3c4d.tmp.png").write_bytes(b"x")
+    (pack / "images" / ".89abcdef01234567.png.node7-4242-1a2b3c4d.tmp.png").write_bytes(b"x")
     rs.make(real, synth, 4, pack, size=32)
     assert (pack / "index.html").is_file() and len(list((pack / "images").iterdir())) == 4

@@ -52,6 +52,8 @@ def test_each_writer_has_its_own_hidden_temporary_with_the_files_suffix(tmp_path
         t.join()
     assert len(seen) == 2 and seen[0] != seen[1]
     assert all(t.name.startswith(".grid.png.") and t.suffix == ".png" and t.parent == tmp_path for t in seen)
+    from xrayforge.utils.files import _TEMPORARY
+    assert all(_TEMPORARY.fullmatch(t.name) for t in seen)  # what remove_stale_temporaries looks for
     assert _all(tmp_path) == ["grid.png"]
 
 
@@ -100,10 +102,13 @@ def test_temporaries_a_killed_writer_left_are_removed_when_its_folder_is_claimed
     from xrayforge.utils.files import claim_output, remove_stale_temporaries
     out = claim_output(tmp_path / "run", "train")
     (out / "sub").mkdir()
+    from xrayforge.utils.files import _HOST
     dead, live = _dead_pid(), os.getppid()
-    stale = [out / f".cache.npz.{dead}-0123abcd.tmp.npz", out / "sub" / f".latest.{dead}-89abcdef.tmp",
-             out / "sub" / f".a.png.{dead}-00000000.tmp.png"]
-    kept = [out / f".cache.npz.{live}-0123abcd.tmp.npz", out / "cache.npz", out / "sub" / ".hidden.tmp"]
+    stale = [out / f".cache.npz.{_HOST}-{dead}-0123abcd.tmp.npz", out / "sub" / f".latest.{_HOST}-{dead}-89abcdef.tmp",
+             out / "sub" / f".a.png.{_HOST}-{dead}-00000000.tmp.png"]
+    kept = [out / f".cache.npz.{_HOST}-{live}-0123abcd.tmp.npz", out / "cache.npz", out / "sub" / ".hidden.tmp",
+            out / f".cache.npz.othernode-{dead}-0123abcd.tmp.npz",  # another host's writer: its pid means nothing here
+            out / f".x.{_HOST}-99999999999999999999-0123abcd.tmp"]  # not a pid of this system (was an OverflowError)
     for p in stale + kept:
         p.write_bytes(b"x")
     assert claim_output(out, "train") == out

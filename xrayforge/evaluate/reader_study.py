@@ -292,8 +292,9 @@ def _clear_unfinished(out: Path, key_path: Path) -> None:
             any(p.name not in ("images", "index.html.tmp") and not p.name.startswith(".") for p in out.iterdir()):
         return
     # an image, or the temporary file of one a kill stopped (``x.png.tmp.png``, or atomic_write's hidden
-    # ``.x.png.<pid>-<tag>.tmp.png``)
-    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?|\.[0-9a-f]{16}\.png\.[0-9]+-[0-9a-f]+\.tmp\.png")
+    # ``.x.png.<host>-<pid>-<tag>.tmp.png``)
+    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?"
+                      r"|\.[0-9a-f]{16}\.png\.([A-Za-z0-9]+-)?[0-9]+-[0-9a-f]+\.tmp\.png")
     left = {p.name for p in images.iterdir()} if images.is_dir() else set()
     if not all(ours.fullmatch(name) for name in left):
         return  # not only what make writes
@@ -308,7 +309,7 @@ def _clear_unfinished(out: Path, key_path: Path) -> None:
         log.warning("%s: removed the answer key %s of an unfinished pack (no index.html)", out, key_path)
     shutil.rmtree(images, ignore_errors=True)
     (out / "index.html.tmp").unlink(missing_ok=True)
-    remove_stale_temporaries(out)  # a killed write of the page
+    remove_stale_temporaries(out, recursive=False)  # a killed write of the page
     (out / UNFINISHED).unlink(missing_ok=True)
     log.warning("%s: a reader-study pack left unfinished (no index.html) is made again", out)
 

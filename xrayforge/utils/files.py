@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
 
@@ -48,11 +49,12 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
     sees the old file or the new one, never half of one. The temporary name is hidden, unique
     to this writer (two processes writing one file do not share it), and ends with ``path``'s
     own suffix (numpy, Pillow and matplotlib choose the format from it); an interrupted or failed
-    write removes it, and one a kill left is removed when its output folder is claimed again
-    (``remove_stale_temporaries``). ``fsync``: on disk before the rename (a power loss, not only a
-    kill)."""
+    write removes it, and one a kill left in a command's output folder is removed when the command
+    continues there (``remove_stale_temporaries``). An OSError names ``path`` (a full disk's names
+    no file, a read-only folder's the temporary). ``fsync``: on disk before the rename (a power
+    loss, not only a kill)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         write(tmp)
         if fsync:
@@ -61,15 +63,18 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:  # Ctrl-C, a full disk, a writer's error: nothing left beside the file
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp), tmp):
-            # said of the file asked for (a full disk's error names none, a read-only folder's the temporary)
-            raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename2 is None and \
+                exc.filename in (None, str(tmp), tmp):
+            exc.filename = str(path)  # said of the file asked for; type, errno and traceback kept
         raise
     return path
 
 
-# atomic_write's temporary: .NAME.<pid>-<8 hex>.tmp[.suffix]
-_TEMPORARY = re.compile(r"\..+\.(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp(\.[^.]*)?")
+# the writer's host in its temporaries' names: a pid means something only on its own host (a run
+# folder on a shared file system may have writers on several nodes)
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+# atomic_write's temporary: .NAME.<host>-<pid>-<8 hex>.tmp[.suffix]
+_TEMPORARY = re.compile(r"\..+\.(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}\.tmp(\.[^.]*)?")
 
 
 def _alive(pid: int) -> bool:
@@ -77,20 +82,23 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # another user's process: alive
+    except (OSError, OverflowError):  # another user's process: alive; no such pid here: not ours to judge
         return True
     return True
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Remove, below ``folder``, the temporaries of ``atomic_write`` whose writer is gone (a kill,
-    a power loss: hidden, and never written over, they would pile up); a live writer's stay.
-    Returns how many went."""
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> int:
+    """Remove, in ``folder`` (and below it, ``recursive``), the temporaries of ``atomic_write`` that a
+    writer on this host left and whose process is gone (a kill, a power loss: hidden, and never
+    written over, they would pile up). A live writer's stay, and so do other hosts' (their pids
+    cannot be checked from here). Returns how many went."""
     removed = 0
-    for dirpath, _, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if not recursive:
+            dirnames[:] = []
         for name in filenames:
             m = _TEMPORARY.fullmatch(name)
-            if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
                 try:
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
