@@ -309,7 +309,8 @@ def bias_lrelu_pixel_norm(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.
         why = f"its bias gradient takes at most {MAX_CUDA_BIAS_CHANNELS} channels, got {x.shape[1]}"
         if (_backend._check_name(backend) if backend is not None else _backend.get_backend()) != "auto":
             raise _backend.BackendUnavailableError(f"bias_lrelu_pixel_norm: backend 'cuda' is not available: {why}")
-        if ("bias_lrelu_pixel_norm", "torch") not in _backend._warned:  # as resolve says a fallback, once
+        # as resolve says a fallback, once (not while torch.compile traces: it cannot trace logging)
+        if not torch.compiler.is_compiling() and ("bias_lrelu_pixel_norm", "torch") not in _backend._warned:
             _backend._warned.add(("bias_lrelu_pixel_norm", "torch"))
             _backend.log.warning("bias_lrelu_pixel_norm: auto backend fell back to 'torch' (cuda: %s)", why)
         impl = "torch"
