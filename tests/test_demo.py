@@ -203,3 +203,19 @@ def test_a_demo_continued_with_another_budget_is_refused_naming_it(tmp_path, mon
     assert cli(["demo", "--out", str(out), "--minutes", "1", "--device", "cpu", "-q"]) == 1
     err = capsys.readouterr().err
     assert "begun with --minutes 0.3 on the cpu, not --minutes 1" in err and "demo_state.json" in err
+
+
+def test_a_demo_stopped_in_its_first_stage_keeps_its_options(tmp_path, monkeypatch, capsys):
+    """The options were written with the first stage's results: a demo stopped while it built its
+    phantoms, continued with another --minutes, was not refused."""
+    import xrayforge.data.prepare
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xrayforge.data.prepare, "prepare", stopped)
+    out = tmp_path / "demo"
+    assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 130  # Ctrl-C
+    assert json.loads((out / "demo_state.json").read_text())["options"] == {"minutes": 0.3, "device": "cpu"}
+    assert cli(["demo", "--out", str(out), "--minutes", "1", "--device", "cpu", "-q"]) == 1
+    assert "begun with --minutes 0.3 on the cpu" in capsys.readouterr().err

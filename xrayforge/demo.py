@@ -243,9 +243,10 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     state_path = out / "demo_state.json"
     results = read_json(state_path, "the demo's progress") if state_path.exists() else {}
     # the stages are sized by --minutes and the device: a continued demo with others would mix two plans
-    # (a demo begun before they were kept is not checked)
     options = {"minutes": minutes, "device": dev.type}
-    begun = results.setdefault("options", options) if not results else results.get("options", options)
+    if not results:  # a new demo: its options are kept before any work, so that a kill in the first stage is covered
+        results["options"] = options
+    begun = results.get("options", options)  # a demo begun before they were kept is not checked
     if begun != options:
         raise UserError(f"{state_path}: this demo was begun with --minutes {begun['minutes']:g} on the "
                         f"{begun['device']}, not --minutes {minutes:g} on the {dev.type}: its stages are sized by "
@@ -253,6 +254,9 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
 
     def save_state():
         write_text_atomic(state_path, json.dumps(results, indent=2))  # a torn one would block the resume
+
+    if not state_path.exists():
+        save_state()
 
     started = time.perf_counter()
     clock = {"t": started}
@@ -329,7 +333,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         t0 = time.perf_counter()
         trainer = Trainer(cfg, resume=resume, progress=progress, measure=measure)
         if trainer.history:  # resumed after Ctrl-C: the budget is for the training in all, not for each session
-            spent = float(trainer.history[-1].get("total_seconds", 0.0))
+            last = trainer.history[-1]  # a log from before total_seconds: that session's seconds, as the trainer
+            spent = float(last.get("total_seconds", last.get("seconds", 0.0)))
             trainer.cfg.max_seconds = max(trainer.cfg.max_seconds - spent, 1e-3)
         summary = trainer.train()
         results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True,
