@@ -226,3 +226,11 @@ def test_a_logistic_loss_checkpoint_loads(tmp_path):
     torch.save({"netG": sd_g, "netD": sd_d, "config": FakeBaseConfig(0.0, lossCriterion="Logistic",
                                                                      generationActivation=None)}, tmp_path / "l.pt")
     assert set(load_pytorch_gan_zoo(tmp_path / "l.pt")) == {"G", "D"}
+
+
+def test_settings_left_none_in_their_config_count_as_unset(tmp_path):
+    sd_g, sd_d = random_state_dicts(1)
+    config = {"alpha": 0.0, "lossCriterion": None, "leakyReluLeak": None, "equalizedlR": None,
+              "perChannelNormalization": None, "generationActivation": None}
+    torch.save({"netG": sd_g, "netD": sd_d, "config": config}, tmp_path / "n.pt")
+    assert set(load_pytorch_gan_zoo(tmp_path / "n.pt")) == {"G", "D"}

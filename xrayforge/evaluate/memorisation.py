@@ -121,7 +121,8 @@ def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: 
     test of the two counts is exact; each half is the reference once (copies of either half are
     seen) and the smaller p, doubled, is the ``p_value``. ``real_flagged``: the controls flagged,
     each real image once; ``synthetic_flagged_half``: the synthetic images flagged against a
-    half, on average over the two. ``groups`` (the reals' patient ids): a patient's images stay in one
+    half, on average over the two; ``expected_by_chance``: as many at each pass's control rate,
+    averaged alike. ``groups`` (the reals' patient ids): a patient's images stay in one
     half, so that a control is a new patient to the reference, as a synthetic image is (a control
     whose follow-up scan is in the reference would be flagged more often than a new patient, and
     hide copies). None of the test's fields for fewer than 4 reals (or groups that cannot be split
@@ -190,7 +191,8 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
 
 def _patients(real: str, names: list[str]) -> list[str] | None:
     """The patient id of each real image (named by its manifest source) of an archive (an image
-    without one is its own patient); None for a folder, whose patients are unknown."""
+    without one is its own patient); None for a folder, whose patients are unknown, and for an
+    archive where no patient has two images (halves by image then, as the summary says)."""
     from ..fid.compute import describe
     if describe(real) != "archive":
         return None

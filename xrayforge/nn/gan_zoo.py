@@ -184,6 +184,8 @@ def _check_supported(path, setting) -> None:
     loaded, it would generate other images than theirs, without an error."""
     for name, (supported, why) in _ASSUMED.items():
         value = setting(name, _ABSENT)
+        if value is None and None not in supported:  # unset, as an absent one (only an activation's None says something)
+            continue
         if value is not _ABSENT and value not in supported:
             raise ValueError(f"{path}: trained with {name} = {value!r}; only "
                              f"{' or '.join(map(repr, supported))} is supported ({why})")
