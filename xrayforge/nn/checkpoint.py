@@ -74,6 +74,14 @@ def checkpoint_dirs(ckpt_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda q: (int(q.name[5:]) if q.name[5:].isdigit() else -1, q.name), reverse=True)
 
 
+def cut_short_dirs(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(images, folder) of a run's checkpoints whose writing was cut short (``ckpt-<images>.tmp``:
+    a kill while it was written), fewest images first."""
+    ck = Path(ckpt_dir)
+    found = [(int(q.name[5:-4]), q) for q in ck.glob("ckpt-*.tmp") if q.name[5:-4].isdigit()] if ck.is_dir() else []
+    return sorted(found)
+
+
 def latest_intact(ckpt_dir: str | os.PathLike, files=("networks.pt",)) -> Path | None:
     """The newest usable checkpoint in a run's ``checkpoints`` folder (the most images: ``ckpt-<images>``),
     or None. Skipping a damaged one is said at WARNING. The ``latest`` pointer is not consulted: a kill

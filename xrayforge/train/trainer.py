@@ -37,7 +37,7 @@ from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
 from ..nn.networks import largest_group_size
-from ..nn.checkpoint import checkpoint_dirs, damage, latest_intact, read_metadata
+from ..nn.checkpoint import checkpoint_dirs, cut_short_dirs, damage, latest_intact, read_metadata
 from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl, write_json, write_text_atomic
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from .losses import GP_METRICS
@@ -533,12 +533,11 @@ class Trainer:
                     if failed:
                         log.warning("%s: %s; resuming from the older intact checkpoint %s",
                                     failed[0][0], failed[0][1], path.name)
-                    cut_short = sorted(t.name for t in self.ckpt_dir.glob("ckpt-*.tmp")
-                                       if t.name[5:-4].isdigit() and int(t.name[5:-4]) > int(state["images_seen"]))
-                    if cut_short and self.rank == 0:  # a kill while it was written: the images since are redone
+                    later = [(n, q) for n, q in cut_short_dirs(self.ckpt_dir) if n > int(state["images_seen"])]
+                    if later and self.rank == 0:  # a kill while it was written: the images since are redone
                         log.warning("%s: a checkpoint whose writing was cut short (the process ended while writing "
-                                    "it); resuming from %s, %d images earlier", self.ckpt_dir / cut_short[-1],
-                                    path.name, int(cut_short[-1][5:-4]) - int(state["images_seen"]))
+                                    "it); resuming from %s, %d images earlier", later[-1][1], path.name,
+                                    later[-1][0] - int(state["images_seen"]))
                     if self.rank == 0:
                         for bad, _ in failed:
                             os.replace(bad, bad.with_name("damaged-" + bad.name))
@@ -551,9 +550,9 @@ class Trainer:
             raise UserError(f"{self.ckpt_dir}: only damaged checkpoints are left ({', '.join(d.name for d in damaged[:3])}"
                             f"{' ...' if len(damaged) > 3 else ''}); nothing to resume from: start a new --out (or "
                             f"move them away and start this one again without --resume)")
-        cut_short = sorted(self.ckpt_dir.glob("ckpt-*.tmp"))
+        cut_short = cut_short_dirs(self.ckpt_dir)
         raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from" + (
-            f" (the first, {cut_short[-1].name}, was cut short while it was written): start the run again without "
+            f" (the first, {cut_short[-1][1].name}, was cut short while it was written): start the run again without "
             "--resume" if cut_short else ""))
 
     def _check_resumable(self, path: Path, meta: dict) -> None:
@@ -715,7 +714,7 @@ class Trainer:
         name = f"ckpt-{self.images_seen:012d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / (name + ".tmp")
-        for cut_short in self.ckpt_dir.glob("ckpt-*.tmp"):  # this one's, and any a kill left at another count
+        for _, cut_short in cut_short_dirs(self.ckpt_dir):  # this one's, and any a kill left at another count
             shutil.rmtree(cut_short, ignore_errors=True)
         state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level, "phase": self.phase_index,
                  "step_level": level, "step_alpha": alpha,
