@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import read_csv, remove_stale_temporaries, write_csv, write_text_atomic
+from ..utils.files import read_csv, remove_stale_temporaries, temporary_of, write_csv, write_text_atomic
 from ._format import number
 from .metrics import log_binomial_pmf
 
@@ -291,12 +291,10 @@ def _clear_unfinished(out: Path, key_path: Path) -> None:
     if (out / "index.html").exists() or \
             any(p.name not in ("images", "index.html.tmp") and not p.name.startswith(".") for p in out.iterdir()):
         return
-    # an image, or the temporary file of one a kill stopped (``x.png.tmp.png``, or atomic_write's hidden
-    # ``.x.png.<host>-<pid>-<tag>.tmp.png``)
-    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?"
-                      r"|\.[0-9a-f]{16}\.png\.([A-Za-z0-9]+-)?[0-9]+-[0-9a-f]+\.tmp\.png")
+    # an image, or the temporary file of one a kill stopped (``x.png.tmp.png``, or atomic_write's)
+    ours = re.compile(r"[0-9a-f]{16}\.png(\.tmp\.png)?")
     left = {p.name for p in images.iterdir()} if images.is_dir() else set()
-    if not all(ours.fullmatch(name) for name in left):
+    if not all(ours.fullmatch(temporary_of(name) or name) for name in left):
         return  # not only what make writes
     if key_path.exists():
         try:

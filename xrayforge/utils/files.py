@@ -74,7 +74,13 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
 # folder on a shared file system may have writers on several nodes)
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 # atomic_write's temporary: .NAME.<host>-<pid>-<8 hex>.tmp[.suffix]
-_TEMPORARY = re.compile(r"\..+\.(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}\.tmp(\.[^.]*)?")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}\.tmp(\.[^.]*)?")
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name an ``atomic_write`` temporary named ``name`` was writing, or None."""
+    m = _TEMPORARY.fullmatch(name)
+    return m["name"] if m else None
 
 
 def _alive(pid: int) -> bool:
