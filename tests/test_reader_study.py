@@ -289,3 +289,161 @@ def test_a_killed_writes_hidden_temporary_file_is_cleared_on_rerun(tmp_path):
     (pack / "images" / ".89abcdef01234567.png.node7-4242-1a2b3c4d.tmp.png").write_bytes(b"x")
     rs.make(real, synth, 4, pack, size=32)
     assert (pack / "index.html").is_file() and len(list((pack / "images").iterdir())) == 4
+
+
+# --------------------------------------------------------------------------- the label-permutation test
+def _fake_pack(tmp_path, truths):
+    """A pack (page and empty image files) and its key, for ``truths``: booleans, True synthetic."""
+    pack = tmp_path / "pack"
+    (pack / "images").mkdir(parents=True)
+    (pack / "index.html").write_text("<html></html>")
+    names = [f"{i:04d}.png" for i in range(len(truths))]
+    for name in names:
+        (pack / "images" / name).write_bytes(b"")
+    key = write_csv(tmp_path / "key.csv", [{"image": n, "truth": "synthetic" if t else "real"}
+                                           for n, t in zip(names, truths)], ["image", "truth"])
+    return pack, key, names
+
+
+def _answer_files(tmp_path, names, calls):
+    """One answer file per reader; ``calls[r][i]``: True synthetic, False real, None unanswered."""
+    files = []
+    for r, row in enumerate(calls):
+        files.append(write_csv(tmp_path / f"reader{r}.csv",
+                               [{"reader": f"r{r}", "image": n, "answer": "synthetic" if c else "real", "confidence": ""}
+                                for n, c in zip(names, row) if c is not None],
+                               ["reader", "image", "answer", "confidence"]))
+    return files
+
+
+def test_the_pooled_permutation_test_holds_its_level_where_the_binomial_does_not():
+    """Readers who cannot tell, but whose answers follow each image's latent "looks fake" (and their
+    own bias): pooled over readers, the answers are far from independent. The pooled binomial p is
+    below 0.05 in about a third of the trials; the label-permutation p in about 5% of them."""
+    import numpy as np
+
+    from xrayforge.evaluate.metrics import label_permutation_p
+    n_images, n_readers, trials = 40, 8, 400
+    truth = np.arange(n_images) < n_images // 2
+    binomial, permutation = [], []
+    for seed in range(trials):
+        rng = np.random.default_rng(seed)
+        looks_fake = 3.0 * rng.normal(size=n_images)  # independent of the truth: the null hypothesis
+        bias = 0.5 * rng.normal(size=n_readers)
+        calls = rng.random((n_images, n_readers)) < 1 / (1 + np.exp(-(looks_fake[:, None] + bias)))
+        synthetic, real = calls.sum(1), n_readers - calls.sum(1)
+        correct = int(np.where(truth, synthetic, real).sum())
+        binomial.append(binomial_two_sided(correct, n_images * n_readers))
+        permutation.append(label_permutation_p(truth, synthetic, real, rounds=999, seed=seed)[0])
+    binomial_rate, permutation_rate = np.mean(np.array(binomial) < 0.05), np.mean(np.array(permutation) < 0.05)
+    assert binomial_rate > 0.2, binomial_rate  # measured 0.325
+    assert permutation_rate <= 0.075, permutation_rate  # measured 0.0425; 0.05 ± 0.011 (one s.e.) expected
+
+
+def test_readers_who_can_tell_get_a_small_permutation_p(tmp_path):
+    import numpy as np
+
+    from xrayforge.evaluate.reader_study import format_markdown
+    rng = np.random.default_rng(0)
+    truth = rng.permutation(np.arange(60) < 30)
+    pack, key, names = _fake_pack(tmp_path, truth)
+    calls = [[bool(t) if rng.random() < 0.85 else not t for t in truth] for _ in range(3)]  # 85% right
+    res = score(pack, key, _answer_files(tmp_path, names, calls))
+    for r in list(res["readers"].values()) + [res["pooled"]]:
+        assert r["accuracy"] > 0.7 and r["permutation_p"] < 0.001
+    assert res["pooled"]["permutation_p"] == pytest.approx(1 / 10001)  # no permutation as far out
+    assert res["permutations"] == 10000 and res["permutation_seed"] == 0
+    table = format_markdown(res)
+    assert "| p (binomial) | p (permutation) |" in table and "permutation p = 9.999e-05" in table
+    # readers who cannot tell: large p; the same answers and seed, the same p-values
+    guesses = [[bool(c) for c in rng.random(60) < 0.5] for _ in range(3)]
+    again = [score(pack, key, _answer_files(tmp_path, names, guesses), permutations=2000, seed=5) for _ in range(2)]
+    assert again[0] == again[1] and again[0]["permutations"] == 2000
+    assert all(r["permutation_p"] > 0.01 for r in again[0]["readers"].values())
+
+
+def test_the_permutation_p_matches_exact_enumeration_of_the_labels(tmp_path):
+    """8 images, 4 synthetic: the 70 assignments of the labels are equally likely under the null; the exact
+    two-sided p is the share of them whose accuracy lies as far from its mean as the observed one. One
+    reader skips an image (their accuracy is over their 7 answers, the labels still permuted over 8)."""
+    from itertools import combinations
+    truth = [True, False, True, True, False, False, True, False]
+    calls = [[True, False, True, False, False, True, True, False],    # 6 / 8
+             [True, True, True, True, False, False, False, False],    # 6 / 8
+             [True, False, None, True, False, False, True, True]]     # 6 / 7
+    pack, key, names = _fake_pack(tmp_path, truth)
+    res = score(pack, key, _answer_files(tmp_path, names, calls), permutations=40000, seed=3)
+
+    def exact(rows):
+        def correct(labels):
+            return sum(c == labels[i] for row in rows for i, c in enumerate(row) if c is not None)
+        assignments = [[i in chosen for i in range(8)] for chosen in combinations(range(8), 4)]
+        mean = sum(correct(a) for a in assignments) / len(assignments)
+        far = abs(correct(truth) - mean)
+        return sum(abs(correct(a) - mean) >= far - 1e-9 for a in assignments) / len(assignments)
+    expected = {f"r{r}": exact([calls[r]]) for r in range(3)}
+    expected["pooled"] = exact(calls)
+    assert len(set(expected.values())) > 1 and 0.01 < min(expected.values()) < max(expected.values()) < 1
+    got = {name: r["permutation_p"] for name, r in res["readers"].items()} | {"pooled": res["pooled"]["permutation_p"]}
+    for name, p in expected.items():  # Monte Carlo s.e. at most 0.0025
+        assert got[name] == pytest.approx(p, abs=0.01), name
+
+
+def test_a_result_saved_before_the_permutation_test_still_formats():
+    from xrayforge.evaluate.reader_study import format_markdown
+    rates = {"answers": 4, "accuracy": 0.5, "sensitivity_synthetic": 0.5, "specificity_synthetic": 0.5,
+             "synthetic_called_real": 0.5, "binomial_p": 1.0}
+    table = format_markdown({"readers": {"r": rates}, "pooled": rates, "images": 4, "fleiss_kappa": None})
+    assert table.splitlines()[2].endswith("| 1 | n/a |") and "permutation p =" not in table
+
+
+# --------------------------------------------------------------------------- confidence, image shape
+def test_a_confidence_not_chosen_is_not_given(study, tmp_path):
+    """The page exports an empty cell for a confidence the reader did not choose (it recorded 3, which
+    passed for a choice); an empty cell, or no column, is None, never a number."""
+    from xrayforge.evaluate.reader_study import read_answers
+    pack, key = study
+    f = write_csv(tmp_path / "c.csv", [{"reader": "r", "image": "a", "answer": "real", "confidence": "4"},
+                                       {"reader": "r", "image": "b", "answer": "real", "confidence": ""},
+                                       {"reader": "r", "image": "c", "answer": "fake", "confidence": " 2.0 "}],
+                  ["reader", "image", "answer", "confidence"])
+    truth = {"a": False, "b": False, "c": True, "d": True}
+    assert [a["confidence"] for a in read_answers(f, truth)] == [4, None, 2]
+    bare = write_csv(tmp_path / "bare.csv", [{"image": "a", "answer": "real"}], ["image", "answer"])
+    assert read_answers(bare, truth)[0]["confidence"] is None
+    assert score(pack, key, [f])["readers"]["r"]["answers"] == 3
+    for bad in ("0", "6", "high", "3.5"):
+        f = write_csv(tmp_path / "bad.csv", [{"reader": "r", "image": "a", "answer": "real", "confidence": bad}],
+                      ["reader", "image", "answer", "confidence"])
+        with pytest.raises(UserError, match=rf"bad.csv, line 2: confidence must be 1 to 5, .* got '{bad}'"):
+            read_answers(f, truth)
+
+
+def test_a_non_square_image_is_padded_not_stretched(tmp_path):
+    """A stretched image's anatomy is distorted; padded (black, centred) it keeps its aspect ratio:
+    a 2:1 frame stays 2:1 and a bright square in it stays a square, in the middle."""
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.evaluate.reader_study import make
+    real, _ = _sources(tmp_path)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(2):
+        im = np.full((40, 80), 100, dtype=np.uint8)  # 40 high, 80 wide, grey
+        im[10:30, 30:50] = 255                        # a 20 × 20 bright square in its middle
+        Image.fromarray(im).save(wide / f"w{i}.png")
+    info = make(real, str(wide), 4, tmp_path / "pack", size=40)
+    with open(info["key"], newline="") as fh:
+        written = [r["image"] for r in csv.DictReader(fh) if r["truth"] == "synthetic"]
+    assert len(written) == 2
+    for name in written:
+        x = np.asarray(Image.open(tmp_path / "pack" / "images" / name)).astype(int)
+        assert x.shape == (40, 40)
+
+        def box(mask):
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            return rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        assert box(x > 50) == (10, 30, 0, 40)        # the frame: 20 high, 40 wide, centred; black above, below
+        assert x[:10].max() == 0 and x[30:].max() == 0
+        assert box(x > 200) == (15, 25, 15, 25)      # the square: 10 × 10, in the middle

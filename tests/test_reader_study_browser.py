@@ -1,5 +1,6 @@
 """The reader-study page in a real headless Chromium (Debian's chromium + chromium-driver,
-driven by Selenium): answer, reload, export, score."""
+driven by Selenium): answer, reload, export, score; a confidence not chosen is exported empty."""
+import csv
 import shutil
 import time
 
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image
 
 from xrayforge.data.prepare import prepare
-from xrayforge.evaluate.reader_study import make, score
+from xrayforge.evaluate.reader_study import make, read_answers, read_key, score
 
 pytestmark = pytest.mark.browser
 
@@ -55,8 +56,9 @@ def test_answer_reload_export_and_score(driver, tmp_path):
     driver.find_element(By.ID, "real").click()
     driver.find_element(By.CSS_SELECTOR, "#conf button[data-c='4']").click()
     driver.find_element(By.ID, "next").click()
-    driver.find_element(By.ID, "synthetic").click()
+    driver.find_element(By.ID, "synthetic").click()  # no confidence chosen: none is recorded (it was 3)
     assert "2 answered" in driver.find_element(By.ID, "pos").text
+    assert not [b.text for b in driver.find_elements(By.CSS_SELECTOR, "#conf button.on")]
     # the page stores each answer at once, but headless Chrome hands localStorage writes of a file://
     # page to its browser process asynchronously: a reload right away can read the state from before
     # them (seen in about one run in eight, even after a second tab had read the new state). Progress
@@ -77,9 +79,12 @@ def test_answer_reload_export_and_score(driver, tmp_path):
     while time.time() < deadline and not target.exists():
         time.sleep(0.1)
     assert target.exists(), "the page did not export the answers"
+    with open(target, newline="") as fh:  # the confidence chosen, and an empty cell for the one not chosen
+        assert sorted(row["confidence"] for row in csv.DictReader(fh)) == ["", "4"]
     result = score(tmp_path / "pack", info["key"], [target])
     assert result["readers"]["dr_test"]["answers"] == 2
     assert result["pooled"]["answers"] == 2
+    assert {a["confidence"] for a in read_answers(target, read_key(info["key"]))} == {4, None}
 
 
 def test_readers_who_left_the_name_empty_are_told_apart_by_their_files(driver, tmp_path):

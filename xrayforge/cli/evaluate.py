@@ -82,7 +82,7 @@ def _cmd_reader_score(args: argparse.Namespace) -> int:
 
     from ..evaluate.reader_study import format_markdown, score
 
-    result = score(args.pack, args.key, args.answers)
+    result = score(args.pack, args.key, args.answers, args.permutations, args.seed)
     if args.out:
         from ..utils.files import claim_output, write_json
         out = claim_output(args.out, "evaluate reader-study score")
@@ -206,7 +206,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         description="A balanced random mix of real and synthetic images, re-encoded as 8-bit PNG at "
                                     "one size with random names, and a self-contained index.html for the readers "
                                     "(window/level, zoom, real/synthetic, confidence 1-5, progress kept across "
-                                    "reloads, CSV export). The key goes beside the pack, never inside.")
+                                    "reloads, CSV export). Non-square images are padded to square with black, "
+                                    "never stretched. The key goes beside the pack, never inside.")
     q.add_argument("--real", required=True, help="archive or folder of real images")
     q.add_argument("--synthetic", required=True, help="folder (e.g. from `xrayforge sample`) or archive")
     q.add_argument("--n", type=_args.even_int, default=100,
@@ -219,10 +220,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_reader_make)
     q = rsub.add_parser("score", help="score the readers' answers",
                         description="Per-reader and pooled accuracy, sensitivity and specificity for 'synthetic', "
-                                    "binomial test against chance, Fleiss' kappa, synthetic images called real.")
+                                    "binomial and label-permutation tests against chance (pooled over readers, read "
+                                    "the permutation p: the binomial counts answers about one image as independent "
+                                    "and is too small), Fleiss' kappa, synthetic images called real.")
     q.add_argument("pack", help="the pack folder readers were given")
     q.add_argument("key", help="its answer key CSV (written by `make`, beside the pack)")
     q.add_argument("answers", nargs="+", help="CSV files exported from the pack's page")
+    q.add_argument("--permutations", type=_args.positive_int, default=10000,
+                   help="permutations of the key for the permutation test (default 10000: p down to about 1e-3)")
+    q.add_argument("--seed", type=_args.seed, default=0,
+                   help="the permutations' seed (default 0): the same answers and seed give the same p-values")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.add_argument("--out", default=None, help="also write the result to OUT/summary.json (for `evaluate report`)")
     q.set_defaults(func=_cmd_reader_score)

@@ -3,12 +3,17 @@
 ``make``: a balanced random mix of real and synthetic images, all re-encoded as 8-bit PNG at
 one size (no metadata survives), with random file names, plus ``index.html`` — a
 self-contained page (no server, no network) that shows the images one at a time with
-window / level and zoom, records real / synthetic and a confidence (1–5) per image, keeps
-progress in the browser across reloads, and exports the answers as CSV. The answer key is
-written outside the pack.
+window / level and zoom, records real / synthetic and, if the reader chooses one, a confidence
+(1–5) per image, keeps progress in the browser across reloads, and exports the answers as CSV.
+A non-square image is padded to square with black, centred, before it is resized: stretched,
+its anatomy would be distorted, which a radiologist sees and which would mark its source. The
+black bands can mark it too (a generator's images are square): give real images framed as the
+generator's training images were (its prepared archive is square) where you can. The answer key
+is written outside the pack.
 
-``score``: per reader and pooled accuracy, sensitivity and specificity for "synthetic", an
-exact two-sided binomial test against chance (p = 0.5), Fleiss' kappa between readers, and the
+``score``: per reader and pooled accuracy, sensitivity and specificity for "synthetic", two
+two-sided tests against chance — an exact binomial test (p = 0.5) and a label-permutation test
+(see ``score``; the one to read for the pooled row) — Fleiss' kappa between readers, and the
 fraction of synthetic images called real. Each answer file is one reader, named by its
 ``reader`` column (the file's name when the box was left empty); the same reader name in two
 files, two answers for one image in a file, or an answer that names no image of the study, is an
@@ -28,7 +33,7 @@ import numpy as np
 from ..errors import UserError
 from ..utils.files import read_csv, remove_stale_temporaries, temporary_of, write_csv, write_text_atomic
 from ._format import number
-from .metrics import log_binomial_pmf
+from .metrics import label_permutation_p, log_binomial_pmf
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +96,27 @@ def read_key(key_path: str | os.PathLike) -> dict[str, bool]:
     return key
 
 
+def _confidence(value, path: Path, line: int) -> int | None:
+    """A confidence 1–5, or None where none was given: the page exports an empty cell when the reader
+    answered without choosing one (pages made before it did recorded 3, indistinguishable from a 3
+    chosen), and a file without the column gives none."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    try:
+        c = float(text)  # "4.0" from a spreadsheet's round trip
+    except ValueError:
+        c = float("nan")
+    if not (c.is_integer() and 1 <= c <= 5):
+        raise UserError(f"{path}, line {line}: confidence must be 1 to 5, or empty where none was given, "
+                        f"got {value!r}")
+    return int(c)
+
+
 def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
     """One reader's answers (UTF-8 with or without a byte-order mark). Their reader name is the
-    ``reader`` column, or the file's name where that was left empty; one file, one reader."""
+    ``reader`` column, or the file's name where that was left empty; one file, one reader. Each
+    answer's ``confidence`` is 1–5, or None where the reader chose none (an empty cell)."""
     path = Path(path)
     rows, _ = read_csv(path, ("image", "answer"), "answers exported from the reader-study page")
     names = {(row.get("reader") or "").strip() for row in rows} - {""}
@@ -114,11 +137,27 @@ def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
         if answer not in SYNTHETIC_WORDS | REAL_WORDS:
             raise UserError(f"{path}, line {i}: answer must be 'real' or 'synthetic', got {row.get('answer')!r}")
         out.append({"reader": reader, "named": bool(names), "image": image,
-                    "synthetic": answer in SYNTHETIC_WORDS, "confidence": row.get("confidence", "")})
+                    "synthetic": answer in SYNTHETIC_WORDS, "confidence": _confidence(row.get("confidence"), path, i)})
     return out
 
 
-def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) -> dict:
+def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, permutations: int = 10000,
+          seed: int = 0) -> dict:
+    """Score the readers' answer files against the pack's key: per reader and pooled rates, each with
+    two two-sided p-values against chance, and Fleiss' kappa over the images every reader answered.
+
+    ``binomial_p``: the exact binomial test of accuracy against 0.5, which counts every answer as
+    independent. For one reader that is fair (their answers are about different images), but the
+    pooled answers are not independent: answers about one image are correlated (a blurry real image
+    is called synthetic by every reader) and a reader's bias ties their answers together, so the
+    pooled binomial p-value is too small, often far too small, when readers cannot tell.
+    ``permutation_p``: under the null hypothesis that the answers do not depend on the truth, the
+    real / synthetic key is permuted across the pack's images (the same number of each)
+    ``permutations`` times, each image's label once for all readers, and the accuracy recomputed:
+    per reader over their answers, pooled over all readers' answers together. It keeps the answers'
+    correlation, so it holds its level; the pooled row's verdict is its permutation p. Monte Carlo
+    (p = (b + 1) / (permutations + 1), never below 1 / (permutations + 1)), seeded by ``seed``: the
+    same answers give the same p-values."""
     if not Path(pack, "index.html").is_file():
         raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
     key = read_key(key_path)
@@ -152,6 +191,17 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
     for r in readers:
         result["readers"][r] = _rates([(key[a["image"]], a["synthetic"]) for (rd, _), a in latest.items() if rd == r])
     result["pooled"] = _rates([(key[a["image"]], a["synthetic"]) for a in latest.values()])
+    images = sorted(key)  # the key file's row order does not change the draws
+    row, column = {img: i for i, img in enumerate(images)}, {r: j for j, r in enumerate(readers)}
+    synthetic, real = np.zeros((len(images), len(readers) + 1)), np.zeros((len(images), len(readers) + 1))
+    for (r, img), a in latest.items():
+        (synthetic if a["synthetic"] else real)[row[img], column[r]] = 1
+    synthetic[:, -1], real[:, -1] = synthetic[:, :-1].sum(1), real[:, :-1].sum(1)  # pooled: all readers at once
+    p = label_permutation_p([key[img] for img in images], synthetic, real, permutations, seed)
+    for r in readers:
+        result["readers"][r]["permutation_p"] = float(p[column[r]])
+    result["pooled"]["permutation_p"] = float(p[-1])
+    result["permutations"], result["permutation_seed"] = permutations, seed
     rated_by_all = [img for img in key if all((r, img) in latest for r in readers)]
     table = [[sum(latest[(r, img)]["synthetic"] for r in readers),
               sum(not latest[(r, img)]["synthetic"] for r in readers)] for img in rated_by_all]
@@ -162,13 +212,23 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files) ->
 
 def format_markdown(result: dict) -> str:
     """The readers' rates as a table; "n/a" where a rate is undefined (a reader who saw no real or
-    no synthetic image: NaN in the result, null once saved as JSON)."""
-    lines = ["| reader | answers | accuracy | sensitivity (synthetic) | specificity | synthetic called real | p (binomial) |",
-             "|---|---|---|---|---|---|---|"]
+    no synthetic image: NaN in the result, null once saved as JSON) or, for the permutation p, where
+    a result saved before it was computed has none. A note under the table says which p to read
+    for the pooled row, and why."""
+    lines = ["| reader | answers | accuracy | sensitivity (synthetic) | specificity | synthetic called real | "
+             "p (binomial) | p (permutation) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in list(result["readers"].items()) + [("pooled", result["pooled"])]:
         lines.append(f"| {name} | {r['answers']} | {number(r['accuracy'])} | "
                      f"{number(r['sensitivity_synthetic'])} | {number(r['specificity_synthetic'])} | "
-                     f"{number(r['synthetic_called_real'])} | {number(r['binomial_p'], None)} |")
+                     f"{number(r['synthetic_called_real'])} | {number(r['binomial_p'], None)} | "
+                     f"{number(r.get('permutation_p'), None)} |")
+    if "permutation_p" in result["pooled"]:
+        lines.append(f"\nPooled over all readers: permutation p = {number(result['pooled']['permutation_p'], None)} "
+                     f"(two-sided; the key permuted {result.get('permutations', 'n/a')} times across the images, each "
+                     f"image's label once for all readers), the pooled row's test. The binomial p counts every "
+                     f"answer as independent, but answers about one image, and one reader's answers, are "
+                     f"correlated: pooled, it can be far too small.")
     if result.get("fleiss_kappa") is not None:
         lines.append(f"\nFleiss' kappa {number(result['fleiss_kappa'])} over {result['kappa_images']} images.")
     return "\n".join(lines)
@@ -198,8 +258,7 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
          size: int = 1024, seed: int = 0) -> dict:
     """Write the blinded pack ``out`` (images/ + index.html) and the key ``key_path``
     (default: ``<out>.key.csv`` beside the pack)."""
-    from PIL import Image
-
+    from ..data.prepare import resize, square_image
     from ..data.readers import SkipImage
     from ..utils.images import save_png
     out = Path(out)
@@ -253,10 +312,10 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     key_rows, names = [], []
     for truth, source, pixels in chosen:
         name = f"{rng.integers(0, 2 ** 63):016x}.png"
-        im = Image.fromarray(np.asarray(pixels, dtype=np.float32), mode="F").resize((size, size), Image.Resampling.BOX
-                                                                                    if pixels.shape[0] > size else
-                                                                                    Image.Resampling.BILINEAR)
-        save_png(np.clip(np.rint(np.asarray(im) * 255), 0, 255).astype(np.uint8), out / "images" / name)
+        # padded to square (black, centred), never stretched: a stretched image's anatomy is distorted, which
+        # a radiologist sees, and it would mark images of another aspect ratio (real ones, mostly) as odd
+        square = resize(square_image(np.asarray(pixels, dtype=np.float32), "pad"), size)
+        save_png(np.clip(np.rint(square * 255), 0, 255).astype(np.uint8), out / "images" / name)
         key_rows.append({"image": name, "truth": truth, "source": source})
         names.append(name)
     # the key, then the page: a pack is usable only once index.html is there, and then its key is whole
@@ -356,7 +415,8 @@ function style(){
 }
 function answer(kind){
   const name = IMAGES[state.i];
-  state.answers[name] = Object.assign(state.answers[name] || {confidence: 3}, {answer: kind, time: new Date().toISOString()});
+  // a confidence the reader did not choose stays unset (exported empty): a default would pass for a choice
+  state.answers[name] = Object.assign(state.answers[name] || {}, {answer: kind, time: new Date().toISOString()});
   save(); show();
 }
 for (let c = 1; c <= 5; c++) {
