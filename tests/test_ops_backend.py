@@ -109,6 +109,49 @@ def test_auto_passes_by_a_dtype_whose_kernel_changed_since_its_gpu_tests(monkeyp
         assert pick("pixel_norm", torch.float64) == "triton"
 
 
+def test_a_kernel_that_cannot_take_the_input_is_passed_by_under_auto_and_refused_by_name(monkeypatch, caplog):
+    """``refused``: (backend, why) pairs an op works out from the input's shape (a kernel's hard
+    limit). auto takes the next candidate that can, saying so once; a named backend raises the why."""
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None)
+    cuda = torch.device("cuda")
+    wide = (("triton", "at most 16384 channels, got 20000"),)
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        for _ in range(2):
+            assert _backend.resolve_for_device("pixel_norm", cuda, "auto", torch.float32, wide) == "cuda"
+        assert _backend.resolve_for_device("pixel_norm", cuda, "auto", torch.float32) == "triton"
+        both = wide + (("cuda", "grid.y"), ("cuda", "bias"))
+        assert _backend.resolve_for_device("pixel_norm", cuda, "auto", torch.float32, both) == "torch"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 2, said
+    assert "fell back to 'cuda'" in said[0] and "triton: cannot take this input: at most 16384" in said[0]
+    assert "fell back to 'torch'" in said[1] and "cuda: cannot take this input: grid.y; bias" in said[1]
+    with pytest.raises(ops.BackendUnavailableError,
+                       match="pixel_norm: backend 'triton' cannot take this input: at most 16384 channels, got 20000"):
+        _backend.resolve_for_device("pixel_norm", cuda, "triton", torch.float32, wide)
+    assert _backend.resolve_for_device("pixel_norm", cuda, "cuda", torch.float32, wide) == "cuda"
+    assert _backend.resolve_for_device("pixel_norm", torch.device("cpu"), "auto", torch.float32, wide) == "torch"
+
+
+def test_a_fallback_past_a_kernel_limit_is_said_even_after_another_fallback_to_the_same_backend(monkeypatch, caplog):
+    # float64 went to torch first (pending kernels, said once); a later input past Triton's limit
+    # falls back to torch too, for another reason, which must not go unsaid
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: "not built" if name == "cuda" else None)
+    cuda = torch.device("cuda")
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        assert _backend.resolve_for_device("bias_lrelu", cuda, "auto", torch.float64) == "torch"
+        assert _backend.resolve_for_device("bias_lrelu", cuda, "auto", torch.float32,
+                                           (("triton", "at most 16384 channels"),)) == "torch"
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 2 and "at most 16384 channels" in said[1], said
+
+
+def test_grid_excess_names_the_dimension_and_cuda_s_limit():
+    assert _backend.grid_excess((2**31 - 1, 65535, 65535)) is None
+    assert _backend.grid_excess((1, 65536)) == "65536 blocks along grid.y, above CUDA's limit of 65535"
+    assert _backend.grid_excess((2**31, 1)) == f"{2**31} blocks along grid.x, above CUDA's limit of {2**31 - 1}"
+    assert "grid.z" in _backend.grid_excess((1, 1, 70000))
+
+
 def test_available_backends_on_cpu():
     names = ops.available_backends("pixel_norm", "cpu")
     assert "torch" in names and "cuda" not in names

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_as_accurate_as_eager, kernel_params
 from xrayforge.errors import UserError
-from xrayforge.ops import conv2d_eqlr
+from xrayforge.ops import BackendUnavailableError, conv2d_eqlr
 from xrayforge.ops.conv2d import no_weight_gradients
 
 C = importlib.import_module("xrayforge.ops.conv2d_eqlr")
@@ -179,6 +179,40 @@ def test_pixel_norm_over_512_channels_and_one_channel_out(kb):
     w2, _, s2 = layer(3, 513, 1, device)
     with pytest.raises(UserError, match="at most 512"):
         conv2d_eqlr(x, w2, None, scale=s2, activation="lrelu_pn", backend="triton")
+
+
+def test_auto_passes_the_triton_kernel_by_for_a_pixel_norm_wider_than_its_tile(monkeypatch, caplog):
+    # under auto (the benchmarks' auto_candidates, or once validated) Triton was chosen for a pixel-norm
+    # layer of 513 output channels and refused it in the forward; now the unfused path runs, logged
+    from xrayforge.ops import _backend
+    real = _backend.resolve_for_device
+    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None if name != "cuda" else "no")
+    monkeypatch.setattr(_backend, "_warned", set())
+    x = make((1, 3, 2, 3))
+    w, b, scale = layer(3, C.MAX_PN_CHANNELS + 1, 1)
+    with _backend.auto_candidates(("triton",)), caplog.at_level("WARNING", logger="xrayforge.ops"):
+        got = conv2d_eqlr(x, w, b, scale=scale, activation="lrelu_pn", backend="auto")
+    torch.testing.assert_close(got, C.reference(x, w, b, scale=scale, activation="lrelu_pn"))
+    assert "fell back to 'torch'" in caplog.text and "at most 512 output channels, got 513" in caplog.text
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot take this input: .*at most 512"):
+        conv2d_eqlr(x, w, b, scale=scale, activation="lrelu_pn", backend="triton")
+
+
+@pytest.mark.parametrize("kb", TRITON)
+def test_fused_epilogue_backward_past_its_limits_takes_the_torch_one(kb, monkeypatch):
+    # EPILOGUE_BACKWARD = "triton" ran pixel_norm's Triton blocks, which refuse more channels than
+    # MAX_TRITON_CHANNELS (here made 4) and batches past the launch grid: the backward failed
+    _, device = kb
+    pn = importlib.import_module("xrayforge.ops.pixel_norm")
+    monkeypatch.setattr(C, "EPILOGUE_BACKWARD", "triton")
+    monkeypatch.setattr(pn, "MAX_TRITON_CHANNELS", 4)
+    x = make((1, 3, 2, 3), device=device).requires_grad_()
+    w, b, scale = layer(3, 5, 1, device, requires_grad=True)
+    got = torch.autograd.grad(conv2d_eqlr(x, w, b, scale=scale, activation="lrelu", backend="triton").sum(), (x, w, b))
+    ref = torch.autograd.grad(C.reference(x, w, b, scale=scale, activation="lrelu").sum(), (x, w, b))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 def test_taps_of_each_resample_are_the_strided_forms():

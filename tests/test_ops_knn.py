@@ -76,6 +76,25 @@ def test_triton_takes_half_precision_and_strided_input(kb):
     assert (i.cpu().numpy()[:, 0] == bi[:, 0]).mean() > 0.9  # fp16 inputs: near-ties may swap
 
 
+@pytest.mark.parametrize("kb", [pytest.param(("torch", "cpu"), id="torch")] + TRITON)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_results_carry_no_autograd_history(kb, dtype):
+    # the reference returned distances attached to the inputs' graph (and built that graph: the
+    # chunks' matmuls saved their operands), the Triton path did not; a search is not differentiable
+    backend, device = kb
+    q, r = (t.to(device).requires_grad_() for t in data(9, 12, 5, dtype))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        results = [knn(q, r, 3, backend=backend), knn(r, r, 2, exclude_self=True, backend=backend)]
+        if backend == "torch":
+            results.append(knn_module.reference(q, r, 3, chunk_q=4, chunk_r=5))
+    for d, i in results:
+        assert not d.requires_grad and d.grad_fn is None and not i.requires_grad
+    assert saved == [], "a graph was built"
+    bd, bi = brute(q.detach().cpu().numpy(), r.detach().cpu().numpy(), 3)
+    np.testing.assert_array_equal(results[0][1].cpu().numpy(), bi)
+
+
 def test_ties_give_equal_distances():
     r = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [3.0, 3.0]], dtype=torch.float64)
     d, i = knn(torch.zeros(1, 2, dtype=torch.float64), r, 3)

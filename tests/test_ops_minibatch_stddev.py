@@ -1,10 +1,12 @@
 import importlib
+import logging
 import math
 
 import pytest
 import torch
 
 from xrayforge import ops
+from xrayforge.ops import _backend
 
 from conftest import assert_as_accurate_as_eager, kernel_params
 
@@ -135,6 +137,60 @@ def test_samples_without_features_are_refused(backend, shape):
     # the reference failed in a reshape ("-1 ... is ambiguous") and the kernels returned NaN maps
     with pytest.raises(ValueError, match="hold no features"):
         ops.minibatch_stddev(torch.randn(shape), backend=backend)
+
+
+# ---------------------------------------------------------------- limits of the fused kernels
+def pretend_gpu(monkeypatch, available):
+    """``auto`` chooses as it would on a GPU for these CPU tensors, with ``available`` the fused
+    backends that count as usable there; the CUDA extension fails the test if anything launches it.
+    The said-once fallbacks start afresh and are forgotten afterwards."""
+    real = _backend.resolve_for_device
+    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda name, op, device: None if name in available + ("torch",) else "pretend it is missing")
+    monkeypatch.setattr(_backend, "_warned", set())
+
+    def no_launch():
+        raise AssertionError("the CUDA extension was called")
+    monkeypatch.setattr(_backend, "cuda_extension", no_launch)
+
+
+def test_launch_grids_of_the_fused_kernels():
+    # csrc/minibatch_stddev.cu's backward launches (ceil(K / 256), M * F): M * F blocks along grid.y,
+    # at most 65535; Triton's kernels launch (K blocks, M * F) forward and backward
+    for shape, group, slices in (((65536, 1, 1, 1), 1, 1), ((4, 65536, 2, 2), 4, 65536),
+                                 ((4 * 32768, 4, 4, 4), 4, 2)):
+        refused = dict(mbstd._refusals(torch.empty(shape), group, slices))
+        assert sorted(refused) == ["cuda", "triton"], shape
+        assert "65536 blocks along grid.y, above CUDA's limit of 65535" in refused["cuda"]
+        assert "its backward" in refused["cuda"] and str(shape) in refused["cuda"]
+    assert mbstd._refusals(torch.empty(65535, 1, 1, 1), 1, 1) == ()
+    assert mbstd._refusals(torch.empty(4 * 65535, 1, 2, 2), 4, 1) == ()
+
+
+def test_named_cuda_past_the_grid_limit_raises_before_launching(monkeypatch):
+    pretend_gpu(monkeypatch, available=("cuda", "triton"))
+    x = torch.randn(65536, 1, 1, 1, requires_grad=True)
+    with pytest.raises(ops.BackendUnavailableError,
+                       match=r"backend 'cuda' cannot take this input: its backward would launch 65536 blocks along "
+                             r"grid.y, above CUDA's limit of 65535 .*x of shape \(65536, 1, 1, 1\), group size 1"):
+        ops.minibatch_stddev(x, group_size=1, backend="cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'triton' cannot take this input: .*65535"):
+        ops.minibatch_stddev(x, group_size=1, backend="triton")
+
+
+def test_auto_falls_back_past_the_grid_limit(monkeypatch, caplog):
+    pretend_gpu(monkeypatch, available=("cuda", "triton"))
+    x = torch.randn(65536, 1, 1, 1, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        for _ in range(2):
+            y = ops.minibatch_stddev(x, group_size=1)
+    torch.testing.assert_close(y, mbstd.reference(x, 1))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "fell back to 'torch'" in said[0] and "limit of 65535" in said[0], said
+    # one pair fewer fits: auto keeps the extension's kernel (chosen, not launched here)
+    fits = torch.empty(65535, 1, 1, 1)
+    assert _backend.resolve("minibatch_stddev", fits, "auto", mbstd._refusals(fits, 1, 1)) == "cuda"
 
 
 @pytest.mark.parametrize("kb", kernel_params())

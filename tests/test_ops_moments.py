@@ -75,6 +75,27 @@ def test_auto_on_cpu_is_the_reference():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_more_subsets_than_a_launch_grid_holds_are_refused_by_triton(monkeypatch, caplog):
+    # both kernels launch one row of blocks per subset along grid.y (at most 65535)
+    from xrayforge.ops import BackendUnavailableError, _backend
+    x = features(3, 2)
+    many, fits = torch.ones(65536, 3, dtype=torch.bool), torch.ones(65535, 3, dtype=torch.bool)
+    assert M._refusals(fits) == M._refusals(None) == ()
+    (name, why), = M._refusals(many)
+    assert name == "triton" and "65536 blocks along grid.y, above CUDA's limit of 65535" in why
+    if TRITON:
+        with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot take this input: .*65536 subsets"):
+            masked_moments(x, many, backend="triton")
+    real = _backend.resolve_for_device  # auto on a GPU with Triton as a candidate: the reference runs
+    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
+    monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None if name != "cuda" else "no")
+    monkeypatch.setattr(_backend, "_warned", set())
+    with _backend.auto_candidates(("triton",)), caplog.at_level("WARNING", logger="xrayforge.ops"):
+        assert _backend.resolve("masked_moments", x, "auto", M._refusals(many)) == "torch"
+        assert _backend.resolve("masked_moments", x, "auto", M._refusals(fits)) == "triton"
+    assert "fell back to 'torch'" in caplog.text
+
+
 @pytest.mark.parametrize("kb", TRITON)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,rates", [(70, 37, [1.0, 0.4, 0.0, 0.1]), (1, 5, [1.0]), (33, 16, [0.5]),

@@ -1,4 +1,5 @@
 import importlib
+import logging
 import math
 
 import pytest
@@ -281,12 +282,82 @@ def test_a_tensor_on_another_gpu_than_the_current_one(backend):
                                    torch.autograd.grad(r.square().sum(), x)[0])
 
 
+# ---------------------------------------------------------------- limits of the fused kernels
+def pretend_gpu(monkeypatch, available):
+    """``auto`` chooses as it would on a GPU for these CPU tensors, with ``available`` the fused
+    backends that count as usable there (the kernels still run here: Triton in the interpreter).
+    The said-once fallbacks start afresh and are forgotten afterwards."""
+    from xrayforge.ops import _backend
+    real = _backend.resolve_for_device
+    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda name, op, device: None if name in available + ("torch",) else "pretend it is missing")
+    monkeypatch.setattr(_backend, "_warned", set())
+
+
+def test_auto_falls_back_past_the_triton_channel_limit(monkeypatch, caplog):
+    # a pixel's channels live in one Triton program's registers, at most MAX_TRITON_CHANNELS: auto
+    # chose Triton on a GPU and the kernel refused the input; now it takes the next backend that can
+    pretend_gpu(monkeypatch, available=("triton",))
+    x, b = torch.randn(2, pn.MAX_TRITON_CHANNELS + 1), torch.randn(pn.MAX_TRITON_CHANNELS + 1)
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        for _ in range(2):
+            torch.testing.assert_close(ops.pixel_norm(x), pn.reference(x))
+            torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b), reference_bias_lrelu(x, b))
+            torch.testing.assert_close(ops.bias_lrelu(x, b), torch.nn.functional.leaky_relu(x + b, 0.2))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 3, said  # once per op
+    assert all("fell back to 'torch'" in m and "at most 16384 channels, got 16385" in m for m in said), said
+
+
+def test_auto_takes_cuda_past_the_triton_channel_limit_where_it_can(monkeypatch):
+    from xrayforge.ops import _backend
+    pretend_gpu(monkeypatch, available=("triton", "cuda"))
+    wide, narrow = torch.randn(2, pn.MAX_TRITON_CHANNELS + 1), torch.randn(2, 512)
+    pick = lambda op, x, bias_grad: _backend.resolve(op, x, "auto", pn._epilogue_refusals(x, bias_grad))  # noqa: E731
+    assert pick("pixel_norm", narrow, False) == "triton"
+    assert pick("pixel_norm", wide, False) == "cuda"  # GPU_VALIDATED: ("triton", "cuda")
+    assert pick("bias_lrelu_pixel_norm", wide, True) == "torch"  # cuda's bias gradient takes at most 1024
+    assert pick("bias_lrelu", wide, True) == "torch"  # ("triton",): no other fused kernel
+
+
+@pytest.mark.parametrize("kb", [p for p in kernel_params() if p.values[0][0] == "triton"])
+def test_named_triton_past_the_channel_limit_says_the_limit(kb):
+    _, device = kb
+    x = torch.randn(2, pn.MAX_TRITON_CHANNELS + 1, device=device)
+    b = torch.randn(pn.MAX_TRITON_CHANNELS + 1, device=device)
+    for fn, args in ((ops.pixel_norm, ()), (ops.bias_lrelu_pixel_norm, (b,)), (ops.bias_lrelu, (b,))):
+        with pytest.raises(ops.BackendUnavailableError,
+                           match="backend 'triton' cannot take this input: .*at most 16384 channels, got 16385"):
+            fn(x, *args, backend="triton")
+
+
+def test_a_batch_past_the_launch_grid_is_refused_by_both_kernels(monkeypatch, caplog):
+    # both kernels launch one row of blocks per sample of a 4-D input, along grid.y (at most 65535):
+    # csrc refused a larger batch at launch time (under auto too), Triton's launch would fail on a GPU
+    refused = dict(pn._epilogue_refusals(torch.empty(65536, 2, 1, 1), bias_grad=False))
+    assert sorted(refused) == ["cuda", "triton"]
+    assert all("65536 blocks along grid.y, above CUDA's limit of 65535" in why and "(65536, 2, 1, 1)" in why
+               for why in refused.values())
+    assert pn._epilogue_refusals(torch.empty(65535, 2, 1, 1), bias_grad=False) == ()
+    assert pn._epilogue_refusals(torch.empty(65536, 2), bias_grad=False) == ()  # (N, C): one row of pixels
+    assert pn._epilogue_refusals(torch.empty(65536, 0, 1, 1), bias_grad=False) == ()  # nothing launches
+    pretend_gpu(monkeypatch, available=("triton", "cuda"))
+    x = torch.randn(65536, 2, 1, 1)
+    with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
+        torch.testing.assert_close(ops.pixel_norm(x), pn.reference(x))
+    assert "fell back to 'torch'" in caplog.text and "grid.y" in caplog.text
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' cannot take this input: .*grid.y"):
+        ops.pixel_norm(x, backend="cuda")
+
+
 def test_cuda_bias_gradient_channel_limit_is_checked_in_the_forward(monkeypatch):
     # csrc's backward refuses a bias gradient over 1024 channels: the forward ran and the backward
-    # failed; now a named 'cuda' is refused up front and auto takes the reference
+    # failed; now a named 'cuda' is refused up front and auto takes the next backend that can
     from xrayforge.ops import _backend
-    monkeypatch.setattr(_backend, "resolve", lambda op, x, backend=None: "cuda")
+    pretend_gpu(monkeypatch, available=("cuda",))
     x, b = torch.randn(2, 1025), torch.randn(1025)
     with pytest.raises(ops.BackendUnavailableError, match="at most 1024 channels, got 1025"):
         ops.bias_lrelu_pixel_norm(x, b, backend="cuda")
-    torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b, backend="auto"), reference_bias_lrelu(x, b))
+    with _backend.auto_candidates(("cuda",)):
+        torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b, backend="auto"), reference_bias_lrelu(x, b))

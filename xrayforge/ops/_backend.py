@@ -4,6 +4,12 @@ The backend comes from the op's ``backend=`` argument, else from :func:`set_back
 from ``XRAYFORGE_BACKEND``, else ``auto``. An explicit backend that cannot run raises
 :class:`BackendUnavailableError` saying why; ``auto`` picks the fastest backend that can
 run on the tensor's device and logs once, at WARNING, when it has to fall back.
+
+Besides being unavailable on a device, a fused kernel may be unable to take a particular input:
+a hard limit of the kernel for that shape (the channels one program holds, the blocks a launch
+grid holds). Each op works those out from the shape before it resolves and passes them as
+``refused``; ``auto`` passes such a kernel by like an unavailable one, and a backend named
+explicitly raises, before anything launches.
 """
 from __future__ import annotations
 
@@ -83,7 +89,20 @@ def auto_candidates(order: tuple[str, ...]):
 
 
 _selected: str | None = None
-_warned: set[tuple[str, str]] = set()
+_warned: set[tuple[str, ...]] = set()
+
+# CUDA's limits on a launch grid, in blocks along x, y and z (any GPU since compute capability
+# 3.0); a Triton launch on a GPU has the same ones (the interpreter has none).
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def grid_excess(grid: tuple[int, ...]) -> str | None:
+    """In words, the first dimension of a launch grid (blocks along x, y, z) that is past CUDA's
+    limits (MAX_GRID); None when the launch fits."""
+    for axis, blocks, limit in zip("xyz", grid, MAX_GRID):
+        if blocks > limit:
+            return f"{blocks} blocks along grid.{axis}, above CUDA's limit of {limit}"
+    return None
 
 
 class BackendUnavailableError(UserError, RuntimeError):
@@ -181,33 +200,51 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS[1:] if unavailable_reason(b, op, device) is None]
 
 
-def resolve(op: str, x: torch.Tensor, backend: str | None = None) -> str:
-    """The concrete backend (``cuda``, ``triton`` or ``torch``) that runs ``op`` on ``x``."""
-    return resolve_for_device(op, x.device, backend, x.dtype)
+def resolve(op: str, x: torch.Tensor, backend: str | None = None,
+            refused: tuple[tuple[str, str], ...] = ()) -> str:
+    """The concrete backend (``cuda``, ``triton`` or ``torch``) that runs ``op`` on ``x``;
+    ``refused``: the fused kernels that cannot take ``x``, as for :func:`resolve_for_device`."""
+    return resolve_for_device(op, x.device, backend, x.dtype, tuple(refused))
 
 
 # torch.compile evaluates the choice once while tracing and keeps the answer as a constant
 @torch.compiler.assume_constant_result
 def resolve_for_device(op: str, device: torch.device, backend: str | None = None,
-                       dtype: torch.dtype | None = None) -> str:
+                       dtype: torch.dtype | None = None, refused: tuple[tuple[str, str], ...] = ()) -> str:
     """The backend for ``op`` on ``device``; with ``dtype``, auto also passes by a backend whose
-    kernel for that dtype is pending (GPU_PENDING_DTYPES)."""
+    kernel for that dtype is pending (GPU_PENDING_DTYPES).
+
+    ``refused``: ``(backend, why)`` pairs, the fused backends whose kernels cannot take the input
+    at hand (a hard limit of the kernel for its shape, which the op works out). ``auto`` passes
+    them by as it passes by an unavailable backend: the next candidate runs, and the fallback is
+    logged once. A backend named explicitly raises BackendUnavailableError with the reason."""
+    limits: dict[str, str] = {}
+    for candidate, why in refused:  # one backend may be refused for several reasons
+        limits[candidate] = f"{limits[candidate]}; {why}" if candidate in limits else why
     name = _check_name(backend) if backend is not None else get_backend()
     if name != "auto":
         why = unavailable_reason(name, op, device)
         if why is not None:
             raise BackendUnavailableError(f"{op}: backend {name!r} is not available: {why}")
+        if name in limits:
+            raise BackendUnavailableError(f"{op}: backend {name!r} cannot take this input: {limits[name]}")
         return name
     if device.type != "cuda":
         return "torch"  # the reference is the fast path off the GPU
     reasons = []
+    limited = False
     for candidate in auto_order_cuda(op):
         pending = _candidates_override is None and dtype in GPU_PENDING_DTYPES.get((op, candidate), ())
         why = f"its {dtype} kernel has not passed on a GPU since it changed" if pending else \
             unavailable_reason(candidate, op, device)
+        if why is None and candidate in limits:
+            why, limited = f"cannot take this input: {limits[candidate]}", True
         if why is None:
-            if reasons and (op, candidate) not in _warned:
-                _warned.add((op, candidate))
+            # said once per op and backend, and once more for an input a kernel cannot take: a
+            # fallback for one reason does not silence a fallback for the other
+            key = (op, candidate, "input") if limited else (op, candidate)
+            if reasons and key not in _warned:
+                _warned.add(key)
                 log.warning("%s: auto backend fell back to %r (%s)", op, candidate, "; ".join(reasons))
             return candidate
         reasons.append(f"{candidate}: {why}")

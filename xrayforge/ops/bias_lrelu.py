@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import _backend
 from ._common import check_float, dense
+from .pixel_norm import _epilogue_refusals
 
 
 def reference(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2) -> torch.Tensor:
@@ -60,7 +61,11 @@ class _LReLUGradFunction(torch.autograd.Function):
 
 
 def bias_lrelu(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2, backend: str | None = None) -> torch.Tensor:
-    """``leaky_relu(x + bias[None, :, None, None], slope)`` for (N, C) or (N, C, H, W) tensors."""
+    """``leaky_relu(x + bias[None, :, None, None], slope)`` for (N, C) or (N, C, H, W) tensors.
+
+    The Triton kernels' limits are pixel_norm's (channels per program, the launch grid): an input
+    past them goes to the reference under ``auto`` (logged once) and is refused by a named 'triton'.
+    """
     check_float("bias_lrelu", x)
     check_float("bias_lrelu (bias)", bias)
     if x.dim() not in (2, 4):
@@ -71,7 +76,7 @@ def bias_lrelu(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2, backend:
         raise ValueError(f"bias_lrelu: x is on {x.device} but bias is on {bias.device}")
     if slope <= 0:
         raise ValueError(f"bias_lrelu: slope must be positive (the backward reads the sign of the output), got {slope}")
-    impl = _backend.resolve("bias_lrelu", x, backend)
+    impl = _backend.resolve("bias_lrelu", x, backend, _epilogue_refusals(x, bias_grad=True))
     if impl == "torch":
         return reference(x, bias, slope)
     return _BiasLReLUFunction.apply(dense(x), bias, float(slope), impl)

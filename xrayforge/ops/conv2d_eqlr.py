@@ -54,7 +54,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .pixel_norm import _inv_sqrt, _triton_blocks
+    from .pixel_norm import _epilogue_refusals, _inv_sqrt, _triton_blocks
 except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
@@ -540,7 +540,10 @@ class _ConvEqlrFunction(torch.autograd.Function):
                 got = iter(torch.autograd.grad(out, wanted, gy, create_graph=True))
         else:
             db = None
-            if EPILOGUE_BACKWARD == "triton" and activation != "linear":
+            # the fused epilogue backward has pixel_norm's Triton limits (channels per program, the
+            # launch grid): an output past them takes the torch epilogue backward, the same function
+            if EPILOGUE_BACKWARD == "triton" and activation != "linear" and not any(
+                    name == "triton" for name, _ in _epilogue_refusals(y, bias_grad=need_b)):
                 dz, db = _epilogue_backward_fused(gy, y, r, activation, need_b)
             else:
                 dz = _epilogue_backward(gy, y, r, activation)
@@ -576,12 +579,28 @@ def _first_order(x, weight, dz, scale, resample, need_x, need_w, need_b, bias, d
     return out
 
 
+def _refusals(weight: torch.Tensor, activation: str) -> tuple[tuple[str, str], ...]:
+    """``(backend, why)`` for the Triton kernel when it cannot take this layer (see
+    _backend.resolve_for_device): its pixel norm holds every output channel of a pixel in one
+    tile. (Its launch grid, (pixels / BM, COUT / BN, 1 or 4) with BM, BN >= 16, stays inside
+    CUDA's limits below 2^35 output pixels and 2^20 output channels.)"""
+    cout = weight.shape[0]
+    if activation == "lrelu_pn" and cout > MAX_PN_CHANNELS:
+        return (("triton", f"its pixel norm holds every output channel of a pixel in one tile, at most "
+                           f"{MAX_PN_CHANNELS} output channels, got {cout}"),)
+    return ()
+
+
 # --------------------------------------------------------------------------- public
 def conv2d_eqlr(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float,
                 activation: str = "linear", resample: str | None = None, backend: str | None = None) -> torch.Tensor:
-    """``epilogue(conv(resample(x), weight * scale) + bias)``; see the module docstring."""
+    """``epilogue(conv(resample(x), weight * scale) + bias)``; see the module docstring.
+
+    The Triton kernel's pixel norm takes at most MAX_PN_CHANNELS output channels: a wider layer
+    goes to the unfused path under ``auto`` (logged once), and a named 'triton' raises.
+    """
     _check(x, weight, bias, scale, activation, resample)
-    impl = _backend.resolve("conv2d_eqlr", x, backend)
+    impl = _backend.resolve("conv2d_eqlr", x, backend, _refusals(weight, activation))
     if impl == "triton":
         if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # as autocast casts a conv's input
             x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -18,6 +18,11 @@ precision / recall / density / coverage use).
 Ties: two references at exactly the same distance may come back in either order (and at the
 k-th place either one); the distances returned are the same. The fp32 path's squared distances
 carry a relative error of about 1e-6 of ``|q|² + |r|²``, so references closer than that can swap.
+
+Not differentiable: a search, whose indices have no gradient and whose distances the metrics
+only read. Every backend returns tensors without autograd history, also for inputs that require
+gradients, and builds no graph on the way (the reference runs under ``torch.no_grad``): features
+taken from a network still attached to it cost no memory for a backward that will not come.
 """
 from __future__ import annotations
 
@@ -67,9 +72,11 @@ def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool
 
 
 # --------------------------------------------------------------------------- reference
+@torch.no_grad()  # a search: no graph, no history (see the module docstring)
 def reference(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool = False,
               chunk_q: int = 2048, chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances (N, k) ascending (float64) and indices (N, k) (int64), on the references' device."""
+    """Distances (N, k) ascending (float64) and indices (N, k) (int64), on the references' device;
+    without autograd history."""
     _check(queries, refs, k, exclude_self)
     dev = refs.device
     ref_sq = refs.double().square().sum(1)
@@ -195,10 +202,14 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
 # --------------------------------------------------------------------------- public
 def knn(queries: torch.Tensor, refs: torch.Tensor, k: int = 1, exclude_self: bool = False,
         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distances (N, k) float64 ascending, indices (N, k) int64) of each query's k nearest references."""
+    """(distances (N, k) float64 ascending, indices (N, k) int64) of each query's k nearest references.
+
+    Not differentiable: the results carry no autograd history whatever the inputs' requires_grad,
+    on every backend, and no graph is built for them."""
     _check(queries, refs, k, exclude_self)
     k = int(k)  # a NumPy integer too
     impl = _backend.resolve("knn", refs, backend)
-    if impl == "triton":
-        return _triton(queries.to(refs.device), refs, k, exclude_self)
-    return reference(queries, refs, k, exclude_self)
+    with torch.no_grad():
+        if impl == "triton":
+            return _triton(queries.to(refs.device), refs, k, exclude_self)
+        return reference(queries, refs, k, exclude_self)

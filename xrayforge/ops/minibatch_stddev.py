@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
     triton = None
 
 EPS = 1e-8
+CUDA_THREADS = 256  # csrc/minibatch_stddev.cu: kThreads (the backward's elements per block along grid.x)
 
 
 def group_size_for(n: int, group_size: int = 4) -> int:
@@ -124,6 +125,34 @@ def _blocks(g: int, k: int) -> tuple[int, int]:
     block_g = triton.next_power_of_2(g)
     return block_g, max(16, min(triton.next_power_of_2(k), 2048 // block_g))
 
+
+
+def _refusals(x: torch.Tensor, g: int, f: int) -> tuple[tuple[str, str], ...]:
+    """``(backend, why)`` for each fused backend whose kernels cannot take ``x`` with group size
+    ``g`` and ``f`` channel slices (see _backend.resolve_for_device): their launch grids put one
+    block, or one row of blocks, per (group, slice) pair, M * F of them. Decided on the shape
+    alone, for the forward and the backward together: the backward runs on the backend the
+    forward chose, when it is too late to fall back.
+
+    - cuda (csrc/minibatch_stddev.cu): the forward launches M * F blocks along grid.x, the
+      backward ceil(K / kThreads) along x by M * F along y (at most 65535);
+    - triton: forward and backward launch (K blocks, M * F) (the same limit along y).
+    """
+    n, c, h, w = x.shape
+    m, k = n // g, (c // f) * h * w
+    pairs = f"one per group and channel slice: {m} groups × {f} slices; x of shape {tuple(x.shape)}, group size {g}"
+    refused = []
+    for what, grid in (("forward", (m * f,)), ("backward", (-(-k // CUDA_THREADS), m * f))):
+        excess = _backend.grid_excess(grid)
+        if excess:
+            refused.append(("cuda", f"its {what} would launch {excess} ({pairs})"))
+            break
+    if triton is not None:
+        _, block_k = _blocks(g, k)
+        excess = _backend.grid_excess((-(-k // block_k), m * f))
+        if excess:
+            refused.append(("triton", f"its launches would need {excess} ({pairs})"))
+    return tuple(refused)
 
 
 def _out_like(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -236,10 +265,13 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
                      backend: str | None = None) -> torch.Tensor:
     """Append the minibatch-stddev feature map(s): (N, C, H, W) -> (N, C + num_channels, H, W).
 
-    Raises ValueError when N is not divisible by ``min(group_size, N)``.
+    Raises ValueError when N is not divisible by ``min(group_size, N)``. The fused kernels take at
+    most 65535 (group, channel slice) pairs (N / group size × num_channels: a launch grid's y
+    limit): past that ``auto`` falls back to the reference, logged once, and a backend named
+    explicitly raises BackendUnavailableError saying the limit and the shape.
     """
-    _check(x, group_size, num_channels)
-    impl = _backend.resolve("minibatch_stddev", x, backend)
+    g, f = _check(x, group_size, num_channels)
+    impl = _backend.resolve("minibatch_stddev", x, backend, _refusals(x, g, f))
     if impl == "torch":
         return reference(x, group_size, num_channels)
     return _MinibatchStddevFunction.apply(dense(x), int(group_size), int(num_channels), impl)

@@ -250,14 +250,24 @@ def _kernels(x: torch.Tensor, masks: torch.Tensor | None, precision: str | None,
     return n, mean, out
 
 
+def _refusals(masks: torch.Tensor | None) -> tuple[tuple[str, str], ...]:
+    """``(backend, why)`` for the Triton kernels when they cannot take this many subsets (see
+    _backend.resolve_for_device): both launch one row of blocks per subset, along grid.y."""
+    k = 1 if masks is None else masks.shape[0]
+    excess = _backend.grid_excess((1, k))
+    return (("triton", f"its kernels would launch {excess} (one row of blocks per subset; {k} subsets)"),) \
+        if excess else ()
+
+
 # --------------------------------------------------------------------------- public
 def masked_moments(x: torch.Tensor, masks: torch.Tensor | None = None, backend: str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n (K,) int64, mean (K, D) float64, m2 (K, D, D) float64) of the K row subsets of ``x``
     given by ``masks`` (K, N) bool (``None``: all rows). ``m2`` is the centred sum of outer
-    products: ``m2[k] / (n[k] - 1)`` is subset k's covariance. Not differentiable."""
+    products: ``m2[k] / (n[k] - 1)`` is subset k's covariance. Not differentiable. The Triton
+    kernels take at most 65535 subsets: past that ``auto`` uses the reference, a named 'triton' raises."""
     _check(x, masks)
-    impl = _backend.resolve("masked_moments", x, backend)
+    impl = _backend.resolve("masked_moments", x, backend, _refusals(masks))
     with torch.no_grad():
         if impl == "triton":
             return _triton(x, masks)

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - triton is a declared dependency
 
 MAX_TRITON_CHANNELS = 16384  # one program holds a pixel's whole channel vector in registers
 MAX_CUDA_BIAS_CHANNELS = 1024  # csrc/pixel_norm.cu: kMaxBiasGradChannels (the bias gradient's shared memory)
+CUDA_PIXELS_PER_BLOCK = 128  # csrc/pixel_norm.cu: kPixelsPerBlock (grid_for: ceil(P / it) blocks along x)
 
 
 # --------------------------------------------------------------------------- reference
@@ -140,6 +141,40 @@ def _triton_blocks(C: int, P: int) -> tuple[int, int, int]:
     block_p = max(1, min(triton.next_power_of_2(P), 4096 // block_c))
     num_warps = 4 if block_c * block_p <= 2048 else 8
     return block_c, block_p, num_warps
+
+
+def _epilogue_refusals(x: torch.Tensor, bias_grad: bool) -> tuple[tuple[str, str], ...]:
+    """``(backend, why)`` for each fused backend whose channel-epilogue kernels cannot take
+    ``x`` (see _backend.resolve_for_device). Decided on the shape alone, for the forward and the
+    backward together: the backward runs on the backend the forward chose, when it is too late
+    to fall back. ``bias_grad``: the backward sums a bias gradient.
+
+    - triton: one program holds a pixel's channels (at most MAX_TRITON_CHANNELS); the launch grid
+      is (pixel blocks, B), B = N for (N, C, H, W) input and 1 for (N, C);
+    - cuda (csrc/pixel_norm.cu, grid_for): (ceil(P / kPixelsPerBlock), B); a bias gradient takes at
+      most kMaxBiasGradChannels channels.
+    """
+    if x.numel() == 0:  # nothing launches
+        return ()
+    b, c, p = (1, x.shape[1], x.shape[0]) if x.dim() == 2 else (x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+    refused = []
+    if triton is not None:
+        if c > MAX_TRITON_CHANNELS:
+            refused.append(("triton", f"its kernel holds a pixel's channels in registers, at most "
+                                      f"{MAX_TRITON_CHANNELS} channels, got {c}"))
+        else:
+            _, block_p, _ = _triton_blocks(c, p)
+            excess = _backend.grid_excess((-(-p // block_p), b))
+            if excess:
+                refused.append(("triton", f"its launch would need {excess} (one row of blocks per sample; "
+                                          f"input of shape {tuple(x.shape)})"))
+    excess = _backend.grid_excess((-(-p // CUDA_PIXELS_PER_BLOCK), b))
+    if excess:
+        refused.append(("cuda", f"its launch would need {excess} (one row of blocks per sample; "
+                                f"input of shape {tuple(x.shape)})"))
+    if bias_grad and c > MAX_CUDA_BIAS_CHANNELS:
+        refused.append(("cuda", f"its bias gradient takes at most {MAX_CUDA_BIAS_CHANNELS} channels, got {c}"))
+    return tuple(refused)
 
 
 def _cuda_launch_args(x: torch.Tensor):
@@ -283,9 +318,12 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8, backend: str | None = None) -
     """``x * rsqrt(mean over channels of x**2 + eps)`` for (N, C) or (N, C, H, W) tensors.
 
     Contiguous and channels_last inputs keep their layout; other strides are copied first.
+    Under ``auto``, an input a fused kernel cannot take (more than MAX_TRITON_CHANNELS channels
+    for Triton; a batch past a launch grid's limit) goes to the next backend that can, logged
+    once; a backend named explicitly raises BackendUnavailableError saying which limit.
     """
     _check_input("pixel_norm", x)
-    impl = _backend.resolve("pixel_norm", x, backend)
+    impl = _backend.resolve("pixel_norm", x, backend, _epilogue_refusals(x, bias_grad=False))
     if impl == "torch":
         return reference(x, eps)
     return _PixelNormFunction.apply(dense(x), None, float(0.0), float(eps), impl)
@@ -296,6 +334,8 @@ def bias_lrelu_pixel_norm(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.
     """``pixel_norm(leaky_relu(x + bias[None, :, None, None], slope), eps)`` in one pass.
 
     The generator's whole conv epilogue. ``bias`` has shape (C,); the result has x's dtype.
+    The fused kernels' limits are pixel_norm's, and the CUDA kernel's bias gradient takes at most
+    MAX_CUDA_BIAS_CHANNELS channels: ``auto`` falls back past them, a named backend raises.
     """
     _check_input("bias_lrelu_pixel_norm", x)
     check_float("bias_lrelu_pixel_norm (bias)", bias)
@@ -304,16 +344,8 @@ def bias_lrelu_pixel_norm(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.
                          f"got {tuple(bias.shape)}")
     if bias.device != x.device:
         raise ValueError(f"bias_lrelu_pixel_norm: x is on {x.device} but bias is on {bias.device}")
-    impl = _backend.resolve("bias_lrelu_pixel_norm", x, backend)
-    if impl == "cuda" and x.shape[1] > MAX_CUDA_BIAS_CHANNELS:  # refused here, not in the backward
-        why = f"its bias gradient takes at most {MAX_CUDA_BIAS_CHANNELS} channels, got {x.shape[1]}"
-        if (_backend._check_name(backend) if backend is not None else _backend.get_backend()) != "auto":
-            raise _backend.BackendUnavailableError(f"bias_lrelu_pixel_norm: backend 'cuda' is not available: {why}")
-        # as resolve says a fallback, once (not while torch.compile traces: it cannot trace logging)
-        if not torch.compiler.is_compiling() and ("bias_lrelu_pixel_norm", "torch") not in _backend._warned:
-            _backend._warned.add(("bias_lrelu_pixel_norm", "torch"))
-            _backend.log.warning("bias_lrelu_pixel_norm: auto backend fell back to 'torch' (cuda: %s)", why)
-        impl = "torch"
+    # refused in the forward, not in the backward (the bias gradient's limit included)
+    impl = _backend.resolve("bias_lrelu_pixel_norm", x, backend, _epilogue_refusals(x, bias_grad=True))
     if impl == "torch":
         return reference_bias_lrelu(x, bias, slope, eps)
     return _PixelNormFunction.apply(dense(x), bias, float(slope), float(eps), impl)
