@@ -38,3 +38,19 @@ def write_sample_folder(folder, seeds, resolution=32, invert_labels=False, targe
     (folder / "sample_config.json").write_text(json.dumps({"format": "png8", "n": len(rows)}))
     (folder / "summary.json").write_text(json.dumps({"thresholds": thresholds or {f: 0.5 for f in findings}}))
     return truth
+
+
+def rewrite_checkpoint_file(folder, name, obj):
+    """torch.save ``obj`` over a checkpoint's ``name`` (networks.pt, state.pt) and record its new digest in
+    networks.json, as a checkpoint written with those contents would have: a test that means to give a
+    checkpoint other contents, not to damage it."""
+    from pathlib import Path
+
+    import torch
+
+    from xrayforge.utils.files import file_digest
+    folder = Path(folder)
+    torch.save(obj, folder / name)
+    meta = json.loads((folder / "networks.json").read_text())
+    meta.setdefault("sha256", {})[name] = file_digest(folder / name)
+    (folder / "networks.json").write_text(json.dumps(meta, indent=2))

@@ -19,6 +19,7 @@ from xrayforge.bench.lco import auto_targets, census
 from xrayforge.sample.lco import LCOPool, lco_loss, optimise, parse_target, satisfied, screen_starts, target_tensors
 from xrayforge.nn import latent_for, latents_for
 from xrayforge.sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive, stored_probabilities
+from synthetic_factory import rewrite_checkpoint_file
 
 
 @pytest.fixture(scope="module")
@@ -553,7 +554,7 @@ def test_a_resumed_archive_keeps_the_checkpoint_it_started_with(models, tmp_path
     shutil.copytree(started, newer)
     weights = torch.load(newer / "networks.pt", weights_only=True)
     weights["G_ema"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in weights["G_ema"].items()}
-    torch.save(weights, newer / "networks.pt")
+    rewrite_checkpoint_file(newer, "networks.pt", weights)
     (ck / "latest").write_text(newer.name)
     again = sample_archive(cfg, progress=False)
     assert Path(again["checkpoint"]) == started and "finishing it with that checkpoint" in caplog.text
@@ -602,7 +603,7 @@ def test_a_resumed_archive_follows_its_checkpoint_and_classifier_not_their_paths
     theirs = tmp_path / "other" / "checkpoints" / name / "networks.pt"
     weights = torch.load(theirs, weights_only=True)
     weights["G_ema"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in weights["G_ema"].items()}
-    torch.save(weights, theirs)
+    rewrite_checkpoint_file(theirs.parent, "networks.pt", weights)
     (tmp_path / "moved").rename(tmp_path / "away")
     with pytest.raises(UserError, match="is gone .* and is not in"):
         sample_archive(SampleConfig(str(tmp_path / "other"), str(out), **common), progress=False)

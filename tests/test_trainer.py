@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
 
 from xrayforge.data.archive import Archive
+from synthetic_factory import rewrite_checkpoint_file
 from xrayforge.data.prepare import prepare
 from xrayforge.nn import load_networks
 from xrayforge.train.schedule import ProgressiveSchedule
@@ -363,6 +364,10 @@ def test_resuming_a_run_from_before_the_new_options_keeps_what_it_trained_with(a
         saved.pop(key)  # a train_config.json written before these options existed
     saved["ema_beta"] = 0.999
     (run / "train_config.json").write_text(json.dumps(saved))
+    for meta_path in run.glob("checkpoints/ckpt-*/networks.json"):  # and the copy its checkpoints recorded
+        meta = json.loads(meta_path.read_text())
+        meta["extra"]["train_config"] = saved
+        meta_path.write_text(json.dumps(meta))
     assert main(["train", "--out", str(run), "--resume", "--max-kimg", "0.128", "-q"]) == 0
     now = json.loads((run / "train_config.json").read_text())
     assert (now["gp_metric"], now["ema_beta"]) == ("current", 0.999)  # its penalty and constant β go on
@@ -597,7 +602,7 @@ def test_a_stale_latest_pointer_resumes_from_the_newest_intact_checkpoint(archiv
     assert trainer.images_seen == 128 and not list(ckpts.glob("damaged-*"))
     trainer.close()
     # a checkpoint whose files are whole but whose state is not a training state: it fails to load
-    torch.save({"something": 1}, ckpts / "ckpt-000000000128" / "state.pt")
+    rewrite_checkpoint_file(ckpts / "ckpt-000000000128", "state.pt", {"something": 1})
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
     assert trainer.images_seen == 64 and "not a training state" in caplog.text
@@ -825,6 +830,42 @@ def test_a_refused_new_start_is_refused_by_every_process(archive, tmp_path):
     assert time.time() - t0 < 25  # not a process group's timeout
 
 
+def _rank_disk_full_at_the_pointer(rank, world, archive, out, init_file, result_dir):
+    import datetime
+    import errno
+    import xrayforge.train.trainer as trainer_module
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    real = trainer_module.write_text_atomic
+
+    def full_disk(path, *args, **kwargs):  # the checkpoint is whole; its pointer cannot be written
+        if rank == 0 and str(path).endswith("latest"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+    trainer_module.write_text_atomic = full_disk
+    try:
+        try:
+            Trainer(TrainConfig(str(archive), str(out), **dict(TINY, batch={4: 4, 8: 4, 16: 4})), progress=False).train()
+            outcome = "finished"
+        except (OSError, trainer_module.UserError) as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        (result_dir / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_process_0_failing_to_write_stops_every_process(archive, tmp_path):
+    """A full disk at the checkpoint's pointer (or its rename, best.json, the log) raised on process 0
+    alone; the others waited in the next collective until the process group's timeout (30 minutes by
+    default). Now every process raises, at once."""
+    tmp_mp.spawn(_rank_disk_full_at_the_pointer, args=(2, archive, tmp_path / "run", tmp_path / "pg", tmp_path),
+                 nprocs=2)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said[0].startswith("OSError: [Errno 28] No space left on device") and "latest" in said[0], said
+    # said by process 0 through the broadcast: a process left waiting would have met the group's timeout
+    assert said[1].startswith("UserError: ") and "process 0 stopped the run: OSError: [Errno 28]" in said[1], said
+
+
 def test_an_archive_smaller_than_a_batch_is_said(tmp_path, caplog):
     """4 images to train on and batches of 8: every batch repeats images, which is said (was silent)."""
     prepare("phantom:6", tmp_path / "six", resolution=16, workers=1, progress=False)
@@ -848,7 +889,7 @@ def test_resuming_on_another_number_of_processes_says_the_batch_changes(archive,
     state_file = run / "checkpoints" / "ckpt-000000000064" / "state.pt"
     state = torch.load(state_file, weights_only=False)
     state["rank_rng"] = [state["rank_rng"][0]] * 2  # as a checkpoint of two processes
-    torch.save(state, state_file)
+    rewrite_checkpoint_file(state_file.parent, "state.pt", state)
     with caplog.at_level("WARNING"):
         Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False).close()
     assert "the run trained on 2 processes, and 1 goes on: each step's batch changes from 16 to 8 images" in caplog.text
@@ -898,3 +939,87 @@ def test_a_checkpoint_that_cannot_be_written_names_it_and_the_intact_one(archive
                                         r"ckpt-000000000064, is kept"):
         Trainer(TrainConfig(str(archive), str(run), max_images=128, **TINY), resume=True, progress=False).train()
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000064"]
+
+
+def _flip_a_byte_inside(path):
+    """Flip one bit in the middle of a torch file: its zip directory stays whole, so that torch (which
+    checks no CRC) loads it; only the recorded digest tells."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_changed_on_disk_is_found_by_its_digest_and_the_older_one_used(archive, tmp_path, caplog):
+    """A flipped bit inside state.pt or networks.pt loaded silently (torch's zip reader checks no CRC):
+    the resume and find_checkpoint now skip it, naming the file, and use the older intact checkpoint."""
+    from xrayforge.nn.checkpoint import damage, find_checkpoint, load_networks
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=128, **TINY), progress=False).train()
+    ckpts = run / "checkpoints"
+    newest = ckpts / "ckpt-000000000128"
+    assert damage(newest, ("networks.pt", "state.pt")) is None
+    torch.load(newest / "state.pt", weights_only=True)  # loads before the flip ...
+    _flip_a_byte_inside(newest / "state.pt")
+    assert damage(newest, ("networks.pt",)) is None  # ... networks.pt is intact
+    assert "state.pt: damaged: its contents changed after it was written" in damage(newest, ("networks.pt", "state.pt"))
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+    assert trainer.images_seen == 64 and "ckpt-000000000128/state.pt: damaged" in caplog.text
+    trainer.close()
+    assert (ckpts / "damaged-ckpt-000000000128").is_dir()
+    # networks.pt: sampling's find_checkpoint skips it too, and loading the folder itself is refused
+    other = tmp_path / "other"
+    Trainer(TrainConfig(str(archive), str(other), max_images=128, **TINY), progress=False).train()
+    newest = other / "checkpoints" / "ckpt-000000000128"
+    _flip_a_byte_inside(newest / "networks.pt")
+    with caplog.at_level("WARNING"):
+        assert find_checkpoint(other).name == "ckpt-000000000064"
+    assert "networks.pt: damaged" in caplog.text
+    with pytest.raises(UserError, match="networks.pt: damaged: its contents changed"):
+        load_networks(newest)
+
+
+def test_an_optimiser_state_that_does_not_fit_names_the_file(archive, tmp_path):
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=96, **TINY), progress=False).train()
+    ckpt = run / "checkpoints" / "ckpt-000000000096"  # inside a phase: its Adam state is restored
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state["opt_g"]["param_groups"][0]["params"] = state["opt_g"]["param_groups"][0]["params"][:-1]
+    rewrite_checkpoint_file(ckpt, "state.pt", state)
+    with pytest.raises(UserError, match=r"ckpt-000000000096/state.pt: its optimiser state opt_g does not fit the "
+                                        r"networks' parameters \(.*\): the checkpoint is from another network"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+
+
+def test_resuming_through_the_api_with_another_schedule_is_refused(archive, tmp_path):
+    """The command line refused options that train otherwise on --resume; the Trainer API took them and
+    went on as another training without a word."""
+    from xrayforge.errors import UserError
+    from xrayforge.train.trainer import FIXED_ON_RESUME, saved_options
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False).train()
+    changed = {"fade_images": 32, "batch": {4: 8, 8: 4, 16: 8}, "lr": 2e-3, "ema_rampup": 0.2, "seed": 3}
+    for name, value in changed.items():
+        with pytest.raises(UserError, match=rf"these train otherwise: {name} .*\(the run's: "):
+            Trainer(TrainConfig(str(archive), str(run), **{**TINY, name: value}), resume=True, progress=False)
+    # what leaves the training as it was: the same options written otherwise, the stop, the saved options
+    same = {**TINY, "batch": {"4": 8, "8": 8, "16": 8}, "lr_by_resolution": {"8": 1e-3}, "ema_rampup": 0.05,
+            "max_images": 96, "amp": None}
+    Trainer(TrainConfig(str(archive), str(run), **same), resume=True, progress=False).close()
+    Trainer(TrainConfig(**saved_options(run)), resume=True, progress=False).close()
+    from xrayforge.cli.train import _FIXED_ON_RESUME  # the command line refuses the same settings first
+    assert set(FIXED_ON_RESUME) <= set(_FIXED_ON_RESUME.values())
+
+
+def test_the_batches_auto_batch_found_are_kept_in_the_checkpoint(archive, tmp_path):
+    """A resume probed the largest batch anew (other GPU memory free, another batch: another training)."""
+    run = tmp_path / "run"
+    trainer = Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False)
+    trainer._auto_batches[2] = 4  # as the probe at 16 px would have found on a GPU
+    trainer.train()
+    assert torch.load(run / "checkpoints" / "ckpt-000000000064" / "state.pt", weights_only=True)["auto_batches"] == {2: 4}
+    resumed = Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+    assert resumed._auto_batches == {2: 4}
+    resumed.close()

@@ -132,3 +132,42 @@ def test_a_write_error_names_the_file_asked_for(tmp_path):
             atomic_write(path, writer)
         assert caught.value.errno == code and caught.value.filename == str(path), caught.value
     assert _all(tmp_path) == []
+
+
+def test_a_long_name_gets_a_shortened_temporary_that_is_still_recognised(tmp_path):
+    """The temporary adds about 40 bytes: a 230-byte name used to fail with ENAMETOOLONG."""
+    from xrayforge.utils.files import _TEMPORARY, remove_stale_temporaries, temporary_of
+    name = "é" * 110 + "-grid.png"  # 229 bytes in UTF-8
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert len(tmp.name.encode()) <= 255 and tmp.suffix == ".png"
+        assert _TEMPORARY.fullmatch(tmp.name) and temporary_of(tmp.name).startswith("é" * 50)
+        tmp.write_text("x")
+    atomic_write(tmp_path / name, write)
+    assert (tmp_path / name).read_text() == "x" and _all(tmp_path) == [name]
+    # a killed writer's long temporary (a pid of as many digits that is not running) is found and removed
+    from xrayforge.utils.files import _alive
+    gone = next(p for p in range(10 ** len(str(os.getpid())) - 1, 0, -1) if not _alive(p))
+    stale = seen[0].name.replace(f"-{os.getpid()}-", f"-{gone}-")
+    (tmp_path / stale).write_text("half")
+    assert remove_stale_temporaries(tmp_path) == 1 and _all(tmp_path) == [name]
+
+
+def test_a_symlink_is_written_through_and_a_replaced_file_keeps_its_permissions(tmp_path):
+    target = tmp_path / "real" / "key.csv"
+    target.parent.mkdir()
+    target.write_text("old")
+    os.chmod(target, 0o600)
+    link = tmp_path / "key.csv"
+    link.symlink_to(target)
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert (target.stat().st_mode & 0o777) == 0o600
+    assert _all(tmp_path) == ["key.csv", "real"] and _all(target.parent) == ["key.csv"]
+    fresh = tmp_path / "fresh.txt"
+    write_text_atomic(fresh, "x")  # a new file: the umask's permissions, as open() gives
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask

@@ -5,6 +5,11 @@ Layout of a checkpoint folder (or the two files named by ``path`` + suffix):
 ``networks.pt``   {"G": state_dict, "D": state_dict, "G_ema": state_dict, ...}
 ``networks.json`` {"format": "xrayforge-networks", "version": 1,
                    "networks": {"G": {"class": "Generator", "config": {...}, "level": 8, "alpha": 1.0}, ...}}
+``networks.json`` also records the SHA-256 of ``networks.pt`` (and of any other file of the folder named
+when it is saved: a training checkpoint's ``state.pt``), which :func:`damage` checks: a file changed
+after it was written (a flipped bit on disk, a copy cut short and padded) is told from an intact one,
+where torch's zip reader checks no CRC and would load it. Checkpoints written before this have no
+digests, and are checked as before.
 ``level`` and ``alpha`` are the progressive state the networks were saved at (a training checkpoint:
 the level and fade-in α of its last step); :func:`load_networks` restores them, so that a generator
 saved during growth makes images at the resolution it had reached (with a warning).
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..utils.files import atomic_write, load_state, load_torch, read_json, write_text_atomic
+from ..utils.files import atomic_write, file_digest, load_state, load_torch, read_json, write_text_atomic
 from .networks import Discriminator, Generator, NetworkConfig
 
 FORMAT = "xrayforge-networks"
@@ -29,8 +34,9 @@ VERSION = 1
 CLASSES = {"Generator": Generator, "Discriminator": Discriminator}
 
 
-def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None = None) -> Path:
-    """Save {"G": Generator, "D": Discriminator, ...} to ``folder/networks.{pt,json}``."""
+def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None = None, files=()) -> Path:
+    """Save {"G": Generator, "D": Discriminator, ...} to ``folder/networks.{pt,json}``; ``files``:
+    the names of other files already written in ``folder`` whose digests networks.json records too."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "networks": {}, "extra": extra or {}}
@@ -43,6 +49,8 @@ def save_networks(folder: str | os.PathLike, networks: dict, extra: dict | None 
         meta["networks"][name] = {"class": cls, "config": net.config.as_dict(), "level": net.level,
                                   "alpha": float(net.alpha)}
     atomic_write(folder / "networks.pt", lambda p: torch.save(tensors, p), fsync=True)
+    # read back from what was written: at 1024 px about 2 GB/s, a fraction of a second a checkpoint
+    meta["sha256"] = {name: file_digest(folder / name) for name in ("networks.pt", *files)}
     write_text_atomic(folder / "networks.json", json.dumps(meta, indent=2), fsync=True)
     return folder
 
@@ -51,18 +59,28 @@ log = logging.getLogger(__name__)
 
 
 def damage(folder: Path, files=("networks.pt",)) -> str | None:
-    """Why the checkpoint ``folder`` cannot be used (a missing, unreadable or truncated file), or
-    None. Cheap: the JSON is parsed and each torch file's zip directory (written last) is checked."""
+    """Why the checkpoint ``folder`` cannot be used (a missing, unreadable, truncated or changed
+    file), or None. The JSON is parsed, each torch file's zip directory (written last) is checked,
+    and its contents against the SHA-256 networks.json recorded (where it did)."""
     try:
-        read_metadata(folder)
+        meta = read_metadata(folder)
     except (UserError, FileNotFoundError) as exc:
         return str(exc)
+    digests = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
     for name in files:
         f = folder / name
         if not f.is_file():
             return f"{f}: missing"
         if not zipfile.is_zipfile(f):
             return f"{f}: truncated or damaged ({f.stat().st_size} bytes, no complete zip directory)"
+        if name in digests:
+            try:
+                digest = file_digest(f)
+            except OSError as exc:
+                return f"{f}: cannot be read ({exc.strerror or exc})"
+            if digest != digests[name]:
+                return (f"{f}: damaged: its contents changed after it was written (SHA-256 {digest[:12]}…, "
+                        f"networks.json recorded {str(digests[name])[:12]}…)")
     return None
 
 
@@ -135,6 +153,9 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
     weights_path = folder / "networks.pt"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (networks.json is there, the weights are not)")
+    recorded = (meta.get("sha256") or {}).get("networks.pt") if isinstance(meta.get("sha256"), dict) else None
+    if recorded is not None and file_digest(weights_path) != recorded:
+        raise UserError(damage(folder) or f"{weights_path}: damaged: its contents changed after it was written")
     tensors = load_torch(weights_path, "network weights", map_location=map_location)
     out = {}
     for name, info in meta["networks"].items():

@@ -50,6 +50,12 @@ OFFICIAL_EMA_KIMG = 16 * math.log(0.5) / math.log(0.999) / 1000
 log = logging.getLogger(__name__)
 
 
+# the settings that decide what a run trains (schedule, batch, optimiser, loss, EMA, data order): a resume goes
+# on with the run's own (the networks' shape is checked against networks.json, the archive by its identity)
+FIXED_ON_RESUME = ("start_resolution", "fade_images", "stable_images", "batch", "lr", "gp_metric", "amp",
+                   "ema_kimg", "ema_rampup", "ema_beta", "mirror", "seed")
+
+
 @dataclass
 class TrainConfig:
     archive: str
@@ -137,6 +143,36 @@ class TrainConfig:
 
     def lr_at(self, resolution: int) -> float:
         return float(self.lr_by_resolution.get(resolution, self.lr_by_resolution.get(str(resolution), self.lr)))
+
+    def batch_at(self, resolution: int, cuda: bool) -> int | None:
+        """The per-GPU batch at ``resolution`` the options give (None: found by ``auto_batch``, on a GPU)."""
+        given = self.batch.get(resolution, self.batch.get(str(resolution)))  # str keys: read back from JSON
+        if given is not None:
+            return int(given)
+        if self.auto_batch and cuda:
+            return None
+        return DEFAULT_BATCH.get(resolution, 16)
+
+    def trains_otherwise(self, other: "TrainConfig", resolutions, fields=None) -> list[str]:
+        """'fade_images 300000 (the run's: 600000)' for each setting of ``FIXED_ON_RESUME`` (or of ``fields``)
+        in which this config trains otherwise than ``other`` (the run's) at ``resolutions``: the batch and
+        the learning rate are compared per resolution, the rest as values (an unset EMA ramp-up is 0)."""
+        def value(cfg: "TrainConfig", name: str):
+            if name == "batch":
+                return ",".join(f"{r}:{cfg.batch_at(r, cuda=True) or 'auto'}" for r in resolutions)
+            if name == "lr":
+                return ",".join(f"{r}:{cfg.lr_at(r):g}" for r in resolutions)
+            if name == "amp":
+                return cfg.amp_dtype and "bf16"
+            if name == "ema_rampup":
+                return cfg.ema_rampup or 0
+            return getattr(cfg, name)
+        out = []
+        for name in FIXED_ON_RESUME if fields is None else fields:
+            mine, theirs = value(self, name), value(other, name)
+            if mine != theirs:
+                out.append(f"{name} {mine} (the run's: {theirs})")
+        return out
 
     def ema_beta_at(self, batch: int, images_seen: int) -> float:
         """The EMA decay of the step that starts at ``images_seen`` with a global batch ``batch``."""
@@ -265,12 +301,7 @@ class Trainer:
 
     def _configured_batch(self, res: int) -> int | None:
         """The per-GPU batch at ``res`` the options give (None: found by --auto-batch on a GPU)."""
-        given = self.cfg.batch.get(res, self.cfg.batch.get(str(res)))
-        if given is not None:
-            return int(given)
-        if self.cfg.auto_batch and self.device.type == "cuda":
-            return None
-        return DEFAULT_BATCH.get(res, 16)
+        return self.cfg.batch_at(res, cuda=self.device.type == "cuda")
 
     def _check_batches(self) -> None:
         for level in range(self.schedule.start_level, self.schedule.final_level + 1):
@@ -396,6 +427,18 @@ class Trainer:
             value = box[0]
         return value
 
+    def _raise_together(self, error: BaseException | None) -> None:
+        """Raise process 0's ``error`` (what it met writing the run's files) on every process. Process
+        0 alone writes them: under torchrun the others went on to the next collective and waited
+        there until the process group's timeout (30 minutes by default), while process 0 had
+        already stopped. Every process calls this at the same point; one process, no collective."""
+        said = self._from_process_0(None if error is None else f"{type(error).__name__}: {error}") \
+            if self.world > 1 else None
+        if error is not None:
+            raise error
+        if said is not None:
+            raise UserError(f"{self.out}: process 0 stopped the run: {said}")
+
     def close(self) -> None:
         """Let go of the run folder without training (train() does so when it ends)."""
         self._unlock()
@@ -428,8 +471,12 @@ class Trainer:
         self.level = self.phase_index = None
         self.history: list[dict] = []
         state, saved_world = None, None
+        self._resumed_path: Path | None = None
         if resume:
             path, nets, state = self._resume_from()
+            self._resumed_path = path
+            if isinstance(state.get("auto_batches"), dict):  # what --auto-batch's probe found: not probed anew
+                self._auto_batches.update({int(k): int(v) for k, v in state["auto_batches"].items()})
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
@@ -568,6 +615,7 @@ class Trainer:
                             "options and archive, or start a new run with another --out")
         # the rows it trained on: runs from before the test split was held out trained on every row
         run_config = (meta.get("extra") or {}).get("train_config") or {}
+        self._check_same_training(path, run_config)
         theirs = bool(run_config.get("include_test", True)) if isinstance(run_config, dict) else True
         if theirs != bool(self.cfg.include_test):
             raise UserError(f"{path}: the run trained on {'every image' if theirs else 'the images outside the test split'}"
@@ -592,6 +640,26 @@ class Trainer:
                         "out every image of a patient in the test split); the run goes on, but not as the exact "
                         "continuation it would be on the same images", path, trained_on["train_images"],
                         self.archive_identity["train_images"])
+
+    def _check_same_training(self, path: Path, run_config) -> None:
+        """The options train as the run did (``FIXED_ON_RESUME``): a resume through the Python API with
+        another schedule, batch or learning rate would go on as another training without a word (the
+        command line refuses such options before this). Settings the run's config did not record yet
+        (an earlier version's) are not compared."""
+        if not isinstance(run_config, dict):
+            return
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        try:
+            theirs = TrainConfig(**{k: v for k, v in run_config.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            log.warning("%s: cannot read the options the run recorded (%s): not compared with these", path, exc)
+            return
+        resolutions = [4 << i for i in range(self.net_config.num_levels)]
+        differ = self.cfg.trains_otherwise(theirs, resolutions, [k for k in FIXED_ON_RESUME if k in run_config])
+        if differ:
+            raise UserError(f"{path}: resuming goes on with the options the run trained with; these train otherwise: "
+                            f"{'; '.join(differ)}. Resume with the run's options (TrainConfig(**saved_options(run)) "
+                            f"keeps them), or start a new run with another out")
 
     def _set_aside_earlier_start(self) -> None:
         """A new run in a folder where an earlier start left a log but no checkpoint (killed before its
@@ -669,8 +737,14 @@ class Trainer:
         self.opt_g, self.opt_d = make_adam(self.G.parameters(), lr), make_adam(self.D.parameters(), lr)
         if state is not None and state.get("phase", phase.index) == phase.index \
                 and int(state["level"]) == phase.level:  # checkpoints before phases were saved: by level
-            self.opt_g.load_state_dict(state["opt_g"])
-            self.opt_d.load_state_dict(state["opt_d"])
+            for name, opt in (("opt_g", self.opt_g), ("opt_d", self.opt_d)):
+                try:
+                    opt.load_state_dict(state[name])
+                except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                    where = self._resumed_path / "state.pt" if self._resumed_path is not None else "the training state"
+                    raise UserError(f"{where}: its optimiser state {name} does not fit the networks' parameters "
+                                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): the "
+                                    f"checkpoint is from another network or damaged") from exc
         self.step = PGGANStep(self.G, self.D, self.G_ema, self.opt_g, self.opt_d,
                               StepConfig(gp_metric=self.cfg.gp_metric, amp_dtype=self.cfg.amp_dtype,
                                          accumulation=self.cfg.accumulation),
@@ -719,14 +793,17 @@ class Trainer:
         state = {"images_seen": self.images_seen, "tick": self.tick, "level": self.level, "phase": self.phase_index,
                  "step_level": level, "step_alpha": alpha,
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                 "auto_batches": dict(self._auto_batches),  # a resume keeps the batches the probe found
                  **ranks_rng[0], "rank_rng": ranks_rng}
         try:
-            save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
-                          extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict(),
-                                 "archive": self.archive_identity})
+            tmp.mkdir(parents=True, exist_ok=True)
             torch.save(state, tmp / "state.pt")
             with open(tmp / "state.pt", "rb") as fh:
                 os.fsync(fh.fileno())
+            # networks.json last: it records both files' digests, which a resume checks
+            save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
+                          extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict(),
+                                 "archive": self.archive_identity}, files=("state.pt",))
         except (OSError, RuntimeError) as exc:  # a full disk: torch says only "file write failed", no file
             if not isinstance(exc, OSError) and "write" not in str(exc):
                 raise
@@ -920,15 +997,25 @@ class Trainer:
                         record["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                     bar.set_postfix(res=record["resolution"], alpha=f"{record['alpha']:.2f}",
                                     d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
+                    failed = None
                     if self.rank == 0:
-                        self._write_tick(record, final=done)
+                        try:
+                            self._write_tick(record, final=done)
+                        except (OSError, UserError) as exc:  # a full disk: the log, a grid, the plot
+                            failed = exc
+                    self._raise_together(failed)
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
                     (better,) = self._agree(self._better(record))  # rank 0 measures
                     if better or done or stopping or self.tick % self.cfg.checkpoint_ticks == 0:
-                        saved = self.save_checkpoint()
-                        if better and saved is not None:
-                            self._mark_best(saved, record)
+                        failed = None
+                        try:
+                            saved = self.save_checkpoint()
+                            if better and saved is not None:
+                                self._mark_best(saved, record)
+                        except (OSError, UserError) as exc:  # process 0's files: a full disk, a read-only folder
+                            failed = exc
+                        self._raise_together(failed)
                     tick_start, tick_images = time.perf_counter(), 0
                     next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
                 if stopping:

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import uuid
 from pathlib import Path
 
@@ -26,19 +27,24 @@ MARKER = ".xrayforge.json"
 log = logging.getLogger(__name__)
 
 
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's contents (read in blocks: any size)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_id(*paths: str | os.PathLike, length: int = 12) -> str:
     """SHA-1 of a file's contents; of several, of their SHA-1s in order (a missing one counts as
     absent): what a result was made from, so that a later run can tell the same files from other
     ones at the same paths."""
     def one(path) -> str:
-        h = hashlib.sha1()
         try:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            return file_digest(path, "sha1")
         except FileNotFoundError:
             return "absent"
-        return h.hexdigest()
     if len(paths) == 1:
         return one(paths[0])[:length]
     return hashlib.sha1(" ".join(one(p) for p in paths).encode()).hexdigest()[:length]
@@ -52,11 +58,23 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
     write removes it, and one a kill left in a command's output folder is removed when the command
     continues there (``remove_stale_temporaries``). An OSError names ``path`` (a full disk's names
     no file, a read-only folder's the temporary). ``fsync``: on disk before the rename (a power
-    loss, not only a kill)."""
+    loss, not only a kill). A ``path`` that is a symbolic link is written through (the file it
+    points to is replaced, the link stays); a file replaced keeps its permission bits."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    tmp = path.with_name(_temporary_name(path.name))
     try:
         write(tmp)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            pass
+        else:  # a new file gets the umask's permissions; one replaced keeps its own (a 0600 key stays 0600)
+            try:
+                os.chmod(tmp, stat.S_IMODE(mode))
+            except OSError:  # a file system without permission bits (some network and FAT mounts)
+                pass
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -70,6 +88,22 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
     return path
 
 
+def _temporary_name(name: str) -> str:
+    """``atomic_write``'s temporary for a file named ``name``: .NAME.<host>-<pid>-<8 hex>.tmp[.suffix].
+    A name too long to carry whole (file names have at most 255 bytes) is shortened to its start,
+    ``~`` and 8 hex of its SHA-1, which ``temporary_of`` then returns."""
+    suffix = Path(name).suffix
+    if len(suffix.encode()) > 32:  # not a format's suffix
+        suffix = ""
+    tail = f".{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}"
+    room = _NAME_MAX - len(tail.encode()) - 1
+    if len(name.encode()) > room:
+        start = name.encode()[:room - 9].decode("utf-8", "ignore")  # whole characters only
+        name = f"{start}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return f".{name}{tail}"
+
+
+_NAME_MAX = 255  # bytes in a file name on Linux's and macOS's file systems
 # the writer's host in its temporaries' names: a pid means something only on its own host (a run
 # folder on a shared file system may have writers on several nodes)
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
@@ -78,7 +112,8 @@ _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>[0
 
 
 def temporary_of(name: str) -> str | None:
-    """The file name an ``atomic_write`` temporary named ``name`` was writing, or None."""
+    """The file name an ``atomic_write`` temporary named ``name`` was writing (a name too long to
+    carry whole: its shortened form, see ``_temporary_name``), or None."""
     m = _TEMPORARY.fullmatch(name)
     return m["name"] if m else None
 
