@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,14 +15,16 @@ import pytest
 from PIL import Image
 
 import xrayforge.data.prepare as prep
+import xrayforge.data.readers as readers
 from xrayforge.cli import main as cli
 from xrayforge.data.archive import Archive, box_pyramid, quantize
 from xrayforge.data.labels import FINDINGS
 from xrayforge.data.phantom import PHANTOM_FINDINGS, label_vector, render
 from xrayforge.data.prepare import NoUsableImages, prepare
+from xrayforge.data.readers import SkipImage
 from xrayforge.errors import UserError
 
-from dicom_factory import write_image, write_rt_plan
+from dicom_factory import write_bare_image, write_image, write_png, write_rt_plan
 
 
 def read_csv(path):
@@ -262,6 +265,7 @@ def test_a_refused_prepare_creates_nothing(tmp_path, monkeypatch, capsys, args):
 DYING_WORKER = """
 import os, signal, sys
 import xrayforge.data.prepare as prep
+import xrayforge.data.readers as readers
 from xrayforge.cli import main
 real = prep._process
 def dying(task):
@@ -316,6 +320,7 @@ def test_a_file_that_crashes_the_decoder_every_time_is_left_out_on_the_rerun(tmp
 HANGING_WORKER = """
 import os, signal, sys, time
 import xrayforge.data.prepare as prep
+import xrayforge.data.readers as readers
 from xrayforge.cli import main
 real = prep._process
 def stuck(task):
@@ -783,3 +788,90 @@ def test_an_unlisted_chestxray14_image_takes_its_patient_from_its_name_and_is_he
     assert res.label_match["unlisted_patients_from_names"] == 0
     rows = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out2" / "manifest.csv")}
     assert rows["00000002_001.png"]["patient_id"] == ""
+
+
+def test_dicom_without_preamble_and_sixteen_bit_colour_png_are_prepared(tmp_path):
+    """A folder as a PACS export leaves it: DICOM data sets written without the PS3.10 header (no
+    suffix, or .dcm) are found and read, a 16-bit colour PNG keeps its low bytes in a 16-bit
+    archive, and a random file and a text file named .dcm are skipped with their reasons."""
+    src = tmp_path / "src"
+    src.mkdir()
+    stored = (np.arange(64, dtype=np.uint16) * 64).reshape(8, 8)
+    write_image(src / "with_header.dcm", stored)
+    write_bare_image(src / "IM0001", stored, implicit=True)
+    write_bare_image(src / "b.dcm", stored, implicit=False)
+    values = (0x1200 + 4 * np.arange(64, dtype=np.uint16)).reshape(8, 8)  # one high byte: one grey at 8 bits
+    write_png(src / "c.png", np.repeat(values[..., None], 3, axis=-1))
+    (src / "noise").write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    (src / "notes.dcm").write_text("not an image\n")
+    res = prepare(str(src), tmp_path / "out", resolution=8, bits=16, workers=1, progress=False)
+    assert (res.included, res.skipped) == (4, 2)
+    arc = Archive(tmp_path / "out")
+    by_name = {Path(r["source"]).name: i for i, r in enumerate(arc.records)}
+    np.testing.assert_array_equal(arc.images([by_name["c.png"]], 8)[0], values)
+    reference = arc.images([by_name["with_header.dcm"]], 8)[0]
+    assert len(np.unique(reference)) == 64
+    for name in ("IM0001", "b.dcm"):
+        np.testing.assert_array_equal(arc.images([by_name[name]], 8)[0], reference)
+    skipped = {Path(r["source"]).name: r["reason"] for r in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert skipped["noise"].startswith("unsupported file type (no suffix): neither DICOM nor")
+    assert skipped["notes.dcm"].startswith("not a DICOM file (no 'DICM' prefix after the 128-byte preamble") and \
+        "no data element of group 0002 or 0008" in skipped["notes.dcm"]
+
+
+def test_every_skip_reason_is_one_line_in_skipped_csv_and_on_the_console(tmp_path, monkeypatch, capsys):
+    """A reason in several lines (pydicom's "no decoder" lists each plugin on a line of its own) was
+    made one line only where prepare wrote a decode failure to skipped.csv: a file that was no image
+    kept its lines, in skipped.csv and in the error that says no image could be used."""
+    real_kind, real_read = prep.reader_kind, prep.read_radiograph
+
+    def kind(path):
+        if Path(path).name == "b.scan":
+            raise SkipImage("cannot read file:\n  permission\tdenied")
+        return real_kind(path)
+
+    def read(path):
+        name = Path(path).name
+        if name == "c.png":
+            raise SkipImage("pixel data could not be decoded:\n  gdcm: missing\n  pylibjpeg: missing\n")
+        if name == "d.png":
+            raise RuntimeError("decoder broke:\nline two")
+        return real_read(path)
+    monkeypatch.setattr(prep, "reader_kind", kind)
+    monkeypatch.setattr(prep, "read_radiograph", read)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "c.png", "d.png"):
+        Image.fromarray(np.full((8, 8), 100, dtype=np.uint8)).save(src / name)
+    (src / "b.scan").write_bytes(b"\x00" * 10)
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert (res.included, res.skipped) == (1, 3)
+    skipped = {Path(r["source"]).name: r["reason"] for r in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert skipped == {"b.scan": "cannot read file: permission denied",
+                       "c.png": "pixel data could not be decoded: gdcm: missing pylibjpeg: missing",
+                       "d.png": "unexpected error while reading (RuntimeError: decoder broke: line two)"}
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "b.scan").write_bytes(b"\x00" * 10)
+    assert cli(["prepare", str(only), str(tmp_path / "out2"), "--resolution", "8", "--workers", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "b.scan (cannot read file: permission denied)" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sixteen_bit_colour_read_at_8_bits_is_counted_once(tmp_path, monkeypatch, caplog):
+    """Where the low bytes of 16-bit colour images cannot be decoded (a Pillow whose raw modes are
+    others), they are read at 8 bits, and prepare says how many, as it does of 12-bit data."""
+    monkeypatch.setattr(readers, "_said_8_bits", False, raising=False)
+    monkeypatch.setattr(readers, "_SIXTEEN_BIT_COLOUR", re.compile("(?!)"), raising=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        write_png(src / name, rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16))
+    write_png(src / "eight.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), bit_depth=8)
+    with caplog.at_level("WARNING", logger="xrayforge.data.prepare"):
+        res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert res.included == 3
+    said = [r.getMessage() for r in caplog.records if r.name == "xrayforge.data.prepare"]
+    assert len(said) == 1 and said[0].startswith("2 image files have 16 bits per sample (colour, or grey + alpha) "
+                                                 "but were read at 8 bits") and "eight.png" not in said[0], said

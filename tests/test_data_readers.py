@@ -1,9 +1,11 @@
+import pickle
+import re
 import warnings
 
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
 from pydicom.uid import JPEG2000Lossless, RLELossless
@@ -11,7 +13,8 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from xrayforge.data import readers
 from xrayforge.data.readers import SkipImage, file_kind, find_images, read_radiograph
 
-from dicom_factory import base_dataset, voi_lut_sequence, write_image, write_rt_plan
+from dicom_factory import (RT_PLAN_STORAGE, base_dataset, voi_lut_sequence, write_bare_image, write_image,
+                           write_png, write_rt_plan, write_tiff)
 
 STORED = np.array([[0, 100, 2000], [4095, 1024, 3000]], dtype=np.uint16)
 
@@ -125,8 +128,19 @@ def test_bad_files_are_skipped_with_a_reason(tmp_path, kind, reason):
     elif kind == "broken_png":
         path = tmp_path / "broken.png"
         path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.raises(SkipImage, match=reason):
+    with pytest.raises(SkipImage, match=reason) as caught:
         read_radiograph(path)
+    assert "\n" not in str(caught.value)  # one line, as skipped.csv and the console list reasons
+
+
+def test_a_skip_reason_is_one_line_wherever_it_is_printed():
+    """pydicom's "no decoder" message lists each plugin on a line of its own; prepare's skipped.csv
+    flattened it, but its console summary, fid's skipped files and the reader study printed the
+    lines as they were. SkipImage itself makes its reason one line, so every caller gets that."""
+    exc = SkipImage("pixel data could not be decoded (Unable to decode:\n  gdcm: not installed\n\tpylibjpeg:  no)\n")
+    assert str(exc) == "pixel data could not be decoded (Unable to decode: gdcm: not installed pylibjpeg: no)"
+    assert str(pickle.loads(pickle.dumps(exc))) == str(exc)  # as it comes back from a worker process
+    assert str(SkipImage()) == ""
 
 
 def test_find_images_walks_recursively(tmp_path):
@@ -308,3 +322,194 @@ def test_pixels_that_are_not_finite_are_skipped_not_made_black(tmp_path, attrs):
         write_image(path, np.arange(16).reshape(4, 4) * 100, **attrs)
     with pytest.raises(SkipImage, match="not finite"):
         read_radiograph(path)
+
+
+# DICOM without the PS3.10 header ------------------------------------------------------------------
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+@pytest.mark.parametrize("name", ["IM0001", "a.dcm"])
+def test_dicom_without_preamble_reads_as_with_it(tmp_path, implicit, name):
+    """Older equipment and some PACS exports write DICOM without the PS3.10 header: no preamble, no
+    "DICM", no File Meta Information (so no Transfer Syntax UID), the data set from its first
+    element on. Such a file, with a suffix or without one, reads as the same data set with the header."""
+    attrs = dict(RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=1000, WindowWidth=2001)
+    write_image(tmp_path / "with_header.dcm", STORED, **attrs)
+    write_bare_image(tmp_path / name, STORED, implicit=implicit, **attrs)
+    data = (tmp_path / name).read_bytes()
+    assert data[:4] == b"\x08\x00\x16\x00" and data[128:132] != b"DICM"  # starts at SOP Class UID
+    assert (data[4:6] == b"UI") is not implicit
+    assert file_kind(tmp_path / name) == "dicom"
+    rad, ref = read_radiograph(tmp_path / name), read_radiograph(tmp_path / "with_header.dcm")
+    np.testing.assert_array_equal(rad.pixels, ref.pixels)
+    assert rad.pixels.std() > 0 and rad.patient_id == "P001" and rad.study_id
+    assert rad.meta["no_preamble"] and "no_preamble" not in ref.meta
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "explicit"])
+def test_file_meta_without_preamble_is_read(tmp_path, implicit):
+    """The File Meta Information written without the preamble: the file starts at group 0002, and
+    its Transfer Syntax UID says how the data set is encoded."""
+    write_bare_image(tmp_path / "IM0002", STORED, implicit=implicit, keep_file_meta=True)
+    assert (tmp_path / "IM0002").read_bytes()[:2] == b"\x02\x00"
+    rad = read_radiograph(tmp_path / "IM0002")
+    np.testing.assert_allclose(rad.pixels, STORED / 4095, atol=1e-7)
+
+
+NOT_DICOM = (r"^not a DICOM file \(no 'DICM' prefix after the 128-byte preamble, which a DICOM file \(PS3.10\) "
+             r"starts with, and its first bytes are no data element of group 0002 or 0008, which a DICOM data set "
+             r"written without the preamble starts with\)$")
+NOT_AN_IMAGE = (r"^not a DICOM image \(no 'DICM' prefix after the 128-byte preamble, which a DICOM file \(PS3.10\) "
+                r"starts with; read as a DICOM data set written without the preamble, it has no ")
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("random.dcm", NOT_DICOM),
+    ("random", r"^unsupported file type \(no suffix\): neither DICOM nor a PNG"),
+    ("notes.dcm", NOT_DICOM),
+    ("element_then_noise.dcm", NOT_AN_IMAGE + r"Pixel Data, Rows, Columns, Bits Allocated, Photometric "
+                                              r"Interpretation\)$"),
+    ("element_then_noise", NOT_AN_IMAGE + "Pixel Data, Rows"),
+    ("rt_plan.dcm", NOT_AN_IMAGE + r"Pixel Data, Rows, Columns, Bits Allocated, Photometric Interpretation: a "
+                                   r"RTPLAN object\)$"),
+])
+def test_a_file_without_preamble_that_is_no_dicom_image_is_still_skipped(tmp_path, name, reason):
+    """pydicom reads anything with force=True: a file without "DICM" is read only when its first
+    bytes are a plausible first element of a data set, and kept only when what is read from it has
+    pixel data and the image attributes; otherwise it is skipped with a reason that says so (and
+    without pydicom's advice to use force=True)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / name
+    if name.startswith("random"):
+        path.write_bytes(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+    elif name == "notes.dcm":
+        path.write_text("Patient notes, not an image\nsecond line\n")
+    elif name.startswith("element_then_noise"):  # SOP Class UID (0008,0016), explicit VR, then noise
+        path.write_bytes(b"\x08\x00\x16\x00UI\x04\x001.2\x00" + rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+    else:
+        ds = base_dataset(RT_PLAN_STORAGE)
+        ds.Modality, ds.RTPlanLabel = "RTPLAN", "PLAN"
+        del ds.file_meta
+        ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    with pytest.raises(SkipImage, match=reason) as caught:
+        read_radiograph(path)
+    assert "force" not in str(caught.value)
+    assert file_kind(path) == ("dicom" if name.startswith(("element", "rt_plan")) else "")
+
+
+@pytest.mark.parametrize("head,expected", [
+    (b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", False),            # Specific Character Set, explicit
+    (b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100", True),        # implicit
+    (b"\x08\x00\x10\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff", False),  # a sequence of undefined length
+    (b"\x08\x00\x05\x00CS\x0b\x00ISO_IR 100", None),             # odd length
+    (b"\x08\x00\x05\x00\x00\x10\x00\x00ISO_IR 100", None),        # longer than the file
+    (b"\x08\x00\x00\x70OB\x01\x00\x00\x00ISO_IR 100", None),      # OB without its reserved zero bytes
+    (b"\x10\x00\x10\x00PN\x04\x00Doe^", None),                   # group 0010 first: not how a data set starts
+    (b"\x08\x00", None),                                           # too short
+])
+def test_bare_dataset_encoding(head, expected):
+    assert readers.bare_dataset_encoding(head, len(head) + 20) is expected
+
+
+# 16-bit colour and grey + alpha: Pillow opens them at 8 bits ---------------------------------------
+def _luminance(samples):
+    samples = np.asarray(samples, dtype=np.float64)
+    return samples[..., 0] if samples.shape[-1] == 2 else samples[..., :3] @ [0.299, 0.587, 0.114]
+
+
+def _sixteen_bit_samples(channels, seed=0):
+    """Random 16-bit samples, and in the first row grey pixels alike in their high bytes (0x12)
+    and differing in their low bytes: at 8 bits they would be one grey."""
+    samples = np.random.default_rng(seed).integers(0, 65536, (9, 10, channels), dtype=np.uint16)
+    samples[0, :, :] = (0x1200 + np.arange(0, 250, 25, dtype=np.uint16))[:, None]
+    return samples
+
+
+def test_the_png_writer_of_the_tests_writes_what_pillow_reads(tmp_path):
+    """write_png (all five row filters, Adam7 interlace) checked against Pillow at 8 bits and at 16
+    bits grey, which Pillow reads whole."""
+    rng = np.random.default_rng(3)
+    for interlace in (False, True):
+        for channels, mode in ((1, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")):
+            samples = rng.integers(0, 256, (13, 11, channels), dtype=np.uint8)
+            path = tmp_path / f"w{channels}{interlace}.png"
+            write_png(path, samples[..., 0] if channels == 1 else samples, bit_depth=8, interlace=interlace)
+            with Image.open(path) as im:
+                assert im.mode == mode
+                np.testing.assert_array_equal(np.asarray(im).reshape(samples.shape), samples)
+        grey = rng.integers(0, 65536, (13, 11), dtype=np.uint16)
+        write_png(tmp_path / "g.png", grey, interlace=interlace)
+        with Image.open(tmp_path / "g.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), grey)
+
+
+@pytest.mark.parametrize("interlace", [False, True], ids=["", "interlaced"])
+@pytest.mark.parametrize("channels", [3, 4, 2], ids=["RGB", "RGBA", "LA"])
+def test_sixteen_bit_colour_png_keeps_its_low_bytes(tmp_path, channels, interlace):
+    """Pillow opens a 16-bit RGB, RGBA or grey + alpha PNG as 8-bit RGB(A), each sample's high byte:
+    the low bytes are decoded too, and the luminance has the whole 16 bits."""
+    samples = _sixteen_bit_samples(channels)
+    write_png(tmp_path / "a.png", samples, interlace=interlace)
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.mode in ("RGB", "RGBA")  # what Pillow makes of it
+    rad = read_radiograph(tmp_path / "a.png")
+    np.testing.assert_allclose(rad.pixels, _luminance(samples) / 65535, rtol=0, atol=1e-7)
+    assert len(np.unique(rad.pixels[0])) == 10  # alike in their high bytes, apart in their low ones
+    grey = samples[..., :1] if channels == 2 else samples[..., :3]
+    assert rad.meta["max"] == grey.max() and "read_at_8_bits" not in rad.meta
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"], ids=["II", "MM"])
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw", "deflate"])
+@pytest.mark.parametrize("channels", [3, 4], ids=["RGB", "RGBA"])
+def test_sixteen_bit_colour_tiff_keeps_its_low_bytes(tmp_path, byte_order, deflate, channels):
+    """The same for TIFF: Pillow's own decoder (uncompressed) and libtiff's (deflated), either byte order."""
+    if deflate and not features.check("libtiff"):
+        pytest.skip("Pillow without libtiff")
+    samples = _sixteen_bit_samples(channels)
+    write_tiff(tmp_path / "a.tif", samples, byte_order, deflate)
+    rad = read_radiograph(tmp_path / "a.tif")
+    np.testing.assert_allclose(rad.pixels, _luminance(samples) / 65535, rtol=0, atol=1e-7)
+    assert "read_at_8_bits" not in rad.meta
+
+
+def test_eight_bit_colour_png_is_read_as_before(tmp_path):
+    samples = np.random.default_rng(1).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    write_png(tmp_path / "a.png", samples, bit_depth=8)
+    expected = np.asarray(Image.fromarray(samples).convert("L"), dtype=np.float64) / 255
+    rad = read_radiograph(tmp_path / "a.png")
+    np.testing.assert_allclose(rad.pixels, expected, atol=1e-7)
+    assert "bits" not in rad.meta and "read_at_8_bits" not in rad.meta
+
+
+@pytest.mark.parametrize("pillow", ["other raw modes", "no such raw mode"])
+def test_sixteen_bit_colour_that_cannot_be_read_whole_is_read_at_8_bits_and_said_once(tmp_path, monkeypatch,
+                                                                                     caplog, pillow):
+    """Where Pillow does not go along (a version whose raw modes are others: the PNG's IHDR still says
+    16 bits; or one that lacks the other byte's raw mode), the image is read at 8 bits as Pillow
+    gives it, which is said once (with the file) and marked in its meta for prepare to count."""
+    monkeypatch.setattr(readers, "_said_8_bits", False, raising=False)
+    if pillow == "other raw modes":
+        monkeypatch.setattr(readers, "_SIXTEEN_BIT_COLOUR", re.compile("(?!)"), raising=False)
+    else:
+        real = readers._with_rawmode
+        monkeypatch.setattr(readers, "_with_rawmode", lambda tile, rawmode: real(tile, "RGB;17Q"))
+    for name, seed in (("a.png", 0), ("b.png", 1)):
+        write_png(tmp_path / name, _sixteen_bit_samples(3, seed))
+    with caplog.at_level("WARNING", logger="xrayforge.data.readers"):
+        rads = [read_radiograph(tmp_path / name) for name in ("a.png", "b.png")]
+    for name, rad in zip(("a.png", "b.png"), rads):
+        with Image.open(tmp_path / name) as im:
+            np.testing.assert_allclose(rad.pixels, np.asarray(im.convert("L"), dtype=np.float64) / 255, atol=1e-7)
+        assert rad.meta["read_at_8_bits"] and "max" not in rad.meta
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'a.png'}: 16 bits per sample (PNG RGB), read at 8 "
+                                                 f"bits"), said
+
+
+def test_sixteen_bit_tiff_with_premultiplied_alpha_is_said_to_be_read_at_8_bits(tmp_path, monkeypatch, caplog):
+    """Pillow unpacks premultiplied 16-bit RGBA to 8 bits in a way that the other byte order cannot
+    undo: the image is read at 8 bits, and that is said."""
+    monkeypatch.setattr(readers, "_said_8_bits", False, raising=False)
+    write_tiff(tmp_path / "a.tif", _sixteen_bit_samples(4), alpha=1)
+    with caplog.at_level("WARNING", logger="xrayforge.data.readers"):
+        rad = read_radiograph(tmp_path / "a.tif")
+    assert rad.meta["read_at_8_bits"] and "a.tif: 16 bits per sample (TIFF RGBA), read at 8 bits" in caplog.text

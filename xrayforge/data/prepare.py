@@ -1,9 +1,10 @@
 """`xrayforge prepare SRC OUT`: radiographs -> the packed multi-resolution archive.
 
-SRC is a folder (walked recursively; PNG, JPEG, DICOM with or without a suffix), a single
-file, or ``phantom:N`` for N images of the built-in chest phantom. Images are made square by
-centre crop (default; ``square="pad"`` pads with black instead, keeping the whole field),
-resized to the target resolution with a box (area) filter, and box-filtered down to 4 px.
+SRC is a folder (walked recursively; PNG, JPEG, TIFF, DICOM with or without a suffix or the
+PS3.10 preamble), a single file, or ``phantom:N`` for N images of the built-in chest phantom.
+Images are made square by centre crop (default; ``square="pad"`` pads with black instead,
+keeping the whole field), resized to the target resolution with a box (area) filter, and
+box-filtered down to 4 px.
 
 Labels: ``labels`` names a ChestX-ray14 ``Data_Entry_2017.csv`` (or NIH's newer
 ``Data_Entry_2017_v2020.csv``; either is found automatically in SRC or its parent); its
@@ -259,12 +260,6 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), filt), dtype=np.float64)
 
 
-def _one_line(reason: str) -> str:
-    """A reason for skipped.csv on one line (pydicom's "no decoder" message lists each plugin on a line
-    of its own)."""
-    return " ".join(reason.split())
-
-
 def _process(task: tuple[int, dict, str]) -> dict:
     i, cand, square = task
     res, dtype = _W["resolution"], _W["dtype"]
@@ -286,15 +281,17 @@ def _process(task: tuple[int, dict, str]) -> dict:
                 meta["twelve_bits"] = True
             if rad.meta.get("for_processing"):
                 meta["for_processing"] = True
+            if rad.meta.get("read_at_8_bits"):
+                meta["read_at_8_bits"] = True
             meta["patient_id"] = cand.get("patient_id") or rad.patient_id
             meta["study_id"] = rad.study_id
-    except SkipImage as exc:
-        return {"i": i, "ok": False, "reason": _one_line(str(exc))}
+    except SkipImage as exc:  # its reason is on one line, as skipped.csv and the console want it
+        return {"i": i, "ok": False, "reason": str(exc)}
     except Exception as exc:  # a decoder bug or a file we did not foresee must not stop the run
         if "seed" in cand:
             raise
-        reason = f"unexpected error while reading ({type(exc).__name__}: {exc})"
-        return {"i": i, "ok": False, "reason": _one_line(reason)}
+        skip = SkipImage(f"unexpected error while reading ({type(exc).__name__}: {exc})")
+        return {"i": i, "ok": False, "reason": str(skip)}
     levels = box_pyramid(np.clip(img, 0.0, 1.0))
     for r, arr in _W["arrays"].items():
         q = quantize(levels[r], dtype)
@@ -534,6 +531,11 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
                     f"raw data, which a vendor's processing turns into the image radiologists read), e.g. "
                     f"{', '.join(raw[:3])}: they are in the archive as stored, and look unlike 'FOR PRESENTATION' "
                     f"radiographs; leave them out of the source if the archive should hold only those")
+    eight = [cand["source"] for i, cand in enumerate(candidates) if done[i].get("read_at_8_bits")]
+    if eight:
+        log.warning(f"{len(eight)} image files have 16 bits per sample (colour, or grey + alpha) but were read at "
+                    f"8 bits (Pillow gave only each sample's high byte), e.g. {', '.join(eight[:3])}; to keep their "
+                    f"precision, convert them to 16-bit greyscale PNG or TIFF first")
     enlarged = [(cand["source"], done[i]["enlarged_from"]) for i, cand in enumerate(candidates)
                 if done[i].get("enlarged_from")]
     if enlarged:

@@ -7,23 +7,36 @@ VOI transform, values are scaled over the range that Bits Stored (or the Modalit
 allows (no per-image contrast stretch). RGB and YCbCr images (which pydicom returns as RGB) are
 converted to luminance. Multi-frame images and objects without pixel data (RT plans,
 structured reports, ...) are skipped with a reason.
-PNG / JPEG (Pillow): 8-bit and 1-bit scaled to [0, 1] by 255, 16-bit by 65535 (never clipped
-to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 16-bit file uses
-only a sixteenth of the range); colour images are converted to luminance; an EXIF orientation
-is applied.
+A DICOM file without the PS3.10 header (the 128-byte preamble, "DICM" and the File Meta
+Information), as older equipment and some PACS exports write it, is read as the bare data set it
+is (implicit or explicit VR little endian) when its first bytes are a plausible element of group
+0002 or 0008 and the data set has pixel data and the image attributes; anything else without
+"DICM" is skipped.
+PNG / JPEG / TIFF (Pillow): 8-bit and 1-bit scaled to [0, 1] by 255, 16-bit by 65535 (never
+clipped to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 16-bit
+file uses only a sixteenth of the range); colour images are converted to luminance; an EXIF
+orientation is applied. Pillow opens 16-bit colour and grey + alpha images at 8 bits (each
+sample's high byte): their low bytes are decoded as well, so that they too keep 16 bits
+(``_sixteen_bit_samples``); where that cannot be done the image is read at 8 bits, said once and
+marked in ``meta["read_at_8_bits"]``.
 
 A file's suffix says how to read it when it is a known one (no file is opened to find out);
-otherwise its content does (DICOM's "DICM", PNG / JPEG / TIFF / BMP signatures), so that DICOM
-files named by their UID (``1.2.840.113619.2.55.3.604688``) or with a vendor's suffix
-(``scan.IMA``) are read.
+otherwise its content does (DICOM's "DICM" or a bare data set's first element, PNG / JPEG / TIFF /
+BMP signatures), so that DICOM files named by their UID (``1.2.840.113619.2.55.3.604688``) or with
+a vendor's suffix (``scan.IMA``) are read.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 PILLOW_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -44,8 +57,31 @@ NOT_IMAGE_SUFFIXES = {
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
+# the Value Representations of PS3.5 table 6.2-1, and those whose explicit-VR element header has 2
+# reserved bytes and a 4-byte length (PS3.5 7.1.2)
+_VRS = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV",
+        "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"}
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# what a data set read without the PS3.10 header must have to be taken for an image
+_IMAGE_ATTRIBUTES = {"Rows": "Rows", "Columns": "Columns", "BitsAllocated": "Bits Allocated",
+                     "PhotometricInterpretation": "Photometric Interpretation"}
+
+# Pillow opens 16-bit RGB(A) and grey + alpha images (PNG, TIFF) as 8-bit RGB(A), its decoder's
+# last step (the "unpacker" the tile's raw mode names) keeping each sample's high byte
+_SIXTEEN_BIT_COLOUR = re.compile(r"(RGB|RGBX|RGBA|LA);16([BLN])")
+_NATIVE = "L" if sys.byteorder == "little" else "B"
+_said_8_bits = False  # the first 16-bit image read at 8 bits is said; prepare counts them all
+
+
 class SkipImage(Exception):
-    """A file that is not (or not only) a single radiograph; the message is the reason."""
+    """A file that is not (or not only) a single radiograph; the message is the reason, on one line
+    (any run of white space, line breaks included, becomes a space): reasons are listed one line per
+    file (prepare's skipped.csv and console, fid's skipped files, the reader study), and some come
+    from libraries in several lines (pydicom's "no decoder" lists each plugin on a line of its own)."""
+
+    def __init__(self, reason: object = ""):
+        super().__init__(" ".join(str(reason).split()))
 
 
 @dataclass
@@ -57,15 +93,50 @@ class Radiograph:
     meta: dict = field(default_factory=dict)
 
 
+def bare_dataset_encoding(head: bytes, size: int) -> bool | None:
+    """Whether a file that starts with ``head`` (its first 12 bytes or more) and is ``size`` bytes
+    long is a DICOM data set written without the PS3.10 header: True for implicit VR little endian,
+    False for explicit VR little endian, None when it is not one. Such a data set starts with its
+    first element: a tag of group 0002 (File Meta Information written without the preamble) or 0008
+    (the first group of an image's data set), then, explicit, a VR of PS3.5 (as pydicom tells the
+    two apart) and a length, or, implicit, a 4-byte length; the length must be even (PS3.5 7.1.1)
+    and fit in the file. No text file passes (its first two bytes are printable), a random one far
+    less than once in a billion, and the data set read from one that passes must still have pixel
+    data and the image attributes (``read_dicom``)."""
+    if len(head) < 12:
+        return None
+    group = int.from_bytes(head[0:2], "little")
+    if group not in (0x0002, 0x0008):
+        return None
+    vr = head[4:6].decode("latin-1")
+    if vr in _VRS:
+        if vr in _LONG_VRS:
+            length, start = int.from_bytes(head[8:12], "little"), 12
+            if head[6:8] != b"\0\0":
+                return None
+        else:
+            length, start = int.from_bytes(head[6:8], "little"), 8
+        implicit = False
+    else:
+        length, start, implicit = int.from_bytes(head[4:8], "little"), 8, True
+    if length == _UNDEFINED_LENGTH:  # a sequence of undefined length
+        return implicit if implicit or vr in ("SQ", "UN") else None
+    return implicit if length % 2 == 0 and start + length <= size else None
+
+
 def file_kind(path: str | os.PathLike) -> str:
-    """'dicom' (the "DICM" prefix after the preamble), 'image' (a PNG, JPEG, TIFF or BMP
-    signature) or '' by the first bytes of the file."""
+    """'dicom' (the "DICM" prefix after the preamble, or a data set written without the PS3.10
+    header: ``bare_dataset_encoding``), 'image' (a PNG, JPEG, TIFF or BMP signature) or '' by the
+    first bytes of the file."""
     with open(path, "rb") as fh:
         head = fh.read(132)
+        size = os.fstat(fh.fileno()).st_size
     if head[128:132] == b"DICM":
         return "dicom"
     bmp = head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in _BMP_DIB_HEADER_SIZES
-    return "image" if bmp or head.startswith(_IMAGE_SIGNATURES) else ""
+    if bmp or head.startswith(_IMAGE_SIGNATURES):
+        return "image"
+    return "dicom" if bare_dataset_encoding(head, size) is not None else ""
 
 
 def reader_kind(path: str | os.PathLike) -> str:
@@ -134,7 +205,46 @@ def _first(value):
     return float(value[0]) if len(value) else None
 
 
+_NO_PREFIX = "no 'DICM' prefix after the 128-byte preamble, which a DICOM file (PS3.10) starts with"
+
+
+def _read_bare_dataset(path: str | os.PathLike):
+    """A DICOM file without the "DICM" prefix, read as a data set written without the PS3.10 header
+    when its first bytes are one (``bare_dataset_encoding``) and what pydicom reads from it (with
+    ``force=True``, which reads anything) has pixel data and the image attributes; SkipImage
+    otherwise. Without File Meta Information there is no Transfer Syntax UID, which pydicom needs to
+    decode the pixels: it is set to the encoding found (implicit or explicit VR little endian)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        with open(path, "rb") as fh:
+            head, size = fh.read(12), os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise SkipImage(f"cannot read file ({exc})") from exc
+    implicit = bare_dataset_encoding(head, size)
+    if implicit is None:
+        raise SkipImage(f"not a DICOM file ({_NO_PREFIX}, and its first bytes are no data element of group 0002 "
+                        f"or 0008, which a DICOM data set written without the preamble starts with)")
+    how = "read as a DICOM data set written without the preamble"
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        raise SkipImage(f"not a DICOM file ({_NO_PREFIX}; {how}: {type(exc).__name__}: {exc})") from exc
+    pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    missing = [name for k, name in _IMAGE_ATTRIBUTES.items() if ds.get(k) in (None, "")]
+    if not pixels or missing:
+        what = ", ".join((["Pixel Data"] if not pixels else []) + missing)
+        kind = str(ds.get("Modality", "") or "").strip()
+        raise SkipImage(f"not a DICOM image ({_NO_PREFIX}; {how}, it has no {what}" +
+                        (f": a {kind} object" if kind else "") + ")")
+    if "TransferSyntaxUID" not in ds.file_meta:  # a data set with File Meta Information keeps its own
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
 def read_dicom(path: str | os.PathLike) -> Radiograph:
+    """A DICOM file (with or without the PS3.10 header); see the module docstring."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut
@@ -142,11 +252,14 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:  # pydicom's message ends in advice for its callers ("Use force=True ...")
-        why = "no 'DICM' prefix after the 128-byte preamble, which a DICOM file (PS3.10) starts with" \
-            if "DICM" in str(exc) else str(exc)
-        raise SkipImage(f"not a DICOM file ({why})") from exc
+        if "DICM" not in str(exc):
+            raise SkipImage(f"not a DICOM file ({exc})") from exc
+        ds = None
     except Exception as exc:  # truncated or corrupt header
         raise SkipImage(f"unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    bare = ds is None
+    if bare:
+        ds = _read_bare_dataset(path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop_class = getattr(ds, "SOPClassUID", None) or getattr(getattr(ds, "file_meta", None),
                                                                  "MediaStorageSOPClassUID", None)
@@ -207,21 +320,88 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     if photometric == "MONOCHROME1":
         x = 1.0 - x
     meta = {"photometric": photometric, "voi": how, "bits_stored": int(ds.BitsStored)}
+    if bare:
+        meta["no_preamble"] = True  # no preamble and "DICM": read as a bare data set
     if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
         meta["for_processing"] = True  # raw detector data, meant for a vendor's processing, not for display
     return Radiograph(x.astype(np.float32), str(path), str(getattr(ds, "PatientID", "")),
                       str(getattr(ds, "StudyInstanceUID", "")), meta)
 
 
+def _tile_rawmode(tile) -> str | None:
+    """The raw mode a Pillow tile is unpacked with: its args (PNG's "zip" decoder) or their first
+    item (TIFF's "raw" and "libtiff")."""
+    args = tile[3]
+    first = args[0] if isinstance(args, tuple) and args else args
+    return first if isinstance(first, str) else None
+
+
+def _with_rawmode(tile, rawmode: str):
+    """The tile, unpacked with ``rawmode`` instead (a named tuple since Pillow 11, a tuple before)."""
+    args = tile[3]
+    args = (rawmode, *args[1:]) if isinstance(args, tuple) else rawmode
+    return tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args)
+
+
+def _png_sixteen_bit_colour(path: str | os.PathLike) -> bool:
+    """Whether a PNG's IHDR says 16 bits per sample of colour (colour type 2), grey + alpha (4) or
+    colour + alpha (6): what Pillow reads at 8 bits."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    return head.startswith(_IMAGE_SIGNATURES[0]) and head[12:16] == b"IHDR" and head[24] == 16 and \
+        head[25] in (2, 4, 6)
+
+
+def _sixteen_bit_samples(path: str | os.PathLike, high, tiles: list, rawmode: str) -> np.ndarray | None:
+    """The 16-bit samples, (H, W, 3) for colour, (H, W, 1) for grey (alpha left out), of an image
+    that Pillow opened at 8 bits: ``high`` (loaded and EXIF-transposed) holds each sample's high
+    byte, as the unpacker of ``rawmode`` ("RGB;16B", ...; N is the machine's byte order, libtiff's)
+    takes it. The file is decoded a second time, its ``tiles`` unpacked with the raw mode of the
+    other byte order, which takes the low bytes (the decoding before the unpacker, PNG's filters
+    or TIFF's predictor, is on whole bytes or samples, and the same); grey + alpha, for which
+    Pillow has no such raw mode, with "RGBA", which keeps the 4 bytes of a pixel as they are. None
+    where Pillow does not go along (a raw mode it lacks, other tiles, high bytes that differ)."""
+    from PIL import Image, ImageOps
+
+    kind, order = _SIXTEEN_BIT_COLOUR.fullmatch(rawmode).groups()
+    order = _NATIVE if order == "N" else order
+    other = "RGBA" if kind == "LA" else f"{kind};16{'L' if order == 'B' else 'B'}"
+    try:
+        with Image.open(path) as im:
+            if im.mode != high.mode or [tuple(t[:3]) for t in im.tile] != [tuple(t[:3]) for t in tiles]:
+                return None
+            im.tile = [_with_rawmode(t, other) for t in im.tile]
+            im.load()
+            low = np.asarray(ImageOps.exif_transpose(im))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    hi = np.asarray(high)
+    if low.shape != hi.shape:
+        return None
+    if kind == "LA":  # the 4 bytes: grey's two, then alpha's two, in the file's order
+        big, little = (low[..., 0], low[..., 1]) if order == "B" else (low[..., 1], low[..., 0])
+        if not np.array_equal(big, hi[..., 0]):
+            return None
+        return ((big.astype(np.uint16) << 8) | little)[..., None]
+    return (hi[..., :3].astype(np.uint16) << 8) | low[..., :3]
+
+
 def read_pillow(path: str | os.PathLike) -> Radiograph:
+    """A PNG, JPEG, TIFF or BMP file; see the module docstring."""
+    global _said_8_bits
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            tiles, fmt = list(im.tile), im.format  # load() empties the tiles
             im.load()
             mode = im.mode
             meta = {"mode": mode}
             im = ImageOps.exif_transpose(im)  # a photographed film: the camera's rotation is in EXIF
+            rawmodes = {_tile_rawmode(t) for t in tiles}
+            sixteen = next(iter(rawmodes)) if len(rawmodes) == 1 and mode in ("RGB", "RGBA") else None
+            sixteen = sixteen if sixteen and _SIXTEEN_BIT_COLOUR.fullmatch(sixteen) else None
+            samples = _sixteen_bit_samples(path, im, tiles, sixteen) if sixteen else None
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im).astype(np.float64)
                 if arr.min() < 0 or arr.max() > 65535:
@@ -230,7 +410,21 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
                 x = arr / 65535.0
             elif mode == "F":
                 raise SkipImage("floating-point image files are not supported")
+            elif samples is not None:  # 16-bit colour or grey + alpha, read whole
+                meta["bits"], meta["max"] = 16, int(samples.max())
+                gray = samples[..., 0] if samples.shape[-1] == 1 else samples @ np.array([0.299, 0.587, 0.114])
+                x = gray / 65535.0
             else:
+                # 16-bit samples that Pillow unpacks to 8 bits and that were not read whole (premultiplied
+                # alpha, CMYK, ...), or a PNG whose IHDR says 16 bits where Pillow's raw mode does not
+                if any(r and ";16" in r for r in rawmodes) or \
+                        (fmt == "PNG" and mode in ("RGB", "RGBA") and _png_sixteen_bit_colour(path)):
+                    meta["read_at_8_bits"] = True  # prepare counts them
+                    if not _said_8_bits:
+                        _said_8_bits = True
+                        log.warning(f"{path}: 16 bits per sample ({fmt} {mode}), read at 8 bits: Pillow keeps "
+                                    f"only each sample's high byte, and the low bytes could not be decoded; "
+                                    f"further such files are not said one by one")
                 if mode != "L":
                     im = im.convert("L")  # colour, palette, and 1-bit (0/1 -> 0/255)
                 x = np.asarray(im, dtype=np.float64) / 255.0
