@@ -12,6 +12,7 @@ from xrayforge.data.phantom import render
 from xrayforge.data.prepare import prepare
 from xrayforge.evaluate.memorisation import _halves, _patients, chance_sentence, screen
 from xrayforge.evaluate.metrics import fisher_greater
+from xrayforge.fid.compute import FeatureExtractor
 from xrayforge.utils.neighbours import pixel_vectors
 
 
@@ -132,10 +133,20 @@ def test_fisher_greater_against_scipy():
     assert fisher_greater(0, 5, 0, 5) == 1.0 and fisher_greater(5, 5, 0, 5) == pytest.approx(1 / 252)
 
 
-def _follow_ups(rng, patients, d=6):
-    """Two scans per patient: one point each, 0.05 apart per coordinate (a follow-up), and the patient ids."""
-    base = np.repeat(rng.standard_normal((patients, d)), 2, 0)
-    return torch.from_numpy(base + 0.05 * rng.standard_normal(base.shape)), np.repeat(np.arange(patients), 2)
+def _follow_ups(rng, patients, d=6, apart=0.05, scans=2):
+    """``scans`` scans per patient: one point each, ``apart`` per coordinate from the patient's point
+    (follow-ups), and the patient ids."""
+    base = np.repeat(rng.standard_normal((patients, d)), scans, 0)
+    return (torch.from_numpy(base + apart * rng.standard_normal(base.shape)),
+            np.repeat(np.arange(patients), scans))
+
+
+def _near_copies(rng, real, copies, new, off):
+    """``copies`` training images ``off`` per coordinate away, then ``new`` images drawn as new patients are."""
+    rows = rng.choice(len(real), copies, replace=False)
+    d = real.shape[1]
+    return torch.cat([real[rows] + off * torch.from_numpy(rng.standard_normal((copies, d))),
+                      torch.from_numpy(rng.standard_normal((new, d)))])
 
 
 def test_control_halves_keep_each_patient_together():
@@ -150,21 +161,26 @@ def test_control_halves_keep_each_patient_together():
 
 
 def test_screen_by_patient_finds_near_copies_that_follow_up_scans_hide():
-    """Reals: 300 patients with two close scans each. Halves by image put half the controls beside their
-    own follow-up in the reference, so they are flagged as often as near-copies of training patients are,
-    and the test misses a generator that nearly copies 10 of its 100 images; halves by patient make the
-    controls new patients, as the synthetic images are, and find it. Still calibrated under the null."""
+    """Reals: 500 patients with two scans each, 0.005 apart per coordinate; a generator that reproduces 20
+    of its 200 images from training images, 0.03 per coordinate off (further than a rescan, far nearer
+    than another patient). Halves by image (patients unknown) take the threshold from each image's
+    nearest other image, its follow-up, which the copies do not come as close as: missed. With the
+    patients known, the threshold is each image's nearest other patient and the controls are new
+    patients, as the synthetic images are: found. Copies nearer than a rescan (scans 0.05 apart,
+    copies 0.02 off) are found too. Still calibrated under the null."""
     rng = np.random.default_rng(0)
-    by_image, by_patient, null = [], [], []
+    by_image, by_patient, nearer, null = [], [], [], []
     for t in range(10):
-        real, pid = _follow_ups(rng, 300)
-        rows = rng.choice(len(real), 10, replace=False)
-        synth = torch.cat([real[rows] + 0.02 * torch.from_numpy(rng.standard_normal((10, 6))),
-                           torch.from_numpy(rng.standard_normal((90, 6)))])
+        real, pid = _follow_ups(rng, 500, apart=0.005)
+        synth = _near_copies(rng, real, 20, 180, 0.03)
         by_image.append(screen([synth], [real], seed=t)["p_value"])
         by_patient.append(screen([synth], [real], seed=t, groups=pid)["p_value"])
-        null.append(screen([torch.from_numpy(rng.standard_normal((100, 6)))], [real], seed=t, groups=pid)["p_value"])
-    assert np.mean(np.array(by_patient) < 0.01) >= 0.8 and np.mean(np.array(by_image) < 0.01) <= 0.2  # 9/10, 0/10
+        null.append(screen([torch.from_numpy(rng.standard_normal((200, 6)))], [real], seed=t, groups=pid)["p_value"])
+        real, pid = _follow_ups(rng, 500, apart=0.05)
+        nearer.append(screen([_near_copies(rng, real, 20, 180, 0.02)], [real], seed=t, groups=pid)["p_value"])
+    assert np.mean(np.array(by_patient) < 0.05) >= 0.8 and np.median(by_patient) < 0.01  # 9/10, median 0.005
+    assert np.mean(np.array(by_image) < 0.05) == 0  # every p = 1: no copy under a rescan's distance
+    assert np.mean(np.array(nearer) < 0.05) >= 0.8
     assert np.mean(np.array(null) < 0.05) <= 0.1
 
 
@@ -191,17 +207,148 @@ def test_audit_takes_patients_from_an_archive_and_not_from_a_folder(tmp_path):
 def test_expected_by_chance_weighs_uneven_halves_as_the_synthetic_flags_are():
     """Patient halves can differ in size: the expected synthetic flags are the average over the two
     passes of (controls flagged / controls) × synthetic images, as synthetic_flagged_half averages
-    the synthetic flags; real_flagged / all reals weighed the larger half more."""
+    the synthetic flags; real_flagged / all reals weighed the larger half more. A control is one
+    image of each patient of the other half, and the reference half's threshold comes from its
+    images' nearest images of another patient (each patient's scans here are one point twice or
+    three times, so that which scan is the control does not matter, and the nearest other scan
+    would be at 0)."""
     rng = np.random.default_rng(3)
-    real = torch.from_numpy(rng.standard_normal((40, 5)))
-    groups = [f"g{k // 3}" for k in range(39)] + ["solo"]  # patients of 3 scans and one of 1: no 20 / 20 split
+    sizes = [1, 2, 3, 2, 3, 1, 2, 3, 3, 2, 1, 3, 2, 3, 2, 1]
+    groups = np.repeat([f"g{k}" for k in range(len(sizes))], sizes)
+    real = torch.from_numpy(np.repeat(rng.standard_normal((len(sizes), 5)), sizes, 0))
     synth = torch.from_numpy(rng.standard_normal((30, 5)))
     out = screen([synth], [real], percentile=20.0, seed=1, groups=groups)
-    from xrayforge.evaluate.memorisation import _halves
-    a, b = _halves(40, groups, 1)
-    assert len(a) != len(b) and out["real_flagged"] is not None
-    rates = []
+    a, b = _halves(len(real), groups, 1)
+    patients = [len(set(groups[h])) for h in (a, b)]
+    assert patients[0] != patients[1] and out["real_flagged"] is not None
+    assert out["controls"] == len(sizes) and out["threshold_excludes"] == "same patient"
+    rates, synth_flags = [], []
     for ref, ctrl in ((a, b), (b, a)):
-        both = screen([torch.cat([synth, real[ctrl]])], [real[ref]], percentile=20.0)["flagged"]
-        rates.append(float(both[30:].sum()) / len(ctrl))
+        nn = torch.cdist(real[ref], real[ref])
+        nn[torch.from_numpy(groups[ref][:, None] == groups[ref][None, :])] = float("inf")
+        thr = np.percentile(nn.min(1).values.numpy(), 20.0)
+        one_each = np.unique(groups[ctrl], return_index=True)[1]
+        ctrl_d = torch.cdist(real[ctrl][one_each], real[ref]).min(1).values.numpy()
+        rates.append(float((ctrl_d < thr).sum()) / len(one_each))
+        synth_flags.append(int((torch.cdist(synth, real[ref]).min(1).values.numpy() < thr).sum()))
     assert out["expected_by_chance"] == pytest.approx(np.mean(rates) * 30)
+    assert out["synthetic_flagged_half"] == pytest.approx(np.mean(synth_flags))
+
+
+def test_threshold_is_the_nearest_other_patient_not_a_rescan():
+    """An archive-like set: 80 patients, each with a near-duplicate rescan. Each real image's nearest
+    other image is its rescan, so the threshold from it is near 0 and a synthetic image 0.05 from a
+    training image (far closer than any new patient comes) passes; with the patients known the
+    threshold is the percentile of each image's distance to its nearest image of another patient,
+    as the masked distance matrix says, and the near-copies are flagged."""
+    rng = np.random.default_rng(5)
+    base = np.repeat(rng.standard_normal((80, 6)), 2, 0)
+    real = torch.from_numpy(base + 1e-3 * rng.standard_normal(base.shape))
+    pid = np.repeat([f"patient{k}" for k in range(80)], 2)
+    near = real[::16] + 0.02 * torch.from_numpy(rng.standard_normal((10, 6)))  # 10 near-copies, about 0.05 away
+    synth = torch.cat([near, torch.from_numpy(rng.standard_normal((30, 6)))])
+    full = torch.cdist(real, real)
+    rescan = full.clone().fill_diagonal_(float("inf")).min(1).values.numpy()
+    full[torch.from_numpy(pid[:, None] == pid[None, :])] = float("inf")
+    other = full.min(1).values.numpy()
+    for q in (1.0, 10.0):
+        got = screen([synth], [real], q, groups=pid)
+        assert got["threshold_excludes"] == "same patient"
+        np.testing.assert_allclose(got["real_nn"][0].numpy(), other, rtol=1e-6)
+        assert got["threshold"][0] == pytest.approx(np.percentile(other, q), rel=1e-6)
+        assert got["threshold"][0] > 0.2 and got["flagged"][:10].all()
+        old = screen([synth], [real], q)  # without patient ids: the nearest other image, the rescan
+        assert old["threshold_excludes"] == "self" and old["threshold"][0] == pytest.approx(np.percentile(rescan, q))
+        assert old["threshold"][0] < 0.01 and not old["flagged"][:10].any()
+    with pytest.raises(ValueError, match="one patient"):
+        screen([synth], [real], groups=["p"] * len(real))
+
+
+class _PixelFeatures(FeatureExtractor):
+    """The extractor's image reading, with 8×8 grey levels for features (no network to build)."""
+    space_name = "pixels-8"
+
+    def __init__(self):  # what image_batches uses
+        self.device, self.batch_size, self.workers, self.progress = torch.device("cpu"), 8, 0, False
+
+    def describe_space(self):
+        return "8×8 grey levels (a test's)"
+
+    def features(self, images):
+        images = torch.stack(images) if isinstance(images, list) else images
+        return pixel_vectors(images.float() / 255.0, 8)
+
+
+def test_audit_threshold_and_medians_skip_the_same_patients_rescans(tmp_path):
+    """An archive of 8 patients with 2 scans each, the second the first with a few grey levels
+    changed: the real-to-real distances of the threshold, the medians and the controls are by
+    patient, and the summary says so; the same images as a folder (patients unknown) keep the
+    nearest other image, the rescan."""
+    folder, synth = tmp_path / "scans", tmp_path / "synth"
+    folder.mkdir()
+    synth.mkdir()
+    rng = np.random.default_rng(0)
+    for p in range(8):
+        img = (render(16, p)[0] * 255).round().astype(np.uint8)
+        rescan = img.copy()
+        rescan[rng.integers(0, 16, 3), rng.integers(0, 16, 3)] ^= 1
+        Image.fromarray(img).save(folder / f"{2 * p:03d}.png")
+        Image.fromarray(rescan).save(folder / f"{2 * p + 1:03d}.png")
+    for seed in range(100, 104):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(synth / f"new_{seed}.png")
+    (tmp_path / "labels.csv").write_text("Image Index,Finding Labels,Patient ID\n" + "".join(
+        f"{k:03d}.png,No Finding,{k // 2}\n" for k in range(16)))
+    prepare(str(folder), tmp_path / "arc", resolution=16, labels=str(tmp_path / "labels.csv"), workers=1,
+            progress=False)
+    from xrayforge.evaluate.memorisation import audit
+    by_patient = audit(str(synth), str(tmp_path / "arc"), tmp_path / "a", _PixelFeatures(), percentile=10.0,
+                       progress=False)
+    by_image = audit(str(synth), str(folder), tmp_path / "b", _PixelFeatures(), percentile=10.0, progress=False)
+    assert by_patient["threshold_excludes"] == "same patient" and by_patient["halves_by"] == "patient"
+    assert by_image["threshold_excludes"] == "self" and by_image["halves_by"] == "image"
+    assert by_image["threshold_pixels"] < 0.05 and by_image["median_real_to_real_pixels"] < 0.05  # the rescans
+    assert by_patient["threshold_pixels"] > 10 * by_image["threshold_pixels"] + 0.5
+    assert by_patient["median_real_to_real_pixels"] > 10 * by_image["median_real_to_real_pixels"] + 0.5
+    assert by_patient["controls"] == 8 and by_image["controls"] == 16  # one image of each patient
+    saved = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert saved["threshold_excludes"] == "same patient" and saved["controls"] == 8
+    assert "one image of each patient" in chance_sentence(saved)
+
+
+def test_halves_by_patient_stay_calibrated_and_find_copies_farther_than_a_rescan():
+    """Reals: patients with two near scans each (0.005 per coordinate), or four. A generator that
+    copies nothing (synthetic images drawn as new patients are) is flagged more than the controls
+    (p < 0.05) in at most 5% of seeded trials, with the reference halves' thresholds from the
+    nearest other patient and one image of each control patient: counting every scan (a patient's
+    scans are flagged together) made it 5% with two scans (8% over 2,000 trials) and about 20% with
+    four. One that reproduces 10% of its images from training images, 0.03 per coordinate off
+    (further than a rescan, much nearer than another patient), is found: thresholds at rescan
+    distances missed every copy (p = 1)."""
+    rng = np.random.default_rng(11)
+    for scans, patients, trials in ((2, 100, 60), (4, 50, 40)):
+        null = []
+        for t in range(trials):
+            real, pid = _follow_ups(rng, patients, apart=0.005, scans=scans)
+            out = screen([torch.from_numpy(rng.standard_normal((200, 6)))], [real], 5.0, seed=t, groups=pid)
+            assert out["controls"] == patients
+            null.append(out["p_value"])
+        assert np.mean(np.array(null) < 0.05) <= 0.05, scans
+    copies = []
+    for t in range(20):
+        real, pid = _follow_ups(rng, 500, apart=0.005)
+        copies.append(screen([_near_copies(rng, real, 20, 180, 0.03)], [real], seed=t, groups=pid)["p_value"])
+    assert np.mean(np.array(copies) < 0.05) >= 0.8 and np.median(copies) < 0.01
+
+
+def test_the_reports_sentence_follows_the_thresholds_rule(tmp_path):
+    """The report said 'their nearest other real image' also where the threshold came from another patient's."""
+    import json
+    from xrayforge.evaluate.report import _section
+    base = {"evaluation": "memorisation", "flagged": 1, "synthetic": 10, "flagged_fraction": 0.1, "percentile": 1.0,
+            "inception": "random", "p_value": None, "median_synthetic_to_real_inception": 1.0,
+            "median_real_to_real_inception": 1.0, "median_synthetic_to_real_pixels": 1.0,
+            "median_real_to_real_pixels": 1.0}
+    for excludes, said in (("same patient", "their nearest real image of another patient"),
+                           ("self", "their nearest other real image"), (None, "their nearest other real image")):
+        (tmp_path / "summary.json").write_text(json.dumps({**base, "threshold_excludes": excludes}))
+        assert said in "\n".join(_section("memorisation", tmp_path))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -54,3 +55,57 @@ def test_realism_medians_of_an_even_count_are_the_middle_of_the_two():
     r = realism(fake, real)
     assert r["fake_to_real"] == pytest.approx(2.0) and r["real_to_real"] == pytest.approx(10.0)
     assert r["realism"] == pytest.approx(0.2) and r["diversity"] == pytest.approx(0.2)
+
+
+def _brute_other_group(x, groups):
+    """Each row's nearest row of another group, with the whole float64 distance matrix (numpy)."""
+    x = x.double().numpy()
+    d = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0))
+    d[np.asarray(groups)[:, None] == np.asarray(groups)[None, :]] = np.inf
+    return d.min(1), d.argmin(1)
+
+
+def test_nearest_other_group_equals_brute_force_with_the_group_mask():
+    """Uneven groups (1 to 23 rows, one spanning several chunks), both contiguous and interleaved,
+    chunks of 5 queries × 7 references whose boundaries fall inside groups: each row's neighbour
+    is the nearest row of another group, as the whole masked distance matrix says."""
+    from xrayforge.utils.neighbours import nearest_other_group
+    rng = np.random.default_rng(0)
+    sizes = [1, 23, 2, 7, 1, 3, 11, 4, 1, 9]
+    contiguous = np.repeat(np.arange(len(sizes)), sizes)
+    for groups in (contiguous, rng.permutation(contiguous), np.array([f"p{g}" for g in contiguous])):
+        x = torch.from_numpy(rng.standard_normal((len(groups), 5))).float()
+        want_d, want_i = _brute_other_group(x, groups)
+        for chunks in ((5, 7), (7, 5), (1, 3), (2048, 16384)):
+            d, i = nearest_other_group(x, groups, *chunks)
+            assert d.dtype == torch.float32 and i.dtype == torch.int64
+            np.testing.assert_allclose(d.numpy(), want_d, rtol=1e-6)
+            assert (i.numpy() == want_i).all() and (np.asarray(groups)[i.numpy()] != np.asarray(groups)).all()
+        d, i = nearest_neighbours(x, x, groups=list(groups))  # the same through nearest_neighbours
+        np.testing.assert_allclose(d.numpy(), want_d, rtol=1e-6)
+        assert (i.numpy() == want_i).all()
+
+
+def test_nearest_other_group_skips_close_group_mates_and_one_group_is_an_error():
+    from xrayforge.utils.neighbours import nearest_other_group
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base + 1e-4 * torch.randn(30, 8, generator=g, dtype=torch.float64)])  # a rescan each
+    pid = list(range(30)) * 2
+    d_self = nearest_neighbours(x, x, exclude_self=True)[0]
+    d_other, i_other = nearest_neighbours(x, x, groups=pid)
+    assert d_self.max() < 1e-3 and d_other.min() > 0.1  # the rescan is the nearest other row, never another group's
+    want_d, want_i = _brute_other_group(x, pid)
+    np.testing.assert_allclose(d_other.numpy(), want_d, rtol=1e-6)
+    assert (i_other.numpy() == want_i).all()
+    # one row a group: the same as excluding each row itself
+    d1, i1 = nearest_neighbours(base, base, groups=range(30))
+    d0, i0 = nearest_neighbours(base, base, exclude_self=True)
+    torch.testing.assert_close(d1, d0)
+    assert torch.equal(i1, i0)
+    with pytest.raises(ValueError, match="one group"):
+        nearest_other_group(x, ["p"] * 60)
+    with pytest.raises(ValueError, match="group ids"):
+        nearest_other_group(x, pid[:-1])
+    with pytest.raises(ValueError, match="same set"):
+        nearest_neighbours(x[:5], x, groups=pid)

@@ -416,8 +416,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
         audit(str(samples / "unconditional"), str(archive), evals / "memorisation", extractor,
               real_limit=p["audit_real"], progress=progress)
     mem = read_json(evals / "memorisation" / "summary.json")
-    keep = ("flagged", "synthetic", "real", "real_flagged", "synthetic_flagged_half", "expected_by_chance", "p_value",
-            "more_than_chance")
+    keep = ("flagged", "synthetic", "real", "controls", "real_flagged", "synthetic_flagged_half", "expected_by_chance",
+            "p_value", "more_than_chance", "threshold_excludes")
     results["memorisation"] = {k: mem[k] for k in keep if k in mem}
     lap("evaluations")
     report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))

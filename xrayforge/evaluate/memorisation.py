@@ -2,21 +2,31 @@
 its training patients?
 
 For every synthetic image, its nearest real training image in Inception feature space and in
-pixel space (32×32 grey levels); for reference, every real image's nearest other real image.
-A synthetic image closer to a real one than the ``percentile``-th percentile of the
-real-to-real nearest-neighbour distances, in either space, is flagged. Distances are computed
-in chunks on the accelerator, so the full distance matrix never exists (100k × 100k is fine).
+pixel space (32×32 grey levels); for reference, every real image's nearest real image of another
+patient where the patients are known (an archive whose patients have several images: a
+synthetic image is a new patient to the training set, and how close a patient's own follow-up
+scan comes says nothing about how close a new patient comes; with rescans in the reference the
+threshold would be a rescan's distance, and copies a little less close than that would pass),
+else (a folder, or an archive of one image a patient) its nearest other real image. A synthetic
+image closer to a real one than the ``percentile``-th percentile of those real-to-real
+nearest-neighbour distances, in either space, is flagged; ``threshold_excludes`` in the summary
+says which rule ("same patient" or "self"), which also holds for the real-to-real medians and
+distances.png. Distances are computed in chunks on the accelerator, so the full distance matrix
+never exists (100k × 100k is fine; ``utils.neighbours.nearest_other_group`` for the patients).
 
 A flag is a screen, not a verdict: a generator that copies nothing but samples the data's
-distribution still has images under the thresholds, as new real images would. So the real
-images are also the control group (``screen``): with half of them as the reference, the other
-half and the synthetic images go through the same rule, each half in turn (halves by patient for
-an archive, so that a control is a new patient as a synthetic image is; by image for a folder). The summary gives
-the reals flagged that way (``real_flagged``), the synthetic images flagged that way
-(``synthetic_flagged_half``, on average), the synthetic flags expected at the reals' rate
-(``expected_by_chance``) and an exact one-sided Fisher test of the two rates (``p_value``);
-``more_than_chance`` is p < 0.01. Copies show up as more flags than the reals
-get, at pixel or feature distances far below the real-to-real ones (``closest_pairs.png``).
+distribution still has images under the thresholds, as new real images would (about
+``percentile`` % of them). So the real images are also the control group (``screen``): with half
+of them as the reference, the other half and the synthetic images go through the same rule,
+each half in turn. Halves by patient for an archive, so that a control is a new patient as a
+synthetic image is (the reference half's threshold, as the whole set's, from its images' nearest
+images of another patient), and one image of each control patient counts (a patient's scans are
+flagged together, not independently as the test assumes); by image for a folder. The summary
+gives the controls (``controls``) and those flagged (``real_flagged``), the synthetic images
+flagged that way (``synthetic_flagged_half``, on average), the synthetic flags expected at the
+controls' rate (``expected_by_chance``) and an exact one-sided Fisher test of the two rates
+(``p_value``); ``more_than_chance`` is p < 0.01. Copies show up as more flags than the reals get,
+at pixel or feature distances far below the real-to-real ones (``closest_pairs.png``).
 
 Writes memorisation.csv (one row per synthetic image), summary.json, distances.png (the two
 distributions) and closest_pairs.png (the closest synthetic / real pairs side by side).
@@ -31,9 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..fid.preprocess import max_value
 from .metrics import fisher_greater
-from ..utils.neighbours import nearest_neighbours, pixel_vectors
+from ..utils.neighbours import group_codes, nearest_neighbours, pixel_vectors
 from ..utils.files import claim_output, write_csv, write_text_atomic
 
 
@@ -73,14 +84,16 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
     return names, torch.cat(feats), torch.cat(pix), torch.cat(thumbs)
 
 
-def _flags(queries: list[torch.Tensor], refs: list[torch.Tensor], percentile: float):
+def _flags(queries: list[torch.Tensor], refs: list[torch.Tensor], percentile: float, groups=None):
     """Per space the queries' nearest-reference (distance, index), the references' distance to
-    their nearest other reference, and its ``percentile`` (the threshold); and the flags: under
-    the threshold in any space."""
+    their nearest other reference (of another group: ``groups``, the references' patient ids,
+    None: any other), and its ``percentile`` (the threshold); and the flags: under the threshold
+    in any space."""
     out, flagged = [], torch.zeros(len(queries[0]), dtype=torch.bool)
     for q, r in zip(queries, refs):
         d, i = nearest_neighbours(q, r)
-        nn = nearest_neighbours(r, r, exclude_self=True)[0]
+        nn = (nearest_neighbours(r, r, exclude_self=True) if groups is None
+              else nearest_neighbours(r, r, groups=groups))[0]
         thr = float(np.percentile(nn.numpy(), percentile))
         flagged |= d < thr
         out.append((d, i, nn, thr))
@@ -89,17 +102,18 @@ def _flags(queries: list[torch.Tensor], refs: list[torch.Tensor], percentile: fl
 
 def _halves(n: int, groups, seed: int):
     """Two halves of n real images (seeded), whole groups (patients) on one side: each half holds
-    at least 2 images; None where the groups allow no such split."""
+    at least 2 images, and with groups at least 2 groups (each reference image then has an image
+    of another patient in its half); None where the groups allow no such split."""
     rng = np.random.default_rng(seed)
     if groups is None:
         perm = rng.permutation(n)
         return perm[:n // 2], perm[n // 2:]
-    keys = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    keys = group_codes(groups)
     order = rng.permutation(keys.max() + 1)
     place = np.empty_like(order)
     place[order] = np.arange(len(order))
     images = np.argsort(place[keys], kind="stable")  # the groups in shuffled order, each group's images together
-    cuts = np.cumsum(np.bincount(keys)[order])[:-1]  # the group boundaries in ``images``
+    cuts = np.cumsum(np.bincount(keys)[order])[1:-2]  # the group boundaries in ``images``, 2+ groups a side
     cuts = cuts[(cuts >= 2) & (cuts <= n - 2)]
     if not len(cuts):
         return None
@@ -110,45 +124,76 @@ def _halves(n: int, groups, seed: int):
 def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: float = 1.0, seed: int = 0,
            groups=None) -> dict:
     """The audit's statistics in any number of spaces (one (M, D) synthetic and one (N, D) real
-    tensor per space; the reals on the device to compute on).
+    tensor per space; the reals on the device to compute on). ``groups``: the reals' patient ids,
+    or None where they are unknown (each image its own patient).
 
     The flags: a synthetic image under the ``percentile`` of the real-to-real nearest-neighbour
     distances in any space, against all N reals (``distance``, ``index``, ``real_nn``,
-    ``threshold`` per space). The test: the reals are split in two halves (seeded); with one half
-    as the reference, the other half's images and the synthetic ones go through the same rule
-    against it. Given the reference, a real control image and a synthetic image that copies
-    nothing are flagged with the same probability, independently, so the one-sided Fisher exact
-    test of the two counts is exact; each half is the reference once (copies of either half are
-    seen) and the smaller p, doubled, is the ``p_value``. ``real_flagged``: the controls flagged,
-    each real image once; ``synthetic_flagged_half``: the synthetic images flagged against a
-    half, on average over the two; ``expected_by_chance``: as many at each pass's control rate,
-    averaged alike. ``groups`` (the reals' patient ids): a patient's images stay in one
-    half, so that a control is a new patient to the reference, as a synthetic image is (a control
-    whose follow-up scan is in the reference would be flagged more often than a new patient, and
-    hide copies). None of the test's fields for fewer than 4 reals (or groups that cannot be split
-    into halves of at least 2 images)."""
-    per_space, flagged = _flags(synthetic, real, percentile)
+    ``threshold`` per space). A real image's neighbour there is its nearest real image of another
+    patient (``threshold_excludes``: "same patient"), or without groups its nearest other real
+    image ("self"): a synthetic image is a new patient to the reals, and a patient's own rescan,
+    much closer than any other patient, would make the threshold "as close as a rescan".
+    ValueError where all reals are one patient.
+
+    The test: the reals are split in two halves (seeded), a patient's images in one half, so that
+    a control is a new patient to the reference, as a synthetic image is (a control whose
+    follow-up scan is in the reference would be flagged more often than a new patient, and hide
+    copies); with one half as the reference (its threshold from its own images by the same rule),
+    the other half's images and the synthetic ones go through the same rule against it. Of each
+    control patient one image (seeded) counts: a patient's scans are flagged together, and
+    counting each would make the controls' count vary more than the test assumes (p < 0.05 in
+    8% of null trials at the 5th percentile where patients have two near scans, 20% with four).
+    Given the reference, a control and a synthetic image that copies nothing are flagged with the
+    same probability, independently, so the one-sided Fisher exact test of the two counts is
+    exact; each half is
+    the reference once (copies of either half are seen) and the smaller p, doubled, is the
+    ``p_value``. ``controls``: the control images counted, each real patient once;
+    ``real_flagged``: those flagged; ``synthetic_flagged_half``: the synthetic images flagged
+    against a half, on average over the two; ``expected_by_chance``: as many at each pass's
+    control rate, averaged alike. None of the test's fields for fewer than 4 reals (or groups that
+    cannot be split into halves of at least 2 images and 2 patients)."""
+    n, m = len(real[0]), len(synthetic[0])
+    ids = groups
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"screen: {len(groups)} group ids for {n} real images")
+        groups = group_codes(groups)
+        if n and groups.max() == 0:
+            raise ValueError(f"screen: all {n} real images are of one patient: no real image has a real image of "
+                             f"another patient to set the threshold")
+    per_space, flagged = _flags(synthetic, real, percentile, groups)
     out = {"distance": [t[0] for t in per_space], "index": [t[1] for t in per_space],
            "real_nn": [t[2] for t in per_space], "threshold": [t[3] for t in per_space], "flagged": flagged,
-           "real_flagged": None, "synthetic_flagged_half": None, "expected_by_chance": None, "p_value": None}
-    n, m = len(real[0]), len(synthetic[0])
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"screen: {len(groups)} group ids for {n} real images")
-    split = _halves(n, groups, seed) if n >= 4 else None
+           "threshold_excludes": "self" if groups is None else "same patient",
+           "real_flagged": None, "controls": None, "synthetic_flagged_half": None, "expected_by_chance": None,
+           "p_value": None}
+    split = _halves(n, ids, seed) if n >= 4 else None  # from the ids as given: the same seeded split as before
     if split is None:
         return out
-    halves = tuple(torch.from_numpy(h).to(real[0].device) for h in split)
-    controls, synth, chance, p_values = 0, 0, 0.0, []
-    for ref, ctrl in (halves, halves[::-1]):  # one pass per reference: its threshold serves both groups
+    dev, pick = real[0].device, np.random.default_rng((seed, 1))
+    controls, synth, chance, p_values, n_controls = 0, 0, 0.0, [], 0
+    for ref_np, ctrl_np in (split, split[::-1]):  # one pass per reference: its threshold serves both groups
+        if groups is not None:  # one image of each control patient: flags of a patient's scans go together
+            ctrl_np = _one_each(ctrl_np, groups, pick)
+        ref, ctrl = torch.from_numpy(ref_np).to(dev), torch.from_numpy(ctrl_np).to(dev)
+        n_controls += len(ctrl)
         both = _flags([torch.cat([s.to(r.device), r[ctrl]]) for s, r in zip(synthetic, real)],
-                      [r[ref] for r in real], percentile)[1]
+                      [r[ref] for r in real], percentile, None if groups is None else groups[ref_np])[1]
         s_flags, c_flags = both[:m], both[m:]
         controls, synth = controls + int(c_flags.sum()), synth + int(s_flags.sum())
         chance += float(c_flags.sum()) / len(ctrl) * m / 2  # at this pass's control rate, as synth is averaged
         p_values.append(fisher_greater(int(s_flags.sum()), m, int(c_flags.sum()), len(ctrl)))
-    out.update(real_flagged=controls, synthetic_flagged_half=synth / 2, expected_by_chance=chance,
-               p_value=min(1.0, 2 * min(p_values)))
+    out.update(real_flagged=controls, controls=n_controls, synthetic_flagged_half=synth / 2,
+               expected_by_chance=chance, p_value=min(1.0, 2 * min(p_values)))
     return out
+
+
+def _one_each(rows: np.ndarray, groups: np.ndarray, rng) -> np.ndarray:
+    """One of ``rows`` (indices into ``groups``) of each group among them, drawn with ``rng``, in
+    the order of ``rows``."""
+    shuffled = rng.permutation(len(rows))
+    first = np.unique(groups[rows[shuffled]], return_index=True)[1]
+    return rows[np.sort(shuffled[first])]
 
 
 def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
@@ -160,6 +205,9 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference")
     dev = extractor.device
     groups = _patients(real, r_names)
+    if groups is not None and len(set(groups)) < 2:
+        raise UserError(f"{real}: all {len(r_names)} real images are of one patient: the real-to-real reference "
+                        f"needs images of at least 2 patients")
     sc = screen([s_feat, s_pix], [r_feat.to(dev), r_pix.to(dev)], percentile, groups=groups)
     (d_f, d_p), (i_f, i_p), (nn_f, nn_p), (thr_f, thr_p) = sc["distance"], sc["index"], sc["real_nn"], sc["threshold"]
     flagged, real_flagged, p_value = sc["flagged"], sc["real_flagged"], sc["p_value"]
@@ -171,11 +219,13 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     summary = {
         "evaluation": "memorisation", "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
-        "flagged_fraction": float(flagged.float().mean()), "real_flagged": real_flagged,
-        "synthetic_flagged_half": half,
+        "flagged_fraction": float(flagged.float().mean()), "controls": sc["controls"],
+        "real_flagged": real_flagged, "synthetic_flagged_half": half,
         "expected_by_chance": sc["expected_by_chance"],  # the synthetic flags (per half, on average) at the controls' rate
         "p_value": p_value, "more_than_chance": None if p_value is None else p_value < 0.01,
         "halves_by": "image" if groups is None else "patient",
+        # the real-to-real nearest neighbour of the threshold and the medians: another patient's, or any other image
+        "threshold_excludes": sc["threshold_excludes"],
         # numpy's median: torch's is the lower middle value of an even count
         "median_synthetic_to_real_inception": float(np.median(d_f.numpy())),
         "median_real_to_real_inception": float(np.median(nn_f.numpy())),
@@ -183,7 +233,8 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "median_real_to_real_pixels": float(np.median(nn_p.numpy())),
         "inception": extractor.describe_space(), "features": extractor.space_name}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png")
+    _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png",
+                        "real → nearest other real" if groups is None else "real → nearest real of another patient")
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
     return summary
@@ -207,23 +258,25 @@ def chance_sentence(summary: dict) -> str:
     """The flags against the real images' own rate, in a sentence ('' for a summary without it)."""
     if summary.get("p_value") is None:
         return ""
+    per_patient = "; one image of each patient" if summary.get("halves_by") == "patient" else ""
     verdict = ("more than chance gives: look at the closest pairs" if summary["more_than_chance"]
                else "no more than chance gives")
     return (f"Against half of the real images as reference (each half in turn), "
             f"{summary['synthetic_flagged_half']:.1f} synthetic images are flagged on average, where the other "
-            f"half's real images ({summary['real_flagged']} of {summary['real']} flagged) give "
+            f"half's real images ({summary['real_flagged']} of {summary.get('controls') or summary['real']} "
+            f"flagged{per_patient}) give "
             f"{summary['expected_by_chance']:.1f} for a generator that copies nothing: Fisher p = "
             f"{summary['p_value']:.2g}, {verdict}.")
 
 
-def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path):
+def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path, real_label="real → nearest other real"):
     from ..utils.plots import _pyplot, save_figure
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, a, b, thr, title in ((axes[0], d_f, rr_f, thr_f, "Inception features"),
                                  (axes[1], d_p, rr_p, thr_p, "pixels (32×32)")):
         bins = np.linspace(0, float(max(a.max(), b.max())) * 1.05 + 1e-9, 40)
-        ax.hist(b.numpy(), bins=bins, alpha=0.6, density=True, label="real → nearest other real")
+        ax.hist(b.numpy(), bins=bins, alpha=0.6, density=True, label=real_label)
         ax.hist(a.numpy(), bins=bins, alpha=0.6, density=True, label="synthetic → nearest real")
         ax.axvline(thr, color="red", lw=1, label="flag threshold")
         ax.set_title(title)

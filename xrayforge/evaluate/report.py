@@ -109,8 +109,9 @@ def _section(kind: str, folder: Path) -> list[str]:
         from .memorisation import chance_sentence
         return ["## Memorisation audit",
                 f"{s['flagged']} of {s['synthetic']} synthetic images ({number(100 * s['flagged_fraction'], 2)}%) are closer "
-                f"to a real training image than {s['percentile']}% of real images are to their nearest other real "
-                f"image (Inception: {s['inception']}). {chance_sentence(s)}", "",
+                f"to a real training image than {s['percentile']}% of real images are to their nearest "
+                f"{'real image of another patient' if s.get('threshold_excludes') == 'same patient' else 'other real image'}"
+                f" (Inception: {s['inception']}). {chance_sentence(s)}", "",
                 "| distance to the nearest real image (median) | synthetic | real-to-real |", "|---|---|---|",
                 f"| Inception features | {number(s['median_synthetic_to_real_inception'], None)} | "
                 f"{number(s['median_real_to_real_inception'], None)} |",

@@ -8,6 +8,10 @@ diversity ratio is the same for the samples among themselves (below 1: the sampl
 alike than real images are, e.g. a collapsed mode). Distances are Euclidean on grey levels in
 [0, 1] at ``PIXEL_SIZE`` px (smaller images are enlarged by pixel replication, so that any two
 sets compare).
+
+``nearest_neighbours(x, x, groups=ids)`` is each row's nearest row of another group (another
+patient: a patient's own follow-up scans are not the reference for how close a new patient
+comes), in chunks, as the search without groups.
 """
 from __future__ import annotations
 
@@ -19,13 +23,68 @@ PIXEL_SIZE = 32
 
 
 def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, exclude_self: bool = False,
-                       backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       backend: str | None = None, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance to, and index of, each query's nearest reference (``ops.knn`` with
     k = 1 on the references' device: the distance matrix never exists), as float32 / int64 on
-    the CPU. ``exclude_self``: queries and refs are the same set; a row's own index is skipped."""
+    the CPU. ``exclude_self``: queries and refs are the same set; a row's own index is skipped.
+
+    ``groups`` (one id per row, e.g. each image's patient): queries and refs are the same set, and
+    a row's neighbour is the nearest row of another group, so its own row and its group's other
+    rows (a patient's follow-up scans) are skipped (``nearest_other_group``; ``backend`` is
+    ``ops.knn``'s, for the search without groups). ValueError where all rows are one group."""
+    if groups is not None:
+        if len(queries) != len(refs):
+            raise ValueError(f"nearest_neighbours: groups need the same set twice, got {len(queries)} and "
+                             f"{len(refs)} rows")
+        return nearest_other_group(refs, groups)
     from ..ops.knn import knn
     d, i = knn(queries.to(refs.device), refs, 1, exclude_self=exclude_self, backend=backend)
     return d[:, 0].float().cpu(), i[:, 0].cpu()
+
+
+def group_codes(groups) -> np.ndarray:
+    """Group ids (any hashable values, compared as strings) -> int64 codes 0 .. G-1."""
+    return np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def nearest_other_group(x: torch.Tensor, groups, chunk_q: int = 2048,
+                        chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's Euclidean distance to, and index of, its nearest row of another group (float32 /
+    int64 on the CPU). Chunked torch on ``x``'s device, as ``ops.knn``'s reference (float64
+    ``|q|² + |r|² - 2 q·r`` on chunk_q × chunk_r blocks, a block's same-group entries +inf, its
+    minimum merged into a running one): the N × N matrix never exists (100k × 100k 2048-d
+    features: one pass of float64 matmuls, as the ungrouped reference). A NaN distance is never a
+    neighbour, as in ``ops.knn``. ValueError where a row has no row of another group (all rows are
+    one group)."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"nearest_other_group: expected (N, D) floating-point features, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    n = len(x)
+    if len(groups) != n:
+        raise ValueError(f"nearest_other_group: {len(groups)} group ids for {n} rows")
+    codes = group_codes(groups)
+    if n == 0 or codes.max() == 0:
+        raise ValueError(f"nearest_other_group: all {n} rows are of one group, so none has a neighbour in "
+                         f"another group")
+    dev = x.device
+    g = torch.from_numpy(codes).to(dev)
+    sq = x.double().square().sum(1)
+    best_d = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
+    best_i = torch.zeros(n, dtype=torch.long, device=dev)
+    for rs in range(0, n, chunk_r):  # each reference block converted once; queries stream past it
+        r = x[rs:rs + chunk_r].double()
+        r_sq, r_g = sq[rs:rs + chunk_r][None, :], g[rs:rs + chunk_r][None, :]
+        for qs in range(0, n, chunk_q):
+            q = x[qs:qs + chunk_q].double()
+            d2 = (sq[qs:qs + chunk_q, None] + r_sq - 2 * q @ r.T).clamp_min_(0)
+            d2.masked_fill_((g[qs:qs + chunk_q, None] == r_g) | d2.isnan(), float("inf"))
+            m, j = d2.min(1)
+            bd = best_d[qs:qs + chunk_q]
+            better = m < bd  # a tie keeps the earlier block's (lower) index
+            best_d[qs:qs + chunk_q] = torch.where(better, m, bd)
+            best_i[qs:qs + chunk_q] = torch.where(better, j + rs, best_i[qs:qs + chunk_q])
+            del d2
+    return best_d.sqrt().float().cpu(), best_i.cpu()
 
 
 def pixel_vectors(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
