@@ -380,35 +380,49 @@ def test_screened_lco_archive_rows_regenerate_from_their_latent_index(models, tm
 def test_an_lco_shard_takes_the_first_accepted_attempts_and_counts_the_rejections_before_them(models, tmp_path):
     """Attempts finish out of order in the writer's pool (accepted ones early); the shard must still
     be its target's first n accepted attempts, in attempt order, with the rejected attempts among
-    those before the last of them counted: here checked attempt by attempt, each run alone."""
+    those before the last of them counted: here checked attempt by attempt, each run alone. The
+    target and step count are the first of a few whose attempts include rejections (how hard a
+    target is depends on how the test's small models trained, which the thread count changes)."""
     from xrayforge.sample.writer import _lco_seed
     run, clf = models
-    n, steps = 6, 12
-    summary = sample_archive(SampleConfig(str(run), str(tmp_path / "a"), n=n, classifier=str(clf),
-                                          targets=["Cardiomegaly=1,Effusion=1"], steps=steps, lr=0.1, starts=1,
-                                          batch=4), progress=False)
+    n = 6
     G = load_networks(find_generator(run), names=["G_ema"])["G_ema"].eval().requires_grad_(False)
     C = load_classifier(clf).requires_grad_(False)
-    values, mask, thr = target_tensors(parse_target("Cardiomegaly=1,Effusion=1", C.findings), C.findings, C.threshold)
     seed = _lco_seed(0, 0, 0, 1)
     written = lambda im: stored_probabilities(C, im, 8)  # noqa: E731 - the writer accepts an image met as written
-    accepted, rejected, a = [], 0, 0
-    while len(accepted) < n:
-        res = optimise(G, C, latents_for(seed, [a], G.config.latent_dim), values[None], mask[None], thr[None],
-                       steps=steps, lr=0.1, written=written)
-        ok = bool(res.accepted[0])
-        if ok:  # met as written, checked here as the files hold it: clamped, 8-bit
-            u = (((res.images.float() + 1) / 2).clamp(0, 1) * 255).round()
-            with torch.no_grad():
-                assert bool(satisfied(torch.sigmoid(C(u / 255 * 2 - 1)), values[None], mask[None], thr[None])[0])
-            accepted.append(a)
-        else:
-            rejected += 1
-        a += 1
-    assert rejected > 0, "pick a harder target: every attempt succeeded"
+
+    def attempts(target: str, steps: int):
+        """(accepted attempt indices, rejected before the last of them), or None past 40 attempts."""
+        values, mask, thr = target_tensors(parse_target(target, C.findings), C.findings, C.threshold)
+        accepted, rejected, a = [], 0, 0
+        while len(accepted) < n:
+            if a == 40:
+                return None
+            res = optimise(G, C, latents_for(seed, [a], G.config.latent_dim), values[None], mask[None], thr[None],
+                           steps=steps, lr=0.1, written=written)
+            if bool(res.accepted[0]):  # met as written, checked here as the files hold it: clamped, 8-bit
+                u = (((res.images.float() + 1) / 2).clamp(0, 1) * 255).round()
+                with torch.no_grad():
+                    assert bool(satisfied(torch.sigmoid(C(u / 255 * 2 - 1)), values[None], mask[None], thr[None])[0])
+                accepted.append(a)
+            else:
+                rejected += 1
+            a += 1
+        return accepted, rejected
+    for target, steps in (("Cardiomegaly=1,Effusion=1", 12), ("Cardiomegaly=1,Effusion=1", 4),
+                          ("Cardiomegaly=1,Effusion=1", 2), ("Cardiomegaly=1,Effusion=1", 1),
+                          ("Cardiomegaly=0,Effusion=1", 2), ("Cardiomegaly=1,Effusion=0", 2)):
+        found = attempts(target, steps)
+        if found is not None and found[1] > 0:
+            break
+    else:
+        pytest.fail("no candidate target had both accepted and rejected attempts: the test's models did not train")
+    accepted, rejected = found
+    summary = sample_archive(SampleConfig(str(run), str(tmp_path / "a"), n=n, classifier=str(clf), targets=[target],
+                                          steps=steps, lr=0.1, starts=1, batch=4), progress=False)
     rows = read_manifest(tmp_path / "a")
     assert [int(r["latent_index"]) for r in rows] == accepted
-    t = summary["targets"]["Cardiomegaly=1,Effusion=1"]
+    t = summary["targets"][target]
     assert t["rejected"] == rejected and t["accepted"] == n
 
 
