@@ -33,7 +33,7 @@ def test_copied_training_images_are_flagged(tmp_path):
     with open(tmp_path / "audit" / "memorisation.csv", newline="") as fh:
         rows = {r["synthetic"].split("/")[-1]: r for r in csv.DictReader(fh)}
     for row, name in copies.items():
-        assert rows[name]["flagged"] == "1" and float(rows[name]["pixel_distance"]) < 1e-6
+        assert rows[name]["flagged"] == "1" and float(rows[name]["pixel_distance"]) == 0  # a copy: exactly 0 apart
         assert rows[name]["nearest_real_pixels"] == arc.records[row]["source"]
     # the copies are the two closest pairs by far; new patients sit at real-to-real distances
     by_pixels = sorted(rows, key=lambda k: float(rows[k]["pixel_distance"]))

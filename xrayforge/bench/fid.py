@@ -251,13 +251,13 @@ def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3,
              variants=(("torch", None), ("triton", "ieee"), ("triton", "tf32x3")), check: int = 2000,
              prdc_backend: str | None = "triton") -> list[dict]:
     """The k-nearest-neighbour radii of n × dim features (k-th neighbour, itself excluded: what
-    precision / recall use) with each backend of ``ops.knn`` (the Triton kernel at each tl.dot
-    precision), one timed call each, TFLOP/s of the distance products, and the agreement with
+    precision / recall use) with each backend's search of ``ops.knn`` (the Triton kernel at each
+    tl.dot precision; without the op's exact recompute, which is the same for both), one timed call each, TFLOP/s of the distance products, and the agreement with
     the torch reference on the first ``check`` rows; then a whole precision / recall / density /
     coverage of n real against n generated features."""
     from ..fid.prdc import prdc
     from ..ops.knn import _triton as knn_triton
-    from ..ops.knn import knn as knn_op
+    from ..ops.knn import reference as knn_reference
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, dim, device=dev, generator=g)
     flops = 2.0 * n * n * dim
@@ -267,9 +267,10 @@ def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3,
                "variant": f"ops.knn backend {backend}" + (f" ({precision})" if precision else "")}
 
         def radii(a, backend=backend, precision=precision):
+            # the searches alone, alike (ops.knn adds the same exact recompute of the candidates to both)
             if backend == "triton":
                 return knn_triton(a, a, k, True, precision=precision)
-            return knn_op(a, a, k, exclude_self=True, backend=backend)
+            return knn_reference(a, a, k, exclude_self=True)
         try:
             radii(x[:256])  # compile outside the timing
             _sync(dev)

@@ -6,8 +6,22 @@ reference rows (ascending) and their indices. ``exclude_self=True`` says queries
 the same set: a row is not its own neighbour (the radius of the k-nearest-neighbour ball that
 precision / recall / density / coverage use).
 
-- ``reference``: chunked torch in float64 (``|q|² + |r|² - 2 q·r`` on chunks of queries and
-  references, merged with ``topk``). It is the specification and the CPU path.
+Two steps. The search (a backend) picks candidates by the expansion ``|q|² + |r|² - 2 q·r``,
+fast (a matmul) but not exact: its rounding is relative to ``|q|² + |r|²``, not to the distance,
+so it loses the near neighbours (identical 32 × 32 images came out up to 1e-6 apart in float64,
+identical rows of values near 100 several units apart in the fp32 kernel). Then :func:`knn`, whatever
+the backend, recomputes each candidate's distance exactly, ``||q - r[i]||`` from the inputs as
+given (the difference, its squares and their sum in float64: identical rows are exactly 0 apart),
+and sorts the candidates by it (equal distances by index). The search asks for ``EXTRA_CANDIDATES``
+more than k (at most ``MAX_K``, at most the references there are), so that candidates the
+expansion misordered still come back in their exact order: the k returned are the exact k
+nearest unless more than ``EXTRA_CANDIDATES`` other references lie within the expansion's
+rounding of the k-th distance (where the selection is the expansion's, the distances reported
+are still exact). The recompute is O(N·(k + extra)·D) against the search's O(N·M·D), done a
+chunk of queries at a time.
+
+- ``reference``: the torch search: chunked float64 expansion on chunks of queries and
+  references, merged with ``topk``; the CPU path.
 - Triton: one program per block of queries streams blocks of references; for each it computes
   the block of squared distances (``tl.dot`` with fp32 accumulation for fp32 / bf16 / fp16
   inputs, fp32 products as IEEE FMA or three TF32 products (``KNN_PRECISION``); exact squared
@@ -15,9 +29,12 @@ precision / recall / density / coverage use).
   smallest into a running top-k held in registers (replace the current worst while a smaller
   one exists). The k results are sorted on the host.
 
-Ties: two references at exactly the same distance may come back in either order (and at the
-k-th place either one); the distances returned are the same. The fp32 path's squared distances
-carry a relative error of about 1e-6 of ``|q|² + |r|²``, so references closer than that can swap.
+``reference`` and ``_triton`` are the searches alone (the expansion's distances); :func:`knn`
+is the op. Ties: references at exactly the same distance come back by index among the
+candidates; which of them the search keeps at the edge of its candidates is the backend's.
+The fp32 search's squared distances carry a relative error of about 1e-6 of ``|q|² + |r|²``,
+float64's about 1e-16: references whose distances differ by less than that may be selected out
+of order (see above).
 
 Not differentiable: a search, whose indices have no gradient and whose distances the metrics
 only read. Every backend returns tensors without autograd history, also for inputs that require
@@ -47,6 +64,12 @@ MAX_K = 16  # each of the k merge passes is unrolled in the kernel
 # the float64 torch reference 1.29 s; the same neighbours as the reference on 2,000 checked rows,
 # distances within 8e-8 (tf32x3) and 1.4e-7 (ieee) relative.
 KNN_PRECISION = "tf32x3"
+# candidates the search finds beyond the k asked for, re-ranked by their exact distances (see the
+# module docstring): the reference's topk and the kernel's merge cost little more for them
+EXTRA_CANDIDATES = 4
+# elements of the (queries, candidates, D) block of gathered references the exact recompute holds
+# at a time (float64: 32 MiB, plus the gathered rows in the input dtype)
+EXACT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool) -> None:
@@ -75,8 +98,9 @@ def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool
 @torch.no_grad()  # a search: no graph, no history (see the module docstring)
 def reference(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool = False,
               chunk_q: int = 2048, chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances (N, k) ascending (float64) and indices (N, k) (int64), on the references' device;
-    without autograd history."""
+    """The torch search: distances (N, k) ascending (float64, from the expansion: :func:`knn`
+    recomputes them exactly) and indices (N, k) (int64), on the references' device; without
+    autograd history."""
     _check(queries, refs, k, exclude_self)
     dev = refs.device
     ref_sq = refs.double().square().sum(1)
@@ -199,17 +223,49 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     return dist.sqrt(), out_i.long().gather(1, order)
 
 
+# --------------------------------------------------------------------------- exact distances
+def _exact(queries: torch.Tensor, refs: torch.Tensor, dist: torch.Tensor, index: torch.Tensor,
+           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of each query's candidates (``index`` (N, c), c >= k, from a search whose
+    distances ``dist`` came from the expansion), by their exact distances ``||q - r[i]||``:
+    float64 differences of the inputs as given, summed in float64, a chunk of queries at a
+    time. Ascending, equal distances by index. A candidate the search did not find (an infinite
+    distance: a NaN distance, or a slot no reference filled) stays infinite."""
+    dev = refs.device
+    n, c = index.shape
+    exact = torch.empty(n, c, dtype=torch.float64, device=dev)
+    rows = max(1, EXACT_CHUNK_ELEMENTS // max(1, c * refs.shape[1]))
+    for s in range(0, n, rows):
+        diff = refs[index[s:s + rows]].to(torch.float64)  # (rows, c, D), a copy: changed in place
+        diff.sub_(queries[s:s + rows].to(device=dev, dtype=torch.float64)[:, None, :])
+        exact[s:s + rows] = diff.square_().sum(2).sqrt_()
+        del diff
+    exact = torch.where(torch.isfinite(dist) & ~exact.isnan(), exact, float("inf"))
+    index, by_index = index.sort(1)  # equal distances: by index
+    exact, order = exact.gather(1, by_index).sort(dim=1, stable=True)
+    return exact[:, :k].contiguous(), index.gather(1, order)[:, :k].contiguous()
+
+
 # --------------------------------------------------------------------------- public
 def knn(queries: torch.Tensor, refs: torch.Tensor, k: int = 1, exclude_self: bool = False,
         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(distances (N, k) float64 ascending, indices (N, k) int64) of each query's k nearest references.
+
+    The backend's search selects k + ``EXTRA_CANDIDATES`` candidates by the expansion
+    ``|q|² + |r|² - 2 q·r``; their distances are then recomputed exactly from the differences
+    (float64, from the inputs as given: identical rows are 0 apart, near-copies to float64
+    rounding) and the k nearest by those returned, equal distances by index (see the module
+    docstring for when the selection can still be the expansion's).
 
     Not differentiable: the results carry no autograd history whatever the inputs' requires_grad,
     on every backend, and no graph is built for them."""
     _check(queries, refs, k, exclude_self)
     k = int(k)  # a NumPy integer too
     impl = _backend.resolve("knn", refs, backend)
+    wide = min(k + EXTRA_CANDIDATES, MAX_K, len(refs) - (1 if exclude_self else 0))
     with torch.no_grad():
         if impl == "triton":
-            return _triton(queries.to(refs.device), refs, k, exclude_self)
-        return reference(queries, refs, k, exclude_self)
+            dist, index = _triton(queries.to(refs.device), refs, wide, exclude_self)
+        else:
+            dist, index = reference(queries, refs, wide, exclude_self)
+        return _exact(queries, refs, dist, index, k)

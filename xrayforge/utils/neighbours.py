@@ -53,7 +53,8 @@ def nearest_other_group(x: torch.Tensor, groups, chunk_q: int = 2048,
     int64 on the CPU). Chunked torch on ``x``'s device, as ``ops.knn``'s reference (float64
     ``|q|² + |r|² - 2 q·r`` on chunk_q × chunk_r blocks, a block's same-group entries +inf, its
     minimum merged into a running one): the N × N matrix never exists (100k × 100k 2048-d
-    features: one pass of float64 matmuls, as the ungrouped reference). A NaN distance is never a
+    features: one pass of float64 matmuls, as the ungrouped reference); the distance to the row
+found is then recomputed exactly, as ``ops.knn`` does. A NaN distance is never a
     neighbour, as in ``ops.knn``. ValueError where a row has no row of another group (all rows are
     one group)."""
     if x.dim() != 2 or not x.is_floating_point():
@@ -84,7 +85,11 @@ def nearest_other_group(x: torch.Tensor, groups, chunk_q: int = 2048,
             best_d[qs:qs + chunk_q] = torch.where(better, m, bd)
             best_i[qs:qs + chunk_q] = torch.where(better, j + rs, best_i[qs:qs + chunk_q])
             del d2
-    return best_d.sqrt().float().cpu(), best_i.cpu()
+    # the distance to the neighbour found, exactly (ops.knn's recompute: the expansion's rounding
+    # is relative to |q|² + |r|², so an identical image of another patient would not be 0 apart)
+    from ..ops.knn import _exact
+    d, i = _exact(x, x, best_d.sqrt()[:, None], best_i[:, None], 1)
+    return d[:, 0].float().cpu(), i[:, 0].cpu()
 
 
 def pixel_vectors(images: torch.Tensor, size: int = PIXEL_SIZE) -> torch.Tensor:
