@@ -3,6 +3,7 @@ finding and against sample count, disease diversity, and the report."""
 import csv
 import json
 import math
+import shutil
 from itertools import product
 
 import numpy as np
@@ -323,6 +324,120 @@ def test_diversity_cli_errors(phantoms, generator_and_classifier, tmp_path, caps
         cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(phantoms / "real"),
              "--n", "0", "--out", str(tmp_path / "d"), "-q"])
     assert "--n: 0 must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(phantoms):
+    """A classifier trained by `classify train` on phantoms/real (one epoch: what it learnt does not
+    matter here, only which images it was fitted to), and which of the archive's images it never saw:
+    the test split (phantom i with i % 5 == 0) and its validation patients."""
+    from xrayforge.evaluate.classifier import ClassifierTrainConfig, train_classifier
+    out = phantoms / "trained-clf"
+    s = train_classifier(ClassifierTrainConfig(str(phantoms / "real"), str(out), input_size=32, width=8, epochs=1,
+                                               val_fraction=0.2, device="cpu"), progress=False)
+    real = Archive(phantoms / "real")
+    pool = np.flatnonzero([sp != "test" for sp in real.splits])
+    val = pool[patient_split([real.patient_ids[p] for p in pool], 0.2, salt="val0")]
+    held = np.union1d(np.flatnonzero([sp == "test" for sp in real.splits]), val)
+    assert len(held) == len(real) - s["train_images"] and len(held) >= 100
+    return out, held
+
+
+def test_diversity_leaves_out_the_classifiers_training_images(phantoms, generator_and_classifier, trained_classifier,
+                                                             tmp_path, capsys):
+    """The real reference is the part of the classifier's training archive that it did not train on:
+    its predictions on its training images are more confident (overfit), the synthetic images are unseen."""
+    gen, _ = generator_and_classifier
+    clf, held = trained_classifier
+    real = Archive(phantoms / "real")
+    recorded = json.loads((clf / "training.json").read_text())["training_data"]
+    assert recorded["trained_images"] == len(real) - len(held) and recorded["pool"] == "training_positions"
+
+    def labels_of(s):
+        return np.array([r["real_label_prevalence"] for r in s["findings"]])
+
+    s = diversity(str(gen), str(clf), str(phantoms / "real"), tmp_path / "all", n=8, real_limit=None, device="cpu",
+                  progress=False)
+    assert np.allclose(labels_of(s), real.labels[held].mean(0))  # exactly the held-out images
+    assert s["real_images"] == s["real_available"] == len(held) and s["real_excluded"] == len(real) - len(held)
+    assert s["real_reference"] == "held out from the classifier"
+    assert "held out from the classifier" in (tmp_path / "all" / "diversity.md").read_text()
+    # --real-limit spreads over the held-out images only
+    s = diversity(str(gen), str(clf), str(phantoms / "real"), tmp_path / "some", n=8, real_limit=50, device="cpu",
+                  progress=False)
+    some = held[np.unique(np.linspace(0, len(held) - 1, 50).round().astype(int))]
+    assert s["real_images"] == 50 and s["real_available"] == len(held)
+    assert np.allclose(labels_of(s), real.labels[some].mean(0))
+    # the archive is known by its manifest, not its path
+    shutil.copytree(phantoms / "real", tmp_path / "moved")
+    s = diversity(str(gen), str(clf), str(tmp_path / "moved"), tmp_path / "moved-d", n=8, real_limit=None,
+                  device="cpu", progress=False)
+    assert s["real_reference"] == "held out from the classifier" and s["real_images"] == len(held)
+    # asked for: every image, said so
+    assert cli(["evaluate", "diversity", str(gen), "--classifier", str(clf), "--real", str(phantoms / "real"),
+                "--n", "4", "--real-limit", "1000", "--include-training-images", "--out", str(tmp_path / "inc"),
+                "-q"]) == 0
+    s = json.loads((tmp_path / "inc" / "summary.json").read_text())
+    assert s["real_reference"] == "includes the classifier's training images" and s["real_images"] == len(real)
+    assert "Real reference: includes the classifier's training images" in capsys.readouterr().out
+
+
+def test_diversity_against_another_archive_uses_every_image(phantoms, generator_and_classifier, trained_classifier,
+                                                             tmp_path, caplog):
+    gen, _ = generator_and_classifier
+    clf, _ = trained_classifier
+    # a sample folder: an archive the classifier never saw
+    s = diversity(str(gen), str(clf), str(phantoms / "faithful"), tmp_path / "d", n=8, real_limit=None, device="cpu",
+                  progress=False)
+    assert s["real_reference"] == "not the classifier's training archive" and s["real_images"] == 300
+    assert s["real_excluded"] == 0 and str(phantoms / "real") in s["real_reference_note"]
+    assert "not the classifier's training archive" in (tmp_path / "d" / "diversity.md").read_text()
+    # other phantoms are the same phantoms (phantom:i is one image): which it trained on cannot be told
+    prepare("phantom:120", tmp_path / "fewer", resolution=32, workers=1, progress=False)
+    caplog.clear()
+    s = diversity(str(gen), str(clf), str(tmp_path / "fewer"), tmp_path / "e", n=8, real_limit=None, device="cpu",
+                  progress=False)
+    assert s["real_reference"] == "unknown" and s["real_images"] == 120
+    assert "cannot be told" in caplog.text
+
+
+def test_diversity_with_a_classifier_that_records_no_training_data(phantoms, generator_and_classifier,
+                                                                    trained_classifier, tmp_path, caplog):
+    """A classifier trained before training.json recorded its images (or trained elsewhere): every
+    real image, with a warning and the summary saying that the reference is unknown."""
+    gen, _ = generator_and_classifier
+    clf, _ = trained_classifier
+    old = tmp_path / "old-clf"
+    shutil.copytree(clf, old)
+    record = json.loads((old / "training.json").read_text())
+    record.pop("training_data", None)
+    (old / "training.json").write_text(json.dumps(record))
+    caplog.clear()
+    s = diversity(str(gen), str(old), str(phantoms / "real"), tmp_path / "d", n=8, real_limit=None, device="cpu",
+                  progress=False)
+    assert s["real_reference"] == "unknown" and s["real_images"] == 400 and s["real_excluded"] == 0
+    assert "records no training data" in caplog.text and str(old) in caplog.text
+    assert "Real reference: unknown" in (tmp_path / "d" / "diversity.md").read_text()
+    (old / "training.json").unlink()  # no training.json at all: the same
+    s = diversity(str(gen), str(old), str(phantoms / "real"), tmp_path / "e", n=8, real_limit=None, device="cpu",
+                  progress=False)
+    assert s["real_reference"] == "unknown" and s["real_images"] == 400
+    record["training_data"] = {"archive_id": "0" * 40, "archive_images": 400, "trained_on": "not base64!"}
+    (old / "training.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"training\.json: damaged training_data"):
+        diversity(str(gen), str(old), str(phantoms / "real"), tmp_path / "f", n=8, device="cpu", progress=False)
+
+
+def test_diversity_refuses_too_few_held_out_images(phantoms, generator_and_classifier, tmp_path):
+    """A classifier trained on nearly the whole archive leaves too few unseen images to compare with."""
+    from xrayforge.evaluate.classifier import ClassifierTrainConfig, train_classifier
+    gen, _ = generator_and_classifier
+    s = train_classifier(ClassifierTrainConfig(str(phantoms / "real"), str(tmp_path / "clf"), input_size=32, width=8,
+                                               epochs=1, val_fraction=0.1, subset=list(range(400)), device="cpu"),
+                         progress=False)
+    with pytest.raises(UserError, match=rf"only {s['val_images']} of its 400 images .* at least 100"):
+        diversity(str(gen), str(tmp_path / "clf"), str(phantoms / "real"), tmp_path / "d", n=8, device="cpu",
+                  progress=False)
 
 
 # --------------------------------------------------------------------------- report

@@ -132,7 +132,7 @@ def _cmd_diversity(args: argparse.Namespace) -> int:
 
     summary = diversity(args.run, args.classifier, args.real, args.out, args.n, args.seed, args.batch,
                         args.truncation, args.real_limit, args.per_grid, args.ratio, args.device,
-                        progress=not args.quiet)
+                        progress=not args.quiet, include_training=args.include_training_images)
     print(format_markdown(summary))
     print(f"written to {args.out}: findings.csv, pairs.csv, cooccurrence.png, grids/, diversity.md, summary.json")
     return 0
@@ -291,10 +291,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Generate N unconditional images (not written), classify them, and compare the predicted "
                     "prevalence of each finding and each pair with the real archive's (the classifier's calls on "
                     "real images, and the real labels); flags under- and over-produced findings; writes per-finding "
-                    "sample grids, findings.csv, pairs.csv, cooccurrence.png, diversity.md and summary.json.")
+                    "sample grids, findings.csv, pairs.csv, cooccurrence.png, diversity.md and summary.json. Where "
+                    "--real is the classifier's training archive (its training.json says), the real images are only "
+                    "those of patients it did not train on: it is more confident on its training images than on "
+                    "unseen ones, such as the synthetic images.")
     q.add_argument("run", help="a training run folder or checkpoint")
     q.add_argument("--classifier", required=True, help="classifier folder (from `xrayforge classify train`)")
     q.add_argument("--real", required=True, help="the labelled real archive")
+    q.add_argument("--include-training-images", action="store_true",
+                   help="compare with every image of --real, those the classifier trained on included (biased; "
+                        "default: where --real is its training archive, only the images of patients it did not "
+                        "train on)")
     q.add_argument("--n", type=_args.positive_int, default=10000, help="images to generate (default 10000)")
     q.add_argument("--out", required=True, help="output folder (created)")
     q.add_argument("--real-limit", type=_args.positive_int, default=5000, help="real images to classify, evenly spread (default 5000)")

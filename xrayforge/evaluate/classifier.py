@@ -4,9 +4,15 @@ BCE with logits on the archive's 14 ChestX-ray14 findings; a validation set spli
 patient; per-finding AUROC on it after every epoch; the best epoch (mean AUROC) is kept;
 per-finding decision thresholds are set on the validation set (Youden's J) and saved with
 the model, for LCO's acceptance test.
+
+training.json records, beside the history, which images the weights were fitted to
+(``training_data``: the archive's identity and a mask of its manifest positions), so that an
+evaluation comparing the classifier's calls on real and synthetic images can leave out the
+images it fitted (on them it is more confident than on unseen ones; `evaluate diversity`).
 """
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data.archive import Archive
 from ..errors import UserError
-from ..utils.files import write_text_atomic
+from ..utils.files import read_json, write_text_atomic
 from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_weights, resize_input
 from .metrics import auroc, patient_split, youden_threshold
 
@@ -217,5 +223,61 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
                "val_patients": len({images.patient_ids[i] for i in val_items}),
                "best_mean_auroc": result.best_mean_auroc, "best_epoch": result.best_epoch, "history": result.history,
                "thresholds": model.config.thresholds}
+    summary["training_data"] = training_record(archive, images.positions[train_items], cfg.subset is not None)
     write_text_atomic(out / "training.json", json.dumps(summary, indent=2))
     return summary
+
+
+TRAINED_ON_ENCODING = "base64 of numpy.packbits of a boolean per manifest position"
+
+
+def training_record(archive: Archive, trained: np.ndarray, subset: bool = False) -> dict:
+    """What training.json records of the images a classifier was fitted to: the archive (its path,
+    source and ``archive_id``, the SHA-1 of its manifest, which names its images, labels, splits and
+    patients wherever it lies) and a mask of the manifest positions the weights were fitted to
+    (``trained_on``; its validation images, which chose the epoch and the thresholds, are not in it).
+    The images of other patients are unseen by the classifier (``held_out_positions``)."""
+    from .labelled import archive_id
+    mask = np.zeros(len(archive), dtype=bool)
+    mask[np.asarray(trained, dtype=np.int64)] = True
+    return {"archive": str(archive.path), "archive_id": archive_id(archive.path),
+            "source": archive.meta.get("source"), "archive_images": int(len(archive)),
+            "pool": "subset" if subset else "training_positions", "trained_images": int(mask.sum()),
+            "trained_on": base64.b64encode(np.packbits(mask).tobytes()).decode("ascii"),
+            "trained_on_encoding": TRAINED_ON_ENCODING}
+
+
+def recorded_training(folder) -> dict | None:
+    """A classifier folder's ``training_data`` record with ``trained_on`` decoded to a boolean mask,
+    or None where it has none (trained by an older xrayforge, by `evaluate tstr`, or elsewhere)."""
+    path = Path(folder) / "training.json"
+    if not path.is_file():
+        return None
+    record = read_json(path, "the classifier's training record").get("training_data")
+    if not record:
+        return None
+    try:
+        n = int(record["archive_images"])
+        if record.get("trained_on_encoding", TRAINED_ON_ENCODING) != TRAINED_ON_ENCODING or n < 0:
+            raise ValueError(f"unknown encoding {record.get('trained_on_encoding')!r}")
+        bits = np.frombuffer(base64.b64decode(record["trained_on"], validate=True), dtype=np.uint8)
+        if len(bits) != (n + 7) // 8:
+            raise ValueError(f"a mask of {len(bits) * 8} positions for {n} images")
+        mask = np.unpackbits(bits)[:n].astype(bool)
+        if not isinstance(record["archive_id"], str):
+            raise ValueError("no archive_id")
+    except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+        raise UserError(f"{path}: damaged training_data record ({type(exc).__name__}: {exc})") from None
+    return {**record, "trained_on": mask}
+
+
+def held_out_positions(archive: Archive, trained_on: np.ndarray) -> np.ndarray:
+    """The manifest positions of ``archive`` whose patient a classifier fitted to the positions
+    ``trained_on`` (a boolean mask) never saw: not fitted to, and not of a patient it was fitted to
+    (an empty patient id is no patient: such an image stands for itself)."""
+    trained_on = np.asarray(trained_on, dtype=bool)
+    if len(trained_on) != len(archive):
+        raise ValueError(f"{archive.path}: a mask of {len(trained_on)} positions for {len(archive)} images")
+    patients = {archive.patient_ids[p] for p in np.flatnonzero(trained_on)} - {""}
+    seen = trained_on | np.array([bool(p) and p in patients for p in archive.patient_ids], dtype=bool)
+    return np.flatnonzero(~seen)

@@ -10,13 +10,25 @@ the synthetic prevalence lies wholly below the real one (over-produced: the mirr
 finding the classifier never calls on the real images, when that interval lies wholly above the
 real prevalence's own Wilson interval).
 
+The real reference is only the real images the classifier did not train on. On the images it was
+fitted to a classifier is more confident, and closer to their labels, than on unseen ones, and the
+synthetic images are unseen: set against its training images, the synthetic prevalences would
+differ by its overfitting as well as by the generator. Where the real archive is the classifier's
+training archive (its training.json names it by the SHA-1 of the manifest, ``training_data``),
+the images of the patients it was fitted to are left out (its validation patients and the
+archive's "test" split remain); another archive, or a sample folder, is used whole. Where that
+cannot be told (a classifier without the record: older, or trained elsewhere), every image is
+used, with a warning. ``summary.json`` says which (``real_reference``), with the counts.
+
 Outputs: findings.csv, pairs.csv, cooccurrence.png (real, synthetic, and their log2 ratio),
 grids/<finding>.png (the synthetic images most confidently called positive), diversity.md,
 summary.json.
 """
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,12 +40,21 @@ from ..nn.classifier import load_classifier
 from ..nn.latents import check_truncation
 from ..utils.images import grid, save_png, to_uint
 from ._format import csv_row, is_number, number
-from .classifier import LabelledImages, predict
-from .labelled import open_labelled
+from .classifier import LabelledImages, held_out_positions, predict, recorded_training
+from .labelled import archive_id, open_labelled
 from .metrics import wilson_interval
 from ..utils.files import claim_output
 
+log = logging.getLogger(__name__)
+
 THUMB = 128
+MIN_HELD_OUT = 100  # fewer real images the classifier did not train on cannot give a prevalence worth comparing
+
+# summary.json's "real_reference"
+HELD_OUT = "held out from the classifier"
+INCLUDES_TRAINING = "includes the classifier's training images"
+OTHER_ARCHIVE = "not the classifier's training archive"
+UNKNOWN = "unknown"
 
 
 def cooccurrence(labels: np.ndarray) -> np.ndarray:
@@ -92,9 +113,67 @@ def _thumbs(images: torch.Tensor) -> np.ndarray:
     return to_uint(x, 8)
 
 
+def real_reference(classifier: str | os.PathLike, real_arc, real: str, include_training: bool = False) -> dict:
+    """Which images of ``real_arc`` (the archive of ``--real``) the classifier's calls on real images
+    are taken from: ``positions`` (manifest positions), ``real_reference`` (HELD_OUT, INCLUDES_TRAINING,
+    OTHER_ARCHIVE or UNKNOWN), ``excluded`` (the classifier's training images left out) and ``note``
+    (a sentence for diversity.md). Only images of patients the classifier was not fitted to, where
+    its training record names this archive (``include_training``: every image, said so)."""
+    every = np.arange(len(real_arc))
+    record = recorded_training(classifier)
+    if record is None:
+        log.warning("%s: records no training data (no training_data in training.json: trained by an older "
+                    "xrayforge, by `evaluate tstr`, or elsewhere), so the real reference cannot leave out the images "
+                    "it trained on; all %d images of %s are used, and the comparison is biased where they are among "
+                    "them (a classifier is more confident on its training images)", classifier, len(real_arc), real)
+        return {"positions": every, "real_reference": UNKNOWN, "excluded": 0,
+                "note": "the classifier records no training data (training.json), so these may include images it "
+                        "trained on, on which it is more confident than on the synthetic images"}
+    if archive_id(real_arc.path) != record["archive_id"]:
+        same_place = bool(record.get("archive")) and Path(record["archive"]).resolve() == Path(real_arc.path).resolve()
+        source, theirs = str(real_arc.meta.get("source") or ""), str(record.get("source") or "")
+        # phantom:N is phantoms 0 to N-1: two phantom archives share their first images
+        same_source = bool(source) and (source == theirs or source.startswith("phantom:") and
+                                         theirs.startswith("phantom:"))
+        if same_place or same_source:  # most likely some of the same images, prepared again or resumed
+            log.warning("%s: %s, but its manifest is not the one the classifier %s trained on (%s); which of its "
+                        "images the classifier trained on cannot be told, so all %d are used, and the comparison is "
+                        "biased where they are among them", real,
+                        "the classifier's training archive" if same_place else
+                        f"prepared from {source}, as the classifier's training archive was from {theirs}", classifier,
+                        record.get("archive"), len(real_arc))
+            return {"positions": every, "real_reference": UNKNOWN, "excluded": 0,
+                    "note": f"prepared {'at the place' if same_place else 'from the source'} of the classifier's "
+                            f"training archive but not that archive, so these may include images it trained on"}
+        return {"positions": every, "real_reference": OTHER_ARCHIVE, "excluded": 0,
+                "note": f"the classifier trained on {record.get('archive')}, another archive"}
+    if include_training:
+        trained = int(record["trained_on"].sum())
+        log.warning("%s: all %d images, the %d the classifier %s trained on included (--include-training-images): "
+                    "it is more confident on those than on the synthetic images", real, len(real_arc), trained,
+                    classifier)
+        return {"positions": every, "real_reference": INCLUDES_TRAINING, "excluded": 0,
+                "note": f"the classifier's training archive with its {trained} training images "
+                        f"(--include-training-images), on which it is more confident than on the synthetic images"}
+    held = held_out_positions(real_arc, record["trained_on"])
+    if len(held) < MIN_HELD_OUT:
+        raise UserError(f"{real}: only {len(held)} of its {len(real_arc)} images are of patients the classifier "
+                        f"{classifier} did not train on ({int(record['trained_on'].sum())} images trained on, with "
+                        f"their patients' other images); at least {MIN_HELD_OUT} are needed for real prevalences worth "
+                        f"comparing. Give another --real archive, or --include-training-images to compare against the "
+                        f"training images as well (biased)")
+    test = int(real_arc.held_out()[held].sum())
+    others = "images outside its training subset and its validation patients" if record.get("pool") == "subset" \
+        else "its validation patients"
+    return {"positions": held, "real_reference": HELD_OUT, "excluded": int(len(real_arc) - len(held)),
+            "note": f"the {len(held)} images of the {len(real_arc)} in its training archive whose patients it did not "
+                    f"train on ({test} of the archive's test split, {len(held) - test} of {others})"}
+
+
 def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: int = 10000, seed: int = 0,
               batch: int = 64, truncation: float | None = None, real_limit: int | None = 5000, per_grid: int = 16,
-              ratio: float = 0.5, device: str | None = None, progress: bool = True) -> dict:
+              ratio: float = 0.5, device: str | None = None, progress: bool = True,
+              include_training: bool = False) -> dict:
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     check_truncation(truncation, "--truncation")  # before any work, as `sample` does
@@ -105,6 +184,7 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     findings = [f for f in model.findings if f in real_arc.findings]
     if not findings:
         raise ValueError(f"the classifier's findings {model.findings} are not labelled in {real}")
+    reference = real_reference(classifier, real_arc, real, include_training)  # before the generator's work
     cols = [model.findings.index(f) for f in findings]
     thr = np.array([model.threshold(f) for f in findings])
     G = load_networks(find_checkpoint(run), names=["G_ema"], map_location=dev)["G_ema"].eval().requires_grad_(False)
@@ -133,9 +213,9 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     synth_probs = np.concatenate(synth_probs)
     synth_pred = synth_probs >= thr
 
-    every = np.arange(len(real_arc))
-    if real_limit is not None and real_limit < len(every):  # that many, evenly spread over the archive
-        every = np.unique(np.linspace(0, len(real_arc) - 1, real_limit).round().astype(np.int64))
+    every = reference["positions"]
+    if real_limit is not None and real_limit < len(every):  # that many, evenly spread over the reference
+        every = every[np.unique(np.linspace(0, len(every) - 1, real_limit).round().astype(np.int64))]
     real_set = LabelledImages([(real_arc, every)], findings)
     real_probs = predict(model, real_set, np.arange(len(real_set)), dev, batch)[:, cols]
     if not np.isfinite(real_probs).all():
@@ -162,7 +242,10 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
             save_png(grid(top.images, columns=min(8, len(top.images))), path)
             grids[f] = str(path.relative_to(out))
     summary = {"evaluation": "diversity", "run": str(run), "classifier": str(classifier), "real": str(real),
-               "synthetic_images": int(n), "real_images": int(len(real_set)), "seed": seed, "ratio": ratio,
+               "synthetic_images": int(n), "real_images": int(len(real_set)),
+               "real_reference": reference["real_reference"], "real_reference_note": reference["note"],
+               "real_available": int(len(reference["positions"])), "real_excluded": reference["excluded"],
+               "seed": seed, "ratio": ratio,
                "findings": rows, "pairs": pairs, "grids": grids,
                "combinations": {"synthetic": combinations(synth_pred), "real_predicted": combinations(real_pred)},
                "under_produced": [r["finding"] for r in rows if r["under_produced"]],
@@ -183,6 +266,7 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
 def format_markdown(summary: dict) -> str:
     lines = [f"Findings the classifier calls in {summary['synthetic_images']} unconditional samples, against "
              f"{summary['real_images']} real images (prevalence, %; synthetic with its Wilson 95% interval).", "",
+             *([_reference_sentence(summary), ""] if "real_reference" in summary else []),
              "| finding | real (labels) | real (predicted) | synthetic (predicted) | synthetic / real |",
              "|---|---|---|---|---|"]
     unseen = [r["finding"] for r in summary["findings"]
@@ -213,6 +297,14 @@ def format_markdown(summary: dict) -> str:
         lines += [f"| {p['finding_a']} + {p['finding_b']} | {number(_pct(p['real_predicted_prevalence']), 2)} | "
                   f"{number(_pct(p['synthetic_predicted_prevalence']), 2)} |" for p in top]
     return "\n".join(lines) + "\n"
+
+
+def _reference_sentence(summary: dict) -> str:
+    """What the real images are, against the classifier's training data (older summaries: none)."""
+    available = summary.get("real_available", summary["real_images"])
+    used = f"{summary['real_images']} of them used, evenly spread" if summary["real_images"] < available else \
+        f"all {available} used"
+    return f"Real reference: {summary['real_reference']}: {summary.get('real_reference_note', '')}; {used}."
 
 
 def _pct(v):
