@@ -398,7 +398,10 @@ def test_a_file_without_preamble_that_is_no_dicom_image_is_still_skipped(tmp_pat
 @pytest.mark.parametrize("head,expected", [
     (b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", False),            # Specific Character Set, explicit
     (b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 100", True),        # implicit
-    (b"\x08\x00\x10\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff", False),  # a sequence of undefined length
+    (b"\x08\x00\x06\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff", False),  # a sequence of undefined length
+    (b"\x08\x00\x10\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff", None),   # (0008,1110): not a first element
+    (b"\x08\x00\x08\x00\x00\x00\x00\x00" + b"\x00" * 4, True),   # a raw 16-bit dump's dark corner: (0008,0008)
+    (b"\x08\x00\x0a\x00\x00\x00\x00\x00" + b"\x00" * 4, None),   # ... and one that is no first element
     (b"\x08\x00\x05\x00CS\x0b\x00ISO_IR 100", None),             # odd length
     (b"\x08\x00\x05\x00\x00\x10\x00\x00ISO_IR 100", None),        # longer than the file
     (b"\x08\x00\x00\x70OB\x01\x00\x00\x00ISO_IR 100", None),      # OB without its reserved zero bytes
@@ -478,6 +481,28 @@ def test_eight_bit_colour_png_is_read_as_before(tmp_path):
     rad = read_radiograph(tmp_path / "a.png")
     np.testing.assert_allclose(rad.pixels, expected, atol=1e-7)
     assert "bits" not in rad.meta and "read_at_8_bits" not in rad.meta
+
+
+@pytest.fixture(autouse=True)
+def _fresh_low_bytes_check():
+    """readers._low_bytes_work is decided once per process: each test decides it under its own patches."""
+    readers._low_bytes_work.cache_clear()
+    yield
+    readers._low_bytes_work.cache_clear()
+
+
+def test_a_pillow_that_ignores_the_raw_mode_is_caught_by_the_self_check(tmp_path, monkeypatch, caplog):
+    """A Pillow that decodes the second time with its own raw mode again (the high bytes twice): read
+    as 16 bits, every sample was off by up to its high byte's worth, unsaid. The self-check on known
+    samples catches it: read at 8 bits, and said."""
+    monkeypatch.setattr(readers, "_said_8_bits", False, raising=False)
+    monkeypatch.setattr(readers, "_with_rawmode", lambda tile, rawmode: tile)
+    write_png(tmp_path / "a.png", _sixteen_bit_samples(3, 0))
+    with caplog.at_level("WARNING", logger="xrayforge.data.readers"):
+        rad = read_radiograph(tmp_path / "a.png")
+    assert rad.meta["read_at_8_bits"] and "read at 8 bits" in caplog.text
+    with Image.open(tmp_path / "a.png") as im:
+        np.testing.assert_allclose(rad.pixels, np.asarray(im.convert("L"), dtype=np.float64) / 255, atol=1e-7)
 
 
 @pytest.mark.parametrize("pillow", ["other raw modes", "no such raw mode"])

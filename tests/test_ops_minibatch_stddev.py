@@ -220,3 +220,18 @@ def test_full_size_on_gpu(backend, dtype):
             res.append((y, torch.autograd.grad(y, xx, dout.to(y.dtype))[0]))
         for o, e, ex in zip(*res):
             assert_as_accurate_as_eager(o, e, ex, dtype, scale=max(ex.abs().max().item(), dout.abs().max().item()))
+
+
+def test_the_limit_checks_do_not_recompile_per_batch_size():
+    """The launch-limit check formatted the group count into its message on every call, which fixed
+    the batch size in a torch.compile graph: a recompile per batch size, eager past the eighth."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    from xrayforge.ops.pixel_norm import pixel_norm
+    dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda x: pixel_norm(ops.minibatch_stddev(x)) * 2, backend="eager")
+    for n in range(4, 52, 4):
+        f(torch.randn(n, 8, 4, 4))
+    assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one dynamic graph
+    dynamo.reset()

@@ -830,7 +830,7 @@ def test_a_refused_new_start_is_refused_by_every_process(archive, tmp_path):
     assert time.time() - t0 < 25  # not a process group's timeout
 
 
-def _rank_disk_full_at_the_pointer(rank, world, archive, out, init_file, result_dir):
+def _rank_disk_full(rank, world, archive, out, init_file, result_dir, where):
     import datetime
     import errno
     import xrayforge.train.trainer as trainer_module
@@ -842,7 +842,14 @@ def _rank_disk_full_at_the_pointer(rank, world, archive, out, init_file, result_
         if rank == 0 and str(path).endswith("latest"):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, *args, **kwargs)
-    trainer_module.write_text_atomic = full_disk
+    real_save = torch.save
+
+    def full_disk_in_torch(obj, f, *args, **kwargs):  # torch's own ENOSPC error, which names no file
+        return real_save(obj, "/dev/full" if str(f).endswith("state.pt") else f, *args, **kwargs)
+    if where == "latest":
+        trainer_module.write_text_atomic = full_disk
+    else:
+        trainer_module.torch.save = full_disk_in_torch
     try:
         try:
             Trainer(TrainConfig(str(archive), str(out), **dict(TINY, batch={4: 4, 8: 4, 16: 4})), progress=False).train()
@@ -854,16 +861,24 @@ def _rank_disk_full_at_the_pointer(rank, world, archive, out, init_file, result_
         dist.destroy_process_group()
 
 
-def test_process_0_failing_to_write_stops_every_process(archive, tmp_path):
+@pytest.mark.parametrize("where", ["latest", "state.pt"])
+def test_process_0_failing_to_write_stops_every_process(archive, tmp_path, where):
     """A full disk at the checkpoint's pointer (or its rename, best.json, the log) raised on process 0
     alone; the others waited in the next collective until the process group's timeout (30 minutes by
     default). Now every process raises, at once."""
-    tmp_mp.spawn(_rank_disk_full_at_the_pointer, args=(2, archive, tmp_path / "run", tmp_path / "pg", tmp_path),
-                 nprocs=2)
+    import os
+    if where == "state.pt" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    tmp_mp.spawn(_rank_disk_full, args=(2, archive, tmp_path / "run", tmp_path / "pg", tmp_path, where), nprocs=2)
     said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    assert said[0].startswith("OSError: [Errno 28] No space left on device") and "latest" in said[0], said
+    if where == "latest":
+        assert said[0].startswith("OSError: [Errno 28] No space left on device") and "latest" in said[0], said
+        told = "process 0 stopped the run: OSError: [Errno 28]"
+    else:
+        assert said[0].startswith("UserError: ") and "is the disk full?" in said[0], said
+        told = "process 0 stopped the run: UserError: "
     # said by process 0 through the broadcast: a process left waiting would have met the group's timeout
-    assert said[1].startswith("UserError: ") and "process 0 stopped the run: OSError: [Errno 28]" in said[1], said
+    assert said[1].startswith("UserError: ") and told in said[1], said
 
 
 def test_an_archive_smaller_than_a_batch_is_said(tmp_path, caplog):
@@ -919,24 +934,30 @@ def test_a_checkpoint_cut_short_is_said_and_cleared_away(archive, tmp_path, capl
         Trainer(TrainConfig(str(archive), str(first), **TINY), resume=True, progress=False)
 
 
-def test_a_checkpoint_that_cannot_be_written_names_it_and_the_intact_one(archive, tmp_path, monkeypatch):
-    """A full disk: torch.save says only "file write failed" (no file); the error names the checkpoint,
-    says that the last one is intact, and frees the half-written one's space."""
+@pytest.mark.parametrize("how", ["message", "dev-full"])
+def test_a_checkpoint_that_cannot_be_written_names_it_and_the_intact_one(archive, tmp_path, monkeypatch, how):
+    """A full disk: torch.save says only "file write failed", or (torch's own ENOSPC path, writing to
+    /dev/full) "unexpected pos 64 vs 0", and names no file; the error names the checkpoint, says that
+    the last one is intact, and frees the half-written one's space."""
+    import os
     import xrayforge.train.trainer as trainer_module
     from xrayforge.errors import UserError
+    if how == "dev-full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
     run = tmp_path / "run"
     Trainer(TrainConfig(str(archive), str(run), max_images=64, **TINY), progress=False).train()
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
         if str(f).endswith("state.pt"):
+            if how == "dev-full":  # every write fails with ENOSPC, inside torch's zip writer
+                return real_save(obj, "/dev/full", *args, **kwargs)
             raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
                                "file data/0: file write failed")
         return real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(trainer_module.torch, "save", full_disk)
-    with pytest.raises(UserError, match=r"ckpt-000000000128.tmp: cannot write the checkpoint at 128 images \(.*file "
-                                        r"write failed\); is the disk full\? The run's last checkpoint, "
-                                        r"ckpt-000000000064, is kept"):
+    with pytest.raises(UserError, match=r"ckpt-000000000128.tmp: cannot write the checkpoint at 128 images \(.*\); "
+                                        r"is the disk full\? The run's last checkpoint, ckpt-000000000064, is kept"):
         Trainer(TrainConfig(str(archive), str(run), max_images=128, **TINY), resume=True, progress=False).train()
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000064"]
 
@@ -1009,6 +1030,12 @@ def test_resuming_through_the_api_with_another_schedule_is_refused(archive, tmp_
             "max_images": 96, "amp": None}
     Trainer(TrainConfig(str(archive), str(run), **same), resume=True, progress=False).close()
     Trainer(TrainConfig(**saved_options(run)), resume=True, progress=False).close()
+    # a run that starts at 8 px: a batch or learning rate at 4 px, never trained, is not compared
+    later = tmp_path / "later"
+    Trainer(TrainConfig(str(archive), str(later), max_images=32, **{**TINY, "start_resolution": 8}),
+            progress=False).train()
+    Trainer(TrainConfig(str(archive), str(later), start_resolution=8, lr_by_resolution={4: 5e-3},
+                        **{**TINY, "batch": {4: 2, 8: 8, 16: 8}}), resume=True, progress=False).close()
     from xrayforge.cli.train import _FIXED_ON_RESUME  # the command line refuses the same settings first
     assert set(FIXED_ON_RESUME) <= set(_FIXED_ON_RESUME.values())
 

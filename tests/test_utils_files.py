@@ -171,3 +171,28 @@ def test_a_symlink_is_written_through_and_a_replaced_file_keeps_its_permissions(
     umask = os.umask(0)
     os.umask(umask)
     assert (fresh.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_errors_through_a_symlink_name_the_path_asked_for(tmp_path):
+    """A link into a folder that is gone, or to a folder: the error named the link's target or the
+    hidden temporary, not the file the caller asked to write."""
+    dangling = tmp_path / "summary.json"
+    dangling.symlink_to(tmp_path / "gone" / "target.json")
+    with pytest.raises(FileNotFoundError) as info:
+        write_text_atomic(dangling, "x")
+    assert info.value.filename == str(dangling)
+    (tmp_path / "folder").mkdir()
+    to_folder = tmp_path / "report.md"
+    to_folder.symlink_to(tmp_path / "folder")
+    with pytest.raises(OSError) as info:
+        write_text_atomic(to_folder, "x")
+    assert info.value.filename == str(to_folder)
+    assert _all(tmp_path / "folder") == [] and sorted(_all(tmp_path)) == ["folder", "report.md", "summary.json"]
+
+
+def test_a_replaced_file_keeps_its_permission_bits_but_not_setuid(tmp_path):
+    path = tmp_path / "run.sh"
+    path.write_text("old")
+    os.chmod(path, 0o4755)
+    write_text_atomic(path, "new")
+    assert (path.stat().st_mode & 0o7777) == 0o755

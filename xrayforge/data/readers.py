@@ -27,6 +27,7 @@ a vendor's suffix (``scan.IMA``) are read.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -93,20 +94,28 @@ class Radiograph:
     meta: dict = field(default_factory=dict)
 
 
+# the elements a data set can start with: in group 0002, its length, the version, the SOP class or
+# instance, or the transfer syntax (writers leave the optional ones out); in group 0008, its length
+# (retired) or the first of its elements an image's data set holds (PS3.6)
+_FIRST_ELEMENTS = {0x0002: (0x0000, 0x0001, 0x0002, 0x0003, 0x0010),
+                   0x0008: (0x0000, 0x0001, 0x0005, 0x0006, 0x0008, 0x0010, 0x0012, 0x0013, 0x0014, 0x0016)}
+
+
 def bare_dataset_encoding(head: bytes, size: int) -> bool | None:
     """Whether a file that starts with ``head`` (its first 12 bytes or more) and is ``size`` bytes
     long is a DICOM data set written without the PS3.10 header: True for implicit VR little endian,
     False for explicit VR little endian, None when it is not one. Such a data set starts with its
     first element: a tag of group 0002 (File Meta Information written without the preamble) or 0008
-    (the first group of an image's data set), then, explicit, a VR of PS3.5 (as pydicom tells the
-    two apart) and a length, or, implicit, a 4-byte length; the length must be even (PS3.5 7.1.1)
-    and fit in the file. No text file passes (its first two bytes are printable), a random one far
-    less than once in a billion, and the data set read from one that passes must still have pixel
-    data and the image attributes (``read_dicom``)."""
+    (the first group of an image's data set), one of the elements such a data set starts with
+    (``_FIRST_ELEMENTS``), then, explicit, a VR of PS3.5 (as pydicom tells the two apart) and a
+    length, or, implicit, a 4-byte length; the length must be even (PS3.5 7.1.1) and fit in the
+    file. No text file passes (its first two bytes are printable); of random files, about one in
+    several billion (the group and element alone: 15 of 2³² tags); and the data set read from one
+    that passes must still have pixel data and the image attributes (``read_dicom``)."""
     if len(head) < 12:
         return None
-    group = int.from_bytes(head[0:2], "little")
-    if group not in (0x0002, 0x0008):
+    group, element = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    if element not in _FIRST_ELEMENTS.get(group, ()):
         return None
     vr = head[4:6].decode("latin-1")
     if vr in _VRS:
@@ -386,6 +395,46 @@ def _sixteen_bit_samples(path: str | os.PathLike, high, tiles: list, rawmode: st
     return (hi[..., :3].astype(np.uint16) << 8) | low[..., :3]
 
 
+def _png_bytes(width: int, height: int, colour_type: int, samples: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``samples`` (H, W, channels; unfiltered rows), for ``_low_bytes_work``."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)
+    return (_IMAGE_SIGNATURES[0] + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@functools.lru_cache(maxsize=1)
+def _low_bytes_work() -> bool:
+    """Whether this Pillow gives the low bytes as ``_sixteen_bit_samples`` asks (it relies on the
+    tiles Pillow decodes by, not a public API): two tiny 16-bit PNGs of known samples, colour and
+    grey + alpha, read that way, once per process. Where not, 16-bit colour is read at 8 bits, and
+    said, rather than read wrong."""
+    import io
+
+    from PIL import Image
+    colour = np.array([[[0x1234, 0xABCD, 0x00FF], [0xFF00, 0x0001, 0x8081]]], dtype=np.uint16)
+    grey_alpha = np.array([[[0x1234, 0xFFFF], [0xFE01, 0x8000]]], dtype=np.uint16)
+    try:
+        for data, want in ((_png_bytes(2, 1, 2, colour), colour), (_png_bytes(2, 1, 4, grey_alpha),
+                                                                    grey_alpha[..., :1])):
+            with Image.open(io.BytesIO(data)) as im:
+                tiles = list(im.tile)
+                im.load()
+                rawmode = _tile_rawmode(tiles[0]) if len(tiles) == 1 else None
+                if not rawmode or not _SIXTEEN_BIT_COLOUR.fullmatch(rawmode):
+                    return False
+                got = _sixteen_bit_samples(io.BytesIO(data), im.copy(), tiles, rawmode)
+            if got is None or not np.array_equal(got, want):
+                return False
+    except Exception:  # noqa: BLE001 - any way this Pillow differs: the 8-bit path, said
+        return False
+    return True
+
+
 def read_pillow(path: str | os.PathLike) -> Radiograph:
     """A PNG, JPEG, TIFF or BMP file; see the module docstring."""
     global _said_8_bits
@@ -401,7 +450,7 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
             rawmodes = {_tile_rawmode(t) for t in tiles}
             sixteen = next(iter(rawmodes)) if len(rawmodes) == 1 and mode in ("RGB", "RGBA") else None
             sixteen = sixteen if sixteen and _SIXTEEN_BIT_COLOUR.fullmatch(sixteen) else None
-            samples = _sixteen_bit_samples(path, im, tiles, sixteen) if sixteen else None
+            samples = _sixteen_bit_samples(path, im, tiles, sixteen) if sixteen and _low_bytes_work() else None
             if mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im).astype(np.float64)
                 if arr.min() < 0 or arr.max() > 65535:

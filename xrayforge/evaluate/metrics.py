@@ -143,7 +143,7 @@ def label_permutation_p(labels, called_positive, called_negative, rounds: int = 
     Two-sided: b counts the permutations whose correct count lies at least as far from its mean
     under the null (exact: the negative answers plus N⁺/N of the positive-minus-negative ones) as
     the observed count; p = (b + 1) / (rounds + 1), a valid p-value for any number of rounds and
-    never 0 (10000 rounds resolve p down to about 1e-3). Seeded: the same inputs and seed give the
+    never 0 (10000 rounds: the smallest is 1/10001, and one near 1e-3 is known to about ±30%). Seeded: the same inputs and seed give the
     same p-values. The distances are compared as integers (times N), so ties are exact."""
     y = np.asarray(labels).astype(bool).ravel()
     pos = np.asarray(called_positive, dtype=np.float64)

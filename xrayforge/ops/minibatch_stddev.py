@@ -140,18 +140,19 @@ def _refusals(x: torch.Tensor, g: int, f: int) -> tuple[tuple[str, str], ...]:
     """
     n, c, h, w = x.shape
     m, k = n // g, (c // f) * h * w
-    pairs = f"one per group and channel slice: {m} groups × {f} slices; x of shape {tuple(x.shape)}, group size {g}"
+    def pairs() -> str:  # only where refused: formatting a size fixes it in a torch.compile graph
+        return f"one per group and channel slice: {m} groups × {f} slices; x of shape {tuple(x.shape)}, group size {g}"
     refused = []
     for what, grid in (("forward", (m * f,)), ("backward", (-(-k // CUDA_THREADS), m * f))):
         excess = _backend.grid_excess(grid)
         if excess:
-            refused.append(("cuda", f"its {what} would launch {excess} ({pairs})"))
+            refused.append(("cuda", f"its {what} would launch {excess} ({pairs()})"))
             break
     if triton is not None:
         _, block_k = _blocks(g, k)
         excess = _backend.grid_excess((-(-k // block_k), m * f))
         if excess:
-            refused.append(("triton", f"its launches would need {excess} ({pairs})"))
+            refused.append(("triton", f"its launches would need {excess} ({pairs()})"))
     return tuple(refused)
 
 

@@ -162,9 +162,8 @@ def _epilogue_refusals(x: torch.Tensor, bias_grad: bool) -> tuple[tuple[str, str
         if c > MAX_TRITON_CHANNELS:
             refused.append(("triton", f"its kernel holds a pixel's channels in registers, at most "
                                       f"{MAX_TRITON_CHANNELS} channels, got {c}"))
-        else:
-            _, block_p, _ = _triton_blocks(c, p)
-            excess = _backend.grid_excess((-(-p // block_p), b))
+        else:  # p pixel blocks at most (the block size would fix P and C in a torch.compile graph)
+            excess = _backend.grid_excess((p, b))
             if excess:
                 refused.append(("triton", f"its launch would need {excess} (one row of blocks per sample; "
                                           f"input of shape {tuple(x.shape)})"))

@@ -423,7 +423,7 @@ class Trainer:
         told to the others under torchrun so that each raises the same error."""
         if self.world > 1:
             box = [value]
-            dist.broadcast_object_list(box, 0)
+            dist.broadcast_object_list(box, 0, group=self._control)  # on the host: never behind GPU work
             value = box[0]
         return value
 
@@ -654,7 +654,9 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             log.warning("%s: cannot read the options the run recorded (%s): not compared with these", path, exc)
             return
-        resolutions = [4 << i for i in range(self.net_config.num_levels)]
+        # the resolutions it trains at (a batch or learning rate below the start is never used)
+        start = min(self.cfg.start_resolution, theirs.start_resolution)
+        resolutions = [r for r in (4 << i for i in range(self.net_config.num_levels)) if r >= start]
         differ = self.cfg.trains_otherwise(theirs, resolutions, [k for k in FIXED_ON_RESUME if k in run_config])
         if differ:
             raise UserError(f"{path}: resuming goes on with the options the run trained with; these train otherwise: "
@@ -804,9 +806,9 @@ class Trainer:
             save_networks(tmp, {"G": self.G, "D": self.D, "G_ema": self.G_ema},
                           extra={"images_seen": self.images_seen, "train_config": self.cfg.as_dict(),
                                  "archive": self.archive_identity}, files=("state.pt",))
-        except (OSError, RuntimeError) as exc:  # a full disk: torch says only "file write failed", no file
-            if not isinstance(exc, OSError) and "write" not in str(exc):
-                raise
+        except (OSError, RuntimeError) as exc:
+            # a full disk: torch's zip writer says "file write failed", "unexpected pos 704 vs 598" or
+            # "basic_ios::clear: iostream error", and names no file
             shutil.rmtree(tmp, ignore_errors=True)  # the space it took, for the next try
             kept = checkpoint_dirs(self.ckpt_dir)
             raise UserError(f"{tmp}: cannot write the checkpoint at {self.images_seen} images ({exc}); is the disk "
@@ -999,21 +1001,22 @@ class Trainer:
                                     d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
                     failed = None
                     if self.rank == 0:
+                        # a full disk, GPU memory for the grid or the metrics: raised on every process below
                         try:
                             self._write_tick(record, final=done)
-                        except (OSError, UserError) as exc:  # a full disk: the log, a grid, the plot
+                        except Exception as exc:  # noqa: BLE001
                             failed = exc
                     self._raise_together(failed)
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
                     (better,) = self._agree(self._better(record))  # rank 0 measures
                     if better or done or stopping or self.tick % self.cfg.checkpoint_ticks == 0:
-                        failed = None
+                        failed = None  # process 0's files (a full disk, a read-only folder): raised on every process
                         try:
                             saved = self.save_checkpoint()
                             if better and saved is not None:
                                 self._mark_best(saved, record)
-                        except (OSError, UserError) as exc:  # process 0's files: a full disk, a read-only folder
+                        except Exception as exc:  # noqa: BLE001
                             failed = exc
                         self._raise_together(failed)
                     tick_start, tick_images = time.perf_counter(), 0

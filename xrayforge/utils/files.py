@@ -60,7 +60,7 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
     no file, a read-only folder's the temporary). ``fsync``: on disk before the rename (a power
     loss, not only a kill). A ``path`` that is a symbolic link is written through (the file it
     points to is replaced, the link stays); a file replaced keeps its permission bits."""
-    path = Path(path)
+    asked = path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     tmp = path.with_name(_temporary_name(path.name))
@@ -72,7 +72,7 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
             pass
         else:  # a new file gets the umask's permissions; one replaced keeps its own (a 0600 key stays 0600)
             try:
-                os.chmod(tmp, stat.S_IMODE(mode))
+                os.chmod(tmp, stat.S_IMODE(mode) & 0o777)  # not setuid / setgid / sticky
             except OSError:  # a file system without permission bits (some network and FAT mounts)
                 pass
         if fsync:
@@ -81,9 +81,10 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:  # Ctrl-C, a full disk, a writer's error: nothing left beside the file
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename2 is None and \
-                exc.filename in (None, str(tmp), tmp):
-            exc.filename = str(path)  # said of the file asked for; type, errno and traceback kept
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp), tmp):
+            # said of the file asked for (a rename's error names the temporary and the target); type,
+            # errno and traceback kept
+            exc.filename, exc.filename2 = str(asked), None
         raise
     return path
 
