@@ -66,6 +66,22 @@ def assert_as_accurate_as_eager(ours: torch.Tensor, eager: torch.Tensor, exact: 
     assert err <= 2 * err_eager + ulp, f"error {err:.3g} vs eager {err_eager:.3g} (ulp {ulp:.3g})"
 
 
+def pretend_gpu(monkeypatch, available, launch_cuda: bool = True):
+    """``auto`` chooses as it would on a GPU for these CPU tensors, with ``available`` the fused
+    backends that count as usable there (the kernels still run here: Triton in the interpreter;
+    ``launch_cuda=False``: the CUDA extension fails the test if anything launches it). The
+    said-once fallbacks start afresh and are forgotten afterwards."""
+    real = _backend.resolve_for_device
+    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
+    monkeypatch.setattr(_backend, "unavailable_reason",
+                        lambda name, op, device: None if name in available + ("torch",) else "pretend it is missing")
+    monkeypatch.setattr(_backend, "_warned", set())
+    if not launch_cuda:
+        def no_launch():
+            raise AssertionError("the CUDA extension was called")
+        monkeypatch.setattr(_backend, "cuda_extension", no_launch)
+
+
 @pytest.fixture(scope="session")
 def learned_gan(tmp_path_factory):
     """A 16-px phantom PGGAN trained with the demo's CPU recipe until it has learned (about a minute):

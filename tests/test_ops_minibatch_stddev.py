@@ -8,6 +8,7 @@ import torch
 from xrayforge import ops
 from xrayforge.ops import _backend
 
+import conftest
 from conftest import assert_as_accurate_as_eager, kernel_params
 
 mbstd = importlib.import_module("xrayforge.ops.minibatch_stddev")  # the module; the package exports the function
@@ -141,18 +142,8 @@ def test_samples_without_features_are_refused(backend, shape):
 
 # ---------------------------------------------------------------- limits of the fused kernels
 def pretend_gpu(monkeypatch, available):
-    """``auto`` chooses as it would on a GPU for these CPU tensors, with ``available`` the fused
-    backends that count as usable there; the CUDA extension fails the test if anything launches it.
-    The said-once fallbacks start afresh and are forgotten afterwards."""
-    real = _backend.resolve_for_device
-    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
-    monkeypatch.setattr(_backend, "unavailable_reason",
-                        lambda name, op, device: None if name in available + ("torch",) else "pretend it is missing")
-    monkeypatch.setattr(_backend, "_warned", set())
-
-    def no_launch():
-        raise AssertionError("the CUDA extension was called")
-    monkeypatch.setattr(_backend, "cuda_extension", no_launch)
+    """conftest's, with nothing launched on the CUDA extension (the CPU cannot run it)."""
+    conftest.pretend_gpu(monkeypatch, available, launch_cuda=False)
 
 
 def test_launch_grids_of_the_fused_kernels():

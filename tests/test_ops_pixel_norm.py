@@ -8,7 +8,7 @@ import torch
 from xrayforge import ops
 from xrayforge.ops.pixel_norm import reference_bias_lrelu
 
-from conftest import assert_as_accurate_as_eager, kernel_params
+from conftest import assert_as_accurate_as_eager, kernel_params, pretend_gpu
 
 pn = importlib.import_module("xrayforge.ops.pixel_norm")  # the module; the package exports the function
 
@@ -283,18 +283,6 @@ def test_a_tensor_on_another_gpu_than_the_current_one(backend):
 
 
 # ---------------------------------------------------------------- limits of the fused kernels
-def pretend_gpu(monkeypatch, available):
-    """``auto`` chooses as it would on a GPU for these CPU tensors, with ``available`` the fused
-    backends that count as usable there (the kernels still run here: Triton in the interpreter).
-    The said-once fallbacks start afresh and are forgotten afterwards."""
-    from xrayforge.ops import _backend
-    real = _backend.resolve_for_device
-    monkeypatch.setattr(_backend, "resolve_for_device", lambda op, device, *args: real(op, torch.device("cuda"), *args))
-    monkeypatch.setattr(_backend, "unavailable_reason",
-                        lambda name, op, device: None if name in available + ("torch",) else "pretend it is missing")
-    monkeypatch.setattr(_backend, "_warned", set())
-
-
 def test_auto_falls_back_past_the_triton_channel_limit(monkeypatch, caplog):
     # a pixel's channels live in one Triton program's registers, at most MAX_TRITON_CHANNELS: auto
     # chose Triton on a GPU and the kernel refused the input; now it takes the next backend that can
