@@ -10,7 +10,7 @@ from xrayforge.cli import main as cli
 from xrayforge.data.archive import Archive
 from xrayforge.data.phantom import render
 from xrayforge.data.prepare import prepare
-from xrayforge.evaluate.memorisation import _halves, _patients, chance_sentence, screen
+from xrayforge.evaluate.memorisation import _halves, _patients, chance_sentence, design_effect, screen
 from xrayforge.evaluate.metrics import fisher_greater
 from xrayforge.fid.compute import FeatureExtractor
 from xrayforge.utils.neighbours import pixel_vectors
@@ -207,11 +207,10 @@ def test_audit_takes_patients_from_an_archive_and_not_from_a_folder(tmp_path):
 def test_expected_by_chance_weighs_uneven_halves_as_the_synthetic_flags_are():
     """Patient halves can differ in size: the expected synthetic flags are the average over the two
     passes of (controls flagged / controls) × synthetic images, as synthetic_flagged_half averages
-    the synthetic flags; real_flagged / all reals weighed the larger half more. A control is one
-    image of each patient of the other half, and the reference half's threshold comes from its
-    images' nearest images of another patient (each patient's scans here are one point twice or
-    three times, so that which scan is the control does not matter, and the nearest other scan
-    would be at 0)."""
+    the synthetic flags; real_flagged / all reals weighed the larger half more. A control is every
+    image of the other half, and the reference half's threshold comes from its images' nearest
+    images of another patient (each patient's scans here are one point twice or three times, and
+    the nearest other scan would be at 0)."""
     rng = np.random.default_rng(3)
     sizes = [1, 2, 3, 2, 3, 1, 2, 3, 3, 2, 1, 3, 2, 3, 2, 1]
     groups = np.repeat([f"g{k}" for k in range(len(sizes))], sizes)
@@ -221,15 +220,14 @@ def test_expected_by_chance_weighs_uneven_halves_as_the_synthetic_flags_are():
     a, b = _halves(len(real), groups, 1)
     patients = [len(set(groups[h])) for h in (a, b)]
     assert patients[0] != patients[1] and out["real_flagged"] is not None
-    assert out["controls"] == len(sizes) and out["threshold_excludes"] == "same patient"
+    assert out["controls"] == len(real) and out["threshold_excludes"] == "same patient"  # every control image
     rates, synth_flags = [], []
     for ref, ctrl in ((a, b), (b, a)):
         nn = torch.cdist(real[ref], real[ref])
         nn[torch.from_numpy(groups[ref][:, None] == groups[ref][None, :])] = float("inf")
         thr = np.percentile(nn.min(1).values.numpy(), 20.0)
-        one_each = np.unique(groups[ctrl], return_index=True)[1]
-        ctrl_d = torch.cdist(real[ctrl][one_each], real[ref]).min(1).values.numpy()
-        rates.append(float((ctrl_d < thr).sum()) / len(one_each))
+        ctrl_d = torch.cdist(real[ctrl], real[ref]).min(1).values.numpy()
+        rates.append(float((ctrl_d < thr).sum()) / len(ctrl))
         synth_flags.append(int((torch.cdist(synth, real[ref]).min(1).values.numpy() < thr).sum()))
     assert out["expected_by_chance"] == pytest.approx(np.mean(rates) * 30)
     assert out["synthetic_flagged_half"] == pytest.approx(np.mean(synth_flags))
@@ -309,19 +307,20 @@ def test_audit_threshold_and_medians_skip_the_same_patients_rescans(tmp_path):
     assert by_image["threshold_pixels"] < 0.05 and by_image["median_real_to_real_pixels"] < 0.05  # the rescans
     assert by_patient["threshold_pixels"] > 10 * by_image["threshold_pixels"] + 0.5
     assert by_patient["median_real_to_real_pixels"] > 10 * by_image["median_real_to_real_pixels"] + 0.5
-    assert by_patient["controls"] == 8 and by_image["controls"] == 16  # one image of each patient
+    assert by_patient["controls"] == 16 and by_image["controls"] == 16  # every image, a patient's scans together
+    assert by_patient["design_effect"] >= 1 and by_image["design_effect"] == 1
     saved = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert saved["threshold_excludes"] == "same patient" and saved["controls"] == 8
-    assert "one image of each patient" in chance_sentence(saved)
+    assert saved["threshold_excludes"] == "same patient" and saved["controls"] == 16
+    assert "every image of each patient" in chance_sentence(saved) and "design effect" in chance_sentence(saved)
 
 
 def test_halves_by_patient_stay_calibrated_and_find_copies_farther_than_a_rescan():
     """Reals: patients with two near scans each (0.005 per coordinate), or four. A generator that
     copies nothing (synthetic images drawn as new patients are) is flagged more than the controls
     (p < 0.05) in at most 5% of seeded trials, with the reference halves' thresholds from the
-    nearest other patient and one image of each control patient: counting every scan (a patient's
-    scans are flagged together) made it 5% with two scans (8% over 2,000 trials) and about 20% with
-    four. One that reproduces 10% of its images from training images, 0.03 per coordinate off
+    nearest other patient and every control image counted, shrunk by the design effect: counting
+    every scan as independent (a patient's scans are flagged together) made it 8% with two scans
+    and about 20% with four; the design effect brings it to 1-2% (500 trials each). One that reproduces 10% of its images from training images, 0.03 per coordinate off
     (further than a rescan, much nearer than another patient), is found: thresholds at rescan
     distances missed every copy (p = 1)."""
     rng = np.random.default_rng(11)
@@ -330,7 +329,7 @@ def test_halves_by_patient_stay_calibrated_and_find_copies_farther_than_a_rescan
         for t in range(trials):
             real, pid = _follow_ups(rng, patients, apart=0.005, scans=scans)
             out = screen([torch.from_numpy(rng.standard_normal((200, 6)))], [real], 5.0, seed=t, groups=pid)
-            assert out["controls"] == patients
+            assert out["controls"] == patients * scans and out["design_effect"] > 1
             null.append(out["p_value"])
         assert np.mean(np.array(null) < 0.05) <= 0.05, scans
     copies = []
@@ -338,6 +337,45 @@ def test_halves_by_patient_stay_calibrated_and_find_copies_farther_than_a_rescan
         real, pid = _follow_ups(rng, 500, apart=0.005)
         copies.append(screen([_near_copies(rng, real, 20, 180, 0.03)], [real], seed=t, groups=pid)["p_value"])
     assert np.mean(np.array(copies) < 0.05) >= 0.8 and np.median(copies) < 0.01
+
+
+def test_design_effect_by_hand():
+    """Rao & Scott's design effect: patients of 3, 1, 2 and 4 images with 2, 0, 2 and 0 flags: p = 4/10,
+    the residuals f_i - p n_i 0.8, -0.4, 1.2, -1.6 (squares 4.8), v = 4/3 · 4.8 / 100, the binomial
+    variance 0.4 · 0.6 / 10: d = 0.064 / 0.024 = 2.67."""
+    flags = [1, 1, 0, 0, 1, 1, 0, 0, 0, 0]
+    groups = ["a", "a", "a", "b", "c", "c", "d", "d", "d", "d"]
+    assert design_effect(flags, groups) == pytest.approx(8 / 3)
+    assert design_effect([1, 0, 1, 0], ["a", "b", "c", "d"]) == pytest.approx(4 / 3)  # one image each: K/(K-1)
+    assert design_effect([1, 0, 0, 0, 0, 1], ["a", "a", "a", "b", "b", "b"]) == 1.0  # less spread than binomial
+    assert design_effect([0, 0, 0], ["a", "a", "b"]) == 1.0 and design_effect([1, 1], ["a", "b"]) == 1.0  # p 0, 1
+    assert design_effect([1, 0, 1], ["a", "a", "a"]) == 1.0  # one patient
+
+
+def test_heterogeneous_patients_are_weighed_as_the_generator_samples():
+    """A generator samples the images: patients with many scans (a dense region: inpatient
+    follow-ups) weigh by their scans. With 150 single-scan patients and 15 ten-scan ones, a
+    generator drawing new images from that image-weighted distribution (half of them of the
+    ten-scan kind) is not flagged more than the controls in more than about 5% of trials
+    (one image per control patient weighed the patients, and found 'copies' in 11-12%); the
+    expected flags match the synthetic ones on average."""
+    ps, synth, chance = [], [], []
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        a = rng.normal(0, 1.0, (150, 2))
+        b = np.repeat(rng.normal(4, 0.6, (15, 2)), 10, 0) + rng.normal(0, 0.05, (150, 2))
+        real = torch.from_numpy(np.vstack([a, b]))
+        groups = [f"a{i}" for i in range(150)] + [f"b{i // 10}" for i in range(150)]
+        kind_b = rng.random(300) < 0.5
+        syn = np.where(kind_b[:, None], rng.normal(4, 0.6, (300, 2)) + rng.normal(0, 0.05, (300, 2)),
+                       rng.normal(0, 1.0, (300, 2)))
+        out = screen([torch.from_numpy(syn)], [real], 5.0, seed=seed, groups=groups)
+        assert out["controls"] == 300
+        ps.append(out["p_value"])
+        synth.append(out["synthetic_flagged_half"])
+        chance.append(out["expected_by_chance"])
+    assert np.mean(np.array(ps) < 0.05) <= 0.1 and np.mean(np.array(ps) < 0.01) <= 0.05
+    assert np.mean(synth) == pytest.approx(np.mean(chance), rel=0.2)
 
 
 def test_the_reports_sentence_follows_the_thresholds_rule(tmp_path):
