@@ -1,6 +1,8 @@
 """FID: the network against an independent implementation of pytorch-fid's, the statistics
 against numpy / scipy, the preprocessing kernel against the reference, and the CLI."""
 import json
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -314,13 +316,15 @@ def test_statistics_record_their_mode_and_mixing_modes_is_said(tmp_path, caplog)
     assert f"{folder}: 3 images for 2048 feature dimensions: a singular covariance" in caplog.text
 
 
-def test_an_input_with_too_few_readable_images_is_named_with_the_reasons(tmp_path, capsys):
+def test_an_input_with_too_few_readable_images_is_named_with_the_reasons(tmp_path, monkeypatch, capsys):
     a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
     b = _png_folder(tmp_path / "b", [7], size=(16, 16))
     (b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)
+    monkeypatch.chdir(tmp_path)  # where A's statistics are kept when B fails
     assert cli(["fid", str(a), str(b), "--random-weights", "-q", "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert f"{b}: 1 readable image(s) (1 skipped)" in err and "skipped " in err and "broken.png" in err
+    assert f"{a}'s statistics were saved to fid-stats-a-" in err
     (b / "img007.png").unlink()
     assert cli(["fid", str(b), str(a), "--random-weights", "-q", "--workers", "0"]) == 1
     assert f"{b}: 0 readable image(s) (1 skipped)" in capsys.readouterr().err
@@ -527,3 +531,155 @@ def test_grey_and_colour_images_of_different_sizes_in_one_batch(tmp_path):
     got = ex.features(images)
     alone = torch.cat([ex.features(t.unsqueeze(0)) for t in images])
     torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_space(tmp_path_factory):
+    """--features of a small classifier (64-d): its distances take milliseconds where Inception's
+    2048-d ones take seconds."""
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    path = tmp_path_factory.mktemp("space") / "clf"
+    ChestClassifier(ClassifierConfig(input_size=32, width=8)).save(path)
+    return f"classifier:{path}"
+
+
+def _spy_compute(monkeypatch):
+    """The inputs FeatureExtractor.compute is asked to read, in order."""
+    from xrayforge.fid.compute import FeatureExtractor
+    read = []
+    compute = FeatureExtractor.compute
+    monkeypatch.setattr(FeatureExtractor, "compute", lambda self, spec, *a: read.append(spec) or compute(self, spec, *a))
+    return read
+
+
+def test_one_folder_on_both_sides_is_read_once_and_its_unreadable_files_listed_once(small_space, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """`fid A A` (or A and ./A/) listed each unreadable file twice, and read A twice; folders that
+    overlap are read each, and a file in both is listed once, with both sides."""
+    a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
+    (a / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)
+    read = _spy_compute(monkeypatch)
+    kw = dict(features=small_space, workers=0, progress=False, device="cpu")
+    r = compute_fid(str(a), f"{tmp_path}/./a/", **kw)
+    assert [(s["file"], s.get("inputs")) for s in r["skipped"]] == [(str(a / "broken.png"), ["a", "b"])]
+    assert read == [str(a)] and r["n_a"] == r["n_b"] == 3 and r["fid"] < 1e-9
+    assert "reason" in r["skipped"][0]
+    assert cli(["fid", str(a), str(a), "--features", small_space, "-q", "--workers", "0", "--device", "cpu"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")] == \
+        [f"skipped {a / 'broken.png'}: {r['skipped'][0]['reason']}"]
+    sub = _png_folder(a / "sub", range(10, 12), size=(16, 16))
+    (a / "broken.png").rename(sub / "broken.png")
+    read.clear()
+    r = compute_fid(str(a), str(sub), **kw)
+    assert [(s["file"], s.get("inputs")) for s in r["skipped"]] == [(str(sub / "broken.png"), ["a", "b"])]
+    assert read == [str(a), str(sub)] and (r["n_a"], r["n_b"]) == (5, 2)
+
+
+@pytest.mark.parametrize("bad, n, said", [
+    ("nonexist", None, "nonexist: no such file or folder"),
+    ("empty", None, "empty: no image files"),
+    ("notes", None, "notes: no image files"),
+    ("arc", None, "archive.json: not valid JSON"),
+    ("run", None, "run is a generator checkpoint: give the number of images with --n"),
+    ("run", 10, "run: not a checkpoint, nor a run folder with checkpoints"),
+    ("ckpt", 10, "networks.json: format is None, expected")])
+def test_a_bad_b_is_said_before_a_is_read_and_before_the_weights(bad, n, said, small_space, tmp_path, monkeypatch,
+                                                                 capsys):
+    """B missing, an empty folder or one without images, a damaged archive, a checkpoint without
+    --n, a run without a checkpoint, a damaged checkpoint: said before A's images go through the
+    network (all but the first were said after them, possibly hours later), and before the
+    weights are looked for."""
+    _no_weights(tmp_path, monkeypatch)
+    a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").mkdir()  # a run that has written no checkpoint yet
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "archive.json").write_text("{ damaged")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "networks.json").write_text("{}")
+    read = _spy_compute(monkeypatch)
+    with pytest.raises((FileNotFoundError, ValueError), match=said):  # features at hand: said before A is read
+        compute_fid(str(a), str(tmp_path / bad), n, features=small_space, workers=0, progress=False)
+    assert read == []
+    with pytest.raises((FileNotFoundError, ValueError), match=said):  # no weights: said before they are looked for
+        compute_fid(str(a), str(tmp_path / bad), n, workers=0, progress=False)
+    assert cli(["fid", str(a), str(tmp_path / bad), "-q", "--workers", "0", *(["--n", str(n)] if n else [])]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "pt_inception" not in err, err
+
+
+def test_statistics_of_another_feature_size_are_refused_before_the_images_are_read(tmp_path, monkeypatch):
+    """A statistics file of 768-d features (pytorch-fid --dims 768 records no feature space) against
+    images in 2048-d Inception features failed in the distance, after the images were read."""
+    a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
+    s = FrechetStats.from_features(np.random.default_rng(0).normal(size=(40, 6)), "inception-random")
+    s.save(tmp_path / "six.npz")
+    read = _spy_compute(monkeypatch)
+    with pytest.raises(ValueError, match=r"six.npz holds statistics of 6-d features and this command's features "
+                                         r"\(inception-random\) are 2048-d"):
+        compute_fid(str(a), str(tmp_path / "six.npz"), random_weights=True, workers=0, progress=False, device="cpu")
+    assert read == []
+
+
+def test_b_failing_after_a_was_read_keeps_a_statistics_for_the_rerun(small_space, tmp_path, monkeypatch, capsys):
+    """A's moments (hours of features for 100k images) were lost when B failed after them: they are
+    kept in a statistics file (--save-stats, else in the current folder), the error says how to
+    rerun with it, and the rerun gives the FID of the whole computation."""
+    from xrayforge.fid import compute as fid_compute
+    a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)  # a candidate, unreadable when read
+    work, tmp = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # where a file goes that cannot go where asked
+    opts = ["--features", small_space, "-q", "--workers", "0", "--device", "cpu"]
+    assert cli(["fid", str(a), str(b), *opts]) == 1
+    err = capsys.readouterr().err
+    kept = list(work.glob("fid-stats-a-*.npz"))
+    assert len(kept) == 1, list(work.iterdir())
+    assert f"{b}: 0 readable image(s) (1 skipped)" in err
+    assert f"{a}'s statistics were saved to {kept[0].name}: run `xrayforge fid {kept[0].name} {b}` with the same " \
+           f"options" in err and len(err.strip().splitlines()) == 1, err
+    assert FrechetStats.load(kept[0]).n == 3
+    # the API keeps nothing unless asked, and its note says the same
+    kw = dict(features=small_space, workers=0, progress=False, device="cpu")
+    with pytest.raises(ValueError, match="0 readable image") as info:
+        compute_fid(str(a), str(b), **kw)
+    assert not getattr(info.value, "__notes__", None)
+    with pytest.raises(ValueError, match="0 readable image") as info:
+        compute_fid(str(a), str(b), keep_a_dir=tmp_path / "keep", **kw)  # no such folder: the temporary one
+    assert info.value.__notes__ == [f"{a}'s statistics were saved to {tmp / kept[0].name}: run `xrayforge fid "
+                                    f"{tmp / kept[0].name} {b}` with the same options to skip computing them again"]
+    # B repaired: the kept statistics give the FID of the whole computation
+    _png_folder(b / "now", range(20, 24), size=(16, 16))
+    whole = compute_fid(str(a), str(b), **kw)
+    again = compute_fid(str(kept[0]), str(b), **kw)
+    assert again["fid"] == pytest.approx(whole["fid"], rel=1e-12, abs=1e-12) and again["n_a"] == whole["n_a"] == 3
+    assert cli(["fid", kept[0].name, str(b), *opts, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(whole["fid"], rel=1e-12, abs=1e-12)
+    # Ctrl-C while B is read: the same file again (replaced, not a second one), said with the interruption
+    read_radiograph = fid_compute.read_radiograph
+
+    def interrupted(path):
+        if str(path).startswith(str(b)):
+            raise KeyboardInterrupt
+        return read_radiograph(path)
+    monkeypatch.setattr(fid_compute, "read_radiograph", interrupted)
+    assert cli(["fid", str(a), str(b), *opts]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and f"saved to {kept[0].name}" in err and list(work.glob("*.npz")) == kept
+    # with --save-stats, that file is the one named; nothing else is written
+    assert cli(["fid", str(a), str(b), *opts, "--save-stats", "s.npz"]) == 130
+    assert "statistics were saved to s.npz: run `xrayforge fid s.npz" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == sorted([kept[0].name, "s.npz"])
+    # run from inside an input: not written into it, but into the temporary folder
+    monkeypatch.chdir(a)
+    assert cli(["fid", ".", str(b), *opts]) == 130
+    err = capsys.readouterr().err
+    assert f"saved to {tmp}{os.sep}fid-stats-a-" in err and not list(a.glob("*.npz"))

@@ -36,6 +36,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
             kinds.add(kind := describe(x))
             if kind == "stats" and not Path(x).is_file():
                 raise FileNotFoundError(f"{x}: no such statistics file")
+            if kind == "checkpoint" and not args.n:  # before the weights, and before the other input is read
+                raise UserError(f"{x} is a generator checkpoint: give the number of images with --n")
     if args.n and "checkpoint" not in kinds:
         raise UserError(f"--n {args.n}: the number of images to generate from a checkpoint input, and neither "
                         f"input is one (folders and archives are used whole)")
@@ -49,8 +51,19 @@ def _cmd_fid(args: argparse.Namespace) -> int:
             stats.save(args.save_stats)
             print(f"wrote {args.save_stats} ({stats.n} images)")
         return 0
-    result = compute_fid(args.a, args.b, args.n, args.kid, args.bootstrap, args.keep_features, args.seed,
-                         args.save_stats, prdc=args.prdc, **common)
+    try:  # B failing after A was read keeps A's statistics (in --save-stats, else here): the note says where
+        result = compute_fid(args.a, args.b, args.n, args.kid, args.bootstrap, args.keep_features, args.seed,
+                             args.save_stats, prdc=args.prdc, keep_a_dir=".", **common)
+    except KeyboardInterrupt as exc:
+        if not getattr(exc, "__notes__", None):
+            raise
+        print(f"\nxrayforge fid: interrupted; {'; '.join(exc.__notes__)}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not getattr(exc, "__notes__", None):
+            raise
+        from . import describe as one_line  # the error's own line, then the note: one line, as every error
+        raise UserError(f"{one_line(exc)}; {'; '.join(exc.__notes__)}") from exc
     if rank != 0:
         return 0
     for item in result["skipped"][:20]:
@@ -86,7 +99,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "checkpoint / run folder with --n (images generated on the fly, never written). Weights "
                     "pt_inception-2015-12-05-6726825d.pth come from --inception, XRAYFORGE_INCEPTION or the torch "
                     "hub checkpoint cache; they are never downloaded, and two .npz files need none. 16-bit images are "
-                    "scaled by 65535 (pytorch-fid clips them at 255). Several GPUs: torchrun ... -m xrayforge fid.")
+                    "scaled by 65535 (pytorch-fid clips them at 255). Both inputs are checked before either is "
+                    "read, and one given twice is read once. When B fails after A was read (a damaged B, Ctrl-C), "
+                    "A's statistics are kept, in --save-stats or else ./fid-stats-NAME-HASH.npz, and the error "
+                    "says how to rerun with them. Several GPUs: torchrun ... -m xrayforge fid.")
     p.add_argument("a", help="the first (real) side: folder, archive, .npz statistics or checkpoint / run folder")
     p.add_argument("b", nargs="?", help="the second (generated) side, of the same kinds; left out with --save-stats: "
                                         "only A's statistics are written")
@@ -113,7 +129,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "with more images than that it lies above the FID printed, which uses every image)")
     p.add_argument("--keep-features", type=_args.positive_int, default=10000,
                    help="features kept per side for --kid, --bootstrap and --prdc (a uniform sample; default 10000)")
-    p.add_argument("--save-stats", default=None, help="write A's statistics to this .npz")
+    p.add_argument("--save-stats", default=None,
+                   help="write A's statistics to this .npz (as soon as they are computed: a failure of B keeps "
+                        "them)")
     p.add_argument("--features", default="inception", metavar="SPACE",
                    help="the feature space: inception (default; the literature's FID), classifier:MODEL (the "
                         "penultimate features of a `xrayforge classify train` model) or densenet121:FILE (a "

@@ -493,12 +493,20 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     into one folder; a folder reached twice is walked once), sorted; hidden files and files whose
     suffix says they are no image (``NOT_IMAGE_SUFFIXES``) left out. No file is opened: one
     with an unknown suffix is a candidate that ``read_radiograph`` reads by its content."""
+    return list(iter_images(root))
+
+
+def iter_images(root: str | os.PathLike):
+    """``find_images``'s files one by one, in its order, as the walk finds them: whether a folder
+    holds any needs only the first (a folder of 100k images on a network file system takes a while
+    to list)."""
     root = Path(root)
     if root.is_file():
-        return [root]
+        yield root
+        return
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or directory")
-    out, walked = [], set()
+    walked = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in walked:  # a link back up the tree, or a second link to one folder
@@ -507,7 +515,5 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         walked.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if not name.startswith(".") and p.suffix.lower() not in NOT_IMAGE_SUFFIXES:
-                out.append(p)
-    return out
+            if not name.startswith(".") and Path(name).suffix.lower() not in NOT_IMAGE_SUFFIXES:
+                yield Path(dirpath) / name

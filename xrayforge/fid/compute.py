@@ -4,11 +4,21 @@ Decoding runs in DataLoader workers, batches are pinned and copied without block
 GPU preprocesses (fused kernel), runs the Inception and accumulates float64 moments while the
 workers decode the next batches. Under torchrun each process takes every world-th image and
 the moments are merged at the end. Images that cannot be read are listed and skipped.
+
+``compute_fid`` checks both inputs before it reads either (a typo in B, an empty folder, a
+checkpoint without ``n``, statistics of another feature size are said at once, not after A's
+images went through the network), reads an input given twice once, and when B fails after A's
+moments are computed, keeps them in a statistics file that ``fid`` takes as an input.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
+import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data.archive import Archive
-from ..data.readers import SkipImage, find_images, read_radiograph
+from ..data.readers import SkipImage, find_images, iter_images, read_radiograph
 from ..errors import UserError
 from .features import feature_space, same_space
 from .stats import FrechetStats, StreamingMoments, frechet_distance
@@ -85,6 +95,47 @@ def describe(spec: str) -> str:
     if p.is_dir() or p.is_file():
         return "folder"
     raise FileNotFoundError(f"{spec}: no such file or folder")
+
+
+def _has_candidates(root: str | os.PathLike) -> bool:
+    """Whether ``find_images(root)`` would list any file, found without listing them all."""
+    return next(iter_images(root), None) is not None
+
+
+def check_input(spec: str, n: int | None = None) -> tuple[str, str]:
+    """(kind, what to read) of an input, after the checks that cost little, so that a bad B is said
+    before A's images go through the network (minutes to hours), not after: a folder with no image
+    files (or none that can be listed), an archive whose metadata, manifest or image array is
+    damaged, a checkpoint without the number of images ``n``, a damaged checkpoint, or a run with
+    no usable one (a checkpoint's weights are hashed once more: a second, against the minutes its
+    images take). What to read: ``spec``, or for a training run the checkpoint chosen now (its
+    newest intact one: the same one for the whole command, and checked once). Statistics files
+    are only named here: their caller loads (and so checks) them."""
+    kind = describe(spec)
+    if kind == "folder" and not _has_candidates(spec):
+        raise FileNotFoundError(f"{spec}: no image files")
+    if kind == "archive":
+        arc = Archive(spec)
+        arc.array(arc.resolution)
+    if kind == "checkpoint":
+        if not n:
+            raise ValueError(f"{spec} is a generator checkpoint: give the number of images with --n")
+        from ..nn.checkpoint import damage, find_checkpoint
+        folder = find_checkpoint(spec)  # a run's newest intact checkpoint (checked there)
+        if (Path(spec) / "networks.json").is_file():  # a checkpoint folder itself: checked here
+            problem = damage(folder)
+            if problem:
+                raise UserError(problem)
+        return kind, str(folder)
+    return kind, spec
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two inputs name the same file or folder (``imgs`` and ``./imgs/``, a link and its target)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _sample_keys(names, seed: int) -> np.ndarray:
@@ -341,38 +392,54 @@ def bootstrap_fid(fa: np.ndarray, fb: np.ndarray, rounds: int = 100, seed: int =
 
 def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, bootstrap: int = 0,
                 keep_features: int = 10000, seed: int = 0, save_stats: str | None = None, limit: int | None = None,
-                prdc: bool = False, **extractor_kwargs) -> dict:
+                prdc: bool = False, keep_a_dir: str | os.PathLike | None = None, **extractor_kwargs) -> dict:
     """FID (and optionally KID, a bootstrap interval, and precision / recall / density / coverage)
     between inputs ``a`` and ``b`` (``a`` the real side for ``prdc``), in the feature space
     ``features=`` (default Inception).
 
     Returns a dict with ``fid``, ``n_a``, ``n_b``, ``mode``, ``features`` (the space's name),
-    ``inception`` (what the space is), ``skipped`` (unreadable files with reasons) and, when asked,
+    ``inception`` (what the space is), ``skipped`` (unreadable files, each once: ``file``,
+    ``reason`` and ``inputs``, the sides it was in, ``["a"]``, ``["b"]`` or both) and, when asked,
     ``kid``, ``kid_std``, ``fid_ci95``, ``precision``, ``recall``, ``density``, ``coverage`` (on
     up to ``keep_features`` features a side, a uniform sample).
 
     When both ``a`` and ``b`` are statistics files (.npz with mu and sigma) the distance is taken
     from them directly: no Inception network is built and no weights are looked for.
+
+    Both inputs are checked (``check_input``) before either is read, and one folder or archive
+    given on both sides is read once (its features would be the same twice: B's seed only moves
+    a checkpoint's latents). When B fails after A's moments were computed (a damaged or
+    unreadable B, Ctrl-C), A's statistics are kept for a rerun: in ``save_stats`` when given
+    (written as soon as they are known), else in ``keep_a_dir`` (``fid-stats-<A>-<hash>.npz``;
+    the system's temporary folder where ``keep_a_dir`` is inside an input or cannot be written;
+    None: not kept), and a note on the error (``exc.__notes__``) says where and how to reuse
+    them. Not with KID, bootstrap or --prdc: they need A's images, not its statistics.
     """
     need = kid_subsets or bootstrap or prdc
     if prdc and keep_features <= 5:
         raise ValueError(f"--keep-features {keep_features}: --prdc needs more than 5 features a side (its density "
                          f"and coverage take 5 nearest neighbours)")
-    if describe(a) == "stats" and describe(b) == "stats":
+    kinds = {spec: describe(spec) for spec in (a, b)}  # a missing input, either side: said before anything is read
+    if kinds[a] == kinds[b] == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
+    files = {spec: FeatureResult(FrechetStats.load(spec), kind="stats") for spec in (a, b) if kinds[spec] == "stats"}
+    if need and files:  # said before any image is read
+        raise ValueError(f"KID, bootstrap intervals and --prdc need images on both sides, not statistics files "
+                         f"({', '.join(files)})")
+    read = {spec: check_input(spec, n)[1] for spec in (a, b) if kinds[spec] != "stats"}  # before the weights too
     ex = FeatureExtractor(keep_features=keep_features if need else 0, **extractor_kwargs)
     # a statistics file of another feature space is said before any image is read (the extracted
     # side is in the extractor's space by construction)
-    files = {spec: FeatureResult(FrechetStats.load(spec), kind="stats") for spec in (a, b) if describe(spec) == "stats"}
     for spec, r in files.items():
         same_space(r.stats.space, ex.space_name, spec, "this command's features (--features, default inception)")
+        if len(r.stats.mu) != ex.dim:  # e.g. pytorch-fid --dims 768: no space recorded, Inception's name taken
+            raise UserError(f"{spec} holds statistics of {len(r.stats.mu)}-d features and this command's features "
+                            f"({ex.space_name}) are {ex.dim}-d: they come from different feature spaces and cannot "
+                            f"be compared")
         if r.stats.mode not in (None, ex.mode) and ex.space_name.startswith("inception"):
             log.warning("%s holds statistics of --mode %s, the other side is measured in --mode %s: fast and exact "
                         "features differ (about 0.005 FID on phantoms), so this FID mixes the two", spec,
                         r.stats.mode, ex.mode)
-    if need and files:  # said before the other side's images are read
-        raise ValueError(f"KID, bootstrap intervals and --prdc need images on both sides, not statistics files "
-                         f"({', '.join(files)})")
 
     def enough(spec: str, r: FeatureResult) -> None:
         """Said as soon as one side is read, not after the other's: too few images for what is asked."""
@@ -385,18 +452,30 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
         if kid_subsets and have < 2:
             raise ValueError(f"{spec}: {have} readable image(s); KID needs at least 2 a side")
 
-    ra = files.get(a) or ex.compute(a, n, seed, limit)
+    ra = files.get(a) or ex.compute(read[a], n, seed, limit)
+    saved = None
     if save_stats and _rank_world()[0] == 0:
-        ra.stats.save(save_stats)
+        saved = ra.stats.save(save_stats)
     if need:
         enough(a, ra)
-    rb = files.get(b) or ex.compute(b, n, seed + 1, limit)
-    if need:
-        enough(b, rb)
+    if kinds[a] == kinds[b] and kinds[a] in ("folder", "archive") and _same_source(a, b):
+        rb = ra  # the same images, read the same way (the limit is both sides'): the same features
+    else:
+        try:
+            rb = files.get(b) or ex.compute(read[b], n, seed + 1, limit)
+        except (Exception, KeyboardInterrupt) as exc:
+            if ra.kind != "stats" and not need and _rank_world()[0] == 0:
+                _keep_for_rerun(exc, a, b, kinds, ra.stats, saved, keep_a_dir,
+                                [os.path.realpath(read[a]), ex.space_name, ex.mode, extractor_kwargs.get("inception"),
+                                 (n, seed) if kinds[a] == "checkpoint" else None,
+                                 limit if kinds[a] == "archive" else None])
+            raise
+        if need:
+            enough(b, rb)
     _warn_few((a, ra.stats), (b, rb.stats))
     result = {"fid": frechet_distance(ra.stats, rb.stats, ex.device), "n_a": ra.stats.n, "n_b": rb.stats.n,
               "mode": ex.mode, "features": ex.space_name, "inception": ex.describe_space(),
-              "skipped": [{"file": f, "reason": r} for f, r in ra.skipped + rb.skipped]}
+              "skipped": _skipped_once(("a", ra.skipped), ("b", rb.skipped))}
     if prdc:
         from .prdc import prdc as prdc_of
         result.update(prdc_of(ra.features, rb.features))
@@ -405,6 +484,71 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     if bootstrap:
         result["fid_ci95"] = list(bootstrap_fid(ra.features, rb.features, bootstrap, device=ex.device))
     return result
+
+
+def _skipped_once(*sides) -> list[dict]:
+    """The unreadable files of (side, [(file, reason)]) pairs, each once, with the sides it was in:
+    one folder on both sides, or two that overlap, list a file once (it was listed once a side)."""
+    out, seen = [], {}
+    for side, skipped in sides:
+        for f, reason in skipped:
+            key = os.path.realpath(f)
+            if key in seen:
+                if side not in seen[key]["inputs"]:
+                    seen[key]["inputs"].append(side)
+                continue
+            seen[key] = {"file": f, "reason": reason, "inputs": [side]}
+            out.append(seen[key])
+    return out
+
+
+def _inside(folder: Path, spec: str) -> bool:
+    """Whether ``folder`` is the input ``spec`` (a folder) or below it."""
+    try:
+        Path(folder).resolve().relative_to(Path(spec).resolve())
+    except (ValueError, OSError):
+        return False
+    return Path(spec).is_dir()
+
+
+def _keep_for_rerun(exc: BaseException, a: str, b: str, kinds: dict, stats: FrechetStats, saved: Path | None,
+                    folder: str | os.PathLike | None, identity: list) -> None:
+    """B failed after A's statistics were computed: keep them (``saved``: already written by
+    --save-stats; else a new file in ``folder``, or in the temporary folder where ``folder`` is
+    inside an input or cannot be written), and add a note to ``exc`` saying where and how to use
+    them. The file's name carries a hash of what made the statistics (A's real path, the feature
+    space, mode, weights, a checkpoint's n and seed, an archive's limit): a rerun that fails again
+    replaces its own file, never another A's, and nothing but a statistics file is replaced.
+    Keeping them never hides B's error: a failure to write is said at WARNING."""
+    if saved is None:
+        if folder is None:
+            return
+        digest = hashlib.blake2b(json.dumps(identity, default=str).encode(), digest_size=4).hexdigest()
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(os.path.abspath(a)).name)[:60].strip("._") or "input"
+        name = f"fid-stats-{stem}-{digest}.npz"
+        places = [Path(folder)] if not any(_inside(Path(folder), s) for s in (a, b) if kinds[s] != "stats") else []
+        places.append(Path(tempfile.gettempdir()))
+        why = []
+        for place in places:
+            path = place / name
+            try:
+                if path.exists():
+                    FrechetStats.load(path)  # only statistics are ever replaced
+                saved = stats.save(path)
+                break
+            except Exception as err:  # noqa: BLE001 - B's error is the one to say; this one only at WARNING
+                why.append(f"{path}: {err}")
+        if saved is None:
+            log.warning("%s's statistics could not be kept for a rerun (%s)", a, "; ".join(why))
+            return
+    rest = " with the same options" + (" but without --n" if kinds[a] == "checkpoint" and kinds[b] != "checkpoint"
+                                       else "")
+    note = (f"{a}'s statistics were saved to {saved}: run `xrayforge fid {shlex.quote(str(saved))} "
+            f"{shlex.quote(b)}`{rest} to skip computing them again")
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # Python 3.10: the same attribute, which the command line reads
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]
 
 
 def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_kwargs: dict) -> dict:
@@ -435,7 +579,11 @@ def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_
 
 def _warn_few(*sides) -> None:
     """Say when an input has fewer images than feature dimensions: its covariance is singular."""
-    for spec, stats in dict(sides).items():  # the same input on both sides: said once
+    said = []
+    for spec, stats in dict(sides).items():  # the same input on both sides (one spec, or one read): said once
+        if any(stats is s for s in said):
+            continue
+        said.append(stats)
         dim = len(stats.mu)
         if stats.n is not None and stats.n <= dim and _rank_world()[0] == 0:
             log.warning("%s: %d images for %d feature dimensions: a singular covariance, and an FID far above its "
