@@ -227,7 +227,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("key", help="its answer key CSV (written by `make`, beside the pack)")
     q.add_argument("answers", nargs="+", help="CSV files exported from the pack's page")
     q.add_argument("--permutations", type=_args.positive_int, default=10000,
-                   help="permutations of the key for the permutation test (default 10000: the smallest p is 1/10001; one near 1e-3 is known to about ±30%)")
+                   help="permutations of the key for the permutation test (default 10000: the smallest p is 1/10001; one near 1e-3 is known to about ±30%%)")
     q.add_argument("--seed", type=_args.seed, default=0,
                    help="the permutations' seed (default 0): the same answers and seed give the same p-values")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
