@@ -401,7 +401,9 @@ def test_a_file_without_preamble_that_is_no_dicom_image_is_still_skipped(tmp_pat
     (b"\x08\x00\x06\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff", False),  # a sequence of undefined length
     (b"\x08\x00\x10\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff", None),   # (0008,1110): not a first element
     (b"\x08\x00\x08\x00\x00\x00\x00\x00" + b"\x00" * 4, True),   # a raw 16-bit dump's dark corner: (0008,0008)
-    (b"\x08\x00\x0a\x00\x00\x00\x00\x00" + b"\x00" * 4, None),   # ... and one that is no first element
+    (b"\x08\x00\x0a\x00\x00\x00\x00\x00" + b"\x00" * 4, True),   # ... (0008,000A): group 0008 up to 0018
+    (b"\x08\x00\x18\x00UI\x04\x001.2\x00", False),             # SOP Instance UID first (its class stripped)
+    (b"\x08\x00\x20\x00DA\x08\x0020240101", None),              # (0008,0020): never the first element
     (b"\x08\x00\x05\x00CS\x0b\x00ISO_IR 100", None),             # odd length
     (b"\x08\x00\x05\x00\x00\x10\x00\x00ISO_IR 100", None),        # longer than the file
     (b"\x08\x00\x00\x70OB\x01\x00\x00\x00ISO_IR 100", None),      # OB without its reserved zero bytes

@@ -390,3 +390,41 @@ def test_the_reports_sentence_follows_the_thresholds_rule(tmp_path):
                            ("self", "their nearest other real image"), (None, "their nearest other real image")):
         (tmp_path / "summary.json").write_text(json.dumps({**base, "threshold_excludes": excludes}))
         assert said in "\n".join(_section("memorisation", tmp_path))
+
+
+def test_an_exact_copy_is_flagged_where_the_threshold_is_zero():
+    """With exact distances, reals that have an exact duplicate put the percentile at 0.0, and
+    d < 0 flagged nothing: not even a pixel-exact copy."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(200, 16, generator=g)
+    real[100:105] = real[:5]  # 5 of 200 reals duplicated: the 1st percentile of their distances is 0
+    synth = torch.cat([real[50:51], torch.rand(9, 16, generator=g)])  # a copy of real 50, and 9 new
+    got = screen([synth], [real], percentile=1.0)
+    assert got["threshold"][0] == 0.0 and got["distance"][0][0] == 0
+    assert got["flagged"].tolist() == [True] + [False] * 9
+
+
+def test_the_design_effect_never_gives_a_smaller_p(monkeypatch):
+    """Rounding the shrunk counts half to even could give a smaller p than the counts as they are
+    (13/1000 against 3/1000 at d = 1.2: 0.0104 -> 0.0095)."""
+    import xrayforge.evaluate.memorisation as memorisation
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(400, 8, generator=g, dtype=torch.float64)
+    synth = torch.cat([real[:6] + 1e-6, torch.rand(60, 8, generator=g, dtype=torch.float64)])
+    groups = [i // 2 for i in range(400)]
+    p = {}
+    for d in (1.0, 1.2, 2.0):
+        monkeypatch.setattr(memorisation, "design_effect", lambda flags, ids, d=d: d)
+        p[d] = screen([synth], [real], percentile=5.0, groups=groups)["p_value"]
+    assert p[1.0] <= p[1.2] <= p[2.0]
+    # the adjusted counts round towards a higher control rate: never fewer flags or more images
+    assert fisher_greater(13, 1000, 3, 1000) <= fisher_greater(13, 1000, 3, 833)  # ceil(3/1.2), floor(1000/1.2)
+
+
+def test_the_chance_sentence_says_how_an_older_summary_counted():
+    base = {"p_value": 0.5, "more_than_chance": False, "synthetic_flagged_half": 1.0, "real_flagged": 2, "real": 150,
+            "expected_by_chance": 1.0, "halves_by": "patient"}
+    assert "design effect 1.50" in chance_sentence({**base, "controls": 150, "design_effect": 1.5})
+    assert "one image of each patient" in chance_sentence({**base, "controls": 75})  # between the two versions
+    older = chance_sentence(base)  # every image, unadjusted
+    assert "one image" not in older and "design effect" not in older

@@ -962,6 +962,22 @@ def test_a_checkpoint_that_cannot_be_written_names_it_and_the_intact_one(archive
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000064"]
 
 
+def test_another_error_while_checkpointing_is_not_called_a_full_disk(archive, tmp_path, monkeypatch):
+    """Only torch's write failures are a full disk; a CUDA error surfacing at the copy to the host (or
+    any other RuntimeError) is raised as it is, not hidden behind "is the disk full?"."""
+    import xrayforge.train.trainer as trainer_module
+    real_save = torch.save
+
+    def cuda_error(obj, f, *args, **kwargs):
+        if str(f).endswith("state.pt"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(trainer_module.torch, "save", cuda_error)
+    with pytest.raises(RuntimeError, match="illegal memory access") as info:
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run"), max_images=64, **TINY), progress=False).train()
+    assert "disk" not in str(info.value)
+
+
 def _flip_a_byte_inside(path):
     """Flip one bit in the middle of a torch file: its zip directory stays whole, so that torch (which
     checks no CRC) loads it; only the recorded digest tells."""

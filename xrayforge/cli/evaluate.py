@@ -183,7 +183,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "the --percentile of those; writes memorisation.csv, summary.json, distances.png and "
                     "closest_pairs.png. Half of the real images, put through the same rule against the other half "
                     "alongside the synthetic ones, are the control group: the summary tests the synthetic flag "
-                    "rate against theirs (one-sided Fisher exact test, each half the reference once). Distances "
+                    "rate against theirs (one-sided Fisher test, each half the reference once; in an archive whose "
+                    "patients have several images, the control counts shrunk by their design effect: approximate, "
+                    "see the module docs for its measured error rates). Distances "
                     "are computed in chunks, never as a whole matrix.")
     q.add_argument("--synthetic", required=True, help="folder of synthetic images (e.g. from `xrayforge sample`)")
     q.add_argument("--real", required=True, help="the training archive (or a folder of real images); every image "

@@ -98,7 +98,7 @@ class Radiograph:
 # instance, or the transfer syntax (writers leave the optional ones out); in group 0008, its length
 # (retired) or the first of its elements an image's data set holds (PS3.6)
 _FIRST_ELEMENTS = {0x0002: (0x0000, 0x0001, 0x0002, 0x0003, 0x0010),
-                   0x0008: (0x0000, 0x0001, 0x0005, 0x0006, 0x0008, 0x0010, 0x0012, 0x0013, 0x0014, 0x0016)}
+                   0x0008: tuple(range(0x0019))}  # up to (0008,0018), the SOP instance: its class may be gone
 
 
 def bare_dataset_encoding(head: bytes, size: int) -> bool | None:
@@ -110,7 +110,7 @@ def bare_dataset_encoding(head: bytes, size: int) -> bool | None:
     (``_FIRST_ELEMENTS``), then, explicit, a VR of PS3.5 (as pydicom tells the two apart) and a
     length, or, implicit, a 4-byte length; the length must be even (PS3.5 7.1.1) and fit in the
     file. No text file passes (its first two bytes are printable); of random files, about one in
-    several billion (the group and element alone: 15 of 2³² tags); and the data set read from one
+    several billion (the group and element alone: 30 of 2³² tags); and the data set read from one
     that passes must still have pixel data and the image attributes (``read_dicom``)."""
     if len(head) < 12:
         return None

@@ -37,6 +37,7 @@ distributions) and closest_pairs.png (the closest synthetic / real pairs side by
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -98,9 +99,15 @@ def _flags(queries: list[torch.Tensor], refs: list[torch.Tensor], percentile: fl
         nn = (nearest_neighbours(r, r, exclude_self=True) if groups is None
               else nearest_neighbours(r, r, groups=groups))[0]
         thr = float(np.percentile(nn.numpy(), percentile))
-        flagged |= d < thr
+        flagged |= _under(d, thr)
         out.append((d, i, nn, thr))
     return out, flagged
+
+
+def _under(d: torch.Tensor, thr: float) -> torch.Tensor:
+    """Under the threshold: closer than ``thr``, or, where the threshold is 0 (at least the
+    percentile of the reals have an exact duplicate), an exact copy (never under 0 otherwise)."""
+    return d < thr if thr > 0 else d <= 0
 
 
 def _halves(n: int, groups, seed: int):
@@ -198,10 +205,13 @@ def screen(synthetic: list[torch.Tensor], real: list[torch.Tensor], percentile: 
         chance += hits / len(ctrl) * m / 2  # at this pass's control rate, as synth is averaged
         d = 1.0
         if groups is not None:  # the reference's own flags (under its threshold, ~percentile %) as a floor
-            own = np.logical_or.reduce([(t[2] < t[3]).cpu().numpy() for t in spaces])
+            own = np.logical_or.reduce([_under(t[2], t[3]).cpu().numpy() for t in spaces])
             d = max(design_effect(c_flags, groups[ctrl_np]), design_effect(own, groups[ref_np]))
         effects.append(d)
-        p_values.append(fisher_greater(int(s_flags.sum()), m, round(hits / d), max(1, round(len(ctrl) / d))))
+        # the counts shrunk by d, rounded towards a higher control rate (flags up, images down), and never a
+        # smaller p than the counts as they are: a design effect can only weaken the evidence
+        p_values.append(max(fisher_greater(int(s_flags.sum()), m, math.ceil(hits / d), max(1, math.floor(len(ctrl) / d))),
+                            fisher_greater(int(s_flags.sum()), m, hits, len(ctrl))))
     out.update(real_flagged=controls, controls=n_controls, design_effect=float(np.mean(effects)),
                synthetic_flagged_half=synth / 2, expected_by_chance=chance, p_value=min(1.0, 2 * min(p_values)))
     return out
@@ -288,8 +298,10 @@ def chance_sentence(summary: dict) -> str:
     if summary.get("p_value") is None:
         return ""
     effect = summary.get("design_effect")
+    # summaries written before the design effect: with "controls", one image of each control patient
+    # counted; without, every image, unadjusted
     per_patient = ("" if summary.get("halves_by") != "patient" else
-                   "; every image of each patient, a patient's scans counted together" if effect is None else
+                   ("; one image of each patient" if "controls" in summary else "") if effect is None else
                    f"; every image of each patient, a patient's scans counted together: design effect {effect:.2f}")
     verdict = ("more than chance gives: look at the closest pairs" if summary["more_than_chance"]
                else "no more than chance gives")

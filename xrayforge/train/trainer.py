@@ -49,6 +49,9 @@ OFFICIAL_EMA_KIMG = 16 * math.log(0.5) / math.log(0.999) / 1000
 
 log = logging.getLogger(__name__)
 
+# what torch's zip writer says when a write fails (a full disk, a quota): it names no file
+_TORCH_WRITE_FAILED = ("file write failed", "unexpected pos", "iostream error")
+
 
 # the settings that decide what a run trains (schedule, batch, optimiser, loss, EMA, data order): a resume goes
 # on with the run's own (the networks' shape is checked against networks.json, the archive by its identity)
@@ -808,7 +811,9 @@ class Trainer:
                                  "archive": self.archive_identity}, files=("state.pt",))
         except (OSError, RuntimeError) as exc:
             # a full disk: torch's zip writer says "file write failed", "unexpected pos 704 vs 598" or
-            # "basic_ios::clear: iostream error", and names no file
+            # "basic_ios::clear: iostream error", and names no file; any other error is raised as it is
+            if not (isinstance(exc, OSError) or any(m in str(exc) for m in _TORCH_WRITE_FAILED)):
+                raise
             shutil.rmtree(tmp, ignore_errors=True)  # the space it took, for the next try
             kept = checkpoint_dirs(self.ckpt_dir)
             raise UserError(f"{tmp}: cannot write the checkpoint at {self.images_seen} images ({exc}); is the disk "

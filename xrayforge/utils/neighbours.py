@@ -54,7 +54,7 @@ def nearest_other_group(x: torch.Tensor, groups, chunk_q: int = 2048,
     ``|q|² + |r|² - 2 q·r`` on chunk_q × chunk_r blocks, a block's same-group entries +inf, its
     minimum merged into a running one): the N × N matrix never exists (100k × 100k 2048-d
     features: one pass of float64 matmuls, as the ungrouped reference); the distance to the row
-found is then recomputed exactly, as ``ops.knn`` does. A NaN distance is never a
+    found is then recomputed exactly, as ``ops.knn`` does. A NaN distance is never a
     neighbour, as in ``ops.knn``. ValueError where a row has no row of another group (all rows are
     one group)."""
     if x.dim() != 2 or not x.is_floating_point():
