@@ -97,11 +97,17 @@ def _check(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool
 # --------------------------------------------------------------------------- reference
 @torch.no_grad()  # a search: no graph, no history (see the module docstring)
 def reference(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: bool = False,
-              chunk_q: int = 2048, chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk_q: int = 2048, chunk_r: int = 16384,
+              groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch search: distances (N, k) ascending (float64, from the expansion: :func:`knn`
     recomputes them exactly) and indices (N, k) (int64), on the references' device; without
-    autograd history."""
+    autograd history. ``groups`` (int64 codes, one per row; queries and refs the same set): a
+    reference of the query's own group is skipped, as ``exclude_self`` skips the row itself (a slot
+    no reference of another group fills stays at +inf)."""
     _check(queries, refs, k, exclude_self)
+    if groups is not None and (len(queries) != len(refs) or len(groups) != len(refs)):
+        raise UserError(f"knn: groups need the same set twice and one code a row, got {len(queries)} and "
+                        f"{len(refs)} rows and {len(groups)} codes")
     dev = refs.device
     ref_sq = refs.double().square().sum(1)
     dists = torch.empty(len(queries), k, dtype=torch.float64, device=dev)
@@ -119,6 +125,8 @@ def reference(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: b
                 cols = rows - rs
                 ok = (cols >= 0) & (cols < len(r))
                 d2[ok.nonzero().squeeze(1), cols[ok]] = float("inf")
+            if groups is not None:
+                d2.masked_fill_(groups[qs:qs + len(q), None] == groups[None, rs:rs + len(r)], float("inf"))
             cand_d = torch.cat([best_d, d2], 1)
             cand_i = torch.cat([best_i, torch.arange(rs, rs + len(r), device=dev).expand(len(q), -1)], 1)
             best_d, pos = cand_d.topk(k, dim=1, largest=False, sorted=True)

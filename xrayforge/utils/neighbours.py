@@ -50,13 +50,12 @@ def group_codes(groups) -> np.ndarray:
 def nearest_other_group(x: torch.Tensor, groups, chunk_q: int = 2048,
                         chunk_r: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's Euclidean distance to, and index of, its nearest row of another group (float32 /
-    int64 on the CPU). Chunked torch on ``x``'s device, as ``ops.knn``'s reference (float64
-    ``|q|² + |r|² - 2 q·r`` on chunk_q × chunk_r blocks, a block's same-group entries +inf, its
-    minimum merged into a running one): the N × N matrix never exists (100k × 100k 2048-d
-    features: one pass of float64 matmuls, as the ungrouped reference); the distance to the row
-    found is then recomputed exactly, as ``ops.knn`` does. A NaN distance is never a
-    neighbour, as in ``ops.knn``. ValueError where a row has no row of another group (all rows are
-    one group)."""
+    int64 on the CPU): ``ops.knn``'s torch search with a group mask (float64 ``|q|² + |r|² - 2 q·r``
+    on chunk_q × chunk_r blocks on ``x``'s device, a block's same-group entries +inf: the N × N
+    matrix never exists), its candidates then re-ranked by their exact distances, as ``ops.knn``
+    does. A NaN distance is never a neighbour, as in ``ops.knn``. ValueError where a row has no
+    row of another group (all rows are one group)."""
+    from ..ops.knn import EXTRA_CANDIDATES, _exact, reference
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"nearest_other_group: expected (N, D) floating-point features, got {x.dtype} "
                          f"{tuple(x.shape)}")
@@ -67,28 +66,9 @@ def nearest_other_group(x: torch.Tensor, groups, chunk_q: int = 2048,
     if n == 0 or codes.max() == 0:
         raise ValueError(f"nearest_other_group: all {n} rows are of one group, so none has a neighbour in "
                          f"another group")
-    dev = x.device
-    g = torch.from_numpy(codes).to(dev)
-    sq = x.double().square().sum(1)
-    best_d = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
-    best_i = torch.zeros(n, dtype=torch.long, device=dev)
-    for rs in range(0, n, chunk_r):  # each reference block converted once; queries stream past it
-        r = x[rs:rs + chunk_r].double()
-        r_sq, r_g = sq[rs:rs + chunk_r][None, :], g[rs:rs + chunk_r][None, :]
-        for qs in range(0, n, chunk_q):
-            q = x[qs:qs + chunk_q].double()
-            d2 = (sq[qs:qs + chunk_q, None] + r_sq - 2 * q @ r.T).clamp_min_(0)
-            d2.masked_fill_((g[qs:qs + chunk_q, None] == r_g) | d2.isnan(), float("inf"))
-            m, j = d2.min(1)
-            bd = best_d[qs:qs + chunk_q]
-            better = m < bd  # a tie keeps the earlier block's (lower) index
-            best_d[qs:qs + chunk_q] = torch.where(better, m, bd)
-            best_i[qs:qs + chunk_q] = torch.where(better, j + rs, best_i[qs:qs + chunk_q])
-            del d2
-    # the distance to the neighbour found, exactly (ops.knn's recompute: the expansion's rounding
-    # is relative to |q|² + |r|², so an identical image of another patient would not be 0 apart)
-    from ..ops.knn import _exact
-    d, i = _exact(x, x, best_d.sqrt()[:, None], best_i[:, None], 1)
+    d, i = reference(x, x, min(1 + EXTRA_CANDIDATES, n), chunk_q=chunk_q, chunk_r=chunk_r,
+                     groups=torch.from_numpy(codes).to(x.device))
+    d, i = _exact(x, x, d, i, 1)
     return d[:, 0].float().cpu(), i[:, 0].cpu()
 
 
