@@ -66,21 +66,32 @@ def damage(folder: Path, files=("networks.pt",)) -> str | None:
         meta = read_metadata(folder)
     except (UserError, FileNotFoundError) as exc:
         return str(exc)
-    digests = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
     for name in files:
         f = folder / name
         if not f.is_file():
             return f"{f}: missing"
         if not zipfile.is_zipfile(f):
             return f"{f}: truncated or damaged ({f.stat().st_size} bytes, no complete zip directory)"
-        if name in digests:
-            try:
-                digest = file_digest(f)
-            except OSError as exc:
-                return f"{f}: cannot be read ({exc.strerror or exc})"
-            if digest != digests[name]:
-                return (f"{f}: damaged: its contents changed after it was written (SHA-256 {digest[:12]}…, "
-                        f"networks.json recorded {str(digests[name])[:12]}…)")
+        why = _changed(folder, name, meta)
+        if why is not None:
+            return why
+    return None
+
+
+def _changed(folder: Path, name: str, meta: dict) -> str | None:
+    """Why the file ``name`` of a checkpoint is not what networks.json (``meta``) recorded it to be
+    (another SHA-256, or unreadable), or None (the same, or no digest recorded: an older checkpoint)."""
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or name not in digests:
+        return None
+    f = folder / name
+    try:
+        digest = file_digest(f)
+    except OSError as exc:
+        return f"{f}: cannot be read ({exc.strerror or exc})"
+    if digest != digests[name]:
+        return (f"{f}: damaged: its contents changed after it was written (SHA-256 {digest[:12]}…, "
+                f"networks.json recorded {str(digests[name])[:12]}…)")
     return None
 
 
@@ -153,9 +164,9 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
     weights_path = folder / "networks.pt"
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (networks.json is there, the weights are not)")
-    recorded = (meta.get("sha256") or {}).get("networks.pt") if isinstance(meta.get("sha256"), dict) else None
-    if recorded is not None and file_digest(weights_path) != recorded:
-        raise UserError(damage(folder) or f"{weights_path}: damaged: its contents changed after it was written")
+    why = _changed(folder, "networks.pt", meta)
+    if why is not None:
+        raise UserError(why)
     tensors = load_torch(weights_path, "network weights", map_location=map_location)
     out = {}
     for name, info in meta["networks"].items():

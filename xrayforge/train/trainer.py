@@ -14,6 +14,7 @@ folder is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -430,11 +431,18 @@ class Trainer:
             value = box[0]
         return value
 
-    def _raise_together(self, error: BaseException | None) -> None:
-        """Raise process 0's ``error`` (what it met writing the run's files) on every process. Process
-        0 alone writes them: under torchrun the others went on to the next collective and waited
-        there until the process group's timeout (30 minutes by default), while process 0 had
-        already stopped. Every process calls this at the same point; one process, no collective."""
+    @contextlib.contextmanager
+    def _together(self):
+        """Process 0's error in the block (what it met writing the run's files) raised on every
+        process. Process 0 alone writes them: under torchrun the others went on to the next
+        collective and waited there until the process group's timeout (30 minutes by default),
+        while process 0 had already stopped. Every process enters the block at the same point; one
+        process, no collective."""
+        error = None
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - told to the others, then raised as it is
+            error = exc
         said = self._from_process_0(None if error is None else f"{type(error).__name__}: {error}") \
             if self.world > 1 else None
         if error is not None:
@@ -1004,26 +1012,17 @@ class Trainer:
                         record["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                     bar.set_postfix(res=record["resolution"], alpha=f"{record['alpha']:.2f}",
                                     d=f"{record['d_loss']:.3f}", g=f"{record['g_loss']:.3f}")
-                    failed = None
-                    if self.rank == 0:
-                        # a full disk, GPU memory for the grid or the metrics: raised on every process below
-                        try:
+                    with self._together():  # a full disk, GPU memory for the grid or the metrics
+                        if self.rank == 0:
                             self._write_tick(record, final=done)
-                        except Exception as exc:  # noqa: BLE001
-                            failed = exc
-                    self._raise_together(failed)
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
                     (better,) = self._agree(self._better(record))  # rank 0 measures
                     if better or done or stopping or self.tick % self.cfg.checkpoint_ticks == 0:
-                        failed = None  # process 0's files (a full disk, a read-only folder): raised on every process
-                        try:
+                        with self._together():  # process 0's files: a full disk, a read-only folder
                             saved = self.save_checkpoint()
                             if better and saved is not None:
                                 self._mark_best(saved, record)
-                        except Exception as exc:  # noqa: BLE001
-                            failed = exc
-                        self._raise_together(failed)
                     tick_start, tick_images = time.perf_counter(), 0
                     next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
                 if stopping:
