@@ -11,6 +11,9 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli(["demo", "--out", str(out), "--minutes", "0.3", "--device", "cpu", "-q"]) == 0
     state = json.loads((out / "demo_state.json").read_text())
+    printed = capsys.readouterr().out  # -q: no progress, but the results are printed
+    assert "xrayforge demo finished" in printed and f"FID {state['fid']['fid']:.3f}" in printed
+    assert str(out / "report.html") in printed and "[demo]" not in printed
     assert (out / "phantom" / "archive.json").is_file()
     run = out / "run"
     assert (run / "log.jsonl").is_file() and (run / "loss.png").is_file() and (run / "grid-latest.png").is_file()

@@ -218,6 +218,21 @@ def demo_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def finished_text(results: dict) -> str:
+    """What the demo made and its headline figures: printed at the end, also under `--quiet`."""
+    mem = results["memorisation"]
+    lines = ["xrayforge demo finished. Results:"]
+    lines += [f"  {what:58s} {path}" for what, path in results["outputs"].items()]
+    lines.append(f"  FID {results['fid']['fid']:.3f} ({results['fid']['inception']})")
+    lines.append(f"  realism ratio {results['realism']['realism']:.2f}, diversity {results['realism']['diversity']:.2f} "
+                 f"(1 = as close to the data as the data is to itself); memorisation audit: "
+                 f"{mem['flagged']} of {mem['synthetic']} samples flagged"
+                 + (f" (against half of the reals: {mem['synthetic_flagged_half']:.1f}, where chance gives "
+                    f"{mem['expected_by_chance']:.1f}; Fisher p = {mem['p_value']:.2g})"
+                    if mem.get("synthetic_flagged_half") is not None else ""))
+    return "\n".join(lines)
+
+
 def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: float = 5.0,
              inception: str | None = None, progress: bool = True) -> dict:
     from .data.archive import Archive
@@ -423,22 +438,13 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     report = write_report(out / "report.html", run, title="xrayforge demo report", preamble=demo_markdown(results))
     page = Path(report["html"])
     results["report"] = str(page)
+    results["outputs"] = {
+        "archive": str(archive), "training run (log.jsonl, loss.png, grids/, checkpoints/)": str(run),
+        "classifier": str(clf), "unconditional samples": str(samples / "unconditional"),
+        "LCO-labelled samples": str(samples),
+        "evaluations (TSTR, FID per finding, diversity, memorisation)": str(run / "evaluations"),
+        "report": str(page), "all figures (JSON)": str(state_path)}
     save_state()
-    where = {
-        "archive": archive, "training run (log.jsonl, loss.png, grids/, checkpoints/)": run, "classifier": clf,
-        "unconditional samples": samples / "unconditional", "LCO-labelled samples": samples,
-        "evaluations (TSTR, FID per finding, diversity, memorisation)": run / "evaluations",
-        "report": page, "all figures (JSON)": state_path}
     if progress:
-        mem = results["memorisation"]
-        print("\nxrayforge demo finished. Results:")
-        for what, path in where.items():
-            print(f"  {what:58s} {path}")
-        print(f"  FID {results['fid']['fid']:.3f} ({results['fid']['inception']})")
-        print(f"  realism ratio {results['realism']['realism']:.2f}, diversity {results['realism']['diversity']:.2f} "
-              f"(1 = as close to the data as the data is to itself); memorisation audit: "
-              f"{mem['flagged']} of {mem['synthetic']} samples flagged"
-              + (f" (against half of the reals: {mem['synthetic_flagged_half']:.1f}, where chance gives "
-                 f"{mem['expected_by_chance']:.1f}; Fisher p = {mem['p_value']:.2g})"
-                 if mem.get("synthetic_flagged_half") is not None else ""))
+        print("\n" + finished_text(results))
     return results

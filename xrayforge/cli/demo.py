@@ -8,14 +8,16 @@ from . import _args
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import finished_text, run_demo
     from ..train.trainer import Interrupted
 
     try:
-        run_demo(args.out, args.device, args.minutes, args.inception, progress=not args.quiet)
+        results = run_demo(args.out, args.device, args.minutes, args.inception, progress=not args.quiet)
     except (KeyboardInterrupt, Interrupted):  # Ctrl-C during training stops the trainer with a checkpoint
         print(f"\ninterrupted: run the same command again to continue ({args.out})", file=sys.stderr)
         return 130
+    if args.quiet:  # no progress, but the results are the point of running it
+        print(finished_text(results))
     return 0
 
 
@@ -32,5 +34,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception", default=None,
                    help="FID Inception weights, if you have them (default: XRAYFORGE_INCEPTION or the torch hub "
                         "cache; none there: FID in the phantom classifier's features)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage messages (the results are still printed)")
     p.set_defaults(func=_cmd_demo)
