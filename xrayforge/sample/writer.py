@@ -154,6 +154,7 @@ class ArchiveSampler:
             self.classifier = load_classifier(cfg.classifier).to(self.device).eval().requires_grad_(False)
         if cfg.targets and self.classifier is None:
             raise ValueError("LCO targets need --classifier MODEL")
+        self._check_channels()
         self.findings = self.classifier.findings if self.classifier is not None else []
         self.targets = [parse_target(t, self.findings) for t in cfg.targets]
         seen = {}
@@ -174,6 +175,22 @@ class ArchiveSampler:
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
         self.bar = None  # the progress bar while run() writes shards (LCO says its attempts there)
         self.reached = {format_target(t): False for t in self.targets}  # the archive holds an image of it
+
+    def _check_channels(self) -> None:
+        """Refuse, before anything is written, what a colour (multi-channel) generator's images cannot
+        be: 16-bit PNG (Pillow writes no 16-bit colour PNG), DICOM (written here as one grey channel),
+        or the input of a classifier of grey images. Else its first shard would fail once made."""
+        if (self.cfg.format == "png8" and self.classifier is None) or not (self.ckpt / "networks.json").is_file() \
+                or self._complete():  # a finished archive is only re-summarised
+            return
+        from ..nn.checkpoint import read_metadata
+        info = read_metadata(self.ckpt)["networks"].get("G_ema", {})
+        channels = int(info.get("config", {}).get("image_channels", 1))
+        if channels == 1:
+            return
+        why = (f"--format {self.cfg.format} writes one grey channel (png8 writes colour)" if self.cfg.format != "png8"
+               else f"the classifier {self.cfg.classifier} takes grey (one-channel) images")
+        raise UserError(f"{self.ckpt}: its generator makes {channels}-channel images, and {why}")
 
     @property
     def G(self):
@@ -271,7 +288,7 @@ class ArchiveSampler:
         return 16 if self.cfg.format == "png16" else 8
 
     def _unconditional_shard(self, s: int, slots: range):
-        rows, latents, images = [], [], []
+        rows, latents, pixels = [], [], []
         for start in range(0, len(slots), self.cfg.batch):
             idx = list(slots[start:start + self.cfg.batch])
             z = latents_for(self.cfg.seed, idx, self.G.config.latent_dim, self.cfg.truncation)
@@ -285,8 +302,8 @@ class ArchiveSampler:
                              **({f"p_{f}": float(probs[j, q]) for q, f in enumerate(self.findings)}
                                 if probs is not None else {})})
             latents.append(z.cpu())
-            images.append(img.cpu())
-        return rows, torch.cat(latents), torch.cat(images)
+            pixels.append(to_uint(img, self._bits))  # a shard is held as the files' integers, not as floats
+        return rows, torch.cat(latents), np.concatenate(pixels)
 
     def _lco_shard(self, s: int, slots: range):
         """A shard's LCO images. Attempts finish out of order (accepted ones early, rejected ones after
@@ -386,7 +403,7 @@ class ArchiveSampler:
             if not is_open(t):
                 continue
             outcome[t][a] = (sd, index, smp.steps, smp.probs.tolist(), smp.z.to("cpu", copy=True),
-                             smp.image.to("cpu", copy=True)) if smp.accepted else None
+                             to_uint(smp.image[None], self._bits)[0]) if smp.accepted else None
             settle(t)
         for t in range(T):
             if is_open(t):
@@ -394,23 +411,23 @@ class ArchiveSampler:
                     f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {need[t]} images reached "
                     f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, or check that the "
                     f"classifier can see these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
-        rows, latents, images = [], [], []
+        rows, latents, pixels = [], [], []
         for t in range(T):
             for k, (sd, a, steps, probs, z, image) in zip(slots_of[t], got[t]):
                 rows.append({"index": k, "seed": self.cfg.seed, "latent_seed": sd, "latent_index": a,
                              "target": format_target(self.targets[t]), "lco_steps": steps,
                              **{f"p_{f}": probs[q] for q, f in enumerate(self.findings)}})  # unrounded
                 latents.append(z)
-                images.append(image)
+                pixels.append(image)
         order = np.argsort([r["index"] for r in rows])
-        return [rows[i] for i in order], torch.stack(latents)[order], torch.stack(images)[order]
+        return [rows[i] for i in order], torch.stack(latents)[order], np.stack(pixels)[order]
 
     def _write_shard(self, s: int, slots: range, pool) -> None:
         folder = self.out / f"shard-{s:05d}"
         shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier attempt
         folder.mkdir(parents=True)
-        rows, latents, images = (self._lco_shard if self.targets else self._unconditional_shard)(s, slots)
-        pixels = to_uint(images, self._bits)
+        # pixels as the files hold them (1000 8-bit images at 1024 px: 1 GB; as floats, quantised at once, 12.6 GB)
+        rows, latents, pixels = (self._lco_shard if self.targets else self._unconditional_shard)(s, slots)
         futures = []
         for r, row in enumerate(rows):
             suffix = "dcm" if self.cfg.format == "dicom" else "png"
