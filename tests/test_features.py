@@ -68,6 +68,17 @@ def test_densenet_distance_equals_the_computation_by_hand(world):
         assert got[key] == pytest.approx(theirs[key]), key
 
 
+def test_densenet_input_of_a_tall_image_is_antialiased_like_a_wide_one(world):
+    """Antialiasing went by the width alone: a 300 x 100 image's height was shrunk to 224 without it,
+    while the same image turned on its side was antialiased."""
+    space = feature_space(f"densenet121:{world / 'dn.pt'}")
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (300, 100), dtype=np.uint8))
+    x = img.float()[None, None] / 255
+    want = (2 * F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True) - 1) * 1024
+    torch.testing.assert_close(space.inputs(img[None]), want)
+    torch.testing.assert_close(space.inputs(img.T[None]), want.transpose(-1, -2), rtol=0, atol=1e-3)
+
+
 def test_classifier_space_is_its_penultimate_layer(world):
     from xrayforge.nn.classifier import load_classifier
     model = load_classifier(world / "clf")
@@ -150,3 +161,24 @@ def test_images_of_different_sizes_go_through_the_network_together(world, tmp_pa
     if space == "inception":  # the memorisation audit reads the same batches
         names, feats, pix, thumbs = collect(ex, str(tmp_path), progress=False)
         assert len(names) == len(feats) == len(pix) == len(thumbs) == 5 and thumbs.shape[1:] == (64, 64)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_exact_inception_runs_in_ieee_float32_not_tf32(mode, monkeypatch):
+    """PyTorch lets cuDNN run float32 convolutions as TF32 by default (1e-3 relative per layer on
+    Ampere and later GPUs): exact mode turns that off around Inception and puts the settings back;
+    fast mode (bf16) leaves them as they are."""
+    from xrayforge.fid.features import InceptionSpace
+    space = InceptionSpace(random_weights=True, mode=mode)
+    seen = []
+    monkeypatch.setattr(space, "model", lambda x: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or torch.zeros(len(x), 2048))
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        space.embed(torch.zeros(2, 1, 299, 299))
+        after = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False) if mode == "exact" else (True, True)]
+    assert after == (True, True)

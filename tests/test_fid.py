@@ -429,6 +429,32 @@ def test_fid_of_a_generator_equals_that_of_the_images_it_samples(learned_gan, tm
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(same["fid"], abs=1e-9)
 
 
+def test_fid_of_a_colour_generator_equals_that_of_the_rgb_files_it_samples(tmp_path):
+    """A 3-channel generator (a converted pytorch_GAN_zoo checkpoint) is sampled to RGB PNGs, which
+    a folder input reads as Pillow's luminance; its checkpoint input took the red channel alone."""
+    from PIL import Image
+    from xrayforge.nn import Generator, NetworkConfig, save_networks
+    from xrayforge.sample.writer import SampleConfig, sample_archive
+    torch.manual_seed(0)
+    G = Generator(NetworkConfig(resolution=16, latent_dim=16, image_channels=3, channels=[16, 16, 16])).eval()
+    G.set_level(2, 1.0)
+    with torch.no_grad():
+        for p in G.to_rgb.parameters():
+            p.mul_(5)  # channels far apart
+    save_networks(tmp_path / "ck", {"G": G, "G_ema": G})
+    sample_archive(SampleConfig(str(tmp_path / "ck"), str(tmp_path / "s"), n=12, seed=3, batch=4), progress=False)
+    with Image.open(next((tmp_path / "s").rglob("*.png"))) as im:
+        assert im.mode == "RGB"
+    kw = dict(n=12, random_weights=True, progress=False, workers=0, device="cpu")
+    same = compute_fid(str(tmp_path / "ck"), str(tmp_path / "s"), seed=3, **kw)
+    apart = compute_fid(str(tmp_path / "ck"), str(tmp_path / "s"), seed=0, **kw)
+    assert apart["fid"] > 0 and abs(same["fid"]) < 1e-6 * apart["fid"]
+    from xrayforge.fid.compute import stored_grey  # every pixel value, as Pillow converts it
+    rgb = torch.randint(0, 256, (4, 3, 64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pillow = [np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).convert("L")) for x in rgb]
+    np.testing.assert_array_equal(stored_grey(rgb).numpy(), np.stack(pillow))
+
+
 def _fid_rank(rank, world, a, b, init_file, result):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -621,6 +647,19 @@ def test_statistics_of_another_feature_size_are_refused_before_the_images_are_re
     with pytest.raises(ValueError, match=r"six.npz holds statistics of 6-d features and this command's features "
                                          r"\(inception-random\) are 2048-d"):
         compute_fid(str(a), str(tmp_path / "six.npz"), random_weights=True, workers=0, progress=False, device="cpu")
+    assert read == []
+
+
+def test_one_kept_feature_a_side_is_refused_for_kid_and_bootstrap_before_reading(small_space, tmp_path, monkeypatch):
+    """--keep-features 1 --bootstrap: each resample's covariance was NaN and eigh failed with a
+    LinAlgError after both sides were read."""
+    a = _png_folder(tmp_path / "a", range(4), size=(16, 16))
+    b = _png_folder(tmp_path / "b", range(4, 8), size=(16, 16))
+    read = _spy_compute(monkeypatch)
+    for what in (dict(bootstrap=3), dict(kid_subsets=3)):
+        with pytest.raises(ValueError, match="--keep-features 1: KID and bootstrap intervals need at least 2"):
+            compute_fid(str(a), str(b), keep_features=1, features=small_space, workers=0, progress=False,
+                        device="cpu", **what)
     assert read == []
 
 

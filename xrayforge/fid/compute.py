@@ -68,6 +68,16 @@ def stored_pixels(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int32) if arr.dtype == np.uint16 else arr)
 
 
+def stored_grey(u8: torch.Tensor) -> torch.Tensor:
+    """8-bit generator images (N, C, H, W) -> (N, H, W) uint8 as a folder of `sample`'s PNGs is read:
+    a colour generator's RGB files become Pillow's luminance (``convert("L")``, in its integer
+    arithmetic), not their first (red) channel."""
+    if u8.shape[1] != 3:
+        return u8[:, 0]
+    r, g, b = u8.to(torch.int32).unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)
+
+
 class _ArchiveDataset(torch.utils.data.Dataset):
     def __init__(self, archive: Archive, positions):
         self.archive, self.positions = archive, positions
@@ -337,8 +347,8 @@ class FeatureExtractor:
                 with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                      enabled=self.mode == "fast"):
                     img = G(z).float()
-                u8 = ((img[:, 0] + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-                yield u8, [f"latent {seed}:{i}" for i in idx], []
+                u8 = ((img + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+                yield stored_grey(u8), [f"latent {seed}:{i}" for i in idx], []
 
         return self._consume(batches(), len(indices), f"generate {folder.name}", "checkpoint", str(path))
 
@@ -419,6 +429,9 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     if prdc and keep_features <= 5:
         raise ValueError(f"--keep-features {keep_features}: --prdc needs more than 5 features a side (its density "
                          f"and coverage take 5 nearest neighbours)")
+    if (kid_subsets or bootstrap) and keep_features < 2:  # one feature a side: a NaN covariance, eigh fails
+        raise ValueError(f"--keep-features {keep_features}: KID and bootstrap intervals need at least 2 features "
+                         f"a side")
     kinds = {spec: describe(spec) for spec in (a, b)}  # a missing input, either side: said before anything is read
     if kinds[a] == kinds[b] == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)

@@ -21,6 +21,7 @@ Statistics files without a name (pytorch-fid's, and this project's older ones) a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -40,6 +41,21 @@ def unit_grey(images: torch.Tensor, device) -> torch.Tensor:
     x = _as_nchw(images.to(device, non_blocking=True))
     x = x.float() / max_value(images)
     return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """IEEE float32 convolutions and matmuls inside (the previous settings back after): PyTorch's
+    default lets cuDNN run float32 convolutions as TF32 (a 10-bit mantissa) on Ampere and later
+    GPUs, about 1e-3 relative per layer, where exact mode promises float32 rounding. (pytorch-fid
+    under that default on such a GPU is that far from its own number on a CPU.) Not thread-safe:
+    the flags are global."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 class InceptionSpace:
@@ -69,7 +85,8 @@ class InceptionSpace:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 return self.model(x).float()
-        return self.model(x).float()
+        with ieee_fp32():
+            return self.model(x).float()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.inputs(images))
@@ -131,8 +148,9 @@ class DenseNet121Space:
         """Stored pixels -> the network's input (N, C, 224, 224), normalised."""
         x = unit_grey(images, self.device)
         if x.shape[-1] != self.SIZE or x.shape[-2] != self.SIZE:
+            # antialiased where either side shrinks (a tall image's height too, not only a wide one's)
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > self.SIZE)
+                              antialias=max(x.shape[-2:]) > self.SIZE)
         if self.channels == 1:  # torchxrayvision: [0, 1] -> [-1024, 1024]
             return (2 * x - 1) * 1024
         mean, std = self._imagenet
