@@ -468,6 +468,62 @@ def test_killed_archive_run_resumes_to_exactly_n_images(models, tmp_path):
         sample_archive(SampleConfig(str(run), str(out), n=401, shard_size=20), progress=False)
 
 
+
+def _fail_at_shard(monkeypatch, k):
+    """Make the k-th shard written in this process fail (as a GPU out of memory would)."""
+    from xrayforge.sample import writer
+    real, calls = writer.ArchiveSampler._write_shard, []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == k:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(writer.ArchiveSampler, "_write_shard", failing)
+    return lambda: monkeypatch.setattr(writer.ArchiveSampler, "_write_shard", real)
+
+
+def test_an_archive_with_no_shard_finished_is_begun_again_with_other_settings(models, tmp_path, monkeypatch):
+    """A run that failed before its first shard was finished (out of GPU memory at its first batch, or
+    an unreachable target whose error says to raise --steps) made nothing its settings bind: it was
+    refused with another --batch or --steps in the same --out."""
+    run, clf = models
+    out = tmp_path / "lco"
+    cfg = dict(n=4, shard_size=2, classifier=str(clf), targets=["Cardiomegaly=1"], lr=0.1)
+    restore = _fail_at_shard(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sample_archive(SampleConfig(str(run), str(out), batch=8, steps=10, **cfg), progress=False)
+    restore()
+    assert (out / "sample_config.json").is_file() and not list(out.glob("shard-*.csv"))
+    sample_archive(SampleConfig(str(run), str(out), batch=4, steps=30, **cfg), progress=False)
+    import json
+    saved = json.loads((out / "sample_config.json").read_text())
+    assert (saved["batch"], saved["steps"]) == (4, 30) and len(read_manifest(out)) == 4
+    with pytest.raises(ValueError, match="other settings"):  # once a shard is made, its settings bind
+        sample_archive(SampleConfig(str(run), str(out), batch=8, steps=30, **cfg), progress=False)
+
+
+def test_an_unconditional_archive_continues_with_another_batch(models, tmp_path, monkeypatch):
+    """--batch, --steps, --lr and --prior-weight do not change an unconditional archive's images (the
+    batch by float rounding at most): a run that failed after a shard continues with a smaller
+    --batch (after running out of GPU memory), where it was refused (an LCO archive still is: above)."""
+    run, _ = models
+    restore = _fail_at_shard(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sample_archive(SampleConfig(str(run), str(tmp_path / "u"), n=6, shard_size=2, batch=4), progress=False)
+    restore()
+    assert len(list((tmp_path / "u").glob("shard-*.csv"))) == 1
+    sample_archive(SampleConfig(str(run), str(tmp_path / "u"), n=6, shard_size=2, batch=1, steps=7, lr=1.0,
+                                prior_weight=0.0), progress=False)
+    sample_archive(SampleConfig(str(run), str(tmp_path / "v"), n=6, shard_size=2, batch=4), progress=False)
+    mine, fresh = read_manifest(tmp_path / "u"), read_manifest(tmp_path / "v")
+    assert [r["latent_index"] for r in mine] == [r["latent_index"] for r in fresh] == [str(i) for i in range(6)]
+    for a, b in zip(mine, fresh):
+        x = np.asarray(Image.open(tmp_path / "u" / a["file"]), dtype=np.int16)
+        y = np.asarray(Image.open(tmp_path / "v" / b["file"]), dtype=np.int16)
+        assert np.abs(x - y).max() <= 1
+
+
 def _sample_rank(rank, world, run, clf, out, init_file):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -207,6 +207,12 @@ class ArchiveSampler:
     def _complete(self) -> bool:
         return all((self.out / f"shard-{s:05d}.csv").is_file() for s in range(len(self._shards())))
 
+    def _begun(self) -> bool:
+        """Whether any shard is finished: before that, the archive's saved settings and pinned
+        checkpoint bind nothing (a run that failed at its first batch, out of GPU memory, is run
+        again with another --batch, or with another --steps after an unreachable target)."""
+        return any(self.out.glob("shard-*.csv"))
+
     def _settings(self) -> dict:
         out = {k: v for k, v in asdict(self.cfg).items()
                if k not in ("device", "encode_threads", "out", "max_attempts", "give_up_after")}
@@ -242,7 +248,7 @@ class ArchiveSampler:
 
     def _choose_checkpoint(self) -> Path:
         saved = read_json(self.settings_path, "the archive's sampling settings") if self.settings_path.is_file() else None
-        if saved is None or "checkpoint" not in saved:
+        if saved is None or "checkpoint" not in saved or not self._begun():
             return find_generator(self.cfg.run)
         pinned = Path(saved["checkpoint"])
         want = saved.get("checkpoint_id")  # its contents (archives since checkpoint ids were kept)
@@ -463,6 +469,13 @@ class ArchiveSampler:
         claim_output(self.out, "sample", signatures=("sample_config.json",))
         settings_path = self.settings_path
         saved = read_json(settings_path, "the archive's sampling settings") if settings_path.is_file() else {}
+        if saved and not self._begun():  # nothing was made with them: begun again with these
+            log.info("%s: no shard was finished: the archive is begun again with these settings", self.out)
+            saved = {}
+            if rank == 0:
+                settings_path.unlink()
+            if distributed:
+                dist.barrier()
         if saved.get("classifier_id", settings["classifier_id"]) != settings["classifier_id"]:
             raise UserError(f"{self.out} was sampled with another classifier than the one at "
                             f"{self.cfg.classifier or '(none)'} (saved: {saved.get('classifier') or '(none)'}; the "
@@ -474,6 +487,8 @@ class ArchiveSampler:
         # were made with one draw per attempt.
         ignore = ["checkpoint", "checkpoint_id"]
         ignore += ["run"] if saved.get("checkpoint_id") else []
+        if not self.cfg.targets:  # unused without LCO; the batch moves no image by more than float rounding
+            ignore += ["steps", "lr", "prior_weight", "batch"]
         ignore += ["classifier"] if "classifier_id" in saved else ["classifier_id"]
         if saved and "lco_keeps_truncation" in settings and not saved.get("lco_keeps_truncation") \
                 and saved.get("targets") == settings["targets"] and saved.get("truncation") == settings["truncation"]:
