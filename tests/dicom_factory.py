@@ -136,22 +136,28 @@ def write_png(path, samples, bit_depth=16, filters=(0, 1, 2, 3, 4), interlace=Fa
                  chunk(b"IDAT", data[len(data) // 2:]) + chunk(b"IEND", b""))
 
 
-def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2):
-    """A TIFF of 16-bit RGB or RGBA ``samples`` ((H, W, 3 or 4)), in one strip, in either byte
-    order, uncompressed (Pillow's own decoder) or deflated (libtiff's), the alpha unassociated
-    (``alpha`` 2) or premultiplied (1): what Pillow cannot write."""
+def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometric=None):
+    """A TIFF of 16-bit RGB or RGBA ``samples`` ((H, W, 3 or 4)), or grey ones ((H, W); 8-bit where
+    ``samples`` are uint8), in one strip,
+    in either byte order, uncompressed (Pillow's own decoder) or deflated (libtiff's), the alpha
+    unassociated (``alpha`` 2) or premultiplied (1), ``photometric`` the Photometric Interpretation
+    (default 2, RGB, or 1, BlackIsZero, for grey; 0 is WhiteIsZero): what Pillow cannot write."""
     samples = np.asarray(samples)
+    if samples.ndim == 2:
+        samples = samples[..., None]
     h, w, n = samples.shape
-    data = samples.astype(byte_order + "u2").tobytes()
+    photometric = (2 if n >= 3 else 1) if photometric is None else photometric
+    bits = 8 if n == 1 and samples.dtype == np.uint8 else 16
+    data = samples.astype(byte_order + ("u1" if bits == 8 else "u2")).tobytes()
     if deflate:
         data = zlib.compress(data)
     # (tag, type: 3 SHORT / 4 LONG, count, value); None: an offset filled in below
-    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, n, None), (259, 3, 1, 8 if deflate else 1), (262, 3, 1, 2),
-               (273, 4, 1, None), (277, 3, 1, n), (278, 3, 1, h), (279, 4, 1, len(data))]
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, n, bits if n == 1 else None), (259, 3, 1, 8 if deflate else 1),
+               (262, 3, 1, photometric), (273, 4, 1, None), (277, 3, 1, n), (278, 3, 1, h), (279, 4, 1, len(data))]
     if n == 4:
         entries.append((338, 3, 1, alpha))  # Extra Samples
     bits_at = 8 + 2 + 12 * len(entries) + 4
-    data_at = bits_at + 2 * n
+    data_at = bits_at + (2 * n if n > 1 else 0)
     out = (b"II" if byte_order == "<" else b"MM") + struct.pack(byte_order + "HIH", 42, 8, len(entries))
     for tag, kind, count, value in entries:
         if value is None:
@@ -159,6 +165,6 @@ def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2):
         else:
             field = struct.pack(byte_order + ("HH" if kind == 3 else "I"), *((value, 0) if kind == 3 else (value,)))
         out += struct.pack(byte_order + "HHI", tag, kind, count) + field
-    out += struct.pack(byte_order + "I", 0) + struct.pack(byte_order + f"{n}H", *[16] * n) + data
+    out += struct.pack(byte_order + "I", 0) + (struct.pack(byte_order + f"{n}H", *[16] * n) if n > 1 else b"") + data
     with open(path, "wb") as fh:
         fh.write(out)

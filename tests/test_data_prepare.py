@@ -875,3 +875,92 @@ def test_sixteen_bit_colour_read_at_8_bits_is_counted_once(tmp_path, monkeypatch
     said = [r.getMessage() for r in caplog.records if r.name == "xrayforge.data.prepare"]
     assert len(said) == 1 and said[0].startswith("2 image files have 16 bits per sample (colour, or grey + alpha) "
                                                  "but were read at 8 bits") and "eight.png" not in said[0], said
+
+
+def _area_average(x, size):
+    """The hand reference: output pixel (i, j) the mean of the source square [i·s, (i+1)·s) ×
+    [j·s, (j+1)·s), s = N / size, each source pixel weighted by the area of it inside."""
+    n = x.shape[0]
+    weights = np.zeros((size, n))
+    for i in range(size):
+        a, b = i * n / size, (i + 1) * n / size
+        for j in range(n):
+            weights[i, j] = max(0.0, min(b, j + 1) - max(a, j)) * size / n
+    return weights @ x @ weights.T
+
+
+@pytest.mark.parametrize("side", [20, 13, 32])
+def test_downsampling_is_the_area_average_at_every_level(tmp_path, side):
+    """A source of a side that the resolution does not divide is averaged over the area each output
+    pixel covers, at every level of the archive: Pillow's BOX filter gave each source pixel wholly to
+    one output pixel (2 or 3 pixels averaged by turns at 20 -> 8), moving a one-pixel line by half a
+    source pixel and doubling its contrast in one column (85 where 51 and 51)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    img = np.random.default_rng(side).integers(0, 256, (side, side)).astype(np.uint8)
+    img[:, 2] = 255
+    img[:, :2] = img[:, 3:5] = 0
+    Image.fromarray(img).save(src / "a.png")
+    prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    arc = Archive(tmp_path / "out")
+    level = _area_average(img / 255.0, 8)
+    for r in (8, 4):  # rounded to the nearest level (a tie either way: the sums' order differs)
+        assert np.abs(arc.images([0], r)[0] - level * 255).max() <= 0.5 + 1e-4
+        level = 0.25 * (level[0::2, 0::2] + level[1::2, 0::2] + level[0::2, 1::2] + level[1::2, 1::2])
+    if side == 20:  # by hand: column 2 of 20 falls half in output column 0, half in column 1
+        assert (arc.images([0], 8)[0][:, :2] == 51).all()  # 255 · 0.5 / 2.5
+
+
+def test_a_file_linked_twice_is_one_image_under_the_label_files_name(tmp_path):
+    """A test-split image also reached by a link of another name (a folder of links gathered beside
+    the images) was two rows: the link, in no split list and of no patient, was trained on. A file
+    reached by links is one image, under the name the label file gives it; the links are said in
+    skipped.csv. Without a label file, the first found is kept."""
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    (src / "a_links").mkdir()
+    (src / "a_links" / "scan.png").symlink_to(src / "images" / names[2])  # found before images/
+    (src / "images" / "same.png").symlink_to(src / "images" / names[2])
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    manifest = read_csv(tmp_path / "out" / "manifest.csv")
+    assert sorted(Path(m["source"]).name for m in manifest) == sorted(names)
+    assert res.label_match["unlisted"] == 0
+    arc = Archive(tmp_path / "out")
+    assert len(arc) == 3 and arc.held_out().sum() == 1
+    skipped = {Path(s["source"]).name: s["reason"] for s in read_csv(tmp_path / "out" / "skipped.csv")}
+    assert set(skipped) == {"scan.png", "same.png"} and names[2] in skipped["scan.png"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Image.fromarray(np.full((8, 8), 7, dtype=np.uint8)).save(plain / "b.png")
+    (plain / "a.png").symlink_to(plain / "b.png")
+    prepare(str(plain), tmp_path / "out2", resolution=8, workers=1, progress=False)
+    assert [Path(m["source"]).name for m in read_csv(tmp_path / "out2" / "manifest.csv")] == ["a.png"]
+
+
+def test_split_lists_saved_with_a_byte_order_mark_keep_their_first_name(tmp_path):
+    """A test_list.txt saved by a Windows editor (a UTF-8 byte-order mark, CRLF line ends): its first
+    name kept the mark and matched no image, so that test image was in no split and trained on."""
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    (src / "test_list.txt").write_bytes(f"\ufeff{names[2]}\r\n".encode("utf-8"))
+    (src / "train_val_list.txt").write_bytes(f"\ufeff{names[0]}\r\n{names[1]}\r\n".encode("utf-8"))
+    prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    arc = Archive(tmp_path / "out")
+    splits = {Path(r["source"]).name: r["split"] for r in arc.records}
+    assert splits == {names[0]: "train", names[1]: "train", names[2]: "test"}
+    assert sorted(Path(arc.records[i]["source"]).name for i in arc.training_positions()) == names[:2]
+
+
+def test_an_unfinished_prepare_of_the_box_filter_is_not_continued_with_area_averages(tmp_path):
+    """Images are shrunk by exact area averages since an xrayforge whose Pillow BOX filter gave a
+    pattern at ratios that are not integers: a prepare that one began (its plan without "resize") is
+    not finished the other way, one archive made two ways."""
+    import json
+    args = ["prepare", "phantom:40", str(tmp_path / "out"), "--resolution", "16", "--workers", "2", "-q"]
+    assert run_dying(args, "SIGKILL").returncode == 1
+    plan = tmp_path / "out.partial" / "plan.json"
+    saved = json.loads(plan.read_text())
+    assert saved["settings"].pop("resize") == "area"
+    plan.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="holds an unfinished prepare with other settings"):
+        prepare("phantom:40", tmp_path / "out", resolution=16, workers=1, progress=False)

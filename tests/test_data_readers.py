@@ -476,6 +476,23 @@ def test_sixteen_bit_colour_tiff_keeps_its_low_bytes(tmp_path, byte_order, defla
     assert "read_at_8_bits" not in rad.meta
 
 
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw", "deflate"])
+def test_sixteen_bit_white_is_zero_tiff_is_inverted_as_eight_bit_is(tmp_path, deflate):
+    """A grey TIFF whose Photometric Interpretation is WhiteIsZero (DICOM's MONOCHROME1) shows 0 as
+    white: Pillow inverts 8-bit samples as it unpacks them but gives 16-bit ones as stored, which made
+    a 16-bit one a negative in the archive. BlackIsZero is read as stored."""
+    if deflate and not features.check("libtiff"):
+        pytest.skip("Pillow without libtiff")
+    stored = np.array([[0, 1000, 30000], [65535, 4095, 12]], dtype=np.uint16)
+    write_tiff(tmp_path / "white.tif", stored, deflate=deflate, photometric=0)
+    write_tiff(tmp_path / "black.tif", stored, deflate=deflate, photometric=1)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "white.tif").pixels, 1 - stored / 65535, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "black.tif").pixels, stored / 65535, rtol=0, atol=1e-7)
+    eight = np.array([[0, 100, 255]], dtype=np.uint8)  # as Pillow reads 8-bit WhiteIsZero
+    write_tiff(tmp_path / "white8.tif", eight, deflate=deflate, photometric=0)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "white8.tif").pixels, 1 - eight / 255, rtol=0, atol=1e-7)
+
+
 def test_eight_bit_colour_png_is_read_as_before(tmp_path):
     samples = np.random.default_rng(1).integers(0, 256, (6, 7, 3), dtype=np.uint8)
     write_png(tmp_path / "a.png", samples, bit_depth=8)

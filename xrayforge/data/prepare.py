@@ -89,7 +89,9 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
     splits, lists = {}, [labels_csv.parent / list_name for _, list_name in SPLIT_FILES]
     for (split, _), p in zip(SPLIT_FILES, lists):
         if p.is_file():
-            for name in p.read_text().split():
+            # utf-8-sig: a list saved by a Windows editor starts with a byte-order mark, which would
+            # otherwise be part of its first name (an image of the test split matched to no split)
+            for name in p.read_text(encoding="utf-8-sig").split():
                 if splits.setdefault(name, split) != split:
                     raise UserError(f"{name}: listed in both {lists[0]} and {lists[1]}; an image belongs to one split")
     return entries, splits
@@ -126,12 +128,40 @@ def _patients_by_name(entries: dict) -> bool:
     return bool(named) and all(_nih_patient(n) == p.strip() for n, p in named)
 
 
-def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> tuple[list[dict], dict]:
+def _one_per_file(files: list[Path], listed=frozenset()) -> tuple[list[Path], list[dict]]:
+    """``files`` with each file reached more than once (by a link to it, or a link beside another
+    to the same file) kept once: under a name in ``listed`` (the label file's) where it has one,
+    else where first found; and a skipped.csv row for each of the others. One image twice would be
+    two rows of the archive: under another name than the label file's it is in no split, and a GAN
+    would train on a test image."""
+    real_dirs: dict[Path, str] = {}
+
+    def real(f: Path) -> str:
+        if os.path.islink(f):
+            return os.path.realpath(f)
+        if f.parent not in real_dirs:
+            real_dirs[f.parent] = os.path.realpath(f.parent)
+        return os.path.join(real_dirs[f.parent], f.name)
+    keys = [real(f) for f in files]
+    groups: dict[str, list[Path]] = {}
+    for f, key in zip(files, keys):
+        groups.setdefault(key, []).append(f)
+    chosen = {key: next((f for f in group if f.name in listed), group[0]) for key, group in groups.items()}
+    kept = [f for f, key in zip(files, keys) if chosen[key] is f]
+    others = [{"source": str(f), "reason": f"the same file as {chosen[key]} (a link), which is read instead"}
+              for f, key in zip(files, keys) if chosen[key] is not f]
+    if others:
+        log.info(f"{len(others)} image files are links to files found already, and are left out (skipped.csv): "
+                 + ", ".join(o["source"] for o in others[:3]) + (", ..." if len(others) > 3 else ""))
+    return kept, others
+
+
+def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> tuple[list[dict], dict, list[dict]]:
     """The candidates among ``files`` with what ``labels_csv`` says of each (matched by file name),
-    and a summary of the match."""
+    a summary of the match, and a skipped.csv row for each file that links to another one."""
     entries, splits = _load_chestxray14(labels_csv)
     own = {labels_csv.name, *(name for _, name in SPLIT_FILES)}
-    files = [f for f in files if f.name not in own]
+    files, linked = _one_per_file([f for f in files if f.name not in own], entries.keys() | splits.keys())
     seen = {}
     for f in files:
         if f.name in entries or f.name in splits:
@@ -164,7 +194,7 @@ def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> t
             continue
         patient, finding = entries.get(f.name, ((by_name and _nih_patient(f.name)) or "", None))
         out.append({"source": str(f), "patient_id": patient, "finding_labels": finding, "split": splits.get(f.name, "")})
-    return out, summary
+    return out, summary, linked
 
 
 def phantom_split(index: int) -> str:
@@ -189,8 +219,8 @@ def plan_candidates(src: str, labels: str | None = None,
                     labelled_only: bool = False) -> tuple[list[dict], dict | None, list[dict]]:
     """The files to read (or phantoms to draw), with what the label file says of each; a summary
     of how the files matched the label file (None without one); and the files found that are not
-    images (skipped.csv rows). ``labelled_only``: files the label file does not list are not
-    candidates."""
+    images, or links to an image read already (``_one_per_file``), as skipped.csv rows.
+    ``labelled_only``: files the label file does not list are not candidates."""
     if src.startswith("phantom:"):
         try:
             n = int(src.split(":", 1)[1])
@@ -204,10 +234,13 @@ def plan_candidates(src: str, labels: str | None = None,
     files, not_images = _images_among(find_images(root))
     labels_csv = Path(labels) if labels else (_find_labels(root) if root.is_dir() else None)
     if labels_csv is not None:
-        return (*_match_labels(files, labels_csv, labelled_only), not_images)
+        candidates, label_match, linked = _match_labels(files, labels_csv, labelled_only)
+        return candidates, label_match, not_images + linked
     if labelled_only:
         raise UserError(f"{src}: only labelled images were asked for, but there is no label file (give --labels)")
-    return [{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None, not_images
+    files, linked = _one_per_file(files)
+    return ([{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None,
+            not_images + linked)
 
 
 # --------------------------------------------------------------------------- worker
@@ -250,14 +283,30 @@ def square_image(x: np.ndarray, how: str) -> np.ndarray:
     return out
 
 
+def _area_average_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` (N, ...) float64 -> (size, ...), size < N: output row i is the mean of ``x`` over rows
+    [i·N/size, (i+1)·N/size), a row cut by an edge weighted by the part of it inside (edges exact:
+    row whole + part / size)."""
+    n = x.shape[0]
+    whole, part = np.divmod(np.arange(size + 1) * n, size)
+    part = (part / size).reshape(-1, *[1] * (x.ndim - 1))
+    sums = np.add.reduceat(x, whole[:-1], axis=0)  # rows whole[i] .. whole[i + 1] - 1 (increasing: size < n)
+    cut = x[np.minimum(whole, n - 1)] * part  # the part of each edge's row before the edge (0 at the last)
+    return (sums - cut[:-1] + cut[1:]) * (size / n)
+
+
 def resize(x: np.ndarray, size: int) -> np.ndarray:
-    """Box (area) filter down, bilinear up; float in, float64 out."""
+    """Area average down (each output pixel the mean of the source area it covers, fractions of
+    pixels included: Pillow's BOX gives each source pixel wholly to one output pixel, which for a
+    ratio that is not an integer averages 1-2 or 2-3 pixels by turns, a pattern in the noise and
+    edges moved by up to half a source pixel), bilinear up; square float in, float64 out."""
     if x.shape[0] == size:
         return x.astype(np.float64)
+    if x.shape[0] > size:
+        return _area_average_rows(_area_average_rows(x.astype(np.float64), size).T, size).T
     from PIL import Image
     im = Image.fromarray(x.astype(np.float32), mode="F")
-    filt = Image.Resampling.BOX if x.shape[0] > size else Image.Resampling.BILINEAR
-    return np.asarray(im.resize((size, size), filt), dtype=np.float64)
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
 
 
 def _process(task: tuple[int, dict, str]) -> dict:
@@ -452,11 +501,15 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     # before the work, not after it; a finished archive that a killed run had begun to move into OUT is moved on
     check_out_dir(out, empty=not meta_path.exists())
     dtype = "uint8" if bits == 8 else "uint16"
+    # "resize": images shrunk by exact area averages (before: Pillow's BOX; an unfinished prepare of an
+    # older xrayforge is not continued with the other one, a finished one is as it was made)
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
-                **({"labelled_only": True} if labelled_only else {})}
+                **({"labelled_only": True} if labelled_only else {}), "resize": "area"}
     plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
     meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
     saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings
+    if plan is None and meta is not None and saved is not None:
+        saved = {"resize": "area", **saved}
     if saved is None:  # finished by an older xrayforge, killed just before the rename; it kept fewer settings
         kept = {k: meta.get(k) for k in ("source", "resolution", "dtype", "square")}
         if kept != {"source": str(src), "resolution": resolution, "dtype": dtype, "square": square}:

@@ -15,7 +15,8 @@ is (implicit or explicit VR little endian) when its first bytes are a plausible 
 PNG / JPEG / TIFF (Pillow): 8-bit and 1-bit scaled to [0, 1] by 255, 16-bit by 65535 (never
 clipped to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 16-bit
 file uses only a sixteenth of the range); colour images are converted to luminance; an EXIF
-orientation is applied. Pillow opens 16-bit colour and grey + alpha images at 8 bits (each
+orientation is applied; a TIFF whose Photometric Interpretation is WhiteIsZero is inverted (Pillow
+does so below 16 bits, not at 16). Pillow opens 16-bit colour and grey + alpha images at 8 bits (each
 sample's high byte): their low bytes are decoded as well, so that they too keep 16 bits
 (``_sixteen_bit_samples``); where that cannot be done the image is read at 8 bits, said once and
 marked in ``meta["read_at_8_bits"]``.
@@ -443,6 +444,9 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
     try:
         with Image.open(path) as im:
             tiles, fmt = list(im.tile), im.format  # load() empties the tiles
+            # a TIFF's Photometric Interpretation WhiteIsZero (0; DICOM's MONOCHROME1): Pillow inverts
+            # 1- to 8-bit samples as it unpacks them, but gives 16-bit ones as stored
+            white_is_zero = fmt == "TIFF" and getattr(im, "tag_v2", {}).get(262) == 0
             im.load()
             mode = im.mode
             meta = {"mode": mode}
@@ -457,6 +461,8 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
                     raise SkipImage(f"32-bit integer image with values outside 0..65535 ({mode})")
                 meta["max"] = int(arr.max())
                 x = arr / 65535.0
+                if white_is_zero and mode.startswith("I;16"):
+                    x, meta["white_is_zero"] = 1.0 - x, True
             elif mode == "F":
                 raise SkipImage("floating-point image files are not supported")
             elif samples is not None:  # 16-bit colour or grey + alpha, read whole
