@@ -306,3 +306,107 @@ def test_diversity_refuses_a_generator_that_makes_nan(tmp_path):
     with pytest.raises(UserError, match=f"{tmp_path / 'gen'}: the generator's images are not finite"):
         diversity(str(tmp_path / "gen"), str(tmp_path / "clf"), str(tmp_path / "real"), tmp_path / "d", n=4, batch=4,
                   device="cpu", progress=False)
+
+
+def test_fid_infinity_is_fitted_only_where_fid_is_linear_in_one_over_n(small_archive, tmp_path):
+    """FID is linear in 1/n only well above the feature dimension D; the points at small n have the
+    most leverage on the line, so fitting every count of the curve (50, 100, ... with D = 2048) gave an
+    intercept further from the truth than the FID of every image. Simulated Gaussian features with
+    exact real moments (the truth known): D = 256, counts 50 .. 10240."""
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.evaluate.fid_findings import DEFAULT_COUNTS, fid_by_finding, fid_infinity
+    from xrayforge.fid.stats import FrechetStats, frechet_distance
+    # the evaluation fits the counts of at least 2 x its features' dimension (16 here), against a hand fit
+    write_sample_folder(tmp_path / "s", range(1000, 1160), resolution=16)
+    s = fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "f", PixelFeatures(),
+                       counts=[8, 12, 20, 40, 80], progress=False)
+    curve = {c["n"]: c["fid"] for c in s["curve"]}
+    assert sorted(curve) == [8, 12, 20, 40, 80, 160]
+    used = np.array([40, 80, 160])
+    slope, intercept = np.polyfit(1.0 / used, [curve[n] for n in used], 1)
+    assert s["fid_infinity"] == pytest.approx(intercept, rel=1e-9)
+    assert s["fid_infinity_counts"] == [40, 80, 160]
+    assert "fitted to n = 40, 80, 160" in (tmp_path / "f" / "fid_findings.md").read_text()
+    s = fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "g", PixelFeatures(),
+                       counts=[8, 12, 20, 40], progress=False)  # two counts of at least 32 images: no line
+    assert math.isnan(s["fid_infinity"]) and s["fid_infinity_counts"] == [40, 160]
+    assert "needs FIDs at 3 or more counts of at least 32" in (tmp_path / "g" / "fid_findings.md").read_text()
+
+    # why: simulated features, the truth known
+    d, n_all = 256, 10240
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=(d, d)) / np.sqrt(d)
+    real = FrechetStats(np.zeros(d), a @ a.T + 0.1 * np.eye(d))
+    cov = b @ b.T + 0.1 * np.eye(d)
+    mu = rng.normal(size=d) * 0.1
+    truth = frechet_distance(FrechetStats(mu, cov), real)
+    x = mu + rng.normal(size=(n_all, d)) @ np.linalg.cholesky(cov).T
+    counts = sorted({c for c in DEFAULT_COUNTS if c < n_all} | {n_all})
+    fids = [frechet_distance(FrechetStats(x[:c].mean(0), np.cov(x[:c], rowvar=False)), real) for c in counts]
+    assert abs(fid_infinity(counts, fids) - truth) > 2 * abs(fids[-1] - truth)  # every count: worse than none
+    assert abs(fid_infinity(counts, fids, 2 * d) - truth) < 0.1 * abs(fids[-1] - truth)
+
+def test_findings_the_synthetic_images_classifier_never_called_are_not_measured(small_archive, tmp_path):
+    """A sample folder whose classifier calls 2 findings is converted to an archive of all 14, the
+    other 12 labelled 0 for every image: TSTR trained the synthetic and mixed models to call none of
+    them and reported their AUROCs (in the mean too), and fid-findings gave them n/a 'too few images'."""
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.data.labels import FINDINGS
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    called = ["Cardiomegaly", "Effusion"]
+    others = [f for f in FINDINGS if f not in called]
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16, findings=called)
+    cfg = TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16, width=4, epochs=1,
+                     val_fraction=0.3, bootstrap=10)
+    s = run_tstr(cfg, progress=False)
+    assert s["findings"] == called and s["findings_not_labelled"] == others
+    assert {r["finding"] for r in s["rows"]} == set(called)
+    assert "Not measured (the synthetic images' classifier does not call them" in (tmp_path / "t" / "tstr.md").read_text()
+    # an output whose models were trained for other findings (as an earlier version did) is not continued
+    meta_path = tmp_path / "t" / "models" / "real" / "classifier.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "findings": list(FINDINGS)}))
+    with pytest.raises(UserError, match="choose a new --out"):
+        run_tstr(cfg, progress=False)
+    f = fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "f", PixelFeatures(), counts=[10],
+                       progress=False)
+    assert [r["finding"] for r in f["rows"]] == ["all", *called] and f["findings_not_labelled"] == others
+
+
+def test_tstr_plot_draws_an_interval_that_does_not_hold_the_auroc(tmp_path):
+    """A patient-level percentile interval need not hold the AUROC: patients with one negative and one
+    slightly higher positive image, whose level differs by patient (AUROC 1/2 + 1/(2G)); a resample
+    repeats patients, whose own pairs are wins, so every resample but one scores higher. The plot
+    drew it as error bars, which matplotlib refuses below the bar: run_tstr failed at its last step,
+    and again on every rerun (the models were done)."""
+    from xrayforge.evaluate.metrics import auroc, bootstrap_auroc
+    from xrayforge.evaluate.tstr import plot
+    g = 10
+    level = np.arange(g, dtype=float)
+    y, scores, patients = np.r_[np.zeros(g), np.ones(g)], np.r_[level, level + 0.5], np.r_[np.arange(g), np.arange(g)]
+    a = auroc(y, scores)
+    lo, hi = bootstrap_auroc(y, scores, patients, rounds=200, seed=0)
+    assert a == pytest.approx(0.55) and lo > a
+    row = {"finding": "Mass", "auroc": a, "ci95_low": lo, "ci95_high": hi}
+    summary = {"findings": ["Mass"], "training_sets": {"real": {}, "synthetic": {}},
+               "rows": [{**row, "training_set": "real"}, {**row, "training_set": "synthetic"}]}
+    plot(summary, tmp_path / "tstr.png")
+    assert (tmp_path / "tstr.png").stat().st_size > 0
+
+
+def test_tstr_refuses_the_real_archive_as_the_synthetic_set(small_archive, tmp_path):
+    """Every image of the 'synthetic' archive is trained on: given the real archive (or a copy of it),
+    the real test images were trained on and their AUROCs inflated."""
+    import shutil
+
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    shutil.copytree(small_archive, tmp_path / "copy")
+    for k, synthetic in enumerate((small_archive, tmp_path / "copy")):
+        cfg = TSTRConfig(str(synthetic), str(small_archive), str(tmp_path / f"t{k}"), input_size=16, width=4,
+                         epochs=1, val_fraction=0.3, bootstrap=10)
+        with pytest.raises(UserError, match="is the real archive"):
+            run_tstr(cfg, progress=False)
+        assert not (tmp_path / f"t{k}").exists()

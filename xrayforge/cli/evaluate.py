@@ -269,7 +269,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--real", required=True, help="a labelled real archive")
     q.add_argument("--out", required=True, help="output folder (created)")
     q.add_argument("--counts", type=_counts, default=None, help="comma list of synthetic image counts for the curve "
-                                                  "(default 50,100,200,500,1000,... up to all)")
+                                                  "(default 50,100,200,500,1000,... up to all); the extrapolation to "
+                                                  "infinitely many images is fitted to those of at least twice the "
+                                                  "feature dimension (4096 for Inception), and needs 3 of them")
     q.add_argument("--min-images", type=_args.positive_int, default=10,
                    help="no FID for a finding with fewer images than this on either side (default 10)")
     q.add_argument("--real-limit", type=_args.positive_int, default=None, help="use this many real images, chosen at random")

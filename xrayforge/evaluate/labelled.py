@@ -194,6 +194,18 @@ def _manifest(folder: Path) -> tuple[list[dict], list[str]]:
     return read_csv(folder / "manifest.csv", ("file", "index", "target"), "the manifest of a sampled archive")
 
 
+def labelled_findings(spec: str | os.PathLike, archive: Archive) -> list[str]:
+    """The findings of ``archive`` (``open_labelled(spec)``) whose labels say something: for a sample
+    folder, those its classifier gave probabilities for (the manifest's p_<finding> columns), as its
+    converted archive, like every archive, has all the ChestX-ray14 findings, and a 0 for one the
+    classifier never called means "not called", not "absent"; for a prepared archive, all of them."""
+    p = Path(spec)
+    if (p / "archive.json").is_file() or not is_sample_folder(p):
+        return list(archive.findings)
+    called = {c[2:] for c in _manifest(p)[1] if c.startswith("p_")}
+    return [f for f in archive.findings if f in called]
+
+
 def open_labelled(spec: str | os.PathLike, work: str | os.PathLike, progress: bool = True) -> Archive:
     """An archive for ``spec``: a prepared archive as it is, a sample folder converted under ``work``."""
     p = Path(spec)

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import (claim_output, load_npy, same_settings, save_numpy, write_csv, write_json,
+from ..utils.files import (claim_output, load_npy, read_json, same_settings, save_numpy, write_csv, write_json,
                            write_text_atomic)
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
-from .labelled import archive_id, is_sample_folder, open_labelled, sample_id
+from .labelled import archive_id, is_sample_folder, labelled_findings, open_labelled, sample_id
 from ._format import csv_row, is_number, number
 from .metrics import auroc, bootstrap_auroc, patient_split
 
@@ -54,6 +54,10 @@ def _choose(positions: np.ndarray, k: int, rng) -> np.ndarray:
 
 
 def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
+    real_id, synthetic_id = archive_id(cfg.real), archive_id(cfg.synthetic)
+    if real_id is not None and real_id == synthetic_id:  # every "synthetic" image is trained on, test images too
+        raise UserError(f"--synthetic {cfg.synthetic} is the real archive --real {cfg.real} (the same manifest): "
+                        f"the synthetic training set would hold the real test images")
     out = claim_output(cfg.out, "evaluate tstr", signatures=("tstr_config.json",))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
     # the synthetic images themselves: a folder sampled again under the same name must not meet the
@@ -61,7 +65,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     settings["synthetic_id"] = sample_id(cfg.synthetic) if is_sample_folder(cfg.synthetic) else None
     # and so must prepared archives prepared again at the same path: the models' test-set probabilities
     # are kept per test image of the real archive
-    settings["real_archive_id"], settings["synthetic_archive_id"] = archive_id(cfg.real), archive_id(cfg.synthetic)
+    settings["real_archive_id"], settings["synthetic_archive_id"] = real_id, synthetic_id
     settings_path = out / "tstr_config.json"
     same_settings(settings_path, settings, added={k: settings[k] for k in
                                                   ("synthetic_id", "real_archive_id", "synthetic_archive_id")})
@@ -71,7 +75,13 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     synth = open_labelled(cfg.synthetic, out, progress)
     if synth.labels.sum() == 0:
         raise ValueError(f"{cfg.synthetic}: no synthetic image has a finding (all labels are 0)")
-    findings = [f for f in real.findings if f in synth.findings]
+    # a sample folder's classifier may call fewer findings than the archives name: its images' 0 for the
+    # others is no label, and would teach the synthetic-trained models that none of them has the finding
+    known = labelled_findings(cfg.real, real), labelled_findings(cfg.synthetic, synth)
+    findings = [f for f in real.findings if f in known[0] and f in known[1]]
+    not_labelled = [f for f in real.findings if f in synth.findings and f not in findings]
+    if not findings:
+        raise ValueError(f"{cfg.synthetic} and {cfg.real} have no finding labelled on both sides")
     real_train, real_test = real_test_split(real, cfg.test_fraction, cfg.seed)
     if len(real_test) < 2 or len(real_train) < 4:
         raise ValueError(f"{cfg.real}: {len(real_train)} training and {len(real_test)} test images; too few to "
@@ -104,6 +114,11 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         train, val = trains[name], vals[name]
         if probs_path.is_file():  # done by an earlier run
             probs = load_npy(probs_path, "the test-set probabilities of a finished model")
+            trained_for = read_json(folder / "classifier.json", "a finished model's settings").get("findings")
+            if trained_for != findings:  # its probability columns are other findings than these
+                raise UserError(f"{folder}: a model of the findings {trained_for}, and the findings labelled on both "
+                                f"sides are {findings} (an earlier version also used the findings the synthetic "
+                                f"images' classifier never called); choose a new --out")
             if len(probs) != len(test):  # an earlier version held out only the test split's rows
                 raise UserError(f"{probs_path}: probabilities of {len(probs)} test images, and the test set is now "
                                 f"{len(test)} (every image of a patient in the real archive's test split); the "
@@ -132,6 +147,7 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     write_csv(out / "tstr.csv", list(rows[0]), [csv_row(r) for r in rows])
     summary = {"evaluation": "tstr", "synthetic": str(cfg.synthetic), "real": str(cfg.real), "budget": budget,
                "test_images": len(test), "test_patients": len(set(test.patient_ids)), "findings": findings,
+               "findings_not_labelled": not_labelled,
                "bootstrap": cfg.bootstrap, "training_sets": per_set, "rows": rows}
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "tstr.md", format_markdown(summary))
@@ -159,6 +175,9 @@ def format_markdown(summary: dict) -> str:
     lines.append("| **mean** | | " + " | ".join(number(summary["training_sets"][s]["mean_auroc"]) for s in sets) + " |")
     if absent:
         lines += ["", f"No AUROC (the test images do not have both classes): {', '.join(absent)}."]
+    if summary.get("findings_not_labelled"):
+        lines += ["", f"Not measured (the synthetic images' classifier does not call them, so they have no labels): "
+                      f"{', '.join(summary['findings_not_labelled'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +196,12 @@ def plot(summary: dict, path) -> None:
         vals = np.array([by[(s, f)]["auroc"] for f in findings], dtype=float)
         lo = np.array([by[(s, f)]["ci95_low"] for f in findings], dtype=float)
         hi = np.array([by[(s, f)]["ci95_high"] for f in findings], dtype=float)
-        ax.bar(x + (j - (len(sets) - 1) / 2) * width, vals, width, label=s,
-               yerr=np.vstack([vals - lo, hi - vals]), capsize=2)
+        at = x + (j - (len(sets) - 1) / 2) * width
+        ax.bar(at, vals, width, label=s)
+        # the interval as it is: a patient-level percentile interval need not hold the AUROC itself (a
+        # resample's repeated patients weigh their own pairs more), which error bars (yerr) cannot draw
+        ax.vlines(at, lo, hi, color="black", lw=1)
+        ax.hlines(np.r_[lo, hi], np.r_[at, at] - width / 6, np.r_[at, at] + width / 6, color="black", lw=1)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(x)
     ax.set_xticklabels(findings, rotation=30, ha="right")
