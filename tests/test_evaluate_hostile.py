@@ -410,3 +410,20 @@ def test_tstr_refuses_the_real_archive_as_the_synthetic_set(small_archive, tmp_p
         with pytest.raises(UserError, match="is the real archive"):
             run_tstr(cfg, progress=False)
         assert not (tmp_path / f"t{k}").exists()
+
+
+def test_without_a_validation_auroc_the_last_epoch_is_kept_not_the_first(small_archive):
+    """Validation images with no finding in both classes give no AUROC in any epoch: nothing tells
+    the epochs apart, and the first epoch's weights were kept whatever --epochs said."""
+    import numpy as np
+    from xrayforge.data.archive import Archive
+    from xrayforge.evaluate.classifier import ClassifierTraining, LabelledImages, fit
+    arc = Archive(small_archive)
+    images = LabelledImages([(arc, np.arange(len(arc)))])
+    val = np.flatnonzero(images.labels.sum(1) == 0)[:4]  # all negative for every finding: AUROC undefined
+    train = np.setdiff1d(np.arange(len(arc)), val)
+    assert len(val) == 4
+    result = fit(images, train, val, ClassifierTraining(input_size=16, width=4, epochs=3, batch=8, device="cpu"),
+                 progress=False)
+    assert all(np.isnan(h["mean_auroc"]) for h in result.history)
+    assert result.best_epoch == 3

@@ -187,7 +187,9 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
         mean_auc = float(np.mean(valid)) if valid else float("nan")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "mean_auroc": mean_auc,
                         "auroc": {k: v for k, v in aucs.items() if not math.isnan(v)}})
-        if best_state is None or (not math.isnan(mean_auc) and mean_auc > best):
+        # without a validation AUROC (no finding with both classes among the validation images: the same
+        # every epoch) nothing tells the epochs apart, and the last, trained longest, is kept, not the first
+        if best_state is None or (math.isnan(best) if math.isnan(mean_auc) else math.isnan(best) or mean_auc > best):
             best, best_state, best_epoch = mean_auc, copy.deepcopy(model.state_dict()), epoch + 1
             best_thresholds = {f: youden_threshold(y_val[:, k], probs[:, k]) for k, f in enumerate(images.findings)
                                if not math.isnan(aucs[f])}
