@@ -176,6 +176,29 @@ def test_float32_matches_within_their_own_rounding(tmp_path, seed):
             assert err <= 2 * their_err + 1e-6, (err, their_err)
 
 
+@pytest.mark.parametrize("data_parallel", [False, True])
+def test_first_release_key_names_load(tmp_path, data_parallel):
+    """Their first release's ConstrainedLayer.state_dict wrote 'formatLayer.weight' where the current
+    code writes 'formatLayer.module.weight'; their loadStateDictCompatible reads both, so such a
+    checkpoint is theirs and converts to the same networks (it was refused as missing a weight)."""
+    sd_g, sd_d = random_state_dicts(1, dtype=torch.float64)
+    prefix = "module." if data_parallel else ""
+
+    def legacy(sd):
+        return {prefix + k.replace(".module.", "."): v for k, v in sd.items()}
+
+    torch.save({"netG": sd_g, "netD": sd_d, "avgG": sd_g, "config": {"alpha": 0.35}}, tmp_path / "new.pt")
+    torch.save({"netG": legacy(sd_g), "netD": legacy(sd_d), "avgG": legacy(sd_g), "config": {"alpha": 0.35}},
+               tmp_path / "old.pt")
+    new, old = load_pytorch_gan_zoo(tmp_path / "new.pt"), load_pytorch_gan_zoo(tmp_path / "old.pt")
+    z = torch.randn(4, LATENT, dtype=torch.float64)
+    img = torch.randn(4, 1, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(old["G"](z), zoo_generator(sd_g, z, 0.35), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(old["G_ema"](z), new["G_ema"](z), rtol=0, atol=0)
+        torch.testing.assert_close(old["D"](img), zoo_discriminator(sd_d, img, 0.35), rtol=1e-10, atol=1e-10)
+
+
 def test_the_config_entry_is_not_run_as_code(tmp_path):
     marker = tmp_path / "pwned"
     sd_g, sd_d = random_state_dicts(1)

@@ -186,3 +186,96 @@ def test_load_networks_puts_them_on_the_asked_device(tmp_path):
     G = load_networks(tmp_path / "ck", names=["G_ema"], map_location="cuda")["G_ema"]
     assert {p.device.type for p in G.parameters()} == {"cuda"}
     assert G(torch.randn(2, cfg.latent_dim, device="cuda")).is_cuda
+
+
+# ------------------------------------------------------------------ the official network, by hand
+# Karras et al.'s TF code (networks.py, G_paper / D_paper) written out in plain PyTorch from the
+# modules' stored parameters: weights N(0, 1) scaled at run time by gain / sqrt(fan_in) (√2; √2/4 for
+# G's dense, 1 for toRGB and D's last dense), biases unscaled; pixel norm after the latent, the dense
+# layer and every conv; nearest ×2 up before a conv; D's conv + 2×2 average before bias and leaky
+# ReLU (fused_scale=True); minibatch stddev over strided groups of min(4, N), biased variance.
+def _official_lrelu(x):
+    return torch.maximum(x, 0.2 * x)
+
+
+def _official_pn(x):
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+def _official_w(w, gain=2 ** 0.5):
+    return w * gain / w[0].numel() ** 0.5
+
+
+def _official_conv(x, w, b, gain=2 ** 0.5):
+    return F.conv2d(x, _official_w(w, gain), padding=w.shape[-1] // 2) + b.view(1, -1, 1, 1)
+
+
+def _official_up(x):
+    return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+
+
+def official_generator(p, z, level, alpha, c0):
+    x = _official_pn(z) @ _official_w(p["dense.weight"], 2 ** 0.5 / 4).t()
+    x = _official_pn(_official_lrelu(x.view(z.shape[0], c0, 4, 4) + p["dense_bias"].view(1, -1, 1, 1)))
+    x = _official_pn(_official_lrelu(_official_conv(x, p["conv0.weight"], p["conv0.bias"])))
+    prev = None
+    for lv in range(1, level + 1):
+        prev, x = x, _official_up(x)
+        for i in (0, 1):
+            x = _official_pn(_official_lrelu(_official_conv(x, p[f"blocks.{lv}.{i}.weight"], p[f"blocks.{lv}.{i}.bias"])))
+    img = _official_conv(x, p[f"to_rgb.{level}.weight"], p[f"to_rgb.{level}.bias"], 1.0)
+    if level == 0:
+        return img
+    old = _official_up(_official_conv(prev, p[f"to_rgb.{level - 1}.weight"], p[f"to_rgb.{level - 1}.bias"], 1.0))
+    return old + (img - old) * alpha
+
+
+def official_mbstd(x, group_size):
+    n, c, h, w = x.shape
+    y = x.reshape(group_size, -1, c, h, w)                     # [G, M, C, H, W]: sample i in group i % M
+    y = ((y - y.mean(dim=0)).square().mean(dim=0) + 1e-8).sqrt().mean(dim=(1, 2, 3))
+    return torch.cat([x, y.view(-1, 1, 1, 1).repeat(group_size, 1, h, w)], dim=1)
+
+
+def official_discriminator(p, img, level, alpha, group_size):
+    def from_rgb(i, lv):
+        return _official_lrelu(_official_conv(i, p[f"from_rgb.{lv}.weight"], p[f"from_rgb.{lv}.bias"]))
+
+    x = from_rgb(img, level)
+    for lv in range(level, 0, -1):
+        x = _official_lrelu(_official_conv(x, p[f"blocks.{lv}.conv.weight"], p[f"blocks.{lv}.conv.bias"]))
+        w = p[f"blocks.{lv}.conv_down.weight"]
+        x = F.avg_pool2d(F.conv2d(x, _official_w(w), padding=1), 2)
+        x = _official_lrelu(x + p[f"blocks.{lv}.conv_down.bias"].view(1, -1, 1, 1))
+        if lv == level:
+            old = from_rgb(F.avg_pool2d(img, 2), level - 1)
+            x = old + (x - old) * alpha
+    x = _official_lrelu(_official_conv(official_mbstd(x, group_size), p["final_conv.weight"], p["final_conv.bias"]))
+    x = _official_lrelu(x.flatten(1) @ _official_w(p["final_dense.weight"]).t() + p["final_dense.bias"])
+    return x @ _official_w(p["out.weight"], 1.0).t() + p["out.bias"]
+
+
+@pytest.mark.parametrize("fused_min", [8, 10 ** 6], ids=["fused", "plain"])
+def test_networks_compute_the_official_formulas(fused_min):
+    """G and D against the official network written out by hand, in float64, at every level and at
+    fade-in α 0, 0.25 and 1, with random biases; D at batches 8, 4, 2 and 1 (groups of 4, 4, 2, 1) and
+    6 (not divisible by 4: the largest group size <= 4 that divides it, 3)."""
+    cfg = NetworkConfig(resolution=16, latent_dim=8, fmap_base=32, fmap_max=8, fused_resample_min_res=fused_min)
+    g, d = nets(cfg)
+    g, d = g.double(), d.double()
+    with torch.no_grad():
+        for p in list(g.parameters()) + list(d.parameters()):
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+    pg, pd = dict(g.named_parameters()), dict(d.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        for level in range(cfg.num_levels):
+            for alpha in (0.0, 0.25, 1.0):
+                torch.testing.assert_close(g(z, level, alpha), official_generator(pg, z, level, alpha, 8),
+                                           rtol=1e-10, atol=1e-10)
+                for n, group in ((8, 4), (4, 4), (2, 2), (1, 1), (6, 3)):
+                    img = torch.randn(n, 1, 4 << level, 4 << level, generator=gen, dtype=torch.float64)
+                    torch.testing.assert_close(d(img, level, alpha), official_discriminator(pd, img, level, alpha, group),
+                                               rtol=1e-10, atol=1e-10)

@@ -89,8 +89,18 @@ def _he(fan_in: int) -> float:
 
 
 def _strip_module(sd: dict) -> dict:
-    """avgG is saved from a DataParallel wrapper in some versions: drop a leading 'module.'."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    """Their keys as their current code names them, ``<layer>.module.<weight|bias>``: avgG is saved
+    from a DataParallel wrapper in some versions (a leading 'module.' is dropped), and their first
+    release's ``ConstrainedLayer.state_dict`` wrote ``<layer>.<weight|bias>``, which their loader
+    (``loadStateDictCompatible``) still reads as ``<layer>.module.<weight|bias>``."""
+    out = {}
+    for k, v in sd.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        head, _, leaf = k.rpartition(".")
+        if leaf in ("weight", "bias") and head and not head.endswith(".module"):
+            k = f"{head}.module.{leaf}"
+        out[k] = v
+    return out
 
 
 def _count(sd: dict, prefix: str) -> int:
