@@ -55,7 +55,10 @@ template <typename Acc> struct CompensatedSum {
   Acc sum = 0, comp = 0;
   __device__ __forceinline__ void add(Acc v) {
     Acc t = add_rn(sum, v);
-    comp += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
+    // once the sum is inf or NaN that is the answer: its correction would be inf - inf = NaN, and an
+    // infinite sum of squares (one inf, or squares past the float range) would give NaN, not the
+    // reference's x / inf = 0 in the pixel's finite channels
+    if (isfinite(t)) comp += fabs(sum) >= fabs(v) ? (sum - t) + v : (v - t) + sum;
     sum = t;
   }
   __device__ __forceinline__ Acc value() const { return sum + comp; }

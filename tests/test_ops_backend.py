@@ -94,6 +94,8 @@ def test_auto_passes_by_a_dtype_whose_kernel_changed_since_its_gpu_tests(monkeyp
     float64 on the next validated backend (else the reference), saying so once; a named backend is
     obeyed. Decided inside resolve_for_device, which torch.compile keeps as a constant."""
     monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None)
+    for op in ("pixel_norm", "bias_lrelu_pixel_norm"):  # the mechanism, whatever the table holds today
+        monkeypatch.setitem(_backend.GPU_VALIDATED, op, ("triton", "cuda"))
     cuda = torch.device("cuda")
     pick = lambda op, dtype, backend="auto": _backend.resolve_for_device(op, cuda, backend, dtype)  # noqa: E731
     with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):
@@ -113,6 +115,7 @@ def test_a_kernel_that_cannot_take_the_input_is_passed_by_under_auto_and_refused
     """``refused``: (backend, why) pairs an op works out from the input's shape (a kernel's hard
     limit). auto takes the next candidate that can, saying so once; a named backend raises the why."""
     monkeypatch.setattr(_backend, "unavailable_reason", lambda name, op, device: None)
+    monkeypatch.setitem(_backend.GPU_VALIDATED, "pixel_norm", ("triton", "cuda"))
     cuda = torch.device("cuda")
     wide = (("triton", "at most 16384 channels, got 20000"),)
     with caplog.at_level(logging.WARNING, logger="xrayforge.ops"):

@@ -229,6 +229,30 @@ def test_size_one_width_with_any_stride(kb):
 
 
 @pytest.mark.parametrize("kb", kernel_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_infinite_and_nan_values_give_what_the_reference_gives(kb, dtype, layout):
+    """A pixel holding an infinity: its mean square is inf, so the reference gives NaN in that
+    channel and (-)0 in the others; a NaN makes the whole pixel NaN. csrc's one-thread-per-pixel
+    kernel (NCHW) sums the squares with Neumaier compensation, whose (v - t) + sum is inf - inf
+    for an infinite term: NaN in every channel, forward and backward (fix in csrc/common.cuh,
+    CompensatedSum::add: no compensation once the running sum is not finite)."""
+    backend, device = kb
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 3, 3, generator=g, dtype=dtype)
+    x[0, 2, 0, 0], x[0, 4, 1, 2], x[1, 0, 2, 1] = float("inf"), -float("inf"), float("nan")
+    b = torch.randn(5, generator=g, dtype=dtype).to(device)
+    dy = torch.randn(2, 5, 3, 3, generator=g, dtype=dtype).to(device)
+    x = x.to(device).contiguous(memory_format=layout)
+    for fn, ref, args in ((ops.pixel_norm, pn.reference, ()), (ops.bias_lrelu_pixel_norm, reference_bias_lrelu, (b,))):
+        xg = x.clone().requires_grad_(True)
+        y, r = fn(xg, *args, backend=backend), ref(xg, *args)
+        assert r[0, :, 0, 0].isnan().sum() == 1 and r[0, :, 1, 2].isnan().sum() == 1  # the reference's semantics
+        torch.testing.assert_close(y, r, equal_nan=True)
+        torch.testing.assert_close(torch.autograd.grad(y, xg, dy)[0], torch.autograd.grad(r, xg, dy)[0], equal_nan=True)
+
+
+@pytest.mark.parametrize("kb", kernel_params())
 @pytest.mark.parametrize("shape", [(2, 0, 3, 3), (3, 0)], ids=str)
 def test_zero_channels_forward_and_backward(kb, shape):
     # the backward sized its Triton blocks by 4096 // next_power_of_2(0): ZeroDivisionError
