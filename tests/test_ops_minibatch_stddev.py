@@ -226,3 +226,18 @@ def test_the_limit_checks_do_not_recompile_per_batch_size():
         f(torch.randn(n, 8, 4, 4))
     assert counters["stats"]["unique_graphs"] <= 2  # the first shape, then one dynamic graph
     dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_reference_computes_half_inputs_in_float32_as_the_official_code(dtype):
+    """The official code casts to float32 for the statistic (the kernels accumulate in float32);
+    the torch path computed it in bf16, about 4% high on a batch nearly collapsed to one image
+    (a variance that small is what the statistic is there to show D)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 4, 4, generator=g) * 3
+    x = (base + 0.01 * torch.randn(8, 8, 4, 4, generator=g)).to(dtype)
+    got = mbstd.reference(x)[:, -1].double()
+    exact = mbstd.reference(x.double())[:, -1]
+    assert got.dtype == torch.float64 and mbstd.reference(x).dtype == dtype
+    rel = ((got - exact).abs() / exact).max().item()
+    assert rel < 2 ** -7, rel  # one rounding of the result to the half type, nothing more
