@@ -124,6 +124,9 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert {r["backend"] for r in ops_rows} == {"torch", "triton"}
     assert not [r for r in ops_rows if any("error" in k for k in r)]
     assert {r["op"] for r in ops_rows} == {"pixel_norm", "bias_lrelu_pixel_norm", "bias_lrelu", "minibatch_stddev"}
+    # every fast path's forward and gradients checked against float64 beside its timings
+    assert all(r["matches_reference"] is True for r in ops_rows if r["backend"] != "torch")
+    assert all(r["max_grad_err"] >= 0 for r in ops_rows)
     conv = st["conv"]["data"]
     # every layer's variants, the autotuned ones (their compiles: what a cap should cut) after all the others
     assert [(r["layer"], r["variant"]) for r in conv["rows"]] == [
@@ -132,6 +135,8 @@ def test_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert {s["resample"] for s in conv["layers"]} == {None, "up", "down"}
     assert not [r for r in conv["rows"] if "error" in r] and all(r["fwd+bwd_ms"] > 0 for r in conv["rows"])
     assert all(r["max_err"] < 1e-4 for r in conv["rows"]) and isinstance(conv["layer_table"], list)
+    assert all(r["max_grad_err"] < 1e-4 for r in conv["rows"])
+    assert all(r["matches_reference"] is True for r in conv["rows"] if r["variant"] != CONV_VARIANTS[0][0])
     tuned = [r["tuned_blocks"] for r in conv["rows"] if r["variant"] == CONV_VARIANTS[3][0]]
     assert len(tuned) == len(conv["layers"]) and all(len(t) == 1 and len(t[0]) == 5 for t in tuned)
     assert isinstance(conv["layer_table_autotuned"], list)

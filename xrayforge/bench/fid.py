@@ -19,6 +19,7 @@ import torch
 from ..data.prepare import prepare
 from ..ops import _backend
 from ..fid.compute import FeatureExtractor
+from ..fid.features import ieee_fp32
 from ..fid.preprocess import SIZE, preprocess
 from ..fid.preprocess import reference as reference_preprocess
 from ..fid.stats import FrechetStats, StreamingMoments, frechet_distance
@@ -41,25 +42,63 @@ def inception_rows(exact: FeatureExtractor, fast: FeatureExtractor, u8: torch.Te
         with torch.no_grad():
             return exact.model(reference_preprocess(u8, channels=3))
 
-    rows = []
-    for name, fn in (("pytorch-fid equivalent (fp32, 3 channels)", baseline),
-                     (f"ours exact (fp32, gray folded; preprocessing: {pre})", lambda: exact.features(u8)),
-                     (f"ours fast (bf16, channels_last; preprocessing: {pre})", lambda: fast.features(u8))):
+    def baseline_ieee():  # the same in IEEE float32: the arithmetic of ours exact
+        with ieee_fp32():
+            return baseline()
+
+    # PyTorch's default lets cuDNN run float32 convolutions as TF32 on a GPU: pytorch-fid as a user
+    # runs it, but not the float32 its label said nor the arithmetic of ours exact (IEEE float32)
+    tf32 = dev.type == "cuda" and torch.backends.cudnn.allow_tf32
+    default_name = "pytorch-fid equivalent (" + ("fp32 with cuDNN TF32 convolutions, PyTorch's default"
+                                                 if tf32 else "fp32") + ", 3 channels)"
+    ieee_name = "pytorch-fid equivalent (IEEE fp32, 3 channels)"
+    variants = [(default_name, baseline, None)]
+    if tf32:
+        variants.append((ieee_name, baseline_ieee, None))
+    # each of ours against the baseline of its own arithmetic: exact against IEEE fp32, fast (bf16)
+    # against pytorch-fid as PyTorch runs it by default
+    variants += [(f"ours exact (fp32, gray folded; preprocessing: {pre})", lambda: exact.features(u8),
+                  ieee_name if tf32 else default_name),
+                 (f"ours fast (bf16, channels_last; preprocessing: {pre})", lambda: fast.features(u8), default_name)]
+    rows, times = [], {}
+    for name, fn, against in variants:
         try:
             ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=0.0)
-            rows.append({"stage": "inception", "variant": name, "batch": batch, "img_s": batch / (ms / 1e3),
-                         "ms": ms})
+            times[name] = ms
+            row = {"stage": "inception", "variant": name, "batch": batch, "img_s": batch / (ms / 1e3), "ms": ms}
+            if against is not None and against in times:
+                row.update(speedup=times[against] / ms, baseline=against)
+            rows.append(row)
         except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
             rows.append({"stage": "inception", "variant": name, "batch": batch, "error": error_summary(exc)})
     return rows
 
 
+def preprocess_bytes(n: int, channels: int, h: int, w: int, elsize: int, size: int = SIZE,
+                     out_channels: int = 1, out_elsize: int = 4, sector: int = 32) -> int:
+    """Minimum bytes of preprocessing ``n`` × ``channels`` × h × w stored pixels to size × size:
+    bilinear resampling (align_corners=False, pytorch-fid's) reads only the source rows and
+    columns its taps land on — when shrinking 1024 -> 299, 598 of the 1024 rows — so the pixels
+    read are those rows, at the granularity of the device's memory transactions (``sector``
+    bytes) along them; plus the float output written once."""
+    def taps(src: int) -> np.ndarray:  # the source indices a side's taps read (the kernel's formula)
+        scale = np.float32(src) / np.float32(size)
+        s = np.maximum((np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5),
+                       np.float32(0.0))
+        i0 = s.astype(np.int64)
+        return np.unique(np.concatenate([i0, np.minimum(i0 + 1, src - 1)]))
+    rows = len(taps(h))
+    row_bytes = min(len(np.unique(taps(w) * elsize // sector)) * sector, w * elsize)
+    return n * channels * rows * row_bytes + n * out_channels * size * size * out_elsize
+
+
 def preprocess_rows(u8: torch.Tensor, backends=("torch", "triton"), warmup: int = 2, reps: int = 10) -> list[dict]:
     """The fused preprocessing kernel against its torch form, on the same stored images:
-    time, GB/s (read the stored pixels, write the 299 × 299 float32 input) and max difference."""
+    time, GB/s (read the stored pixels the bilinear taps land on, write the 299 × 299 float32
+    input: preprocess_bytes) and max difference."""
     dev = u8.device
     n = u8.shape[0]
-    nbytes = u8.numel() * u8.element_size() + n * SIZE * SIZE * 4
+    nbytes = preprocess_bytes(n, 1, u8.shape[-2], u8.shape[-1], u8.element_size())
     ref = reference_preprocess(u8, channels=1)
     rows, base = [], None
     for backend in backends:

@@ -18,8 +18,10 @@ its duration and error, and always going on to the next:
 Every stage writes its results as it goes, so a stage killed at its cap still reports what
 it measured. ``--out`` receives at most five files: gpu_check.json (every figure),
 gpu_check.md (the tables for the README), gpu_check.log, gpu_tests.xml and build.log (the
-last written by the shell script). ``--dry-run`` runs the same stages at tiny sizes on the CPU
-(Triton in the interpreter; CUDA-only parts skipped and marked so).
+last written by the shell script); while it runs, also .setup.json and .work/ with the context
+and the running stage's part (so at most eight even if the run is killed). ``--dry-run`` runs
+the same stages at tiny sizes on the CPU (Triton in the interpreter; CUDA-only parts skipped
+and marked so).
 """
 from __future__ import annotations
 
@@ -291,17 +293,24 @@ def stage_ops(part: Part, dry: bool, out: Path, context: dict) -> None:
 
 def ops_summary(rows: list[dict]) -> dict:
     """Per op and backend: the median speed-up over eager (fwd+bwd) across shapes and dtypes,
-    and the order in which ``auto`` should try the fused backends (fastest first)."""
+    and the order in which ``auto`` should try the fused backends (fastest first). A row whose
+    numbers did not match the float64 reference counts for nothing (its speed is of a wrong
+    result) and is listed under ``wrong``."""
     import statistics
     per: dict[str, dict[str, list[float]]] = {}
+    wrong: dict[str, list[str]] = {}
     for r in rows:
         sp = r.get("fwd+bwd_speedup")
-        if r["backend"] != "torch" and isinstance(sp, float) and sp == sp:
+        if r.get("matches_reference") is False:
+            wrong.setdefault(r["op"], []).append(f"{r['backend']} {_fmt(r.get('shape'))} {r.get('dtype')}")
+        elif r["backend"] != "torch" and isinstance(sp, float) and sp == sp:
             per.setdefault(r["op"], {}).setdefault(r["backend"], []).append(sp)
     out = {}
     for op, by in per.items():
         med = {b: statistics.median(v) for b, v in by.items()}
         out[op] = {"median_speedup": med, "fastest_first": sorted(med, key=med.get, reverse=True)}
+    for op, which in wrong.items():
+        out.setdefault(op, {"median_speedup": {}, "fastest_first": []})["wrong"] = which
     return out
 
 
@@ -487,6 +496,10 @@ def _run_stage(name: str, dry: bool, out: Path, work: Path, timeout: float, log)
         result["data"] = json.loads(part_path.read_text())
     except (OSError, ValueError):
         result["data"] = {}
+    # its data now lives in the report: a run killed later (past the machine's limit) must not leave
+    # every earlier stage's part in --out, past the 8 files a device returns (5 + .setup.json +
+    # .work/context.json + the running stage's part is the most there can be)
+    part_path.unlink(missing_ok=True)
     return result
 
 
@@ -677,9 +690,10 @@ def render_markdown(report: dict) -> str:
     if ops_rows:
         lines += ["## Ops (fwd / fwd+bwd; GB/s of minimum traffic; % of measured copy)", ""]
         lines += _table([dict(r, fwd_pct=_pct(r.get("fwd_copy_frac")), fb_pct=_pct(r.get("fwd+bwd_copy_frac")),
-                              err=r.get("error") or r.get("fwd_error") or r.get("fwd+bwd_error")) for r in ops_rows],
+                              err=_row_problem(r)) for r in ops_rows],
                         [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"),
-                         ("max_err", "max err"), ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"),
+                         ("max_err", "max err"), ("max_grad_err", "grad rel err"),
+                         ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"),
                          ("fwd_pct", "fwd % copy"), ("fwd_speedup", "fwd ×eager"), ("fwd+bwd_ms", "f+b ms"),
                          ("fwd+bwd_gbps", "f+b GB/s"), ("fb_pct", "f+b % copy"),
                          ("fwd+bwd_speedup", "f+b ×eager"), ("err", "error")]) + [""]
@@ -687,15 +701,17 @@ def render_markdown(report: dict) -> str:
     if conv.get("rows"):
         lines += ["## Fused equalized-lr convolutions (ops.conv2d_eqlr vs cuDNN + epilogue; TFLOP/s of the plain "
                   "conv, f+b counted 3×)", ""]
-        lines += _table(conv["rows"], [("shape", "layer"), ("batch", "batch"), ("dtype", "dtype"),
-                                       ("variant", "variant"), ("max_err", "max err"), ("fwd_ms", "fwd ms"),
+        lines += _table([dict(r, problem=_row_problem(r)) for r in conv["rows"]],
+                        [("shape", "layer"), ("batch", "batch"), ("dtype", "dtype"),
+                                       ("variant", "variant"), ("max_err", "max err"),
+                                       ("max_grad_err", "grad rel err"), ("fwd_ms", "fwd ms"),
                                        ("fwd_tflops", "fwd TFLOP/s"), ("fwd_peak_frac", "fwd peak frac"),
                                        ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),
                                        ("fwd_speedup", "fwd ×cuDNN"), ("fwd+bwd_ms", "f+b ms"),
                                        ("fwd+bwd_tflops", "f+b TFLOP/s"), ("fwd+bwd_peak_frac", "f+b peak frac"),
                                        ("fwd+bwd_speedup", "f+b ×cuDNN"),
                                        ("gp_ms", "GP ms"), ("gp_speedup", "GP ×cuDNN"),
-                                       ("error", "error")]) + [""]
+                                       ("problem", "error")]) + [""]
         table = conv.get("layer_table") or []
         lines += [f"Per-layer table (layers where the fused kernel cost less forward + backward, plus the gradient "
                   f"penalty for D's layers): {len(table)} of "
@@ -737,7 +753,7 @@ def render_markdown(report: dict) -> str:
     if fid.get("rows"):
         lines += ["## FID pipeline (random Inception weights)", ""]
         lines += _table(fid["rows"], [("stage", "stage"), ("variant", "variant"), ("batch", "batch"),
-                                      ("img_s", "img/s"), ("ms", "ms"), ("gbps", "GB/s"), ("speedup", "×torch"),
+                                      ("img_s", "img/s"), ("ms", "ms"), ("gbps", "GB/s"), ("speedup", "×baseline"),
                                       ("max_abs_diff", "max diff"), ("error", "error")]) + [""]
         acc = fid.get("fast_mode_accuracy")
         if acc:
@@ -773,6 +789,15 @@ def render_markdown(report: dict) -> str:
 
 def _pct(frac):
     return None if frac is None else 100.0 * frac
+
+
+def _row_problem(r: dict) -> str | None:
+    """What the error column of an ops or conv row says: WRONG where the path's numbers did not
+    match the float64 reference (its timings are of a wrong result), then any failure."""
+    said = [r.get(k) for k in ("error", "grad_error", "fwd_error", "fwd+bwd_error") if r.get(k)]
+    if r.get("matches_reference") is False:
+        said.insert(0, "WRONG: outside the tolerance against float64")
+    return "; ".join(said) or None
 
 
 if __name__ == "__main__":  # pragma: no cover

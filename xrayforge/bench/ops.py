@@ -85,6 +85,9 @@ def _inputs(op: str, shape, dtype, device, requires_grad: bool = False, seed: in
     return x, bias
 
 
+_BIAS_OPS = ("bias_lrelu_pixel_norm", "bias_lrelu")
+
+
 def _make_call(op: str, shape, dtype, device, backend: str, backward: bool):
     x, bias = _inputs(op, shape, dtype, device, requires_grad=backward)
     if not backward:
@@ -93,17 +96,54 @@ def _make_call(op: str, shape, dtype, device, backend: str, backward: bool):
                 return _call(op, x, bias, backend)
         return call
     dy = torch.randn_like(_call(op, x, bias, backend))
-    inputs = (x, bias) if op in ("bias_lrelu_pixel_norm", "bias_lrelu") else (x,)
+    inputs = (x, bias) if op in _BIAS_OPS else (x,)
     return lambda: torch.autograd.grad(_call(op, x, bias, backend), inputs, dy)
 
 
 def max_error(op: str, shape, dtype, device, backend: str) -> float:
     """Largest absolute forward error of ``backend`` at ``dtype`` against float64 eager PyTorch."""
+    return _forward_error(op, shape, dtype, device, backend)[0]
+
+
+def _forward_error(op: str, shape, dtype, device, backend: str) -> tuple[float, float]:
+    """(largest absolute forward error against float64 eager PyTorch, largest |exact output|)."""
     with torch.no_grad():
         x, bias = _inputs(op, shape, dtype, device, seed=1)
         exact = _call(op, x.double(), bias.double(), "torch")
         ours = _call(op, x, bias, backend)
-        return (ours.double() - exact).abs().max().item() if exact.numel() else 0.0
+        if not exact.numel():
+            return 0.0, 0.0
+        return (ours.double() - exact).abs().max().item(), exact.abs().max().item()
+
+
+def max_grad_error(op: str, shape, dtype, device, backend: str) -> float:
+    """Largest relative gradient error of ``backend`` at ``dtype`` against float64 eager PyTorch,
+    for one output gradient: max |ours - exact| / max |exact| of each input's gradient (x, and
+    the bias for the bias ops: what the fwd+bwd timing computes), the largest of them."""
+    x, bias = _inputs(op, shape, dtype, device, requires_grad=True, seed=1)
+    xd, bd = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    inputs, inputs_d = ((x, bias), (xd, bd)) if op in _BIAS_OPS else ((x,), (xd,))
+    exact_out = _call(op, xd, bd, "torch")
+    g = torch.Generator(device=device).manual_seed(2)
+    dy = torch.randn(exact_out.shape, device=device, dtype=dtype, generator=g)
+    exact = torch.autograd.grad(exact_out, inputs_d, dy.double())
+    ours = torch.autograd.grad(_call(op, x, bias, backend), inputs, dy)
+    return max(((o.double() - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
+               for o, e in zip(ours, exact) if e.numel())
+
+
+def tolerance_floor(dtype) -> float:
+    """Relative error that no correct kernel at ``dtype`` needs to reach (a few roundings of the
+    output, and accumulation-order differences of large reductions in float32): far below what
+    a wrong result gives."""
+    return max(4 * torch.finfo(dtype).eps, 1e-4)
+
+
+def matches_reference(err: float, ref_err: float | None, floor: float) -> bool:
+    """A fast path's error against float64 is acceptable: at most twice the eager reference's own
+    error at the same dtype (when it was measured) plus ``floor`` (the tolerance floor times the
+    output's scale)."""
+    return bool(err <= 2 * (ref_err or 0.0) + floor)
 
 
 def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None, quick: bool = False,
@@ -125,13 +165,26 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
             elsize = torch.empty(0, dtype=dtype).element_size()
             for shape in op_shapes:
                 fwd_bytes, fb_bytes = _traffic(op, shape, elsize)
-                base = {}
+                base, ref_err = {}, {}
+                floor = tolerance_floor(dtype)
                 for backend in ["torch"] + [b for b in names if b != "torch"]:
                     row = {"op": op, "shape": list(shape), "dtype": dtype_name, "backend": backend}
                     try:
-                        row["max_err"] = max_error(op, shape, dtype, dev, backend)
+                        row["max_err"], scale = _forward_error(op, shape, dtype, dev, backend)
                     except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
                         row["error"] = error_summary(exc)
+                    if "error" not in row:
+                        try:  # a failed backward is recorded, and its fwd+bwd timing fails beside it
+                            row["max_grad_err"] = max_grad_error(op, shape, dtype, dev, backend)
+                        except Exception as exc:  # noqa: BLE001
+                            row["grad_error"] = error_summary(exc)
+                        if backend == "torch":  # the reference: its own errors are the yardstick
+                            ref_err = {"fwd": row["max_err"], "grad": row.get("max_grad_err")}
+                        else:  # a fast path whose numbers are wrong says so beside its timings
+                            row["matches_reference"] = (
+                                matches_reference(row["max_err"], ref_err.get("fwd"), floor * max(scale, 1.0))
+                                and ("max_grad_err" not in row
+                                     or matches_reference(row["max_grad_err"], ref_err.get("grad"), floor)))
                     for phase, nbytes, backward in (("fwd", fwd_bytes, False), ("fwd+bwd", fb_bytes, True)):
                         if "error" in row:
                             break
@@ -159,7 +212,11 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
             "notes": "bytes = minimum traffic (fwd: read x + write y; bwd adds read x, dy + write dx); "
                      "speedup = eager torch time / this backend's time, same run; hbm_frac against the "
                      "datasheet bandwidth, copy_frac against the measured device-to-device copy; max_err = "
-                     "largest forward error against float64 eager PyTorch"}
+                     "largest forward error against float64 eager PyTorch; max_grad_err = largest relative "
+                     "error of the input (and bias) gradients against float64; matches_reference (fast paths) "
+                     "= both errors "
+                     "within 2x eager's own at that dtype plus max(4 eps, 1e-4) relative: False means the row's "
+                     "timings are of a path that gives wrong numbers"}
 
 
 # --------------------------------------------------------------------------- conv2d_eqlr
@@ -216,8 +273,11 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     with TFLOP/s of the plain convolution (3× for f+b, 6× for gp, nominal) and its fraction of
     the device's dense peak for ``dtype``, GB/s of minimum traffic and its fraction of HBM
     bandwidth, the speed-up, and the fused forward's largest deviation from float64 on the first
-    image next to cuDNN's. Rows carry their layer's index in ``layers``; the autotuned variant's
-    rows come after every layer's others (CONV_PASSES)."""
+    image next to cuDNN's, with the largest relative error of the batch's input / weight / bias
+    gradients (``max_grad_err``) and, for the fused variants, ``matches_reference``: both within twice
+    cuDNN's own plus the tolerance floor (False: the row times a path that gives wrong numbers, and
+    layer_table leaves it out). Rows carry their layer's index in ``layers``; the autotuned
+    variant's rows come after every layer's others (CONV_PASSES)."""
     from ..nn import EqualizedConv2d
     from ..ops.conv2d import no_weight_gradients
     from ..ops.conv2d_eqlr import reference as eqlr_reference
@@ -232,6 +292,8 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     rows = []
     layers = layers if layers is not None else conv_layer_shapes(resolution, fmap_max)
     base: dict[tuple[int, str], float] = {}
+    ref_err: dict[int, tuple[float, float]] = {}  # cuDNN's forward and gradient errors per layer
+    floor = tolerance_floor(dt)
     for variants in CONV_PASSES:
         for i, s in enumerate(layers):
             torch.manual_seed(0)
@@ -245,10 +307,17 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
             flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize)
             shape = (f"{s['cin']}→{s['cout']} {s['kernel']}×{s['kernel']}"
                      f"{' ' + s['resample'] if s['resample'] else ''} {s['activation']} @{s['size']}px")
-            with torch.no_grad():  # float64 on the first image, and one output gradient, for every variant
-                exact = eqlr_reference(x[:1].double(), layer.weight.double(), layer.bias.double(), scale=layer.scale,
-                                       activation=s["activation"], resample=s["resample"])
-            dy = torch.randn((batch,) + tuple(exact.shape[1:]), device=dev).to(dt).contiguous(memory_format=fmt)
+            # one output gradient for every variant; float64: the output on the first image, and the
+            # input / weight / bias gradients of the whole batch (the shapes the timed calls run, so no
+            # extra kernel is compiled or tuned for the check)
+            xd = x.double().requires_grad_()
+            params_d = [p.detach().double().requires_grad_() for p in (layer.weight, layer.bias)]
+            exact = eqlr_reference(xd, *params_d, scale=layer.scale, activation=s["activation"],
+                                   resample=s["resample"])
+            dy = torch.randn(tuple(exact.shape), device=dev).to(dt).contiguous(memory_format=fmt)
+            exact_grads = torch.autograd.grad(exact, [xd] + params_d, dy.double())
+            exact = exact[:1].detach().clone()  # not a view keeping the whole batch alive
+            del xd, params_d
             for variant, backend, epilogue_backward, autotune in variants:
                 layer.eqlr_backend = backend
                 eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = epilogue_backward, autotune
@@ -261,6 +330,17 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
                             got = layer(x)[:1]
                         row["max_err"] = (got.double() - exact).abs().max().item()
                         xg = x.detach().requires_grad_()
+                        grads = torch.autograd.grad(layer(xg), (xg, layer.weight, layer.bias), dy)
+                        row["max_grad_err"] = max(((g.double() - e).abs().max() / e.abs().max().clamp_min(1e-300))
+                                                  .item() for g, e in zip(grads, exact_grads))
+                        del grads
+                        if backend == "cudnn":  # the layer as training runs it: the yardstick
+                            ref_err[i] = (row["max_err"], row["max_grad_err"])
+                        else:  # a fused path whose numbers are wrong says so beside its timings
+                            ref = ref_err.get(i, (None, None))
+                            row["matches_reference"] = (
+                                matches_reference(row["max_err"], ref[0], floor * max(exact.abs().max().item(), 1.0))
+                                and matches_reference(row["max_grad_err"], ref[1], floor))
 
                         def fwd():
                             with torch.no_grad():
@@ -309,8 +389,8 @@ def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", f
     table = {}
     for i, s in enumerate(layers):
         pair = (by.get((i, CONV_VARIANTS[0][0])), by.get((i, CONV_VARIANTS[fused][0])))
-        if any(r is None or "error" in r for r in pair):
-            continue
+        if any(r is None or "error" in r or r.get("matches_reference") is False for r in pair):
+            continue  # failed, or fast at giving wrong numbers
         need = ("fwd+bwd_ms", "gp_ms") if s["activation"] == "lrelu" else ("fwd+bwd_ms",)
         if not all(k in r for r in pair for k in need):
             continue
@@ -321,6 +401,7 @@ def layer_table(rows: list[dict], layers: list[dict], dtype: str = "bfloat16", f
 
 
 COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "backend"), ("max_err", "max err"),
+           ("max_grad_err", "grad rel err"), ("matches_reference", "matches float64"),
            ("fwd_ms", "fwd ms"), ("fwd_gbps", "fwd GB/s"), ("fwd_hbm_frac", "fwd HBM frac"),
            ("fwd_speedup", "fwd ×eager"), ("fwd+bwd_ms", "fwd+bwd ms"), ("fwd+bwd_gbps", "fwd+bwd GB/s"),
            ("fwd+bwd_speedup", "fwd+bwd ×eager")]

@@ -1,0 +1,182 @@
+"""The benchmarks measure what they say: byte counts, correctness verdicts beside the timings,
+baselines of the same arithmetic, and the GPU window's output contract (CPU-only checks)."""
+import json
+import stat
+import sys
+
+import pytest
+import torch
+
+from xrayforge.bench import fid as fid_bench
+from xrayforge.bench import gpu_check
+from xrayforge.bench import ops as ops_bench
+
+
+# ---------------------------------------------------------------- FID preprocessing: bytes moved
+@pytest.mark.parametrize("side,rows_read", [(1024, 598), (64, 64)])
+def test_preprocess_gbps_counts_the_source_rows_bilinear_reads(side, rows_read):
+    # shrinking 1024 -> 299, pytorch-fid's bilinear taps land on 598 of the 1024 rows: the GB/s
+    # counted every stored pixel as read, 1.45x the bytes the kernel can move (2.8 TB/s reported
+    # where the traffic gives 1.96); growing 64 -> 299 reads every row
+    u8 = torch.randint(0, 256, (1, side, side), dtype=torch.uint8)
+    row, = fid_bench.preprocess_rows(u8, backends=("torch",), warmup=0, reps=1)
+    nbytes = row["gbps"] * row["ms"] * 1e6
+    assert nbytes == pytest.approx(rows_read * side + 299 * 299 * 4, rel=1e-9)
+
+
+def test_preprocess_bytes_follow_the_kernels_taps():
+    from xrayforge.fid.preprocess import reference
+    # every row the reference's output depends on is counted: perturb one source row at a time
+    side = 40
+    base = torch.zeros(1, side, side, dtype=torch.uint8)
+    out0 = reference(base, channels=1, size=13)
+    used = [r for r in range(side)
+            if not torch.equal(reference(base.index_fill(1, torch.tensor([r]), 255), channels=1, size=13), out0)]
+    counted = (fid_bench.preprocess_bytes(1, 1, side, side, 1, size=13) - 13 * 13 * 4) // side
+    assert len(used) <= counted <= len(used) + 2  # taps of zero weight may be read, never fewer rows
+
+
+# ---------------------------------------------------------------- FID: Inception baselines
+def test_inception_exact_mode_is_compared_with_an_ieee_fp32_baseline(monkeypatch):
+    # PyTorch's default lets cuDNN run float32 convolutions as TF32: the "pytorch-fid equivalent
+    # (fp32)" row ran TF32 while ours exact runs IEEE float32 (features.ieee_fp32), so the two
+    # timed different arithmetic under one label
+    seen = {}
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            seen.setdefault("tf32", []).append(torch.backends.cudnn.allow_tf32)
+            return x.mean((2, 3))
+
+    class Extractor:
+        device = torch.device("cuda")
+        model = Model()
+
+        def features(self, u8):
+            seen.setdefault("features", []).append(torch.backends.cudnn.allow_tf32)
+            return u8.float().mean((1, 2))[:, None]
+
+    times = iter([40.0, 50.0, 25.0, 10.0])
+
+    def fake_time(fn, dev, **kw):
+        fn()
+        return next(times)
+    monkeypatch.setattr(fid_bench, "time_fn", fake_time)
+    monkeypatch.setattr(fid_bench._backend, "resolve_for_device", lambda *a, **k: "triton")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    rows = fid_bench.inception_rows(Extractor(), Extractor(), torch.zeros(2, 8, 8, dtype=torch.uint8))
+    names = [r["variant"] for r in rows]
+    assert "TF32" in names[0] and "IEEE fp32" in names[1]
+    assert seen["tf32"] == [True, False]  # the IEEE baseline really ran without TF32
+    exact, fast = rows[2], rows[3]
+    assert exact["baseline"] == names[1] and exact["speedup"] == pytest.approx(50.0 / 25.0)
+    assert fast["baseline"] == names[0] and fast["speedup"] == pytest.approx(40.0 / 10.0)
+    assert torch.backends.cudnn.allow_tf32 is True  # the flags are put back
+
+
+# ---------------------------------------------------------------- ops: a wrong kernel says so
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.5
+
+
+def _broken_call(original):
+    def call(op, x, bias, backend):
+        if backend == "wrong-grad":  # the forward right, the backward 50% off
+            return _ScaleGrad.apply(original(op, x, bias, "torch"))
+        if backend == "wrong-fwd":
+            return original(op, x, bias, "torch") + 0.25  # past bf16 rounding too
+        if backend == "same":
+            return original(op, x, bias, "torch")
+        return original(op, x, bias, backend)
+    return call
+
+
+def test_ops_rows_say_when_a_fast_path_gives_wrong_numbers(monkeypatch):
+    # only the forward was compared (and with no verdict): a kernel whose backward is wrong posted
+    # its fwd+bwd speed-up like any other, and ops_summary ranked it for auto
+    monkeypatch.setattr(ops_bench, "_call", _broken_call(ops_bench._call))
+    res = ops_bench.run("cpu", ("float32", "bfloat16"), backends=["same", "wrong-grad", "wrong-fwd"],
+                        shapes={"pixel_norm": [(2, 8, 3, 3)], "bias_lrelu": [(2, 4, 3, 3)]},
+                        reps=1, warmup=0, min_seconds=0.0)
+    rows = {(r["op"], r["dtype"], r["backend"]): r for r in res["rows"]}
+    for op in ("pixel_norm", "bias_lrelu"):
+        for dtype in ("float32", "bfloat16"):
+            ref = rows[(op, dtype, "torch")]
+            assert "matches_reference" not in ref and ref["max_grad_err"] >= 0
+            assert rows[(op, dtype, "same")]["matches_reference"] is True
+            assert rows[(op, dtype, "wrong-grad")]["matches_reference"] is False
+            assert rows[(op, dtype, "wrong-grad")]["max_grad_err"] == pytest.approx(0.5, rel=0.05)
+            assert rows[(op, dtype, "wrong-fwd")]["matches_reference"] is False
+            assert all(rows[(op, dtype, b)]["fwd+bwd_ms"] > 0 for b in ("same", "wrong-grad"))  # still timed
+    for r in res["rows"]:  # wrong ones are timed: fake the speed-ups to see the summary drop them
+        r["fwd+bwd_speedup"] = {"torch": 1.0, "same": 1.2, "wrong-grad": 9.0, "wrong-fwd": 8.0}[r["backend"]]
+    summary = gpu_check.ops_summary(res["rows"])["pixel_norm"]
+    assert summary["fastest_first"] == ["same"] and len(summary["wrong"]) == 4
+    md = gpu_check.render_markdown({"dry_run": True, "started": "2026-01-01T00:00:00",
+                                    "stages": {"ops": {"status": "passed", "data": {"rows": res["rows"]}}}})
+    wrong_lines = [ln for ln in md.splitlines() if "WRONG" in ln]
+    assert len(wrong_lines) == 8 and all("| same |" not in ln for ln in wrong_lines)
+
+
+def test_conv_rows_check_gradients_and_layer_table_drops_wrong_rows(monkeypatch):
+    import xrayforge.ops as xops
+    original = xops.conv2d_eqlr
+
+    def conv(x, weight, bias=None, *, backend=None, **kw):
+        if backend == "wrong-grad":
+            return _ScaleGrad.apply(original(x, weight, bias, backend="torch", **kw))
+        return original(x, weight, bias, backend=backend, **kw)
+    monkeypatch.setattr(xops, "conv2d_eqlr", conv)
+    variants = (ops_bench.CONV_VARIANTS[0], ("fused torch", "torch", "torch", False),
+                ("wrong grad", "wrong-grad", "torch", False))
+    monkeypatch.setattr(ops_bench, "CONV_VARIANTS", variants)
+    monkeypatch.setattr(ops_bench, "CONV_PASSES", (variants,))
+    layers = [dict(cin=4, cout=4, kernel=3, resample=None, activation="lrelu", size=8, fused=False)]
+    rows = ops_bench.conv_rows("cpu", batch=2, dtype="float32", layers=layers, reps=1, warmup=0, min_seconds=0.0)
+    by = {r["variant"]: r for r in rows}
+    assert not [r for r in rows if "error" in r]
+    assert "matches_reference" not in by["cudnn + epilogue"] and by["cudnn + epilogue"]["max_grad_err"] < 1e-5
+    assert by["fused torch"]["matches_reference"] is True
+    assert by["wrong grad"]["matches_reference"] is False and by["wrong grad"]["max_grad_err"] > 0.4
+    # the wrong variant "wins" on time: the table must still not send the layer to it
+    for r in rows:
+        r["fwd+bwd_ms"], r["gp_ms"] = (1.0, 1.0) if r["variant"] == "wrong grad" else (2.0, 2.0)
+    assert ops_bench.layer_table(rows, layers, "float32", fused=2) == {}
+    by["wrong grad"]["matches_reference"] = True
+    assert ops_bench.layer_table(rows, layers, "float32", fused=2)
+
+
+# ---------------------------------------------------------------- GPU window: files in --out
+FAKE_STAGE = """#!/bin/bash
+# stands in for `python -m xrayforge.bench.gpu_check --stage NAME --part PATH --out OUT ...`
+while [ $# -gt 0 ]; do
+  case "$1" in --stage) stage=$2; shift 2 ;; --part) part=$2; shift 2 ;; --out) out=$2; shift 2 ;; *) shift ;; esac
+done
+echo '{}' > "$part"
+n=$(find "$out" -type f | wc -l)
+echo "{\\"stage\\": \\"$stage\\", \\"files_in_out\\": $n}" > "$part"
+"""
+
+
+def test_a_killed_gpu_window_leaves_at_most_eight_files(tmp_path, monkeypatch):
+    # each stage's part stayed in --out/.work until the run's end: a run killed in its last stage
+    # (the machine's limit) left 8 parts + context.json + .setup.json + the 5 reports, and a device
+    # returns at most 8 files, so which came back was chance
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_STAGE)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--dry-run"]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    seen = {n: s["data"]["files_in_out"] for n, s in report["stages"].items()}
+    assert list(seen) == list(gpu_check.STAGES)
+    # here: no gpu_tests.xml, build.log or .setup.json (3 of the 8 a real run may hold)
+    assert max(seen.values()) + 3 <= 8, seen
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
