@@ -327,6 +327,138 @@ def test_screening_puts_draws_that_already_show_the_target_first():
     assert int(screen_starts(G, C, cand, values, mask, prior_weight=0.0, thresholds=thr)[0]) == 1
 
 
+def test_lco_accepts_by_the_classifiers_own_thresholds():
+    """A threshold of 0.7 (no float32 holds it: float32's is 0.69999999): a probability between the
+    two is not the classifier's call 'present' (p >= 0.7) but is 'absent', as the evaluations label it."""
+    findings = ["A", "B"]
+    t32 = float(np.float32(0.7))
+    assert t32 < 0.7
+    q = (t32 + 0.7) / 2
+    p = torch.tensor([[q, q]], dtype=torch.float64)
+    for value, call in ((1, q >= 0.7), (0, not q >= 0.7)):
+        values, mask, thr = target_tensors({"A": value}, findings, lambda f: 0.7)
+        assert bool(satisfied(p, values[None], mask[None], thr[None])[0]) == call
+
+
+def test_a_finding_the_target_does_not_name_plays_no_part_in_the_objective():
+    """Mean BCE over the named findings only, computed by hand; an infinite or NaN logit of an
+    unnamed finding (a saturated or broken output) changes neither the objective nor its gradient,
+    nor which start screening picks."""
+    import math
+    logits = torch.tensor([[2.0, -1.0, float("inf")], [0.5, 3.0, float("nan")]], dtype=torch.float64,
+                          requires_grad=True)
+    values = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    z = torch.zeros(2, 4, dtype=torch.float64)
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731 (-log sigmoid(-x))
+    want = [(sp(-2.0) + sp(-1.0)) / 2, (sp(0.5) + sp(-3.0)) / 2]
+    loss = lco_loss(logits, z, values, mask, prior_weight=1.0, radius=0.0)
+    torch.testing.assert_close(loss, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isfinite(grad).all() and (grad[:, 2] == 0).all()
+    toy, n, s = _ToyModels(seed=5), 7, 5
+    cand = torch.randn(n, s, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    values, mask, _ = _toy_targets(n)
+    mask[:, 2] = 0
+    blind = lambda x: torch.cat([toy.C(x)[:, :2], torch.full((len(x), 1), float("inf"))], 1)  # noqa: E731
+    assert torch.equal(screen_starts(toy.G, blind, cand, values, mask), screen_starts(toy.G, toy.C, cand, values, mask))
+
+
+class _ToyNet(torch.nn.Module):
+    """_ToyModels' networks as modules, the classifier with a batch norm (running statistics set
+    away from a batch's own) in float64."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.wg = torch.nn.Parameter(torch.randn(12, 16, generator=g, dtype=torch.float64) / 4)
+        self.body = torch.nn.Linear(16, 8, dtype=torch.float64)
+        self.bn = torch.nn.BatchNorm1d(8, dtype=torch.float64)
+        self.head = torch.nn.Linear(8, 3, dtype=torch.float64)
+        with torch.no_grad():
+            for lin in (self.body, self.head):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, dtype=torch.float64))
+                lin.bias.zero_()
+            self.bn.running_mean.copy_(torch.randn(8, generator=g, dtype=torch.float64))
+            self.bn.running_var.copy_(torch.rand(8, generator=g, dtype=torch.float64) + 0.5)
+
+    def G(self, z):
+        return torch.tanh(z @ self.wg).view(-1, 1, 4, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.body(x.flatten(1))))) / 4
+
+
+def test_lco_runs_a_classifier_left_in_training_mode_as_in_eval_mode():
+    """Batch norm in training mode would normalise by the batch (a latent's path tied to its batch
+    mates, which shrink as rows are accepted) and update the running statistics. LCO uses G and the
+    classifier as fixed functions: the result is that of the eval-mode classifier, computed by
+    torch.optim.Adam; the module's statistics, mode and gradients are as they were."""
+    import copy
+    net, n, steps = _ToyNet(), 16, 20
+    fixed = copy.deepcopy(net).eval()
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    z0 = torch.randn(n, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    values, mask, thr = _toy_targets(n)
+    thr = torch.full_like(thr, 0.6)
+    z_ref, _, acc_ref, used_ref = _reference_optimise(fixed.G, fixed, z0, values, mask, thr, steps, 0.1)
+    assert 0 < int(acc_ref.sum()) < n and len(set(used_ref.tolist())) > 2
+    net.train()
+    res = optimise(net.G, net, z0, values, mask, thr, steps=steps, lr=0.1)
+    torch.testing.assert_close(res.z, z_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(res.accepted, acc_ref) and torch.equal(res.steps, used_ref)
+    cand = torch.randn(n, 3, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.equal(screen_starts(net.G, net, cand, values, mask, thresholds=thr),
+                       screen_starts(fixed.G, fixed, cand, values, mask, thresholds=thr))
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())  # running statistics kept
+    assert net.training and net.bn.training  # the caller's mode given back
+    assert all(p.grad is None for p in net.parameters())  # gradients go to z only
+
+
+def test_screening_ranks_draws_the_classifier_cannot_score_last():
+    """A NaN objective is not the lowest one, and an infinite one in the screen does not upset the
+    ranking of the other rows (the 'meets the target' offset was 2 max|score| + 1: 0 * inf = NaN)."""
+    logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
+    G = lambda z: z.view(-1, 1, 1, 2)  # noqa: E731 (the 'image' is the latent)
+    C = lambda x: x.flatten(1)  # noqa: E731 (the 'classifier' reads the logits off it)
+    nan, inf = float("nan"), float("inf")
+    met, met_better, unmet = [logit(0.15)] * 2, [logit(0.2)] * 2, [logit(0.99), logit(0.05)]
+    cand = torch.tensor([[[nan, nan], met, unmet],            # NaN: last
+                         [met, unmet, met_better],            # the better of the two that meet it
+                         [[-inf, logit(0.15)], unmet, met]],  # BCE(-inf, 1) = inf: unmet and last
+                        dtype=torch.float64)
+    values, mask = torch.ones(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)
+    thr = torch.full((3, 2), 0.1, dtype=torch.float64)
+    assert screen_starts(G, C, cand, values, mask, prior_weight=0.0, thresholds=thr).tolist() == [1, 2, 2]
+    assert screen_starts(G, C, cand, values, mask, prior_weight=0.0).tolist() == [2, 1, 1]  # lowest finite BCE
+
+
+def test_a_probability_classifier_saturating_under_bf16_autocast_keeps_lco_finite():
+    """ClassifierAdapter(outputs='probabilities') on a model whose bf16 probability rounds to 1:
+    its logit must stay finite (it was logit(1) = inf, a NaN loss and a NaN latent)."""
+    from xrayforge.nn.classifier import ClassifierAdapter
+    torch.manual_seed(0)
+    G = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Unflatten(1, (1, 4, 4)))
+    lin = torch.nn.Linear(16, 2)
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([20.0, 0.0]))  # finding A: p = 1 - 2e-9, 1 in bf16
+    C = ClassifierAdapter(torch.nn.Sequential(torch.nn.Flatten(), lin, torch.nn.Sigmoid()), ["A", "B"],
+                          outputs="probabilities").requires_grad_(False)
+    G.requires_grad_(False)
+    z0 = torch.randn(4, 12)
+    values, mask, thr = (x.expand(4, -1) for x in target_tensors({"A": 1, "B": 1}, C.findings, lambda f: 0.99))
+    res = optimise(G, C, z0, values, mask, thr, steps=3, lr=0.1, amp_dtype=torch.bfloat16)
+    assert (res.steps == 3).all() and torch.isfinite(res.z).all() and not torch.equal(res.z, z0)
+
+
+def test_an_adapters_threshold_for_a_finding_it_does_not_have_is_refused():
+    from xrayforge.nn.classifier import ClassifierAdapter
+    with pytest.raises(ValueError, match="Efusion"):  # a misspelt finding's threshold is not silently 0.5
+        ClassifierAdapter(torch.nn.Identity(), ["Effusion", "Mass"], thresholds={"Efusion": 0.3})
+    adapter = ClassifierAdapter(torch.nn.Identity(), ["Effusion", "Mass"], thresholds={"Mass": 0.3})
+    assert adapter.threshold("Mass") == 0.3 and adapter.threshold("Effusion") == 0.5
+
+
 def test_archives_from_before_starts_resume_as_they_were_made(models, tmp_path):
     """sample_config.json of an archive begun before --starts has no 'starts': it was made with one
     draw per attempt, so it continues with --starts 1 (and unconditionally, where it changes

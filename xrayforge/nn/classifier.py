@@ -281,11 +281,17 @@ class ClassifierAdapter(nn.Module):
             raise ValueError("outputs must be 'logits' or 'probabilities'")
         self.module, self.findings, self.transform, self.outputs = module, list(findings), transform, outputs
         self.thresholds = dict(thresholds or {})
+        unknown = sorted(set(self.thresholds) - set(self.findings))
+        if unknown:  # else a misspelt finding's threshold would silently be 0.5
+            raise ValueError(f"thresholds for findings the classifier does not have: {unknown}; "
+                             f"its findings: {', '.join(self.findings)}")
 
     def forward(self, images):
         out = self.module(self.transform(images) if self.transform else images)
         if self.outputs == "probabilities":
-            out = torch.logit(out.clamp(1e-6, 1 - 1e-6))
+            # in at least float32: under bf16 / fp16 autocast 1 - 1e-6 rounds to 1, and a saturated
+            # probability became an infinite logit (NaN loss and gradient in LCO)
+            out = torch.logit((out if out.dtype == torch.float64 else out.float()).clamp(1e-6, 1 - 1e-6))
         return out
 
     def threshold(self, finding: str) -> float:

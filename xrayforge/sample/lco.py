@@ -18,6 +18,7 @@ image 1.6–3.3× and z moved less (``benchmarks/lco.py --starts``).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,15 @@ def format_target(target: dict) -> str:
 
 
 def target_tensors(target: dict, findings, thresholds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values, mask, thresholds) over all findings for one target."""
+    """(values, mask, thresholds) over all findings for one target. The thresholds are float64, the
+    classifier's own numbers: in float32 a threshold such as 0.7 would drop to 0.69999999, and a
+    probability between the two would pass as present (and fail as absent) where the classifier's
+    call (p >= 0.7) says otherwise."""
     findings = list(findings)
     values, mask = torch.zeros(len(findings)), torch.zeros(len(findings))
     for name, v in target.items():
         values[findings.index(name)], mask[findings.index(name)] = float(v), 1.0
-    return values, mask, torch.tensor([float(thresholds(f)) for f in findings])
+    return values, mask, torch.tensor([float(thresholds(f)) for f in findings], dtype=torch.float64)
 
 
 def satisfied(probs: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
@@ -98,9 +102,12 @@ def shell_radius(d: int, truncation: float | None = None) -> float:
 def lco_loss(logits: torch.Tensor, z: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
              prior_weight: float, radius: float | None = None) -> torch.Tensor:
     """Per-sample LCO objective: mean BCE over the named findings + the shell prior, which holds
-    |z| near ``radius`` (default sqrt(d); ``shell_radius``)."""
-    bce = F.binary_cross_entropy_with_logits(logits, values, reduction="none")
-    loss_cls = (bce * mask).sum(1) / mask.sum(1).clamp_min(1)
+    |z| near ``radius`` (default sqrt(d); ``shell_radius``). A finding the target does not name
+    plays no part, whatever the classifier says of it (an infinite or NaN logit there gave a NaN
+    objective: 0 · inf)."""
+    named = mask > 0.5
+    bce = F.binary_cross_entropy_with_logits(torch.where(named, logits, 0), values, reduction="none")
+    loss_cls = torch.where(named, bce, 0).sum(1) / mask.sum(1).clamp_min(1)
     radius = math.sqrt(z.shape[1]) if radius is None else radius
     return loss_cls + prior_weight * (z.norm(dim=1) - radius).square() / z.shape[1]
 
@@ -112,6 +119,23 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
 
 def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
+
+
+@contextmanager
+def _fixed(*nets):
+    """G and the classifier as fixed functions while LCO runs them: every module in eval mode (batch
+    norm on its running statistics, neither this batch's, which would tie a latent's path to its
+    batch mates, nor updating them; no dropout), each module's own mode given back afterwards.
+    Their parameters get no gradients either way: LCO differentiates with respect to z only."""
+    mods = [m for net in nets if isinstance(net, torch.nn.Module) for m in net.modules()]
+    modes = [m.training for m in mods]
+    try:
+        for m in mods:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(mods, modes):
+            m.training = mode
 
 
 @torch.no_grad()
@@ -133,16 +157,19 @@ def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor,
     radius = shell_radius(d, truncation)
     scores = torch.empty(n * s, dtype=torch.float64, device=flat.device)
     ok = torch.zeros(n * s, dtype=torch.bool, device=flat.device)
-    with _autocast(flat.device, amp_dtype):
+    with _autocast(flat.device, amp_dtype), _fixed(G, classifier):
         for i in range(0, n * s, batch):
             logits = _wide(classifier(G(flat[i:i + batch])))
             scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight,
                                            radius)
             if thr is not None:
                 ok[i:i + batch] = satisfied(torch.sigmoid(logits), v[i:i + batch], m[i:i + batch], thr[i:i + batch])
-    # draws that meet the target rank before every draw that does not
-    scores = scores + (~ok).double() * (2 * scores.abs().max() + 1)
-    return scores.view(n, s).argmin(dim=1)
+    # a draw the classifier cannot score (NaN: argmin would take it as the best) ranks last; draws
+    # that meet the target rank before every draw that does not (an infinite score among them
+    # would have made the offset 0 * inf = NaN for every row of the screen)
+    order = scores.nan_to_num(nan=math.inf).view(n, s).argsort(dim=1, stable=True)
+    first = ok.view(n, s).gather(1, order).to(torch.uint8).argmax(dim=1)  # the best that meets it; else 0: the best
+    return order.gather(1, first[:, None]).squeeze(1)
 
 
 @dataclass
@@ -234,7 +261,7 @@ class LCOPool:
         """One evaluation of every row; yields the rows that finish, returns (state, keys) of the rest."""
         z0, z, m1, m2, values, mask, thr, t = state
         za = z.detach().requires_grad_(True)
-        with _autocast(za.device, self.amp_dtype):
+        with _autocast(za.device, self.amp_dtype), _fixed(self.G, self.classifier):
             imgs = self.G(za)
             logits = _wide(self.classifier(imgs))
         self.evaluations += len(keys)
@@ -242,7 +269,8 @@ class LCOPool:
         ok = satisfied(probs, values, mask, thr)
         if self.written is not None and bool(ok.any()):  # met as G gave them: are they met as stored?
             met = ok.nonzero().squeeze(1)
-            stored = self.written(imgs.detach()[met]).to(probs)
+            with _fixed(self.G, self.classifier):
+                stored = self.written(imgs.detach()[met]).to(probs)
             probs = probs.index_copy(0, met, stored)
             ok = ok.index_copy(0, met, satisfied(stored, values[met], mask[met], thr[met]))
         finished = ok | (t >= self.steps)
