@@ -28,6 +28,7 @@ from xrayforge.fid.stats import FrechetStats, frechet_distance
 from xrayforge.nn import Generator, NetworkConfig, save_networks
 from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig, load_classifier
 from xrayforge.nn import latents_for
+from xrayforge.utils.images import levels
 
 
 # --------------------------------------------------------------------------- metrics
@@ -298,7 +299,8 @@ def test_diversity_counts_what_the_classifier_calls(phantoms, generator_and_clas
     G = load_networks(gen, names=["G_ema"])["G_ema"].eval()
     clf = load_classifier(clf_path).eval()
     with torch.no_grad():
-        probs = torch.sigmoid(clf(G(latents_for(0, range(50), 16)))).numpy()
+        # as `sample` would store them: clamped and quantised to 8 bits
+        probs = torch.sigmoid(clf(levels(G(latents_for(0, range(50), 16)), 8) / 255 * 2 - 1)).numpy()
     called = probs >= 0.5
     rows = {r["finding"]: r for r in s["findings"]}
     for k, f in enumerate(FINDINGS):

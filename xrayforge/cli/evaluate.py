@@ -312,8 +312,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--per-grid", type=_args.positive_int, default=16, help="images per finding grid (default 16)")
     q.add_argument("--ratio", type=_args.fraction, default=0.5,
                    help="under-produced: the samples' predicted prevalence below RATIO x the classifier's "
-                        "prevalence on the real images and outside its 95%% interval; over-produced: above 1/RATIO x "
-                        "(default 0.5)")
+                        "prevalence on the real images, and the two 95%% intervals apart; over-produced: above "
+                        "1/RATIO x (default 0.5)")
     q.add_argument("--truncation", type=_args.truncation, default=None,
                    help="redraw latent components beyond ±T (at least 0.01)")
     q.add_argument("--batch", type=_args.positive_int, default=64, help="images per network batch (default 64)")

@@ -1,14 +1,17 @@
 """`xrayforge evaluate diversity RUN --classifier MODEL --real ARCHIVE --n N --out DIR`: which
 findings does the generator produce, how often, and in which combinations?
 
-N unconditional images are generated (never written) and classified; their predicted finding
-prevalences, and the prevalences of every pair of findings, are set against the real archive's.
+N unconditional images are generated (never written) and classified as `sample` would store them
+(clamped to [-1, 1] and quantised to 8 bits, the pixels a real image also has: the generator's raw
+output overshoots that range, which the classifier never saw); their predicted finding prevalences,
+and the prevalences of every pair of findings, are set against the real archive's.
 The fair comparison is with the classifier's predictions on real images (its errors hit both
 sides alike); the real labels' prevalences are listed beside them. A finding is under-produced
 when its synthetic prevalence is below ``ratio`` × the real one and the Wilson 95% interval of
-the synthetic prevalence lies wholly below the real one (over-produced: the mirror image; for a
-finding the classifier never calls on the real images, when that interval lies wholly above the
-real prevalence's own Wilson interval).
+the synthetic prevalence lies wholly below the real prevalence's own Wilson interval
+(over-produced: the mirror image). Both are estimates: 0 real hits in 100 do not rule out a rare
+finding, nor does 1 in 100 pin it at 1% (against the real point alone, a synthetic 3% would be
+over-produced against 1 real hit in 100 and not against 0).
 
 The real reference is only the real images the classifier did not train on. On the images it was
 fitted to a classifier is more confident, and closer to their labels, than on unseen ones, and the
@@ -27,6 +30,7 @@ summary.json.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -38,11 +42,11 @@ from ..utils.files import save_numpy, write_csv, write_json, write_text_atomic
 from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
 from ..nn.latents import check_truncation
-from ..utils.images import grid, save_png, to_uint
+from ..utils.images import grid, levels, save_png, to_uint
 from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, held_out_positions, predict, recorded_training
 from .labelled import archive_id, open_labelled
-from .metrics import wilson_interval
+from .metrics import _log_comb, wilson_interval
 from ..utils.files import claim_output
 
 log = logging.getLogger(__name__)
@@ -63,13 +67,25 @@ def cooccurrence(labels: np.ndarray) -> np.ndarray:
     return (y.T @ y) / max(len(y), 1)
 
 
-def combinations(labels: np.ndarray) -> dict:
-    """How many distinct finding combinations occur, and the entropy of their distribution (bits)."""
+def combinations(labels: np.ndarray, size: int | None = None) -> dict:
+    """How many distinct finding combinations occur, and the entropy of their distribution (bits);
+    with ``size`` (at most len(labels)), also ``distinct_in_size``: the expected number among ``size``
+    of the images drawn without replacement (rarefaction). More images show more of the rare
+    combinations, so sets of different sizes compare only at one size."""
     if not len(labels):
-        return {"distinct": 0, "entropy_bits": 0.0}
+        return {"distinct": 0, "entropy_bits": 0.0, **({"distinct_in_size": 0.0} if size is not None else {})}
     _, counts = np.unique(labels.astype(np.int8), axis=0, return_counts=True)
     p = counts / counts.sum()
-    return {"distinct": int(len(counts)), "entropy_bits": float(max(0.0, -(p * np.log2(p)).sum()))}
+    out = {"distinct": int(len(counts)), "entropy_bits": float(max(0.0, -(p * np.log2(p)).sum()))}
+    if size is not None:
+        n = len(labels)
+        if not 0 <= size <= n:
+            raise ValueError(f"size {size}: not between 0 and the {n} images")
+        # P(a combination seen k times is missed by `size` draws) = C(n - k, size) / C(n, size)
+        missed = [math.exp(_log_comb(n - k, size) - _log_comb(n, size)) if n - k >= size else 0.0
+                  for k in counts.tolist()]
+        out["distinct_in_size"] = float(len(counts) - sum(missed))
+    return out
 
 
 def prevalence_rows(findings, synth_pred: np.ndarray, real_pred: np.ndarray, real_true: np.ndarray,
@@ -81,14 +97,13 @@ def prevalence_rows(findings, synth_pred: np.ndarray, real_pred: np.ndarray, rea
         s, r = float(synth_pred[:, k].mean()), float(real_pred[:, k].mean())
         lo, hi = wilson_interval(int(synth_pred[:, k].sum()), len(synth_pred))
         rel = s / r if r > 0 else float("nan")
+        # the real prevalence is an estimate too: a flag needs the two intervals apart
+        real_lo, real_hi = wilson_interval(int(real_pred[:, k].sum()), len(real_pred))
         rows.append({"finding": f, "real_label_prevalence": float(real_true[:, k].mean()),
                      "real_predicted_prevalence": r, "synthetic_predicted_prevalence": s, "synthetic_ci95_low": lo,
                      "synthetic_ci95_high": hi, "ratio": rel,
-                     "under_produced": int(r > 0 and rel < ratio and hi < r),
-                     # a finding the classifier never calls on the real images: over-produced once the
-                     # synthetic interval lies above the real one's (0 hits cannot rule out a rare finding)
-                     "over_produced": int(rel > 1 / ratio and lo > r if r > 0 else
-                                          lo > wilson_interval(0, len(real_pred))[1])})
+                     "under_produced": int(r > 0 and rel < ratio and hi < real_lo),
+                     "over_produced": int((r == 0 or rel > 1 / ratio) and lo > real_hi)})
     return rows
 
 
@@ -187,7 +202,11 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     reference = real_reference(classifier, real_arc, real, include_training)  # before the generator's work
     cols = [model.findings.index(f) for f in findings]
     thr = np.array([model.threshold(f) for f in findings])
-    G = load_networks(find_checkpoint(run), names=["G_ema"], map_location=dev)["G_ema"].eval().requires_grad_(False)
+    checkpoint = find_checkpoint(run)
+    G = load_networks(checkpoint, names=["G_ema"], map_location=dev)["G_ema"].eval().requires_grad_(False)
+    if G.config.image_channels != 1:  # as `sample --classifier` refuses it, before any work
+        raise UserError(f"{checkpoint}: its generator makes {G.config.image_channels}-channel images, and the "
+                        f"classifier {classifier} takes grey (one-channel) images")
 
     from tqdm import tqdm
     synth_probs, tops = [], {f: _TopK(per_grid) for f in findings}
@@ -196,10 +215,11 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
         z = latents_for(seed, range(start, min(start + batch, n)), G.config.latent_dim, truncation).to(dev)
         with torch.no_grad():
             images = G(z).float()
+            finite = bool(torch.isfinite(images).all())  # before clamping, which would make inf look fine
+            images = levels(images, 8) / 255 * 2 - 1  # the pixels `sample` writes (png8) and real images have
             p = torch.sigmoid(model(images).float()).cpu().numpy()[:, cols]
-        if not np.isfinite(p).all():  # NaN is never >= a threshold: every finding would be 'never produced'
-            who = f"{run}: the generator's images" if not torch.isfinite(images).all() else \
-                f"{classifier}: the classifier's probabilities"
+        if not (finite and np.isfinite(p).all()):  # NaN is never >= a threshold: every finding 'never produced'
+            who = f"{run}: the generator's images" if not finite else f"{classifier}: the classifier's probabilities"
             raise UserError(f"{who} are not finite (NaN or inf; from sample {start} on): a diverged checkpoint?")
         synth_probs.append(p)
         positive = p >= thr
@@ -234,6 +254,8 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
             pairs.append({"finding_a": findings[i], "finding_b": findings[j], "real_label_prevalence": co_t[i, j],
                           "real_predicted_prevalence": co_r[i, j], "synthetic_predicted_prevalence": co_s[i, j],
                           "ratio": co_s[i, j] / co_r[i, j] if co_r[i, j] > 0 else float("nan")})
+    # summary.json last, and an earlier run's gone first: where it exists, the rest is complete and of its run
+    (out / "summary.json").unlink(missing_ok=True)
     (out / "grids").mkdir(exist_ok=True)
     grids = {}
     for f, top in tops.items():
@@ -241,13 +263,15 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
             path = out / "grids" / f"{f}.png"
             save_png(grid(top.images, columns=min(8, len(top.images))), path)
             grids[f] = str(path.relative_to(out))
+    common = min(len(synth_pred), len(real_pred))  # distinct combinations compare only at one size
     summary = {"evaluation": "diversity", "run": str(run), "classifier": str(classifier), "real": str(real),
                "synthetic_images": int(n), "real_images": int(len(real_set)),
                "real_reference": reference["real_reference"], "real_reference_note": reference["note"],
                "real_available": int(len(reference["positions"])), "real_excluded": reference["excluded"],
-               "seed": seed, "ratio": ratio,
+               "checkpoint": str(checkpoint), "seed": seed, "truncation": truncation, "ratio": ratio,
                "findings": rows, "pairs": pairs, "grids": grids,
-               "combinations": {"synthetic": combinations(synth_pred), "real_predicted": combinations(real_pred)},
+               "combinations": {"synthetic": combinations(synth_pred, common), "real_predicted":
+                                combinations(real_pred, common), "common_size": common},
                "under_produced": [r["finding"] for r in rows if r["under_produced"]],
                "over_produced": [r["finding"] for r in rows if r["over_produced"]],
                "never_produced": [r["finding"] for r in rows if r["real_predicted_prevalence"] > 0
@@ -258,14 +282,17 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     save_numpy(out / "cooccurrence.npz", findings=np.array(findings), synthetic=co_s, real_predicted=co_r,
                real_labels=co_t)
     plot_cooccurrence(findings, co_r, co_s, out / "cooccurrence.png")
-    write_json(out / "summary.json", summary)
     write_text_atomic(out / "diversity.md", format_markdown(summary))
+    write_json(out / "summary.json", summary)
     return summary
 
 
 def format_markdown(summary: dict) -> str:
-    lines = [f"Findings the classifier calls in {summary['synthetic_images']} unconditional samples, against "
-             f"{summary['real_images']} real images (prevalence, %; synthetic with its Wilson 95% interval).", "",
+    truncated = f" (latents truncated at ±{summary['truncation']:g})" \
+        if summary.get("truncation") is not None else ""
+    lines = [f"Findings the classifier calls in {summary['synthetic_images']} unconditional samples{truncated}, "
+             f"against {summary['real_images']} real images (prevalence, %; synthetic with its Wilson 95% "
+             f"interval).", "",
              *([_reference_sentence(summary), ""] if "real_reference" in summary else []),
              "| finding | real (labels) | real (predicted) | synthetic (predicted) | synthetic / real |",
              "|---|---|---|---|---|"]
@@ -288,7 +315,10 @@ def format_markdown(summary: dict) -> str:
               (f" Seen on neither side: {', '.join(unseen)}." if unseen else ""),
               f"Distinct finding combinations: {c['synthetic']['distinct']} in the samples (entropy "
               f"{c['synthetic']['entropy_bits']:.2f} bits) vs {c['real_predicted']['distinct']} in the real images "
-              f"({c['real_predicted']['entropy_bits']:.2f} bits)."]
+              f"({c['real_predicted']['entropy_bits']:.2f} bits)" +
+              (f"; expected in {c['common_size']} images of each (more images show more rare combinations): "
+               f"{c['synthetic']['distinct_in_size']:.1f} vs {c['real_predicted']['distinct_in_size']:.1f}."
+               if "common_size" in c else ".")]
     top = sorted((p for p in summary["pairs"] if (p["real_predicted_prevalence"] or 0) > 0),
                  key=lambda p: -p["real_predicted_prevalence"])[:10]
     if top:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import os
 from pathlib import Path
 
 from ..errors import UserError
 from ._format import number
 from ..utils.files import read_json, read_jsonl, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 SECTION_ORDER = ("diversity-grids", "fid-findings", "tstr", "diversity", "memorisation", "reader-study")
 EVALUATIONS = ("fid-findings", "tstr", "diversity", "memorisation", "reader-study")  # what a summary.json may name
@@ -38,6 +41,10 @@ def find_evaluations(run: str | os.PathLike | None, extra=()) -> dict[str, Path]
         if s.is_file():
             kind = read_json(s, "an evaluation summary").get("evaluation")
             if kind in EVALUATIONS:
+                # one section per kind: another of the kind is never left out without a word
+                if kind in found and found[kind].resolve() != p.resolve():
+                    log.warning("%s and %s are both %s evaluations; the report shows the latter (--evaluations "
+                                "DIR chooses)", found[kind], p, kind)
                 found[kind] = p
             elif p in asked:  # asked for by name: never left out without a word
                 raise UserError(f"{s}: not the summary of an `xrayforge evaluate` command (it names "
@@ -169,6 +176,11 @@ def _relative_images(markdown: str, base: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
 def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -> str:
     """The report's Markdown subset (headings, paragraphs, tables, images) as one HTML page with
     the images embedded; image paths are relative to ``base``."""
@@ -191,14 +203,16 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("![") and line.endswith(")"):
+        elif line.startswith("![") and line.endswith(")") and "](" in line:
             alt, src = line[2:line.index("](")], Path(base) / line[line.index("](") + 2:-1]
-            if src.is_file():
-                data = base64.b64encode(src.read_bytes()).decode()
-                body.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" '
-                            f'style="max-width:100%"></p>')
+            # every image of a report is a PNG; a line of an evaluation's text (a reader's name, an edited
+            # .md or summary) could name any file, which the mailed page must not carry
+            if src.is_file() and _is_png(src):
+                body.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,'
+                            f'{base64.b64encode(src.read_bytes()).decode()}" style="max-width:100%"></p>')
             else:
-                body.append(f"<p>(missing image: {html.escape(str(src))})</p>")
+                body.append(f"<p>({'not a PNG image, left out' if src.is_file() else 'missing image'}: "
+                            f"{html.escape(str(src))})</p>")
         elif line.startswith("|"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if all(set(c) <= {"-", ":"} for c in cells):
@@ -220,6 +234,7 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
 
 
 REPORT_MARK = "<!-- written by xrayforge evaluate report -->"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LEGACY_STYLE = "body{font-family:sans-serif;max-width:1000px;margin:auto;padding:1em}"
 
 
