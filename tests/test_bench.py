@@ -10,6 +10,7 @@ import torch
 from xrayforge.bench import fid as fid_bench
 from xrayforge.bench import gpu_check
 from xrayforge.bench import ops as ops_bench
+from xrayforge.fid.features import conv_tf32_allowed
 
 
 # ---------------------------------------------------------------- FID preprocessing: bytes moved
@@ -45,7 +46,7 @@ def test_inception_exact_mode_is_compared_with_an_ieee_fp32_baseline(monkeypatch
 
     class Model(torch.nn.Module):
         def forward(self, x):
-            seen.setdefault("tf32", []).append(torch.backends.cudnn.allow_tf32)
+            seen.setdefault("tf32", []).append(conv_tf32_allowed())
             return x.mean((2, 3))
 
     class Extractor:
@@ -53,7 +54,7 @@ def test_inception_exact_mode_is_compared_with_an_ieee_fp32_baseline(monkeypatch
         model = Model()
 
         def features(self, u8):
-            seen.setdefault("features", []).append(torch.backends.cudnn.allow_tf32)
+            seen.setdefault("features", []).append(conv_tf32_allowed())
             return u8.float().mean((1, 2))[:, None]
 
     times = iter([40.0, 50.0, 25.0, 10.0])
@@ -63,15 +64,20 @@ def test_inception_exact_mode_is_compared_with_an_ieee_fp32_baseline(monkeypatch
         return next(times)
     monkeypatch.setattr(fid_bench, "time_fn", fake_time)
     monkeypatch.setattr(fid_bench._backend, "resolve_for_device", lambda *a, **k: "triton")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    rows = fid_bench.inception_rows(Extractor(), Extractor(), torch.zeros(2, 8, 8, dtype=torch.uint8))
+    before = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        rows = fid_bench.inception_rows(Extractor(), Extractor(), torch.zeros(2, 8, 8, dtype=torch.uint8))
+        restored = torch.backends.cudnn.conv.fp32_precision
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = before
     names = [r["variant"] for r in rows]
     assert "TF32" in names[0] and "IEEE fp32" in names[1]
     assert seen["tf32"] == [True, False]  # the IEEE baseline really ran without TF32
     exact, fast = rows[2], rows[3]
     assert exact["baseline"] == names[1] and exact["speedup"] == pytest.approx(50.0 / 25.0)
     assert fast["baseline"] == names[0] and fast["speedup"] == pytest.approx(40.0 / 10.0)
-    assert torch.backends.cudnn.allow_tf32 is True  # the flags are put back
+    assert restored == "tf32"  # the settings are put back
 
 
 # ---------------------------------------------------------------- ops: a wrong kernel says so
@@ -180,3 +186,20 @@ def test_a_killed_gpu_window_leaves_at_most_eight_files(tmp_path, monkeypatch):
     # here: no gpu_tests.xml, build.log or .setup.json (3 of the 8 a real run may hold)
     assert max(seen.values()) + 3 <= 8, seen
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+
+
+def test_a_bf16_kernel_off_by_one_channel_is_not_within_the_tolerance():
+    """Pixel norm over C - 1 channels instead of C at C = 32 is 1.6% off; bf16 eager's own error
+    against float64 is about half a bf16 rounding (2^-8): twice that, or the floor, must not hold it.
+    The rule was 2 x eager + 4 eps (3.9%), which passed it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 8, 8, dtype=torch.float64)
+    exact = x / (x.square().mean(1, keepdim=True) + 1e-8).sqrt()
+    wrong = x / (x.square().sum(1, keepdim=True) / 31 + 1e-8).sqrt()
+    xb = x.bfloat16()
+    eager = (xb / (xb.square().mean(1, keepdim=True) + 1e-8).sqrt()).double()
+    scale = exact.abs().max().item()
+    rel = lambda y: ((y - exact).abs().max() / scale).item()  # noqa: E731
+    floor = ops_bench.tolerance_floor(torch.bfloat16)
+    assert ops_bench.matches_reference(rel(eager.bfloat16().double()), rel(eager), floor)
+    assert not ops_bench.matches_reference(rel(wrong.bfloat16().double()), rel(eager), floor)

@@ -864,7 +864,7 @@ def test_sixteen_bit_colour_read_at_8_bits_is_counted_once(tmp_path, monkeypatch
     monkeypatch.setattr(readers, "_said_8_bits", False, raising=False)
     monkeypatch.setattr(readers, "_SIXTEEN_BIT_COLOUR", re.compile("(?!)"), raising=False)
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png"):
         write_png(src / name, rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16))
@@ -951,16 +951,55 @@ def test_split_lists_saved_with_a_byte_order_mark_keep_their_first_name(tmp_path
     assert sorted(Path(arc.records[i]["source"]).name for i in arc.training_positions()) == names[:2]
 
 
-def test_an_unfinished_prepare_of_the_box_filter_is_not_continued_with_area_averages(tmp_path):
+def _killed_prepare(tmp_path, monkeypatch, at):
+    """A prepare of 8 PNG files (20 px, shrunk to 16) killed at ``at``: "image" (the fourth image
+    read) or "finish" (archive.json written, plan.json not yet removed); out.partial's plan.json and
+    archive.json (where written) with the "resize" setting dropped, as an older xrayforge wrote them."""
+    import json
+    from PIL import Image
+    src = tmp_path / "src"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(src / f"{i}.png")
+    if at == "image":
+        real, seen = prep._process, []
+
+        def dying(task):
+            seen.append(task)
+            if len(seen) == 4:
+                raise Killed
+            return real(task)
+        monkeypatch.setattr(prep, "_process", dying)
+    else:
+        real_unlink = Path.unlink
+
+        def dying(path, *a, **k):
+            if path.name == "plan.json":
+                raise Killed
+            return real_unlink(path, *a, **k)
+        monkeypatch.setattr(Path, "unlink", dying)
+    with pytest.raises(Killed):
+        prepare(str(src), tmp_path / "out", resolution=16, workers=1, progress=False)
+    monkeypatch.undo()
+    for name in ("plan.json", "archive.json"):
+        f = tmp_path / "out.partial" / name
+        if f.is_file():
+            saved = json.loads(f.read_text())
+            assert saved["settings"].pop("resize") == "area"
+            f.write_text(json.dumps(saved))
+    return src
+
+
+def test_an_unfinished_prepare_of_the_box_filter_is_not_continued_with_area_averages(tmp_path, monkeypatch):
     """Images are shrunk by exact area averages since an xrayforge whose Pillow BOX filter gave a
     pattern at ratios that are not integers: a prepare that one began (its plan without "resize") is
-    not finished the other way, one archive made two ways."""
-    import json
-    args = ["prepare", "phantom:40", str(tmp_path / "out"), "--resolution", "16", "--workers", "2", "-q"]
-    assert run_dying(args, "SIGKILL").returncode == 1
-    plan = tmp_path / "out.partial" / "plan.json"
-    saved = json.loads(plan.read_text())
-    assert saved["settings"].pop("resize") == "area"
-    plan.write_text(json.dumps(saved))
+    not finished the other way, one archive made two ways; one it finished (killed while tidying
+    up, its plan still there) is taken as it was made."""
+    src = _killed_prepare(tmp_path / "a", monkeypatch, "image")
     with pytest.raises(ValueError, match="holds an unfinished prepare with other settings"):
-        prepare("phantom:40", tmp_path / "out", resolution=16, workers=1, progress=False)
+        prepare(str(src), tmp_path / "a" / "out", resolution=16, workers=1, progress=False)
+    src = _killed_prepare(tmp_path / "b", monkeypatch, "finish")
+    assert (tmp_path / "b" / "out.partial" / "plan.json").is_file()
+    prepare(str(src), tmp_path / "b" / "out", resolution=16, workers=1, progress=False)  # moved into place
+    assert len(Archive(tmp_path / "b" / "out")) == 8 and not (tmp_path / "b" / "out.partial").exists()

@@ -213,3 +213,23 @@ def test_two_evaluations_of_one_kind_are_not_shown_as_one_without_a_word(tmp_pat
     with caplog.at_level("WARNING", logger="xrayforge.evaluate.report"):  # the same folder named again: one
         write_report(tmp_path / "r.html", None, [run / "evaluations" / "diversity", run / "evaluations" / "diversity"])
     assert "both" not in caplog.text
+
+
+def test_samples_are_quantised_at_the_real_archives_bit_depth(world, tmp_path, monkeypatch):
+    """A 16-bit archive's real images have 16-bit levels: the samples are classified at 16 bits
+    there, not at 8 (and at 8 for an 8-bit archive)."""
+    prepare("phantom:120", tmp_path / "real16", resolution=32, bits=16, workers=1, progress=False)
+    seen = []
+    real_levels = div.levels
+
+    def spy(images, bits=8):
+        seen.append(bits)
+        return real_levels(images, bits)
+    monkeypatch.setattr(div, "levels", spy)
+    r = world["root"]
+    diversity(str(r / "gen"), str(r / "clf"), str(tmp_path / "real16"), tmp_path / "d16", n=N, batch=BATCH,
+              device="cpu", progress=False)
+    assert seen and set(seen) == {16}
+    seen.clear()
+    _run(world, tmp_path / "d8")
+    assert seen and set(seen) == {8}

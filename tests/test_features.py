@@ -163,22 +163,28 @@ def test_images_of_different_sizes_go_through_the_network_together(world, tmp_pa
         assert len(names) == len(feats) == len(pix) == len(thumbs) == 5 and thumbs.shape[1:] == (64, 64)
 
 
+def _precisions():
+    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_exact_inception_runs_in_ieee_float32_not_tf32(mode, monkeypatch):
+@pytest.mark.parametrize("user", [("tf32", "tf32"), ("ieee", "none")], ids=["tf32", "set-by-user"])
+def test_exact_inception_runs_in_ieee_float32_not_tf32(mode, user, monkeypatch):
     """PyTorch lets cuDNN run float32 convolutions as TF32 by default (1e-3 relative per layer on
-    Ampere and later GPUs): exact mode turns that off around Inception and puts the settings back;
-    fast mode (bf16) leaves them as they are."""
-    from xrayforge.fid.features import InceptionSpace
+    Ampere and later GPUs): exact mode turns that off around Inception and puts the settings back
+    as they were; fast mode (bf16) leaves them. Through PyTorch's fp32_precision settings: after a
+    user set those, reading the legacy allow_tf32 flags raises."""
+    from xrayforge.fid.features import InceptionSpace, conv_tf32_allowed
     space = InceptionSpace(random_weights=True, mode=mode)
     seen = []
-    monkeypatch.setattr(space, "model", lambda x: seen.append(
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or torch.zeros(len(x), 2048))
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(space, "model", lambda x: seen.append(_precisions()) or torch.zeros(len(x), 2048))
+    before = _precisions()
     try:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = user
+        assert conv_tf32_allowed() == (user[0] == "tf32")
         space.embed(torch.zeros(2, 1, 299, 299))
-        after = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        after = _precisions()
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-    assert seen == [(False, False) if mode == "exact" else (True, True)]
-    assert after == (True, True)
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+    assert seen == [("ieee", "ieee") if mode == "exact" else user]
+    assert after == user

@@ -325,6 +325,8 @@ def test_auto_falls_back_past_the_triton_channel_limit(monkeypatch, caplog):
 def test_auto_takes_cuda_past_the_triton_channel_limit_where_it_can(monkeypatch):
     from xrayforge.ops import _backend
     pretend_gpu(monkeypatch, available=("triton", "cuda"))
+    for op in ("pixel_norm", "bias_lrelu_pixel_norm"):  # the mechanism, whatever the table holds today
+        monkeypatch.setitem(_backend.GPU_VALIDATED, op, ("triton", "cuda"))
     wide, narrow = torch.randn(2, pn.MAX_TRITON_CHANNELS + 1), torch.randn(2, 512)
     pick = lambda op, x, bias_grad: _backend.resolve(op, x, "auto", pn._epilogue_refusals(x, bias_grad))  # noqa: E731
     assert pick("pixel_norm", narrow, False) == "triton"

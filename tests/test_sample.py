@@ -338,6 +338,13 @@ def test_lco_accepts_by_the_classifiers_own_thresholds():
     for value, call in ((1, q >= 0.7), (0, not q >= 0.7)):
         values, mask, thr = target_tensors({"A": value}, findings, lambda f: 0.7)
         assert bool(satisfied(p, values[None], mask[None], thr[None])[0]) == call
+    # the probabilities LCO has are float32: the one such value in question is float32(0.7) itself,
+    # which the archive's labels (evaluate.labelled: the manifest's p as a Python float >= the recorded
+    # threshold) call below it
+    p32 = torch.tensor([[t32, t32]], dtype=torch.float32)
+    for value, call in ((1, t32 >= 0.7), (0, not t32 >= 0.7)):
+        values, mask, thr = target_tensors({"A": value}, findings, lambda f: 0.7)
+        assert bool(satisfied(p32, values[None], mask[None], thr[None])[0]) == call
 
 
 def test_a_finding_the_target_does_not_name_plays_no_part_in_the_objective():

@@ -19,7 +19,7 @@ import torch
 from ..data.prepare import prepare
 from ..ops import _backend
 from ..fid.compute import FeatureExtractor
-from ..fid.features import ieee_fp32
+from ..fid.features import conv_tf32_allowed, ieee_fp32
 from ..fid.preprocess import SIZE, preprocess
 from ..fid.preprocess import reference as reference_preprocess
 from ..fid.stats import FrechetStats, StreamingMoments, frechet_distance
@@ -48,7 +48,7 @@ def inception_rows(exact: FeatureExtractor, fast: FeatureExtractor, u8: torch.Te
 
     # PyTorch's default lets cuDNN run float32 convolutions as TF32 on a GPU: pytorch-fid as a user
     # runs it, but not the float32 its label said nor the arithmetic of ours exact (IEEE float32)
-    tf32 = dev.type == "cuda" and torch.backends.cudnn.allow_tf32
+    tf32 = dev.type == "cuda" and conv_tf32_allowed()
     default_name = "pytorch-fid equivalent (" + ("fp32 with cuDNN TF32 convolutions, PyTorch's default"
                                                  if tf32 else "fp32") + ", 3 channels)"
     ieee_name = "pytorch-fid equivalent (IEEE fp32, 3 channels)"

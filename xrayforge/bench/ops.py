@@ -133,17 +133,19 @@ def max_grad_error(op: str, shape, dtype, device, backend: str) -> float:
 
 
 def tolerance_floor(dtype) -> float:
-    """Relative error that no correct kernel at ``dtype`` needs to reach (a few roundings of the
-    output, and accumulation-order differences of large reductions in float32): far below what
-    a wrong result gives."""
-    return max(4 * torch.finfo(dtype).eps, 1e-4)
+    """Relative error that no correct kernel at ``dtype`` needs to reach (a rounding of the output
+    to ``dtype`` (bf16: 2^-7 of the scale), and accumulation-order differences of large reductions in
+    float32): below what a wrong result gives (a pixel norm over C - 1 instead of C channels at C = 32
+    is 1.6% off)."""
+    return max(torch.finfo(dtype).eps, 1e-4)
 
 
 def matches_reference(err: float, ref_err: float | None, floor: float) -> bool:
     """A fast path's error against float64 is acceptable: at most twice the eager reference's own
-    error at the same dtype (when it was measured) plus ``floor`` (the tolerance floor times the
-    output's scale)."""
-    return bool(err <= 2 * (ref_err or 0.0) + floor)
+    error at the same dtype (DESIGN's rule), or ``floor`` (the tolerance floor times the output's
+    scale) where that is larger (an eager path exact by chance, or not measured). Not their sum:
+    in bf16 that let a pixel norm over C - 1 channels (1.6% off at C = 32) pass."""
+    return bool(err <= max(2 * (ref_err or 0.0), floor))
 
 
 def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None, quick: bool = False,
@@ -310,14 +312,26 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
             # one output gradient for every variant; float64: the output on the first image, and the
             # input / weight / bias gradients of the whole batch (the shapes the timed calls run, so no
             # extra kernel is compiled or tuned for the check)
-            xd = x.double().requires_grad_()
-            params_d = [p.detach().double().requires_grad_() for p in (layer.weight, layer.bias)]
-            exact = eqlr_reference(xd, *params_d, scale=layer.scale, activation=s["activation"],
-                                   resample=s["resample"])
-            dy = torch.randn(tuple(exact.shape), device=dev).to(dt).contiguous(memory_format=fmt)
-            exact_grads = torch.autograd.grad(exact, [xd] + params_d, dy.double())
-            exact = exact[:1].detach().clone()  # not a view keeping the whole batch alive
-            del xd, params_d
+            try:
+                xd = x.double().requires_grad_()
+                params_d = [p.detach().double().requires_grad_() for p in (layer.weight, layer.bias)]
+                exact = eqlr_reference(xd, *params_d, scale=layer.scale, activation=s["activation"],
+                                       resample=s["resample"])
+                dy = torch.randn(tuple(exact.shape), device=dev).to(dt).contiguous(memory_format=fmt)
+                exact_grads = torch.autograd.grad(exact, [xd] + params_d, dy.double())
+                exact = exact[:1].detach().clone()  # not a view keeping the whole batch alive
+                del xd, params_d
+            except Exception as exc:  # noqa: BLE001 - the check itself failed (out of memory): said, next layer
+                why = f"float64 reference: {error_summary(exc)}"
+                for variant, *_ in variants:
+                    rows.append({"op": "conv2d_eqlr", "layer": i, "shape": shape, "batch": batch, "dtype": dtype,
+                                 "variant": variant, "error": why})
+                    if on_row is not None:
+                        on_row(rows[-1])
+                xd = params_d = exact = exact_grads = None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             for variant, backend, epilogue_backward, autotune in variants:
                 layer.eqlr_backend = backend
                 eqlr.EPILOGUE_BACKWARD, eqlr.AUTOTUNE = epilogue_backward, autotune

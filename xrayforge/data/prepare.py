@@ -503,12 +503,14 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     dtype = "uint8" if bits == 8 else "uint16"
     # "resize": images shrunk by exact area averages (before: Pillow's BOX; an unfinished prepare of an
     # older xrayforge is not continued with the other one, a finished one is as it was made)
+    # (phantoms are drawn at the resolution: never resized)
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
-                **({"labelled_only": True} if labelled_only else {}), "resize": "area"}
+                **({"labelled_only": True} if labelled_only else {}),
+                **({} if str(src).startswith("phantom:") else {"resize": "area"})}
     plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
     meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
     saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings
-    if plan is None and meta is not None and saved is not None:
+    if meta is not None and saved is not None and "resize" in settings:  # finished (its plan may be left): as made
         saved = {"resize": "area", **saved}
     if saved is None:  # finished by an older xrayforge, killed just before the rename; it kept fewer settings
         kept = {k: meta.get(k) for k in ("source", "resolution", "dtype", "square")}

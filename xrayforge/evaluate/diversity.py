@@ -2,9 +2,10 @@
 findings does the generator produce, how often, and in which combinations?
 
 N unconditional images are generated (never written) and classified as `sample` would store them
-(clamped to [-1, 1] and quantised to 8 bits, the pixels a real image also has: the generator's raw
-output overshoots that range, which the classifier never saw); their predicted finding prevalences,
-and the prevalences of every pair of findings, are set against the real archive's.
+(clamped to [-1, 1] and quantised to the real archive's 8 or 16 bits, the pixels a real image has:
+the generator's raw output overshoots that range, which the classifier never saw); their predicted
+finding prevalences, and the prevalences of every pair of findings, are set against the real
+archive's.
 The fair comparison is with the classifier's predictions on real images (its errors hit both
 sides alike); the real labels' prevalences are listed beside them. A finding is under-produced
 when its synthetic prevalence is below ``ratio`` × the real one and the Wilson 95% interval of
@@ -208,6 +209,8 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
         raise UserError(f"{checkpoint}: its generator makes {G.config.image_channels}-channel images, and the "
                         f"classifier {classifier} takes grey (one-channel) images")
 
+    bits = 8 * real_arc.dtype.itemsize  # quantised as the real images are (8 or 16 bits)
+    top = float((1 << bits) - 1)
     from tqdm import tqdm
     synth_probs, tops = [], {f: _TopK(per_grid) for f in findings}
     for start in tqdm(range(0, n, batch), desc="generate and classify", unit="batch", disable=not progress,
@@ -216,7 +219,7 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
         with torch.no_grad():
             images = G(z).float()
             finite = bool(torch.isfinite(images).all())  # before clamping, which would make inf look fine
-            images = levels(images, 8) / 255 * 2 - 1  # the pixels `sample` writes (png8) and real images have
+            images = levels(images, bits) / top * 2 - 1  # the pixels `sample` writes and real images have
             p = torch.sigmoid(model(images).float()).cpu().numpy()[:, cols]
         if not (finite and np.isfinite(p).all()):  # NaN is never >= a threshold: every finding 'never produced'
             who = f"{run}: the generator's images" if not finite else f"{classifier}: the classifier's probabilities"

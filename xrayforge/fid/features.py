@@ -43,19 +43,42 @@ def unit_grey(images: torch.Tensor, device) -> torch.Tensor:
     return x.mean(1, keepdim=True) if x.shape[1] == 3 else x
 
 
+def _fp32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, IEEE value) of the settings that let float32 convolutions and matmuls run
+    as TF32: PyTorch's ``fp32_precision`` (since 2.9; reading the legacy ``allow_tf32`` flags after
+    it was set raises) or, before it, the ``allow_tf32`` flags."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+
+
+def conv_tf32_allowed() -> bool:
+    """Whether cuDNN may run float32 convolutions as TF32 now (PyTorch's default: yes)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    chain = (conv.fp32_precision, getattr(torch.backends.cudnn, "fp32_precision", "none"),
+             getattr(torch.backends, "fp32_precision", "none"))  # "none": as the level above says
+    return next((v for v in chain if v != "none"), "ieee") == "tf32"
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """IEEE float32 convolutions and matmuls inside (the previous settings back after): PyTorch's
     default lets cuDNN run float32 convolutions as TF32 (a 10-bit mantissa) on Ampere and later
     GPUs, about 1e-3 relative per layer, where exact mode promises float32 rounding. (pytorch-fid
     under that default on such a GPU is that far from its own number on a CPU.) Not thread-safe:
-    the flags are global."""
-    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    the settings are global."""
+    switches = _fp32_switches()
+    before = [getattr(obj, name) for obj, name, _ in switches]
     try:
+        for obj, name, value in switches:
+            setattr(obj, name, value)
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        for (obj, name, _), value in zip(switches, before):
+            setattr(obj, name, value)
 
 
 class InceptionSpace:

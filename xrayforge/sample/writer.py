@@ -469,13 +469,10 @@ class ArchiveSampler:
         claim_output(self.out, "sample", signatures=("sample_config.json",))
         settings_path = self.settings_path
         saved = read_json(settings_path, "the archive's sampling settings") if settings_path.is_file() else {}
-        if saved and not self._begun():  # nothing was made with them: begun again with these
+        begun = self._begun()  # every process decides before the barrier below, after which shards are written
+        if saved and not begun:  # nothing was made with them: begun again with these (rank 0 rewrites the file)
             log.info("%s: no shard was finished: the archive is begun again with these settings", self.out)
             saved = {}
-            if rank == 0:
-                settings_path.unlink()
-            if distributed:
-                dist.barrier()
         if saved.get("classifier_id", settings["classifier_id"]) != settings["classifier_id"]:
             raise UserError(f"{self.out} was sampled with another classifier than the one at "
                             f"{self.cfg.classifier or '(none)'} (saved: {saved.get('classifier') or '(none)'}; the "
@@ -503,7 +500,8 @@ class ArchiveSampler:
                         "way", self.out)
         # an LCO archive from before the rule was kept is continued (said above); unconditional ones have no rule
         added = {"starts": 1, **({"lco_accepts_as_stored": True} if "lco_accepts_as_stored" in settings else {})}
-        same_settings(settings_path, settings, ignore=tuple(ignore), added=added)
+        if begun:
+            same_settings(settings_path, settings, ignore=tuple(ignore), added=added)
         if distributed:
             dist.barrier()
         if rank == 0:
