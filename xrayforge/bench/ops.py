@@ -328,7 +328,7 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
                                  "variant": variant, "error": why})
                     if on_row is not None:
                         on_row(rows[-1])
-                xd = params_d = exact = exact_grads = None
+                exact = exact_grads = None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
