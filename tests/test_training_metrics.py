@@ -44,7 +44,9 @@ def test_logged_metrics_equal_a_measurement_of_the_saved_generator(world, tmp_pa
     got = again(lambda z: G(z, G.level, G.alpha), 16)
     for k in ("fid", "precision", "recall", "density", "coverage"):
         assert got[k] == pytest.approx(measured[-1][k], rel=1e-5, abs=1e-9), k
-    assert len(list((run / "metrics").glob("real-*.npz"))) == 1  # the real side: once per run
+    # the real side: once per run and resolution measured faded in (4 px at tick 2, the final 8 px; the
+    # 16-px archive's own size is never generated), a fade-in's (tick 4) each time
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (run / "metrics").glob("real-*.npz")) == ["4px.npz", "8px.npz"]
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     # only a faded-in generator at the final resolution can be the best one (ticks 2 and 4: 4 px, fading)
     final = [t for t in measured if t["resolution"] == 8 and t["alpha"] == 1.0]
@@ -162,3 +164,42 @@ def test_a_cache_drawn_from_every_row_by_an_earlier_version_is_drawn_again(world
     with caplog.at_level("WARNING"):
         TrainingMetrics(world / "arc", tmp_path / "run", ["prdc"], f"classifier:{world / 'clf'}", 30)._real()
     assert "drawn from outside the test split of the archive; they are drawn again" in caplog.text
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_the_real_side_is_compared_at_the_generated_resolution_and_alpha(world, tmp_path, alpha):
+    """A run trained at 8 px on a 16-px archive (or a tick during growth) was measured against the
+    16-px real images: a generator reproducing the real 8-px images exactly scored FID > 0. Faded
+    in, the real images are blended as the generator's output (and the trainer's real batch) are."""
+    import torch.nn.functional as F
+    m = TrainingMetrics(world / "arc", tmp_path / "run", ["fid", "prdc"], f"classifier:{world / 'clf'}", 30,
+                        batch_size=8)
+    rows = m.archive.random_positions(30, m.seed + 31, m.rows)
+    x = torch.from_numpy(m.archive.as_float(m.archive.images(rows, 8)))[:, None]
+    if alpha < 1:
+        x = torch.lerp(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest"), x, alpha)
+    reals, at = x * 2 - 1, [0]
+
+    def copies(z):  # the real images themselves, in order (FID and PRDC do not depend on the order)
+        out = reals[at[0]:at[0] + len(z)]
+        at[0] += len(z)
+        return out
+    got = m(copies, 16, **({"alpha": alpha} if alpha < 1 else {}))  # α = 1: the default
+    assert got["fid"] == pytest.approx(0, abs=1e-3)
+    assert got["precision"] == got["recall"] == got["coverage"] == 1.0
+
+
+def test_a_nan_measurement_is_never_the_best_nor_blocks_a_later_one():
+    """score < NaN is False: a first measurement with a NaN FID (a diverged G_ema) became the best and
+    no later finite FID could replace it."""
+    from types import SimpleNamespace
+    t = SimpleNamespace(measure=SimpleNamespace(score=TrainingMetrics.score), rank=0,
+                        schedule=SimpleNamespace(final_level=1), best=None)
+    rec = {"level": 1, "alpha": 1.0, "metrics_features": "inception", "metrics_images": 20}
+    assert not Trainer._better(t, {**rec, "fid": float("nan")})
+    assert Trainer._better(t, {**rec, "fid": 50.0})
+    t.best = {"score": float("nan"), "metrics_features": "inception", "metrics_images": 20}  # an earlier version's
+    assert Trainer._better(t, {**rec, "fid": 50.0})
+    t.best = {"score": 40.0, "metrics_features": "inception", "metrics_images": 20}
+    assert not Trainer._better(t, {**rec, "fid": 50.0}) and not Trainer._better(t, {**rec, "fid": 40.0})
+    assert Trainer._better(t, {**rec, "fid": 39.0})

@@ -243,7 +243,7 @@ def _control_group():
 
 
 class Trainer:
-    """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim) -> dict`` with
+    """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim, alpha=α) -> dict`` with
     a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
     (built by the command line: FID sits downstream of training, so this room does not import it)."""
 
@@ -863,8 +863,9 @@ class Trainer:
         if self.measure is not None and self.cfg.metrics and (record["tick"] % self.cfg.metrics_every == 0 or final):
             level, alpha = record["level"], record["alpha"]
             with torch.no_grad():
+                # the real side at the generated images' resolution and this α, blended as G's output is
                 record.update(self.measure(lambda z: self.G_ema(z.to(self.device), level, alpha),
-                                           self.net_config.latent_dim))
+                                           self.net_config.latent_dim, alpha=alpha))
         self.history.append(record)
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -903,9 +904,10 @@ class Trainer:
                 or record["alpha"] < 1.0:
             return False
         score = self.measure.score(record)
-        if score is None:
-            return False
-        if self.best is None or any(self.best.get(k) != record.get(k) for k in ("metrics_features", "metrics_images")):
+        if score is None or not math.isfinite(score):  # a NaN FID (a diverged G_ema) is no best, and would
+            return False                                 # make every later one compare as not better
+        if self.best is None or not math.isfinite(float(self.best.get("score", math.nan))) \
+                or any(self.best.get(k) != record.get(k) for k in ("metrics_features", "metrics_images")):
             return True  # a first measurement, or one in another feature space or sample size: not comparable
         return score < self.best["score"]
 
