@@ -19,6 +19,8 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     assert (run / "log.jsonl").is_file() and (run / "loss.png").is_file() and (run / "grid-latest.png").is_file()
     assert any((run / "checkpoints").glob("ckpt-*"))
     assert (out / "classifier" / "classifier.pt").is_file() and state["classifier"]["best_mean_auroc"] > 0.5
+    trained = json.loads((out / "classifier" / "training.json").read_text())  # the kept epoch's AUROCs, not the last's
+    assert state["classifier"]["auroc"] == trained["history"][trained["best_epoch"] - 1]["auroc"]
     assert (out / "samples" / "unconditional" / "manifest.csv").is_file()
     assert set(state["lco"]) == {"Cardiomegaly=1", "Cardiomegaly=1,Effusion=1", "Cardiomegaly=0,Mass=1"}
     for target, info in state["lco"].items():

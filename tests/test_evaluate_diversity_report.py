@@ -233,3 +233,22 @@ def test_samples_are_quantised_at_the_real_archives_bit_depth(world, tmp_path, m
     seen.clear()
     _run(world, tmp_path / "d8")
     assert seen and set(seen) == {8}
+
+
+def test_the_memorisation_section_names_the_feature_space_it_used(tmp_path):
+    """An audit in a classifier's features was reported as "Inception" (its distances are kept under
+    the *_inception keys of summary.json, which older reports read)."""
+    from xrayforge.evaluate.report import _section as evaluation_markdown
+    folder = tmp_path / "memorisation"
+    folder.mkdir()
+    summary = {"evaluation": "memorisation", "flagged": 0, "synthetic": 8, "flagged_fraction": 0.0, "percentile": 1.0,
+               "threshold_excludes": "self", "inception": "classifier c (resnet18, 32 px)",
+               "features": "classifier@0123456789ab", "median_synthetic_to_real_inception": 5.0,
+               "median_real_to_real_inception": 4.0, "median_synthetic_to_real_pixels": 3.0,
+               "median_real_to_real_pixels": 2.0, "p_value": None}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    md = "\n".join(evaluation_markdown("memorisation", folder))
+    assert "Inception" not in md and "| classifier features | 5 |" in md
+    summary["features"] = "inception"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert "| Inception features |" in "\n".join(evaluation_markdown("memorisation", folder))

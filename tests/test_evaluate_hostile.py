@@ -427,3 +427,34 @@ def test_without_a_validation_auroc_the_last_epoch_is_kept_not_the_first(small_a
                  progress=False)
     assert all(np.isnan(h["mean_auroc"]) for h in result.history)
     assert result.best_epoch == 3
+
+
+def test_tstr_gives_no_auroc_for_a_finding_a_training_set_never_has(small_archive, tmp_path):
+    """Synthetic images of which none has a finding (a generator that never makes it): the classifier
+    trained on them learnt nothing of it, and its AUROC (noise) was reported and averaged into the
+    synthetic mean beside the other sets' means over other findings."""
+    import csv as _csv
+    import math
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16, findings=["Cardiomegaly", "Effusion"])
+    manifest = tmp_path / "s" / "manifest.csv"
+    with open(manifest, newline="") as fh:
+        rows = list(_csv.DictReader(fh))
+    for r in rows:
+        r["p_Cardiomegaly"] = 0.1  # never called
+    with open(manifest, "w", newline="") as fh:
+        w = _csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    s = run_tstr(TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16, width=4,
+                            epochs=1, val_fraction=0.3, bootstrap=10), progress=False)
+    by = {(r["training_set"], r["finding"]): r for r in s["rows"]}
+    synth = by[("synthetic", "Cardiomegaly")]
+    assert synth["train_positives"] == 0 and math.isnan(synth["auroc"]) and math.isnan(synth["ci95_low"])
+    assert not math.isnan(by[("real", "Cardiomegaly")]["auroc"])
+    assert s["mean_over"] == ["Effusion"]
+    for name, info in s["training_sets"].items():  # every mean over the same findings
+        assert info["mean_auroc"] == pytest.approx(by[(name, "Effusion")]["auroc"])
+    md = (tmp_path / "t" / "tstr.md").read_text()
+    assert "n/a (0 of" in md and "the means are over the findings every set has both ways: Effusion" in md

@@ -317,7 +317,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
                                                    width=p["clf_width"], epochs=p["clf_epochs"], lr=3e-3,
                                                    device=str(dev)), progress=progress)
         results["classifier"] = {"path": str(clf), "best_mean_auroc": s["best_mean_auroc"],
-                                 "auroc": s["history"][-1]["auroc"]}
+                                 # the kept epoch's (the best), not the last one's
+                                 "auroc": s["history"][s.get("best_epoch", len(s["history"])) - 1]["auroc"]}
         lap("classifier")
         save_state()
 

@@ -197,7 +197,8 @@ def format_markdown(summary: dict) -> str:
                if len(fitted) >= 3 else
                f" (it needs FIDs at 3 or more counts of at least {summary['fid_infinity_min_count']} synthetic images, "
                f"twice the feature dimension; below that FID is not linear in 1/n: give such --counts)."),
-              f"n/a: fewer than {summary['min_images']} images with the finding on one side." +
+              f"n/a: fewer than {summary['min_images']} images with the finding on one side (precision, recall, "
+              f"density and coverage: fewer than {max(summary['min_images'], 6)}, as their 5 nearest neighbours need)." +
               ("" if summary.get("real_labelled", True) else
                " The real archive was prepared without finding labels, so no real image counts as having one: "
                "only the FID of all images is measured.")]

@@ -273,7 +273,8 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "inception": extractor.describe_space(), "features": extractor.space_name}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png",
-                        "real → nearest other real" if groups is None else "real → nearest real of another patient")
+                        "real → nearest other real" if groups is None else "real → nearest real of another patient",
+                        features_title=space_title(summary))
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
     return summary
@@ -313,11 +314,20 @@ def chance_sentence(summary: dict) -> str:
             f"{summary['p_value']:.2g}, {verdict}.")
 
 
-def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path, real_label="real → nearest other real"):
+def space_title(summary: dict) -> str:
+    """What the audit's feature space is called in its table and plot: "Inception features", or the
+    other space's (``--features``: a classifier's, a DenseNet's), whose distances the summary keeps
+    under the same ``*_inception`` keys."""
+    space = str(summary.get("features") or "inception")
+    return "Inception features" if space.startswith("inception") else f"{space.split('@')[0].split(':')[0]} features"
+
+
+def _plot_distributions(d_f, rr_f, d_p, rr_p, thr_f, thr_p, path, real_label="real → nearest other real",
+                        features_title="Inception features"):
     from ..utils.plots import _pyplot, save_figure
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, a, b, thr, title in ((axes[0], d_f, rr_f, thr_f, "Inception features"),
+    for ax, a, b, thr, title in ((axes[0], d_f, rr_f, thr_f, features_title),
                                  (axes[1], d_p, rr_p, thr_p, "pixels (32×32)")):
         bins = np.linspace(0, float(max(a.max(), b.max())) * 1.05 + 1e-9, 40)
         ax.hist(b.numpy(), bins=bins, alpha=0.6, density=True, label=real_label)

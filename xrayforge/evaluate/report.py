@@ -113,14 +113,14 @@ def _section(kind: str, folder: Path) -> list[str]:
         return ["## Disease diversity", (folder / "diversity.md").read_text(),
                 f"![finding co-occurrence]({folder / 'cooccurrence.png'})"]
     if kind == "memorisation":
-        from .memorisation import chance_sentence
+        from .memorisation import chance_sentence, space_title
         return ["## Memorisation audit",
                 f"{s['flagged']} of {s['synthetic']} synthetic images ({number(100 * s['flagged_fraction'], 2)}%) are closer "
-                f"to a real training image than {s['percentile']}% of real images are to their nearest "
+                f"to a real image than {s['percentile']}% of real images are to their nearest "
                 f"{'real image of another patient' if s.get('threshold_excludes') == 'same patient' else 'other real image'}"
-                f" (Inception: {s['inception']}). {chance_sentence(s)}", "",
+                f" ({space_title(s)}: {s['inception']}). {chance_sentence(s)}", "",
                 "| distance to the nearest real image (median) | synthetic | real-to-real |", "|---|---|---|",
-                f"| Inception features | {number(s['median_synthetic_to_real_inception'], None)} | "
+                f"| {space_title(s)} | {number(s['median_synthetic_to_real_inception'], None)} | "
                 f"{number(s['median_real_to_real_inception'], None)} |",
                 f"| pixels (32×32) | {number(s['median_synthetic_to_real_pixels'], None)} | "
                 f"{number(s['median_real_to_real_pixels'], None)} |",

@@ -131,23 +131,27 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
             write_json(folder / "training.json", {"history": result.history,
                                                   "best_mean_validation_auroc": result.best_mean_auroc})
             save_numpy(probs_path, probs)  # the model counts as done from here on
-        aucs = []
         for k, f in enumerate(findings):
             y = test.labels[:, k]
-            a = auroc(y, probs[:, k])
+            positives = int(train.labels[:, k].sum())
+            # a classifier shown no image with the finding (or none without) learnt nothing of it: its
+            # AUROC is noise, not a measurement (a generator that never makes the finding gives this)
+            a = auroc(y, probs[:, k]) if 0 < positives < len(train) else float("nan")
             lo, hi = bootstrap_auroc(y, probs[:, k], test_patients, cfg.bootstrap, cfg.seed + k) \
                 if not math.isnan(a) else (float("nan"), float("nan"))
             rows.append({"training_set": name, "finding": f, "auroc": a, "ci95_low": lo, "ci95_high": hi,
-                         "train_images": len(train), "train_positives": int(train.labels[:, k].sum()),
+                         "train_images": len(train), "train_positives": positives,
                          "test_images": len(test), "test_positives": int(y.sum())})
-            if not math.isnan(a):
-                aucs.append(a)
-        per_set[name] = {"mean_auroc": float(np.mean(aucs)) if aucs else float("nan"), "images": len(train),
-                         "synthetic_images": int(sum(len(p) for a, p in plans[name] if a is synth))}
+        per_set[name] = {"images": len(train), "synthetic_images": int(sum(len(p) for a, p in plans[name] if a is synth))}
+    # the means over the same findings for every training set: those each one could be measured on
+    measured = [f for f in findings if all(not math.isnan(r["auroc"]) for r in rows if r["finding"] == f)]
+    for name in TRAINING_SETS:
+        aucs = [r["auroc"] for r in rows if r["training_set"] == name and r["finding"] in measured]
+        per_set[name]["mean_auroc"] = float(np.mean(aucs)) if aucs else float("nan")
     write_csv(out / "tstr.csv", list(rows[0]), [csv_row(r) for r in rows])
     summary = {"evaluation": "tstr", "synthetic": str(cfg.synthetic), "real": str(cfg.real), "budget": budget,
                "test_images": len(test), "test_patients": len(set(test.patient_ids)), "findings": findings,
-               "findings_not_labelled": not_labelled,
+               "findings_not_labelled": not_labelled, "mean_over": measured,
                "bootstrap": cfg.bootstrap, "training_sets": per_set, "rows": rows}
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "tstr.md", format_markdown(summary))
@@ -169,12 +173,18 @@ def format_markdown(summary: dict) -> str:
         cells = []
         for s in sets:
             r = by[(s, f)]
-            cells.append("n/a" if number(r["auroc"]) == "n/a" else
+            unlearnt = r["train_positives"] in (0, r["train_images"])
+            cells.append(f"n/a ({r['train_positives']} of {r['train_images']} training images have it)" if unlearnt
+                         else "n/a" if number(r["auroc"]) == "n/a" else
                          f"{number(r['auroc'])} ({number(r['ci95_low'])}–{number(r['ci95_high'])})")
         lines.append(f"| {f} | {by[(sets[0], f)]['test_positives']} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | | " + " | ".join(number(summary["training_sets"][s]["mean_auroc"]) for s in sets) + " |")
     if absent:
         lines += ["", f"No AUROC (the test images do not have both classes): {', '.join(absent)}."]
+    over = summary.get("mean_over")
+    if over is not None and len(over) < len(summary["findings"]) - len(absent):
+        lines += ["", f"A training set none (or all) of whose images have a finding cannot learn it: no AUROC there, "
+                      f"and the means are over the findings every set has both ways: {', '.join(over) or 'none'}."]
     if summary.get("findings_not_labelled"):
         lines += ["", f"Not measured (the synthetic images' classifier does not call them, so they have no labels): "
                       f"{', '.join(summary['findings_not_labelled'])}."]
