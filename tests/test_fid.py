@@ -722,3 +722,47 @@ def test_b_failing_after_a_was_read_keeps_a_statistics_for_the_rerun(small_space
     assert cli(["fid", ".", str(b), *opts]) == 130
     err = capsys.readouterr().err
     assert f"saved to {tmp}{os.sep}fid-stats-a-" in err and not list(a.glob("*.npz"))
+
+
+_FEW_FILES = r"""
+import json, resource, sys
+from xrayforge.fid.compute import FeatureExtractor
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+ex = FeatureExtractor(features=sys.argv[2], device="cpu", workers=1, batch_size=400, progress=False)
+kind, total, batches = ex.image_batches(sys.argv[1])
+names, skipped = [], []
+for images, got, skips in batches:
+    names += got
+    skipped += [f for f, _ in skips]
+    assert images is None or len(images) == len(got)
+r = ex.from_folder(sys.argv[1])
+print(json.dumps({"names": names, "skipped": skipped, "mu": r.stats.mu.tolist(), "n": r.stats.n}))
+"""
+
+
+def test_the_decode_workers_pass_a_batch_in_few_files_and_every_image_once(small_space, tmp_path):
+    """Each tensor a decode worker returns holds an open file until the main process takes it: one
+    per image made batch × workers × 2 prefetched files (--batch 512 with 2 workers passed the usual
+    limit of 1024: "Too many open files"). Under a limit of 256, batches of 400 images (one of
+    mixed sizes, a few unreadable files) are read, each image once, with the moments of a reading
+    without workers."""
+    import subprocess
+    import sys
+    from xrayforge.fid.compute import FeatureExtractor
+    folder = tmp_path / "imgs"
+    _png_folder(folder, range(900), size=(12, 12))
+    for i in range(0, 900, 97):
+        Image.fromarray(np.full((10, 14), i % 256, np.uint8)).save(folder / f"{i:04d}.png")  # another size
+    for i in (5, 450, 899):
+        (folder / f"bad{i}.png").write_bytes(b"not a png")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", _FEW_FILES, str(folder), small_space], capture_output=True,
+                         text=True, env=env, timeout=90)  # the old way could hang
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    files = sorted(str(p) for p in folder.iterdir())
+    assert sorted(got["names"] + got["skipped"]) == files and len(got["skipped"]) == 3
+    alone = FeatureExtractor(features=small_space, device="cpu", workers=0, batch_size=400, progress=False)
+    ref = alone.from_folder(str(folder)).stats
+    assert got["n"] == ref.n == len(files) - 3
+    np.testing.assert_allclose(got["mu"], ref.mu, rtol=1e-12, atol=1e-12)

@@ -90,7 +90,32 @@ class _ArchiveDataset(torch.utils.data.Dataset):
 
 
 def _collate(items):
-    return items
+    """In the decode worker: (indices of the readable images, the images, [(index, reason)] of the
+    others). The images travel in one tensor a batch (stacked, or for images of different sizes
+    flattened into one buffer with their shapes), not one a image: each tensor a worker returns holds
+    a file descriptor until the main process takes it, and batch × workers × 2 prefetched of them
+    (512 × 2 × 2, or 64 × 16 × 2) pass the usual limit of 1024 open files ("Too many open files")."""
+    good = [(i, t) for i, t, _ in items if t is not None]
+    skips = [(i, err) for i, t, err in items if t is None]
+    tensors = [t for _, t in good]
+    if not tensors:
+        images = None
+    elif len({(tuple(t.shape), t.dtype) for t in tensors}) == 1:
+        images = torch.stack(tensors)
+    elif len({t.dtype for t in tensors}) == 1:
+        images = (torch.cat([t.reshape(-1) for t in tensors]), [tuple(t.shape) for t in tensors])
+    else:
+        images = tensors
+    return [i for i, _ in good], images, skips
+
+
+def _unpack(images) -> torch.Tensor | list:
+    """A batch as ``_collate`` packed it -> one tensor (one size) or a list of images (several)."""
+    if isinstance(images, tuple):
+        flat, shapes = images
+        sizes = [int(np.prod(s)) for s in shapes]
+        return [part.view(s) for part, s in zip(flat.split(sizes), shapes)]
+    return images
 
 
 def describe(spec: str) -> str:
@@ -285,17 +310,14 @@ class FeatureExtractor:
     @staticmethod
     def _batches_from(loader, names):
         """(images, their names, skipped (name, reason) pairs) per batch."""
-        for items in loader:
-            good = [(i, t) for i, t, err in items if t is not None]
-            skips = [(str(names[i]), err) for i, t, err in items if t is None]
-            if not good:
+        for good, images, skipped in loader:
+            skips = [(str(names[i]), err) for i, err in skipped]
+            if images is None:
                 yield None, [], skips
                 continue
-            shapes = {tuple(t.shape) for _, t in good}
             # mixed sizes: a list, each image preprocessed alone, then one batch through the network
             # (its input has one size whatever the images')
-            images = torch.stack([t for _, t in good]) if len(shapes) == 1 else [t for _, t in good]
-            yield images, [str(names[i]) for i, _ in good], skips
+            yield _unpack(images), [str(names[i]) for i in good], skips
 
     def image_batches(self, spec: str, limit: int | None = None, shard: bool = True):
         """(kind, image count, batches) of a folder or an archive; this process's share under
