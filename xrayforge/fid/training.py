@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.archive import Archive
 from ..errors import UserError
 from ..utils.files import load_npz, save_numpy
+from ..utils.images import faded_reals
 from .compute import FeatureExtractor
 from .stats import FrechetStats, frechet_distance
 
@@ -90,9 +90,7 @@ class TrainingMetrics:
         for i in range(0, len(rows), self.extractor.batch_size):
             x = torch.from_numpy(self.archive.as_float(self.archive.images(rows[i:i + self.extractor.batch_size],
                                                                           resolution)))
-            if alpha < 1.0:  # the trainer's fade-in blend of its real images (and G's of its output)
-                low = F.interpolate(F.avg_pool2d(x[:, None], 2), scale_factor=2.0, mode="nearest")[:, 0]
-                x = torch.lerp(low, x, float(alpha))
+            x = faded_reals(x[:, None], alpha)[:, 0]  # the trainer's fade-in blend (and G's of its output)
             feats.append(self.extractor.features(x).cpu())
         features = torch.cat(feats).numpy()
         stats = FrechetStats.from_features(features, self.space)

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..data.archive import Archive
 from ..data.loader import BatchStream, Prefetcher, to_unit_range
@@ -41,6 +40,7 @@ from ..nn.networks import largest_group_size
 from ..nn.checkpoint import checkpoint_dirs, cut_short_dirs, damage, latest_intact, read_metadata
 from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl, write_json, write_text_atomic
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
+from ..utils.images import faded_reals
 from .losses import GP_METRICS
 from .schedule import DEFAULT_BATCH, ProgressiveSchedule
 from .step import PGGANStep, StepConfig, ema_beta, make_adam
@@ -892,9 +892,7 @@ class Trainer:
         if self.cfg.mirror if mirror is None else mirror:
             flip = torch.rand(x.shape[0], generator=self.gen, device=self.gen.device) < 0.5
             x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
-        if alpha < 1.0:  # fade-in: the real images are blended like the generator's output
-            low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
-            x = torch.lerp(low, x, alpha)
+        x = faded_reals(x, alpha)  # fade-in: the real images are blended like the generator's output
         return x.contiguous(memory_format=self._memory_format)
 
     def _better(self, record: dict) -> bool:

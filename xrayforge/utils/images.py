@@ -10,6 +10,16 @@ import torch
 from .files import atomic_write
 
 
+
+def faded_reals(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Real images (N, C, H, W) blended as the generator's output is during a fade-in (the official
+    PGGAN): lerp(the 2×2 means nearest-upsampled back, the images, α); the images themselves at α = 1."""
+    if alpha >= 1.0:
+        return x
+    import torch.nn.functional as F
+    low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
+    return torch.lerp(low, x, float(alpha))
+
 def levels(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Network output in [-1, 1] -> the integer levels 0 .. 2^bits - 1 a file stores (clipped, rounded),
     as float32 on the images' device: what ``to_uint`` writes, for a caller that stays on the GPU."""
