@@ -766,3 +766,22 @@ def test_the_decode_workers_pass_a_batch_in_few_files_and_every_image_once(small
     ref = alone.from_folder(str(folder)).stats
     assert got["n"] == ref.n == len(files) - 3
     np.testing.assert_allclose(got["mu"], ref.mu, rtol=1e-12, atol=1e-12)
+
+
+def test_a_file_reached_by_two_links_in_a_folder_counts_once(small_space, tmp_path):
+    """A folder gathered by links, two of which reach one file, counted that image twice: it
+    weighed double in the moments. It is read once; the other link is listed as skipped."""
+    a = _png_folder(tmp_path / "a", range(4), size=(16, 16))
+    b = _png_folder(tmp_path / "b", range(20, 25), size=(16, 16))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in sorted(a.iterdir()):
+        (linked / f.name).symlink_to(f)
+    (linked / "again.png").symlink_to(a / "img000.png")
+    kw = dict(features=small_space, workers=0, progress=False, device="cpu")
+    plain, through_links = compute_fid(str(a), str(b), **kw), compute_fid(str(linked), str(b), **kw)
+    assert through_links["n_a"] == plain["n_a"] == 4
+    assert through_links["fid"] == pytest.approx(plain["fid"], rel=1e-12)
+    # the first found (in sorted order) is read
+    assert [s["file"] for s in through_links["skipped"]] == [str(linked / "img000.png")]
+    assert str(linked / "again.png") in through_links["skipped"][0]["reason"]

@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..utils.files import check_out_dir, load_npy, read_csv, read_json, write_csv, write_json
 from .archive import FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
-from .readers import SkipImage, find_images, read_radiograph, reader_kind
+from .readers import SkipImage, find_images, one_per_file, read_radiograph, reader_kind
 
 
 PHANTOM_MIN_RESOLUTION = 8  # phantom.render draws nothing smaller
@@ -128,40 +128,12 @@ def _patients_by_name(entries: dict) -> bool:
     return bool(named) and all(_nih_patient(n) == p.strip() for n, p in named)
 
 
-def _one_per_file(files: list[Path], listed=frozenset()) -> tuple[list[Path], list[dict]]:
-    """``files`` with each file reached more than once (by a link to it, or a link beside another
-    to the same file) kept once: under a name in ``listed`` (the label file's) where it has one,
-    else where first found; and a skipped.csv row for each of the others. One image twice would be
-    two rows of the archive: under another name than the label file's it is in no split, and a GAN
-    would train on a test image."""
-    real_dirs: dict[Path, str] = {}
-
-    def real(f: Path) -> str:
-        if os.path.islink(f):
-            return os.path.realpath(f)
-        if f.parent not in real_dirs:
-            real_dirs[f.parent] = os.path.realpath(f.parent)
-        return os.path.join(real_dirs[f.parent], f.name)
-    keys = [real(f) for f in files]
-    groups: dict[str, list[Path]] = {}
-    for f, key in zip(files, keys):
-        groups.setdefault(key, []).append(f)
-    chosen = {key: next((f for f in group if f.name in listed), group[0]) for key, group in groups.items()}
-    kept = [f for f, key in zip(files, keys) if chosen[key] is f]
-    others = [{"source": str(f), "reason": f"the same file as {chosen[key]} (a link), which is read instead"}
-              for f, key in zip(files, keys) if chosen[key] is not f]
-    if others:
-        log.info(f"{len(others)} image files are links to files found already, and are left out (skipped.csv): "
-                 + ", ".join(o["source"] for o in others[:3]) + (", ..." if len(others) > 3 else ""))
-    return kept, others
-
-
 def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> tuple[list[dict], dict, list[dict]]:
     """The candidates among ``files`` with what ``labels_csv`` says of each (matched by file name),
     a summary of the match, and a skipped.csv row for each file that links to another one."""
     entries, splits = _load_chestxray14(labels_csv)
     own = {labels_csv.name, *(name for _, name in SPLIT_FILES)}
-    files, linked = _one_per_file([f for f in files if f.name not in own], entries.keys() | splits.keys())
+    files, linked = one_per_file([f for f in files if f.name not in own], entries.keys() | splits.keys())
     seen = {}
     for f in files:
         if f.name in entries or f.name in splits:
@@ -219,7 +191,7 @@ def plan_candidates(src: str, labels: str | None = None,
                     labelled_only: bool = False) -> tuple[list[dict], dict | None, list[dict]]:
     """The files to read (or phantoms to draw), with what the label file says of each; a summary
     of how the files matched the label file (None without one); and the files found that are not
-    images, or links to an image read already (``_one_per_file``), as skipped.csv rows.
+    images, or links to an image read already (``one_per_file``), as skipped.csv rows.
     ``labelled_only``: files the label file does not list are not candidates."""
     if src.startswith("phantom:"):
         try:
@@ -238,7 +210,7 @@ def plan_candidates(src: str, labels: str | None = None,
         return candidates, label_match, not_images + linked
     if labelled_only:
         raise UserError(f"{src}: only labelled images were asked for, but there is no label file (give --labels)")
-    files, linked = _one_per_file(files)
+    files, linked = one_per_file(files)
     return ([{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None,
             not_images + linked)
 

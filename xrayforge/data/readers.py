@@ -502,6 +502,34 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return list(iter_images(root))
 
 
+def one_per_file(files: list[Path], listed=frozenset()) -> tuple[list[Path], list[dict]]:
+    """``files`` with each file reached more than once (by a link to it, or a link beside another
+    to the same file) kept once: under a name in ``listed`` (the label file's) where it has one,
+    else where first found; and a row (``source``, ``reason``) for each of the others. One image
+    twice would be two rows of an archive (under another name than the label file's it is in no
+    split, and a GAN would train on a test image), or weigh double in FID."""
+    real_dirs: dict[Path, str] = {}
+
+    def real(f: Path) -> str:
+        if os.path.islink(f):
+            return os.path.realpath(f)
+        if f.parent not in real_dirs:
+            real_dirs[f.parent] = os.path.realpath(f.parent)
+        return os.path.join(real_dirs[f.parent], f.name)
+    keys = [real(f) for f in files]
+    groups: dict[str, list[Path]] = {}
+    for f, key in zip(files, keys):
+        groups.setdefault(key, []).append(f)
+    chosen = {key: next((f for f in group if f.name in listed), group[0]) for key, group in groups.items()}
+    kept = [f for f, key in zip(files, keys) if chosen[key] is f]
+    others = [{"source": str(f), "reason": f"the same file as {chosen[key]} (a link), which is read instead"}
+              for f, key in zip(files, keys) if chosen[key] is not f]
+    if others:
+        log.info(f"{len(others)} image files are links to files found already, and are left out: "
+                 + ", ".join(o["source"] for o in others[:3]) + (", ..." if len(others) > 3 else ""))
+    return kept, others
+
+
 def iter_images(root: str | os.PathLike):
     """``find_images``'s files one by one, in its order, as the walk finds them: whether a folder
     holds any needs only the first (a folder of 100k images on a network file system takes a while

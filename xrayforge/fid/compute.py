@@ -13,6 +13,7 @@ moments are computed, keeps them in a statistics file that ``fid`` takes as an i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from ..data.archive import Archive
-from ..data.readers import SkipImage, find_images, iter_images, read_radiograph
+from ..data.readers import SkipImage, find_images, iter_images, one_per_file, read_radiograph
 from ..errors import UserError
 from .features import feature_space, same_space
 from .stats import FrechetStats, StreamingMoments, frechet_distance
@@ -324,8 +325,10 @@ class FeatureExtractor:
         torchrun when ``shard``. Archive images are named by their manifest source."""
         rank, world = _rank_world() if shard else (0, 1)
         kind = describe(spec)
+        linked = []
         if kind == "folder":
-            every = find_images(spec)
+            # a file reached by two links is one image: counted twice it would weigh double
+            every, linked = one_per_file(find_images(spec))
             if not every:
                 raise FileNotFoundError(f"{spec}: no image files")
             names = every[rank::world]  # a process may have none when there are fewer images than processes
@@ -341,7 +344,11 @@ class FeatureExtractor:
             names = [arc.records[p]["source"] for p in positions]
         else:
             raise ValueError(f"{spec}: expected a folder of images or an archive, got a {kind}")
-        return kind, len(names), self._batches_from(self._loader(dataset), names)
+        batches = self._batches_from(self._loader(dataset), names)
+        linked = [(o["source"], o["reason"]) for o in linked] if rank == 0 else []
+        if linked:  # listed with the skipped files, by the first process alone
+            batches = itertools.chain([(None, [], linked)], batches)
+        return kind, len(names) + len(linked), batches
 
     def from_folder(self, path: str) -> FeatureResult:
         kind, total, batches = self.image_batches(path)
