@@ -274,3 +274,30 @@ def test_a_shard_is_held_as_the_files_integers_never_quantised_whole(tiny, tmp_p
     assert sizes and max(sizes) == 1
     for out in (tmp_path / "u", tmp_path / "l"):  # and the files are still those the manifest describes
         _recorded_and_measured(out, load_classifier(clf))
+
+
+def test_lco_starting_latents_are_apart_from_the_seeds_a_user_gives(tiny, tmp_path):
+    """An LCO archive of --seed 0 drew its shard 0's starting latents from latent_for(1, ...), the
+    latents of an unconditional archive of --seed 1 (and of `fid RUN --seed 1`): the two archives were
+    correlated. LCO's streams now lie apart; an archive begun before keeps its streams to the end."""
+    from xrayforge.sample.writer import LCO_STREAMS, _lco_seed
+    run, clf = tiny
+    out = tmp_path / "a"
+    cfg = SampleConfig(str(run), str(out), n=4, classifier=str(clf), targets=["Mass=1", "Effusion=0"], steps=5,  # 8 images
+                       lr=0.1, batch=4, shard_size=2, give_up_after=1000)
+    sample_archive(cfg, progress=False)
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    seeds = {int(r["latent_seed"]) for r in rows}
+    assert seeds <= {_lco_seed(0, s, t, 2) for s in range(4) for t in range(2)} and min(seeds) > LCO_STREAMS
+    settings = json.loads((out / "sample_config.json").read_text())
+    assert settings["lco_streams_apart"] is True
+    # begun before: shard 1 is made again from the old streams, and the settings stay as they were
+    del settings["lco_streams_apart"]
+    (out / "sample_config.json").write_text(json.dumps(settings))
+    (out / "shard-00001.csv").unlink()
+    sample_archive(cfg, progress=False)
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    assert {int(r["latent_seed"]) for r in rows if r["file"].startswith("shard-00001")} <= \
+        {_lco_seed(0, 1, t, 2, apart=False) for t in range(2)}
+    assert "lco_streams_apart" not in json.loads((out / "sample_config.json").read_text())
+    sample_archive(cfg, progress=False)  # and it goes on being continued

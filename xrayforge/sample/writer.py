@@ -129,9 +129,17 @@ def _checkpoint_id(folder: Path) -> str:
     return file_id(folder / "networks.pt", length=16)
 
 
-def _lco_seed(seed: int, shard: int, target: int, n_targets: int) -> int:
-    """Seed of the starting-latent stream of one (shard, target)."""
-    return seed * 1_000_003 + shard * n_targets + target + 1
+# LCO's starting-latent streams begin here, apart from the seeds a user gives (unconditional
+# archives, FID and diversity of a checkpoint draw image k from latent_for(seed, k)): from 1 up
+# instead, an LCO archive of --seed 0 started from the latents of an unconditional --seed 1, and the
+# two were correlated. Exact in float64 (a manifest read as numbers) for seeds below 8e9.
+LCO_STREAMS = 1 << 40
+
+
+def _lco_seed(seed: int, shard: int, target: int, n_targets: int, apart: bool = True) -> int:
+    """Seed of the starting-latent stream of one (shard, target); ``apart=False``: as archives
+    begun before the streams were set apart (kept by them: their rest is made as they began)."""
+    return (LCO_STREAMS if apart else 0) + seed * 1_000_003 + shard * n_targets + target + 1
 
 
 class ArchiveSampler:
@@ -174,6 +182,7 @@ class ArchiveSampler:
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
         self.bar = None  # the progress bar while run() writes shards (LCO says its attempts there)
+        self.streams_apart = True  # run() keeps an archive begun before LCO_STREAMS on its old streams
         self.reached = {format_target(t): False for t in self.targets}  # the archive holds an image of it
 
     def _check_channels(self) -> None:
@@ -220,6 +229,7 @@ class ArchiveSampler:
             out["starts"] = 1  # no LCO: the number of starting draws changes nothing
         else:  # LCO accepts an image met as stored, and takes another step for one met only as G gave it
             out["lco_accepts_as_stored"] = True
+            out["lco_streams_apart"] = True  # LCO_STREAMS (archives before: not)
             if self.cfg.truncation is not None:  # LCO keeps truncated latents truncated (archives before: not)
                 out["lco_keeps_truncation"] = True
         # the classifier by its contents: another model at the same path would label and steer the
@@ -385,7 +395,7 @@ class ArchiveSampler:
                     for _ in range(min(per, limit[t] - next_attempt[t])):
                         batch_t.append(t)
                         batch_a.append(next_attempt[t])
-                        batch_seed.append(_lco_seed(self.cfg.seed, s, t, T))
+                        batch_seed.append(_lco_seed(self.cfg.seed, s, t, T, self.streams_apart))
                         next_attempt[t] += 1
                 candidates = torch.stack([latents_for(sd, range(a * S, (a + 1) * S), self.G.config.latent_dim,
                                                       self.cfg.truncation)
@@ -498,6 +508,11 @@ class ArchiveSampler:
                         "stored (this one takes another step): its shards so far hold other attempts and count "
                         "rejections otherwise than the rest will; every image meets its target as stored either "
                         "way", self.out)
+        if saved and "lco_streams_apart" in settings and "lco_streams_apart" not in saved:
+            # begun before LCO_STREAMS: its rest is drawn from the streams it began with, so that it is
+            # the archive an uninterrupted run would have made
+            settings.pop("lco_streams_apart")
+            self.streams_apart = False
         # an LCO archive from before the rule was kept is continued (said above); unconditional ones have no rule
         added = {"starts": 1, **({"lco_accepts_as_stored": True} if "lco_accepts_as_stored" in settings else {})}
         if begun:
