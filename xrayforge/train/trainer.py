@@ -611,7 +611,8 @@ class Trainer:
         cut_short = cut_short_dirs(self.ckpt_dir)
         raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from" + (
             f" (the first, {cut_short[-1][1].name}, was cut short while it was written): start the run again without "
-            "--resume" if cut_short else ""))
+            "--resume" if cut_short else " (the run stopped before its first checkpoint was written): start it again "
+            "without --resume"))
 
     def _check_resumable(self, path: Path, meta: dict) -> None:
         """The checkpoint's networks are the ones these options build, and it trained on this archive."""
