@@ -203,3 +203,23 @@ def test_a_bf16_kernel_off_by_one_channel_is_not_within_the_tolerance():
     floor = ops_bench.tolerance_floor(torch.bfloat16)
     assert ops_bench.matches_reference(rel(eager.bfloat16().double()), rel(eager), floor)
     assert not ops_bench.matches_reference(rel(wrong.bfloat16().double()), rel(eager), floor)
+
+
+# ---------------------------------------------------------------- train step: rows are what they say
+def test_train_step_refuses_a_dtype_it_would_not_run(monkeypatch, capsys):
+    # build() gave bfloat16 autocast only to "bfloat16": any other name (float16, fp16) timed float32
+    # under its own label in the JSON
+    import xrayforge.bench.train_step as ts
+    with pytest.raises(ValueError, match="float16"):
+        ts.build(8, torch.device("cpu"), False, "float16", net_resolution=8, fmap_max=8)
+
+    def no_run(*a, **k):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr(ts, "run", no_run)
+    monkeypatch.setattr(ts, "profile_step", no_run)
+    for argv in (["--dtypes", "float32,float16"], ["--dtypes", "fp16", "--profile"], ["--batch", "0"],
+                 ["--batches", "16,0"], ["--batches", "0", "--profile"]):
+        with pytest.raises(SystemExit) as exc:
+            ts.main(argv + ["--device", "cpu"])
+        assert exc.value.code == 2, argv
+        assert "error:" in capsys.readouterr().err

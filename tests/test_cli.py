@@ -49,3 +49,25 @@ def test_train_help_says_what_a_resumed_run_takes_from_the_command_line(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "from the command line it takes only ARCHIVE, --max-kimg, --total-kimg, --device" in out
     assert "any other option given must equal the run's, or it is refused" in out and "--include-test" in out
+
+
+def test_train_lr_that_is_empty_or_beyond_1_is_refused_when_the_command_line_is_read(tmp_path, capsys):
+    # ',' or '' silently trained at the default 0.001; 1e39 passed the check and failed minutes later as
+    # "an unexpected error" (float32 overflow in Adam); 5 trained (diverging) where classify refuses it
+    for lr in (",", "", "1e-3,", "1e39", "5"):
+        try:
+            cli.main(["train", str(tmp_path / "arc"), "--out", str(tmp_path / "run"), "--lr", lr])
+        except SystemExit as exc:
+            assert exc.code == 2, lr
+        else:
+            raise AssertionError(f"--lr {lr!r} was accepted")
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and "argument --lr" in err[0], err
+    from xrayforge.cli.train import _parse_lr
+    assert _parse_lr("0.002,16:0.003") == (0.002, {16: 0.003}) and _parse_lr("1") == (1.0, {})
+    try:
+        _parse_lr("1024:7")
+    except Exception as exc:  # noqa: BLE001
+        assert "at most 1" in str(exc)
+    else:
+        raise AssertionError("1024:7 was accepted")

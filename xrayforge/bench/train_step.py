@@ -42,12 +42,17 @@ MODES = {
     "triton": dict(backend="triton", candidates=None, fused=True, gradfix=True),
     "cuda": dict(backend="auto", candidates=("cuda", "triton"), fused=True, gradfix=True),
 }
+# the step's precision by the rows' dtype name: float32, or bfloat16 autocast (float16 would need a
+# gradient scaler, which the step has not)
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: int = 1024, fmap_max: int = 512,
           gradfix: bool | None = None):
     """Networks of the ``net_resolution`` schedule, set to train at ``resolution``
     (``gradfix``: see MODES; default: as ``fast``)."""
+    if dtype_name not in AMP_DTYPES:  # a row labelled float16 must not time float32
+        raise ValueError(f"dtype {dtype_name!r}: choose from {', '.join(AMP_DTYPES)}")
     cfg = NetworkConfig(resolution=net_resolution, fmap_max=fmap_max,
                         fused_resample_min_res=128 if fast else 1 << 30)
     torch.manual_seed(0)
@@ -59,7 +64,7 @@ def build(resolution: int, device, fast: bool, dtype_name: str, net_resolution: 
     level = (resolution.bit_length() - 1) - 2
     G_ema = copy.deepcopy(G)
     step = PGGANStep(G, D, G_ema, make_adam(G.parameters()), make_adam(D.parameters()),
-                     StepConfig(amp_dtype=torch.bfloat16 if dtype_name == "bfloat16" else None))
+                     StepConfig(amp_dtype=AMP_DTYPES[dtype_name]))
     return step, level, cfg
 
 
@@ -316,10 +321,11 @@ COLUMNS = [("resolution", "px"), ("dtype", "dtype"), ("mode", "mode"), ("batch",
 
 def main(argv=None) -> int:
     from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
+    from ..cli._args import positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resolutions", default=None, help="comma list (default 64,256,512,1024 on GPU; 16,32 on CPU)")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--batch", type=int, default=None, help="fixed batch (default: the largest that fits)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list from {', '.join(AMP_DTYPES)}")
+    p.add_argument("--batch", type=positive_int, default=None, help="fixed batch (default: the largest that fits)")
     p.add_argument("--batches", default=None, help="comma list of fixed batches, each run (overrides --batch)")
     p.add_argument("--modes", default="baseline,fast", help=f"comma list from {', '.join(MODES)}")
     p.add_argument("--phases", action="store_true", help="also time each phase of the step (CUDA events)")
@@ -338,14 +344,21 @@ def main(argv=None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    bad = [d for d in args.dtypes.split(",") if d not in AMP_DTYPES]
+    if bad:
+        p.error(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(AMP_DTYPES)}")
+    try:
+        batches = tuple(positive_int(b) for b in args.batches.split(",")) if args.batches else None
+    except argparse.ArgumentTypeError as exc:  # 0 would silently mean "the largest that fits"
+        p.error(f"argument --batches: {exc}")
     if args.profile:
-        batch = int(args.batches.split(",")[0]) if args.batches else (args.batch or 4)
+        batch = batches[0] if batches else (args.batch or 4)
         print(profile_step(res[0], batch, modes[0], args.device, args.dtypes.split(",")[0],
                            net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64))
         return 0
     result = run(res, tuple(args.dtypes.split(",")), args.device, args.batch,
                  net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64, modes=modes,
-                 batches=tuple(int(b) for b in args.batches.split(",")) if args.batches else None,
+                 batches=batches,
                  phases=args.phases)
     print(f"device: {result['device']['name']}")
     print(format_table(result["rows"], COLUMNS))

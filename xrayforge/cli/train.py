@@ -25,14 +25,20 @@ def _parse_batch(text: str) -> dict:
 def _parse_lr(text: str) -> tuple[float, dict]:
     """'0.001' (every resolution), '1024:0.0015' or '0.001,512:0.002,1024:0.0015' -> (base, {res: lr})."""
     base, table = 1e-3, {}
+    items = [t.strip() for t in text.split(",")]
     try:
-        for item in filter(None, (t.strip() for t in text.split(","))):
+        if not all(items):  # '' or ',' is no learning rate, not the default one
+            raise ValueError
+        for item in items:
             if ":" in item:
                 res, lr = item.split(":")
-                table[_args.power_of_two(res)] = _args.positive_float(lr)
+                table[_args.power_of_two(res)] = _args.learning_rate(lr)
             else:
-                base = _args.positive_float(item)
-    except (ValueError, argparse.ArgumentTypeError):
+                base = _args.learning_rate(item)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (expected LR or RES:LR,..., e.g. 0.001,1024:0.0015)") \
+            from None
+    except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LR or RES:LR,... (e.g. 0.001,1024:0.0015)") from None
     return base, table
 
@@ -250,7 +256,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
     p.add_argument("--checkpoint-min-res", type=_args.power_of_two, default=None, help="activation checkpointing at and above this size")
     p.add_argument("--lr", type=_parse_lr, default=(1e-3, {}),
-                   help="Adam learning rate: LR, or per resolution RES:LR,... with an optional base LR first "
+                   help="Adam learning rate (at most 1): LR, or per resolution RES:LR,... with an optional base LR first "
                         "(the official G_lrate_dict, e.g. 0.001,1024:0.0015; default 0.001)")
     p.add_argument("--gp-metric", choices=("full", "current"), default="full",
                    help="the gradient penalty's pixel grid below the final resolution: full (default; the official "
