@@ -447,3 +447,76 @@ def test_a_non_square_image_is_padded_not_stretched(tmp_path):
         assert box(x > 50) == (10, 30, 0, 40)        # the frame: 20 high, 40 wide, centred; black above, below
         assert x[:10].max() == 0 and x[30:].max() == 0
         assert box(x > 200) == (15, 25, 15, 25)      # the square: 10 × 10, in the middle
+
+
+def test_the_images_modification_times_do_not_time_each_images_work(tmp_path, monkeypatch):
+    """Each image's own modification time was when its resize and encoding ended: the gaps timed each
+    image's work, which follows its source's size (seen: real 2048-px sources 168-436 ms apart, synthetic
+    1024-px ones 72-84 ms, every image told apart). All images now carry one time."""
+    import time
+
+    import xrayforge.utils.images as images
+    from xrayforge.evaluate.reader_study import make
+    real, synth = _sources(tmp_path)
+    save = images.save_png
+
+    def slow_save(array, path):  # a step of work between images that the file system's clock sees
+        time.sleep(0.03)
+        save(array, path)
+    monkeypatch.setattr(images, "save_png", slow_save)
+    make(real, synth, 4, tmp_path / "pack", size=32)
+    files = list((tmp_path / "pack" / "images").iterdir())
+    assert len(files) == 4
+    assert len({f.stat().st_mtime_ns for f in files}) == 1
+
+
+def test_an_image_chosen_as_real_and_as_synthetic_is_refused(tmp_path):
+    """A --synthetic folder that holds the --real one: its images were drawn as synthetic too, and the
+    key called one image both real and synthetic (seen: up/realpng/r2.png twice in an 8-image pack)."""
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.evaluate.reader_study import make
+    for sub, offset, count in (("real", 0, 4), ("synth", 10, 2)):
+        (tmp_path / "up" / sub).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.random.default_rng(offset + i).integers(0, 255, (32, 32), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "up" / sub / f"{sub}{i}.png")
+    # all 4 real images are drawn as real, and 4 of the 6 under up/ as synthetic: 2 or more of them
+    with pytest.raises(ValueError, match=r"real\d.png, chosen as (real|synthetic), is the same image as .*overlap"):
+        make(str(tmp_path / "up" / "real"), str(tmp_path / "up"), 8, tmp_path / "pack", size=32)
+    assert not (tmp_path / "pack").exists() and not (tmp_path / "pack.key.csv").exists()
+
+
+def test_a_second_row_for_an_image_in_the_key_is_refused(study, tmp_path):
+    """A key naming an image twice, as real and as synthetic, was read with the last row winning
+    (seen: a reader right about all 8 images scored 0.875)."""
+    pack, key = study
+    with open(key, "a", newline="") as fh:
+        fh.write("a,synthetic\n")
+    answers = write_csv(tmp_path / "r.csv", [{"reader": "r", "image": "a", "answer": "real"}],
+                        ["reader", "image", "answer"])
+    with pytest.raises(ValueError, match=r"key.csv, line 6: a second row for a \(the first is on line 2\)"):
+        score(pack, key, [answers])
+
+
+def test_one_readers_page_exported_twice_is_not_two_readers(study, tmp_path):
+    """With the name box empty, a partial and a full export (answers-reader.csv, answers-reader (1).csv)
+    were scored as two readers (seen: 6 pooled answers from 4 given, kappa 1.0); the page's time
+    stamps, to the millisecond, tell one reader's answers from two readers'."""
+    pack, key = study
+    fields = ["reader", "image", "answer", "confidence", "time"]
+    rows = [{"reader": "", "image": i, "answer": a, "confidence": "", "time": f"2026-01-01T10:00:0{j}.123Z"}
+            for j, (i, a) in enumerate((("a", "real"), ("b", "real"), ("c", "synthetic"), ("d", "real")))]
+    first = write_csv(tmp_path / "answers-reader.csv", rows[:2], fields)
+    full = write_csv(tmp_path / "answers-reader (1).csv", rows, fields)
+    with pytest.raises(ValueError, match=r"answers-reader \(1\).csv: its answer for a was given at "
+                                         r"2026-01-01T10:00:00.123Z, as was the one in .*answers-reader.csv: one "
+                                         r"reader's answers exported twice"):
+        score(pack, key, [first, full])
+    other = write_csv(tmp_path / "other.csv", [{**r, "time": r["time"].replace("10:", "11:")} for r in rows], fields)
+    assert score(pack, key, [full, other])["pooled"]["answers"] == 8  # two readers, alike but for when
+    # a coarser time (whole seconds, a date: files made by hand) could be two readers' alike
+    coarse = [write_csv(tmp_path / f"{n}.csv", [{**r, "reader": n, "time": "2026-01-01"} for r in rows], fields)
+              for n in ("ann", "bob")]
+    assert score(pack, key, coarse)["pooled"]["answers"] == 8

@@ -100,9 +100,32 @@ def test_readers_who_left_the_name_empty_are_told_apart_by_their_files(driver, t
     while time.time() < deadline and not target.exists():
         time.sleep(0.1)
     assert target.exists(), "the page did not export the answers"
-    files = []
-    for who in ("one", "two"):
-        (tmp_path / who).mkdir()
-        files.append(shutil.copy(target, tmp_path / who / target.name))
+    files = [target]
+    driver.execute_script("localStorage.clear()")  # a second reader, in a fresh browser
+    driver.refresh()
+    driver.find_element(By.ID, "synthetic").click()
+    driver.find_element(By.ID, "export").click()
+    second = tmp_path / "downloads" / "answers-reader (1).csv"
+    deadline = time.time() + 60
+    while time.time() < deadline and not second.exists():
+        time.sleep(0.1)
+    assert second.exists(), "the page did not export the answers"
+    (tmp_path / "two").mkdir()  # each reader's file as they sent it: both called answers-reader.csv
+    files.append(shutil.move(second, tmp_path / "two" / target.name))
     result = score(tmp_path / "pack", info["key"], files)
     assert len(result["readers"]) == 2 and result["pooled"]["answers"] == 2
+    with pytest.raises(ValueError, match="one reader's answers exported twice"):  # one reader's file, twice
+        score(tmp_path / "pack", info["key"], [target, shutil.copy(target, tmp_path / "copy.csv")])
+
+
+def test_keys_r_and_s_answer_with_shift_or_caps_lock_too(driver, tmp_path):
+    """The README's keys R / S: typed as capitals (Shift, Caps Lock) they did nothing."""
+    from selenium.webdriver.common.by import By
+    _pack(tmp_path, 4, seed=0)
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys("S")
+    assert "1 answered" in driver.find_element(By.ID, "pos").text
+    assert driver.find_element(By.ID, "synthetic").get_attribute("class") == "on"
+    body.send_keys("R")
+    assert driver.find_element(By.ID, "real").get_attribute("class") == "on"

@@ -16,8 +16,9 @@ two-sided tests against chance — an exact binomial test (p = 0.5) and a label-
 (see ``score``; the one to read for the pooled row) — Fleiss' kappa between readers, and the
 fraction of synthetic images called real. Each answer file is one reader, named by its
 ``reader`` column (the file's name when the box was left empty); the same reader name in two
-files, two answers for one image in a file, or an answer that names no image of the study, is an
-error: no answer is dropped or merged silently.
+files, two answers for one image in a file, an answer in two files with the same time stamp (one
+reader's page exported twice), or an answer that names no image of the study, is an error: no
+answer is dropped or merged silently.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import json
 import logging
 import math
 import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +88,15 @@ def read_key(key_path: str | os.PathLike) -> dict[str, bool]:
         raise FileNotFoundError(f"{key_path}: answer key not found (it is written beside the pack by "
                                 "`reader-study make`, never inside it)")
     rows, _ = read_csv(key_path, ("image", "truth"), "a reader-study answer key")
-    key = {}
+    key, lines = {}, {}
     for i, row in enumerate(rows, start=2):
         truth = (row["truth"] or "").strip().lower()
         if truth not in ("real", "synthetic"):
             raise UserError(f"{key_path}, line {i}: truth must be 'real' or 'synthetic', got {row['truth']!r}")
+        if row["image"] in lines:  # make writes one row per image: a second is an edit, never one to pick from
+            raise UserError(f"{key_path}, line {i}: a second row for {row['image']} (the first is on line "
+                            f"{lines[row['image']]})")
+        lines[row["image"]] = i
         key[row["image"]] = truth == "synthetic"
     if not key:
         raise UserError(f"{key_path}: the answer key lists no images")
@@ -111,6 +118,13 @@ def _confidence(value, path: Path, line: int) -> int | None:
         raise UserError(f"{path}, line {line}: confidence must be 1 to 5, or empty where none was given, "
                         f"got {value!r}")
     return int(c)
+
+
+def _page_stamp(text) -> str:
+    """The page's stamp of an answer (ISO 8601 to the millisecond, UTC), else '': a coarser time
+    (a date, whole seconds: a file made by hand) could be two readers' alike."""
+    text = (text or "").strip()
+    return text if re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text) else ""
 
 
 def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
@@ -137,7 +151,8 @@ def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
         if answer not in SYNTHETIC_WORDS | REAL_WORDS:
             raise UserError(f"{path}, line {i}: answer must be 'real' or 'synthetic', got {row.get('answer')!r}")
         out.append({"reader": reader, "named": bool(names), "image": image,
-                    "synthetic": answer in SYNTHETIC_WORDS, "confidence": _confidence(row.get("confidence"), path, i)})
+                    "synthetic": answer in SYNTHETIC_WORDS, "confidence": _confidence(row.get("confidence"), path, i),
+                    "time": _page_stamp(row.get("time"))})
     return out
 
 
@@ -167,7 +182,7 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
         raise UserError(f"{key_path}: not the key of the pack {pack} ({len(set(key) - shown)} of its {len(key)} "
                         f"images are not in the pack, {len(shown - set(key))} of the pack's {len(shown)} are not "
                         f"in the key)")
-    answers, source, given = [], {}, set()
+    answers, source, given, stamped = [], {}, set(), {}
     for f in answer_files:
         if Path(f).resolve() in given:
             raise UserError(f"{f}: given twice")
@@ -182,6 +197,15 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
             raise UserError(f"{f}: reader {name!r} also answered in {source[name]}; give each reader one file "
                             f"(or correct the reader name)")
         source[name] = f
+        # the page stamps each answer with the moment it was given (to the millisecond): an answer in two files
+        # with one stamp is one reader's, exported twice (e.g. answers-reader.csv and answers-reader (1).csv,
+        # the name box left empty), never two readers agreeing
+        for a in got:
+            if a["time"] and (a["image"], a["time"]) in stamped:
+                raise UserError(f"{f}: its answer for {a['image']} was given at {a['time']}, as was the one in "
+                                f"{stamped[(a['image'], a['time'])]}: one reader's answers exported twice? "
+                                f"give each reader one file (their latest)")
+        stamped.update({(a["image"], a["time"]): f for a in got if a["time"]})
         answers.extend({**a, "reader": name} for a in got)
     readers = sorted({a["reader"] for a in answers})
     latest = {}
@@ -296,11 +320,17 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     # images' own pixels: from the seed alone, anyone who guessed it (0 by default) and the folders' sizes
     # could replay the shuffle, the names confirming the guess, and two packs of other images made alike
     # would share names, order of truths and the browser's saved answers. Same inputs and seed: same pack.
-    digest = hashlib.sha256(f"xrayforge reader study {seed} {size}".encode())
-    for truth, _, pixels in chosen:
+    digest, seen = hashlib.sha256(f"xrayforge reader study {seed} {size}".encode()), {}
+    for truth, name, pixels in chosen:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         digest.update(f"{truth} {pixels.shape}".encode())
         digest.update(pixels.tobytes())
+        # one image chosen as real and as synthetic (a --synthetic folder that holds the real one): the key
+        # would call it both, and the readers would see it twice
+        same = seen.setdefault(hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).digest(), (truth, name))
+        if same[0] != truth:
+            raise UserError(f"{name}, chosen as {truth}, is the same image as {same[1]}, chosen as {same[0]}: "
+                            f"do --real {real} and --synthetic {synthetic} overlap?")
     rng = np.random.default_rng(int.from_bytes(digest.digest(), "big"))
     rng.shuffle(chosen)
     if unfinished:  # every input read: what the stopped make left goes now, and OUT must then be as new
@@ -318,6 +348,12 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         save_png(np.clip(np.rint(square * 255), 0, 255).astype(np.uint8), out / "images" / name)
         key_rows.append({"image": name, "truth": truth, "source": source})
         names.append(name)
+    # one modification time for all: each file's own is when its resize and encoding ended, so the gaps between
+    # them time each image's work, which follows its source's size and shape (real ones, mostly, larger or not
+    # square) and, with the times kept (a shared folder, `cp -p`, rsync -a), told real from synthetic
+    stamp = time.time_ns()
+    for name in names:
+        os.utime(out / "images" / name, ns=(stamp, stamp))
     # the key, then the page: a pack is usable only once index.html is there, and then its key is whole
     write_csv(key_path, ["image", "truth", "source"], key_rows)
     pack_id = f"xrayforge-{rng.integers(0, 2 ** 32):08x}"
@@ -446,7 +482,9 @@ document.addEventListener("keydown", e => {
   // keys typed into the reader's name or moving a slider, and browser shortcuts (Ctrl+R), are not answers
   if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
   if (e.key === "ArrowRight") $("next").click();
-  if (e.key === "ArrowLeft") $("prev").click(); if (e.key === "r") answer("real"); if (e.key === "s") answer("synthetic"); });
+  if (e.key === "ArrowLeft") $("prev").click();
+  const key = e.key.toLowerCase();  // R and S with Shift or Caps Lock too
+  if (key === "r") answer("real"); if (key === "s") answer("synthetic"); });
 show();
 </script></body></html>
 """
