@@ -66,3 +66,55 @@ def test_an_adapted_foreign_classifier_drives_lco():
     assert res.accepted.all() and (res.probs[:, 0] >= 0.5).all()
     with pytest.raises(ValueError):
         ClassifierAdapter(Brightness(), ["Bright"], outputs="scores")
+
+
+def test_weights_that_leave_part_of_the_body_unloaded_are_refused():
+    """ResNet-18 keys all exist in a ResNet-34 (its extra blocks would stay random), and an empty
+    state dict loads nothing: neither may pass as loaded weights."""
+    model = ChestClassifier(ClassifierConfig(arch="resnet34", input_size=32))
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    with pytest.raises(ValueError, match="not given.*layer1.2"):
+        load_torchvision_weights(model, ResNet("resnet18", 1000, in_channels=3).state_dict())
+    assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in before.items())  # nothing half loaded
+    with pytest.raises(ValueError, match="not given"):
+        load_torchvision_weights(ChestClassifier(ClassifierConfig(arch="resnet18", input_size=32)), {})
+    # torchvision's published files have no num_batches_tracked: not a missing weight
+    r18 = {k: v for k, v in ResNet("resnet18", 1000, in_channels=3).state_dict().items()
+           if not k.endswith("num_batches_tracked")}
+    load_torchvision_weights(ChestClassifier(ClassifierConfig(arch="resnet18", input_size=32)), r18)
+
+
+def test_chexnet_style_densenet_weights_load():
+    """CheXNet's checkpoint: {"state_dict": ...} of a DataParallel ``module.densenet121.`` with
+    torchvision's older layer keys (``denselayer1.norm.1.weight``) and a ``classifier.0`` Linear over
+    the 14 findings in ChestX-ray14's order."""
+    import re
+    dense = DenseNet121(14, in_channels=3)
+    for p in dense.parameters():
+        p.data.normal_()
+    state = {"module.densenet121." + re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k)
+             .replace("classifier.", "classifier.0."): v for k, v in dense.state_dict().items()}
+    assert "module.densenet121.features.denseblock1.denselayer1.norm.1.weight" in state
+    model = ChestClassifier(ClassifierConfig(arch="densenet121", input_size=32))
+    assert load_torchvision_weights(model, {"epoch": 3, "state_dict": state}) == []
+    torch.testing.assert_close(model.net.classifier.weight, dense.classifier.weight)
+    torch.testing.assert_close(model.net.features.denseblock4.denselayer16.conv2.weight,
+                               dense.features.denseblock4.denselayer16.conv2.weight)
+    torch.testing.assert_close(model.net.features.conv0.weight, dense.features.conv0.weight.sum(1, keepdim=True))
+
+
+def test_init_weights_that_do_not_fit_name_the_file(tmp_path):
+    from xrayforge.errors import UserError
+    from xrayforge.evaluate.classifier import ClassifierTraining, LabelledImages, fit
+
+    class Arc:  # what LabelledImages reads of an archive
+        findings, path = ["Mass"], "arc"
+        labels = np.array([[0], [1], [0], [1]])
+        patient_ids = ["a", "b", "c", "d"]
+
+    torch.save(ResNet("resnet18", 1000, in_channels=3).state_dict(), tmp_path / "r18.pt")
+    images = LabelledImages([(Arc(), np.arange(4))])
+    with pytest.raises(UserError, match=r"r18\.pt: weights do not fit the resnet50 body"):
+        fit(images, [0, 1], [2, 3], ClassifierTraining(arch="resnet50", input_size=32, epochs=1, batch=2,
+                                                       device="cpu"), init_weights=str(tmp_path / "r18.pt"),
+            progress=False)

@@ -428,3 +428,24 @@ def test_the_chance_sentence_says_how_an_older_summary_counted():
     assert "one image of each patient" in chance_sentence({**base, "controls": 75})  # between the two versions
     older = chance_sentence(base)  # every image, unadjusted
     assert "one image" not in older and "design effect" not in older
+
+
+def test_unreadable_images_are_listed_not_silently_left_out_of_the_audit(tmp_path):
+    """A synthetic file that cannot be read is not audited (it may be a copy): the summary and the
+    command list it, and where no image can be read the error says why."""
+    from xrayforge.evaluate.memorisation import audit
+    real, synth, bad = tmp_path / "real", tmp_path / "synth", tmp_path / "bad"
+    for folder in (real, synth, bad):
+        folder.mkdir()
+    for seed in range(6):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
+    for seed in range(100, 103):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(synth / f"{seed}.png")
+    (synth / "broken.png").write_bytes(b"not a png")
+    (bad / "broken.png").write_bytes(b"not a png")
+    summary = audit(str(synth), str(real), tmp_path / "a", _PixelFeatures(), progress=False)
+    assert summary["synthetic"] == 3
+    assert [(s["side"], s["file"].split("/")[-1]) for s in summary["skipped"]] == [("synthetic", "broken.png")]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["skipped"] == summary["skipped"]
+    with pytest.raises(ValueError, match=r"no readable images; skipped .*broken\.png: unreadable"):
+        audit(str(bad), str(real), tmp_path / "b", _PixelFeatures(), progress=False)

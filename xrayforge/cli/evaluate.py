@@ -3,6 +3,7 @@ diversity, report)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import _args
 
@@ -59,6 +60,10 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
                           progress=not args.quiet, features=args.features)
     summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,
                     progress=not args.quiet)
+    for item in summary["skipped"][:20]:  # not audited: said, as `xrayforge fid` says it
+        print(f"skipped {item['side']} {item['file']}: {item['reason']}", file=sys.stderr)
+    if len(summary["skipped"]) > 20:
+        print(f"... and {len(summary['skipped']) - 20} more skipped", file=sys.stderr)
     print(f"{args.out}: {summary['flagged']} of {summary['synthetic']} synthetic images flagged "
           f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
           f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "

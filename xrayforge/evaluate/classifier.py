@@ -151,7 +151,12 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
     model = ChestClassifier(settings.model_config(images.findings)).to(device)
     if init_weights:
         from ..utils.files import load_torch
-        load_torchvision_weights(model, load_torch(init_weights, "torchvision-layout weights (--init-weights)"))
+        try:
+            load_torchvision_weights(model, load_torch(init_weights, "torchvision-layout weights (--init-weights)"))
+        except ValueError as exc:  # which file does not fit, not only how
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"{init_weights}: {exc}") from None
     size = settings.input_size
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * math.ceil(len(train_items) / batch))

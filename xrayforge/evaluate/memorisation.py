@@ -31,7 +31,8 @@ rate (``expected_by_chance``) and a one-sided Fisher test of the two rates (``p_
 ``more_than_chance`` is p < 0.01. Copies show up as more flags than the reals get, at pixel or
 feature distances far below the real-to-real ones (``closest_pairs.png``).
 
-Writes memorisation.csv (one row per synthetic image), summary.json, distances.png (the two
+Writes memorisation.csv (one row per synthetic image), summary.json (with the images that
+could not be read, ``skipped``: not audited), distances.png (the two
 distributions) and closest_pairs.png (the closest synthetic / real pairs side by side).
 """
 from __future__ import annotations
@@ -68,14 +69,16 @@ def _each(images, fn) -> torch.Tensor:
     return torch.cat([fn(t.unsqueeze(0)) for t in images]) if isinstance(images, list) else fn(images)
 
 
-def collect(extractor, spec: str, limit: int | None = None, progress: bool = True):
-    """(names, Inception features, pixel vectors, thumbnails 64×64) of a folder or an archive."""
+def collect(extractor, spec: str, limit: int | None = None, progress: bool = True, skipped: list | None = None):
+    """(names, Inception features, pixel vectors, thumbnails 64×64) of a folder or an archive; the
+    (file, reason) of each image that could not be read go to ``skipped``."""
     from tqdm import tqdm
     kind, total, batches = extractor.image_batches(spec, limit, shard=False)
-    names, feats, pix, thumbs = [], [], [], []
+    names, feats, pix, thumbs, skips_all = [], [], [], [], []
     with tqdm(total=total, unit="img", desc=f"features {Path(spec).name}", disable=not progress) as bar:
         for images, good, skips in batches:
             bar.update(len(skips))
+            skips_all += skips
             if images is None:
                 continue
             names += good
@@ -83,8 +86,12 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
             pix.append(_each(images, lambda x: pixel_vectors(_grey(x))))
             thumbs.append(_each(images, lambda x: _unit(x, 64)))
             bar.update(len(good))
-    if not names:
-        raise ValueError(f"{spec}: no readable images")
+    if skipped is not None:
+        skipped += skips_all
+    if not names:  # said with why, as the FID says it
+        why = "".join(f"; skipped {f}: {r}" for f, r in skips_all[:3]) + (
+            f"; ... and {len(skips_all) - 3} more skipped" if len(skips_all) > 3 else "")
+        raise ValueError(f"{spec}: no readable images{why}")
     return names, torch.cat(feats), torch.cat(pix), torch.cat(thumbs)
 
 
@@ -238,8 +245,9 @@ def design_effect(flags, groups) -> float:
 def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
           real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
     out = claim_output(out, "evaluate memorisation", signatures=("memorisation.csv",))
-    s_names, s_feat, s_pix, s_thumb = collect(extractor, synthetic, None, progress)
-    r_names, r_feat, r_pix, r_thumb = collect(extractor, real, real_limit, progress)
+    s_skipped, r_skipped = [], []
+    s_names, s_feat, s_pix, s_thumb = collect(extractor, synthetic, None, progress, s_skipped)
+    r_names, r_feat, r_pix, r_thumb = collect(extractor, real, real_limit, progress, r_skipped)
     if len(r_names) < 2:
         raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference")
     dev = extractor.device
@@ -270,7 +278,10 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         "median_real_to_real_inception": float(np.median(nn_f.numpy())),
         "median_synthetic_to_real_pixels": float(np.median(d_p.numpy())),
         "median_real_to_real_pixels": float(np.median(nn_p.numpy())),
-        "inception": extractor.describe_space(), "features": extractor.space_name}
+        "inception": extractor.describe_space(), "features": extractor.space_name,
+        # images that could not be read, so were not audited (an unread synthetic image may be a copy)
+        "skipped": [{"side": side, "file": f, "reason": r} for side, skips in (("synthetic", s_skipped),
+                                                                               ("real", r_skipped)) for f, r in skips]}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png",
                         "real → nearest other real" if groups is None else "real → nearest real of another patient",

@@ -1,5 +1,6 @@
 """Multi-label chest radiograph classifiers: ResNet and DenseNet-121 with torchvision's
-state-dict keys (so weights a user has, e.g. ImageNet or CheXNet-style DenseNet-121, load),
+state-dict keys (so weights a user has, e.g. ImageNet or CheXNet-style DenseNet-121, load:
+``load_torchvision_weights``),
 saved as weights (``weights_only``) + JSON like the GAN checkpoints, and an adapter for any
 other classifier. Lives in ``nn`` because sampling (LCO) needs it; training is in
 ``xrayforge.evaluate.classifier``.
@@ -241,14 +242,39 @@ def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClass
     return model.eval()
 
 
-def load_torchvision_weights(model: ChestClassifier, state_dict: dict, strict_body: bool = True) -> list[str]:
-    """Load torchvision-layout weights (e.g. ImageNet ResNet / DenseNet) into ``model``:
-    a 3-channel first convolution is summed to one channel, and a final layer of another size
-    is left at its initialisation. Returns the keys that were not loaded."""
-    own = model.net.state_dict()
-    skipped = []
+def torchvision_keys(state_dict: dict) -> dict:
+    """A state dict in torchvision's current key layout: a checkpoint's ``state_dict`` entry
+    unwrapped, ``module.`` (DataParallel) and CheXNet's ``densenet121.`` prefixes dropped, a
+    DenseNet's older layer keys (``denselayer1.norm.1.weight``, as torchvision's published files
+    and CheXNet have them) renamed to ``denselayer1.norm1.weight``, and CheXNet's
+    ``classifier.0.`` (a Linear in a Sequential) to ``classifier.``."""
+    import re
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    out = {}
     for k, v in state_dict.items():
-        if k not in own:
+        k = str(k)
+        while k.startswith("module."):
+            k = k[len("module."):]
+        if k.startswith("densenet121."):
+            k = k[len("densenet121."):]
+        k = re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k)
+        k = re.sub(r"^classifier\.0\.", "classifier.", k)
+        out[k] = v
+    return out
+
+
+def load_torchvision_weights(model: ChestClassifier, state_dict: dict, strict_body: bool = True) -> list[str]:
+    """Load torchvision-layout weights (e.g. ImageNet ResNet / DenseNet, or a CheXNet-style
+    DenseNet-121: keys as ``torchvision_keys`` reads them) into ``model``:
+    a 3-channel first convolution is summed to one channel, and a final layer of another size
+    is left at its initialisation. Returns the keys that were not loaded. ``strict_body``: a
+    ValueError where a weight of the body (all but the final layer) is not in ``state_dict`` or
+    does not fit (e.g. ResNet-18 weights for a ResNet-34, whose extra blocks would stay random)."""
+    own = model.net.state_dict()
+    skipped, loaded = [], set()
+    for k, v in torchvision_keys(state_dict).items():
+        if k not in own or not isinstance(v, torch.Tensor):
             skipped.append(k)
             continue
         if v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] == 1:
@@ -257,9 +283,16 @@ def load_torchvision_weights(model: ChestClassifier, state_dict: dict, strict_bo
             skipped.append(k)
             continue
         own[k] = v
+        loaded.add(k)
+    head = lambda k: k.startswith("fc.") or k.startswith("classifier.")  # noqa: E731
+    # batch norms' step counters: torchvision's published files have none
+    missing = [k for k in own if k not in loaded and not head(k) and not k.endswith("num_batches_tracked")]
+    if strict_body and (missing or any(not head(k) for k in skipped)):
+        raise ValueError(f"weights do not fit the {model.config.arch} body: "
+                         + "; ".join(f"{len(keys)} {what}, e.g. {keys[:3]}" for keys, what in
+                                     (([k for k in skipped if not head(k)], "not used"), (missing, "not given"))
+                                     if keys))
     model.net.load_state_dict(own)
-    if strict_body and any(not (k.startswith("fc.") or k.startswith("classifier.")) for k in skipped):
-        raise ValueError(f"weights do not fit the {model.config.arch} body: {skipped[:5]}")
     return skipped
 
 
