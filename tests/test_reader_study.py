@@ -520,3 +520,24 @@ def test_one_readers_page_exported_twice_is_not_two_readers(study, tmp_path):
     coarse = [write_csv(tmp_path / f"{n}.csv", [{**r, "reader": n, "time": "2026-01-01"} for r in rows], fields)
               for n in ("ann", "bob")]
     assert score(pack, key, coarse)["pooled"]["answers"] == 8
+
+
+def test_images_enlarged_on_one_side_only_are_said(tmp_path, caplog):
+    """Synthetic images of 16 px beside real ones of 32, shown at --size 32: only the synthetic ones
+    are enlarged, and the blur tells them apart whatever the generator; said, with the size that
+    enlarges none. Sides of one size enlarged alike are not a cue, and nothing is said."""
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.evaluate.reader_study import make
+    for sub, side in (("real", 32), ("synth", 16), ("synth32", 32)):
+        (tmp_path / sub).mkdir()
+        for i in range(2):
+            pixels = np.random.default_rng(side + i + len(sub)).integers(0, 255, (side, side), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / sub / f"{sub}{i}.png")
+    got = make(str(tmp_path / "real"), str(tmp_path / "synth"), 4, tmp_path / "a", size=32)
+    (warning,) = got["warnings"]
+    assert "0 of the 2 real images; 2 of the 2 synthetic images (16–16 px" in warning and "--size 16" in warning
+    assert warning in caplog.text
+    assert make(str(tmp_path / "real"), str(tmp_path / "synth32"), 4, tmp_path / "b", size=64)["warnings"] == []
+    assert make(str(tmp_path / "real"), str(tmp_path / "synth"), 4, tmp_path / "c", size=16)["warnings"] == []

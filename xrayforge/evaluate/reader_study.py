@@ -278,6 +278,24 @@ def _list_images(spec: str):
     return [(str(f), (lambda f=f: read_radiograph(f).pixels)) for f in find_images(p)]
 
 
+def _say_enlargement(chosen, size: int) -> str | None:
+    """Warn (and return the warning) where images smaller than ``size`` are enlarged on one side
+    otherwise than on the other: enlarging blurs, and 256-px synthetic images shown at 1024 beside
+    1024-px radiographs are told apart by that alone, whatever the generator."""
+    longest = {t: sorted(max(p.shape) for truth, _, p in chosen if truth == t) for t in ("real", "synthetic")}
+    small = {t: [m for m in sides if m < size] for t, sides in longest.items()}
+    if not (small["real"] or small["synthetic"]) or longest["real"] == longest["synthetic"]:
+        return None
+    lo = min(longest["real"][0], longest["synthetic"][0])
+    said = "; ".join(f"{len(small[t])} of the {len(longest[t])} {t} images" + (
+        f" ({small[t][0]}–{small[t][-1]} px on their longer side)" if small[t] else "") for t in longest)
+    text = (f"images smaller than --size {size} are enlarged, more on one side than the other: {said}. Enlarging "
+            f"blurs, and readers could tell real from synthetic by that alone; --size {lo} shows every image at or "
+            f"below its own size")
+    log.warning(text)
+    return text
+
+
 def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: str | os.PathLike | None = None,
          size: int = 1024, seed: int = 0) -> dict:
     """Write the blinded pack ``out`` (images/ + index.html) and the key ``key_path``
@@ -331,6 +349,7 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         if same[0] != truth:
             raise UserError(f"{name}, chosen as {truth}, is the same image as {same[1]}, chosen as {same[0]}: "
                             f"do --real {real} and --synthetic {synthetic} overlap?")
+    enlarged = _say_enlargement(chosen, size)
     rng = np.random.default_rng(int.from_bytes(digest.digest(), "big"))
     rng.shuffle(chosen)
     if unfinished:  # every input read: what the stopped make left goes now, and OUT must then be as new
@@ -359,7 +378,7 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     pack_id = f"xrayforge-{rng.integers(0, 2 ** 32):08x}"
     write_text_atomic(out / "index.html", PAGE.replace("__IMAGES__", json.dumps(names)).replace("__PACK__", pack_id))
     (out / UNFINISHED).unlink()
-    return {"pack": str(out), "key": str(key_path), "images": len(names)}
+    return {"pack": str(out), "key": str(key_path), "images": len(names), "warnings": [enlarged] if enlarged else []}
 
 
 # written before a pack's first image and removed once its page is in place: only a pack that holds it
