@@ -16,7 +16,8 @@ never exists (100k × 100k is fine; ``utils.neighbours.nearest_other_group`` for
 
 A flag is a screen, not a verdict: a generator that copies nothing but samples the data's
 distribution still has images under the thresholds, as new real images would (about
-``percentile`` % of them). So the real images are also the control group (``screen``): with half
+``percentile`` % of them in each space, up to twice that in either; more with a small reference:
+the 1st percentile of 30 distances is near their smallest). So the real images are also the control group (``screen``): with half
 of them as the reference, the other half and the synthetic images go through the same rule,
 each half in turn. Halves by patient for an archive, so that a control is a new patient as a
 synthetic image is (the reference half's threshold, as the whole set's, from its images' nearest
