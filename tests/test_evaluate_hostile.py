@@ -458,3 +458,26 @@ def test_tstr_gives_no_auroc_for_a_finding_a_training_set_never_has(small_archiv
         assert info["mean_auroc"] == pytest.approx(by[(name, "Effusion")]["auroc"])
     md = (tmp_path / "t" / "tstr.md").read_text()
     assert "n/a (0 of" in md and "the means are over the findings every set has both ways: Effusion" in md
+
+
+def test_classify_train_killed_before_its_record_is_trained_again_not_refused(small_archive, tmp_path, monkeypatch):
+    """The model (classifier.json) was saved before training.json: a kill between the two left a
+    folder that a rerun refused as 'already holds a trained classifier', with no record of what it
+    was trained on. The record is written first, and classifier.json, the finished mark, last."""
+    import xrayforge.evaluate.classifier as clf_mod
+    write = clf_mod.write_text_atomic
+
+    def killed(path, text):  # the process ends as training.json is written
+        if str(path).endswith("training.json"):
+            raise KeyboardInterrupt
+        write(path, text)
+    monkeypatch.setattr(clf_mod, "write_text_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _train(small_archive, tmp_path / "c")
+    assert not (tmp_path / "c" / "classifier.json").exists()
+    monkeypatch.undo()
+    summary = _train(small_archive, tmp_path / "c")
+    assert (tmp_path / "c" / "classifier.json").is_file()
+    assert clf_mod.recorded_training(tmp_path / "c")["trained_images"] == summary["training_data"]["trained_images"]
+    with pytest.raises(ValueError, match="already holds a trained classifier"):
+        _train(small_archive, tmp_path / "c")

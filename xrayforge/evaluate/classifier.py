@@ -225,13 +225,15 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     result = fit(images, train_items, val_items, cfg, cfg.augment, cfg.init_weights, progress)
     out = Path(cfg.out)
     model = result.model
-    model.cpu().save(out)
     summary = {"model": str(out), "train_images": int(len(train_items)), "val_images": int(len(val_items)),
                "val_patients": len({images.patient_ids[i] for i in val_items}),
                "best_mean_auroc": result.best_mean_auroc, "best_epoch": result.best_epoch, "history": result.history,
                "thresholds": model.config.thresholds}
     summary["training_data"] = training_record(archive, images.positions[train_items], cfg.subset is not None)
+    # the record first, the model's classifier.json last: a folder with that file is a finished
+    # classifier (a rerun refuses it), and one killed before it is trained again
     write_text_atomic(out / "training.json", json.dumps(summary, indent=2))
+    model.cpu().save(out)
     return summary
 
 
