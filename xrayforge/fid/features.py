@@ -18,6 +18,9 @@ Each space has a ``name`` that identifies it — ``inception``, ``inception-rand
 ``classifier@<sha1 of its weights>``, ``densenet121@<sha1 of the file>`` — recorded in every
 statistics file and JSON result; distances between statistics of different spaces are refused.
 Statistics files without a name (pytorch-fid's, and this project's older ones) are Inception's.
+The classifier and DenseNet spaces have one mode, IEEE float32 (as Inception's exact mode: not
+the TF32 that PyTorch lets cuDNN use on Ampere and later GPUs, which would move their features by
+about 1e-3 relative per layer between a GPU and a CPU).
 """
 from __future__ import annotations
 
@@ -136,7 +139,8 @@ class ClassifierSpace:
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.net.embed(x).float()
+        with ieee_fp32():  # its one mode is float32 rounding, as Inception's exact mode (not TF32 on GPUs)
+            return self.model.net.embed(x).float()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.inputs(images))
@@ -181,7 +185,8 @@ class DenseNet121Space:
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(x).float()
+        with ieee_fp32():  # its one mode is float32 rounding, as Inception's exact mode (not TF32 on GPUs)
+            return self.net.embed(x).float()
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed(self.inputs(images))
