@@ -118,3 +118,42 @@ def test_init_weights_that_do_not_fit_name_the_file(tmp_path):
         fit(images, [0, 1], [2, 3], ClassifierTraining(arch="resnet50", input_size=32, epochs=1, batch=2,
                                                        device="cpu"), init_weights=str(tmp_path / "r18.pt"),
             progress=False)
+
+
+def test_an_adapted_classifier_with_another_number_of_outputs_is_said():
+    """A wrapped model giving 3 outputs for 2 named findings failed deep in LCO's loss with a
+    broadcasting error; the adapter says what it got and what it expected."""
+    adapter = ClassifierAdapter(torch.nn.Flatten(), ["Mass", "Nodule"])
+    with pytest.raises(ValueError, match=r"outputs of shape \(4, 3\), where \(batch, 2\) was expected.*Mass, Nodule"):
+        adapter(torch.zeros(4, 3))
+    assert adapter(torch.zeros(4, 2)).shape == (4, 2)
+
+
+def test_rejection_sampling_runs_the_networks_as_fixed_functions():
+    """The baseline classified each batch with a caller's networks in whatever mode they were: a
+    classifier left in training mode normalised by the batch's statistics (an image's call depended
+    on its batch mates) and rewrote its running statistics. It runs them in eval mode now, and
+    gives each module its mode back."""
+    from xrayforge.sample.writer import rejection_sample
+
+    class G(torch.nn.Module):
+        config = type("Config", (), {"latent_dim": 8})
+
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 16)
+
+        def forward(self, z):
+            return torch.tanh(self.lin(z)).view(-1, 1, 4, 4)
+
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1), torch.nn.BatchNorm1d(1))
+    clf[2].running_mean.fill_(-0.3)
+    adapter = ClassifierAdapter(clf, ["Bright"])
+    g = G()
+    expected = rejection_sample(g.eval(), adapter.eval(), {"Bright": 1}, seed=3, n=40, batch=40, keep_images=True)
+    assert 0 < expected["accepted"] < 40  # the test would show nothing otherwise
+    running = clf[2].running_mean.clone()
+    got = rejection_sample(g.train(), adapter.train(), {"Bright": 1}, seed=3, n=40, batch=7, keep_images=True)
+    assert got["accepted"] == expected["accepted"] and torch.equal(got["images"], expected["images"])
+    assert torch.equal(clf[2].running_mean, running) and clf[2].training and g.training

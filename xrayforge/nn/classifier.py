@@ -321,6 +321,10 @@ class ClassifierAdapter(nn.Module):
 
     def forward(self, images):
         out = self.module(self.transform(images) if self.transform else images)
+        if out.dim() != 2 or out.shape[1] != len(self.findings):  # else a shape error deep in LCO's loss
+            raise ValueError(f"the wrapped classifier gives outputs of shape {tuple(out.shape)}, where "
+                             f"(batch, {len(self.findings)}) was expected: one per finding named "
+                             f"({', '.join(self.findings[:4])}{', ...' if len(self.findings) > 4 else ''})")
         if self.outputs == "probabilities":
             # in at least float32: under bf16 / fp16 autocast 1 - 1e-6 rounds to 1, and a saturated
             # probability became an infinite logit (NaN loss and gradient in LCO)

@@ -122,7 +122,7 @@ def _autocast(device: torch.device, amp_dtype):
 
 
 @contextmanager
-def _fixed(*nets):
+def fixed_networks(*nets):
     """G and the classifier as fixed functions while LCO runs them: every module in eval mode (batch
     norm on its running statistics, neither this batch's, which would tie a latent's path to its
     batch mates, nor updating them; no dropout), each module's own mode given back afterwards.
@@ -157,7 +157,7 @@ def screen_starts(G, classifier, candidates: torch.Tensor, values: torch.Tensor,
     radius = shell_radius(d, truncation)
     scores = torch.empty(n * s, dtype=torch.float64, device=flat.device)
     ok = torch.zeros(n * s, dtype=torch.bool, device=flat.device)
-    with _autocast(flat.device, amp_dtype), _fixed(G, classifier):
+    with _autocast(flat.device, amp_dtype), fixed_networks(G, classifier):
         for i in range(0, n * s, batch):
             logits = _wide(classifier(G(flat[i:i + batch])))
             scores[i:i + batch] = lco_loss(logits, flat[i:i + batch], v[i:i + batch], m[i:i + batch], prior_weight,
@@ -261,7 +261,7 @@ class LCOPool:
         """One evaluation of every row; yields the rows that finish, returns (state, keys) of the rest."""
         z0, z, m1, m2, values, mask, thr, t = state
         za = z.detach().requires_grad_(True)
-        with _autocast(za.device, self.amp_dtype), _fixed(self.G, self.classifier):
+        with _autocast(za.device, self.amp_dtype), fixed_networks(self.G, self.classifier):
             imgs = self.G(za)
             logits = _wide(self.classifier(imgs))
         self.evaluations += len(keys)
@@ -269,7 +269,7 @@ class LCOPool:
         ok = satisfied(probs, values, mask, thr)
         if self.written is not None and bool(ok.any()):  # met as G gave them: are they met as stored?
             met = ok.nonzero().squeeze(1)
-            with _fixed(self.G, self.classifier):
+            with fixed_networks(self.G, self.classifier):
                 stored = self.written(imgs.detach()[met]).to(probs)
             probs = probs.index_copy(0, met, stored)
             ok = ok.index_copy(0, met, satisfied(stored, values[met], mask[met], thr[met]))

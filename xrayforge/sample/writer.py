@@ -36,7 +36,8 @@ from ..nn import find_checkpoint, load_networks
 from ..utils.files import (atomic_write, claim_output, file_id, read_csv, read_json, same_settings, save_numpy,
                            write_csv, write_text_atomic)
 from ..utils.images import levels, save_png, to_uint
-from .lco import LCOPool, format_target, log_prior, parse_target, satisfied, screen_starts, target_tensors
+from .lco import (LCOPool, fixed_networks, format_target, log_prior, parse_target, satisfied, screen_starts,
+                  target_tensors)
 from ..nn.latents import check_truncation, latents_for
 
 FORMATS = ("png8", "png16", "dicom")
@@ -596,7 +597,8 @@ def rejection_sample(G, classifier, target: dict, seed: int, n: int, batch: int 
     for start in range(0, n, batch):
         idx = list(range(start, min(start + batch, n)))
         z = latents_for(seed, idx, G.config.latent_dim).to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None), \
+                fixed_networks(G, classifier):  # not the training-mode batch norm of a caller's networks
             images = G(z)
             probs = torch.sigmoid(classifier(images).float())
         ok = satisfied(probs, values.to(device), mask.to(device), thr.to(device))
