@@ -301,3 +301,14 @@ def test_lco_starting_latents_are_apart_from_the_seeds_a_user_gives(tiny, tmp_pa
         {_lco_seed(0, 1, t, 2, apart=False) for t in range(2)}
     assert "lco_streams_apart" not in json.loads((out / "sample_config.json").read_text())
     sample_archive(cfg, progress=False)  # and it goes on being continued
+
+
+def test_an_absurd_number_of_images_is_refused_at_once(tmp_path):
+    """--n 1e13 built a list of 1e10 shards before any message (memory filled first)."""
+    from xrayforge.sample.writer import ArchiveSampler
+    with pytest.raises(ValueError, match=r"--n 10000000000000: at most 1,000,000,000 images"):
+        ArchiveSampler(SampleConfig(str(tmp_path / "run"), str(tmp_path / "out"), n=10 ** 13))
+    with pytest.raises(ValueError, match=r"--n 600000000 for each of 2 targets: at most"):
+        ArchiveSampler(SampleConfig(str(tmp_path / "run"), str(tmp_path / "out"), n=6 * 10 ** 8,
+                                    targets=["Mass=1", "Mass=0"]))
+    assert not (tmp_path / "out").exists()

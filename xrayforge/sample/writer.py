@@ -130,6 +130,9 @@ def _checkpoint_id(folder: Path) -> str:
     return file_id(folder / "networks.pt", length=16)
 
 
+# the most images one archive holds (already petabytes of 1024-px PNGs)
+MAX_IMAGES = 10 ** 9
+
 # LCO's starting-latent streams begin here, apart from the seeds a user gives (unconditional
 # archives, FID and diversity of a checkpoint draw image k from latent_for(seed, k)): from 1 up
 # instead, an LCO archive of --seed 0 started from the latents of an unconditional --seed 1, and the
@@ -149,6 +152,9 @@ class ArchiveSampler:
             raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
         if cfg.n < 1:
             raise ValueError(f"--n must be at least 1, got {cfg.n}")
+        if cfg.n * max(1, len(cfg.targets)) > MAX_IMAGES:  # the shard list alone would fill the memory first
+            raise ValueError(f"--n {cfg.n}{f' for each of {len(cfg.targets)} targets' if cfg.targets else ''}: "
+                             f"at most {MAX_IMAGES:,} images in one archive")
         if cfg.starts < 1:
             raise ValueError(f"--starts must be at least 1, got {cfg.starts}")
         self.cfg, self.progress = cfg, progress
