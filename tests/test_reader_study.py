@@ -541,3 +541,17 @@ def test_images_enlarged_on_one_side_only_are_said(tmp_path, caplog):
     assert warning in caplog.text
     assert make(str(tmp_path / "real"), str(tmp_path / "synth32"), 4, tmp_path / "b", size=64)["warnings"] == []
     assert make(str(tmp_path / "real"), str(tmp_path / "synth"), 4, tmp_path / "c", size=16)["warnings"] == []
+
+
+def test_a_reader_name_with_a_bar_stays_in_its_cell(study, tmp_path):
+    """A reader named "A|B" split the table row of the reader study (and of the report's page):
+    every later number one column to the right, under another heading."""
+    from xrayforge.evaluate.reader_study import format_markdown
+    from xrayforge.evaluate.report import markdown_to_html
+    pack, key = study
+    rows = [{"reader": "A|B", "image": i, "answer": "real"} for i in "abcd"]
+    result = score(pack, key, [write_csv(tmp_path / "ans.csv", rows, ["reader", "image", "answer"])])
+    page = markdown_to_html(format_markdown(result), "t")
+    first = page.split("<tr>")[2]  # the header, then the reader's row
+    assert first.startswith("<td>A|B</td><td>4</td><td>0.500</td>"), first
+    assert all(row.count("<td>") == 8 for row in page.split("<tr>")[2:4])

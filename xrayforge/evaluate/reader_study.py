@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..utils.files import read_csv, remove_stale_temporaries, temporary_of, write_csv, write_text_atomic
-from ._format import number
+from ._format import cell, number
 from .metrics import label_permutation_p, log_binomial_pmf
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def format_markdown(result: dict) -> str:
              "p (binomial) | p (permutation) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in list(result["readers"].items()) + [("pooled", result["pooled"])]:
-        lines.append(f"| {name} | {r['answers']} | {number(r['accuracy'])} | "
+        lines.append(f"| {cell(name)} | {r['answers']} | {number(r['accuracy'])} | "
                      f"{number(r['sensitivity_synthetic'])} | {number(r['specificity_synthetic'])} | "
                      f"{number(r['synthetic_called_real'])} | {number(r['binomial_p'], None)} | "
                      f"{number(r.get('permutation_p'), None)} |")

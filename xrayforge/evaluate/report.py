@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from ._format import number
+from ._format import number, split_row
 from ..utils.files import read_json, read_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def markdown_to_html(markdown: str, title: str, base: str | os.PathLike = ".") -
                 body.append(f"<p>({'not a PNG image, left out' if src.is_file() else 'missing image'}: "
                             f"{html.escape(str(src))})</p>")
         elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            cells = split_row(line)
             if all(set(c) <= {"-", ":"} for c in cells):
                 continue
             tag = "th" if not table else "td"
