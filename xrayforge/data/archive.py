@@ -72,12 +72,19 @@ class Archive:
         self.meta = read_json(meta_path, "archive metadata")
         if self.meta.get("format") != FORMAT:
             raise UserError(f"{meta_path}: format {self.meta.get('format')!r} is not {FORMAT!r}")
-        if self.meta.get("version", 0) > VERSION:
-            raise UserError(f"{meta_path}: archive version {self.meta['version']} is newer than this xrayforge")
+        version = self.meta.get("version", 0)
+        if type(version) is not int:  # "2" or null compared with an int raised a bare TypeError
+            raise UserError(f"{meta_path}: damaged archive metadata (version {version!r} is not a whole number)")
+        if version > VERSION:
+            raise UserError(f"{meta_path}: archive version {version} is newer than this xrayforge")
         try:
             self.resolutions = [int(r) for r in self.meta["resolutions"]]
             self.resolution = int(self.meta["resolution"])
-            np.dtype(self.meta["dtype"])
+            dtype = np.dtype(self.meta["dtype"])
+            if self.resolutions != pyramid_resolutions(self.resolution):
+                raise ValueError(f"resolutions {self.resolutions} are not the pyramid 4 .. {self.resolution}")
+            if dtype not in (np.uint8, np.uint16):  # a float array read as images: NaN and values past 1 unchecked
+                raise ValueError(f"dtype {dtype} is not uint8 or uint16")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{meta_path}: damaged archive metadata ({type(exc).__name__}: {exc})") from None
         self.findings = list(self.meta.get("findings", FINDINGS))
@@ -89,8 +96,19 @@ class Archive:
                                    ).reshape(len(self.records), len(self.findings))
         except (TypeError, ValueError) as exc:
             raise UserError(f"{self.path / 'manifest.csv'}: a row or label that is not an integer ({exc})") from None
+        manifest = self.path / "manifest.csv"
         if len(self.rows) and self.rows.min() < 0:  # numpy would read it from the end of the arrays
-            raise UserError(f"{self.path / 'manifest.csv'}: row {self.rows.min()} is negative")
+            raise UserError(f"{manifest}: row {self.rows.min()} is negative")
+        # a manifest cut at a line, rows listed twice or labels other than 0 / 1 read as other data, silently
+        if isinstance(self.meta.get("count"), int) and self.meta["count"] != len(self.records):
+            raise UserError(f"{manifest}: lists {len(self.records)} images, but {meta_path.name} says "
+                            f"{self.meta['count']}; the archive is damaged (prepare it again)")
+        rows, counts = np.unique(self.rows, return_counts=True)
+        if (counts > 1).any():
+            raise UserError(f"{manifest}: row {rows[counts > 1][0]} is listed more than once")
+        if self.labels.size and not np.isin(self.labels, (0, 1)).all():
+            i, j = np.argwhere(~np.isin(self.labels, (0, 1)))[0]
+            raise UserError(f"{manifest}: row {self.rows[i]}: {self.findings[j]} is {self.labels[i, j]}, not 0 or 1")
         self.patient_ids = [r["patient_id"] for r in self.records]
         self.splits = [r["split"] for r in self.records]
         self._arrays: dict[int, np.ndarray] = {}

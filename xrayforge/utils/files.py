@@ -80,7 +80,10 @@ def atomic_write(path: str | os.PathLike, write, fsync: bool = False) -> Path:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:  # Ctrl-C, a full disk, a writer's error: nothing left beside the file
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even that: the writer's own error is the one to see
+            pass
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp), tmp):
             # said of the file asked for (a rename's error names the temporary and the target); type,
             # errno and traceback kept
@@ -436,5 +439,10 @@ def _claim(out: Path, command: str, signatures) -> Path:
             out.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"{out}: cannot create the folder (a part of the path is a file)") from None
-    write_text_atomic(marker, json.dumps({"command": command}) + "\n")
+        except OSError as exc:  # a read-only file system, no permission
+            raise UserError(f"{out}: cannot create the output folder ({exc.strerror or exc}: {exc.filename})") from None
+    try:
+        write_text_atomic(marker, json.dumps({"command": command}) + "\n")
+    except OSError as exc:  # said of the folder, not of the hidden marker inside it
+        raise UserError(f"{out}: cannot write in the output folder ({exc.strerror or exc})") from None
     return out
