@@ -1003,3 +1003,30 @@ def test_an_unfinished_prepare_of_the_box_filter_is_not_continued_with_area_aver
     assert (tmp_path / "b" / "out.partial" / "plan.json").is_file()
     prepare(str(src), tmp_path / "b" / "out", resolution=16, workers=1, progress=False)  # moved into place
     assert len(Archive(tmp_path / "b" / "out")) == 8 and not (tmp_path / "b" / "out.partial").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_said_first_and_a_failed_move_keeps_the_archive(tmp_path,
+                                                                                                monkeypatch):
+    """The archive is made in OUT.partial and moved into OUT at the end: a read-only OUT failed only
+    then, naming a hidden temporary (OUT/.images_4.npy.moving: Read-only file system). OUT is checked
+    before the work, and a move that fails says where the whole archive is; a rerun moves it."""
+    import errno
+    out = tmp_path / "out"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(prep.os, "access", lambda p, mode: Path(p) != out and real_access(p, mode))
+    with pytest.raises(prep.UserError, match=r"out: cannot write in the output folder \(read-only, or no permission\)"):
+        prepare("phantom:6", out, resolution=8, workers=1, progress=False)
+    assert not (tmp_path / "out.partial").exists()
+    monkeypatch.undo()
+    move = prep._move
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst.with_name(f".{dst.name}.moving")))
+    monkeypatch.setattr(prep, "_move", read_only)
+    with pytest.raises(prep.UserError, match=r"out: cannot move the finished archive into it \(Read-only file "
+                                             r"system\); it is whole in .*out.partial"):
+        prepare("phantom:6", out, resolution=8, workers=1, progress=False)
+    monkeypatch.setattr(prep, "_move", move)
+    prepare("phantom:6", out, resolution=8, workers=1, progress=False)
+    assert len(Archive(out)) == 6 and not (tmp_path / "out.partial").exists()

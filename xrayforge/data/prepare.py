@@ -472,6 +472,8 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     suspects_path = partial / "suspects.json"
     # before the work, not after it; a finished archive that a killed run had begun to move into OUT is moved on
     check_out_dir(out, empty=not meta_path.exists())
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):  # found now, not once the work is done
+        raise UserError(f"{out}: cannot write in the output folder (read-only, or no permission)")
     dtype = "uint8" if bits == 8 else "uint16"
     # "resize": images shrunk by exact area averages (before: Pillow's BOX; an unfinished prepare of an
     # older xrayforge is not continued with the other one, a finished one is as it was made)
@@ -634,7 +636,12 @@ def _finish(partial: Path, out: Path, resolutions: list[int]) -> None:
     if any(not p.name.startswith(".") and p.name not in ours for p in out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
     for p in sorted(partial.iterdir(), key=lambda p: p.name == "archive.json"):
-        _move(p, out / p.name)
+        try:
+            _move(p, out / p.name)
+        except OSError as exc:  # said of OUT and where the archive is, not of a hidden temporary
+            raise UserError(f"{out}: cannot move the finished archive into it ({exc.strerror or exc}); it is whole "
+                            f"in {partial}: make room or fix the permissions, and run prepare again to move it") \
+                from None
     partial.rmdir()
 
 
