@@ -554,3 +554,12 @@ def test_fid_findings_says_what_it_cannot_measure(phantoms, tmp_path, caplog):
     assert "prepared without finding labels" in caplog.text and not s["real_labelled"]
     assert math.isfinite(s["rows"][0]["fid"]) and all(math.isnan(r["fid"]) for r in s["rows"][1:])
     assert "prepared without finding labels" in (tmp_path / "g" / "fid_findings.md").read_text()
+
+
+def test_auroc_of_nan_scores_is_nan_not_a_number_from_their_sort_order():
+    """A NaN score sorted last, as the highest: auroc gave 0.75 for all-NaN scores and 1.0 for one NaN
+    on a positive; its callers take NaN as "not measured". The bootstrap gives no interval either."""
+    y = np.array([0, 1, 0, 1, 1, 0])
+    for s in (np.full(6, np.nan), np.array([0.1, np.nan, 0.2, 0.9, 0.8, 0.3])):
+        assert math.isnan(auroc(y, s))
+        assert all(math.isnan(v) for v in bootstrap_auroc(y, s, rounds=10))

@@ -785,3 +785,63 @@ def test_a_file_reached_by_two_links_in_a_folder_counts_once(small_space, tmp_pa
     # the first found (in sorted order) is read
     assert [s["file"] for s in through_links["skipped"]] == [str(linked / "img000.png")]
     assert str(linked / "again.png") in through_links["skipped"][0]["reason"]
+
+
+def test_cli_fid_of_two_stats_files_refuses_options_that_ask_for_another_space_or_mode(small_space, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """`fid A.npz B.npz` with --features junk, --features classifier:MISSING, --random-weights or
+    --mode fast printed the plain FID (exit 0; "fast mode" for files that record none), and --prdc
+    was said as "KID and bootstrap intervals need images". Options that ask for the space or mode
+    the files record are accepted, still without weights."""
+    from xrayforge.fid.features import feature_space
+    _no_weights(tmp_path, monkeypatch)
+    sa, sb, pa, pb = _two_stats_files(tmp_path)
+    plain = f"FID {frechet_distance(sa, sb):.4f}"
+
+    def run(*args, files=(pa, pb)):
+        rc = cli(["fid", *map(str, files), "-q", *args])
+        out, err = capsys.readouterr()
+        return rc, out + err
+
+    for args, said in ((["--features", "junk"], "expected inception, classifier:MODEL or densenet121:FILE"),
+                       (["--features", f"classifier:{tmp_path / 'nope'}"], "no classifier.json"),
+                       (["--features", small_space], "asks for the feature space classifier@"),
+                       (["--random-weights"], "--random-weights asks for the feature space inception-random"),
+                       (["--mode", "fast"], "--mode fast: " + f"{pa} and {pb} record no mode"),
+                       (["--prdc"], "KID, bootstrap intervals and --prdc need images on both sides")):
+        rc, text = run(*args)
+        assert rc == 1 and said in text and plain not in text and "pt_inception" not in text, (args, text)
+    for args in ([], ["--features", "inception"], ["--mode", "exact"]):  # what the files are: the same FID
+        rc, text = run(*args)
+        assert rc == 0 and text.startswith(plain), (args, text)
+    rng = np.random.default_rng(1)
+    for name in ("r1.npz", "r2.npz"):  # random Inception, fast mode
+        s = FrechetStats.from_features(rng.normal(size=(30, 6)), "inception-random")
+        s.mode = "fast"
+        s.save(tmp_path / name)
+    rand = (tmp_path / "r1.npz", tmp_path / "r2.npz")
+    assert run("--random-weights", "--mode", "fast", files=rand)[0] == 0
+    rc, text = run("--mode", "exact", files=rand)
+    assert rc == 1 and f"--mode exact: {rand[0]} holds statistics of --mode fast" in text
+    space = feature_space(small_space).name
+    for name in ("c1.npz", "c2.npz"):
+        FrechetStats.from_features(rng.normal(size=(30, 6)), space).save(tmp_path / name)
+    clf = (tmp_path / "c1.npz", tmp_path / "c2.npz")
+    assert run("--features", small_space, files=clf)[0] == 0 and run(files=clf)[0] == 0
+    rc, text = run("--features", "inception", files=clf)
+    assert rc == 1 and f"asks for the feature space inception, and {clf[0]} and {clf[1]} hold statistics of {space}" \
+        in text
+
+
+def test_a_single_file_that_is_no_statistics_is_said_before_the_weights(tmp_path, monkeypatch, capsys):
+    """`fid notes.txt B.npz` said the Inception weights were missing (and with them, that notes.txt
+    had no readable image, after the network was built): a single file is no input."""
+    _no_weights(tmp_path, monkeypatch)
+    _, _, pa, _ = _two_stats_files(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "one.png")
+    for name in ("notes.txt", "one.png"):
+        for args in ([name, pa], [pa, name]):
+            assert cli(["fid", *(str(tmp_path / x) for x in args), "-q", "--workers", "0"]) == 1
+            err = capsys.readouterr().err
+            assert f"{name}: a single file, not a folder of images" in err and "pt_inception" not in err, err

@@ -112,7 +112,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception", default=None, help="path of pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--random-weights", action="store_true",
                    help="random Inception weights: checks the pipeline; the number is not a comparable FID")
-    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
+    p.add_argument("--mode", choices=("exact", "fast"), default=None,  # None: exact, and two .npz files' own
                    help="Inception only: exact: fp32 as pytorch-fid (default); fast: bf16 + channels_last, not pytorch-fid's "
                         "number (0.005 from exact on 2,000 phantoms with random weights; python "
                         "benchmarks/fid.py --inception W measures it with real ones)")
@@ -132,7 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-stats", default=None,
                    help="write A's statistics to this .npz (as soon as they are computed: a failure of B keeps "
                         "them)")
-    p.add_argument("--features", default="inception", metavar="SPACE",
+    p.add_argument("--features", default=None, metavar="SPACE",  # None: inception, and two .npz files' own
                    help="the feature space: inception (default; the literature's FID), classifier:MODEL (the "
                         "penultimate features of a `xrayforge classify train` model) or densenet121:FILE (a "
                         "DenseNet-121 state dict, torchvision keys: e.g. torchxrayvision's chest X-ray weights, the "

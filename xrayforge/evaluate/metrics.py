@@ -10,12 +10,12 @@ import numpy as np
 
 def auroc(labels, scores) -> float:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN when a
-    class is absent."""
+    class is absent or a score is NaN (it has no rank: sorting would put it last, as the highest)."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(s).any():
         return float("nan")
     order = np.argsort(s, kind="mergesort")
     sorted_s = s[order]
@@ -34,10 +34,11 @@ def bootstrap_auroc(labels, scores, groups=None, rounds: int = 1000, seed: int =
 
     ``groups`` (e.g. patient ids): whole groups are resampled, so a patient's images stay
     together and the interval is not too narrow when patients have several images.
-    Resamples in which a class is absent are drawn again (they have no AUROC)."""
+    Resamples in which a class is absent are drawn again (they have no AUROC). NaN scores: no
+    interval (NaN, NaN), as ``auroc`` has none."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
-    if y.all() or not y.any():
+    if y.all() or not y.any() or np.isnan(s).any():
         return float("nan"), float("nan")
     keys = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
     members = np.argsort(keys, kind="mergesort")

@@ -29,7 +29,7 @@ import torch
 from ..data.archive import Archive
 from ..data.readers import SkipImage, find_images, iter_images, one_per_file, read_radiograph
 from ..errors import UserError
-from .features import feature_space, same_space
+from .features import DEFAULT, feature_space, same_space
 from .stats import FrechetStats, StreamingMoments, frechet_distance
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,13 @@ def check_input(spec: str, n: int | None = None) -> tuple[str, str]:
     damaged, a checkpoint without the number of images ``n``, a damaged checkpoint, or a run with
     no usable one (a checkpoint's weights are hashed once more: a second, against the minutes its
     images take). What to read: ``spec``, or for a training run the checkpoint chosen now (its
-    newest intact one: the same one for the whole command, and checked once). Statistics files
-    are only named here: their caller loads (and so checks) them."""
+    newest intact one: the same one for the whole command, and checked once). A single file other
+    than statistics is refused (one image has no covariance). Statistics files are only named
+    here: their caller loads (and so checks) them."""
     kind = describe(spec)
+    if kind == "folder" and Path(spec).is_file():
+        raise ValueError(f"{spec}: a single file, not a folder of images, an archive, a checkpoint or a .npz "
+                         f"statistics file (an FID needs at least 2 images)")
     if kind == "folder" and not _has_candidates(spec):
         raise FileNotFoundError(f"{spec}: no image files")
     if kind == "archive":
@@ -210,9 +214,10 @@ class FeatureExtractor:
     """Features of a feature space (``fid.features``: Inception by default) -> streaming moments,
     for any kind of input. Statistics it makes carry the space's name."""
 
-    def __init__(self, inception: str | None = None, random_weights: bool = False, mode: str = "exact",
+    def __init__(self, inception: str | None = None, random_weights: bool = False, mode: str | None = "exact",
                  device: str | None = None, batch_size: int = 64, workers: int = 4, progress: bool = True,
                  keep_features: int = 0, seed: int = 0, features: str | None = None):
+        mode = mode or "exact"  # None: not asked for (the command line's default)
         if mode not in ("exact", "fast"):
             raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -443,7 +448,9 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
     up to ``keep_features`` features a side, a uniform sample).
 
     When both ``a`` and ``b`` are statistics files (.npz with mu and sigma) the distance is taken
-    from them directly: no Inception network is built and no weights are looked for.
+    from them directly: no Inception network is built and no weights are looked for; they are
+    compared in the feature space and mode they record, and ``features=``, ``random_weights=`` or
+    ``mode=`` that ask for others are refused.
 
     Both inputs are checked (``check_input``) before either is read, and one folder or archive
     given on both sides is read once (its features would be the same twice: B's seed only moves
@@ -593,16 +600,45 @@ def _keep_for_rerun(exc: BaseException, a: str, b: str, kinds: dict, stats: Frec
         exc.__notes__ = [*getattr(exc, "__notes__", []), note]
 
 
+def _space_asked(extractor_kwargs: dict) -> tuple[str, str] | None:
+    """(the option, the name of the feature space it asks for) where ``features=`` or
+    ``random_weights=`` is given, else None; Inception's name without its weights (two statistics
+    files need none), another space's by building it (a bad --features is said as such)."""
+    spec, random = extractor_kwargs.get("features"), extractor_kwargs.get("random_weights", False)
+    if spec is None and not random:
+        return None
+    option = " ".join(filter(None, [spec and f"--features {spec}", random and "--random-weights"]))
+    if (spec or DEFAULT) == DEFAULT:
+        return option, "inception-random" if random else DEFAULT
+    return option, feature_space(spec, None, random, "exact", "cpu").name
+
+
 def _fid_of_stats_files(a: str, b: str, need, save_stats: str | None, extractor_kwargs: dict) -> dict:
-    """compute_fid for two statistics files: the same result dict, without the network."""
-    mode = extractor_kwargs.get("mode", "exact")
-    if mode not in ("exact", "fast"):
-        raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    """compute_fid for two statistics files: the same result dict, without the network. They are
+    compared in the feature space and mode they record (none: Inception, exact): a --features,
+    --random-weights or --mode that asks for another is refused, not left unused."""
+    asked_mode = extractor_kwargs.get("mode")
+    if asked_mode not in (None, "exact", "fast"):
+        raise ValueError(f"mode must be 'exact' or 'fast', got {asked_mode!r}")
     if need:
-        raise ValueError("KID and bootstrap intervals need images on both sides, not statistics files")
+        raise ValueError("KID, bootstrap intervals and --prdc need images on both sides, not statistics files")
+    asked_space = _space_asked(extractor_kwargs)
     sa, sb = FrechetStats.load(a), FrechetStats.load(b)
     same_space(sa.space, sb.space, a, b)
-    if sa.mode or sb.mode:  # what the files were measured in, not this command's (unused) --mode
+    if asked_space and asked_space[1] != (sa.space or DEFAULT):
+        raise UserError(f"{asked_space[0]} asks for the feature space {asked_space[1]}, and {a} and {b} hold "
+                        f"statistics of {sa.space or DEFAULT}: statistics files are compared in the space they "
+                        f"were computed in; leave the option out, or compute them again with it")
+    recorded = {m for m in (sa.mode, sb.mode) if m}
+    if asked_mode and recorded - {asked_mode}:
+        spec, other = (a, sa.mode) if sa.mode and sa.mode != asked_mode else (b, sb.mode)
+        raise UserError(f"--mode {asked_mode}: {spec} holds statistics of --mode {other}; statistics files are "
+                        f"compared as they were computed: leave --mode out")
+    if asked_mode == "fast" and not recorded:  # unrecorded is taken as exact (pytorch-fid's files are)
+        raise UserError(f"--mode fast: {a} and {b} record no mode (taken as exact, as pytorch-fid's), and --mode "
+                        f"applies to images read through Inception, not to statistics already computed: leave it out")
+    mode = asked_mode or "exact"
+    if recorded:  # what the files were measured in
         mode = sa.mode if sa.mode == sb.mode else f"{sa.mode or 'unrecorded'} / {sb.mode or 'unrecorded'}"
     if sa.mode and sb.mode:
         if sa.mode != sb.mode:
