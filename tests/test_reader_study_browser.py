@@ -33,6 +33,17 @@ def driver(tmp_path):
     drv.quit()
 
 
+def _export(driver, target):
+    """Click the page's export and wait for its file ``target``."""
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.ID, "export").click()
+    deadline = time.time() + 60  # a loaded machine
+    while time.time() < deadline and not target.exists():
+        time.sleep(0.1)
+    assert target.exists(), "the page did not export the answers"
+    return target
+
+
 def _pack(tmp_path, n, seed):
     """A pack of n 32-px images: n / 2 phantoms and n / 2 flat grey squares."""
     prepare(f"phantom:{n}", tmp_path / "real", resolution=32, workers=1, progress=False)
@@ -73,12 +84,7 @@ def test_answer_reload_export_and_score(driver, tmp_path):
     assert "2 answered" in driver.find_element(By.ID, "pos").text
     assert driver.find_element(By.ID, "pos").text.startswith("2 / 6")
     assert driver.find_element(By.ID, "reader").get_attribute("value") == "dr_test"
-    driver.find_element(By.ID, "export").click()
-    target = tmp_path / "downloads" / "answers-dr_test.csv"
-    deadline = time.time() + 60  # a loaded machine
-    while time.time() < deadline and not target.exists():
-        time.sleep(0.1)
-    assert target.exists(), "the page did not export the answers"
+    target = _export(driver, tmp_path / "downloads" / "answers-dr_test.csv")
     with open(target, newline="") as fh:  # the confidence chosen, and an empty cell for the one not chosen
         assert sorted(row["confidence"] for row in csv.DictReader(fh)) == ["", "4"]
     result = score(tmp_path / "pack", info["key"], [target])
@@ -94,22 +100,12 @@ def test_readers_who_left_the_name_empty_are_told_apart_by_their_files(driver, t
     info = _pack(tmp_path, 4, seed=0)
     driver.get((tmp_path / "pack" / "index.html").as_uri())
     driver.find_element(By.ID, "synthetic").click()
-    driver.find_element(By.ID, "export").click()
-    target = tmp_path / "downloads" / "answers-reader.csv"
-    deadline = time.time() + 60
-    while time.time() < deadline and not target.exists():
-        time.sleep(0.1)
-    assert target.exists(), "the page did not export the answers"
+    target = _export(driver, tmp_path / "downloads" / "answers-reader.csv")
     files = [target]
     driver.execute_script("localStorage.clear()")  # a second reader, in a fresh browser
     driver.refresh()
     driver.find_element(By.ID, "synthetic").click()
-    driver.find_element(By.ID, "export").click()
-    second = tmp_path / "downloads" / "answers-reader (1).csv"
-    deadline = time.time() + 60
-    while time.time() < deadline and not second.exists():
-        time.sleep(0.1)
-    assert second.exists(), "the page did not export the answers"
+    second = _export(driver, tmp_path / "downloads" / "answers-reader (1).csv")
     (tmp_path / "two").mkdir()  # each reader's file as they sent it: both called answers-reader.csv
     files.append(shutil.move(second, tmp_path / "two" / target.name))
     result = score(tmp_path / "pack", info["key"], files)
