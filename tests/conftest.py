@@ -94,3 +94,16 @@ def learned_gan(tmp_path_factory):
     Trainer(gan_config(root / "data", root / "run", resolution=16, phase_images=2000, total_images=12000,
                        device="cpu"), progress=False).train()
     return root / "data", root / "run"
+
+
+@pytest.fixture(scope="module")
+def metrics_world(tmp_path_factory):
+    """For measuring during training: a 48-image phantom archive at 16 px (``arc``) and a small
+    untrained classifier (``clf``) whose features are a fast space."""
+    from xrayforge.data.prepare import prepare
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    w = tmp_path_factory.mktemp("metrics")
+    prepare("phantom:48", w / "arc", resolution=16, workers=1, progress=False)
+    torch.manual_seed(0)
+    ChestClassifier(ClassifierConfig(input_size=16, width=8)).save(w / "clf")
+    return w

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from xrayforge.cli import main as cli
-from xrayforge.data.prepare import prepare
 from xrayforge.fid.training import TrainingMetrics
 from xrayforge.nn import load_networks
 from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
@@ -19,12 +18,8 @@ TINY = ["--resolution", "8", "--fade-kimg", "0.032", "--stable-kimg", "0.032", "
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = tmp_path_factory.mktemp("metrics")
-    prepare("phantom:48", w / "arc", resolution=16, workers=1, progress=False)
-    torch.manual_seed(0)
-    ChestClassifier(ClassifierConfig(input_size=16, width=8)).save(w / "clf")
-    return w
+def world(metrics_world):
+    return metrics_world
 
 
 def test_logged_metrics_equal_a_measurement_of_the_saved_generator(world, tmp_path, capsys):
@@ -86,9 +81,10 @@ def test_a_resumed_run_keeps_its_best_checkpoint(world, tmp_path):
     moved = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
     assert moved["metrics_features"] != now["metrics_features"] and moved["images"] > now["images"]
     now = moved
-    # a record naming a checkpoint that is gone is dropped on resume, not trusted
+    # best.json naming a checkpoint that is gone is not trusted: the resumed checkpoint's own record is
     (tmp_path / "run" / "checkpoints" / "best.json").write_text(json.dumps({**now, "checkpoint": "ckpt-gone"}))
-    assert Trainer(cfg, resume=True, progress=False, measure=measure).best is None
+    assert Trainer(cfg, resume=True, progress=False, measure=measure).best == now
+    assert json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text()) == now
 
 
 def test_metrics_need_a_measure_and_valid_names(world, tmp_path):
@@ -200,6 +196,6 @@ def test_a_nan_measurement_is_never_the_best_nor_blocks_a_later_one():
     assert Trainer._better(t, {**rec, "fid": 50.0})
     t.best = {"score": float("nan"), "metrics_features": "inception", "metrics_images": 20}  # an earlier version's
     assert Trainer._better(t, {**rec, "fid": 50.0})
-    t.best = {"score": 40.0, "metrics_features": "inception", "metrics_images": 20}
+    t.best = {"score": 40.0, "fid": 40.0, "metrics_features": "inception", "metrics_images": 20}
     assert not Trainer._better(t, {**rec, "fid": 50.0}) and not Trainer._better(t, {**rec, "fid": 40.0})
     assert Trainer._better(t, {**rec, "fid": 39.0})

@@ -471,6 +471,34 @@ class Trainer:
             self._lock_file = None
 
     # ------------------------------------------------------------------ set-up
+    def _resumed_best(self, state: dict) -> dict | None:
+        """The best checkpoint as of the one resumed from: the record its state.pt carries (written in the
+        checkpoint's atomic write: a kill between the checkpoint and best.json loses no best), else (a
+        checkpoint of an earlier version) best.json's; one naming a checkpoint that is gone (e.g. damaged
+        and renamed damaged-*) or lies past this one is dropped. Process 0 brings best.json in line (the
+        others neither measure nor rotate: none, and no read of a file process 0 may be rewriting)."""
+        if self.rank != 0:
+            return None
+        path = self.ckpt_dir / "best.json"
+        try:
+            on_disk = read_json(path, "the best checkpoint's record") if path.is_file() else None
+        except UserError as exc:  # a damaged file is no reason to refuse the resume: written again (or removed)
+            log.warning("%s; %s", exc, "the checkpoint's own record is used" if state.get("best") else "dropped")
+            on_disk = False
+        best = state["best"] if "best" in state else on_disk or None
+        if best is not None and (not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
+                                 or int(best.get("images", 0)) > self.images_seen):
+            gone = not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
+            log.warning("%s: the best checkpoint, %s, is %s; the run has none until its next measurement",
+                        self.ckpt_dir, best.get("checkpoint"), "gone" if gone else "past the one resumed from")
+            best = None
+        if best != on_disk:
+            if best is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_text_atomic(path, json.dumps(best, indent=2))
+        return best
+
     def _build(self, resume: bool):
         torch.manual_seed(self.cfg.seed)
         self.G = Generator(self.net_config).to(self.device, memory_format=self._memory_format)
@@ -491,12 +519,7 @@ class Trainer:
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
-            best = self.ckpt_dir / "best.json"
-            if best.is_file():  # unless it names a checkpoint that is gone or lies past this one
-                self.best = read_json(best, "the best checkpoint's record")
-                if not (self.ckpt_dir / str(self.best.get("checkpoint"))).is_dir() \
-                        or int(self.best.get("images", 0)) > self.images_seen:
-                    self.best = None
+            self.best = self._resumed_best(state)
             per_rank = state.get("rank_rng")
             saved_world = len(per_rank) if isinstance(per_rank, list) else None
             if isinstance(per_rank, list) and len(per_rank) == self.world:
@@ -785,7 +808,9 @@ class Trainer:
         """The newest intact checkpoint (a damaged newest one is skipped, and said)."""
         return latest_intact(self.ckpt_dir, files=("networks.pt", "state.pt"))
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, best: dict | None = None) -> Path | None:
+        """``best``: this tick's measured record, when it makes this checkpoint the best one (marked in its
+        state.pt, part of its atomic write, and then in best.json)."""
         # the networks are saved at the level and α they were last trained at (the trainer passes both to
         # every call), so that sampling a checkpoint written during growth uses the path that was trained;
         # set on every process, so that their networks stay equal
@@ -808,6 +833,7 @@ class Trainer:
                  "step_level": level, "step_alpha": alpha,
                  "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                  "auto_batches": dict(self._auto_batches),  # a resume keeps the batches the probe found
+                 "best": self._best_record(name, best) if best is not None else self.best,
                  **ranks_rng[0], "rank_rng": ranks_rng}
         try:
             tmp.mkdir(parents=True, exist_ok=True)
@@ -832,6 +858,9 @@ class Trainer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a directory rename: the checkpoint appears whole or not at all
         write_text_atomic(self.ckpt_dir / "latest", name)
+        if best is not None:
+            self.best = state["best"]
+            write_text_atomic(self.ckpt_dir / "best.json", json.dumps(self.best, indent=2))
         kept = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp"))
         for old in kept[:-self.cfg.keep_checkpoints]:
             if self.best is None or old.name != self.best.get("checkpoint"):  # the best one stays
@@ -905,18 +934,26 @@ class Trainer:
         score = self.measure.score(record)
         if score is None or not math.isfinite(score):  # a NaN FID (a diverged G_ema) is no best, and would
             return False                                 # make every later one compare as not better
-        if self.best is None or not math.isfinite(float(self.best.get("score", math.nan))) \
-                or any(self.best.get(k) != record.get(k) for k in ("metrics_features", "metrics_images")):
-            return True  # a first measurement, or one in another feature space or sample size: not comparable
+        if self.best is None or not math.isfinite(float(self.best.get("score", math.nan))):
+            return True  # a first measurement
+        # a score of another kind (an FID, 1 - coverage), feature space or sample size is not comparable with
+        # the best's: the best starts anew with this measurement (the earlier one goes back into rotation)
+        mine, theirs = ([r.get("metrics_features"), r.get("metrics_images"), "fid" in r] for r in (record, self.best))
+        if mine != theirs:
+            what = lambda r: (f"{'FID' if r[2] else '1 - coverage'} in {r[0]} features of {r[1]} images")  # noqa: E731
+            log.warning("%s: the best checkpoint, %s, was chosen by %s; this run measures %s, not comparable: the best "
+                        "starts anew with this measurement (%s goes back into rotation)", self.ckpt_dir / "best.json",
+                        self.best.get("checkpoint"), what(theirs), what(mine), self.best.get("checkpoint"))
+            return True
         return score < self.best["score"]
 
-    def _mark_best(self, checkpoint: Path, record: dict) -> None:
-        """checkpoints/best.json: the best measured checkpoint (kept out of rotation)."""
-        self.best = {"checkpoint": checkpoint.name, "score": self.measure.score(record), "tick": record["tick"],
-                     "images": record["images"], **{k: record[k] for k in ("fid", "precision", "recall", "density",
-                                                                           "coverage", "metrics_features",
-                                                                           "metrics_images") if k in record}}
-        write_text_atomic(self.ckpt_dir / "best.json", json.dumps(self.best, indent=2))
+    def _best_record(self, checkpoint: str, record: dict) -> dict:
+        """checkpoints/best.json's record: the best measured checkpoint (kept out of rotation). Plain
+        Python values (a measure may give NumPy scalars): state.pt is loaded with weights_only=True."""
+        kinds = {"fid": float, "precision": float, "recall": float, "density": float, "coverage": float,
+                 "metrics_features": str, "metrics_images": int}
+        return {"checkpoint": checkpoint, "score": float(self.measure.score(record)), "tick": int(record["tick"]),
+                "images": int(record["images"]), **{k: kind(record[k]) for k, kind in kinds.items() if k in record}}
 
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
@@ -1021,9 +1058,7 @@ class Trainer:
                     (better,) = self._agree(self._better(record))  # rank 0 measures
                     if better or done or stopping or self.tick % self.cfg.checkpoint_ticks == 0:
                         with self._together():  # process 0's files: a full disk, a read-only folder
-                            saved = self.save_checkpoint()
-                            if better and saved is not None:
-                                self._mark_best(saved, record)
+                            self.save_checkpoint(best=record if better else None)
                     tick_start, tick_images = time.perf_counter(), 0
                     next_tick = (self.images_seen // self.cfg.tick_images + 1) * self.cfg.tick_images
                 if stopping:

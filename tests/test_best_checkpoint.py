@@ -1,0 +1,100 @@
+"""The best measured checkpoint (train --metrics): marked as part of the checkpoint's atomic write,
+kept in line with the checkpoints on resume, and chosen among comparable measurements only."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import xrayforge.train.trainer as trainer_module
+from xrayforge.cli import main as cli
+from xrayforge.fid.training import TrainingMetrics
+from xrayforge.train.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def world(metrics_world):
+    return metrics_world
+
+
+def _config(world, out, **kw):
+    # ticks of 16 images: 4 px at 16 and 32, the fade to 8 px at 48 and 64, 8 px faded in from 80
+    return TrainConfig(str(world / "arc"), str(out), **{
+        **dict(resolution=8, fade_images=32, stable_images=32, tick_images=16, latent_dim=16, fmap_base=64,
+               fmap_max=16, batch={4: 16, 8: 16}, realism_images=0, checkpoint_ticks=1, keep_checkpoints=1,
+               metrics=["prdc"], metrics_every=1, metrics_images=12, metrics_features=f"classifier:{world / 'clf'}",
+               max_images=80), **kw})
+
+
+def _measure(cfg):
+    return TrainingMetrics(cfg.archive, cfg.out, cfg.metrics, cfg.metrics_features, cfg.metrics_images)
+
+
+def test_a_kill_between_the_checkpoint_and_best_json_loses_no_best(world, tmp_path, monkeypatch):
+    """best.json was written after the checkpoint's rename: a kill between the two left the best
+    checkpoint unmarked, and a resume (keeping one checkpoint) rotated it away as any other."""
+    cfg = _config(world, tmp_path / "run")
+    real_write = trainer_module.write_text_atomic
+
+    def killed_at_best(path, text, *a, **k):
+        if str(path).endswith("best.json"):
+            raise KeyboardInterrupt("killed")
+        return real_write(path, text, *a, **k)
+    monkeypatch.setattr(trainer_module, "write_text_atomic", killed_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, progress=False, measure=_measure(cfg)).train()
+    monkeypatch.setattr(trainer_module, "write_text_atomic", real_write)
+    ck = tmp_path / "run" / "checkpoints"
+    assert not (ck / "best.json").exists() and (ck / "ckpt-000000000080").is_dir()
+    t = Trainer(cfg, resume=True, progress=False, measure=_measure(cfg))
+    assert t.best is not None and t.best["checkpoint"] == "ckpt-000000000080" and t.best["tick"] == 5
+    assert json.loads((ck / "best.json").read_text()) == t.best  # written again on resume
+
+
+def test_a_best_json_naming_a_damaged_checkpoint_is_removed_on_resume(world, tmp_path, caplog):
+    """The best (newest) checkpoint damaged: a resume from the older one renamed it damaged-* and dropped
+    the best in memory, but left best.json naming it: `evaluate report` showed a checkpoint that is gone."""
+    cfg = _config(world, tmp_path / "run", keep_checkpoints=2)
+    Trainer(cfg, progress=False, measure=_measure(cfg)).train()
+    ck = tmp_path / "run" / "checkpoints"
+    assert json.loads((ck / "best.json").read_text())["checkpoint"] == "ckpt-000000000080"
+    (ck / "ckpt-000000000080" / "networks.pt").write_bytes(b"torn")
+    with caplog.at_level("WARNING"):
+        t = Trainer(cfg, resume=True, progress=False, measure=_measure(cfg))
+    assert t.images_seen == 64 and t.best is None
+    assert not (ck / "best.json").exists()
+    assert cli(["evaluate", "report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 0
+    assert "Best checkpoint" not in (tmp_path / "r.md").read_text()
+
+
+def test_scores_of_another_kind_are_not_compared(caplog, tmp_path):
+    """Resumed with --metrics fid after --metrics prdc (or the reverse) in the same feature space, an FID
+    was compared with 1 - coverage: an FID of 1 never beat a coverage of 0.5, and the best stuck."""
+    t = SimpleNamespace(measure=SimpleNamespace(score=TrainingMetrics.score), rank=0, ckpt_dir=tmp_path,
+                        schedule=SimpleNamespace(final_level=1), best=None)
+    rec = {"level": 1, "alpha": 1.0, "metrics_features": "inception", "metrics_images": 20}
+    t.best = {"checkpoint": "ckpt-1", "score": 0.5, "coverage": 0.5, "metrics_features": "inception",
+              "metrics_images": 20}
+    with caplog.at_level("WARNING"):
+        assert Trainer._better(t, {**rec, "fid": 1.0, "coverage": 0.9})
+    assert "1 - coverage in inception" in caplog.text and "starts anew" in caplog.text
+    t.best = {"checkpoint": "ckpt-1", "score": 45.0, "fid": 45.0, "coverage": 0.1, "metrics_features": "inception",
+              "metrics_images": 20}
+    assert Trainer._better(t, {**rec, "coverage": 0.0})  # not compared: a new best, not a "better" 1 - 0 < 45
+    assert not Trainer._better(t, {**rec, "fid": 46.0, "coverage": 0.9})  # comparable: worse
+    assert Trainer._better(t, {**rec, "fid": 44.0, "coverage": 0.0})
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        assert not Trainer._better(t, {**rec, "fid": bad})
+
+
+def test_a_damaged_best_json_does_not_block_the_resume(world, tmp_path, caplog):
+    """A damaged best.json (a hand edit, a disk error) refused --resume with 'not valid JSON'; the
+    checkpoint carries its own record, and best.json is written again from it."""
+    cfg = _config(world, tmp_path / "run")
+    Trainer(cfg, progress=False, measure=_measure(cfg)).train()
+    path = tmp_path / "run" / "checkpoints" / "best.json"
+    best = json.loads(path.read_text())
+    path.write_text('{"checkpoint": "ckpt-0000')
+    with caplog.at_level("WARNING"):
+        t = Trainer(cfg, resume=True, progress=False, measure=_measure(cfg))
+    assert t.best == best and json.loads(path.read_text()) == best
+    assert "not valid JSON" in caplog.text
