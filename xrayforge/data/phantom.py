@@ -5,10 +5,11 @@ vessel markings, heart and mediastinum, ribs, clavicles, diaphragm domes, and ac
 variation (exposure, gamma, quantum noise). Findings from the ChestX-ray14 list that have
 a visible analogue:
 
-- Cardiomegaly: cardiothoracic ratio above 0.55 (normal hearts 0.38–0.48);
+- Cardiomegaly: cardiothoracic ratio 0.53–0.64 (normal hearts 0.37–0.47; the tilted ellipses
+  span a little less than the ratio drawn, 0.56–0.66 and 0.38–0.48);
 - Effusion: fluid filling the base of a lung with a meniscus, blunting the costophrenic angle;
-- Nodule (round opacity, 4–7 % of the chest width) and Mass (11–16 %);
-- Pneumothorax: a lateral/apical band of one lung without markings, edged by a pleural line;
+- Nodule (round opacity, 4–7 % of the image width) and Mass (11–16 %);
+- Pneumothorax: a band along the edge of one lung without markings, edged by a pleural line;
 - Consolidation (dense confluent opacity) and Infiltration (faint patchy opacity).
 
 Brightness follows radiograph convention: air black, lungs dark, soft tissue grey, bone bright.
@@ -76,19 +77,14 @@ def render(resolution: int, seed: int, findings: dict | None = None) -> tuple[np
     lung_cy = rng.uniform(-0.08, 0.0)
     lung_cx = rng.uniform(0.33, 0.38)
     ctr = rng.uniform(0.56, 0.66) if have["Cardiomegaly"] else rng.uniform(0.38, 0.48)
-    # the heart spans ctr of the thoracic width (the lungs' outer edges): both ellipses are tilted, so
-    # their half-widths are sqrt(rx² cos² + ry² sin²), not rx (rx = ctr * (lung_cx + lung_rx) drew
-    # ratios down to 0.535 for Cardiomegaly)
-    heart_ry, heart_tilt, lung_tilt = lung_ry * 0.4, 0.35, 0.08
-    thorax = lung_cx + np.hypot(lung_rx * np.cos(lung_tilt), lung_ry * np.sin(lung_tilt))
-    heart_rx = np.sqrt((ctr * thorax) ** 2 - (heart_ry * np.sin(heart_tilt)) ** 2) / np.cos(heart_tilt)
+    heart_rx = ctr * (lung_cx + lung_rx)  # the heart spans ctr of the thoracic width
     heart_cx, heart_cy = rng.uniform(0.06, 0.12), lung_cy + lung_ry * rng.uniform(0.28, 0.36)
 
     body = _soft(_ellipse(u, v, 0.0, 0.1, body_w, 1.15), edge * 8)
     img = 0.04 + 0.5 * body
     lungs = []
     for side in (-1, 1):
-        lung = _soft(_ellipse(u, v, side * lung_cx, lung_cy, lung_rx, lung_ry, side * lung_tilt), edge * 3)
+        lung = _soft(_ellipse(u, v, side * lung_cx, lung_cy, lung_rx, lung_ry, side * 0.08), edge * 3)
         dome = lung_cy + lung_ry * 0.75 - 0.12 * (1 - ((u - side * lung_cx) / lung_rx) ** 2)
         lung = lung * np.clip((dome - v) / (edge * 3), 0, 1)  # the diaphragm dome cuts the base
         lungs.append(lung)
@@ -96,7 +92,7 @@ def render(resolution: int, seed: int, findings: dict | None = None) -> tuple[np
     markings = 0.06 * np.abs(_smooth_noise(rng, n, 24)) + 0.03 * _smooth_noise(rng, n, 60)
     img = img - lung_mask * (0.33 - markings)
 
-    heart = _soft(_ellipse(u, v, heart_cx, heart_cy, heart_rx, heart_ry, -heart_tilt), edge * 4)
+    heart = _soft(_ellipse(u, v, heart_cx, heart_cy, heart_rx, lung_ry * 0.4, -0.35), edge * 4)
     mediastinum = _soft(np.maximum(np.abs(u - 0.01) / 0.1, np.abs(v - lung_cy + 0.2) / 0.6), edge * 3)
     img = np.maximum(img, (0.5 + 0.05 * heart) * np.maximum(heart, mediastinum) + img * (1 - np.maximum(heart, mediastinum)))
 
@@ -121,7 +117,7 @@ def render(resolution: int, seed: int, findings: dict | None = None) -> tuple[np
         img = img + 0.3 * fluid
     if have["Pneumothorax"]:
         lung = lungs[0 if side < 0 else 1]
-        rim = _ellipse(u, v, side * lung_cx, lung_cy, lung_rx, lung_ry, side * lung_tilt)
+        rim = _ellipse(u, v, side * lung_cx, lung_cy, lung_rx, lung_ry, side * 0.08)
         band = lung * (rim > rng.uniform(0.45, 0.65))
         img = img - band * (markings + 0.05)
         line = lung * (np.abs(rim - 0.55) < 0.02)
