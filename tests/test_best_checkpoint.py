@@ -86,15 +86,29 @@ def test_scores_of_another_kind_are_not_compared(caplog, tmp_path):
         assert not Trainer._better(t, {**rec, "fid": bad})
 
 
-def test_a_damaged_best_json_does_not_block_the_resume(world, tmp_path, caplog):
-    """A damaged best.json (a hand edit, a disk error) refused --resume with 'not valid JSON'; the
-    checkpoint carries its own record, and best.json is written again from it."""
+@pytest.mark.parametrize("text, said", [('{"checkpoint": "ckpt-0000', "not valid JSON"),
+                                        ('{"checkpoint": "ckpt-x", "images": null}', "not a best checkpoint's record")])
+def test_a_damaged_best_json_does_not_block_the_resume(text, said, world, tmp_path, caplog, monkeypatch):
+    """A damaged best.json (a hand edit, a disk error) refused --resume with 'not valid JSON' (and
+    one of valid JSON with a field of another type stopped it with a bare TypeError); the checkpoint
+    carries its own record, and best.json is written again from it. Where that cannot be written
+    (a full disk) the resume goes on, said."""
     cfg = _config(world, tmp_path / "run")
     Trainer(cfg, progress=False, measure=_measure(cfg)).train()
     path = tmp_path / "run" / "checkpoints" / "best.json"
     best = json.loads(path.read_text())
-    path.write_text('{"checkpoint": "ckpt-0000')
+    path.write_text(text)
     with caplog.at_level("WARNING"):
         t = Trainer(cfg, resume=True, progress=False, measure=_measure(cfg))
     assert t.best == best and json.loads(path.read_text()) == best
-    assert "not valid JSON" in caplog.text
+    assert said in caplog.text
+    t.close()
+    path.write_text(text)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(trainer_module, "write_text_atomic", full)
+    with caplog.at_level("WARNING"):
+        t = Trainer(cfg, resume=True, progress=False, measure=_measure(cfg))
+    assert t.best == best and "could not be brought in line" in caplog.text
+    t.close()

@@ -242,6 +242,12 @@ def _control_group():
     return _CONTROL_GROUP[1]
 
 
+def _a_best_record(record) -> bool:
+    """Whether ``record`` has the fields of a best checkpoint's record with usable types."""
+    return isinstance(record, dict) and isinstance(record.get("checkpoint"), str) \
+        and isinstance(record.get("images"), int) and isinstance(record.get("score"), (int, float))
+
+
 class Trainer:
     """``measure``: for ``config.metrics``, a callable ``measure(generate, latent_dim, alpha=α) -> dict`` with
     a ``score(record)`` method (lower is better), e.g. ``xrayforge.fid.training.TrainingMetrics``
@@ -485,6 +491,10 @@ class Trainer:
         except UserError as exc:  # a damaged file is no reason to refuse the resume: written again (or removed)
             log.warning("%s; %s", exc, "the checkpoint's own record is used" if state.get("best") else "dropped")
             on_disk = False
+        if on_disk and not _a_best_record(on_disk):  # valid JSON, but not the record (edited by hand)
+            log.warning("%s: not a best checkpoint's record; %s", path,
+                        "the checkpoint's own record is used" if state.get("best") else "dropped")
+            on_disk = False
         best = state["best"] if "best" in state else on_disk or None
         if best is not None and (not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
                                  or int(best.get("images", 0)) > self.images_seen):
@@ -493,10 +503,13 @@ class Trainer:
                         self.ckpt_dir, best.get("checkpoint"), "gone" if gone else "past the one resumed from")
             best = None
         if best != on_disk:
-            if best is None:
-                path.unlink(missing_ok=True)
-            else:
-                write_text_atomic(path, json.dumps(best, indent=2))
+            try:
+                if best is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    write_text_atomic(path, json.dumps(best, indent=2))
+            except OSError as exc:  # derived from state.pt, which is what a resume reads: written at the next best
+                log.warning("%s: could not be brought in line with the checkpoint resumed from (%s)", path, exc)
         return best
 
     def _build(self, resume: bool):
@@ -519,7 +532,8 @@ class Trainer:
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
-            self.best = self._resumed_best(state)
+            with self._together():  # process 0's error (a file it cannot write) raised on every process
+                self.best = self._resumed_best(state)
             per_rank = state.get("rank_rng")
             saved_world = len(per_rank) if isinstance(per_rank, list) else None
             if isinstance(per_rank, list) and len(per_rank) == self.world:
@@ -634,8 +648,8 @@ class Trainer:
         cut_short = cut_short_dirs(self.ckpt_dir)
         raise FileNotFoundError(f"{self.ckpt_dir}: no checkpoint to resume from" + (
             f" (the first, {cut_short[-1][1].name}, was cut short while it was written): start the run again without "
-            "--resume" if cut_short else " (the run stopped before its first checkpoint was written): start it again "
-            "without --resume"))
+            "--resume" if cut_short else " (the run stopped before its first checkpoint was written, or its checkpoints "
+            "were removed): start it again without --resume"))
 
     def _check_resumable(self, path: Path, meta: dict) -> None:
         """The checkpoint's networks are the ones these options build, and it trained on this archive."""
