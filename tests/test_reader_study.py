@@ -159,15 +159,14 @@ def test_make_stopped_part_way_is_made_again(tmp_path, monkeypatch):
     rs.make(*args, tmp_path / "whole", size=32, seed=1)
     expected = (tmp_path / "whole.key.csv").read_text()
     pack = tmp_path / "pack"
-    import xrayforge.utils.images as images
-    real_save, saved = images.save_png, []
+    real_write, saved = rs.atomic_write, []
 
-    def dies_on_the_fourth(array, path):
+    def dies_on_the_fourth(path, write):
         saved.append(path)
         if len(saved) == 4:
             raise _Killed
-        return real_save(array, path)
-    monkeypatch.setattr(images, "save_png", dies_on_the_fourth)
+        return real_write(path, write)
+    monkeypatch.setattr(rs, "atomic_write", dies_on_the_fourth)
     with pytest.raises(_Killed):
         rs.make(*args, pack, size=32, seed=1)
     monkeypatch.undo()
@@ -449,24 +448,27 @@ def test_a_non_square_image_is_padded_not_stretched(tmp_path):
         assert box(x > 200) == (15, 25, 15, 25)      # the square: 10 × 10, in the middle
 
 
-def test_the_images_modification_times_do_not_time_each_images_work(tmp_path, monkeypatch):
-    """Each image's own modification time was when its resize and encoding ended: the gaps timed each
-    image's work, which follows its source's size (seen: real 2048-px sources 168-436 ms apart, synthetic
-    1024-px ones 72-84 ms, every image told apart). All images now carry one time."""
+def test_the_images_file_times_do_not_time_each_images_work(tmp_path, monkeypatch):
+    """Each image's own times (made, modified) were when its resize and encoding ended: the gaps timed
+    each image's work, which follows its source's size (seen: real 2048-px sources 168-436 ms apart,
+    synthetic 1024-px ones 72-84 ms, every image told apart). Every image is now made before any file
+    is written (a file's creation time cannot be set), and all carry one modification time."""
     import time
 
     import xrayforge.utils.images as images
     from xrayforge.evaluate.reader_study import make
     real, synth = _sources(tmp_path)
-    save = images.save_png
+    encode, written_when_encoding = images.png_bytes, []
 
-    def slow_save(array, path):  # a step of work between images that the file system's clock sees
+    def slow_encode(array):  # a step of work between images that the file system's clock sees
+        folder = tmp_path / "pack" / "images"
+        written_when_encoding.append(len(list(folder.iterdir())) if folder.is_dir() else 0)
         time.sleep(0.03)
-        save(array, path)
-    monkeypatch.setattr(images, "save_png", slow_save)
+        return encode(array)
+    monkeypatch.setattr(images, "png_bytes", slow_encode)
     make(real, synth, 4, tmp_path / "pack", size=32)
     files = list((tmp_path / "pack" / "images").iterdir())
-    assert len(files) == 4
+    assert len(files) == 4 and written_when_encoding == [0, 0, 0, 0]
     assert len({f.stat().st_mtime_ns for f in files}) == 1
 
 
@@ -541,6 +543,7 @@ def test_images_enlarged_on_one_side_only_are_said(tmp_path, caplog):
     assert warning in caplog.text
     assert make(str(tmp_path / "real"), str(tmp_path / "synth32"), 4, tmp_path / "b", size=64)["warnings"] == []
     assert make(str(tmp_path / "real"), str(tmp_path / "synth"), 4, tmp_path / "c", size=16)["warnings"] == []
+    assert make(str(tmp_path / "real"), str(tmp_path / "synth"), 4, tmp_path / "d", size=17)["warnings"] == []
 
 
 def test_a_reader_name_with_a_bar_stays_in_its_cell(study, tmp_path):

@@ -45,6 +45,16 @@ def grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.nda
     return out
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    """``save_png``'s file, in memory."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
     """8- or 16-bit grayscale, or 8-bit RGB, PNG (written atomically)."""
     from PIL import Image
