@@ -75,6 +75,8 @@ DAMAGE = {  # what was done -> (file named, what the error says)
     "manifest cut": (_edit_manifest(lambda rows: rows[:2]), "manifest.csv", "lists 2 images, but archive.json says 6"),
     "row twice": (_edit_manifest(_twice), "manifest.csv", "row 2 is listed more than once"),
     "label 7": (_edit_manifest(_label), "manifest.csv", "row 1: Mass is 7, not 0 or 1"),
+    # past int8: a bare OverflowError
+    "label 300": (_edit_manifest(lambda rows: [{**r, "Mass": "300"} for r in rows]), "manifest.csv", "not 0 or 1"),
 }
 
 

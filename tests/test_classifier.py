@@ -101,6 +101,15 @@ def test_chexnet_style_densenet_weights_load():
     torch.testing.assert_close(model.net.features.denseblock4.denselayer16.conv2.weight,
                                dense.features.denseblock4.denselayer16.conv2.weight)
     torch.testing.assert_close(model.net.features.conv0.weight, dense.features.conv0.weight.sum(1, keepdim=True))
+    # and as the --features densenet121:FILE space (which refused it: no features.conv0.weight)
+    import tempfile
+
+    from xrayforge.fid.features import feature_space
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"epoch": 3, "state_dict": state}, f"{tmp}/chexnet.pth.tar")
+        space = feature_space(f"densenet121:{tmp}/chexnet.pth.tar")
+    torch.testing.assert_close(space.net.features.denseblock4.denselayer16.conv2.weight,
+                               dense.features.denseblock4.denselayer16.conv2.weight)
 
 
 def test_init_weights_that_do_not_fit_name_the_file(tmp_path):

@@ -785,6 +785,12 @@ def test_a_file_reached_by_two_links_in_a_folder_counts_once(small_space, tmp_pa
     # the first found (in sorted order) is read
     assert [s["file"] for s in through_links["skipped"]] == [str(linked / "img000.png")]
     assert str(linked / "again.png") in through_links["skipped"][0]["reason"]
+    # a link to an unreadable file: the file's own reason is kept beside the link's
+    (a / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)
+    (a / "a-link.png").symlink_to(a / "broken.png")
+    r = compute_fid(str(a), str(b), **kw)
+    assert sorted((s["file"], "a link" in s["reason"]) for s in r["skipped"]) == \
+        [(str(a / "a-link.png"), False), (str(a / "broken.png"), True)]
 
 
 def test_cli_fid_of_two_stats_files_refuses_options_that_ask_for_another_space_or_mode(small_space, tmp_path,
@@ -845,3 +851,7 @@ def test_a_single_file_that_is_no_statistics_is_said_before_the_weights(tmp_path
             assert cli(["fid", *(str(tmp_path / x) for x in args), "-q", "--workers", "0"]) == 1
             err = capsys.readouterr().err
             assert f"{name}: a single file, not a folder of images" in err and "pt_inception" not in err, err
+        # with one input, its statistics to save: said before the weights too
+        assert cli(["fid", str(tmp_path / name), "--save-stats", str(tmp_path / "s.npz"), "-q", "--workers", "0"]) == 1
+        err = capsys.readouterr().err
+        assert f"{name}: a single file, not a folder of images" in err and "pt_inception" not in err, err

@@ -29,11 +29,12 @@ def _cmd_fid(args: argparse.Namespace) -> int:
             raise UserError(f"{args.save_stats}: --save-stats writes a .npz statistics file (e.g. stats.npz)")
         if Path(args.save_stats).exists():
             FrechetStats.load(args.save_stats)  # an existing file must be statistics, or it is not replaced
-    from ..fid.compute import describe
+    from ..fid.compute import describe, refuse_single_file
     kinds = set()
     for x in (args.a, args.b):  # a missing input is said before the weights are looked for
         if x is not None:
             kinds.add(kind := describe(x))
+            refuse_single_file(x, kind)
             if kind == "stats" and not Path(x).is_file():
                 raise FileNotFoundError(f"{x}: no such statistics file")
             if kind == "checkpoint" and not args.n:  # before the weights, and before the other input is read

@@ -94,8 +94,9 @@ class Archive:
             self.rows = np.array([int(r["row"]) for r in self.records], dtype=np.int64)
             self.labels = np.array([[int(r[f]) for f in self.findings] for r in self.records], dtype=np.int8
                                    ).reshape(len(self.records), len(self.findings))
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{self.path / 'manifest.csv'}: a row or label that is not an integer ({exc})") from None
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: a label past int8 (300)
+            raise UserError(f"{self.path / 'manifest.csv'}: a row or label that is not an integer, or not 0 or 1 "
+                            f"({exc})") from None
         manifest = self.path / "manifest.csv"
         if len(self.rows) and self.rows.min() < 0:  # numpy would read it from the end of the arrays
             raise UserError(f"{manifest}: row {self.rows.min()} is negative")

@@ -133,7 +133,8 @@ def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> t
     a summary of the match, and a skipped.csv row for each file that links to another one."""
     entries, splits = _load_chestxray14(labels_csv)
     own = {labels_csv.name, *(name for _, name in SPLIT_FILES)}
-    files, linked = one_per_file([f for f in files if f.name not in own], entries.keys() | splits.keys())
+    files, linked = one_per_file([f for f in files if f.name not in own], entries.keys() | splits.keys(),
+                                  "skipped.csv")
     seen = {}
     for f in files:
         if f.name in entries or f.name in splits:
@@ -210,7 +211,7 @@ def plan_candidates(src: str, labels: str | None = None,
         return candidates, label_match, not_images + linked
     if labelled_only:
         raise UserError(f"{src}: only labelled images were asked for, but there is no label file (give --labels)")
-    files, linked = one_per_file(files)
+    files, linked = one_per_file(files, listed_in="skipped.csv")
     return ([{"source": str(f), "patient_id": "", "finding_labels": None, "split": ""} for f in files], None,
             not_images + linked)
 
@@ -635,13 +636,16 @@ def _finish(partial: Path, out: Path, resolutions: list[int]) -> None:
     ours = {f"images_{r}.npy" for r in resolutions} | {"manifest.csv", "skipped.csv"}
     if any(not p.name.startswith(".") and p.name not in ours for p in out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; the finished archive is in {partial}")
+    moved = []
     for p in sorted(partial.iterdir(), key=lambda p: p.name == "archive.json"):
         try:
             _move(p, out / p.name)
         except OSError as exc:  # said of OUT and where the archive is, not of a hidden temporary
-            raise UserError(f"{out}: cannot move the finished archive into it ({exc.strerror or exc}); it is whole "
-                            f"in {partial}: make room or fix the permissions, and run prepare again to move it") \
-                from None
+            where = (f"it is whole in {partial}" if not moved else
+                     f"{', '.join(moved)} moved already, the rest is in {partial}")
+            raise UserError(f"{out}: cannot move the finished archive into it ({exc.strerror or exc}); {where}: make "
+                            f"room or fix the permissions, and run prepare again to move it") from None
+        moved.append(p.name)
     partial.rmdir()
 
 
@@ -655,10 +659,17 @@ def _move(src: Path, dst: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         tmp = dst.with_name(f".{dst.name}.moving")
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as fh:  # on disk before the original goes (a power loss, not only a kill)
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as fh:  # on disk before the original goes (a power loss, not only a kill)
+                os.fsync(fh.fileno())
+            os.replace(tmp, dst)
+        except OSError:  # a full disk: the part copied goes, not left taking the room
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
         src.unlink()
 
 

@@ -502,12 +502,13 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return list(iter_images(root))
 
 
-def one_per_file(files: list[Path], listed=frozenset()) -> tuple[list[Path], list[dict]]:
+def one_per_file(files: list[Path], listed=frozenset(), listed_in: str = "") -> tuple[list[Path], list[dict]]:
     """``files`` with each file reached more than once (by a link to it, or a link beside another
     to the same file) kept once: under a name in ``listed`` (the label file's) where it has one,
     else where first found; and a row (``source``, ``reason``) for each of the others. One image
     twice would be two rows of an archive (under another name than the label file's it is in no
-    split, and a GAN would train on a test image), or weigh double in FID."""
+    split, and a GAN would train on a test image), or weigh double in FID. ``listed_in``: where
+    the caller lists the others, said in the log."""
     real_dirs: dict[Path, str] = {}
 
     def real(f: Path) -> str:
@@ -525,7 +526,8 @@ def one_per_file(files: list[Path], listed=frozenset()) -> tuple[list[Path], lis
     others = [{"source": str(f), "reason": f"the same file as {chosen[key]} (a link), which is read instead"}
               for f, key in zip(files, keys) if chosen[key] is not f]
     if others:
-        log.info(f"{len(others)} image files are links to files found already, and are left out: "
+        log.info(f"{len(others)} image files are links to files found already, and are left out"
+                 f"{f' ({listed_in})' if listed_in else ''}: "
                  + ", ".join(o["source"] for o in others[:3]) + (", ..." if len(others) > 3 else ""))
     return kept, others
 

@@ -138,6 +138,14 @@ def _has_candidates(root: str | os.PathLike) -> bool:
     return next(iter_images(root), None) is not None
 
 
+def refuse_single_file(spec: str, kind: str) -> None:
+    """A single file other than statistics (``describe`` calls it a folder) is no input: one image
+    has no covariance."""
+    if kind == "folder" and Path(spec).is_file():
+        raise ValueError(f"{spec}: a single file, not a folder of images, an archive, a checkpoint or a .npz "
+                         f"statistics file (an FID needs at least 2 images)")
+
+
 def check_input(spec: str, n: int | None = None) -> tuple[str, str]:
     """(kind, what to read) of an input, after the checks that cost little, so that a bad B is said
     before A's images go through the network (minutes to hours), not after: a folder with no image
@@ -149,9 +157,7 @@ def check_input(spec: str, n: int | None = None) -> tuple[str, str]:
     than statistics is refused (one image has no covariance). Statistics files are only named
     here: their caller loads (and so checks) them."""
     kind = describe(spec)
-    if kind == "folder" and Path(spec).is_file():
-        raise ValueError(f"{spec}: a single file, not a folder of images, an archive, a checkpoint or a .npz "
-                         f"statistics file (an FID needs at least 2 images)")
+    refuse_single_file(spec, kind)
     if kind == "folder" and not _has_candidates(spec):
         raise FileNotFoundError(f"{spec}: no image files")
     if kind == "archive":
@@ -541,7 +547,9 @@ def _skipped_once(*sides) -> list[dict]:
     out, seen = [], {}
     for side, skipped in sides:
         for f, reason in skipped:
-            key = os.path.realpath(f)
+            # the file's own path with its folder resolved (a link is not its target: a link to an unreadable
+            # file is listed as a link, and the file with its own reason)
+            key = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(f))), os.path.basename(f))
             if key in seen:
                 if side not in seen[key]["inputs"]:
                     seen[key]["inputs"].append(side)

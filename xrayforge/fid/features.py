@@ -7,8 +7,9 @@
 - ``classifier:MODEL``: the penultimate (globally pooled) features of a chest classifier
   trained with ``xrayforge classify train`` — a radiograph-aware space that needs no download
   (the demo uses the phantom classifier's).
-- ``densenet121:FILE``: a DenseNet-121 state dict with torchvision key names (``features.*``;
-  the classifier head is ignored), 1024-d features ``relu(norm5)`` pooled over the image at
+- ``densenet121:FILE``: a DenseNet-121 state dict with torchvision key names (``features.*``,
+  also in their older form and CheXNet's: ``nn.classifier.torchvision_keys``; the classifier
+  head is ignored), 1024-d features ``relu(norm5)`` pooled over the image at
   224 px. A 1-channel network gets torchxrayvision's normalisation (grey levels scaled to
   [-1024, 1024]); a 3-channel one ImageNet's mean and standard deviation. With
   torchxrayvision's chest-X-ray weights (``densenet121-res224-all``; save its
@@ -152,10 +153,12 @@ class DenseNet121Space:
     IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
     def __init__(self, path: str, device: torch.device | str = "cpu"):
-        from ..nn.classifier import DenseNet121
+        from ..nn.classifier import DenseNet121, torchvision_keys
         from ..utils.files import load_torch
         self.device = torch.device(device)
         state = load_torch(path, "a DenseNet-121 state dict")
+        # torchvision's published files (denselayer1.norm.1.weight) and CheXNet's (module.densenet121. ...) too
+        state = torchvision_keys(state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or "features.conv0.weight" not in state:
             raise UserError(f"{path}: not a DenseNet-121 state dict with torchvision key names (no "
                             f"features.conv0.weight); save the model's state_dict() to a file")

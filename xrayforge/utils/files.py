@@ -440,7 +440,8 @@ def _claim(out: Path, command: str, signatures) -> Path:
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"{out}: cannot create the folder (a part of the path is a file)") from None
         except OSError as exc:  # a read-only file system, no permission
-            raise UserError(f"{out}: cannot create the output folder ({exc.strerror or exc}: {exc.filename})") from None
+            raise UserError(f"{out}: cannot create the output folder ({exc.strerror or exc}"
+                            f"{f': {exc.filename}' if exc.filename else ''})") from None
     try:
         write_text_atomic(marker, json.dumps({"command": command}) + "\n")
     except OSError as exc:  # said of the folder, not of the hidden marker inside it
