@@ -171,7 +171,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_classifier_training(q)
     q.add_argument("--val-fraction", type=_args.fraction, default=0.1,
                    help="fraction of patients held out for validation (default 0.1)")
-    q.add_argument("--init-weights", default=None, help="torchvision-layout weights to start from")
+    q.add_argument("--init-weights", default=None,
+                   help="weights to start from: torchvision's (ImageNet ResNet / DenseNet-121, current or older "
+                        "keys) or a CheXNet-style DenseNet-121 checkpoint; every weight of the body must fit "
+                        "(a 3-channel first convolution is summed to grey; a head of another size starts anew)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_classify_train)
     p.set_defaults(func=_print_help(p))
