@@ -215,3 +215,14 @@ def test_the_classifier_and_densenet_spaces_run_in_ieee_float32(space, tmp_path,
     finally:
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
     assert seen == [("ieee", "ieee")] and after == ("tf32", "tf32")
+
+
+def test_fast_mode_asked_of_another_space_is_refused(tmp_path):
+    """--mode fast with --features classifier:MODEL was ignored without a word: the space has one mode."""
+    from xrayforge.errors import UserError
+    from xrayforge.fid.features import feature_space
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    ChestClassifier(ClassifierConfig(input_size=32, width=8)).save(tmp_path / "clf")
+    with pytest.raises(UserError, match=r"--mode fast \(bf16\) is Inception's; --features classifier:.* has one mode"):
+        feature_space(f"classifier:{tmp_path / 'clf'}", mode="fast")
+    assert feature_space(f"classifier:{tmp_path / 'clf'}", mode="exact").dim > 0

@@ -23,3 +23,16 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_says_to_start_it_agai
     (run / "log.jsonl").write_text('{"tick": 1, "images": 32}\n')
     with pytest.raises(FileNotFoundError, match=r"checkpoints: no checkpoint to resume from .*without --resume"):
         Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+
+
+def test_activation_checkpointing_above_the_resolution_is_refused(archive, tmp_path, capsys):
+    """--checkpoint-min-res 16 with --resolution 8 was accepted and checkpointed nothing: the memory
+    it was asked to save was not saved, without a word."""
+    from xrayforge.cli import main as cli
+    with pytest.raises(ValueError, match="checkpoint_min_res 16 is above the resolution 8: no layer would be"):
+        TrainConfig(str(archive), str(tmp_path / "run"), resolution=8, checkpoint_min_res=16, **TINY)
+    TrainConfig(str(archive), str(tmp_path / "run"), resolution=8, checkpoint_min_res=8, **TINY)
+    assert cli(["train", str(archive), "--out", str(tmp_path / "run"), "--resolution", "8", "--checkpoint-min-res",
+                "16", "--device", "cpu", "-q"]) != 0
+    assert "no layer would be checkpointed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -202,6 +202,9 @@ def feature_space(spec: str | None = None, inception: str | None = None, random_
     kind, _, arg = spec.partition(":")
     if random_weights and spec != "inception":
         raise UserError(f"--random-weights gives a random Inception; it does not apply to --features {spec}")
+    if mode == "fast" and spec != "inception":  # else ignored without a word
+        raise UserError(f"--mode fast (bf16) is Inception's; --features {spec} has one mode, IEEE float32: leave "
+                        f"--mode out")
     if kind == "inception" and not arg:
         return InceptionSpace(inception, random_weights, mode, device)
     if kind == "classifier" and arg:

@@ -127,6 +127,10 @@ class TrainConfig:
             r = getattr(self, name)
             if r is not None and (r < 4 or r & (r - 1)):
                 raise ValueError(f"{name} must be a power of two >= 4, got {r}")
+        if self.checkpoint_min_res is not None and self.resolution is not None \
+                and self.checkpoint_min_res > self.resolution:  # else accepted, and nothing checkpointed
+            raise ValueError(f"checkpoint_min_res {self.checkpoint_min_res} is above the resolution "
+                             f"{self.resolution}: no layer would be checkpointed")
         self.realism_images = max(0, int(self.realism_images))
         unknown = set(self.metrics) - {"fid", "prdc"}
         if unknown:
