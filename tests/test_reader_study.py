@@ -159,14 +159,14 @@ def test_make_stopped_part_way_is_made_again(tmp_path, monkeypatch):
     rs.make(*args, tmp_path / "whole", size=32, seed=1)
     expected = (tmp_path / "whole.key.csv").read_text()
     pack = tmp_path / "pack"
-    real_write, saved = rs.atomic_write, []
+    real_write, saved = rs.write_bytes_atomic, []
 
-    def dies_on_the_fourth(path, write):
+    def dies_on_the_fourth(path, data):
         saved.append(path)
         if len(saved) == 4:
             raise _Killed
-        return real_write(path, write)
-    monkeypatch.setattr(rs, "atomic_write", dies_on_the_fourth)
+        return real_write(path, data)
+    monkeypatch.setattr(rs, "write_bytes_atomic", dies_on_the_fourth)
     with pytest.raises(_Killed):
         rs.make(*args, pack, size=32, seed=1)
     monkeypatch.undo()

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import (atomic_write, read_csv, remove_stale_temporaries, temporary_of, write_csv,
+from ..utils.files import (read_csv, remove_stale_temporaries, temporary_of, write_bytes_atomic, write_csv,
                            write_text_atomic)
 from ._format import cell, number
 from .metrics import label_permutation_p, log_binomial_pmf
@@ -375,7 +375,7 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     # which follows its source's size and shape (real ones, mostly, larger or not square) and, with the times
     # kept (a shared folder, `cp -p`, rsync -a), told real from synthetic
     for name, data in zip(names, encoded):
-        atomic_write(out / "images" / name, lambda p, data=data: Path(p).write_bytes(data))
+        write_bytes_atomic(out / "images" / name, data)
     stamp = time.time_ns()
     for name in names:
         os.utime(out / "images" / name, ns=(stamp, stamp))

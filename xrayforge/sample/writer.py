@@ -146,13 +146,18 @@ def _lco_seed(seed: int, shard: int, target: int, n_targets: int, apart: bool = 
     return (LCO_STREAMS if apart else 0) + seed * 1_000_003 + shard * n_targets + target + 1
 
 
+def _archive_size(cfg: SampleConfig) -> int:
+    """The images of the whole archive: --n, for each LCO target where there are targets."""
+    return cfg.n * max(1, len(cfg.targets))
+
+
 class ArchiveSampler:
     def __init__(self, cfg: SampleConfig, progress: bool = True):
         if cfg.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {cfg.format!r}")
         if cfg.n < 1:
             raise ValueError(f"--n must be at least 1, got {cfg.n}")
-        if cfg.n * max(1, len(cfg.targets)) > MAX_IMAGES:  # the shard list alone would fill the memory first
+        if _archive_size(cfg) > MAX_IMAGES:  # the shard list alone would fill the memory first
             raise ValueError(f"--n {cfg.n}{f' for each of {len(cfg.targets)} targets' if cfg.targets else ''}: "
                              f"at most {MAX_IMAGES:,} images in one archive")
         if cfg.starts < 1:
@@ -216,7 +221,7 @@ class ArchiveSampler:
         return self._G
 
     def _shards(self) -> list[range]:
-        total = self.cfg.n * max(1, len(self.cfg.targets))
+        total = _archive_size(self.cfg)
         S = self.cfg.shard_size
         return [range(s * S, min((s + 1) * S, total)) for s in range((total + S - 1) // S)]
 

@@ -492,17 +492,14 @@ class Trainer:
         path = self.ckpt_dir / "best.json"
         try:
             on_disk = read_json(path, "the best checkpoint's record") if path.is_file() else None
+            if on_disk is not None and not _a_best_record(on_disk):  # valid JSON, but not the record (a hand edit)
+                raise UserError(f"{path}: not a best checkpoint's record")
         except UserError as exc:  # a damaged file is no reason to refuse the resume: written again (or removed)
             log.warning("%s; %s", exc, "the checkpoint's own record is used" if state.get("best") else "dropped")
             on_disk = False
-        if on_disk and not _a_best_record(on_disk):  # valid JSON, but not the record (edited by hand)
-            log.warning("%s: not a best checkpoint's record; %s", path,
-                        "the checkpoint's own record is used" if state.get("best") else "dropped")
-            on_disk = False
         best = state["best"] if "best" in state else on_disk or None
-        if best is not None and (not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
-                                 or int(best.get("images", 0)) > self.images_seen):
-            gone = not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
+        gone = best is not None and not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
+        if best is not None and (gone or int(best.get("images", 0)) > self.images_seen):
             log.warning("%s: the best checkpoint, %s, is %s; the run has none until its next measurement",
                         self.ckpt_dir, best.get("checkpoint"), "gone" if gone else "past the one resumed from")
             best = None

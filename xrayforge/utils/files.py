@@ -172,6 +172,10 @@ def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = False) -
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), fsync)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data), fsync)
+
+
 def json_safe(obj):
     """NaN -> None, recursively, so that strict JSON readers (browsers, jq) accept the file."""
     if isinstance(obj, float) and obj != obj:

@@ -7,8 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .files import atomic_write
-
+from .files import write_bytes_atomic
 
 
 def faded_reals(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -19,6 +18,7 @@ def faded_reals(x: torch.Tensor, alpha: float) -> torch.Tensor:
     import torch.nn.functional as F
     low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
     return torch.lerp(low, x, float(alpha))
+
 
 def levels(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Network output in [-1, 1] -> the integer levels 0 .. 2^bits - 1 a file stores (clipped, rounded),
@@ -57,9 +57,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
     """8- or 16-bit grayscale, or 8-bit RGB, PNG (written atomically)."""
-    from PIL import Image
-    im = Image.fromarray(array)  # uint16 2-D arrays become 16-bit grayscale (I;16)
-    atomic_write(path, lambda p: im.save(p, format="PNG"))
+    write_bytes_atomic(path, png_bytes(array))  # uint16 2-D arrays become 16-bit grayscale (I;16)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> None:
