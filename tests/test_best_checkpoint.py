@@ -66,6 +66,21 @@ def test_a_best_json_naming_a_damaged_checkpoint_is_removed_on_resume(world, tmp
     assert "Best checkpoint" not in (tmp_path / "r.md").read_text()
 
 
+def test_report_says_where_best_json_names_a_checkpoint_that_is_gone(world, tmp_path):
+    """Before any resume has brought best.json in line, the report named a checkpoint that was gone."""
+    cfg = _config(world, tmp_path / "run", keep_checkpoints=2)
+    Trainer(cfg, progress=False, measure=_measure(cfg)).train()
+    ck = tmp_path / "run" / "checkpoints"
+    report = ["evaluate", "report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]
+    assert cli(report) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Best checkpoint: ckpt-000000000080" in text and "no longer in" not in text
+    (ck / "ckpt-000000000080").rename(ck / "damaged-ckpt-000000000080")
+    assert cli(report) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "Best checkpoint: ckpt-000000000080" in text and f"It is no longer in {ck}" in text
+
+
 def test_scores_of_another_kind_are_not_compared(caplog, tmp_path):
     """Resumed with --metrics fid after --metrics prdc (or the reverse) in the same feature space, an FID
     was compared with 1 - coverage: an FID of 1 never beat a coverage of 0.5, and the best stuck."""

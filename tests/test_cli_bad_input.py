@@ -172,7 +172,8 @@ NUMERIC = [
     (("fid",), "--batch", "0"), (("fid",), "--n", "0"), (("fid",), "--bootstrap", "-1"), (("fid",), "--kid", "-3"),
     (("fid",), "--keep-features", "0"), (("fid",), "--workers", "-1"),
     (("sample",), "--shard-size", "0"), (("sample",), "--batch", "0"), (("sample",), "--steps", "0"),
-    (("sample",), "--lr", "0"), (("sample",), "--truncation", "-1"), (("sample",), "--n", "-4"),
+    (("sample",), "--lr", "0"), (("sample",), "--lr", "1e39"), (("sample",), "--truncation", "-1"),
+    (("sample",), "--n", "-4"),
     (("classify", "train"), "--input-size", "0"), (("classify", "train"), "--width", "0"),
     (("classify", "train"), "--epochs", "0"), (("classify", "train"), "--batch", "-1"),
     (("classify", "train"), "--val-fraction", "1.5"), (("classify", "train"), "--lr", "0"),
@@ -303,6 +304,10 @@ CASES: list[Case] = [_numeric(c, o, v) for c, o, v in NUMERIC]
 CASES += [_device(c, v) for c in DEVICE_COMMANDS for v in ("foo", "cuda:7")]
 CASES += [
     # ---------------------------------------------------------------- output paths
+    # 10^13 latents: a first layer of ~10^16 bytes, past any address space, so it fails even where memory overcommits
+    Case("train-out-of-cpu-memory", "unclear message",
+         lambda w, t: ["train", w / "arc", "--out", t / "r", *TINY_TRAIN, "--latent-dim", "10000000000000"],
+         "out of memory ("),
     Case("sample-out-is-file", "out path", lambda w, t: ["sample", w / "run", "--out", w / "afile.txt", "--n", "2",
                                                          "--device", "cpu", "-q"], "afile.txt", keep=lambda w, t: [w / "afile.txt"]),
     Case("train-out-is-file", "out path", lambda w, t: ["train", w / "arc", "--out", w / "afile.txt", *TINY_TRAIN],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from .. import __version__
@@ -116,6 +117,11 @@ def describe(exc: BaseException) -> str:
                 f"it ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")
     elif type(exc).__name__ == "OutOfMemoryError":
         text = "out of GPU memory; lower --batch (or use --amp bf16 / --checkpoint-min-res where the command has them)"
+    elif isinstance(exc, MemoryError) or "can't allocate memory" in text:  # numpy's, or torch's CPU allocator
+        tried = re.search(r"allocate (\d+) bytes", text)
+        size = f" ({int(tried.group(1)) / 2 ** 30:,.1f} GiB asked at once)" if tried else ""
+        text = (f"out of memory{size}; lower --batch, or the sizes given to the networks (--latent-dim, "
+                f"--fmap-base, --fmap-max), where the command has them")
     else:
         text = (f"{type(exc).__name__}: {str(exc).strip()} (an unexpected error; run again with --debug for the "
                 f"traceback and please report it)")

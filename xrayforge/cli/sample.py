@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "with its probabilities in manifest.csv (also without --lco)")
     p.add_argument("--steps", type=_args.positive_int, default=100,
                    help="LCO steps per attempt before it counts as a rejection (default 100)")
-    p.add_argument("--lr", type=_args.positive_float, default=0.05, help="LCO Adam learning rate on z (default 0.05)")
+    p.add_argument("--lr", type=_args.learning_rate, default=0.05,
+                   help="LCO Adam learning rate on z (default 0.05; at most 1)")
     p.add_argument("--prior-weight", type=_args.nonneg_float, default=1.0,
                    help="weight of the latent prior in the LCO objective: higher keeps z typical (more realistic "
                         "images, fewer hits; default 1)")

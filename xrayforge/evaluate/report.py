@@ -79,10 +79,15 @@ def _training_section(run: Path) -> list[str]:
             best = run / "checkpoints" / "best.json"
             if best.is_file():
                 b = read_json(best, "the best checkpoint's record")
-                lines.append(f"Best checkpoint: {b.get('checkpoint')} (tick {b.get('tick')}, {b.get('images', 0):,} "
+                name = str(b.get("checkpoint"))
+                # a run killed and not resumed since may name one damaged, renamed or removed by hand
+                gone = "" if name.startswith("ckpt-") and (best.parent / name).is_dir() else (
+                    f" It is no longer in {best.parent} (damaged, renamed or removed); `train --resume` brings "
+                    f"best.json in line.")
+                lines.append(f"Best checkpoint: {name} (tick {b.get('tick')}, {b.get('images', 0):,} "
                              f"images; " + ", ".join(f"{k} {number(b[k])}" for k in ("fid", "precision", "recall",
                                                                                  "density", "coverage") if k in b)
-                             + ").")
+                             + ")." + gone)
             if "realism" in last:
                 lines.append(f"G_ema's samples at the last tick: realism ratio {number(last['realism'], 2)} (median distance "
                              f"to the nearest real image over the real images' own; 1 = as close to the data as the "
