@@ -251,8 +251,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="per GPU, at each resolution --batch leaves unset, the largest power of two (up to 512) whose "
                         "step fits GPU memory (CUDA only; elsewhere it does nothing, and says so)")
     p.add_argument("--accumulation", type=_args.positive_int, default=1,
-                   help="split each batch into N micro-batches: the same step in less memory (N must divide --batch; "
-                        "micro-batches that split D's minibatch-stddev groups are warned about; default 1)")
+                   help="split each batch into N micro-batches: the batch's step in less memory, up to its random "
+                        "draws (each micro-batch draws its own latents and penalty mixes, so not bit for bit; N must "
+                        "divide --batch; micro-batches that split D's minibatch-stddev groups are warned about; "
+                        "default 1)")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bfloat16 mixed precision")
     p.add_argument("--checkpoint-min-res", type=_args.power_of_two, default=None, help="activation checkpointing at and above this size")
     p.add_argument("--lr", type=_parse_lr, default=(1e-3, {}),
