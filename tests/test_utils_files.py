@@ -196,3 +196,19 @@ def test_a_replaced_file_keeps_its_permission_bits_but_not_setuid(tmp_path):
     os.chmod(path, 0o4755)
     write_text_atomic(path, "new")
     assert (path.stat().st_mode & 0o7777) == 0o755
+
+
+def test_a_row_cut_short_before_a_needed_column_is_refused_naming_its_line(tmp_path):
+    """A short row gave None for the columns it lacked, which callers read as empty: a ChestX-ray14
+    row cut after its image name was an image with no finding."""
+    from xrayforge.errors import UserError
+    good = tmp_path / "labels.csv"
+    # ChestX-ray14's own header ends with a comma its rows lack: short rows are fine where nothing needed is cut
+    good.write_text("Image Index,Finding Labels,Patient ID,\na.png,Effusion,1\nb.png,\"No Finding\",2\n")
+    rows, columns = read_csv(good, ("Image Index", "Finding Labels"))
+    assert [r["Finding Labels"] for r in rows] == ["Effusion", "No Finding"] and columns[-1] == ""
+    cut = tmp_path / "cut.csv"
+    cut.write_text("Image Index,Finding Labels,Patient ID\na.png,Effusion,1\n\"b\nc.png\",Mass,2\nd.png\n")
+    with pytest.raises(UserError, match=r"cut\.csv: line 5 is cut short: it has no Finding Labels"):
+        read_csv(cut, ("Image Index", "Finding Labels"))
+    assert len(read_csv(cut, ("Image Index",))[0]) == 3  # what this reader needs is there

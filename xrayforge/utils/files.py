@@ -339,13 +339,24 @@ def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file") -> 
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                                f"(it has {', '.join(columns) or 'no header'}); expected {what}")
+            rows = []
+            for row in reader:
+                row = {(k or "").strip(): v for k, v in row.items()}
+                # a row cut short (by an edit, or a write killed mid-line) lacks a column the reader needs:
+                # None, which would read as empty (an image's findings as "No Finding"); a short row is
+                # otherwise allowed (ChestX-ray14's header ends with a comma its rows do not have)
+                short = [c for c in required if row.get(c) is None]
+                if short:
+                    raise UserError(f"{path}: line {reader.line_num} is cut short: it has no {', '.join(short)} "
+                                    f"(only {sum(v is not None for v in row.values())} of the header's "
+                                    f"{len(columns)} fields); expected {what}")
+                rows.append(row)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: not a readable CSV file ({exc})") from None
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                        f"(it has {', '.join(columns) or 'no header'}); expected {what}")
     return rows, columns
 
 
