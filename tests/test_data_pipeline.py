@@ -75,6 +75,9 @@ def test_the_stream_is_one_permutation_per_epoch_shared_out_by_rank(archive):
                      for r in range(world)]
             np.testing.assert_array_equal(np.concatenate(parts), one.positions(start, 4 * world))
     np.testing.assert_array_equal(BatchStream(arc, seed=3, subset=train).positions(17, 9), one.positions(17, 9))
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):  # read another rank's share (or past the batch) silently
+        with pytest.raises(ValueError, match=f"rank {rank} is not one of the {world} processes"):
+            BatchStream(arc, seed=3, rank=rank, world=world, subset=train)
 
 
 def test_the_prefetch_thread_hands_over_whatever_stops_it(archive):

@@ -20,6 +20,8 @@ from .archive import Archive
 class BatchStream:
     def __init__(self, archive: Archive, seed: int = 0, rank: int = 0, world: int = 1,
                  subset: np.ndarray | None = None):
+        if not 0 <= rank < world:  # another rank's share, or none, would be read without a word
+            raise ValueError(f"rank {rank} is not one of the {world} processes (0 .. {world - 1})")
         self.archive, self.seed, self.rank, self.world = archive, seed, rank, world
         self.subset = np.arange(len(archive)) if subset is None else np.asarray(subset)
         if len(self.subset) == 0:
