@@ -136,12 +136,13 @@ def write_png(path, samples, bit_depth=16, filters=(0, 1, 2, 3, 4), interlace=Fa
                  chunk(b"IDAT", data[len(data) // 2:]) + chunk(b"IEND", b""))
 
 
-def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometric=None):
+def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometric=None, orientation=None):
     """A TIFF of 16-bit RGB or RGBA ``samples`` ((H, W, 3 or 4)), or grey ones ((H, W); 8-bit where
     ``samples`` are uint8), in one strip,
     in either byte order, uncompressed (Pillow's own decoder) or deflated (libtiff's), the alpha
     unassociated (``alpha`` 2) or premultiplied (1), ``photometric`` the Photometric Interpretation
-    (default 2, RGB, or 1, BlackIsZero, for grey; 0 is WhiteIsZero): what Pillow cannot write."""
+    (default 2, RGB, or 1, BlackIsZero, for grey; 0 is WhiteIsZero), ``orientation`` the Orientation
+    tag (274; none by default): what Pillow cannot write."""
     samples = np.asarray(samples)
     if samples.ndim == 2:
         samples = samples[..., None]
@@ -154,6 +155,8 @@ def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometri
     # (tag, type: 3 SHORT / 4 LONG, count, value); None: an offset filled in below
     entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, n, bits if n == 1 else None), (259, 3, 1, 8 if deflate else 1),
                (262, 3, 1, photometric), (273, 4, 1, None), (277, 3, 1, n), (278, 3, 1, h), (279, 4, 1, len(data))]
+    if orientation is not None:
+        entries.insert(5, (274, 3, 1, orientation))  # the tags in ascending order
     if n == 4:
         entries.append((338, 3, 1, alpha))  # Extra Samples
     bits_at = 8 + 2 + 12 * len(entries) + 4

@@ -790,6 +790,25 @@ def test_an_unlisted_chestxray14_image_takes_its_patient_from_its_name_and_is_he
     assert rows["00000002_001.png"]["patient_id"] == ""
 
 
+def test_spaces_around_a_label_files_names_and_patients_are_not_part_of_them(tmp_path):
+    """A label file edited by hand or re-exported with a space after its commas: a name with a space
+    matched no image (its findings lost: all-zero labels) and a patient with one was not the patient
+    its images' names say (a test patient's unlisted follow-up trained on)."""
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    text = (src / "Data_Entry_2017.csv").read_text()
+    text = text.replace(f"{names[2]},Hernia,0,2,", f" {names[2]} , Hernia,0, 2 ,")
+    (src / "Data_Entry_2017.csv").write_text(text)
+    Image.fromarray(np.full((20, 30), 90, dtype=np.uint8)).save(src / "images" / "00000002_001.png")
+    res = prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert (res.label_match["matched"], res.label_match["unlisted"], res.label_match["rows_without_image"]) == (3, 1, 0)
+    by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
+    assert by_name[names[2]]["Hernia"] == "1" and by_name[names[2]]["split"] == "test"
+    assert by_name[names[2]]["patient_id"] == by_name["00000002_001.png"]["patient_id"] == "2"
+    arc = Archive(tmp_path / "out")
+    assert {n for n in by_name if arc.held_out()[int(by_name[n]["row"])]} == {names[2], "00000002_001.png"}
+
+
 def test_dicom_without_preamble_and_sixteen_bit_colour_png_are_prepared(tmp_path):
     """A folder as a PACS export leaves it: DICOM data sets written without the PS3.10 header (no
     suffix, or .dcm) are found and read, a 16-bit colour PNG keeps its low bytes in a 16-bit

@@ -54,6 +54,26 @@ def test_voi_lut_sequence(tmp_path):
     np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, lut[STORED] / 255, atol=1e-6)
 
 
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_voi_lut_of_a_negative_rescale_reads_its_first_mapped_value_as_signed(tmp_path, implicit):
+    """Unsigned stored pixels, Rescale Intercept -1024, a VOI LUT from -1024: the first mapped value
+    (US or SS) read as US, 64512, put every pixel below the LUT, a blank image. Read as the LUT's
+    input, signed here, it is -1024; stored pixels that are signed keep their own reading."""
+    lut = np.linspace(0, 4095, 4096).round().astype(int)[::-1]
+    seq = voi_lut_sequence(0, lut, 12)
+    seq[0].LUTDescriptor = [4096, 64512, 12]  # -1024 as US, as pydicom writes and reads it for unsigned pixels
+    write_bare_image(tmp_path / "a.dcm", STORED, implicit=implicit, keep_file_meta=True, RescaleSlope=1,
+                     RescaleIntercept=-1024, VOILUTSequence=seq)
+    assert pydicom.dcmread(tmp_path / "a.dcm", force=True).VOILUTSequence[0].LUTDescriptor[1] == 64512
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, lut[STORED] / 4095, rtol=0, atol=1e-7)
+    signed = np.array([[-1024, -1000, 0], [2047, 100, -1]])
+    seq = voi_lut_sequence(0, lut, 12)
+    seq[0].LUTDescriptor = [4096, -1024, 12]
+    write_image(tmp_path / "s.dcm", signed, signed=True, VOILUTSequence=seq)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "s.dcm").pixels, lut[signed + 1024] / 4095, rtol=0,
+                               atol=1e-7)
+
+
 def test_16_bit_full_range(tmp_path):
     stored = np.array([[0, 65535], [32768, 1]], dtype=np.uint16)
     write_image(tmp_path / "a.dcm", stored, bits_stored=16)
@@ -491,6 +511,26 @@ def test_sixteen_bit_white_is_zero_tiff_is_inverted_as_eight_bit_is(tmp_path, de
     eight = np.array([[0, 100, 255]], dtype=np.uint8)  # as Pillow reads 8-bit WhiteIsZero
     write_tiff(tmp_path / "white8.tif", eight, deflate=deflate, photometric=0)
     np.testing.assert_allclose(read_radiograph(tmp_path / "white8.tif").pixels, 1 - eight / 255, rtol=0, atol=1e-7)
+
+
+# a TIFF's Orientation tag (274): how the stored rows and columns are displayed (TIFF 6.0, section 8)
+_DISPLAYED = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+              5: lambda a: a.T, 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].T, 8: lambda a: np.rot90(a)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw", "deflate"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_tiff_orientation_is_applied_once_and_whole(tmp_path, orientation, deflate, dtype):
+    """Pillow applies a TIFF's Orientation as it loads the file; from a file name it memory-maps an
+    uncompressed one at its displayed size, which for the orientations that swap rows and columns
+    (5-8) gave a scrambled image of the wrong shape, without a word."""
+    if deflate and not features.check("libtiff"):
+        pytest.skip("Pillow without libtiff")
+    stored = (np.arange(4 * 6).reshape(4, 6) * 7 + 3).astype(dtype)
+    write_tiff(tmp_path / "a.tif", stored, deflate=deflate, orientation=orientation)
+    expected = _DISPLAYED[orientation](stored) / np.iinfo(dtype).max
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.tif").pixels, expected, rtol=0, atol=1e-7)
 
 
 def test_eight_bit_colour_png_is_read_as_before(tmp_path):

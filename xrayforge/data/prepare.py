@@ -74,10 +74,12 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
     rows = read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]
     entries, lines, used = {}, {}, {}
     for line, row in enumerate(rows, 2):  # line 1 is the header
-        name = row["Image Index"]
-        patient, labels = row.get("Patient ID", "") or "", row["Finding Labels"] or ""
+        # without the spaces around a field that a hand-edited or re-exported file may have (the split lists'
+        # names have none): a name with one matched no file, and a patient with one was another patient
+        name = (row["Image Index"] or "").strip()
+        patient, labels = (row.get("Patient ID", "") or "").strip(), row["Finding Labels"] or ""
         uses = {"Finding Labels": parse_finding_labels(labels, f"{labels_csv}, image {name}"),
-                "Patient ID": patient.strip()}  # all that prepare takes from a row (Patient Age etc. may differ)
+                "Patient ID": patient}  # all that prepare takes from a row (Patient Age etc. may differ)
         if name in lines:
             field = next((f for f in uses if uses[f] != used[name][f]), None)
             if field:
@@ -125,7 +127,7 @@ def _patients_by_name(entries: dict) -> bool:
     with such a name has that Patient ID, and there is one): then an image the file does not list
     takes its patient from its name, and is held out with that patient's test images."""
     named = [(n, p) for n, (p, _) in entries.items() if _nih_patient(n) is not None]
-    return bool(named) and all(_nih_patient(n) == p.strip() for n, p in named)
+    return bool(named) and all(_nih_patient(n) == p for n, p in named)
 
 
 def _match_labels(files: list[Path], labels_csv: Path, labelled_only: bool) -> tuple[list[dict], dict, list[dict]]:

@@ -15,11 +15,11 @@ is (implicit or explicit VR little endian) when its first bytes are a plausible 
 PNG / JPEG / TIFF (Pillow): 8-bit and 1-bit scaled to [0, 1] by 255, 16-bit by 65535 (never
 clipped to 8 bits; the largest value is kept in ``meta["max"]``, since 12-bit data in a 16-bit
 file uses only a sixteenth of the range); colour images are converted to luminance; an EXIF
-orientation is applied; a TIFF whose Photometric Interpretation is WhiteIsZero is inverted (Pillow
-does so below 16 bits, not at 16). Pillow opens 16-bit colour and grey + alpha images at 8 bits (each
-sample's high byte): their low bytes are decoded as well, so that they too keep 16 bits
-(``_sixteen_bit_samples``); where that cannot be done the image is read at 8 bits, said once and
-marked in ``meta["read_at_8_bits"]``.
+orientation (or a TIFF's Orientation tag) is applied; a TIFF whose Photometric Interpretation is
+WhiteIsZero is inverted (Pillow does so below 16 bits, not at 16). Pillow opens 16-bit colour and
+grey + alpha images at 8 bits (each sample's high byte): their low bytes are decoded as well, so
+that they too keep 16 bits (``_sixteen_bit_samples``); where that cannot be done the image is read
+at 8 bits, said once and marked in ``meta["read_at_8_bits"]``.
 
 A file's suffix says how to read it when it is a known one (no file is opened to find out);
 otherwise its content does (DICOM's "DICM" or a bare data set's first element, PNG / JPEG / TIFF /
@@ -191,10 +191,18 @@ def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR"
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _apply_lut(values: np.ndarray, item) -> np.ndarray:
+def _apply_lut(values: np.ndarray, item, signed_input: bool) -> np.ndarray:
     """A VOI LUT Sequence item onto [0, 1] (PS3.3 C.11.2.1.1): values below the first mapped
-    value take the first entry, above the last the last entry."""
+    value take the first entry, above the last the last entry. The first mapped value is US or SS
+    as the LUT's input, the Modality LUT's output, is unsigned or can be negative (``signed_input``);
+    pydicom reads an implicit VR one (or an explicit one written as US) by the Pixel Representation
+    alone: for unsigned stored pixels with a negative Rescale Intercept, -1024 read as 64512 put every
+    pixel below the LUT, a blank image. It is read as the input is, as viewers do."""
     n, first, bits = (int(v) for v in item.LUTDescriptor)
+    if signed_input and first >= 2 ** 15:
+        first -= 2 ** 16
+    elif not signed_input and first < 0:
+        first += 2 ** 16
     n = n or 65536  # 0 means 2^16 entries
     raw = item.LUTData
     lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
@@ -203,6 +211,17 @@ def _apply_lut(values: np.ndarray, item) -> np.ndarray:
         raise SkipImage(f"VOI LUT has {len(lut)} entries, its descriptor says {n}")
     idx = np.clip(np.rint(values).astype(np.int64) - first, 0, n - 1)
     return lut[idx].astype(np.float64) / (2 ** bits - 1)
+
+
+def _modality_range(ds) -> tuple[float, float]:
+    """The range of Rescale Slope / Intercept's output over the values Bits Stored allows."""
+    bits = int(ds.BitsStored)
+    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
+    return lo, hi
 
 
 def _first(value):
@@ -304,7 +323,8 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         raise SkipImage(f"pixel values are not finite after the Modality LUT (Rescale Slope "
                         f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})")
     if ds.get("VOILUTSequence"):
-        x = _apply_lut(values, ds.VOILUTSequence[0])
+        signed_input = not ds.get("ModalityLUTSequence") and _modality_range(ds)[0] < 0  # that LUT's output is unsigned
+        x = _apply_lut(values, ds.VOILUTSequence[0], signed_input)
         how = "VOI LUT"
     elif center is not None and width is not None:
         if not (np.isfinite(center) and np.isfinite(width)):
@@ -316,12 +336,7 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         x = values / (2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
         how = "modality LUT range"
     else:
-        bits = int(ds.BitsStored)
-        signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
-        smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-        lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
+        lo, hi = _modality_range(ds)
         x = (values - lo) / (hi - lo)
         how = "bits stored"
     if not np.isfinite(x).all():  # quantised, a NaN would be a black pixel
@@ -442,7 +457,9 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        # from a file object, not its name: from a name Pillow memory-maps an uncompressed TIFF at the size
+        # it will have once its Orientation is applied, which for 5-8 (rows and columns swapped) scrambles it
+        with open(path, "rb") as fh, Image.open(fh) as im:
             tiles, fmt = list(im.tile), im.format  # load() empties the tiles
             # a TIFF's Photometric Interpretation WhiteIsZero (0; DICOM's MONOCHROME1): Pillow inverts
             # 1- to 8-bit samples as it unpacks them, but gives 16-bit ones as stored
