@@ -558,3 +558,19 @@ def test_a_reader_name_with_a_bar_stays_in_its_cell(study, tmp_path):
     first = page.split("<tr>")[2]  # the header, then the reader's row
     assert first.startswith("<td>A|B</td><td>4</td><td>0.500</td>"), first
     assert all(row.count("<td>") == 8 for row in page.split("<tr>")[2:4])
+
+
+def test_images_a_reader_left_unanswered_are_counted_and_said(tmp_path):
+    """A reader who stopped part-way showed only their answer count: nothing said how many of the pack's
+    images they left out (not scored; the key is still permuted over all the images)."""
+    from xrayforge.evaluate.reader_study import format_markdown
+    truth = [True, False, True, False, True, False]
+    pack, key, names = _fake_pack(tmp_path, truth)
+    res = score(pack, key, _answer_files(tmp_path, names, [[True, False, None, None, None, None],
+                                                           [True, False, True, False, True, False]]),
+                permutations=200)
+    assert res["readers"]["r0"]["unanswered"] == 4 and res["readers"]["r1"]["unanswered"] == 0
+    assert res["readers"]["r0"]["answers"] == 2 and res["readers"]["r0"]["accuracy"] == 1.0
+    assert "Not answered, so not scored: r0 4 of the 6 images." in format_markdown(res)
+    assert "Not answered" not in format_markdown(score(pack, key, [_answer_files(tmp_path, names, [truth])[0]],
+                                                       permutations=200))

@@ -67,6 +67,7 @@ def test_answer_reload_export_and_score(driver, tmp_path):
     driver.find_element(By.ID, "real").click()
     driver.find_element(By.CSS_SELECTOR, "#conf button[data-c='4']").click()
     driver.find_element(By.ID, "next").click()
+    _loaded(driver)  # the page answers only an image on screen
     driver.find_element(By.ID, "synthetic").click()  # no confidence chosen: none is recorded (it was 3)
     assert "2 answered" in driver.find_element(By.ID, "pos").text
     assert not [b.text for b in driver.find_elements(By.CSS_SELECTOR, "#conf button.on")]
@@ -125,3 +126,127 @@ def test_keys_r_and_s_answer_with_shift_or_caps_lock_too(driver, tmp_path):
     assert driver.find_element(By.ID, "synthetic").get_attribute("class") == "on"
     body.send_keys("R")
     assert driver.find_element(By.ID, "real").get_attribute("class") == "on"
+
+
+def _wait_for(driver, text, element="pos", seconds=30):
+    """Wait until #element shows ``text`` (a storage event or a load arrives asynchronously), then assert it."""
+    from selenium.webdriver.common.by import By
+    deadline = time.time() + seconds
+    while text not in driver.find_element(By.ID, element).text and time.time() < deadline:
+        time.sleep(0.1)
+    assert text in driver.find_element(By.ID, element).text
+
+
+def _loaded(driver, seconds=30):
+    """Wait until the image on the page has loaded (the page answers only an image on screen)."""
+    deadline = time.time() + seconds
+    script = "const i = document.getElementById('img'); return i.complete && i.naturalWidth > 0"
+    while not driver.execute_script(script) and time.time() < deadline:
+        time.sleep(0.1)
+    assert driver.execute_script(script), "the image did not load"
+
+
+def test_space_or_enter_after_a_click_answers_nothing(driver, tmp_path):
+    """A clicked button kept the focus: Space or Enter pressed after an arrow key had moved on clicked
+    "Real" again, answering the next image; a key held down answered once per repeat."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    _pack(tmp_path, 6, seed=1)
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    driver.find_element(By.ID, "real").click()
+    ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()
+    ActionChains(driver).send_keys(Keys.SPACE).perform()
+    ActionChains(driver).send_keys(Keys.ENTER).perform()
+    assert driver.find_element(By.ID, "pos").text.startswith("2 / 6 (1 answered)")
+    assert driver.find_element(By.ID, "real").get_attribute("class") == ""
+    driver.find_element(By.ID, "next").click()  # Space after a click on the arrow button: no image skipped unseen
+    ActionChains(driver).send_keys(Keys.SPACE).perform()
+    assert driver.find_element(By.ID, "pos").text.startswith("3 / 6")
+    _loaded(driver)
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")
+    driver.execute_script("document.body.dispatchEvent(new KeyboardEvent('keydown', {key: 'r', repeat: true, "
+                          "bubbles: true}))")
+    assert driver.find_element(By.ID, "synthetic").get_attribute("class") == "on"
+
+
+def test_a_storage_that_cannot_save_warns_and_the_answers_still_export(driver, tmp_path):
+    """A full localStorage threw out of every save: the page moved to the next image without showing
+    it (an answer then went to an image not on screen), said nothing, and a reload lost the answers."""
+    from selenium.webdriver.common.by import By
+    info = _pack(tmp_path, 6, seed=2)
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    driver.find_element(By.ID, "real").click()
+    assert not driver.find_elements(By.CSS_SELECTOR, "#storage:not([hidden])")  # saved: nothing to say
+    driver.execute_script("Storage.prototype.setItem = function () { "
+                          "throw new DOMException('the quota has been exceeded', 'QuotaExceededError'); }")
+    driver.find_element(By.ID, "next").click()
+    assert driver.find_element(By.ID, "pos").text.startswith("2 / 6")
+    names = [row["image"] for row in csv.DictReader(open(info["key"], newline=""))]
+    assert driver.find_element(By.ID, "img").get_attribute("src").endswith(names[1])  # the image answered next
+    _loaded(driver)
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")
+    assert "2 answered" in driver.find_element(By.ID, "pos").text
+    warning = driver.find_element(By.ID, "storage")
+    assert warning.is_displayed() and "QuotaExceededError" in warning.text and "Export" in warning.text
+    target = _export(driver, tmp_path / "downloads" / "answers-reader.csv")
+    with open(target, newline="") as fh:
+        assert {row["image"]: row["answer"] for row in csv.DictReader(fh)} == {names[0]: "real",
+                                                                             names[1]: "synthetic"}
+
+
+def test_a_damaged_stored_entry_is_said_and_the_page_still_works(driver, tmp_path):
+    from selenium.webdriver.common.by import By
+    _pack(tmp_path, 4, seed=0)
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    driver.execute_script("localStorage.setItem(STORE, '{\"i\": 0, \"answers\": ')")  # cut short
+    driver.refresh()
+    _wait_for(driver, "could not be read back", "storage")
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")
+    assert "1 answered" in driver.find_element(By.ID, "pos").text
+
+
+def test_answers_given_in_two_tabs_are_all_kept(driver, tmp_path):
+    """The page open in two tabs: each saved its own answers over the other's."""
+    from selenium.webdriver.common.by import By
+    _pack(tmp_path, 6, seed=4)
+    page = (tmp_path / "pack" / "index.html").as_uri()
+    driver.get(page)
+    first = driver.current_window_handle
+    driver.find_element(By.ID, "real").click()
+    driver.switch_to.new_window("tab")
+    driver.get(page)
+    deadline = time.time() + 30  # the first tab's write reaches the browser's storage asynchronously
+    while "1 answered" not in driver.find_element(By.ID, "pos").text and time.time() < deadline:
+        time.sleep(0.2)
+        driver.refresh()
+    driver.find_element(By.ID, "next").click()
+    _loaded(driver)
+    driver.find_element(By.ID, "synthetic").click()
+    driver.switch_to.window(first)
+    _wait_for(driver, "2 answered")
+    driver.find_element(By.ID, "next").click()
+    driver.find_element(By.ID, "next").click()
+    _loaded(driver)
+    driver.find_element(By.ID, "real").click()
+    target = _export(driver, tmp_path / "downloads" / "answers-reader.csv")
+    with open(target, newline="") as fh:
+        assert sorted(row["answer"] for row in csv.DictReader(fh)) == ["real", "real", "synthetic"]
+
+
+def test_an_image_that_fails_to_load_cannot_be_answered(driver, tmp_path):
+    """A pack missing an image (a partial copy): the broken image was answered like any other, at chance."""
+    from selenium.webdriver.common.by import By
+    info = _pack(tmp_path, 4, seed=0)
+    names = [row["image"] for row in csv.DictReader(open(info["key"], newline=""))]
+    (tmp_path / "pack" / "images" / names[0]).unlink()
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    _wait_for(driver, "could not be shown", "missing")
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")
+    driver.find_element(By.ID, "real").click()
+    assert "0 answered" in driver.find_element(By.ID, "pos").text
+    driver.find_element(By.ID, "next").click()
+    assert not driver.find_element(By.ID, "missing").is_displayed()
+    _loaded(driver)
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")
+    assert "1 answered" in driver.find_element(By.ID, "pos").text

@@ -173,7 +173,14 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
     per reader over their answers, pooled over all readers' answers together. It keeps the answers'
     correlation, so it holds its level; the pooled row's verdict is its permutation p. Monte Carlo
     (p = (b + 1) / (permutations + 1), never below 1 / (permutations + 1)), seeded by ``seed``: the
-    same answers give the same p-values."""
+    same answers give the same p-values.
+
+    An image a reader left unanswered is not scored for them (``unanswered``: how many, per reader):
+    their rates and binomial p are over the images they answered. The permutation still draws the key
+    across all the pack's images, the answered ones and the others: under the null hypothesis which
+    images a reader answered does not depend on the truth either (a reader who answered "synthetic"
+    and only for images that were synthetic is told from chance; drawn over their answered images
+    alone, the key could never score them otherwise)."""
     if not Path(pack, "index.html").is_file():
         raise FileNotFoundError(f"{pack}: not a reader-study pack (no index.html)")
     key = read_key(key_path)
@@ -215,6 +222,7 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
     result = {"readers": {}, "images": len(key)}
     for r in readers:
         result["readers"][r] = _rates([(key[a["image"]], a["synthetic"]) for (rd, _), a in latest.items() if rd == r])
+        result["readers"][r]["unanswered"] = len(key) - result["readers"][r]["answers"]
     result["pooled"] = _rates([(key[a["image"]], a["synthetic"]) for a in latest.values()])
     images = sorted(key)  # the key file's row order does not change the draws
     row, column = {img: i for i, img in enumerate(images)}, {r: j for j, r in enumerate(readers)}
@@ -239,7 +247,7 @@ def format_markdown(result: dict) -> str:
     """The readers' rates as a table; "n/a" where a rate is undefined (a reader who saw no real or
     no synthetic image: NaN in the result, null once saved as JSON) or, for the permutation p, where
     a result saved before it was computed has none. A note under the table says which p to read
-    for the pooled row, and why."""
+    for the pooled row, and why, and another which readers left images unanswered."""
     lines = ["| reader | answers | accuracy | sensitivity (synthetic) | specificity | synthetic called real | "
              "p (binomial) | p (permutation) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -254,6 +262,11 @@ def format_markdown(result: dict) -> str:
                      f"image's label once for all readers), the pooled row's test. The binomial p counts every "
                      f"answer as independent, but answers about one image, and one reader's answers, are "
                      f"correlated: pooled, it can be far too small.")
+    left = {name: result["images"] - r["answers"] for name, r in result["readers"].items()
+            if "images" in result and r["answers"] < result["images"]}
+    if left:  # the answers column alone does not say that a reader stopped part-way
+        lines.append("\nNot answered, so not scored: " + "; ".join(
+            f"{cell(name)} {n} of the {result['images']} images" for name, n in left.items()) + ".")
     if result.get("fleiss_kappa") is not None:
         lines.append(f"\nFleiss' kappa {number(result['fleiss_kappa'])} over {result['kappa_images']} images.")
     return "\n".join(lines)
@@ -440,7 +453,10 @@ body{font-family:sans-serif;margin:0;background:#111;color:#eee}
 #view{overflow:auto;height:calc(100vh - 110px);text-align:center}
 #img{image-rendering:auto;transform-origin:top left}
 button{font-size:15px;padding:4px 12px} .on{background:#4a4}
+.warn{padding:8px;background:#a22;color:#fff;font-weight:bold}
 </style></head><body>
+<div id="storage" class="warn" hidden></div>
+<div id="missing" class="warn" hidden></div>
 <div id="bar">
  <label>Reader <input id="reader" size="10"></label>
  <span id="pos"></span>
@@ -456,12 +472,54 @@ button{font-size:15px;padding:4px 12px} .on{background:#4a4}
 <script>
 const IMAGES = __IMAGES__;
 const STORE = "__PACK__";
-let state = JSON.parse(localStorage.getItem(STORE) || '{"i":0,"reader":"","answers":{}}');
 const $ = id => document.getElementById(id);
-function save(){ localStorage.setItem(STORE, JSON.stringify(state)); }
+// answers are kept in this page's memory and copied to the browser's storage after every change; where the
+// storage cannot be read or written (full, disabled, a damaged entry), the reader is told so at once and the
+// answers in memory still export: a reload would lose them, silently before, and a failed write stopped the
+// page between moving to the next image and showing it, so the image shown was not the one then answered
+function warnStorage(what, e){
+  $("storage").textContent = "Your answers could not be " + what + " by the browser (" + ((e && e.name) || e) +
+    "): they are kept on this page only. Do not reload or close it; use Export CSV now, and again when done.";
+  $("storage").hidden = false;
+}
+function fresh(){ return {i: 0, reader: "", answers: {}}; }
+let state = fresh();
+try {
+  const stored = JSON.parse(localStorage.getItem(STORE) || "null");
+  if (stored && typeof stored === "object" && stored.answers && typeof stored.answers === "object")
+    state = Object.assign(fresh(), stored, {i: Math.min(IMAGES.length - 1, Math.max(0, +stored.i || 0))});
+  else if (stored !== null) warnStorage("read back", "a damaged entry");
+} catch (e) { warnStorage("read back", e); }
+function save(){
+  try { localStorage.setItem(STORE, JSON.stringify(state)); $("storage").hidden = true; }
+  catch (e) { warnStorage("saved", e); }
+}
+// this page open in two tabs: each tab's answers reach the other, or the tab saved last would drop the other's
+window.addEventListener("storage", e => {
+  if (e.key !== STORE || !e.newValue) return;
+  let other; try { other = JSON.parse(e.newValue); } catch (err) { return; }
+  if (!other || typeof other.answers !== "object") return;
+  for (const [img, a] of Object.entries(other.answers)) {
+    const mine = state.answers[img];
+    if (!mine || (a.changed || 0) >= (mine.changed || 0)) state.answers[img] = a;
+  }
+  state.reader = typeof other.reader === "string" ? other.reader : state.reader;
+  show();
+});
+function shown(){  // the current image is on screen (loaded, not broken): only then can it be answered
+  const img = $("img");
+  return img.getAttribute("src") === "images/" + IMAGES[state.i] && img.complete && img.naturalWidth > 0;
+}
+$("img").onload = () => { $("missing").hidden = true; };
+$("img").onerror = () => {
+  $("missing").textContent = "Image " + (state.i + 1) + " (" + IMAGES[state.i] + ") could not be shown, so it " +
+    "cannot be answered; tell whoever gave you the study.";
+  $("missing").hidden = false;
+};
 function show(){
   const name = IMAGES[state.i], a = state.answers[name] || {};
-  $("img").src = "images/" + name;
+  if ($("img").getAttribute("src") !== "images/" + name) {  // the same image again: no reload, no load event
+    $("missing").hidden = true; $("img").src = "images/" + name; }
   $("pos").textContent = (state.i + 1) + " / " + IMAGES.length + "  (" +
     Object.values(state.answers).filter(a => a.answer).length + " answered)";  // a confidence alone is not an answer
   $("real").className = a.answer === "real" ? "on" : "";
@@ -475,17 +533,23 @@ function style(){
   $("img").style.transform = "scale(" + $("zoom").value / 100 + ")";
 }
 function answer(kind){
+  if (!shown()) return;  // an image still loading (the last one still on screen) or one that failed to load
   const name = IMAGES[state.i];
   // a confidence the reader did not choose stays unset (exported empty): a default would pass for a choice
-  state.answers[name] = Object.assign(state.answers[name] || {}, {answer: kind, time: new Date().toISOString()});
+  state.answers[name] = Object.assign(state.answers[name] || {},
+                                      {answer: kind, time: new Date().toISOString(), changed: Date.now()});
   save(); show();
 }
 for (let c = 1; c <= 5; c++) {
   const b = document.createElement("button"); b.textContent = c; b.dataset.c = c;
   b.onclick = () => { const name = IMAGES[state.i];
-    state.answers[name] = Object.assign(state.answers[name] || {}, {confidence: c}); save(); show(); };
+    state.answers[name] = Object.assign(state.answers[name] || {}, {confidence: c, changed: Date.now()});
+    save(); show(); };
   $("conf").appendChild(b);
 }
+// a clicked button keeps no focus: Space or Enter pressed later (after an arrow key moved on, say) clicked it
+// again, answering an image the reader had not answered, or moving past one unseen; keyboard answers are R / S
+$("bar").addEventListener("click", e => { if (e.target.tagName === "BUTTON") e.target.blur(); });
 $("real").onclick = () => answer("real");
 $("synthetic").onclick = () => answer("synthetic");
 $("prev").onclick = () => { state.i = Math.max(0, state.i - 1); save(); show(); };
@@ -509,6 +573,7 @@ document.addEventListener("keydown", e => {
   if (e.key === "ArrowRight") $("next").click();
   if (e.key === "ArrowLeft") $("prev").click();
   const key = e.key.toLowerCase();  // R and S with Shift or Caps Lock too
+  if (e.repeat) return;  // a key held down: one answer, not one per repeat
   if (key === "r") answer("real"); if (key === "s") answer("synthetic"); });
 show();
 </script></body></html>
