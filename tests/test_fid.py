@@ -855,3 +855,66 @@ def test_a_single_file_that_is_no_statistics_is_said_before_the_weights(tmp_path
         assert cli(["fid", str(tmp_path / name), "--save-stats", str(tmp_path / "s.npz"), "-q", "--workers", "0"]) == 1
         err = capsys.readouterr().err
         assert f"{name}: a single file, not a folder of images" in err and "pt_inception" not in err, err
+
+
+def test_nan_or_infinite_features_are_refused_naming_their_rows_and_nothing_is_added():
+    """One NaN feature made the mean and covariance NaN: a NaN FID, or an eigendecomposition that
+    failed without saying why."""
+    from xrayforge.fid.stats import update_subsets
+    x = torch.randn(10, 4, dtype=torch.float64)
+    x[3, 2], x[7, 0] = float("nan"), float("-inf")
+    m = StreamingMoments(4)
+    m.update(x[:3])
+    with pytest.raises(ValueError, match=r"for 2 of 7 images in a batch \(row 0, row 4\)"):
+        m.update(x[3:])
+    assert m.n == 3 and torch.isfinite(m.m2).all()
+    per = [StreamingMoments(4) for _ in range(2)]
+    masks = torch.zeros(2, 10, dtype=torch.bool)
+    masks[0, :3] = masks[1, 8:] = True  # the bad rows in no subset: the feature network failed on them all the same
+    with pytest.raises(ValueError, match=r"for 2 of 10 images in a batch \(row 3, row 7\)"):
+        update_subsets(per, x, masks)
+    assert [p.n for p in per] == [0, 0]
+
+
+def test_nan_features_are_refused_naming_the_input_and_its_images(small_space, tmp_path, monkeypatch):
+    from xrayforge.errors import UserError
+    from xrayforge.fid.compute import FeatureExtractor
+    a = _png_folder(tmp_path / "a", range(4), size=(16, 16))
+    features = FeatureExtractor.features
+
+    def broken(self, images):  # the network failing on the second image of the batch
+        out = features(self, images)
+        out[1, 5] = float("nan")
+        return out
+
+    monkeypatch.setattr(FeatureExtractor, "features", broken)
+    ex = FeatureExtractor(features=small_space, workers=0, progress=False, device="cpu")
+    with pytest.raises(UserError, match=rf"{a}: NaN or infinite features for 1 of 4 images in a batch \(.*img001\.png\)"):
+        ex.compute(str(a))
+
+
+def test_nan_features_in_fid_findings_name_the_archive_and_its_images():
+    from types import SimpleNamespace
+
+    from xrayforge.errors import UserError
+    from xrayforge.evaluate.fid_findings import _stream
+    ex = SimpleNamespace(dim=3, device="cpu", batch_size=4,
+                         features=lambda px: torch.where(px[:, :3] == 2, float("inf"), px[:, :3].double()))
+    arc = SimpleNamespace(path="real-archive", resolution=8, records=[{"source": f"img{i}.png"} for i in range(6)],
+                          images=lambda pos, res: np.array([[float(p)] * 3 for p in pos]))
+    labels = np.zeros((6, 2), np.uint8)
+    with pytest.raises(UserError, match=r"real-archive: NaN or infinite features for 1 of 4 images .*\(img2\.png\)"):
+        _stream(ex, arc, np.arange(6), labels, set(), "x", False)
+
+
+def test_frechet_distance_refuses_statistics_with_nan_naming_which():
+    rng = np.random.default_rng(3)
+    a = FrechetStats.from_features(rng.standard_normal((30, 5)))
+    bad = FrechetStats(a.mu.copy(), a.sigma.copy(), 30)
+    bad.mu[1] = np.nan  # gave a NaN distance
+    with pytest.raises(ValueError, match="the second statistics: 1 value.s. of mu are NaN or infinite"):
+        frechet_distance(a, bad, "cpu")
+    bad = FrechetStats(a.mu.copy(), a.sigma.copy(), 30)
+    bad.sigma[0, 0] = np.inf  # made eigh fail: "the algorithm failed to converge"
+    with pytest.raises(ValueError, match="the first statistics: 1 value.s. of sigma are NaN or infinite"):
+        frechet_distance(bad, a, "cpu")

@@ -231,3 +231,31 @@ def test_triton_kernels_take_features_of_width_zero(kb, with_masks):
     n, mean, m2 = M._triton(x, masks, exact_below=0)
     k = 2 if with_masks else 1
     assert n.tolist() == [5] * k and mean.shape == (k, 0) and m2.shape == (k, 0, 0)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1e20), (torch.float32, 1e20), (torch.float32, 1e-25)],
+                         ids=["bf16-1e20", "fp32-1e20", "fp32-1e-25"])
+def test_triton_sends_features_beyond_fp32_products_to_float64(kb, dtype, scale):
+    """Deviations of 1e20 have fp32 products of inf (m2 was NaN), of 1e-25 products that flush to
+    zero (m2 was 0 where it is 1e-50): such features go through the float64 reference."""
+    _, device = kb
+    x = (features(40, 5, torch.float64, offset=0.0, seed=21) * scale).to(dtype)
+    masks = subsets(40, [1.0, 0.5], seed=22)
+    got = M._triton(x.to(device), masks.to(device), exact_below=0)
+    assert_moments(got, numpy_moments(x, masks), m2_rtol=1e-12, mean_rtol=1e-14)
+
+
+@pytest.mark.parametrize("kb", TRITON)
+@pytest.mark.parametrize("scale", [2.0 ** 55, 2.0 ** -31], ids=["2^55", "2^-31"])
+def test_triton_kernels_keep_features_just_inside_the_fp32_range(kb, scale, monkeypatch):
+    # the bounds of FP32_SAFE are inside what the kernels take: still the kernels there, as accurate
+    _, device = kb
+    calls = []
+    kernels = M._kernels
+    monkeypatch.setattr(M, "_kernels", lambda *a: calls.append(1) or kernels(*a))
+    x = features(40, 5, torch.float64, offset=-1.0, seed=23) * scale  # in (-scale, scale)
+    x = x.float()
+    assert M.FP32_SAFE[0] < x.abs().max() <= M.FP32_SAFE[1]
+    assert_moments(M._triton(x.to(device), exact_below=0), numpy_moments(x, None), m2_rtol=KERNEL_RTOL)
+    assert calls == [1]

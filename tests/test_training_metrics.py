@@ -2,6 +2,7 @@
 afterwards on the saved G_ema; the real side is computed once per run; the best checkpoint is
 kept out of rotation and named in checkpoints/best.json; a resumed run keeps it."""
 import json
+import math
 
 import pytest
 import torch
@@ -183,6 +184,18 @@ def test_the_real_side_is_compared_at_the_generated_resolution_and_alpha(world, 
     got = m(copies, 16, **({"alpha": alpha} if alpha < 1 else {}))  # α = 1: the default
     assert got["fid"] == pytest.approx(0, abs=1e-3)
     assert got["precision"] == got["recall"] == got["coverage"] == 1.0
+
+
+def test_a_diverged_generator_is_measured_as_nan_not_an_error(world, tmp_path, caplog):
+    """NaN samples (a diverged G_ema) gave NaN features: the distance then failed (eigh, or a refusal of
+    NaN statistics) and stopped training at a tick, where the trainer expects a NaN measurement."""
+    m = TrainingMetrics(world / "arc", tmp_path / "run", ["fid", "prdc"], f"classifier:{world / 'clf'}", 12,
+                        batch_size=4)
+    with caplog.at_level("WARNING"):
+        got = m(lambda z: torch.full((len(z), 1, 8, 8), float("nan")), 16)
+    assert all(math.isnan(got[k]) for k in ("fid", "precision", "recall", "density", "coverage")), got
+    assert "gave NaN or infinite features for 12 of 12 images" in caplog.text
+    assert TrainingMetrics.score(got) != TrainingMetrics.score(got)  # NaN: never the best (below)
 
 
 def test_a_nan_measurement_is_never_the_best_nor_blocks_a_later_one():

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..utils.files import write_csv, write_json, write_text_atomic
 from ..fid.compute import stored_pixels
-from ..fid.stats import StreamingMoments, frechet_distance, update_subsets
+from ..fid.stats import NonFiniteFeatures, StreamingMoments, frechet_distance, update_subsets
 from ._format import csv_row, is_number, number
 from .labelled import labelled_findings, open_labelled
 from .metrics import patient_split
@@ -64,7 +65,11 @@ def _stream(extractor, archive, order: np.ndarray, labels: np.ndarray, cuts, des
                 kept.append((feats.float().cpu(), labels[pos[sort]].astype(bool)))
             lab = torch.from_numpy(labels[pos[sort]].astype(bool)).to(feats.device)
             # every image and one subset per finding, in one pass over the batch
-            update_subsets([total] + per, feats, torch.cat([torch.ones_like(lab[:, :1]), lab], 1).T)
+            try:
+                update_subsets([total] + per, feats, torch.cat([torch.ones_like(lab[:, :1]), lab], 1).T)
+            except NonFiniteFeatures as exc:  # named by the archive's sources, not batch rows
+                raise UserError(f"{archive.path}: {exc.named([archive.records[p]['source'] for p in pos[sort]])}") \
+                    from None
             if b in cuts:
                 snaps[b] = total.stats()
             bar.update(len(pos))

@@ -30,7 +30,7 @@ from ..data.archive import Archive
 from ..data.readers import SkipImage, find_images, iter_images, one_per_file, read_radiograph
 from ..errors import UserError
 from .features import DEFAULT, feature_space, same_space
-from .stats import FrechetStats, StreamingMoments, frechet_distance
+from .stats import FrechetStats, NonFiniteFeatures, StreamingMoments, frechet_distance
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,10 @@ class FeatureExtractor:
                 if images is None or len(images) == 0:
                     continue
                 feats = self.features(images)
-                moments.update(feats)
+                try:
+                    moments.update(feats)
+                except NonFiniteFeatures as exc:  # said with the input and the images' names, not batch rows
+                    raise UserError(f"{source or desc}: {exc.named(names)}") from None
                 if self.keep_features:  # the images of smallest key: a uniform sample, bounded in memory
                     keep.append(feats.cpu().numpy())
                     keys.append(_sample_keys(names, self.seed))

@@ -26,6 +26,30 @@ from ..ops import masked_moments
 from ..utils.files import load_npz, save_numpy
 
 
+class NonFiniteFeatures(UserError):
+    """Features with NaN or infinite values, refused before they reach the moments (one such value
+    makes the mean and covariance NaN, and the distance NaN or a failed eigendecomposition).
+    ``rows``: the batch rows that have them, for the caller to name the images."""
+
+    def __init__(self, rows: list[int], total: int, names=None):
+        self.rows, self.total = rows, total
+        shown = [str(names[i]) if names is not None else f"row {i}" for i in rows[:5]]
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        super().__init__(f"NaN or infinite features for {len(rows)} of {total} images in a batch "
+                         f"({', '.join(shown)}{more}): the feature network gave no usable features for them")
+
+    def named(self, names) -> "NonFiniteFeatures":
+        """The same error naming the batch's images by ``names`` (one per row)."""
+        return NonFiniteFeatures(self.rows, self.total, names)
+
+
+def refuse_non_finite(features: torch.Tensor) -> None:
+    """Raise NonFiniteFeatures for a (b, D) batch with NaN or infinite values."""
+    bad = ~torch.isfinite(features).all(1)
+    if bool(bad.any()):
+        raise NonFiniteFeatures(bad.nonzero()[:, 0].tolist(), len(features))
+
+
 class StreamingMoments:
     def __init__(self, dim: int, device: str | torch.device = "cpu"):
         self.dim = dim
@@ -34,11 +58,13 @@ class StreamingMoments:
         self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     def update(self, features: torch.Tensor) -> None:
-        """Add a (b, dim) batch (any float dtype; accumulated in float64)."""
+        """Add a (b, dim) batch (any float dtype; accumulated in float64). NaN or infinite
+        features are refused (NonFiniteFeatures, naming their rows) and nothing is added."""
         if features.dim() != 2 or features.shape[1] != self.dim:
             raise ValueError(f"expected features of shape (b, {self.dim}), got {tuple(features.shape)}")
         if features.shape[0] == 0:
             return
+        refuse_non_finite(features)
         n, mean, m2 = masked_moments(features.to(self.mean.device))
         self._merge(int(n[0]), mean[0], m2[0])
 
@@ -96,6 +122,7 @@ def update_subsets(moments: list[StreamingMoments], features: torch.Tensor, mask
                          f"got {tuple(features.shape)}")
     if features.shape[0] == 0:
         return
+    refuse_non_finite(features)  # any row, in a subset or not: the feature network failed on it
     device = moments[0].mean.device
     n, mean, m2 = masked_moments(features.to(device), masks.to(device))
     for k, m in enumerate(moments):
@@ -209,6 +236,12 @@ def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.devic
     most n - 1: with fewer samples than features (and n known) only that many eigenvalues count."""
     from .features import same_space
     same_space(a.space, b.space, "the first statistics", "the second")
+    for which, s in (("the first", a), ("the second", b)):  # NaN: a NaN distance, or eigh failing unexplained
+        for name, v in (("mu", s.mu), ("sigma", s.sigma)):
+            bad = int(np.size(v) - np.isfinite(v).sum())
+            if bad:
+                raise UserError(f"{which} statistics: {bad} value(s) of {name} are NaN or infinite; no Fréchet "
+                                f"distance can be taken")
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature sizes differ: {a.mu.shape} vs {b.mu.shape}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,6 +11,7 @@ the real images at that resolution and α.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -118,12 +119,17 @@ class TrainingMetrics:
         fake = torch.cat(feats)
         self.real_stats, self.real_features = self._real(resolution, alpha)
         out = {"metrics_features": self.space, "metrics_images": self.images}
+        bad = int((~torch.isfinite(fake).all(1)).sum())
+        if bad:  # a diverged G_ema (NaN weights): the tick is logged with NaN metrics and training goes on
+            log.warning("G_ema's samples gave NaN or infinite features for %d of %d images (the generator has "
+                        "diverged): this measurement is NaN", bad, len(fake))
         if "fid" in self.metrics:
-            out["fid"] = frechet_distance(self.real_stats, FrechetStats.from_features(fake.numpy(), self.space),
-                                          self.extractor.device)
+            out["fid"] = math.nan if bad else frechet_distance(
+                self.real_stats, FrechetStats.from_features(fake.numpy(), self.space), self.extractor.device)
         if "prdc" in self.metrics:
             from .prdc import prdc
-            got = prdc(self.real_features, fake)
+            got = dict.fromkeys(("precision", "recall", "density", "coverage"), math.nan) if bad \
+                else prdc(self.real_features, fake)
             out.update({k: got[k] for k in ("precision", "recall", "density", "coverage")})
         return out
 

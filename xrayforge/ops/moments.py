@@ -22,7 +22,8 @@ finding: K = 15 for ChestX-ray14) and what ``fid.StreamingMoments`` adds per bat
   Accuracy against float64 numpy on each subset: means to float64 rounding; m2 to about 1e-8 of
   its largest entry at 50k rows (each fp32 block sum carries ~1e-7 relative rounding, which
   averages down over the blocks); subsets under EXACT_BELOW rows, where it would not, and
-  float64 input go through the reference.
+  float64 input go through the reference, and so do features whose largest magnitude is outside
+  FP32_SAFE, where fp32 products would overflow or underflow.
   Measured on an H200 (50k × 2048 fp32, 2026-11-26): 10.4 ms for K = 1 and 18.9 ms for K = 15
   against 8.8 and 17.1 ms for the float64 loop (Hopper's float64 tensor cores run it at
   48 TFLOP/s), so ``auto`` keeps the reference; the kernel is for GPUs with slow float64. That
@@ -52,6 +53,11 @@ GRAM_PRECISION = "ieee"
 # their rounding down (1.6e-7 of the largest entry measured on 33-90 rows on an H200), and a
 # small subset's float64 matmul is cheap.
 EXACT_BELOW = 1024
+# Features whose largest magnitude is outside this range go through the float64 reference: the
+# Gram's fp32 products of deviations (up to twice the largest magnitude) summed over a block of rows
+# overflow to inf above ~2^60 (bf16 and fp32 reach 3e38), and below ~2^-32 the products of
+# ulp-sized deviations fall among fp32's subnormals (or flush to zero) and lose their digits.
+FP32_SAFE = (2.0 ** -32, 2.0 ** 56)
 
 
 def _check(x: torch.Tensor, masks: torch.Tensor | None) -> None:
@@ -202,6 +208,9 @@ def _triton(x: torch.Tensor, masks: torch.Tensor | None = None, precision: str |
         return reference(x, masks)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise UserError(f"masked_moments: the Triton path takes fp32 / bf16 / fp16 features, got {x.dtype}")
+    largest = float(x.abs().amax()) if x.numel() else 0.0
+    if largest != 0.0 and not FP32_SAFE[0] <= largest <= FP32_SAFE[1]:  # NaN too: the reference says it
+        return reference(x, masks)
     exact_below = EXACT_BELOW if exact_below is None else exact_below
     counts = torch.tensor([len(x)]) if masks is None else masks.sum(1).cpu()
     small = counts < exact_below
