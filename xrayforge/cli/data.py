@@ -66,8 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
-        "prepare", help="turn radiographs (DICOM, PNG, JPEG) or the phantom into a packed archive",
-        description="Read every radiograph under SRC (recursively; DICOM with any suffix or none, PNG, JPEG) or "
+        "prepare", help="turn radiographs (DICOM, PNG, JPEG, TIFF) or the phantom into a packed archive",
+        description="Read every radiograph under SRC (recursively; DICOM with any suffix or none, PNG, JPEG, TIFF) or "
                     "generate phantom:N chest phantoms, make them square, resize, and write the packed "
                     "multi-resolution archive OUT (images_<R>.npy for R = 4 .. resolution, manifest.csv, "
                     "skipped.csv, archive.json). Interrupted runs resume when run again.")

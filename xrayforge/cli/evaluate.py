@@ -14,7 +14,7 @@ CLASSIFIER_TRAINING = ("arch", "input_size", "width", "epochs", "batch", "lr", "
 def _add_classifier_training(q: argparse.ArgumentParser) -> None:
     """The options of how a classifier is trained (`classify train`, `evaluate tstr`)."""
     q.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50", "densenet121"), default="resnet18",
-                   help="network (torchvision layouts, trained from scratch unless --init-weights; default resnet18)")
+                   help="network (torchvision layouts; default resnet18)")
     q.add_argument("--input-size", type=_args.positive_int, default=256,
                    help="image side in pixels the classifier sees (default 256)")
     q.add_argument("--width", type=_args.positive_int, default=64, help="base width (64 = torchvision's)")
@@ -172,7 +172,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--val-fraction", type=_args.fraction, default=0.1,
                    help="fraction of patients held out for validation (default 0.1)")
     q.add_argument("--init-weights", default=None,
-                   help="weights to start from: torchvision's (ImageNet ResNet / DenseNet-121, current or older "
+                   help="weights to start from (default: none, trained from scratch): torchvision's (ImageNet ResNet / DenseNet-121, current or older "
                         "keys) or a CheXNet-style DenseNet-121 checkpoint; every weight of the body must fit "
                         "(a 3-channel first convolution is summed to grey; a head of another size starts anew)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -95,7 +95,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fid", help="Fréchet Inception Distance between two image sets",
-        description="FID compatible with pytorch-fid. A and B are each a folder of images (PNG, JPEG, DICOM; "
+        description="FID compatible with pytorch-fid. A and B are each a folder of images (PNG, JPEG, TIFF, DICOM; "
                     "recursive), a prepared archive, a .npz statistics file (mu, sigma), or a generator "
                     "checkpoint / run folder with --n (images generated on the fly, never written). Weights "
                     "pt_inception-2015-12-05-6726825d.pth come from --inception, XRAYFORGE_INCEPTION or the torch "
