@@ -18,6 +18,8 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path, capsys):
     run = out / "run"
     assert (run / "log.jsonl").is_file() and (run / "loss.png").is_file() and (run / "grid-latest.png").is_file()
     assert any((run / "checkpoints").glob("ckpt-*"))
+    # the stage ran to its end; "complete" is the trainer's (the whole schedule), which the budget cuts here
+    assert state["train"]["trained"] and state["train"]["complete"] is state["train"]["schedule_complete"]
     assert (out / "classifier" / "classifier.pt").is_file() and state["classifier"]["best_mean_auroc"] > 0.5
     trained = json.loads((out / "classifier" / "training.json").read_text())  # the kept epoch's AUROCs, not the last's
     assert state["classifier"]["auroc"] == trained["history"][trained["best_epoch"] - 1]["auroc"]

@@ -324,7 +324,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
 
     # 3. the GAN, sized so that the schedule fits its share of the budget, measured in the classifier's features
     run = out / "run"
-    if not results.get("train", {}).get("complete"):
+    done = results.get("train", {})  # "trained": this stage ran to its end (a state from before it: "complete")
+    if not done.get("trained", "trained" not in done and done.get("complete")):
         if p["recipe"] == "gpu":  # a wider network, to 256 px
             cfg, results["recipe"] = gpu_config(archive, run, p, budget, dev)
         else:
@@ -353,7 +354,8 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
             spent = float(last.get("total_seconds", last.get("seconds", 0.0)))
             trainer.cfg.max_seconds = max(trainer.cfg.max_seconds - spent, 1e-3)
         summary = trainer.train()
-        results["train"] = {**summary, "seconds": time.perf_counter() - t0, "complete": True,
+        # "complete" stays the trainer's (the whole schedule trained), as in its summary
+        results["train"] = {**summary, "seconds": time.perf_counter() - t0, "trained": True,
                             **training_reach(summary, p["resolution"])}
         if results["train"]["stopped_early"] or results["train"].get("budget_note"):
             say(results["train"]["stopped_early"] or results["train"]["budget_note"])
