@@ -587,6 +587,25 @@ def test_lco_archive_with_several_targets(models, tmp_path):
     assert latents.shape[1] == 64
 
 
+def test_an_lco_progress_bar_ends_on_each_targets_final_counts(models, tmp_path, capsys, monkeypatch):
+    """The bar's per-target line (shown at most every half second while a shard works) ends on the
+    shard's final counts, however soon after its last update the shard finished: the demo's bars
+    stayed at their first line ("0/8 of 0 tried") when the archive held 8 accepted images. The clock
+    here never moves, so only the shard's final update can show."""
+    import types
+    from xrayforge.sample import writer
+    monkeypatch.setattr(writer, "time", types.SimpleNamespace(monotonic=lambda: 0.0, perf_counter=time.perf_counter))
+    run, clf = models
+    targets = ["Cardiomegaly=1", "Mass=1,Cardiomegaly=0"]
+    capsys.readouterr()
+    summary = sample_archive(SampleConfig(str(run), str(tmp_path / "lco"), n=3, classifier=str(clf), targets=targets,
+                                          steps=40, lr=0.1), progress=True)
+    final = capsys.readouterr().err.rstrip("\n").split("\r")[-1]  # the bar as it was left
+    t = summary["targets"]
+    assert ", ".join(f"{k}: {t[k]['accepted']}/3 of {t[k]['accepted'] + t[k]['rejected']} tried" for k in targets) \
+        in final, final
+
+
 def test_killed_archive_run_resumes_to_exactly_n_images(models, tmp_path):
     run, _ = models
     out = tmp_path / "arch"

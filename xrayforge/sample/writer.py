@@ -388,11 +388,16 @@ class ArchiveSampler:
                     f"{settled[t]} attempts (shard {s}), and the archive has none; raise --steps or --lr, check "
                     f"that the classifier can see these findings (its thresholds: "
                     f"{self.cfg.classifier}/classifier.json), or let it try longer (--give-up-after)")
-            if self.bar is not None and time.monotonic() - shown[0] > 0.5:  # a long shard shows it is working
-                shown[0] = time.monotonic()
-                self.bar.set_postfix_str(", ".join(
-                    f"{format_target(self.targets[u])}: {len(got[u])}/{need[u]} of {settled[u]} tried"
-                    for u in range(T)))
+            show()
+
+        def show(final: bool = False) -> None:
+            """Each target's counts on the progress bar: every half second while the shard works (a long
+            shard shows it is working), and once more when it is done, else the bar keeps a stale line."""
+            if self.bar is None or not (final or time.monotonic() - shown[0] > 0.5):
+                return
+            shown[0] = time.monotonic()
+            self.bar.set_postfix_str(", ".join(
+                f"{format_target(self.targets[u])}: {len(got[u])}/{need[u]} of {settled[u]} tried" for u in range(T)))
 
         def attempts():
             """Blocks of about --batch attempts over the targets that need more, their starts screened
@@ -433,6 +438,7 @@ class ArchiveSampler:
             outcome[t][a] = (sd, index, smp.steps, smp.probs.tolist(), smp.z.to("cpu", copy=True),
                              to_uint(smp.image[None], self._bits)[0]) if smp.accepted else None
             settle(t)
+        show(final=True)
         for t in range(T):
             if is_open(t):
                 raise LCOUnreachable(
