@@ -72,6 +72,13 @@ def test_voi_lut_of_a_negative_rescale_reads_its_first_mapped_value_as_signed(tm
     write_image(tmp_path / "s.dcm", signed, signed=True, VOILUTSequence=seq)
     np.testing.assert_allclose(read_radiograph(tmp_path / "s.dcm").pixels, lut[signed + 1024] / 4095, rtol=0,
                                atol=1e-7)
+    # 16-bit unsigned pixels and the same intercept: a LUT from 40000 lies inside what the pixels reach
+    # (-1024 .. 64511), so 40000 is meant as read, not as -25536 (which gave a blank image too)
+    wide = np.array([[41024, 42000, 45000], [43000, 44000, 41500]])
+    write_bare_image(tmp_path / "u16.dcm", wide, implicit=implicit, keep_file_meta=True, bits_stored=16,
+                     RescaleSlope=1, RescaleIntercept=-1024, VOILUTSequence=voi_lut_sequence(40000, lut, 12))
+    np.testing.assert_allclose(read_radiograph(tmp_path / "u16.dcm").pixels,
+                               lut[np.clip(wide - 1024 - 40000, 0, 4095)] / 4095, rtol=0, atol=1e-7)
 
 
 def test_16_bit_full_range(tmp_path):

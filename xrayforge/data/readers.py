@@ -191,18 +191,19 @@ def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR"
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _apply_lut(values: np.ndarray, item, signed_input: bool) -> np.ndarray:
+def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float]) -> np.ndarray:
     """A VOI LUT Sequence item onto [0, 1] (PS3.3 C.11.2.1.1): values below the first mapped
-    value take the first entry, above the last the last entry. The first mapped value is US or SS
-    as the LUT's input, the Modality LUT's output, is unsigned or can be negative (``signed_input``);
-    pydicom reads an implicit VR one (or an explicit one written as US) by the Pixel Representation
-    alone: for unsigned stored pixels with a negative Rescale Intercept, -1024 read as 64512 put every
-    pixel below the LUT, a blank image. It is read as the input is, as viewers do."""
+    value take the first entry, above the last the last entry. The first mapped value is US or SS,
+    and pydicom reads an implicit VR one (or an explicit one written as US) by the Pixel
+    Representation alone: for unsigned stored pixels with a negative Rescale Intercept, -1024 read as
+    64512 put every pixel below the LUT, a blank image. Where the value as read lies outside
+    ``input_range`` (the Modality LUT's output) and its other 16-bit reading inside, the other is
+    meant; a value inside (e.g. 40000 for 16-bit pixels) is kept as read."""
     n, first, bits = (int(v) for v in item.LUTDescriptor)
-    if signed_input and first >= 2 ** 15:
-        first -= 2 ** 16
-    elif not signed_input and first < 0:
-        first += 2 ** 16
+    other = first - 2 ** 16 if first >= 2 ** 15 else first + 2 ** 16 if first < 0 else first
+    lo, hi = input_range
+    if not lo <= first <= hi and lo <= other <= hi:
+        first = other
     n = n or 65536  # 0 means 2^16 entries
     raw = item.LUTData
     lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
@@ -323,8 +324,9 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         raise SkipImage(f"pixel values are not finite after the Modality LUT (Rescale Slope "
                         f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})")
     if ds.get("VOILUTSequence"):
-        signed_input = not ds.get("ModalityLUTSequence") and _modality_range(ds)[0] < 0  # that LUT's output is unsigned
-        x = _apply_lut(values, ds.VOILUTSequence[0], signed_input)
+        modality_lut = ds.get("ModalityLUTSequence")
+        x = _apply_lut(values, ds.VOILUTSequence[0], _modality_range(ds) if not modality_lut
+                       else (0, 2 ** int(modality_lut[0].LUTDescriptor[2]) - 1))  # that LUT's output: its entries
         how = "VOI LUT"
     elif center is not None and width is not None:
         if not (np.isfinite(center) and np.isfinite(width)):
