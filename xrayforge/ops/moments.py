@@ -208,13 +208,14 @@ def _triton(x: torch.Tensor, masks: torch.Tensor | None = None, precision: str |
         return reference(x, masks)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise UserError(f"masked_moments: the Triton path takes fp32 / bf16 / fp16 features, got {x.dtype}")
-    largest = float(x.abs().amax()) if x.numel() else 0.0
-    if largest != 0.0 and not FP32_SAFE[0] <= largest <= FP32_SAFE[1]:  # NaN too: the reference says it
-        return reference(x, masks)
     exact_below = EXACT_BELOW if exact_below is None else exact_below
     counts = torch.tensor([len(x)]) if masks is None else masks.sum(1).cpu()
     small = counts < exact_below
     if bool(small.all()):
+        return reference(x, masks)
+    # the largest magnitude without an abs() copy of the features; NaN / inf propagate
+    largest = float(torch.linalg.vector_norm(x, float("inf"))) if x.numel() else 0.0
+    if largest != 0.0 and not FP32_SAFE[0] <= largest <= FP32_SAFE[1]:  # NaN too: the reference says it
         return reference(x, masks)
     if not bool(small.any()):
         return _kernels(x, masks, precision, blocks, splits, int(counts.max()))
