@@ -212,3 +212,12 @@ def test_a_row_cut_short_before_a_needed_column_is_refused_naming_its_line(tmp_p
     with pytest.raises(UserError, match=r"cut\.csv: line 5 is cut short: it has no Finding Labels"):
         read_csv(cut, ("Image Index", "Finding Labels"))
     assert len(read_csv(cut, ("Image Index",))[0]) == 3  # what this reader needs is there
+
+
+def test_lines_of_spaces_or_bare_commas_are_not_rows(tmp_path):
+    """A line of spaces at the end of a hand-edited label file was refused as a row cut short;
+    a line of bare commas was an image with an empty name."""
+    path = tmp_path / "labels.csv"
+    path.write_text("Image Index,Finding Labels,Patient ID\na.png,Effusion,1\n   \n,,\n\t\nb.png,Mass,2\n \n")
+    rows, _ = read_csv(path, ("Image Index", "Finding Labels"))
+    assert [r["Image Index"] for r in rows] == ["a.png", "b.png"]
