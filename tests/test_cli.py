@@ -71,3 +71,17 @@ def test_train_lr_that_is_empty_or_beyond_1_is_refused_when_the_command_line_is_
         assert "at most 1" in str(exc)
     else:
         raise AssertionError("1024:7 was accepted")
+
+
+def test_out_of_cpu_memory_says_the_size_asked_whichever_library_ran_out():
+    """numpy's MemoryError names its size with a unit ('8.00 PiB'): the message dropped it."""
+    import numpy as np
+    try:
+        np.empty((2 ** 20, 2 ** 30))  # 8 PiB: refused on any machine, overcommit or not
+    except MemoryError as exc:
+        numpy_oom = exc
+    torch_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                             "memory: you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+    assert cli.describe(numpy_oom).startswith("out of memory (8.00 PiB asked at once); lower --batch")
+    assert cli.describe(torch_oom).startswith("out of memory (4.0 GiB asked at once); lower --batch")
+    assert cli.describe(MemoryError()).startswith("out of memory; lower --batch")

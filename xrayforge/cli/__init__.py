@@ -118,8 +118,10 @@ def describe(exc: BaseException) -> str:
     elif type(exc).__name__ == "OutOfMemoryError":
         text = "out of GPU memory; lower --batch (or use --amp bf16 / --checkpoint-min-res where the command has them)"
     elif isinstance(exc, MemoryError) or "can't allocate memory" in text:  # numpy's, or torch's CPU allocator
-        tried = re.search(r"allocate (\d+) bytes", text)
-        size = f" ({int(tried.group(1)) / 2 ** 30:,.1f} GiB asked at once)" if tried else ""
+        tried = re.search(r"allocate (\d+) bytes", text)  # torch's
+        said = re.search(r"Unable to allocate ([\d.]+ \w?i?B)", text)  # numpy's, with its own unit
+        size = (f" ({int(tried.group(1)) / 2 ** 30:,.1f} GiB asked at once)" if tried
+                else f" ({said.group(1)} asked at once)" if said else "")
         text = (f"out of memory{size}; lower --batch, or the sizes given to the networks (--latent-dim, "
                 f"--fmap-base, --fmap-max), where the command has them")
     else:
