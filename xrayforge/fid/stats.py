@@ -43,11 +43,16 @@ class NonFiniteFeatures(UserError):
         return NonFiniteFeatures(self.rows, self.total, names)
 
 
+def non_finite_rows(features: torch.Tensor) -> list[int]:
+    """The rows of a (b, D) batch with a NaN or infinite value."""
+    return (~torch.isfinite(features).all(1)).nonzero()[:, 0].tolist()
+
+
 def refuse_non_finite(features: torch.Tensor) -> None:
     """Raise NonFiniteFeatures for a (b, D) batch with NaN or infinite values."""
-    bad = ~torch.isfinite(features).all(1)
-    if bool(bad.any()):
-        raise NonFiniteFeatures(bad.nonzero()[:, 0].tolist(), len(features))
+    bad = non_finite_rows(features)
+    if bad:
+        raise NonFiniteFeatures(bad, len(features))
 
 
 class StreamingMoments:
@@ -181,10 +186,9 @@ class FrechetStats:
     def problem(self, tol: float = 1e-6) -> str | None:
         """What is wrong with these statistics (NaN / inf, an asymmetric or not positive
         semi-definite covariance beyond ``tol`` relative to its largest eigenvalue), or None."""
-        for name, a in (("mu", self.mu), ("sigma", self.sigma)):
-            bad = int(np.size(a) - np.isfinite(a).sum())
-            if bad:
-                return f"{bad} value(s) of {name} are NaN or infinite"
+        non_finite = self.non_finite()
+        if non_finite:
+            return non_finite
         scale = max(float(np.abs(self.sigma).max()), 1e-300) if self.sigma.size else 1.0
         if np.abs(self.sigma - self.sigma.T).max() > tol * scale:
             return "sigma is not symmetric"
@@ -194,6 +198,14 @@ class FrechetStats:
                 return f"sigma is not positive semi-definite (eigenvalue {ev[0]:.3g}, largest {ev[-1]:.3g})"
         if self.n is not None and self.n < 2:
             return f"n = {self.n}: a covariance needs at least 2 samples"
+        return None
+
+    def non_finite(self) -> str | None:
+        """How many values of mu or sigma are NaN or infinite, said, or None."""
+        for name, a in (("mu", self.mu), ("sigma", self.sigma)):
+            bad = int(np.size(a) - np.isfinite(a).sum())
+            if bad:
+                return f"{bad} value(s) of {name} are NaN or infinite"
         return None
 
     def merge(self, other: "FrechetStats") -> "FrechetStats":
@@ -237,11 +249,9 @@ def frechet_distance(a: FrechetStats, b: FrechetStats, device: str | torch.devic
     from .features import same_space
     same_space(a.space, b.space, "the first statistics", "the second")
     for which, s in (("the first", a), ("the second", b)):  # NaN: a NaN distance, or eigh failing unexplained
-        for name, v in (("mu", s.mu), ("sigma", s.sigma)):
-            bad = int(np.size(v) - np.isfinite(v).sum())
-            if bad:
-                raise UserError(f"{which} statistics: {bad} value(s) of {name} are NaN or infinite; no Fréchet "
-                                f"distance can be taken")
+        non_finite = s.non_finite()
+        if non_finite:
+            raise UserError(f"{which} statistics: {non_finite}; no Fréchet distance can be taken")
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature sizes differ: {a.mu.shape} vs {b.mu.shape}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..utils.files import load_npz, save_numpy
 from ..utils.images import faded_reals
 from .compute import FeatureExtractor
-from .stats import FrechetStats, frechet_distance
+from .stats import FrechetStats, frechet_distance, non_finite_rows
 
 METRICS = ("fid", "prdc")
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class TrainingMetrics:
         fake = torch.cat(feats)
         self.real_stats, self.real_features = self._real(resolution, alpha)
         out = {"metrics_features": self.space, "metrics_images": self.images}
-        bad = int((~torch.isfinite(fake).all(1)).sum())
+        bad = len(non_finite_rows(fake))
         if bad:  # a diverged G_ema (NaN weights): the tick is logged with NaN metrics and training goes on
             log.warning("G_ema's samples gave NaN or infinite features for %d of %d images (the generator has "
                         "diverged): this measurement is NaN", bad, len(fake))
