@@ -79,6 +79,18 @@ def test_report_says_where_best_json_names_a_checkpoint_that_is_gone(world, tmp_
     assert cli(report) == 0
     text = (tmp_path / "r.md").read_text()
     assert "Best checkpoint: ckpt-000000000080" in text and f"It is no longer in {ck}" in text
+    # a record naming a path elsewhere that happens to be a folder is no checkpoint of this run
+    record = json.loads((ck / "best.json").read_text())
+    (ck / "best.json").write_text(json.dumps({**record, "checkpoint": "../checkpoints"}))
+    assert cli(report) == 0
+    assert f"It is no longer in {ck}" in (tmp_path / "r.md").read_text()
+    # damaged (torn, or valid JSON but not the record): said, and the report stands (it stopped with an error)
+    for damaged in ('{"checkpoint": "ckpt-0', json.dumps({**record, "images": "many"}), "[1, 2]"):
+        (ck / "best.json").write_text(damaged)
+        assert cli(report) == 0
+        text = (tmp_path / "r.md").read_text()
+        assert "Best checkpoint" not in text and "best.json" in text and "`train --resume` writes it again" in text
+        assert "## Training" in text
 
 
 def test_scores_of_another_kind_are_not_compared(caplog, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ._format import number, split_row
+from ..nn.checkpoint import is_best_record, names_a_checkpoint
 from ..utils.files import read_json, read_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,17 @@ def _training_section(run: Path) -> list[str]:
                              f"real images, features {m.get('metrics_features', 'inception')}), at "
                              f"{m['images']:,} images: {got}.")
             best = run / "checkpoints" / "best.json"
-            if best.is_file():
-                b = read_json(best, "the best checkpoint's record")
+            try:
+                b = read_json(best, "the best checkpoint's record") if best.is_file() else None
+                if b is not None and not is_best_record(b):  # valid JSON, but not the record (a hand edit)
+                    raise UserError(f"{best}: not a best checkpoint's record")
+            except UserError as exc:  # damaged by hand or a disk fault: said, and the rest of the report stands
+                lines.append(f"({exc}; `train --resume` writes it again.)")
+                b = None
+            if b is not None:
                 name = str(b.get("checkpoint"))
                 # a run killed and not resumed since may name one damaged, renamed or removed by hand
-                gone = "" if name.startswith("ckpt-") and (best.parent / name).is_dir() else (
+                gone = "" if names_a_checkpoint(best.parent, name) else (
                     f" It is no longer in {best.parent} (damaged, renamed or removed); `train --resume` brings "
                     f"best.json in line.")
                 lines.append(f"Best checkpoint: {name} (tick {b.get('tick')}, {b.get('images', 0):,} "

@@ -103,6 +103,19 @@ def checkpoint_dirs(ckpt_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda q: (int(q.name[5:]) if q.name[5:].isdigit() else -1, q.name), reverse=True)
 
 
+def is_best_record(record) -> bool:
+    """Whether ``record`` (checkpoints/best.json's) has the fields of a best checkpoint's record with
+    usable types."""
+    return isinstance(record, dict) and isinstance(record.get("checkpoint"), str) \
+        and isinstance(record.get("images"), int) and isinstance(record.get("score"), (int, float))
+
+
+def names_a_checkpoint(ckpt_dir: str | os.PathLike, name) -> bool:
+    """Whether ``name`` (a best checkpoint's record's) is one of the checkpoints in ``ckpt_dir``: a
+    ``ckpt-<images>`` folder there, not one damaged and renamed, removed, or a path elsewhere."""
+    return isinstance(name, str) and any(q.name == name for q in checkpoint_dirs(ckpt_dir))
+
+
 def cut_short_dirs(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(images, folder) of a run's checkpoints whose writing was cut short (``ckpt-<images>.tmp``:
     a kill while it was written), fewest images first."""

@@ -37,7 +37,8 @@ from ..data.loader import BatchStream, Prefetcher, to_unit_range
 from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
 from ..nn.networks import largest_group_size
-from ..nn.checkpoint import checkpoint_dirs, cut_short_dirs, damage, latest_intact, read_metadata
+from ..nn.checkpoint import (checkpoint_dirs, cut_short_dirs, damage, is_best_record, latest_intact,
+                              names_a_checkpoint, read_metadata)
 from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl, write_json, write_text_atomic
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from ..utils.images import faded_reals
@@ -244,12 +245,6 @@ def _control_group():
     if _CONTROL_GROUP[0] is not world:
         _CONTROL_GROUP[:] = [world, dist.new_group(backend="gloo")]
     return _CONTROL_GROUP[1]
-
-
-def _a_best_record(record) -> bool:
-    """Whether ``record`` has the fields of a best checkpoint's record with usable types."""
-    return isinstance(record, dict) and isinstance(record.get("checkpoint"), str) \
-        and isinstance(record.get("images"), int) and isinstance(record.get("score"), (int, float))
 
 
 class Trainer:
@@ -492,13 +487,13 @@ class Trainer:
         path = self.ckpt_dir / "best.json"
         try:
             on_disk = read_json(path, "the best checkpoint's record") if path.is_file() else None
-            if on_disk is not None and not _a_best_record(on_disk):  # valid JSON, but not the record (a hand edit)
+            if on_disk is not None and not is_best_record(on_disk):  # valid JSON, but not the record (a hand edit)
                 raise UserError(f"{path}: not a best checkpoint's record")
         except UserError as exc:  # a damaged file is no reason to refuse the resume: written again (or removed)
             log.warning("%s; %s", exc, "the checkpoint's own record is used" if state.get("best") else "dropped")
             on_disk = False
         best = state["best"] if "best" in state else on_disk or None
-        gone = best is not None and not (self.ckpt_dir / str(best.get("checkpoint"))).is_dir()
+        gone = best is not None and not names_a_checkpoint(self.ckpt_dir, best.get("checkpoint"))
         if best is not None and (gone or int(best.get("images", 0)) > self.images_seen):
             log.warning("%s: the best checkpoint, %s, is %s; the run has none until its next measurement",
                         self.ckpt_dir, best.get("checkpoint"), "gone" if gone else "past the one resumed from")
