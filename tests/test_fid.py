@@ -2,6 +2,7 @@
 against numpy / scipy, the preprocessing kernel against the reference, and the CLI."""
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xrayforge.cli import main as cli
+from xrayforge.errors import UserError
 from xrayforge.fid import (FrechetStats, StreamingMoments, compute_fid, frechet_distance, load_inception,
                            preprocess)
 from xrayforge.fid.inception import FIDInception, find_weights
@@ -235,6 +237,25 @@ def test_stats_files_round_trip_and_pytorch_fid_layout(tmp_path):
     np.savez(tmp_path / "bad.npz", m=s.mu)
     with pytest.raises(ValueError, match="no mu, sigma in it"):
         FrechetStats.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("mu", lambda s: s.mu + 1j, "mu is not real numbers (it holds complex128)"),
+    ("sigma", lambda s: s.sigma.astype(bool), "sigma is not real numbers (it holds bool)"),
+    ("n", lambda s: np.float64(2.7), "n, the sample count, must be one whole number (it is 2.7)"),
+    ("n", lambda s: np.array([40, 2]), "n, the sample count, must be one whole number (it is [40, 2])"),
+    ("n", lambda s: np.float64("nan"), "n, the sample count, must be one whole number (it is nan)"),
+    ("mode", lambda s: np.array("slow"), "mode 'slow' is not an Inception mode"),
+])
+def test_stats_files_with_loose_fields_are_refused(tmp_path, field, value, said):
+    """A complex mu lost its imaginary part unsaid, n = 2.7 read as 2, a mode no code writes was kept."""
+    s = FrechetStats(np.arange(3.0), np.eye(3), 40, mode="exact")
+    fields = {"mu": s.mu, "sigma": s.sigma, "n": np.int64(40), "mode": np.array("exact")}
+    np.savez(tmp_path / "s.npz", **{**fields, field: value(s)})
+    with pytest.raises(UserError, match=re.escape(f"s.npz: {said}")):
+        FrechetStats.load(tmp_path / "s.npz")
+    np.savez(tmp_path / "ok.npz", **{**fields, "n": np.float64(40.0)})  # a whole float is a count
+    assert FrechetStats.load(tmp_path / "ok.npz").n == 40
 
 
 @pytest.mark.parametrize("kb", [p for p in kernel_params() if p.values[0][0] == "triton"])  # no CUDA-extension kernel

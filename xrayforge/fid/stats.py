@@ -166,13 +166,22 @@ class FrechetStats:
         """Statistics from an .npz file (``mu``, ``sigma``, optionally ``n``), checked: finite, of
         matching sizes, and a symmetric positive semi-definite covariance."""
         f = load_npz(path, ("mu", "sigma"), "a statistics file (mu, sigma)")
+        for name in ("mu", "sigma", "n"):  # a complex array read as float64 loses its imaginary part unsaid
+            if name in f and (f[name].dtype.kind not in "biuf" or f[name].dtype == bool):
+                raise UserError(f"{path}: {name} is not real numbers (it holds {f[name].dtype})")
         try:
-            n = int(f["n"]) if "n" in f else None
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             space = str(f["feature_space"]) if "feature_space" in f else None
             mode = str(f["mode"]) if "mode" in f else None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: mu, sigma or n is not numeric ({exc})") from None
+        n = None
+        if "n" in f:
+            if f["n"].size != 1 or not float(f["n"].reshape(())).is_integer():
+                raise UserError(f"{path}: n, the sample count, must be one whole number (it is {f['n'].tolist()})")
+            n = int(f["n"].reshape(()))
+        if mode not in (None, "exact", "fast"):
+            raise UserError(f"{path}: mode {mode!r} is not an Inception mode (exact or fast)")
         if mu.size == 0:
             raise UserError(f"{path}: empty statistics (mu has no features)")
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
