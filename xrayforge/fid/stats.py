@@ -4,7 +4,8 @@ Moments are kept as (n, mean, M2) in float64, where M2 is the sum of outer produ
 deviations from the mean. Each batch's moments come from ``ops.masked_moments`` (centred on the
 batch's own mean; one call for all subsets of a batch, ``update_subsets``) and are merged with
 Chan et al.'s pairwise update, so no raw sum of squares is ever formed: a large mean with a small spread
-loses nothing. Moments merge across batches, processes (``all_reduce``) and runs
+keeps its digits (float64 features at a mean 10^6 times their spread, one row per batch: the covariance
+within 1e-10 relative of numpy's on the whole set; fp32 features hold only the digits fp32 gave them). Moments merge across batches, processes (``all_reduce``) and runs
 (``FrechetStats.merge``).
 
 The Fréchet distance is ``|mu1 - mu2|² + tr S1 + tr S2 - 2 tr sqrt(S1^½ S2 S1^½)``, computed in
