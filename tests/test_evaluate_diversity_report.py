@@ -220,12 +220,12 @@ def test_samples_are_quantised_at_the_real_archives_bit_depth(world, tmp_path, m
     there, not at 8 (and at 8 for an 8-bit archive)."""
     prepare("phantom:120", tmp_path / "real16", resolution=32, bits=16, workers=1, progress=False)
     seen = []
-    real_levels = div.levels
+    real_as_stored = div.as_stored
 
     def spy(images, bits=8):
         seen.append(bits)
-        return real_levels(images, bits)
-    monkeypatch.setattr(div, "levels", spy)
+        return real_as_stored(images, bits)
+    monkeypatch.setattr(div, "as_stored", spy)
     r = world["root"]
     diversity(str(r / "gen"), str(r / "clf"), str(tmp_path / "real16"), tmp_path / "d16", n=N, batch=BATCH,
               device="cpu", progress=False)

@@ -221,3 +221,15 @@ def test_lines_of_spaces_or_bare_commas_are_not_rows(tmp_path):
     path.write_text("Image Index,Finding Labels,Patient ID\na.png,Effusion,1\n   \n,,\n\t\nb.png,Mass,2\n \n")
     rows, _ = read_csv(path, ("Image Index", "Finding Labels"))
     assert [r["Image Index"] for r in rows] == ["a.png", "b.png"]
+
+
+def test_as_stored_is_what_a_written_file_reads_back_as():
+    """The classifier of `sample` and of `evaluate diversity` sees the pixels a file of 8 or 16 bits holds."""
+    import torch
+
+    from xrayforge.utils.images import as_stored, to_uint
+    x = torch.cat([torch.linspace(-1.2, 1.2, 997), torch.tensor([float("inf"), -float("inf")])]).view(1, 1, 1, -1)
+    for bits in (8, 16):
+        back = torch.from_numpy(to_uint(x, bits).astype(np.float64)) / ((1 << bits) - 1) * 2 - 1
+        torch.testing.assert_close(as_stored(x, bits).double()[:, 0], back, rtol=0, atol=2 ** -23)  # float32 rounding
+        assert as_stored(x, bits).min() == -1 and as_stored(x, bits).max() == 1

@@ -43,7 +43,7 @@ from ..utils.files import save_numpy, write_csv, write_json, write_text_atomic
 from ..nn import find_checkpoint, latents_for, load_networks
 from ..nn.classifier import load_classifier
 from ..nn.latents import check_truncation
-from ..utils.images import grid, levels, save_png, to_uint
+from ..utils.images import as_stored, grid, save_png, to_uint
 from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, held_out_positions, predict, recorded_training
 from .labelled import archive_id, open_labelled
@@ -210,7 +210,6 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
                         f"classifier {classifier} takes grey (one-channel) images")
 
     bits = 8 * real_arc.dtype.itemsize  # quantised as the real images are (8 or 16 bits)
-    top = float((1 << bits) - 1)
     from tqdm import tqdm
     synth_probs, tops = [], {f: _TopK(per_grid) for f in findings}
     for start in tqdm(range(0, n, batch), desc="generate and classify", unit="batch", disable=not progress,
@@ -219,7 +218,7 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
         with torch.no_grad():
             images = G(z).float()
             finite = bool(torch.isfinite(images).all())  # before clamping, which would make inf look fine
-            images = levels(images, bits) / top * 2 - 1  # the pixels `sample` writes and real images have
+            images = as_stored(images, bits)  # the pixels `sample` writes and real images have
             p = torch.sigmoid(model(images).float()).cpu().numpy()[:, cols]
         if not (finite and np.isfinite(p).all()):  # NaN is never >= a threshold: every finding 'never produced'
             who = f"{run}: the generator's images" if not finite else f"{classifier}: the classifier's probabilities"

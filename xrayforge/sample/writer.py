@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..nn import find_checkpoint, load_networks
 from ..utils.files import (atomic_write, claim_output, file_id, read_csv, read_json, same_settings, save_numpy,
                            write_csv, write_text_atomic)
-from ..utils.images import levels, save_png, to_uint
+from ..utils.images import as_stored, save_png, to_uint
 from .lco import (LCOPool, fixed_networks, format_target, log_prior, parse_target, satisfied, screen_starts,
                   target_tensors)
 from ..nn.latents import check_truncation, latents_for
@@ -76,10 +76,9 @@ def stored_probabilities(classifier, images: torch.Tensor, bits: int, device=Non
     """The classifier's probabilities of ``images`` (in [-1, 1]) as a file of ``bits`` per pixel
     holds them: clamped to [-1, 1] and quantised as ``to_uint`` does, run on ``device`` (default: the
     images'), in float32."""
-    top = float((1 << bits) - 1)
-    stored = levels(images, bits)  # on the images' device: no round trip through the host
+    stored = as_stored(images, bits)  # on the images' device: no round trip through the host
     with torch.no_grad():
-        return torch.sigmoid(classifier((stored / top * 2 - 1).to(device or images.device)).float())
+        return torch.sigmoid(classifier(stored.to(device or images.device)).float())
 
 
 def find_generator(run: str | os.PathLike) -> Path:

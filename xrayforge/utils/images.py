@@ -27,6 +27,12 @@ def levels(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return ((images.detach().float() + 1.0) / 2.0).clamp_(0.0, 1.0).mul_(top).round_()
 
 
+def as_stored(images: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Network output in [-1, 1] -> the same images as a file of ``bits`` per pixel holds them, back in
+    [-1, 1] (float32, on the images' device): what a classifier sees when it reads the written file."""
+    return levels(images, bits).div_(float((1 << bits) - 1)).mul_(2).sub_(1)
+
+
 def to_uint(images: torch.Tensor, bits: int = 8) -> np.ndarray:
     """Network output (N, C, H, W) in [-1, 1] -> uint8/uint16 (N, H, W) or (N, H, W, C)."""
     x = levels(images.cpu(), bits).numpy().astype(np.uint8 if bits == 8 else np.uint16)
