@@ -138,7 +138,7 @@ def write_png(path, samples, bit_depth=16, filters=(0, 1, 2, 3, 4), interlace=Fa
 
 def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometric=None, orientation=None):
     """A TIFF of 16-bit RGB or RGBA ``samples`` ((H, W, 3 or 4)), or grey ones ((H, W); 8-bit where
-    ``samples`` are uint8), in one strip,
+    ``samples`` are uint8, signed 16-bit, Sample Format 2, where they are int16), in one strip,
     in either byte order, uncompressed (Pillow's own decoder) or deflated (libtiff's), the alpha
     unassociated (``alpha`` 2) or premultiplied (1), ``photometric`` the Photometric Interpretation
     (default 2, RGB, or 1, BlackIsZero, for grey; 0 is WhiteIsZero), ``orientation`` the Orientation
@@ -149,7 +149,8 @@ def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometri
     h, w, n = samples.shape
     photometric = (2 if n >= 3 else 1) if photometric is None else photometric
     bits = 8 if n == 1 and samples.dtype == np.uint8 else 16
-    data = samples.astype(byte_order + ("u1" if bits == 8 else "u2")).tobytes()
+    signed = n == 1 and samples.dtype == np.int16
+    data = samples.astype(byte_order + ("u1" if bits == 8 else "i2" if signed else "u2")).tobytes()
     if deflate:
         data = zlib.compress(data)
     # (tag, type: 3 SHORT / 4 LONG, count, value); None: an offset filled in below
@@ -159,6 +160,8 @@ def write_tiff(path, samples, byte_order="<", deflate=False, alpha=2, photometri
         entries.insert(5, (274, 3, 1, orientation))  # the tags in ascending order
     if n == 4:
         entries.append((338, 3, 1, alpha))  # Extra Samples
+    if signed:
+        entries.append((339, 3, 1, 2))  # Sample Format: two's complement signed integer
     bits_at = 8 + 2 + 12 * len(entries) + 4
     data_at = bits_at + (2 * n if n > 1 else 0)
     out = (b"II" if byte_order == "<" else b"MM") + struct.pack(byte_order + "HIH", 42, 8, len(entries))

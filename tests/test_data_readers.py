@@ -13,8 +13,8 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from xrayforge.data import readers
 from xrayforge.data.readers import SkipImage, file_kind, find_images, read_radiograph
 
-from dicom_factory import (RT_PLAN_STORAGE, base_dataset, voi_lut_sequence, write_bare_image, write_image,
-                           write_png, write_rt_plan, write_tiff)
+from dicom_factory import (RT_PLAN_STORAGE, base_dataset, image_dataset, voi_lut_sequence, write_bare_image,
+                           write_image, write_png, write_rt_plan, write_tiff)
 
 STORED = np.array([[0, 100, 2000], [4095, 1024, 3000]], dtype=np.uint16)
 
@@ -604,3 +604,90 @@ def test_sixteen_bit_tiff_with_premultiplied_alpha_is_said_to_be_read_at_8_bits(
     with caplog.at_level("WARNING", logger="xrayforge.data.readers"):
         rad = read_radiograph(tmp_path / "a.tif")
     assert rad.meta["read_at_8_bits"] and "a.tif: 16 bits per sample (TIFF RGBA), read at 8 bits" in caplog.text
+
+
+@pytest.mark.parametrize("photometric,shape,inverted", [
+    ("MONOCHROME2", None, False), ("MONOCHROME2", "IDENTITY", False), ("MONOCHROME2", "INVERSE", True),
+    ("MONOCHROME1", None, True), ("MONOCHROME1", "INVERSE", True), ("MONOCHROME1", "IDENTITY", True)])
+def test_presentation_lut_shape_inverse_is_shown_inverted(tmp_path, photometric, shape, inverted):
+    """Presentation LUT Shape (2050,0020) INVERSE was ignored: a MONOCHROME2 image that asks to be shown
+    inverted came out as a negative of what it shows. With MONOCHROME1, INVERSE is what PS3.3 C.7.6.1
+    requires, the one inversion MONOCHROME1 means, not a second one that undoes it."""
+    attrs = {} if shape is None else {"PresentationLUTShape": shape}
+    write_image(tmp_path / "a.dcm", STORED, photometric=photometric, **attrs)
+    write_image(tmp_path / "w.dcm", STORED, photometric=photometric, WindowCenter=2048, WindowWidth=4096, **attrs)
+    plain, windowed = STORED / 4095, np.clip((STORED - 2047.5) / 4095 + 0.5, 0, 1)
+    for name, expected in (("a.dcm", plain), ("w.dcm", windowed)):  # after the VOI transform, as MONOCHROME1
+        rad = read_radiograph(tmp_path / name)
+        np.testing.assert_allclose(rad.pixels, 1 - expected if inverted else expected, rtol=0, atol=1e-6)
+
+
+def _float_image(path, values, tag="FloatPixelData", **attrs):
+    """A DICOM image whose pixels are in Float (32-bit) or Double Float (64-bit) Pixel Data, which has
+    no Bits Stored, High Bit or Pixel Representation."""
+    ds = image_dataset(np.zeros(np.shape(values), dtype=np.uint16), **attrs)
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32 if tag == "FloatPixelData" else 64
+    setattr(ds, tag, np.asarray(values, dtype=np.float32 if tag == "FloatPixelData" else np.float64).tobytes())
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.mark.parametrize("tag", ["FloatPixelData", "DoubleFloatPixelData"])
+def test_float_pixel_data_is_read_through_its_window(tmp_path, tag):
+    """Float and Double Float Pixel Data failed with an AttributeError (no Bits Stored), which prepare
+    reported as an unexpected error. It is read through its window, the image's own or, as a Parametric
+    Map has it, its Frame VOI LUT functional group's; without one it is skipped, saying why."""
+    values = np.array([[-1000.25, 0.5, 999.75], [3000.0, 1500.5, 10.0]])
+    _float_image(tmp_path / "own.dcm", values, tag, WindowCenter=1000, WindowWidth=2001)
+    rad = read_radiograph(tmp_path / "own.dcm")
+    np.testing.assert_allclose(rad.pixels, np.clip((values - 999.5) / 2000 + 0.5, 0, 1), rtol=0, atol=1e-6)
+    assert rad.meta["float_bits"] == (32 if tag == "FloatPixelData" else 64) and rad.meta["voi"] == "window"
+    unit = np.array([[0.0, 0.25, 0.5], [0.75, 1.0, 0.6]])
+    voi = pydicom.Dataset()
+    voi.WindowCenter, voi.WindowWidth, voi.VOILUTFunction = 0.5, 0.5, "LINEAR_EXACT"
+    group = pydicom.Dataset()
+    group.FrameVOILUTSequence = pydicom.Sequence([voi])
+    _float_image(tmp_path / "shared.dcm", unit, tag, SharedFunctionalGroupsSequence=pydicom.Sequence([group]))
+    np.testing.assert_allclose(read_radiograph(tmp_path / "shared.dcm").pixels,
+                               np.clip((unit - 0.5) / 0.5 + 0.5, 0, 1), rtol=0, atol=1e-6)
+    _float_image(tmp_path / "bare.dcm", unit, tag)
+    name = "Float Pixel Data" if tag == "FloatPixelData" else "Double Float Pixel Data"
+    with pytest.raises(SkipImage, match=f"^{name} without a Window Center / Width: floating-point pixels have no "
+                                        f"Bits Stored"):
+        read_radiograph(tmp_path / "bare.dcm")
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"], ids=["II", "MM"])
+@pytest.mark.parametrize("deflate", [False, True], ids=["raw", "deflate"])
+def test_signed_sixteen_bit_tiff_is_scaled_over_its_signed_range(tmp_path, byte_order, deflate):
+    """A TIFF of signed 16-bit samples (Sample Format 2; Pillow's "I;16S") with a negative value was
+    skipped as a "32-bit integer image with values outside 0..65535", and one without was scaled as
+    unsigned. It is scaled over -32768..32767, as a DICOM's signed 16 bits are; libtiff (deflated) in
+    big-endian order gave byte-swapped samples, Pillow taking its native output for big-endian."""
+    if deflate and not features.check("libtiff"):
+        pytest.skip("Pillow without libtiff")
+    for stored in (np.array([[-1000, 0, 2000], [32767, -32768, 5]], dtype=np.int16),
+                   np.array([[0, 10, 2000], [32767, 1, 4095]], dtype=np.int16)):
+        write_tiff(tmp_path / "a.tif", stored, byte_order, deflate)
+        rad = read_radiograph(tmp_path / "a.tif")
+        np.testing.assert_allclose(rad.pixels, (stored + 32768.0) / 65535, rtol=0, atol=1e-7)
+        assert rad.meta["signed"] and "max" not in rad.meta
+
+
+def test_multi_page_tiff_is_skipped_but_not_for_its_thumbnail(tmp_path):
+    """A TIFF of several pages was read as its first page without a word (a PA and a lateral view in one
+    file gave only the PA). It is skipped, as a multi-frame DICOM is; a reduced-resolution copy of the
+    first page (NewSubfileType 1) is no page of its own."""
+    from PIL import TiffImagePlugin
+    pages = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 200, 30)]
+    pages[0].save(tmp_path / "multi.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(SkipImage, match=r"^multi-page TIFF \(3 pages; only a single image is read\)$"):
+        read_radiograph(tmp_path / "multi.tif")
+    with TiffImagePlugin.AppendingTiffWriter(str(tmp_path / "thumb.tif"), new=True) as tf:
+        for page, info in ((pages[0], {}), (pages[1].resize((2, 2)), {254: 1})):
+            page.save(tf, format="TIFF", tiffinfo=info)
+            tf.newFrame()
+    with Image.open(tmp_path / "thumb.tif") as im:
+        assert im.n_frames == 2
+    np.testing.assert_allclose(read_radiograph(tmp_path / "thumb.tif").pixels, np.full((8, 8), 10 / 255), atol=1e-7)

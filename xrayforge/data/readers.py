@@ -2,11 +2,13 @@
 
 DICOM (pydicom): the Modality LUT (Rescale Slope / Intercept, or a Modality LUT Sequence),
 then the VOI LUT Sequence or the first Window Center / Width (DICOM PS3.3 C.11.2.1.2, with the
-VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID), then MONOCHROME1 is inverted. Without a
-VOI transform, values are scaled over the range that Bits Stored (or the Modality LUT's output)
-allows (no per-image contrast stretch). RGB and YCbCr images (which pydicom returns as RGB) are
-converted to luminance. Multi-frame images and objects without pixel data (RT plans,
-structured reports, ...) are skipped with a reason.
+VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID), then MONOCHROME1, or a Presentation LUT Shape
+INVERSE, is inverted (``_inverted``). Without a VOI transform, values are scaled over the range that
+Bits Stored (or the Modality LUT's output) allows (no per-image contrast stretch). Float and Double
+Float Pixel Data (which has no Bits Stored) is read through its window, the image's own or its
+Frame VOI LUT functional group's, and skipped with the reason where it has none. RGB and YCbCr
+images (which pydicom returns as RGB) are converted to luminance. Multi-frame images and objects
+without pixel data (RT plans, structured reports, ...) are skipped with a reason.
 A DICOM file without the PS3.10 header (the 128-byte preamble, "DICM" and the File Meta
 Information), as older equipment and some PACS exports write it, is read as the bare data set it
 is (implicit or explicit VR little endian) when its first bytes are a plausible element of group
@@ -19,7 +21,10 @@ orientation (or a TIFF's Orientation tag) is applied; a TIFF whose Photometric I
 WhiteIsZero is inverted (Pillow does so below 16 bits, not at 16). Pillow opens 16-bit colour and
 grey + alpha images at 8 bits (each sample's high byte): their low bytes are decoded as well, so
 that they too keep 16 bits (``_sixteen_bit_samples``); where that cannot be done the image is read
-at 8 bits, said once and marked in ``meta["read_at_8_bits"]``.
+at 8 bits, said once and marked in ``meta["read_at_8_bits"]``. A signed 16-bit TIFF (Sample Format
+2) is scaled over -32768..32767, as DICOM's signed 16 bits are. A TIFF of more than one page (other
+than reduced-resolution copies and masks of the first) is skipped, as a multi-frame DICOM is: its
+pages may be different views.
 
 A file's suffix says how to read it when it is a known one (no file is opened to find out);
 otherwise its content does (DICOM's "DICM" or a bare data set's first element, PNG / JPEG / TIFF /
@@ -73,6 +78,13 @@ _IMAGE_ATTRIBUTES = {"Rows": "Rows", "Columns": "Columns", "BitsAllocated": "Bit
 # last step (the "unpacker" the tile's raw mode names) keeping each sample's high byte
 _SIXTEEN_BIT_COLOUR = re.compile(r"(RGB|RGBX|RGBA|LA);16([BLN])")
 _NATIVE = "L" if sys.byteorder == "little" else "B"
+# a signed 16-bit TIFF's raw modes; libtiff (a compressed one) gives the samples in this machine's
+# byte order, which Pillow (13 at least) does not say for the signed ones as it does for "I;16B"
+_SIGNED_16 = ("I;16S", "I;16BS")
+_NATIVE_SIGNED_16 = "I;16S" if sys.byteorder == "little" else "I;16BS"
+# NewSubfileType (254) bits of a TIFF page that is no image of its own: a reduced-resolution copy (1)
+# or a transparency mask (4) of another page (TIFF 6.0, section 8)
+_NOT_A_PAGE_OF_ITS_OWN = 0b101
 _said_8_bits = False  # the first 16-bit image read at 8 bits is said; prepare counts them all
 
 
@@ -273,6 +285,36 @@ def _read_bare_dataset(path: str | os.PathLike):
     return ds
 
 
+def _inverted(ds, photometric: str) -> bool:
+    """Whether a grey image is displayed inverted (its lowest value white). PS3.3 C.7.6.1 (General
+    Image Module): Presentation LUT Shape (2050,0020) IDENTITY "shall be used if Photometric
+    Interpretation is MONOCHROME2", INVERSE "shall be used if Photometric Interpretation is
+    MONOCHROME1" (the DX Image Module, C.8.11.1, says the same): with MONOCHROME1, INVERSE names
+    the one inversion MONOCHROME1 already means, not a second that would undo it. INVERSE on
+    MONOCHROME2 (against that rule, but the only way the image can say so) asks for the image to be
+    shown inverted (as it does in a presentation state, which overrides the Photometric
+    Interpretation: PS3.4 N.2.1.4), and is followed; IDENTITY on MONOCHROME1 (against the rule too)
+    leaves MONOCHROME1's inversion, which the pixels are stored for."""
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
+def _float_window(ds) -> tuple[float | None, float | None, str]:
+    """The window (centre, width, VOI LUT Function) of Float or Double Float Pixel Data: the image's
+    own Window Center / Width, else that of the Frame VOI LUT Sequence in its shared functional
+    groups, else in its (single) frame's, where an enhanced object such as a Parametric Map (the IOD
+    that has float pixels) puts it (PS3.3 C.7.6.16.2.10)."""
+    places = [ds]
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if ds.get(groups):
+            places += list(ds.get(groups)[0].get("FrameVOILUTSequence") or [])[:1]
+    for place in places:
+        center, width = _first(place.get("WindowCenter")), _first(place.get("WindowWidth"))
+        if center is not None and width is not None:
+            return center, width, str(place.get("VOILUTFunction") or "LINEAR").strip().upper()
+    return None, None, "LINEAR"
+
+
 def read_dicom(path: str | os.PathLike) -> Radiograph:
     """A DICOM file (with or without the PS3.10 header); see the module docstring."""
     import pydicom
@@ -319,11 +361,23 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         raise SkipImage(f"expected a 2-D image, pixel data has shape {stored.shape}")
     values = apply_modality_lut(stored, ds).astype(np.float64)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    floating = next((name for k, name in (("FloatPixelData", "Float Pixel Data"),
+                                          ("DoubleFloatPixelData", "Double Float Pixel Data"))
+                     if k in ds and "PixelData" not in ds), None)
     # a NaN / infinite Rescale or Window gives NaN pixels, or (clipped in the window) a blank image
     if not np.isfinite(values).all():
         raise SkipImage(f"pixel values are not finite after the Modality LUT (Rescale Slope "
                         f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})")
-    if ds.get("VOILUTSequence"):
+    if floating:  # no Bits Stored, hence no range but the window's (and no per-image stretch)
+        center, width, function = _float_window(ds)
+        if center is None or width is None:
+            raise SkipImage(f"{floating} without a Window Center / Width: floating-point pixels have no "
+                            f"Bits Stored to scale them over")
+        if not (np.isfinite(center) and np.isfinite(width)):
+            raise SkipImage(f"Window Center / Width {center} / {width} is not finite")
+        x = _window(values, center, width, function)
+        how = "window" if function not in ("LINEAR_EXACT", "SIGMOID") else f"window {function}"
+    elif ds.get("VOILUTSequence"):
         modality_lut = ds.get("ModalityLUTSequence")
         x = _apply_lut(values, ds.VOILUTSequence[0], _modality_range(ds) if not modality_lut
                        else (0, 2 ** int(modality_lut[0].LUTDescriptor[2]) - 1))  # that LUT's output: its entries
@@ -344,9 +398,15 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     if not np.isfinite(x).all():  # quantised, a NaN would be a black pixel
         raise SkipImage(f"pixel values are not finite after the {how} transform")
     x = np.clip(x, 0.0, 1.0)
-    if photometric == "MONOCHROME1":
+    if _inverted(ds, photometric):
         x = 1.0 - x
-    meta = {"photometric": photometric, "voi": how, "bits_stored": int(ds.BitsStored)}
+    meta = {"photometric": photometric, "voi": how}
+    if floating:
+        meta["float_bits"] = int(ds.get("BitsAllocated") or (32 if floating == "Float Pixel Data" else 64))
+    else:
+        meta["bits_stored"] = int(ds.BitsStored)
+    if photometric == "MONOCHROME2" and _inverted(ds, photometric):
+        meta["presentation_lut_shape"] = "INVERSE"  # shown inverted: the image says so
     if bare:
         meta["no_preamble"] = True  # no preamble and "DICM": read as a bare data set
     if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
@@ -453,6 +513,23 @@ def _low_bytes_work() -> bool:
     return True
 
 
+def _tiff_pages(im) -> int:
+    """How many pages of a TIFF are images of their own: all but the reduced-resolution copies and
+    transparency masks (NewSubfileType, or the old SubfileType 2) after the first. Leaves ``im`` at
+    its first page."""
+    n = getattr(im, "n_frames", 1)
+    if n == 1:
+        return 1
+    pages = 1
+    for i in range(1, n):
+        im.seek(i)
+        tags = im.tag_v2
+        if not (int(tags.get(254, 0) or 0) & _NOT_A_PAGE_OF_ITS_OWN or tags.get(255) == 2):
+            pages += 1
+    im.seek(0)
+    return pages
+
+
 def read_pillow(path: str | os.PathLike) -> Radiograph:
     """A PNG, JPEG, TIFF or BMP file; see the module docstring."""
     global _said_8_bits
@@ -466,6 +543,14 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
             # a TIFF's Photometric Interpretation WhiteIsZero (0; DICOM's MONOCHROME1): Pillow inverts
             # 1- to 8-bit samples as it unpacks them, but gives 16-bit ones as stored
             white_is_zero = fmt == "TIFF" and getattr(im, "tag_v2", {}).get(262) == 0
+            if fmt == "TIFF":  # Pillow reads the first page of a TIFF; others would be left out unsaid
+                pages = _tiff_pages(im)
+                if pages > 1:
+                    raise SkipImage(f"multi-page TIFF ({pages} pages; only a single image is read)")
+                tiles = list(im.tile)
+            signed = {_tile_rawmode(t) for t in tiles} <= set(_SIGNED_16) and bool(tiles)
+            if signed and all(t[0] == "libtiff" for t in tiles):
+                im.tile = tiles = [_with_rawmode(t, _NATIVE_SIGNED_16) for t in tiles]
             im.load()
             mode = im.mode
             meta = {"mode": mode}
@@ -474,7 +559,11 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
             sixteen = next(iter(rawmodes)) if len(rawmodes) == 1 and mode in ("RGB", "RGBA") else None
             sixteen = sixteen if sixteen and _SIXTEEN_BIT_COLOUR.fullmatch(sixteen) else None
             samples = _sixteen_bit_samples(path, im, tiles, sixteen) if sixteen and _low_bytes_work() else None
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
+            if signed:  # Sample Format 2 (Pillow opens it BlackIsZero only): over the range 16 signed bits
+                # allow, as a DICOM's Bits Stored 16; no "max" (prepare's 12-bit check is for unsigned data)
+                meta["signed"] = True
+                x = (np.asarray(im).astype(np.float64) + 32768.0) / 65535.0
+            elif mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im).astype(np.float64)
                 if arr.min() < 0 or arr.max() > 65535:
                     raise SkipImage(f"32-bit integer image with values outside 0..65535 ({mode})")
