@@ -252,3 +252,15 @@ def test_the_memorisation_section_names_the_feature_space_it_used(tmp_path):
     summary["features"] = "inception"
     (folder / "summary.json").write_text(json.dumps(summary))
     assert "| Inception features |" in "\n".join(evaluation_markdown("memorisation", folder))
+
+
+def test_the_training_section_counts_a_tick_stopped_and_resumed_once(tmp_path):
+    """A stop within a tick logs the part done and the resumed run the rest, both under the tick's number:
+    the report counted log lines, one tick more per stop."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [(1, 32), (2, 48), (2, 64), (3, 96)]
+    (run / "log.jsonl").write_text("".join(json.dumps({"tick": t, "images": i, "resolution": 8, "alpha": 1.0,
+                                                       "total_seconds": 10.0 * t}) + "\n" for t, i in lines))
+    write_report(tmp_path / "r.html", run)
+    assert "96 images seen in 30 s over 3 ticks" in (tmp_path / "r.md").read_text()

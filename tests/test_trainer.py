@@ -126,6 +126,63 @@ def test_sigterm_checkpoints_and_resume_matches(archive, tmp_path):
     assert_same_weights(weights(tmp_path / "whole"), weights(run))
 
 
+@pytest.mark.parametrize("stop", ["sigint", "max_images", "max_seconds"])
+def test_a_run_stopped_within_a_tick_numbers_its_ticks_as_an_uninterrupted_one_when_resumed(archive, tmp_path,
+                                                                                            monkeypatch, stop):
+    """A stop within a tick (Ctrl-C, --max-kimg, --max-seconds) logs the part of the tick done and checkpoints;
+    the resumed run numbered every later tick one ahead of the uninterrupted run's (tick 3 at 64 images, not
+    2), and so checkpointed (every checkpoint_ticks) and measured at other images. The part is logged under
+    the tick's own number, and the resumed run ends that tick under it (and measures it, if it is due)."""
+    from xrayforge.train.trainer import Interrupted
+    cfg = dict(TINY, resolution=8, realism_images=0, keep_checkpoints=10, device="cpu", metrics=["fid"],
+               metrics_every=2)
+
+    class Measure:  # a constant FID: which ticks are measured is what is compared
+        def __call__(self, generate, latent_dim, alpha):
+            return {"fid": 1.0}
+
+        def score(self, record):
+            return record.get("fid")
+
+    def ticks(run, measured=False):
+        return [(r["tick"], r["images"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "fid" in r or not measured]
+
+    def checkpoints(run):
+        return sorted(p.name for p in (run / "checkpoints").glob("ckpt-*"))
+    Trainer(TrainConfig(str(archive), str(tmp_path / "whole"), **cfg), progress=False, measure=Measure()).train()
+    whole = ticks(tmp_path / "whole")
+    assert whole == [(1, 32), (2, 64), (3, 96), (4, 128), (5, 160), (6, 192)]
+    assert ticks(tmp_path / "whole", measured=True) == [(2, 64), (4, 128), (6, 192)]
+    run = tmp_path / "stopped"
+    if stop == "sigint":  # Ctrl-C after the 5th step read its flags: the 6th stops (48 images, within tick 2)
+        steps, agree = [0], Trainer._agree
+
+        def signalled(self, *flags):
+            steps[0] += len(flags) == 2  # the step's flags (a tick's agreement has one)
+            if steps[0] == 5 and len(flags) == 2:
+                signal.raise_signal(signal.SIGINT)
+            return agree(self, *flags)
+        monkeypatch.setattr(Trainer, "_agree", signalled)
+        with pytest.raises(Interrupted, match="at 48 images"):
+            Trainer(TrainConfig(str(archive), str(run), **cfg), progress=False, measure=Measure()).train()
+        monkeypatch.setattr(Trainer, "_agree", agree)
+        cut = 48
+    else:  # a budget that ends within tick 1 (max_seconds: after the first step) or tick 2 (40 images)
+        budget = dict(max_images=40) if stop == "max_images" else dict(max_seconds=1e-9)
+        cut = Trainer(TrainConfig(str(archive), str(run), **cfg, **budget), progress=False,
+                      measure=Measure()).train()["images_seen"]
+        assert cut == (40 if stop == "max_images" else 8)
+    Trainer(TrainConfig(str(archive), str(run), **cfg), resume=True, progress=False, measure=Measure()).train()
+    logged = ticks(run)
+    assert (cut // 32 + 1, cut) in logged, logged  # the part of the tick done before the stop, under its number
+    assert [t for t in logged if t[1] != cut] == whole, logged
+    assert checkpoints(run) == sorted(checkpoints(tmp_path / "whole") + [f"ckpt-{cut:012d}"])
+    # a budget's end is measured (the end of that session); Ctrl-C's part of a tick is not (its tick, when it ends)
+    assert ticks(run, measured=True) == sorted(ticks(tmp_path / "whole", measured=True)
+                                               + ([] if stop == "sigint" else [(cut // 32 + 1, cut)]), key=lambda t: t[1])
+
+
 def _rank_main(rank, world, archive, out, init_file, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -64,8 +64,10 @@ def _training_section(run: Path) -> list[str]:
             lines.append(f"(The last line of {log} was cut short, by a crash or a kill; it is left out.)")
         if ticks:
             last = ticks[-1]
+            # a stop within a tick logs its part, and the resumed run the rest, under the same number
+            n_ticks = len({t.get("tick", -i) for i, t in enumerate(ticks)})
             seconds = last.get("total_seconds", last.get("seconds"))  # "seconds": this session's (a resume restarts it)
-            lines.append(f"{last['images']:,} images seen in {number(seconds, 0)} s over {len(ticks)} ticks; "
+            lines.append(f"{last['images']:,} images seen in {number(seconds, 0)} s over {n_ticks} ticks; "
                          f"last resolution {last['resolution']} px (fade-in α {number(last['alpha'], 2)}); final losses "
                          f"D {number(last.get('d_loss'))}, G {number(last.get('g_loss'))}, "
                          f"gradient penalty {number(last.get('gp'))}.")

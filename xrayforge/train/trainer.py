@@ -900,7 +900,10 @@ class Trainer:
     def _write_tick(self, record: dict, final: bool = False):
         if self.cfg.realism_images:
             record.update(self.measure_realism(record["level"], record["alpha"]))
-        if self.measure is not None and self.cfg.metrics and (record["tick"] % self.cfg.metrics_every == 0 or final):
+        # every metrics_every whole ticks (a tick cut short by a stop is measured when it ends), and at the end
+        whole = record["tick"] == self.tick
+        if self.measure is not None and self.cfg.metrics and (whole and record["tick"] % self.cfg.metrics_every == 0
+                                                              or final):
             level, alpha = record["level"], record["alpha"]
             with torch.no_grad():
                 # the real side at the generated images' resolution and this α, blended as G's output is
@@ -1043,13 +1046,19 @@ class Trainer:
                 if stopping and not self._stop_signal:  # another process was signalled: stop here too
                     self._stop_signal = signal.SIGTERM
                 done = self.images_seen >= self.total or bool(out_of_time)
-                if self.images_seen >= next_tick or done or stopping:
+                whole_tick = self.images_seen >= next_tick
+                if whole_tick or done or stopping:
                     if self.device.type == "cuda":  # the tick's img/s counts its steps' GPU work, all of it
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
-                    self.tick += 1
+                    # self.tick counts whole ticks: a stop within one (a signal, the time or image budget) logs
+                    # the part done under the tick's number, and the resumed run ends that tick under it too,
+                    # so that a resumed run numbers its ticks (and checkpoints, measures) as an uninterrupted one
+                    tick = self.tick + 1
+                    if whole_tick:
+                        self.tick = tick
                     # the level and α of the step just taken (a batch may end past a phase boundary)
-                    record = {"tick": self.tick, "images": self.images_seen, "level": phase.level,
+                    record = {"tick": tick, "images": self.images_seen, "level": phase.level,
                               "resolution": self.net_config.resolution_at(phase.level),
                               "alpha": round(phase.alpha, 6), "lr": self.opt_g.param_groups[0]["lr"],
                               "ema_beta": beta, "batch": self.batch, "train_images": len(self.train_rows),
