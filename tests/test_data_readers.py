@@ -1,5 +1,6 @@
 import pickle
 import re
+import struct
 import warnings
 
 import numpy as np
@@ -691,3 +692,39 @@ def test_multi_page_tiff_is_skipped_but_not_for_its_thumbnail(tmp_path):
     with Image.open(tmp_path / "thumb.tif") as im:
         assert im.n_frames == 2
     np.testing.assert_allclose(read_radiograph(tmp_path / "thumb.tif").pixels, np.full((8, 8), 10 / 255), atol=1e-7)
+
+
+def test_voi_lut_from_below_the_modality_range_takes_the_reading_that_covers_it(tmp_path):
+    """12-bit unsigned pixels, Rescale Intercept -1024 (-1024 .. 3071), a VOI LUT from -2048 (wider than the
+    data) written as US 63488: neither reading lies inside the range, and the one as read put every pixel below
+    the LUT, a blank image. The reading whose entries cover the range, -2048, is meant."""
+    lut = np.linspace(0, 4095, 4096).round().astype(int)[::-1]
+    seq = voi_lut_sequence(0, lut, 12)
+    seq[0].LUTDescriptor = [4096, 2 ** 16 - 2048, 12]
+    write_bare_image(tmp_path / "a.dcm", STORED, implicit=True, keep_file_meta=True, RescaleSlope=1,
+                     RescaleIntercept=-1024, VOILUTSequence=seq)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels,
+                               lut[np.clip(STORED.astype(int) - 1024 + 2048, 0, 4095)] / 4095, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("pointer", ["past_end", "into_data"])
+def test_tiff_whose_next_page_offset_is_damaged_is_read_as_its_one_page(tmp_path, pointer):
+    """A one-page TIFF whose next-page offset (after its first IFD) points past the end of the file or into its
+    data was read as that page; counting the pages (Pillow's n_frames) raised TypeError "Missing dimensions",
+    which prepare reported as an unexpected error."""
+    stored = (np.arange(12).reshape(3, 4) * 1000).astype(np.uint16)
+    write_tiff(tmp_path / "a.tif", stored)
+    raw = bytearray((tmp_path / "a.tif").read_bytes())
+    entries = struct.unpack_from("<H", raw, 8)[0]
+    struct.pack_into("<I", raw, 8 + 2 + 12 * entries, len(raw) + 1000 if pointer == "past_end" else 0x10)
+    (tmp_path / "a.tif").write_bytes(bytes(raw))
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.tif").pixels, stored / 65535, rtol=0, atol=1e-7)
+
+
+def test_float_pixel_data_that_is_not_finite_is_said_so(tmp_path):
+    """A NaN in Float Pixel Data was said to be the Modality LUT's doing ("not finite after the Modality LUT
+    (Rescale Slope 1, Intercept 0)"), which it is not."""
+    values = np.array([[0.0, np.nan, 1.0], [2.0, 3.0, 4.0]])
+    _float_image(tmp_path / "a.dcm", values, WindowCenter=2, WindowWidth=5)
+    with pytest.raises(SkipImage, match=r"^Float Pixel Data holds values that are not finite \(NaN or infinite\)$"):
+        read_radiograph(tmp_path / "a.dcm")

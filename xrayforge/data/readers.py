@@ -210,13 +210,16 @@ def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float]) -> np
     Representation alone: for unsigned stored pixels with a negative Rescale Intercept, -1024 read as
     64512 put every pixel below the LUT, a blank image. Where the value as read lies outside
     ``input_range`` (the Modality LUT's output) and its other 16-bit reading inside, the other is
-    meant; a value inside (e.g. 40000 for 16-bit pixels) is kept as read."""
+    meant; a value inside (e.g. 40000 for 16-bit pixels) is kept as read. Where neither lies inside
+    (a LUT wider than the data, from below its range: -2048 read as 63488 for -1024 .. 3071), the one
+    whose entries cover more of the range is meant."""
     n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536  # 0 means 2^16 entries
     other = first - 2 ** 16 if first >= 2 ** 15 else first + 2 ** 16 if first < 0 else first
     lo, hi = input_range
-    if not lo <= first <= hi and lo <= other <= hi:
+    covered = lambda start: min(start + n - 1, hi) - max(start, lo)  # noqa: E731 - below 0: none, by how far
+    if not lo <= first <= hi and (lo <= other <= hi or covered(other) > covered(first)):
         first = other
-    n = n or 65536  # 0 means 2^16 entries
     raw = item.LUTData
     lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
         if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
@@ -365,6 +368,8 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
                                           ("DoubleFloatPixelData", "Double Float Pixel Data"))
                      if k in ds and "PixelData" not in ds), None)
     # a NaN / infinite Rescale or Window gives NaN pixels, or (clipped in the window) a blank image
+    if floating and not np.isfinite(stored).all():  # not the Rescale's doing
+        raise SkipImage(f"{floating} holds values that are not finite (NaN or infinite)")
     if not np.isfinite(values).all():
         raise SkipImage(f"pixel values are not finite after the Modality LUT (Rescale Slope "
                         f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})")
@@ -516,8 +521,14 @@ def _low_bytes_work() -> bool:
 def _tiff_pages(im) -> int:
     """How many pages of a TIFF are images of their own: all but the reduced-resolution copies and
     transparency masks (NewSubfileType, or the old SubfileType 2) after the first. Leaves ``im`` at
-    its first page."""
-    n = getattr(im, "n_frames", 1)
+    its first page. A chain of pages that is damaged after the first (the next page's offset past the
+    end of the file or into other data, which Pillow 13 raises as TypeError "Missing dimensions") is
+    one page, as it was read before pages were counted: the first page is whole."""
+    try:
+        n = getattr(im, "n_frames", 1)
+    except (EOFError, OSError, SyntaxError, ValueError, TypeError):
+        im.seek(0)  # the walk stopped at the damaged page
+        return 1
     if n == 1:
         return 1
     pages = 1
