@@ -85,3 +85,15 @@ def test_out_of_cpu_memory_says_the_size_asked_whichever_library_ran_out():
     assert cli.describe(numpy_oom).startswith("out of memory (8.00 PiB asked at once); lower --batch")
     assert cli.describe(torch_oom).startswith("out of memory (4.0 GiB asked at once); lower --batch")
     assert cli.describe(MemoryError()).startswith("out of memory; lower --batch")
+
+
+def test_out_of_cpu_memory_says_a_small_size_asked_in_its_own_unit():
+    """A small request refused when memory is all but gone read "0.0 GiB asked at once"."""
+    def torch_oom(n):
+        return RuntimeError(f"[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                            f"you tried to allocate {n} bytes. Error code 12 (Cannot allocate memory)")
+    for n, said in ((1048576, "1.0 MiB"), (3000, "2.9 KiB"), (512, "512 bytes"), (4294967296, "4.0 GiB"),
+                    (2 ** 53, "8.0 PiB")):
+        assert cli.describe(torch_oom(n)).startswith(f"out of memory ({said} asked at once); lower --batch")
+    numpy_small = MemoryError("Unable to allocate 100 bytes for an array with shape (100,) and data type uint8")
+    assert cli.describe(numpy_small).startswith("out of memory (100 bytes asked at once)")

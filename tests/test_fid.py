@@ -258,6 +258,25 @@ def test_stats_files_with_loose_fields_are_refused(tmp_path, field, value, said)
     assert FrechetStats.load(tmp_path / "ok.npz").n == 40
 
 
+def test_stats_files_text_fields_stored_as_bytes_or_an_array_of_one_are_read_as_text(tmp_path):
+    """A mode stored as bytes (numpy's 'S' arrays) read "b'fast'" and was refused as no Inception mode;
+    a feature space so stored matched no space, and the distance was refused as of two spaces."""
+    s = FrechetStats(np.arange(3.0), np.eye(3), 40, "inception", "fast")
+    s.save(tmp_path / "ours.npz")
+    for i, (space, mode) in enumerate([(np.array(b"inception"), np.array(b"fast")),
+                                       (np.array(["inception"]), np.array([b"fast"]))]):
+        np.savez(tmp_path / f"b{i}.npz", mu=s.mu, sigma=s.sigma, n=np.int64(40), feature_space=space, mode=mode)
+        got = FrechetStats.load(tmp_path / f"b{i}.npz")
+        assert (got.space, got.mode) == ("inception", "fast")
+        assert frechet_distance(got, FrechetStats.load(tmp_path / "ours.npz"), "cpu") == pytest.approx(0, abs=1e-9)
+    for bad, said in ((np.array(3), "mode is not one text value (it holds int64"),
+                      (np.array(["fast", "exact"]), "mode is not one text value"),
+                      (np.array(b"\xff"), "mode is not text")):
+        np.savez(tmp_path / "bad.npz", mu=s.mu, sigma=s.sigma, mode=bad)
+        with pytest.raises(UserError, match=re.escape(f"bad.npz: {said}")):
+            FrechetStats.load(tmp_path / "bad.npz")
+
+
 @pytest.mark.parametrize("kb", [p for p in kernel_params() if p.values[0][0] == "triton"])  # no CUDA-extension kernel
 @pytest.mark.parametrize("case", [((2, 37, 53), torch.uint8), ((1, 400, 300), torch.int32), ((2, 20, 20, 3), torch.uint8),
                                   ((2, 1, 31, 31), torch.float32), ((1, 299, 299), torch.uint8)], ids=str)

@@ -233,3 +233,12 @@ def test_as_stored_is_what_a_written_file_reads_back_as():
         back = torch.from_numpy(to_uint(x, bits).astype(np.float64)) / ((1 << bits) - 1) * 2 - 1
         torch.testing.assert_close(as_stored(x, bits).double()[:, 0], back, rtol=0, atol=2 ** -23)  # float32 rounding
         assert as_stored(x, bits).min() == -1 and as_stored(x, bits).max() == 1
+
+
+def test_a_line_of_more_bare_commas_than_the_header_has_is_no_row(tmp_path):
+    """Fields past the header's come as a list: a line of bare commas longer than the header (a
+    spreadsheet's blank row over a wider sheet) stopped the reader with an AttributeError."""
+    path = tmp_path / "labels.csv"
+    path.write_text("Image Index,Finding Labels,\na.png,Effusion\n,,,,\n , ,\t, ,\nb.png,Mass,,extra\n")
+    rows, _ = read_csv(path, ("Image Index", "Finding Labels"))
+    assert [r["Image Index"] for r in rows] == ["a.png", "b.png"]

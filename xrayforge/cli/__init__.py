@@ -100,6 +100,16 @@ def _peer_gone(exc: BaseException) -> bool:
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def _binary_size(n: int) -> str:
+    """A size in bytes in the largest binary unit it reaches (a failed 1 MiB request read "0.0 GiB")."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.1f} {unit}"
+
+
 def describe(exc: BaseException) -> str:
     """One line for an error."""
     text = str(exc)
@@ -120,7 +130,7 @@ def describe(exc: BaseException) -> str:
     elif isinstance(exc, MemoryError) or "can't allocate memory" in text:  # numpy's, or torch's CPU allocator
         tried = re.search(r"allocate (\d+) bytes", text)  # torch's
         said = re.search(r"Unable to allocate ([\d.]+ \w?i?B)", text)  # numpy's, with its own unit
-        size = (f" ({int(tried.group(1)) / 2 ** 30:,.1f} GiB asked at once)" if tried
+        size = (f" ({_binary_size(int(tried.group(1)))} asked at once)" if tried
                 else f" ({said.group(1)} asked at once)" if said else "")
         text = (f"out of memory{size}; lower --batch, or the sizes given to the networks (--latent-dim, "
                 f"--fmap-base, --fmap-max), where the command has them")

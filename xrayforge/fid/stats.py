@@ -135,6 +135,24 @@ def update_subsets(moments: list[StreamingMoments], features: torch.Tensor, mask
         m.add_moments(int(n[k]), mean[k], m2[k])
 
 
+def _text_field(f: dict, name: str, path) -> str | None:
+    """A statistics file's text field (``feature_space``, ``mode``), or None where it has none: one
+    str, also where it was stored as bytes (numpy's 'S' arrays) or as an array of one (str() of those
+    read "b'fast'" or "['fast']", and no mode or feature space matched them)."""
+    if name not in f:
+        return None
+    a = f[name]
+    if a.dtype.kind not in "US" or a.size != 1:
+        raise UserError(f"{path}: {name} is not one text value (it holds {a.dtype}, shape {a.shape})")
+    value = a.reshape(()).item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: {name} is not text (bytes {value[:40]!r})") from None
+    return value
+
+
 @dataclass
 class FrechetStats:
     """Mean and (unbiased, as numpy.cov) covariance of features; pytorch-fid's .npz layout, with
@@ -172,10 +190,9 @@ class FrechetStats:
                 raise UserError(f"{path}: {name} is not real numbers (it holds {f[name].dtype})")
         try:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            space = str(f["feature_space"]) if "feature_space" in f else None
-            mode = str(f["mode"]) if "mode" in f else None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: mu, sigma or n is not numeric ({exc})") from None
+        space, mode = (_text_field(f, name, path) for name in ("feature_space", "mode"))
         n = None
         if "n" in f:
             if f["n"].size != 1 or not float(f["n"].reshape(())).is_integer():

@@ -346,8 +346,11 @@ def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file") -> 
             rows = []
             for row in reader:
                 row = {(k or "").strip(): v for k, v in row.items()}
-                if all(v is None or not v.strip() for v in row.values()):
-                    continue  # a line of spaces or bare commas (an editor's trailing line) holds no row
+                # a line of spaces or bare commas (an editor's trailing line) holds no row; fields past the
+                # header's come as a list (DictReader's restkey), as on a line of more commas than it has
+                if all(v is None or not (v.strip() if isinstance(v, str) else "".join(v).strip())
+                       for v in row.values()):
+                    continue
                 # a row cut short (by an edit, or a write killed mid-line) lacks a column the reader needs:
                 # None, which would read as empty (an image's findings as "No Finding"); a short row is
                 # otherwise allowed (ChestX-ray14's header ends with a comma its rows do not have)
