@@ -91,6 +91,10 @@ def test_report_says_where_best_json_names_a_checkpoint_that_is_gone(world, tmp_
         text = (tmp_path / "r.md").read_text()
         assert "Best checkpoint" not in text and "best.json" in text and "`train --resume` writes it again" in text
         assert "## Training" in text
+    # a record whose measurement is not a number (a hand edit): shown as n/a (formatting it stopped the report)
+    (ck / "best.json").write_text(json.dumps({**record, "fid": "abc", "precision": None}))
+    assert cli(report) == 0
+    assert "fid n/a, precision n/a" in (tmp_path / "r.md").read_text()
 
 
 def test_scores_of_another_kind_are_not_compared(caplog, tmp_path):

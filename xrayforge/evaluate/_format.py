@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def number(v, digits: int | None = 3) -> str:
@@ -12,7 +13,9 @@ def number(v, digits: int | None = 3) -> str:
 
 
 def is_number(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
+    """A real number that is not NaN (numpy's scalars too); not None, not text (a hand-edited file's "abc"
+    stopped a report formatting it)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(float(v))
 
 
 def csv_row(row: dict, digits: int = 6) -> dict:
