@@ -958,3 +958,30 @@ def test_frechet_distance_refuses_statistics_with_nan_naming_which():
     bad.sigma[0, 0] = np.inf  # made eigh fail: "the algorithm failed to converge"
     with pytest.raises(ValueError, match="the first statistics: 1 value.s. of sigma are NaN or infinite"):
         frechet_distance(bad, a, "cpu")
+
+
+def test_save_stats_naming_b_is_refused_and_b_is_left_as_it_was(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    FrechetStats.from_features(rng.normal(size=(30, 6)), "inception-random").save(a)
+    FrechetStats.from_features(rng.normal(size=(20, 6)) + 1, "inception-random").save(b)
+    before = b.read_bytes()
+    # two statistics files, and an image folder against B's statistics (refused before any image is read)
+    assert cli(["fid", str(a), str(b), "--save-stats", str(b), "-q"]) != 0
+    assert "b.npz" in capsys.readouterr().err and b.read_bytes() == before
+    folder = _png_folder(tmp_path / "imgs", range(3), size=(16, 16))
+    with pytest.raises(UserError, match="would replace B's"):
+        compute_fid(str(folder), str(b), save_stats=str(tmp_path / "." / "b.npz"), random_weights=True,
+                    device="cpu", workers=0, progress=False)
+    assert b.read_bytes() == before and FrechetStats.load(b).n == 20
+
+
+def test_fid_findings_refuses_the_real_archive_as_synthetic(tmp_path, capsys):
+    arc = tmp_path / "arc"
+    assert cli(["prepare", "phantom:12", str(arc), "--resolution", "16", "-q"]) == 0
+    capsys.readouterr()
+    assert cli(["evaluate", "fid-findings", "--synthetic", str(arc), "--real", str(arc), "--out", str(tmp_path / "o"),
+                "--random-weights", "--device", "cpu", "--batch", "4", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "is the real archive" in err and str(arc) in err
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made

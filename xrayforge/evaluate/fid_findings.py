@@ -34,7 +34,7 @@ from ..utils.files import write_csv, write_json, write_text_atomic
 from ..fid.compute import stored_pixels
 from ..fid.stats import NonFiniteFeatures, StreamingMoments, frechet_distance, update_subsets
 from ._format import csv_row, is_number, number
-from .labelled import labelled_findings, open_labelled
+from .labelled import archive_id, labelled_findings, open_labelled
 from .metrics import patient_split
 from ..utils.files import claim_output
 
@@ -106,6 +106,10 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     gets no FID (n/a): so few images give a number dominated by its bias. ``prdc``: also
     precision / recall (k = 3) and density / coverage (k = 5) for all images and per finding
     (every image's features are then kept in memory)."""
+    real_id = archive_id(real)
+    if real_id is not None and real_id == archive_id(synthetic):  # every FID would be 0: a perfect generator
+        raise UserError(f"--synthetic {synthetic} is the real archive --real {real} (the same manifest): its FIDs "
+                        f"against itself would be 0, as if the synthetic images were the real ones")
     out = claim_output(out, "evaluate fid-findings", signatures=("fid_findings.csv",))
     synth = open_labelled(synthetic, out, progress)
     real_arc = open_labelled(real, out, progress)

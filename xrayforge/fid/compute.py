@@ -478,6 +478,9 @@ def compute_fid(a: str, b: str, n: int | None = None, kid_subsets: int = 0, boot
         raise ValueError(f"--keep-features {keep_features}: KID and bootstrap intervals need at least 2 features "
                          f"a side")
     kinds = {spec: describe(spec) for spec in (a, b)}  # a missing input, either side: said before anything is read
+    if save_stats and kinds[b] == "stats" and _same_source(save_stats, b):  # A's statistics would replace B's file
+        raise UserError(f"--save-stats {save_stats} is B ({b}): writing A's statistics there would replace B's; "
+                        f"give another path")
     if kinds[a] == kinds[b] == "stats":
         return _fid_of_stats_files(a, b, need, save_stats, extractor_kwargs)
     files = {spec: FeatureResult(FrechetStats.load(spec), kind="stats") for spec in (a, b) if kinds[spec] == "stats"}
