@@ -887,3 +887,25 @@ def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, t
     ArchiveSampler(SampleConfig(str(run), str(tmp_path / "m"), n=2, classifier=str(tmp_path / "clf"),
                                 targets=["Mass=1"]))
     assert "no decision threshold for Mass" in caplog.text
+
+
+def test_resume_without_the_classifier_names_it(tmp_path, capsys):
+    """Continuing a --classifier archive without --classifier says which classifier it was begun with,
+    not 'another classifier than the one at (none)'."""
+    from xrayforge.cli import main
+    from tests.test_cli_bad_input import TINY_TRAIN
+    import torch
+    from xrayforge.data.labels import FINDINGS
+    from xrayforge.nn.classifier import ChestClassifier, ClassifierConfig
+    assert main(["prepare", "phantom:40", str(tmp_path / "arc"), "--resolution", "8", "-q"]) == 0
+    assert main(["train", str(tmp_path / "arc"), "--out", str(tmp_path / "run"), *TINY_TRAIN]) == 0
+    torch.manual_seed(0)
+    clf = ChestClassifier(ClassifierConfig(input_size=16, width=8))
+    clf.config.thresholds = {f: 0.5 for f in FINDINGS}
+    clf.save(tmp_path / "clf")
+    base = ["sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"), "--n", "2", "--device", "cpu", "-q"]
+    assert main([*base, "--classifier", str(tmp_path / "clf")]) == 0
+    capsys.readouterr()
+    assert main(base) != 0
+    err = capsys.readouterr().err
+    assert "(none)" not in err and f"--classifier {tmp_path / 'clf'}" in err, err

@@ -501,6 +501,11 @@ class ArchiveSampler:
             log.info("%s: no shard was finished: the archive is begun again with these settings", self.out)
             saved = {}
         if saved.get("classifier_id", settings["classifier_id"]) != settings["classifier_id"]:
+            if not self.cfg.classifier or not saved.get("classifier_id"):
+                was = f"--classifier {saved['classifier']}" if saved.get("classifier") else "no --classifier"
+                now = f"--classifier {self.cfg.classifier}" if self.cfg.classifier else "none"
+                raise UserError(f"{self.out} was sampled with {was}, now {now}: its images would be labelled "
+                                f"inconsistently; choose a new --out, or continue with {was}")
             raise UserError(f"{self.out} was sampled with another classifier than the one at "
                             f"{self.cfg.classifier or '(none)'} (saved: {saved.get('classifier') or '(none)'}; the "
                             f"files differ): the rest of the archive would be steered and labelled by another "
