@@ -264,3 +264,24 @@ def test_the_training_section_counts_a_tick_stopped_and_resumed_once(tmp_path):
                                                        "total_seconds": 10.0 * t}) + "\n" for t, i in lines))
     write_report(tmp_path / "r.html", run)
     assert "96 images seen in 30 s over 3 ticks" in (tmp_path / "r.md").read_text()
+
+
+def test_a_rerun_leaves_no_grid_or_pairs_of_the_earlier_run(world, tmp_path):
+    """A rerun into the same --out (a continued or repeated evaluation) holds only its own files:
+    the grid of a finding the rerun never calls, and the pairs of an earlier classifier with more
+    findings, used to stay in grids/ and pairs.csv beside the rerun's summary."""
+    d = tmp_path / "div"
+    first = _run(world, d)
+    assert len(first["grids"]) == len(FINDINGS) and (d / "pairs.csv").is_file()
+    r = world["root"]
+    again = diversity(str(r / "gen"), str(r / "clf"), str(r / "real"), d, n=1, batch=BATCH, device="cpu",
+                      progress=False)  # one sample: called positive for about half the findings
+    assert 0 < len(again["grids"]) < len(FINDINGS)
+    assert sorted(p.name for p in (d / "grids").iterdir()) == sorted(f"{f}.png" for f in again["grids"])
+    torch.manual_seed(0)
+    one = ChestClassifier(ClassifierConfig(input_size=32, width=8, findings=[FINDINGS[0]])).eval()
+    one.save(tmp_path / "clf1")
+    third = diversity(str(r / "gen"), str(tmp_path / "clf1"), str(r / "real"), d, n=4, batch=BATCH, device="cpu",
+                      progress=False)
+    assert third["pairs"] == [] and not (d / "pairs.csv").exists()
+    assert sorted(p.name for p in (d / "grids").iterdir()) == sorted(f"{f}.png" for f in third["grids"])

@@ -449,3 +449,64 @@ def test_unreadable_images_are_listed_not_silently_left_out_of_the_audit(tmp_pat
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["skipped"] == summary["skipped"]
     with pytest.raises(ValueError, match=r"no readable images; skipped .*broken\.png: unreadable"):
         audit(str(bad), str(real), tmp_path / "b", _PixelFeatures(), progress=False)
+
+
+def test_an_interrupted_rerun_leaves_no_summary_beside_another_runs_plots(tmp_path, monkeypatch):
+    """summary.json marks a finished audit (the report shows its plots, the demo's resume skips the
+    audit by it): it is written last, and a rerun removes the earlier one first. It used to be
+    written before distances.png and closest_pairs.png, so an audit stopped while plotting was
+    taken for done, beside missing plots or an earlier run's."""
+    from xrayforge.evaluate import memorisation as mem
+    real, synth = tmp_path / "real", tmp_path / "synth"
+    for folder in (real, synth):
+        folder.mkdir()
+    for seed in range(6):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
+    for seed in range(100, 103):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(synth / f"{seed}.png")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mem, "_pairs_image", killed)
+    with pytest.raises(KeyboardInterrupt):  # a first run stopped while plotting
+        mem.audit(str(synth), str(real), tmp_path / "a", _PixelFeatures(), progress=False)
+    assert not (tmp_path / "a" / "summary.json").exists()
+    monkeypatch.undo()
+    mem.audit(str(synth), str(real), tmp_path / "a", _PixelFeatures(), progress=False)
+    assert (tmp_path / "a" / "summary.json").is_file()
+    monkeypatch.setattr(mem, "_plot_distributions", killed)
+    with pytest.raises(KeyboardInterrupt):  # a rerun stopped while plotting: the earlier summary is gone
+        mem.audit(str(synth), str(real), tmp_path / "a", _PixelFeatures(), percentile=50.0, progress=False)
+    assert not (tmp_path / "a" / "summary.json").exists()
+
+
+def test_too_small_a_real_limit_is_refused_by_its_option_before_any_work(tmp_path):
+    """--real-limit 1 on an archive of 40 images said '<archive>: need at least 2 real images', as
+    if the archive held fewer, and only after the synthetic images' features were computed."""
+    from xrayforge.evaluate.memorisation import audit
+    from xrayforge.errors import UserError
+    with pytest.raises(UserError, match=r"--real-limit 1: .*at least 2 real images"):
+        audit(str(tmp_path / "nowhere"), str(tmp_path / "nowhere"), tmp_path / "a", _PixelFeatures(),
+              real_limit=1, progress=False)
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_out_folder_inside_the_synthetic_folder_is_refused(tmp_path):
+    """--out inside --synthetic (samples/audit): the synthetic folder is read with its subfolders,
+    so a rerun audited the first run's distances.png and closest_pairs.png as synthetic images."""
+    from xrayforge.evaluate.memorisation import audit
+    from xrayforge.errors import UserError
+    real, synth = tmp_path / "real", tmp_path / "synth"
+    for folder in (real, synth):
+        folder.mkdir()
+    for seed in range(6):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
+    for seed in range(100, 103):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(synth / f"{seed}.png")
+    for out, option in ((synth / "audit", "--synthetic"), (real / "a" / "b", "--real")):
+        with pytest.raises(UserError, match=f"inside {option}"):
+            audit(str(synth), str(real), out, _PixelFeatures(), progress=False)
+            audit(str(synth), str(real), out, _PixelFeatures(), progress=False)  # the rerun
+        assert not out.exists()
+    assert audit(str(synth), str(real), tmp_path / "audit", _PixelFeatures(), progress=False)["synthetic"] == 3

@@ -265,6 +265,9 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
             path = out / "grids" / f"{f}.png"
             save_png(grid(top.images, columns=min(8, len(top.images))), path)
             grids[f] = str(path.relative_to(out))
+    for stale in (out / "grids").glob("*.png"):  # an earlier run's grid of a finding this run never called
+        if str(stale.relative_to(out)) not in grids.values():
+            stale.unlink()
     common = min(len(synth_pred), len(real_pred))  # distinct combinations compare only at one size
     summary = {"evaluation": "diversity", "run": str(run), "classifier": str(classifier), "real": str(real),
                "synthetic_images": int(n), "real_images": int(len(real_set)),
@@ -281,6 +284,8 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     write_csv(out / "findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     if pairs:
         write_csv(out / "pairs.csv", list(pairs[0]), [csv_row(p) for p in pairs])
+    else:  # one finding: no pairs, and an earlier run's pairs.csv is not this run's
+        (out / "pairs.csv").unlink(missing_ok=True)
     save_numpy(out / "cooccurrence.npz", findings=np.array(findings), synthetic=co_s, real_predicted=co_r,
                real_labels=co_t)
     plot_cooccurrence(findings, co_r, co_s, out / "cooccurrence.png")

@@ -245,12 +245,26 @@ def design_effect(flags, groups) -> float:
 
 def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
           real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
+    if real_limit is not None and real_limit < 2:  # before any work: the real-to-real reference needs 2
+        raise UserError(f"--real-limit {real_limit}: the real-to-real reference needs at least 2 real images")
+    for option, spec in (("--synthetic", synthetic), ("--real", real)):  # a folder's images are read recursively
+        where = Path(spec).resolve()
+        if where.is_dir() and not (where / "archive.json").is_file() and where in (Path(out).resolve(),
+                                                                                   *Path(out).resolve().parents):
+            raise UserError(f"--out {out}: is inside {option} {spec}, whose subfolders' images are read too: "
+                            f"the audit's own plots would be read as {option[2:]} images on a rerun; choose an --out "
+                            f"outside it")
     out = claim_output(out, "evaluate memorisation", signatures=("memorisation.csv",))
+    # summary.json last, and an earlier run's gone first: where it exists, the rest is complete and of its run
+    # (the report shows its plots, and the demo's resume takes the audit for done by it)
+    (out / "summary.json").unlink(missing_ok=True)
     s_skipped, r_skipped = [], []
     s_names, s_feat, s_pix, s_thumb = collect(extractor, synthetic, None, progress, s_skipped)
     r_names, r_feat, r_pix, r_thumb = collect(extractor, real, real_limit, progress, r_skipped)
     if len(r_names) < 2:
-        raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference")
+        raise ValueError(f"{real}: need at least 2 real images for a real-to-real reference, got {len(r_names)}"
+                         + "".join(f"; skipped {f}: {r}" for f, r in r_skipped[:3])
+                         + (f"; ... and {len(r_skipped) - 3} more skipped" if len(r_skipped) > 3 else ""))
     dev = extractor.device
     groups = _patients(real, r_names)
     if groups is not None and len(set(groups)) < 2:
@@ -283,12 +297,12 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
         # images that could not be read, so were not audited (an unread synthetic image may be a copy)
         "skipped": [{"side": side, "file": f, "reason": r} for side, skips in (("synthetic", s_skipped),
                                                                                ("real", r_skipped)) for f, r in skips]}
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png",
                         "real → nearest other real" if groups is None else "real → nearest real of another patient",
                         features_title=space_title(summary))
     order = torch.argsort(d_f)[:pairs]
     _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
