@@ -223,3 +223,40 @@ def test_train_step_refuses_a_dtype_it_would_not_run(monkeypatch, capsys):
             ts.main(argv + ["--device", "cpu"])
         assert exc.value.code == 2, argv
         assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- conv and kNN rows: what is counted and timed
+def test_conv_rows_gbps_count_the_weight(monkeypatch):
+    # the bytes were the activations alone: at 4 px a 512 -> 512 3x3 layer moves its 9.4 MB float32
+    # weight against 0.5 MB of activations (batch 16, bf16), and GB/s and HBM frac read ~18x low
+    monkeypatch.setattr(ops_bench, "CONV_PASSES", ((ops_bench.CONV_VARIANTS[0],),))
+    s = dict(cin=8, cout=6, kernel=3, resample=None, activation="lrelu", size=4, fused=False)
+    row, = ops_bench.conv_rows("cpu", batch=2, dtype="float32", layers=[s], reps=1, warmup=0, min_seconds=0.0)
+    x, y, w = 2 * 8 * 4 * 4 * 4, 2 * 6 * 4 * 4 * 4, 8 * 6 * 9 * 4
+    assert row["fwd_gbps"] * row["fwd_ms"] * 1e6 == pytest.approx(x + y + w, rel=1e-9)
+    assert row["fwd+bwd_gbps"] * row["fwd+bwd_ms"] * 1e6 == pytest.approx(3 * (x + y + w), rel=1e-9)
+    # the largest layers at 4 px: the weight is most of it
+    _, fwd, _ = ops_bench._conv_costs(dict(s, cin=512, cout=512), 16, 2)
+    assert fwd >= 512 * 512 * 9 * 4
+
+
+def test_knn_rows_time_the_search_ops_knn_runs(monkeypatch):
+    # ops.knn searches k + EXTRA_CANDIDATES candidates (then recomputes them exactly); the benchmark
+    # searched k alone, fewer merge passes in the kernel than the op it names runs
+    import importlib
+    knn_mod = importlib.import_module("xrayforge.ops.knn")  # xrayforge.ops.knn is also the function
+    asked = []
+    original = knn_mod.reference
+
+    def recording(queries, refs, k, *args, **kwargs):
+        asked.append((len(refs), k))
+        return original(queries, refs, k, *args, **kwargs)
+    monkeypatch.setattr(knn_mod, "reference", recording)
+    x = torch.randn(40, 8)
+    knn_mod.knn(x, x, 3, exclude_self=True, backend="torch")
+    op_k = asked[-1][1]
+    asked.clear()
+    rows = fid_bench.knn_rows(40, 8, torch.device("cpu"), k=3, variants=(("torch", None),), check=40,
+                              prdc_backend=None)
+    assert "error" not in rows[0], rows[0]
+    assert asked and all(k == op_k for _, k in asked), (asked, op_k)

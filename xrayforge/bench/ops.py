@@ -246,13 +246,18 @@ def conv_layer_shapes(resolution: int = 1024, fmap_max: int = 512) -> list[dict]
             for k, f in seen.items()]
 
 
-def _conv_costs(s: dict, batch: int, elsize: int) -> tuple[float, int, int]:
-    """(forward FLOPs of the plain convolution, forward bytes, forward+backward bytes)."""
+def _conv_costs(s: dict, batch: int, elsize: int, weight_elsize: int = 4) -> tuple[float, int, int]:
+    """(forward FLOPs of the plain convolution, forward bytes, forward+backward bytes): the
+    activations at ``elsize`` and the float32 weight (``weight_elsize``), each moved once. At
+    4-16 px the weight is most of the traffic (512→512 3×3: 9.4 MB against 0.5 MB of activations
+    at batch 16, bf16)."""
     conv_px = (2 * s["size"]) ** 2 if s["resample"] == "up" else s["size"] ** 2
     out_px = conv_px // 4 if s["resample"] == "down" else conv_px
     flops = 2.0 * batch * conv_px * s["cout"] * s["cin"] * s["kernel"] ** 2
     bx, by = batch * s["cin"] * s["size"] ** 2 * elsize, batch * s["cout"] * out_px * elsize
-    return flops, bx + by, 3 * bx + 3 * by  # f+b also reads x, y and dy and writes dx
+    bw = s["cin"] * s["cout"] * s["kernel"] ** 2 * weight_elsize
+    # fwd: read x, w, write y; f+b also reads x, y, dy and w and writes dx and dw
+    return flops, bx + by + bw, 3 * bx + 3 * by + 3 * bw
 
 
 # (variant, EqualizedConv2d.eqlr_backend, ops.conv2d_eqlr.EPILOGUE_BACKWARD, ops.conv2d_eqlr.AUTOTUNE)
@@ -273,8 +278,8 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
     gradients), and for D's layers the gradient penalty's pattern (input gradient with
     create_graph, then its gradient: "gp"), at ``batch`` in ``dtype`` (autocast, as training),
     with TFLOP/s of the plain convolution (3× for f+b, 6× for gp, nominal) and its fraction of
-    the device's dense peak for ``dtype``, GB/s of minimum traffic and its fraction of HBM
-    bandwidth, the speed-up, and the fused forward's largest deviation from float64 on the first
+    the device's dense peak for ``dtype``, GB/s of minimum traffic (activations and weight) and its
+    fraction of HBM bandwidth, the speed-up, and the fused forward's largest deviation from float64 on the first
     image next to cuDNN's, with the largest relative error of the batch's input / weight / bias
     gradients (``max_grad_err``) and, for the fused variants, ``matches_reference``: both within twice
     cuDNN's own plus the tolerance floor (False: the row times a path that gives wrong numbers, and
@@ -306,7 +311,7 @@ def conv_rows(device: str | None = None, resolution: int = 1024, fmap_max: int =
             fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
             layer = layer.to(memory_format=fmt)
             x = torch.randn(batch, s["cin"], s["size"], s["size"], device=dev).to(dt).contiguous(memory_format=fmt)
-            flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize)
+            flops, fwd_bytes, fb_bytes = _conv_costs(s, batch, elsize, layer.weight.element_size())
             shape = (f"{s['cin']}→{s['cout']} {s['kernel']}×{s['kernel']}"
                      f"{' ' + s['resample'] if s['resample'] else ''} {s['activation']} @{s['size']}px")
             # one output gradient for every variant; float64: the output on the first image, and the
