@@ -166,3 +166,34 @@ def test_rejection_sampling_runs_the_networks_as_fixed_functions():
     got = rejection_sample(g.train(), adapter.train(), {"Bright": 1}, seed=3, n=40, batch=7, keep_images=True)
     assert got["accepted"] == expected["accepted"] and torch.equal(got["images"], expected["images"])
     assert torch.equal(clf[2].running_mean, running) and clf[2].training and g.training
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"thresholds": {"mass": 0.3}}, r"thresholds for findings the classifier does not have: \['mass'\]"),
+    ({"thresholds": {"Mass": "0.3"}}, r"the threshold of Mass is '0.3', not a number"),
+    ({"thresholds": [0.3]}, r"thresholds must map findings"),
+    ({"input_size": "32"}, r"input_size '32' is not a positive whole number"),
+    ({"input_size": 0}, r"input_size 0 is not a positive whole number"),
+])
+def test_a_hand_edited_classifier_json_is_refused_when_loaded(tmp_path, edit, said):
+    """classifier.json edited by hand (a threshold tuned for LCO): a misspelt finding's threshold was
+    silently 0.5 (ClassifierAdapter refuses it), a threshold or input size given as text loaded and
+    failed at the first image with a TypeError or ValueError that named no file."""
+    import json
+    from xrayforge.errors import UserError
+    model = ChestClassifier(ClassifierConfig(input_size=32, width=4))
+    model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "classifier.json").read_text())
+    (tmp_path / "m" / "classifier.json").write_text(json.dumps({**meta, **edit}))
+    with pytest.raises(UserError, match=r"m/classifier.json: damaged classifier settings \(" + said):
+        load_classifier(tmp_path / "m")
+
+
+def test_weights_of_another_width_are_said_to_be_of_another_shape():
+    """Weights of a --width 4 ResNet-18 given to a --width 8 one: every key was listed both as 'not
+    used' and as 'not given' (conv1.weight among both), which says nothing of the cause."""
+    small = ResNet("resnet18", 14, in_channels=1, width=4).state_dict()
+    with pytest.raises(ValueError, match=r"of another shape, e.g. \['conv1.weight \(4, 1, 7, 7\) where the "
+                                         r"resnet18 has \(8, 1, 7, 7\)'") as info:
+        load_torchvision_weights(ChestClassifier(ClassifierConfig(input_size=32, width=8)), small)
+    assert "not used" not in str(info.value) and "not given" not in str(info.value)

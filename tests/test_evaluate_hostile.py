@@ -481,3 +481,88 @@ def test_classify_train_killed_before_its_record_is_trained_again_not_refused(sm
     assert clf_mod.recorded_training(tmp_path / "c")["trained_images"] == summary["training_data"]["trained_images"]
     with pytest.raises(ValueError, match="already holds a trained classifier"):
         _train(small_archive, tmp_path / "c")
+
+
+def test_tstr_gives_no_auroc_for_a_finding_whose_only_images_were_held_for_validation(small_archive, tmp_path,
+                                                                                       monkeypatch):
+    """A rare finding of which the synthetic training set's only image fell to its validation split: the
+    model was fitted to no image with it, yet the set counted as having it (positives were counted over
+    the validation images too), and the AUROC of a model that never saw the finding was reported."""
+    import csv as _csv
+    import math
+    from synthetic_factory import write_sample_folder
+    import xrayforge.evaluate.tstr as tstr_mod
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16, findings=["Cardiomegaly", "Effusion"])
+    manifest = tmp_path / "s" / "manifest.csv"
+    with open(manifest, newline="") as fh:
+        rows = list(_csv.DictReader(fh))
+    for r in rows:
+        r["p_Cardiomegaly"] = 0.9 if r["index"] == "5" else 0.1  # one synthetic image has it
+    with open(manifest, "w", newline="") as fh:
+        w = _csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    split = tstr_mod.patient_split
+
+    def that_image_validates(ids, fraction, salt):  # a sampled image is its own patient, "synthetic-<index>"
+        mask = split(ids, fraction, salt)
+        if salt.startswith("tstr-val"):
+            mask |= np.array([pid == "synthetic-5" for pid in ids])
+        return mask
+    monkeypatch.setattr(tstr_mod, "patient_split", that_image_validates)
+    s = tstr_mod.run_tstr(tstr_mod.TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"),
+                                              input_size=16, width=4, epochs=1, val_fraction=0.3, bootstrap=10),
+                          progress=False)
+    by = {(r["training_set"], r["finding"]): r for r in s["rows"]}
+    synth = by[("synthetic", "Cardiomegaly")]
+    assert synth["train_positives"] == 0 and math.isnan(synth["auroc"])
+    assert synth["train_images"] < s["training_sets"]["synthetic"]["images"]  # the images fitted to
+    assert s["mean_over"] == ["Effusion"]
+
+
+def test_classify_train_refuses_images_on_which_every_finding_is_constant(small_archive, tmp_path):
+    """Training images that all have Mass and nothing else (an archive of one finding's images): no
+    finding is there both ways, every validation AUROC is undefined, and a model that learnt nothing was
+    saved with 'best mean validation AUROC nan' for LCO and the evaluations to use."""
+    from xrayforge.data.archive import Archive
+    arc = Archive(small_archive)
+    only_mass = np.zeros(len(arc.findings), dtype=arc.labels.dtype)
+    only_mass[arc.findings.index("Mass")] = 1
+    pool = np.flatnonzero((arc.labels == only_mass).all(1))
+    assert len(pool) >= 4
+    with pytest.raises(ValueError, match=r"no finding is both present and absent .*\(Mass: \d+\)"):
+        _train(small_archive, tmp_path / "c", subset=list(pool))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("damage", [lambda p: p[:, :1], lambda p: p[:, 0]])
+def test_tstr_refuses_saved_probabilities_of_another_shape_naming_the_file(small_archive, tmp_path, damage):
+    """A finished model's test_probabilities.npy of fewer columns than findings (or one column only, as
+    a 1-d array): the rerun stopped with an IndexError, 'an unexpected error', naming no file."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1040), resolution=16, findings=["Cardiomegaly", "Effusion"])
+    cfg = TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16, width=4, epochs=1,
+                     val_fraction=0.3, bootstrap=10)
+    run_tstr(cfg, progress=False)
+    probs = tmp_path / "t" / "models" / "real" / "test_probabilities.npy"
+    np.save(probs, damage(np.load(probs)))
+    with pytest.raises(UserError, match=r"models/real/test_probabilities.npy: an array of shape .* remove "):
+        run_tstr(cfg, progress=False)
+
+
+def test_classify_train_writes_training_json_that_strict_readers_accept(small_archive, tmp_path, monkeypatch):
+    """Validation images with no finding both ways: no validation AUROC, and training.json held the bare
+    word NaN (best_mean_auroc, each epoch's mean_auroc), which is no JSON to jq or a browser."""
+    import xrayforge.evaluate.classifier as clf_mod
+    from xrayforge.data.archive import Archive
+    arc = Archive(small_archive)
+    healthy = set(np.flatnonzero(arc.labels.sum(1) == 0)[:4].tolist())
+    monkeypatch.setattr(clf_mod, "patient_split", lambda ids, fraction, salt: np.array([i in healthy for i in
+                                                                                       range(len(ids))]))
+    _train(small_archive, tmp_path / "c", subset=list(range(len(arc))))
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+    record = json.loads((tmp_path / "c" / "training.json").read_text(), parse_constant=refuse)
+    assert record["best_mean_auroc"] is None and record["history"][0]["mean_auroc"] is None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..data.archive import Archive
 from ..errors import UserError
-from ..utils.files import read_json, write_text_atomic
+from ..utils.files import json_safe, read_json, write_text_atomic
 from ..nn.classifier import ChestClassifier, ClassifierConfig, load_torchvision_weights, resize_input
 from .metrics import auroc, patient_split, youden_threshold
 
@@ -216,6 +216,11 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     pool = np.asarray(cfg.subset) if cfg.subset is not None else archive.training_positions()
     if len(pool) < 4:
         raise ValueError(f"{cfg.archive}: only {len(pool)} images to train on")
+    counts = archive.labels[pool].sum(0)
+    if not ((counts > 0) & (counts < len(pool))).any():  # every finding is constant: nothing to tell apart
+        raise ValueError(f"{cfg.archive}: no finding is both present and absent among the {len(pool)} images to "
+                         f"train on (" + ", ".join(f"{f}: {int(c)}" for f, c in zip(archive.findings, counts) if c)
+                         + "); a classifier would learn nothing")
     images = LabelledImages([(archive, pool)], archive.findings)
     val_mask = patient_split(images.patient_ids, cfg.val_fraction, salt=f"val{cfg.seed}")
     train_items, val_items = np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
@@ -232,7 +237,7 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     summary["training_data"] = training_record(archive, images.positions[train_items], cfg.subset is not None)
     # the record first, the model's classifier.json last: a folder with that file is a finished
     # classifier (a rerun refuses it), and one killed before it is trained again
-    write_text_atomic(out / "training.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "training.json", json.dumps(json_safe(summary), indent=2))  # NaN: null, as JSON has it
     model.cpu().save(out)
     return summary
 

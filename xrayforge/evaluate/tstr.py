@@ -119,6 +119,9 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
                 raise UserError(f"{folder}: a model of the findings {trained_for}, and the findings labelled on both "
                                 f"sides are {findings} (an earlier version also used the findings the synthetic "
                                 f"images' classifier never called); choose a new --out")
+            if probs.ndim != 2 or probs.shape[1] != len(findings):  # damaged, or written by hand
+                raise UserError(f"{probs_path}: an array of shape {probs.shape}, where one column per finding "
+                                f"({len(findings)}) was saved; remove {folder} to train that model again")
             if len(probs) != len(test):  # an earlier version held out only the test split's rows
                 raise UserError(f"{probs_path}: probabilities of {len(probs)} test images, and the test set is now "
                                 f"{len(test)} (every image of a patient in the real archive's test split); the "
@@ -131,16 +134,18 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
             write_json(folder / "training.json", {"history": result.history,
                                                   "best_mean_validation_auroc": result.best_mean_auroc})
             save_numpy(probs_path, probs)  # the model counts as done from here on
+        fitted = train.labels[~val]  # the images the weights were fitted to: not the validation images
         for k, f in enumerate(findings):
             y = test.labels[:, k]
-            positives = int(train.labels[:, k].sum())
+            positives = int(fitted[:, k].sum())
             # a classifier shown no image with the finding (or none without) learnt nothing of it: its
-            # AUROC is noise, not a measurement (a generator that never makes the finding gives this)
-            a = auroc(y, probs[:, k]) if 0 < positives < len(train) else float("nan")
+            # AUROC is noise, not a measurement (a generator that never makes the finding gives this; so
+            # does a rare finding whose few images all fell to the validation split)
+            a = auroc(y, probs[:, k]) if 0 < positives < len(fitted) else float("nan")
             lo, hi = bootstrap_auroc(y, probs[:, k], test_patients, cfg.bootstrap, cfg.seed + k) \
                 if not math.isnan(a) else (float("nan"), float("nan"))
             rows.append({"training_set": name, "finding": f, "auroc": a, "ci95_low": lo, "ci95_high": hi,
-                         "train_images": len(train), "train_positives": positives,
+                         "train_images": len(fitted), "train_positives": positives,
                          "test_images": len(test), "test_positives": int(y.sum())})
         per_set[name] = {"images": len(train), "synthetic_images": int(sum(len(p) for a, p in plans[name] if a is synth))}
     # the means over the same findings for every training set: those each one could be measured on

@@ -11,6 +11,7 @@ to its input size and applies its own normalisation, and returns per-finding log
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,6 +225,21 @@ class ChestClassifier(nn.Module):
         return folder
 
 
+def _check_settings(cfg: ClassifierConfig) -> None:
+    """What the weights cannot tell of a classifier.json (e.g. edited by hand): else an input size of
+    "256" failed in the first forward pass, and a threshold of a misspelt finding was silently 0.5."""
+    if not isinstance(cfg.input_size, int) or isinstance(cfg.input_size, bool) or cfg.input_size < 1:
+        raise ValueError(f"input_size {cfg.input_size!r} is not a positive whole number")
+    if not isinstance(cfg.thresholds, dict):
+        raise ValueError(f"thresholds must map findings to probabilities, not {type(cfg.thresholds).__name__}")
+    unknown = sorted(set(cfg.thresholds) - set(cfg.findings))
+    if unknown:
+        raise ValueError(f"thresholds for findings the classifier does not have: {unknown}")
+    for f, t in cfg.thresholds.items():
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"the threshold of {f} is {t!r}, not a number")
+
+
 def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClassifier:
     folder = Path(folder)
     meta_path = folder / "classifier.json"
@@ -235,6 +251,7 @@ def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClass
     meta.pop("version", None)
     try:
         model = ChestClassifier(ClassifierConfig(**meta))
+        _check_settings(model.config)
     except (TypeError, ValueError, KeyError) as exc:
         raise UserError(f"{meta_path}: damaged classifier settings ({exc})") from None
     state = load_torch(folder / "classifier.pt", "classifier weights", map_location=map_location)
@@ -272,25 +289,33 @@ def load_torchvision_weights(model: ChestClassifier, state_dict: dict, strict_bo
     ValueError where a weight of the body (all but the final layer) is not in ``state_dict`` or
     does not fit (e.g. ResNet-18 weights for a ResNet-34, whose extra blocks would stay random)."""
     own = model.net.state_dict()
-    skipped, loaded = [], set()
+    skipped, loaded, reshaped = [], set(), {}
     for k, v in torchvision_keys(state_dict).items():
         if k not in own or not isinstance(v, torch.Tensor):
             skipped.append(k)
             continue
+        given = tuple(v.shape)
         if v.dim() == 4 and v.shape[1] == 3 and own[k].shape[1] == 1:
             v = v.sum(dim=1, keepdim=True)
         if v.shape != own[k].shape:
             skipped.append(k)
+            reshaped[k] = given
             continue
         own[k] = v
         loaded.add(k)
     head = lambda k: k.startswith("fc.") or k.startswith("classifier.")  # noqa: E731
     # batch norms' step counters: torchvision's published files have none
-    missing = [k for k in own if k not in loaded and not head(k) and not k.endswith("num_batches_tracked")]
+    missing = [k for k in own if k not in loaded and k not in reshaped and not head(k)
+               and not k.endswith("num_batches_tracked")]
+    # a weight of another shape is said as such (another --width, say), not as both "not used" and "not given"
+    wrong = [f"{k} {reshaped[k]} where the {model.config.arch} has {tuple(own[k].shape)}"
+             for k in reshaped if not head(k)]
     if strict_body and (missing or any(not head(k) for k in skipped)):
         raise ValueError(f"weights do not fit the {model.config.arch} body: "
                          + "; ".join(f"{len(keys)} {what}, e.g. {keys[:3]}" for keys, what in
-                                     (([k for k in skipped if not head(k)], "not used"), (missing, "not given"))
+                                     ((wrong, "of another shape"),
+                                      ([k for k in skipped if not head(k) and k not in reshaped], "not used"),
+                                      (missing, "not given"))
                                      if keys))
     model.net.load_state_dict(own)
     return skipped
