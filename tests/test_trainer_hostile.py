@@ -36,3 +36,73 @@ def test_activation_checkpointing_above_the_resolution_is_refused(archive, tmp_p
                 "16", "--device", "cpu", "-q"]) != 0
     assert "no layer would be checkpointed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_rotation_leaves_a_users_copies_alone(archive, tmp_path):
+    """Rotation sorted every ckpt-* by name: a copy the user kept beside the checkpoints
+    (ckpt-<images>-keep, ckpt-<images>.bak) counted among those kept, pushing one of the run's own out,
+    and was removed in turn once it fell out of the window."""
+    import shutil
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=64), progress=False).train()
+    ck = run / "checkpoints"
+    assert [p.name for p in sorted(ck.glob("ckpt-*"))] == ["ckpt-000000000064"]
+    for copy in ("ckpt-000000000064-keep", "ckpt-000000000064.bak"):
+        shutil.copytree(ck / "ckpt-000000000064", ck / copy)
+    Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False).train()
+    assert (ck / "ckpt-000000000064-keep" / "networks.pt").is_file()
+    assert (ck / "ckpt-000000000064.bak" / "networks.pt").is_file()
+    # the run's own, as many as keep_checkpoints (2): the newest
+    assert sorted(p.name for p in ck.glob("ckpt-*") if p.name[5:].isdigit()) == ["ckpt-000000000128",
+                                                                                 "ckpt-000000000192"]
+
+
+def test_a_resume_past_its_total_is_refused(archive, tmp_path):
+    """--resume --total-kimg below the images a run had trained on trained nothing, warned that the run
+    would end at a resolution it had left behind, and kept that total in train_config.json, so that
+    every later plain --resume did nothing as well."""
+    import json
+    from xrayforge.cli import main as cli
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=160), progress=False).train()
+    with pytest.raises(UserError, match=r"trained on 160 images, past the total of 100 .*nothing left to train"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY, total_images=100), resume=True, progress=False)
+    saved = (run / "train_config.json").read_text()
+    assert cli(["train", "--out", str(run), "--resume", "--total-kimg", "0.1", "-q"]) == 1
+    assert (run / "train_config.json").read_text() == saved
+    assert json.loads(saved)["total_images"] is None
+    # a total the last batch ran past (the run ended at it) is no refusal: nothing is left, and it says so
+    Trainer(TrainConfig(str(archive), str(run), **TINY, total_images=155), resume=True, progress=False).close()
+    summary = Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False).train()
+    assert summary["images_seen"] == 192 and summary["complete"]
+
+
+def test_a_learning_rate_or_batch_given_twice_is_refused():
+    """--lr 8:0.1,8:0.2, --lr 0.001,0.002 and --batch 8:4,8:8 took the last value without a word."""
+    import argparse
+    from xrayforge.cli.train import _parse_batch, _parse_lr
+    for text, says in (("8:0.1,8:0.2", "8 px is given twice"), ("0.001,0.002", "more than one base LR"),
+                       ("0.002,8:0.1,0.001", "more than one base LR")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            _parse_lr(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="8 px is given twice"):
+        _parse_batch("8:4,16:8,8:8")
+    assert _parse_lr("0.002,8:0.1,16:0.2") == (0.002, {8: 0.1, 16: 0.2})
+    assert _parse_batch("8:4,16:8") == {8: 4, 16: 8}
+
+
+def test_a_batch_whose_minibatch_stddev_groups_are_single_images_is_warned_about(archive, tmp_path, caplog):
+    """A batch of 5 (or 1, 7, ...): no group size from 2 to 4 divides it, so D's minibatch-stddev
+    statistic is that of single images, a constant. Accumulation that does this is refused; the batch
+    itself was taken without a word."""
+    import logging
+    with caplog.at_level(logging.WARNING):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **{**TINY, "batch": {4: 5, 8: 6}}),
+                progress=False).close()
+    said = [r.getMessage() for r in caplog.records if "single images" in r.getMessage()]
+    assert len(said) == 1 and "batch 5 at 4 px:" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run2"), **TINY), progress=False).close()
+    assert not [r for r in caplog.records if "single images" in r.getMessage()]

@@ -16,7 +16,10 @@ def _parse_batch(text: str) -> dict:
         out = {}
         for item in text.split(","):
             res, n = item.split(":")
-            out[_args.power_of_two(res)] = _args.positive_int(n)
+            res = _args.power_of_two(res)
+            if res in out:  # the later one was taken without a word
+                raise argparse.ArgumentTypeError(f"{text!r}: {res} px is given twice")
+            out[res] = _args.positive_int(n)
         return out
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected N or RES:N,... (e.g. 16 or 256:14,512:6)") from None
@@ -29,10 +32,15 @@ def _parse_lr(text: str) -> tuple[float, dict]:
     try:
         if not all(items):  # '' or ',' is no learning rate, not the default one
             raise ValueError
+        if sum(":" not in item for item in items) > 1:  # the last one was taken without a word
+            raise argparse.ArgumentTypeError("more than one base LR (one without RES:)")
         for item in items:
             if ":" in item:
                 res, lr = item.split(":")
-                table[_args.power_of_two(res)] = _args.learning_rate(lr)
+                res = _args.power_of_two(res)
+                if res in table:
+                    raise argparse.ArgumentTypeError(f"{res} px is given twice")
+                table[res] = _args.learning_rate(lr)
             else:
                 base = _args.learning_rate(item)
     except argparse.ArgumentTypeError as exc:

@@ -294,8 +294,6 @@ class Trainer:
         self.max_value = int(np.iinfo(self.archive.dtype).max)
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
-        if self.rank == 0:
-            self._warn_about_options()
         # never into a folder of something else (an archive, another command's output)
         claim_output(self.out, "train", signatures=("train_config.json", "checkpoints", "log.jsonl"))
         self._stop_signal = None
@@ -304,6 +302,8 @@ class Trainer:
         self._lock()
         try:
             self._build(resume)
+            if self.rank == 0:  # after a resume's checkpoint is read: a total it has passed is refused, not warned of
+                self._warn_about_options()
         except BaseException:
             self._unlock()
             raise
@@ -313,11 +313,15 @@ class Trainer:
         return self.cfg.batch_at(res, cuda=self.device.type == "cuda")
 
     def _check_batches(self) -> None:
+        singles = []  # batches of 1, 5, 7, 11, ...: D's minibatch-stddev groups are single images
         for level in range(self.schedule.start_level, self.schedule.final_level + 1):
             res = self.net_config.resolution_at(level)
             b = self._configured_batch(res)
             if b is not None and b % self.cfg.accumulation:
                 raise ValueError(f"batch {b} at {res} px is not divisible by accumulation {self.cfg.accumulation}")
+            g = self.net_config.mbstd_group_size
+            if b is not None and g > 1 and largest_group_size(b, g) < 2:
+                singles.append(f"{b} at {res} px")
             if b is not None and not self._groups_fit(b):
                 # D forms its minibatch-stddev groups in each micro-batch: smaller groups than the batch's
                 # (what a batch of the micro-batch's size would see) are said; groups of 1 are refused
@@ -333,6 +337,11 @@ class Trainer:
                 if self.rank == 0:
                     log.warning("%s: D sees groups of %d, as a batch of %d would (a micro-batch divisible by %d keeps "
                                 "the batch's)", what, theirs, micro, group)
+        if singles and self.rank == 0:  # their statistic is a constant: what accumulation is refused for above
+            log.warning("batch %s: no group size from 2 to %d divides it, so D's minibatch-stddev groups are single "
+                        "images and their statistic is a constant (no diversity signal: mode collapse goes unseen); "
+                        "choose a batch divisible by one of 2 to %d", ", ".join(singles),
+                        self.net_config.mbstd_group_size, self.net_config.mbstd_group_size)
 
     def _groups_fit(self, batch: int) -> bool:
         """D's minibatch-stddev groups (the largest size <= 4 dividing the batch) fit whole in a micro-batch:
@@ -528,6 +537,7 @@ class Trainer:
             for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema)):
                 net.load_state_dict(nets[name].state_dict())
             self.images_seen, self.tick = int(state["images_seen"]), int(state["tick"])
+            self._check_total_ahead(path, state)
             with self._together():  # process 0's error (a file it cannot write) raised on every process
                 self.best = self._resumed_best(state)
             per_rank = state.get("rank_rng")
@@ -601,6 +611,24 @@ class Trainer:
         n = min(self.cfg.realism_images, len(self.train_rows))
         self.realism_latents = torch.randn(n, self.net_config.latent_dim, generator=g).to(self.device)
         self.realism_rows = self.archive.random_positions(n, self.cfg.seed + 777, self.train_rows)  # what it trains on
+
+    def _check_total_ahead(self, path: Path, state: dict) -> None:
+        """A resume whose total (``--total-kimg``) the run had already passed before its last step: it would
+        train nothing, warn that the run ends at a resolution it has left behind, and keep that total in
+        train_config.json for every later resume. (A run that ended at its own total, its last batch
+        running past it, is not refused: it had not passed the total when that batch began.)"""
+        taken = self.schedule.at(max(self.images_seen - 1, 0)).level
+        level = int(state.get("step_level", taken))
+        res = self.net_config.resolution_at(level)
+        batch = self._configured_batch(res) or self._auto_batches.get(level)
+        per_rank = state.get("rank_rng")
+        processes = len(per_rank) if isinstance(per_rank, list) and per_rank else 1
+        total = self.schedule.total_images
+        if batch is None or self.images_seen - int(batch) * processes < total:
+            return
+        raise UserError(f"{path}: the run has trained on {self.images_seen:,} images, past the total of "
+                        f"{total:,} (--total-kimg {total / 1000:g}) these options give: there is nothing left to "
+                        f"train. Give a --total-kimg above {self.images_seen / 1000:g} to train on, or leave it out")
 
     def _resume_from(self) -> tuple[Path, dict, dict]:
         """(checkpoint, networks, training state) of the newest checkpoint that loads. The ``latest``
@@ -871,7 +899,9 @@ class Trainer:
         if best is not None:
             self.best = state["best"]
             write_text_atomic(self.ckpt_dir / "best.json", json.dumps(self.best, indent=2))
-        kept = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if not p.name.endswith(".tmp"))
+        # the run's own checkpoints (ckpt-<images>), oldest first: never a folder or file of another name (a
+        # copy kept as ckpt-<images>.bak or -keep, which a name sort counted among those kept and then removed)
+        kept = sorted((q for q in checkpoint_dirs(self.ckpt_dir) if q.name[5:].isdigit()), key=lambda q: int(q.name[5:]))
         for old in kept[:-self.cfg.keep_checkpoints]:
             if self.best is None or old.name != self.best.get("checkpoint"):  # the best one stays
                 shutil.rmtree(old, ignore_errors=True)
