@@ -197,3 +197,26 @@ def test_weights_of_another_width_are_said_to_be_of_another_shape():
                                          r"resnet18 has \(8, 1, 7, 7\)'") as info:
         load_torchvision_weights(ChestClassifier(ClassifierConfig(input_size=32, width=8)), small)
     assert "not used" not in str(info.value) and "not given" not in str(info.value)
+
+
+def test_findings_given_as_one_string_are_refused_naming_the_field(tmp_path):
+    """findings "Atelectasis" (one name, not a list of one) made a classifier of 11 findings 'A', 't',
+    'e', ...: ClassifierConfig built it, and a classifier.json so edited was said to have weights of
+    the wrong shape."""
+    import json
+    from xrayforge.errors import UserError
+    with pytest.raises(UserError, match=r"findings must be a list of finding names, not the one string "
+                                        r"'Atelectasis' \(one finding is \['Atelectasis'\]\)"):
+        ClassifierConfig(findings="Atelectasis")
+    with pytest.raises(UserError, match=r"findings must be a list of finding names, got \[1, 2\]"):
+        ClassifierConfig(findings=[1, 2])
+    with pytest.raises(UserError, match=r"ClassifierAdapter: findings must be a list of finding names"):
+        ClassifierAdapter(torch.nn.Identity(), "Mass")
+    assert ClassifierConfig(findings=("Mass",)).findings == ("Mass",)
+    model = ChestClassifier(ClassifierConfig(input_size=32, width=4, findings=["Atelectasis"]))
+    model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "classifier.json").read_text())
+    (tmp_path / "m" / "classifier.json").write_text(json.dumps({**meta, "findings": "Atelectasis"}))
+    with pytest.raises(UserError, match=r"m/classifier.json: damaged classifier settings \(findings must be a list "
+                                        r"of finding names, not the one string 'Atelectasis'"):
+        load_classifier(tmp_path / "m")

@@ -510,3 +510,22 @@ def test_an_out_folder_inside_the_synthetic_folder_is_refused(tmp_path):
             audit(str(synth), str(real), out, _PixelFeatures(), progress=False)  # the rerun
         assert not out.exists()
     assert audit(str(synth), str(real), tmp_path / "audit", _PixelFeatures(), progress=False)["synthetic"] == 3
+
+
+def test_the_real_images_as_synthetic_are_refused_naming_both_options(tmp_path):
+    """--synthetic and --real the same folder (or the same archive, wherever it is): every synthetic
+    image was 0 from its own copy and the audit reported total memorisation."""
+    import shutil
+    from xrayforge.evaluate.memorisation import audit
+    from xrayforge.errors import UserError
+    real = tmp_path / "real"
+    real.mkdir()
+    for seed in range(6):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
+    prepare(str(real), tmp_path / "arc", resolution=16, workers=1, progress=False)
+    shutil.copytree(tmp_path / "arc", tmp_path / "arc_copy")
+    for synth, ref in ((str(real), str(real) + "/"), (str(tmp_path / "real" / ".." / "real"), str(real)),
+                       (str(tmp_path / "arc_copy"), str(tmp_path / "arc"))):
+        with pytest.raises(UserError, match=r"--synthetic .* is --real "):
+            audit(synth, ref, tmp_path / "a", _PixelFeatures(), progress=False)
+        assert not (tmp_path / "a").exists()

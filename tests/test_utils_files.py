@@ -242,3 +242,20 @@ def test_a_line_of_more_bare_commas_than_the_header_has_is_no_row(tmp_path):
     path.write_text("Image Index,Finding Labels,\na.png,Effusion\n,,,,\n , ,\t, ,\nb.png,Mass,,extra\n")
     rows, _ = read_csv(path, ("Image Index", "Finding Labels"))
     assert [r["Image Index"] for r in rows] == ["a.png", "b.png"]
+
+
+def test_a_folder_another_command_claimed_and_wrote_nothing_in_is_claimed_again(tmp_path):
+    """A command that claimed --out and then failed on a late user error (too few readable real
+    images) leaves its marker alone there: another command given that --out was refused as if the
+    folder 'holds the output of' the first, which wrote nothing. A folder with output of the first
+    is still refused, and so is one with the user's own files."""
+    from xrayforge.errors import UserError
+    from xrayforge.utils.files import MARKER, claim_output
+    out = claim_output(tmp_path / "out", "evaluate memorisation")
+    assert claim_output(out, "evaluate fid-findings") == out  # the marker alone: nothing of the first
+    assert json.loads((out / MARKER).read_text())["command"] == "evaluate fid-findings"
+    assert claim_output(out, "evaluate fid-findings") == out
+    (out / "fid_findings.csv").write_text("finding,fid\n")
+    with pytest.raises(UserError, match="holds the output of `xrayforge evaluate fid-findings`"):
+        claim_output(out, "evaluate memorisation")
+    assert json.loads((out / MARKER).read_text())["command"] == "evaluate fid-findings"

@@ -247,6 +247,14 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
           real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
     if real_limit is not None and real_limit < 2:  # before any work: the real-to-real reference needs 2
         raise UserError(f"--real-limit {real_limit}: the real-to-real reference needs at least 2 real images")
+    from .labelled import archive_id
+    real_id = archive_id(real)
+    if Path(synthetic).resolve() == Path(real).resolve() or (real_id is not None and real_id == archive_id(synthetic)):
+        # every synthetic image would be 0 from its own copy: total memorisation
+        raise UserError(f"--synthetic {synthetic} is --real {real} (the same "
+                        f"{'manifest' if real_id is not None else 'folder'}): every synthetic image would be at "
+                        f"distance 0 from its own copy among the real images, as if the generator had memorised "
+                        f"them all; give the generator's samples as --synthetic")
     for option, spec in (("--synthetic", synthetic), ("--real", real)):  # a folder's images are read recursively
         where = Path(spec).resolve()
         if where.is_dir() and not (where / "archive.json").is_file() and where in (Path(out).resolve(),

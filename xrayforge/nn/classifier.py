@@ -174,6 +174,20 @@ class ClassifierConfig:
     std: float = 0.25
     thresholds: dict = field(default_factory=dict)  # per-finding decision thresholds (default 0.5)
 
+    def __post_init__(self):
+        _check_findings(self.findings)
+
+
+def _check_findings(findings, who: str = "", names_only: bool = True) -> None:
+    """``findings`` a list of names: one name given as a string was taken letter by letter (a
+    classifier of 11 findings 'A', 't', 'e', ... for "Atelectasis"). ``names_only``: a list or
+    tuple of strings, as classifier.json holds them (else any other sequence)."""
+    if isinstance(findings, (str, bytes)):
+        raise UserError(f"{who}{': ' if who else ''}findings must be a list of finding names, not the one string "
+                        f"{findings!r} (one finding is [{findings!r}])")
+    if names_only and (not isinstance(findings, (list, tuple)) or not all(isinstance(f, str) for f in findings)):
+        raise UserError(f"{who}{': ' if who else ''}findings must be a list of finding names, got {findings!r}")
+
 
 def resize_input(x: torch.Tensor, size: int) -> torch.Tensor:
     """The classifiers' resize of (N, C, H, W) to size × size: bilinear, antialiased when shrinking."""
@@ -337,6 +351,7 @@ class ClassifierAdapter(nn.Module):
         super().__init__()
         if outputs not in ("logits", "probabilities"):
             raise ValueError("outputs must be 'logits' or 'probabilities'")
+        _check_findings(findings, "ClassifierAdapter", names_only=False)
         self.module, self.findings, self.transform, self.outputs = module, list(findings), transform, outputs
         self.thresholds = dict(thresholds or {})
         unknown = sorted(set(self.thresholds) - set(self.findings))

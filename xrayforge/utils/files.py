@@ -449,8 +449,13 @@ def _claim(out: Path, command: str, signatures) -> Path:
                 if removed:
                     log.info("%s: removed %d temporary file(s) an interrupted run left", out, removed)
                 return out
-            raise UserError(f"{out}: holds the output of `xrayforge {owner}`, not of `xrayforge {command}`; "
-                            f"choose a new --out")
+            if entries:
+                raise UserError(f"{out}: holds the output of `xrayforge {owner}`, not of `xrayforge {command}`; "
+                                f"choose a new --out")
+            # only the marker: a `xrayforge {owner}` that stopped (a late error) before writing anything;
+            # it holds no output of that command, so it is an empty folder to claim
+            log.info("%s: claimed by `xrayforge %s`, which wrote nothing there; now `xrayforge %s`'s", out, owner,
+                     command)
         if entries and not any((out / s).exists() for s in signatures):
             raise UserError(f"{out}: is not empty and was not made by `xrayforge {command}` (it holds "
                             f"{_listing(entries)}); nothing was written: choose an empty or new --out")
