@@ -260,3 +260,21 @@ def test_knn_rows_time_the_search_ops_knn_runs(monkeypatch):
                               prdc_backend=None)
     assert "error" not in rows[0], rows[0]
     assert asked and all(k == op_k for _, k in asked), (asked, op_k)
+
+
+def test_bench_json_replaces_only_an_earlier_bench_json(tmp_path, capsys):
+    """--json README.md (or a committed benchmarks/results file) was replaced by the suite's rows
+    after the whole run; now any file but an earlier `bench --json` is refused before any work."""
+    from xrayforge.cli import main as cli
+    mine = tmp_path / "notes.md"
+    mine.write_text("# my notes\n")
+    script = tmp_path / "ops-cpu.json"  # what benchmarks/<name>.py writes: one suite's result, not bench's
+    script.write_text(json.dumps({"benchmark": "ops", "rows": []}))
+    for path in (mine, script):
+        assert cli(["bench", "--suites", "data", "--device", "cpu", "-q", "--json", str(path)]) == 1
+        assert f"{path}: exists and is not the JSON of an earlier `xrayforge bench --json`" in capsys.readouterr().err
+    assert mine.read_text() == "# my notes\n" and json.loads(script.read_text())["benchmark"] == "ops"
+    ours = tmp_path / "b.json"
+    for _ in range(2):  # a new file, then its own earlier output replaced
+        assert cli(["bench", "--suites", "data", "--device", "cpu", "-q", "--json", str(ours)]) == 0
+        assert json.loads(ours.read_text())["data"]["rows"]

@@ -226,3 +226,40 @@ def test_a_demo_stopped_in_its_first_stage_keeps_its_options(tmp_path, monkeypat
     assert json.loads((out / "demo_state.json").read_text())["options"] == {"minutes": 0.3, "device": "cpu"}
     assert cli(["demo", "--out", str(out), "--minutes", "1", "--device", "cpu", "-q"]) == 1
     assert "begun with --minutes 0.3 on the cpu" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_demo_whose_run_was_deleted_trains_it_again(tmp_path, monkeypatch):
+    """A trained stage whose run folder (its checkpoints) was deleted: the next run stopped at sampling
+    with `run: not a checkpoint, nor a run folder with checkpoints`, the state still saying trained."""
+    import shutil
+
+    import xrayforge.sample.writer
+    from xrayforge.demo import run_demo
+    from xrayforge.train.trainer import Interrupted, Trainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(xrayforge.sample.writer, "sample_archive", stop)
+    with pytest.raises(Stop):  # data, classifier and the GAN made; stopped at sampling
+        run_demo(out=str(out), device="cpu", minutes=0.1, progress=False)
+    assert json.loads((out / "demo_state.json").read_text())["train"]["trained"]
+    (out / "samples").mkdir()
+    (out / "samples" / "stale.txt").write_text("of the deleted generator")
+    shutil.rmtree(out / "run")
+    trained = []
+
+    def train(self):
+        trained.append(self.cfg.out)
+        raise Interrupted("stopped by signal 2")
+
+    monkeypatch.setattr(Trainer, "train", train)
+    with pytest.raises(Interrupted):
+        run_demo(out=str(out), device="cpu", minutes=0.1, progress=False)
+    assert trained == [str(out / "run")] and not (out / "samples").exists()
+    assert "train" not in json.loads((out / "demo_state.json").read_text())

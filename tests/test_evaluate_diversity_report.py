@@ -285,3 +285,59 @@ def test_a_rerun_leaves_no_grid_or_pairs_of_the_earlier_run(world, tmp_path):
                       progress=False)
     assert third["pairs"] == [] and not (d / "pairs.csv").exists()
     assert sorted(p.name for p in (d / "grids").iterdir()) == sorted(f"{f}.png" for f in third["grids"])
+
+
+def _run_with(tmp_path, kind, summary, files=None):
+    run = tmp_path / "run"
+    d = run / "evaluations" / kind
+    d.mkdir(parents=True)
+    (run / "log.jsonl").write_text(json.dumps({"tick": 1, "images": 64, "resolution": 8, "alpha": 1.0}) + "\n")
+    (d / "summary.json").write_text(json.dumps({"evaluation": kind, **summary}))
+    for name, text in (files or {}).items():
+        (d / name).write_text(text)
+    return run
+
+
+@pytest.mark.parametrize("kind, summary, files", [
+    ("diversity", {"grids": ["Mass.png"]}, {"diversity.md": "table\n"}),  # a list where a dict is
+    ("diversity", {"grids": {"Mass": None}}, {"diversity.md": "table\n"}),
+    ("memorisation", {"flagged": 1, "synthetic": 4, "flagged_fraction": None, "percentile": 1.0,
+                      "inception": "x", "median_synthetic_to_real_inception": 1.0,
+                      "median_real_to_real_inception": 1.0, "median_synthetic_to_real_pixels": 1.0,
+                      "median_real_to_real_pixels": 1.0}, {}),
+    ("reader-study", {"result": {"readers": ["r1"], "images": 4, "pooled": {}}}, {}),
+])
+def test_a_summary_with_a_value_of_the_wrong_type_is_named_not_an_unexpected_error(tmp_path, kind, summary, files):
+    """A hand-edited or damaged summary (null, a list where an object is) stopped the report with
+    'TypeError: ... (an unexpected error; ... please report it)'; now it names the file."""
+    run = _run_with(tmp_path, kind, summary, files)
+    with pytest.raises(UserError, match=f"evaluations/{kind}/summary.json: a value of the wrong type"):
+        write_report(tmp_path / "r.html", run)
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_an_evaluation_whose_table_is_missing_is_named_incomplete(tmp_path):
+    """summary.json there, tstr.md gone: the report said only 'tstr.md: No such file or directory'."""
+    run = _run_with(tmp_path, "tstr", {})
+    with pytest.raises(UserError, match=r"tstr\.md: missing; the tstr evaluation in .*tstr is incomplete"):
+        write_report(tmp_path / "r.html", run)
+
+
+def test_a_folder_that_is_not_a_run_is_refused_naming_the_run_in_it(tmp_path):
+    """The demo's --out (or an archive) given as RUN gave a report of nothing, every evaluation listed
+    as not evaluated, and exit status 0."""
+    from xrayforge.cli import main as cli
+    run = _run_with(tmp_path / "demo", "tstr", {}, {"tstr.md": "t\n"})
+    with pytest.raises(UserError, match=f"not a training run folder .*the run in it is {run}"):
+        write_report(tmp_path / "r.html", tmp_path / "demo")
+    assert cli(["evaluate", "report", str(tmp_path / "demo"), "--out", str(tmp_path / "r.html")]) == 1
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_log_line_with_a_count_that_is_no_number_gives_n_a(tmp_path):
+    """'Cannot specify ',' with 's'.' was the whole error for a log line whose images was text."""
+    run = _run_with(tmp_path, "tstr", {}, {"tstr.md": "t\n"})
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"tick": 2, "images": "many", "resolution": 8, "alpha": 1.0}) + "\n")
+    write_report(tmp_path / "r.html", run)
+    assert "n/a images seen" in (tmp_path / "r.md").read_text()

@@ -614,3 +614,26 @@ def test_the_keys_sources_are_never_spreadsheet_formulas(tmp_path, monkeypatch):
         sources = [row["source"] for row in csv.DictReader(fh)]
     assert sorted(sources) == sorted(f"'{d}/-{i}.png" for d in ("=1+1", "@SUM(1)") for i in range(2))
     assert len(read_key(info["key"])) == 4
+
+
+def test_a_size_no_screen_shows_is_refused_before_any_image_is_made(tmp_path, monkeypatch):
+    """--size 100000 resized each image to 40 GB of floats: the system killed the process, with no
+    message and an unfinished pack left behind."""
+    import numpy as np
+    from PIL import Image
+
+    import xrayforge.data.prepare
+    from xrayforge.evaluate.reader_study import make
+
+    def resized(*args, **kwargs):
+        raise AssertionError("an image was resized")
+
+    monkeypatch.setattr(xrayforge.data.prepare, "resize", resized)
+    for side in ("real", "synth"):
+        (tmp_path / side).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((16, 16), 40 * i + (side == "synth"), dtype=np.uint8)).save(
+                tmp_path / side / f"{i}.png")
+    with pytest.raises(UserError, match="--size must be 1 to 16384 px.*got 100000"):
+        make(str(tmp_path / "real"), str(tmp_path / "synth"), 2, tmp_path / "pack", size=100000)
+    assert not (tmp_path / "pack").exists() and not (tmp_path / "pack.key.csv").exists()

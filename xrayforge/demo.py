@@ -325,7 +325,18 @@ def run_demo(out: str = "xrayforge-demo", device: str | None = None, minutes: fl
     # 3. the GAN, sized so that the schedule fits its share of the budget, measured in the classifier's features
     run = out / "run"
     done = results.get("train", {})  # "trained": this stage ran to its end (a state from before it: "complete")
-    if not done.get("trained", "trained" not in done and done.get("complete")):
+    trained = done.get("trained", "trained" not in done and done.get("complete"))
+    if trained and not ((run / "checkpoints").is_dir() and any((run / "checkpoints").glob("ckpt-*"))):
+        # its checkpoints were deleted: the GAN is trained again, and what it generated goes with it (samples of
+        # a generator that is gone, evaluations of them), not a report of ghosts nor a stop at sampling
+        say(f"{run}: its checkpoints are gone; training the GAN again")
+        for made in (run, out / "samples"):
+            shutil.rmtree(made, ignore_errors=True)
+        for key in ("train", "lco", "realism", "fid", "tstr", "diversity", "memorisation"):
+            results.pop(key, None)
+        save_state()  # a kill while it trains again must not leave the state saying it is trained
+        trained = False
+    if not trained:
         if p["recipe"] == "gpu":  # a wider network, to 256 px
             cfg, results["recipe"] = gpu_config(archive, run, p, budget, dev)
         else:

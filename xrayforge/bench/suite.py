@@ -47,6 +47,21 @@ def print_tables(results: dict) -> None:
         print(format_table(result["rows"], columns))
 
 
+def is_bench_json(path) -> bool:
+    """Whether ``path`` is empty or holds what ``save_json`` writes ({suite: {..., "rows": [...]}}): the
+    only files ``xrayforge bench --json`` replaces."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            return True
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data) and all(
+        k in SUITES and isinstance(v, dict) and "rows" in v for k, v in data.items())
+
+
 def save_json(results: dict, path: str) -> None:
     """Write every suite's rows to ``path`` through a temporary file (never half-written)."""
     from ..utils.files import write_text_atomic

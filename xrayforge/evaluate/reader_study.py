@@ -346,6 +346,9 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
         raise UserError(f"the key {key_path} must not be inside the pack {out}")
     if n < 2 or n % 2:
         raise UserError(f"--n must be an even number >= 2 (half real, half synthetic), got {n}")
+    if not 1 <= size <= MAX_SIZE:  # --size 100000: 40 GB per image as it is resized, and the system kills the process
+        raise UserError(f"--size must be 1 to {MAX_SIZE} px (radiographs are at most about 4,300 px; the default is "
+                        f"1024), got {size}")
     if Path(real).resolve() == Path(synthetic).resolve():  # the key would call real images synthetic
         raise UserError(f"{synthetic}: the same images as --real {real}; give the synthetic images")
     unfinished = (out / UNFINISHED).is_file()
@@ -419,6 +422,9 @@ def make(real: str, synthetic: str, n: int, out: str | os.PathLike, key_path: st
     (out / UNFINISHED).unlink()
     return {"pack": str(out), "key": str(key_path), "images": len(names), "warnings": [enlarged] if enlarged else []}
 
+
+# the largest --size: four times a large radiograph's side (an image of it takes 1 GiB as it is resized)
+MAX_SIZE = 16384
 
 # written before a pack's first image and removed once its page is in place: only a pack that holds it
 # is one that `make` left unfinished (a finished pack whose index.html went missing is not)

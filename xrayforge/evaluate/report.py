@@ -67,7 +67,7 @@ def _training_section(run: Path) -> list[str]:
             # a stop within a tick logs its part, and the resumed run the rest, under the same number
             n_ticks = len({t.get("tick", -i) for i, t in enumerate(ticks)})
             seconds = last.get("total_seconds", last.get("seconds"))  # "seconds": this session's (a resume restarts it)
-            lines.append(f"{last['images']:,} images seen in {number(seconds, 0)} s over {n_ticks} ticks; "
+            lines.append(f"{_count(last['images'])} images seen in {number(seconds, 0)} s over {n_ticks} ticks; "
                          f"last resolution {last['resolution']} px (fade-in α {number(last['alpha'], 2)}); final losses "
                          f"D {number(last.get('d_loss'))}, G {number(last.get('g_loss'))}, "
                          f"gradient penalty {number(last.get('gp'))}.")
@@ -78,7 +78,7 @@ def _training_section(run: Path) -> list[str]:
                                 if k in m)
                 lines.append(f"Measured during training ({m.get('metrics_images', '?')} G_ema samples against as many "
                              f"real images, features {m.get('metrics_features', 'inception')}), at "
-                             f"{m['images']:,} images: {got}.")
+                             f"{_count(m['images'])} images: {got}.")
             best = run / "checkpoints" / "best.json"
             try:
                 b = read_json(best, "the best checkpoint's record") if best.is_file() else None
@@ -108,6 +108,11 @@ def _training_section(run: Path) -> list[str]:
         if (run / name).is_file():
             lines += ["", f"![{title}]({run / name})"]
     return lines
+
+
+def _count(v) -> str:
+    """An image count with thousands separators; 'n/a' where a log line (edited, damaged) holds no number."""
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else number(v, 0)
 
 
 def _section(kind: str, folder: Path) -> list[str]:
@@ -164,9 +169,19 @@ def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], 
         if kind in sections:
             try:
                 lines += _section(kind, sections[kind]) + [""]
+            except (UserError, UnicodeDecodeError):  # said already (a damaged file, named)
+                raise
             except KeyError as exc:  # a summary from another version, or edited: say which, never a traceback
                 raise UserError(f"{sections[kind] / 'summary.json'}: no {exc} in it; not a complete {kind} summary "
                                 f"(run `xrayforge evaluate {kind}` again into that folder)") from None
+            except FileNotFoundError as exc:  # its table (tstr.md, ...) gone: removed, or the folder copied in part
+                raise UserError(f"{exc.filename}: missing; the {kind.replace('-grids', '')} evaluation in "
+                                f"{sections[kind]} is incomplete (run `xrayforge evaluate "
+                                f"{kind.replace('-grids', '')}` again into that folder)") from None
+            except (TypeError, AttributeError, ValueError) as exc:  # a value of another type (null, text, a list)
+                raise UserError(f"{sections[kind] / 'summary.json'}: a value of the wrong type in it ({exc}); not a "
+                                f"valid {kind.replace('-grids', '')} summary (edited or damaged? run `xrayforge "
+                                f"evaluate {kind.replace('-grids', '')}` again into that folder)") from exc  # --debug: where
     missing = [k for k in EVALUATIONS if k not in sections]
     if missing:
         lines += ["## Not evaluated", "No results found for: " + ", ".join(missing) + "."]
@@ -281,6 +296,11 @@ def write_report(out: str | os.PathLike, run: str | os.PathLike | None = None, e
     """Write ``out`` (HTML) and the same report as Markdown beside it; returns what went in."""
     if run is not None and not Path(run).is_dir():
         raise FileNotFoundError(f"{run}: no such training run folder")
+    if run is not None and not any((Path(run) / n).exists() for n in ("log.jsonl", "checkpoints", "evaluations")):
+        # another folder (the demo's --out, an archive): a report of nothing, every evaluation "not evaluated"
+        inner = [p.parent for p in sorted(Path(run).glob("*/log.jsonl"))]
+        raise UserError(f"{run}: not a training run folder (no log.jsonl, checkpoints/ or evaluations/ in it)"
+                        + (f"; the run in it is {inner[0]}" if inner else ""))
     found = find_evaluations(run, evaluations)
     md = build_markdown(run, found, title, preamble)
     out = Path(out)
