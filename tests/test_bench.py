@@ -278,3 +278,16 @@ def test_bench_json_replaces_only_an_earlier_bench_json(tmp_path, capsys):
     for _ in range(2):  # a new file, then its own earlier output replaced
         assert cli(["bench", "--suites", "data", "--device", "cpu", "-q", "--json", str(ours)]) == 0
         assert json.loads(ours.read_text())["data"]["rows"]
+
+
+def test_bench_suites_with_spaces_or_named_twice_run_each_once(monkeypatch, capsys):
+    """--suites "data, sampling" was refused as an unknown benchmark ' sampling', and "data,data" ran it twice."""
+    import xrayforge.bench.suite as suite
+    from xrayforge.cli import main as cli
+    ran = []
+    monkeypatch.setattr(suite, "run_suite", lambda suites, *a, **k: ran.append(list(suites)) or {})
+    monkeypatch.setattr(suite, "print_tables", lambda results: None)
+    assert cli(["bench", "--suites", "data, sampling,data", "--device", "cpu", "-q"]) == 0
+    assert ran == [["data", "sampling"]]
+    assert cli(["bench", "--suites", "data,nope", "--device", "cpu", "-q"]) == 2
+    assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err

@@ -106,3 +106,49 @@ def test_a_batch_whose_minibatch_stddev_groups_are_single_images_is_warned_about
     with caplog.at_level(logging.WARNING):
         Trainer(TrainConfig(str(archive), str(tmp_path / "run2"), **TINY), progress=False).close()
     assert not [r for r in caplog.records if "single images" in r.getMessage()]
+
+
+@pytest.mark.parametrize("edit", [{"batch": "x"}, {"fade_images": "64"}, {"batch": {"8": "four"}}, {"mirror": "no"}])
+def test_a_hand_edited_train_config_of_the_wrong_type_is_refused_naming_it(archive, tmp_path, capsys, edit):
+    """A value of another kind in train_config.json stopped --resume with 'an unexpected error'
+    (AttributeError: 'str' object has no attribute 'get') or a comparison of text and a number."""
+    import json
+    from xrayforge.cli import main as cli
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=64), progress=False).train()
+    saved = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**saved, **edit}))
+    capsys.readouterr()
+    assert cli(["train", "--out", str(run), "--resume", "-q"]) == 1
+    err = capsys.readouterr().err
+    name = next(iter(edit))
+    assert "train_config.json" in err and name in err and "unexpected" not in err and "Traceback" not in err
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_says_how_to_go_on(archive, tmp_path):
+    """Every checkpoint damaged: the resume named only the newest, and a new start in the folder is refused
+    for its checkpoints: the message now says that all are damaged and to move them away."""
+    from xrayforge.errors import UserError
+    from xrayforge.nn.checkpoint import checkpoint_dirs
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=160), progress=False).train()
+    ckpts = checkpoint_dirs(run / "checkpoints")
+    assert len(ckpts) == 2
+    for c in ckpts:
+        (c / "state.pt").write_bytes(b"torn")
+    with pytest.raises(UserError, match=r"no usable checkpoint.*\(and the 1 older one too\); nothing to resume from: "
+                                        r"start a new --out \(or move .*checkpoints away"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY), resume=True, progress=False)
+
+
+def test_a_checkpoints_file_in_the_run_folder_is_refused_before_training(archive, tmp_path):
+    """RUN/checkpoints as a file was found only when the first checkpoint was written, after a tick of
+    training, and blamed on a full disk."""
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    with pytest.raises(UserError, match=r"checkpoints: is a file, where the run keeps its checkpoints"):
+        Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=64), progress=False)
+    assert not (run / "log.jsonl").exists()
+

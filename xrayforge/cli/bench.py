@@ -11,7 +11,8 @@ from . import _args
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ..bench.suite import SUITES, is_bench_json, print_tables, run_suite, save_json
 
-    suites = args.suites.split(",") if args.suites else list(SUITES)
+    # "ops, data" is two suites, and one named twice runs once
+    suites = list(dict.fromkeys(s.strip() for s in args.suites.split(","))) if args.suites else list(SUITES)
     unknown = set(suites) - set(SUITES)
     if unknown:
         print(f"xrayforge bench: error: unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(SUITES)}",

@@ -61,6 +61,28 @@ FIXED_ON_RESUME = ("start_resolution", "fade_images", "stable_images", "batch", 
                    "ema_kimg", "ema_rampup", "ema_beta", "mirror", "seed")
 
 
+def _check_field_types(cfg) -> None:
+    """Every field of ``cfg`` of its declared kind (a hand-edited train_config.json's ``"batch": "x"``
+    stopped --resume with an AttributeError, ``"fade_images": "64"`` with a comparison of text and a
+    number): numbers are numbers (not true / false), text is text, tables are tables of numbers."""
+    import numbers
+    kinds = {"int": numbers.Real, "float": numbers.Real, "str": str, "bool": (bool, numbers.Integral),
+             "dict": dict, "list": (list, tuple)}
+    for f in dataclasses.fields(cfg):
+        value, declared = getattr(cfg, f.name), str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in declared:
+            continue
+        kind = kinds.get(declared[0])
+        if kind is None:
+            continue
+        ok = isinstance(value, kind) and not (kind is numbers.Real and isinstance(value, bool))
+        if ok and kind is dict:  # {resolution: batch or learning rate}
+            ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value.values())
+        if not ok:
+            raise ValueError(f"{f.name} must be {'a table of numbers' if kind is dict else declared[0]}"
+                             f"{' or null' if 'None' in declared else ''}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     archive: str
@@ -101,6 +123,7 @@ class TrainConfig:
     metrics_images: int = 1000               # generated (and real) images per measurement
 
     def __post_init__(self):
+        _check_field_types(self)
         for name in ("fade_images", "tick_images", "checkpoint_ticks", "keep_checkpoints", "accumulation",
                      "latent_dim", "stable_images"):
             low = 0 if name == "fade_images" else 1
@@ -296,6 +319,10 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         # never into a folder of something else (an archive, another command's output)
         claim_output(self.out, "train", signatures=("train_config.json", "checkpoints", "log.jsonl"))
+        for made, kind in ((self.ckpt_dir, "folder"), (self.log_path, "file")):  # said now, not after the first tick
+            if made.exists() and made.is_dir() != (kind == "folder"):
+                raise UserError(f"{made}: is {'a file' if kind == 'folder' else 'a folder'}, where the run keeps its "
+                                f"{'checkpoints' if kind == 'folder' else 'log'} (a {kind}); move it away")
         self._stop_signal = None
         self._auto_batches: dict[int, int] = {}
         self._lock_file, self._holds_folder = None, False
@@ -663,7 +690,11 @@ class Trainer:
                     return path, nets, state
             failed.append((path, why))
         if failed:
-            raise UserError(f"{self.ckpt_dir}: no usable checkpoint; the newest one is damaged: {failed[0][1]}")
+            raise UserError(f"{self.ckpt_dir}: no usable checkpoint; the newest one is damaged: {failed[0][1]}"
+                            + (f" (and the {len(failed) - 1} older one{'s' if len(failed) > 2 else ''} too)"
+                               if len(failed) > 1 else "")
+                            + f"; nothing to resume from: start a new --out (or move {self.ckpt_dir} away and "
+                              f"start this one again without --resume)")
         damaged = sorted(self.ckpt_dir.glob("damaged-ckpt-*"))
         if damaged:
             raise UserError(f"{self.ckpt_dir}: only damaged checkpoints are left ({', '.join(d.name for d in damaged[:3])}"
