@@ -341,3 +341,33 @@ def test_a_log_line_with_a_count_that_is_no_number_gives_n_a(tmp_path):
         fh.write(json.dumps({"tick": 2, "images": "many", "resolution": 8, "alpha": 1.0}) + "\n")
     write_report(tmp_path / "r.html", run)
     assert "n/a images seen" in (tmp_path / "r.md").read_text()
+
+
+def test_an_evaluation_of_an_older_checkpoint_than_the_runs_newest_is_said_to_be(tmp_path, caplog):
+    """The report showed evaluations of samples of ckpt-100 as the run's results after it had trained on
+    to ckpt-200 (a resumed run, the demo's continued training): now each section names the checkpoint
+    its samples came from, and one older than the newest (and not the best) is said to be out of date."""
+    import logging
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    run = _run_with(tmp_path, "tstr", {"synthetic": str(samples)}, {"tstr.md": "t\n"})
+    old, new = (run / "checkpoints" / f"ckpt-{n:012d}" for n in (100, 200))
+    old.mkdir(parents=True)
+    (samples / "sample_config.json").write_text(json.dumps({"checkpoint": str(old)}))
+    write_report(tmp_path / "r.html", run)  # its newest: current, nothing said
+    md = (tmp_path / "r.md").read_text()
+    assert f"Synthetic images: samples of the checkpoint {old}." in md and "trained on since" not in md
+    new.mkdir()
+    with caplog.at_level(logging.WARNING):
+        write_report(tmp_path / "r.html", run)
+    md = (tmp_path / "r.md").read_text()
+    assert f"its newest checkpoint is {new.name}, so this is an evaluation of an earlier generator" in md
+    assert f"an evaluation of {old.name}, and the run's newest checkpoint is {new.name}" in caplog.text
+    # the run's best checkpoint is a choice, not a stale result
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"checkpoint": old.name, "images": 100, "score": 3.0}))
+    write_report(tmp_path / "r.html", run)
+    assert "trained on since" not in (tmp_path / "r.md").read_text()
+    # the samples of an archive that `sample` did not write (no sample_config.json): nothing claimed
+    (samples / "sample_config.json").unlink()
+    write_report(tmp_path / "r.html", run)
+    assert "Synthetic images:" not in (tmp_path / "r.md").read_text()

@@ -287,7 +287,7 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
              "pixel_distance": round(float(d_p[k]), 6), "flagged": int(flagged[k])} for k in range(len(s_names))]
     write_csv(out / "memorisation.csv", list(rows[0].keys()), rows)
     summary = {
-        "evaluation": "memorisation", "synthetic": len(s_names), "real": len(r_names), "percentile": percentile,
+        "evaluation": "memorisation", "synthetic": len(s_names), "synthetic_source": str(synthetic), "real": len(r_names), "percentile": percentile,
         "threshold_inception": thr_f, "threshold_pixels": thr_p, "flagged": int(flagged.sum()),
         "flagged_fraction": float(flagged.float().mean()), "controls": sc["controls"],
         "real_flagged": real_flagged, "design_effect": sc["design_effect"], "synthetic_flagged_half": half,

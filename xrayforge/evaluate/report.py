@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ._format import number, split_row
-from ..nn.checkpoint import is_best_record, names_a_checkpoint
+from ..nn.checkpoint import checkpoint_dirs, is_best_record, names_a_checkpoint
 from ..utils.files import read_json, read_jsonl, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,49 @@ def _count(v) -> str:
     return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else number(v, 0)
 
 
+def _generator_of(summary: dict) -> str | None:
+    """The checkpoint whose samples an evaluation measured (None: not known): diversity's summary
+    records it; fid-findings', tstr's and memorisation's record their synthetic images, an archive
+    whose sample_config.json does when `xrayforge sample` wrote it."""
+    ckpt = summary.get("checkpoint")
+    if isinstance(ckpt, str):
+        return ckpt
+    source = summary.get("synthetic_source", summary.get("synthetic"))  # memorisation: "synthetic" is a count
+    if not isinstance(source, str) or not (Path(source) / "sample_config.json").is_file():
+        return None
+    try:
+        ckpt = read_json(Path(source) / "sample_config.json", "a sampled archive's settings").get("checkpoint")
+    except (UserError, AttributeError):  # unreadable, or not a table: the provenance is not known
+        return None
+    return ckpt if isinstance(ckpt, str) else None
+
+
+def _provenance(run: Path | None, summary: dict) -> list[str]:
+    """A line under an evaluation's heading: which checkpoint's samples it measured, and, where that is an
+    older checkpoint of this run than its newest (and not its best), that it is of an earlier generator
+    (training went on after it, or its samples were not made again): the report would show it as current."""
+    ckpt = _generator_of(summary)
+    if ckpt is None:
+        return []
+    line = f"Synthetic images: samples of the checkpoint {ckpt}."
+    ckpt_dir = Path(run) / "checkpoints" if run is not None else None
+    own = ckpt_dir is not None and Path(ckpt).parent.resolve() == ckpt_dir.resolve()
+    newest = checkpoint_dirs(ckpt_dir) if own else []
+    if newest and Path(ckpt).name != newest[0].name:
+        try:
+            best = read_json(ckpt_dir / "best.json", "the best checkpoint's record") \
+                if (ckpt_dir / "best.json").is_file() else None
+        except UserError:
+            best = None
+        if not (is_best_record(best) and best["checkpoint"] == Path(ckpt).name):  # the best one: chosen, not stale
+            log.warning("%s: an evaluation of %s, and the run's newest checkpoint is %s", run, Path(ckpt).name,
+                        newest[0].name)
+            line += (f" **The run has trained on since: its newest checkpoint is {newest[0].name}, so this is an "
+                     f"evaluation of an earlier generator** (sample it again and rerun the evaluation to measure "
+                     f"the newest).")
+    return [line, ""]
+
+
 def _section(kind: str, folder: Path) -> list[str]:
     s = read_json(folder / "summary.json", "an evaluation summary")
     if kind == "diversity-grids":
@@ -168,7 +211,11 @@ def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], 
     for kind in SECTION_ORDER:
         if kind in sections:
             try:
-                lines += _section(kind, sections[kind]) + [""]
+                part = _section(kind, sections[kind])
+                if kind != "diversity-grids":  # said once, in the diversity section
+                    summary = read_json(sections[kind] / "summary.json", "an evaluation summary")
+                    part[1:1] = _provenance(Path(run) if run is not None else None, summary)
+                lines += part + [""]
             except (UserError, UnicodeDecodeError):  # said already (a damaged file, named)
                 raise
             except KeyError as exc:  # a summary from another version, or edited: say which, never a traceback
