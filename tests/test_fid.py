@@ -366,8 +366,9 @@ def test_an_input_with_too_few_readable_images_is_named_with_the_reasons(tmp_pat
     assert f"{b}: 1 readable image(s) (1 skipped)" in err and "skipped " in err and "broken.png" in err
     assert f"{a}'s statistics were saved to fid-stats-a-" in err
     (b / "img007.png").unlink()
+    (b / "broken2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)  # two candidates: one is refused up front
     assert cli(["fid", str(b), str(a), "--random-weights", "-q", "--workers", "0"]) == 1
-    assert f"{b}: 0 readable image(s) (1 skipped)" in capsys.readouterr().err
+    assert f"{b}: 0 readable image(s) (2 skipped)" in capsys.readouterr().err
 
 
 def test_saving_statistics_leaves_no_temporary_file_when_interrupted(tmp_path, monkeypatch):
@@ -645,6 +646,8 @@ def test_one_folder_on_both_sides_is_read_once_and_its_unreadable_files_listed_o
     ("nonexist", None, "nonexist: no such file or folder"),
     ("empty", None, "empty: no image files"),
     ("notes", None, "notes: no image files"),
+    ("one", None, "one: one image file; a covariance"),  # was said after A had been read
+    ("ckpt", 1, "--n 1: a covariance"),
     ("arc", None, "archive.json: not valid JSON"),
     ("run", None, "run is a generator checkpoint: give the number of images with --n"),
     ("run", 10, "run: not a checkpoint, nor a run folder with checkpoints"),
@@ -660,6 +663,7 @@ def test_a_bad_b_is_said_before_a_is_read_and_before_the_weights(bad, n, said, s
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    _png_folder(tmp_path / "one", range(1), size=(16, 16))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").mkdir()  # a run that has written no checkpoint yet
     (tmp_path / "arc").mkdir()
@@ -711,7 +715,8 @@ def test_b_failing_after_a_was_read_keeps_a_statistics_for_the_rerun(small_space
     a = _png_folder(tmp_path / "a", range(3), size=(16, 16))
     b = tmp_path / "b"
     b.mkdir()
-    (b / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)  # a candidate, unreadable when read
+    for name in ("broken.png", "broken2.png"):  # candidates, unreadable when read (one alone is refused up front)
+        (b / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8)
     work, tmp = tmp_path / "work", tmp_path / "tmp"
     work.mkdir()
     tmp.mkdir()
@@ -722,7 +727,7 @@ def test_b_failing_after_a_was_read_keeps_a_statistics_for_the_rerun(small_space
     err = capsys.readouterr().err
     kept = list(work.glob("fid-stats-a-*.npz"))
     assert len(kept) == 1, list(work.iterdir())
-    assert f"{b}: 0 readable image(s) (1 skipped)" in err
+    assert f"{b}: 0 readable image(s) (2 skipped)" in err
     assert f"{a}'s statistics were saved to {kept[0].name}: run `xrayforge fid {kept[0].name} {b}` with the same " \
            f"options" in err and len(err.strip().splitlines()) == 1, err
     assert FrechetStats.load(kept[0]).n == 3

@@ -133,9 +133,14 @@ def describe(spec: str) -> str:
     raise FileNotFoundError(f"{spec}: no such file or folder")
 
 
-def _has_candidates(root: str | os.PathLike) -> bool:
-    """Whether ``find_images(root)`` would list any file, found without listing them all."""
-    return next(iter_images(root), None) is not None
+def _candidates(root: str | os.PathLike, most: int = 2) -> int:
+    """How many files ``find_images(root)`` would list, counted to ``most`` (never listing them all)."""
+    found = 0
+    for _ in iter_images(root):
+        found += 1
+        if found >= most:
+            break
+    return found
 
 
 def refuse_single_file(spec: str, kind: str) -> None:
@@ -158,14 +163,22 @@ def check_input(spec: str, n: int | None = None) -> tuple[str, str]:
     here: their caller loads (and so checks) them."""
     kind = describe(spec)
     refuse_single_file(spec, kind)
-    if kind == "folder" and not _has_candidates(spec):
-        raise FileNotFoundError(f"{spec}: no image files")
+    if kind == "folder":
+        found = _candidates(spec)
+        if not found:
+            raise FileNotFoundError(f"{spec}: no image files")
+        if found < 2:  # said before the other input is read, not after
+            raise UserError(f"{spec}: one image file; a covariance (an FID) needs at least 2 images")
     if kind == "archive":
         arc = Archive(spec)
         arc.array(arc.resolution)
+        if len(arc) < 2:
+            raise UserError(f"{spec}: an archive of {len(arc)} image(s); a covariance (an FID) needs at least 2")
     if kind == "checkpoint":
         if not n:
             raise ValueError(f"{spec} is a generator checkpoint: give the number of images with --n")
+        if n < 2:
+            raise UserError(f"--n {n}: a covariance (an FID) needs at least 2 images of {spec}")
         from ..nn.checkpoint import damage, find_checkpoint
         folder = find_checkpoint(spec)  # a run's newest intact checkpoint (checked there)
         if (Path(spec) / "networks.json").is_file():  # a checkpoint folder itself: checked here
