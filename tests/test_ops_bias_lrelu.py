@@ -107,3 +107,14 @@ def test_bias_on_another_device_is_refused(kb):
     backend, device = kb
     with pytest.raises(ValueError, match="bias is on meta"):
         ops.bias_lrelu(torch.randn(2, 3, 4, 4, device=device), torch.zeros(3, device="meta"), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [p.values[0][0] for p in kernel_params()])
+def test_a_slope_that_is_no_positive_number_is_refused(backend):
+    x, b = torch.randn(2, 3), torch.zeros(3)
+    # '<=' between a str (or None) and an int, from inside the check
+    for slope in ("0.2", None, True):
+        with pytest.raises(TypeError, match="bias_lrelu: slope must be a real number"):
+            ops.bias_lrelu(x, b, slope=slope, backend=backend)
+    with pytest.raises(ValueError, match="slope must be positive"):  # NaN > 0 is false: it was taken
+        ops.bias_lrelu(x, b, slope=float("nan"), backend=backend)

@@ -153,3 +153,22 @@ def test_bf16_wgan_gp_gradients_on_gpu_are_as_accurate_as_pytorch(transposed):
     exact = grads(reference)
     assert_as_accurate_as_eager(grads(conv2d, torch.bfloat16), grads(reference, torch.bfloat16), exact,
                                 torch.bfloat16)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"stride": 1.5}, "stride"), ({"stride": (2, 2)}, "stride"),
+                                         ({"padding": 1.0}, "padding"), ({"padding": None}, "padding"),
+                                         ({"transposed": True, "output_padding": 0.5}, "output_padding")], ids=str)
+def test_stride_and_padding_that_are_no_integer_are_refused(kwargs, name):
+    # int() took stride 1.5 as 1 and padding 1.0 as 1 (silently), and (2, 2) failed inside int()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64) if kwargs.get("transposed") else torch.randn(3, 2, 3, 3,
+                                                                                                 dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"conv2d: {name} must be one integer"):
+        conv2d(x, w, **kwargs)
+
+
+def test_integer_like_strides_are_taken():
+    import numpy as np
+    x, w = torch.randn(1, 2, 5, 5, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(conv2d(x, w, stride=np.int64(2), padding=torch.tensor(1)),
+                               reference(x, w, stride=2, padding=1))

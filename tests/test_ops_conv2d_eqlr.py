@@ -431,3 +431,33 @@ def test_a_numpy_scale_is_a_number():
     w, b, scale = layer(2, 3, 3)
     torch.testing.assert_close(conv2d_eqlr(x, w, b, scale=np.float32(scale), activation="lrelu"),
                                C.reference(x, w, b, scale=float(np.float32(scale)), activation="lrelu"))
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    # the reference failed inside F.conv2d or the bias add, the Triton path in a reshape ("-1 ... is
+    # ambiguous"), and for images without pixels the Triton path returned what the reference refused
+    ((torch.zeros(1, 0, 4, 4), torch.zeros(4, 0, 3, 3), torch.zeros(4)), {}, "no input channels"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(0, 3, 3, 3), torch.zeros(0)), {}, "no output channels"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(0, 3, 3, 3)), {"activation": "lrelu_pn"}, "no output channels"),
+    ((torch.zeros(1, 3, 0, 4), torch.zeros(4, 3, 3, 3)), {}, "0×4: no pixels"),
+    ((torch.zeros(1, 3, 2, 0), torch.zeros(4, 3, 3, 3)), {"resample": "up"}, "2×0: no pixels"),
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3), torch.zeros(4, dtype=torch.complex64)), {},
+     "floating-point bias, got torch.complex64"),  # a KeyError inside Triton; the reference dropped the imaginary part
+    ((torch.zeros(1, 3, 4, 4), torch.zeros(4, 3, 3, 3), torch.zeros(4, dtype=torch.int64)), {}, "floating-point bias"),
+])
+def test_empty_layers_and_non_float_biases_are_refused(args, kwargs, match):
+    kwargs = {"scale": 1.0, **kwargs}
+    with pytest.raises(UserError, match=match):
+        conv2d_eqlr(*args, **kwargs)
+    for kb in TRITON:
+        with pytest.raises(UserError, match=match):
+            conv2d_eqlr(*args, **kwargs, backend=kb.values[0][0])
+
+
+@pytest.mark.parametrize("resample", [None, "up", "down"])
+def test_an_empty_batch_gives_an_empty_result_on_every_backend(resample):
+    x, w, b = torch.zeros(0, 2, 4, 4), torch.randn(3, 2, 3, 3), torch.randn(3)
+    want = conv2d_eqlr(x, w, b, scale=1.0, activation="lrelu_pn", resample=resample)
+    for kb in TRITON:
+        got = conv2d_eqlr(x, w, b, scale=1.0, activation="lrelu_pn", resample=resample, backend=kb.values[0][0])
+        assert got.shape == want.shape

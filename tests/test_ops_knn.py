@@ -332,3 +332,21 @@ def test_exact_recompute_in_chunks_gives_the_same(monkeypatch):
         monkeypatch.setattr(knn_module, "EXACT_CHUNK_ELEMENTS", elements)
         d, i = knn(q, r, 5, backend="torch")
         assert torch.equal(d, whole[0]) and torch.equal(i, whole[1])
+
+
+@pytest.mark.parametrize("kb", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-25, 1e20, 1e37], ids=["1e-25", "1e20", "1e37"])
+def test_features_at_extreme_scales_find_the_nearest(kb, dtype, scale):
+    """The fp32 search's squared norms overflowed past about 1e19 (every distance inf, each query
+    given index 0 k times) and underflowed below about 1e-19 (every distance 0, the first
+    references by index taken as the nearest): the neighbours are those of the data at scale 1."""
+    backend, device = kb
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter's tl.dot misreads bf16 operands (Triton 3.x on a CPU): a GPU test")
+    q, r = data(4, 20, 5, torch.float64, seed=3)
+    q, r = (q * scale).to(dtype), (r * scale).to(dtype)
+    bd, bi = brute(q.double().numpy() / scale, r.double().numpy() / scale, 3)  # in float64 at scale 1
+    d, i = knn(q.to(device), r.to(device), 3, backend=backend)
+    np.testing.assert_array_equal(i.cpu().numpy(), bi)
+    np.testing.assert_allclose(d.cpu().numpy() / scale, bd, rtol=1e-12)

@@ -241,3 +241,21 @@ def test_reference_computes_half_inputs_in_float32_as_the_official_code(dtype):
     assert got.dtype == torch.float64 and mbstd.reference(x).dtype == dtype
     rel = ((got - exact).abs() / exact).max().item()
     assert rel < 2 ** -7, rel  # one rounding of the result to the half type, nothing more
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [p.values[0][0] for p in kernel_params()])
+@pytest.mark.parametrize("kwargs", [dict(group_size=2.0), dict(group_size=2.5), dict(group_size="2"),
+                                    dict(group_size=True), dict(group_size=None), dict(num_channels=1.0)], ids=str)
+def test_a_group_size_or_slice_count_that_is_no_integer_is_refused(backend, kwargs):
+    # 2.0 failed inside Triton's next_power_of_2 on every backend, 2.5 was "not dividing" the batch,
+    # and True ran as a group of 1 on the kernels but failed in the reference's reshape
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"minibatch_stddev: {name} must be an integer"):
+        ops.minibatch_stddev(torch.randn(4, 3, 2, 2), backend=backend, **kwargs)
+
+
+def test_integer_like_group_sizes_are_taken():
+    import numpy as np
+    x = torch.randn(4, 4, 2, 2, dtype=torch.float64)
+    want = mbstd.reference(x, 2, 2)
+    torch.testing.assert_close(ops.minibatch_stddev(x, np.int64(2), torch.tensor(2), backend="torch"), want)

@@ -375,3 +375,26 @@ def test_cuda_bias_gradient_channel_limit_is_checked_in_the_forward(monkeypatch)
         ops.bias_lrelu_pixel_norm(x, b, backend="cuda")
     with _backend.auto_candidates(("cuda",)):
         torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b, backend="auto"), reference_bias_lrelu(x, b))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [p.values[0][0] for p in kernel_params()])
+@pytest.mark.parametrize("op,kwargs,name", [
+    ("pixel_norm", {"eps": "1e-8"}, "eps"), ("pixel_norm", {"eps": None}, "eps"),
+    ("bias_lrelu_pixel_norm", {"slope": "0.2"}, "slope"), ("bias_lrelu_pixel_norm", {"eps": None}, "eps"),
+    ("bias_lrelu_pixel_norm", {"slope": True}, "slope"),
+], ids=str)
+def test_an_eps_or_slope_that_is_no_number_is_refused(backend, op, kwargs, name):
+    # a string ran on the fused backends (float("1e-8")) and failed inside the reference's arithmetic;
+    # None failed deep inside either
+    x = torch.randn(2, 3)
+    args = (x,) if op == "pixel_norm" else (x, torch.zeros(3))
+    with pytest.raises(TypeError, match=f"{op}: {name} must be a real number"):
+        getattr(ops, op)(*args, backend=backend, **kwargs)
+
+
+def test_numeric_eps_and_slope_of_any_kind_are_taken():
+    import numpy as np
+    x, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    want = reference_bias_lrelu(x, b, 0.25, 1e-3)
+    for slope, eps in ((np.float32(0.25), np.float64(1e-3)), (torch.tensor(0.25), torch.tensor(1e-3))):
+        torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b, slope=slope, eps=eps, backend="torch"), want)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -29,6 +30,18 @@ def check_float(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+
+
+def check_number(op: str, name: str, v) -> None:
+    """Refuse an ``eps`` / ``slope`` that is no real number (a Python or NumPy number, or a
+    one-element real tensor): a string such as "1e-8" ran on the fused backends (which take
+    float(v)) and failed inside the reference, and None failed deep in either."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and (v.is_floating_point() or not (v.is_complex() or v.dtype == torch.bool)):
+            return
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        return
+    raise TypeError(f"{op}: {name} must be a real number, got {v!r}")
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import check_float, dense
+from ._common import check_float, check_number, dense
 from .pixel_norm import _epilogue_refusals
 
 
@@ -74,7 +74,8 @@ def bias_lrelu(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.2, backend:
         raise ValueError(f"bias_lrelu: bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
     if bias.device != x.device:
         raise ValueError(f"bias_lrelu: x is on {x.device} but bias is on {bias.device}")
-    if slope <= 0:
+    check_number("bias_lrelu", "slope", slope)
+    if not slope > 0:  # NaN too
         raise ValueError(f"bias_lrelu: slope must be positive (the backward reads the sign of the output), got {slope}")
     impl = _backend.resolve("bias_lrelu", x, backend, _epilogue_refusals(x, bias_grad=True))
     if impl == "torch":

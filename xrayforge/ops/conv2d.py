@@ -22,6 +22,7 @@ StyleGAN2-ADA). Gradients taken later, with the flag off, are complete.
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,14 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     convolutions and weight gradients (see the module docstring)."""
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv2d: expected 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    for name, v in (("stride", stride), ("padding", padding), ("output_padding", output_padding)):
+        # int() took stride=1.5 as 1 (a silently different convolution) and failed on (2, 2) unclearly
+        try:
+            ok = not isinstance(v, bool) and operator.index(v) is not None
+        except TypeError:
+            ok = False
+        if not ok:
+            raise TypeError(f"conv2d: {name} must be one integer (square, for both sides), got {v!r}")
     cin = weight.shape[0] if transposed else weight.shape[1]
     if x.shape[1] != cin:
         raise ValueError(f"conv2d: input has {x.shape[1]} channels, the weight {tuple(weight.shape)} expects {cin}")
@@ -139,5 +148,5 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _conv2d(x, weight, bias, stride, padding, transposed, output_padding):
-    op = (int(output_padding),) * 2 if transposed else (0, 0)
-    return _Conv2d.apply(x, weight, bias, int(stride), int(padding), bool(transposed), op)
+    op = (operator.index(output_padding),) * 2 if transposed else (0, 0)
+    return _Conv2d.apply(x, weight, bias, operator.index(stride), operator.index(padding), bool(transposed), op)

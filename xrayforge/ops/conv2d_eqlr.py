@@ -142,9 +142,18 @@ def _check(x, weight, bias, scale, activation, resample) -> None:
         raise UserError(f"conv2d_eqlr: expected floating-point input and weight, got {x.dtype} and {weight.dtype}")
     if weight.shape[1] != x.shape[1]:
         raise UserError(f"conv2d_eqlr: the weight takes {weight.shape[1]} input channels, the input has {x.shape[1]}")
+    # no channels in or out, or no pixels: the reference failed inside F.conv2d or the bias add, and the
+    # Triton path in a reshape or, for an empty image, returned an empty result the reference refuses
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise UserError(f"conv2d_eqlr: the weight has no {'output' if weight.shape[0] == 0 else 'input'} channels "
+                        f"(shape {tuple(weight.shape)})")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise UserError(f"conv2d_eqlr: the input's images are {x.shape[2]}×{x.shape[3]}: no pixels")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise UserError(f"conv2d_eqlr: expected a bias of shape ({weight.shape[0]},), got "
                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias is not None and not bias.is_floating_point():  # a complex bias was a KeyError inside Triton
+        raise UserError(f"conv2d_eqlr: expected a floating-point bias, got {bias.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):  # the Triton kernel reads their raw pointers
         if t is not None and t.device != x.device:
             raise UserError(f"conv2d_eqlr: the input is on {x.device} but the {name} is on {t.device}")

@@ -43,6 +43,7 @@ taken from a network still attached to it cost no memory for a backward that wil
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -205,6 +206,9 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
     exact = queries.dtype == torch.float64 or refs.dtype == torch.float64
     dtype = torch.float64 if exact else (queries.dtype if queries.dtype == refs.dtype else torch.float32)
     q, r = queries.to(dtype), refs.to(dtype)
+    scale = _search_scale(q, r) if dtype in (torch.float32, torch.bfloat16) else 1.0
+    if scale != 1.0:  # a power of two: exact, and the neighbours' order is the same
+        q, r = q * scale, r * scale
     n, m, d = len(q), len(r), q.shape[1]
     acc = torch.float64 if exact else torch.float32
     qsq, rsq = q.to(acc).square().sum(1), r.to(acc).square().sum(1)
@@ -228,7 +232,29 @@ def _triton(queries: torch.Tensor, refs: torch.Tensor, k: int, exclude_self: boo
                                            FP32=dtype == torch.float32, PRECISION=precision, BQ=bq, BR=br, BD=bd,
                                            num_warps=warps, **stages)
     dist, order = out_d.double().sort(dim=1)
-    return dist.sqrt(), out_i.long().gather(1, order)
+    return dist.sqrt() / scale, out_i.long().gather(1, order)
+
+
+def _finite_amax(t: torch.Tensor) -> float:
+    """The largest finite |value| of ``t`` (0 for none)."""
+    if t.numel() == 0:
+        return 0.0
+    a = t.abs().amax()
+    if not torch.isfinite(a):  # an inf or NaN feature: the largest of the others
+        a = t.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).amax()
+    return float(a)
+
+
+def _search_scale(q: torch.Tensor, r: torch.Tensor) -> float:
+    """A power of two that brings fp32 / bf16 features into the range where the fp32 expansion
+    neither overflows nor underflows (1.0 when they are in it): features past about 1e19 / sqrt(D)
+    made every squared distance inf (each query came back with index 0 k times, distance inf), and
+    features below about 1e-19 made them all 0 (the first references by index were taken as the
+    nearest). The search's relative rounding is the same at any scale."""
+    amax = max(_finite_amax(q), _finite_amax(r))
+    if amax > 2.0 ** 32 or 0.0 < amax < 2.0 ** -32:
+        return math.ldexp(1.0, -math.frexp(amax)[1])
+    return 1.0
 
 
 # --------------------------------------------------------------------------- exact distances

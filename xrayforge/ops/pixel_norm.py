@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import (accumulation_dtype, channel_view, check_float, dense, device_guard, dtype_code, like_layout,
-                      reference_double_backward, split_float)
+from ._common import (accumulation_dtype, channel_view, check_float, check_number, dense, device_guard, dtype_code,
+                      like_layout, reference_double_backward, split_float)
 
 try:
     import triton
@@ -322,6 +322,7 @@ def pixel_norm(x: torch.Tensor, eps: float = 1e-8, backend: str | None = None) -
     once; a backend named explicitly raises BackendUnavailableError saying which limit.
     """
     _check_input("pixel_norm", x)
+    check_number("pixel_norm", "eps", eps)
     impl = _backend.resolve("pixel_norm", x, backend, _epilogue_refusals(x, bias_grad=False))
     if impl == "torch":
         return reference(x, eps)
@@ -338,6 +339,8 @@ def bias_lrelu_pixel_norm(x: torch.Tensor, bias: torch.Tensor, slope: float = 0.
     """
     _check_input("bias_lrelu_pixel_norm", x)
     check_float("bias_lrelu_pixel_norm (bias)", bias)
+    check_number("bias_lrelu_pixel_norm", "slope", slope)
+    check_number("bias_lrelu_pixel_norm", "eps", eps)
     if bias.dim() != 1 or bias.shape[0] != x.shape[1]:
         raise ValueError(f"bias_lrelu_pixel_norm: bias must have shape ({x.shape[1]},), "
                          f"got {tuple(bias.shape)}")
