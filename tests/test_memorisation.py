@@ -529,3 +529,20 @@ def test_the_real_images_as_synthetic_are_refused_naming_both_options(tmp_path):
         with pytest.raises(UserError, match=r"--synthetic .* is --real "):
             audit(synth, ref, tmp_path / "a", _PixelFeatures(), progress=False)
         assert not (tmp_path / "a").exists()
+
+
+def test_the_command_refuses_the_real_images_as_synthetic_before_looking_for_weights(tmp_path, monkeypatch, capsys):
+    """Without Inception weights installed, `evaluate memorisation --synthetic R --real R` said only
+    that the weights were not found: fetching them would have led to the refusal."""
+    from xrayforge.cli import main as cli
+    real = tmp_path / "real"
+    real.mkdir()
+    for seed in range(3):
+        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
+    monkeypatch.setenv("XRAYFORGE_INCEPTION", str(tmp_path / "no-such-weights.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    assert cli(["evaluate", "memorisation", "--synthetic", str(real), "--real", str(real), "--out",
+                str(tmp_path / "a"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert f"--synthetic {real} is --real {real}" in err and "weights" not in err.split("is --real")[0]
+    assert not (tmp_path / "a").exists()

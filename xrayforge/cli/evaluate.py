@@ -53,9 +53,10 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_memorisation(args: argparse.Namespace) -> int:
-    from ..evaluate.memorisation import audit, chance_sentence
+    from ..evaluate.memorisation import audit, chance_sentence, check_inputs
     from ..fid.compute import FeatureExtractor
 
+    check_inputs(args.synthetic, args.real, args.out, args.real_limit)  # before the weights are looked for
     ex = FeatureExtractor(args.inception, args.random_weights, "exact", args.device, args.batch, args.workers,
                           progress=not args.quiet, features=args.features)
     summary = audit(args.synthetic, args.real, args.out, ex, args.percentile, args.real_limit,

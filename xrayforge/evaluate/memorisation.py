@@ -243,8 +243,10 @@ def design_effect(flags, groups) -> float:
     return max(1.0, v / (p * (1 - p) / total))
 
 
-def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
-          real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
+def check_inputs(synthetic: str, real: str, out: str | os.PathLike, real_limit: int | None = None) -> None:
+    """What ``audit`` refuses before any work, the feature extractor's weights included (the command
+    line calls it before it loads them): a --real-limit under 2, the real images as --synthetic, an
+    --out inside an image folder that is read."""
     if real_limit is not None and real_limit < 2:  # before any work: the real-to-real reference needs 2
         raise UserError(f"--real-limit {real_limit}: the real-to-real reference needs at least 2 real images")
     from .labelled import archive_id
@@ -262,6 +264,11 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
             raise UserError(f"--out {out}: is inside {option} {spec}, whose subfolders' images are read too: "
                             f"the audit's own plots would be read as {option[2:]} images on a rerun; choose an --out "
                             f"outside it")
+
+
+def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percentile: float = 1.0,
+          real_limit: int | None = None, progress: bool = True, pairs: int = 8) -> dict:
+    check_inputs(synthetic, real, out, real_limit)
     out = claim_output(out, "evaluate memorisation", signatures=("memorisation.csv",))
     # summary.json last, and an earlier run's gone first: where it exists, the rest is complete and of its run
     # (the report shows its plots, and the demo's resume takes the audit for done by it)
