@@ -451,19 +451,22 @@ def test_unreadable_images_are_listed_not_silently_left_out_of_the_audit(tmp_pat
         audit(str(bad), str(real), tmp_path / "b", _PixelFeatures(), progress=False)
 
 
+def _phantom_folders(tmp_path, n_real: int = 6, n_synth: int = 3):
+    """tmp_path/real and tmp_path/synth: folders of 16-px phantom PNGs (other seeds on each side)."""
+    real, synth = tmp_path / "real", tmp_path / "synth"
+    for folder, seeds in ((real, range(n_real)), (synth, range(100, 100 + n_synth))):
+        folder.mkdir()
+        for seed in seeds:
+            Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(folder / f"{seed}.png")
+    return real, synth
+
 def test_an_interrupted_rerun_leaves_no_summary_beside_another_runs_plots(tmp_path, monkeypatch):
     """summary.json marks a finished audit (the report shows its plots, the demo's resume skips the
     audit by it): it is written last, and a rerun removes the earlier one first. It used to be
     written before distances.png and closest_pairs.png, so an audit stopped while plotting was
     taken for done, beside missing plots or an earlier run's."""
     from xrayforge.evaluate import memorisation as mem
-    real, synth = tmp_path / "real", tmp_path / "synth"
-    for folder in (real, synth):
-        folder.mkdir()
-    for seed in range(6):
-        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
-    for seed in range(100, 103):
-        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(synth / f"{seed}.png")
+    real, synth = _phantom_folders(tmp_path)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -497,13 +500,7 @@ def test_an_out_folder_inside_the_synthetic_folder_is_refused(tmp_path):
     so a rerun audited the first run's distances.png and closest_pairs.png as synthetic images."""
     from xrayforge.evaluate.memorisation import audit
     from xrayforge.errors import UserError
-    real, synth = tmp_path / "real", tmp_path / "synth"
-    for folder in (real, synth):
-        folder.mkdir()
-    for seed in range(6):
-        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
-    for seed in range(100, 103):
-        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(synth / f"{seed}.png")
+    real, synth = _phantom_folders(tmp_path)
     for out, option in ((synth / "audit", "--synthetic"), (real / "a" / "b", "--real")):
         with pytest.raises(UserError, match=f"inside {option}"):
             audit(str(synth), str(real), out, _PixelFeatures(), progress=False)
@@ -535,10 +532,7 @@ def test_the_command_refuses_the_real_images_as_synthetic_before_looking_for_wei
     """Without Inception weights installed, `evaluate memorisation --synthetic R --real R` said only
     that the weights were not found: fetching them would have led to the refusal."""
     from xrayforge.cli import main as cli
-    real = tmp_path / "real"
-    real.mkdir()
-    for seed in range(3):
-        Image.fromarray((render(16, seed)[0] * 255).round().astype(np.uint8)).save(real / f"{seed}.png")
+    real, _ = _phantom_folders(tmp_path, 3, 0)
     monkeypatch.setenv("XRAYFORGE_INCEPTION", str(tmp_path / "no-such-weights.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
     assert cli(["evaluate", "memorisation", "--synthetic", str(real), "--real", str(real), "--out",
