@@ -1049,3 +1049,64 @@ def test_an_output_folder_that_cannot_be_written_is_said_first_and_a_failed_move
     monkeypatch.setattr(prep, "_move", move)
     prepare("phantom:6", out, resolution=8, workers=1, progress=False)
     assert len(Archive(out)) == 6 and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("labels,said", [
+    ("", "line 4, image 00000002_000.png: empty Finding Labels"),
+    ("  ", "line 4, image 00000002_000.png: empty Finding Labels"),
+    ("Hernia|No Finding", "line 4, image 00000002_000.png: Finding Labels 'Hernia|No Finding' has 'No Finding' "
+                          "together with findings"),
+    ("hernia", "line 4, image 00000002_000.png: unknown finding 'hernia'")])
+def test_a_label_row_that_would_drop_or_invent_a_finding_is_refused_with_its_line(tmp_path, labels, said):
+    """An empty Finding Labels was read as 'No Finding' (a lost finding said nowhere), and 'No Finding'
+    beside a finding as the finding alone; the lines said were the row's index, wrong after a blank line."""
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    (src / "Data_Entry_2017.csv").write_text(  # a blank line before names[2]'s row: it is on line 4
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age\n"
+        f"{names[0]},Cardiomegaly|Effusion,0,1,50\n\n{names[2]},{labels},0,2,60\n{names[1]},No Finding,1,1,51\n")
+    with pytest.raises(UserError, match=re.escape(f"Data_Entry_2017.csv: {said}")):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_duplicate_label_row_after_a_blank_line_is_said_at_its_own_line(tmp_path):
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    with open(src / "Data_Entry_2017.csv", "a", newline="") as fh:
+        fh.write("\n,,,,\n")  # lines 5 and 6: no rows
+        csv.writer(fh).writerow([names[0], "Hernia", 0, 1, 50])  # line 7
+    with pytest.raises(UserError, match=re.escape("line 2: 'Cardiomegaly|Effusion', line 7: 'Hernia'")):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+
+
+@pytest.mark.parametrize("edit", ["Data_Entry_2017.csv", "test_list.txt", "test_list.txt removed"])
+def test_an_unfinished_prepare_whose_label_files_changed_is_not_finished_with_the_old_labels(tmp_path, monkeypatch,
+                                                                                             edit):
+    """The plan holds each image's labels and split: resumed after the label file or a split list was
+    edited, the archive had the old labels, and no word said so."""
+    src = tmp_path / "cxr14"
+    names = make_chestxray14(src)
+    process = prep._process
+
+    def killed_at_the_second(task):
+        if task[0] == 1:
+            raise Killed
+        return process(task)
+    monkeypatch.setattr(prep, "_process", killed_at_the_second)
+    with pytest.raises(Killed):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    monkeypatch.setattr(prep, "_process", process)
+    path = src / edit.split()[0]
+    before = path.read_bytes()
+    if edit.endswith("removed"):
+        path.unlink()
+    else:
+        path.write_bytes(before.replace(b"Hernia", b"Mass") if edit.endswith(".csv") else b"")
+    with pytest.raises(UserError, match=re.escape(f"{path}: changed since the unfinished prepare in "
+                                                  f"{tmp_path / 'out.partial'} began")):
+        prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    path.write_bytes(before)  # restored: the prepare finishes, with the labels it began with
+    prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
+    by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
+    assert by_name[names[2]]["Hernia"] == "1" and by_name[names[2]]["split"] == "test"

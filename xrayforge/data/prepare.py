@@ -20,6 +20,7 @@ that cannot be used never stops the run: it goes to skipped.csv with the reason.
 """
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import itertools
@@ -41,7 +42,7 @@ import numpy as np
 from ..errors import UserError
 from ..utils.files import check_out_dir, load_npy, read_csv, read_json, write_csv, write_json
 from .archive import FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize
-from .labels import FINDINGS, format_finding_labels, parse_finding_labels
+from .labels import FINDINGS, NO_FINDING, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, one_per_file, read_radiograph, reader_kind
 
 
@@ -72,21 +73,37 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
     rows that differ in what prepare uses (the findings, the patient), or in both split lists, is
     refused (the split comes from the lists, one per name)."""
     rows = read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]
-    entries, lines, used = {}, {}, {}
-    for line, row in enumerate(rows, 2):  # line 1 is the header
+    row_lines = _row_lines(labels_csv)
+    if len(row_lines) != len(rows):  # not foreseen: no line numbers rather than wrong ones
+        row_lines = [None] * len(rows)
+    entries, lines, used, first = {}, {}, {}, {}
+    for line, row in zip(row_lines, rows):
         # without the spaces around a field that a hand-edited or re-exported file may have (the split lists'
         # names have none): a name with one matched no file, and a patient with one was another patient
         name = (row["Image Index"] or "").strip()
         patient, labels = (row.get("Patient ID", "") or "").strip(), row["Finding Labels"] or ""
-        uses = {"Finding Labels": parse_finding_labels(labels, f"{labels_csv}, image {name}"),
-                "Patient ID": patient}  # all that prepare takes from a row (Patient Age etc. may differ)
+        where = f"{labels_csv}: " + (f"line {line}, " if line else "") + f"image {name}"
+        names = [t.strip() for t in labels.split("|") if t.strip()]
+        # an empty field, or 'No Finding' beside a finding, is no label ChestX-ray14 writes: read as 'No Finding'
+        # (or as the findings alone) it would drop (or invent) a finding without a word
+        if not names:
+            raise UserError(f"{where}: empty Finding Labels (ChestX-ray14 writes 'No Finding' for an image without "
+                            f"findings); fill it in or remove the row")
+        if NO_FINDING in names and len(names) > 1:
+            raise UserError(f"{where}: Finding Labels {labels.strip()!r} has '{NO_FINDING}' together with findings; "
+                            f"keep one or the other")
+        try:
+            vec = parse_finding_labels(labels)
+        except ValueError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        uses = {"Finding Labels": vec, "Patient ID": patient}  # all prepare takes from a row (Patient Age may differ)
         if name in lines:
             field = next((f for f in uses if uses[f] != used[name][f]), None)
             if field:
                 raise UserError(f"{labels_csv}: image {name} has two rows with different {field} (line {lines[name]}: "
-                                f"{rows[lines[name] - 2][field]!r}, line {line}: {row[field]!r}); keep the right one")
+                                f"{first[name][field]!r}, line {line}: {row[field]!r}); keep the right one")
             continue
-        lines[name], used[name] = line, uses
+        lines[name], used[name], first[name] = line, uses, row
         entries[name] = (patient, labels)
     splits, lists = {}, [labels_csv.parent / list_name for _, list_name in SPLIT_FILES]
     for (split, _), p in zip(SPLIT_FILES, lists):
@@ -97,6 +114,27 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
                 if splits.setdefault(name, split) != split:
                     raise UserError(f"{name}: listed in both {lists[0]} and {lists[1]}; an image belongs to one split")
     return entries, splits
+
+
+def _row_lines(path: Path) -> list[int]:
+    """The line on which each row that ``read_csv`` returns of ``path`` starts: it leaves out blank
+    lines (and a quoted field may span lines), so a row's index does not tell its line."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)  # the header
+        out, end = [], reader.line_num
+        for row in reader:
+            if any(f.strip() for f in row):
+                out.append(end + 1)
+            end = reader.line_num
+    return out
+
+
+def _label_files(labels_csv: str) -> dict:
+    """{file: SHA-1 of its contents, or None where it is missing} of a label file and the split lists
+    beside it: what the plan of an unfinished prepare took its labels and splits from."""
+    files = [Path(labels_csv), *(Path(labels_csv).parent / name for _, name in SPLIT_FILES)]
+    return {str(f): hashlib.sha1(f.read_bytes()).hexdigest() if f.is_file() else None for f in files}
 
 
 def _find_labels(src: Path) -> Path | None:
@@ -505,6 +543,14 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         return PrepareResult(out, meta["count"], len(skipped), meta.get("label_match"))
     if plan is not None:
         candidates, label_match, not_images = plan["candidates"], plan.get("label_match"), plan.get("not_images", [])
+        # the plan holds each image's labels and split as the files said then: an edited label file or split
+        # list would otherwise be ignored without a word (a plan of an older xrayforge kept no record)
+        now = _label_files(label_match["file"]) if plan.get("label_files") else {}
+        changed = [f for f, digest in plan.get("label_files", {}).items() if digest != now.get(f)]
+        if changed:
+            raise UserError(f"{', '.join(changed)}: changed since the unfinished prepare in {partial} began, which "
+                            f"took its labels and splits from them; delete {partial} to prepare with them as they "
+                            f"are now, or restore them to finish it")
     else:
         candidates, label_match, not_images = plan_candidates(str(src), labels, labelled_only)
         if not candidates:
@@ -518,7 +564,8 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
             np.lib.format.open_memmap(partial / f"images_{r}.npy", mode="w+", dtype=dtype,
                                       shape=(len(candidates), r, r))
         write_json(plan_path, {"settings": settings, "candidates": candidates, "label_match": label_match,
-                               "not_images": not_images})
+                               "not_images": not_images,
+                               **({"label_files": _label_files(label_match["file"])} if label_match else {})})
     done = _read_progress(progress_path)
 
     from tqdm import tqdm
