@@ -312,3 +312,28 @@ def test_an_absurd_number_of_images_is_refused_at_once(tmp_path):
         ArchiveSampler(SampleConfig(str(tmp_path / "run"), str(tmp_path / "out"), n=6 * 10 ** 8,
                                     targets=["Mass=1", "Mass=0"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_targets_advice_fits_an_archive_with_finished_shards(tiny, tmp_path):
+    """A target given up in a later shard, after the archive has finished shards, was told to 'raise
+    --steps or --lr', which the archive then refused (its settings are bound once a shard is finished):
+    there the advice says a new --out; where no shard is finished it stays as it was."""
+    import shutil
+    from xrayforge.sample.writer import LCOUnreachable
+    run, clf = tiny
+    shutil.copytree(clf, tmp_path / "clf")
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    meta["thresholds"]["Cardiomegaly"] = 1.5  # no probability reaches it
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
+    common = dict(n=1, classifier=str(tmp_path / "clf"), targets=["Effusion=0", "Cardiomegaly=1"], steps=2,
+                  starts=1, batch=4, give_up_after=4, device="cpu")
+    out = tmp_path / "a"
+    with pytest.raises(LCOUnreachable) as e:  # target 1's first slot is in shard 1, after shard 0 is finished
+        sample_archive(SampleConfig(str(run), str(out), shard_size=1, **common), progress=False)
+    assert (out / "shard-00000.csv").is_file()
+    assert "with a new --out" in str(e.value), e.value
+    with pytest.raises(Exception, match="other settings"):  # what the advice says: --steps binds this archive
+        sample_archive(SampleConfig(str(run), str(out), shard_size=1, **{**common, "steps": 4}), progress=False)
+    with pytest.raises(LCOUnreachable) as e:  # one shard: nothing finished, --steps may change in place
+        sample_archive(SampleConfig(str(run), str(tmp_path / "b"), shard_size=2, **common), progress=False)
+    assert "raise --steps or --lr," in str(e.value) and "new --out" not in str(e.value), e.value

@@ -384,10 +384,18 @@ class ArchiveSampler:
                 # still be making it, so a later shard would give up where one process goes on
                 raise LCOUnreachable(
                     f"LCO target {format_target(self.targets[t])!r}: no image reached its target in the first "
-                    f"{settled[t]} attempts (shard {s}), and the archive has none; raise --steps or --lr, check "
+                    f"{settled[t]} attempts (shard {s}), and the archive has none; {raise_steps()}, check "
                     f"that the classifier can see these findings (its thresholds: "
                     f"{self.cfg.classifier}/classifier.json), or let it try longer (--give-up-after)")
             show()
+
+        def raise_steps() -> str:
+            """The advice to raise --steps or --lr: an archive with a finished shard is continued only with
+            the settings it was begun with, so there they take a new --out."""
+            if not self._begun():
+                return "raise --steps or --lr"
+            return (f"raise --steps or --lr with a new --out ({self.out} has finished shards, and is continued only "
+                    f"with the --steps and --lr it was begun with)")
 
         def show(final: bool = False) -> None:
             """Each target's counts on the progress bar: every half second while the shard works (a long
@@ -442,7 +450,7 @@ class ArchiveSampler:
             if is_open(t):
                 raise LCOUnreachable(
                     f"LCO target {format_target(self.targets[t])!r}: only {len(got[t])} of {need[t]} images reached "
-                    f"after {next_attempt[t]} attempts in shard {s}; raise --steps or --lr, or check that the "
+                    f"after {next_attempt[t]} attempts in shard {s}; {raise_steps()}, or check that the "
                     f"classifier can see these findings (its thresholds: {self.cfg.classifier}/classifier.json)")
         rows, latents, pixels = [], [], []
         for t in range(T):
