@@ -183,6 +183,18 @@ class Killed(BaseException):
     """The process dies here (a BaseException: nothing in prepare catches it)."""
 
 
+def _kill_at_task(monkeypatch, n: int):
+    """prepare's worker dies at image task ``n``; returns the real worker (to restore)."""
+    real = prep._process
+
+    def killed(task):
+        if task[0] == n:
+            raise Killed
+        return real(task)
+    monkeypatch.setattr(prep, "_process", killed)
+    return real
+
+
 # the finishing sequence, in order: (function, the file it acts on)
 FINISH_STEPS = [((prep, "write_csv"), "skipped.csv"), ((prep, "write_csv"), "manifest.csv"),
                 ((prep, "write_json"), "archive.json"), ((Path, "unlink"), "progress.jsonl"),
@@ -616,13 +628,7 @@ def test_a_dicom_export_reusing_file_names_across_patients_is_prepared(tmp_path)
 
 
 def test_damaged_arrays_of_an_unfinished_prepare_are_said_as_such(tmp_path, monkeypatch):
-    real = prep._process
-
-    def killed_at_3(task):
-        if task[0] == 3:
-            raise Killed
-        return real(task)
-    monkeypatch.setattr(prep, "_process", killed_at_3)
+    _kill_at_task(monkeypatch, 3)
     with pytest.raises(Killed):
         prepare("phantom:8", tmp_path / "out", resolution=8, workers=1, progress=False)
     monkeypatch.undo()
@@ -1087,13 +1093,7 @@ def test_an_unfinished_prepare_whose_label_files_changed_is_not_finished_with_th
     edited, the archive had the old labels, and no word said so."""
     src = tmp_path / "cxr14"
     names = make_chestxray14(src)
-    process = prep._process
-
-    def killed_at_the_second(task):
-        if task[0] == 1:
-            raise Killed
-        return process(task)
-    monkeypatch.setattr(prep, "_process", killed_at_the_second)
+    process = _kill_at_task(monkeypatch, 1)
     with pytest.raises(Killed):
         prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
     monkeypatch.setattr(prep, "_process", process)
