@@ -7,9 +7,14 @@ NO_FINDING = "No Finding"
 
 
 def parse_finding_labels(text: str, source: str = "") -> list[int]:
-    """'Cardiomegaly|Effusion' -> a 0/1 vector over FINDINGS ('No Finding' -> all zeros)."""
+    """'Cardiomegaly|Effusion' -> a 0/1 vector over FINDINGS ('No Finding' -> all zeros). 'No Finding'
+    beside a finding is refused: read as the findings alone, it would say nothing of the contradiction."""
     vec = [0] * len(FINDINGS)
-    for name in (t.strip() for t in str(text).split("|")):
+    names = [t.strip() for t in str(text).split("|")]
+    if NO_FINDING in names and any(n and n != NO_FINDING for n in names):
+        raise ValueError(f"Finding Labels {str(text).strip()!r} has '{NO_FINDING}' together with findings; keep one "
+                         f"or the other")
+    for name in names:
         if not name or name == NO_FINDING:
             continue
         if name not in FINDINGS:

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import UserError
 from ..utils.files import check_out_dir, load_npy, read_csv, read_json, write_csv, write_json
 from .archive import FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize
-from .labels import FINDINGS, NO_FINDING, format_finding_labels, parse_finding_labels
+from .labels import FINDINGS, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, one_per_file, read_radiograph, reader_kind
 
 
@@ -83,15 +83,11 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
         name = (row["Image Index"] or "").strip()
         patient, labels = (row.get("Patient ID", "") or "").strip(), row["Finding Labels"] or ""
         where = f"{labels_csv}: " + (f"line {line}, " if line else "") + f"image {name}"
-        names = [t.strip() for t in labels.split("|") if t.strip()]
-        # an empty field, or 'No Finding' beside a finding, is no label ChestX-ray14 writes: read as 'No Finding'
-        # (or as the findings alone) it would drop (or invent) a finding without a word
-        if not names:
+        # an empty field is no label ChestX-ray14 writes: read as 'No Finding' it would drop a finding without a
+        # word ('No Finding' beside a finding, which would invent one, the parser refuses)
+        if not labels.replace("|", "").strip():
             raise UserError(f"{where}: empty Finding Labels (ChestX-ray14 writes 'No Finding' for an image without "
                             f"findings); fill it in or remove the row")
-        if NO_FINDING in names and len(names) > 1:
-            raise UserError(f"{where}: Finding Labels {labels.strip()!r} has '{NO_FINDING}' together with findings; "
-                            f"keep one or the other")
         try:
             vec = parse_finding_labels(labels)
         except ValueError as exc:

@@ -158,8 +158,10 @@ def _provenance(run: Path | None, summary: dict) -> list[str]:
     return [line, ""]
 
 
-def _section(kind: str, folder: Path) -> list[str]:
-    s = read_json(folder / "summary.json", "an evaluation summary")
+def _section(kind: str, folder: Path, s: dict | None = None) -> list[str]:
+    """The Markdown of one evaluation, from its folder and its summary ``s`` (read here if not given)."""
+    if s is None:
+        s = read_json(folder / "summary.json", "an evaluation summary")
     if kind == "diversity-grids":
         lines = ["## Samples per finding",
                  "The unconditional samples the classifier most confidently calls positive for each finding."]
@@ -211,9 +213,9 @@ def build_markdown(run: str | os.PathLike | None, evaluations: dict[str, Path], 
     for kind in SECTION_ORDER:
         if kind in sections:
             try:
-                part = _section(kind, sections[kind])
+                summary = read_json(sections[kind] / "summary.json", "an evaluation summary")
+                part = _section(kind, sections[kind], summary)
                 if kind != "diversity-grids":  # said once, in the diversity section
-                    summary = read_json(sections[kind] / "summary.json", "an evaluation summary")
                     part[1:1] = _provenance(Path(run) if run is not None else None, summary)
                 lines += part + [""]
             except (UserError, UnicodeDecodeError):  # said already (a damaged file, named)

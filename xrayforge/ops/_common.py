@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -42,6 +43,17 @@ def check_number(op: str, name: str, v) -> None:
     elif isinstance(v, numbers.Real) and not isinstance(v, bool):
         return
     raise TypeError(f"{op}: {name} must be a real number, got {v!r}")
+
+
+def check_int(op: str, name: str, v, what: str = "an integer") -> int:
+    """``v`` as an int where it is one (a Python or NumPy integer, an integer tensor of one element);
+    a float (1.5 was taken as 1 by int()), a bool or a tuple is refused naming the argument."""
+    try:
+        if not isinstance(v, bool):
+            return operator.index(v)
+    except TypeError:
+        pass
+    raise TypeError(f"{op}: {name} must be {what}, got {v!r}")
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:

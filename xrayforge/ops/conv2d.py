@@ -27,6 +27,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
+from ._common import check_int
+
 _weight_gradients_disabled = False
 
 
@@ -126,12 +128,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"conv2d: expected 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
     for name, v in (("stride", stride), ("padding", padding), ("output_padding", output_padding)):
         # int() took stride=1.5 as 1 (a silently different convolution) and failed on (2, 2) unclearly
-        try:
-            ok = not isinstance(v, bool) and operator.index(v) is not None
-        except TypeError:
-            ok = False
-        if not ok:
-            raise TypeError(f"conv2d: {name} must be one integer (square, for both sides), got {v!r}")
+        check_int("conv2d", name, v, "one integer (square, for both sides)")
     cin = weight.shape[0] if transposed else weight.shape[1]
     if x.shape[1] != cin:
         raise ValueError(f"conv2d: input has {x.shape[1]} channels, the weight {tuple(weight.shape)} expects {cin}")

@@ -11,12 +11,11 @@ itself differentiable (through the reference).
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from . import _backend
-from ._common import accumulation_dtype, check_float, dense, device_guard, dtype_code, reference_double_backward
+from ._common import (accumulation_dtype, check_float, check_int, dense, device_guard, dtype_code,
+                      reference_double_backward)
 
 try:
     import triton
@@ -38,17 +37,10 @@ def _check(x: torch.Tensor, group_size: int, num_channels: int) -> tuple[int, in
     if x.dim() != 4:
         raise ValueError(f"minibatch_stddev: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
     n, c = x.shape[:2]
-    sizes = []
-    for name, v in (("group_size", group_size), ("num_channels", num_channels)):
-        # a float reached Triton's next_power_of_2 (a TypeError from inside Triton), 2.5 was said not
-        # to divide the batch, and True was a group of 1 to the kernels and an error to the reference
-        try:
-            sizes.append(operator.index(v) if not isinstance(v, bool) else None)
-        except TypeError:
-            sizes.append(None)
-        if sizes[-1] is None:
-            raise TypeError(f"minibatch_stddev: {name} must be an integer, got {v!r}")
-    group_size, num_channels = sizes
+    # a float reached Triton's next_power_of_2 (a TypeError from inside Triton), 2.5 was said not
+    # to divide the batch, and True was a group of 1 to the kernels and an error to the reference
+    group_size = check_int("minibatch_stddev", "group_size", group_size)
+    num_channels = check_int("minibatch_stddev", "num_channels", num_channels)
     if group_size < 1 or num_channels < 1:
         raise ValueError(f"minibatch_stddev: group_size and num_channels must be >= 1, got "
                          f"{group_size} and {num_channels}")

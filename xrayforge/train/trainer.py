@@ -932,7 +932,7 @@ class Trainer:
             write_text_atomic(self.ckpt_dir / "best.json", json.dumps(self.best, indent=2))
         # the run's own checkpoints (ckpt-<images>), oldest first: never a folder or file of another name (a
         # copy kept as ckpt-<images>.bak or -keep, which a name sort counted among those kept and then removed)
-        kept = sorted((q for q in checkpoint_dirs(self.ckpt_dir) if q.name[5:].isdigit()), key=lambda q: int(q.name[5:]))
+        kept = [q for q in checkpoint_dirs(self.ckpt_dir) if q.name[5:].isdigit()][::-1]
         for old in kept[:-self.cfg.keep_checkpoints]:
             if self.best is None or old.name != self.best.get("checkpoint"):  # the best one stays
                 shutil.rmtree(old, ignore_errors=True)
