@@ -181,3 +181,43 @@ def test_the_phantoms_cardiothoracic_ratio_is_what_the_docstring_says(monkeypatc
     assert big_lo < min(big) and max(big) < big_hi, (min(big), max(big))
     assert lo < min(normal) and max(normal) < hi, (min(normal), max(normal))
     assert hi < big_lo
+
+
+@pytest.mark.parametrize("findings, said", [(None, "findings None is not a list of finding names"),
+                                            ("Mass", "findings 'Mass' is not a list of finding names"),
+                                            ([1, 2], "findings [1, 2] is not a list of finding names")])
+def test_findings_that_are_not_a_list_of_names_are_refused(archive, tmp_path, findings, said):
+    """null was a bare TypeError ("'NoneType' object is not iterable"), "Mass" was read as the findings
+    M, a, s, s (said as columns missing from manifest.csv), [1, 2] a bare TypeError from the join."""
+    copy = tmp_path / "copy"
+    shutil.copytree(archive, copy)
+    _edit_meta(findings=findings)(copy)
+    with pytest.raises(UserError) as info:
+        Archive(copy)
+    assert str(info.value).startswith(str(copy / "archive.json")) and said in str(info.value), info.value
+
+
+def test_a_pickled_archive_carries_no_images_and_maps_them_again(archive):
+    """A DataLoader worker started by spawn or forkserver (macOS; Linux from Python 3.14) is sent the
+    dataset pickled: an Archive whose arrays were opened carried every image (np.memmap pickles its
+    contents), and the worker read a writable in-memory copy."""
+    import pickle
+    arc = Archive(archive)
+    bare = len(pickle.dumps(arc))
+    arc.images([0], 8), arc.images([0], 4)
+    assert len(pickle.dumps(arc)) == bare
+    copy = pickle.loads(pickle.dumps(arc))
+    np.testing.assert_array_equal(copy.images(np.arange(6), 8), arc.images(np.arange(6), 8))
+    assert isinstance(copy.array(8), np.memmap) and not copy.array(8).flags.writeable
+
+
+def test_images_of_no_positions_and_of_a_position_past_the_end(archive):
+    """[] was refused by numpy ("arrays used as indices must be of integer (or boolean) type"); a position
+    past the end was numpy's "index 6 is out of bounds for axis 0 with size 6", naming no archive."""
+    import re
+    arc = Archive(archive)
+    assert arc.images([], 8).shape == (0, 8, 8) and arc.images([], 4).dtype == np.uint8
+    for bad in ([0, 6], [-7]):
+        with pytest.raises(IndexError, match="^" + re.escape(f"{archive}: no image at position {bad[-1]}; it has 6 images")):
+            arc.images(bad, 8)
+    np.testing.assert_array_equal(arc.images([-1], 8), arc.images([5], 8))  # from the end, as a list reads

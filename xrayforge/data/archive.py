@@ -85,9 +85,13 @@ class Archive:
                 raise ValueError(f"resolutions {self.resolutions} are not the pyramid 4 .. {self.resolution}")
             if dtype not in (np.uint8, np.uint16):  # a float array read as images: NaN and values past 1 unchecked
                 raise ValueError(f"dtype {dtype} is not uint8 or uint16")
+            findings = self.meta.get("findings", FINDINGS)
+            # null was a bare TypeError, and a single name (a string) was read as one finding per letter
+            if not isinstance(findings, list) or not all(isinstance(f, str) and f for f in findings):
+                raise ValueError(f"findings {findings!r} is not a list of finding names")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{meta_path}: damaged archive metadata ({type(exc).__name__}: {exc})") from None
-        self.findings = list(self.meta.get("findings", FINDINGS))
+        self.findings = list(findings)
         self.records, _ = read_csv(self.path / "manifest.csv", ["row", "source", "patient_id", "split", *self.findings],
                                    "an archive manifest")
         try:
@@ -117,6 +121,12 @@ class Archive:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __getstate__(self) -> dict:
+        # without the open memory maps: a pickled np.memmap carries every image (a DataLoader worker
+        # started by spawn or forkserver, the default on macOS and from Python 3.14 on Linux, was sent
+        # the whole archive, as a writable in-memory copy); the worker maps the files again when it reads
+        return {**self.__dict__, "_arrays": {}}
+
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.meta["dtype"])
@@ -137,7 +147,13 @@ class Archive:
 
     def images(self, indices, resolution: int) -> np.ndarray:
         """Images ``indices`` (positions in the manifest) at ``resolution``, as a new array."""
-        return self.array(resolution)[self.rows[np.asarray(indices)]]
+        idx = np.asarray(indices)
+        if idx.size == 0:  # [] is a float array to numpy, which it refuses as an index
+            idx = idx.astype(np.int64)
+        elif idx.dtype != bool and (idx.max() >= len(self) or idx.min() < -len(self)):
+            bad = idx.max() if idx.max() >= len(self) else idx.min()
+            raise IndexError(f"{self.path}: no image at position {bad}; it has {len(self)} images")
+        return self.array(resolution)[self.rows[idx]]
 
     def random_positions(self, n: int, seed: int, among: np.ndarray | None = None) -> np.ndarray:
         """min(n, len(among)) distinct manifest positions of ``among`` (default: every position) drawn
