@@ -226,3 +226,37 @@ def test_fast_mode_asked_of_another_space_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"--mode fast \(bf16\) is Inception's; --features classifier:.* has one mode"):
         feature_space(f"classifier:{tmp_path / 'clf'}", mode="fast")
     assert feature_space(f"classifier:{tmp_path / 'clf'}", mode="exact").dim > 0
+
+
+def test_grey_levels_of_images_with_other_channel_counts_are_refused_with_their_shape():
+    """unit_grey (the classifier and DenseNet spaces' input) passed an (N, H, W, 4) image on as grey levels
+    of 'N images of H channels', which failed deep in the network, or not at all."""
+    from xrayforge.fid.features import unit_grey
+    with pytest.raises(ValueError, match=r"C = 1 or 3, got shape \(2, 5, 6, 4\)"):
+        unit_grey(torch.zeros(2, 5, 6, 4, dtype=torch.uint8), "cpu")
+    with pytest.raises(ValueError, match=r"images of dtype torch.int64"):
+        unit_grey(torch.zeros(2, 5, 6, dtype=torch.int64), "cpu")
+    assert unit_grey(torch.full((2, 5, 6, 3), 255, dtype=torch.uint8), "cpu").shape == (2, 1, 5, 6)
+
+
+def test_a_whole_saved_densenet_is_named_for_what_it_is_not_called_damaged(tmp_path):
+    """torch.save(model) of a torchxrayvision DenseNet (not its state_dict()) was 'truncated or damaged'."""
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "xrv.pt")
+    with pytest.raises(UserError, match=r"xrv.pt: not a DenseNet-121 state dict: .*torch.save\(model\).*"
+                                        r"save the model's state_dict\(\)") as e:
+        feature_space(f"densenet121:{tmp_path / 'xrv.pt'}")
+    assert "damaged" not in str(e.value)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "xrv.ts")
+    with pytest.raises(UserError, match=r"xrv.ts: not a DenseNet-121 state dict: it is a TorchScript archive"):
+        feature_space(f"densenet121:{tmp_path / 'xrv.ts'}")
+
+
+def test_inception_weights_given_with_another_space_are_refused_not_ignored(world, tmp_path, capsys):
+    """--inception W with --features classifier:MODEL was ignored without a word (--random-weights and
+    --mode fast are refused there)."""
+    with pytest.raises(UserError, match=r"--inception w.pth gives the FID Inception's weights; it does not apply to "
+                                        r"--features classifier:"):
+        feature_space(f"classifier:{world / 'clf'}", inception="w.pth")
+    rc = cli(["fid", str(world / "a"), str(world / "b"), "--features", f"classifier:{world / 'clf'}",
+              "--inception", str(tmp_path / "w.pth"), "-q"])
+    assert rc == 1 and "does not apply to --features classifier:" in capsys.readouterr().err

@@ -990,3 +990,57 @@ def test_fid_findings_refuses_the_real_archive_as_synthetic(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is the real archive" in err and str(arc) in err
     assert not (tmp_path / "o").exists()  # refused before the output folder is made
+
+
+def test_weights_without_batchnorm_counters_load_as_torch_loads_them(tmp_path):
+    """A state dict without BatchNorm's num_batches_tracked (saved before PyTorch 0.4.1, or with them
+    dropped) loads into torch's own Inception3 (pytorch-fid's loader); it was refused as 'not the FID
+    Inception weights (94 missing keys ...)'."""
+    sd = {k: v for k, v in load_inception(random_weights=True).state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "w.pth")
+    model = load_inception(tmp_path / "w.pth")
+    for k, v in sd.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_a_scripted_or_pickled_network_is_named_for_what_it_is_not_called_damaged(tmp_path):
+    """clean-fid's inception-2015-12-05.pt is a TorchScript archive, and torch.save(model) pickles a whole
+    network: both are whole files that the weights-only loader refuses, not truncated ones."""
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "inception-2015-12-05.pt")
+    with pytest.raises(UserError, match=r"inception-2015-12-05.pt: not the FID Inception weights: it is a TorchScript") as e:
+        load_inception(tmp_path / "inception-2015-12-05.pt")
+    assert "damaged" not in str(e.value)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
+    with pytest.raises(UserError, match=r"model.pth: not the FID Inception weights: .*torch.save\(model\).*pytorch-fid uses") as e:
+        load_inception(tmp_path / "model.pth")
+    assert "damaged" not in str(e.value)
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "inception-2015-12-05.pt").read_bytes()[:300])
+    with pytest.raises(UserError, match=r"cut.pth: cannot read the FID Inception weights: the file is truncated"):
+        load_inception(tmp_path / "cut.pth")
+    # a network that is no Inception at all is not told about torchvision's Inception
+    torch.save({"module." + k: v for k, v in torch.nn.Linear(2, 2).state_dict().items()}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match=r"other.pth: not the FID Inception weights .*unexpected keys, e.g. module") as e:
+        load_inception(tmp_path / "other.pth")
+    assert "torchvision" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int16, torch.int8])
+def test_integer_images_of_no_known_white_are_refused_not_read_as_floats(dtype):
+    """torch.tensor of Python ints is int64: its levels 0..255 were taken as floats in [0, 1] (the
+    network's input up to 509) without a word."""
+    x = torch.full((1, 4, 4), 200).to(dtype)
+    for backend in ("torch", None):
+        with pytest.raises(ValueError, match=rf"images of dtype {dtype}: expected uint8"):
+            preprocess(x, backend=backend)
+    assert preprocess(x.to(torch.uint8), backend="torch").flatten()[0].item() == pytest.approx(200 / 255 * 2 - 1)
+    assert preprocess(torch.ones(1, 4, 4, dtype=torch.bool), backend="torch").min().item() == 1.0
+
+
+def test_channel_last_images_of_other_channel_counts_are_said_with_their_shape():
+    """(N, H, W, 4) (RGBA) was read as (N, C, H, W): 'images must have 1 or 3 channels, got 5' (its height)."""
+    for shape in ((2, 5, 5, 4), (2, 7, 6, 1)):
+        with pytest.raises(ValueError, match=re.escape(f"C = 1 or 3, got shape {shape}")):
+            preprocess(torch.zeros(shape, dtype=torch.uint8), backend="torch")
+    for shape, out in (((1, 1, 1), (1, 1, 299, 299)), ((1, 2, 3, 3), (1, 3, 299, 299)), ((2, 1, 3, 5), (2, 1, 299, 299))):
+        assert preprocess(torch.zeros(shape, dtype=torch.uint8), backend="torch").shape == out

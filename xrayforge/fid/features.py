@@ -156,7 +156,8 @@ class DenseNet121Space:
         from ..nn.classifier import DenseNet121, torchvision_keys
         from ..utils.files import load_torch
         self.device = torch.device(device)
-        state = load_torch(path, "a DenseNet-121 state dict")
+        state = load_torch(path, "a DenseNet-121 state dict", advice="save the model's state_dict() to a file "
+                                "(torch.save(model.state_dict(), FILE))")
         # torchvision's published files (denselayer1.norm.1.weight) and CheXNet's (module.densenet121. ...) too
         state = torchvision_keys(state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or "features.conv0.weight" not in state:
@@ -200,6 +201,9 @@ def feature_space(spec: str | None = None, inception: str | None = None, random_
     """The feature space named by ``spec`` (see the module docstring)."""
     spec = spec or DEFAULT
     kind, _, arg = spec.partition(":")
+    if inception and spec != "inception":  # else ignored without a word, as --random-weights would be
+        raise UserError(f"--inception {inception} gives the FID Inception's weights; it does not apply to --features "
+                        f"{spec}: leave it out")
     if random_weights and spec != "inception":
         raise UserError(f"--random-weights gives a random Inception; it does not apply to --features {spec}")
     if mode == "fast" and spec != "inception":  # else ignored without a word

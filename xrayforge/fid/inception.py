@@ -212,7 +212,20 @@ def load_inception(path: str | os.PathLike | None = None, random_weights: bool =
                     p.copy_(torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5)
     else:
         weights = find_weights(path)
-        state = load_torch(weights, "the FID Inception weights")
+        state = load_torch(weights, "the FID Inception weights", advice=
+                                f"use {WEIGHTS_NAME}, the file pytorch-fid uses (clean-fid's "
+                                f"inception-2015-12-05.pt is a TorchScript archive)")
+        if isinstance(state, dict):
+            # BatchNorm's batch counter (unused in eval mode) is absent from state dicts saved before PyTorch
+            # 0.4.1 or with it dropped; torch's own loader fills it in, and so does this one
+            for k, v in model.state_dict().items():
+                if k.endswith(".num_batches_tracked") and k not in state:
+                    state[k] = torch.zeros_like(v)
+        torchvision = isinstance(state, dict) and (
+            any(str(k).startswith("AuxLogits.") for k in state)
+            or getattr(state.get("fc.weight"), "shape", None) == (1000, 2048))
         load_state(model, state, f"{weights}: not the FID Inception weights {WEIGHTS_NAME}",
-                   "; torchvision's ImageNet Inception v3 is another network: use the file pytorch-fid uses")
+                   "; torchvision's ImageNet Inception v3 is another network: use the file pytorch-fid uses"
+                   if torchvision else "")
     return model.eval().requires_grad_(False).to(device)
+

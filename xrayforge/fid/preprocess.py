@@ -34,6 +34,11 @@ def max_value(x: torch.Tensor) -> float:
         return 255.0
     if x.dtype in (torch.uint16, torch.int32):
         return 65535.0
+    if not (x.is_floating_point() or x.dtype == torch.bool):
+        # int64 (torch.tensor of Python ints, numpy's default integer), int16, int8: which value is white is
+        # unknown, and taken as floats in [0, 1] their levels 0..255 gave inputs up to 509 without a word
+        raise ValueError(f"images of dtype {x.dtype}: expected uint8 (white 255), uint16 or int32 (white 65535), "
+                         f"or floating point in [0, 1]; convert them to one of these")
     return 1.0
 
 
@@ -43,9 +48,11 @@ def _as_nchw(images: torch.Tensor) -> torch.Tensor:
         return images.unsqueeze(1)
     if images.dim() == 4 and images.shape[-1] == 3 and images.shape[1] != 3:
         return images.permute(0, 3, 1, 2)
-    if images.dim() == 4:
+    if images.dim() == 4 and images.shape[1] in (1, 3):
         return images
-    raise ValueError(f"expected (N, H, W), (N, H, W, 3) or (N, C, H, W) images, got shape {tuple(images.shape)}")
+    # (N, H, W, 4) (RGBA) was read as (N, C, H, W) with C = H: "1 or 3 channels, got <the height>"
+    raise ValueError(f"expected (N, H, W), (N, H, W, 3) or (N, C, H, W) images with C = 1 or 3, got shape "
+                     f"{tuple(images.shape)}")
 
 
 def reference(images: torch.Tensor, channels: int = 3, size: int = SIZE) -> torch.Tensor:
@@ -101,8 +108,6 @@ def preprocess(images: torch.Tensor, channels: int = 1, dtype: torch.dtype = tor
     """
     x = _as_nchw(images)
     n, c_in, h, w = x.shape
-    if c_in not in (1, 3):
-        raise ValueError(f"images must have 1 or 3 channels, got {c_in}")
     c_out = 3 if (c_in == 3 or channels == 3) else 1
     impl = _backend.resolve_for_device("fid_preprocess", x.device, backend)
     if impl == "cuda":

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import socket
 import stat
@@ -262,8 +263,13 @@ def _load(path, what: str, load):
         raise _damaged(path, what, exc) from None
 
 
-def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location="cpu"):
-    """``torch.load(path, weights_only=True)`` with an error that names the file."""
+def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location="cpu", advice: str = ""):
+    """``torch.load(path, weights_only=True)`` with an error that names the file. A TorchScript archive
+    (``torch.jit.save``; clean-fid's ``inception-2015-12-05.pt``) or a whole pickled model
+    (``torch.save(model)``) is said to be one, not a truncated or damaged file; ``advice`` (what to give
+    instead) follows that error."""
+    import zipfile
+
     import torch
 
     def load(p: Path):
@@ -274,7 +280,22 @@ def load_torch(path: str | os.PathLike, what: str = "a torch file", map_location
         if head and not head.startswith(b"PK") and head[:1] != b"\x80":
             kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
             raise UserError(f"{p}: not {what}: it is not a PyTorch file (it begins with {kind} {head[:8]!r})")
-        return torch.load(p, map_location=map_location, weights_only=True)
+        tail = f": {advice}" if advice else ""
+        try:
+            with zipfile.ZipFile(p) as z:
+                scripted = any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            scripted = False  # an old pickle, or a damaged zip: torch.load says which
+        if scripted:
+            raise UserError(f"{p}: not {what}: it is a TorchScript archive (a whole scripted network), not a "
+                            f"state dict{tail}")
+        try:
+            return torch.load(p, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "Weights only load failed" not in str(exc):
+                raise
+        raise UserError(f"{p}: not {what}: it holds Python objects besides tensors (a whole model saved with "
+                        f"torch.save(model)?), which xrayforge does not unpickle{tail}")
     return _load(path, what, load)
 
 
