@@ -143,3 +143,54 @@ def test_a_damaged_best_json_does_not_block_the_resume(text, said, world, tmp_pa
         t = Trainer(cfg, resume=True, progress=False, measure=_measure(cfg))
     assert t.best == best and "could not be brought in line" in caplog.text
     t.close()
+
+
+def _tiny_checkpoint(folder):
+    from xrayforge.nn import Generator, NetworkConfig, save_networks
+    return save_networks(folder, {"G": Generator(NetworkConfig(resolution=8, latent_dim=8, channels=[8, 4]))})
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m["networks"]["G"]["config"].update(style_mixing=0.9), r"networks.json: cannot build G from it "
+                                                                        r"\(TypeError: .*style_mixing"),
+    (lambda m: m["networks"]["G"].update({"class": "Mapping"}), r"networks.json: cannot build G from it \(KeyError"),
+    (lambda m: m["networks"]["G"].pop("level"), r"networks.json: cannot build G from it \(KeyError: 'level'"),
+    (lambda m: m.update(version="1"), r"networks.json: damaged: its version is '1', not a number"),
+    (lambda m: m.pop("networks"), r"networks.json: damaged: it names no networks"),
+])
+def test_a_networks_json_this_xrayforge_cannot_build_from_is_said_of_the_file(tmp_path, edit, said):
+    """A setting of a newer xrayforge, or a hand edit, raised a bare TypeError / KeyError (the command line's
+    'unexpected error', no file named) from load_networks, and from damage() on a version that is no number."""
+    from xrayforge.errors import UserError
+    from xrayforge.nn import find_checkpoint, load_networks
+    folder = _tiny_checkpoint(tmp_path / "ck")
+    meta = json.loads((folder / "networks.json").read_text())
+    edit(meta)
+    (folder / "networks.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=said):
+        load_networks(find_checkpoint(folder))
+
+
+def test_find_checkpoint_takes_a_checkpoint_file_and_names_a_cut_short_one(tmp_path):
+    """networks.pt of a checkpoint was 'not a checkpoint'; a run whose only checkpoint was cut short while it
+    was written was 'not ... a run folder with checkpoints'."""
+    import shutil
+
+    from xrayforge.nn import find_checkpoint
+    folder = _tiny_checkpoint(tmp_path / "ck")
+    assert find_checkpoint(folder / "networks.pt") == folder
+    assert find_checkpoint(folder / "networks.json") == folder
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(folder, tmp_path / "run" / "checkpoints" / "ckpt-000000000100.tmp")
+    with pytest.raises(FileNotFoundError, match=r"run: a run folder without a usable checkpoint: its only one, "
+                                                r"ckpt-000000000100.tmp, was cut short"):
+        find_checkpoint(tmp_path / "run")
+
+
+def test_load_networks_takes_one_name_as_a_string(tmp_path):
+    """names="G_ema" was taken letter by letter: G loaded too ("G" is in "G_ema"), then an error naming
+    the letters '_', 'a', 'e', 'm' as networks it does not have."""
+    from xrayforge.nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
+    config = NetworkConfig(resolution=8, latent_dim=8, channels=[8, 4])
+    save_networks(tmp_path / "ck", {"G": Generator(config), "D": Discriminator(config), "G_ema": Generator(config)})
+    assert set(load_networks(tmp_path / "ck", names="G_ema")) == {"G_ema"}

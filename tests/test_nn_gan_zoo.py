@@ -257,3 +257,64 @@ def test_settings_left_none_in_their_config_count_as_unset(tmp_path):
               "perChannelNormalization": None, "generationActivation": None}
     torch.save({"netG": sd_g, "netD": sd_d, "config": config}, tmp_path / "n.pt")
     assert set(load_pytorch_gan_zoo(tmp_path / "n.pt")) == {"G", "D"}
+
+
+def _save_dicts(tmp_path, name, sd_g, sd_d, **extra):
+    path = tmp_path / name
+    torch.save({"netG": sd_g, "netD": sd_d, **extra}, path)
+    return path
+
+
+@pytest.mark.parametrize("net, key, shape", [
+    ("netG", "scaleLayers.1.0.module.weight", (8, 1, 3, 3)),    # broadcast by copy_: loaded as other weights
+    ("netG", "scaleLayers.1.0.module.bias", (1,)),
+    ("netG", "toRGBLayers.2.module.weight", (3, 8, 1, 1)),      # a RuntimeError of copy_, naming no file
+    ("netD", "fromRGBLayers.3.module.weight", (5, 1, 1, 1)),
+    ("avgG", "formatLayer.module.bias", (1,)),
+])
+def test_a_weight_of_another_shape_is_refused_by_file_and_name(tmp_path, net, key, shape):
+    import re
+
+    sd_g, sd_d = random_state_dicts(1)
+    sds = {"netG": sd_g, "netD": sd_d, "avgG": dict(sd_g)}
+    sds[net][key] = torch.randn(*shape)
+    path = tmp_path / "shape.pt"
+    torch.save(sds, path)
+    with pytest.raises(ValueError, match=rf"shape.pt: {net}: {re.escape(key)} has shape {re.escape(str(shape))}"):
+        load_pytorch_gan_zoo(path)
+
+
+def test_weights_a_pggan_of_its_shape_does_not_have_are_refused(tmp_path):
+    """A layer the conversion does not read (another model's, or a scale netG lacks) was dropped without a
+    word: the converted networks then compute something other than the checkpoint's."""
+    sd_g, sd_d = random_state_dicts(1)
+    extra = dict(sd_g, **{"toRGBLayers.4.module.weight": torch.randn(1, 4, 1, 1),
+                          "toRGBLayers.4.module.bias": torch.randn(1)})
+    with pytest.raises(ValueError, match=r"extra.pt: netG: weights a PGGAN of this shape does not have: "
+                                         r"toRGBLayers.4.module.bias, toRGBLayers.4.module.weight"):
+        load_pytorch_gan_zoo(_save_dicts(tmp_path, "extra.pt", extra, sd_d))
+    # netD one scale beyond netG (64 px against 32 px): was loaded as a 32-px D, its 64-px layers dropped
+    deeper = dict(sd_d, **{"fromRGBLayers.4.module.weight": torch.randn(4, 1, 1, 1),
+                           "fromRGBLayers.4.module.bias": torch.randn(4),
+                           "scaleLayers.3.0.module.weight": torch.randn(4, 4, 3, 3),
+                           "scaleLayers.3.0.module.bias": torch.randn(4),
+                           "scaleLayers.3.1.module.weight": torch.randn(4, 4, 3, 3),
+                           "scaleLayers.3.1.module.bias": torch.randn(4)})
+    with pytest.raises(ValueError, match=r"deeper.pt: netD has 5 scales \(64 px\), netG 4 \(32 px\)"):
+        load_pytorch_gan_zoo(_save_dicts(tmp_path, "deeper.pt", sd_g, deeper))
+
+
+def test_a_folder_a_non_state_dict_and_a_bad_alpha_are_said_of_the_file(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "networks.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"ckpt: a folder, not a pytorch_GAN_zoo checkpoint file .*load_networks"):
+        load_pytorch_gan_zoo(tmp_path / "ckpt")
+    sd_g, sd_d = random_state_dicts(1)
+    with pytest.raises(ValueError, match=r"none.pt: its netG is a NoneType, not a state dict"):
+        load_pytorch_gan_zoo(_save_dicts(tmp_path, "none.pt", None, sd_d))
+    with pytest.raises(ValueError, match=r"cond.pt: only unconditional"):
+        load_pytorch_gan_zoo(_save_dicts(tmp_path, "cond.pt", sd_g, dict(sd_d, **{
+            "decisionLayer.module.weight": torch.randn(3, DEPTHS[0]), "decisionLayer.module.bias": torch.randn(3)})))
+    for alpha in (1.5, "x"):  # their alpha 1.5 was said as 'alpha must be in [0, 1], got -0.5'
+        with pytest.raises(ValueError, match=r"alpha.pt: its config's alpha \(the fade-in weight\) is "):
+            load_pytorch_gan_zoo(_save_dicts(tmp_path, "alpha.pt", sd_g, sd_d, config={"alpha": alpha}))

@@ -148,10 +148,16 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if (p / "networks.json").is_file():
         return p
+    if p.is_file() and p.name in ("networks.pt", "networks.json") and (p.parent / "networks.json").is_file():
+        return p.parent  # a file of a checkpoint: its folder
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or run folder")
     found = latest_intact(p / "checkpoints")
     if found is None:
+        cut_short = cut_short_dirs(p / "checkpoints")
+        if cut_short:
+            raise FileNotFoundError(f"{path}: a run folder without a usable checkpoint: its only one, "
+                                    f"{cut_short[-1][1].name}, was cut short while it was written")
         raise FileNotFoundError(f"{path}: not a checkpoint, nor a run folder with checkpoints")
     return found
 
@@ -163,7 +169,12 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     meta = read_json(path, "checkpoint metadata (networks.json)")
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version", 0) > VERSION:
+    version = meta.get("version", 0)
+    if not isinstance(version, int):
+        raise UserError(f"{path}: damaged: its version is {version!r}, not a number")
+    if not isinstance(meta.get("networks"), dict):
+        raise UserError(f"{path}: damaged: it names no networks (no \"networks\" table)")
+    if version > VERSION:
         raise ValueError(f"{path}: version {meta['version']} is newer than this xrayforge understands ({VERSION})")
     return meta
 
@@ -173,6 +184,8 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
     fade-in α it was saved at. A generator below its final resolution (a checkpoint written while the run
     was still growing) is said at WARNING unless ``warn_unfinished`` is False (resuming its training)."""
     folder = Path(folder)
+    if isinstance(names, str):  # one name: not its letters ("G" is in "G_ema")
+        names = [names]
     meta = read_metadata(folder)
     weights_path = folder / "networks.pt"
     if not weights_path.is_file():
@@ -187,7 +200,12 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
             continue
         if name not in tensors:
             raise UserError(f"{weights_path}: no weights for {name!r}")
-        net = CLASSES[info["class"]](NetworkConfig(**info["config"]))
+        try:  # a networks.json of another xrayforge (a setting this one does not have), or edited
+            net = CLASSES[info["class"]](NetworkConfig(**info["config"]))
+            net.set_level(info["level"], info["alpha"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{folder / 'networks.json'}: cannot build {name} from it ({type(exc).__name__}: {exc}); "
+                            f"was it written by another version of xrayforge?") from exc
         load_state(net, tensors[name], f"{weights_path}: the weights of {name} do not fit the network in "
                                        f"networks.json")
         if isinstance(map_location, (str, torch.device)):

@@ -72,6 +72,10 @@ _restricted_pickle.__name__ = "xrayforge_restricted_pickle"
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint's dict, with nothing but tensors and plain containers instantiated."""
+    if os.path.isdir(path):
+        hint = " (an xrayforge checkpoint folder: load it with load_networks)" \
+            if os.path.isfile(os.path.join(path, "networks.json")) else ""
+        raise ValueError(f"{path}: a folder, not a pytorch_GAN_zoo checkpoint file{hint}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such pytorch_GAN_zoo checkpoint")
     try:
@@ -81,6 +85,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or not {"netG", "netD"} <= set(ckpt):
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not a pytorch_GAN_zoo PGGAN checkpoint (expected netG, netD, avgG; got {keys})")
+    for key in ("netG", "netD", "avgG"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise ValueError(f"{path}: its {key} is a {type(ckpt[key]).__name__}, not a state dict of tensors")
     return ckpt
 
 
@@ -121,9 +128,23 @@ def _copy_layer(dst, w, b, their_fan_in: int):
     dst.bias.data.copy_(b * _he(their_fan_in))
 
 
-def _layer(sd, name):
-    w, b = sd[f"{name}.module.weight"], sd[f"{name}.module.bias"]
+def _layer(sd, name, dst):
+    """Their (W, b, fan-in) of layer ``name``, taken out of ``sd`` (what is left at the end is not theirs),
+    checked to have ``dst``'s shapes: copy_ would broadcast a smaller tensor into the layer without a word."""
+    w, b = sd.pop(f"{name}.module.weight"), sd.pop(f"{name}.module.bias")
+    for leaf, theirs, ours in (("weight", w, dst.weight), ("bias", b, dst.bias)):
+        if not torch.is_tensor(theirs) or theirs.shape != ours.shape:
+            got = tuple(theirs.shape) if torch.is_tensor(theirs) else type(theirs).__name__
+            raise ValueError(f"{name}.module.{leaf} has shape {got}; a PGGAN of the shape its other weights "
+                             f"give needs {tuple(ours.shape)}")
     return w, b, w[0].numel()
+
+
+def _no_more(sd: dict) -> None:
+    if sd:
+        names = sorted(sd)
+        raise ValueError(f"weights a PGGAN of this shape does not have: {', '.join(names[:4])}"
+                         f"{f' and {len(names) - 4} more' if len(names) > 4 else ''}")
 
 
 def _config_from_weights(sd_g: dict, sd_d: dict | None) -> NetworkConfig:
@@ -132,6 +153,10 @@ def _config_from_weights(sd_g: dict, sd_d: dict | None) -> NetworkConfig:
     channels_out = sd_g["toRGBLayers.0.module.weight"].shape[0]
     mbstd = 4
     if sd_d is not None:
+        scales_d = max(_count(sd_d, "fromRGBLayers."), _count(sd_d, "scaleLayers.") + 1)
+        if scales_d != len(depths):
+            raise ValueError(f"netD has {scales_d} scales ({4 << (scales_d - 1)} px), netG {len(depths)} "
+                             f"({4 << (len(depths) - 1)} px): not the two networks of one PGGAN")
         if sd_d["decisionLayer.module.weight"].shape[0] != 1:
             raise ValueError("only unconditional checkpoints are supported (decision layer of size 1)")
         mbstd = 4 if sd_d["groupScaleZero.0.module.weight"].shape[1] == depths[0] + 1 else 1
@@ -148,15 +173,16 @@ def convert_generator(sd: dict, config: NetworkConfig) -> Generator:
     """Our Generator, in the state dict's dtype, computing what their GNet computes."""
     sd = _strip_module(sd)
     g = Generator(config).to(_dtype(sd))
-    w, b, fan = _layer(sd, "formatLayer")
+    w, b, fan = _layer(sd, "formatLayer", g.dense)
     g.dense.weight.data.copy_(w * (math.sqrt(2.0) / g.dense.gain))
     g.dense.bias.data.copy_(b * _he(fan))
-    _copy_layer(g.conv0, *_layer(sd, "groupScale0.0"))
+    _copy_layer(g.conv0, *_layer(sd, "groupScale0.0", g.conv0))
     for level in range(1, config.num_levels):
         for i in (0, 1):
-            _copy_layer(g.blocks[level][i], *_layer(sd, f"scaleLayers.{level - 1}.{i}"))
+            _copy_layer(g.blocks[level][i], *_layer(sd, f"scaleLayers.{level - 1}.{i}", g.blocks[level][i]))
     for level in range(config.num_levels):
-        _copy_layer(g.to_rgb[level], *_layer(sd, f"toRGBLayers.{level}"))
+        _copy_layer(g.to_rgb[level], *_layer(sd, f"toRGBLayers.{level}", g.to_rgb[level]))
+    _no_more(sd)
     return g
 
 
@@ -165,13 +191,14 @@ def convert_discriminator(sd: dict, config: NetworkConfig) -> Discriminator:
     sd = _strip_module(sd)
     d = Discriminator(config).to(_dtype(sd))
     for level in range(config.num_levels):
-        _copy_layer(d.from_rgb[level], *_layer(sd, f"fromRGBLayers.{level}"))
+        _copy_layer(d.from_rgb[level], *_layer(sd, f"fromRGBLayers.{level}", d.from_rgb[level]))
     for level in range(1, config.num_levels):
-        _copy_layer(d.blocks[level].conv, *_layer(sd, f"scaleLayers.{level - 1}.0"))
-        _copy_layer(d.blocks[level].conv_down, *_layer(sd, f"scaleLayers.{level - 1}.1"))
-    _copy_layer(d.final_conv, *_layer(sd, "groupScaleZero.0"))
-    _copy_layer(d.final_dense, *_layer(sd, "groupScaleZero.1"))
-    _copy_layer(d.out, *_layer(sd, "decisionLayer"))
+        _copy_layer(d.blocks[level].conv, *_layer(sd, f"scaleLayers.{level - 1}.0", d.blocks[level].conv))
+        _copy_layer(d.blocks[level].conv_down, *_layer(sd, f"scaleLayers.{level - 1}.1", d.blocks[level].conv_down))
+    _copy_layer(d.final_conv, *_layer(sd, "groupScaleZero.0", d.final_conv))
+    _copy_layer(d.final_dense, *_layer(sd, "groupScaleZero.1", d.final_dense))
+    _copy_layer(d.out, *_layer(sd, "decisionLayer", d.out))
+    _no_more(sd)
     return d
 
 
@@ -208,18 +235,28 @@ def load_pytorch_gan_zoo(path: str | os.PathLike) -> dict:
     stddev) is inferred from the weight shapes.
     """
     ckpt = read_checkpoint(path)
-    sd_g, sd_d = _strip_module(ckpt["netG"]), _strip_module(ckpt["netD"])
+    nets, where = {}, ""
     try:
-        config = _config_from_weights(sd_g, sd_d)
-        nets = {"G": convert_generator(sd_g, config), "D": convert_discriminator(sd_d, config)}
-        if "avgG" in ckpt:
-            nets["G_ema"] = convert_generator(ckpt["avgG"], config)
+        config = _config_from_weights(_strip_module(ckpt["netG"]), _strip_module(ckpt["netD"]))
+        for name, key, convert in (("G", "netG", convert_generator), ("D", "netD", convert_discriminator),
+                                   ("G_ema", "avgG", convert_generator)):
+            if key in ckpt:
+                where = f"{key}: "
+                nets[name] = convert(ckpt[key], config)
     except KeyError as exc:
-        raise ValueError(f"{path}: missing weight {exc} for a PGGAN of this shape") from exc
+        raise ValueError(f"{path}: {where}missing weight {exc} for a PGGAN of this shape") from exc
+    except ValueError as exc:  # a shape, an extra weight, a conditional D: said of the file
+        raise ValueError(f"{path}: {where}{exc}") from exc
     cfg = ckpt.get("config")
     setting = cfg.attribute if isinstance(cfg, Opaque) else cfg.get if isinstance(cfg, dict) else lambda k, d=None: d
     _check_supported(path, setting)
-    their_alpha = float(setting("alpha", 0.0) or 0.0)
+    try:
+        their_alpha = float(setting("alpha", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        their_alpha = math.nan
+    if not 0.0 <= their_alpha <= 1.0:
+        raise ValueError(f"{path}: its config's alpha (the fade-in weight) is {setting('alpha')!r}, not a number "
+                         f"in [0, 1]")
     level = config.num_levels - 1
     for name, net in nets.items():
         alpha = 1.0 - their_alpha
