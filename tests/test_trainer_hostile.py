@@ -152,3 +152,39 @@ def test_a_checkpoints_file_in_the_run_folder_is_refused_before_training(archive
         Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=64), progress=False)
     assert not (run / "log.jsonl").exists()
 
+
+
+def test_a_diverged_run_stops_without_writing_a_checkpoint_of_nan(archive, tmp_path, monkeypatch):
+    """A run whose weights went NaN (a diverged WGAN-GP) trained on: Adam cannot bring a NaN back, so it
+    wrote checkpoints of NaN (rotating the good ones out) and grids of black images until its total. It
+    stops at the tick, before the tick's checkpoint, saying where it diverged and which checkpoint is kept;
+    a checkpoint of non-finite weights is refused when loaded (sampling it wrote black files)."""
+    import torch
+
+    from xrayforge.errors import UserError
+    from xrayforge.nn import load_networks, save_networks
+    run = tmp_path / "run"
+    trainer = Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=192), progress=False)
+    from xrayforge.train import trainer as module
+    step = module.PGGANStep.__call__
+
+    def poisoned(self, *args, **kwargs):  # the 9th batch (72 images) leaves a NaN in G's weights
+        out = step(self, *args, **kwargs)
+        if trainer.images_seen == 64:
+            with torch.no_grad():
+                trainer.G.dense.weight[0, 0] = float("nan")
+        return out
+    monkeypatch.setattr(module.PGGANStep, "__call__", poisoned)
+    with pytest.raises(UserError, match=r"training diverged at 96 images .*: G\.dense_bias, .* no longer finite "
+                                        r"\(NaN or inf; d_loss nan.*"
+                                        r"The last checkpoint, ckpt-000000000064, is finite"):
+        trainer.train()
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000064"]
+    load_networks(run / "checkpoints" / "ckpt-000000000064")  # finite: loads
+    with torch.no_grad():
+        trainer.G_ema.dense_bias[0] = float("inf")
+    save_networks(tmp_path / "bad", {"G_ema": trainer.G_ema})
+    with pytest.raises(UserError, match=r"networks.pt: the weights of G_ema are not finite "
+                                        r"\(NaN or inf in dense_bias\).*use an "
+                                        r"earlier one"):
+        load_networks(tmp_path / "bad")

@@ -179,6 +179,17 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     return meta
 
 
+def nonfinite_weights(net: torch.nn.Module) -> str | None:
+    """The name of ``net``'s first parameter or buffer holding a NaN or an infinity (a diverged
+    training's), or None. One host sync for the whole network."""
+    tensors = [(n, t) for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_floating_point()]
+    if not tensors:
+        return None
+    finite = torch.stack([t.detach().isfinite().all() for _, t in tensors]).cpu()
+    bad = (~finite).nonzero()
+    return tensors[int(bad[0])][0] if len(bad) else None
+
+
 def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", warn_unfinished: bool = True) -> dict:
     """Load the networks saved by :func:`save_networks` (all, or those in ``names``), each at the level and
     fade-in α it was saved at. A generator below its final resolution (a checkpoint written while the run
@@ -208,6 +219,10 @@ def load_networks(folder: str | os.PathLike, names=None, map_location="cpu", war
                             f"was it written by another version of xrayforge?") from exc
         load_state(net, tensors[name], f"{weights_path}: the weights of {name} do not fit the network in "
                                        f"networks.json")
+        bad = nonfinite_weights(net)
+        if bad is not None:  # its images would be NaN, written as black files, or LCO targets never met
+            raise UserError(f"{weights_path}: the weights of {name} are not finite (NaN or inf in {bad}): the "
+                            f"training had diverged when this checkpoint was written; use an earlier one")
         if isinstance(map_location, (str, torch.device)):
             net = net.to(map_location)  # load_state_dict copied into the CPU parameters: move them
         net.set_level(info["level"], info["alpha"])

@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..nn import Discriminator, Generator, NetworkConfig, load_networks, save_networks
 from ..nn.networks import largest_group_size
 from ..nn.checkpoint import (checkpoint_dirs, cut_short_dirs, damage, is_best_record, latest_intact,
-                              names_a_checkpoint, read_metadata)
+                              names_a_checkpoint, nonfinite_weights, read_metadata)
 from ..utils.files import claim_output, file_id, load_torch, read_json, read_jsonl, write_json, write_text_atomic
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from ..utils.images import faded_reals
@@ -1032,6 +1032,27 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum
 
+    def _stop_if_diverged(self, record: dict) -> None:
+        """A UserError, on every process, when a network's weights are no longer finite: Adam cannot bring a
+        NaN back, so the run would go on training nothing, write checkpoints of NaN (rotating the good ones
+        out) and grids of black images. Checked every tick, before the tick's checkpoint: every checkpoint
+        written is finite."""
+        bad = [f"{name}.{where}" for name, net in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema))
+               for where in [nonfinite_weights(net)] if where is not None]
+        (diverged,) = self._agree(bool(bad))
+        if not diverged:
+            return
+        kept = self.latest_checkpoint() if self.rank == 0 else None
+        losses = ", ".join(f"{k} {record[k]:.4g}" for k in ("d_loss", "g_loss")
+                           if isinstance(record.get(k), float))
+        raise UserError(
+            f"{self.out}: training diverged at {self.images_seen} images ({self._reached()}): "
+            f"{', '.join(bad) or 'the networks of another process'} are no longer finite (NaN or "
+            f"inf{'; ' + losses if losses else ''}); stopped without writing a checkpoint. "
+            + (f"The last checkpoint, {kept.name}, is finite; " if kept is not None else "No checkpoint was written; ")
+            + "a --resume goes on with the same settings and would likely diverge again: start a new --out with a lower --lr, a larger --batch, "
+              "or without --amp")
+
     def _agree(self, *flags) -> list[int]:
         """Each flag as the largest any process has (a signal, the time budget and the best
         measurement reach the processes apart; they must stop and checkpoint at the same step)."""
@@ -1135,6 +1156,7 @@ class Trainer:
                             self._write_tick(record, final=done)
                     if self.device.type == "cuda":  # each tick's mem_gib: its training steps, not the grid
                         torch.cuda.reset_peak_memory_stats(self.device)
+                    self._stop_if_diverged(record)
                     (better,) = self._agree(self._better(record))  # rank 0 measures
                     if better or done or stopping or self.tick % self.cfg.checkpoint_ticks == 0:
                         with self._together():  # process 0's files: a full disk, a read-only folder
