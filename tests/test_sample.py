@@ -47,6 +47,19 @@ def test_latent_depends_on_seed_and_index_only():
         latent_for(-1, 0, 8)
 
 
+def test_a_seed_or_index_that_is_not_an_integer_is_refused_and_any_integers_are_taken():
+    """A seed of 1.5 gave seed 1's latents without a word, and "3" (a seed read from a manifest with csv)
+    failed with "'<' not supported"; numpy and torch integers, and a generator of indices, are taken."""
+    for seed, index in ((1.5, 0), ("3", 0), (True, 0), (3, 2.0), (3, "2")):
+        with pytest.raises(ValueError, match="must be a non-negative integer, got"):
+            latent_for(seed, index, 8)
+    want = latents_for(3, [1, 2], 8)
+    torch.testing.assert_close(latents_for(np.int64(3), np.array([1, 2]), 8), want)
+    torch.testing.assert_close(latents_for(3, torch.tensor([1, 2]), 8), want)
+    torch.testing.assert_close(latents_for(3, (i for i in (1, 2)), 8), want)
+    assert latents_for(3, iter(()), 8).shape == (0, 8)
+
+
 def test_same_seed_and_index_give_the_same_image(models, tmp_path):
     run, _ = models
     sample_archive(SampleConfig(str(run), str(tmp_path / "a"), n=7, batch=3, shard_size=4), progress=False)

@@ -21,8 +21,9 @@ def check_truncation(truncation: float | None, name: str = "truncation") -> None
 def latent_for(seed: int, index: int, dim: int, truncation: float | None = None) -> torch.Tensor:
     """z ~ N(0, I) for image ``index``; with ``truncation`` t, components beyond ±t are redrawn
     (the truncated normal: PGGAN normalises z, so scaling it would change nothing)."""
-    if index < 0 or seed < 0:
-        raise ValueError(f"seed and index must be non-negative, got {seed}, {index}")
+    for name, v in (("seed", seed), ("index", index)):  # 1.5 ran as 1; "3" (read from a CSV) failed on "<"
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
     check_truncation(truncation)
     # numpy's SeedSequence mixes the whole (seed, index) pair into the stream (torch's CPU
     # generator keeps only 32 bits of its seed, which would make different seeds collide)
@@ -37,5 +38,7 @@ def latent_for(seed: int, index: int, dim: int, truncation: float | None = None)
 
 
 def latents_for(seed: int, indices, dim: int, truncation: float | None = None) -> torch.Tensor:
-    return torch.stack([latent_for(seed, int(i), dim, truncation) for i in indices]) if len(indices) else \
-        torch.empty(0, dim)
+    """``latent_for`` of each of ``indices`` (any iterable of integers), stacked: (len, dim)."""
+    zs = [latent_for(seed, i.item() if isinstance(i, (torch.Tensor, np.ndarray)) else i, dim, truncation)
+          for i in indices]
+    return torch.stack(zs) if zs else torch.empty(0, dim)
