@@ -16,7 +16,7 @@ from xrayforge.cli import main as cli
 from xrayforge.errors import UserError
 from xrayforge.fid import (FrechetStats, StreamingMoments, compute_fid, frechet_distance, load_inception,
                            preprocess)
-from xrayforge.fid.inception import FIDInception, find_weights
+from xrayforge.fid.inception import WEIGHTS_NAME, FIDInception, find_weights
 from xrayforge.fid.preprocess import reference as preprocess_reference
 
 from conftest import kernel_params
@@ -316,6 +316,22 @@ def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"(?s)pt_inception-2015-12-05-6726825d.pth not found.*--inception"):
         find_weights()
     assert cli(["fid", str(tmp_path), str(tmp_path), "-q"]) == 1
+
+
+def test_an_inception_variable_naming_no_file_is_said_not_passed_over(tmp_path, monkeypatch):
+    """XRAYFORGE_INCEPTION naming a folder or a missing file was passed over for the torch hub cache's
+    file: a mistyped path ran with other weights than the ones asked for, without a word."""
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(FIDInception().state_dict(), hub / WEIGHTS_NAME)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv("XRAYFORGE_INCEPTION", raising=False)
+    assert find_weights() == hub / WEIGHTS_NAME
+    for where, why in ((tmp_path / "typo.pth", "no such file"), (tmp_path, "a folder")):
+        monkeypatch.setenv("XRAYFORGE_INCEPTION", str(where))
+        with pytest.raises(FileNotFoundError, match=f"not found at XRAYFORGE_INCEPTION=.* \\({why}\\); point it"):
+            find_weights()
+    assert find_weights(hub / WEIGHTS_NAME) == hub / WEIGHTS_NAME  # --inception is taken before the variable
 
 
 def test_cli_json_and_save_stats(weights_file, tmp_path, capsys):

@@ -185,6 +185,13 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
     candidates = [Path(path)] if path else default_weight_locations()
     if path and Path(path).is_dir():
         raise FileNotFoundError(f"{path}: is a folder; expected the FID Inception weights file {WEIGHTS_NAME}")
+    env = os.environ.get("XRAYFORGE_INCEPTION")
+    if not path and env and not Path(env).is_file():  # a wrong setting, not a reason to take another file
+        why = "a folder" if Path(env).is_dir() else "no such file"
+        raise FileNotFoundError(
+            f"FID Inception weights {WEIGHTS_NAME} not found at XRAYFORGE_INCEPTION={env} ({why}); point it at the "
+            f"file, or unset it (then {Path(torch.hub.get_dir()) / 'checkpoints' / WEIGHTS_NAME} is used), or pass "
+            f"--inception PATH. xrayforge never downloads them.")
     for c in candidates:
         if c.is_file():
             return c
