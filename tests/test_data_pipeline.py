@@ -80,6 +80,20 @@ def test_the_stream_is_one_permutation_per_epoch_shared_out_by_rank(archive):
             BatchStream(arc, seed=3, rank=rank, world=world, subset=train)
 
 
+def test_a_subset_mask_is_taken_as_its_positions_and_bad_positions_are_refused(archive):
+    """A boolean subset (archive.held_out()'s kind) trained on positions 0 and 1 only, without a word;
+    positions past the archive failed only when read."""
+    arc = Archive(archive)
+    train = arc.training_positions()
+    mask = np.zeros(len(arc), bool)
+    mask[train] = True
+    np.testing.assert_array_equal(BatchStream(arc, seed=3, subset=mask).positions(0, 20),
+                                  BatchStream(arc, seed=3, subset=train).positions(0, 20))
+    for bad in (mask[:-1], [0, len(arc)], [-1, 2], [0.5, 1.0], [[0, 1]]):
+        with pytest.raises(ValueError, match="subset"):
+            BatchStream(arc, seed=3, subset=np.asarray(bad))
+
+
 def test_the_prefetch_thread_hands_over_whatever_stops_it(archive):
     """A load that raises anything (here SystemExit) reaches get(): it used to end the thread with
     nothing handed over, and get() waited for ever."""

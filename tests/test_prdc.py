@@ -81,6 +81,11 @@ def test_bad_input():
         prdc(np.full((10, 2), np.nan), np.zeros((10, 2)))
     with pytest.raises(UserError, match=r"\(N, D\)"):
         prdc(np.zeros(10), np.zeros(10))
+    # a k past the search's limit, or not an integer, is said of k (it was "knn: k must be in 1 .. 16")
+    for k in (17, 0, 2.5, True):
+        with pytest.raises(UserError, match=f"^k must be an integer in 1 .. 16 .*got {k!r}"):
+            precision_recall(np.random.rand(40, 2), np.random.rand(40, 2), k=k)
+    assert precision_recall(np.random.rand(9, 2), np.random.rand(9, 2), k=np.int64(3))["k"] == 3
 
 
 @pytest.mark.parametrize("d", [8, 64, 2048])

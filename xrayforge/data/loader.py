@@ -24,6 +24,15 @@ class BatchStream:
             raise ValueError(f"rank {rank} is not one of the {world} processes (0 .. {world - 1})")
         self.archive, self.seed, self.rank, self.world = archive, seed, rank, world
         self.subset = np.arange(len(archive)) if subset is None else np.asarray(subset)
+        if self.subset.dtype == bool:  # a mask (archive.held_out()'s kind): its positions, not 0 and 1
+            if self.subset.shape != (len(archive),):
+                raise ValueError(f"{archive.path}: a subset mask of shape {self.subset.shape} for {len(archive)} images")
+            self.subset = np.flatnonzero(self.subset)
+        elif self.subset.ndim != 1 or (self.subset.size and (not np.issubdtype(self.subset.dtype, np.integer)
+                                                             or self.subset.min() < 0
+                                                             or self.subset.max() >= len(archive))):
+            raise ValueError(f"{archive.path}: subset must be positions 0 .. {len(archive) - 1} (or a mask of "
+                             f"{len(archive)} booleans), got {self.subset.dtype} values of shape {self.subset.shape}")
         if len(self.subset) == 0:
             raise ValueError(f"{archive.path}: no images to train on")
         self._perm_cache: dict[int, np.ndarray] = {}

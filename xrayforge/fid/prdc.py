@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..ops.knn import knn
+from ..ops.knn import MAX_K, knn
 
 
 def _features(x, name: str) -> torch.Tensor:
@@ -90,6 +90,8 @@ def _pair(real, fake, k: int):
     if real.shape[1] != fake.shape[1]:
         raise UserError(f"real features have {real.shape[1]} dimensions and generated ones {fake.shape[1]}: "
                         f"they come from different feature spaces")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:  # not said of knn
+        raise UserError(f"k must be an integer in 1 .. {MAX_K} (the nearest-neighbour search's limit), got {k!r}")
     if len(real) <= k or len(fake) <= k:
         raise UserError(f"k = {k} needs more than {k} real and generated points, got {len(real)} and {len(fake)}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
