@@ -303,7 +303,8 @@ def test_diversity_refuses_a_generator_that_makes_nan(tmp_path):
     clf = ChestClassifier(ClassifierConfig(input_size=32, width=8))
     clf.config.thresholds = {f: 0.5 for f in FINDINGS}
     clf.save(tmp_path / "clf")
-    with pytest.raises(UserError, match=f"{tmp_path / 'gen'}: the generator's images are not finite"):
+    # refused as the checkpoint is read (load_networks), before any image is made
+    with pytest.raises(UserError, match=f"{tmp_path / 'gen' / 'networks.pt'}: the weights of G_ema are not finite"):
         diversity(str(tmp_path / "gen"), str(tmp_path / "clf"), str(tmp_path / "real"), tmp_path / "d", n=4, batch=4,
                   device="cpu", progress=False)
 
@@ -566,3 +567,125 @@ def test_classify_train_writes_training_json_that_strict_readers_accept(small_ar
         raise ValueError(f"not JSON: {word}")
     record = json.loads((tmp_path / "c" / "training.json").read_text(), parse_constant=refuse)
     assert record["best_mean_auroc"] is None and record["history"][0]["mean_auroc"] is None
+
+
+def test_the_same_sample_folder_as_synthetic_and_real_is_refused(small_archive, tmp_path):
+    """--synthetic S --real S with S a sample folder (or a copy of it): both sides were converted to one
+    archive and every FID was 0, a perfect generator; TSTR trained on its own test images."""
+    import shutil
+
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1020), resolution=16)
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    for k, real in enumerate((tmp_path / "s", tmp_path / "copy")):
+        with pytest.raises(UserError, match="is the real archive.*same sample folder"):
+            fid_by_finding(str(tmp_path / "s"), str(real), tmp_path / f"f{k}", PixelFeatures(), progress=False)
+        with pytest.raises(UserError, match="is the real archive.*same sample folder"):
+            run_tstr(TSTRConfig(str(tmp_path / "s"), str(real), str(tmp_path / f"t{k}"), input_size=16, width=4,
+                                epochs=1), progress=False)
+        assert not (tmp_path / f"f{k}").exists() and not (tmp_path / f"t{k}").exists()
+    write_sample_folder(tmp_path / "other", range(2000, 2020), resolution=16)  # other samples: compared
+    s = fid_by_finding(str(tmp_path / "s"), str(tmp_path / "other"), tmp_path / "g", PixelFeatures(), counts=[10],
+                       progress=False)
+    assert s["rows"][0]["fid"] > 0
+
+
+def test_fid_findings_names_the_side_with_too_few_images(small_archive, tmp_path):
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    write_sample_folder(tmp_path / "s", range(1000, 1012), resolution=16)
+    with pytest.raises(UserError, match=r"--real .*real: 1 image \(--real-limit 1\); FID needs at least 2"):
+        fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "f", PixelFeatures(), real_limit=1,
+                       progress=False)
+    write_sample_folder(tmp_path / "one", range(1000, 1001), resolution=16)
+    with pytest.raises(UserError, match=r"--synthetic .*one: 1 image; FID needs at least 2"):
+        fid_by_finding(str(tmp_path / "one"), str(small_archive), tmp_path / "g", PixelFeatures(), progress=False)
+
+
+def test_fid_findings_says_the_image_floor_it_applied(small_archive, tmp_path):
+    """--min-images 1: a finding of one image still has no FID (no covariance), and the note said
+    "fewer than 1 images" of it."""
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    write_sample_folder(tmp_path / "s", range(1000, 1030), resolution=16)
+    s = fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "f", PixelFeatures(), counts=[10],
+                       min_images=1, progress=False)
+    one = [r for r in s["rows"] if min(r["synthetic_images"], r["real_images"]) == 1]
+    assert one and all(math.isnan(r["fid"]) for r in one)
+    assert s["min_images"] == 2 and "n/a: fewer than 2 images" in (tmp_path / "f" / "fid_findings.md").read_text()
+
+
+def test_tstr_too_few_real_images_names_the_split_that_made_them(tmp_path):
+    """An archive with a 'test' split ignores --test-fraction, which the message told the user to raise."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.data.archive import Archive
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    prepare("phantom:5", tmp_path / "real", resolution=8, workers=1, progress=False)
+    assert Archive(tmp_path / "real").held_out().sum() == 1  # one test image: too few, whatever --test-fraction
+    write_sample_folder(tmp_path / "s", range(1000, 1020), resolution=8)
+    with pytest.raises(ValueError, match=r"split by its 'test' split .*--test-fraction applies only to an archive "
+                                         r"without one"):
+        run_tstr(TSTRConfig(str(tmp_path / "s"), str(tmp_path / "real"), str(tmp_path / "t"), input_size=8, width=4,
+                            epochs=1), progress=False)
+
+
+def test_tstr_too_small_a_default_budget_says_where_it_came_from(small_archive, tmp_path):
+    """No --budget given: the budget is the smaller side, and the message spoke of "a budget" alone."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1006), resolution=16)
+    with pytest.raises(ValueError, match=r"the smaller of the 6 synthetic images of .*s and the \d+ real training "
+                                         r"images"):
+        run_tstr(TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16, width=4,
+                            epochs=1), progress=False)
+
+
+def test_fid_findings_says_a_synthetic_archive_has_no_labels(small_archive, tmp_path, caplog):
+    """Generated images prepared without a label file as --synthetic: every finding read "n/a: fewer than
+    10 images", as if the generator made none, where the archive has no labels at all."""
+    import logging
+
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.data.archive import Archive
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    real = Archive(small_archive)
+    (tmp_path / "pngs").mkdir()
+    for k in range(20):
+        Image.fromarray(real.images(np.array([k]), real.resolution)[0]).save(tmp_path / "pngs" / f"{k}.png")
+    prepare(str(tmp_path / "pngs"), tmp_path / "unlabelled", resolution=16, workers=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger="xrayforge.evaluate.fid_findings"):
+        s = fid_by_finding(str(tmp_path / "unlabelled"), str(small_archive), tmp_path / "f", PixelFeatures(),
+                           counts=[10], progress=False)
+    assert "unlabelled was prepared without finding labels" in caplog.text
+    assert s["real_labelled"] and not s["synthetic_labelled"] and math.isfinite(s["rows"][0]["fid"])
+    assert "The synthetic archive was prepared without finding labels" in (tmp_path / "f" / "fid_findings.md").read_text()
+
+
+def test_tstr_continues_with_the_same_folders_spelt_otherwise(small_archive, tmp_path, monkeypatch):
+    """A stopped run continued with --synthetic samples/ (as a shell completes it) or the absolute path was
+    refused as made "with other settings", its models trained again only in a new --out."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "samples", range(1000, 1030), resolution=16)
+    monkeypatch.chdir(tmp_path)
+
+    def run(synthetic, real):
+        return run_tstr(TSTRConfig(synthetic, real, "t", input_size=16, width=4, epochs=1, batch=8, val_fraction=0.3,
+                                   bootstrap=10), progress=False)
+
+    first = run("samples", str(small_archive))
+    stamp = (tmp_path / "t" / "models" / "synthetic" / "classifier.pt").stat().st_mtime_ns
+    for synthetic, real in (("samples/", str(small_archive) + "/"), (str(tmp_path / "samples"), str(small_archive))):
+        again = run(synthetic, real)
+        assert again["rows"][0]["train_images"] == first["rows"][0]["train_images"]
+    assert (tmp_path / "t" / "models" / "synthetic" / "classifier.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="other settings"):  # another folder still is
+        write_sample_folder(tmp_path / "more", range(1000, 1030), resolution=16)
+        run("more", str(small_archive))

@@ -34,7 +34,7 @@ from ..utils.files import write_csv, write_json, write_text_atomic
 from ..fid.compute import stored_pixels
 from ..fid.stats import NonFiniteFeatures, StreamingMoments, frechet_distance, update_subsets
 from ._format import csv_row, is_number, number
-from .labelled import archive_id, labelled_findings, open_labelled
+from .labelled import labelled_findings, open_labelled, same_images
 from .metrics import patient_split
 from ..utils.files import claim_output
 
@@ -106,16 +106,18 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     gets no FID (n/a): so few images give a number dominated by its bias. ``prdc``: also
     precision / recall (k = 3) and density / coverage (k = 5) for all images and per finding
     (every image's features are then kept in memory)."""
-    real_id = archive_id(real)
-    if real_id is not None and real_id == archive_id(synthetic):  # every FID would be 0: a perfect generator
-        raise UserError(f"--synthetic {synthetic} is the real archive --real {real} (the same manifest): its FIDs "
+    same = same_images(synthetic, real)
+    if same:  # every FID would be 0: a perfect generator
+        raise UserError(f"--synthetic {synthetic} is the real archive --real {real} ({same}): its FIDs "
                         f"against itself would be 0, as if the synthetic images were the real ones")
     out = claim_output(out, "evaluate fid-findings", signatures=("fid_findings.csv",))
     synth = open_labelled(synthetic, out, progress)
     real_arc = open_labelled(real, out, progress)
     real_labelled = bool(real_arc.meta.get("labelled", True))
-    if not real_labelled:  # its labels are unknown, not 0: the all-images row and the curve alone mean something
-        log.warning("%s was prepared without finding labels: no FID per finding, only of all images", real)
+    synthetic_labelled = bool(synth.meta.get("labelled", True))
+    for spec, labelled in ((real, real_labelled), (synthetic, synthetic_labelled)):
+        if not labelled:  # its labels are unknown, not 0: the all-images row and the curve alone mean something
+            log.warning("%s was prepared without finding labels: no FID per finding, only of all images", spec)
     # a sample folder's classifier may call fewer findings than the archives name: no image "has" the others
     known = labelled_findings(real, real_arc), labelled_findings(synthetic, synth)
     findings = [f for f in real_arc.findings if f in known[0] and f in known[1]]
@@ -127,8 +129,10 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     r_order = np.arange(len(real_arc))
     if real_limit is not None and real_limit < len(r_order):
         r_order = np.sort(rng.choice(r_order, real_limit, replace=False))
-    if len(s_order) < 2 or len(r_order) < 2:
-        raise ValueError("FID needs at least 2 images on each side")
+    for option, spec, n in (("--synthetic", synthetic, len(s_order)), ("--real", real, len(r_order))):
+        if n < 2:
+            limited = f" (--real-limit {real_limit})" if option == "--real" and n < len(real_arc) else ""
+            raise UserError(f"{option} {spec}: {n} image{'s' * (n != 1)}{limited}; FID needs at least 2 on each side")
     if counts:  # asked for: say which cannot be had (the defaults above the synthetic count go quietly)
         beyond = sorted({int(c) for c in counts if not 2 <= c <= len(s_order)})
         if beyond:
@@ -147,7 +151,7 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     real_stats = r_all.stats()
     dev = extractor.device
     curve = [{"n": c, "fid": frechet_distance(snaps[c], real_stats, dev)} for c in counts]
-    floor = max(2, min_images)
+    floor = max(2, min_images)  # one image has no covariance: the summary says the floor applied
 
     def fid_of(a: StreamingMoments, b: StreamingMoments) -> float:
         return frechet_distance(a.stats(), b.stats(), dev) if min(a.n, b.n) >= floor else float("nan")
@@ -170,9 +174,10 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     inf = fid_infinity([c["n"] for c in curve], [c["fid"] for c in curve], fit_from)
     summary = {"evaluation": "fid-findings", "synthetic": str(synthetic), "real": str(real),
                "inception": extractor.describe_space(), "features": extractor.space_name, "mode": extractor.mode,
-               "min_images": min_images, "rows": rows, "curve": curve, "fid_infinity": inf,
+               "min_images": floor, "rows": rows, "curve": curve, "fid_infinity": inf,
                "fid_infinity_counts": [c["n"] for c in curve if c["n"] >= fit_from], "fid_infinity_min_count": fit_from,
-               "real_labelled": real_labelled, "findings_not_labelled": not_labelled}
+               "real_labelled": real_labelled, "synthetic_labelled": synthetic_labelled,
+               "findings_not_labelled": not_labelled}
     write_csv(out / "fid_findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     write_csv(out / "fid_vs_n.csv", ["n", "fid"], [csv_row(c) for c in curve])
     write_json(out / "summary.json", summary)
@@ -208,9 +213,9 @@ def format_markdown(summary: dict) -> str:
                f"twice the feature dimension; below that FID is not linear in 1/n: give such --counts)."),
               f"n/a: fewer than {summary['min_images']} images with the finding on one side (precision, recall, "
               f"density and coverage: fewer than {max(summary['min_images'], 6)}, as their 5 nearest neighbours need)." +
-              ("" if summary.get("real_labelled", True) else
-               " The real archive was prepared without finding labels, so no real image counts as having one: "
-               "only the FID of all images is measured.")]
+              "".join(f" The {side} archive was prepared without finding labels, so no {side} image counts as "
+                      f"having one: only the FID of all images is measured." for side in ("real", "synthetic")
+                      if not summary.get(f"{side}_labelled", True))]
     if summary.get("findings_not_labelled"):
         lines += [f"Not measured (the synthetic images' classifier does not call them, so they have no labels): "
                   f"{', '.join(summary['findings_not_labelled'])}."]

@@ -115,6 +115,18 @@ def archive_id(path: str | os.PathLike) -> str | None:
     return file_id(manifest, length=40) if (Path(path) / "archive.json").is_file() else None
 
 
+def same_images(synthetic: str | os.PathLike, real: str | os.PathLike) -> str | None:
+    """Why ``synthetic`` and ``real`` hold the same images (two prepared archives of one manifest, or two
+    sample folders of one manifest and decision thresholds, a folder given twice included); None where
+    they do not, or where that cannot be told without converting a sample folder."""
+    a = archive_id(real)
+    if a is not None:
+        return "the same manifest" if a == archive_id(synthetic) else None
+    if is_sample_folder(real) and is_sample_folder(synthetic) and sample_id(real) == sample_id(synthetic):
+        return "the same sample folder: the same manifest.csv and decision thresholds"
+    return None
+
+
 def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Archive:
     """The sample folder as a prepared archive at ``out`` (made once; reused while the folder holds
     the same samples)."""

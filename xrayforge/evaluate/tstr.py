@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from ..errors import UserError
 from ..utils.files import (claim_output, load_npy, read_json, same_settings, save_numpy, write_csv, write_json,
                            write_text_atomic)
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
-from .labelled import archive_id, is_sample_folder, labelled_findings, open_labelled, sample_id
+from .labelled import archive_id, is_sample_folder, labelled_findings, open_labelled, same_images, sample_id
 from ._format import csv_row, is_number, number
 from .metrics import auroc, bootstrap_auroc, patient_split
 
@@ -55,8 +56,9 @@ def _choose(positions: np.ndarray, k: int, rng) -> np.ndarray:
 
 def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     real_id, synthetic_id = archive_id(cfg.real), archive_id(cfg.synthetic)
-    if real_id is not None and real_id == synthetic_id:  # every "synthetic" image is trained on, test images too
-        raise UserError(f"--synthetic {cfg.synthetic} is the real archive --real {cfg.real} (the same manifest): "
+    same = same_images(cfg.synthetic, cfg.real)
+    if same:  # every "synthetic" image is trained on, test images too
+        raise UserError(f"--synthetic {cfg.synthetic} is the real archive --real {cfg.real} ({same}): "
                         f"the synthetic training set would hold the real test images")
     out = claim_output(cfg.out, "evaluate tstr", signatures=("tstr_config.json",))
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("device", "out")}
@@ -67,6 +69,11 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     # are kept per test image of the real archive
     settings["real_archive_id"], settings["synthetic_archive_id"] = real_id, synthetic_id
     settings_path = out / "tstr_config.json"
+    if settings_path.is_file():  # the same folder spelt otherwise (samp/, ./samp, its absolute path) continues
+        saved = read_json(settings_path, "saved settings")
+        for key in ("synthetic", "real"):
+            if isinstance(saved.get(key), str) and Path(saved[key]).resolve() == Path(settings[key]).resolve():
+                settings[key] = saved[key]
     same_settings(settings_path, settings, added={k: settings[k] for k in
                                                   ("synthetic_id", "real_archive_id", "synthetic_archive_id")})
     real = open_labelled(cfg.real, out, progress)
@@ -84,15 +91,20 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         raise ValueError(f"{cfg.synthetic} and {cfg.real} have no finding labelled on both sides")
     real_train, real_test = real_test_split(real, cfg.test_fraction, cfg.seed)
     if len(real_test) < 2 or len(real_train) < 4:
-        raise ValueError(f"{cfg.real}: {len(real_train)} training and {len(real_test)} test images; too few to "
-                         f"split (raise --test-fraction or use a larger archive)")
+        how = ("its 'test' split (with its patients' other images; --test-fraction applies only to an archive "
+               "without one)" if real.held_out().any() else f"--test-fraction {cfg.test_fraction} of its patients")
+        raise ValueError(f"{cfg.real}: {len(real_train)} training and {len(real_test)} test images, split by {how}; "
+                         f"too few (at least 4 and 2) to train and test on")
     synth_all = np.arange(len(synth))
     budget = cfg.budget or min(len(real_train), len(synth_all))
     if budget > len(real_train) or budget > len(synth_all):
         raise ValueError(f"--budget {budget} is more than the {len(real_train)} real training images or the "
                          f"{len(synth_all)} synthetic images")
     if budget < 8:
-        raise ValueError(f"a budget of {budget} images is too small to train a classifier")
+        raise ValueError(f"--budget {budget} is too small to train a classifier (at least 8 images)" if cfg.budget else
+                         f"a budget of {budget} images (the smaller of the {len(synth_all)} synthetic images of "
+                         f"{cfg.synthetic} and the {len(real_train)} real training images of {cfg.real}) is too small "
+                         f"to train a classifier (at least 8)")
     rng = np.random.default_rng(cfg.seed)
     half = budget // 2
     plans = {"real": [(real, _choose(real_train, budget, rng))],
