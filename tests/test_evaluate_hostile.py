@@ -689,3 +689,28 @@ def test_tstr_continues_with_the_same_folders_spelt_otherwise(small_archive, tmp
     with pytest.raises(UserError, match="other settings"):  # another folder still is
         write_sample_folder(tmp_path / "more", range(1000, 1030), resolution=16)
         run("more", str(small_archive))
+
+
+@pytest.mark.parametrize("thresholds", [{"Cardiomegaly": None}, {"Cardiomegaly": "0.5"}, {"Cardiomegaly": 1.5},
+                                        ["Cardiomegaly"]])
+def test_a_damaged_threshold_in_the_samplers_summary_is_refused_naming_it(tmp_path, thresholds):
+    """A null or text threshold in summary.json (hand-edited) gave a bare TypeError or ValueError that
+    named no file."""
+    import json
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.labelled import synthetic_labels
+    write_sample_folder(tmp_path / "s", range(3))
+    (tmp_path / "s" / "summary.json").write_text(json.dumps({"thresholds": thresholds}))
+    with pytest.raises(UserError, match=r"summary\.json: damaged: its thresholds .*not a probability per finding"):
+        synthetic_labels(tmp_path / "s")
+
+
+def test_a_finding_without_a_recorded_threshold_is_refused_not_labelled_at_one_half(tmp_path):
+    """A p_ column whose finding has no recorded threshold (an edited archive, or one mixing classifiers)
+    was labelled at probability 0.5 without a word, while the others used their own thresholds."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.data.labels import FINDINGS
+    from xrayforge.evaluate.labelled import synthetic_labels
+    write_sample_folder(tmp_path / "s", range(3), thresholds={f: 0.3 for f in FINDINGS if f != "Mass"})
+    with pytest.raises(UserError, match=r"no decision threshold recorded for Mass \(its manifest has their p_ column"):
+        synthetic_labels(tmp_path / "s")

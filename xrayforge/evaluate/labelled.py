@@ -40,6 +40,12 @@ def _recorded_thresholds(folder: Path) -> dict[str, float] | None:
     if summary.is_file():
         got = read_json(summary, "the sampler's summary").get("thresholds")
         if got:
+            bad = got if not isinstance(got, dict) else next(
+                ((f, v) for f, v in got.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+                 or not 0.0 <= v <= 1.0), None)
+            if bad is not None:  # a bare TypeError, naming no file
+                raise UserError(f"{summary}: damaged: its thresholds {'entry' if isinstance(got, dict) else 'are'} "
+                                f"{bad!r}, not a probability per finding")
             return {f: float(v) for f, v in got.items()}
     clf = read_json(folder / "sample_config.json", "the sampling settings").get("classifier")
     if clf and Path(clf).is_dir():
@@ -74,6 +80,10 @@ def synthetic_labels(folder: str | os.PathLike) -> tuple[list[dict], list[str], 
                          f"against ChestX-ray14-labelled archives")
     if recorded is None:
         log.warning("%s: no decision thresholds recorded; labelling at probability 0.5", folder)
+    elif any(f not in recorded for f in findings):  # a p_ column its classifier did not have: no threshold
+        raise UserError(f"{folder}: no decision threshold recorded for "
+                        f"{', '.join(f for f in findings if f not in recorded)} (its manifest has their p_ column, "
+                        f"its classifier's thresholds do not): the archive was edited or mixes classifiers")
     thr = {f: (recorded or {}).get(f, 0.5) for f in findings}
     labels = np.zeros((len(rows), len(findings)), dtype=np.int8)
     for i, r in enumerate(rows, start=2):
