@@ -143,10 +143,23 @@ def test_nothing_usable_is_an_error(tmp_path, capsys):
     assert cli(["prepare", str(tmp_path / "missing"), str(tmp_path / "out3"), "-q"]) == 1
 
 
-def test_existing_archive_is_not_overwritten(tmp_path):
+def test_existing_archive_is_not_overwritten(tmp_path, caplog):
+    """Another prepare into a finished archive is refused; the same command again (a kill after the archive
+    was finished, a script run twice) has nothing to do and says so: it was an error, and a user told to
+    run an interrupted command again could delete a complete archive."""
+    from xrayforge.cli import main as cli
     prepare("phantom:2", tmp_path / "a", resolution=8, workers=1, progress=False)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "a").iterdir())
+    with pytest.raises(FileExistsError, match=r"already a prepared archive, made with other settings .*'src': "
+                                              r"'phantom:2', 'resolution': 8"):
+        prepare("phantom:3", tmp_path / "a", resolution=8, workers=1, progress=False)
     with pytest.raises(FileExistsError, match="already a prepared archive"):
-        prepare("phantom:2", tmp_path / "a", resolution=8, workers=1, progress=False)
+        prepare("phantom:2", tmp_path / "a", resolution=16, workers=1, progress=False)
+    res = prepare("phantom:2", tmp_path / "a", resolution=8, workers=1, progress=False)
+    assert (res.included, res.skipped) == (2, 0)
+    assert "already prepared from phantom:2 with these settings (2 images); nothing done" in caplog.text
+    assert cli(["prepare", "phantom:2", str(tmp_path / "a"), "--resolution", "8", "-q"]) == 0
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "a").iterdir()) == before
 
 
 def test_killed_prepare_resumes_to_the_same_archive(tmp_path):
@@ -235,12 +248,9 @@ def test_prepare_killed_while_finishing_ends_with_the_same_archive(tmp_path, mon
     with pytest.raises(Killed):
         prepare("phantom:6", out, resolution=16, workers=1, progress=False)
     monkeypatch.undo()
-    if (out / "archive.json").exists():  # the archive is whole: running again says so (and tidies up)
-        with pytest.raises(FileExistsError, match="already a prepared archive"):
-            prepare("phantom:6", out, resolution=16, workers=1, progress=False)
-    else:  # running again finishes
-        res = prepare("phantom:6", out, resolution=16, workers=1, progress=False)
-        assert (res.included, res.skipped) == (6, 0)
+    # running again finishes, or (the archive is whole) says there is nothing to do, and tidies up
+    res = prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+    assert (res.included, res.skipped) == (6, 0)
     assert not (tmp_path / "out.partial").exists()
     assert_same_archive(out, tmp_path / "whole")
 
@@ -1110,3 +1120,29 @@ def test_an_unfinished_prepare_whose_label_files_changed_is_not_finished_with_th
     prepare(str(src), tmp_path / "out", resolution=8, workers=1, progress=False)
     by_name = {m["source"].split("/")[-1]: m for m in read_csv(tmp_path / "out" / "manifest.csv")}
     assert by_name[names[2]]["Hernia"] == "1" and by_name[names[2]]["split"] == "test"
+
+
+@pytest.mark.parametrize("name", ["plan.json", "skipped.csv", "manifest.csv", "archive.json"])
+def test_a_prepare_killed_while_writing_a_file_leaves_no_temporary_in_the_archive(tmp_path, name):
+    """A kill (SIGKILL: no clean-up runs) while a file of OUT.partial was being written leaves
+    atomic_write's hidden temporary there; the run that finished moved it into the archive, a
+    half-written copy beside the real file, never removed."""
+    prepare("phantom:6", tmp_path / "whole", resolution=16, workers=1, progress=False)
+    out = tmp_path / "out"
+    code = ("import os, sys\n"
+            "from xrayforge.data.prepare import prepare\n"
+            "real = os.replace\n"
+            "def replace(src, dst):\n"
+            "    if os.path.basename(dst) == sys.argv[2]:\n"
+            "        os._exit(9)  # the temporary is whole or not: died before it was renamed\n"
+            "    return real(src, dst)\n"
+            "os.replace = replace\n"
+            "prepare('phantom:6', sys.argv[1], resolution=16, workers=1, progress=False)\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(out), name], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    left = [p.name for p in (tmp_path / "out.partial").iterdir() if p.name.startswith(f".{name}.")]
+    assert len(left) == 1  # what the kill left
+    res = prepare("phantom:6", out, resolution=16, workers=1, progress=False)
+    assert (res.included, res.skipped) == (6, 0)
+    assert not (tmp_path / "out.partial").exists()
+    assert_same_archive(out, tmp_path / "whole")  # the same files: no hidden temporary among them

@@ -337,3 +337,35 @@ def test_an_unreachable_targets_advice_fits_an_archive_with_finished_shards(tiny
     with pytest.raises(LCOUnreachable) as e:  # one shard: nothing finished, --steps may change in place
         sample_archive(SampleConfig(str(run), str(tmp_path / "b"), shard_size=2, **common), progress=False)
     assert "raise --steps or --lr," in str(e.value) and "new --out" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("name", [".xrayforge.json", "shard-00001.csv", "manifest.csv"])
+def test_a_sample_killed_while_writing_a_file_is_finished_as_if_never_stopped(tiny, tmp_path, name):
+    """A kill (SIGKILL: no clean-up runs) while a file was being written leaves atomic_write's hidden
+    temporary. One of the folder's marker was never removed: with no marker, the next run claimed the
+    folder as new, and only a marked folder's temporaries were cleared."""
+    import subprocess
+    import sys
+    run, _ = tiny
+    common = dict(n=6, batch=4, shard_size=4, device="cpu")
+    sample_archive(SampleConfig(str(run), str(tmp_path / "whole"), **common), progress=False)
+    out = tmp_path / "out"
+    code = ("import os, sys\n"
+            "from xrayforge.sample.writer import SampleConfig, sample_archive\n"
+            "real = os.replace\n"
+            "def replace(src, dst):\n"
+            "    if os.path.basename(dst) == sys.argv[3]:\n"
+            "        os._exit(9)  # died with the file written under its temporary name, before the rename\n"
+            "    return real(src, dst)\n"
+            "os.replace = replace\n"
+            "sample_archive(SampleConfig(sys.argv[1], sys.argv[2], n=6, batch=4, shard_size=4, device='cpu'), "
+            "progress=False)\n")
+    killed = subprocess.run([sys.executable, "-c", code, str(run), str(out), name], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    assert [p for p in out.iterdir() if p.name.startswith(f".{name}.")]  # what the kill left
+    sample_archive(SampleConfig(str(run), str(out), **common), progress=False)
+
+    def files(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file() and p.name != "summary.json"}
+    assert files(out) == files(tmp_path / "whole")  # every file, hidden ones included, byte for byte

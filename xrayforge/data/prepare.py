@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..utils.files import check_out_dir, load_npy, read_csv, read_json, write_csv, write_json
+from ..utils.files import (check_out_dir, load_npy, read_csv, read_json, remove_stale_temporaries, write_csv,
+                           write_json)
 from .archive import FORMAT, MANIFEST_FIELDS, VERSION, box_pyramid, held_out_rows, pyramid_resolutions, quantize
 from .labels import FINDINGS, format_finding_labels, parse_finding_labels
 from .readers import SkipImage, find_images, one_per_file, read_radiograph, reader_kind
@@ -501,16 +502,8 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     if out.name in ("", ".."):  # '.', '..', 'a/..': no name to put '.partial' after
         out = out.resolve()
     partial = out.with_name(out.name + ".partial")
-    if (out / "archive.json").exists():
-        if partial.is_dir() and not any(partial.iterdir()):
-            partial.rmdir()  # what _finish leaves when killed before its last step
-        raise FileExistsError(f"{out}: already a prepared archive; remove it or choose another OUT")
-    plan_path, progress_path, meta_path = partial / "plan.json", partial / "progress.jsonl", partial / "archive.json"
-    suspects_path = partial / "suspects.json"
-    # before the work, not after it; a finished archive that a killed run had begun to move into OUT is moved on
-    check_out_dir(out, empty=not meta_path.exists())
-    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):  # found now, not once the work is done
-        raise UserError(f"{out}: cannot write in the output folder (read-only, or no permission)")
+    if partial.is_dir():  # a killed run's half-written plan / skipped / manifest / archive.json: else moved into OUT
+        remove_stale_temporaries(partial)
     dtype = "uint8" if bits == 8 else "uint16"
     # "resize": images shrunk by exact area averages (before: Pillow's BOX; an unfinished prepare of an
     # older xrayforge is not continued with the other one, a finished one is as it was made)
@@ -518,6 +511,29 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     settings = {"src": str(src), "resolution": resolution, "square": square, "dtype": dtype, "labels": labels,
                 **({"labelled_only": True} if labelled_only else {}),
                 **({} if str(src).startswith("phantom:") else {"resize": "area"})}
+    if (out / "archive.json").exists():
+        if partial.is_dir() and not any(partial.iterdir()):
+            partial.rmdir()  # what _finish leaves when killed before its last step
+        done = read_json(out / "archive.json", "the metadata of a prepared archive")
+        made = done.get("settings")
+        if isinstance(made, dict) and "resize" in settings:
+            made = {"resize": "area", **made}
+        if made != settings or not isinstance(done.get("count"), int):
+            raise FileExistsError(f"{out}: already a prepared archive" + (
+                f", made with other settings {made}" if isinstance(made, dict) else "")
+                + "; remove it or choose another OUT")
+        # the same command again (a kill after the archive was finished, a script run twice): nothing to do
+        log.warning("%s: already prepared from %s with these settings (%d images); nothing done (remove it to "
+                    "prepare it again)", out, src, done["count"])
+        skipped = read_csv(out / "skipped.csv", ("source", "reason"), "the list of skipped files")[0] \
+            if (out / "skipped.csv").is_file() else []
+        return PrepareResult(out, done["count"], len(skipped), done.get("label_match"))
+    plan_path, progress_path, meta_path = partial / "plan.json", partial / "progress.jsonl", partial / "archive.json"
+    suspects_path = partial / "suspects.json"
+    # before the work, not after it; a finished archive that a killed run had begun to move into OUT is moved on
+    check_out_dir(out, empty=not meta_path.exists())
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):  # found now, not once the work is done
+        raise UserError(f"{out}: cannot write in the output folder (read-only, or no permission)")
     plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
     meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
     saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings

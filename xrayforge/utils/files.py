@@ -133,18 +133,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True) -> int:
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = True, of: str | None = None) -> int:
     """Remove, in ``folder`` (and below it, ``recursive``), the temporaries of ``atomic_write`` that a
     writer on this host left and whose process is gone (a kill, a power loss: hidden, and never
-    written over, they would pile up). A live writer's stay, and so do other hosts' (their pids
-    cannot be checked from here). Returns how many went."""
+    written over, they would pile up); ``of``: only those of the file of that name. A live writer's
+    stay, and so do other hosts' (their pids cannot be checked from here). Returns how many went."""
     removed = 0
     for dirpath, dirnames, filenames in os.walk(folder):
         if not recursive:
             dirnames[:] = []
         for name in filenames:
             m = _TEMPORARY.fullmatch(name)
-            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])) \
+                    and (of is None or m["name"] == of):
                 try:
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
@@ -488,6 +489,8 @@ def _claim(out: Path, command: str, signatures) -> Path:
         except OSError as exc:  # a read-only file system, no permission
             raise UserError(f"{out}: cannot create the output folder ({exc.strerror or exc}"
                             f"{f': {exc.filename}' if exc.filename else ''})") from None
+    # a run killed while writing the marker left its temporary (and no marker, so nothing else of it was cleared)
+    remove_stale_temporaries(out, recursive=False, of=MARKER)
     try:
         write_text_atomic(marker, json.dumps({"command": command}) + "\n")
     except OSError as exc:  # said of the folder, not of the hidden marker inside it
