@@ -259,3 +259,19 @@ def test_a_folder_another_command_claimed_and_wrote_nothing_in_is_claimed_again(
     with pytest.raises(UserError, match="holds the output of `xrayforge evaluate fid-findings`"):
         claim_output(out, "evaluate memorisation")
     assert json.loads((out / MARKER).read_text())["command"] == "evaluate fid-findings"
+
+
+def test_saving_statistics_clears_the_temporary_a_killed_save_left(tmp_path):
+    """`fid --save-stats` killed while it wrote left a hidden half-written .npz beside the file, which no
+    later run removed (it writes into no output folder of its own that a continued command tidies)."""
+    import numpy as np
+    from xrayforge.fid.stats import FrechetStats
+    from xrayforge.utils.files import _HOST
+    dead = _dead_pid()
+    stale = tmp_path / f".stats.npz.{_HOST}-{dead}-0123abcd.tmp.npz"
+    other = tmp_path / f".other.npz.{_HOST}-{dead}-0123abcd.tmp.npz"  # another file's: not this save's to clear
+    stale.write_bytes(b"PK half")
+    other.write_bytes(b"PK half")
+    FrechetStats(np.zeros(3), np.eye(3), 5).save(tmp_path / "stats.npz")
+    assert not stale.exists() and other.exists()
+    assert FrechetStats.load(tmp_path / "stats.npz").n == 5

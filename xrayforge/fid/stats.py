@@ -24,7 +24,7 @@ import torch
 
 from ..errors import UserError
 from ..ops import masked_moments
-from ..utils.files import load_npz, save_numpy
+from ..utils.files import load_npz, remove_stale_temporaries, save_numpy
 
 
 class NonFiniteFeatures(UserError):
@@ -178,6 +178,8 @@ class FrechetStats:
             extra["feature_space"] = np.array(self.space)
         if self.mode is not None:
             extra["mode"] = np.array(self.mode)
+        # a run killed while writing this file left its hidden temporary beside it, which nothing else clears
+        remove_stale_temporaries(path.parent if str(path.parent) else ".", recursive=False, of=path.name)
         return save_numpy(path, mu=self.mu, sigma=self.sigma, **extra)
 
     @classmethod
