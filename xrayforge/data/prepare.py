@@ -484,6 +484,12 @@ def _read_progress(path: Path) -> dict[int, dict]:
     return done
 
 
+def _as_made(made: dict | None, settings: dict) -> dict | None:
+    """A finished archive's recorded settings ``made`` to compare with ``settings``: one finished before
+    the resize was recorded was made by the area resize too."""
+    return {"resize": "area", **made} if isinstance(made, dict) and "resize" in settings else made
+
+
 def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: str | None = None,
             workers: int | None = None, square: str = "crop", bits: int = 8, progress: bool = True,
             labelled_only: bool = False) -> PrepareResult:
@@ -515,9 +521,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
         if partial.is_dir() and not any(partial.iterdir()):
             partial.rmdir()  # what _finish leaves when killed before its last step
         done = read_json(out / "archive.json", "the metadata of a prepared archive")
-        made = done.get("settings")
-        if isinstance(made, dict) and "resize" in settings:
-            made = {"resize": "area", **made}
+        made = _as_made(done.get("settings"), settings)
         if made != settings or not isinstance(done.get("count"), int):
             raise FileExistsError(f"{out}: already a prepared archive" + (
                 f", made with other settings {made}" if isinstance(made, dict) else "")
@@ -537,8 +541,8 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
     plan = read_json(plan_path, "the plan of an unfinished prepare") if plan_path.exists() else None
     meta = read_json(meta_path, "the metadata of a finished prepare") if meta_path.exists() else None
     saved = plan["settings"] if plan is not None else meta.get("settings") if meta is not None else settings
-    if meta is not None and saved is not None and "resize" in settings:  # finished (its plan may be left): as made
-        saved = {"resize": "area", **saved}
+    if meta is not None:  # finished (its plan may be left): as made
+        saved = _as_made(saved, settings)
     if saved is None:  # finished by an older xrayforge, killed just before the rename; it kept fewer settings
         kept = {k: meta.get(k) for k in ("source", "resolution", "dtype", "square")}
         if kept != {"source": str(src), "resolution": resolution, "dtype": dtype, "square": square}:

@@ -156,8 +156,8 @@ class DenseNet121Space:
         from ..nn.classifier import DenseNet121, torchvision_keys
         from ..utils.files import load_torch
         self.device = torch.device(device)
-        state = load_torch(path, "a DenseNet-121 state dict", advice="save the model's state_dict() to a file "
-                                "(torch.save(model.state_dict(), FILE))")
+        state = load_torch(path, "a DenseNet-121 state dict",
+                           advice="save the model's state_dict() to a file (torch.save(model.state_dict(), FILE))")
         # torchvision's published files (denselayer1.norm.1.weight) and CheXNet's (module.densenet121. ...) too
         state = torchvision_keys(state) if isinstance(state, dict) else state
         if not isinstance(state, dict) or "features.conv0.weight" not in state:

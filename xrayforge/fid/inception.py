@@ -219,9 +219,9 @@ def load_inception(path: str | os.PathLike | None = None, random_weights: bool =
                     p.copy_(torch.randn(p.shape, generator=g) * (2.0 / fan_in) ** 0.5)
     else:
         weights = find_weights(path)
-        state = load_torch(weights, "the FID Inception weights", advice=
-                                f"use {WEIGHTS_NAME}, the file pytorch-fid uses (clean-fid's "
-                                f"inception-2015-12-05.pt is a TorchScript archive)")
+        state = load_torch(weights, "the FID Inception weights",
+                           advice=f"use {WEIGHTS_NAME}, the file pytorch-fid uses (clean-fid's "
+                                  f"inception-2015-12-05.pt is a TorchScript archive)")
         if isinstance(state, dict):
             # BatchNorm's batch counter (unused in eval mode) is absent from state dicts saved before PyTorch
             # 0.4.1 or with it dropped; torch's own loader fills it in, and so does this one
@@ -235,4 +235,3 @@ def load_inception(path: str | os.PathLike | None = None, random_weights: bool =
                    "; torchvision's ImageNet Inception v3 is another network: use the file pytorch-fid uses"
                    if torchvision else "")
     return model.eval().requires_grad_(False).to(device)
-

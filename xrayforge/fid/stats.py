@@ -179,7 +179,7 @@ class FrechetStats:
         if self.mode is not None:
             extra["mode"] = np.array(self.mode)
         # a run killed while writing this file left its hidden temporary beside it, which nothing else clears
-        remove_stale_temporaries(path.parent if str(path.parent) else ".", recursive=False, of=path.name)
+        remove_stale_temporaries(path.parent, recursive=False, of=path.name)
         return save_numpy(path, mu=self.mu, sigma=self.sigma, **extra)
 
     @classmethod

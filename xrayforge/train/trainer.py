@@ -1050,8 +1050,8 @@ class Trainer:
             f"{', '.join(bad) or 'the networks of another process'} are no longer finite (NaN or "
             f"inf{'; ' + losses if losses else ''}); stopped without writing a checkpoint. "
             + (f"The last checkpoint, {kept.name}, is finite; " if kept is not None else "No checkpoint was written; ")
-            + "a --resume goes on with the same settings and would likely diverge again: start a new --out with a lower --lr, a larger --batch, "
-              "or without --amp")
+            + "a --resume goes on with the same settings and would likely diverge again: start a new --out with "
+              "a lower --lr, a larger --batch, or without --amp")
 
     def _agree(self, *flags) -> list[int]:
         """Each flag as the largest any process has (a signal, the time budget and the best
