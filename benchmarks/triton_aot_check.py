@@ -262,8 +262,15 @@ def _knn_cases():
                 if excl and n != m:
                     continue
                 tag = f"knn {n}x{m}x{d} {dt} {prec} k={k} exclude={excl}"
-                cases.append((tag, lambda n=n, m=m, d=d, dt=dt, prec=prec, k=k, excl=excl:
-                              K._triton(_meta((n, d), dt), _meta((n if excl else m, d), dt), k, excl, precision=prec)))
+
+                def run(n=n, m=m, d=d, dt=dt, prec=prec, k=k, excl=excl):
+                    saved = K._search_scale  # reads the features' largest value (.item()): meta has none
+                    K._search_scale = lambda q, r: 1.0
+                    try:
+                        K._triton(_meta((n, d), dt), _meta((n if excl else m, d), dt), k, excl, precision=prec)
+                    finally:
+                        K._search_scale = saved
+                cases.append((tag, run))
     return K, ["_knn_kernel"], cases
 
 

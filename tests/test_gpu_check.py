@@ -195,15 +195,17 @@ def test_merge_takes_each_stage_from_the_last_run_that_ran_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_triton_kernels_compile_for_hopper_without_a_gpu():
+@pytest.mark.parametrize("variants", ["x=(64, 512, 4, 4) nchw float32",
+                                      "knn 7x9x3 float32 ieee k=5"])  # its host code reads the features' range
+def test_triton_kernels_compile_for_hopper_without_a_gpu(variants):
     """benchmarks/triton_aot_check.py on a few variants: the real compiler, down to an sm_90 cubin."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_aot_check.py"), "-j", "2",
-                           "-k", "x=(64, 512, 4, 4) nchw float32"], capture_output=True, text=True, env=env,
-                          timeout=600)
+                           "-k", variants], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = [ln for ln in proc.stdout.splitlines() if "compiled to cubin" in ln][0]
     assert " 0 FAIL" in summary and not summary.split("sm_90: ")[1].startswith("0 OK")
+    assert "; 0 host errors;" in summary, summary
 
 
 def test_conv_layer_table_counts_the_gradient_penalty_for_discriminator_layers():
