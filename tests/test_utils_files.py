@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from xrayforge.errors import UserError
 from xrayforge.fid.stats import FrechetStats
 from xrayforge.utils.files import (atomic_write, read_csv, save_numpy, write_csv, write_json,
                                    write_text_atomic)
@@ -201,7 +202,6 @@ def test_a_replaced_file_keeps_its_permission_bits_but_not_setuid(tmp_path):
 def test_a_row_cut_short_before_a_needed_column_is_refused_naming_its_line(tmp_path):
     """A short row gave None for the columns it lacked, which callers read as empty: a ChestX-ray14
     row cut after its image name was an image with no finding."""
-    from xrayforge.errors import UserError
     good = tmp_path / "labels.csv"
     # ChestX-ray14's own header ends with a comma its rows lack: short rows are fine where nothing needed is cut
     good.write_text("Image Index,Finding Labels,Patient ID,\na.png,Effusion,1\nb.png,\"No Finding\",2\n")
@@ -275,3 +275,17 @@ def test_saving_statistics_clears_the_temporary_a_killed_save_left(tmp_path):
     FrechetStats(np.zeros(3), np.eye(3), 5).save(tmp_path / "stats.npz")
     assert not stale.exists() and other.exists()
     assert FrechetStats.load(tmp_path / "stats.npz").n == 5
+
+
+def test_read_csv_numbers_each_row_by_the_line_it_starts_on(tmp_path):
+    """Blank lines (csv.DictReader skipped them unseen), lines of spaces or bare commas and a quoted
+    field over two lines move later rows down: errors name the line of the file, not the row count."""
+    f = tmp_path / "t.csv"
+    f.write_text('a,b\n\n1,"x\ny"\n,\n2,3\n\n  \n4,5,6\n7\n')
+    rows, columns = read_csv(f, numbered=True)
+    assert columns == ["a", "b"]
+    assert [(line, row["a"]) for line, row in rows] == [(3, "1"), (6, "2"), (9, "4"), (10, "7")]
+    assert rows[0][1]["b"] == "x\ny" and rows[2][1][""] == ["6"] and rows[3][1]["b"] is None
+    assert [r["a"] for r in read_csv(f)[0]] == ["1", "2", "4", "7"]  # unnumbered: the rows alone, as before
+    with pytest.raises(UserError, match=r"t\.csv: line 10 is cut short: it has no b"):
+        read_csv(f, ("a", "b"))

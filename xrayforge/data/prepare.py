@@ -20,7 +20,6 @@ that cannot be used never stops the run: it goes to skipped.csv with the reason.
 """
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
 import itertools
@@ -73,17 +72,14 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
     """{image file name: (patient id, finding labels)} and {file name: split}; an image with two
     rows that differ in what prepare uses (the findings, the patient), or in both split lists, is
     refused (the split comes from the lists, one per name)."""
-    rows = read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file")[0]
-    row_lines = _row_lines(labels_csv)
-    if len(row_lines) != len(rows):  # not foreseen: no line numbers rather than wrong ones
-        row_lines = [None] * len(rows)
+    rows = read_csv(labels_csv, ("Image Index", "Finding Labels"), "a ChestX-ray14 label file", numbered=True)[0]
     entries, lines, used, first = {}, {}, {}, {}
-    for line, row in zip(row_lines, rows):
+    for line, row in rows:
         # without the spaces around a field that a hand-edited or re-exported file may have (the split lists'
         # names have none): a name with one matched no file, and a patient with one was another patient
         name = (row["Image Index"] or "").strip()
         patient, labels = (row.get("Patient ID", "") or "").strip(), row["Finding Labels"] or ""
-        where = f"{labels_csv}: " + (f"line {line}, " if line else "") + f"image {name}"
+        where = f"{labels_csv}: line {line}, image {name}"
         # an empty field is no label ChestX-ray14 writes: read as 'No Finding' it would drop a finding without a
         # word ('No Finding' beside a finding, which would invent one, the parser refuses)
         if not labels.replace("|", "").strip():
@@ -111,20 +107,6 @@ def _load_chestxray14(labels_csv: Path) -> tuple[dict, dict]:
                 if splits.setdefault(name, split) != split:
                     raise UserError(f"{name}: listed in both {lists[0]} and {lists[1]}; an image belongs to one split")
     return entries, splits
-
-
-def _row_lines(path: Path) -> list[int]:
-    """The line on which each row that ``read_csv`` returns of ``path`` starts: it leaves out blank
-    lines (and a quoted field may span lines), so a row's index does not tell its line."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        next(reader, None)  # the header
-        out, end = [], reader.line_num
-        for row in reader:
-            if any(f.strip() for f in row):
-                out.append(end + 1)
-            end = reader.line_num
-    return out
 
 
 def _label_files(labels_csv: str) -> dict:

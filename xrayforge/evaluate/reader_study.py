@@ -17,10 +17,11 @@ is written outside the pack.
 two-sided tests against chance — an exact binomial test (p = 0.5) and a label-permutation test
 (see ``score``; the one to read for the pooled row) — Fleiss' kappa between readers, and the
 fraction of synthetic images called real. Each answer file is one reader, named by its
-``reader`` column (the file's name when the box was left empty); the same reader name in two
-files, two answers for one image in a file, an answer in two files with the same time stamp (one
-reader's page exported twice), or an answer that names no image of the study, is an error: no
-answer is dropped or merged silently.
+``reader`` column (the file's name when the box was left empty; two such files called alike are
+two readers, one called as a named reader is refused); the same reader name in two files, two
+answers for one image in a file, an answer in two files with the same time stamp (one reader's
+page exported twice), or an answer that names no image of the study, is an error: no answer is
+dropped or merged silently.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import numpy as np
 from ..errors import UserError
 from ..utils.files import (read_csv, remove_stale_temporaries, temporary_of, write_bytes_atomic, write_csv,
                            write_text_atomic)
-from ._format import cell, number
+from ._format import cell, is_number, number
 from .metrics import label_permutation_p, log_binomial_pmf
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def _from_cell(text: str) -> str:
 # --------------------------------------------------------------------------- scoring
 def binomial_two_sided(k: int, n: int, p: float = 0.5) -> float:
     """Exact two-sided binomial test: the probability of outcomes no likelier than k."""
+    if not 0 <= k <= n:  # logs[-1] would silently be the p of k = n
+        raise ValueError(f"binomial_two_sided: k must be 0 .. n = {n}, got {k}")
     if n == 0:
         return 1.0
     logs = [log_binomial_pmf(i, n, p) for i in range(n + 1)]  # in log space: math.comb overflows floats past n ~ 1030
@@ -76,8 +79,12 @@ def binomial_two_sided(k: int, n: int, p: float = 0.5) -> float:
 
 
 def fleiss_kappa(table: np.ndarray) -> float:
-    """Fleiss' kappa of an (items, categories) table of rating counts (equal raters per item)."""
+    """Fleiss' kappa of an (items, categories) table of rating counts (equal raters per item); NaN
+    where it is undefined: no items (an empty table), fewer than two raters, unequal raters per item,
+    or every rating in one category (the agreement expected by chance is then 1)."""
     table = np.asarray(table, dtype=np.float64)
+    if table.ndim != 2 or table.size == 0:  # [] (no item rated by all) is 1-D: table.sum(1) raised AxisError
+        return float("nan")
     n_items, raters = table.shape[0], table.sum(1)
     if n_items == 0 or raters.min() < 2 or raters.min() != raters.max():
         return float("nan")
@@ -108,17 +115,17 @@ def read_key(key_path: str | os.PathLike) -> dict[str, bool]:
     if not key_path.is_file():
         raise FileNotFoundError(f"{key_path}: answer key not found (it is written beside the pack by "
                                 "`reader-study make`, never inside it)")
-    rows, _ = read_csv(key_path, ("image", "truth"), "a reader-study answer key")
     key, lines = {}, {}
-    for i, row in enumerate(rows, start=2):
+    for i, row in read_csv(key_path, ("image", "truth"), "a reader-study answer key", numbered=True)[0]:
         truth = (row["truth"] or "").strip().lower()
         if truth not in ("real", "synthetic"):
             raise UserError(f"{key_path}, line {i}: truth must be 'real' or 'synthetic', got {row['truth']!r}")
-        if row["image"] in lines:  # make writes one row per image: a second is an edit, never one to pick from
-            raise UserError(f"{key_path}, line {i}: a second row for {row['image']} (the first is on line "
-                            f"{lines[row['image']]})")
-        lines[row["image"]] = i
-        key[row["image"]] = truth == "synthetic"
+        image = row["image"].strip()  # as an answer's image is read: a space an edit left is not another image
+        if image in lines:  # make writes one row per image: a second is an edit, never one to pick from
+            raise UserError(f"{key_path}, line {i}: a second row for {image} (the first is on line "
+                            f"{lines[image]})")
+        lines[image] = i
+        key[image] = truth == "synthetic"
     if not key:
         raise UserError(f"{key_path}: the answer key lists no images")
     return key
@@ -153,14 +160,16 @@ def read_answers(path: str | os.PathLike, key: dict) -> list[dict]:
     ``reader`` column, or the file's name where that was left empty; one file, one reader. Each
     answer's ``confidence`` is 1–5, or None where the reader chose none (an empty cell)."""
     path = Path(path)
-    rows, _ = read_csv(path, ("image", "answer"), "answers exported from the reader-study page")
-    names = {_from_cell(row.get("reader") or "").strip() for row in rows} - {""}
+    rows = read_csv(path, ("image", "answer"), "answers exported from the reader-study page", numbered=True)[0]
+    # runs of white space (a line break, a tab: a hand edit; the page's box takes one line) as one space: a
+    # name with a line break split the Markdown table's row, its second line read as the report's own text
+    names = {" ".join(_from_cell(row.get("reader") or "").split()) for _, row in rows} - {""}
     if len(names) > 1:
         raise UserError(f"{path}: answers of several readers ({', '.join(sorted(names))}) in one file; "
                         f"export one file per reader")
     reader = next(iter(names)) if names else path.stem
     out, lines = [], {}
-    for i, row in enumerate(rows, start=2):
+    for i, row in rows:
         image = (row.get("image") or "").strip()
         if image not in key:
             raise UserError(f"{path}, line {i}: answer for an image that is not in the study: {image!r}")
@@ -207,9 +216,11 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
     shown = {f.name for f in Path(pack, "images").iterdir() if f.is_file() and not f.name.startswith(".")} \
         if Path(pack, "images").is_dir() else set()  # not a file manager's .DS_Store or ._ files
     if shown != set(key):
+        examples = "; ".join(f"{what} {sorted(names)[0]!r}" for what, names in (
+            ("e.g. the key's", set(key) - shown), ("e.g. the pack's", shown - set(key))) if names)
         raise UserError(f"{key_path}: not the key of the pack {pack} ({len(set(key) - shown)} of its {len(key)} "
                         f"images are not in the pack, {len(shown - set(key))} of the pack's {len(shown)} are not "
-                        f"in the key)")
+                        f"in the key: {examples})")
     answers, source, given, stamped = [], {}, set(), {}
     for f in answer_files:
         if Path(f).resolve() in given:
@@ -219,12 +230,17 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
         if not got:
             raise UserError(f"{f}: no answers in it")
         name = got[0]["reader"]
-        if name in source and not got[0]["named"]:  # two unnamed files called alike: each its own reader
+        # two unnamed files called alike (answers-reader.csv from two folders): each its own reader. An unnamed
+        # file called as a named reader is refused whichever comes first (it was a second reader when the named
+        # file was given first, and refused when it was given second)
+        if name in source and not got[0]["named"] and not source[name][1]:
             name = str(f)
         if name in source:
-            raise UserError(f"{f}: reader {name!r} also answered in {source[name]}; give each reader one file "
-                            f"(or correct the reader name)")
-        source[name] = f
+            unnamed = "" if got[0]["named"] and source[name][1] else \
+                " (a file without a reader name is named by its file)"
+            raise UserError(f"{f}: reader {name!r} also answered in {source[name][0]}{unnamed}; give each reader one "
+                            f"file (or correct the reader name)")
+        source[name] = (f, got[0]["named"])
         # the page stamps each answer with the moment it was given (to the millisecond): an answer in two files
         # with one stamp is one reader's, exported twice (e.g. answers-reader.csv and answers-reader (1).csv,
         # the name box left empty), never two readers agreeing
@@ -258,7 +274,8 @@ def score(pack: str | os.PathLike, key_path: str | os.PathLike, answer_files, pe
     rated_by_all = [img for img in key if all((r, img) in latest for r in readers)]
     table = [[sum(latest[(r, img)]["synthetic"] for r in readers),
               sum(not latest[(r, img)]["synthetic"] for r in readers)] for img in rated_by_all]
-    result["fleiss_kappa"] = fleiss_kappa(np.array(table)) if len(readers) > 1 else None
+    # NaN where undefined: no image answered by every reader (kappa_images 0), or every answer about them alike
+    result["fleiss_kappa"] = fleiss_kappa(np.array(table).reshape(-1, 2)) if len(readers) > 1 else None
     result["kappa_images"] = len(rated_by_all)
     return result
 
@@ -287,8 +304,18 @@ def format_markdown(result: dict) -> str:
     if left:  # the answers column alone does not say that a reader stopped part-way
         lines.append("\nNot answered, so not scored: " + "; ".join(
             f"{cell(name)} {n} of the {result['images']} images" for name, n in left.items()) + ".")
-    if result.get("fleiss_kappa") is not None:
-        lines.append(f"\nFleiss' kappa {number(result['fleiss_kappa'])} over {result['kappa_images']} images.")
+    # two readers or more: kappa is computed, and where it is undefined (NaN, null once saved) the line says why;
+    # it left the report silently before (a saved NaN reads as None, as one reader's "not computed" does)
+    if len(result["readers"]) > 1 and "kappa_images" in result:
+        n = result["kappa_images"]
+        if is_number(result.get("fleiss_kappa")):
+            lines.append(f"\nFleiss' kappa {number(result['fleiss_kappa'])} over {n} image{'s' * (n != 1)} (those "
+                         f"every reader answered).")
+        elif not n:
+            lines.append("\nFleiss' kappa n/a: no image was answered by every reader.")
+        else:
+            lines.append(f"\nFleiss' kappa n/a over {n} image{'s' * (n != 1)}: every answer about them was the same "
+                         f"(all real or all synthetic), so agreement beyond chance is undefined.")
     return "\n".join(lines)
 
 

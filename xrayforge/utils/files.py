@@ -352,24 +352,33 @@ def load_npz(path: str | os.PathLike, keys, what: str = "a .npz file") -> dict:
         raise _damaged(path, what, exc) from None
 
 
-def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file") -> tuple[list[dict], list[str]]:
+def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file",
+             numbered: bool = False) -> tuple[list, list[str]]:
     """(rows, columns) of a CSV file (UTF-8, with or without the byte-order mark spreadsheet
-    programs write); every column in ``required`` must be there."""
+    programs write); every column in ``required`` must be there. ``numbered``: each row as
+    (the line of the file it starts on, row): blank lines are left out and a quoted field may
+    span lines, so a row's position does not tell its line."""
     path = Path(path)
     _need_file(path, what)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader = csv.reader(fh)  # csv.DictReader's rows, built here: it skips blank lines unseen, which hid lines
+            header = next(reader, None) or []
+            columns = [c.strip() for c in header]
             missing = [c for c in required if c not in columns]
             if missing:
                 raise UserError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                                 f"(it has {', '.join(columns) or 'no header'}); expected {what}")
-            rows = []
-            for row in reader:
-                row = {(k or "").strip(): v for k, v in row.items()}
+            rows, start = [], reader.line_num + 1
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                row = dict(zip(columns, fields))
+                if len(fields) > len(columns):  # fields past the header's, as DictReader's restkey
+                    row[""] = fields[len(columns):]
+                for c in columns[len(fields):]:  # a short row's missing fields, as DictReader's restval
+                    row[c] = None
                 # a line of spaces or bare commas (an editor's trailing line) holds no row; fields past the
-                # header's come as a list (DictReader's restkey), as on a line of more commas than it has
+                # header's come as a list, as on a line of more commas than it has
                 if all(v is None or not (v.strip() if isinstance(v, str) else "".join(v).strip())
                        for v in row.values()):
                     continue
@@ -378,10 +387,10 @@ def read_csv(path: str | os.PathLike, required=(), what: str = "a CSV file") -> 
                 # otherwise allowed (ChestX-ray14's header ends with a comma its rows do not have)
                 short = [c for c in required if row.get(c) is None]
                 if short:
-                    raise UserError(f"{path}: line {reader.line_num} is cut short: it has no {', '.join(short)} "
+                    raise UserError(f"{path}: line {line} is cut short: it has no {', '.join(short)} "
                                     f"(only {sum(v is not None for v in row.values())} of the header's "
                                     f"{len(columns)} fields); expected {what}")
-                rows.append(row)
+                rows.append((line, row) if numbered else row)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: not a readable CSV file ({exc})") from None
     return rows, columns
