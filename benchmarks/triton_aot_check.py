@@ -258,7 +258,9 @@ def _knn_cases():
     cases = []
     for n, m, d in ((100000, 100000, 2048), (3000, 5000, 500), (7, 9, 3)):
         for dt, prec in ((F32, "tf32x3"), (F32, "ieee"), (F16, None), (BF16, None), (F64, None)):
-            for k, excl in ((3, True), (5, False), (16, False)):
+            # the candidates the op searches for: k + EXTRA_CANDIDATES (memorisation's k = 3 with its self
+            # excluded, PRDC's 5), at most MAX_K (16)
+            for k, excl in ((7, True), (9, False), (16, False)):
                 if excl and n != m:
                     continue
                 tag = f"knn {n}x{m}x{d} {dt} {prec} k={k} exclude={excl}"

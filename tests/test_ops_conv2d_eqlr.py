@@ -123,6 +123,21 @@ def test_fused_epilogue_backward_equals_torch(kb, activation, dtype, layout, sha
     assert none is None
 
 
+@pytest.mark.skipif(not TRITON or TRITON[0].values[0][1] != "cpu", reason="records the interpreter's memory accesses")
+@pytest.mark.parametrize("activation", ["lrelu", "lrelu_pn"])
+def test_fused_epilogue_backward_channel_offsets_past_int32(monkeypatch, activation):
+    """Channel c of the layer's output sits c * OH * OW elements into its sample: that int32 product
+    wrapped past 2^31 (pixel_norm's kernels had the same; see pixel_norm._channel_i64). Three channels
+    2^30 apart, the kernel's loads and stores recorded, not performed."""
+    from test_ops_pixel_norm import assert_accessed_exactly, recorded_accesses
+    sc = 2**30
+    y, gy, r = torch.zeros(1, 3, 1, 1), torch.zeros(1, 3, 1, 1), torch.zeros(1, 1, 1, 1)
+    monkeypatch.setattr(C, "channel_view", lambda t: (1, 3, 1, 0, sc, 1))
+    seen = recorded_accesses(monkeypatch)
+    dz, _ = C._epilogue_backward_fused(gy, y, r if activation == "lrelu_pn" else None, activation, False)
+    assert_accessed_exactly(seen, (y, gy, dz), (0, sc, 2 * sc), small=(r,))
+
+
 @pytest.mark.parametrize("kb", TRITON)
 @pytest.mark.parametrize("resample,activation", [(None, "lrelu"), ("down", "lrelu"), ("up", "lrelu_pn"),
                                                  (None, "linear")])

@@ -259,3 +259,36 @@ def test_integer_like_group_sizes_are_taken():
     x = torch.randn(4, 4, 2, 2, dtype=torch.float64)
     want = mbstd.reference(x, 2, 2)
     torch.testing.assert_close(ops.minibatch_stddev(x, np.int64(2), torch.tensor(2), backend="torch"), want)
+
+
+@pytest.mark.skipif(not _backend.triton_interpreter_active(), reason="records the interpreter's memory accesses")
+def test_offsets_within_a_sample_past_int32_are_not_wrapped(monkeypatch):
+    """A sample of more than 2^31 elements ((4, 4096, 1024, 1024)): the int32 offset c * stride_c
+    of channel 2048 wrapped, and the kernels read and wrote 2^32 elements before the sample (a fault
+    or silent corruption on a GPU). The launch functions take the int64 form for such a sample; here
+    the kernels run with three channels 2^30 apart, their loads and stores recorded, not performed."""
+    from test_ops_pixel_norm import assert_accessed_exactly, recorded_accesses
+    meta = lambda *s: torch.empty(s, device="meta").contiguous(memory_format=torch.channels_last)  # noqa: E731
+    for shape, wide in (((4, 4096, 1024, 1024), True), ((64, 512, 4, 4), False), ((8, 16, 1024, 1024), False)):
+        n, c, h, w = shape
+        x = meta(*shape)
+        _, block_k = mbstd._blocks(4, c * h * w)
+        assert mbstd._sample_i64(c * h * w, block_k, x, meta(n, c + 1, h, w)) == wide, shape
+        assert mbstd._sample_i64(c * h * w, block_k, x.contiguous(), meta(n, c + 1, h, w).contiguous()) == wide
+    assert mbstd._sample_i64(2**31 - 16, 32, meta(4, 1, 1, 1))  # the element index alone, rounded to blocks
+    sc = 2**30
+    strides = (1, sc, 1, 1)  # (N, C, H, W) = (4, 3, 1, 1): one group of 4, channels 2^30 apart
+    for i64, stray in ((True, False), (False, True)):  # the int32 form wraps: what the host now avoids
+        seen = recorded_accesses(monkeypatch)
+        x, out, dout, dx = torch.zeros(4, 3, 1, 1), torch.zeros(4, 4, 1, 1), torch.zeros(4, 4, 1, 1), torch.zeros(4, 3)
+        partial, coef = torch.zeros(1, 1), torch.zeros(1)
+        mbstd._mbstd_fwd_kernel[(1, 1)](x, out, partial, 4, 1, 1, 3, 1, 1, *strides, *strides,
+                                        ACC_F64=False, I64=i64, BLOCK_G=4, BLOCK_K=16)
+        mbstd._mbstd_bwd_kernel[(1, 1)](x, dout, coef, dx, 4, 1, 1, 3, 1, 1, *strides, *strides,
+                                        ACC_F64=False, I64=i64, BLOCK_G=4, BLOCK_K=16)
+        offsets = {g + ch * sc for g in range(4) for ch in range(3)}
+        if stray:
+            with pytest.raises(AssertionError, match="outside the tensors"):
+                assert_accessed_exactly(seen, (x, out, dout, dx), offsets, small=(partial, coef))
+        else:
+            assert_accessed_exactly(seen, (x, out, dout, dx), offsets, small=(partial, coef))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from xrayforge import ops
+from xrayforge.ops import _backend
 from xrayforge.ops.pixel_norm import reference_bias_lrelu
 
 from conftest import assert_as_accurate_as_eager, kernel_params, pretend_gpu
@@ -398,3 +399,55 @@ def test_numeric_eps_and_slope_of_any_kind_are_taken():
     want = reference_bias_lrelu(x, b, 0.25, 1e-3)
     for slope, eps in ((np.float32(0.25), np.float64(1e-3)), (torch.tensor(0.25), torch.tensor(1e-3))):
         torch.testing.assert_close(ops.bias_lrelu_pixel_norm(x, b, slope=slope, eps=eps, backend="torch"), want)
+
+
+# ---------------------------------------------------------------- 64-bit offsets
+def recorded_accesses(monkeypatch):
+    """Run interpreted kernels without touching memory: every load and store records the addresses
+    of its unmasked lanes (loads return their ``other``), so a launch may be given strides far past
+    the tensors it holds. The returned set of addresses fills as the kernels run."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+    seen = set()
+
+    class Memory:
+        @staticmethod
+        def load(ptrs, mask, other, dtype):
+            seen.update(ptrs[mask].astype(np.uint64).tolist())
+            return np.broadcast_to(np.asarray(other, dtype=dtype), ptrs.shape).copy()
+
+        @staticmethod
+        def store(ptrs, value, mask):
+            seen.update(ptrs[mask].astype(np.uint64).tolist())
+
+    monkeypatch.setattr(interp, "_interpreter", Memory)
+    return seen
+
+
+def assert_accessed_exactly(seen, tensors, offsets, small=()):
+    """Every recorded address is one of ``offsets`` (elements) into one of ``tensors``, or among the
+    first 16 elements of a tensor of ``small``, and each offset was reached in each of ``tensors``."""
+    want = {t.data_ptr() + o * t.element_size() for t in tensors for o in offsets}
+    want_small = {t.data_ptr() + i * t.element_size() for t in small for i in range(16)}
+    stray = sorted(seen - want - want_small)
+    assert not stray, f"{len(stray)} accesses outside the tensors, e.g. {[hex(a) for a in stray[:3]]}"
+    assert want <= seen, "offsets never reached"
+
+
+@pytest.mark.skipif(not _backend.triton_interpreter_active(), reason="records the interpreter's memory accesses")
+@pytest.mark.parametrize("bias", [False, True], ids=["pixel_norm", "bias_lrelu_pixel_norm"])
+def test_channel_offsets_past_int32_are_not_wrapped(monkeypatch, bias):
+    """A sample of more than 2^31 elements (N, 4096, 1024, 1024): channel c sits c * H * W elements
+    in. The int32 product c * stride_c wrapped, so channel 2048 was read and written 2^32 elements
+    before its sample (a fault or silent corruption on a GPU). Three channels 2^30 apart stand in
+    for it; the kernels' loads and stores are recorded, not performed."""
+    x = torch.zeros(1, 3, 1, 1)
+    b = torch.zeros(3) if bias else None
+    sc = 2**30
+    monkeypatch.setattr(pn, "channel_view", lambda t: (1, 3, 1, 0, sc, 1))
+    seen = recorded_accesses(monkeypatch)
+    y = pn._epilogue_fwd(x, b, 0.2, 1e-8, bias, True, "triton")
+    dy = torch.zeros_like(x)
+    dx, _ = pn._epilogue_bwd(dy, x, b, 0.2, 1e-8, bias, True, False, "triton")
+    assert_accessed_exactly(seen, (x, y, dy, dx), (0, sc, 2 * sc), small=(b,) if bias else ())
+    assert not pn._channel_i64(2048, 2**20) and pn._channel_i64(2049, 2**20)

@@ -302,7 +302,8 @@ if triton is not None:
         offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = offs_p < P
         mask = pmask[:, None] & (offs_c[None, :] < C)
-        offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
+        # int64 channel offsets: an int32 c * stride_c wraps past 2^31 (pixel_norm._channel_i64)
+        offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_t)
         g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if ACT == 2:

@@ -80,18 +80,26 @@ if triton is not None:
 
     @triton.jit
     def _mbstd_group_tile(x_ptr, pid_k, mf, G, M, F, CF, H, W, sxn, sxc, sxh, sxw,
-                          ACC_F64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Load one (G, BLOCK_K) tile of a group's channel slice; return it with its stats."""
+                          ACC_F64: tl.constexpr, I64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Load one (G, BLOCK_K) tile of a group's channel slice; return it with its stats. I64: the
+        element index k and the offsets within a sample in int64 (see _sample_i64); the int32 form
+        is the GPU-validated one."""
         acc_t = tl.float64 if ACC_F64 else tl.float32
         m = mf // F
         f = mf % F
-        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        if I64:
+            k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        else:
+            k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         hw = H * W
         c = f * CF + k // hw
         p = k % hw
         offs_g = tl.arange(0, BLOCK_G)
         n = (offs_g * M + m).to(tl.int64)
-        mask = (offs_g[:, None] < G) & (k[None, :] < CF * hw)
+        if I64:  # CF * hw itself may pass int32
+            mask = (offs_g[:, None] < G) & ((k // hw)[None, :] < CF)
+        else:
+            mask = (offs_g[:, None] < G) & (k[None, :] < CF * hw)
         inner = c * sxc + (p // W) * sxh + (p % W) * sxw
         x = tl.load(x_ptr + n[:, None] * sxn + inner[None, :], mask=mask, other=0.0).to(acc_t)
         mean = tl.sum(x, axis=0) / G
@@ -102,27 +110,30 @@ if triton is not None:
     @triton.jit
     def _mbstd_fwd_kernel(x_ptr, out_ptr, partial_ptr, G, M, F, CF, H, W,
                           sxn, sxc, sxh, sxw, son, soc, soh, sow,
-                          ACC_F64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+                          ACC_F64: tl.constexpr, I64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_k = tl.program_id(0)
         mf = tl.program_id(1)
         x, d, sigma, n, c, p, mask = _mbstd_group_tile(x_ptr, pid_k, mf, G, M, F, CF, H, W,
-                                                       sxn, sxc, sxh, sxw, ACC_F64, BLOCK_G, BLOCK_K)
+                                                       sxn, sxc, sxh, sxw, ACC_F64, I64, BLOCK_G, BLOCK_K)
         # the copy of x into the output rides along with the statistics
         o = n[:, None] * son + (c * soc + (p // W) * soh + (p % W) * sow)[None, :]
         tl.store(out_ptr + o, x.to(out_ptr.dtype.element_ty), mask=mask)
         sigma = tl.where(mask, sigma[None, :], 0.0)
         partial = tl.sum(tl.sum(sigma, axis=1), axis=0) / G  # each column counted G times
-        tl.store(partial_ptr + mf * tl.num_programs(0) + pid_k, partial)
+        if I64:
+            tl.store(partial_ptr + mf.to(tl.int64) * tl.num_programs(0) + pid_k, partial)
+        else:
+            tl.store(partial_ptr + mf * tl.num_programs(0) + pid_k, partial)
 
     @triton.jit
     def _mbstd_bwd_kernel(x_ptr, dout_ptr, coef_ptr, dx_ptr, G, M, F, CF, H, W,
                           sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
-                          ACC_F64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+                          ACC_F64: tl.constexpr, I64: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
         # d sigma_k / d x_gk = (x_gk - mean_k) / (G sigma_k); coef = dstat / (C/F * H * W)
         pid_k = tl.program_id(0)
         mf = tl.program_id(1)
         x, d, sigma, n, c, p, mask = _mbstd_group_tile(x_ptr, pid_k, mf, G, M, F, CF, H, W,
-                                                       sxn, sxc, sxh, sxw, ACC_F64, BLOCK_G, BLOCK_K)
+                                                       sxn, sxc, sxh, sxw, ACC_F64, I64, BLOCK_G, BLOCK_K)
         coef = tl.load(coef_ptr + mf)
         dpass = tl.load(dout_ptr + n[:, None] * sdn + (c * sdc + (p // W) * sdh + (p % W) * sdw)[None, :],
                         mask=mask, other=0.0).to(coef.dtype)
@@ -134,6 +145,18 @@ if triton is not None:
 def _blocks(g: int, k: int) -> tuple[int, int]:
     block_g = triton.next_power_of_2(g)
     return block_g, max(16, min(triton.next_power_of_2(k), 2048 // block_g))
+
+
+def _sample_i64(k: int, block_k: int, *tensors: torch.Tensor) -> bool:
+    """Whether the kernels' indices within a sample can pass int32: the element index (up to k
+    rounded up to whole blocks) or the offset of an element from its sample's start in any of
+    ``tensors`` (x and the output or its gradient). Triton types the program ids, the aranges and
+    strides below 2^31 as int32, and their products wrapped silently (a (4, 4096, 1024, 1024) x
+    read channel 2048 on 2^32 elements before its sample). Those launches take the int64 form."""
+    reach = triton.cdiv(k, block_k) * block_k
+    for t in tensors:
+        reach = max(reach, sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:])))
+    return reach > 2**31 - 1
 
 
 
@@ -187,7 +210,8 @@ def _mbstd_fwd(x: torch.Tensor, group_size: int, num_channels: int, backend: str
         partial = torch.empty((m * f, grid[0]), device=x.device, dtype=accumulation_dtype(x))
         with device_guard(x):  # Triton launches on the current device
             _mbstd_fwd_kernel[grid](x, out, partial, g, m, f, cf, h, w, *x.stride(), *out.stride(),
-                                    ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
+                                    ACC_F64=x.dtype == torch.float64, I64=_sample_i64(k, block_k, x, out),
+                                    BLOCK_G=block_g, BLOCK_K=block_k)
         stat = partial.sum(1) / k
     elif backend == "cuda":
         ext = _backend.cuda_extension()
@@ -222,7 +246,8 @@ def _mbstd_bwd(dout: torch.Tensor, x: torch.Tensor, group_size: int, num_channel
         grid = (triton.cdiv(k, block_k), m * f)
         with device_guard(x):
             _mbstd_bwd_kernel[grid](x, dout, coef, dx, g, m, f, cf, h, w, *x.stride(), *dout.stride(),
-                                    ACC_F64=x.dtype == torch.float64, BLOCK_G=block_g, BLOCK_K=block_k)
+                                    ACC_F64=x.dtype == torch.float64, I64=_sample_i64(k, block_k, x, dout),
+                                    BLOCK_G=block_g, BLOCK_K=block_k)
     elif backend == "cuda":
         ext = _backend.cuda_extension()
         with device_guard(x):

@@ -67,8 +67,10 @@ if triton is not None:
     @triton.jit
     def _epilogue_fwd_kernel(x_ptr, b_ptr, y_ptr, C, P, stride_b, stride_c, stride_p, slope_hi, slope_lo,
                              eps_hi, eps_lo, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
-                             ACC_F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """y = [pixel_norm]([leaky_relu](x [+ bias])) over (B, C, P) rows of channels."""
+                             ACC_F64: tl.constexpr, CHANNEL_I64: tl.constexpr, BLOCK_C: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+        """y = [pixel_norm]([leaky_relu](x [+ bias])) over (B, C, P) rows of channels. CHANNEL_I64:
+        channel offsets in int64 (see _channel_i64); the int32 form is the GPU-validated one."""
         acc_t = tl.float64 if ACC_F64 else tl.float32
         slope = _constant(slope_hi, slope_lo, ACC_F64)
         eps = _constant(eps_hi, eps_lo, ACC_F64)
@@ -78,7 +80,10 @@ if triton is not None:
         offs_c = tl.arange(0, BLOCK_C)
         offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = (offs_p[:, None] < P) & (offs_c[None, :] < C)
-        offs = pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
+        if CHANNEL_I64:
+            offs = pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c
+        else:
+            offs = pid_b * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
         h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if HAS_BIAS:
             b = tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(acc_t)
@@ -94,7 +99,7 @@ if triton is not None:
     def _epilogue_bwd_kernel(x_ptr, b_ptr, dy_ptr, dx_ptr, db_ptr, C, P, stride_b, stride_c,
                              stride_p, slope_hi, slope_lo, eps_hi, eps_lo,
                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORMALIZE: tl.constexpr,
-                             BIAS_GRAD: tl.constexpr, ACC_F64: tl.constexpr,
+                             BIAS_GRAD: tl.constexpr, ACC_F64: tl.constexpr, CHANNEL_I64: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """dx (and per-block bias-gradient partial sums) of the forward above.
 
@@ -110,7 +115,10 @@ if triton is not None:
         offs_c = tl.arange(0, BLOCK_C)
         offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = (offs_p[:, None] < P) & (offs_c[None, :] < C)
-        offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
+        if CHANNEL_I64:
+            offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :].to(tl.int64) * stride_c
+        else:
+            offs = pid_b.to(tl.int64) * stride_b + offs_p[:, None] * stride_p + offs_c[None, :] * stride_c
         a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
         dh = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(acc_t)
         if HAS_BIAS:
@@ -131,6 +139,14 @@ if triton is not None:
             row = pid_b * tl.num_programs(0) + pid_p
             tl.store(db_ptr + row * C + offs_c, partial.to(db_ptr.dtype.element_ty), mask=offs_c < C)
         tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _channel_i64(C: int, stride_c: int) -> bool:
+    """Whether a channel's offset within a sample, ``c * stride_c``, can pass int32: Triton types
+    the arange of channels and a stride below 2^31 as int32, and their product wrapped silently
+    (channel 2048 of a (N, 4096, 1024, 1024) tensor was read 2^32 elements before the sample). The
+    kernels then take the int64 form; every other launch keeps the int32 one, the validated code."""
+    return (C - 1) * abs(stride_c) > 2**31 - 1
 
 
 def _triton_blocks(C: int, P: int) -> tuple[int, int, int]:
@@ -203,8 +219,8 @@ def _epilogue_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], slope: float, e
         with device_guard(x):  # Triton launches on the current device
             _epilogue_fwd_kernel[grid](x, bias if bias is not None else x, y, C, P, sb, sc, sp, *split_float(slope),
                                        *split_float(eps), HAS_BIAS=bias is not None, ACT=act, NORMALIZE=normalize,
-                                       ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
-                                       num_warps=num_warps)
+                                       ACC_F64=x.dtype == torch.float64, CHANNEL_I64=_channel_i64(C, sc),
+                                       BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None):
         ext, stream = _cuda_launch_args(x)
         with device_guard(x):  # the kernel launches on the current device, into x's device's stream
@@ -239,8 +255,8 @@ def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
                 _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
                                            *split_float(slope), *split_float(eps), HAS_BIAS=bias is not None, ACT=act,
                                            NORMALIZE=normalize, BIAS_GRAD=bias_grad,
-                                           ACC_F64=x.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p,
-                                           num_warps=num_warps)
+                                           ACC_F64=x.dtype == torch.float64, CHANNEL_I64=_channel_i64(C, sc),
+                                           BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None) and bias_grad == act:
         ext, stream = _cuda_launch_args(x)
         partial = torch.zeros((ext.pixel_norm_partial_rows(B, P) if bias_grad else 0, C), device=x.device,
