@@ -220,3 +220,35 @@ def test_findings_given_as_one_string_are_refused_naming_the_field(tmp_path):
     with pytest.raises(UserError, match=r"m/classifier.json: damaged classifier settings \(findings must be a list "
                                         r"of finding names, not the one string 'Atelectasis'"):
         load_classifier(tmp_path / "m")
+
+
+def test_classify_train_says_which_findings_have_no_validation_auroc(tmp_path, capsys):
+    """A finding that no validation image has (or every one has) has no AUROC and keeps the default
+    threshold 0.5: `classify train` left it out of its list unsaid, and where no finding had an AUROC
+    it printed 'best mean validation AUROC nan' with no reason."""
+    import json
+    from xrayforge.cli import main as cli
+    from xrayforge.data.prepare import prepare
+    prepare("phantom:30", tmp_path / "data", resolution=16, workers=1, progress=False)
+    common = ["--input-size", "16", "--width", "4", "--epochs", "1", "--batch", "4", "--device", "cpu", "-q"]
+    assert cli(["classify", "train", str(tmp_path / "data"), "--out", str(tmp_path / "one"), "--val-fraction", "0.05",
+                *common]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "no validation AUROC: no finding is both present and absent among the 1 images of 1 patients" in out
+    assert "every decision threshold is the default 0.5" in out
+    summary = json.loads((tmp_path / "one" / "training.json").read_text())
+    absent = [f for f, n in summary["val_positives"].items() if n == 0]
+    present = [f for f, n in summary["val_positives"].items() if n == 1]
+    assert len(absent) + len(present) == 14 and present and "Atelectasis" in absent
+    assert f"AUROC undefined (no validation image has it; decision threshold 0.5): {', '.join(absent)}" in out
+    assert f"AUROC undefined (every validation image has it; decision threshold 0.5): {', '.join(present)}" in out
+    # with validation AUROCs: the findings without one are named beside them
+    assert cli(["classify", "train", str(tmp_path / "data"), "--out", str(tmp_path / "two"), "--val-fraction", "0.3",
+                *common]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "two" / "training.json").read_text())
+    kept = summary["history"][-1]["auroc"]
+    assert kept and "best mean validation AUROC" in out
+    missing = [f for f in summary["val_positives"] if f not in kept]
+    assert missing and all(f in out for f in missing) and "Atelectasis" in missing

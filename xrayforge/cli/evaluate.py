@@ -3,6 +3,7 @@ diversity, report)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from . import _args
@@ -45,10 +46,24 @@ def _cmd_classify_train(args: argparse.Namespace) -> int:
                                 init_weights=args.init_weights, **_classifier_training(args))
     summary = train_classifier(cfg, progress=not args.quiet)
     kept = next(h for h in summary["history"] if h["epoch"] == summary["best_epoch"])  # the model saved
-    print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} (epoch {kept['epoch']} of "
-          f"{len(summary['history'])}; {summary['val_images']} images of {summary['val_patients']} patients)")
+    where = f"{summary['val_images']} images of {summary['val_patients']} patients"
+    if math.isnan(summary["best_mean_auroc"]):  # not a bare "nan": why, and what was kept
+        print(f"{summary['model']}: no validation AUROC: no finding is both present and absent among the {where} "
+              f"held out for validation, so the last epoch ({kept['epoch']}) is kept and every decision threshold is "
+              f"the default 0.5 (a larger --val-fraction holds out more)")
+    else:
+        print(f"{summary['model']}: best mean validation AUROC {summary['best_mean_auroc']:.3f} (epoch {kept['epoch']} "
+              f"of {len(summary['history'])}; {where})")
     for finding, value in kept["auroc"].items():
         print(f"  {finding:20s} AUROC {value:.3f}")
+    # a finding without an AUROC is said, not left out of the list: its threshold is the default 0.5
+    positives = summary.get("val_positives", {})
+    for why, which in (("no validation image has it", [f for f, n in positives.items() if n == 0]),
+                       ("every validation image has it",
+                        [f for f, n in positives.items() if n and n == summary["val_images"]])):
+        which = [f for f in which if f not in kept["auroc"]]
+        if which:
+            print(f"  AUROC undefined ({why}; decision threshold 0.5): {', '.join(which)}")
     return 0
 
 

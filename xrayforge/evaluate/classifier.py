@@ -233,7 +233,10 @@ def train_classifier(cfg: ClassifierTrainConfig, progress: bool = True) -> dict:
     summary = {"model": str(out), "train_images": int(len(train_items)), "val_images": int(len(val_items)),
                "val_patients": len({images.patient_ids[i] for i in val_items}),
                "best_mean_auroc": result.best_mean_auroc, "best_epoch": result.best_epoch, "history": result.history,
-               "thresholds": model.config.thresholds}
+               "thresholds": model.config.thresholds,
+               # how many validation images have each finding: where none or all do, its AUROC is undefined
+               # (and its threshold the default 0.5), which `classify train` says
+               "val_positives": {f: int(n) for f, n in zip(images.findings, images.labels[val_items].sum(0))}}
     summary["training_data"] = training_record(archive, images.positions[train_items], cfg.subset is not None)
     # the record first, the model's classifier.json last: a folder with that file is a finished
     # classifier (a rerun refuses it), and one killed before it is trained again
