@@ -291,3 +291,99 @@ def test_bench_suites_with_spaces_or_named_twice_run_each_once(monkeypatch, caps
     assert ran == [["data", "sampling"]]
     assert cli(["bench", "--suites", "data,nope", "--device", "cpu", "-q"]) == 2
     assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- JSON: strict, and says what ran where
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_results_json_is_strict_json_and_records_commit_and_settings(monkeypatch, tmp_path):
+    # a fast path timed where eager's fwd+bwd failed got speedup = float("nan"), written as a bare NaN:
+    # not JSON to any parser but Python's; and no file said which commit or settings it measured
+    from xrayforge.bench import environment, write_results
+    from xrayforge.bench.suite import save_json
+    monkeypatch.setattr(ops_bench, "_call", _broken_call(ops_bench._call))
+    original = ops_bench._make_call
+
+    def eager_backward_fails(op, shape, dtype, device, backend, backward):
+        if backend == "torch" and backward:
+            raise RuntimeError("out of memory")
+        return original(op, shape, dtype, device, backend, backward)
+    monkeypatch.setattr(ops_bench, "_make_call", eager_backward_fails)
+    res = ops_bench.run("cpu", ("float32",), backends=["same"], shapes={"pixel_norm": [(2, 8, 3, 3)]},
+                        reps=1, warmup=0, min_seconds=0.0)
+    same, = [r for r in res["rows"] if r["backend"] == "same"]
+    assert same["fwd_speedup"] > 0 and same["fwd+bwd_speedup"] is None
+    assert res["settings"]["dtypes"] == ["float32"] and res["settings"]["shapes"] == {"pixel_norm": [[2, 8, 3, 3]]}
+    assert "commit" in environment() and "dirty" in environment()
+    res["fwd_ratio_over_zero"] = float("inf")  # whatever a suite computes, the file stays JSON
+    written = _strict_json(write_results("ops", res, tmp_path).read_text())
+    assert written["fwd_ratio_over_zero"] is None and written["environment"]["commit"] == res["environment"]["commit"]
+    save_json({"ops": (res, ops_bench.COLUMNS)}, tmp_path / "bench.json")
+    assert _strict_json((tmp_path / "bench.json").read_text())["ops"]["settings"]["reps"] == 1
+
+
+def test_ops_verdict_catches_a_wrong_bf16_backward_at_the_quick_shapes(monkeypatch):
+    # at a leaky ReLU's kink a bf16 pre-activation rounded to the other side takes the other slope:
+    # eager bf16's largest gradient error is ~0.56 of the scale at (4, 16, 128, 128), and twice that
+    # passed a backward 50% off as matching float64
+    monkeypatch.setattr(ops_bench, "_call", _broken_call(ops_bench._call))
+    res = ops_bench.run("cpu", ("bfloat16",), backends=["same", "wrong-grad"],
+                        shapes={"bias_lrelu": [ops_bench.CPU_SHAPES["bias_lrelu"][0]]},
+                        reps=1, warmup=0, min_seconds=0.0)
+    rows = {r["backend"]: r for r in res["rows"]}
+    assert rows["same"]["matches_reference"] is True
+    assert rows["wrong-grad"]["matches_reference"] is False
+    assert rows["torch"]["grad_l2_err"] < 0.1 and rows["wrong-grad"]["grad_l2_err"] == pytest.approx(0.5, rel=0.05)
+
+
+# ---------------------------------------------------------------- scripts: bad arguments, --help
+def _script_modules():
+    from xrayforge.bench import data as data_bench
+    from xrayforge.bench import lco as lco_bench
+    from xrayforge.bench import train_step as ts_bench
+    return {"ops": ops_bench, "fid": fid_bench, "data": data_bench, "train_step": ts_bench, "lco": lco_bench}
+
+
+@pytest.mark.parametrize("name,argv", [
+    ("ops", ["--dtypes", "float64x"]), ("ops", ["--dtypes", "int8"]), ("ops", ["--backends", "nope"]),
+    ("fid", ["--n", "-4"]), ("fid", ["--n", "2"]), ("fid", ["--batch", "0"]), ("fid", ["--moment-n", "0"]),
+    ("fid", ["--workers", "-1"]), ("data", ["--n", "-1"]), ("data", ["--size", "100"]),
+    ("train_step", ["--resolutions", "0"]), ("train_step", ["--resolutions", "16,abc"]),
+    ("train_step", ["--resolutions", "128"]),
+    ("lco", ["RUN", "C", "--targets", "auto", "--n", "0"]), ("lco", ["RUN", "C", "--targets", "auto", "--steps", "-1"]),
+    ("lco", ["RUN", "C", "--targets", "auto", "--census", "-5"])])
+def test_bench_scripts_refuse_bad_arguments_before_running(name, argv, monkeypatch, capsys):
+    # an unknown dtype was torch's AttributeError, int8 torch.finfo's TypeError, an unknown backend a table of
+    # empty rows; negative sizes ran until something deep failed (or hung)
+    module = _script_modules()[name]
+
+    def no_run(*a, **k):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr(module, "run", no_run)
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv + (["--device", "cpu"] if name != "data" else []))
+    assert exc.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ops", "fid", "data", "train_step", "lco"])
+def test_every_bench_script_option_is_explained_by_help(name):
+    p = _script_modules()[name].parser()
+    silent = [a.option_strings or a.dest for a in p._actions if not a.help]
+    assert not silent, silent
+
+
+def test_fid_moments_and_frechet_rows_carry_their_ratio():
+    # the moment and Fréchet rows timed ours and numpy / scipy side by side, but no ratio was computed,
+    # and the suite's table had no ×baseline column for the ratios the other rows carry
+    rows, moments = fid_bench.moments_rows(300, torch.device("cpu"), dim=16, chunk=100)
+    assert rows[0]["speedup"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"]) and rows[0]["baseline"] == rows[1]["variant"]
+    f_rows, _ = fid_bench.frechet_rows(moments.stats(), torch.device("cpu"))
+    assert f_rows[0]["speedup"] == pytest.approx(f_rows[1]["ms"] / f_rows[0]["ms"])
+    masked = fid_bench.masked_moments_rows(64, 8, torch.device("cpu"), variants=(("torch", None),), reps=1)
+    assert all("error" not in r for r in masked)
+    assert "speedup" in dict(fid_bench.COLUMNS) and "error" in dict(ops_bench.COLUMNS)

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..utils.files import write_text_atomic
+from ..utils.files import json_safe, write_text_atomic
 
 # Published peak figures: HBM bandwidth (GB/s) and dense bf16 / fp32 (non-tensor) TFLOP/s.
 # Matched by substring of torch.cuda.get_device_name(); the first match wins.
@@ -55,9 +56,27 @@ def device_info(device: torch.device) -> DeviceInfo:
     return DeviceInfo(name, None, None, None)
 
 
+def commit() -> dict:
+    """The commit the benchmarked code is at (``XRAYFORGE_COMMIT`` where the tree is no git checkout) and
+    whether the checkout had uncommitted changes (None: unknown)."""
+    if os.environ.get("XRAYFORGE_COMMIT"):
+        return {"commit": os.environ["XRAYFORGE_COMMIT"], "dirty": None}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=root)
+        if head.returncode:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=10, cwd=root)
+        return {"commit": head.stdout.strip() or None,
+                "dirty": bool(status.stdout.strip()) if not status.returncode else None}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+
+
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(),
-           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **commit()}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -140,6 +159,13 @@ def error_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def json_text(payload) -> str:
+    """``payload`` as strict JSON: a NaN or infinite float (a speed-up without its baseline, a ratio over
+    zero) is written as null, not as the bare ``NaN`` / ``Infinity`` that JSON parsers other than Python's
+    refuse; anything else JSON has no type for is written as its str()."""
+    return json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False)
+
+
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
     """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or into ``out_dir``); a second run
     on the same day and device gets ``-2``, ``-3``, ... rather than replacing the earlier results."""
@@ -152,7 +178,7 @@ def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = 
     while path.exists():
         n += 1
         path = out / f"{stem}-{n}.json"
-    write_text_atomic(path, json.dumps(payload, indent=2))
+    write_text_atomic(path, json_text(payload))
     return path
 
 

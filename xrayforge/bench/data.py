@@ -77,6 +77,7 @@ def run(n: int = 64, size: int = 1024, workers: int | None = None, loader_batch:
             del x
     return {"benchmark": "data", "device": device_info(torch.device("cpu")).as_dict(),
             "environment": environment(), "cpu_count": os.cpu_count(), "rows": rows,
+            "settings": {"n": n, "size": size, "workers": workers, "loader_batch": loader_batch},
             "notes": "prepare: files -> archive, all stages; loader: archive -> float tensor in [-1, 1], one thread "
                      "(the page cache is warm: the archive was just written)"}
 
@@ -85,12 +86,19 @@ COLUMNS = [("stage", "stage"), ("input", "input"), ("images", "images"), ("worke
            ("img_s", "img/s"), ("img_s_per_core", "img/s per core")]
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    from ..cli._args import positive_int, power_of_two
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=64, help="images per input kind (default 64)")
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--n", type=positive_int, default=64, help="images per input kind (default 64)")
+    p.add_argument("--size", type=power_of_two, default=1024, help="source image side in px, a power of two "
+                   "(default 1024)")
+    p.add_argument("--workers", type=positive_int, default=None, help="prepare's processes (default: every core)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     result = run(args.n, args.size, args.workers)
     print(format_table(result["rows"], COLUMNS))

@@ -137,6 +137,7 @@ def moments_rows(moment_n: int, dev: torch.device, dim: int = 2048, chunk: int =
         cov = np.cov(host, rowvar=False)
         rows.append({"stage": f"moments {moment_n}×{dim}", "variant": "numpy float64 cov",
                      "ms": (time.perf_counter() - t0) * 1e3})
+        rows[0].update(speedup=rows[1]["ms"] / ms, baseline=rows[1]["variant"])
         ours_cov = m.stats().sigma
         rows[0]["max_rel_diff_vs_numpy"] = float(np.abs(ours_cov - cov).max() / np.abs(cov).max())
     return rows, m
@@ -168,6 +169,7 @@ def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=MOMENT_VAR
     for masks, k in ((None, 1), (masks15, 15)):
         rows_total = n if masks is None else int(masks.sum())
         ref = M.reference(x, masks)
+        loop_ms = None
         for backend, precision in variants:
             name = "torch float64 loop" if backend == "torch" else f"triton {precision}"
             row = {"stage": f"masked moments {n}×{dim}, K={k}", "variant": name, "rows": rows_total}
@@ -176,6 +178,10 @@ def masked_moments_rows(n: int, dim: int, dev: torch.device, variants=MOMENT_VAR
                     (lambda: M._triton(x, masks, precision=precision, exact_below=exact_below))
                 ms = time_fn(fn, dev, warmup=warmup, reps=reps, min_seconds=0.0)
                 row.update(ms=ms, tflops=2.0 * rows_total * dim * dim / ms / 1e9)
+                if backend == "torch":
+                    loop_ms = ms
+                elif loop_ms is not None:  # against the float64 loop of the same K, this run
+                    row.update(speedup=loop_ms / ms, baseline="torch float64 loop")
                 if k == 1:
                     k1_ms[name] = ms
                 elif name in k1_ms:
@@ -207,6 +213,7 @@ def frechet_rows(a: FrechetStats, dev: torch.device, scipy_baseline: bool = True
         covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma)  # newer scipy has no disp=
         rows.append({"stage": f"Fréchet distance {d}", "variant": "scipy sqrtm",
                      "ms": (time.perf_counter() - t0) * 1e3})
+        rows[0].update(speedup=rows[1]["ms"] / ms, baseline=rows[1]["variant"])
         ref = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean.real)
         extra["frechet_relative_difference_vs_scipy"] = abs(frechet_distance(a, b, dev) - ref) / abs(ref)
     return rows, extra
@@ -280,10 +287,13 @@ def run(n_images: int, size: int, batch: int, moment_n: int, inception: str | No
     extra.update(f_extra)
     return {"benchmark": "fid", "device": device_info(dev).as_dict(), "environment": environment(),
             "images": n_images, "size": size, "weights": "random" if random_weights else str(inception),
+            "settings": {"n_images": n_images, "size": size, "batch": batch, "moment_n": moment_n,
+                         "workers": workers},
             "rows": rows, **extra}
 
 
-COLUMNS = [("stage", "stage"), ("variant", "variant"), ("batch", "batch"), ("img_s", "img/s"), ("ms", "ms")]
+COLUMNS = [("stage", "stage"), ("variant", "variant"), ("batch", "batch"), ("img_s", "img/s"), ("ms", "ms"),
+           ("speedup", "×baseline"), ("baseline", "baseline"), ("error", "error")]
 
 
 def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3,
@@ -350,18 +360,34 @@ def knn_rows(n: int, dim: int, dev: torch.device, k: int = 3,
     return rows
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
+    from ..cli._args import _checked, nonneg_int, positive_int
+    # the fast-mode deviation is a FID between two halves of the images: each needs two for a covariance
+    at_least_4 = _checked(int, lambda v: v >= 4, "must be at least 4 (two halves of at least 2 images)", "at_least_4")
     p = argparse.ArgumentParser(description=__doc__)
     on_gpu = torch.cuda.is_available()
-    p.add_argument("--n", type=int, default=2048 if on_gpu else 32, help="images for the end-to-end runs")
-    p.add_argument("--size", type=int, default=1024 if on_gpu else 64)
-    p.add_argument("--batch", type=int, default=256 if on_gpu else 8)
-    p.add_argument("--moment-n", type=int, default=50000 if on_gpu else 5000)
-    p.add_argument("--inception", default=None)
-    p.add_argument("--device", type=device_arg, default=None)
-    p.add_argument("--workers", type=int, default=8 if on_gpu else 0)
-    p.add_argument("--out", default=None)
+    p.add_argument("--n", type=at_least_4, default=2048 if on_gpu else 32,
+                   help="phantom images for the end-to-end runs and the fast-mode deviation (default 2048 on a GPU, "
+                        "32 on a CPU)")
+    p.add_argument("--size", type=positive_int, default=1024 if on_gpu else 64,
+                   help="stored image side in px (default 1024 on a GPU, 64 on a CPU)")
+    p.add_argument("--batch", type=positive_int, default=256 if on_gpu else 8,
+                   help="images per Inception batch (default 256 on a GPU, 8 on a CPU)")
+    p.add_argument("--moment-n", type=positive_int, default=50000 if on_gpu else 5000,
+                   help="feature rows of the moment and Fréchet timings (default 50000 on a GPU, 5000 on a CPU)")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception weights (default: random; timings do not depend on them, the fast-mode "
+                        "deviation does)")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--workers", type=nonneg_int, default=8 if on_gpu else 0,
+                   help="loader processes (default 8 on a GPU, 0 on a CPU: in the main process)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     result = run(args.n, args.size, args.batch, args.moment_n, args.inception, args.device, args.workers)
     print(f"device: {result['device']['name']}")

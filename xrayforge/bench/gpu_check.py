@@ -40,7 +40,7 @@ from collections import deque
 from pathlib import Path
 
 from ..utils.files import write_text_atomic
-from . import error_summary
+from . import commit, error_summary
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: stages, pytest and git run there
 STAGES = ("env", "tests", "ops", "conv", "train", "fid", "knn", "sampling")
@@ -152,7 +152,7 @@ def stage_env(part: Part, dry: bool, out: Path, context: dict) -> None:
     dev = _device(dry)
     size = sizes(dry)
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": device_info(dev).as_dict(), "commit": _commit(), "dry_run": dry}
+           "device": device_info(dev).as_dict(), "commit": commit()["commit"], "dry_run": dry}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -190,16 +190,6 @@ def stage_env(part: Part, dry: bool, out: Path, context: dict) -> None:
     ms = time_fn(lambda: a @ b, dev, warmup=3, reps=10, min_seconds=0.0)
     part.data["matmul_bf16_tflops"] = 2 * m ** 3 / ms / 1e9
     part.save()
-
-
-def _commit() -> str | None:
-    if os.environ.get("XRAYFORGE_COMMIT"):
-        return os.environ["XRAYFORGE_COMMIT"]
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
-        return res.stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 # --------------------------------------------------------------------------- stage: tests
@@ -566,7 +556,7 @@ def main(argv=None) -> int:
     work.mkdir(exist_ok=True)
     report = {"check": "gpu_check", "dry_run": args.dry_run,
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "budget_seconds": budget, "setup": _read_json(args.setup), "commit": _commit(), "stages": {}}
+              "budget_seconds": budget, "setup": _read_json(args.setup), "commit": commit()["commit"], "stages": {}}
     context: dict = {}
     t_start = time.perf_counter()
     for name in STAGES:

@@ -291,39 +291,46 @@ COLUMNS = [("target", "target"), ("census_frequency", "frequency"), ("starts", "
            ("lco_fid_vs_real", "LCO FID"), ("rejection_fid_vs_real", "rejection FID")]
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
+    from ..cli._args import fraction, learning_rate, nonneg_float, nonneg_int, positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", help="training run folder (or use --demo)")
     p.add_argument("classifier", nargs="?", help="classifier folder (or use --demo)")
     p.add_argument("--demo", default=None, help="an `xrayforge demo` output folder: its run, classifier and archive")
     p.add_argument("--targets", nargs="+", required=True, help="LCO targets like Cardiomegaly=1,Effusion=1, or auto")
-    p.add_argument("--census", type=int, default=50000,
+    p.add_argument("--census", type=nonneg_int, default=50000,
                    help="samples the classifier labels to measure each target's frequency (0: none)")
-    p.add_argument("--rarities", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4],
+    p.add_argument("--rarities", type=fraction, nargs="+", default=[1e-2, 1e-3, 1e-4],
                    help="with --targets auto: the census frequencies wanted, one target nearest each "
                         "(default 1e-2 1e-3 1e-4)")
-    p.add_argument("--min-hits", type=int, default=10,
+    p.add_argument("--min-hits", type=positive_int, default=10,
                    help="with --targets auto: a combination counts only if the census saw it this often "
                         "(default 10: its frequency known to about ±30%%; 1 in 10,000 needs --census 100000+)")
-    p.add_argument("--max-realism", type=float, default=1.6,
+    p.add_argument("--max-realism", type=nonneg_float, default=1.6,
                    help="refuse a generator whose realism ratio is above this (needs --real; 0: no check)")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=40, help="LCO steps per latent (default 40)")
-    p.add_argument("--lr", type=float, default=0.1,
+    p.add_argument("--n", type=positive_int, default=64, help="latents LCO optimises per target (default 64)")
+    p.add_argument("--steps", type=positive_int, default=40, help="LCO steps per latent (default 40)")
+    p.add_argument("--lr", type=learning_rate, default=0.1,
                    help="LCO Adam lr (default 0.1: on the demo's generator 2-3× the accepted/s of 0.05 with 100 steps)")
-    p.add_argument("--starts", type=int, nargs="+", default=[1],
+    p.add_argument("--starts", type=positive_int, nargs="+", default=[1],
                    help="LCO from the best of S draws per sample, one row per S given (default 1: no screening)")
-    p.add_argument("--archive-n", type=int, default=0,
+    p.add_argument("--archive-n", type=nonneg_int, default=0,
                    help="also write an LCO archive of this many images of each target per --starts value "
                         "and report images/s (default 0: no)")
-    p.add_argument("--amp", choices=("bf16",), default=None)
-    p.add_argument("--sample-n", type=int, default=256)
+    p.add_argument("--amp", choices=("bf16",), default=None, help="bf16 autocast (default: float32)")
+    p.add_argument("--sample-n", type=positive_int, default=256,
+                   help="images of the plain sampling-to-PNG timing (default 256)")
     p.add_argument("--real", default=None, help="labelled archive: FID of accepted images vs real ones per target")
     p.add_argument("--inception", default=None, help="FID Inception weights (default: random, a pipeline check)")
     p.add_argument("--no-fid", action="store_true", help="with --real: the realism ratios only, no FID (faster on a CPU)")
-    p.add_argument("--device", type=device_arg, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.demo:
         from pathlib import Path

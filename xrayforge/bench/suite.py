@@ -65,5 +65,5 @@ def is_bench_json(path) -> bool:
 def save_json(results: dict, path: str) -> None:
     """Write every suite's rows to ``path`` through a temporary file (never half-written)."""
     from ..utils.files import write_text_atomic
-    write_text_atomic(Path(path), json.dumps({name: result for name, (result, _) in results.items()},
-                                             indent=2, default=str))
+    from . import json_text
+    write_text_atomic(Path(path), json_text({name: result for name, (result, _) in results.items()}))

@@ -243,6 +243,9 @@ def run(resolutions=(64, 256, 512, 1024), dtypes=("float32", "bfloat16"), device
                         on_row(row)
     return {"benchmark": "train_step", "device": info.as_dict(), "environment": environment(),
             "network_resolution": net_resolution, "fmap_max": fmap_max, "rows": rows,
+            "settings": {"resolutions": list(resolutions), "dtypes": list(dtypes), "batch": batch,
+                         "batches": list(batches) if batches else None, "modes": list(modes), "phases": phases,
+                         "reps": reps, "warmup": warmup, "cudnn_benchmark": torch.backends.cudnn.benchmark},
             "notes": "baseline = same networks, every op on the torch backend, plain resampling, PyTorch's "
                      "convolution autograd; torch-fused adds fused resampling and channels_last; torch-gradfix "
                      "adds ops.conv2d (double backward on cuDNN's weight-gradient kernels); fast = that with "
@@ -319,11 +322,12 @@ COLUMNS = [("resolution", "px"), ("dtype", "dtype"), ("mode", "mode"), ("batch",
            ("tflop_per_img", "TFLOP/img"), ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("error", "error")]
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     from ..cli._args import device as device_arg  # a GPU asked for where none is: a usage error
     from ..cli._args import positive_int
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolutions", default=None, help="comma list (default 64,256,512,1024 on GPU; 16,32 on CPU)")
+    p.add_argument("--resolutions", default=None, help="comma list of powers of two, at most the network's "
+                   "(default 64,256,512,1024 on GPU; 16,32 on CPU, with a 64-px network)")
     p.add_argument("--dtypes", default="float32,bfloat16", help=f"comma list from {', '.join(AMP_DTYPES)}")
     p.add_argument("--batch", type=positive_int, default=None, help="fixed batch (default: the largest that fits)")
     p.add_argument("--batches", default=None, help="comma list of fixed batches, each run (overrides --batch)")
@@ -333,11 +337,24 @@ def main(argv=None) -> int:
                    help="print torch.profiler tables of one step of the first resolution, batch and mode instead")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (off by default, "
                    "as in the trainer)")
-    p.add_argument("--device", type=device_arg, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    return p
+
+
+def main(argv=None) -> int:
+    from ..cli._args import positive_int, power_of_two
+    p = parser()
     args = p.parse_args(argv)
     on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    res = tuple(int(r) for r in (args.resolutions or ("64,256,512,1024" if on_gpu else "16,32")).split(","))
+    net_resolution = 1024 if on_gpu else 64
+    try:
+        res = tuple(power_of_two(r.strip()) for r in (args.resolutions or ("64,256,512,1024" if on_gpu else "16,32"))
+                    .split(","))
+    except argparse.ArgumentTypeError as exc:  # else a ValueError, or a level the network has not
+        p.error(f"argument --resolutions: {exc}")
+    if max(res) > net_resolution:
+        p.error(f"argument --resolutions: {max(res)} is above the network's {net_resolution} px on this device")
     # on a CPU only a pipeline check: a small network (64 px, at most 64 channels)
     modes = tuple(args.modes.split(","))
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -354,10 +371,10 @@ def main(argv=None) -> int:
     if args.profile:
         batch = batches[0] if batches else (args.batch or 4)
         print(profile_step(res[0], batch, modes[0], args.device, args.dtypes.split(",")[0],
-                           net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64))
+                           net_resolution=net_resolution, fmap_max=512 if on_gpu else 64))
         return 0
     result = run(res, tuple(args.dtypes.split(",")), args.device, args.batch,
-                 net_resolution=1024 if on_gpu else 64, fmap_max=512 if on_gpu else 64, modes=modes,
+                 net_resolution=net_resolution, fmap_max=512 if on_gpu else 64, modes=modes,
                  batches=batches,
                  phases=args.phases)
     print(f"device: {result['device']['name']}")

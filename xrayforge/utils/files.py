@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -179,8 +180,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = False
 
 
 def json_safe(obj):
-    """NaN -> None, recursively, so that strict JSON readers (browsers, jq) accept the file."""
-    if isinstance(obj, float) and obj != obj:
+    """NaN and ±inf -> None, recursively, so that strict JSON readers (browsers, jq) accept the file
+    (Python's json writes them as the bare NaN / Infinity that JSON has not)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
@@ -190,7 +192,7 @@ def json_safe(obj):
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """``obj`` as JSON (NaN written as null), atomically."""
+    """``obj`` as JSON (NaN and ±inf written as null), atomically."""
     return write_text_atomic(path, json.dumps(json_safe(obj), indent=2))
 
 
