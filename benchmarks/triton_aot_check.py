@@ -258,9 +258,10 @@ def _knn_cases():
     cases = []
     for n, m, d in ((100000, 100000, 2048), (3000, 5000, 500), (7, 9, 3)):
         for dt, prec in ((F32, "tf32x3"), (F32, "ieee"), (F16, None), (BF16, None), (F64, None)):
-            # the candidates the op searches for: k + EXTRA_CANDIDATES (memorisation's k = 3 with its self
-            # excluded, PRDC's 5), at most MAX_K (16)
-            for k, excl in ((7, True), (9, False), (16, False)):
+            # the candidates the op searches for, k + EXTRA_CANDIDATES (at most MAX_K): k = 1 (memorisation with
+            # and without its self, PRDC's coverage), precision / recall's radii (k = 3) and density's (k = 5)
+            # without their self; K and EXCLUDE are constexprs, each pair its own kernel
+            for k, excl in ((5, True), (5, False), (7, True), (9, True), (16, False)):
                 if excl and n != m:
                     continue
                 tag = f"knn {n}x{m}x{d} {dt} {prec} k={k} exclude={excl}"

@@ -451,3 +451,5 @@ def test_channel_offsets_past_int32_are_not_wrapped(monkeypatch, bias):
     dx, _ = pn._epilogue_bwd(dy, x, b, 0.2, 1e-8, bias, True, False, "triton")
     assert_accessed_exactly(seen, (x, y, dy, dx), (0, sc, 2 * sc), small=(b,) if bias else ())
     assert not pn._channel_i64(2048, 2**20) and pn._channel_i64(2049, 2**20)
+    # the backward's bias-gradient partial sums, (rows, C): one row per block of pixels of each sample
+    assert not pn._channel_i64(4096, 1, 2**19) and pn._channel_i64(4096, 1, 2**19 + 1)

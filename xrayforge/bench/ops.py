@@ -443,7 +443,7 @@ COLUMNS = [("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("backend", "ba
            ("fwd+bwd_speedup", "fwd+bwd ×eager"), ("error", "error")]
 
 
-# the dtypes the ops take (floating point); float64 too, though no fused kernel has it
+# the dtypes the ops take (floating point); float64 runs the Triton channel epilogues too (their ACC_F64 path)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 

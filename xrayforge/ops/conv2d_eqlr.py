@@ -311,8 +311,8 @@ if triton is not None:
             proj = tl.sum(g * y, axis=1) / C
             g = r[:, None] * (g - y * proj[:, None])
         g = tl.where(y > 0, g, g * SLOPE)
-        if BIAS_GRAD:
-            row = pid_b * tl.num_programs(0) + pid_p
+        if BIAS_GRAD:  # int64: the partial sums may hold as many elements as the output
+            row = pid_b.to(tl.int64) * tl.num_programs(0) + pid_p
             tl.store(db_ptr + row * C + offs_c, tl.sum(g, axis=0).to(db_ptr.dtype.element_ty), mask=offs_c < C)
         tl.store(dz_ptr + offs, g.to(dz_ptr.dtype.element_ty), mask=mask)
 

@@ -136,17 +136,21 @@ if triton is not None:
             dh = tl.where(a > 0, dh, dh * slope)
         if BIAS_GRAD:
             partial = tl.sum(dh, axis=0)  # this block's share of the bias gradient
-            row = pid_b * tl.num_programs(0) + pid_p
+            if CHANNEL_I64:  # the partial sums may hold as many elements as x: row * C past int32 too
+                row = pid_b.to(tl.int64) * tl.num_programs(0) + pid_p
+            else:
+                row = pid_b * tl.num_programs(0) + pid_p
             tl.store(db_ptr + row * C + offs_c, partial.to(db_ptr.dtype.element_ty), mask=offs_c < C)
         tl.store(dx_ptr + offs, dh.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _channel_i64(C: int, stride_c: int) -> bool:
-    """Whether a channel's offset within a sample, ``c * stride_c``, can pass int32: Triton types
-    the arange of channels and a stride below 2^31 as int32, and their product wrapped silently
-    (channel 2048 of a (N, 4096, 1024, 1024) tensor was read 2^32 elements before the sample). The
-    kernels then take the int64 form; every other launch keeps the int32 one, the validated code."""
-    return (C - 1) * abs(stride_c) > 2**31 - 1
+def _channel_i64(C: int, stride_c: int, partial_rows: int = 0) -> bool:
+    """Whether a channel's offset within a sample, ``c * stride_c``, or an offset into the backward's
+    (partial_rows, C) bias-gradient partial sums can pass int32: Triton types the arange of channels,
+    the program ids and a stride below 2^31 as int32, and their product wrapped silently (channel
+    2048 of a (N, 4096, 1024, 1024) tensor was read 2^32 elements before the sample). The kernels
+    then take the int64 form; every other launch keeps the int32 one, the validated code."""
+    return max((C - 1) * abs(stride_c), partial_rows * C - 1) > 2**31 - 1
 
 
 def _triton_blocks(C: int, P: int) -> tuple[int, int, int]:
@@ -255,7 +259,8 @@ def _epilogue_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor
                 _epilogue_bwd_kernel[grid](x, bias if bias is not None else x, dy, dx, partial, C, P, sb, sc, sp,
                                            *split_float(slope), *split_float(eps), HAS_BIAS=bias is not None, ACT=act,
                                            NORMALIZE=normalize, BIAS_GRAD=bias_grad,
-                                           ACC_F64=x.dtype == torch.float64, CHANNEL_I64=_channel_i64(C, sc),
+                                           ACC_F64=x.dtype == torch.float64,
+                                           CHANNEL_I64=_channel_i64(C, sc, partial.shape[0]),
                                            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     elif backend == "cuda" and normalize and act == (bias is not None) and bias_grad == act:
         ext, stream = _cuda_launch_args(x)
