@@ -371,3 +371,25 @@ def test_an_evaluation_of_an_older_checkpoint_than_the_runs_newest_is_said_to_be
     (samples / "sample_config.json").unlink()
     write_report(tmp_path / "r.html", run)
     assert "Synthetic images:" not in (tmp_path / "r.md").read_text()
+
+
+def test_a_sample_folders_uncalled_findings_have_no_real_label_prevalence(world, tmp_path):
+    """A sample folder as --real labels only the findings its classifier called (its p_ columns); its
+    converted archive holds a 0 for every other one, which means "not called", not "absent": those
+    were reported as a real label prevalence of 0% (and 0 in every pair with them)."""
+    from synthetic_factory import write_sample_folder
+    truth = write_sample_folder(tmp_path / "samples", range(100, 140), findings=FINDINGS[:3])
+    r = world["root"]
+    s = diversity(str(r / "gen"), str(r / "clf"), str(tmp_path / "samples"), tmp_path / "d", n=8, batch=BATCH,
+                  device="cpu", progress=False)
+    labels = {row["finding"]: row["real_label_prevalence"] for row in s["findings"]}
+    assert [labels[f] for f in FINDINGS[:3]] == pytest.approx(truth.mean(0))
+    assert all(np.isnan(labels[f]) for f in FINDINGS[3:])
+    pairs = {(p["finding_a"], p["finding_b"]): p["real_label_prevalence"] for p in s["pairs"]}
+    assert pairs[FINDINGS[0], FINDINGS[1]] == pytest.approx((truth[:, 0] * truth[:, 1]).mean())
+    assert np.isnan(pairs[FINDINGS[0], FINDINGS[3]])
+    saved = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert saved["findings"][3]["real_label_prevalence"] is None
+    row = next(line for line in (tmp_path / "d" / "diversity.md").read_text().splitlines()
+               if line.startswith(f"| {FINDINGS[3]} |"))
+    assert row.split("|")[2].strip() == "n/a"

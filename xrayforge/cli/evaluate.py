@@ -325,7 +325,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "unseen ones, such as the synthetic images.")
     q.add_argument("run", help="a training run folder or checkpoint")
     q.add_argument("--classifier", required=True, help="classifier folder (from `xrayforge classify train`)")
-    q.add_argument("--real", required=True, help="the labelled real archive")
+    q.add_argument("--real", required=True, help="the labelled real archive (or a `xrayforge sample` folder sampled "
+                                                 "with --classifier: its findings the classifier did not call are n/a)")
     q.add_argument("--include-training-images", action="store_true",
                    help="compare with every image of --real, those the classifier trained on included (biased; "
                         "default: where --real is its training archive, only the images of patients it did not "

@@ -7,10 +7,12 @@ the generator's raw output overshoots that range, which the classifier never saw
 finding prevalences, and the prevalences of every pair of findings, are set against the real
 archive's.
 The fair comparison is with the classifier's predictions on real images (its errors hit both
-sides alike); the real labels' prevalences are listed beside them. A finding is under-produced
-when its synthetic prevalence is below ``ratio`` × the real one and the Wilson 95% interval of
-the synthetic prevalence lies wholly below the real prevalence's own Wilson interval
-(over-produced: the mirror image). Both are estimates: 0 real hits in 100 do not rule out a rare
+sides alike); the real labels' prevalences are listed beside them (n/a where the labels are
+unknown: an archive prepared without labels, or a sample folder's findings its classifier did not
+call, which its converted archive holds as 0). A finding is under-produced when its synthetic
+prevalence is below ``ratio`` × the real one and the Wilson 95% interval of the synthetic
+prevalence lies wholly below the real prevalence's own Wilson interval (over-produced: the mirror
+image). Both are estimates: 0 real hits in 100 do not rule out a rare
 finding, nor does 1 in 100 pin it at 1% (against the real point alone, a synthetic 3% would be
 over-produced against 1 real hit in 100 and not against 0).
 
@@ -46,7 +48,7 @@ from ..nn.latents import check_truncation
 from ..utils.images import as_stored, grid, save_png, to_uint
 from ._format import csv_row, is_number, number
 from .classifier import LabelledImages, held_out_positions, predict, recorded_training
-from .labelled import archive_id, open_labelled
+from .labelled import archive_id, labelled_findings, open_labelled
 from .metrics import _log_comb, wilson_interval
 from ..utils.files import claim_output
 
@@ -247,6 +249,8 @@ def diversity(run: str, classifier: str, real: str, out: str | os.PathLike, n: i
     real_true = real_arc.labels[every][:, [real_arc.findings.index(f) for f in findings]].astype(np.float64)
     if not real_arc.meta.get("labelled", True):  # prepared without a label file: its labels are unknown, not 0
         real_true[:] = np.nan
+    known = labelled_findings(real, real_arc)  # a sample folder's: only the findings its classifier called
+    real_true[:, [k for k, f in enumerate(findings) if f not in known]] = np.nan
 
     rows = prevalence_rows(findings, synth_pred, real_pred, real_true, ratio)
     co_s, co_r, co_t = cooccurrence(synth_pred), cooccurrence(real_pred), cooccurrence(real_true)
