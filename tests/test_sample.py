@@ -123,9 +123,20 @@ def test_lco_beats_rejection_sampling_on_a_rare_combination(models):
     assert sorted(r["realism"] for r in log[-3:])[1] < 2.0  # a generator that has learned, or LCO proves nothing
     G = load_networks(find_generator(run), names=["G_ema"])["G_ema"].eval().requires_grad_(False)
     C = load_classifier(clf).requires_grad_(False)
-    # a combination rare in this generator's own samples (about 1 in 1,000), found by a census
+    # a combination rare in this generator's own samples (about 1 in 1,000), found by a census, of findings
+    # the classifier tells apart (validation AUROC >= 0.8): one it calls at chance (the phantom's subtle
+    # findings, on some CPUs' training runs) gives LCO no gradient worth the name, and such a target
+    # ("Effusion=1,Mass=1", Effusion at AUROC 0.50) failed this test on one machine and passed on others
+    training = json.loads((clf / "training.json").read_text())
+    auroc = next(h for h in training["history"] if h["epoch"] == training["best_epoch"])["auroc"]
+    learnt = torch.tensor([auroc.get(f, 0.0) >= 0.8 for f in C.findings])
+    assert learnt.sum() >= 2, auroc
     present, _ = census(G, C, 4000)
-    ((text, freq),) = auto_targets(present, C.findings, wanted=(1e-3,))
+    chosen = auto_targets(present & learnt, C.findings, wanted=(1e-3,), sizes=(1, 2, 3))
+    if not chosen:  # every combination of them common (above 1%) in this generator's samples: nothing rare
+        pytest.skip(f"no rare combination of the findings the classifier learnt ({auroc}); census prevalences "
+                    f"{dict(zip(C.findings, present.float().mean(0).tolist()))}")
+    ((text, freq),) = chosen
     target = parse_target(text, C.findings)
     values, mask, thr = target_tensors(target, C.findings, C.threshold)
     n, steps = 48, 40
