@@ -471,6 +471,89 @@ def test_kid_and_bootstrap_on_random_weights(tmp_path):
     assert std > 0 and np.isnan(no_spread) and abs(mean - whole) < 4 * std
 
 
+def _mmd2_by_hand(x, y):
+    """Bińkowski et al.'s unbiased MMD² with the kernel k(u, v) = (u·v / d + 1)³, pair by pair in
+    float64: within-set pairs i ≠ j, cross pairs all m² (as clean-fid and torch-fidelity take it)."""
+    m, d = len(x), x.shape[1]
+
+    def k(u, v):
+        return (float(np.dot(u, v)) / d + 1.0) ** 3
+    same = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    cross = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    return same / (m * (m - 1)) - 2 * cross / m ** 2
+
+
+def test_kid_is_the_unbiased_mmd_by_hand_over_seeded_subsets():
+    """Subsets of min(subset size, each side's count) drawn without replacement from each side, the
+    mean and (population) std of their unbiased MMD²; a subset larger than one side or both, one
+    side of 3 against 200, float32 features, the same value for the same seed; identical sets give
+    a KID a little below 0, said as it is (not clamped)."""
+    from xrayforge.fid.compute import kid
+    rng = np.random.default_rng(3)
+    for na, nb, size in ((30, 30, 10), (7, 40, 20), (12, 15, 100), (3, 200, 50), (9, 9, 9)):
+        fa, fb = rng.normal(size=(na, 5)), rng.normal(0.4, 1.3, size=(nb, 5)).astype(np.float32)
+        m, pick = min(size, na, nb), np.random.default_rng(0)
+        vals = [_mmd2_by_hand(fa[pick.choice(na, m, replace=False)],
+                              fb[pick.choice(nb, m, replace=False)].astype(np.float64)) for _ in range(6)]
+        mean, std = kid(fa, fb, subsets=6, subset_size=size)
+        assert mean == pytest.approx(np.mean(vals), rel=1e-10, abs=1e-12)
+        if m == na == nb:  # every subset is both whole sets
+            assert np.isnan(std)
+        else:
+            assert std == pytest.approx(np.std(vals), rel=1e-9)
+        np.testing.assert_equal(kid(fa, fb, subsets=6, subset_size=size), (mean, std))
+    f = rng.normal(size=(20, 4))
+    mean, std = kid(f, f, subsets=3)
+    assert mean < 0 and mean == pytest.approx(_mmd2_by_hand(f, f), rel=1e-10) and np.isnan(std)
+    with pytest.raises(ValueError, match="KID needs at least 1 subset"):
+        kid(f, f, subsets=0)
+
+
+def test_the_bootstrap_interval_holds_the_fid_it_is_for():
+    """The percentile interval of the resamples' FIDs lay above the FID of the features themselves
+    (D = 16, 400 a side: FID 0.39, interval [0.66, 0.93]): a resample repeats a third of its rows,
+    which raises its FID. Moved by the resamples' mean excess it holds the FID; it is the same for
+    the same seed, and rows resampled with replacement, as a reference computes it here."""
+    from xrayforge.fid.compute import bootstrap_fid
+    rng = np.random.default_rng(0)
+    stats = FrechetStats.from_features
+    for d, n, shift in ((16, 400, 0.0), (16, 400, 0.3), (32, 100, 0.2)):
+        fa, fb = rng.normal(size=(n, d)).astype(np.float32), (rng.normal(size=(n, d)) + shift).astype(np.float32)
+        point = frechet_distance(stats(fa), stats(fb), "cpu")
+        lo, hi = bootstrap_fid(fa, fb, 40, seed=1, device="cpu")
+        assert lo <= point <= hi and 0 < hi - lo < point + 1, (point, lo, hi)
+        assert bootstrap_fid(fa, fb, 40, seed=1, device="cpu") == (lo, hi)
+        pick, vals = np.random.default_rng(1), []
+        for _ in range(40):
+            a, b = fa[pick.integers(0, n, n)], fb[pick.integers(0, n, n)]
+            vals.append(frechet_distance(stats(a), stats(b), "cpu"))
+        ref = np.percentile(vals, [2.5, 97.5]) - (np.mean(vals) - point)
+        assert (lo, hi) == pytest.approx(tuple(np.maximum(ref, 0)), rel=1e-9)
+    # one set against itself: FID 0, and an interval from 0
+    lo, hi = bootstrap_fid(fa, fa, 20, device="cpu")
+    assert lo == 0 < hi
+
+
+def test_too_few_bootstrap_resamples_or_kid_subsets_are_refused_before_reading(small_space, tmp_path, monkeypatch,
+                                                                              capsys):
+    """--bootstrap 1 printed '95% CI [x, x]', one resample's FID (often not holding the FID); a
+    negative count through the API failed with an IndexError after both sides were read."""
+    a = _png_folder(tmp_path / "a", range(4), size=(16, 16))
+    b = _png_folder(tmp_path / "b", range(4, 8), size=(16, 16))
+    read = _spy_compute(monkeypatch)
+    kw = dict(features=small_space, workers=0, progress=False, device="cpu")
+    for what, said in ((dict(bootstrap=1), "--bootstrap 1: a bootstrap interval needs at least 2 resamples"),
+                       (dict(bootstrap=-2), "--bootstrap -2: a bootstrap interval needs at least 2"),
+                       (dict(kid_subsets=-1), "--kid -1: the number of KID subsets must be 0")):
+        with pytest.raises(ValueError, match=said):
+            compute_fid(str(a), str(b), **kw, **what)
+    assert read == []
+    assert cli(["fid", str(a), str(b), "--bootstrap", "1", "--features", small_space, "--workers", "0",
+                "--device", "cpu", "-q"]) == 1
+    assert "--bootstrap 1: a bootstrap interval needs at least 2 resamples" in capsys.readouterr().err
+    assert read == []
+
+
 def test_fid_of_a_generator_equals_that_of_the_images_it_samples(learned_gan, tmp_path, capsys):
     """A checkpoint input makes its images on the fly, quantised like `xrayforge sample`'s PNGs:
     against the archive `sample` wrote with the same seed, the distance is that of equal sets."""

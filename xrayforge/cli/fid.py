@@ -82,7 +82,7 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         line += f"  95% CI [{result['fid_ci95'][0]:.4f}, {result['fid_ci95'][1]:.4f}]"
     if "kid" in result:
         line += f"  KID {result['kid']:.6f} " + (f"± {result['kid_std']:.6f}" if not math.isnan(result["kid_std"])
-                                                  else "(both sets smaller than a subset of 1000: no spread)")
+                                                  else "(each side's kept features fit in one subset of 1000: no spread)")
     print(line)
     if "precision" in result:
         print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  (k=3)   "
@@ -126,8 +126,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kid", type=_args.nonneg_int, default=0, metavar="SUBSETS",
                    help="also KID over this many random subsets of up to 1000 of the kept features a side")
     p.add_argument("--bootstrap", type=_args.nonneg_int, default=0, metavar="ROUNDS",
-                   help="also a 95%% bootstrap interval, of the FID of the kept features (--keep-features a side: "
-                        "with more images than that it lies above the FID printed, which uses every image)")
+                   help="also a 95%% bootstrap interval over ROUNDS resamples (at least 2; 100 or more for one worth "
+                        "the name), of the FID of the kept features (--keep-features a side: with more images than "
+                        "that it lies above the FID printed, which uses every image)")
     p.add_argument("--keep-features", type=_args.positive_int, default=10000,
                    help="features kept per side for --kid, --bootstrap and --prdc (a uniform sample; default 10000)")
     p.add_argument("--save-stats", default=None,
