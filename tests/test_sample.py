@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -911,6 +912,34 @@ def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, t
     ArchiveSampler(SampleConfig(str(run), str(tmp_path / "m"), n=2, classifier=str(tmp_path / "clf"),
                                 targets=["Mass=1"]))
     assert "no decision threshold for Mass" in caplog.text
+
+
+def test_a_target_finding_the_classifier_calls_at_chance_is_warned_of(models, tmp_path, caplog):
+    """LCO steers by the classifier's gradient: a finding it tells at about chance on its validation
+    images (the phantom's subtle findings at 16 px: AUROC 0.50) is a target it cannot steer towards,
+    and its labels there are guesses. Said before sampling, from the training record."""
+    import logging
+    import shutil
+    from xrayforge.sample.writer import ArchiveSampler
+    run, clf = models
+    shutil.copytree(clf, tmp_path / "clf")
+    record = json.loads((tmp_path / "clf" / "training.json").read_text())
+    kept = next(h for h in record["history"] if h["epoch"] == record["best_epoch"])
+    kept["auroc"].update(Cardiomegaly=0.97, Mass=0.52)
+    (tmp_path / "clf" / "training.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="xrayforge.sample.writer"):
+        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "a"), n=2, classifier=str(tmp_path / "clf"),
+                                    targets=["Cardiomegaly=1"]))
+        assert "about chance" not in caplog.text
+        ArchiveSampler(SampleConfig(str(run), str(tmp_path / "b"), n=2, classifier=str(tmp_path / "clf"),
+                                    targets=["Cardiomegaly=1,Mass=0"]))
+    assert "tells Mass from its absence at about chance on its validation images (AUROC 0.52)" in caplog.text
+    assert "Cardiomegaly from" not in caplog.text
+    caplog.clear()
+    (tmp_path / "clf" / "training.json").write_text("{damaged")  # it only feeds a warning: sampling goes on
+    ArchiveSampler(SampleConfig(str(run), str(tmp_path / "c"), n=2, classifier=str(tmp_path / "clf"),
+                                targets=["Mass=1"]))
+    assert "about chance" not in caplog.text
 
 
 def test_resume_without_the_classifier_names_it(tmp_path, capsys):

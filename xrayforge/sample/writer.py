@@ -150,6 +150,26 @@ def _archive_size(cfg: SampleConfig) -> int:
     return cfg.n * max(1, len(cfg.targets))
 
 
+# below this validation AUROC a target finding is said to be one the classifier calls about at chance
+NEAR_CHANCE_AUROC = 0.6
+
+
+def _validation_auroc(folder) -> dict[str, float]:
+    """{finding: validation AUROC} of a classifier at the epoch it kept, from the training.json that
+    `classify train` writes beside it; {} where there is none (a classifier trained elsewhere) or it
+    cannot be read (it only feeds a warning)."""
+    path = Path(folder) / "training.json"
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path, "the classifier's training record")
+        kept = next(h for h in record["history"] if h["epoch"] == record["best_epoch"])
+        return {f: float(v) for f, v in kept["auroc"].items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    except (UserError, KeyError, TypeError, ValueError, AttributeError, StopIteration):
+        return {}
+
+
 class ArchiveSampler:
     def __init__(self, cfg: SampleConfig, progress: bool = True):
         if cfg.format not in FORMATS:
@@ -189,6 +209,13 @@ class ArchiveSampler:
                 log.warning("the classifier %s has no decision threshold for %s (none of its validation images "
                             "had the finding, so it may never have learnt it): LCO aims at p >= 0.5 there, which "
                             "it may not reach", cfg.classifier, ", ".join(blind))
+        auroc = _validation_auroc(cfg.classifier) if self.targets else {}
+        guessed = sorted({f for t in self.targets for f in t if auroc.get(f, 1.0) < NEAR_CHANCE_AUROC},
+                         key=self.findings.index)
+        if guessed:  # LCO steers by the classifier's gradient: where it cannot tell the finding, by noise
+            log.warning("the classifier %s tells %s from its absence at about chance on its validation images "
+                        "(AUROC %s): LCO can hardly steer towards a target there, and its labels there are guesses",
+                        cfg.classifier, ", ".join(guessed), ", ".join(f"{auroc[f]:.2f}" for f in guessed))
         check_truncation(cfg.truncation, "--truncation")
         self.amp = torch.bfloat16 if cfg.amp in ("bf16", "bfloat16") else None
         self.rejected = {format_target(t): 0 for t in self.targets}  # LCO attempts given up, this run
