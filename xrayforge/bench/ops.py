@@ -116,16 +116,11 @@ def _forward_error(op: str, shape, dtype, device, backend: str) -> tuple[float, 
         return (ours.double() - exact).abs().max().item(), exact.abs().max().item()
 
 
-def max_grad_error(op: str, shape, dtype, device, backend: str) -> float:
-    """Largest relative gradient error of ``backend`` at ``dtype`` against float64 eager PyTorch,
-    for one output gradient: max |ours - exact| / max |exact| of each input's gradient (x, and
-    the bias for the bias ops: what the fwd+bwd timing computes), the largest of them."""
-    return _grad_errors(op, shape, dtype, device, backend)[0]
-
-
-def _grad_errors(op: str, shape, dtype, device, backend: str) -> tuple[float, float]:
-    """(max_grad_error's largest relative error, the largest relative L2 error ||ours - exact|| / ||exact||
-    of the same gradients). The second is the one a wrong backward cannot hide in: at a leaky ReLU's kink a
+def grad_errors(op: str, shape, dtype, device, backend: str) -> tuple[float, float]:
+    """Gradient errors of ``backend`` at ``dtype`` against float64 eager PyTorch, for one output
+    gradient, over each input's gradient (x, and the bias for the bias ops: what the fwd+bwd timing
+    computes): (the largest max |ours - exact| / max |exact|, the largest relative L2 error
+    ||ours - exact|| / ||exact||). The second is the one a wrong backward cannot hide in: at a leaky ReLU's kink a
     low-precision pre-activation rounded to the other side takes the other slope, so eager bf16's largest
     error is already 0.3-0.6 of the scale at the quick shapes, and twice that passed a backward 50% off;
     its L2 error is ~0.03."""
@@ -187,7 +182,7 @@ def run(device: str | None = None, dtypes=("float32", "bfloat16"), backends=None
                         row["error"] = error_summary(exc)
                     if "error" not in row:
                         try:  # a failed backward is recorded, and its fwd+bwd timing fails beside it
-                            row["max_grad_err"], row["grad_l2_err"] = _grad_errors(op, shape, dtype, dev, backend)
+                            row["max_grad_err"], row["grad_l2_err"] = grad_errors(op, shape, dtype, dev, backend)
                         except Exception as exc:  # noqa: BLE001
                             row["grad_error"] = error_summary(exc)
                         if backend == "torch":  # the reference: its own errors are the yardstick
