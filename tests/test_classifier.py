@@ -129,6 +129,29 @@ def test_init_weights_that_do_not_fit_name_the_file(tmp_path):
             progress=False)
 
 
+@pytest.mark.parametrize("settings, said", [
+    ({"epochs": 0}, r"--epochs 0: training needs a whole number of epochs, at least 1"),
+    ({"epochs": 2.5}, r"--epochs 2.5"),
+    ({"lr": 0.0}, r"--lr 0.0: the learning rate must be a positive number"),
+    ({"lr": float("nan")}, r"--lr nan"),
+])
+def test_training_settings_the_cli_refuses_are_refused_through_the_api(settings, said):
+    """fit / train_classifier called from Python with epochs=0 failed in the LR scheduler with a bare
+    ZeroDivisionError (the CLI refuses it when parsed); a NaN learning rate trained to NaN weights."""
+    from xrayforge.errors import UserError
+    from xrayforge.evaluate.classifier import ClassifierTraining, LabelledImages, fit
+
+    class Arc:
+        findings, path = ["Mass"], "arc"
+        labels = np.array([[0], [1], [0], [1]])
+        patient_ids = ["a", "b", "c", "d"]
+
+    images = LabelledImages([(Arc(), np.arange(4))])
+    cfg = ClassifierTraining(**{"input_size": 32, "width": 4, "epochs": 1, "batch": 2, "device": "cpu", **settings})
+    with pytest.raises(UserError, match=said):
+        fit(images, [0, 1], [2, 3], cfg, progress=False)
+
+
 def test_an_adapted_classifier_with_another_number_of_outputs_is_said():
     """A wrapped model giving 3 outputs for 2 named findings failed deep in LCO's loss with a
     broadcasting error; the adapter says what it got and what it expected."""
@@ -172,6 +195,8 @@ def test_rejection_sampling_runs_the_networks_as_fixed_functions():
     ({"thresholds": {"mass": 0.3}}, r"thresholds for findings the classifier does not have: \['mass'\]"),
     ({"thresholds": {"Mass": "0.3"}}, r"the threshold of Mass is '0.3', not a number"),
     ({"thresholds": [0.3]}, r"thresholds must map findings"),
+    ({"thresholds": {"Mass": 30}}, r"the threshold of Mass is 30, not a probability between 0 and 1"),
+    ({"thresholds": {"Mass": -0.1}}, r"the threshold of Mass is -0.1, not a probability"),
     ({"input_size": "32"}, r"input_size '32' is not a positive whole number"),
     ({"input_size": 0}, r"input_size 0 is not a positive whole number"),
 ])

@@ -487,6 +487,8 @@ def test_an_adapters_threshold_for_a_finding_it_does_not_have_is_refused():
     from xrayforge.nn.classifier import ClassifierAdapter
     with pytest.raises(ValueError, match="Efusion"):  # a misspelt finding's threshold is not silently 0.5
         ClassifierAdapter(torch.nn.Identity(), ["Effusion", "Mass"], thresholds={"Efusion": 0.3})
+    with pytest.raises(ValueError, match="the threshold of Mass is 1.5, not a probability"):
+        ClassifierAdapter(torch.nn.Identity(), ["Effusion", "Mass"], thresholds={"Mass": 1.5})
     adapter = ClassifierAdapter(torch.nn.Identity(), ["Effusion", "Mass"], thresholds={"Mass": 0.3})
     assert adapter.threshold("Mass") == 0.3 and adapter.threshold("Effusion") == 0.5
 

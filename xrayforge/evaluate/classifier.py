@@ -145,6 +145,11 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
     # batch norm cannot train on one image: such batches are skipped below, so these would train nothing
     if batch < 2:
         raise UserError(f"--batch {batch}: a training batch needs at least 2 images")
+    # the CLI refuses these when parsed; through the API they failed in the scheduler (ZeroDivisionError)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"--epochs {epochs!r}: training needs a whole number of epochs, at least 1")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr {lr!r}: the learning rate must be a positive number")
     if len(train_items) < 2:
         raise UserError(f"{desc}: {len(train_items)} training image(s); at least 2 are needed")
     torch.manual_seed(seed)

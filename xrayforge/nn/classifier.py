@@ -244,14 +244,23 @@ def _check_settings(cfg: ClassifierConfig) -> None:
     "256" failed in the first forward pass, and a threshold of a misspelt finding was silently 0.5."""
     if not isinstance(cfg.input_size, int) or isinstance(cfg.input_size, bool) or cfg.input_size < 1:
         raise ValueError(f"input_size {cfg.input_size!r} is not a positive whole number")
-    if not isinstance(cfg.thresholds, dict):
-        raise ValueError(f"thresholds must map findings to probabilities, not {type(cfg.thresholds).__name__}")
-    unknown = sorted(set(cfg.thresholds) - set(cfg.findings))
+    check_thresholds(cfg.thresholds, cfg.findings)
+
+
+def check_thresholds(thresholds, findings) -> None:
+    """Per-finding decision thresholds: probabilities, of findings the classifier has (else a
+    misspelt finding's threshold would silently be the default 0.5)."""
+    if not isinstance(thresholds, dict):
+        raise ValueError(f"thresholds must map findings to probabilities, not {type(thresholds).__name__}")
+    unknown = sorted(set(thresholds) - set(findings))
     if unknown:
-        raise ValueError(f"thresholds for findings the classifier does not have: {unknown}")
-    for f, t in cfg.thresholds.items():
+        raise ValueError(f"thresholds for findings the classifier does not have: {unknown}; "
+                         f"its findings: {', '.join(findings)}")
+    for f, t in thresholds.items():
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
             raise ValueError(f"the threshold of {f} is {t!r}, not a number")
+        if not 0 <= t <= 1:  # a probability: else every image (or none) was called positive, silently
+            raise ValueError(f"the threshold of {f} is {t!r}, not a probability between 0 and 1")
 
 
 def load_classifier(folder: str | os.PathLike, map_location="cpu") -> ChestClassifier:
@@ -354,10 +363,7 @@ class ClassifierAdapter(nn.Module):
         _check_findings(findings, "ClassifierAdapter", names_only=False)
         self.module, self.findings, self.transform, self.outputs = module, list(findings), transform, outputs
         self.thresholds = dict(thresholds or {})
-        unknown = sorted(set(self.thresholds) - set(self.findings))
-        if unknown:  # else a misspelt finding's threshold would silently be 0.5
-            raise ValueError(f"thresholds for findings the classifier does not have: {unknown}; "
-                             f"its findings: {', '.join(self.findings)}")
+        check_thresholds(self.thresholds, self.findings)
 
     def forward(self, images):
         out = self.module(self.transform(images) if self.transform else images)
