@@ -371,6 +371,26 @@ def test_bench_scripts_refuse_bad_arguments_before_running(name, argv, monkeypat
 
 
 @pytest.mark.parametrize("name", ["ops", "fid", "data", "train_step", "lco"])
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_bench_scripts_refuse_a_results_folder_that_is_a_file_before_running(name, where, tmp_path, monkeypatch,
+                                                                           capsys):
+    """--out naming a file (or a folder under one) failed in write_results, after the whole benchmark."""
+    module = _script_modules()[name]
+    (tmp_path / "notes.txt").write_text("keep")
+    out = tmp_path / "notes.txt" / ("" if where == "file" else "results")
+
+    def no_run(*a, **k):
+        raise AssertionError("the benchmark ran")
+    monkeypatch.setattr(module, "run", no_run)
+    argv = (["RUN", "C", "--targets", "auto"] if name == "lco" else []) + ["--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv + (["--device", "cpu"] if name != "data" else []))
+    assert exc.value.code == 2
+    assert "notes.txt: is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", ["ops", "fid", "data", "train_step", "lco"])
 def test_every_bench_script_option_is_explained_by_help(name):
     p = _script_modules()[name].parser()
     silent = [a.option_strings or a.dest for a in p._actions if not a.help]

@@ -166,6 +166,19 @@ def json_text(payload) -> str:
     return json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False)
 
 
+def results_dir(value: str) -> str:
+    """argparse type of the suites' ``--out``: a folder that can be made, checked when parsed (a file
+    given there failed only when the results were written, after the whole benchmark)."""
+    import argparse
+    from ..errors import UserError
+    from ..utils.files import check_out_dir
+    try:
+        check_out_dir(value)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def write_results(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
     """Write ``benchmarks/results/<name>-<device>-<date>.json`` (or into ``out_dir``); a second run
     on the same day and device gets ``-2``, ``-3``, ... rather than replacing the earlier results."""

@@ -18,7 +18,7 @@ from ..data.archive import Archive
 from ..data.loader import BatchStream, to_unit_range
 from ..data.phantom import render
 from ..data.prepare import prepare
-from . import device_info, environment, format_table, write_results
+from . import device_info, environment, format_table, results_dir, write_results
 
 
 def _write_sources(folder: Path, kind: str, n: int, size: int):
@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=power_of_two, default=1024, help="source image side in px, a power of two "
                    "(default 1024)")
     p.add_argument("--workers", type=positive_int, default=None, help="prepare's processes (default: every core)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=results_dir, default=None, help="results folder (default benchmarks/results)")
     return p
 
 

@@ -23,7 +23,7 @@ from ..fid.features import conv_tf32_allowed, ieee_fp32
 from ..fid.preprocess import SIZE, preprocess
 from ..fid.preprocess import reference as reference_preprocess
 from ..fid.stats import FrechetStats, StreamingMoments, frechet_distance
-from . import device_info, environment, error_summary, format_table, time_fn, write_results
+from . import device_info, environment, error_summary, format_table, results_dir, time_fn, write_results
 
 
 def _sync(dev):
@@ -382,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--workers", type=nonneg_int, default=8 if on_gpu else 0,
                    help="loader processes (default 8 on a GPU, 0 on a CPU: in the main process)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=results_dir, default=None, help="results folder (default benchmarks/results)")
     return p
 
 

@@ -35,7 +35,7 @@ from ..nn.classifier import load_classifier
 from ..sample.lco import format_target, optimise, parse_target, screen_starts, target_tensors
 from ..nn.latents import latents_for
 from ..sample.writer import SampleConfig, find_generator, rejection_sample, sample_archive
-from . import device_info, environment, format_table, write_results
+from . import device_info, environment, format_table, results_dir, write_results
 
 
 def _fid_vs_real(extractor, archive, target: dict, images: torch.Tensor) -> float | None:
@@ -325,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, help="FID Inception weights (default: random, a pipeline check)")
     p.add_argument("--no-fid", action="store_true", help="with --real: the realism ratios only, no FID (faster on a CPU)")
     p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=results_dir, default=None, help="results folder (default benchmarks/results)")
     return p
 
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from .. import ops
-from . import device_info, environment, error_summary, format_table, time_fn, write_results
+from . import device_info, environment, error_summary, format_table, results_dir, time_fn, write_results
 
 GPU_SHAPES = {
     "pixel_norm": [(8, 16, 1024, 1024), (8, 32, 512, 512), (8, 64, 256, 256), (64, 512, 32, 32),
@@ -452,7 +452,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma list from {', '.join(ops.BACKENDS)}; eager torch always runs, as the baseline "
                         "(default: every backend available on the device)")
     p.add_argument("--quick", action="store_true", help="small shapes only, even on a GPU")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=results_dir, default=None, help="results folder (default benchmarks/results)")
     return p
 
 

@@ -26,7 +26,7 @@ from ..ops._backend import auto_candidates
 from ..nn import Discriminator, Generator, NetworkConfig
 from ..nn.layers import set_conv_gradfix
 from ..train import PGGANStep, StepConfig, make_adam
-from . import PhaseTimer, device_info, environment, error_summary, format_table, time_fn, write_results
+from . import PhaseTimer, device_info, environment, error_summary, format_table, results_dir, time_fn, write_results
 
 
 # How each mode runs the same networks. backend: the ops' backend ("auto" with candidates: the
@@ -338,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (off by default, "
                    "as in the trainer)")
     p.add_argument("--device", type=device_arg, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", type=results_dir, default=None, help="results folder (default benchmarks/results)")
     return p
 
 

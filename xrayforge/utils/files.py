@@ -415,6 +415,11 @@ def check_out_dir(out: str | os.PathLike, empty: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file, not a folder; give a folder for the output")
+    for parent in out.absolute().parents:  # a file on the way: mkdir failed later, after the work
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent}: is a file, not a folder (on the way to the output folder {out})")
+            break
     if empty and out.is_dir():
         entries = _visible(out)
         if entries:
