@@ -728,3 +728,89 @@ def test_float_pixel_data_that_is_not_finite_is_said_so(tmp_path):
     _float_image(tmp_path / "a.dcm", values, WindowCenter=2, WindowWidth=5)
     with pytest.raises(SkipImage, match=r"^Float Pixel Data holds values that are not finite \(NaN or infinite\)$"):
         read_radiograph(tmp_path / "a.dcm")
+
+
+def _with_value(path, keyword, value, **attrs):
+    """``write_image`` of STORED, then the value of ``keyword`` (written as "9999") replaced in the file
+    by ``value`` (4 characters, of an even length as DICOM pads): pydicom writes no value it cannot read."""
+    write_image(path, STORED, **{keyword: "9999"}, **attrs)
+    data = path.read_bytes()
+    assert data.count(b"9999") == 1
+    path.write_bytes(data.replace(b"9999", value.encode()))
+
+
+@pytest.mark.parametrize("keyword,name,value", [("WindowCenter", "Window Center", "abc "),
+                                                ("WindowWidth", "Window Width", "n/a "),
+                                                ("RescaleSlope", "Rescale Slope", "x.y "),
+                                                ("RescaleIntercept", "Rescale Intercept", "-1,5"),
+                                                ("NumberOfFrames", "Number of Frames", "ab  ")])
+def test_a_numeric_attribute_that_is_no_number_is_skipped_naming_it(tmp_path, keyword, name, value):
+    """A Window, Rescale or Number of Frames value that is no number raised ValueError or TypeError (pydicom
+    raises on reading some, keeps others as text that the rescale then multiplied by), which stopped `fid`
+    over a folder (it skips on SkipImage alone) and left prepare's skipped.csv without the attribute."""
+    other = {"WindowCenter": dict(WindowWidth=400), "WindowWidth": dict(WindowCenter=400),
+             "RescaleSlope": dict(RescaleIntercept=0), "RescaleIntercept": dict(RescaleSlope=1)}.get(keyword, {})
+    _with_value(tmp_path / "a.dcm", keyword, value, **other)
+    with warnings.catch_warnings():  # pydicom warns about the value as it reads it
+        warnings.simplefilter("ignore")
+        with pytest.raises(SkipImage, match=rf"^{name} is not a number \('{value.strip()}'\)$"):
+            read_radiograph(tmp_path / "a.dcm")
+
+
+@pytest.mark.parametrize("given", ["slope", "blank intercept", "blank slope"])
+def test_a_rescale_slope_or_intercept_alone_is_applied_where_its_range_is(tmp_path, given):
+    """Rescale Slope without Rescale Intercept (or with it present and empty, as an anonymiser leaves it):
+    pydicom's Modality LUT applied neither (or raised TypeError on the blank) while the range Bits Stored is
+    scaled over took the slope: at 0.5, 2048 and 4095 came out both white. The one given is applied, the
+    other taken as its default (1, 0)."""
+    path = tmp_path / "a.dcm"
+    write_image(path, STORED, RescaleSlope=0.5 if given != "blank slope" else None,
+                RescaleIntercept=None if given == "blank intercept" else -100 if given == "blank slope" else None)
+    ds = pydicom.dcmread(path)
+    if given == "slope":
+        del ds.RescaleIntercept
+        ds.save_as(path)
+    np.testing.assert_allclose(read_radiograph(path).pixels, STORED / 4095, rtol=0, atol=1e-7)
+    # through a window the rescale shows: values 0.5 * stored (or stored - 100), window 0 .. 2048
+    write_image(path, STORED, WindowCenter=1024.5, WindowWidth=2049, RescaleSlope=0.5 if given != "blank slope"
+                else None, RescaleIntercept=None if given == "blank intercept" else -100 if given == "blank slope"
+                else None)
+    if given == "slope":
+        ds = pydicom.dcmread(path)
+        del ds.RescaleIntercept
+        ds.save_as(path)
+    values = STORED * 0.5 if given != "blank slope" else STORED - 100.0
+    np.testing.assert_allclose(read_radiograph(path).pixels, np.clip(values / 2048, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_a_rescale_slope_of_zero_is_skipped_not_a_blank_image(tmp_path):
+    write_image(tmp_path / "a.dcm", STORED, RescaleSlope=0, RescaleIntercept=0, WindowCenter=100, WindowWidth=200)
+    with pytest.raises(SkipImage, match="^Rescale Slope is 0"):
+        read_radiograph(tmp_path / "a.dcm")
+
+
+def test_a_modality_lut_of_twelve_bit_entries_is_read(tmp_path):
+    """PS3.3 allowed Modality LUT entries of 10 to 16 bits before 2004, and older CR equipment writes 12:
+    pydicom's apply_modality_lut raised TypeError ("data type 'uint12' not understood")."""
+    item = pydicom.Dataset()
+    item.LUTDescriptor, item.ModalityLUTType = [4096, 0, 12], "US"
+    item.LUTData = (4095 - np.arange(4096, dtype=np.uint16)).tobytes()  # an inverting 12-bit LUT
+    item["LUTData"].VR = "OW"
+    write_image(tmp_path / "a.dcm", STORED, ModalityLUTSequence=pydicom.Sequence([item]))
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, 1 - STORED / 4095, atol=1e-7)
+
+
+@pytest.mark.parametrize("sequence", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_a_lut_without_its_descriptor_or_data_is_skipped_naming_it(tmp_path, sequence):
+    what = "VOI LUT" if sequence == "VOILUTSequence" else "Modality LUT"
+    item = pydicom.Dataset()
+    item.LUTData = np.arange(4096, dtype=np.uint16).tobytes()
+    item["LUTData"].VR = "OW"
+    write_image(tmp_path / "a.dcm", STORED, **{sequence: pydicom.Sequence([item])})
+    with pytest.raises(SkipImage, match=f"^{what} has no readable LUT Descriptor"):
+        read_radiograph(tmp_path / "a.dcm")
+    item.LUTDescriptor = [4096, 0, 16]
+    del item.LUTData
+    write_image(tmp_path / "a.dcm", STORED, **{sequence: pydicom.Sequence([item])})
+    with pytest.raises(SkipImage, match=f"^{what} has no LUT Data$"):
+        read_radiograph(tmp_path / "a.dcm")

@@ -203,6 +203,27 @@ def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR"
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
+def _lut(item, what: str) -> tuple[int, int, int, np.ndarray]:
+    """(entries, first value mapped, bits per entry, the entries) of a Modality or VOI LUT Sequence
+    item; SkipImage, naming ``what``, where its LUT Descriptor or LUT Data is missing or cannot be
+    read. Entries of 9 to 16 bits (which PS3.3 allowed before 2004, and older CR equipment writes; 8
+    or 16 since) are read as 16-bit words, as pydicom's apply_modality_lut does not ("uint12")."""
+    try:
+        n, first, bits = (int(v) for v in item.LUTDescriptor)
+    except (AttributeError, TypeError, ValueError) as exc:  # absent, or not the three values
+        raise SkipImage(f"{what} has no readable LUT Descriptor (entries, first value mapped, bits: "
+                        f"{item.get('LUTDescriptor')!r})") from exc
+    n = n or 65536  # 0 means 2^16 entries
+    raw = item.get("LUTData")
+    if raw is None or isinstance(raw, str):
+        raise SkipImage(f"{what} has no LUT Data")
+    lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
+        if isinstance(raw, (bytes, bytearray)) else np.atleast_1d(np.asarray(raw))
+    if len(lut) < n:
+        raise SkipImage(f"{what} has {len(lut)} entries, its descriptor says {n}")
+    return n, first, bits, lut
+
+
 def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float]) -> np.ndarray:
     """A VOI LUT Sequence item onto [0, 1] (PS3.3 C.11.2.1.1): values below the first mapped
     value take the first entry, above the last the last entry. The first mapped value is US or SS,
@@ -213,20 +234,37 @@ def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float]) -> np
     meant; a value inside (e.g. 40000 for 16-bit pixels) is kept as read. Where neither lies inside
     (a LUT wider than the data, from below its range: -2048 read as 63488 for -1024 .. 3071), the one
     whose entries cover more of the range is meant."""
-    n, first, bits = (int(v) for v in item.LUTDescriptor)
-    n = n or 65536  # 0 means 2^16 entries
+    n, first, bits, lut = _lut(item, "VOI LUT")
     other = first - 2 ** 16 if first >= 2 ** 15 else first + 2 ** 16 if first < 0 else first
     lo, hi = input_range
     covered = lambda start: min(start + n - 1, hi) - max(start, lo)  # noqa: E731 - below 0: none, by how far
     if not lo <= first <= hi and (lo <= other <= hi or covered(other) > covered(first)):
         first = other
-    raw = item.LUTData
-    lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
-        if isinstance(raw, (bytes, bytearray)) else np.asarray(raw)
-    if len(lut) < n:
-        raise SkipImage(f"VOI LUT has {len(lut)} entries, its descriptor says {n}")
     idx = np.clip(np.rint(values).astype(np.int64) - first, 0, n - 1)
     return lut[idx].astype(np.float64) / (2 ** bits - 1)
+
+
+def _modality_lut(stored: np.ndarray, ds) -> np.ndarray:
+    """The Modality LUT (PS3.3 C.11.1), float64: the Modality LUT Sequence's first item (values below
+    its first mapped value take its first entry, above its last its last), else Rescale Slope /
+    Intercept (``_rescale``)."""
+    if ds.get("ModalityLUTSequence"):
+        n, first, _, lut = _lut(ds.ModalityLUTSequence[0], "Modality LUT")
+        return lut[np.clip(stored.astype(np.int64) - first, 0, n - 1)].astype(np.float64)
+    slope, intercept = _rescale(ds)
+    return stored.astype(np.float64) * slope + intercept
+
+
+def _rescale(ds) -> tuple[float, float]:
+    """(Rescale Slope, Rescale Intercept), 1 and 0 where absent or empty (an anonymiser's blank), each
+    applied where the other is absent (pydicom then applies neither, while the range Bits Stored is
+    scaled over took the one given: at a slope of 0.5 alone, 2048 and 4095 were both white). A slope
+    of 0, which maps every pixel onto the intercept (a blank image), is refused."""
+    slope = _first_number(ds, "RescaleSlope", "Rescale Slope")
+    intercept = _first_number(ds, "RescaleIntercept", "Rescale Intercept")
+    if slope == 0:
+        raise SkipImage("Rescale Slope is 0: every pixel would have the value of the Rescale Intercept")
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
 
 
 def _modality_range(ds) -> tuple[float, float]:
@@ -234,20 +272,30 @@ def _modality_range(ds) -> tuple[float, float]:
     bits = int(ds.BitsStored)
     signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
     smin, smax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds)
     lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
     return lo, hi
 
 
-def _first(value):
-    """Window Center / Width may be multi-valued: the first pair is the default view; an empty
-    value is None (as if absent)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float, str)):
+def _first_number(ds, keyword: str, name: str) -> float | None:
+    """The first value of a numeric attribute (DS or IS) of ``ds``, a data set or a sequence item
+    (Window Center / Width may be multi-valued: the first pair is the default view); None where it
+    is absent or empty. SkipImage naming the attribute where the value is no number ("abc", which
+    pydicom raises ValueError for when it is read, or keeps as text)."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, (int, float, str)):
+            if not len(value):
+                return None
+            value = value[0]
         return float(value)
-    return float(value[0]) if len(value) else None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raw = ds.get_item(keyword)
+        shown = raw.value if raw is not None else None
+        shown = shown.decode("latin-1", "replace").strip() if isinstance(shown, bytes) else shown
+        raise SkipImage(f"{name} is not a number ({shown!r})") from exc
 
 
 _NO_PREFIX = "no 'DICM' prefix after the 128-byte preamble, which a DICOM file (PS3.10) starts with"
@@ -312,7 +360,8 @@ def _float_window(ds) -> tuple[float | None, float | None, str]:
         if ds.get(groups):
             places += list(ds.get(groups)[0].get("FrameVOILUTSequence") or [])[:1]
     for place in places:
-        center, width = _first(place.get("WindowCenter")), _first(place.get("WindowWidth"))
+        center = _first_number(place, "WindowCenter", "Window Center")
+        width = _first_number(place, "WindowWidth", "Window Width")
         if center is not None and width is not None:
             return center, width, str(place.get("VOILUTFunction") or "LINEAR").strip().upper()
     return None, None, "LINEAR"
@@ -322,7 +371,6 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     """A DICOM file (with or without the PS3.10 header); see the module docstring."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(path)
@@ -340,7 +388,7 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
                                                                  "MediaStorageSOPClassUID", None)
         kind = getattr(ds, "Modality", "") or getattr(sop_class, "name", None) or sop_class or "unknown"
         raise SkipImage(f"no pixel data (a {kind} object, not an image)")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    frames = int(_first_number(ds, "NumberOfFrames", "Number of Frames") or 1)
     if frames > 1:
         raise SkipImage(f"multi-frame image ({frames} frames)")
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip()
@@ -362,8 +410,9 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
         raise SkipImage(f"unsupported Photometric Interpretation {photometric}")
     if stored.ndim != 2:
         raise SkipImage(f"expected a 2-D image, pixel data has shape {stored.shape}")
-    values = apply_modality_lut(stored, ds).astype(np.float64)
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    values = _modality_lut(stored, ds)
+    center = _first_number(ds, "WindowCenter", "Window Center")
+    width = _first_number(ds, "WindowWidth", "Window Width")
     floating = next((name for k, name in (("FloatPixelData", "Float Pixel Data"),
                                           ("DoubleFloatPixelData", "Double Float Pixel Data"))
                      if k in ds and "PixelData" not in ds), None)
