@@ -208,6 +208,30 @@ def _kill_at_task(monkeypatch, n: int):
     return real
 
 
+def test_a_progress_line_cut_by_a_crash_does_not_swallow_the_next_record(tmp_path, monkeypatch):
+    """A kill that cut progress.jsonl's last line: the resumed run appended its first record to the
+    cut line, which left that record unreadable as well (its image was done again at every resume)."""
+    real = _kill_at_task(monkeypatch, 4)
+    with pytest.raises(Killed):
+        prepare("phantom:8", tmp_path / "out", resolution=8, workers=1, progress=False)
+    progress = tmp_path / "out.partial" / "progress.jsonl"
+    lines = progress.read_text().splitlines()
+    assert len(lines) == 4
+    cut = lines[3][:10]
+    progress.write_text("\n".join(lines[:3]) + "\n" + cut)  # the crash cut the 4th record short
+    monkeypatch.setattr(prep, "_process", real)
+    _kill_at_task(monkeypatch, 6)
+    with pytest.raises(Killed):
+        prepare("phantom:8", tmp_path / "out", resolution=8, workers=1, progress=False)
+    kept = progress.read_text().splitlines()
+    assert kept[3] == cut
+    assert sorted(json.loads(line)["i"] for line in kept[:3] + kept[4:]) == [0, 1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    prepare("phantom:8", tmp_path / "out", resolution=8, workers=1, progress=False)
+    prepare("phantom:8", tmp_path / "whole", resolution=8, workers=1, progress=False)
+    assert_same_archive(tmp_path / "out", tmp_path / "whole")
+
+
 # the finishing sequence, in order: (function, the file it acts on)
 FINISH_STEPS = [((prep, "write_csv"), "skipped.csv"), ((prep, "write_csv"), "manifest.csv"),
                 ((prep, "write_json"), "archive.json"), ((Path, "unlink"), "progress.jsonl"),

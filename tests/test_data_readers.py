@@ -814,3 +814,13 @@ def test_a_lut_without_its_descriptor_or_data_is_skipped_naming_it(tmp_path, seq
     write_image(tmp_path / "a.dcm", STORED, **{sequence: pydicom.Sequence([item])})
     with pytest.raises(SkipImage, match=f"^{what} has no LUT Data$"):
         read_radiograph(tmp_path / "a.dcm")
+
+
+def test_an_image_past_pillows_decompression_bomb_limit_is_skipped_saying_so(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: it passed the reader's handler, stopped `fid` over a
+    folder (which skips on SkipImage alone) and was "unexpected error" in prepare's skipped.csv."""
+    from PIL import Image
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels: over twice the limit
+    with pytest.raises(SkipImage, match=r"^too many pixels for Pillow to decode \(Image size \(1200 pixels\)"):
+        read_radiograph(tmp_path / "big.png")

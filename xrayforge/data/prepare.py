@@ -466,6 +466,16 @@ def _read_progress(path: Path) -> dict[int, dict]:
     return done
 
 
+def _end_last_line(path: Path) -> None:
+    """A line cut short by a crash is ended, so that the next record starts a line of its own (appended
+    to the cut one, it was unreadable too: that image was done again at every later resume)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
 def _as_made(made: dict | None, settings: dict) -> dict | None:
     """A finished archive's recorded settings ``made`` to compare with ``settings``: one finished before
     the resize was recorded was made by the area resize too."""
@@ -565,6 +575,7 @@ def prepare(src: str, out: str | os.PathLike, resolution: int = 1024, labels: st
                                "not_images": not_images,
                                **({"label_files": _label_files(label_match["file"])} if label_match else {})})
     done = _read_progress(progress_path)
+    _end_last_line(progress_path)
 
     from tqdm import tqdm
     bar = tqdm(total=len(candidates), initial=len(done), unit="img", desc=f"prepare {out.name}",

@@ -651,6 +651,8 @@ def read_pillow(path: str | os.PathLike) -> Radiograph:
                 if mode != "L":
                     im = im.convert("L")  # colour, palette, and 1-bit (0/1 -> 0/255)
                 x = np.asarray(im, dtype=np.float64) / 255.0
+    except Image.DecompressionBombError as exc:  # not an OSError: it stopped fid over a folder
+        raise SkipImage(f"too many pixels for Pillow to decode ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise SkipImage(f"unreadable image ({type(exc).__name__}: {exc})") from exc
     return Radiograph(x.astype(np.float32), str(path), meta=meta)
