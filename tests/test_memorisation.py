@@ -540,3 +540,82 @@ def test_the_command_refuses_the_real_images_as_synthetic_before_looking_for_wei
     err = capsys.readouterr().err
     assert f"--synthetic {real} is --real {real}" in err and "weights" not in err.split("is --real")[0]
     assert not (tmp_path / "a").exists()
+
+
+def test_real_limit_takes_that_many_of_a_folder_of_real_images_evenly_spread(tmp_path):
+    """--real-limit was applied to an archive alone: on a folder of real images it was accepted and
+    ignored (every image the reference, "real" the whole count)."""
+    from xrayforge.evaluate.memorisation import audit
+    real, synth = _phantom_folders(tmp_path, 10, 3)
+    s = audit(str(synth), str(real), tmp_path / "a", _PixelFeatures(), percentile=50.0, real_limit=4, progress=False)
+    every = sorted(str(p) for p in real.iterdir())
+    kept = [every[i] for i in (0, 3, 6, 9)]  # evenly spread, as an archive's
+    assert s["real"] == 4
+    with open(tmp_path / "a" / "memorisation.csv", newline="") as fh:
+        assert {r["nearest_real_pixels"] for r in csv.DictReader(fh)} <= set(kept)
+    vec = pixel_vectors(torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in kept]).float() / 255)
+    nn = torch.cdist(vec.double(), vec.double()).fill_diagonal_(float("inf")).min(1).values.numpy()
+    assert s["threshold_pixels"] == pytest.approx(np.percentile(nn, 50.0), rel=1e-5)
+    assert s["median_real_to_real_pixels"] == pytest.approx(np.median(nn), rel=1e-5)
+
+
+def test_non_finite_features_are_refused_naming_the_image(tmp_path):
+    """A synthetic image whose features were NaN (a feature network that gives none for it) was
+    audited at distance inf from a made-up nearest real image (the first) and never flagged."""
+    from xrayforge.evaluate.memorisation import audit
+    from xrayforge.errors import UserError
+    real, synth = _phantom_folders(tmp_path, 6, 3)
+
+    class NaNFor101(_PixelFeatures):
+        def features(self, images):
+            f = super().features(images)
+            if len(f) == 3:  # the synthetic batch: 100, 101, 102
+                f[1] = float("nan")
+            return f
+    with pytest.raises(UserError, match=r"synth: NaN or infinite features for 1 of 3 .*101\.png"):
+        audit(str(synth), str(real), tmp_path / "a", NaNFor101(), progress=False)
+
+
+def test_bad_inputs_are_refused_before_any_image_is_read_and_an_earlier_audit_is_kept(tmp_path):
+    """A missing --real, a statistics file or a single image as --real, a checkpoint as --synthetic
+    were said only after every synthetic image went through the feature network, and after --out
+    was claimed and its earlier audit's summary.json removed."""
+    from xrayforge.evaluate.memorisation import audit
+    from xrayforge.errors import UserError
+    real, synth = _phantom_folders(tmp_path, 6, 3)
+    audit(str(synth), str(real), tmp_path / "a", _PixelFeatures(), progress=False)
+    np.savez(tmp_path / "real.npz", mu=np.zeros(2), sigma=np.eye(2))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "networks.json").write_text("{}")
+    calls = []
+
+    class Counting(_PixelFeatures):
+        def features(self, images):
+            calls.append(len(images))
+            return super().features(images)
+    for s, r, said in ((synth, tmp_path / "nowhere", r"--real .*nowhere: no such file"),
+                       (synth, tmp_path / "real.npz", r"--real .*real\.npz: a statistics file"),
+                       (synth, real / "0.png", r"--real .*0\.png: 1 image;"),
+                       (tmp_path / "run", real, r"--synthetic .*run: a generator checkpoint")):
+        for out in (tmp_path / "a", tmp_path / "new"):
+            with pytest.raises(UserError, match=said):
+                audit(str(s), str(r), out, Counting(), progress=False)
+    assert calls == [] and not (tmp_path / "new").exists() and (tmp_path / "a" / "summary.json").is_file()
+
+
+def test_the_command_says_the_thresholds_rule(tmp_path, monkeypatch, capsys):
+    """The command said "than 1% of real images are to each other" where the threshold was each real
+    image's distance to its nearest image of another patient."""
+    import xrayforge.fid.compute as compute
+    folder, synth = _phantom_folders(tmp_path, 8, 2)
+    (tmp_path / "labels.csv").write_text("Image Index,Finding Labels,Patient ID\n" + "".join(
+        f"{k}.png,No Finding,{k // 2}\n" for k in range(8)))
+    prepare(str(folder), tmp_path / "arc", resolution=16, labels=str(tmp_path / "labels.csv"), workers=1,
+            progress=False)
+    monkeypatch.setattr(compute, "FeatureExtractor", lambda *args, **kwargs: _PixelFeatures())
+    for real, said in ((tmp_path / "arc", "their nearest real image of another patient"),
+                       (folder, "their nearest other real image")):
+        assert cli(["evaluate", "memorisation", "--synthetic", str(synth), "--real", str(real), "--out",
+                    str(tmp_path / f"audit_{real.name}"), "-q"]) == 0
+        out = capsys.readouterr().out
+        assert f"real images are to {said});" in out and "each other" not in out

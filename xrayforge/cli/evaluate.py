@@ -80,8 +80,10 @@ def _cmd_memorisation(args: argparse.Namespace) -> int:
         print(f"skipped {item['side']} {item['file']}: {item['reason']}", file=sys.stderr)
     if len(summary["skipped"]) > 20:
         print(f"... and {len(summary['skipped']) - 20} more skipped", file=sys.stderr)
+    nearest = ("their nearest real image of another patient" if summary["threshold_excludes"] == "same patient"
+               else "their nearest other real image")  # as the report says it
     print(f"{args.out}: {summary['flagged']} of {summary['synthetic']} synthetic images flagged "
-          f"(closer to a real image than {summary['percentile']}% of real images are to each other); "
+          f"(closer to a real image than {summary['percentile']}% of real images are to {nearest}); "
           f"median nearest-real distance {summary['median_synthetic_to_real_inception']:.3f} vs real-to-real "
           f"{summary['median_real_to_real_inception']:.3f} (features {summary['features']}: {summary['inception']})")
     if chance_sentence(summary):

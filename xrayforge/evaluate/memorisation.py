@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..fid.preprocess import max_value
+from ..fid.stats import NonFiniteFeatures, non_finite_rows
 from .metrics import fisher_greater
 from ..utils.neighbours import group_codes, nearest_neighbours, pixel_vectors
 from ..utils.files import claim_output, write_csv, write_text_atomic
@@ -71,8 +72,9 @@ def _each(images, fn) -> torch.Tensor:
 
 
 def collect(extractor, spec: str, limit: int | None = None, progress: bool = True, skipped: list | None = None):
-    """(names, Inception features, pixel vectors, thumbnails 64×64) of a folder or an archive; the
-    (file, reason) of each image that could not be read go to ``skipped``."""
+    """(names, Inception features, pixel vectors, thumbnails 64×64) of a folder or an archive (``limit``:
+    that many, evenly spread); the (file, reason) of each image that could not be read go to ``skipped``.
+    Features with a NaN or inf are refused, naming the images, as the FID refuses them."""
     from tqdm import tqdm
     kind, total, batches = extractor.image_batches(spec, limit, shard=False)
     names, feats, pix, thumbs, skips_all = [], [], [], [], []
@@ -83,7 +85,11 @@ def collect(extractor, spec: str, limit: int | None = None, progress: bool = Tru
             if images is None:
                 continue
             names += good
-            feats.append(extractor.features(images).cpu())
+            f = extractor.features(images).cpu()
+            bad = non_finite_rows(f)
+            if bad:  # a NaN distance is never a neighbour: such an image passed unflagged at distance inf
+                raise UserError(f"{spec}: {NonFiniteFeatures(bad, len(f), good)}")
+            feats.append(f)
             pix.append(_each(images, lambda x: pixel_vectors(_grey(x))))
             thumbs.append(_each(images, lambda x: _unit(x, 64)))
             bar.update(len(good))
@@ -245,10 +251,32 @@ def design_effect(flags, groups) -> float:
 
 def check_inputs(synthetic: str, real: str, out: str | os.PathLike, real_limit: int | None = None) -> None:
     """What ``audit`` refuses before any work, the feature extractor's weights included (the command
-    line calls it before it loads them): a --real-limit under 2, the real images as --synthetic, an
-    --out inside an image folder that is read."""
+    line calls it before it loads them): a --real-limit under 2, an input that is missing or no
+    folder of images or archive (statistics, a checkpoint), fewer than 2 real image files, the real
+    images as --synthetic, an --out inside an image folder that is read. (Each was said only after
+    the synthetic images' features, and an earlier audit's summary.json in --out removed.)"""
     if real_limit is not None and real_limit < 2:  # before any work: the real-to-real reference needs 2
         raise UserError(f"--real-limit {real_limit}: the real-to-real reference needs at least 2 real images")
+    from itertools import islice
+
+    from ..data.archive import Archive
+    from ..data.readers import iter_images
+    from ..fid.compute import describe
+    for option, spec in (("--synthetic", synthetic), ("--real", real)):
+        try:
+            kind = describe(spec)
+        except FileNotFoundError:
+            raise UserError(f"{option} {spec}: no such file or folder") from None
+        if kind == "stats":
+            raise UserError(f"{option} {spec}: a statistics file holds no images; expected a folder of images "
+                            f"or an archive")
+        if kind == "checkpoint":
+            raise UserError(f"{option} {spec}: a generator checkpoint; expected a folder of images or an archive "
+                            f"(write its images with `xrayforge sample` first)")
+    found = len(Archive(real)) if describe(real) == "archive" else len(list(islice(iter_images(real), 2)))
+    if found < 2:
+        raise UserError(f"--real {real}: {found} image{'s' * (found != 1)}; the real-to-real reference needs at "
+                        f"least 2 real images")
     from .labelled import archive_id
     real_id = archive_id(real)
     if Path(synthetic).resolve() == Path(real).resolve() or (real_id is not None and real_id == archive_id(synthetic)):

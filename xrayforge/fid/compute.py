@@ -348,8 +348,9 @@ class FeatureExtractor:
             yield _unpack(images), [str(names[i]) for i in good], skips
 
     def image_batches(self, spec: str, limit: int | None = None, shard: bool = True):
-        """(kind, image count, batches) of a folder or an archive; this process's share under
-        torchrun when ``shard``. Archive images are named by their manifest source."""
+        """(kind, image count, batches) of a folder or an archive (``limit``: that many of its images,
+        evenly spread); this process's share under torchrun when ``shard``. Archive images are named
+        by their manifest source."""
         rank, world = _rank_world() if shard else (0, 1)
         kind = describe(spec)
         linked = []
@@ -358,6 +359,8 @@ class FeatureExtractor:
             every, linked = one_per_file(find_images(spec))
             if not every:
                 raise FileNotFoundError(f"{spec}: no image files")
+            if limit is not None and limit < len(every):  # as an archive's (the memorisation audit's --real-limit)
+                every = [every[i] for i in sorted({int(i) for i in np.linspace(0, len(every) - 1, limit)})]
             names = every[rank::world]  # a process may have none when there are fewer images than processes
             dataset = _FileDataset(names)
         elif kind == "archive":
