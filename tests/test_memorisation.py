@@ -619,3 +619,19 @@ def test_the_command_says_the_thresholds_rule(tmp_path, monkeypatch, capsys):
                     str(tmp_path / f"audit_{real.name}"), "-q"]) == 0
         out = capsys.readouterr().out
         assert f"real images are to {said});" in out and "each other" not in out
+
+
+def test_closest_pairs_show_the_flagged_images_first_beside_the_image_they_were_flagged_against():
+    """closest_pairs.png showed the synthetic images closest in feature space: one flagged in pixels
+    alone (a copy the features do not tell) could be missing from the figure the summary points to."""
+    from xrayforge.evaluate.memorisation import shown_pairs
+    d_f, i_f = torch.tensor([0.5, 0.1, 0.2, 0.9, 0.04]), torch.tensor([7, 8, 9, 6, 5])
+    d_p, i_p = torch.tensor([0.01, 0.5, 0.5, 0.3, 0.5]), torch.tensor([3, 3, 3, 2, 3])
+    # image 4 is under the feature threshold (0.04 / 0.05 = 0.8 of it), image 0 under the pixels'
+    # (0.01 / 0.1 = 0.1 of it), the most under: first, beside its nearest real image in pixels
+    shown, real = shown_pairs((d_f, d_p), (i_f, i_p), (0.05, 0.1), pairs=3)
+    assert shown.tolist() == [0, 4, 1] and real.tolist() == [3, 5, 8]
+    # a threshold of 0 (duplicates among the reals) flags exact copies alone, the most under of all
+    d_p[3] = 0.0
+    shown, real = shown_pairs((d_f, d_p), (i_f, i_p), (0.05, 0.0), pairs=5)
+    assert shown.tolist() == [3, 4, 1, 2, 0] and real.tolist() == [2, 5, 8, 9, 7]

@@ -34,7 +34,8 @@ feature distances far below the real-to-real ones (``closest_pairs.png``).
 
 Writes memorisation.csv (one row per synthetic image), summary.json (with the images that
 could not be read, ``skipped``: not audited), distances.png (the two
-distributions) and closest_pairs.png (the closest synthetic / real pairs side by side).
+distributions) and closest_pairs.png (synthetic / real pairs side by side: the flagged ones first,
+beside the real image they were flagged against, then the closest in feature space).
 """
 from __future__ import annotations
 
@@ -343,10 +344,32 @@ def audit(synthetic: str, real: str, out: str | os.PathLike, extractor, percenti
     _plot_distributions(d_f, nn_f, d_p, nn_p, thr_f, thr_p, out / "distances.png",
                         "real → nearest other real" if groups is None else "real → nearest real of another patient",
                         features_title=space_title(summary))
-    order = torch.argsort(d_f)[:pairs]
-    _pairs_image(s_thumb[order], r_thumb[i_f[order]], out / "closest_pairs.png")
+    shown, neighbour = shown_pairs((d_f, d_p), (i_f, i_p), (thr_f, thr_p), pairs)
+    _pairs_image(s_thumb[shown], r_thumb[neighbour], out / "closest_pairs.png")
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def shown_pairs(distances, indices, thresholds, pairs: int = 8):
+    """(synthetic, real) indices of the ``pairs`` pairs closest_pairs.png shows: the flagged synthetic
+    images first, most under a threshold first (distance over threshold, the lower of the spaces),
+    each beside the real image of the space it is most under (the pixels' where only they flag it:
+    the feature space's nearest image may be another); then the others by feature distance (the
+    first space), beside their nearest real image there. (The figure showed the closest in
+    feature space alone, so a copy flagged in pixels could be missing from it.)"""
+    d = torch.stack([x.double() for x in distances])  # (spaces, M)
+    under = torch.stack([_under(x, t) for x, t in zip(distances, thresholds)])
+    scale = torch.tensor([t if t > 0 else 1.0 for t in thresholds], dtype=torch.float64)[:, None]
+    # a space's rank of the image: its distance over the threshold where it is under it, else none
+    rank = torch.where(under, d / scale, torch.full_like(d, float("inf")))
+    best, space = rank.min(0)
+    flagged = torch.isfinite(best)
+    first = flagged.nonzero().flatten()[torch.argsort(best[flagged], stable=True)]
+    rest = (~flagged).nonzero().flatten()[torch.argsort(d[0][~flagged], stable=True)]
+    shown = torch.cat([first, rest])[:pairs]
+    space = torch.where(flagged, space, torch.zeros_like(space))[shown]
+    neighbour = torch.stack([i.long() for i in indices])[space, shown]
+    return shown, neighbour
 
 
 def _patients(real: str, names: list[str]) -> list[str] | None:

@@ -189,7 +189,8 @@ def _section(kind: str, folder: Path, s: dict | None = None) -> list[str]:
                 f"| pixels (32×32) | {number(s['median_synthetic_to_real_pixels'], None)} | "
                 f"{number(s['median_real_to_real_pixels'], None)} |",
                 "", f"![distance distributions]({folder / 'distances.png'})", "",
-                "Closest pairs (synthetic left, nearest real right):", "",
+                "Closest pairs (synthetic left, nearest real right; the flagged ones first, beside the real "
+                "image they were flagged against):", "",
                 f"![closest pairs]({folder / 'closest_pairs.png'})"]
     if kind == "reader-study":
         from .reader_study import format_markdown
