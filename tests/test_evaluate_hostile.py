@@ -606,6 +606,29 @@ def test_fid_findings_names_the_side_with_too_few_images(small_archive, tmp_path
         fid_by_finding(str(tmp_path / "one"), str(small_archive), tmp_path / "g", PixelFeatures(), progress=False)
 
 
+def test_fid_findings_and_tstr_refuse_a_bad_input_before_any_work(small_archive, tmp_path):
+    """A missing --real, or one that is no archive, was found by fid-findings only after it had claimed
+    --out and converted the whole synthetic sample folder (minutes for a large one), and was said as a
+    bare FileNotFoundError / ValueError naming no option; so was an --real-limit under 2. tstr claimed --out."""
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1012), resolution=16)
+    (tmp_path / "notes.txt").write_text("not images")
+    for real, said in ((tmp_path / "missing", "no such file or folder"), (tmp_path / "notes.txt", "expected a prepared")):
+        with pytest.raises(UserError, match=rf"--real .*{real.name}: {said}"):
+            fid_by_finding(str(tmp_path / "s"), str(real), tmp_path / "f", PixelFeatures(), progress=False)
+        with pytest.raises(UserError, match=rf"--real .*{real.name}: {said}"):
+            run_tstr(TSTRConfig(str(tmp_path / "s"), str(real), str(tmp_path / "t")), progress=False)
+    with pytest.raises(UserError, match=r"--synthetic .*missing: no such file or folder"):
+        run_tstr(TSTRConfig(str(tmp_path / "missing"), str(small_archive), str(tmp_path / "t")), progress=False)
+    with pytest.raises(UserError, match=r"--real .*: 1 image \(--real-limit 1\)"):
+        fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "f", PixelFeatures(), real_limit=1,
+                       progress=False)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "t").exists()
+
+
 def test_fid_findings_says_the_image_floor_it_applied(small_archive, tmp_path):
     """--min-images 1: a finding of one image still has no FID (no covariance), and the note said
     "fewer than 1 images" of it."""
@@ -689,6 +712,58 @@ def test_tstr_continues_with_the_same_folders_spelt_otherwise(small_archive, tmp
     with pytest.raises(UserError, match="other settings"):  # another folder still is
         write_sample_folder(tmp_path / "more", range(1000, 1030), resolution=16)
         run("more", str(small_archive))
+
+
+def test_tstr_measures_a_finished_run_again_with_other_bootstrap_resamples(small_archive, tmp_path):
+    """--bootstrap only resamples the saved test-set probabilities, yet a finished run asked for more
+    resamples was refused as made "with other settings": a new --out, and all three models trained again."""
+    from synthetic_factory import write_sample_folder
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    write_sample_folder(tmp_path / "s", range(1000, 1030), resolution=16)
+
+    def run(bootstrap):
+        return run_tstr(TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16,
+                                   width=4, epochs=1, batch=8, val_fraction=0.3, bootstrap=bootstrap), progress=False)
+
+    first = run(10)
+    stamp = (tmp_path / "t" / "models" / "synthetic" / "classifier.pt").stat().st_mtime_ns
+    again = run(40)
+    assert (tmp_path / "t" / "models" / "synthetic" / "classifier.pt").stat().st_mtime_ns == stamp
+    assert again["bootstrap"] == 40 and "(40 resamples)" in (tmp_path / "t" / "tstr.md").read_text()
+    assert [r["auroc"] for r in again["rows"] if math.isfinite(r["auroc"])] == \
+        [r["auroc"] for r in first["rows"] if math.isfinite(r["auroc"])]
+    with pytest.raises(UserError, match="other settings"):  # a setting of the models still is
+        run_tstr(TSTRConfig(str(tmp_path / "s"), str(small_archive), str(tmp_path / "t"), input_size=16, width=4,
+                            epochs=2, batch=8, val_fraction=0.3, bootstrap=40), progress=False)
+
+
+def test_real_images_given_as_the_synthetic_set_are_found(small_archive, tmp_path, caplog):
+    """The real images prepared again (another resolution, more of them) passed as --synthetic, as only a
+    copy of the real manifest was caught: tstr trained its "synthetic" models on the real test images it
+    then tested them on, and fid-findings compared images with themselves, silently."""
+    import logging
+
+    from synthetic_factory import write_sample_folder
+    from test_evaluate_suite import PixelFeatures
+    from xrayforge.data.archive import Archive
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.fid_findings import fid_by_finding
+    from xrayforge.evaluate.tstr import TSTRConfig, run_tstr
+    prepare("phantom:70", tmp_path / "again", resolution=8, workers=1, progress=False)  # every real image, at 8 px
+    test = Archive(small_archive).held_out().sum()
+    with pytest.raises(UserError, match=rf"--synthetic .*again: holds {test} of the {test} real test images of --real "
+                                        rf".*\(first: phantom:\d+\)"):
+        run_tstr(TSTRConfig(str(tmp_path / "again"), str(small_archive), str(tmp_path / "t"), input_size=8, width=4,
+                            epochs=1), progress=False)
+    assert not (tmp_path / "t" / "models").exists()
+    with caplog.at_level(logging.WARNING, logger="xrayforge.evaluate.fid_findings"):
+        s = fid_by_finding(str(tmp_path / "again"), str(small_archive), tmp_path / "f", PixelFeatures(), counts=[10],
+                           progress=False)
+    assert s["real_images_among_synthetic"] == 60 and "holds 60 of the 60 images of --real" in caplog.text
+    write_sample_folder(tmp_path / "s", range(1000, 1012), resolution=16)  # a generator's images: none
+    s = fid_by_finding(str(tmp_path / "s"), str(small_archive), tmp_path / "g", PixelFeatures(), counts=[10],
+                       progress=False)
+    assert s["real_images_among_synthetic"] == 0
 
 
 @pytest.mark.parametrize("thresholds", [{"Cardiomegaly": None}, {"Cardiomegaly": "0.5"}, {"Cardiomegaly": 1.5},

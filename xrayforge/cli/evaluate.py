@@ -141,7 +141,9 @@ def _counts(text: str) -> list[int]:
 
 def _cmd_fid_findings(args: argparse.Namespace) -> int:
     from ..evaluate.fid_findings import fid_by_finding, format_markdown
+    from ..evaluate.labelled import check_inputs
 
+    check_inputs(args.synthetic, args.real)  # before the feature extractor's weights are loaded
     counts = args.counts
     summary = fid_by_finding(args.synthetic, args.real, args.out, _extractor(args), counts, args.seed,
                              args.real_limit, args.min_images, progress=not args.quiet, prdc=args.prdc)

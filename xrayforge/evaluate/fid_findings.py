@@ -34,7 +34,7 @@ from ..utils.files import write_csv, write_json, write_text_atomic
 from ..fid.compute import stored_pixels
 from ..fid.stats import NonFiniteFeatures, StreamingMoments, frechet_distance, update_subsets
 from ._format import csv_row, is_number, number
-from .labelled import labelled_findings, open_labelled, same_images
+from .labelled import check_inputs, labelled_findings, open_labelled, real_images_among, same_images
 from .metrics import patient_split
 from ..utils.files import claim_output
 
@@ -106,6 +106,10 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     gets no FID (n/a): so few images give a number dominated by its bias. ``prdc``: also
     precision / recall (k = 3) and density / coverage (k = 5) for all images and per finding
     (every image's features are then kept in memory)."""
+    check_inputs(synthetic, real)
+    if real_limit is not None and real_limit < 2:  # said before any work, as when the real side has 1 image
+        raise UserError(f"--real {real}: {real_limit} image{'s' * (real_limit != 1)} (--real-limit {real_limit}); "
+                        f"FID needs at least 2 on each side")
     same = same_images(synthetic, real)
     if same:  # every FID would be 0: a perfect generator
         raise UserError(f"--synthetic {synthetic} is the real archive --real {real} ({same}): its FIDs "
@@ -113,6 +117,11 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
     out = claim_output(out, "evaluate fid-findings", signatures=("fid_findings.csv",))
     synth = open_labelled(synthetic, out, progress)
     real_arc = open_labelled(real, out, progress)
+    shared = np.flatnonzero(real_images_among(synth, real_arc))
+    if len(shared):  # each lowers every FID it is in: a measure of the generator no more
+        log.warning("--synthetic %s holds %d of the %d images of --real %s (first: %s): the FIDs are lowered by "
+                    "comparing those images with themselves", synthetic, len(shared), len(real_arc), real,
+                    real_arc.records[shared[0]]["source"])
     real_labelled = bool(real_arc.meta.get("labelled", True))
     synthetic_labelled = bool(synth.meta.get("labelled", True))
     for spec, labelled in ((real, real_labelled), (synthetic, synthetic_labelled)):
@@ -177,7 +186,7 @@ def fid_by_finding(synthetic: str, real: str, out: str | os.PathLike, extractor,
                "min_images": floor, "rows": rows, "curve": curve, "fid_infinity": inf,
                "fid_infinity_counts": [c["n"] for c in curve if c["n"] >= fit_from], "fid_infinity_min_count": fit_from,
                "real_labelled": real_labelled, "synthetic_labelled": synthetic_labelled,
-               "findings_not_labelled": not_labelled}
+               "findings_not_labelled": not_labelled, "real_images_among_synthetic": len(shared)}
     write_csv(out / "fid_findings.csv", list(rows[0]), [csv_row(r) for r in rows])
     write_csv(out / "fid_vs_n.csv", ["n", "fid"], [csv_row(c) for c in curve])
     write_json(out / "summary.json", summary)

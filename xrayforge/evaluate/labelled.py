@@ -137,6 +137,23 @@ def same_images(synthetic: str | os.PathLike, real: str | os.PathLike) -> str | 
     return None
 
 
+def real_images_among(synthetic: Archive, real: Archive) -> np.ndarray:
+    """Per image of ``real``: whether ``synthetic`` holds it too, prepared from the same source (a
+    phantom, or a file named by its absolute path: the same images at another resolution included) or
+    with the same stored pixels (the same full-size checksum at the same size and depth). A real archive
+    (or a part of it) given as --synthetic passed, unlike a copy of its manifest (``same_images``)."""
+    def sources(arc: Archive) -> set:
+        return {r["source"] for r in arc.records if (r.get("source") or "").startswith("phantom:")
+                or Path(r.get("source") or "").is_absolute()}
+
+    def checksums(arc: Archive) -> set:
+        return {r["sha1"] for r in arc.records if r.get("sha1")}
+
+    same_pixels = (synthetic.resolution, synthetic.dtype) == (real.resolution, real.dtype)
+    theirs, pixels = sources(synthetic), checksums(synthetic) if same_pixels else set()
+    return np.array([r.get("source") in theirs or (r.get("sha1") or None) in pixels for r in real.records], dtype=bool)
+
+
 def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Archive:
     """The sample folder as a prepared archive at ``out`` (made once; reused while the folder holds
     the same samples)."""
@@ -226,6 +243,20 @@ def labelled_findings(spec: str | os.PathLike, archive: Archive) -> list[str]:
         return list(archive.findings)
     called = {c[2:] for c in _manifest(p)[1] if c.startswith("p_")}
     return [f for f in archive.findings if f in called]
+
+
+def check_inputs(synthetic: str | os.PathLike, real: str | os.PathLike) -> None:
+    """Refuse a --synthetic or --real that ``open_labelled`` cannot open (missing; no archive or sample
+    folder), naming the option, before any work: neither --out claimed, nor the other side's sample
+    folder converted (fid-findings converted the synthetic images before it looked at --real)."""
+    for option, spec in (("--synthetic", synthetic), ("--real", real)):
+        p = Path(spec)
+        if (p / "archive.json").is_file() or is_sample_folder(p):
+            continue
+        if not p.exists():
+            raise UserError(f"{option} {spec}: no such file or folder")
+        raise UserError(f"{option} {spec}: expected a prepared archive (archive.json) or a folder written by "
+                        f"`xrayforge sample` (manifest.csv with classifier probabilities)")
 
 
 def open_labelled(spec: str | os.PathLike, work: str | os.PathLike, progress: bool = True) -> Archive:

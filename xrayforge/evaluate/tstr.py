@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..utils.files import (claim_output, load_npy, read_json, same_settings, save_numpy, write_csv, write_json,
                            write_text_atomic)
 from .classifier import ClassifierTraining, LabelledImages, fit, predict
-from .labelled import archive_id, is_sample_folder, labelled_findings, open_labelled, same_images, sample_id
+from .labelled import (archive_id, check_inputs, is_sample_folder, labelled_findings, open_labelled, real_images_among,
+                       same_images, sample_id)
 from ._format import csv_row, is_number, number
 from .metrics import auroc, bootstrap_auroc, patient_split
 
@@ -55,6 +56,7 @@ def _choose(positions: np.ndarray, k: int, rng) -> np.ndarray:
 
 
 def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
+    check_inputs(cfg.synthetic, cfg.real)  # before --out is claimed
     real_id, synthetic_id = archive_id(cfg.real), archive_id(cfg.synthetic)
     same = same_images(cfg.synthetic, cfg.real)
     if same:  # every "synthetic" image is trained on, test images too
@@ -74,8 +76,10 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
         for key in ("synthetic", "real"):
             if isinstance(saved.get(key), str) and Path(saved[key]).resolve() == Path(settings[key]).resolve():
                 settings[key] = saved[key]
-    same_settings(settings_path, settings, added={k: settings[k] for k in
-                                                  ("synthetic_id", "real_archive_id", "synthetic_archive_id")})
+    # --bootstrap only resamples the saved test-set probabilities: a finished run measured again with more
+    # resamples keeps its models (refused, it needed a new --out and all three models trained again)
+    same_settings(settings_path, settings, ignore=("bootstrap",),
+                  added={k: settings[k] for k in ("synthetic_id", "real_archive_id", "synthetic_archive_id")})
     real = open_labelled(cfg.real, out, progress)
     if real.labels.sum() == 0:  # before a sample folder is converted for nothing
         raise ValueError(f"{cfg.real}: the real archive has no finding labels")
@@ -95,6 +99,12 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
                "without one)" if real.held_out().any() else f"--test-fraction {cfg.test_fraction} of its patients")
         raise ValueError(f"{cfg.real}: {len(real_train)} training and {len(real_test)} test images, split by {how}; "
                          f"too few (at least 4 and 2) to train and test on")
+    leaked = np.flatnonzero(real_images_among(synth, real)[real_test])
+    if len(leaked):  # the synthetic-trained models would be tested on images they were fitted to
+        raise UserError(f"--synthetic {cfg.synthetic}: holds {len(leaked)} of the {len(real_test)} real test images of "
+                        f"--real {cfg.real} (first: {real.records[real_test[leaked[0]]]['source']}), so the models "
+                        f"trained on it would be tested on their own training images; give the generator's samples, "
+                        f"or a real archive without them")
     synth_all = np.arange(len(synth))
     budget = cfg.budget or min(len(real_train), len(synth_all))
     if budget > len(real_train) or budget > len(synth_all):
