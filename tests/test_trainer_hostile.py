@@ -188,3 +188,68 @@ def test_a_diverged_run_stops_without_writing_a_checkpoint_of_nan(archive, tmp_p
                                         r"\(NaN or inf in dense_bias\).*use an "
                                         r"earlier one"):
         load_networks(tmp_path / "bad")
+
+
+def test_ema_rampup_with_a_constant_ema_beta_is_refused(archive, tmp_path, capsys):
+    """--ema-beta 0.9 --ema-rampup 0.3 trained with the constant beta: the ramp-up asked for was accepted and
+    ignored without a word (--ema-kimg with --ema-beta is refused for the same reason)."""
+    from xrayforge.cli import main as cli
+    assert cli(["train", str(archive), "--out", str(tmp_path / "run"), "--ema-beta", "0.9", "--ema-rampup", "0.3",
+                "--latent-dim", "8", "--fmap-base", "32", "--fmap-max", "8", "--batch", "8", "--max-kimg", "0.008",
+                "--realism-images", "0", "--device", "cpu", "-q"]) == 2
+    assert "--ema-beta is a constant beta with no ramp-up" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_given_to_the_resume_of_an_auto_batch_run_is_refused(archive, tmp_path, capsys):
+    """A run with --auto-batch (its batches found by the probe) resumed with --batch 16: the command line
+    compared 16 with the default batch, found them equal and went on with the probe's batches, --batch
+    ignored; --batch 8 was refused as differing from "the run's: 16", a batch the run never had."""
+    from xrayforge.cli import main as cli
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), **{**TINY, "batch": {}}, auto_batch=True, max_images=32),
+            progress=False).train()
+    capsys.readouterr()
+    for given in ("16", "8"):
+        assert cli(["train", "--out", str(run), "--resume", "--batch", given, "--max-kimg", "0.048", "-q"]) == 2
+        assert f"--batch {given} (the run's: auto)" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-000000000032"]
+
+
+def test_per_resolution_entries_at_resolutions_never_trained_are_said(archive, tmp_path, caplog):
+    """--batch 4:8,8:8,32:4 or --lr 0.001,16:0.002 on a run to 8 px: the entries for 32 and 16 px were
+    taken and never used, without a word (a typo such as 128:4 for a 64-px run trained on the default)."""
+    import logging
+    from xrayforge.cli.train import _parse_batch
+    with caplog.at_level(logging.WARNING):
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run"), **{**TINY, "batch": {4: 8, 8: 8, 32: 4}},
+                            lr_by_resolution={16: 0.002, 8: 0.003}), progress=False).close()
+    said = [r.getMessage() for r in caplog.records if "never trains" in r.getMessage()]
+    assert len(said) == 1 and "batch 32:4, lr 16:0.002: at a resolution this run never trains (4 to 8 px)" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # `--batch 8`: one batch for every resolution, no table
+        Trainer(TrainConfig(str(archive), str(tmp_path / "run2"), **{**TINY, "batch": _parse_batch("8")},
+                            start_resolution=8), progress=False).close()
+    assert not [r for r in caplog.records if "never trains" in r.getMessage()]
+
+
+def test_a_resume_at_its_session_stop_is_refused(archive, tmp_path, capsys):
+    """--resume --max-kimg at or below the images a run has seen trained nothing and printed "trained to
+    64 images ..." with exit status 0, as if this session had trained."""
+    from xrayforge.cli import main as cli
+    from xrayforge.errors import UserError
+    run = tmp_path / "run"
+    Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=64), progress=False).train()
+    log = (run / "log.jsonl").read_text()
+    saved = (run / "train_config.json").read_text()
+    trainer = Trainer(TrainConfig(str(archive), str(run), **TINY, max_images=64), resume=True, progress=False)
+    with pytest.raises(UserError, match=r"trained on 64 images, already at or past the stop of 64 .*nothing to train"):
+        trainer.train()  # (made, the trainer shows the run's state: only training nothing is refused)
+    assert (run / "train_config.json").read_text() == saved
+    capsys.readouterr()
+    assert cli(["train", "--out", str(run), "--resume", "--max-kimg", "0.032", "-q"]) == 1
+    assert "Give a --max-kimg above 0.064" in capsys.readouterr().err
+    assert (run / "log.jsonl").read_text() == log
+    from xrayforge.train.trainer import saved_options  # the run's options, not its first session's stop
+    assert "max_images" not in saved_options(run)
+    Trainer(TrainConfig(**saved_options(run)), resume=True, progress=False).close()

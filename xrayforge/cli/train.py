@@ -103,13 +103,12 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _shown(dest: str, cfg, resolutions: list[int]) -> str:
     """An option's value in ``cfg`` as the command line writes it."""
-    from ..train.schedule import DEFAULT_BATCH
 
     def per_resolution(value_at) -> str:
-        values = [value_at(r) for r in resolutions]
-        return f"{values[0]:g}" if len(set(values)) == 1 else ",".join(f"{r}:{v:g}" for r, v in zip(resolutions, values))
-    if dest == "batch":
-        return per_resolution(lambda r: int(cfg.batch.get(r, cfg.batch.get(str(r), DEFAULT_BATCH.get(r, 16)))))
+        values = [v if isinstance(v, str) else f"{v:g}" for v in map(value_at, resolutions)]
+        return values[0] if len(set(values)) == 1 else ",".join(f"{r}:{v}" for r, v in zip(resolutions, values))
+    if dest == "batch":  # a resolution --auto-batch sizes is "auto" (on a GPU its probe's batch, kept in the run)
+        return per_resolution(lambda r: cfg.batch_at(r, cuda=True) or "auto")
     if dest == "lr":
         return per_resolution(cfg.lr_at)
     value = getattr(cfg, _FIXED_ON_RESUME[dest])
@@ -195,6 +194,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.ema_beta is not None and args.ema_kimg is not None:
             print("xrayforge train: error: give --ema-kimg (a half-life) or --ema-beta (a constant beta), not both",
                   file=sys.stderr)
+            return 2
+        if args.ema_beta is not None and "ema_rampup" in getattr(args, "given_options", {}):
+            # a constant beta has no half-life to ramp up: --ema-rampup was accepted and ignored
+            print("xrayforge train: error: --ema-rampup ramps up --ema-kimg's half-life; --ema-beta is a constant "
+                  "beta with no ramp-up: give one of them", file=sys.stderr)
             return 2
         try:
             cfg = TrainConfig(archive=str(Path(args.archive).resolve()), out=args.out, **_options(args))

@@ -414,6 +414,16 @@ class Trainer:
         if self.cfg.auto_batch and self.device.type != "cuda":
             log.warning("--auto-batch finds the largest batch that fits GPU memory; on %s it does nothing: the batch "
                         "is --batch's, else the default (16 up to 128 px)", self.device)
+        trained = [self.net_config.resolution_at(level)
+                   for level in range(self.schedule.start_level, self.schedule.final_level + 1)]
+        every = {4 << i for i in range(12)}  # `--batch N`: one batch for every resolution, not a table
+        tables = (("batch", {} if {int(r) for r in self.cfg.batch} == every else self.cfg.batch),
+                  ("lr", self.cfg.lr_by_resolution))
+        unused = [f"{name} {int(r)}:{v:g}" for name, table in tables for r, v in table.items()
+                  if int(r) not in trained]
+        if unused:  # else taken without a word: a typo (128:4 for a 64-px run) trained on the default
+            log.warning("%s: %s: at a resolution this run never trains (%d to %d px), so not used", self.out,
+                        ", ".join(unused), trained[0], trained[-1])
         end = self.schedule.at(self.schedule.total_images - 1)
         if end.level < self.schedule.final_level or end.fading:
             # the images until the final resolution is fully faded in (its stable phase not counted)
@@ -1079,6 +1089,14 @@ class Trainer:
         if not self._holds_folder:  # trained before (or closed): the lock was let go
             self._lock()
         try:
+            stop, total = self.cfg.max_images, self.schedule.total_images
+            if self._resumed_path is not None and stop is not None and stop <= self.images_seen < total:
+                # else the session trained nothing and was reported as "trained to N images" (exit status 0)
+                raise UserError(f"{self._resumed_path}: the run has trained on {self.images_seen:,} images, already "
+                                f"at or past the stop of {stop:,} (--max-kimg {stop / 1000:g}) given for this "
+                                f"session: there is nothing to train. Give a --max-kimg above "
+                                f"{self.images_seen / 1000:g}, or leave it out to train on to the run's total "
+                                f"({total / 1000:g} kimg)")
             if self.rank == 0:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_json(self.out / "train_config.json", self.cfg.as_dict())  # atomic: a torn one would block --resume
@@ -1206,8 +1224,15 @@ class Trainer:
 def saved_options(run: str | os.PathLike) -> dict:
     """The options a run in ``run`` was started with, to resume it: RUN/train_config.json, else (a damaged
     or missing one, said at WARNING) the copy its newest intact checkpoint recorded. A run saved before the
-    resolution was (``resolution: null``) gets its checkpoint's, so that it resumes at its own size."""
-    run = Path(run)
+    resolution was (``resolution: null``) gets its checkpoint's, so that it resumes at its own size. The
+    stops of the session that started it (``max_images``, ``max_seconds``) are left out: they are no options
+    of the run (a resume with them trained nothing, or stopped at once)."""
+    session = ("max_images", "max_seconds")
+    return {k: v for k, v in _saved_options(Path(run)).items() if k not in session}
+
+
+def _saved_options(run: Path) -> dict:
+    """RUN/train_config.json, or its newest intact checkpoint's copy (see :func:`saved_options`)."""
     saved, damaged = run / "train_config.json", None
     options = None
     if saved.is_file():
