@@ -155,7 +155,11 @@ def test_lco_beats_rejection_sampling_on_a_rare_combination(models):
     print(f"LCO accepted {int(res.accepted.sum())}/{n}; rejection {baseline['accepted']}/{budget} "
           f"(hit rate {baseline['hit_rate']:.4f})")
     assert baseline["hit_rate"] < 0.01, f"{text}: {freq:.4f} in the census, rare for this generator"
-    assert int(res.accepted.sum()) >= max(2 * baseline["accepted"] + 2, n // 5)
+    lco = int(res.accepted.sum())
+    assert lco >= n // 5
+    # twice rejection's count, or (LCO can accept no more than its n) every one of its n where rejection got
+    # fewer: 48 / 48 against 38 / 5,808 (a combination at 0.65 %) passed nothing but this
+    assert lco >= 2 * baseline["accepted"] + 2 or baseline["accepted"] < lco == n
     assert (res.log_prior_end > res.log_prior_start - 50).all()  # z stays near the Gaussian shell
 
 
@@ -883,7 +887,7 @@ def test_a_resumed_archive_follows_its_checkpoint_and_classifier_not_their_paths
     assert read_manifest(out) == first
 
 
-def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, tmp_path, caplog):
+def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, tmp_path, caplog, monkeypatch):
     import json
     import shutil
     from xrayforge.nn.latents import latent_for
@@ -904,7 +908,11 @@ def test_duplicate_unreachable_and_blind_targets_and_a_tiny_truncation(models, t
     # a threshold no probability reaches: given up after give_up_after attempts, not max_attempts per image
     shutil.copytree(clf, tmp_path / "clf")
     meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
-    meta["thresholds"]["Cardiomegaly"] = 1.5
+    # a threshold no probability reaches (past 1: a classifier.json holding it is refused as damaged)
+    from xrayforge.nn.classifier import ChestClassifier
+    real_threshold = ChestClassifier.threshold
+    monkeypatch.setattr(ChestClassifier, "threshold",
+                        lambda self, f: 1.5 if f == "Cardiomegaly" else real_threshold(self, f))
     meta["thresholds"].pop("Mass", None)
     (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
     cfg = SampleConfig(str(run), str(tmp_path / "u"), n=2, classifier=str(tmp_path / "clf"),

@@ -314,7 +314,7 @@ def test_an_absurd_number_of_images_is_refused_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unreachable_targets_advice_fits_an_archive_with_finished_shards(tiny, tmp_path):
+def test_an_unreachable_targets_advice_fits_an_archive_with_finished_shards(tiny, tmp_path, monkeypatch):
     """A target given up in a later shard, after the archive has finished shards, was told to 'raise
     --steps or --lr', which the archive then refused (its settings are bound once a shard is finished):
     there the advice says a new --out; where no shard is finished it stays as it was."""
@@ -323,7 +323,11 @@ def test_an_unreachable_targets_advice_fits_an_archive_with_finished_shards(tiny
     run, clf = tiny
     shutil.copytree(clf, tmp_path / "clf")
     meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
-    meta["thresholds"]["Cardiomegaly"] = 1.5  # no probability reaches it
+    # a threshold no probability reaches (past 1: a classifier.json holding it is refused as damaged)
+    from xrayforge.nn.classifier import ChestClassifier
+    real_threshold = ChestClassifier.threshold
+    monkeypatch.setattr(ChestClassifier, "threshold",
+                        lambda self, f: 1.5 if f == "Cardiomegaly" else real_threshold(self, f))
     (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))
     common = dict(n=1, classifier=str(tmp_path / "clf"), targets=["Effusion=0", "Cardiomegaly=1"], steps=2,
                   starts=1, batch=4, give_up_after=4, device="cpu")
