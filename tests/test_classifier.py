@@ -152,6 +152,30 @@ def test_training_settings_the_cli_refuses_are_refused_through_the_api(settings,
         fit(images, [0, 1], [2, 3], cfg, progress=False)
 
 
+def test_training_settings_may_be_numpy_numbers(monkeypatch):
+    """Numpy's numbers (a sweep over np.arange) are numbers: taken, and given to the LR scheduler as the
+    Python numbers it requires ("Expected positive integer total_steps" for an np.int64)."""
+    from xrayforge.evaluate.classifier import ClassifierTraining, LabelledImages, fit
+
+    class Arc:
+        findings, path = ["Mass"], "arc"
+        labels = np.array([[0], [1], [0], [1]])
+        patient_ids = ["a", "b", "c", "d"]
+
+    class Reached(Exception):
+        pass
+    steps = []
+
+    def scheduler(opt, max_lr, total_steps):
+        steps.append((total_steps, max_lr))
+        raise Reached  # the training itself is tested elsewhere
+    monkeypatch.setattr(torch.optim.lr_scheduler, "OneCycleLR", scheduler)
+    cfg = ClassifierTraining(input_size=32, width=4, epochs=np.int64(3), batch=2, lr=np.float32(0.5), device="cpu")
+    with pytest.raises(Reached):
+        fit(LabelledImages([(Arc(), np.arange(4))]), [0, 1], [2, 3], cfg, progress=False)
+    assert steps == [(3, 0.5)] and type(steps[0][0]) is int and type(steps[0][1]) is float
+
+
 def test_an_adapted_classifier_with_another_number_of_outputs_is_said():
     """A wrapped model giving 3 outputs for 2 named findings failed deep in LCO's loss with a
     broadcasting error; the adapter says what it got and what it expected."""

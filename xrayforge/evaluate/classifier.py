@@ -16,6 +16,7 @@ import base64
 import copy
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,10 +147,11 @@ def fit(images: LabelledImages, train_items, val_items, settings: ClassifierTrai
     if batch < 2:
         raise UserError(f"--batch {batch}: a training batch needs at least 2 images")
     # the CLI refuses these when parsed; through the API they failed in the scheduler (ZeroDivisionError)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
         raise UserError(f"--epochs {epochs!r}: training needs a whole number of epochs, at least 1")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr {lr!r}: the learning rate must be a positive number")
+    epochs, lr = int(epochs), float(lr)  # numpy's: the LR scheduler takes Python numbers alone
     if len(train_items) < 2:
         raise UserError(f"{desc}: {len(train_items)} training image(s); at least 2 are needed")
     torch.manual_seed(seed)
