@@ -824,3 +824,21 @@ def test_an_image_past_pillows_decompression_bomb_limit_is_skipped_saying_so(tmp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels: over twice the limit
     with pytest.raises(SkipImage, match=r"^too many pixels for Pillow to decode \(Image size \(1200 pixels\)"):
         read_radiograph(tmp_path / "big.png")
+
+
+def test_a_modality_lut_of_a_big_endian_file_is_read_in_its_byte_order(tmp_path):
+    """OW LUT Data of an Explicit VR Big Endian file was read as little-endian words (pydicom's
+    apply_modality_lut, which the reader used before, unpacks them in the data set's order); LUT Data
+    of an odd number of bytes for 16-bit entries was a bare ValueError."""
+    item = pydicom.Dataset()
+    item.LUTDescriptor, item.ModalityLUTType = [4096, 0, 12], "US"
+    item.LUTData = (4095 - np.arange(4096, dtype=np.uint16)).astype(">u2").tobytes()  # an inverting LUT
+    item["LUTData"].VR = "OW"
+    ds = image_dataset(STORED, ModalityLUTSequence=pydicom.Sequence([item]))
+    ds.PixelData = STORED.astype(">u2").tobytes()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
+    np.testing.assert_allclose(read_radiograph(tmp_path / "a.dcm").pixels, 1 - STORED / 4095, atol=1e-7)
+    item.LUTData = item.LUTData[:-1]  # (pydicom pads an odd value as it writes it: in memory alone)
+    with pytest.raises(SkipImage, match=r"^Modality LUT has LUT Data of an odd number of bytes \(8191\)"):
+        readers._lut(item, "Modality LUT")

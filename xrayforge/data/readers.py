@@ -203,11 +203,12 @@ def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR"
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _lut(item, what: str) -> tuple[int, int, int, np.ndarray]:
+def _lut(item, what: str, little: bool = True) -> tuple[int, int, int, np.ndarray]:
     """(entries, first value mapped, bits per entry, the entries) of a Modality or VOI LUT Sequence
     item; SkipImage, naming ``what``, where its LUT Descriptor or LUT Data is missing or cannot be
     read. Entries of 9 to 16 bits (which PS3.3 allowed before 2004, and older CR equipment writes; 8
-    or 16 since) are read as 16-bit words, as pydicom's apply_modality_lut does not ("uint12")."""
+    or 16 since) are read as 16-bit words, as pydicom's apply_modality_lut does not ("uint12"), in the
+    data set's byte order (``little``: False for Explicit VR Big Endian)."""
     try:
         n, first, bits = (int(v) for v in item.LUTDescriptor)
     except (AttributeError, TypeError, ValueError) as exc:  # absent, or not the three values
@@ -217,14 +218,17 @@ def _lut(item, what: str) -> tuple[int, int, int, np.ndarray]:
     raw = item.get("LUTData")
     if raw is None or isinstance(raw, str):
         raise SkipImage(f"{what} has no LUT Data")
-    lut = np.frombuffer(raw, dtype=np.uint16 if bits > 8 or len(raw) == 2 * n else np.uint8)[:n] \
+    words = bits > 8 or len(raw) == 2 * n
+    if isinstance(raw, (bytes, bytearray)) and words and len(raw) % 2:
+        raise SkipImage(f"{what} has LUT Data of an odd number of bytes ({len(raw)}) for 16-bit entries")
+    lut = np.frombuffer(raw, dtype=("<u2" if little else ">u2") if words else np.uint8)[:n] \
         if isinstance(raw, (bytes, bytearray)) else np.atleast_1d(np.asarray(raw))
     if len(lut) < n:
         raise SkipImage(f"{what} has {len(lut)} entries, its descriptor says {n}")
     return n, first, bits, lut
 
 
-def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float]) -> np.ndarray:
+def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float], little: bool = True) -> np.ndarray:
     """A VOI LUT Sequence item onto [0, 1] (PS3.3 C.11.2.1.1): values below the first mapped
     value take the first entry, above the last the last entry. The first mapped value is US or SS,
     and pydicom reads an implicit VR one (or an explicit one written as US) by the Pixel
@@ -234,7 +238,7 @@ def _apply_lut(values: np.ndarray, item, input_range: tuple[float, float]) -> np
     meant; a value inside (e.g. 40000 for 16-bit pixels) is kept as read. Where neither lies inside
     (a LUT wider than the data, from below its range: -2048 read as 63488 for -1024 .. 3071), the one
     whose entries cover more of the range is meant."""
-    n, first, bits, lut = _lut(item, "VOI LUT")
+    n, first, bits, lut = _lut(item, "VOI LUT", little)
     other = first - 2 ** 16 if first >= 2 ** 15 else first + 2 ** 16 if first < 0 else first
     lo, hi = input_range
     covered = lambda start: min(start + n - 1, hi) - max(start, lo)  # noqa: E731 - below 0: none, by how far
@@ -249,10 +253,16 @@ def _modality_lut(stored: np.ndarray, ds) -> np.ndarray:
     its first mapped value take its first entry, above its last its last), else Rescale Slope /
     Intercept (``_rescale``)."""
     if ds.get("ModalityLUTSequence"):
-        n, first, _, lut = _lut(ds.ModalityLUTSequence[0], "Modality LUT")
+        n, first, _, lut = _lut(ds.ModalityLUTSequence[0], "Modality LUT", _little_endian(ds))
         return lut[np.clip(stored.astype(np.int64) - first, 0, n - 1)].astype(np.float64)
     slope, intercept = _rescale(ds)
     return stored.astype(np.float64) * slope + intercept
+
+
+def _little_endian(ds) -> bool:
+    """Whether the data set was read little-endian (its OW LUT Data bytes are in that order); a data set
+    built in memory, of no encoding, is taken as little-endian."""
+    return getattr(ds, "original_encoding", (None, None))[1] is not False
 
 
 def _rescale(ds) -> tuple[float, float]:
@@ -434,7 +444,8 @@ def read_dicom(path: str | os.PathLike) -> Radiograph:
     elif ds.get("VOILUTSequence"):
         modality_lut = ds.get("ModalityLUTSequence")
         x = _apply_lut(values, ds.VOILUTSequence[0], _modality_range(ds) if not modality_lut
-                       else (0, 2 ** int(modality_lut[0].LUTDescriptor[2]) - 1))  # that LUT's output: its entries
+                       else (0, 2 ** int(modality_lut[0].LUTDescriptor[2]) - 1),  # that LUT's output: its entries
+                       _little_endian(ds))
         how = "VOI LUT"
     elif center is not None and width is not None:
         if not (np.isfinite(center) and np.isfinite(width)):
