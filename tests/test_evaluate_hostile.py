@@ -789,3 +789,22 @@ def test_a_finding_without_a_recorded_threshold_is_refused_not_labelled_at_one_h
     write_sample_folder(tmp_path / "s", range(3), thresholds={f: 0.3 for f in FINDINGS if f != "Mass"})
     with pytest.raises(UserError, match=r"no decision threshold recorded for Mass \(its manifest has their p_ column"):
         synthetic_labels(tmp_path / "s")
+
+
+def test_an_image_of_one_grey_level_is_no_copy_of_a_real_image(tmp_path):
+    """A blank image on both sides (a blank real scan; a collapsed generator's output) has the same
+    checksum: it made tstr refuse a generator's samples as holding a real test image."""
+    from PIL import Image
+    from xrayforge.data.archive import Archive
+    from xrayforge.data.phantom import render
+    from xrayforge.data.prepare import prepare
+    from xrayforge.evaluate.labelled import real_images_among
+    scan = (render(16, 3)[0] * 255).round().astype(np.uint8)
+    for side in ("real", "synth"):
+        (tmp_path / side).mkdir()
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / side / "blank.png")
+        Image.fromarray(scan).save(tmp_path / side / "scan.png")  # a real image among the synthetic: found
+        prepare(str(tmp_path / side), tmp_path / f"{side}_arc", resolution=16, workers=1, progress=False)
+    real = Archive(tmp_path / "real_arc")
+    found = dict(zip((r["source"] for r in real.records), real_images_among(Archive(tmp_path / "synth_arc"), real)))
+    assert {k.rsplit("/", 1)[-1]: bool(v) for k, v in found.items()} == {"blank.png": False, "scan.png": True}

@@ -140,7 +140,8 @@ def same_images(synthetic: str | os.PathLike, real: str | os.PathLike) -> str | 
 def real_images_among(synthetic: Archive, real: Archive) -> np.ndarray:
     """Per image of ``real``: whether ``synthetic`` holds it too, prepared from the same source (a
     phantom, or a file named by its absolute path: the same images at another resolution included) or
-    with the same stored pixels (the same full-size checksum at the same size and depth). A real archive
+    with the same stored pixels (the same full-size checksum at the same size and depth; an image of one
+    grey level is no copy of anything). A real archive
     (or a part of it) given as --synthetic passed, unlike a copy of its manifest (``same_images``)."""
     def sources(arc: Archive) -> set:
         return {r["source"] for r in arc.records if (r.get("source") or "").startswith("phantom:")
@@ -151,7 +152,12 @@ def real_images_among(synthetic: Archive, real: Archive) -> np.ndarray:
 
     same_pixels = (synthetic.resolution, synthetic.dtype) == (real.resolution, real.dtype)
     theirs, pixels = sources(synthetic), checksums(synthetic) if same_pixels else set()
-    return np.array([r.get("source") in theirs or (r.get("sha1") or None) in pixels for r in real.records], dtype=bool)
+    found = np.array([r.get("source") in theirs or (r.get("sha1") or None) in pixels for r in real.records], dtype=bool)
+    by_pixels = np.flatnonzero(found & ~np.array([r.get("source") in theirs for r in real.records], dtype=bool))
+    if len(by_pixels):  # one grey level (a blank image, a collapsed generator's): the same pixels, no copy
+        images = real.images(by_pixels, real.resolution)
+        found[by_pixels] = np.ptp(images.reshape(len(by_pixels), -1), axis=1) > 0
+    return found
 
 
 def sample_as_archive(folder: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> Archive:
