@@ -109,7 +109,7 @@ setup(
     ],
     extras_require={
         "nvtx": ["nvtx>=0.2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scipy>=1.10", "selenium>=4.10", "prdc>=0.2"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "scipy>=1.10", "selenium>=4.10", "prdc>=0.2"],
     },
     entry_points={"console_scripts": ["xrayforge = xrayforge.cli:main"]},
 )

@@ -15,6 +15,14 @@ if not HAS_CUDA:
 
 from xrayforge.ops import _backend  # noqa: E402
 
+# under pytest-xdist (-n N) the workers share the cores: each takes its share of torch's threads
+# (else N workers × every core's threads oversubscribe them, and OpenMP's spinning slows all); the
+# processes a test starts take as many, so that a run in one and its resume in the other compare exactly
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
 
 def _has_extension() -> bool:
     try:
