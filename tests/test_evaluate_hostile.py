@@ -808,3 +808,17 @@ def test_an_image_of_one_grey_level_is_no_copy_of_a_real_image(tmp_path):
     real = Archive(tmp_path / "real_arc")
     found = dict(zip((r["source"] for r in real.records), real_images_among(Archive(tmp_path / "synth_arc"), real)))
     assert {k.rsplit("/", 1)[-1]: bool(v) for k, v in found.items()} == {"blank.png": False, "scan.png": True}
+
+
+def test_tstr_says_when_its_test_patients_were_chosen_from_an_archive_without_a_test_split():
+    """A real archive without a "test" split: TSTR's test patients are chosen by --test-fraction, and a
+    generator trained on that archive (every image of it) saw them; the report said nothing of it."""
+    from xrayforge.evaluate.tstr import TRAINING_SETS, format_markdown
+    rows = [{"training_set": s, "finding": "Mass", "auroc": 0.7, "ci95_low": 0.6, "ci95_high": 0.8, "train_images": 10,
+             "train_positives": 4, "test_images": 8, "test_positives": 3} for s in TRAINING_SETS]
+    summary = {"training_sets": {s: {"mean_auroc": 0.7} for s in TRAINING_SETS}, "rows": rows, "findings": ["Mass"],
+               "test_images": 8, "test_patients": 8, "budget": 10, "bootstrap": 100, "mean_over": ["Mass"]}
+    said = "The real archive has no 'test' split: its test patients are 0.2 of its patients, chosen here."
+    assert said not in format_markdown({**summary, "test_split": "archive"})
+    assert said not in format_markdown(summary)  # a summary written before the split was recorded
+    assert said in format_markdown({**summary, "test_split": "patients (0.2)"})

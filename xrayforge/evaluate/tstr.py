@@ -179,7 +179,10 @@ def run_tstr(cfg: TSTRConfig, progress: bool = True) -> dict:
     summary = {"evaluation": "tstr", "synthetic": str(cfg.synthetic), "real": str(cfg.real), "budget": budget,
                "test_images": len(test), "test_patients": len(set(test.patient_ids)), "findings": findings,
                "findings_not_labelled": not_labelled, "mean_over": measured,
-               "bootstrap": cfg.bootstrap, "training_sets": per_set, "rows": rows}
+               "bootstrap": cfg.bootstrap, "training_sets": per_set, "rows": rows,
+               # where the real archive has no "test" split, the test patients are chosen here: a generator
+               # trained on that archive (`xrayforge train` trains on every image then) has seen them
+               "test_split": "archive" if real.held_out().any() else f"patients ({cfg.test_fraction:g})"}
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "tstr.md", format_markdown(summary))
     plot(summary, out / "tstr.png")
@@ -215,6 +218,12 @@ def format_markdown(summary: dict) -> str:
     if summary.get("findings_not_labelled"):
         lines += ["", f"Not measured (the synthetic images' classifier does not call them, so they have no labels): "
                       f"{', '.join(summary['findings_not_labelled'])}."]
+    if str(summary.get("test_split", "archive")).startswith("patients"):
+        fraction = summary["test_split"][len("patients ("):-1]
+        lines += ["", f"The real archive has no 'test' split: its test patients are {fraction} of its patients, "
+                      f"chosen here. A generator trained on this archive saw them (`xrayforge train` trains on "
+                      f"every image of an archive without a test split), which can flatter the synthetic sets' "
+                      f"AUROCs; prepare the real archive with a test split to keep them unseen."]
     return "\n".join(lines) + "\n"
 
 
