@@ -12,7 +12,8 @@ def _parse_batch(text: str) -> dict:
     """'16' (every resolution) or '256:14,512:6' (per resolution)."""
     try:
         if ":" not in text:
-            return {r: _args.positive_int(text) for r in (4 << i for i in range(12))}
+            from ..train.schedule import EVERY_RESOLUTION
+            return {r: _args.positive_int(text) for r in EVERY_RESOLUTION}
         out = {}
         for item in text.split(","):
             res, n = item.split(":")

@@ -152,8 +152,10 @@ def real_images_among(synthetic: Archive, real: Archive) -> np.ndarray:
 
     same_pixels = (synthetic.resolution, synthetic.dtype) == (real.resolution, real.dtype)
     theirs, pixels = sources(synthetic), checksums(synthetic) if same_pixels else set()
-    found = np.array([r.get("source") in theirs or (r.get("sha1") or None) in pixels for r in real.records], dtype=bool)
-    by_pixels = np.flatnonzero(found & ~np.array([r.get("source") in theirs for r in real.records], dtype=bool))
+    by_source = np.array([r.get("source") in theirs for r in real.records], dtype=bool)
+    by_pixels = np.flatnonzero(~by_source & np.array([(r.get("sha1") or None) in pixels for r in real.records],
+                                                      dtype=bool))
+    found = by_source.copy()
     if len(by_pixels):  # one grey level (a blank image, a collapsed generator's): the same pixels, no copy
         images = real.images(by_pixels, real.resolution)
         found[by_pixels] = np.ptp(images.reshape(len(by_pixels), -1), axis=1) > 0

@@ -229,6 +229,14 @@ def _gather_kept(pool, keys, skipped: list, k: int):
     return _smallest(pool, keys, k)[0], skipped
 
 
+def _evenly(items: list, limit: int | None) -> list:
+    """``limit`` of ``items``, evenly spread over them, in their order (all where ``limit`` is None or
+    not below their count): an archive's or a folder's images under a limit."""
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i] for i in sorted({int(i) for i in np.linspace(0, len(items) - 1, limit)})]
+
+
 class FeatureExtractor:
     """Features of a feature space (``fid.features``: Inception by default) -> streaming moments,
     for any kind of input. Statistics it makes carry the space's name."""
@@ -359,17 +367,13 @@ class FeatureExtractor:
             every, linked = one_per_file(find_images(spec))
             if not every:
                 raise FileNotFoundError(f"{spec}: no image files")
-            if limit is not None and limit < len(every):  # as an archive's (the memorisation audit's --real-limit)
-                every = [every[i] for i in sorted({int(i) for i in np.linspace(0, len(every) - 1, limit)})]
-            names = every[rank::world]  # a process may have none when there are fewer images than processes
+            # a process may have none when there are fewer images than processes
+            names = _evenly(every, limit)[rank::world]
             dataset = _FileDataset(names)
         elif kind == "archive":
             arc = Archive(spec)
             arc.array(arc.resolution)  # a damaged array is said here, not from inside a decode worker
-            every = list(range(len(arc)))
-            if limit is not None and limit < len(every):  # that many, evenly spread over the archive
-                every = sorted({int(i) for i in np.linspace(0, len(arc) - 1, limit)})
-            positions = every[rank::world]
+            positions = _evenly(list(range(len(arc))), limit)[rank::world]
             dataset = _ArchiveDataset(arc, positions)
             names = [arc.records[p]["source"] for p in positions]
         else:

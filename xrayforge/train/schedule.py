@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_BATCH = {4: 16, 8: 16, 16: 16, 32: 16, 64: 16, 128: 16, 256: 14, 512: 6, 1024: 3}
+# the resolutions `--batch N` (one batch for every resolution) sets: 4 to 8192 px
+EVERY_RESOLUTION = tuple(4 << i for i in range(12))
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ..utils.files import claim_output, file_id, load_torch, read_json, read_jso
 from ..utils.neighbours import PIXEL_SIZE, pixel_vectors, realism
 from ..utils.images import faded_reals
 from .losses import GP_METRICS
-from .schedule import DEFAULT_BATCH, ProgressiveSchedule
+from .schedule import DEFAULT_BATCH, EVERY_RESOLUTION, ProgressiveSchedule
 from .step import PGGANStep, StepConfig, ema_beta, make_adam
 
 # the official constant EMA β = 0.999 per step at minibatch 16, as a half-life in thousands of images
@@ -416,8 +416,8 @@ class Trainer:
                         "is --batch's, else the default (16 up to 128 px)", self.device)
         trained = [self.net_config.resolution_at(level)
                    for level in range(self.schedule.start_level, self.schedule.final_level + 1)]
-        every = {4 << i for i in range(12)}  # `--batch N`: one batch for every resolution, not a table
-        tables = (("batch", {} if {int(r) for r in self.cfg.batch} == every else self.cfg.batch),
+        # `--batch N` (one batch for every resolution) is no table of entries
+        tables = (("batch", {} if {int(r) for r in self.cfg.batch} == set(EVERY_RESOLUTION) else self.cfg.batch),
                   ("lr", self.cfg.lr_by_resolution))
         unused = [f"{name} {int(r)}:{v:g}" for name, table in tables for r, v in table.items()
                   if int(r) not in trained]
